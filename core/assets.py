@@ -1,0 +1,124 @@
+"""Offline model catalogue: short names for real pretrained weights.
+
+An :class:`Asset` knows where its source weights come from (a registry package installed
+locally, never a hub) and how to convert them once into a standard format (an HF model
+directory, an openai-whisper checkpoint) inside mmbridge's cache. The conversion is checked
+against the source package's own runtime before it is published (atomically) in the cache.
+
+Config fields that take a model (``llm.path``, ``encoder.path``, ...) accept an asset name, a
+local path, or a hub id: :func:`resolve_model_path` decides which.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from filelock import FileLock
+
+from mmbridge.errors import AssetError
+
+if TYPE_CHECKING:
+    from mmbridge.registry import Registry
+
+CACHE_ENV = "MMBRIDGE_CACHE"
+
+
+def cache_root() -> Path:
+    """mmbridge's cache directory: ``$MMBRIDGE_CACHE`` or ``~/.cache/mmbridge``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mmbridge").expanduser()
+
+
+def dir_size(path: Path) -> int:
+    """Total bytes of the files under ``path`` (or of the file itself)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class Asset(ABC):
+    """One named offline model.
+
+    Subclasses set ``format`` (``"hf"``, ``"whisper"``, ...), ``source`` (a human-readable
+    origin, e.g. the package name) and implement :meth:`source_available` and :meth:`convert`.
+    The converted result lives at ``cache_root()/assets/<name>`` (a directory, or for
+    single-file formats a file inside it named by :attr:`filename`).
+    """
+
+    name: ClassVar[str] = ""
+    format: ClassVar[str] = ""
+    source: ClassVar[str] = ""
+    #: Within the asset directory, the file to hand out (``None``: the directory itself).
+    filename: ClassVar[str | None] = None
+
+    @abstractmethod
+    def source_available(self) -> bool:
+        """Whether the source weights are installed here (no network is touched)."""
+
+    @abstractmethod
+    def convert(self, out_dir: Path) -> str:
+        """Convert the source into ``out_dir`` and check it against the source runtime.
+
+        Returns a one-line description of the check (e.g. ``"max |diff| 3e-6 <= 1e-4"``);
+        raises :class:`AssetError` when the check fails.
+        """
+
+    def location(self, root: Path | None = None) -> Path:
+        return (root or cache_root()) / "assets" / self.name
+
+    def target(self, root: Path | None = None) -> Path:
+        loc = self.location(root)
+        return loc / self.filename if self.filename else loc
+
+    def is_converted(self, root: Path | None = None) -> bool:
+        return (self.location(root) / "CHECK.txt").is_file()
+
+    def ensure(self, root: Path | None = None) -> Path:
+        """The converted asset, converting it first if needed. Safe when several processes
+        ask at once (a file lock; the result is moved into place in one rename)."""
+        loc = self.location(root)
+        if self.is_converted(root):
+            return self.target(root)
+        if not self.source_available():
+            raise AssetError(
+                f"model asset '{self.name}' is not installed: it converts from {self.source}. "
+                f"Run `bash scripts/setup.sh` (installs the offline model packages) or give a "
+                f"local path / hub id instead")
+        loc.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(loc) + ".lock"):
+            if self.is_converted(root):
+                return self.target(root)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}-", dir=loc.parent))
+            try:
+                check = self.convert(tmp)
+                (tmp / "CHECK.txt").write_text(check + "\n")
+                if loc.exists():
+                    shutil.rmtree(loc)
+                os.replace(tmp, loc)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        return self.target(root)
+
+
+def resolve_model_path(value: str, registry: Registry | None = None, key: str = "path") -> str:
+    """Map a config value to something ``from_pretrained`` / ``load_model`` accepts.
+
+    An asset name -> its converted local path (converted on first use); an existing local
+    path -> itself; anything else is returned as is (a hub id, used only when online).
+    """
+    if registry is not None and ("asset", value) in registry:
+        asset = registry.get("asset", value).cls()
+        return str(asset.ensure())
+    p = Path(value).expanduser()
+    if p.exists():
+        return str(p)
+    if value.startswith((".", "/", "~")):
+        names = ", ".join(registry.names("asset")) if registry else ""
+        raise AssetError(f"{key}: '{value}' does not exist (a local path was meant); "
+                         f"offline model names: {names or '(none)'}")
+    return value
