@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from filelock import FileLock
-
 from mmbridge.errors import AssetError
 
 if TYPE_CHECKING:

@@ -7,6 +7,7 @@ Both map encoder features ``[B, N, D_in]`` (+ mask ``[B, N]``) to LLM-space toke
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -39,6 +40,12 @@ class Connector(nn.Module, ABC):
             raise ValueError(f"connector dimensions must be positive, got in_dim={in_dim}, out_dim={out_dim}")
         self.in_dim = int(in_dim)
         self.out_dim = int(out_dim)
+
+    @classmethod
+    def for_testing(cls, tmp_dir: Path, in_dim: int, out_dim: int) -> Connector:
+        """A small instance for the contract suite (:mod:`mmbridge.testing`). Override when the
+        constructor needs more than the dimensions."""
+        return cls(in_dim=in_dim, out_dim=out_dim)
 
     @abstractmethod
     def out_tokens(self, n_in: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +26,16 @@ class ModalityEncoder(nn.Module, ABC):
 
     #: Which placeholder this encoder fills: ``"image"`` -> ``<image>``.
     modality: ClassVar[str] = ""
+
+    @classmethod
+    def for_testing(cls, tmp_dir: Path) -> ModalityEncoder:
+        """A small instance for the contract suite (:mod:`mmbridge.testing`); ``tmp_dir`` is
+        where it may save weights to load them back through the real loading code."""
+        return cls()
+
+    def example_media(self, tmp_dir: Path, index: int = 0) -> str:
+        """Write one example media file (for the contract suite) and return its path."""
+        raise NotImplementedError(f"{type(self).__name__} does not provide example media")
 
     @property
     @abstractmethod

@@ -1,0 +1,90 @@
+"""Hydra composition of mmbridge configs, with the plugins' config dirs on the search path."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib.resources import files
+from pathlib import Path
+
+from mmbridge.errors import ConfigError, did_you_mean
+from mmbridge.registry import Registry
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_MODULE = "mmbridge.conf"
+PRIMARY = "train"
+
+
+def builtin_conf_dir() -> Path:
+    """The directory of the built-in config tree (inside the installed package)."""
+    return Path(str(files(CONFIG_MODULE)))
+
+
+def searchpath_override(registry: Registry) -> list[str]:
+    """The ``hydra.searchpath=[...]`` override that adds every plugin's config dir."""
+    if not registry.config_dirs:
+        return []
+    entries = [d if d.startswith("pkg://") else f"file://{d}" for d, _ in registry.config_dirs]
+    return ["hydra.searchpath=[" + ",".join(entries) + "]"]
+
+
+def _config_dirs(registry: Registry | None) -> list[Path]:
+    dirs = [builtin_conf_dir()]
+    for d, _ in (registry.config_dirs if registry else []):
+        if d.startswith("pkg://"):
+            dirs.append(Path(str(files(d[len("pkg://"):]))))
+        else:
+            dirs.append(Path(d))
+    return dirs
+
+
+def group_options(registry: Registry | None = None) -> dict[str, list[str]]:
+    """Config group -> its options, from the built-in tree and every plugin's config dir."""
+    groups: dict[str, set[str]] = {}
+    for root in _config_dirs(registry):
+        for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+            for f in sub.rglob("*.yaml"):
+                rel = f.relative_to(sub).with_suffix("")
+                groups.setdefault(sub.name, set()).add(rel.as_posix())
+    return {g: sorted(o) for g, o in sorted(groups.items())}
+
+
+def compose(overrides: Sequence[str] = (), registry: Registry | None = None,
+            config_name: str = PRIMARY, return_hydra_config: bool = False) -> DictConfig:
+    """Compose the config as ``mmbridge train`` would, outside a Hydra app.
+
+    Raises :class:`ConfigError` with the valid options when an override names an unknown
+    group option.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    extra = searchpath_override(registry) if registry else []
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+            return hydra_compose(config_name, overrides=[*overrides, *extra],
+                                 return_hydra_config=return_hydra_config)
+    except HydraException as exc:
+        raise ConfigError(explain_hydra_error(str(exc), registry)) from exc
+
+
+def explain_hydra_error(message: str, registry: Registry | None) -> str:
+    """Add the valid options (and a close match) to Hydra's "could not find" errors."""
+    import re
+
+    m = re.search(r"Could not find '([\w/]+)/([\w.\-/]+)'", message)
+    if m:
+        group, option = m.group(1).split("/")[-1], m.group(2)
+        options = group_options(registry).get(group, [])
+        return (f"unknown option '{option}' of config group '{group}'{did_you_mean(option, options)}; "
+                f"available: {', '.join(options) or '(none)'}")
+    return message
+
+
+def to_container(cfg: DictConfig | dict) -> dict:
+    """A resolved plain-dict copy of a config (for kwargs, JSON and checkpoints)."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)

@@ -1,0 +1,1 @@
+"""Data: the LLaVA reader, datasets over samples, the collator, the feature cache."""

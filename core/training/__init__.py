@@ -1,0 +1,1 @@
+"""Training: the Lightning module, stages, checkpoints, evaluation."""
