@@ -110,14 +110,18 @@ def resolve_model_path(value: str, registry: Registry | None = None, key: str = 
     An asset name -> its converted local path (converted on first use); an existing local
     path -> itself; anything else is returned as is (a hub id, used only when online).
     """
-    if registry is not None and ("asset", value) in registry:
+    if registry is None:
+        from mmbridge.plugin_manager import load_registry
+
+        registry = load_registry()
+    if ("asset", value) in registry:
         asset = registry.get("asset", value).cls()
         return str(asset.ensure())
     p = Path(value).expanduser()
     if p.exists():
         return str(p)
     if value.startswith((".", "/", "~")):
-        names = ", ".join(registry.names("asset")) if registry else ""
+        names = ", ".join(registry.names("asset"))
         raise AssetError(f"{key}: '{value}' does not exist (a local path was meant); "
                          f"offline model names: {names or '(none)'}")
     return value

@@ -6,6 +6,7 @@ problem is reported at once, naming the config key (torchtune-style validation).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -67,8 +68,6 @@ def build(registry: Registry, kind: str, node: Mapping[str, Any] | DictConfig, k
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     kwargs = {k: v for k, v in args.items() if k not in injected}
     obj = entry.cls(**kwargs, **injected)
-    try:
+    with contextlib.suppress(AttributeError):  # a slotted component: no identity to record
         obj.init_args = {"name": name, **kwargs}
-    except AttributeError:  # a slotted/frozen component: no identity to record
-        pass
     return obj
