@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from filelock import FileLock
+
 from mmbridge.errors import AssetError
 
 if TYPE_CHECKING:

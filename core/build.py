@@ -11,10 +11,11 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from omegaconf import DictConfig
+
 from mmbridge.config import to_container
 from mmbridge.errors import ConfigError, did_you_mean
 from mmbridge.registry import Entry, Registry
-from omegaconf import DictConfig
 
 
 def _params(cls: type) -> tuple[dict[str, inspect.Parameter], bool]:

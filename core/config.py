@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
+
 from mmbridge.errors import ConfigError, did_you_mean
 from mmbridge.registry import Registry
-from omegaconf import DictConfig, OmegaConf
 
 CONFIG_MODULE = "mmbridge.conf"
 PRIMARY = "train"

@@ -10,6 +10,7 @@ from importlib.metadata import version as dist_version
 from typing import Any
 
 import pluggy
+
 from mmbridge import hookspecs
 from mmbridge.errors import MMBridgeError, PluginError
 from mmbridge.registry import Origin, Registrar, Registry

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from mmbridge.config import compose, group_options
-from mmbridge.plugin_manager import load_registry
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.syntax import Syntax
+
+from mmbridge.config import compose, group_options
+from mmbridge.plugin_manager import load_registry
 
 HELP = "print the composed config for overrides; --groups lists every option"
 

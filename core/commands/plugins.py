@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from mmbridge.plugin_manager import load_registry
-from mmbridge.registry import KINDS
 from rich.console import Console
 from rich.table import Table
+
+from mmbridge.plugin_manager import load_registry
+from mmbridge.registry import KINDS
 
 HELP = "list registered components by kind; `plugins check` runs the contract kit"
 

@@ -1,0 +1,131 @@
+"""Conversations -> token ids, labels and placeholder slots, with the tokenizer's chat template.
+
+Labels cover the assistant answers only (their end-of-turn tokens included, so the model learns
+to stop); everything else is ``-100``. Each ``<image>`` / ``<audio>`` placeholder becomes
+``out_tokens(N)`` slot positions that the connector's tokens later fill.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mmbridge.errors import DataError
+from mmbridge.types import ROLES, placeholder
+
+IGNORE = -100
+
+#: Used when a tokenizer has no chat template of its own.
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% elif m['role'] == 'tool' %}Tool: {{ m['content'] }}\n"
+    "{% else %}Assistant: {{ m['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def to_messages(conversations: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+    """LLaVA turns (``from``/``value``) -> chat messages (``role``/``content``)."""
+    out = []
+    for k, turn in enumerate(conversations):
+        role = ROLES.get(turn.get("from", ""))
+        if role is None:
+            raise DataError(f"turn {k}: unknown role {turn.get('from')!r}; valid: {', '.join(sorted(ROLES))}")
+        out.append({"role": role, "content": str(turn.get("value", ""))})
+    return out
+
+
+@dataclass
+class Encoded:
+    """One tokenized sample: ``input_ids``, ``labels`` and per-position slot modality (or "")."""
+
+    input_ids: list[int]
+    labels: list[int]
+    slot_modality: list[str]
+
+
+class ChatEncoder:
+    """Renders conversations with a tokenizer's chat template and expands placeholders.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        modalities: The placeholders to expand (``["image"]`` -> ``<image>``).
+        max_length: Longest sequence kept; longer samples are cut at the end (never inside
+            the media slots: such a sample is an error naming its id).
+    """
+
+    def __init__(self, tokenizer: Any, modalities: Sequence[str], max_length: int = 512) -> None:
+        self.tokenizer = tokenizer
+        self.template = getattr(tokenizer, "chat_template", None) or FALLBACK_TEMPLATE
+        self.modalities = list(modalities)
+        self.max_length = max_length
+        alternatives = "|".join(re.escape(placeholder(m)) for m in self.modalities)
+        self._split = re.compile(f"({alternatives})") if alternatives else None
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False,
+            add_generation_prompt=add_generation_prompt)
+
+    def _answer_spans(self, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
+        spans = []
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = len(self.render(messages[:k], add_generation_prompt=True))
+            end = len(self.render(messages[: k + 1]))
+            if text[:start] != self.render(messages[:k], add_generation_prompt=True):
+                raise DataError("the chat template does not render conversation prefixes as "
+                                "prefixes; cannot locate the assistant answers")
+            spans.append((start, end))
+        return spans
+
+    def encode(self, messages: list[dict[str, str]], slots: Mapping[str, int],
+               add_generation_prompt: bool = False, sample_id: str = "?") -> Encoded:
+        """Tokenize; ``slots[modality]`` = how many positions its placeholder expands to."""
+        text = self.render(messages, add_generation_prompt=add_generation_prompt)
+        spans = [] if add_generation_prompt and messages[-1]["role"] != "assistant" else self._answer_spans(messages, text)
+        ids: list[int] = []
+        labels: list[int] = []
+        where: list[str] = []
+        pos = 0
+        seen: dict[str, int] = {}
+        pieces = self._split.split(text) if self._split else [text]
+        for piece in pieces:
+            if not piece:
+                continue
+            modality = piece[1:-1] if self._split and self._split.fullmatch(piece) else None
+            if modality is not None:
+                seen[modality] = seen.get(modality, 0) + 1
+                n = slots.get(modality)
+                if n is None:
+                    raise DataError(f"sample {sample_id}: has a {piece} placeholder but no {modality} media")
+                ids += [self.pad_id] * n
+                labels += [IGNORE] * n
+                where += [modality] * n
+            else:
+                enc = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+                for tid, (a, _b) in zip(enc["input_ids"], enc["offset_mapping"]):
+                    c = pos + a
+                    supervised = any(s <= c < e for s, e in spans)
+                    ids.append(tid)
+                    labels.append(tid if supervised else IGNORE)
+                    where.append("")
+            pos += len(piece)
+        for modality in slots:
+            if seen.get(modality, 0) != 1:
+                raise DataError(f"sample {sample_id}: {seen.get(modality, 0)} {placeholder(modality)} "
+                                f"placeholders for 1 {modality} item; put exactly one in a user turn")
+        if len(ids) > self.max_length:
+            last_slot = max((i for i, w in enumerate(where) if w), default=-1)
+            if last_slot >= self.max_length:
+                raise DataError(f"sample {sample_id}: media slots end at position {last_slot + 1}, "
+                                f"beyond loader.max_text_tokens={self.max_length}; raise it")
+            ids, labels, where = ids[: self.max_length], labels[: self.max_length], where[: self.max_length]
+        return Encoded(ids, labels, where)

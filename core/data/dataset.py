@@ -1,0 +1,162 @@
+"""Torch datasets over samples: recipe -> media inputs (or cached features) -> tokens, and the
+collator that pads a batch."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from mmbridge.data.chat import IGNORE, ChatEncoder, to_messages
+from mmbridge.data.feature_cache import FeatureTable
+from mmbridge.errors import DataError
+from mmbridge.model import MultimodalModel
+from mmbridge.recipe import DataRecipe
+from mmbridge.types import Sample, placeholder
+
+
+class MediaReader:
+    """Per modality: read a media file into the encoder's input, or its cached features.
+
+    Args:
+        model: Provides each modality's encoder (``load``/``preprocess``/``num_tokens``) and
+            connector (``out_tokens``).
+        tables: Modality -> cached features; modalities without a table are encoded live.
+    """
+
+    def __init__(self, model: MultimodalModel, tables: Mapping[str, FeatureTable] | None = None) -> None:
+        self.branches = {m: (b.encoder, b.connector) for m, b in model.branches.items()}
+        self.tables = dict(tables or {})
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.branches)
+
+    def read(self, modality: str, path: str) -> tuple[Any, int, int, bool]:
+        """``(item, N, M, cached)``: the input or cached features ``[N, D]`` of one media file,
+        its feature count and the number of slots its connector fills."""
+        if modality not in self.branches:
+            raise DataError(f"media '{modality}' ({path}) but the model has no {modality} encoder; "
+                            f"modalities: {', '.join(self.branches)}")
+        encoder, connector = self.branches[modality]
+        table = self.tables.get(modality)
+        if table is not None and path in table:
+            feats = table.lookup(path)
+            item, n, cached = feats, feats.shape[0], True
+        else:
+            item = encoder.preprocess(encoder.load(path))
+            n, cached = encoder.num_tokens(item), False
+        m = connector.out_tokens(n) if connector.in_sequence else 0
+        return item, n, m, cached
+
+
+class ConversationDataset(Dataset):
+    """Samples -> (recipe) -> tokenized conversations with media, for training and validation.
+
+    Args:
+        samples: The split's samples (already annotated by the recipe).
+        recipe: The stage's recipe, applied per item with a per-sample seeded rng.
+        reader: Media inputs / cached features.
+        chat: The tokenizer front end.
+        seed: Seeds each sample's recipe rng together with its index.
+    """
+
+    def __init__(self, samples: Sequence[Sample], recipe: DataRecipe, reader: MediaReader,
+                 chat: ChatEncoder, seed: int = 0) -> None:
+        self.samples = list(samples)
+        self.recipe = recipe
+        self.reader = reader
+        self.chat = chat
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        raw = self.samples[i]
+        sample = self.recipe(raw, random.Random(f"{self.seed}:{i}:{raw.id}"))
+        if sample is None:  # the recipe drops it: train on the raw sample's conversation instead
+            sample = raw
+        return encode_sample(sample, self.reader, self.chat)
+
+
+def encode_sample(sample: Sample, reader: MediaReader, chat: ChatEncoder,
+                  add_generation_prompt: bool = False) -> dict[str, Any]:
+    """One sample -> ids, labels, slot positions and media items."""
+    media, slots = {}, {}
+    for modality, path in sample.media.items():
+        item, n, m, cached = reader.read(modality, path)
+        media[modality] = (item, n, cached)
+        slots[modality] = m
+    try:
+        messages = to_messages(sample.conversations)
+    except DataError as exc:
+        raise DataError(f"sample {sample.id}: {exc}") from None
+    enc = chat.encode(messages, slots, add_generation_prompt=add_generation_prompt, sample_id=sample.id)
+    return {"id": sample.id, "input_ids": enc.input_ids, "labels": enc.labels,
+            "slot_modality": enc.slot_modality, "media": media}
+
+
+def strip_media(sample: Sample) -> Sample:
+    """The same sample without media and placeholders (the LLM-alone baseline)."""
+    convs = []
+    for t in sample.conversations:
+        v = t["value"]
+        for m in sample.media:
+            v = v.replace(placeholder(m) + "\n", "").replace(placeholder(m), "")
+        convs.append({**t, "value": v.strip()})
+    return sample.replace(media={}, conversations=convs)
+
+
+class Collator:
+    """Pads a list of encoded samples into a batch (right padding for training, left for
+    generation) and groups media per modality.
+
+    Batch keys: ``input_ids [B, T]``, ``attention_mask [B, T]``, ``labels [B, T]``,
+    ``slots[modality] [B, T]`` (bool), ``media[modality]`` = ``features [B', N, D]`` +
+    ``feature_mask [B', N]`` (cached) or ``inputs`` (collated by the encoder), ``ids``.
+    """
+
+    def __init__(self, pad_id: int, model: MultimodalModel, left_pad: bool = False) -> None:
+        self.pad_id = pad_id
+        self.encoders = {m: b.encoder for m, b in model.branches.items()}
+        self.left_pad = left_pad
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        t = max(len(x["input_ids"]) for x in items)
+        b = len(items)
+        ids = torch.full((b, t), self.pad_id, dtype=torch.long)
+        labels = torch.full((b, t), IGNORE, dtype=torch.long)
+        attn = torch.zeros((b, t), dtype=torch.long)
+        modalities = sorted({m for x in items for m in x["media"]})
+        slots = {m: torch.zeros((b, t), dtype=torch.bool) for m in modalities}
+        for r, x in enumerate(items):
+            n = len(x["input_ids"])
+            sl = slice(t - n, t) if self.left_pad else slice(0, n)
+            ids[r, sl] = torch.tensor(x["input_ids"])
+            labels[r, sl] = torch.tensor(x["labels"])
+            attn[r, sl] = 1
+            for m in modalities:
+                slots[m][r, sl] = torch.tensor([w == m for w in x["slot_modality"]])
+        media = {}
+        for m in modalities:
+            # samples without this modality have no slots for it and no row here
+            group = [x["media"][m] for x in items if m in x["media"]]
+            if all(g[2] for g in group):
+                n_max = max(g[1] for g in group)
+                feats = torch.zeros(len(group), n_max, group[0][0].shape[-1])
+                fmask = torch.zeros(len(group), n_max, dtype=torch.bool)
+                for k, (f, n, _) in enumerate(group):
+                    feats[k, :n] = f
+                    fmask[k, :n] = True
+                media[m] = {"features": feats, "feature_mask": fmask}
+            elif not any(g[2] for g in group):
+                media[m] = {"inputs": self.encoders[m].collate([g[0] for g in group])}
+            else:
+                raise DataError(f"batch mixes cached and live {m} inputs; the feature cache "
+                                f"must cover every {m} file of the split")
+        return {"input_ids": ids, "attention_mask": attn, "labels": labels, "slots": slots,
+                "media": media, "ids": [x["id"] for x in items]}

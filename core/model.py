@@ -1,0 +1,192 @@
+"""Assembly: encoders + connectors + LLM -> one model, validated before anything runs.
+
+Data flow of one batch (see ARCHITECTURE.md)::
+
+    media inputs / cached features --encoder--> features [B', N, D_enc]
+        --connector--> tokens [B', M, D_llm] --scatter into the placeholder slots--> embeds [B, T, D_llm]
+        --LLM decoder--> hidden [B, T, D_llm] --LM head at supervised positions only--> loss
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from mmbridge.build import build, split_node
+from mmbridge.connector import Connector
+from mmbridge.encoder import ModalityEncoder
+from mmbridge.errors import AssemblyError, ConfigError
+from mmbridge.llm import LanguageModel
+from mmbridge.registry import Registry
+
+IGNORE = -100
+
+
+class Branch(nn.Module):
+    """One modality's path into the LLM: an encoder and its connector."""
+
+    def __init__(self, encoder: ModalityEncoder, connector: Connector, key: str) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.connector = connector
+        self.key = key  # config key prefix, for error messages ("" = top level)
+
+    @property
+    def modality(self) -> str:
+        return self.encoder.modality
+
+
+class MultimodalModel(nn.Module):
+    """Encoders and connectors (one :class:`Branch` per modality) feeding a :class:`LanguageModel`.
+
+    Args:
+        llm: The language model.
+        branches: Modality -> branch.
+    """
+
+    def __init__(self, llm: LanguageModel, branches: Mapping[str, Branch]) -> None:
+        super().__init__()
+        self.llm = llm
+        self.branches = nn.ModuleDict(dict(branches))
+        #: Names of the parameters that trained in any stage so far (what checkpoints keep).
+        self.ever_trained: set[str] = set()
+        for branch in self.branches.values():
+            branch.connector.attach(llm)
+
+    # -- media -> tokens ------------------------------------------------------------------------
+    def media_tokens(self, media: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Encode each modality's batch (or take its cached features) and run its connector.
+
+        ``media[modality]`` holds ``features [B', N, D]`` + ``feature_mask [B', N]`` (cached) or
+        ``inputs`` (the encoder's collated batch). Returns modality -> (tokens, mask).
+        """
+        out = {}
+        for modality, item in media.items():
+            branch = self.branches[modality]
+            if "features" in item:
+                feats, fmask = item["features"], item["feature_mask"]
+            else:
+                feats, fmask = branch.encoder(item["inputs"])
+            feats = feats.to(self._connector_dtype(branch.connector, feats))
+            out[modality] = branch.connector(feats, fmask)
+        return out
+
+    @staticmethod
+    def _connector_dtype(connector: Connector, feats: torch.Tensor) -> torch.dtype:
+        p = next(connector.parameters(), None)
+        return p.dtype if p is not None else feats.dtype
+
+    def embed(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Text embeddings with each modality's connector tokens scattered into its slots.
+
+        Connectors that are not ``in_sequence`` (Flamingo) get their tokens as context instead.
+        """
+        embeds = self.llm.embed(batch["input_ids"])
+        tokens = self.media_tokens(batch.get("media", {}))
+        for modality, (tok, tmask) in tokens.items():
+            branch = self.branches[modality]
+            if not branch.connector.in_sequence:
+                branch.connector.set_context(tok, tmask)
+                continue
+            slots = batch["slots"][modality]
+            values = tok[tmask]
+            if values.shape[0] != int(slots.sum()):
+                raise AssemblyError(
+                    f"{branch.key or 'connector'}: {type(branch.connector).__name__} produced "
+                    f"{values.shape[0]} valid tokens for {int(slots.sum())} placeholder slots; "
+                    f"its out_tokens(N) and output mask disagree")
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), values.to(embeds.dtype))
+        return embeds
+
+    def clear_context(self) -> None:
+        for branch in self.branches.values():
+            branch.connector.clear_context()
+
+    # -- training -------------------------------------------------------------------------------
+    def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Mean next-token cross-entropy over supervised positions (a scalar).
+
+        The LM head runs only where the shifted labels are supervised: over a 49k-token
+        vocabulary, prompt and media positions would otherwise dominate the step's cost.
+        """
+        try:
+            embeds = self.embed(batch)
+            hidden = self.llm.hidden(embeds, batch["attention_mask"])
+        finally:
+            self.clear_context()
+        labels = batch["labels"][:, 1:]
+        keep = labels != IGNORE
+        if not bool(keep.any()):
+            return hidden.sum() * 0.0  # a batch without answers: no signal, keep the graph
+        logits = self.llm.logits(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), labels[keep])
+
+    @torch.no_grad()
+    def generate(self, batch: Mapping[str, Any], max_new_tokens: int = 32, **kwargs: Any) -> torch.Tensor:
+        """New token ids ``[B, T_new]`` for a left-padded prompt batch."""
+        try:
+            embeds = self.embed(batch)
+            return self.llm.generate(embeds, batch["attention_mask"], max_new_tokens=max_new_tokens, **kwargs)
+        finally:
+            self.clear_context()
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the parameters that train (what checkpoints hold)."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def parameter_counts(self) -> dict[str, int]:
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        connector = sum(p.numel() for b in self.branches.values() for p in b.connector.parameters())
+        return {"total": total, "trainable": trainable, "connector": connector}
+
+
+def _branch_nodes(cfg: DictConfig) -> dict[str, tuple[Any, Any, str]]:
+    """(encoder node, connector node, key prefix) of the main branch and of ``branches.*``."""
+    nodes = {"": (cfg.encoder, cfg.connector, "")}
+    for name, node in (cfg.get("branches") or {}).items():
+        if node is None:
+            continue
+        if "encoder" not in node or "connector" not in node:
+            raise ConfigError(f"branches.{name}: needs both 'encoder' and 'connector'")
+        nodes[f"branches.{name}"] = (node.encoder, node.connector, f"branches.{name}.")
+    return nodes
+
+
+def assemble(cfg: DictConfig, registry: Registry, llm: LanguageModel | None = None) -> MultimodalModel:
+    """Build the model of a composed config, checking that the parts fit together.
+
+    Checks (each error names the config keys): every encoder's width vs the connector's
+    ``in_dim`` when one is set, the connector's ``out_dim`` (when set) vs the LLM's hidden size,
+    and one branch per modality.
+    """
+    llm = llm if llm is not None else build(registry, "llm", cfg.llm, "llm")
+    branches: dict[str, Branch] = {}
+    for _key, (enc_node, con_node, prefix) in _branch_nodes(cfg).items():
+        encoder = build(registry, "encoder", enc_node, f"{prefix}encoder")
+        _, con_args = split_node(con_node, f"{prefix}connector")
+        in_dim, out_dim = con_args.pop("in_dim", None), con_args.pop("out_dim", None)
+        if in_dim is not None and int(in_dim) != encoder.out_dim:
+            raise AssemblyError(
+                f"{prefix}connector.in_dim={in_dim} does not match {prefix}encoder "
+                f"('{enc_node.name}') width {encoder.out_dim}; drop {prefix}connector.in_dim "
+                f"(it is set from the encoder) or choose a matching encoder")
+        if out_dim is not None and int(out_dim) != llm.hidden_size:
+            raise AssemblyError(
+                f"{prefix}connector.out_dim={out_dim} does not match llm ('{cfg.llm.get('path', cfg.llm.name)}') "
+                f"hidden size {llm.hidden_size}; drop {prefix}connector.out_dim (it is set from the LLM)")
+        connector = build(registry, "connector", {"name": con_node.name, **con_args},
+                          f"{prefix}connector", in_dim=encoder.out_dim, out_dim=llm.hidden_size)
+        if encoder.modality in branches:
+            other = branches[encoder.modality].key
+            raise AssemblyError(
+                f"{prefix or 'encoder'} and {other or 'encoder'} both encode '{encoder.modality}'; "
+                f"one branch per modality")
+        branches[encoder.modality] = Branch(encoder, connector, prefix.rstrip("."))
+    return MultimodalModel(llm, branches)

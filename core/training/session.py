@@ -1,0 +1,129 @@
+"""Everything one run needs besides the trainer: registry, data, model, tokenizer front end,
+feature caches. Shared by ``train``, ``eval`` and ``generate``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from mmbridge.build import build
+from mmbridge.data.chat import ChatEncoder
+from mmbridge.data.dataset import MediaReader
+from mmbridge.data.feature_cache import FeatureTable, load_or_compute
+from mmbridge.data.llava import read_llava
+from mmbridge.errors import AssemblyError, DataError
+from mmbridge.model import MultimodalModel, assemble
+from mmbridge.registry import Registry
+from mmbridge.types import Sample, placeholder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    """The assembled pieces of a run."""
+
+    cfg: DictConfig
+    registry: Registry
+    model: MultimodalModel
+    chat: ChatEncoder
+    splits: dict[str, list[Sample]]
+    tables: dict[str, FeatureTable] = field(default_factory=dict)
+    cache_stats: dict[str, dict] = field(default_factory=dict)
+
+    def reader(self, use_cache: bool = True) -> MediaReader:
+        return MediaReader(self.model, self.tables if use_cache else None)
+
+
+def load_splits(cfg: DictConfig, registry: Registry) -> dict[str, list[Sample]]:
+    source = build(registry, "dataset", cfg.data, "data")
+    files = source.prepare(Path(cfg.paths.data_dir))
+    return {name: read_llava(path, files.media_root) for name, path in files.splits.items()}
+
+
+def check_media(splits: dict[str, list[Sample]], model: MultimodalModel) -> None:
+    """Placeholders vs media, and media vs the model's encoders, for every sample (cheap string
+    counts, before any training step). Errors name the sample and the config keys."""
+    have = set(model.branches)
+    for split, samples in splits.items():
+        for s in samples:
+            for modality in s.media:
+                if modality not in have:
+                    raise AssemblyError(
+                        f"data split '{split}' sample {s.id} has {modality} media, but the model "
+                        f"encodes only {', '.join(sorted(have))} (config keys: encoder, branches); "
+                        f"add a branch: branches.{modality}.encoder / branches.{modality}.connector")
+            text = "".join(t.get("value", "") for t in s.conversations)
+            for modality in have | set(s.media):
+                n_ph = text.count(placeholder(modality))
+                n_media = 1 if modality in s.media else 0
+                if n_ph != n_media:
+                    raise AssemblyError(
+                        f"data split '{split}' sample {s.id}: {n_ph} {placeholder(modality)} "
+                        f"placeholder(s) for {n_media} {modality} item(s) (config key: data)")
+
+
+def open_session(cfg: DictConfig, registry: Registry, with_data: bool = True,
+                 cache: bool | None = None) -> Session:
+    model = assemble(cfg, registry)
+    tok = model.llm.tokenizer
+    chat = ChatEncoder(tok, list(model.branches), max_length=int(cfg.loader.max_text_tokens))
+    splits = load_splits(cfg, registry) if with_data else {}
+    if splits:
+        check_media(splits, model)
+    session = Session(cfg, registry, model, chat, splits)
+    use_cache = bool(cfg.get("cache_features", True)) if cache is None else cache
+    if use_cache and splits:
+        fill_feature_cache(session)
+    return session
+
+
+def fill_feature_cache(session: Session) -> None:
+    """Cache the features of every media file of every split, per frozen encoder."""
+    from mmbridge.training.stages import frozen_encoders
+
+    cfg = session.cfg
+    if not frozen_encoders(cfg):
+        log.info("an encoder trains in this schedule: the feature cache is not used")
+        return
+    for modality, branch in session.model.branches.items():
+        paths = sorted({s.media[modality] for v in session.splits.values() for s in v if modality in s.media})
+        if not paths:
+            continue
+        try:
+            table, stats = load_or_compute(branch.encoder, paths, Path(cfg.paths.feature_cache_dir))
+        except OSError as exc:
+            raise DataError(f"feature cache at paths.feature_cache_dir={cfg.paths.feature_cache_dir}: {exc}") from exc
+        session.tables[modality] = table
+        session.cache_stats[modality] = stats
+        log.info("%s features: %s (%.1f s) %s", modality, "cache hit" if stats["hit"] else "computed",
+                 stats["seconds"], stats["path"])
+
+
+def session_from_checkpoint(path: str, overrides: list[str] | None = None, with_data: bool = True,
+                            registry: Registry | None = None) -> tuple[Session, dict[str, str]]:
+    """Rebuild the model a checkpoint was trained with and load its weights.
+
+    ``overrides`` are ``key=value`` changes to the stored config (e.g. ``evaluation.batch_size=8``).
+    """
+    import json
+
+    from omegaconf import OmegaConf
+
+    from mmbridge.plugin_manager import load_registry
+    from mmbridge.training.checkpoint import load_weights, read_checkpoint
+    from mmbridge.training.stages import configure_trainable
+
+    cfg, weights, meta = read_checkpoint(path)
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    registry = registry or load_registry()
+    session = open_session(cfg, registry, with_data=with_data)
+    for stage in json.loads(meta.get("stages", "[]")):
+        configure_trainable(session.model, cfg.stages[stage])  # re-creates LoRA layers
+    load_weights(session.model, weights, str(path))
+    session.model.eval()
+    return session, meta
