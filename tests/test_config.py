@@ -1,0 +1,82 @@
+"""The Hydra config tree: every option of every group composes; errors name the options."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from mmbridge.build import build, check_arguments
+from mmbridge.config import compose, group_options
+from mmbridge.errors import ConfigError
+from mmbridge.plugin_manager import load_registry
+
+REGISTRY = load_registry(autoload=False)
+# Groups whose options are placed at a different package than the group name.
+PLACED = {"stage": "stages.align", "recipe": "stages.align.recipe"}
+GROUP_KIND = {"encoder": "encoder", "connector": "connector", "llm": "llm", "data": "dataset",
+              "recipe": "recipe", "scorer": "scorer", "tool_caller": "tool_caller"}
+
+
+def _all_options():
+    for group, options in group_options(REGISTRY).items():
+        for option in options:
+            yield group, option
+
+
+def _override(group: str, option: str) -> str:
+    return f"{group}@{PLACED[group]}={option}" if group in PLACED else f"{group}={option}"
+
+
+@pytest.mark.parametrize(("group", "option"), list(_all_options()))
+def test_every_option_composes(group, option):
+    cfg = compose([_override(group, option)], REGISTRY)
+    assert cfg is not None
+    OmegaConf.to_container(cfg, resolve=False)
+    node = OmegaConf.select(cfg, PLACED.get(group, group))
+    kind = GROUP_KIND.get(group)
+    if kind and node is not None and "name" in node:
+        # The option names a registered component and only arguments its constructor takes.
+        entry = REGISTRY.get(kind, node.name)
+        args = {k: v for k, v in OmegaConf.to_container(node).items() if k != "name"}
+        injected = {"in_dim": 1, "out_dim": 1} if kind == "connector" else {}
+        assert check_arguments(entry, group, args, injected) == []
+
+
+def test_unknown_option_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        compose(["connector=mpl"], REGISTRY)
+    msg = str(err.value)
+    assert "connector" in msg and "did you mean 'mlp'" in msg and "linear" in msg
+
+
+def test_stages_are_one_group_used_twice():
+    cfg = compose([], REGISTRY)
+    assert set(cfg.stages) >= {"align", "instruct"}
+    assert cfg.stages.align.train.llm == "frozen"
+    assert cfg.stages.align.recipe.name == "caption"
+    assert cfg.stages.instruct.recipe.name == "conversations"
+    cfg = compose(["stage@stages.align=instruct"], REGISTRY)
+    assert cfg.stages.align.train.llm == "lora"
+
+
+def test_plugin_config_dir_joins_the_groups(fake_dist, tmp_path):
+    conf = tmp_path / "pconf" / "connector"
+    conf.mkdir(parents=True)
+    (conf / "from_plugin.yaml").write_text("name: linear\n")
+    fake_dist("mmb-conf", "mmb_conf", f"""
+import mmbridge
+@mmbridge.hookimpl
+def register_components(registry):
+    registry.add_config_dir({str(tmp_path / 'pconf')!r})
+""")
+    reg = load_registry()
+    assert "from_plugin" in group_options(reg)["connector"]
+    cfg = compose(["connector=from_plugin"], reg)
+    assert cfg.connector.name == "linear"
+
+
+def test_bad_argument_is_reported_with_key_and_valid_names():
+    with pytest.raises(ConfigError) as err:
+        build(REGISTRY, "connector", {"name": "mlp", "depht": 2, "bogus": 1}, "connector", in_dim=4, out_dim=8)
+    msg = str(err.value)
+    assert "connector.depht" in msg and "did you mean 'depth'" in msg and "connector.bogus" in msg
