@@ -54,6 +54,8 @@ class Asset(ABC):
     source: ClassVar[str] = ""
     #: Within the asset directory, the file to hand out (``None``: the directory itself).
     filename: ClassVar[str | None] = None
+    #: Bump when the conversion changes: an entry converted by another version is redone.
+    version: ClassVar[str] = "1"
 
     @abstractmethod
     def source_available(self) -> bool:
@@ -75,7 +77,11 @@ class Asset(ABC):
         return loc / self.filename if self.filename else loc
 
     def is_converted(self, root: Path | None = None) -> bool:
-        return (self.location(root) / "CHECK.txt").is_file()
+        check = self.location(root) / "CHECK.txt"
+        if not check.is_file():
+            return False
+        first = check.read_text().splitlines()[:1]
+        return first == [f"version={self.version}"]
 
     def ensure(self, root: Path | None = None) -> Path:
         """The converted asset, converting it first if needed. Safe when several processes
@@ -95,7 +101,7 @@ class Asset(ABC):
             tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}-", dir=loc.parent))
             try:
                 check = self.convert(tmp)
-                (tmp / "CHECK.txt").write_text(check + "\n")
+                (tmp / "CHECK.txt").write_text(f"version={self.version}\n{check}\n")
                 if loc.exists():
                     shutil.rmtree(loc)
                 os.replace(tmp, loc)

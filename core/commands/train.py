@@ -34,8 +34,15 @@ examples:
 """
 
 
-def run_task(cfg: DictConfig, output_dir: Path) -> dict:
-    """The body of a training job (also used by the sweep command's jobs)."""
+def run_task(cfg: DictConfig, output_dir: Path, overrides: list[str] | None = None,
+             resume_interrupted: bool = False) -> dict:
+    """The body of a training job (also used by the sweep command's jobs).
+
+    ``overrides`` (the job's Hydra task overrides) are recorded in ``metrics.json``. With
+    ``resume_interrupted`` (sweep jobs), a run of the same resolved config that was
+    interrupted in ``output_dir`` is resumed there instead of started again.
+    """
+    from mmbridge.runs import METRICS, interrupted, write_json
     from mmbridge.training.run import train
 
     registry = load_registry()
@@ -49,7 +56,52 @@ def run_task(cfg: DictConfig, output_dir: Path) -> dict:
         cfg = OmegaConf.load(saved)
         log.info("resuming %s", run_dir)
         return train(cfg, registry, run_dir, resume=True)
-    return train(cfg, registry, output_dir)
+    again = resume_interrupted and interrupted(output_dir, OmegaConf.to_yaml(cfg, resolve=True))
+    if again:
+        log.info("resuming the interrupted run in %s", output_dir)
+    metrics = train(cfg, registry, output_dir, resume=again)
+    if overrides is not None and (output_dir / METRICS).is_file():
+        metrics["overrides"] = list(overrides)
+        write_json(output_dir / METRICS, metrics)
+    return metrics
+
+
+def _job(cfg: DictConfig) -> float | None:
+    """One Hydra job (a module-level function, so that joblib/submitit can pickle it). In a
+    multirun, a job whose directory already holds its metrics.json is skipped (so an interrupted
+    sweep can be started again). Returns the test exact match (what sweepers such as Optuna
+    optimise)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from mmbridge.runs import ERROR, atomic_write_text, finished_run
+
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    overrides = [str(o) for o in hc.overrides.task]
+    sweep = hc.mode == RunMode.MULTIRUN
+    try:
+        done = finished_run(out, overrides) if sweep else None
+        if done is not None:
+            log.info("skipping %s: finished already (metrics.json)", out)
+            return done.metrics.get("test", {}).get("exact_match")
+        metrics = run_task(cfg, out, overrides, resume_interrupted=sweep)
+    except MMBridgeError as exc:
+        print(f"mmbridge train: error: {exc}", file=sys.stderr)
+        atomic_write_text(out / ERROR, f"{type(exc).__name__}: {exc}\n")
+        _STATUS["code"] = 1
+        return None
+    test = metrics.get("test", {})
+    log.info("run directory: %s", out)
+    if test:
+        log.info("test exact match %.3f (no media %.3f, chance %.3f)", test.get("exact_match", 0),
+                 test.get("no_media/exact_match", float("nan")), test.get("chance/exact_match", float("nan")))
+    return test.get("exact_match")
+
+
+# Exit status of the jobs run in this process (the basic launcher's); joblib/submitit jobs
+# leave error.txt in their run directory instead, which `mmbridge report` lists.
+_STATUS = {"code": 0}
 
 
 def main(argv: list[str]) -> int:
@@ -57,26 +109,10 @@ def main(argv: list[str]) -> int:
         print(USAGE)
         return 0
     import hydra
-    from hydra.core.hydra_config import HydraConfig
 
     registry = load_registry()
-    status = {"code": 0}
-
-    @hydra.main(config_path="pkg://mmbridge.conf", config_name="train", version_base="1.3")
-    def task(cfg: DictConfig) -> float | None:
-        out = Path(HydraConfig.get().runtime.output_dir)
-        try:
-            metrics = run_task(cfg, out)
-        except MMBridgeError as exc:
-            print(f"mmbridge train: error: {exc}", file=sys.stderr)
-            status["code"] = 1
-            return None
-        test = metrics.get("test", {})
-        log.info("run directory: %s", out)
-        if test:
-            log.info("test exact match %.3f (no media %.3f, chance %.3f)", test.get("exact_match", 0),
-                     test.get("no_media/exact_match", float("nan")), test.get("chance/exact_match", float("nan")))
-        return test.get("exact_match")
+    _STATUS["code"] = 0
+    task = hydra.main(config_path="pkg://mmbridge.conf", config_name="train", version_base="1.3")(_job)
 
     old = sys.argv
     sys.argv = ["mmbridge-train", *argv, *searchpath_override(registry)]
@@ -84,4 +120,4 @@ def main(argv: list[str]) -> int:
         task()
     finally:
         sys.argv = old
-    return status["code"]
+    return _STATUS["code"]

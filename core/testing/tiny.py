@@ -36,7 +36,8 @@ WORDS = ["what", "which", "how", "many", "where", "is", "are", "there", "the", "
          "tool", "result", "call", "calculator", "audio", "sound", "speech", "transcript",
          "user", "assistant", "you", "can", "see", "total", "sum", "plus", "minus", "times",
          "equals", "use", "give", "short", "caption", "than", "more", "fewer", "same", "different",
-         "first", "second", "third", "from", "to", "for", "be", "has", "have", "do", "does"]
+         "first", "second", "third", "from", "to", "for", "be", "has", "have", "do", "does",
+         "kind", "drawn", "part", "between", "inside", "objects", "shapes"]
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>",
                   "<|end|>"]
 #: Jinja chat template: one ``<|role|>`` block per turn, closed by ``<|end|>`` (the eos, so
@@ -76,7 +77,7 @@ def tiny_corpus() -> list[str]:
     return lines
 
 
-def build_tiny_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 1200) -> Any:
+def build_tiny_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 1400) -> Any:
     """Train a byte-level BPE tokenizer on :func:`tiny_corpus` (deterministic).
 
     Each corpus line is repeated so that every listed word becomes one token (with and without

@@ -105,7 +105,7 @@ def chance(train: Sequence[QAItem], test: Sequence[QAItem]) -> dict[str, float]:
     for it in train:
         by_type[it.qtype][normalize(it.answer)] += 1
     for qtype, counts in by_type.items():
-        majority[qtype] = counts.most_common(1)[0][0]
+        majority[qtype] = min(counts, key=lambda a: (-counts[a], a))  # ties: alphabetical
     correct: dict[str, list[bool]] = defaultdict(list)
     for it in test:
         correct[it.qtype].append(majority.get(it.qtype) == normalize(it.answer))

@@ -1,0 +1,117 @@
+"""``mmbridge sweep [overrides with comma lists]``: a Hydra multirun of ``mmbridge train`` in a
+stable directory (started again, it skips the finished runs), then the results report."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from mmbridge.errors import ConfigError
+
+HELP = "run a grid of trainings (comma lists) and write results tables and plots"
+log = logging.getLogger("mmbridge.sweep")
+
+USAGE = """usage: mmbridge sweep [overrides ...] [--dir DIR] [--metric KEY] [--no-report]
+
+Train every combination of the comma lists (a Hydra multirun of `mmbridge train`), then write
+results.md, results.csv, runs.csv and plots into the sweep directory (see `mmbridge report`).
+
+  sweep directory   --dir DIR, or ${paths.output_root}/sweeps/${run_name}/<hash of the
+                    overrides>: the same command line always uses the same directory
+  run directories   <sweep dir>/<swept key=value,...> (e.g. connector=mlp,seed=1), each with
+                    config.yaml, metrics.json, checkpoints/, logs/
+  started again     runs whose directory holds metrics.json are skipped; an interrupted run
+                    of the same config resumes from its last checkpoint
+  feature cache     frozen-encoder features are computed once (paths.feature_cache_dir) and
+                    shared by every run of the sweep
+
+examples:
+  mmbridge sweep connector=linear,mlp seed=0,1
+  mmbridge sweep experiment=ablation_connector              # the grid is in the preset
+  mmbridge sweep connector=linear,mlp hydra/launcher=local_parallel       # 2 jobs at a time
+  mmbridge sweep experiment=ablation_connector hydra/launcher=slurm hydra.launcher.partition=gpu trainer=gpu
+  mmbridge sweep hydra/sweeper=optuna_search hydra.sweeper.n_trials=30    # hyper-parameter search
+
+options:
+  --dir DIR       the sweep directory (default: derived from the overrides, see above)
+  --metric KEY    the metric of the plots (default test/exact_match)
+  --no-report     do not write the report at the end (`mmbridge report DIR` writes it later)
+"""
+
+# Hydra overrides that change *what* runs (part of the directory hash); launcher overrides
+# only change *where* it runs, so a sweep moved to SLURM finds its finished local runs.
+_HASHED_HYDRA = ("hydra/sweeper", "hydra.sweeper")
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def plan(overrides: list[str], sweep_dir: str | None = None, metric: str | None = "test/exact_match") -> list[str]:
+    """The Hydra arguments of a sweep: ``-m``, the user's overrides, and the sweep directory,
+    the run-directory naming (the swept keys only) and the report callback."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        raise ConfigError(f"bad override: {exc}") from exc
+    task = [o for o in parsed if not o.is_hydra_override()]
+    hashed = sorted(o.input_line for o in parsed
+                    if not o.is_hydra_override() or o.key_or_group.startswith(_HASHED_HYDRA))
+    fixed = [o.key_or_group for o in task if not o.is_sweep_override()]
+    given = {o.key_or_group for o in parsed}
+    args = ["-m", *overrides]
+    if sweep_dir is not None:
+        args.append(f"hydra.sweep.dir={_quote(str(Path(sweep_dir).expanduser().absolute()))}")
+    elif "hydra.sweep.dir" not in given:
+        digest = hashlib.sha1("\n".join(hashed).encode()).hexdigest()[:10]
+        args.append(f"hydra.sweep.dir=${{paths.output_root}}/sweeps/${{run_name}}/{digest}")
+    if "hydra.sweep.subdir" not in given:
+        # A run's directory is named by its swept values only (stable across restarts and
+        # independent of the job's position in the grid); the fixed overrides are in every run.
+        args += ["hydra.job.config.override_dirname.exclude_keys=[" + ",".join(map(_quote, fixed)) + "]",
+                 "hydra.sweep.subdir=${hydra.job.override_dirname}"]
+    if metric is not None:
+        args += ["+hydra.callbacks.mmbridge_report._target_=mmbridge.reporting.ReportCallback",
+                 f"+hydra.callbacks.mmbridge_report.metric={_quote(metric)}"]
+    return args
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    overrides, sweep_dir, metric = [], None, "test/exact_match"
+    it = iter(argv)
+    for a in it:
+        if a in ("--dir", "--metric"):
+            value = next(it, None)
+            if value is None:
+                raise ConfigError(f"{a} needs a value\n{USAGE}")
+            sweep_dir, metric = (value, metric) if a == "--dir" else (sweep_dir, value)
+        elif a.startswith(("--dir=", "--metric=")):
+            k, v = a[2:].split("=", 1)
+            sweep_dir, metric = (v, metric) if k == "dir" else (sweep_dir, v)
+        elif a == "--no-report":
+            metric = None
+        elif a in ("-m", "--multirun"):
+            continue
+        else:
+            overrides.append(a)
+    from mmbridge.commands import train
+    from mmbridge.reporting import LAST_REPORT
+
+    LAST_REPORT.clear()
+    code = train.main(plan(overrides, sweep_dir, metric))
+    for report in LAST_REPORT:
+        n = sum(len(r.runs) for r in report.rows)
+        print(f"mmbridge sweep: {n} runs in {len(report.rows)} configurations; "
+              f"report: {report.root / 'results.md'}")
+        failed = [(d, why) for d, why in report.unfinished if why != "unfinished"]
+        for d, why in report.unfinished:
+            print(f"  not finished: {d}: {why}")
+        code = code or int(bool(failed))
+    return code

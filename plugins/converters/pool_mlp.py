@@ -1,0 +1,86 @@
+"""``pool_mlp``: masked strided average pooling, then LLaVA-1.5's GELU MLP per pooled token.
+
+Pooling before projecting is the simplest token reducer of the Converter family (the "pooled
+MLP" / abstractor variants compared in Honeybee, arXiv 2312.06742, and the 4x frame stacking of
+audio LLMs such as Qwen-Audio, arXiv 2311.07919): ``M = ceil(N / stride)``. Only real (masked-in)
+features are averaged, so a sample's tokens do not depend on how much its batch was padded.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmbridge.connector import Converter
+from mmbridge.errors import ConfigError
+
+
+def masked_avg_pool(x: torch.Tensor, mask: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average non-overlapping windows of ``stride`` positions, counting real positions only.
+
+    Args:
+        x: ``[B, N, D]``.
+        mask: ``[B, N]`` bool, True = real.
+        stride: Window length (1 returns the inputs, with padded rows zeroed).
+
+    Returns:
+        ``pooled [B, ceil(N / stride), D]`` (zero where a window holds no real position) and
+        ``mask [B, ceil(N / stride)]`` (True where it holds at least one).
+    """
+    b, n, d = x.shape
+    m = mask.to(x.dtype).unsqueeze(-1)
+    if stride == 1:
+        return x * m, mask.bool()
+    n_out = math.ceil(n / stride)
+    pad = n_out * stride - n
+    xs = F.pad(x * m, (0, 0, 0, pad)).view(b, n_out, stride, d).sum(2)
+    counts = F.pad(m, (0, 0, 0, pad)).view(b, n_out, stride, 1).sum(2)
+    return xs / counts.clamp_min(1.0), counts.squeeze(-1) > 0
+
+
+class PoolMLP(Converter):
+    """Strided masked average pooling then a GELU MLP: ``[B, N, D_in] -> [B, ceil(N/stride), D_out]``.
+
+    Args:
+        in_dim: ``D_in`` (injected: the encoder's ``out_dim``).
+        out_dim: ``D_out`` (injected: the LLM's hidden size).
+        stride: Positions averaged into one token (4 turns Whisper's 50 Hz into 12.5 Hz).
+        depth: Linear layers of the MLP (1 = a linear projection, 2 = LLaVA-1.5's projector).
+        hidden_dim: Width of the hidden layers (default: ``out_dim``).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, stride: int = 4, depth: int = 2,
+                 hidden_dim: int | None = None) -> None:
+        super().__init__(in_dim, out_dim)
+        if int(stride) < 1:
+            raise ConfigError(f"connector.stride: must be >= 1, got {stride}")
+        if int(depth) < 1:
+            raise ConfigError(f"connector.depth: must be >= 1, got {depth}")
+        self.stride = int(stride)
+        hidden = int(hidden_dim or out_dim)
+        widths = [self.in_dim] + [hidden] * (int(depth) - 1) + [self.out_dim]
+        layers: list[nn.Module] = []
+        for k in range(len(widths) - 1):
+            if k:
+                layers.append(nn.GELU())
+            layers.append(nn.Linear(widths[k], widths[k + 1]))
+        self.mlp = nn.Sequential(*layers)
+
+    @classmethod
+    def for_testing(cls, tmp_dir: Path, in_dim: int, out_dim: int) -> PoolMLP:
+        """Stride 3, a 16-wide hidden layer."""
+        return cls(in_dim, out_dim, stride=3, depth=2, hidden_dim=16)
+
+    def out_tokens(self, n_in: int) -> int:
+        return math.ceil(n_in / self.stride)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``features [B, N, D_in]``, ``mask [B, N]`` -> ``tokens [B, ceil(N/stride), D_out]``
+        (zero at padded tokens) and their ``mask``."""
+        pooled, out_mask = masked_avg_pool(features, mask, self.stride)
+        tokens = self.mlp(pooled) * out_mask.unsqueeze(-1).to(pooled.dtype)
+        return tokens, out_mask

@@ -1,0 +1,209 @@
+"""``hf_vision``: Hugging Face vision towers (CLIP, SigLIP, DINOv2, any ``AutoModel`` that returns
+``hidden_states``) from a local directory, an offline asset name, or a hub id when online."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from mmbridge.assets import resolve_model_path
+from mmbridge.encoder import ModalityEncoder
+from mmbridge.errors import ConfigError
+from mmbridge.plugins.encoders._image import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RESAMPLE,
+    check_pool_to,
+    demote_unused_parameters,
+    example_png,
+    image_to_tensor,
+    load_rgb,
+    pool_grid,
+    weights_fingerprint,
+)
+from mmbridge.plugins.llms.hf_causal import torch_dtype
+
+#: model_type of a full image-text checkpoint -> the class holding only its vision tower.
+VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel",
+                 "siglip2": "Siglip2VisionModel"}
+#: Used when a model directory has no preprocessor_config.json.
+DEFAULT_NORM = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+                "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+
+
+def _hw(value: Any) -> tuple[int, int] | None:
+    """An HF size field (int, ``{height, width}`` or ``{shortest_edge}``) -> ``(H, W)``."""
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, dict):
+        if "height" in value and "width" in value:
+            return int(value["height"]), int(value["width"])
+        if "shortest_edge" in value:
+            return int(value["shortest_edge"]), int(value["shortest_edge"])
+    return None
+
+
+class HFVisionEncoder(ModalityEncoder):
+    """Patch tokens of an HF vision tower, from one or several of its layers.
+
+    Preprocessing follows the model's ``preprocessor_config.json`` (resize, centre crop,
+    mean/std), done with PIL + torch. With ``image_size`` set the whole image is resized to
+    ``image_size x image_size`` instead (no crop; position embeddings are interpolated).
+
+    Args:
+        path: Offline asset name (``dinov2-small``), local model directory, or hub id.
+        feature_layer: Index into ``hidden_states`` (0 = embeddings, i = output of layer i);
+            ``-1`` is the model's own final output (``last_hidden_state``: after the final norm
+            for DINOv2/SigLIP). A list concatenates the layers' features along ``D`` (earlier
+            layers keep more colour and position detail). Unused later layers are removed.
+        drop_cls: Drop the prefix tokens (CLS, registers).
+        image_size: Override the processor's input size (DINOv2 at 112 px = 8 x 8 patches of 14).
+        pool_to: Average-pool the patch grid to ``pool_to x pool_to`` tokens.
+        dtype: ``float32`` | ``float16`` | ``bfloat16`` (features are returned as float32).
+    """
+
+    modality = "image"
+
+    def __init__(self, path: str, feature_layer: int | list[int] = -1, drop_cls: bool = True,
+                 image_size: int | None = None, pool_to: int | None = None,
+                 dtype: str = "float32") -> None:
+        super().__init__()
+        import transformers
+
+        layers = [feature_layer] if isinstance(feature_layer, int) else [int(f) for f in feature_layer]
+        self.args = {"path": path, "feature_layer": layers if len(layers) > 1 else layers[0],
+                     "drop_cls": drop_cls, "image_size": image_size, "pool_to": pool_to,
+                     "dtype": dtype}
+        local = resolve_model_path(path, key="encoder.path")
+        try:
+            config = transformers.AutoConfig.from_pretrained(local)
+            cls_name = VISION_TOWERS.get(config.model_type)
+            model_cls = getattr(transformers, cls_name) if cls_name else transformers.AutoModel
+            self.model = model_cls.from_pretrained(local, dtype=torch_dtype(dtype, "encoder.dtype"))
+        except OSError as exc:
+            raise ConfigError(f"encoder.path: cannot load '{path}' (resolved to '{local}'): {exc}. "
+                              f"Give an offline asset name (`mmbridge assets`), a local model "
+                              f"directory, or a hub id while online") from exc
+        self.model.eval()
+        self.weights_id = weights_fingerprint(self.model)
+        vc = self.model.config
+        self.patch = int(vc.patch_size)
+        self.n_layers = int(vc.num_hidden_layers)
+        self.layers = []
+        for f in layers:
+            a = f if f >= 0 else self.n_layers + 1 + f
+            if not 0 <= a <= self.n_layers:
+                raise ConfigError(f"encoder.feature_layer: {f} is out of range for {Path(local).name} "
+                                  f"({self.n_layers} layers: valid -{self.n_layers + 1}..{self.n_layers})")
+            self.layers.append(a)
+        if max(self.layers) < self.n_layers:
+            # One block at least: transformers records hidden_states around the blocks.
+            self._truncate(max(max(self.layers), 1))
+        self.size, self.resize_shortest, self.mean, self.std, self.resample = self._preprocessing(
+            Path(local), vc, config.model_type, image_size)
+        native = _hw(getattr(vc, "image_size", None))
+        accepts = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
+        self._extra = {"interpolate_pos_encoding": True} if accepts and self.size != native else {}
+        self.drop_cls, self.pool_to = drop_cls, pool_to
+
+        probe = torch.zeros(1, 3, *self.size)
+        demote_unused_parameters(self.model, lambda: self._tokens(probe))
+        with torch.no_grad():
+            tokens = self._tokens(probe)
+        self.grid = (self.size[0] // self.patch, self.size[1] // self.patch)
+        self.prefix = tokens.shape[1] - self.grid[0] * self.grid[1]
+        if pool_to is not None and self.grid[0] != self.grid[1]:
+            raise ConfigError(f"encoder.pool_to: needs a square patch grid, got {self.grid}")
+        check_pool_to(pool_to, self.grid[0], "encoder.pool_to")
+        self._dim = int(tokens.shape[-1])
+
+    def _truncate(self, keep: int) -> None:
+        """Cut the block list after ``keep`` blocks (their outputs are never read)."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.ModuleList) and len(module) == self.n_layers and name:
+                parent_name, _, attr = name.rpartition(".")
+                parent = self.model.get_submodule(parent_name) if parent_name else self.model
+                setattr(parent, attr, module[:keep])
+                return
+
+    @staticmethod
+    def _preprocessing(local: Path, vc: Any, model_type: str, image_size: int | None) -> tuple:
+        file = local / "preprocessor_config.json"
+        cfg = json.loads(file.read_text()) if file.is_file() else {}
+        mean, std = DEFAULT_NORM.get(model_type.split("_")[0], (IMAGENET_MEAN, IMAGENET_STD))
+        if cfg.get("do_normalize", True):
+            mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
+        else:
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        resample = int(cfg.get("resample", 3))
+        if image_size is not None:
+            return (image_size, image_size), None, mean, std, resample
+        size, crop = _hw(cfg.get("size")), _hw(cfg.get("crop_size"))
+        if cfg.get("do_center_crop") and crop:
+            return crop, min(size or crop), mean, std, resample
+        if size:
+            return size, None, mean, std, resample
+        native = _hw(getattr(vc, "image_size", None))
+        if native is None:
+            raise ConfigError(f"encoder.image_size: {local} has no preprocessor_config.json and its "
+                              f"config no image_size; set encoder.image_size")
+        return native, None, mean, std, resample
+
+    @classmethod
+    def for_testing(cls, tmp_dir: Path, **kwargs: Any) -> HFVisionEncoder:
+        """A 2-layer, 32-wide DINOv2 (16 px, 4 px patches) saved in ``tmp_dir`` and loaded back."""
+        from mmbridge.testing.tiny import build_tiny_dinov2
+
+        out = Path(tmp_dir) / "tiny-dinov2"
+        build_tiny_dinov2(out)
+        return cls(path=str(out), **kwargs)
+
+    def example_media(self, tmp_dir: Path, index: int = 0) -> str:
+        return example_png(tmp_dir, index)
+
+    @property
+    def out_dim(self) -> int:
+        return self._dim
+
+    def load(self, path: str) -> Image.Image:
+        return load_rgb(path)
+
+    def preprocess(self, raw: Image.Image) -> torch.Tensor:
+        """RGB image -> ``[3, H, W]`` normalised."""
+        return image_to_tensor(raw, self.size, self.mean, self.std, self.resample, self.resize_shortest)
+
+    def num_tokens(self, x: torch.Tensor) -> int:
+        patches = self.pool_to ** 2 if self.pool_to else self.grid[0] * self.grid[1]
+        return patches + (0 if self.drop_cls else self.prefix)
+
+    def _tokens(self, batch: torch.Tensor) -> torch.Tensor:
+        """``[B, prefix + N, D * len(layers)]``."""
+        param = next(self.model.parameters())
+        out = self.model(pixel_values=batch.to(param.device, param.dtype),
+                         output_hidden_states=True, **self._extra)
+        feats = [out.last_hidden_state if a == self.n_layers else out.hidden_states[a]
+                 for a in self.layers]
+        return torch.cat(feats, dim=-1) if len(feats) > 1 else feats[0]
+
+    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, 3, H, W]`` -> features ``[B, N, D]`` (float32) and mask ``[B, N]`` (all True)."""
+        tokens = self._tokens(batch)
+        patches = tokens[:, self.prefix:]
+        if self.pool_to:
+            patches = pool_grid(patches, self.pool_to)
+        feats = patches if self.drop_cls else torch.cat([tokens[:, :self.prefix], patches], dim=1)
+        mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+        return feats.float(), mask
+
+    def cache_identity(self) -> dict[str, Any]:
+        return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "args": self.args,
+                "preprocess": {"size": list(self.size), "resize_shortest": self.resize_shortest,
+                               "mean": list(self.mean), "std": list(self.std),
+                               "resample": RESAMPLE.get(self.resample, RESAMPLE[3]).name},
+                "weights": self.weights_id}

@@ -1,0 +1,200 @@
+"""``hf_causal``: any Hugging Face ``AutoModelForCausalLM`` (local directory, offline asset name,
+hub id when online, or a GGUF file) with its tokenizer, as a :class:`mmbridge.LanguageModel`."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmbridge.assets import resolve_model_path
+from mmbridge.errors import CheckpointError, ConfigError
+from mmbridge.llm import LanguageModel
+
+#: Used when the tokenizer ships no chat template (a base model): one ``<|role|>`` block per
+#: turn, each closed by the eos token.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def torch_dtype(value: str, key: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``; a :class:`ConfigError` naming ``key`` otherwise."""
+    if value not in DTYPES:
+        raise ConfigError(f"{key}: unknown dtype '{value}'; valid: {', '.join(DTYPES)}")
+    return getattr(torch, value)
+
+
+class HFCausalLM(LanguageModel):
+    """A Hugging Face causal LM (Llama, SmolLM2, Qwen, GPT-2, ... or a GGUF file) and tokenizer.
+
+    Args:
+        path: Offline asset name (``mmbridge assets``), local model directory, or hub id.
+        gguf_file: File name of a GGUF checkpoint inside ``path`` (dequantised on load).
+        dtype: ``float32`` | ``float16`` | ``bfloat16``.
+        chat_template: Jinja chat template (text, or a path to a ``.jinja`` file) replacing the
+            tokenizer's own; a tokenizer without one gets :data:`FALLBACK_CHAT_TEMPLATE`.
+        attn_implementation: ``sdpa`` | ``eager`` | ``flash_attention_2``.
+    """
+
+    def __init__(self, path: str, gguf_file: str | None = None, dtype: str = "float32",
+                 chat_template: str | None = None, attn_implementation: str = "sdpa") -> None:
+        super().__init__()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.path = path
+        self.gguf_file = gguf_file
+        self.dtype_name = dtype
+        self.local_path = resolve_model_path(path, key="llm.path")
+        kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+        if gguf_file and not (Path(self.local_path) / gguf_file).is_file() and Path(self.local_path).is_dir():
+            present = sorted(p.name for p in Path(self.local_path).glob("*.gguf"))
+            raise ConfigError(f"llm.gguf_file: '{gguf_file}' is not in {self.local_path}; "
+                              f"GGUF files there: {', '.join(present) or '(none)'}")
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                self.local_path, dtype=torch_dtype(dtype, "llm.dtype"),
+                attn_implementation=attn_implementation, **kwargs)
+            tok = AutoTokenizer.from_pretrained(self.local_path, **kwargs)
+        except OSError as exc:
+            raise ConfigError(f"llm.path: cannot load '{path}' (resolved to '{self.local_path}'): "
+                              f"{exc}. Give an offline asset name (`mmbridge assets`), a local "
+                              f"model directory, or a hub id while online") from exc
+        self.model.eval()
+        if tok.pad_token is None:
+            # Padding positions are masked out everywhere, so any id works; eos is always there.
+            tok.pad_token = tok.eos_token
+        if chat_template is not None:
+            p = Path(chat_template).expanduser()
+            tok.chat_template = p.read_text() if "{" not in chat_template and p.is_file() else chat_template
+        elif not getattr(tok, "chat_template", None):
+            tok.chat_template = FALLBACK_CHAT_TEMPLATE
+        self._tokenizer = tok
+        self._lora: dict[str, Any] | None = None
+
+    @classmethod
+    def for_testing(cls, tmp_dir: Path, **kwargs: Any) -> HFCausalLM:
+        """A 2-layer, 32-wide Llama with the tiny tokenizer, saved to and loaded from ``tmp_dir``."""
+        from mmbridge.testing.tiny import build_tiny_llama
+
+        build_tiny_llama(tmp_dir, hidden=32, layers=2, heads=2, intermediate=64)
+        return cls(path=str(tmp_dir), **kwargs)
+
+    # -- the LanguageModel contract ----------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.get_input_embeddings().embedding_dim)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The base decoder (embeddings, blocks, final norm) without the LM head."""
+        return self.model.get_decoder()
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        for name in ("layers", "h", "blocks", "layer"):
+            layers = getattr(self.decoder, name, None)
+            if isinstance(layers, nn.ModuleList):
+                return layers
+        raise AttributeError(f"{type(self.model).__name__}: no ModuleList of decoder blocks found "
+                             f"on {type(self.decoder).__name__} (looked for layers, h, blocks, layer)")
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``[B, T, D]``. Positions count real tokens only (as HF's
+        ``generate`` does), so a left-padded row gives the same states as the row alone."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.get_output_embeddings()(hidden)
+
+    @torch.no_grad()
+    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                 max_new_tokens: int = 32, **kwargs: Any) -> torch.Tensor:
+        """Continue a left-padded embedding batch ``[B, T, D]``; greedy unless ``kwargs`` ask for
+        sampling (``do_sample=True, temperature=...``). Returns the new ids ``[B, T_new]``;
+        rows that stopped early are filled with the pad id."""
+        tok = self._tokenizer
+        config = copy.deepcopy(self.model.generation_config)
+        # The checkpoint's own defaults may sample; mmbridge evaluates greedily unless asked.
+        config.update(do_sample=False, temperature=None, top_p=None, top_k=None,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      max_length=None, max_new_tokens=max_new_tokens)
+        unused = config.update(**kwargs)
+        if unused:
+            raise ValueError(f"generate: unknown generation options {sorted(unused)}")
+        out = self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  generation_config=config)
+        return out  # with inputs_embeds and no input_ids, HF returns only the new tokens
+
+    # -- LoRA ----------------------------------------------------------------------------------
+    def apply_lora(self, r: int, alpha: int, dropout: float, target_modules: list[str]) -> None:
+        """Inject LoRA adapters (2106.09685) into ``target_modules`` in place; afterwards the
+        adapters are the LLM's only trainable parameters (see :meth:`trainable_state_dict`)."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        wanted = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": list(target_modules)}
+        if self._lora is not None:
+            # A later stage asking for the same adapters keeps training the existing ones.
+            if wanted != self._lora:
+                raise ConfigError(f"lora: the LLM already carries LoRA adapters {self._lora}; a "
+                                  f"later stage cannot switch to {wanted}")
+            for name, p in self.model.named_parameters():
+                p.requires_grad_("lora_" in name)
+            return
+        names = {n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, nn.Linear)}
+        missing = [t for t in target_modules if t not in names]
+        if missing:
+            raise ConfigError(f"lora.target_modules: {missing} match no linear layer of "
+                              f"{type(self.model).__name__}; linear layer names: {', '.join(sorted(names))}")
+        self.model.requires_grad_(False)
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                            target_modules=list(target_modules), bias="none")
+        inject_adapter_in_model(config, self.model)
+        for name, p in self.model.named_parameters():
+            p.requires_grad_("lora_" in name)
+        self._lora = wanted
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters only (the LoRA adapters after :meth:`apply_lora`, everything
+        when fully trained), keyed as in ``self.state_dict()``."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`trainable_state_dict` returned (after the same :meth:`apply_lora`)."""
+        own = dict(self.named_parameters())
+        unknown = [k for k in state if k not in own]
+        if unknown:
+            hint = " (was apply_lora called with the same target_modules?)" if any("lora_" in k for k in unknown) else ""
+            raise CheckpointError(f"{len(unknown)} weights do not belong to this LLM{hint}, "
+                                  f"e.g. {unknown[:3]}")
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v)
+
+    def identity(self) -> dict[str, Any]:
+        """What determines this LLM (for checkpoints): class, path, GGUF file, dtype, chat
+        template hash and the LoRA settings, if any."""
+        template = self._tokenizer.chat_template or ""
+        return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "path": self.path,
+                "gguf_file": self.gguf_file, "dtype": self.dtype_name,
+                "chat_template_sha1": hashlib.sha1(str(template).encode()).hexdigest()[:12],
+                "lora": self._lora}
