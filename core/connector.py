@@ -31,7 +31,10 @@ class Connector(nn.Module, ABC):
     #: ``"converter"`` or ``"perceiver"`` (the survey's family).
     family: ClassVar[str] = ""
     #: False for connectors whose output is read by layers inside the LLM (Flamingo's gated
-    #: cross-attention) instead of being placed into the token sequence.
+    #: cross-attention) instead of being placed into the token sequence. Such a connector's
+    #: ``out_tokens(N)`` is 0 (no sequence slots) while ``forward`` returns its context tokens
+    #: ``[B, K, D_out]``; the model hands them over with :meth:`set_context` before the LLM runs
+    #: and calls :meth:`clear_context` after.
     in_sequence: ClassVar[bool] = True
 
     def __init__(self, in_dim: int, out_dim: int) -> None:

@@ -22,6 +22,7 @@ from mmbridge.connector import Connector
 from mmbridge.encoder import ModalityEncoder
 from mmbridge.errors import AssemblyError, ConfigError
 from mmbridge.llm import LanguageModel
+from mmbridge.prefix import PREFIX_SLOT, SequencePrefix
 from mmbridge.registry import Registry
 
 IGNORE = -100
@@ -47,12 +48,15 @@ class MultimodalModel(nn.Module):
     Args:
         llm: The language model.
         branches: Modality -> branch.
+        prefix: Optional learned tokens at the start of each sequence (AlignGPT indicators).
     """
 
-    def __init__(self, llm: LanguageModel, branches: Mapping[str, Branch]) -> None:
+    def __init__(self, llm: LanguageModel, branches: Mapping[str, Branch],
+                 prefix: SequencePrefix | None = None) -> None:
         super().__init__()
         self.llm = llm
         self.branches = nn.ModuleDict(dict(branches))
+        self.prefix = prefix
         #: Names of the parameters that trained in any stage so far (what checkpoints keep).
         self.ever_trained: set[str] = set()
         for branch in self.branches.values():
@@ -101,7 +105,18 @@ class MultimodalModel(nn.Module):
                     f"{values.shape[0]} valid tokens for {int(slots.sum())} placeholder slots; "
                     f"its out_tokens(N) and output mask disagree")
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), values.to(embeds.dtype))
+        if self.prefix is not None:
+            embeds = self._fill_prefix(embeds, batch)
         return embeds
+
+    def _fill_prefix(self, embeds: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        slots = batch["slots"][PREFIX_SLOT]
+        prompt = batch["attention_mask"].bool() & ~slots
+        labels = batch.get("labels")
+        if labels is not None:  # answers are never shown to the prefix, as at inference
+            prompt &= torch.cumsum((labels != IGNORE).long(), dim=1) == 0
+        tokens = self.prefix(embeds, prompt, batch)
+        return embeds.masked_scatter(slots.unsqueeze(-1), tokens.reshape(-1, tokens.shape[-1]).to(embeds.dtype))
 
     def clear_context(self) -> None:
         for branch in self.branches.values():
@@ -189,4 +204,7 @@ def assemble(cfg: DictConfig, registry: Registry, llm: LanguageModel | None = No
                 f"{prefix or 'encoder'} and {other or 'encoder'} both encode '{encoder.modality}'; "
                 f"one branch per modality")
         branches[encoder.modality] = Branch(encoder, connector, prefix.rstrip("."))
-    return MultimodalModel(llm, branches)
+    seq_prefix = None
+    if cfg.get("alignment") is not None:
+        seq_prefix = build(registry, "prefix", cfg.alignment, "alignment", dim=llm.hidden_size)
+    return MultimodalModel(llm, branches, seq_prefix)

@@ -5,8 +5,30 @@ from __future__ import annotations
 import random
 from abc import ABC
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mmbridge.types import Sample
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from mmbridge.data.feature_cache import FeatureTable
+    from mmbridge.model import MultimodalModel
+    from mmbridge.registry import Registry
+
+
+@dataclass
+class RecipeContext:
+    """What a recipe may use from its run: the composed config, the registry, the assembled
+    model (its encoders), the frozen encoders' cached features per modality, a cache dir."""
+
+    cfg: DictConfig
+    registry: Registry
+    model: MultimodalModel
+    tables: dict[str, FeatureTable]
+    cache_dir: Path
 
 
 class DataRecipe(ABC):
@@ -16,6 +38,10 @@ class DataRecipe(ABC):
     pair there); ``__call__`` maps one sample to the sample the stage trains on (or ``None`` to
     drop it) and may draw from ``rng`` (seeded per sample and epoch, so runs are reproducible).
     """
+
+    def setup(self, context: RecipeContext) -> None:  # noqa: B027 - optional hook
+        """Receive the run's context before :meth:`annotate` (a recipe that scores samples
+        with the model's encoders, or caches results, uses it). Default: nothing."""
 
     def annotate(self, samples: Sequence[Sample]) -> list[Sample]:
         """Annotate the whole split (default: unchanged)."""

@@ -15,6 +15,7 @@ from mmbridge.dataset import DatasetSource
 from mmbridge.encoder import ModalityEncoder
 from mmbridge.errors import RegistrationError, unknown
 from mmbridge.llm import LanguageModel
+from mmbridge.prefix import SequencePrefix
 from mmbridge.recipe import DataRecipe
 from mmbridge.scorer import Scorer
 from mmbridge.tools import Tool, ToolCaller
@@ -31,6 +32,7 @@ KINDS: dict[str, tuple[type, str]] = {
     "recipe": (DataRecipe, "recipe"),
     "dataset": (DatasetSource, "data"),
     "scorer": (Scorer, "scorer"),
+    "prefix": (SequencePrefix, "alignment"),
     "asset": (Asset, "(model path fields)"),
 }
 
@@ -156,6 +158,10 @@ class Registrar:
 
     def add_scorer(self, name: str, cls: type[Scorer], *, override: bool = False) -> None:
         self._registry._add("scorer", name, cls, self.origin, override)
+
+    def add_prefix(self, name: str, cls: type[SequencePrefix], *, override: bool = False) -> None:
+        """Learned tokens at the start of the sequence (AlignGPT's indicators)."""
+        self._registry._add("prefix", name, cls, self.origin, override)
 
     def add_asset(self, name: str, cls: type[Asset], *, override: bool = False) -> None:
         """An offline model name (``mmbridge assets``) usable in any model-path config field."""

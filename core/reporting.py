@@ -193,6 +193,9 @@ def results_markdown(rows: list[Row], title: str, plots: list[str], unfinished: 
            f"{n_runs} runs, {len(rows)} configurations. Mean ± sample std (n − 1) over the runs of a "
            "configuration (its seeds); **bold** = best per column: ↑ higher is better, ↓ lower is "
            "better; columns without an arrow describe the model.", ""]
+    command = sweep_command(root)
+    if command:
+        out += [f"Sweep: `{command}`", ""]
     common = common_overrides(rows)
     if common:
         out += ["Overrides common to every run: " + " ".join(f"`{o}`" for o in common), ""]
@@ -205,6 +208,20 @@ def results_markdown(rows: list[Row], title: str, plots: list[str], unfinished: 
         out += ["## Unfinished runs", ""]
         out += [f"- `{d.relative_to(root)}`: {_md_escape(reason)}" for d, reason in unfinished] + [""]
     return "\n".join(out)
+
+
+def sweep_command(root: Path) -> str | None:
+    """The command line of the sweep in ``root``, from Hydra's ``multirun.yaml``."""
+    f = root / "multirun.yaml"
+    if not f.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    try:
+        task = OmegaConf.select(OmegaConf.load(f), "hydra.overrides.task", default=None)
+    except Exception:  # a foreign or damaged file only loses this line of the report
+        return None
+    return None if task is None else " ".join(["mmbridge sweep", *map(str, task)])
 
 
 def _csv(header: list[str], records: list[list[Any]]) -> str:

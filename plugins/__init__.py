@@ -16,5 +16,6 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "mmbridge.plugins.recipes",
     "mmbridge.plugins.tools",
     "mmbridge.plugins.scorers",
+    "mmbridge.plugins.alignment",
     "mmbridge.plugins.assets",
 )

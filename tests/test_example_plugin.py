@@ -206,10 +206,23 @@ BROKEN = {
         def register_components(registry):
             raise RuntimeError("no licence key found")
         """, ["failed in register_components", "RuntimeError: no licence key found"]),
+    "missing-marker": ("mmb-no-marker", """
+        from mmbridge_example.token_merge import TokenMergeMLP
+
+        def register_components(registry):  # no @mmbridge.hookimpl: pluggy never calls it
+            registry.add_connector("never_registered", TokenMergeMLP)
+        """, ["hookimpl"]),
+}
+#: Cases mmbridge does not report yet (see the reason).
+KNOWN_GAPS = {
+    "missing-marker": "plugin_manager registers an entry-point module with no @mmbridge.hookimpl "
+                      "function silently (it adds nothing); it should be a PluginError naming the plugin",
 }
 
 
-@pytest.mark.parametrize("case", sorted(BROKEN))
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=pytest.mark.xfail(reason=KNOWN_GAPS[c], strict=True)) if c in KNOWN_GAPS else c
+    for c in sorted(BROKEN)])
 def test_broken_plugin_gives_one_line_naming_it_and_can_be_switched_off(case, site, tmp_path, cwd):
     name, source, expected = BROKEN[case]
     broken = tmp_path / "broken"

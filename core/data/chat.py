@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mmbridge.errors import DataError
+from mmbridge.prefix import PREFIX_SLOT
 from mmbridge.types import ROLES, placeholder
 
 IGNORE = -100
@@ -59,7 +60,10 @@ class ChatEncoder:
             the media slots: such a sample is an error naming its id).
     """
 
-    def __init__(self, tokenizer: Any, modalities: Sequence[str], max_length: int = 512) -> None:
+    def __init__(self, tokenizer: Any, modalities: Sequence[str], max_length: int = 512,
+                 prefix_tokens: int = 0, meta_keys: Sequence[str] = ()) -> None:
+        self.prefix_tokens = prefix_tokens
+        self.meta_keys = tuple(meta_keys)
         self.tokenizer = tokenizer
         self.template = getattr(tokenizer, "chat_template", None) or FALLBACK_TEMPLATE
         self.modalities = list(modalities)
@@ -122,6 +126,13 @@ class ChatEncoder:
             if seen.get(modality, 0) != 1:
                 raise DataError(f"sample {sample_id}: {seen.get(modality, 0)} {placeholder(modality)} "
                                 f"placeholders for 1 {modality} item; put exactly one in a user turn")
+        if self.prefix_tokens:
+            # Right after BOS when the template starts with one (AlignGPT's position), else first.
+            at = 1 if ids and ids[0] == self.tokenizer.bos_token_id else 0
+            n = self.prefix_tokens
+            ids[at:at] = [self.pad_id] * n
+            labels[at:at] = [IGNORE] * n
+            where[at:at] = [PREFIX_SLOT] * n
         if len(ids) > self.max_length:
             last_slot = max((i for i, w in enumerate(where) if w), default=-1)
             if last_slot >= self.max_length:

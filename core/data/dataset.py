@@ -96,8 +96,9 @@ def encode_sample(sample: Sample, reader: MediaReader, chat: ChatEncoder,
     except DataError as exc:
         raise DataError(f"sample {sample.id}: {exc}") from None
     enc = chat.encode(messages, slots, add_generation_prompt=add_generation_prompt, sample_id=sample.id)
+    meta = {k: sample.meta.get(k, -1) for k in chat.meta_keys}
     return {"id": sample.id, "input_ids": enc.input_ids, "labels": enc.labels,
-            "slot_modality": enc.slot_modality, "media": media}
+            "slot_modality": enc.slot_modality, "media": media, "meta": meta}
 
 
 def strip_media(sample: Sample) -> Sample:
@@ -132,14 +133,15 @@ class Collator:
         labels = torch.full((b, t), IGNORE, dtype=torch.long)
         attn = torch.zeros((b, t), dtype=torch.long)
         modalities = sorted({m for x in items for m in x["media"]})
-        slots = {m: torch.zeros((b, t), dtype=torch.bool) for m in modalities}
+        slot_names = sorted({w for x in items for w in x["slot_modality"] if w} | set(modalities))
+        slots = {m: torch.zeros((b, t), dtype=torch.bool) for m in slot_names}
         for r, x in enumerate(items):
             n = len(x["input_ids"])
             sl = slice(t - n, t) if self.left_pad else slice(0, n)
             ids[r, sl] = torch.tensor(x["input_ids"])
             labels[r, sl] = torch.tensor(x["labels"])
             attn[r, sl] = 1
-            for m in modalities:
+            for m in slot_names:
                 slots[m][r, sl] = torch.tensor([w == m for w in x["slot_modality"]])
         media = {}
         for m in modalities:
@@ -158,5 +160,7 @@ class Collator:
             else:
                 raise DataError(f"batch mixes cached and live {m} inputs; the feature cache "
                                 f"must cover every {m} file of the split")
+        meta_keys = sorted({k for x in items for k in x.get("meta", {})})
+        meta = {k: torch.tensor([int(x["meta"].get(k, -1)) for x in items]) for k in meta_keys}
         return {"input_ids": ids, "attention_mask": attn, "labels": labels, "slots": slots,
-                "media": media, "ids": [x["id"] for x in items]}
+                "media": media, "meta": meta, "ids": [x["id"] for x in items]}

@@ -97,6 +97,9 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool) -> dict[
 
         raise ConfigError(f"stages.{name}.split: '{stage.split}' is not a split of the data set; "
                           f"splits: {', '.join(session.splits)}")
+    from mmbridge.recipe import RecipeContext
+
+    recipe.setup(RecipeContext(cfg, session.registry, model, session.tables, Path(cfg.paths.cache_dir)))
     train_samples = recipe.annotate(session.splits[stage.split])
     val_samples = recipe.annotate(session.splits["val"]) if "val" in session.splits else []
     reader = session.reader()

@@ -70,7 +70,10 @@ def open_session(cfg: DictConfig, registry: Registry, with_data: bool = True,
                  cache: bool | None = None) -> Session:
     model = assemble(cfg, registry)
     tok = model.llm.tokenizer
-    chat = ChatEncoder(tok, list(model.branches), max_length=int(cfg.loader.max_text_tokens))
+    prefix = model.prefix
+    chat = ChatEncoder(tok, list(model.branches), max_length=int(cfg.loader.max_text_tokens),
+                       prefix_tokens=prefix.n_tokens if prefix is not None else 0,
+                       meta_keys=prefix.meta_keys if prefix is not None else ())
     splits = load_splits(cfg, registry) if with_data else {}
     if splits:
         check_media(splits, model)

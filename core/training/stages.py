@@ -59,4 +59,6 @@ def configure_trainable(model: MultimodalModel, stage: DictConfig) -> None:
     # Connector layers that live inside the LLM (gated cross-attention) follow the connector.
     for branch in model.branches.values():
         branch.connector.requires_grad_(bool(train.connector))
+    if model.prefix is not None:
+        model.prefix.configure(stage)  # decides which of its own parts train in this stage
     model.ever_trained |= {n for n, p in model.named_parameters() if p.requires_grad}

@@ -83,7 +83,8 @@ class Dinov2SmallAsset(Asset):
         import torch
 
         with torch.device("meta"):  # no random initialisation: every tensor is replaced
-            model = self._load(Dinov2Model(config), tensors)
+            skeleton = Dinov2Model(config)
+        model = self._load(skeleton, tensors)
         model.save_pretrained(out_dir)
         processor = BitImageProcessor(
             do_resize=True, size={"shortest_edge": IMAGE_SIZE}, resample=3,  # bicubic

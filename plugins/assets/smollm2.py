@@ -33,6 +33,8 @@ LOGITS_TOL = 1e-4
 #: A question with a short, deterministic greedy answer.
 CHECK_MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY_TOKENS = 8
+#: Digits, accents, emoji, code and a special token: where a rebuilt tokenizer would differ.
+TOKENIZER_PROBE = "Héllo wörld 12345 — naïve café 🙂\n\tdef f(x): return x**2 <|im_end|>"
 
 
 class SmolLM2Asset(Asset):
@@ -86,8 +88,9 @@ class SmolLM2Asset(Asset):
             raise fail(self.name, "the saved tokenizer lost its chat template")
 
         ids = _chat_ids(tok)  # (1, T)
-        if not torch.equal(ids, _chat_ids(src_tok)):
-            raise fail(self.name, "the saved tokenizer encodes the chat prompt differently")
+        if not torch.equal(ids, _chat_ids(src_tok)) or \
+                tok(TOKENIZER_PROBE).input_ids != src_tok(TOKENIZER_PROBE).input_ids:
+            raise fail(self.name, "the saved tokenizer encodes text differently from the GGUF's")
         with torch.inference_mode():
             diff = max_abs_diff(source(ids).logits, model(ids).logits)
             line = check_close(self.name, f"logits ({ids.shape[1]}-token chat prompt)",

