@@ -62,10 +62,14 @@ def build_plugin_manager(autoload: bool = True) -> tuple[pluggy.PluginManager, d
     if autoload and not all_off:
         eps: list[EntryPoint] = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
         for ep in eps:
-            if ep.name in names_off or pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
+            if ep.name in names_off or pm.is_blocked(ep.name):
                 continue
             package = ep.dist.name if ep.dist else "?"
             pversion = ep.dist.version if ep.dist else "?"
+            if ep.name in origins:
+                raise PluginError(
+                    f"plugin name '{ep.name}' is declared by two packages: {origins[ep.name].package} "
+                    f"and {package}; uninstall one, or set {DISABLE_ENV}={ep.name}")
             try:
                 plugin: Any = ep.load()
             except Exception as exc:
@@ -78,6 +82,10 @@ def build_plugin_manager(autoload: bool = True) -> tuple[pluggy.PluginManager, d
             except pluggy.PluginValidationError as exc:
                 raise _validation_error(exc, ep.name) from exc
             origins[ep.name] = Origin(ep.name, package, pversion)
+            if not pm.get_hookcallers(plugin):
+                raise PluginError(
+                    f"plugin '{ep.name}' (package {package} {pversion}) implements no mmbridge hook; "
+                    f"mark its register_components(registry) with @mmbridge.hookimpl")
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:

@@ -54,6 +54,8 @@ class Entry:
     name: str
     cls: type
     origin: Origin
+    #: Registered with ``override=True``: a later plain registration of the name does not win.
+    overrides: bool = False
 
     @property
     def summary(self) -> str:
@@ -109,6 +111,11 @@ class Registry:
                 f"{cls.__qualname__} (not implemented: {missing})")
         old = self._entries[kind].get(name)
         if old is not None:
+            if old.overrides and not override:
+                # The override was loaded first (plugins load in name order); it still wins.
+                log.warning("%s '%s' of plugin '%s' is overridden by plugin '%s'",
+                            kind, name, origin.plugin, old.origin.plugin)
+                return
             if not override:
                 raise RegistrationError(
                     f"{kind} '{name}' is registered twice: by plugin '{old.origin.plugin}' "
@@ -118,7 +125,7 @@ class Registry:
                         kind, name, old.origin.plugin, origin.plugin)
         if kind in ("tool", "asset"):
             cls.name = name
-        self._entries[kind][name] = Entry(kind, name, cls, origin)
+        self._entries[kind][name] = Entry(kind, name, cls, origin, overrides=override)
 
     @staticmethod
     def _check_kind(kind: str) -> None:

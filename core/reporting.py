@@ -307,8 +307,7 @@ LAST_REPORT: list[Report] = []
 class ReportCallback(Callback):
     """Hydra callback: at the end of a multirun, write the report into the sweep directory.
 
-    Enabled by ``mmbridge sweep``; for ``mmbridge train -m`` add
-    ``+hydra.callbacks.report._target_=mmbridge.reporting.ReportCallback``.
+    ``mmbridge train -m`` and ``mmbridge sweep`` add it as ``hydra.callbacks.report``.
     """
 
     def __init__(self, metric: str = DEFAULT_METRIC) -> None:

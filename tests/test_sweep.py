@@ -177,7 +177,7 @@ def test_plan_is_stable_and_names_runs_by_swept_keys():
     assert _arg(a, "hydra.job.config.override_dirname.exclude_keys") == "['data.n_train','x']"
     assert _arg(a, "hydra.sweep.subdir") == "${hydra.job.override_dirname}"
     assert _arg(plan(["seed=0,1"], "/tmp/my sweep"), "hydra.sweep.dir") == "'/tmp/my sweep'"
-    assert not any("callbacks" in x for x in plan(["seed=0,1"], metric=None))
+    assert plan(["seed=0,1"], metric=None)[-1] == "+hydra.callbacks.report._target_=hydra.experimental.callback.Callback"
     with pytest.raises(ConfigError, match="bad override"):
         plan(["connector=["])
 
@@ -269,11 +269,12 @@ def _sweep(tmp_path):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=1200)
 
 
-def _cells(md: str, first: str, strip_bold: bool = True) -> dict[str, str]:
-    """The cells of the first markdown table's row whose first cell is ``first``, by header."""
+def _cells(md: str, first: str | None, strip_bold: bool = True) -> dict[str, str]:
+    """The cells of the first markdown table's row whose first cell is ``first`` (``None``: its
+    first row), by header."""
     lines = [line for line in md.splitlines() if line.startswith("| ")]
     header = [c.strip() for c in lines[0].split("|")[1:-1]]
-    row = next(line for line in lines if line.split("|")[1].strip() == first)
+    row = next(line for line in lines[1:] if first is None or line.split("|")[1].strip() == first)
     return dict(zip(header, (c.strip().strip("*") if strip_bold else c.strip() for c in row.split("|")[1:-1])))
 
 
@@ -335,3 +336,20 @@ def test_real_sweep_table_plots_cache_and_restart(tmp_path):
     assert log.count("finished already") == 4
     assert {n: (sweep / n / "metrics.json").stat().st_mtime_ns for n in runs} == stamps
     assert "4 runs in 2 configurations" in again.stdout
+
+
+@pytest.mark.slow
+def test_train_multirun_writes_report_and_skips_when_started_again(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMBRIDGE_DISABLE_PLUGINS": "1"}
+    cmd = [mmbridge_exe(), "train", "-m", "connector=linear", *TINY, f"paths.cache_dir={tmp_path / 'cache'}",
+           f"hydra.sweep.dir={tmp_path / 'sw'}"]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run,) = [d for d in (tmp_path / "sw").iterdir() if (d / "metrics.json").is_file()]
+    assert run.name == "0_connector=linear"  # conf/train.yaml's subdir: job number + overrides
+    metrics = json.loads((run / "metrics.json").read_text())
+    cells = _cells((tmp_path / "sw" / "results.md").read_text(), None)
+    assert cells["runs"] == "1" and "connector=linear" in cells["configuration"]  # nothing varies
+    _close(cells["val loss ↓"], metrics["val_loss_last"], 0)
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert again.returncode == 0 and "finished already" in again.stdout + again.stderr

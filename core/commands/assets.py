@@ -107,8 +107,12 @@ def _convert(console, asset: Asset, root: Path) -> int:
 
 
 def _check_line(asset: Asset, root: Path) -> str:
+    """The recorded check of a converted asset (CHECK.txt holds ``version=N``, then it)."""
     check = asset.location(root) / "CHECK.txt"
-    return check.read_text().strip() if check.is_file() else "(no check recorded)"
+    if not check.is_file():
+        return "(no check recorded)"
+    lines = [ln for ln in check.read_text().splitlines() if not ln.startswith("version=")]
+    return " ".join(lines).strip() or "(no check recorded)"
 
 
 def _table(assets: dict[str, Asset], root: Path):

@@ -42,6 +42,7 @@ options:
 # Hydra overrides that change *what* runs (part of the directory hash); launcher overrides
 # only change *where* it runs, so a sweep moved to SLURM finds its finished local runs.
 _HASHED_HYDRA = ("hydra/sweeper", "hydra.sweeper")
+REPORT_CALLBACK = "mmbridge.reporting.ReportCallback"
 
 
 def _quote(text: str) -> str:
@@ -75,8 +76,10 @@ def plan(overrides: list[str], sweep_dir: str | None = None, metric: str | None 
         args += ["hydra.job.config.override_dirname.exclude_keys=[" + ",".join(map(_quote, fixed)) + "]",
                  "hydra.sweep.subdir=${hydra.job.override_dirname}"]
     if metric is not None:
-        args += ["+hydra.callbacks.mmbridge_report._target_=mmbridge.reporting.ReportCallback",
-                 f"+hydra.callbacks.mmbridge_report.metric={_quote(metric)}"]
+        args += [f"+hydra.callbacks.report._target_={REPORT_CALLBACK}",
+                 f"+hydra.callbacks.report.metric={_quote(metric)}"]
+    else:  # Hydra's base callback does nothing: it takes the place of `mmbridge train -m`'s report
+        args.append("+hydra.callbacks.report._target_=hydra.experimental.callback.Callback")
     return args
 
 

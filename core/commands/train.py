@@ -28,7 +28,9 @@ examples:
   mmbridge train experiment=tiny connector=linear
   mmbridge train stages.align.max_steps=20 trainer=gpu
   mmbridge train resume=outputs/tiny/2026-11-22_10-00-00   # continue a killed run
-  mmbridge train -m connector=linear,mlp seed=0,1           # a sweep (see `mmbridge sweep`)
+  mmbridge train -m connector=linear,mlp seed=0,1           # a sweep (see `mmbridge sweep`):
+        # finished runs are skipped when started again with the same hydra.sweep.dir=DIR, and
+        # DIR/results.md, results.csv and plots are written at the end
 
 `mmbridge config --groups` lists every option; `mmbridge config [overrides]` prints the config.
 """
@@ -114,6 +116,9 @@ def main(argv: list[str]) -> int:
     _STATUS["code"] = 0
     task = hydra.main(config_path="pkg://mmbridge.conf", config_name="train", version_base="1.3")(_job)
 
+    if {"-m", "--multirun"} & set(argv) and not any("hydra.callbacks.report" in a for a in argv):
+        # a sweep ends with its report (results.md/.csv, plots) in the sweep directory
+        argv = [*argv, "+hydra.callbacks.report._target_=mmbridge.reporting.ReportCallback"]
     old = sys.argv
     sys.argv = ["mmbridge-train", *argv, *searchpath_override(registry)]
     try:

@@ -8,3 +8,6 @@ import mmbridge
 @mmbridge.hookimpl
 def register_components(registry) -> None:
     """Register the built-in sequence prefixes."""
+    from mmbridge.plugins.alignment.aligngpt import AlignGPTPrefix
+
+    registry.add_prefix("aligngpt", AlignGPTPrefix)

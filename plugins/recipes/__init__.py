@@ -16,3 +16,10 @@ def register_components(registry) -> None:
     from mmbridge.plugins.recipes.tool_use import ToolUseRecipe
 
     registry.add_recipe("tool_use", ToolUseRecipe)
+    from mmbridge.plugins.recipes.align_levels import AlignLevelsRecipe
+    from mmbridge.plugins.recipes.caption_pretrain import CaptionPretrainRecipe
+    from mmbridge.plugins.recipes.instruct_mix import InstructMixRecipe
+
+    registry.add_recipe("caption_pretrain", CaptionPretrainRecipe)
+    registry.add_recipe("instruct_mix", InstructMixRecipe)
+    registry.add_recipe("align_levels", AlignLevelsRecipe)

@@ -66,8 +66,8 @@ def bipartite_merge(x: torch.Tensor, size: torch.Tensor, pos: torch.Tensor,
         size_a, size_b = size[:, 0::2], size[:, 1::2]
         pos_a, pos_b = pos[:, 0::2], pos[:, 1::2]
         # Matching is a discrete choice: no gradient flows through the similarities, only
-        # through the averages below.
-        with torch.no_grad():
+        # through the averages below. fp32 even under autocast: bf16 cosines (3 digits) tie often.
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             sim = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).transpose(1, 2)
             best_sim, best_b = sim.max(dim=-1)  # [B, |A|]: each A token's closest B token
             order = torch.argsort(best_sim, dim=-1, descending=True, stable=True)
