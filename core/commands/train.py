@@ -120,9 +120,15 @@ def main(argv: list[str]) -> int:
         # a sweep ends with its report (results.md/.csv, plots) in the sweep directory
         argv = [*argv, "+hydra.callbacks.report._target_=mmbridge.reporting.ReportCallback"]
     old = sys.argv
-    sys.argv = ["mmbridge-train", *argv, *searchpath_override(registry)]
+    # argv[0] = this file: Lightning's DDP launcher re-runs `python argv[0] argv[1:]` for the
+    # other ranks (with the same Hydra run dir), which lands in main() below.
+    sys.argv = [str(Path(__file__).resolve()), *argv, *searchpath_override(registry)]
     try:
         task()
     finally:
         sys.argv = old
     return _STATUS["code"]
+
+
+if __name__ == "__main__":  # the DDP launcher's entry for ranks > 0
+    raise SystemExit(main(sys.argv[1:]))

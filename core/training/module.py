@@ -40,6 +40,7 @@ class BridgeModule(L.LightningModule):
         self._t_step = 0.0
         self.step_times: list[float] = []
         self.samples_seen = 0
+        self.seen_ids: list[str] | None = None  # a list when recording (debug)
         # Checkpoints hold trainable weights only; the frozen rest comes from the config.
         self.strict_loading = False
 
@@ -53,6 +54,8 @@ class BridgeModule(L.LightningModule):
         loss = self.model(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["ids"]))
         self.samples_seen += len(batch["ids"])
+        if self.seen_ids is not None:
+            self.seen_ids.extend(batch["ids"])
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

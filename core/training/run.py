@@ -114,6 +114,9 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool) -> dict[
     evaluator = _Evaluator(session, int(ev_cfg.get("val_samples", 32)), int(ev_cfg.max_new_tokens),
                            int(ev_cfg.batch_size))
     module = BridgeModule(model, stage, evaluator=evaluator)
+    record = bool(cfg.get("debug", {}).get("record_sample_ids", False))
+    if record:
+        module.seen_ids = []
     ckpt_dir = out_dir / "checkpoints" / name
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -137,11 +140,23 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool) -> dict[
         trainer.validate(module, val_dl, verbose=False)  # the starting point of the val curve
     trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt_path)
     wall = time.perf_counter() - t0
+    if record:
+        _write_debug(out_dir, name, trainer.global_rank, module)
     times = module.step_times[3:] or module.step_times
     return {"history": module.history, "wall_s": wall,
             "step_time_s": statistics.median(times) if times else float("nan"),
             "samples_per_s": bs / statistics.median(times) if times else float("nan"),
             "steps": int(trainer.global_step), "rank": trainer.global_rank}
+
+
+def _write_debug(out_dir: Path, stage: str, rank: int, module: BridgeModule) -> None:
+    from safetensors.torch import save_file
+
+    d = out_dir / "debug"
+    d.mkdir(exist_ok=True)
+    _atomic_json(d / f"{stage}_rank{rank}_ids.json", {"ids": module.seen_ids})
+    state = {k: v.contiguous().cpu() for k, v in module.model.trainable_state_dict().items()}
+    save_file(state, str(d / f"{stage}_rank{rank}_weights.safetensors"))
 
 
 def train(cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = False) -> dict[str, Any]:

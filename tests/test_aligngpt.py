@@ -1,0 +1,314 @@
+"""AlignGPT (2405.14129) and the Data-Driven recipes: alignment levels, the indicator prefix and
+its gate on the tiny real model with every kind of connector, and the mixing recipes."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mmbridge.build import build
+from mmbridge.config import compose
+from mmbridge.data.chat import IGNORE, ChatEncoder
+from mmbridge.data.dataset import Collator, MediaReader, encode_sample
+from mmbridge.data.llava import read_llava
+from mmbridge.errors import ConfigError, DataError
+from mmbridge.model import assemble
+from mmbridge.plugin_manager import load_registry
+from mmbridge.plugins.alignment.aligngpt import AlignGPTPrefix
+from mmbridge.plugins.datasets.shapes import ShapesDataset
+from mmbridge.plugins.recipes.align_levels import apply_edges, assign_levels
+from mmbridge.plugins.recipes.caption_pretrain import CaptionPretrainRecipe
+from mmbridge.plugins.recipes.instruct_mix import QA_TEMPLATES, InstructMixRecipe
+from mmbridge.prefix import PREFIX_SLOT
+from mmbridge.training.stages import configure_trainable
+from mmbridge.types import Sample
+
+REGISTRY = load_registry(autoload=False)
+LEVELS = 4
+BASE = ["experiment=aligngpt", f"alignment.levels={LEVELS}", "stages.instruct.train.llm=frozen"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is faster, and far faster on a busy CPU (no pool waits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def stage(mode: str, **extra) -> OmegaConf:
+    return OmegaConf.create({"prefix": {"mode": mode, **extra}})
+
+
+# -- levels ------------------------------------------------------------------------------------
+
+def test_equal_count_levels_on_known_scores():
+    scores = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4])
+    levels, edges = assign_levels(scores, 4, "count")
+    assert levels.tolist() == [3, 0, 2, 1, 2, 0, 3, 1]  # two per level, best = N-1
+    assert edges.tolist() == pytest.approx([0.3, 0.5, 0.8])
+    assert apply_edges(scores, edges).tolist() == levels.tolist()
+    assert apply_edges(torch.tensor([0.0, 0.45, 5.0]), edges).tolist() == [0, 1, 3]
+    # ties and uneven sizes: counts differ by at most one, ranks decide
+    levels, _ = assign_levels(torch.tensor([1.0] * 5 + [2.0] * 5), 4, "count")
+    assert sorted(Counter(levels.tolist()).values()) == [2, 2, 3, 3]
+    assert levels.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
+
+
+def test_equal_width_levels_on_known_scores():
+    scores = torch.tensor([0.0, 0.1, 0.26, 0.5, 0.74, 0.99, 1.0])
+    levels, edges = assign_levels(scores, 4, "width")
+    assert edges.tolist() == pytest.approx([0.25, 0.5, 0.75])
+    assert levels.tolist() == [0, 0, 1, 2, 2, 3, 3]
+    levels, _ = assign_levels(torch.tensor([0.3, 0.3]), 4, "width")  # one value: all best
+    assert levels.tolist() == [3, 3]
+    with pytest.raises(ConfigError, match="recipe.binning: 'quantile'"):
+        assign_levels(scores, 4, "quantile")
+
+
+# -- the prefix alone ----------------------------------------------------------------------------
+
+def test_level_mode_uses_exactly_each_samples_indicator():
+    torch.manual_seed(0)
+    prefix = AlignGPTPrefix(dim=16, levels=LEVELS)
+    prefix.configure(stage("level"))
+    embeds, mask = torch.randn(4, 7, 16), torch.ones(4, 7, dtype=torch.bool)
+    out = prefix(embeds, mask, {"meta": {"align_level": torch.tensor([2, 0, 3, -1])}})
+    assert out.shape == (4, 1, 16)
+    # -1 (no level, e.g. a held-out sample) takes the global, best-aligned level N-1
+    assert torch.equal(out[:, 0], prefix.indicators.detach()[[2, 0, 3, 3]])
+    with pytest.raises(DataError, match="outside 0..3"):
+        prefix(embeds, mask, {"meta": {"align_level": torch.tensor([0, 1, 4, 0])}})
+
+
+def test_gate_weights_sum_to_one_and_the_global_level_is_always_added():
+    torch.manual_seed(0)
+    prefix = AlignGPTPrefix(dim=16, levels=LEVELS, gate_hidden=8)
+    embeds = torch.randn(3, 9, 16)
+    mask = torch.rand(3, 9) > 0.3
+    meta = {"meta": {"align_level": torch.tensor([0, 0, 0])}}  # ignored outside level mode
+    w = prefix.gate_weights(embeds, mask)
+    assert w.shape == (3, LEVELS - 1) and bool((w > 0).all())
+    torch.testing.assert_close(w.sum(-1), torch.ones(3))
+    h = prefix.indicators.detach()
+    expect = {"gate": h[-1] + w @ h[:-1], "local_only": w @ h[:-1],
+              "uniform": (h[-1] + h[:-1].mean(0)).expand(3, -1), "global_only": h[-1].expand(3, -1)}
+    for mode, value in expect.items():
+        prefix.configure(stage(mode))
+        torch.testing.assert_close(prefix(embeds, mask, meta)[:, 0], value)
+    # the gate pools the prompt: positions outside the mask do not matter
+    changed = embeds.clone()
+    changed[~mask] = 100.0
+    torch.testing.assert_close(prefix.gate_weights(changed, mask), w)
+
+
+def test_configure_sets_mode_and_trainable_parts():
+    prefix = AlignGPTPrefix(dim=8, levels=LEVELS)
+    prefix.configure(stage("level"))
+    assert prefix.indicators.requires_grad and not any(p.requires_grad for p in prefix.gate.parameters())
+    prefix.configure(stage("gate"))
+    assert not prefix.indicators.requires_grad and all(p.requires_grad for p in prefix.gate.parameters())
+    prefix.configure(stage("uniform"))
+    assert not any(p.requires_grad for p in prefix.parameters())
+    prefix.configure(stage("gate", train_indicators=True))
+    assert prefix.indicators.requires_grad
+    prefix.configure(OmegaConf.create({}))  # a stage without settings: the default mode
+    assert prefix.mode == "gate"
+    with pytest.raises(ConfigError, match="prefix.mode: 'lvl' is not one of level, gate"):
+        prefix.configure(stage("lvl"))
+    with pytest.raises(ConfigError, match="alignment.levels"):
+        AlignGPTPrefix(dim=8, levels=1)
+
+
+# -- in the tiny model -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llm():
+    cfg = compose(BASE, REGISTRY)
+    return build(REGISTRY, "llm", cfg.llm, "llm")
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    files = ShapesDataset(n_train=6, n_val=0, n_test=0, image_size=32,
+                          caption_noise={"unrelated": 0.5}).prepare(tmp_path_factory.mktemp("data"))
+    raw = read_llava(files.splits["train"], files.media_root)
+    recipe = CaptionPretrainRecipe()
+    return [recipe(s, random.Random(i)).replace(meta={**s.meta, "align_level": i % LEVELS})
+            for i, s in enumerate(raw)]
+
+
+def make_model(llm, connector: str):
+    cfg = compose([*BASE, f"connector={connector}", "encoder.image_size=32"], REGISTRY)
+    torch.manual_seed(0)
+    return assemble(cfg, REGISTRY, llm=llm), cfg
+
+
+def collate(model, samples: list[Sample], generation: bool = False) -> dict:
+    chat = ChatEncoder(model.llm.tokenizer, list(model.branches), max_length=256,
+                       prefix_tokens=model.prefix.n_tokens, meta_keys=model.prefix.meta_keys)
+    if generation:
+        samples = [s.replace(conversations=s.conversations[:1]) for s in samples]
+    items = [encode_sample(s, MediaReader(model), chat, add_generation_prompt=generation) for s in samples]
+    return Collator(chat.pad_id, model, left_pad=generation)(items)
+
+
+def test_indicator_slot_after_bos_ignored_and_gate_blind_to_answers(llm, samples):
+    model, cfg = make_model(llm, "mlp")
+    configure_trainable(model, cfg.stages.instruct)
+    model.eval()
+    a = collate(model, samples[:2])
+    bos = model.llm.tokenizer.bos_token_id
+    assert a["input_ids"][:, 0].tolist() == [bos, bos]
+    slot = a["slots"][PREFIX_SLOT]
+    assert slot.sum(1).tolist() == [1, 1] and slot[:, 1].all()
+    assert (a["labels"][slot] == IGNORE).all()
+    assert a["meta"]["align_level"].tolist() == [0, 1]
+    # the same prompts with other (longer) answers: the gated indicator is unchanged
+    other = [s.replace(conversations=[s.conversations[0], {"from": "gpt", "value": "A black star " * 5}])
+             for s in samples[:2]]
+    b = collate(model, other)
+    assert a["input_ids"].shape[1] != b["input_ids"].shape[1]
+    with torch.no_grad():
+        ea, eb = model.embed(a), model.embed(b)
+    torch.testing.assert_close(ea[a["slots"][PREFIX_SLOT]], eb[b["slots"][PREFIX_SLOT]])
+    # ... and it does depend on the prompt (another image)
+    c = collate(model, samples[2:4])
+    with torch.no_grad():
+        ec = model.embed(c)
+    assert not torch.allclose(ea[a["slots"][PREFIX_SLOT]], ec[c["slots"][PREFIX_SLOT]])
+
+
+def _steps(model, batch, n: int = 2) -> list[float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)  # rows without gradient stay put
+    losses = []
+    for _ in range(n):
+        loss = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("connector", ["mlp", "qformer", "resampler", "abstractor"])
+def test_two_stages_train_the_right_parts_with_any_connector(llm, samples, connector):
+    model, cfg = make_model(llm, connector)
+    model.train()
+    batch = collate(model, samples[:3])  # levels 0, 1, 2
+    prefix = model.prefix
+    conn = model.branches["image"].connector
+    ind0, gate0 = prefix.indicators.detach().clone(), [p.detach().clone() for p in prefix.gate.parameters()]
+    conn0 = [p.detach().clone() for p in conn.parameters()]
+
+    configure_trainable(model, cfg.stages.align)  # stage 1: level indicators + connector
+    assert prefix.mode == "level"
+    losses = _steps(model, batch)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    used = sorted(set(batch["meta"]["align_level"].tolist()))
+    assert used == [0, 1, 2]
+    moved = (prefix.indicators.detach() - ind0).abs().sum(-1) > 0
+    assert moved.nonzero().flatten().tolist() == used  # only the levels in the batch learn
+    assert all(torch.equal(g, p) for g, p in zip(gate0, prefix.gate.parameters()))
+    assert any(not torch.equal(c, p) for c, p in zip(conn0, conn.parameters()))
+
+    configure_trainable(model, cfg.stages.instruct)  # stage 2: frozen indicators, the gate learns
+    assert prefix.mode == "gate" and not prefix.indicators.requires_grad
+    ind1 = prefix.indicators.detach().clone()
+    model.zero_grad(set_to_none=True)
+    model(batch).backward()
+    assert prefix.indicators.grad is None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in prefix.gate.parameters())
+    model.zero_grad()
+    _steps(model, batch)
+    assert torch.equal(prefix.indicators.detach(), ind1)
+    assert any(not torch.equal(g, p) for g, p in zip(gate0, prefix.gate.parameters()))
+
+    model.eval()  # at inference the gate decides, from the prompt alone
+    new = model.generate(collate(model, samples[:2], generation=True), max_new_tokens=2)
+    assert new.shape[0] == 2
+
+
+# -- recipes -------------------------------------------------------------------------------------
+
+def _shape_sample(i: int, source: str = "a") -> Sample:
+    conv = [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "How many shapes are there?"}, {"from": "gpt", "value": "2"}]
+    return Sample(f"s{i}", media={"image": f"/x/{i}.png"}, conversations=conv,
+                  meta={"caption": "A red circle and a blue square.", "qtypes": ["colour", "count"], "source": source})
+
+
+def test_instruct_mix_draws_tasks_by_the_mixing_ratios():
+    recipe = build(REGISTRY, "recipe", {"name": "instruct_mix", "mix": {"caption": 0.3, "qa": 0.7}}, "recipe")
+    outs = [recipe(_shape_sample(i), random.Random(f"0:{i}")) for i in range(3000)]
+    tasks = Counter(o.meta["task"] for o in outs)
+    assert abs(tasks["caption"] / 3000 - 0.3) < 0.03
+    caption = next(o for o in outs if o.meta["task"] == "caption")
+    assert caption.conversations[1]["value"] == "A red circle and a blue square."
+    assert caption.conversations[0]["value"].startswith("<image>\n")
+    qa = [o for o in outs if o.meta["task"] == "qa"]
+    firsts = Counter(o.conversations[0]["value"] for o in qa)
+    assert len(firsts) == len(QA_TEMPLATES)  # every template used
+    for o in qa:  # questions rewritten, answers and placeholders kept
+        assert o.conversations[0]["value"].startswith("<image>\n") and "<image>" not in o.conversations[2]["value"]
+        assert "What colour is the circle?" in o.conversations[0]["value"]
+        assert [t["value"] for t in o.conversations[1::2]] == ["red", "2"]
+    # the same sample and rng draw the same way
+    assert recipe(_shape_sample(5), random.Random("x")) == recipe(_shape_sample(5), random.Random("x"))
+    # a sample without a caption can only be QA; mix weights renormalise
+    no_caption = _shape_sample(1).replace(meta={})
+    assert all(recipe(no_caption, random.Random(i)).meta["task"] == "qa" for i in range(50))
+    only_caption = build(REGISTRY, "recipe", {"name": "instruct_mix", "mix": {"caption": 1.0, "qa": 0}}, "recipe")
+    assert only_caption(_shape_sample(1), random.Random(0)).meta["task"] == "caption"
+
+
+def test_instruct_mix_resamples_sources_and_checks_config():
+    recipe = InstructMixRecipe(sources={"a": 0.25, "b": 0.75}, seed=1)
+    data = [_shape_sample(i, "a") for i in range(80)] + [_shape_sample(100 + i, "b") for i in range(20)]
+    out = recipe.annotate(data)
+    assert len(out) == 100 and Counter(s.meta["source"] for s in out) == {"a": 25, "b": 75}
+    assert out == recipe.annotate(data)  # seeded
+    with pytest.raises(ConfigError, match="missing: b"):
+        InstructMixRecipe(sources={"a": 1.0}).annotate(data)
+    with pytest.raises(ConfigError, match="recipe.mix.ocr: unknown; valid: caption, qa"):
+        InstructMixRecipe(mix={"ocr": 1.0})
+    with pytest.raises(ConfigError, match="no {question} field"):
+        InstructMixRecipe(templates={"qa": ["Answer briefly."]})
+
+
+def test_caption_pretrain_templates_per_modality():
+    recipe = CaptionPretrainRecipe(instructions={"image": ["Caption it.", "Describe it."]}, caption_key="alt")
+    s = _shape_sample(0).replace(meta={"alt": "Two shapes."})
+    drawn = Counter(recipe(s, random.Random(i)).conversations[0]["value"] for i in range(40))
+    assert set(drawn) == {"<image>\nCaption it.", "<image>\nDescribe it."}
+    out = recipe(s, random.Random(0))
+    assert out.conversations[1] == {"from": "gpt", "value": "Two shapes."} and out.meta["task"] == "caption"
+    with pytest.raises(ConfigError, match="recipe.instructions.image: leave out the media placeholders"):
+        CaptionPretrainRecipe(instructions={"image": ["<image> Describe."]})
+    with pytest.raises(ConfigError, match="recipe.instructions.smell: not a modality"):
+        CaptionPretrainRecipe(instructions={"smell": ["Sniff."]})
+
+
+def test_configs_compose_for_the_ablation():
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = compose(["experiment=aligngpt_ablation"], REGISTRY, return_hydra_config=True)
+    params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
+    jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)[0]
+    assert len(jobs) == 12
+    seen = {}
+    for job in (j for j in jobs if "seed=0" in j):
+        c = compose(["experiment=aligngpt_ablation", *job], REGISTRY)
+        a = c.get("alignment")
+        seen[job[0]] = (a.levels if a else None, c.stages.instruct.get("prefix", {}).get("mode"))
+        assert c.data.caption_noise.unrelated == 0.2 and c.stages.align.recipe.name == "align_levels"
+    assert seen == {"alignment=none": (None, None), "alignment=aligngpt_n4": (4, "gate"),
+                    "alignment=aligngpt": (8, "gate"), "alignment=aligngpt_local_only": (8, "local_only"),
+                    "alignment=aligngpt_uniform": (8, "uniform"), "alignment=aligngpt_global_only": (8, "global_only")}

@@ -1,0 +1,188 @@
+"""End to end through the real CLI: train (tiny), eval and generate on the checkpoint it wrote,
+resume after a kill, DDP on two CPU processes, and the assembly errors before any step."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import mmbridge_exe
+
+FAST = ["experiment=tiny", "data.n_train=48", "data.n_val=8", "data.n_test=8",
+        "evaluation.max_samples=8", "evaluation.val_samples=4", "evaluation.batch_size=8",
+        "trainer.enable_progress_bar=false", "stages.align.batch_size=8", "stages.instruct.batch_size=8"]
+
+
+def cli(*args, cwd, timeout=600, **popen) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMBRIDGE_DISABLE_PLUGINS": "1", "COLUMNS": "200"}
+    return subprocess.run([mmbridge_exe(), *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=timeout, **popen)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny two-stage run shared by the tests below."""
+    root = tmp_path_factory.mktemp("e2e")
+    run = root / "run"
+    out = cli("train", *FAST, "stages.align.max_steps=4", "stages.align.val_every=4",
+              "stages.instruct.max_steps=12", "stages.instruct.val_every=12",
+              f"paths.cache_dir={root / 'cache'}", f"hydra.run.dir={run}", cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root, run
+
+
+def test_train_writes_metrics_checkpoints_and_logs(trained):
+    _, run = trained
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["stages"]["align"]["steps"] == 4 and m["stages"]["instruct"]["steps"] == 12
+    # the tiny LLM trains fully in the instruct stage: its validation loss must fall
+    assert m["val_loss_last"] < m["val_loss_first"]
+    assert m["visual_tokens"] == {"image": 64}  # 64 px / patch 8 = 8 x 8 tokens, MLP keeps N
+    assert 0 < m["parameters"]["trainable"] < m["parameters"]["total"]
+    assert m["test"]["n"] > 0
+    assert {"exact_match", "no_media/exact_match", "chance/exact_match"} <= set(m["test"])
+    weights = load_file(str(run / "checkpoints" / "final" / "weights.safetensors"))
+    # trainable weights only: connector + the fully trained tiny LLM, never the frozen encoder
+    assert any(k.startswith("branches.image.connector.") for k in weights)
+    assert not any(".encoder." in k for k in weights)
+    assert (run / "checkpoints" / "final" / "config.yaml").is_file()
+    assert (run / "logs" / "align" / "metrics.csv").is_file()
+    assert any((run / "logs" / "tb_instruct").iterdir())
+
+
+def test_eval_reproduces_the_runs_test_metrics(trained):
+    root, run = trained
+    out_json = root / "eval.json"
+    out = cli("eval", f"checkpoint={run / 'checkpoints' / 'final'}", f"out={out_json}", cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "exact_match" in out.stdout
+    got = json.loads(out_json.read_text())
+    want = json.loads((run / "metrics.json").read_text())["test"]
+    assert got["exact_match"] == pytest.approx(want["exact_match"])
+    assert got["n"] == want["n"]
+
+
+def test_generate_answers_about_a_real_photo(trained, tmp_path):
+    root, run = trained
+    from PIL import Image
+
+    photo = tmp_path / "photo.png"
+    try:
+        from skimage import data
+
+        Image.fromarray(data.astronaut()).save(photo)
+    except ImportError:
+        Image.new("RGB", (64, 64), "red").save(photo)
+    out = cli("generate", f"checkpoint={run / 'checkpoints' / 'final'}", f"image={photo}",
+              "prompt=What colour is the circle?", "max_new_tokens=5", cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # The CLI answer is the greedy answer of the same checkpoint through the Python API.
+    from mmbridge.data.dataset import Collator, encode_sample
+    from mmbridge.training.session import session_from_checkpoint
+    from mmbridge.types import Sample
+
+    session, _ = session_from_checkpoint(str(run / "checkpoints" / "final"), with_data=False)
+    sample = Sample("p", {"image": str(photo)}, [{"from": "human", "value": "<image>\nWhat colour is the circle?"}])
+    item = encode_sample(sample, session.reader(False), session.chat, add_generation_prompt=True)
+    new = session.model.generate(Collator(session.chat.pad_id, session.model, left_pad=True)([item]), max_new_tokens=5)
+    assert new.shape == (1, 5) or int(new[0, -1]) in (session.chat.tokenizer.eos_token_id, session.chat.pad_id)
+    assert out.stdout.strip() == session.chat.tokenizer.decode(new[0], skip_special_tokens=True).strip()
+
+
+def test_generate_and_eval_errors_name_the_argument(trained, tmp_path):
+    root, run = trained
+    out = cli("generate", f"checkpoint={run / 'checkpoints' / 'final'}", "image=/nope.png", "prompt=hi", cwd=root)
+    assert out.returncode == 1 and "image=/nope.png: no such file" in out.stderr
+    out = cli("eval", f"checkpoint={tmp_path}", cwd=root)
+    assert out.returncode == 1 and "weights.safetensors" in out.stderr
+
+
+@pytest.mark.slow
+def test_resume_after_kill_continues_from_last_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    args = ["train", *FAST, "stages.align.max_steps=2", "stages.instruct.max_steps=40",
+            "stages.instruct.val_every=40", "+stages.instruct.checkpoint_every=5",
+            f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMBRIDGE_DISABLE_PLUGINS": "1"}
+    proc = subprocess.Popen([mmbridge_exe(), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    last = run / "checkpoints" / "instruct" / "last.ckpt"
+    deadline = time.time() + 400
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert last.exists(), "no checkpoint was written before the deadline"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "metrics.json").exists()
+    import torch
+
+    step_at_kill = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert 0 < step_at_kill < 40
+    out = cli("train", f"resume={run}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["stages"]["instruct"]["steps"] == 40
+    assert "already done" in (run / "train.log").read_text() or "already done" in out.stderr
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_see_disjoint_samples_and_agree(tmp_path):
+    run = tmp_path / "run"
+    out = cli("train", *FAST, "trainer=ddp_cpu", "schedule=[align]", "data.n_train=32",
+              "stages.align.batch_size=4", "stages.align.max_steps=4", "stages.align.val_every=4",
+              "debug.record_sample_ids=true", f"paths.cache_dir={tmp_path / 'cache'}",
+              f"hydra.run.dir={run}", cwd=tmp_path, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ids = [json.loads((run / "debug" / f"align_rank{r}_ids.json").read_text())["ids"] for r in (0, 1)]
+    assert len(ids[0]) == len(ids[1]) == 16  # 4 steps x batch 4 on each rank
+    assert not set(ids[0]) & set(ids[1])
+    w = [load_file(str(run / "debug" / f"align_rank{r}_weights.safetensors")) for r in (0, 1)]
+    assert w[0].keys() == w[1].keys() and w[0]
+    import torch
+
+    for k in w[0]:
+        assert torch.equal(w[0][k], w[1][k]), k
+
+
+def _bad_llava(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "blue").save(tmp_path / "a.png")
+    rec = [{"id": "s1", "image": "a.png", "conversations": [
+        {"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "blue"}]}]
+    (tmp_path / "bad.json").write_text(json.dumps(rec))
+    return tmp_path / "bad.json"
+
+
+@pytest.mark.parametrize(("overrides", "needles"), [
+    (["+connector.in_dim=999"], ["connector.in_dim=999", "encoder", "192"]),
+    (["+connector.out_dim=7"], ["connector.out_dim=7", "llm", "128"]),
+    (["+connector.depht=3"], ["connector.depht", "did you mean 'depth'"]),
+    (["connector.depht=3"], ["connector.depht"]),  # Hydra itself refuses an unknown key
+    (["stages.align.train.llm=frozn"], ["stages.align.train.llm", "frozen, lora, full"]),
+    (["schedule=[align,polish]"], ["schedule", "'polish'"]),
+])
+def test_bad_combinations_fail_before_training(overrides, needles, tmp_path):
+    out = cli("train", *FAST, *overrides, f"paths.cache_dir={tmp_path / 'cache'}",
+              f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert out.returncode == 1, out.stderr[-2000:]
+    for n in needles:
+        assert n in out.stderr, (n, out.stderr[-2000:])
+    assert not (tmp_path / "run" / "logs").exists()  # no training step ran
+
+
+def test_placeholder_count_error_names_file_and_record(tmp_path):
+    bad = _bad_llava(tmp_path)
+    fast = [a for a in FAST if not a.startswith("data.")]
+    out = cli("train", *fast, "data=llava", f"data.train={bad}", f"paths.cache_dir={tmp_path / 'cache'}",
+              f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert out.returncode == 1
+    assert str(bad) in out.stderr and "s1" in out.stderr and "<image>" in out.stderr
