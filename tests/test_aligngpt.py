@@ -121,6 +121,8 @@ def test_configure_sets_mode_and_trainable_parts():
     assert prefix.mode == "gate"
     with pytest.raises(ConfigError, match="prefix.mode: 'lvl' is not one of level, gate"):
         prefix.configure(stage("lvl"))
+    with pytest.raises(ConfigError, match="prefix.mdoe: not a setting .* valid: mode, train_indicators"):
+        prefix.configure(OmegaConf.create({"prefix": {"mdoe": "gate"}}))
     with pytest.raises(ConfigError, match="alignment.levels"):
         AlignGPTPrefix(dim=8, levels=1)
 
@@ -312,3 +314,40 @@ def test_configs_compose_for_the_ablation():
     assert seen == {"alignment=none": (None, None), "alignment=aligngpt_n4": (4, "gate"),
                     "alignment=aligngpt": (8, "gate"), "alignment=aligngpt_local_only": (8, "local_only"),
                     "alignment=aligngpt_uniform": (8, "uniform"), "alignment=aligngpt_global_only": (8, "global_only")}
+
+
+# -- a real run ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_train_run_aligngpt_end_to_end(tmp_path):
+    """``train()`` on experiment=aligngpt: levels from the contrastive scorer (a tiny random BERT
+    text side), indicators learned in stage 1 and frozen in stage 2, the gate at inference."""
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertModel
+
+    from mmbridge.testing.tiny import build_tiny_tokenizer
+    from mmbridge.training.run import train
+    from mmbridge.training.session import session_from_checkpoint
+
+    tok = build_tiny_tokenizer(tmp_path / "bert")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "bert")
+    overrides = [*BASE, "stages.align.max_steps=2", "stages.instruct.max_steps=2", "stages.align.val_every=2",
+                 "stages.instruct.val_every=2", "stages.align.batch_size=8", "stages.instruct.batch_size=8",
+                 "data.n_train=32", "data.n_val=8", "data.n_test=8", "data.image_size=32", "encoder.image_size=32",
+                 "evaluation.max_samples=8", "evaluation.val_samples=4", "evaluation.batch_size=8",
+                 "evaluation.baselines=false", "trainer.enable_progress_bar=false", f"paths.cache_dir={tmp_path / 'cache'}",
+                 f"stages.align.recipe.scorer.text_model={tmp_path / 'bert'}", "stages.align.recipe.scorer.batch_size=16"]
+    cfg = compose(overrides, REGISTRY)
+    metrics = train(cfg, REGISTRY, tmp_path / "run")
+    assert 0 <= metrics["test"]["exact_match"] <= 1 and metrics["stages"]["instruct"]["steps"] == 2
+    assert list((tmp_path / "cache" / "scorer").glob("text-*.pt"))  # the align stage scored its pairs
+    ckpts = tmp_path / "run" / "checkpoints"
+    after_align = load_file(next((ckpts / "align_final").glob("*.safetensors")))
+    final = load_file(next((ckpts / "final").glob("*.safetensors")))
+    assert "prefix.gate.0.weight" not in after_align  # the gate first trains in stage 2
+    torch.testing.assert_close(final["prefix.indicators"], after_align["prefix.indicators"], rtol=0, atol=0)
+    session, _ = session_from_checkpoint(str(ckpts / "final"), with_data=False, registry=REGISTRY)
+    assert session.model.prefix.mode == "gate"
+    torch.testing.assert_close(session.model.prefix.gate[0].weight.detach(), final["prefix.gate.0.weight"])

@@ -12,7 +12,9 @@ from mmbridge.plugin_manager import load_registry
 
 REGISTRY = load_registry(autoload=False)
 # Groups whose options are placed at a different package than the group name.
-PLACED = {"stage": "stages.align", "recipe": "stages.align.recipe"}
+PLACED = {"stage": "stages.align", "recipe": "stages.align.recipe", "scorer": "stages.align.recipe.scorer"}
+# Groups chosen inside another option's defaults list: the overrides that bring them in.
+NEEDS = {"scorer": ["recipe@stages.align.recipe=align_levels"]}
 GROUP_KIND = {"encoder": "encoder", "connector": "connector", "llm": "llm", "data": "dataset",
               "recipe": "recipe", "scorer": "scorer", "tool_caller": "tool_caller"}
 
@@ -29,7 +31,7 @@ def _override(group: str, option: str) -> str:
 
 @pytest.mark.parametrize(("group", "option"), list(_all_options()))
 def test_every_option_composes(group, option):
-    cfg = compose([_override(group, option)], REGISTRY)
+    cfg = compose([*NEEDS.get(group, []), _override(group, option)], REGISTRY)
     assert cfg is not None
     OmegaConf.to_container(cfg, resolve=False)
     node = OmegaConf.select(cfg, PLACED.get(group, group))

@@ -22,7 +22,7 @@ from mmbridge.recipe import RecipeContext
 from mmbridge.testing.tiny import build_tiny_tokenizer
 
 REGISTRY = load_registry(autoload=False)
-NOISE = {"wrong_colour": 0.2, "unrelated": 0.3}
+NOISE = {"wrong_colour": 0.15, "unrelated": 0.25}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,11 +49,13 @@ def test_caption_noise_corrupts_train_captions_at_known_rates():
         kinds[kind] += 1
         assert a.conversations == b.conversations and a.meta["objects"] == b.meta["objects"]
         assert (a.meta["caption"] == b.meta["caption"]) == (kind == "none")
-        if kind == "wrong_colour":  # one object's colour differs: same shapes, other words
-            assert [o["shape"] for o in a.meta["objects"]] == [o["shape"] for o in b.meta["objects"]]
-            assert len(set(a.meta["caption"].split()) ^ set(b.meta["caption"].split())) >= 1
+        if kind == "wrong_colour":  # exactly one colour word differs (articles aside)
+            words = [[w for w in c.split() if w.lower() not in ("a", "an")] for c in (a.meta["caption"], b.meta["caption"])]
+            diff = [(x, y) for x, y in zip(*words) if x != y]
+            assert len(words[0]) == len(words[1]) and len(diff) == 1
+            assert {w.lower() for w in diff[0]} <= set(clean.args["colours"])
     assert set(kinds) == {"none", "wrong_colour", "unrelated"}
-    assert abs(kinds["wrong_colour"] / 400 - 0.2) < 0.06 and abs(kinds["unrelated"] / 400 - 0.3) < 0.07
+    assert abs(kinds["wrong_colour"] / 400 - 0.15) < 0.05 and abs(kinds["unrelated"] / 400 - 0.25) < 0.06
     for split in ("val", "test"):  # held-out captions stay clean
         _, a = make_sample(clean.args, split, 3)
         _, b = make_sample(noisy.args, split, 3)
@@ -100,7 +102,7 @@ def text_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def noisy(tmp_path_factory):
-    files = ShapesDataset(n_train=192, n_val=16, n_test=0, image_size=32, seed=3,
+    files = ShapesDataset(n_train=512, n_val=16, n_test=0, image_size=32, seed=3,
                           caption_noise=NOISE).prepare(tmp_path_factory.mktemp("data"))
     return {k: read_llava(v, files.media_root) for k, v in files.splits.items()}
 
@@ -115,24 +117,26 @@ def context(tmp_path_factory):
 
 def test_align_levels_with_the_contrastive_scorer_find_the_corrupted_captions(noisy, context, text_model):
     node = {"name": "align_levels", "levels": None,
-            "scorer": {"name": "contrastive", "text_model": text_model, "epochs": 40, "batch_size": 64}}
+            "scorer": {"name": "contrastive", "text_model": text_model, "batch_size": 128}}
     recipe = build(REGISTRY, "recipe", node, "stages.align.recipe")
     recipe.setup(context)
     assert recipe.levels == 4  # follows alignment.levels
     train = recipe.annotate(noisy["train"])
     levels = Counter(s.meta["align_level"] for s in train)
-    assert levels == {0: 48, 1: 48, 2: 48, 3: 48}
+    assert levels == {0: 128, 1: 128, 2: 128, 3: 128}
     stats = agreement(train)
-    # measured 0.64 / 0.89 (seeded); chance is 0 / 0.5
-    assert stats["spearman_level_severity"] > 0.3 and stats["auroc_clean"] > 0.7
+    # measured 0.62 / 0.84 here (seeded; 0.67 / 0.87 with MiniLM on the tiny experiment's
+    # 1000 pairs); chance is 0 / 0.5
+    assert stats["spearman_level_severity"] > 0.4 and stats["auroc_clean"] > 0.7
     assert stats["mean_level/none"] > stats["mean_level/wrong_colour"] > stats["mean_level/unrelated"]
     # the captions become the align stage's targets; the annotation rides along in meta
     out = recipe(train[0], random.Random(0))
     assert out.conversations[1]["value"] == train[0].meta["caption"] and out.meta["align_level"] == train[0].meta["align_level"]
-    # later splits: the same scorer and boundaries (clean val captions rank high)
+    # later splits: the same scorer and boundaries (clean val pairs above the corrupted train pairs)
     val = recipe.annotate(noisy["val"])
     assert all(0 <= s.meta["align_level"] < 4 for s in val)
-    assert sum(s.meta["align_level"] for s in val) / len(val) > 1.5
+    corrupted = [s.meta["align_level"] for s in train if s.meta["caption_noise"] != "none"]
+    assert sum(s.meta["align_level"] for s in val) / len(val) > sum(corrupted) / len(corrupted) + 0.3
     assert list((context.cache_dir / "scorer").glob("text-*.pt"))  # text embeddings cached
     # samples without media or caption are left out (level -1), not an error
     bare = noisy["train"][0].replace(media={}, meta={}, conversations=[])
@@ -202,7 +206,7 @@ def test_clip_scorer_is_the_cosine_of_clips_embeddings(tiny_clip, noisy):
 @pytest.mark.integration
 def test_contrastive_scorer_with_minilm_on_noisy_shapes(noisy, context):
     """The real offline text encoder (all-MiniLM-L6-v2): a stronger agreement."""
-    scorer = build(REGISTRY, "scorer", {"name": "contrastive", "batch_size": 64, "epochs": 40}, "recipe.scorer")
+    scorer = build(REGISTRY, "scorer", {"name": "contrastive", "batch_size": 128}, "recipe.scorer")
     scorer.setup(context)
     scorer.fit(noisy["train"])
     scores = scorer.score(noisy["train"])

@@ -119,6 +119,10 @@ def main(argv: list[str]) -> int:
     if {"-m", "--multirun"} & set(argv) and not any("hydra.callbacks.report" in a for a in argv):
         # a sweep ends with its report (results.md/.csv, plots) in the sweep directory
         argv = [*argv, "+hydra.callbacks.report._target_=mmbridge.reporting.ReportCallback"]
+    resume = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
+    if resume and not any(a.startswith("hydra.run.dir=") for a in argv):
+        # Log into the resumed run's own directory; keep its .hydra/ record of the first start.
+        argv = [*argv, f"hydra.run.dir={Path(resume).expanduser().resolve()}", "hydra.output_subdir=null"]
     old = sys.argv
     # argv[0] = this file: Lightning's DDP launcher re-runs `python argv[0] argv[1:]` for the
     # other ranks (with the same Hydra run dir), which lands in main() below.

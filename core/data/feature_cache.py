@@ -10,6 +10,7 @@ at once compute it once, and a killed run never leaves a half-written entry.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,8 +35,9 @@ def _media_fingerprint(paths: Sequence[str]) -> list[list]:
     return out
 
 
-def cache_key(encoder: ModalityEncoder, paths: Sequence[str]) -> str:
-    payload = {"v": FORMAT_VERSION, "encoder": encoder.cache_identity(), "media": _media_fingerprint(paths)}
+def cache_key(encoder: ModalityEncoder, paths: Sequence[str], autocast: str | None = None) -> str:
+    payload = {"v": FORMAT_VERSION, "encoder": encoder.cache_identity(), "media": _media_fingerprint(paths),
+               "autocast": autocast}
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
 
@@ -56,14 +58,16 @@ class FeatureTable:
         return path in self.index
 
 
-def _compute(encoder: ModalityEncoder, paths: list[str], batch_size: int, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _compute(encoder: ModalityEncoder, paths: list[str], batch_size: int, desc: str,
+             autocast: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     from rich.progress import Progress
 
     device = next((p.device for p in encoder.parameters()), torch.device("cpu"))
     chunks, lengths = [], []
     was_training = encoder.training
     encoder.eval()
-    with Progress(transient=True) as progress, torch.inference_mode():
+    amp = torch.autocast(device.type, dtype=getattr(torch, autocast)) if autocast else contextlib.nullcontext()
+    with Progress(transient=True) as progress, torch.inference_mode(), amp:
         task = progress.add_task(desc, total=len(paths))
         for i in range(0, len(paths), batch_size):
             batch_paths = paths[i : i + batch_size]
@@ -91,13 +95,16 @@ def _to_device(batch, device):
 
 
 def load_or_compute(encoder: ModalityEncoder, paths: Sequence[str], cache_dir: Path,
-                    batch_size: int = 32) -> tuple[FeatureTable, dict]:
+                    batch_size: int = 32, autocast: str | None = None) -> tuple[FeatureTable, dict]:
     """The features of ``paths`` from the cache, computing and storing them if missing.
+
+    ``autocast`` (e.g. ``"bfloat16"``) runs the encoder under autocast, as training would under
+    ``bf16-mixed``; it is part of the key.
 
     Returns the table and a stats dict (``hit``, ``seconds``, ``key``, ``path``).
     """
     unique = sorted(set(paths))
-    key = cache_key(encoder, unique)
+    key = cache_key(encoder, unique, autocast)
     entry = Path(cache_dir) / f"{encoder.modality}-{key}.safetensors"
     t0 = time.perf_counter()
     hit = entry.is_file()
@@ -106,7 +113,8 @@ def load_or_compute(encoder: ModalityEncoder, paths: Sequence[str], cache_dir: P
         with FileLock(str(entry) + ".lock"):
             hit = entry.is_file()  # another run may have filled it while we waited
             if not hit:
-                table, lengths = _compute(encoder, unique, batch_size, f"caching {encoder.modality} features")
+                table, lengths = _compute(encoder, unique, batch_size, f"caching {encoder.modality} features",
+                                          autocast)
                 tmp = entry.with_suffix(f".tmp{os.getpid()}")
                 save_file({"features": table, "lengths": lengths}, str(tmp),
                           metadata={"paths": json.dumps(unique), "identity": json.dumps(encoder.cache_identity(), default=str)})

@@ -92,12 +92,17 @@ def fill_feature_cache(session: Session) -> None:
     if not frozen_encoders(cfg):
         log.info("an encoder trains in this schedule: the feature cache is not used")
         return
+    from mmbridge.training.run import resolve_precision
+
+    precision = resolve_precision(str(cfg.trainer.get("precision", "auto")), str(cfg.trainer.get("accelerator", "auto")))
+    autocast = "bfloat16" if precision.startswith("bf16") else None
     for modality, branch in session.model.branches.items():
         paths = sorted({s.media[modality] for v in session.splits.values() for s in v if modality in s.media})
         if not paths:
             continue
         try:
-            table, stats = load_or_compute(branch.encoder, paths, Path(cfg.paths.feature_cache_dir))
+            table, stats = load_or_compute(branch.encoder, paths, Path(cfg.paths.feature_cache_dir),
+                                           autocast=autocast)
         except OSError as exc:
             raise DataError(f"feature cache at paths.feature_cache_dir={cfg.paths.feature_cache_dir}: {exc}") from exc
         session.tables[modality] = table

@@ -5,8 +5,8 @@ alignment; ``H_1..H_{N-1}``: the *local* levels) make one token right after BOS;
 ignored (the collator's prefix slot). Per stage (``stages.<name>.prefix.mode``):
 
 * ``level`` -- §3.2, alignment level-aware pre-training: each pair conditions on its own
-  level's indicator, ``h = H_{l}`` with ``l = meta["align_level"]`` (from the
-  ``align_levels`` recipe; a sample without a level gets ``H_N``). The indicators train (with
+  level's indicator, ``h = H_{l+1}`` with ``l = meta["align_level"]`` in ``0..N-1`` (from the
+  ``align_levels`` recipe, ``N-1`` = best; a sample without a level gets ``H_N``). The indicators train (with
   the connector, as the stage says); the gate does not.
 * ``gate`` -- §3.3, adaptive alignment-based instruction tuning: the indicators are frozen
   and a gate weighs the local levels per instruction, the global one always added::
@@ -23,11 +23,13 @@ Gate input ``x`` (two changes from the reference code, which dots each of 576 CL
 the mean text embedding, answers included during training): the mean of the input
 embeddings over the *prompt* positions, ``x = sum_t m_t e_t / sum_t m_t`` with ``m`` the
 prompt mask. It holds the media tokens whatever their number (any connector, any token count)
-and never the answer tokens, in training as at inference.
+and never the answer tokens, in training as at inference. (A connector whose tokens are not in
+the sequence, Flamingo's cross-attention, leaves the gate the text prompt only.)
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -42,6 +44,8 @@ MODES: tuple[str, ...] = ("level", "gate", "local_only", "uniform", "global_only
 #: Modes whose gate learns (by default, the stages running them train it).
 GATED: tuple[str, ...] = ("gate", "local_only")
 LEVEL_KEY = "align_level"
+SETTINGS: tuple[str, ...] = ("mode", "train_indicators", "train_gate")
+log = logging.getLogger(__name__)
 
 
 class AlignGPTPrefix(SequencePrefix):
@@ -74,6 +78,7 @@ class AlignGPTPrefix(SequencePrefix):
                                   nn.Linear(int(gate_hidden), self.levels - 1))
         self.default_mode = mode
         self.mode = mode
+        self._warned = False
 
     @property
     def n_tokens(self) -> int:
@@ -81,6 +86,10 @@ class AlignGPTPrefix(SequencePrefix):
 
     def configure(self, stage: DictConfig) -> None:
         settings = stage.get("prefix") or {}
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:
+            raise ConfigError(f"stages.<stage>.prefix.{unknown[0]}: not a setting of the aligngpt prefix; "
+                              f"valid: {', '.join(SETTINGS)}")
         mode = settings.get("mode", self.default_mode)
         _check_mode(mode, "stages.<stage>.prefix.mode")
         self.mode = mode
@@ -106,6 +115,10 @@ class AlignGPTPrefix(SequencePrefix):
         if bool(bad.any()):
             raise DataError(f"meta.{LEVEL_KEY}={int(lv[bad][0])} is outside 0..{self.levels - 1}: the "
                             f"data's levels do not match alignment.levels={self.levels}")
+        if self.training and not self._warned and bool((lv < 0).all()):
+            self._warned = True  # a stage-1 recipe that does not annotate: say so once
+            log.warning("aligngpt prefix in 'level' mode but the batch has no meta.%s: every sample "
+                        "gets the global level; use the align_levels recipe for this stage", LEVEL_KEY)
         return torch.where(lv < 0, torch.full_like(lv, self.levels - 1), lv)
 
     def forward(self, embeds: torch.Tensor, prompt_mask: torch.Tensor,

@@ -13,7 +13,11 @@ import random
 from collections.abc import Mapping, Sequence
 
 from mmbridge.errors import ConfigError
-from mmbridge.plugins.recipes.caption_pretrain import CaptionPretrainRecipe, check_templates, media_prefix
+from mmbridge.plugins.recipes.caption_pretrain import (
+    CaptionPretrainRecipe,
+    check_templates,
+    media_prefix,
+)
 from mmbridge.types import ROLES, Sample, placeholder
 
 TASKS: tuple[str, ...] = ("caption", "qa")

@@ -30,7 +30,7 @@ from filelock import FileLock
 
 from mmbridge.assets import cache_root
 from mmbridge.errors import ConfigError, MMBridgeError
-from mmbridge.recipe import DataRecipe
+from mmbridge.recipe import DataRecipe, RecipeContext
 from mmbridge.tool_runtime import (
     execute,
     format_call,
@@ -70,7 +70,8 @@ class ToolUseRecipe(DataRecipe):
         system_prompt: Start each conversation with the tool list (as the ``llm`` caller does).
         result_role: Role of the result turns: ``tool`` or ``human`` (chat templates without a
             tool role).
-        cache: Keep tool results on disk (``$MMBRIDGE_CACHE/tool_results``) across runs.
+        cache: Keep tool results on disk across runs (``paths.cache_dir/tool_results`` in a
+            run, ``$MMBRIDGE_CACHE/tool_results`` outside one).
         seed: Seeds which no-tool samples are kept.
     """
 
@@ -102,6 +103,13 @@ class ToolUseRecipe(DataRecipe):
         self._cache = ResultCache(cache_root() / "tool_results") if cache else None
         self.seed = seed
         self._tools: dict[str, Tool | None] = {}
+
+    def setup(self, context: RecipeContext) -> None:
+        """Build the tools from the run's registry and cache their results under the run's
+        cache dir (``paths.cache_dir/tool_results``)."""
+        self.registry = context.registry
+        if self._cache is not None:
+            self._cache = ResultCache(Path(context.cache_dir) / "tool_results")
 
     @property
     def prompt(self) -> str:
@@ -243,8 +251,8 @@ def _cache_key(tool: Tool, arguments: dict[str, Any], media: dict[str, str]) -> 
     """Digest of the tool's settings, the arguments and the content of the media they name."""
     h = hashlib.sha256()
     # The instance's plain settings include what "auto" options resolved to (the OCR backend).
-    settings = {k: v for k, v in sorted(vars(tool).items())
-                if not k.startswith("_") and isinstance(v, str | int | float | bool | type(None))}
+    settings = {k: v for k, v in sorted(vars(tool).items()) if not k.startswith("_")
+                and k != "timeout_s" and isinstance(v, str | int | float | bool | type(None))}
     h.update(json.dumps({"tool": tool.name, "settings": settings, "arguments": arguments},
                         sort_keys=True).encode())
     for modality in sorted(set(tool.media_args.values())):
