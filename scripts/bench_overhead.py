@@ -91,6 +91,13 @@ class Runner:
             return float(self.loss_fn())
 
 
+def warn_if_loaded(threads: int) -> None:
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if threads > 1 and load + threads > cores + 0.5:
+        log(f"note: load average {load:.1f} on {cores} cores: with {threads} torch threads, each "
+            f"parallel op waits for its slowest (descheduled) thread; --threads 1 gives steadier figures")
+
+
 # -- the batch and mmbridge's model -------------------------------------------------------------
 def setup(overrides: list[str], stage_name: str, batch_size: int) -> tuple[Any, Any, Any, dict]:
     """(cfg, registry, session, batch): the tiny experiment's model and one collated batch of
@@ -278,24 +285,36 @@ def profile(runners: list[Runner], steps: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    tables = {}
-    for r in runners:
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
+    tables: dict[str, dict[str, tuple[float, float]]] = {r.name: {} for r in runners}
+    for _ in range(steps):  # alternating, one profiled step at a time, as in the timing
+        for r in runners:
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
                 r.step()
-        tables[r.name] = {e.key: (e.self_cpu_time_total / steps, e.count / steps) for e in prof.key_averages()}
-        log(f"profiled {r.name}")
+            t = tables[r.name]
+            for e in prof.key_averages():
+                us, n = t.get(e.key, (0.0, 0.0))
+                t[e.key] = (us + e.self_cpu_time_total / steps, n + e.count / steps)
+    log("profiled " + ", ".join(tables))
     names = list(tables)
-    ops = sorted({k for t in tables.values() for k in t},
-                 key=lambda k: -max(t.get(k, (0, 0))[0] for t in tables.values()))[:25]
-    print(f"\n### Profile: self CPU time per step (us) and calls per step, top operators ({steps} steps)\n")
-    print("| operator | " + " | ".join(names) + " |")
-    print("|---|" + "---|" * len(names))
+    first, second = tables[names[0]], tables[names[-1]]
+    # Sorted by how much more time the first runner spends in an operator than the last one.
+    ops = sorted(set(first) | set(second),
+                 key=lambda k: -abs(first.get(k, (0, 0))[0] - second.get(k, (0, 0))[0]))[:25]
+    print(f"\n### Profile: self CPU time per step (us) and calls per step ({steps} steps), "
+          f"operators sorted by |{names[0]} - {names[-1]}|\n")
+    print("| operator | " + " | ".join(names) + " | difference |")
+    print("|---|" + "---|" * (len(names) + 1))
     for k in ops:
-        cells = [f"{tables[n].get(k, (0, 0))[0]:.0f} ({tables[n].get(k, (0, 0))[1]:.0f})" for n in names]
-        print(f"| `{k}` | " + " | ".join(cells) + " |")
+        cells = [f"{tables[n].get(k, (0, 0))[0]:.0f} ({tables[n].get(k, (0, 0))[1]:.1f})" for n in names]
+        diff = first.get(k, (0, 0))[0] - second.get(k, (0, 0))[0]
+        print(f"| `{k}` | " + " | ".join(cells) + f" | {diff:+.0f} |")
+    counts = [k for k in sorted(set(first) | set(second))
+              if abs(first.get(k, (0, 0))[1] - second.get(k, (0, 0))[1]) > 0.01]
     totals = [sum(v[0] for v in tables[n].values()) for n in names]
-    print("| **total** | " + " | ".join(f"**{t:.0f}**" for t in totals) + " |")
+    print("| **total** | " + " | ".join(f"**{t:.0f}**" for t in totals) + f" | {totals[0] - totals[-1]:+.0f} |")
+    print(f"\nOperators called a different number of times per step ({names[0]} vs {names[-1]}): "
+          + (", ".join(f"`{k}` {first.get(k, (0, 0))[1]:.0f} vs {second.get(k, (0, 0))[1]:.0f}"
+                       for k in counts) or "none"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    warn_if_loaded(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     device = torch.device(args.device)
@@ -382,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
                   **{k: v for k, v in list(series.items())[1:]}}
     report(series, runners, args, batch, load_start, sync)
     if args.profile:
-        profile([runners[0], runners[2]], max(3, args.steps // 3))
+        profile([runners[0], runners[2]], max(3, args.steps // 2))
     return 0
 
 

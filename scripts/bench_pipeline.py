@@ -63,6 +63,13 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def warn_if_loaded(threads: int) -> None:
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if threads > 1 and load + threads > cores + 0.5:
+        log(f"note: load average {load:.1f} on {cores} cores: with {threads} torch threads, each "
+            f"parallel op waits for its slowest (descheduled) thread; --threads 1 gives steadier figures")
+
+
 class PartTimer:
     """Forward hooks that time each encoder and connector call and detach their outputs, so that
     backward can be run (and timed) one part at a time."""
@@ -301,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     load_start = os.getloadavg()[0]
+    warn_if_loaded(args.threads)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = args.feature_cache_dir or tmp

@@ -16,7 +16,12 @@ PLACED = {"stage": "stages.align", "recipe": "stages.align.recipe", "scorer": "s
 # Groups chosen inside another option's defaults list: the overrides that bring them in.
 NEEDS = {"scorer": ["recipe@stages.align.recipe=align_levels"]}
 GROUP_KIND = {"encoder": "encoder", "connector": "connector", "llm": "llm", "data": "dataset",
-              "recipe": "recipe", "scorer": "scorer", "tool_caller": "tool_caller"}
+              "recipe": "recipe", "scorer": "scorer", "tool_caller": "tool_caller", "tools": "tool",
+              "alignment": "prefix"}
+# Groups the primary config selects by default; others are added with `+group=option`.
+IN_DEFAULTS = {"paths", "encoder", "connector", "llm", "data", "stage", "recipe", "trainer",
+               "experiment", "alignment"}
+INJECTED = {"connector": {"in_dim": 1, "out_dim": 1}, "tool_caller": {"tools": {}}, "prefix": {"dim": 1}}
 
 
 def _all_options():
@@ -26,7 +31,18 @@ def _all_options():
 
 
 def _override(group: str, option: str) -> str:
-    return f"{group}@{PLACED[group]}={option}" if group in PLACED else f"{group}={option}"
+    if group in PLACED:
+        return f"{group}@{PLACED[group]}={option}"
+    if group == "tools":  # a mapping of tools: each option goes under its own name
+        return f"+tools@tools.{option}={option}"
+    if group == "hydra":  # Hydra's own groups (launcher/..., sweeper/...)
+        sub, opt = option.split("/", 1)
+        return f"hydra/{sub}={opt}"
+    return f"{group}={option}" if group in IN_DEFAULTS else f"+{group}={option}"
+
+
+def _node_key(group: str, option: str) -> str:
+    return f"tools.{option}" if group == "tools" else PLACED.get(group, group)
 
 
 @pytest.mark.parametrize(("group", "option"), list(_all_options()))
@@ -34,13 +50,13 @@ def test_every_option_composes(group, option):
     cfg = compose([*NEEDS.get(group, []), _override(group, option)], REGISTRY)
     assert cfg is not None
     OmegaConf.to_container(cfg, resolve=False)
-    node = OmegaConf.select(cfg, PLACED.get(group, group))
+    node = OmegaConf.select(cfg, _node_key(group, option))
     kind = GROUP_KIND.get(group)
     if kind and node is not None and "name" in node:
         # The option names a registered component and only arguments its constructor takes.
         entry = REGISTRY.get(kind, node.name)
         args = {k: v for k, v in OmegaConf.to_container(node).items() if k != "name"}
-        injected = {"in_dim": 1, "out_dim": 1} if kind == "connector" else {}
+        injected = INJECTED.get(kind, {})
         assert check_arguments(entry, group, args, injected) == []
 
 
