@@ -182,7 +182,8 @@ def hand_written(session: Any, batch: dict, train: Any, device: torch.device) ->
     def embeds() -> torch.Tensor:
         with torch.set_grad_enabled(bool(train.encoder)):
             feats = vit.forward_features(pixels)[:, vit.num_prefix_tokens:]  # drop CLS
-        return llama.get_input_embeddings()(ids).masked_scatter(slots, mlp(feats))
+        text = llama.get_input_embeddings()(ids)
+        return text.masked_scatter(slots, mlp(feats).to(text.dtype))  # bf16 under autocast
 
     def loss_labels() -> torch.Tensor:  # HF's usual path: logits at every position
         return llama(inputs_embeds=embeds(), attention_mask=attn, labels=labels, use_cache=False).loss
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     runners.append(Runner("HF LlavaForConditionalGeneration", lv["loss"], lv["params"], o, s, clip, amp, sync))
 
     ref = runners[0].loss()
-    log("step-0 losses (mmbridge and hand-written share weights, so they must agree): "
+    log("step-0 losses (mmbridge and hand-written start from the same weights: they must agree): "
         + ", ".join(f"{r.name}: {r.loss():.5f}" for r in runners))
     for r in runners[1:3]:
         if abs(r.loss() - ref) > 1e-3 * max(1.0, abs(ref)):
@@ -400,14 +401,14 @@ def main(argv: list[str] | None = None) -> int:
         series = {runners[0].name: series[runners[0].name],
                   "mmbridge (Lightning Trainer)": lightning_times[args.warmup:total],
                   **{k: v for k, v in list(series.items())[1:]}}
-    report(series, runners, args, batch, load_start, sync)
+    report(series, runners, args, batch, load_start)
     if args.profile:
         profile([runners[0], runners[2]], max(3, args.steps // 2))
     return 0
 
 
 def report(series: dict[str, list[float]], runners: list[Runner], args: argparse.Namespace,
-           batch: dict, load_start: float, sync: Callable[[], None]) -> None:
+           batch: dict, load_start: float) -> None:
     base_name = runners[2].name  # the like-for-like reference: hand-written, supervised head
     base = series[base_name]
     labels_ref = series[runners[1].name]

@@ -13,18 +13,15 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
 from PIL import Image, ImageDraw
 
+from mmbridge.data.generated import publish_once
 from mmbridge.data.llava import write_llava
 from mmbridge.dataset import DatasetFiles, DatasetSource
 from mmbridge.errors import ConfigError, did_you_mean
@@ -288,21 +285,7 @@ class ShapesDataset(DatasetSource):
         finished folder. Generation writes into a temp folder that is renamed when complete, so an
         interrupted run leaves no half data set (its temp folder is removed by the next run).
         """
-        root = Path(cache_dir) / "shapes"
-        final = root / self.key
-        if not final.is_dir():
-            root.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(root / f"{self.key}.lock")):
-                if not final.is_dir():
-                    for stale in root.glob(f".tmp-{self.key}-*"):
-                        shutil.rmtree(stale, ignore_errors=True)
-                    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{self.key}-", dir=root))
-                    try:
-                        self._generate(tmp)
-                        os.rename(tmp, final)
-                    except BaseException:
-                        shutil.rmtree(tmp, ignore_errors=True)
-                        raise
+        final = publish_once(Path(cache_dir) / "shapes", self.key, self._generate)
         splits = {s: final / f"{s}.json" for s, n in self.counts.items() if n > 0 or s == "train"}
         return DatasetFiles(splits=splits, media_root=final)
 

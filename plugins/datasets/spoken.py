@@ -20,15 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
+from mmbridge.data.generated import publish_once
 from mmbridge.data.llava import write_llava
 from mmbridge.dataset import DatasetFiles, DatasetSource
 from mmbridge.errors import ConfigError
@@ -168,22 +164,7 @@ class SpokenDataset(DatasetSource):
 
     def prepare(self, cache_dir: Path) -> DatasetFiles:
         """Synthesise the data set once into ``cache_dir/spoken/<key>`` and say where it is."""
-        root = Path(cache_dir) / "spoken"
-        key = self.key
-        final = root / key
-        if not final.is_dir():
-            root.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(root / f"{key}.lock")):
-                if not final.is_dir():
-                    for stale in root.glob(f".tmp-{key}-*"):
-                        shutil.rmtree(stale, ignore_errors=True)
-                    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
-                    try:
-                        self._generate(tmp)
-                        os.rename(tmp, final)
-                    except BaseException:
-                        shutil.rmtree(tmp, ignore_errors=True)
-                        raise
+        final = publish_once(Path(cache_dir) / "spoken", self.key, self._generate)
         splits = {s: final / f"{s}.json" for s, n in self.counts.items() if n > 0 or s == "train"}
         return DatasetFiles(splits=splits, media_root=final)
 

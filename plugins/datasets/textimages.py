@@ -23,16 +23,13 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
 from PIL import Image, ImageDraw, ImageFont
 
+from mmbridge.data.generated import publish_once
 from mmbridge.data.llava import write_llava
 from mmbridge.dataset import DatasetFiles, DatasetSource
 from mmbridge.errors import ConfigError, did_you_mean
@@ -293,21 +290,7 @@ class TextImagesDataset(DatasetSource):
 
     def prepare(self, cache_dir: Path) -> DatasetFiles:
         """Generate the data set once into ``cache_dir/textimages/<key>`` and say where it is."""
-        root = Path(cache_dir) / "textimages"
-        final = root / self.key
-        if not final.is_dir():
-            root.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(root / f"{self.key}.lock")):
-                if not final.is_dir():
-                    for stale in root.glob(f".tmp-{self.key}-*"):
-                        shutil.rmtree(stale, ignore_errors=True)
-                    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{self.key}-", dir=root))
-                    try:
-                        self._generate(tmp)
-                        os.rename(tmp, final)
-                    except BaseException:
-                        shutil.rmtree(tmp, ignore_errors=True)
-                        raise
+        final = publish_once(Path(cache_dir) / "textimages", self.key, self._generate)
         return DatasetFiles(splits=self._splits(final), media_root=final)
 
     def _generate(self, out: Path) -> None:
