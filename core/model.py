@@ -98,7 +98,8 @@ class MultimodalModel(nn.Module):
                 branch.connector.set_context(tok, tmask)
                 continue
             slots = batch["slots"][modality]
-            values = tok[tmask]
+            # all valid (converters): no boolean gather; masked_scatter reads row-major either way
+            values = tok.reshape(-1, tok.shape[-1]) if bool(tmask.all()) else tok[tmask]
             if values.shape[0] != int(slots.sum()):
                 raise AssemblyError(
                     f"{branch.key or 'connector'}: {type(branch.connector).__name__} produced "

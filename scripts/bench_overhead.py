@@ -319,7 +319,7 @@ def profile(runners: list[Runner], steps: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (default: experiment=tiny)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per implementation")
