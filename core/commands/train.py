@@ -116,6 +116,16 @@ def main(argv: list[str]) -> int:
     _STATUS["code"] = 0
     task = hydra.main(config_path="pkg://mmbridge.conf", config_name="train", version_base="1.3")(_job)
 
+    if {"-m", "--multirun"} & set(argv) and not any(a.startswith(("hydra.sweep.subdir=", "hydra.job.config.override_dirname"))
+                                                     for a in argv):
+        # Run directories are named by the swept values and the group choices only: fixed
+        # `key.sub=value` overrides (paths, steps, ...) are the same in every run and would make
+        # names too long (a path's "/" would even nest directories).
+        fixed = [a.split("=", 1)[0].lstrip("+~") for a in argv
+                 if "=" in a and "." in a.split("=", 1)[0] and "," not in a.split("=", 1)[1]
+                 and not a.startswith("hydra")]
+        keys = ["seed", "experiment", *fixed]
+        argv = [*argv, "hydra.job.config.override_dirname.exclude_keys=[" + ",".join(f"'{k}'" for k in keys) + "]"]
     if {"-m", "--multirun"} & set(argv) and not any("hydra.callbacks.report" in a for a in argv):
         # a sweep ends with its report (results.md/.csv, plots) in the sweep directory
         argv = [*argv, "+hydra.callbacks.report._target_=mmbridge.reporting.ReportCallback"]
