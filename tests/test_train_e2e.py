@@ -7,14 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import mmbridge_exe
+from safetensors.torch import load_file
 
 FAST = ["experiment=tiny", "data.n_train=48", "data.n_val=8", "data.n_test=8",
         "evaluation.max_samples=8", "evaluation.val_samples=4", "evaluation.batch_size=8",
