@@ -47,6 +47,13 @@ def test_train_writes_metrics_checkpoints_and_logs(trained):
     assert 0 < m["parameters"]["trainable"] < m["parameters"]["total"]
     assert m["test"]["n"] > 0
     assert {"exact_match", "no_media/exact_match", "chance/exact_match"} <= set(m["test"])
+    # every answer is kept: the share marked correct per mode is the reported exact match
+    preds = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    for mode, key in (("media", "exact_match"), ("no_media", "no_media/exact_match")):
+        rows = [p for p in preds if p["mode"] == mode]
+        assert len(rows) == m["test"]["n"]
+        assert sum(p["correct"] for p in rows) / len(rows) == pytest.approx(m["test"][key])
+        assert all(p["question"].startswith("<image>") == (mode == "media") for p in rows)
     weights = load_file(str(run / "checkpoints" / "final" / "weights.safetensors"))
     # trainable weights only: connector + the fully trained tiny LLM, never the frozen encoder
     assert any(k.startswith("branches.image.connector.") for k in weights)
@@ -59,10 +66,13 @@ def test_train_writes_metrics_checkpoints_and_logs(trained):
 def test_eval_reproduces_the_runs_test_metrics(trained):
     root, run = trained
     out_json = root / "eval.json"
-    out = cli("eval", f"checkpoint={run / 'checkpoints' / 'final'}", f"out={out_json}", cwd=root)
+    preds = root / "eval_predictions.jsonl"
+    out = cli("eval", f"checkpoint={run / 'checkpoints' / 'final'}", f"out={out_json}",
+              f"predictions={preds}", cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "exact_match" in out.stdout
     got = json.loads(out_json.read_text())
+    assert preds.read_text() == (run / "predictions.jsonl").read_text()
     want = json.loads((run / "metrics.json").read_text())["test"]
     assert got["exact_match"] == pytest.approx(want["exact_match"])
     assert got["n"] == want["n"]
@@ -184,3 +194,51 @@ def test_placeholder_count_error_names_file_and_record(tmp_path):
               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert out.returncode == 1
     assert str(bad) in out.stderr and "s1" in out.stderr and "<image>" in out.stderr
+
+
+def test_mixed_image_and_audio_sample_trains_and_generates(tmp_path):
+    """One sample holds an image and an audio clip: two encoders and two connectors (keyed by
+    modality, the audio one under ``branches.audio``) feed one LLM; both connectors train, the
+    answer needs both media, and ``generate`` takes both."""
+    from PIL import Image
+
+    from mmbridge.plugins.encoders._audio import chirp, write_wav
+    from mmbridge.plugins.encoders.whisper_encoder import WhisperEncoder
+
+    ckpt = WhisperEncoder.for_testing(tmp_path).path
+    data = tmp_path / "mixed"
+    data.mkdir()
+    rows = []
+    for i in range(24):
+        colour = ("red", "blue")[i % 2]
+        seconds = (0.5, 1.5)[(i // 2) % 2]  # the answer's second word comes from the audio
+        Image.new("RGB", (64, 64), colour).save(data / f"{i}.png")
+        write_wav(data / f"{i}.wav", chirp(seconds, sr=16000), 16000)
+        answer = f"{colour} {'short' if seconds < 1 else 'long'}"
+        rows.append({"id": f"s{i}", "image": f"{i}.png", "audio": f"{i}.wav",
+                     "conversations": [{"from": "human", "value": "<image>\n<audio>\nColour and length?"},
+                                       {"from": "gpt", "value": answer}]})
+    (data / "train.json").write_text(json.dumps(rows[:16]))
+    (data / "test.json").write_text(json.dumps(rows[16:]))
+    run = tmp_path / "run"
+    out = cli("train", "experiment=tiny", "data=llava", f"data.train={data / 'train.json'}",
+              f"data.val={data / 'test.json'}", f"data.test={data / 'test.json'}",
+              "+branches.audio.encoder.name=whisper", f"+branches.audio.encoder.checkpoint={ckpt}",
+              "+branches.audio.connector.name=pool_mlp", "+branches.audio.connector.stride=8",
+              "stages.align.max_steps=3", "stages.align.val_every=3", "stages.align.batch_size=8",
+              "stages.instruct.max_steps=8", "stages.instruct.val_every=8", "stages.instruct.batch_size=8",
+              "evaluation.max_samples=8", "evaluation.val_samples=4", "trainer.enable_progress_bar=false",
+              f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = json.loads((run / "metrics.json").read_text())
+    assert set(m["visual_tokens"]) == {"image", "audio"}
+    assert m["visual_tokens"]["audio"] > 0 and m["visual_tokens"]["image"] == 64
+    assert m["val_loss_last"] < m["val_loss_first"]
+    assert m["test"]["n"] == 8
+    weights = load_file(str(run / "checkpoints" / "final" / "weights.safetensors"))
+    for modality in ("image", "audio"):
+        assert any(k.startswith(f"branches.{modality}.connector.") for k in weights), modality
+    out = cli("generate", f"checkpoint={run / 'checkpoints' / 'final'}", f"image={data / '0.png'}",
+              f"audio={data / '0.wav'}", "prompt=Colour and length?", "max_new_tokens=4", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip()

@@ -11,15 +11,19 @@ from rich.table import Table
 from mmbridge.errors import ConfigError
 
 HELP = "evaluate a checkpoint: checkpoint=PATH [split=test max_samples=N]"
-USAGE = """usage: mmbridge eval checkpoint=PATH [split=test] [max_samples=N] [out=FILE] [key=value ...]
+USAGE = """usage: mmbridge eval checkpoint=PATH [split=test] [max_samples=N] [out=FILE] [predictions=FILE] [key=value ...]
 
 Rebuild the model of a checkpoint (a run's checkpoints/final directory, or its
 weights.safetensors), and report exact match on the split's questions per question type,
 beside the same model without the media and the majority-answer (chance) baseline.
 Other key=value pairs override the stored config (e.g. evaluation.batch_size=8).
+
+  out=FILE          also write the metrics as JSON
+  predictions=FILE  write every answer as a JSON line: id, qtype, mode (media | no_media),
+                    question, answer (reference), prediction, correct
 """
 
-OWN_KEYS = ("checkpoint", "split", "max_samples", "out")
+OWN_KEYS = ("checkpoint", "split", "max_samples", "out", "predictions")
 
 
 def parse_kv(argv: list[str], usage: str, own_keys: tuple[str, ...] = OWN_KEYS) -> tuple[dict[str, str], list[str]]:
@@ -63,7 +67,8 @@ def main(argv: list[str]) -> int:
     if split not in session.splits:
         raise ConfigError(f"split={split}: not a split of the data set; splits: {', '.join(session.splits)}")
     max_samples = int(own["max_samples"]) if "max_samples" in own else None
-    metrics = evaluate_session(session, session.cfg, split=split, max_samples=max_samples)
+    preds = Path(own["predictions"]) if "predictions" in own else None
+    metrics = evaluate_session(session, session.cfg, split=split, max_samples=max_samples, predictions=preds)
     print_metrics(Console(), metrics, f"{own['checkpoint']} on {split} ({metrics.get('n', 0)} questions)")
     if "out" in own:
         Path(own["out"]).write_text(json.dumps(metrics, indent=2))

@@ -60,6 +60,20 @@ def _summarise(correct: dict[str, list[bool]], prefix: str) -> dict[str, float]:
     return out
 
 
+def wer_by_type(items: Sequence[QAItem], preds: Sequence[str], qtypes: Sequence[str],
+                prefix: str = "") -> dict[str, float]:
+    """Corpus word error rate (:func:`mmbridge.metrics.word_error_rate`) of the questions of
+    each type in ``qtypes`` (those present), as ``{prefix}wer/<qtype>``."""
+    from mmbridge.metrics import word_error_rate
+
+    out = {}
+    for qtype in qtypes:
+        pairs = [(p, it.answer) for it, p in zip(items, preds) if it.qtype == qtype]
+        if pairs:
+            out[f"{prefix}wer/{qtype}"] = word_error_rate([p for p, _ in pairs], [r for _, r in pairs])
+    return out
+
+
 @torch.no_grad()
 def answer(model: MultimodalModel, items: Sequence[QAItem], reader: MediaReader, chat: ChatEncoder,
            batch_size: int = 16, max_new_tokens: int = 12, without_media: bool = False,
@@ -89,15 +103,44 @@ def answer(model: MultimodalModel, items: Sequence[QAItem], reader: MediaReader,
 
 
 def exact_match(model: MultimodalModel, items: Sequence[QAItem], reader: MediaReader,
-                chat: ChatEncoder, prefix: str = "", **kwargs) -> dict[str, float]:
+                chat: ChatEncoder, prefix: str = "", records: list[dict] | None = None,
+                wer_qtypes: Sequence[str] = (), **kwargs) -> dict[str, float]:
+    """Exact match (after :func:`normalize`) overall and per question type, and the word error
+    rate of the types in ``wer_qtypes`` (transcriptions); with ``records``, one dict per
+    question is appended to it (id, type, question, reference, prediction)."""
     preds = answer(model, items, reader, chat, **kwargs)
     correct: dict[str, list[bool]] = defaultdict(list)
     for it, p in zip(items, preds):
-        correct[it.qtype].append(normalize(p) == normalize(it.answer))
-    return _summarise(correct, prefix)
+        ok = normalize(p) == normalize(it.answer)
+        correct[it.qtype].append(ok)
+        if records is not None:
+            shown = strip_media(it.sample) if kwargs.get("without_media") else it.sample
+            records.append({"id": it.sample.id, "qtype": it.qtype, "mode": prefix.rstrip("/") or "media",
+                            "question": shown.conversations[0]["value"], "answer": it.answer,
+                            "prediction": p, "correct": ok})
+    return {**_summarise(correct, prefix), **wer_by_type(items, preds, wer_qtypes, prefix)}
 
 
-def chance(train: Sequence[QAItem], test: Sequence[QAItem]) -> dict[str, float]:
+def reference_asr(items: Sequence[QAItem], tool, qtypes: Sequence[str], prefix: str = "asr/",
+                  records: list[dict] | None = None, progress: bool = True) -> dict[str, float]:
+    """The word error rate of a speech recogniser (the ``asr`` tool: Whisper's own decoder) on
+    the audio of the transcription questions: the reference beside the trained model."""
+    chosen = [it for it in items if it.qtype in qtypes and "audio" in it.sample.media]
+    preds = []
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task("reference ASR", total=len(chosen))
+        for it in chosen:
+            preds.append(str(tool(audio=it.sample.media["audio"])))
+            bar.advance(task)
+    if records is not None:
+        for it, p in zip(chosen, preds):
+            records.append({"id": it.sample.id, "qtype": it.qtype, "mode": prefix.rstrip("/"),
+                            "question": it.sample.conversations[0]["value"], "answer": it.answer,
+                            "prediction": p, "correct": normalize(p) == normalize(it.answer)})
+    return wer_by_type(chosen, preds, qtypes, prefix)
+
+
+def chance(train: Sequence[QAItem], test: Sequence[QAItem], prefix: str = "chance/") -> dict[str, float]:
     """Majority-answer baseline: per question type, always give the train split's most
     common answer."""
     majority = {}
@@ -109,7 +152,7 @@ def chance(train: Sequence[QAItem], test: Sequence[QAItem]) -> dict[str, float]:
     correct: dict[str, list[bool]] = defaultdict(list)
     for it in test:
         correct[it.qtype].append(majority.get(it.qtype) == normalize(it.answer))
-    return _summarise(correct, "chance/")
+    return _summarise(correct, prefix)
 
 
 def _to(batch, device):

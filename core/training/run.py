@@ -196,7 +196,7 @@ def train(cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = Fal
                "visual_tokens": visual_tokens(session),
                "cache": session.cache_stats}
     if rank0:
-        metrics["test"] = evaluate_session(session, cfg)
+        metrics["test"] = evaluate_session(session, cfg, predictions=out_dir / "predictions.jsonl")
     metrics["peak_memory_mb"] = _peak_memory_mb()
     metrics["wall_s"] = time.perf_counter() - t_start
     last_stage = stage_metrics[done[-1]] if done else {}
@@ -229,19 +229,78 @@ def visual_tokens(session: Session) -> dict[str, float]:
 
 
 def evaluate_session(session: Session, cfg: DictConfig, split: str | None = None,
-                     max_samples: int | None = None) -> dict[str, float]:
-    """Exact match on the test split's questions, with the no-media and chance baselines."""
+                     max_samples: int | None = None,
+                     predictions: Path | None = None) -> dict[str, float]:
+    """Exact match on the split's questions (word error rate for ``evaluation.wer_qtypes``),
+    with the no-media and chance baselines, the reference recogniser
+    (``evaluation.reference_asr``) and the extra evaluation sets (``evaluation.extra_data``,
+    keys prefixed with their name); every answer is written to ``predictions`` (JSON lines,
+    atomically) when given."""
     ev_cfg = cfg.evaluation
     split = split or ev_cfg.split
     if split not in session.splits:
         return {}
-    items = ev.qa_items(session.splits[split])[: int(max_samples or ev_cfg.max_samples)]
-    kw = {"max_new_tokens": int(ev_cfg.max_new_tokens), "batch_size": int(ev_cfg.batch_size)}
-    out = ev.exact_match(session.model, items, session.reader(), session.chat, **kw)
-    if ev_cfg.get("baselines", True):
-        out.update(ev.exact_match(session.model, items, session.reader(), session.chat,
-                                  prefix="no_media/", without_media=True, **kw))
-        if "train" in session.splits:
-            out.update(ev.chance(ev.qa_items(session.splits["train"]), items))
-    out["n"] = len(items)
+    records: list[dict] = []
+    limit = int(max_samples or ev_cfg.max_samples)
+    out = _evaluate_items(session, ev_cfg, ev.qa_items(session.splits[split])[:limit], "", records,
+                          session.reader(), train=session.splits.get("train"))
+    out["n"] = len(out.pop("_n"))
+    for name, data_cfg in (ev_cfg.get("extra_data") or {}).items():
+        samples = _extra_split(session, name, data_cfg, split)
+        items = ev.qa_items(samples)[:limit]
+        extra = _evaluate_items(session, ev_cfg, items, f"{name}/", records, session.reader(False),
+                                train=None)
+        extra[f"{name}/n"] = len(extra.pop("_n"))
+        out.update(extra)
+    if predictions is not None:
+        predictions.parent.mkdir(parents=True, exist_ok=True)
+        tmp = predictions.with_name(f".{predictions.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, predictions)
     return out
+
+
+def _evaluate_items(session: Session, ev_cfg: DictConfig, items: list, prefix: str,
+                    records: list[dict], reader, train) -> dict[str, Any]:
+    kw = {"max_new_tokens": int(ev_cfg.max_new_tokens), "batch_size": int(ev_cfg.batch_size),
+          "wer_qtypes": list(ev_cfg.get("wer_qtypes") or [])}
+    out: dict[str, Any] = ev.exact_match(session.model, items, reader, session.chat, prefix=prefix,
+                                         records=records, **kw)
+    if ev_cfg.get("baselines", True):
+        out.update(ev.exact_match(session.model, items, reader, session.chat,
+                                  prefix=f"{prefix}no_media/", without_media=True, records=records, **kw))
+        if train:
+            out.update(ev.chance(ev.qa_items(train), items, prefix=f"{prefix}chance/"))
+    ref = ev_cfg.get("reference_asr")
+    if ref and kw["wer_qtypes"]:
+        tool = _asr_tool(session, str(ref))
+        out.update(ev.reference_asr(items, tool, kw["wer_qtypes"], prefix=f"{prefix}asr/", records=records))
+    out["_n"] = items
+    return out
+
+
+def _asr_tool(session: Session, checkpoint: str):
+    """The registered ``asr`` tool on ``checkpoint`` (evaluation.reference_asr), built once."""
+    from mmbridge.build import build
+
+    cache = session.__dict__.setdefault("_asr_tools", {})
+    if checkpoint not in cache:
+        node = OmegaConf.create({"name": "asr", "checkpoint": checkpoint})
+        cache[checkpoint] = build(session.registry, "tool", node, "evaluation.reference_asr")
+    return cache[checkpoint]
+
+
+def _extra_split(session: Session, name: str, data_cfg: DictConfig, split: str) -> list:
+    """The ``split`` (else ``test``, else the only split) of the extra evaluation set ``name``."""
+    from mmbridge.errors import ConfigError
+    from mmbridge.training.session import check_media, read_source
+
+    splits = read_source(session.cfg, session.registry, data_cfg, f"evaluation.extra_data.{name}")
+    chosen = split if split in splits else ("test" if "test" in splits else None)
+    if chosen is None:
+        if len(splits) != 1:
+            raise ConfigError(f"evaluation.extra_data.{name}: no '{split}' or 'test' split; "
+                              f"splits: {', '.join(splits)}")
+        chosen = next(iter(splits))
+    check_media({f"{name}:{chosen}": splits[chosen]}, session.model)
+    return splits[chosen]

@@ -39,7 +39,12 @@ class Session:
 
 
 def load_splits(cfg: DictConfig, registry: Registry) -> dict[str, list[Sample]]:
-    source = build(registry, "dataset", cfg.data, "data")
+    return read_source(cfg, registry, cfg.data, "data")
+
+
+def read_source(cfg: DictConfig, registry: Registry, data_cfg: DictConfig, key: str) -> dict[str, list[Sample]]:
+    """Build the data set ``data_cfg`` (config key ``key``), prepare it, read its splits."""
+    source = build(registry, "dataset", data_cfg, key)
     files = source.prepare(Path(cfg.paths.data_dir))
     return {name: read_llava(path, files.media_root) for name, path in files.splits.items()}
 

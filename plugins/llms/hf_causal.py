@@ -43,11 +43,15 @@ class HFCausalLM(LanguageModel):
         dtype: ``float32`` | ``float16`` | ``bfloat16``.
         chat_template: Jinja chat template (text, or a path to a ``.jinja`` file) replacing the
             tokenizer's own; a tokenizer without one gets :data:`FALLBACK_CHAT_TEMPLATE`.
-        attn_implementation: ``sdpa`` | ``eager`` | ``flash_attention_2``.
+        attn_implementation: ``auto`` | ``sdpa`` | ``eager`` | ``flash_attention_2``. ``auto``
+            (the default) is ``sdpa`` when CUDA is available and ``eager`` otherwise: on the CPU,
+            PyTorch's fused SDPA backward for short padded sequences costs more than the whole
+            rest of a SmolLM2-135M step (measured by ``scripts/bench_pipeline.py``: 0.97 of 3.4 s
+            in the SDPA backward alone; with ``eager`` the step takes 1.95 s).
     """
 
     def __init__(self, path: str, gguf_file: str | None = None, dtype: str = "float32",
-                 chat_template: str | None = None, attn_implementation: str = "sdpa") -> None:
+                 chat_template: str | None = None, attn_implementation: str = "auto") -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -60,6 +64,9 @@ class HFCausalLM(LanguageModel):
             present = sorted(p.name for p in Path(self.local_path).glob("*.gguf"))
             raise ConfigError(f"llm.gguf_file: '{gguf_file}' is not in {self.local_path}; "
                               f"GGUF files there: {', '.join(present) or '(none)'}")
+        if attn_implementation == "auto":
+            attn_implementation = "sdpa" if torch.cuda.is_available() else "eager"
+        self.attn_implementation = attn_implementation
         try:
             self.model = AutoModelForCausalLM.from_pretrained(
                 self.local_path, dtype=torch_dtype(dtype, "llm.dtype"),
