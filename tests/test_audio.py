@@ -349,3 +349,27 @@ def test_real_encoder_trimmed_close_to_full():
             b, _ = full(full.collate([full.preprocess(raw)]))
         sims.append(F.cosine_similarity(a[mask], b[mask], dim=-1).mean().item())
     assert min(sims) > 0.94, sims
+
+
+@pytest.mark.parametrize("name", ["qformer", "resampler", "gated_xattn", "abstractor"])
+def test_perceiver_family_connectors_take_whisper_features(ckpt, tmp_path, name):
+    """The image connectors of [P] bridge audio too: on the Whisper encoder's masked features of
+    two clips of different lengths, the padded clip's tokens equal those of the clip alone."""
+    from mmbridge.plugin_manager import load_registry
+
+    enc = encoder(ckpt)
+    cls = load_registry().get("connector", name).cls
+    torch.manual_seed(0)
+    conn = cls.for_testing(tmp_path, in_dim=enc.out_dim, out_dim=24).eval()
+    items = [enc.preprocess(enc.load(clip(tmp_path, s))) for s in (0.4, 1.2)]  # 20, 60 features
+    with torch.no_grad():
+        feats, mask = enc(enc.collate(items))
+        n_short = int(mask[0].sum())
+        assert 0 < n_short < int(mask[1].sum()) == feats.shape[1]
+        both, bmask = conn(feats, mask)
+        one, omask = conn(feats[:1, :n_short], mask[:1, :n_short])
+    # gated_xattn puts no token in the sequence (out_tokens 0): its latents are the context
+    m = conn.out_tokens(n_short) if conn.in_sequence else conn.num_latents
+    assert both.shape[-1] == 24 and one.shape[1] == m and omask.all()
+    assert bmask[0, :m].all() and not bmask[0, m:].any()
+    assert torch.allclose(both[0, :m], one[0], atol=1e-4), name
