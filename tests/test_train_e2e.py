@@ -78,6 +78,32 @@ def test_eval_reproduces_the_runs_test_metrics(trained):
     assert got["n"] == want["n"]
 
 
+def test_eval_through_tool_callers(trained):
+    """``evaluation.tool_callers``: a pipeline caller whose tools do not apply leaves the prompt
+    as it is, so it must give the plain evaluation's greedy answers; with ``image_info`` the
+    tool's real result is in every prompt and one call per question is recorded."""
+    from mmbridge.training.run import evaluate_session
+    from mmbridge.training.session import session_from_checkpoint
+
+    _, run = trained
+    session, _ = session_from_checkpoint(str(run / "checkpoints" / "final"), [
+        "evaluation.tool_callers.plain.name=pipeline", "evaluation.tool_callers.plain.tools=[calculator]",
+        "evaluation.tool_callers.facts.name=pipeline", "evaluation.tool_callers.facts.tools=[image_info]",
+        "evaluation.tool_max_new_tokens=12", "evaluation.baselines=false"])
+    out_file = run.parent / "tool_predictions.jsonl"
+    m = evaluate_session(session, session.cfg, predictions=out_file)
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    by_mode = {mode: [r for r in rows if r["mode"] == mode] for mode in ("media", "plain", "facts")}
+    assert all(len(v) == m["n"] for v in by_mode.values())
+    assert [r["prediction"] for r in by_mode["plain"]] == [r["prediction"] for r in by_mode["media"]]
+    assert m["plain/exact_match"] == m["exact_match"] and m["plain/tool_calls_per_question"] == 0
+    assert m["facts/tool_calls_per_question"] == 1 and m["facts/tool_call_failures"] == 0
+    for r in by_mode["facts"]:
+        assert r["question"].startswith("<image>\nOutput of image_info: size: ") and "dominant colours: " in r["question"]
+        assert r["calls"][0]["name"] == "image_info" and r["calls"][0]["ok"]
+    assert 0 <= m["facts/exact_match"] <= 1
+
+
 def test_generate_answers_about_a_real_photo(trained, tmp_path):
     root, run = trained
     from PIL import Image

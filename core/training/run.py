@@ -232,7 +232,8 @@ def evaluate_session(session: Session, cfg: DictConfig, split: str | None = None
                      max_samples: int | None = None,
                      predictions: Path | None = None) -> dict[str, float]:
     """Exact match on the split's questions (word error rate for ``evaluation.wer_qtypes``),
-    with the no-media and chance baselines, the reference recogniser
+    with the no-media and chance baselines, the answers through the Tool Learning callers
+    (``evaluation.tool_callers``, :mod:`mmbridge.training.tool_eval`), the reference recogniser
     (``evaluation.reference_asr``) and the extra evaluation sets (``evaluation.extra_data``,
     keys prefixed with their name); every answer is written to ``predictions`` (JSON lines,
     atomically) when given."""
@@ -271,6 +272,15 @@ def _evaluate_items(session: Session, ev_cfg: DictConfig, items: list, prefix: s
                                   prefix=f"{prefix}no_media/", without_media=True, records=records, **kw))
         if train:
             out.update(ev.chance(ev.qa_items(train), items, prefix=f"{prefix}chance/"))
+    for cname, node in (ev_cfg.get("tool_callers") or {}).items():
+        from mmbridge.training.tool_eval import build_caller, caller_exact_match
+
+        cache = session.__dict__.setdefault("_tool_callers", {})
+        if cname not in cache:
+            cache[cname] = build_caller(session.registry, node, f"evaluation.tool_callers.{cname}")
+        out.update(caller_exact_match(session.model, session.chat, reader, items, cache[cname],
+                                      prefix=f"{prefix}{cname}/", records=records,
+                                      max_new_tokens=int(ev_cfg.get("tool_max_new_tokens", 64))))
     ref = ev_cfg.get("reference_asr")
     if ref and kw["wer_qtypes"]:
         tool = _asr_tool(session, str(ref))
