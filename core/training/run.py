@@ -55,10 +55,14 @@ def _loader(ds, batch_size: int, collate, shuffle: bool, cfg: DictConfig, seed: 
                       num_workers=workers, persistent_workers=workers > 0, generator=gen)
 
 
-def _atomic_json(path: Path, data: dict) -> None:
+def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    _atomic_text(path, json.dumps(data, indent=2, default=float))
 
 
 class _Evaluator:
@@ -243,21 +247,20 @@ def evaluate_session(session: Session, cfg: DictConfig, split: str | None = None
         return {}
     records: list[dict] = []
     limit = int(max_samples or ev_cfg.max_samples)
-    out = _evaluate_items(session, ev_cfg, ev.qa_items(session.splits[split])[:limit], "", records,
-                          session.reader(), train=session.splits.get("train"))
-    out["n"] = len(out.pop("_n"))
+    items = ev.qa_items(session.splits[split])[:limit]
+    out = _evaluate_items(session, ev_cfg, items, "", records, session.reader(),
+                          train=session.splits.get("train"))
+    out["n"] = len(items)
     for name, data_cfg in (ev_cfg.get("extra_data") or {}).items():
         samples = _extra_split(session, name, data_cfg, split)
         items = ev.qa_items(samples)[:limit]
         extra = _evaluate_items(session, ev_cfg, items, f"{name}/", records, session.reader(False),
                                 train=None)
-        extra[f"{name}/n"] = len(extra.pop("_n"))
+        extra[f"{name}/n"] = len(items)
         out.update(extra)
     if predictions is not None:
         predictions.parent.mkdir(parents=True, exist_ok=True)
-        tmp = predictions.with_name(f".{predictions.name}.tmp{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(tmp, predictions)
+        _atomic_text(predictions, "".join(json.dumps(r) + "\n" for r in records))
     return out
 
 
@@ -285,7 +288,6 @@ def _evaluate_items(session: Session, ev_cfg: DictConfig, items: list, prefix: s
     if ref and kw["wer_qtypes"]:
         tool = _asr_tool(session, str(ref))
         out.update(ev.reference_asr(items, tool, kw["wer_qtypes"], prefix=f"{prefix}asr/", records=records))
-    out["_n"] = items
     return out
 
 
