@@ -28,6 +28,36 @@ from mmbridge.training.stages import check_schedule, configure_trainable
 log = logging.getLogger(__name__)
 
 
+class _DropLightningAdverts(logging.Filter):
+    """Drops Lightning's "try installing litlogger" tip (printed at every ``fit``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def _tidy_lightning_output() -> None:
+    """One line per Lightning message, no adverts, no warnings about what is meant.
+
+    The ``lightning`` package installs its own console handler and also propagates to the root
+    logger; under Hydra (whose handlers write the console and the run's log file) every message
+    appeared twice. With root handlers present, Lightning's own handler is removed, so its
+    records go through the run's logging only. Two warnings that describe this framework's
+    intended state are silenced: frozen modules kept in eval mode (the frozen encoder and LLM),
+    and a deprecation inside Lightning's own pytree helper.
+    """
+    import warnings
+
+    lightning_logger = logging.getLogger("lightning")
+    if logging.getLogger().hasHandlers():
+        for handler in list(lightning_logger.handlers):
+            lightning_logger.removeHandler(handler)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLightningAdverts) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropLightningAdverts())
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
 def resolve_precision(value: str, accelerator: str) -> str:
     """``auto`` -> ``bf16-mixed`` on a GPU or a CPU with fast bf16 (AMX / AVX512-BF16), else
     ``32-true``."""
@@ -133,6 +163,7 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool) -> dict[
         callbacks.append(RichProgressBar())
     loggers = [CSVLogger(out_dir / "logs", name=name, version=""),
                TensorBoardLogger(out_dir / "logs", name=f"tb_{name}", version="")]
+    _tidy_lightning_output()
     trainer = L.Trainer(max_steps=int(stage.max_steps), val_check_interval=int(stage.val_every),
                         check_val_every_n_epoch=None, callbacks=callbacks, logger=loggers,
                         num_sanity_val_steps=0, enable_model_summary=False,
@@ -278,10 +309,10 @@ def _evaluate_items(session: Session, ev_cfg: DictConfig, items: list, prefix: s
     for cname, node in (ev_cfg.get("tool_callers") or {}).items():
         from mmbridge.training.tool_eval import build_caller, caller_exact_match
 
-        cache = session.__dict__.setdefault("_tool_callers", {})
-        if cname not in cache:
-            cache[cname] = build_caller(session.registry, node, f"evaluation.tool_callers.{cname}")
-        out.update(caller_exact_match(session.model, session.chat, reader, items, cache[cname],
+        key = f"evaluation.tool_callers.{cname}"
+        if key not in session.eval_helpers:
+            session.eval_helpers[key] = build_caller(session.registry, node, key)
+        out.update(caller_exact_match(session.model, session.chat, reader, items, session.eval_helpers[key],
                                       prefix=f"{prefix}{cname}/", records=records,
                                       max_new_tokens=int(ev_cfg.get("tool_max_new_tokens", 64))))
     ref = ev_cfg.get("reference_asr")
@@ -295,11 +326,11 @@ def _asr_tool(session: Session, checkpoint: str):
     """The registered ``asr`` tool on ``checkpoint`` (evaluation.reference_asr), built once."""
     from mmbridge.build import build
 
-    cache = session.__dict__.setdefault("_asr_tools", {})
-    if checkpoint not in cache:
+    key = f"evaluation.reference_asr:{checkpoint}"
+    if key not in session.eval_helpers:
         node = OmegaConf.create({"name": "asr", "checkpoint": checkpoint})
-        cache[checkpoint] = build(session.registry, "tool", node, "evaluation.reference_asr")
-    return cache[checkpoint]
+        session.eval_helpers[key] = build(session.registry, "tool", node, "evaluation.reference_asr")
+    return session.eval_helpers[key]
 
 
 def _extra_split(session: Session, name: str, data_cfg: DictConfig, split: str) -> list:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -33,6 +34,9 @@ class Session:
     splits: dict[str, list[Sample]]
     tables: dict[str, FeatureTable] = field(default_factory=dict)
     cache_stats: dict[str, dict] = field(default_factory=dict)
+    #: Evaluation helpers built once per session and reused across evaluations (tool callers
+    #: of ``evaluation.tool_callers``, the ``evaluation.reference_asr`` tool), by config key.
+    eval_helpers: dict[str, Any] = field(default_factory=dict)
 
     def reader(self, use_cache: bool = True) -> MediaReader:
         return MediaReader(self.model, self.tables if use_cache else None)
