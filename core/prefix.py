@@ -34,6 +34,9 @@ class SequencePrefix(nn.Module, ABC):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.dim = int(dim)
+        #: What the last forward in eval mode decided, one JSON-able dict per sample (e.g.
+        #: AlignGPT's gate weights), or None; evaluation copies it into predictions.jsonl.
+        self.last_info: list[dict[str, Any]] | None = None
 
     @property
     @abstractmethod

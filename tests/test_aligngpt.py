@@ -351,3 +351,43 @@ def test_train_run_aligngpt_end_to_end(tmp_path):
     session, _ = session_from_checkpoint(str(ckpts / "final"), with_data=False, registry=REGISTRY)
     assert session.model.prefix.mode == "gate"
     torch.testing.assert_close(session.model.prefix.gate[0].weight.detach(), final["prefix.gate.0.weight"])
+
+
+def test_evaluation_records_what_the_gate_decided(llm, samples):
+    """Each held-out answer of a gated model carries its gate weights (predictions.jsonl); the
+    metrics summarise them; a prefix without a gate records its mode only."""
+    from mmbridge.training.evaluate import exact_match, gate_summary, qa_items
+
+    model, cfg = make_model(llm, "mlp")
+    configure_trainable(model, cfg.stages.instruct)
+    chat = ChatEncoder(model.llm.tokenizer, list(model.branches), max_length=256,
+                       prefix_tokens=model.prefix.n_tokens, meta_keys=model.prefix.meta_keys)
+    qa = [s.replace(conversations=[{"from": "human", "value": "<image>\nWhat colour is it?"},
+                                   {"from": "gpt", "value": "red"}], meta={**s.meta, "qtypes": ["colour"]})
+          for s in samples[:3]]
+    items = qa_items(qa)
+    records: list[dict] = []
+    out = exact_match(model, items, MediaReader(model), chat, records=records, max_new_tokens=2,
+                      batch_size=2, progress=False)
+    gates = [r["prefix"]["gate"] for r in records]
+    assert len(gates) == 3 and all(len(g) == LEVELS - 1 for g in gates)
+    assert all(abs(sum(g) - 1) < 1e-3 for g in gates)
+    # the weights recorded are the gate's on each question's own prompt (batch of 2, then 1)
+    model.eval()
+    with torch.no_grad():
+        batch = collate(model, qa[2:3], generation=True)
+        emb = model.embed(batch)
+        prompt = batch["attention_mask"].bool() & ~batch["slots"][PREFIX_SLOT]
+        direct = model.prefix.gate_weights(emb, prompt)[0].tolist()
+    assert gates[2] == pytest.approx(direct, abs=1e-3)
+    assert 0.0 <= out["gate/entropy"] <= 1.0 and 1 / (LEVELS - 1) <= out["gate/max_weight"] <= 1.0
+    assert out == {**out, **gate_summary([r["prefix"] for r in records])}
+    # known weights: uniform -> entropy 1; one-hot -> entropy 0, max weight 1
+    assert gate_summary([{"gate": [1 / 3] * 3}])["gate/entropy"] == pytest.approx(1.0)
+    assert gate_summary([{"gate": [1.0, 0.0, 0.0]}]) == pytest.approx({"gate/entropy": 0.0, "gate/max_weight": 1.0}, abs=1e-9)
+
+    model.prefix.configure(stage("uniform"))
+    records = []
+    out = exact_match(model, items, MediaReader(model), chat, records=records, max_new_tokens=2, progress=False)
+    assert [r["prefix"] for r in records] == [{"mode": "uniform"}] * 3
+    assert "gate/entropy" not in out

@@ -3,9 +3,11 @@ the baselines measured in the same run (the LLM without the media, and chance)."
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from rich.progress import Progress
@@ -77,8 +79,10 @@ def wer_by_type(items: Sequence[QAItem], preds: Sequence[str], qtypes: Sequence[
 @torch.no_grad()
 def answer(model: MultimodalModel, items: Sequence[QAItem], reader: MediaReader, chat: ChatEncoder,
            batch_size: int = 16, max_new_tokens: int = 12, without_media: bool = False,
-           progress: bool = True) -> list[str]:
-    """Greedy answers for the questions (optionally with the media removed)."""
+           progress: bool = True, infos: list[dict[str, Any] | None] | None = None) -> list[str]:
+    """Greedy answers for the questions (optionally with the media removed). With ``infos``,
+    what the model's sequence prefix decided for each question (``SequencePrefix.last_info``,
+    e.g. AlignGPT's gate weights; None without one) is appended to it."""
     collate = Collator(chat.pad_id, model, left_pad=True)
     device = next(model.parameters()).device
     was_training = model.training
@@ -95,8 +99,13 @@ def answer(model: MultimodalModel, items: Sequence[QAItem], reader: MediaReader,
                 s = s.replace(conversations=s.conversations[:-1])
                 encoded.append(encode_sample(s, reader, chat, add_generation_prompt=True))
             batch = _to(collate(encoded), device)
+            if model.prefix is not None:
+                model.prefix.last_info = None
             new = model.generate(batch, max_new_tokens=max_new_tokens)
             outs += [tok.decode(row, skip_special_tokens=True).strip() for row in new]
+            if infos is not None:
+                got = model.prefix.last_info if model.prefix is not None else None
+                infos += got if got is not None and len(got) == len(chunk) else [None] * len(chunk)
             bar.advance(task, len(chunk))
     model.train(was_training)
     return outs
@@ -107,18 +116,36 @@ def exact_match(model: MultimodalModel, items: Sequence[QAItem], reader: MediaRe
                 wer_qtypes: Sequence[str] = (), **kwargs) -> dict[str, float]:
     """Exact match (after :func:`normalize`) overall and per question type, and the word error
     rate of the types in ``wer_qtypes`` (transcriptions); with ``records``, one dict per
-    question is appended to it (id, type, question, reference, prediction)."""
-    preds = answer(model, items, reader, chat, **kwargs)
+    question is appended to it (id, type, question, reference, prediction, and what the
+    sequence prefix decided, e.g. AlignGPT's gate weights). A gated prefix adds
+    ``gate/entropy`` (mean entropy of the gate weights over log(N-1): 1 = uniform, 0 = one
+    level) and ``gate/max_weight``."""
+    infos: list[dict[str, Any] | None] = []
+    preds = answer(model, items, reader, chat, infos=infos, **kwargs)
     correct: dict[str, list[bool]] = defaultdict(list)
-    for it, p in zip(items, preds):
+    for it, p, info in zip(items, preds, infos):
         ok = normalize(p) == normalize(it.answer)
         correct[it.qtype].append(ok)
         if records is not None:
             shown = strip_media(it.sample) if kwargs.get("without_media") else it.sample
-            records.append({"id": it.sample.id, "qtype": it.qtype, "mode": prefix.rstrip("/") or "media",
-                            "question": shown.conversations[0]["value"], "answer": it.answer,
-                            "prediction": p, "correct": ok})
-    return {**_summarise(correct, prefix), **wer_by_type(items, preds, wer_qtypes, prefix)}
+            rec = {"id": it.sample.id, "qtype": it.qtype, "mode": prefix.rstrip("/") or "media",
+                   "question": shown.conversations[0]["value"], "answer": it.answer,
+                   "prediction": p, "correct": ok}
+            if info is not None:
+                rec["prefix"] = info
+            records.append(rec)
+    return {**_summarise(correct, prefix), **wer_by_type(items, preds, wer_qtypes, prefix),
+            **gate_summary(infos, prefix)}
+
+
+def gate_summary(infos: Sequence[dict[str, Any] | None], prefix: str = "") -> dict[str, float]:
+    """``gate/entropy`` and ``gate/max_weight`` over the questions that went through a gate."""
+    weights = [info["gate"] for info in infos if info and info.get("gate")]
+    if not weights or len(weights[0]) < 2:
+        return {}
+    w = torch.tensor(weights, dtype=torch.float64).clamp(min=1e-12)
+    entropy = -(w * w.log()).sum(-1) / math.log(w.shape[-1])
+    return {f"{prefix}gate/entropy": float(entropy.mean()), f"{prefix}gate/max_weight": float(w.max(-1).values.mean())}
 
 
 def reference_asr(items: Sequence[QAItem], tool, qtypes: Sequence[str], prefix: str = "asr/",

@@ -126,16 +126,23 @@ class AlignGPTPrefix(SequencePrefix):
         """The indicator token ``[B, 1, D]`` of the current mode (formulas in the module doc)."""
         b = embeds.shape[0]
         h_local, h_global = self.indicators[:-1], self.indicators[-1]  # [N-1, D], [D]
+        info: list[dict[str, Any]] = [{"mode": self.mode} for _ in range(b)]
         if self.mode == "level":
-            out = self.indicators[self.levels_of(batch, b, embeds.device)]
-        elif self.mode == "gate":
-            out = h_global + self.gate_weights(embeds, prompt_mask) @ h_local
-        elif self.mode == "local_only":
-            out = self.gate_weights(embeds, prompt_mask) @ h_local
+            lv = self.levels_of(batch, b, embeds.device)
+            out = self.indicators[lv]
+            for d, level in zip(info, lv.tolist()):
+                d["level"] = level
+        elif self.mode in GATED:
+            a = self.gate_weights(embeds, prompt_mask)  # [B, N-1]
+            out = a @ h_local if self.mode == "local_only" else h_global + a @ h_local
+            if not self.training:
+                for d, w in zip(info, a.float().tolist()):
+                    d["gate"] = [round(x, 4) for x in w]
         elif self.mode == "uniform":
             out = (h_global + h_local.mean(0)).expand(b, -1)
         else:  # global_only
             out = h_global.expand(b, -1)
+        self.last_info = None if self.training else info
         return out.unsqueeze(1)
 
 
