@@ -297,20 +297,23 @@ def test_caption_pretrain_templates_per_modality():
         CaptionPretrainRecipe(instructions={"smell": ["Sniff."]})
 
 
-def test_configs_compose_for_the_ablation():
+@pytest.mark.parametrize(("experiment", "n_train"), [("aligngpt_ablation", None),
+                                                     ("aligngpt_quickstart_ablation", 2000)])
+def test_configs_compose_for_the_ablation(experiment, n_train):
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    cfg = compose(["experiment=aligngpt_ablation"], REGISTRY, return_hydra_config=True)
+    cfg = compose([f"experiment={experiment}"], REGISTRY, return_hydra_config=True)
     params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
     jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)[0]
     assert len(jobs) == 12
     seen = {}
     for job in (j for j in jobs if "seed=0" in j):
-        c = compose(["experiment=aligngpt_ablation", *job], REGISTRY)
+        c = compose([f"experiment={experiment}", *job], REGISTRY)
         a = c.get("alignment")
         seen[job[0]] = (a.levels if a else None, c.stages.instruct.get("prefix", {}).get("mode"))
         assert c.data.caption_noise.unrelated == 0.2 and c.stages.align.recipe.name == "align_levels"
+        assert n_train is None or (c.data.n_train == n_train and c.llm.name == "hf_causal")
     assert seen == {"alignment=none": (None, None), "alignment=aligngpt_n4": (4, "gate"),
                     "alignment=aligngpt": (8, "gate"), "alignment=aligngpt_local_only": (8, "local_only"),
                     "alignment=aligngpt_uniform": (8, "uniform"), "alignment=aligngpt_global_only": (8, "global_only")}
