@@ -310,9 +310,8 @@ def _evaluate_items(session: Session, ev_cfg: DictConfig, items: list, prefix: s
         from mmbridge.training.tool_eval import build_caller, caller_exact_match
 
         key = f"evaluation.tool_callers.{cname}"
-        if key not in session.eval_helpers:
-            session.eval_helpers[key] = build_caller(session.registry, node, key)
-        out.update(caller_exact_match(session.model, session.chat, reader, items, session.eval_helpers[key],
+        caller = session.eval_helper(key, lambda: build_caller(session.registry, node, key))
+        out.update(caller_exact_match(session.model, session.chat, reader, items, caller,
                                       prefix=f"{prefix}{cname}/", records=records,
                                       max_new_tokens=int(ev_cfg.get("tool_max_new_tokens", 64))))
     ref = ev_cfg.get("reference_asr")
@@ -326,11 +325,9 @@ def _asr_tool(session: Session, checkpoint: str):
     """The registered ``asr`` tool on ``checkpoint`` (evaluation.reference_asr), built once."""
     from mmbridge.build import build
 
-    key = f"evaluation.reference_asr:{checkpoint}"
-    if key not in session.eval_helpers:
-        node = OmegaConf.create({"name": "asr", "checkpoint": checkpoint})
-        session.eval_helpers[key] = build(session.registry, "tool", node, "evaluation.reference_asr")
-    return session.eval_helpers[key]
+    node = OmegaConf.create({"name": "asr", "checkpoint": checkpoint})
+    return session.eval_helper(f"evaluation.reference_asr:{checkpoint}",
+                               lambda: build(session.registry, "tool", node, "evaluation.reference_asr"))
 
 
 def _extra_split(session: Session, name: str, data_cfg: DictConfig, split: str) -> list:

@@ -4,6 +4,7 @@ feature caches. Shared by ``train``, ``eval`` and ``generate``."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,12 @@ class Session:
 
     def reader(self, use_cache: bool = True) -> MediaReader:
         return MediaReader(self.model, self.tables if use_cache else None)
+
+    def eval_helper(self, key: str, make: Callable[[], Any]) -> Any:
+        """``eval_helpers[key]``, built by ``make()`` the first time it is asked for."""
+        if key not in self.eval_helpers:
+            self.eval_helpers[key] = make()
+        return self.eval_helpers[key]
 
 
 def load_splits(cfg: DictConfig, registry: Registry) -> dict[str, list[Sample]]:

@@ -126,24 +126,29 @@ class AlignGPTPrefix(SequencePrefix):
         """The indicator token ``[B, 1, D]`` of the current mode (formulas in the module doc)."""
         b = embeds.shape[0]
         h_local, h_global = self.indicators[:-1], self.indicators[-1]  # [N-1, D], [D]
-        info: list[dict[str, Any]] = [{"mode": self.mode} for _ in range(b)]
+        lv = a = None
         if self.mode == "level":
             lv = self.levels_of(batch, b, embeds.device)
             out = self.indicators[lv]
-            for d, level in zip(info, lv.tolist()):
-                d["level"] = level
         elif self.mode in GATED:
             a = self.gate_weights(embeds, prompt_mask)  # [B, N-1]
             out = a @ h_local if self.mode == "local_only" else h_global + a @ h_local
-            if not self.training:
-                for d, w in zip(info, a.float().tolist()):
-                    d["gate"] = [round(x, 4) for x in w]
         elif self.mode == "uniform":
             out = (h_global + h_local.mean(0)).expand(b, -1)
         else:  # global_only
             out = h_global.expand(b, -1)
-        self.last_info = None if self.training else info
+        self.last_info = None if self.training else self._describe(b, lv, a)
         return out.unsqueeze(1)
+
+    def _describe(self, b: int, lv: torch.Tensor | None, a: torch.Tensor | None) -> list[dict[str, Any]]:
+        """Per-sample record of a forward: mode, level or gate weights (evaluation only: it
+        copies to the host, which a training step should not wait for)."""
+        info: list[dict[str, Any]] = [{"mode": self.mode} for _ in range(b)]
+        for d, level in zip(info, lv.tolist() if lv is not None else []):
+            d["level"] = level
+        for d, w in zip(info, a.float().tolist() if a is not None else []):
+            d["gate"] = [round(x, 4) for x in w]
+        return info
 
 
 def _check_mode(mode: Any, key: str) -> None:
