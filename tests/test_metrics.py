@@ -1,5 +1,5 @@
-"""Shared text metrics: normalisation, exact match and corpus-level WER, against values worked
-out by hand."""
+"""Shared text metrics: exact match's normalisation, and corpus-level WER (jiwer after
+Whisper's English normaliser) against values worked out by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from mmbridge.metrics import edit_distance, exact_match, normalize_text, word_error_rate
+from mmbridge.metrics import english_normalizer, exact_match, normalize_text, word_error_rate
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -28,12 +28,15 @@ def test_exact_match_ignores_case_punctuation_and_spacing():
     assert not exact_match("3", "three")
 
 
-def test_edit_distance():
-    assert edit_distance(["a", "b", "c"], ["a", "x", "c", "d"]) == 2  # b->x, +d
-    assert edit_distance([], ["a", "b"]) == 2
-    assert edit_distance(["a", "b"], []) == 2
-    assert edit_distance(["kitten"], ["kitten"]) == 0
-    assert edit_distance(list("kitten"), list("sitting")) == 3  # the textbook example
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Mr. Smith has twenty five apples.", "mister smith has 25 apples"),
+    ("I don't know", "i do not know"),
+    ("The colour is grey.", "the color is gray"),
+    ("Uh, the ball [noise] is red", "the ball is red"),
+    ("  The RED ball, please! ", "the red ball please"),
+])
+def test_whisper_english_normalizer(text, expected):
+    assert english_normalizer()(text) == expected
 
 
 def test_word_error_rate_single_and_corpus_level():
@@ -48,10 +51,23 @@ def test_word_error_rate_single_and_corpus_level():
     assert word_error_rate("The Ball", "the ball", normalize=False) == pytest.approx(1.0)
 
 
+def test_word_error_rate_normaliser_effects():
+    hyp, ref = "Mr. Smith has twenty five apples.", "mister smith has 25 apples"
+    assert word_error_rate(hyp, ref) == 0.0
+    # unnormalised: Mr./mister, Smith/smith, twenty/25, apples./apples substituted, "five"
+    # inserted: 5 edits / 5 words
+    assert word_error_rate(hyp, ref, normalize=False) == pytest.approx(1.0)
+    assert word_error_rate("I don't like the colour grey", "i do not like the color gray") == 0.0
+    # numbers compare as numbers: "26" against "twenty five" is one substitution in 4 words
+    assert word_error_rate("he is 26 today", "he is twenty five today") == pytest.approx(0.25)
+
+
 def test_word_error_rate_edge_cases():
     assert word_error_rate([], []) == 0.0
     assert word_error_rate(["", ""], ["", ""]) == 0.0
     assert math.isinf(word_error_rate("words", ""))
     assert word_error_rate("", "two words") == pytest.approx(1.0)
+    # an empty reference's hypothesis words count as insertions: (0 + 2) / 2
+    assert word_error_rate(["x y", "a b"], ["x y", ""]) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="2 hypotheses for 1 references"):
         word_error_rate(["a", "b"], ["a"])
