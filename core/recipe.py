@@ -35,8 +35,11 @@ class DataRecipe(ABC):
     """Turns raw samples into the conversations one training stage learns from.
 
     ``annotate`` sees the whole split once before training (AlignGPT scores and buckets every
-    pair there); ``__call__`` maps one sample to the sample the stage trains on (or ``None`` to
-    drop it) and may draw from ``rng`` (seeded per sample and epoch, so runs are reproducible).
+    pair there); ``__call__`` maps one sample to the sample the stage trains on, or ``None`` to
+    drop it. It runs once per sample when the stage's data set is built
+    (:class:`~mmbridge.data.dataset.ConversationDataset`), so dropped samples are left out of
+    the split (counted in the log) and indices stay dense; ``rng`` is seeded per sample (run
+    seed, index, id), so runs are reproducible.
     """
 
     def setup(self, context: RecipeContext) -> None:  # noqa: B027 - optional hook
@@ -48,5 +51,5 @@ class DataRecipe(ABC):
         return list(samples)
 
     def __call__(self, sample: Sample, rng: random.Random) -> Sample | None:
-        """The stage's version of ``sample`` (default: unchanged)."""
+        """The stage's version of ``sample`` (default: unchanged); ``None`` drops it."""
         return sample

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from mmbridge.errors import DataError
 
 #: The roles of a LLaVA conversation turn, mapped to chat-template roles.
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -13,6 +16,44 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 def placeholder(modality: str) -> str:
     """The text placeholder of a modality: ``"image"`` -> ``"<image>"``."""
     return f"<{modality}>"
+
+
+def check_placeholders(turns: Iterable[tuple[str, str]], media: Mapping[str, int],
+                       modalities: Iterable[str], where: str) -> None:
+    """The one placeholder rule: each media item has exactly one placeholder, in a user turn.
+
+    Every reader of samples (the LLaVA reader, the run's media check, the chat encoder) calls
+    this function, so a broken sample gets the same message wherever it is caught.
+
+    Args:
+        turns: ``(chat role, text)`` per turn (roles as in :data:`ROLES`' values, or LLaVA's).
+        media: Modality -> number of media items of that modality in the sample.
+        modalities: Placeholders to count besides the media's own (e.g. the model's
+            modalities, so that an ``<audio>`` without an audio file is caught).
+        where: Prefix of the message (file and record, or sample id).
+
+    Raises:
+        DataError: naming ``where``, the placeholder, the counts and the rule.
+    """
+    keys = dict.fromkeys([*media, *modalities])
+    user = dict.fromkeys(keys, 0)
+    other = dict.fromkeys(keys, 0)
+    for role, text in turns:
+        is_user = ROLES.get(role, role) == "user"
+        for key in keys:
+            n = text.count(placeholder(key))
+            if is_user:
+                user[key] += n
+            else:
+                other[key] += n
+    for key in keys:
+        expected = int(media.get(key, 0))
+        if user[key] != expected or other[key]:
+            ph = placeholder(key)
+            elsewhere = f" and {other[key]} in other turns" if other[key] else ""
+            raise DataError(f"{where}: {user[key]} {ph} placeholder(s) in user turns{elsewhere} for "
+                            f"{expected} {key} item(s); each {key} item needs exactly one {ph}, "
+                            f"in a user turn")
 
 
 @dataclass

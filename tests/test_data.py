@@ -100,15 +100,17 @@ BAD = {
     "missing_media": ({"id": "r1", "image": "img/nope.png", "conversations": _turns("<image>\nQ", "A")},
                       "image file not found: .*img/nope.png"),
     "no_placeholder": ({"id": "r1", "image": "img/a.png", "conversations": _turns("Q", "A")},
-                       r"0 <image> placeholder\(s\) for 1 image"),
+                       r"0 <image> placeholder\(s\) in user turns for 1 image item\(s\); each image item "
+                       r"needs exactly one <image>, in a user turn"),
     "two_placeholders": ({"id": "r1", "image": "img/a.png", "conversations": _turns("<image>Q", "A", "<image>", "B")},
-                         r"2 <image> placeholder\(s\) for 1 image"),
+                         r"2 <image> placeholder\(s\) in user turns for 1 image"),
     "placeholder_without_media": ({"id": "r1", "conversations": _turns("<audio>Q", "A")},
-                                  r"1 <audio> placeholder\(s\) for 0 audio"),
+                                  r"1 <audio> placeholder\(s\) in user turns for 0 audio"),
     "placeholder_in_answer": ({"id": "r1", "image": "img/a.png", "conversations": _turns("<image>Q", "<image>")},
-                              "placeholders belong in human turns"),
+                              r"1 <image> placeholder\(s\) in user turns and 1 in other turns for 1 image"),
     "empty_answer": ({"id": "r1", "conversations": _turns("Q", "  ")}, "empty gpt turn"),
-    "duplicate_id": ({"id": "ok", "conversations": _turns("Q", "A")}, r"duplicate id \(also record 0\)"),
+    "duplicate_id": ({"id": "ok", "conversations": _turns("Q", "A")},
+                     r"duplicate id 'ok', also used by .*data\.jsonl?: record 0 \(id 'ok'"),
 }
 
 
@@ -131,15 +133,16 @@ def test_validation_errors_name_file_and_record(tmp_path, case, suffix):
 
 
 def test_bad_json_names_the_line(tmp_path):
-    (tmp_path / "a.json").write_text('[\n {"id": 1},\n {"id": 2,,}\n]')
+    _media(tmp_path)  # records are read as the file streams: the first one must be valid
+    (tmp_path / "a.json").write_text("[\n" + json.dumps(GOOD) + ',\n {"id": 2,,}\n]')
     with pytest.raises(DataError, match=r"a\.json: invalid JSON at line 3"):
         read_llava(tmp_path / "a.json")
     (tmp_path / "b.jsonl").write_text(json.dumps(GOOD) + "\n\n{oops\n")
     with pytest.raises(DataError, match=r"b\.jsonl: invalid JSON at line 3"):
         read_llava(tmp_path / "b.jsonl")
-    (tmp_path / "c.json").write_text('[{"id": 1}]'.replace("[", "").replace("]", "") + "\n")
-    with pytest.raises(DataError, match=r"c\.json: record 0 \(id 1, line 1\): missing 'conversations'"):
-        read_llava(tmp_path / "c.json")
+    (tmp_path / "c.jsonl").write_text('{"id": 1}\n')
+    with pytest.raises(DataError, match=r"c\.jsonl: record 0 \(id 1, line 1\): missing 'conversations'"):
+        read_llava(tmp_path / "c.jsonl")
 
 
 # -- llava data set ---------------------------------------------------------------------------
@@ -148,8 +151,12 @@ def test_llava_dataset(tmp_path):
     files = LlavaDataset(train=str(tmp_path / "train.jsonl"), media_root=str(tmp_path / "m2")).prepare(tmp_path)
     assert files.splits == {"train": tmp_path / "train.jsonl"} and files.media_root == tmp_path / "m2"
     # default media root: the train file's folder, where img/a.png does not exist -> named error
+    # when the records are read (prepare only checks the files: each file is parsed once)
+    files = LlavaDataset(train=str(tmp_path / "train.jsonl")).prepare(tmp_path)
     with pytest.raises(DataError, match="image file not found"):
-        LlavaDataset(train=str(tmp_path / "train.jsonl")).prepare(tmp_path)
+        read_llava(files.splits["train"], files.media_root)
+    with pytest.raises(ConfigError, match="data.on_error: 'ignore' is not one of raise, skip"):
+        LlavaDataset(train=str(tmp_path / "train.jsonl"), on_error="ignore")
     with pytest.raises(ConfigError, match="data.test: file not found"):
         LlavaDataset(train=str(tmp_path / "train.jsonl"), test=str(tmp_path / "no.json"),
                      media_root=str(tmp_path / "m2")).prepare(tmp_path)

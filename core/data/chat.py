@@ -14,7 +14,7 @@ from typing import Any
 
 from mmbridge.errors import DataError
 from mmbridge.prefix import PREFIX_SLOT
-from mmbridge.types import ROLES, placeholder
+from mmbridge.types import ROLES, check_placeholders, placeholder
 
 IGNORE = -100
 
@@ -43,11 +43,21 @@ def to_messages(conversations: Sequence[Mapping[str, str]]) -> list[dict[str, st
 
 @dataclass
 class Encoded:
-    """One tokenized sample: ``input_ids``, ``labels`` and per-position slot modality (or "")."""
+    """One tokenized sample: ``input_ids``, ``labels`` and per-position slot modality (or "").
+
+    ``cut_labels`` counts the supervised (answer) tokens that ``max_length`` cut away; the
+    labels kept are ``sum(l != IGNORE for l in labels)``.
+    """
 
     input_ids: list[int]
     labels: list[int]
     slot_modality: list[str]
+    cut_labels: int = 0
+
+    @property
+    def supervised(self) -> int:
+        """Answer tokens kept (positions with a label)."""
+        return sum(label != IGNORE for label in self.labels)
 
 
 class ChatEncoder:
@@ -56,8 +66,11 @@ class ChatEncoder:
     Args:
         tokenizer: A Hugging Face tokenizer.
         modalities: The placeholders to expand (``["image"]`` -> ``<image>``).
-        max_length: Longest sequence kept; longer samples are cut at the end (never inside
-            the media slots: such a sample is an error naming its id).
+        max_length: Longest sequence kept (``loader.max_text_tokens``). A training sample
+            longer than that is cut at the end (never inside the media slots: such a sample is
+            an error naming its id) and says how many answer tokens were cut
+            (:attr:`Encoded.cut_labels`); a generation prompt longer than that is an error,
+            since cutting it would cut the question away.
     """
 
     def __init__(self, tokenizer: Any, modalities: Sequence[str], max_length: int = 512,
@@ -92,24 +105,29 @@ class ChatEncoder:
 
     def encode(self, messages: list[dict[str, str]], slots: Mapping[str, int],
                add_generation_prompt: bool = False, sample_id: str = "?") -> Encoded:
-        """Tokenize; ``slots[modality]`` = how many positions its placeholder expands to."""
+        """Tokenize; ``slots[modality]`` = how many positions its placeholder expands to.
+
+        Raises:
+            DataError: the placeholders break the rule of
+                :func:`~mmbridge.types.check_placeholders`; the media slots end beyond
+                ``max_length``; a generation prompt is longer than ``max_length``.
+        """
+        check_placeholders(((m["role"], m["content"]) for m in messages), dict.fromkeys(slots, 1),
+                           self.modalities, f"sample {sample_id}")
+        generating = add_generation_prompt and messages[-1]["role"] != "assistant"
         text = self.render(messages, add_generation_prompt=add_generation_prompt)
-        spans = [] if add_generation_prompt and messages[-1]["role"] != "assistant" else self._answer_spans(messages, text)
+        spans = [] if generating else self._answer_spans(messages, text)
         ids: list[int] = []
         labels: list[int] = []
         where: list[str] = []
         pos = 0
-        seen: dict[str, int] = {}
         pieces = self._split.split(text) if self._split else [text]
         for piece in pieces:
             if not piece:
                 continue
             modality = piece[1:-1] if self._split and self._split.fullmatch(piece) else None
             if modality is not None:
-                seen[modality] = seen.get(modality, 0) + 1
-                n = slots.get(modality)
-                if n is None:
-                    raise DataError(f"sample {sample_id}: has a {piece} placeholder but no {modality} media")
+                n = slots[modality]
                 ids += [self.pad_id] * n
                 labels += [IGNORE] * n
                 where += [modality] * n
@@ -122,10 +140,6 @@ class ChatEncoder:
                     labels.append(tid if supervised else IGNORE)
                     where.append("")
             pos += len(piece)
-        for modality in slots:
-            if seen.get(modality, 0) != 1:
-                raise DataError(f"sample {sample_id}: {seen.get(modality, 0)} {placeholder(modality)} "
-                                f"placeholders for 1 {modality} item; put exactly one in a user turn")
         if self.prefix_tokens:
             # Right after BOS when the template starts with one (AlignGPT's position), else first.
             at = 1 if ids and ids[0] == self.tokenizer.bos_token_id else 0
@@ -133,10 +147,16 @@ class ChatEncoder:
             ids[at:at] = [self.pad_id] * n
             labels[at:at] = [IGNORE] * n
             where[at:at] = [PREFIX_SLOT] * n
+        cut = 0
+        if len(ids) > self.max_length and generating:
+            raise DataError(f"sample {sample_id}: the prompt is {len(ids)} tokens, longer than "
+                            f"loader.max_text_tokens={self.max_length}; cutting it would cut the "
+                            f"question away: shorten the prompt or raise loader.max_text_tokens")
         if len(ids) > self.max_length:
             last_slot = max((i for i, w in enumerate(where) if w), default=-1)
             if last_slot >= self.max_length:
                 raise DataError(f"sample {sample_id}: media slots end at position {last_slot + 1}, "
                                 f"beyond loader.max_text_tokens={self.max_length}; raise it")
+            cut = sum(label != IGNORE for label in labels[self.max_length:])
             ids, labels, where = ids[: self.max_length], labels[: self.max_length], where[: self.max_length]
-        return Encoded(ids, labels, where)
+        return Encoded(ids, labels, where, cut_labels=cut)

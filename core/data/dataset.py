@@ -3,8 +3,10 @@ collator that pads a batch."""
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,6 +18,8 @@ from mmbridge.errors import DataError
 from mmbridge.model import MultimodalModel
 from mmbridge.recipe import DataRecipe
 from mmbridge.types import Sample, placeholder
+
+log = logging.getLogger(__name__)
 
 
 class MediaReader:
@@ -56,31 +60,117 @@ class MediaReader:
 class ConversationDataset(Dataset):
     """Samples -> (recipe) -> tokenized conversations with media, for training and validation.
 
+    The recipe runs once per sample here, when the data set is built, with the same per-sample
+    seeded rng as ever (``seed:index:id``): a sample it maps to ``None`` is dropped
+    (:class:`~mmbridge.recipe.DataRecipe`'s contract), so that the indices a sampler draws stay
+    dense. The dropped ids are kept in :attr:`dropped` and counted in one log line.
+
     Args:
         samples: The split's samples (already annotated by the recipe).
-        recipe: The stage's recipe, applied per item with a per-sample seeded rng.
+        recipe: The stage's recipe.
         reader: Media inputs / cached features.
         chat: The tokenizer front end.
         seed: Seeds each sample's recipe rng together with its index.
+        split: Names the split in the log line and in errors.
     """
 
     def __init__(self, samples: Sequence[Sample], recipe: DataRecipe, reader: MediaReader,
-                 chat: ChatEncoder, seed: int = 0) -> None:
-        self.samples = list(samples)
+                 chat: ChatEncoder, seed: int = 0, split: str = "") -> None:
         self.recipe = recipe
         self.reader = reader
         self.chat = chat
         self.seed = seed
+        self.split = split
+        self.samples: list[Sample] = []
+        self.dropped: list[str] = []
+        for i, raw in enumerate(samples):
+            out = recipe(raw, random.Random(f"{seed}:{i}:{raw.id}"))
+            if out is None:
+                self.dropped.append(raw.id)
+            else:
+                self.samples.append(out)
+        if self.dropped:
+            log.info("recipe %s dropped %d of %d samples of split '%s' (first: %s)", type(recipe).__name__,
+                     len(self.dropped), len(samples), split or "?", ", ".join(self.dropped[:3]))
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        raw = self.samples[i]
-        sample = self.recipe(raw, random.Random(f"{self.seed}:{i}:{raw.id}"))
-        if sample is None:  # the recipe drops it: train on the raw sample's conversation instead
-            sample = raw
-        return encode_sample(sample, self.reader, self.chat)
+        return encode_sample(self.samples[i], self.reader, self.chat)
+
+
+@dataclass
+class TruncationReport:
+    """How ``loader.max_text_tokens`` cut one split's answers (see :func:`truncation_report`)."""
+
+    split: str
+    samples: int
+    truncated: int  # samples that lost answer tokens
+    supervised: int  # answer tokens kept
+    cut: int  # answer tokens cut away
+    dropped: int = 0  # samples the recipe dropped
+    truncated_ids: list[str] = field(default_factory=list)
+
+    @property
+    def share(self) -> float:
+        """Share of the split's samples that lost answer tokens."""
+        return self.truncated / self.samples if self.samples else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"split": self.split, "samples": self.samples, "truncated": self.truncated,
+                "share": self.share, "supervised_tokens": self.supervised, "cut_tokens": self.cut,
+                "dropped_by_recipe": self.dropped, "truncated_ids": self.truncated_ids[:20]}
+
+    def summary(self) -> str:
+        return (f"split '{self.split}': {self.truncated} of {self.samples} samples "
+                f"({self.share:.1%}) lose answer tokens to loader.max_text_tokens "
+                f"({self.cut} cut, {self.supervised} kept)")
+
+
+def truncation_report(dataset: ConversationDataset) -> TruncationReport:
+    """Encode every sample of ``dataset`` once (text, with each media item's slot count) and
+    count what ``loader.max_text_tokens`` cuts from the answers.
+
+    Media are read through the data set's reader: cached features cost a lookup, live media
+    are decoded once here.
+    """
+    truncated, supervised, cut = [], 0, 0
+    for sample in dataset.samples:
+        slots = {m: dataset.reader.read(m, p)[2] for m, p in sample.media.items()}
+        enc = dataset.chat.encode(to_messages(sample.conversations), slots, sample_id=sample.id)
+        supervised += enc.supervised
+        cut += enc.cut_labels
+        if enc.cut_labels:
+            truncated.append(sample.id)
+    return TruncationReport(dataset.split, len(dataset), len(truncated), supervised, cut,
+                            len(dataset.dropped), truncated)
+
+
+def check_truncation(reports: Sequence[TruncationReport], max_share: float = 0.05,
+                     stage: str = "") -> None:
+    """Log one line per split that loses answer tokens; raise when a split keeps no supervised
+    token at all, or when more than ``max_share`` of its samples lose answer tokens.
+
+    Raises:
+        DataError: naming the split, the stage, ``loader.max_text_tokens`` and
+            ``loader.max_truncated_share``.
+    """
+    where = f"stages.{stage}: " if stage else ""
+    for r in reports:
+        if r.truncated:
+            log.warning("%s%s", where, r.summary())
+        if r.samples == 0:
+            if r.split == "val":
+                continue
+            raise DataError(f"{where}split '{r.split}' has no sample to train on"
+                            + (f" (the recipe dropped all {r.dropped})" if r.dropped else ""))
+        if r.supervised == 0:
+            raise DataError(f"{where}split '{r.split}' has no supervised (answer) token left: "
+                            f"{r.summary()}; raise loader.max_text_tokens")
+        if r.share > max_share:
+            raise DataError(f"{where}{r.summary()}, above loader.max_truncated_share={max_share}; "
+                            f"raise loader.max_text_tokens (or loader.max_truncated_share to accept it)")
 
 
 def encode_sample(sample: Sample, reader: MediaReader, chat: ChatEncoder,

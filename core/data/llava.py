@@ -17,16 +17,20 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Literal
 
-from mmbridge.errors import DataError
-from mmbridge.types import ROLES, Sample, placeholder
+from mmbridge.errors import ConfigError, DataError
+from mmbridge.types import ROLES, Sample, check_placeholders
 
 #: Top-level keys that name a media file; each becomes a key of :attr:`Sample.media`.
 MEDIA_KEYS: tuple[str, ...] = ("image", "audio", "video")
 _RESERVED = {"id", "conversations", "meta", *MEDIA_KEYS}
+#: What ``data.on_error`` may be: stop at the first bad record, or drop bad records and go on.
+ON_ERROR = ("raise", "skip")
+_CHUNK = 1 << 20
 
 
 def _where(path: Path, index: int, rid: Any = None, line: int | None = None) -> str:
@@ -35,41 +39,131 @@ def _where(path: Path, index: int, rid: Any = None, line: int | None = None) -> 
     return f"{path}: record {index}" + (f" ({', '.join(details)})" if details else "")
 
 
-def _load_records(path: Path) -> list[tuple[Any, int | None]]:
-    """``(record, line or None)`` for each record of a JSON list or JSONL file."""
+class _RecordError(DataError):
+    """A problem of one record (``skip`` mode drops the record); other DataErrors stop the read."""
+
+
+def _json_list(f: IO[str], path: Path, buf: str, pos: int) -> Iterator[tuple[Any, int]]:
+    """Stream the records of a JSON list, one ``raw_decode`` at a time: the file is read in
+    chunks and never held whole. ``buf[pos]`` is the opening ``[``. Yields ``(record, line)``."""
+    dec = json.JSONDecoder()
+    line, counted = 1, 0  # newlines are counted once, up to ``counted``
+    eof = False
+
+    def more() -> bool:
+        nonlocal buf, pos, counted, line, eof
+        if eof:
+            return False
+        line += buf.count("\n", counted, pos)
+        chunk = f.read(_CHUNK)
+        buf, pos, counted, eof = buf[pos:] + chunk, 0, 0, not chunk
+        return bool(chunk)
+
+    def skip_ws() -> str:
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf) or not more():
+                return buf[pos] if pos < len(buf) else ""
+
+    def error(msg: str) -> DataError:
+        at = line + buf.count("\n", counted, pos)
+        return DataError(f"{path}: invalid JSON at line {at}: {msg}")
+
+    pos += 1
+    first = True
+    while True:
+        c = skip_ws()
+        if c == "]":
+            pos += 1
+            if skip_ws():
+                raise error("extra data after the closing ']'")
+            return
+        if not first:
+            if c != ",":
+                raise error(f"expected ',' or ']' between records, got {c!r}" if c else "the list is not closed")
+            pos += 1
+            skip_ws()
+        first = False
+        while True:
+            try:
+                record, end = dec.raw_decode(buf, pos)
+            except json.JSONDecodeError as exc:
+                offset = exc.pos - pos  # more() moves the buffer
+                if more():
+                    continue
+                at = line + buf.count("\n", counted, pos + offset)
+                raise DataError(f"{path}: invalid JSON at line {at}: {exc.msg}") from None
+            if end == len(buf) and more():  # a number cut by the chunk end: read on
+                continue
+            break
+        line += buf.count("\n", counted, pos)
+        counted = pos
+        yield record, line
+        pos = end
+
+
+def _records(path: Path) -> Iterator[tuple[Any, int | None]]:
+    """``(record, line)`` for each record of a JSON list or JSONL file, streamed (a UTF-8 BOM
+    is accepted). A ``.json`` file holding one object gets a message saying a list is expected."""
     try:
-        text = path.read_text(encoding="utf-8")
+        f = path.open(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"{path}: data file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise DataError(f"{path}: cannot read data file: {exc}") from None
-    stripped = text.lstrip()
-    if path.suffix.lower() != ".jsonl" and (stripped.startswith("[") or not stripped):
-        try:
-            data = json.loads(text) if stripped else []
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-        return [(r, None) for r in data]
-    records = []
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            records.append((json.loads(raw), lineno))
-        except json.JSONDecodeError as exc:
-            hint = "" if path.suffix.lower() == ".jsonl" else " (read as JSONL: the file does not start with '[')"
-            raise DataError(f"{path}: invalid JSON at line {lineno}, column {exc.colno}: {exc.msg}{hint}") from None
-    return records
+    try:
+        with f:
+            buf = f.read(_CHUNK)
+            stripped = buf.lstrip()
+            jsonl = path.suffix.lower() == ".jsonl"
+            if not jsonl and stripped.startswith("["):
+                yield from _json_list(f, path, buf, len(buf) - len(stripped))
+                return
+            if not jsonl and stripped.startswith("{"):
+                _refuse_object(path, buf + f.read())
+                f.seek(0)
+                buf = ""
+            lines = _lines(f, buf)
+            for lineno, raw in enumerate(lines, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    hint = "" if jsonl else " (read as JSONL: the file does not start with '[')"
+                    yield _RecordError(f"{path}: invalid JSON at line {lineno}, column {exc.colno}: "
+                                       f"{exc.msg}{hint}"), lineno
+                    continue
+                yield record, lineno
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: cannot read data file: not UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
-def validate_conversations(sample: Sample, where: str) -> None:
-    """Check roles, empty answers and that each media item has exactly one placeholder.
+def _lines(f: IO[str], head: str) -> Iterator[str]:
+    """The file's lines, ``head`` (already read) first."""
+    if head:
+        rest = f.readline()
+        yield from (head + rest).splitlines()
+    yield from (line.rstrip("\r\n") for line in f)
 
-    Placeholders may only appear in human (user) turns; ``where`` prefixes every message.
-    """
-    counts = dict.fromkeys(MEDIA_KEYS, 0)
+
+def _refuse_object(path: Path, text: str) -> None:
+    """A ``.json`` file that is one JSON object (``{"data": [...]}``): say a list is expected.
+    JSONL content in a ``.json`` file (one object per line) passes."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    if isinstance(data, dict):
+        keys = ", ".join(map(str, list(data)[:8])) or "none"
+        hint = (" (one record? wrap it in [ ])" if "conversations" in data else
+                "; point data.train/val/test at a file whose top level is the list of records")
+        raise DataError(f"{path}: expected a JSON list of records, got an object with keys {keys}{hint}")
+
+
+def _check_turns(sample: Sample, where: str) -> None:
     for t, turn in enumerate(sample.conversations):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise DataError(f"{where}: turn {t} must be an object with 'from' and 'value', got {turn!r}")
@@ -80,17 +174,25 @@ def validate_conversations(sample: Sample, where: str) -> None:
             raise DataError(f"{where}: turn {t} value must be a string, got {type(value).__name__}")
         if ROLES[role] == "assistant" and not value.strip():
             raise DataError(f"{where}: turn {t} is an empty {role} turn (nothing to learn or score)")
-        for key in MEDIA_KEYS:
-            n = value.count(placeholder(key))
-            if n and ROLES[role] != "user":
-                raise DataError(f"{where}: turn {t} ({role}) contains {placeholder(key)}; "
-                                f"placeholders belong in human turns")
-            counts[key] += n
-    for key in MEDIA_KEYS:
-        expected = 1 if key in sample.media else 0
-        if counts[key] != expected:
-            raise DataError(f"{where}: {counts[key]} {placeholder(key)} placeholder(s) for "
-                            f"{expected} {key} file(s); each {key} needs exactly one")
+
+
+def validate_conversations(sample: Sample, where: str) -> None:
+    """Check roles, empty answers and the placeholder rule
+    (:func:`~mmbridge.types.check_placeholders`); ``where`` prefixes every message."""
+    _check_turns(sample, where)
+    check_placeholders(((t["from"], t["value"]) for t in sample.conversations),
+                       dict.fromkeys(sample.media, 1), MEDIA_KEYS, where)
+
+
+def _media_path(value: Any, key: str, where: str) -> str:
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    elif isinstance(value, list) and value:
+        raise DataError(f"{where}: '{key}' lists {len(value)} files; a sample carries one {key} "
+                        f"file (Sample.media), so split the record into one record per {key}")
+    if not isinstance(value, str) or not value:
+        raise DataError(f"{where}: '{key}' must be one non-empty file path, got {value!r}")
+    return value
 
 
 def _parse(record: Any, index: int, line: int | None, path: Path, root: Path) -> Sample:
@@ -104,9 +206,7 @@ def _parse(record: Any, index: int, line: int | None, path: Path, root: Path) ->
     for key in MEDIA_KEYS:
         if key not in record:
             continue
-        value = record[key]
-        if not isinstance(value, str) or not value:
-            raise DataError(f"{where}: '{key}' must be one non-empty file path, got {value!r}")
+        value = _media_path(record[key], key, where)
         full = os.path.normpath(value if os.path.isabs(value) else os.path.join(root, value))
         if not os.path.isfile(full):
             raise DataError(f"{where}: {key} file not found: {full} (media_root: {root})")
@@ -127,29 +227,67 @@ def _parse(record: Any, index: int, line: int | None, path: Path, root: Path) ->
     return sample
 
 
-def read_llava(path: str | Path, media_root: str | Path | None = None) -> list[Sample]:
-    """Read and validate a LLaVA JSON (a list) or JSONL file.
+@dataclass
+class ReadReport:
+    """What :func:`read_llava` kept and dropped (``on_error="skip"``) from one file."""
+
+    path: Path
+    kept: int = 0
+    dropped: list[str] = field(default_factory=list)  # one message per dropped record
+
+    def summary(self) -> str:
+        """One line: ``train.json: kept 998 records, dropped 2 (first: ...)``."""
+        first = f" (first: {self.dropped[0]})" if self.dropped else ""
+        return f"{self.path}: kept {self.kept} records, dropped {len(self.dropped)}{first}"
+
+
+def read_llava(path: str | Path, media_root: str | Path | None = None,
+               on_error: Literal["raise", "skip"] = "raise",
+               report: ReadReport | None = None) -> list[Sample]:
+    """Read and validate a LLaVA JSON (a list) or JSONL file, streaming it once.
+
+    Records may mix media and text-only samples; an ``image`` (``audio``) value is one path
+    (a one-element list is accepted). Ids must be unique.
 
     Args:
         path: The data file; ``.jsonl`` (or content not starting with ``[``) is read as JSONL.
+            A UTF-8 byte-order mark is accepted.
         media_root: Folder that relative media paths start from (default: the file's folder).
+        on_error: ``"raise"``: the first invalid record is an error. ``"skip"``: invalid
+            records (and JSONL lines that are not JSON) are dropped, each with its message
+            in ``report.dropped``; an unreadable file or a broken JSON list still raises.
+        report: Filled with the counts and the dropped records' messages when given.
 
     Returns:
-        The samples, with absolute media paths.
+        The valid samples, with absolute media paths, in file order.
 
     Raises:
-        DataError: naming the file and the record, for the first invalid record.
+        DataError: naming the file and the record (index, id, line for JSONL).
+        ConfigError: for an unknown ``on_error``.
     """
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"data.on_error: {on_error!r} is not one of {', '.join(ON_ERROR)}")
     path = Path(path)
     root = Path(os.path.abspath(media_root if media_root is not None else path.parent))
+    report = report if report is not None else ReadReport(path)
     samples: list[Sample] = []
-    seen: dict[str, int] = {}
-    for index, (record, line) in enumerate(_load_records(path)):
-        sample = _parse(record, index, line, path, root)
-        if sample.id in seen:
-            raise DataError(f"{_where(path, index, sample.id, line)}: duplicate id (also record {seen[sample.id]})")
-        seen[sample.id] = index
+    seen: dict[str, str] = {}
+    for index, (record, line) in enumerate(_records(path)):
+        try:
+            if isinstance(record, _RecordError):
+                raise record
+            sample = _parse(record, index, line, path, root)
+            where = _where(path, index, sample.id, line)
+            if sample.id in seen:
+                raise DataError(f"{where}: duplicate id {sample.id!r}, also used by {seen[sample.id]}")
+        except DataError as exc:
+            if on_error == "raise":
+                raise
+            report.dropped.append(str(exc))
+            continue
+        seen[sample.id] = where
         samples.append(sample)
+    report.kept = len(samples)
     return samples
 
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mmbridge.data.llava import read_llava
+from mmbridge.data.llava import ON_ERROR
 from mmbridge.dataset import DatasetFiles, DatasetSource
 from mmbridge.errors import ConfigError
 
@@ -20,10 +20,15 @@ class LlavaDataset(DatasetSource):
         val: The validation split's file, if any.
         test: The test split's file, if any.
         media_root: Folder that relative media paths start from (default: the train file's).
+        on_error: ``raise`` (default): the first invalid record stops the run; ``skip``: invalid
+            records are dropped, counted and listed (see :func:`mmbridge.data.llava.read_llava`).
     """
 
     def __init__(self, train: str, val: str | None = None, test: str | None = None,
-                 media_root: str | None = None) -> None:
+                 media_root: str | None = None, on_error: str = "raise") -> None:
+        if on_error not in ON_ERROR:
+            raise ConfigError(f"data.on_error: {on_error!r} is not one of {', '.join(ON_ERROR)}")
+        self.on_error = on_error
         self.paths: dict[str, Path] = {}
         for split, value in (("train", train), ("val", val), ("test", test)):
             if value is None and split != "train":
@@ -35,12 +40,11 @@ class LlavaDataset(DatasetSource):
         self.media_root = Path(os.path.abspath(os.path.expanduser(root)))
 
     def prepare(self, cache_dir: Path) -> DatasetFiles:
-        """Validate every split (files exist, records well-formed, media present); nothing is
-        copied, so ``cache_dir`` is unused."""
+        """Check that every split's file exists; nothing is copied, so ``cache_dir`` is unused.
+        The records are validated where they are read, once (:func:`mmbridge.data.llava.read_llava`)."""
         for split, path in self.paths.items():
             if not path.is_file():
                 raise ConfigError(f"data.{split}: file not found: {path}")
-            read_llava(path, self.media_root)
         return DatasetFiles(splits=dict(self.paths), media_root=self.media_root)
 
     def identity(self) -> dict[str, Any]:
@@ -59,3 +63,6 @@ def _digest(path: Path) -> str | None:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+COMPONENTS = {"dataset": {"llava": LlavaDataset}}
