@@ -70,6 +70,9 @@ class Asset(ABC):
         """
 
     def location(self, root: Path | None = None) -> Path:
+        if not self.name:  # made from the bare class: it would write into the assets dir itself
+            raise AssetError(f"{type(self).__qualname__} has no name; make an asset with "
+                             f"registry.get('asset', NAME).create()")
         return (root or cache_root()) / "assets" / self.name
 
     def target(self, root: Path | None = None) -> Path:
@@ -122,7 +125,7 @@ def resolve_model_path(value: str, registry: Registry | None = None, key: str = 
 
         registry = load_registry()
     if ("asset", value) in registry:
-        asset = registry.get("asset", value).cls()
+        asset = registry.get("asset", value).create()
         return str(asset.ensure())
     p = Path(value).expanduser()
     if p.exists():

@@ -68,7 +68,7 @@ def build(registry: Registry, kind: str, node: Mapping[str, Any] | DictConfig, k
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     kwargs = {k: v for k, v in args.items() if k not in injected}
-    obj = entry.cls(**kwargs, **injected)
+    obj = entry.create(**kwargs, **injected)
     with contextlib.suppress(AttributeError):  # a slotted component: no identity to record
         obj.init_args = {"name": name, **kwargs}
     return obj

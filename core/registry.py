@@ -1,10 +1,19 @@
-"""The component registry: name -> class, per kind, with the plugin that registered it."""
+"""The component registry: name -> class, per kind, with the plugin that registered it.
+
+Built-in components declare their registration in the module that defines them, as a
+module-level table ``COMPONENTS = {kind: {name: class}}``; each built-in package's one hook
+collects those tables with :func:`register_package`. Registration records the name on the
+:class:`Entry` and never touches the class: an instance gets its name from
+:meth:`Entry.create` (tools and assets carry it, see :data:`NAMED_KINDS`).
+"""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
-from collections.abc import Iterator
+import pkgutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +45,13 @@ KINDS: dict[str, tuple[type, str]] = {
     "asset": (Asset, "(model path fields)"),
 }
 
+#: Kinds whose instances carry their registered name as ``.name``: a tool's is the name the LLM
+#: calls it by, an asset's names its cache directory. :meth:`Entry.create` sets it.
+NAMED_KINDS: frozenset[str] = frozenset({"tool", "asset"})
+
+#: The module-level table a built-in module declares its components in, ``{kind: {name: cls}}``.
+DECLARATION = "COMPONENTS"
+
 
 @dataclass(frozen=True)
 class Origin:
@@ -62,6 +78,14 @@ class Entry:
         """First line of the class docstring."""
         doc = inspect.getdoc(self.cls) or ""
         return doc.splitlines()[0] if doc else ""
+
+    def create(self, *args: Any, **kwargs: Any) -> Any:
+        """An instance of the class; for :data:`NAMED_KINDS` its ``name`` is the registered
+        name (an instance attribute: the class is shared by every name it is registered as)."""
+        obj = self.cls(*args, **kwargs)
+        if self.kind in NAMED_KINDS:
+            obj.name = self.name
+        return obj
 
 
 class Registry:
@@ -123,8 +147,6 @@ class Registry:
                     f"rename one, or pass override=True to replace it on purpose")
             log.warning("%s '%s' of plugin '%s' is overridden by plugin '%s'",
                         kind, name, old.origin.plugin, origin.plugin)
-        if kind in ("tool", "asset"):
-            cls.name = name
         self._entries[kind][name] = Entry(kind, name, cls, origin, overrides=override)
 
     @staticmethod
@@ -141,6 +163,11 @@ class Registrar:
     def __init__(self, registry: Registry, origin: Origin) -> None:
         self._registry = registry
         self.origin = origin
+
+    def add(self, kind: str, name: str, cls: type, *, override: bool = False) -> None:
+        """Register ``cls`` as ``name`` of ``kind`` (one of :data:`KINDS`); the class must
+        subclass that kind's contract. The typed ``add_<kind>`` methods below call this."""
+        self._registry._add(kind, name, cls, self.origin, override)
 
     def add_encoder(self, name: str, cls: type[ModalityEncoder], *, override: bool = False) -> None:
         self._registry._add("encoder", name, cls, self.origin, override)
@@ -184,3 +211,55 @@ class Registrar:
                 raise RegistrationError(f"plugin '{self.origin.plugin}' added config dir '{p}', which is not a directory")
             text = str(p.resolve())
         self._registry.config_dirs.append((text, self.origin))
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """One row of a module's ``COMPONENTS`` table."""
+
+    module: str
+    kind: str
+    name: str
+    cls: type
+
+
+def declarations(package: str) -> list[Declaration]:
+    """Every ``COMPONENTS`` row of the public modules of ``package`` (one level deep; modules
+    named ``_*`` are private helpers and are not imported), in module-name order.
+
+    Raises:
+        RegistrationError: a table that is not ``{kind: {name: class}}`` or names an unknown
+            kind, naming the module.
+    """
+    pkg = importlib.import_module(package)
+    paths = getattr(pkg, "__path__", None)
+    if paths is None:
+        raise RegistrationError(f"'{package}' is a module, not a package; register_package "
+                                f"collects the {DECLARATION} tables of a package's modules")
+    found: list[Declaration] = []
+    for info in sorted(pkgutil.iter_modules(paths), key=lambda m: m.name):
+        if info.name.startswith("_") or info.ispkg:
+            continue
+        module_name = f"{package}.{info.name}"
+        table = getattr(importlib.import_module(module_name), DECLARATION, None)
+        if table is None:
+            continue  # a helper module that declares no component
+        if not isinstance(table, Mapping) or not all(isinstance(v, Mapping) for v in table.values()):
+            raise RegistrationError(f"{module_name}.{DECLARATION} must be {{kind: {{name: class}}}}, "
+                                    f"got {table!r}")
+        for kind, by_name in table.items():
+            if kind not in KINDS:
+                raise RegistrationError(f"{module_name}.{DECLARATION}: unknown kind {kind!r}; "
+                                        f"valid: {', '.join(KINDS)}")
+            found.extend(Declaration(module_name, kind, name, cls) for name, cls in by_name.items())
+    return found
+
+
+def register_package(registrar: Registrar, package: str) -> None:
+    """Register every component that the modules of ``package`` declare in ``COMPONENTS``.
+
+    The one hook of a built-in package is ``register_package(registry, __name__)``: adding a
+    component to the package is then its class file (with its ``COMPONENTS`` row) and its YAML.
+    """
+    for d in declarations(package):
+        registrar.add(d.kind, d.name, d.cls)

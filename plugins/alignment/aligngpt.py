@@ -154,3 +154,6 @@ class AlignGPTPrefix(SequencePrefix):
 def _check_mode(mode: Any, key: str) -> None:
     if mode not in MODES:
         raise ConfigError(f"{key}: '{mode}' is not one of {', '.join(MODES)}")
+
+
+COMPONENTS = {"prefix": {"aligngpt": AlignGPTPrefix}}

@@ -8,29 +8,11 @@ registering them is cheap.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import mmbridge
-
-from .dinov2 import Dinov2SmallAsset
-from .minilm import MiniLML6Asset
-from .smollm2 import SmolLM2Asset
-from .whisper_tiny import WhisperTinyEnAsset
-
-if TYPE_CHECKING:
-    from mmbridge.registry import Registrar
-
-#: name -> asset class, in the order ``mmbridge assets`` lists them.
-ASSETS = {
-    "smollm2-135m-instruct": SmolLM2Asset,
-    "dinov2-small": Dinov2SmallAsset,
-    "whisper-tiny.en": WhisperTinyEnAsset,
-    "minilm-l6": MiniLML6Asset,
-}
+from mmbridge.registry import Registrar, register_package
 
 
 @mmbridge.hookimpl
 def register_components(registry: Registrar) -> None:
-    """Register the built-in assets."""
-    for name, cls in ASSETS.items():
-        registry.add_asset(name, cls)
+    """Register the built-in assets: the ``COMPONENTS`` table of each module of this package."""
+    register_package(registry, __name__)

@@ -197,3 +197,6 @@ def _backbone_tensors(asset: str, graph_model: onnx.ModelProto) -> dict[str, np.
 
     out["embeddings.position_embeddings"] = np.concatenate([cls_pos[0], grid_pos[0]], axis=1)
     return out
+
+
+COMPONENTS = {"asset": {"dinov2-small": Dinov2SmallAsset}}

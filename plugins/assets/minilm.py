@@ -102,3 +102,6 @@ def _reference_embeddings(src: Path) -> tuple[torch.Tensor, str]:
         out = model.encode(SENTENCES, convert_to_tensor=True, normalize_embeddings=True)
         return out.to(torch.float32).cpu(), "sentence-transformers on the package"
     return embed(src, SENTENCES), "the package's directory"
+
+
+COMPONENTS = {"asset": {"minilm-l6": MiniLML6Asset}}

@@ -168,3 +168,6 @@ def _chat_ids(tokenizer: PreTrainedTokenizerBase):
     out = tokenizer.apply_chat_template(CHECK_MESSAGES, add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)
     return out["input_ids"]
+
+
+COMPONENTS = {"asset": {"smollm2-135m-instruct": SmolLM2Asset}}

@@ -188,3 +188,6 @@ def _dims(v: dict[str, np.ndarray]) -> dict[str, int]:
         "n_text_head": int(v["decoder/num_heads"]),
         "n_text_layer": _n_layers(v, "decoder"),
     }
+
+
+COMPONENTS = {"asset": {"whisper-tiny.en": WhisperTinyEnAsset}}

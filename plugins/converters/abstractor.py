@@ -164,3 +164,6 @@ class Abstractor(Converter):
         pooled, out_mask = masked_adaptive_pool(x.masked_fill(~mask[..., None], 0.0), mask,
                                                 self.num_tokens, grid)
         return self.mlp(pooled), out_mask
+
+
+COMPONENTS = {"connector": {"abstractor": Abstractor}}

@@ -28,3 +28,6 @@ class LinearConverter(Converter):
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, N, D_in]`` -> ``[B, N, D_out]``; ``mask [B, N]`` passes through."""
         return self.proj(features), mask
+
+
+COMPONENTS = {"connector": {"linear": LinearConverter}}

@@ -44,3 +44,6 @@ class MLPConverter(Converter):
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, N, D_in]`` -> ``[B, N, D_out]``; ``mask [B, N]`` passes through."""
         return self.net(features), mask
+
+
+COMPONENTS = {"connector": {"mlp": MLPConverter}}

@@ -84,3 +84,6 @@ class PoolMLP(Converter):
         pooled, out_mask = masked_avg_pool(features, mask, self.stride)
         tokens = self.mlp(pooled) * out_mask.unsqueeze(-1).to(pooled.dtype)
         return tokens, out_mask
+
+
+COMPONENTS = {"connector": {"pool_mlp": PoolMLP}}

@@ -95,3 +95,6 @@ class LibrivoxDataset(DatasetSource):
         out = Path(cache_dir) / "librivox" / key
         path = write_llava(self.samples(), out / "test.json")
         return DatasetFiles(splits={"test": path}, media_root=self.data_dir)
+
+
+COMPONENTS = {"dataset": {"librivox": LibrivoxDataset}}

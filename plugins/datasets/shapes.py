@@ -373,3 +373,6 @@ def chance_accuracy(samples_train: Sequence[Sample], samples_test: Sequence[Samp
     if totals:
         result["overall"] = sum(hits.values()) / sum(totals.values())
     return result
+
+
+COMPONENTS = {"dataset": {"shapes": ShapesDataset}}

@@ -194,3 +194,6 @@ class SpokenDataset(DatasetSource):
                 write_llava(samples, out / f"{split}.json", media_root=out)
         info = {"generator": "spoken", **self.args, "synth": self.synth.describe()}
         (out / "info.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+COMPONENTS = {"dataset": {"spoken": SpokenDataset}}

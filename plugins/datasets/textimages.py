@@ -317,3 +317,6 @@ class TextImagesDataset(DatasetSource):
         if self.args["scanned"]:
             write_llava(scanned_samples(out / "images" / "scanned"), out / "scanned.json", media_root=out)
         (out / "info.json").write_text(json.dumps({"generator": "textimages", **self.args}, indent=1) + "\n")
+
+
+COMPONENTS = {"dataset": {"textimages": TextImagesDataset}}

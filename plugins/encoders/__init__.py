@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import mmbridge
+from mmbridge.registry import Registrar, register_package
 
 
 @mmbridge.hookimpl
-def register_components(registry) -> None:
-    """Register the built-in encoders."""
-    from mmbridge.plugins.encoders.hf_vision import HFVisionEncoder
-    from mmbridge.plugins.encoders.timm_encoder import TimmEncoder
-
-    registry.add_encoder("timm", TimmEncoder)
-    registry.add_encoder("hf_vision", HFVisionEncoder)
-    from mmbridge.plugins.encoders.whisper_encoder import WhisperEncoder
-
-    registry.add_encoder("whisper", WhisperEncoder)
+def register_components(registry: Registrar) -> None:
+    """Register the built-in encoders: the ``COMPONENTS`` table of each module of this package."""
+    register_package(registry, __name__)

@@ -207,3 +207,6 @@ class HFVisionEncoder(ModalityEncoder):
                                "mean": list(self.mean), "std": list(self.std),
                                "resample": RESAMPLE.get(self.resample, RESAMPLE[3]).name},
                 "weights": self.weights_id}
+
+
+COMPONENTS = {"encoder": {"hf_vision": HFVisionEncoder}}

@@ -184,3 +184,6 @@ class TimmEncoder(ModalityEncoder):
                 "preprocess": {"size": self.image_size, "mean": list(self.mean),
                                "std": list(self.std), "resample": RESAMPLE[self.resample].name},
                 "weights": self.weights_id}
+
+
+COMPONENTS = {"encoder": {"timm": TimmEncoder}}

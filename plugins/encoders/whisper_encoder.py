@@ -227,3 +227,6 @@ def _block(block: torch.nn.Module, x: torch.Tensor, key_mask: torch.Tensor | Non
     a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
     x = x + attn.out(a.transpose(1, 2).reshape(b, p, d))
     return x + block.mlp(block.mlp_ln(x))
+
+
+COMPONENTS = {"encoder": {"whisper": WhisperEncoder}}

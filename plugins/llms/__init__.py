@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import mmbridge
+from mmbridge.registry import Registrar, register_package
 
 
 @mmbridge.hookimpl
-def register_components(registry) -> None:
-    """Register the built-in llms."""
-    from mmbridge.plugins.llms.hf_causal import HFCausalLM
-    from mmbridge.plugins.llms.tiny import TinyLlama
-
-    registry.add_llm("hf_causal", HFCausalLM)
-    registry.add_asset("tiny-llama", TinyLlama)
+def register_components(registry: Registrar) -> None:
+    """Register the built-in llms (and the ``tiny-llama`` asset): the ``COMPONENTS`` table of each module of this package."""
+    register_package(registry, __name__)

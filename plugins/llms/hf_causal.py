@@ -205,3 +205,6 @@ class HFCausalLM(LanguageModel):
                 "gguf_file": self.gguf_file, "dtype": self.dtype_name,
                 "chat_template_sha1": hashlib.sha1(str(template).encode()).hexdigest()[:12],
                 "lora": self._lora}
+
+
+COMPONENTS = {"llm": {"hf_causal": HFCausalLM}}

@@ -44,3 +44,6 @@ class TinyLlama(Asset):
         n = sum(p.numel() for p in model.parameters())
         return (f"LlamaForCausalLM {CONFIG['layers']}x{CONFIG['hidden']}, {n / 1e6:.2f}M params, "
                 f"vocab {len(tok)}; reloaded logits identical on a {ids.shape[1]}-token chat prompt")
+
+
+COMPONENTS = {"asset": {"tiny-llama": TinyLlama}}

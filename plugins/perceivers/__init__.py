@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 import mmbridge
+from mmbridge.registry import Registrar, register_package
 
 
 @mmbridge.hookimpl
-def register_components(registry) -> None:
-    """Register the built-in perceivers."""
-    from mmbridge.plugins.perceivers.gated_xattn import GatedCrossAttention
-    from mmbridge.plugins.perceivers.qformer import QFormer
-    from mmbridge.plugins.perceivers.resampler import Resampler
-
-    registry.add_connector("qformer", QFormer)
-    registry.add_connector("resampler", Resampler)
-    registry.add_connector("gated_xattn", GatedCrossAttention)
-    from mmbridge.plugins.perceivers.window_qformer import WindowQFormer
-
-    registry.add_connector("window_qformer", WindowQFormer)
+def register_components(registry: Registrar) -> None:
+    """Register the built-in perceivers: the ``COMPONENTS`` table of each module of this package."""
+    register_package(registry, __name__)

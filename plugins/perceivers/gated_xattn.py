@@ -179,3 +179,6 @@ def _blocks_from_state_dict(module: GatedCrossAttention, state_dict: dict, prefi
             index = key[len(prefix) + len("blocks."):].split(".", 1)[0]
             if index not in module.blocks:
                 module.blocks[index] = GatedXAttnBlock(*module._block_args).to(ref.device, ref.dtype)
+
+
+COMPONENTS = {"connector": {"gated_xattn": GatedCrossAttention}}

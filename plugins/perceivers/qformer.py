@@ -152,3 +152,6 @@ def _load_query_tokens(path: Path, num_queries: int, hidden_dim: int) -> torch.T
                           f"{tuple(tokens.shape)}, expected (1, {num_queries}, {hidden_dim}) "
                           f"from connector.num_queries and connector.hidden_dim")
     return tokens
+
+
+COMPONENTS = {"connector": {"qformer": QFormer}}

@@ -107,3 +107,6 @@ class Resampler(Perceiver):
             latents = layer(x, latents, kv_mask)
         tokens = self.proj_out(self.norm(latents))
         return tokens, mask.any(dim=1, keepdim=True).expand(b, self.num_latents).contiguous()
+
+
+COMPONENTS = {"connector": {"resampler": Resampler}}

@@ -113,3 +113,6 @@ class WindowQFormer(Perceiver):
         out_mask = win_real.unsqueeze(-1).expand(b * w, q)
         tokens = tokens * out_mask.unsqueeze(-1).to(tokens.dtype)
         return tokens.reshape(b, w * q, -1), out_mask.reshape(b, w * q)
+
+
+COMPONENTS = {"connector": {"window_qformer": WindowQFormer}}

@@ -3,23 +3,10 @@
 from __future__ import annotations
 
 import mmbridge
+from mmbridge.registry import Registrar, register_package
 
 
 @mmbridge.hookimpl
-def register_components(registry) -> None:
-    """Register the built-in recipes."""
-    from mmbridge.plugins.recipes.caption import CaptionRecipe
-    from mmbridge.plugins.recipes.conversations import ConversationsRecipe
-
-    registry.add_recipe("caption", CaptionRecipe)
-    registry.add_recipe("conversations", ConversationsRecipe)
-    from mmbridge.plugins.recipes.tool_use import ToolUseRecipe
-
-    registry.add_recipe("tool_use", ToolUseRecipe)
-    from mmbridge.plugins.recipes.align_levels import AlignLevelsRecipe
-    from mmbridge.plugins.recipes.caption_pretrain import CaptionPretrainRecipe
-    from mmbridge.plugins.recipes.instruct_mix import InstructMixRecipe
-
-    registry.add_recipe("caption_pretrain", CaptionPretrainRecipe)
-    registry.add_recipe("instruct_mix", InstructMixRecipe)
-    registry.add_recipe("align_levels", AlignLevelsRecipe)
+def register_components(registry: Registrar) -> None:
+    """Register the built-in recipes: the ``COMPONENTS`` table of each module of this package."""
+    register_package(registry, __name__)

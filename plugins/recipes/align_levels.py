@@ -137,3 +137,6 @@ class AlignLevelsRecipe(CaptionPretrainRecipe):
             out[i].meta[LEVEL_KEY] = int(levels[k])
             out[i].meta[SCORE_KEY] = float(scores[k])
         return out
+
+
+COMPONENTS = {"recipe": {"align_levels": AlignLevelsRecipe}}

@@ -86,3 +86,6 @@ class CaptionRecipe(DataRecipe):
         prompt = "".join(f"{placeholder(k)}\n" for k in modalities) + instruction
         turns = [{"from": "human", "value": prompt}, {"from": "gpt", "value": text}]
         return sample.replace(conversations=turns, meta={**sample.meta, "qtypes": ["caption"]})
+
+
+COMPONENTS = {"recipe": {"caption": CaptionRecipe}}

@@ -87,3 +87,6 @@ class CaptionPretrainRecipe(DataRecipe):
 
     def __call__(self, sample: Sample, rng: random.Random) -> Sample | None:
         return self.caption_sample(sample, rng)
+
+
+COMPONENTS = {"recipe": {"caption_pretrain": CaptionPretrainRecipe}}

@@ -50,3 +50,6 @@ class ConversationsRecipe(DataRecipe):
         if isinstance(meta.get("qtypes"), list):
             meta["qtypes"] = meta["qtypes"][: self.max_turns]
         return sample.replace(conversations=kept, meta=meta)
+
+
+COMPONENTS = {"recipe": {"conversations": ConversationsRecipe}}

@@ -145,3 +145,6 @@ class InstructMixRecipe(CaptionPretrainRecipe):
         if task == "caption":
             return self.caption_sample(sample, rng)
         return self.qa_sample(sample, rng)
+
+
+COMPONENTS = {"recipe": {"instruct_mix": InstructMixRecipe}}

@@ -259,3 +259,6 @@ def _cache_key(tool: Tool, arguments: dict[str, Any], media: dict[str, str]) -> 
         if modality in media and Path(media[modality]).is_file():
             h.update(Path(media[modality]).read_bytes())
     return h.hexdigest()[:32]
+
+
+COMPONENTS = {"recipe": {"tool_use": ToolUseRecipe}}

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import mmbridge
+from mmbridge.registry import Registrar, register_package
 
 
 @mmbridge.hookimpl
-def register_components(registry) -> None:
-    """Register the built-in scorers."""
-    from mmbridge.plugins.scorers.clip import ClipScorer
-    from mmbridge.plugins.scorers.contrastive import ContrastiveScorer
-
-    registry.add_scorer("contrastive", ContrastiveScorer)
-    registry.add_scorer("clip", ClipScorer)
+def register_components(registry: Registrar) -> None:
+    """Register the built-in scorers: the ``COMPONENTS`` table of each module of this package."""
+    register_package(registry, __name__)

@@ -72,3 +72,6 @@ class ClipScorer(Scorer):
             txt = torch.nn.functional.normalize(res.text_embeds.float(), dim=-1)
             out.append((img * txt).sum(-1).cpu())
         return torch.cat(out)
+
+
+COMPONENTS = {"scorer": {"clip": ClipScorer}}

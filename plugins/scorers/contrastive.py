@@ -179,3 +179,6 @@ class ContrastiveScorer(Scorer):
             if k is not None:
                 out[i] = every[k, i]
         return out
+
+
+COMPONENTS = {"scorer": {"contrastive": ContrastiveScorer}}

@@ -78,3 +78,6 @@ class ASRTool(Tool):
                                         condition_on_previous_text=False, verbose=None)
         text = str(out.get("text", "")).strip()
         return text or "(no speech found)"
+
+
+COMPONENTS = {"tool": {"asr": ASRTool}}

@@ -150,3 +150,6 @@ class CalculatorTool(Tool):
             if digits > self.max_digits:
                 raise ToolError(f"the result exceeds 10**{self.max_digits}")
         return base**exponent
+
+
+COMPONENTS = {"tool": {"calculator": CalculatorTool}}

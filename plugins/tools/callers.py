@@ -239,3 +239,6 @@ class LLMToolCaller(ToolCaller):
         if not tool_calls:
             return {"role": "assistant", "content": reply.strip()}
         return {"role": "assistant", "content": text, "tool_calls": tool_calls}
+
+
+COMPONENTS = {"tool_caller": {"pipeline": PipelineToolCaller, "llm": LLMToolCaller}}

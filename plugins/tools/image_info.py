@@ -99,3 +99,6 @@ class ImageInfoTool(Tool):
             raise ToolError(f"cannot read the image {image}: {exc}") from None
         listed = ", ".join(f"{name} ({share:.0%})" for name, share in colours)
         return f"size: {size[0]}x{size[1]} pixels; mode: {mode}; dominant colours: {listed}"
+
+
+COMPONENTS = {"tool": {"image_info": ImageInfoTool}}
