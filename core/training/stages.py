@@ -4,29 +4,25 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from mmbridge.config import to_container
 from mmbridge.errors import ConfigError
 from mmbridge.model import MultimodalModel
+from mmbridge.schema import LLM_MODES, Stage
+from mmbridge.validation import check_section, schedule_errors
 
-LLM_MODES = ("frozen", "lora", "full")
+__all__ = ["LLM_MODES", "check_schedule", "configure_trainable", "frozen_encoders"]
 
 
 def check_schedule(cfg: DictConfig) -> None:
-    """Every scheduled stage exists and names valid training modes (errors name the keys)."""
-    stages = cfg.get("stages") or {}
-    errors = []
-    if not cfg.get("schedule"):
-        errors.append("schedule: empty; list the stages to run, e.g. schedule=[align]")
-    for name in cfg.get("schedule") or []:
-        if name not in stages:
-            errors.append(f"schedule: stage '{name}' is not defined under stages; defined: {', '.join(stages) or '(none)'}")
-            continue
-        st = stages[name]
-        mode = st.train.llm
-        if mode not in LLM_MODES:
-            errors.append(f"stages.{name}.train.llm: '{mode}' is not one of {', '.join(LLM_MODES)}")
-        for key in ("max_steps", "batch_size"):
-            if int(st.get(key, 0)) <= 0:
-                errors.append(f"stages.{name}.{key}: must be a positive integer, got {st.get(key)}")
+    """Every scheduled stage exists and its settings fit the schema (modes, steps, batch size,
+    optimizer); errors name the keys. Part of :func:`mmbridge.validation.validate_config`,
+    which checks the rest of the config as well."""
+    data = to_container(cfg)
+    errors = schedule_errors(data)
+    stages = data.get("stages") if isinstance(data.get("stages"), dict) else {}
+    for name in data.get("schedule") or []:
+        if name in stages:
+            errors += check_section(f"stages.{name}", stages[name], Stage)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 

@@ -1,0 +1,165 @@
+"""The typed schema of the non-component config sections, with their defaults in one place.
+
+Component nodes (``encoder``, ``connector``, ``llm``, ``data``, recipes, ...) are checked
+against their constructors' signatures (:mod:`mmbridge.build`); everything else — ``loader``,
+``evaluation``, ``paths``, ``debug``, ``stages.<name>`` and the top-level keys — is described
+here by dataclasses whose fields carry their type, default and valid range.
+:func:`mmbridge.validation.validate_config` checks a composed config against them and reports
+every problem at once.
+
+``conf/train.yaml`` and ``conf/stage/*.yaml`` hold the same defaults for users to read
+(``mmbridge config`` prints them); ``tests/test_validation.py`` fails when the two drift.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+LLM_MODES = ("frozen", "lora", "full")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda|xpu|hpu|npu)(:\d+)?$")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A range check of a field: ``ok(value)`` and the words for what is valid."""
+
+    ok: Callable[[Any], bool]
+    valid: str
+
+
+def ge(lo: float) -> Rule:
+    return Rule(lambda v: v >= lo, f">= {lo}")
+
+
+def gt(lo: float) -> Rule:
+    return Rule(lambda v: v > lo, f"> {lo}")
+
+
+def unit(lo_open: bool = False, hi_open: bool = False) -> Rule:
+    """A ratio / probability in [0, 1] (ends optionally open)."""
+    lo, hi = "(" if lo_open else "[", ")" if hi_open else "]"
+    return Rule(lambda v: (v > 0 if lo_open else v >= 0) and (v < 1 if hi_open else v <= 1),
+                f"in {lo}0, 1{hi}")
+
+
+def one_of(*options: str) -> Rule:
+    return Rule(lambda v: v in options, "one of " + ", ".join(options))
+
+
+def _betas(v: list) -> bool:
+    return len(v) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in v)
+
+
+NONEMPTY = Rule(lambda v: len(v) > 0, "not empty")
+BETAS = Rule(_betas, "two numbers in [0, 1), e.g. [0.9, 0.98]")
+DEVICE = Rule(lambda v: bool(_DEVICE.match(v)), "null, auto, cpu, cuda, cuda:N, mps")
+SEED = Rule(lambda v: 0 <= v <= 2**32 - 1, "in 0..4294967295")
+
+
+def spec(default: Any = None, rule: Rule | None = None, *, factory: Callable[[], Any] | None = None) -> Any:
+    """A schema field: its default and its range rule (kept in the field's metadata)."""
+    meta = {"rule": rule} if rule else {}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Loader:
+    num_workers: int = spec(0, ge(0))
+    max_text_tokens: int = spec(256, ge(1))
+
+
+@dataclass
+class Evaluation:
+    split: str = "test"
+    max_samples: int = spec(128, ge(1))
+    max_new_tokens: int = spec(12, ge(1))
+    batch_size: int = spec(16, ge(1))
+    val_samples: int = spec(32, ge(0))
+    baselines: bool = True
+    wer_qtypes: list[str] = spec(factory=list)
+    reference_asr: str | None = None
+    tool_callers: dict[str, Any] = spec(factory=dict)  # component nodes, checked by build.py
+    tool_max_new_tokens: int = spec(64, ge(1))
+    extra_data: dict[str, Any] = spec(factory=dict)  # data nodes, checked by build.py
+
+
+@dataclass
+class Paths:
+    output_root: str = "outputs"
+    cache_dir: str = "${oc.env:MMBRIDGE_CACHE,${oc.env:HOME}/.cache/mmbridge}"
+    data_dir: str = "${.cache_dir}/data"
+    feature_cache_dir: str = "${.cache_dir}/features"
+
+
+@dataclass
+class Debug:
+    record_sample_ids: bool = False
+
+
+@dataclass
+class Train:
+    encoder: bool = False
+    connector: bool = True
+    llm: str = spec("frozen", one_of(*LLM_MODES))
+
+
+@dataclass
+class Lora:
+    r: int = spec(16, ge(1))
+    alpha: float = spec(32, gt(0))
+    dropout: float = spec(0.05, unit(hi_open=True))
+    target_modules: list[str] = spec(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], rule=NONEMPTY)
+
+
+@dataclass
+class Optimizer:
+    lr: float = spec(1.0e-3, gt(0))
+    weight_decay: float = spec(0.0, ge(0))
+    betas: list[float] = spec(factory=lambda: [0.9, 0.98], rule=BETAS)
+    warmup_ratio: float = spec(0.05, unit())
+    min_lr_ratio: float = spec(0.1, unit())
+
+
+@dataclass
+class Stage:
+    """One ``stages.<name>`` entry (``conf/stage/*.yaml``; ``recipe`` is a component node)."""
+
+    train: Train = spec(factory=Train)
+    lora: Lora = spec(factory=Lora)
+    optimizer: Optimizer = spec(factory=Optimizer)
+    split: str = "train"
+    max_steps: int = spec(100, ge(1))
+    batch_size: int = spec(16, ge(1))
+    val_every: int = spec(50, ge(1))
+    checkpoint_every: int | None = spec(None, ge(1))  # null: every val_every steps
+    budget_fraction: float | None = spec(None, unit(lo_open=True))  # share of budget_minutes
+    recipe: dict[str, Any] | None = None  # a component node, checked by build.py
+    prefix: dict[str, Any] | None = None  # the sequence prefix's own settings (it checks them)
+
+
+@dataclass
+class Root:
+    """The top-level keys that are not component nodes or sections."""
+
+    schedule: list[str] = spec(factory=lambda: ["align"], rule=NONEMPTY)
+    seed: int = spec(0, SEED)
+    resume: str | None = None
+    cache_features: bool = True
+    run_name: str = spec("run", NONEMPTY)
+    budget_minutes: float | None = spec(None, gt(0))  # wall-clock budget of the whole run
+    device: str | None = spec(None, DEVICE)
+    progress_every: int | None = spec(None, ge(1))
+
+
+#: section key -> its dataclass (``stages`` maps every stage name to :class:`Stage`).
+SECTIONS: dict[str, type] = {"loader": Loader, "evaluation": Evaluation, "paths": Paths, "debug": Debug}
+
+#: component nodes at the top level: key -> registry kind (``None``: a mapping of nodes).
+COMPONENTS: dict[str, str | None] = {"encoder": "encoder", "connector": "connector", "llm": "llm",
+                                     "data": "dataset", "alignment": "prefix", "branches": None,
+                                     "trainer": None, "tools": None}
