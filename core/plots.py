@@ -1,5 +1,6 @@
 """PNG plots of a sweep's configurations (matplotlib, the ``sweep`` extra): a metric against
-trainable parameters and against visual tokens, and validation-loss learning curves.
+trainable parameters and against visual tokens, validation-loss learning curves, and the paired
+differences against a baseline with their bootstrap intervals as error bars.
 
 Figures are drawn with matplotlib's object API (no pyplot global state, no display needed) and
 written atomically.
@@ -14,8 +15,9 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
-from mmbridge.reporting import Row, label, varying_keys
+from mmbridge.results import Row, label, row_name, varying_keys
 from mmbridge.runs import atomic_write_bytes
+from mmbridge.significance import Comparison
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -27,9 +29,7 @@ def _save(fig: Figure, path: Path) -> Path:
 
 def _names(rows: list[Row]) -> list[str]:
     keys = varying_keys(rows)
-    if not keys:
-        return [" ".join(r.config) or "(defaults)" for r in rows]
-    return [", ".join(f"{k.rsplit('.', 1)[-1]}={r.setting(k)}" for k in keys) for r in rows]
+    return [row_name(r, keys) for r in rows]
 
 
 def _visual_tokens(row: Row) -> float | None:
@@ -117,3 +117,41 @@ def write_plots(rows: list[Row], metric: str, out_dir: Path) -> list[Path]:
                 out_dir / f"{stem}_vs_visual_tokens.png"),
         learning_curves(rows, out_dir / "learning_curves.png"),
     ]
+
+
+def comparison_plot(rows: list[Row], baseline: Row, comparisons: dict[tuple[str, ...], list[Comparison]],
+                    path: Path) -> Path:
+    """Each configuration's exact match minus the baseline's (one line per configuration),
+    overall and per question type, with the 95 % bootstrap interval as error bars; filled
+    markers where the interval excludes 0."""
+    names = dict(zip((r.config for r in rows), _names(rows)))
+    others = [r for r in rows if r is not baseline and comparisons.get(r.config)]
+    metrics = list(dict.fromkeys(c.metric for r in others for c in comparisons[r.config]))
+    fig = Figure(figsize=(7.2, 1.6 + 0.5 * len(others) * max(1, len(metrics)) ** 0.5))
+    ax = fig.add_subplot()
+    step = 0.8 / max(1, len(metrics))
+    for j, metric in enumerate(metrics):
+        first = True
+        for i, row in enumerate(others):
+            c = next((c for c in comparisons[row.config] if c.metric == metric), None)
+            if c is None:
+                continue
+            y = i - 0.4 + step * (j + 0.5)  # the overall difference on top, then each type
+            ax.errorbar([c.diff], [y], xerr=[[c.diff - c.low], [c.high - c.diff]], fmt="o", capsize=3,
+                        color=f"C{j % 10}", mfc=f"C{j % 10}" if c.significant else "white",
+                        label=("all questions" if metric == "test/exact_match" else label(metric)) if first else None)
+            first = False
+    ax.axvline(0, color="grey", linewidth=0.8)
+    ax.set_yticks(range(len(others)), [names[r.config] for r in others])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"exact match − baseline ({names[baseline.config]}), 95 % bootstrap interval")
+    ax.set_title("paired difference against the baseline")
+    ax.grid(alpha=0.3, axis="x")
+    if metrics:
+        ax.legend(fontsize="small", loc="best")
+    return _save(fig, path)
+
+
+def write_comparison_plot(rows: list[Row], baseline: Row, comparisons: dict[tuple[str, ...], list[Comparison]],
+                          out_dir: Path) -> Path:
+    return comparison_plot(rows, baseline, comparisons, out_dir / "exact_match_vs_baseline.png")

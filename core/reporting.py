@@ -11,142 +11,36 @@ import csv
 import io
 import logging
 import math
-import re
-import statistics
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
-from mmbridge.runs import Run, atomic_write_text, gather_runs, override_key, unfinished_runs
+from mmbridge.errors import ConfigError
+from mmbridge.results import (
+    DEFAULT_METRIC,
+    MAIN_COLUMNS,
+    Row,
+    aggregate,
+    best,
+    common_overrides,
+    direction,
+    flatten,
+    label,
+    metric_columns,
+    varying_keys,
+)
+from mmbridge.runs import atomic_write_text, gather_runs, unfinished_runs
+from mmbridge.significance import N_RESAMPLES, Comparison, compare, select_baseline
+
+# Re-exported: callers and tests read the rows through this module too.
+__all__ = ["DEFAULT_METRIC", "Report", "ReportCallback", "Row", "aggregate", "direction", "flatten",
+           "fmt", "label", "write_report"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_METRIC = "test/exact_match"
-
-# Columns of the main table in results.md (visual_tokens/<modality> are added per modality).
-MAIN_COLUMNS = ["test/exact_match", "test/no_media/exact_match", "val_loss_last",
-                "parameters/trainable", "step_time_s", "samples_per_s", "peak_memory_mb", "wall_s"]
-LABELS = {"test/exact_match": "exact match", "test/no_media/exact_match": "no media",
-          "test/chance/exact_match": "chance", "val_loss_last": "val loss",
-          "val_loss_first": "val loss (start)", "parameters/trainable": "trainable params",
-          "parameters/total": "total params", "step_time_s": "step s", "samples_per_s": "samples/s",
-          "peak_memory_mb": "peak MB", "wall_s": "wall s"}
-
-
-def direction(metric: str) -> str | None:
-    """``"max"`` or ``"min"`` where a metric has a better direction, ``None`` for descriptive
-    ones (sizes, baselines)."""
-    if metric == "val_loss_first" or metric.startswith(
-            ("test/no_media/", "test/chance/", "parameters/", "visual_tokens/")):
-        return None
-    if "exact_match" in metric or metric.endswith("samples_per_s"):
-        return "max"
-    if "loss" in metric or metric.endswith(("_s", "memory_mb")):
-        return "min"
-    return None
-
-
-def label(metric: str) -> str:
-    if metric in LABELS:
-        return LABELS[metric]
-    if metric.startswith("visual_tokens/"):
-        return f"visual tokens ({metric.split('/', 1)[1]})"
-    if metric.startswith("test/exact_match/"):
-        return metric.rsplit("/", 1)[1]
-    return metric
-
-
-def flatten(metrics: dict[str, Any]) -> dict[str, float]:
-    """The scalar metrics of one ``metrics.json`` as ``{"test/exact_match": 0.5, ...}``
-    (histories, paths and cache details left out)."""
-    out: dict[str, float] = {}
-
-    def put(key: str, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return
-        out[key] = float(value)
-
-    for k, v in metrics.get("test", {}).items():
-        put(f"test/{k}", v)
-    for group in ("parameters", "visual_tokens"):
-        for k, v in metrics.get(group, {}).items():
-            put(f"{group}/{k}", v)
-    for k in ("val_loss_first", "val_loss_last", "step_time_s", "samples_per_s", "peak_memory_mb", "wall_s"):
-        put(k, metrics.get(k))
-    for name, st in metrics.get("stages", {}).items():
-        for k in ("wall_s", "step_time_s", "samples_per_s", "steps"):
-            put(f"stages/{name}/{k}", st.get(k))
-    return out
-
-
-def _natural(text: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
-
-
-@dataclass
-class Row:
-    """One configuration: its runs and the mean/std of each metric over them."""
-
-    config: tuple[str, ...]
-    runs: list[Run] = field(default_factory=list)
-    mean: dict[str, float] = field(default_factory=dict)
-    std: dict[str, float] = field(default_factory=dict)  # NaN with fewer than 2 values
-
-    def setting(self, key: str) -> str:
-        return next((o.split("=", 1)[1] for o in self.config if override_key(o) == key), "—")
-
-
-def aggregate(runs: Iterable[Run]) -> list[Row]:
-    """Group runs by configuration (first appearance order); mean and sample std per metric."""
-    rows: dict[tuple[str, ...], Row] = {}
-    for run in sorted(runs, key=lambda r: _natural(str(r.path))):
-        rows.setdefault(run.config, Row(run.config)).runs.append(run)
-    for row in rows.values():
-        values: dict[str, list[float]] = {}
-        for run in row.runs:
-            for k, v in flatten(run.metrics).items():
-                values.setdefault(k, []).append(v)
-        for k, vs in values.items():
-            row.mean[k] = statistics.fmean(vs)
-            row.std[k] = statistics.stdev(vs) if len(vs) > 1 else math.nan
-    return list(rows.values())
-
-
-def varying_keys(rows: list[Row]) -> list[str]:
-    """Override keys whose value differs between configurations (the table's first columns)."""
-    keys: list[str] = []
-    for row in rows:
-        keys += [override_key(o) for o in row.config if override_key(o) not in keys]
-    return [k for k in keys if len({row.setting(k) for row in rows}) > 1]
-
-
-def common_overrides(rows: list[Row]) -> list[str]:
-    varying = set(varying_keys(rows))
-    return [o for o in rows[0].config if override_key(o) not in varying] if rows else []
-
-
-def metric_columns(rows: list[Row]) -> list[str]:
-    """Every metric of any row: the main ones first, then the rest sorted."""
-    present = {k for row in rows for k in row.mean}
-    main: list[str] = []
-    for c in MAIN_COLUMNS:
-        main += [c] if c in present else []
-        if c == "parameters/trainable":
-            main += sorted(k for k in present if k.startswith("visual_tokens/"))
-    return main + sorted(present - set(main))
-
-
-def best(rows: list[Row], metric: str) -> float | None:
-    """The best mean of ``metric`` over rows; ``None`` when the metric has no direction or
-    nothing to choose (fewer than two rows, or every row equal)."""
-    d = direction(metric)
-    vals = [r.mean[metric] for r in rows if metric in r.mean and not math.isnan(r.mean[metric])]
-    if d is None or len(vals) < 2 or len(set(vals)) == 1:
-        return None
-    return max(vals) if d == "max" else min(vals)
 
 
 def fmt(x: float, digits: int = 4) -> str:
@@ -182,8 +76,58 @@ def markdown_table(rows: list[Row], metrics: list[str], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+def diff_cell(c: Comparison | None, with_n: bool = False) -> str:
+    """``+0.125 [+0.050, +0.200] *``: the difference, its interval, ``*`` when it excludes 0."""
+    if c is None:
+        return "—"
+    text = f"{c.diff:+.3f} [{c.low:+.3f}, {c.high:+.3f}]" + (" *" if c.significant else "")
+    return text + (f" (n={c.n_questions})" if with_n else "")
+
+
+def comparison_markdown(rows: list[Row], baseline: Row, comparisons: dict[tuple[str, ...], list[Comparison]],
+                        keys: list[str], n_resamples: int) -> list[str]:
+    """The section of results.md on the paired differences against ``baseline``."""
+    name = " ".join(f"{k}={baseline.setting(k)}" for k in keys) or " ".join(baseline.config)
+    by_row = {cfg: {c.metric: c for c in cs} for cfg, cs in comparisons.items()}
+    metrics = list(dict.fromkeys(m for cs in by_row.values() for m in cs))
+    per_type = [m for m in metrics if m.startswith("test/exact_match/")]
+    first = keys or ["configuration"]
+
+    def settings(row: Row) -> list[str]:
+        return [row.setting(k) for k in keys] or [" ".join(row.config) or "(defaults)"]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(map(_md_escape, cells)) + " |"
+
+    out = [f"## Paired difference against the baseline `{name}`", "",
+           f"Test exact match of each configuration minus the baseline's, on the held-out questions "
+           f"both answered (each run's `predictions.jsonl`, the answers with media): the difference of "
+           f"the means over seeds and questions, and its 95 % bootstrap interval ({n_resamples:,} "
+           f"resamples of the questions, paired, and of each configuration's seeds; numpy seed 0). "
+           f"**\\*** = the interval excludes 0.", "",
+           line([*first, "seeds", "questions", "exact match Δ"]),
+           "|" + "---|" * len(first) + "---:|---:|---:|"]
+    for row in rows:
+        if row is baseline:
+            out.append(line([*settings(row), str(len(row.runs)), "", "baseline"]))
+            continue
+        c = by_row.get(row.config, {}).get("test/exact_match")
+        out.append(line([*settings(row), f"{len(row.runs)} vs {len(baseline.runs)}",
+                         str(c.n_questions) if c else "0", diff_cell(c)]))
+    if per_type:
+        ns = {m: {cs[m].n_questions for cs in by_row.values() if m in cs} for m in per_type}
+        head = [label(m) + (f" (n={next(iter(ns[m]))})" if len(ns[m]) == 1 else "") for m in per_type]
+        out += ["", "Per question type:", "", line([*first, *head]),
+                "|" + "---|" * len(first) + "---:|" * len(per_type)]
+        for row in rows:
+            if row is not baseline:
+                cs = by_row.get(row.config, {})
+                out.append(line([*settings(row), *(diff_cell(cs.get(m), len(ns[m]) > 1) for m in per_type)]))
+    return out + [""]
+
+
 def results_markdown(rows: list[Row], title: str, plots: list[str], unfinished: list[tuple[Path, str]],
-                     root: Path) -> str:
+                     root: Path, comparison: list[str] | None = None) -> str:
     keys = varying_keys(rows)
     cols = metric_columns(rows)
     main = [c for c in cols if c in MAIN_COLUMNS or c.startswith("visual_tokens/")]
@@ -202,6 +146,7 @@ def results_markdown(rows: list[Row], title: str, plots: list[str], unfinished: 
     out += [markdown_table(rows, main, keys), ""]
     if per_type:
         out += ["## Test exact match per question type", "", markdown_table(rows, per_type, keys), ""]
+    out += comparison or []
     if plots:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     if unfinished:
@@ -215,8 +160,6 @@ def sweep_command(root: Path) -> str | None:
     f = root / "multirun.yaml"
     if not f.is_file():
         return None
-    from omegaconf import OmegaConf
-
     try:
         task = OmegaConf.select(OmegaConf.load(f), "hydra.overrides.task", default=None)
     except Exception:  # a foreign or damaged file only loses this line of the report
@@ -236,14 +179,40 @@ def _num(x: float | None) -> str:
     return "" if x is None or math.isnan(x) else repr(x)
 
 
-def results_csv(rows: list[Row]) -> str:
+DIFF_FIELDS = ("diff", "diff_low", "diff_high", "diff_significant", "diff_questions")
+
+
+def _diff_values(c: Comparison | None) -> list[str]:
+    if c is None:
+        return [""] * len(DIFF_FIELDS)
+    return [_num(c.diff), _num(c.low), _num(c.high), str(int(c.significant)), str(c.n_questions)]
+
+
+def results_csv(rows: list[Row], baseline: Row | None = None,
+                comparisons: dict[tuple[str, ...], list[Comparison]] | None = None) -> str:
     """One row per configuration: its varying settings, the run count, ``<metric>_mean`` and
-    ``<metric>_std`` for every metric (std empty below 2 runs); full precision."""
+    ``<metric>_std`` for every metric (std empty below 2 runs); full precision.
+
+    With a baseline, also ``baseline`` (1 on its row), ``diff_seeds`` / ``diff_baseline_seeds``
+    and, for ``test/exact_match`` and each ``test/exact_match/<qtype>``: ``<metric>_diff``,
+    ``_diff_low``, ``_diff_high`` (the 95 % interval), ``_diff_significant`` (1 when the
+    interval excludes 0) and ``_diff_questions`` (empty on the baseline's row).
+    """
     keys, cols = varying_keys(rows), metric_columns(rows)
     header = ["configuration", *keys, "runs", *(f"{c}_{s}" for c in cols for s in ("mean", "std"))]
     records = [[" ".join(r.config), *(r.setting(k) for k in keys), len(r.runs),
                 *(_num(r.mean.get(c, math.nan) if s == "mean" else r.std.get(c, math.nan))
                   for c in cols for s in ("mean", "std"))] for r in rows]
+    if baseline is not None and comparisons is not None:
+        by_row = {cfg: {c.metric: c for c in cs} for cfg, cs in comparisons.items()}
+        metrics = list(dict.fromkeys(m for cs in by_row.values() for m in cs))
+        header += ["baseline", "diff_seeds", "diff_baseline_seeds",
+                   *(f"{m}_{f}" for m in metrics for f in DIFF_FIELDS)]
+        for r, rec in zip(rows, records):
+            cs = by_row.get(r.config, {})
+            rec += [int(r is baseline), "" if r is baseline else len(r.runs),
+                    "" if r is baseline else len(baseline.runs),
+                    *(v for m in metrics for v in _diff_values(cs.get(m)))]
     return _csv(header, records)
 
 
@@ -262,17 +231,35 @@ def runs_csv(rows: list[Row], root: Path) -> str:
 
 @dataclass
 class Report:
+    """What :func:`write_report` wrote; ``comparisons`` maps each configuration to its
+    differences against ``baseline`` (empty without one)."""
+
     root: Path
     rows: list[Row]
     unfinished: list[tuple[Path, str]]
     files: list[Path]
+    baseline: Row | None = None
+    comparisons: dict[tuple[str, ...], list[Comparison]] = field(default_factory=dict)
 
 
-def write_report(root: Path, metric: str = DEFAULT_METRIC, out_dir: Path | None = None) -> Report:
+def write_report(root: Path, metric: str = DEFAULT_METRIC, out_dir: Path | None = None,
+                 baseline: Sequence[str] | None = None, n_resamples: int = N_RESAMPLES) -> Report:
     """Gather every ``metrics.json`` under ``root`` and write results.csv, runs.csv, results.md
-    and the plots into ``out_dir`` (default ``root``), each atomically."""
-    from mmbridge.errors import ConfigError
+    and the plots into ``out_dir`` (default ``root``), each atomically.
 
+    Args:
+        root: The sweep directory (or any folder of runs).
+        metric: The metric of the plots.
+        out_dir: Where to write (default ``root``).
+        baseline: ``KEY=VALUE`` settings picking one configuration: every other one is compared
+            with it question by question (:mod:`mmbridge.significance`), in results.md,
+            results.csv and a plot with the intervals as error bars.
+        n_resamples: Bootstrap draws of those comparisons.
+
+    Raises:
+        ConfigError: ``root`` is missing, no run has ``metric``, ``baseline`` does not pick one
+            configuration, or a compared run has no ``predictions.jsonl``.
+    """
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"report directory {root} does not exist")
@@ -281,23 +268,35 @@ def write_report(root: Path, metric: str = DEFAULT_METRIC, out_dir: Path | None 
     unfinished = unfinished_runs(root)
     files: list[Path] = []
     plots: list[str] = []
+    base: Row | None = None
+    comparisons: dict[tuple[str, ...], list[Comparison]] = {}
+    section: list[str] = []
     if rows:
         if metric not in metric_columns(rows):
             raise ConfigError(f"--metric {metric}: no run under {root} has it; metrics: "
                               f"{', '.join(metric_columns(rows))}")
+        if baseline:
+            base = select_baseline(rows, baseline)
+            comparisons = compare(rows, base, n_resamples)
+            section = comparison_markdown(rows, base, comparisons, varying_keys(rows), n_resamples)
         try:
-            from mmbridge.plots import write_plots
-        except ImportError as exc:  # matplotlib is an optional dependency
+            # matplotlib is an optional dependency (the `sweep` extra): imported only here
+            from mmbridge.plots import write_comparison_plot, write_plots
+        except ImportError as exc:
             log.warning("no plots (%s): pip install 'mmbridge[sweep]'", exc)
         else:
-            plots = [p.name for p in write_plots(rows, metric, out_dir)]
-        for name, text in (("results.csv", results_csv(rows)), ("runs.csv", runs_csv(rows, root))):
+            paths = write_plots(rows, metric, out_dir)
+            if base is not None:
+                paths.append(write_comparison_plot(rows, base, comparisons, out_dir))
+            plots = [p.name for p in paths]
+        for name, text in (("results.csv", results_csv(rows, base, comparisons)),
+                           ("runs.csv", runs_csv(rows, root))):
             atomic_write_text(out_dir / name, text)
             files.append(out_dir / name)
-    md = results_markdown(rows, root.name, plots, unfinished, root)
+    md = results_markdown(rows, root.name, plots, unfinished, root, section)
     atomic_write_text(out_dir / "results.md", md)
     files += [out_dir / "results.md", *(out_dir / p for p in plots)]
-    return Report(root, rows, unfinished, files)
+    return Report(root, rows, unfinished, files, base, comparisons)
 
 
 #: The last report written by :class:`ReportCallback` in this process (for ``mmbridge sweep``).
@@ -307,16 +306,18 @@ LAST_REPORT: list[Report] = []
 class ReportCallback(Callback):
     """Hydra callback: at the end of a multirun, write the report into the sweep directory.
 
-    ``mmbridge train -m`` and ``mmbridge sweep`` add it as ``hydra.callbacks.report``.
+    ``mmbridge train -m`` and ``mmbridge sweep`` add it as ``hydra.callbacks.report``;
+    ``baseline`` (``KEY=VALUE`` strings) adds the paired comparisons.
     """
 
-    def __init__(self, metric: str = DEFAULT_METRIC) -> None:
+    def __init__(self, metric: str = DEFAULT_METRIC, baseline: Sequence[str] | None = None) -> None:
         self.metric = metric
+        self.baseline = list(baseline) if baseline else None
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         root = Path(str(config.hydra.sweep.dir))
         try:
-            report = write_report(root, self.metric)
+            report = write_report(root, self.metric, baseline=self.baseline)
         except Exception as exc:  # a failed report must not hide the finished runs
             log.error("report of %s failed: %s (run `mmbridge report %s` again)", root, exc, root)
             return

@@ -1,4 +1,5 @@
-"""``mmbridge report DIR``: gather the runs under DIR into results tables and plots."""
+"""``mmbridge report DIR``: gather the runs under DIR into results tables and plots; with
+``--baseline KEY=VALUE``, every other configuration's paired difference against that one."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from mmbridge.errors import ConfigError
 
 HELP = "gather a sweep directory's runs into results.csv/.md and plots"
-USAGE = """usage: mmbridge report DIR [--metric KEY] [--out DIR]
+USAGE = """usage: mmbridge report DIR [--metric KEY] [--out DIR] [--baseline KEY=VALUE ...] [--resamples N]
 
 Gather every metrics.json under DIR (a sweep directory, or any folder of runs) and write, into
 DIR (or --out):
@@ -19,10 +20,21 @@ DIR (or --out):
   <metric>_vs_trainable_params.png, <metric>_vs_visual_tokens.png, learning_curves.png
 Runs without metrics.json (interrupted or failed; failed ones leave error.txt) are listed.
 
+With --baseline, every other configuration is compared with the baseline question by question
+(each run's predictions.jsonl): its test exact match minus the baseline's, overall and per
+question type, with a 95 % bootstrap interval (questions resampled, paired; each
+configuration's seeds resampled too), `*` where the interval excludes 0, and the numbers of
+questions and seeds. They go into results.md, results.csv (<metric>_diff, _diff_low,
+_diff_high, _diff_significant, _diff_questions) and exact_match_vs_baseline.png.
+
 options:
-  --metric KEY  the metric of the plots (default test/exact_match; e.g. test/exact_match/colour,
-                val_loss_last)
-  --out DIR     write there instead of into DIR
+  --metric KEY          the metric of the plots (default test/exact_match; e.g.
+                        test/exact_match/colour, val_loss_last)
+  --out DIR             write there instead of into DIR
+  --baseline KEY=VALUE  the configuration to compare against (e.g. connector=mlp); repeat it
+                        when one setting does not pick a single configuration
+  --resamples N         bootstrap draws (default 10000; seeded, so the same runs give the
+                        same intervals)
 """
 
 
@@ -34,15 +46,27 @@ def main(argv: list[str]) -> int:
     parser.add_argument("dir")
     parser.add_argument("--metric", default="test/exact_match")
     parser.add_argument("--out")
+    parser.add_argument("--baseline", action="append", default=[])
+    parser.add_argument("--resamples", type=int, default=10_000)
     args, extra = parser.parse_known_args(argv)
     if extra:
         raise ConfigError(f"unexpected arguments {extra}\n{USAGE}")
-    from mmbridge.reporting import write_report
+    if args.resamples < 100:
+        raise ConfigError(f"--resamples {args.resamples}: use at least 100 (default 10000)")
+    from mmbridge.reporting import diff_cell, write_report
 
-    report = write_report(Path(args.dir), args.metric, Path(args.out) if args.out else None)
+    report = write_report(Path(args.dir), args.metric, Path(args.out) if args.out else None,
+                          baseline=args.baseline, n_resamples=args.resamples)
     n_runs = sum(len(r.runs) for r in report.rows)
     print(f"{n_runs} runs in {len(report.rows)} configurations under {report.root}"
           + (f"; {len(report.unfinished)} unfinished" if report.unfinished else ""))
+    if report.baseline is not None:
+        print(f"exact match minus the baseline's ({' '.join(report.baseline.config)}), 95 % interval, "
+              f"* = excludes 0:")
+        for config, comparisons in report.comparisons.items():
+            for c in comparisons:
+                print(f"  {' '.join(config)}  {c.metric.removeprefix('test/')}: {diff_cell(c)}  "
+                      f"({c.n_questions} questions, {c.n_seeds} vs {c.n_baseline_seeds} seeds)")
     for f in report.files:
         print(f"  wrote {f}")
     return 0 if n_runs else 1
