@@ -14,7 +14,10 @@ It is the Hermes / Qwen convention that many chat templates with tool support al
 parser also accepts what other templates emit (a bare JSON object with ``parameters``, Mistral's
 ``[TOOL_CALLS] [...]``). Every failure becomes a result text that starts with ``error:`` and is
 given to the model, never an exception out of the run (Toolformer, 2302.04761, and ReAct,
-2210.03629, both let the model read the tool output and go on).
+2210.03629, both let the model read the tool output and go on): that holds for replies nested
+past the interpreter's recursion limit, for any exception a tool raises (``SystemExit``
+included) and for tools that return huge texts, which are cut to ``max_chars`` with a
+``[truncated N chars]`` note.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import html
 import json
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +41,11 @@ _MISTRAL = "[TOOL_CALLS]"
 _PLACEHOLDER = re.compile(r"<(image|audio|video)>")
 #: Longest result text handed to the model; longer output is cut (it would flood the context).
 MAX_RESULT_CHARS = 2000
+#: Longest tool name accepted from a reply (names are short identifiers; a longer one is noise).
+MAX_NAME_CHARS = 100
+#: Deepest nesting of call arguments accepted: deeper values would break whatever renders them
+#: again (a chat template's ``tojson``, ``json.dumps``) on the interpreter's recursion limit.
+MAX_ARGUMENT_DEPTH = 32
 
 
 @dataclass
@@ -97,23 +105,67 @@ def system_prompt(specs: Sequence[Mapping[str, Any]]) -> str:
 
 
 # -- parsing ------------------------------------------------------------------------------------
+def shorten(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, with a ``[truncated N chars]`` note when cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]} [truncated {len(text) - limit} chars]"
+
+
+def _json(payload: str) -> Any:
+    """The first JSON value of ``payload``; :class:`ValueError` with a readable message if none.
+
+    ``RecursionError`` (a reply nested deeper than the interpreter's limit, e.g. 1000 ``[``) is
+    a malformed call like any other, not a crash of the run.
+    """
+    try:
+        return json.JSONDecoder().raw_decode(payload.strip())[0]
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{exc.msg} at char {exc.pos}") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def _decode(payload: str) -> ParsedCall:
     try:
-        obj, _ = json.JSONDecoder().raw_decode(payload.strip())
-    except json.JSONDecodeError as exc:
-        return ParsedCall("?", error=f"the tool call is not valid JSON ({exc.msg} at char {exc.pos}); "
+        obj = _json(payload)
+    except ValueError as exc:
+        return ParsedCall("?", error=f"the tool call is not valid JSON ({exc}); "
                                      f'write {CALL_OPEN}{{"name": ..., "arguments": {{...}}}}{CALL_CLOSE}')
+    return _call_of(obj)
+
+
+def _call_of(obj: Any) -> ParsedCall:
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return ParsedCall("?", error='the tool call needs a JSON object with a string "name"')
+    name = obj["name"]
+    if len(name) > MAX_NAME_CHARS:
+        return ParsedCall(shorten(name, 40), error=f"the tool name is {len(name)} characters long; "
+                                                   f"tool names are at most {MAX_NAME_CHARS}")
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):  # OpenAI-style: the arguments as a JSON string
         try:
             args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError:
-            return ParsedCall(obj["name"], error='"arguments" is a string that is not JSON')
+        except (json.JSONDecodeError, RecursionError):
+            return ParsedCall(name, error='"arguments" is a string that is not JSON')
     if not isinstance(args, dict):
-        return ParsedCall(obj["name"], error=f'"arguments" must be an object, got {type(args).__name__}')
-    return ParsedCall(obj["name"], args)
+        return ParsedCall(name, error=f'"arguments" must be an object, got {type(args).__name__}')
+    if _deeper_than(args, MAX_ARGUMENT_DEPTH):
+        return ParsedCall(name, error=f'"arguments" are nested deeper than {MAX_ARGUMENT_DEPTH} levels')
+    return ParsedCall(name, args)
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists/objects in ``value`` nest deeper than ``limit`` (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((c, depth + 1) for c in children)
+    return False
 
 
 def parse_calls(text: str) -> tuple[str, list[ParsedCall]]:
@@ -121,19 +173,30 @@ def parse_calls(text: str) -> tuple[str, list[ParsedCall]]:
 
     Accepts ``<tool_call>`` blocks (a missing closing tag at the very end is tolerated: generation
     may stop on it), ``[TOOL_CALLS] [...]`` and a reply that is one bare JSON object with a
-    ``name`` and ``arguments``/``parameters``.
+    ``name`` and ``arguments``/``parameters``. Never raises: a call that cannot be decoded is a
+    :class:`ParsedCall` with ``error`` set.
     """
+    try:
+        return _parse_calls(text)
+    except Exception as exc:  # the contract: failures become results the model reads
+        head = text.split(CALL_OPEN, 1)[0].split(_MISTRAL, 1)[0] if isinstance(text, str) else ""
+        return head.strip(), [ParsedCall("?", error=f"the tool call could not be read "
+                                                    f"({type(exc).__name__}: {shorten(str(exc), 200)})")]
+
+
+def _parse_calls(text: str) -> tuple[str, list[ParsedCall]]:
     if CALL_OPEN in text:
         head = text[: text.index(CALL_OPEN)]
         return head.strip(), [_decode(m) for m in _CALL_RE.findall(text)]
     if _MISTRAL in text:
         head, _, rest = text.partition(_MISTRAL)
         try:
-            items, _ = json.JSONDecoder().raw_decode(rest.strip())
-        except json.JSONDecodeError:
-            return head.strip(), [ParsedCall("?", error="[TOOL_CALLS] is not followed by a JSON list")]
+            items = _json(rest)
+        except ValueError as exc:
+            return head.strip(), [ParsedCall("?", error=f"[TOOL_CALLS] is not followed by a JSON "
+                                                        f"list ({exc})")]
         items = items if isinstance(items, list) else [items]
-        return head.strip(), [_decode(json.dumps(i)) for i in items]
+        return head.strip(), [_call_of(i) for i in items]
     stripped = text.strip()
     if stripped.startswith("{") and '"name"' in stripped:
         call = _decode(stripped)
@@ -252,7 +315,7 @@ def call_with_timeout(tool: Tool, arguments: Mapping[str, Any], timeout_s: float
     def work() -> None:
         try:
             box["result"] = tool(**arguments)
-        except BaseException as exc:  # reported to the caller's thread below
+        except BaseException as exc:  # reported to the caller's thread below (SystemExit too)
             box["error"] = exc
 
     worker = threading.Thread(target=work, name=f"mmbridge-tool-{tool.name}", daemon=True)
@@ -275,16 +338,32 @@ def execute(tools: Mapping[str, Tool], name: str, arguments: Any, media: Mapping
         arguments: The requested arguments (media named by references such as "image").
         media: The sample's media, modality -> path.
         timeout_s: Limit in seconds (default: the tool's own ``timeout_s``).
-        max_chars: Results are cut to this many characters.
+        max_chars: Results (and error messages) are cut to this many characters, with a
+            ``[truncated N chars]`` note.
 
     Returns:
-        The :class:`~mmbridge.types.ToolCall` with the arguments as requested.
+        The :class:`~mmbridge.types.ToolCall` with the arguments as requested. Never raises
+        (only ``KeyboardInterrupt`` passes through).
     """
     args = dict(arguments) if isinstance(arguments, dict) else {}
 
     def fail(message: str) -> ToolCall:
-        return ToolCall(name=name, arguments=args, result=f"error: {message}", ok=False)
+        return ToolCall(name=name, arguments=args, result=shorten(f"error: {message}", max_chars),
+                        ok=False)
 
+    try:
+        return _execute(tools, name, arguments, args, media, timeout_s, max_chars, fail)
+    except (Exception, SystemExit) as exc:  # a bug in validation or in a tool's result
+        return fail(f"tool '{shorten(str(name), 60)}' failed: {type(exc).__name__}: "
+                    f"{shorten(str(exc), 300)}")
+
+
+def _execute(tools: Mapping[str, Tool], name: str, arguments: Any, args: dict[str, Any],
+             media: Mapping[str, str], timeout_s: float | None, max_chars: int,
+             fail: Callable[[str], ToolCall]) -> ToolCall:
+    if not isinstance(name, str) or len(name) > MAX_NAME_CHARS:
+        return fail(f"the tool name must be text of at most {MAX_NAME_CHARS} characters; "
+                    f"available tools: {', '.join(sorted(tools)) or '(none)'}")
     tool = tools.get(name)
     if tool is None:
         return fail(f"unknown tool '{name}'{did_you_mean(name, tools)}; available tools: "
@@ -300,11 +379,9 @@ def execute(tools: Mapping[str, Tool], name: str, arguments: Any, media: Mapping
         return fail(str(exc))
     except TimeoutError as exc:
         return fail(str(exc))
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # SystemExit: a library in the tool called exit()
         return fail(f"tool '{name}' failed: {type(exc).__name__}: {exc}")
     if not isinstance(result, str):
         return fail(f"tool '{name}' returned {type(result).__name__}, not text (a bug in the tool)")
-    result = neutralise(result)
-    if len(result) > max_chars:
-        result = result[:max_chars] + " [truncated]"
-    return ToolCall(name=name, arguments=args, result=result, ok=True)
+    # Cut before neutralising: the placeholder substitution is linear, but on the kept part only.
+    return ToolCall(name=name, arguments=args, result=neutralise(shorten(result, max_chars)), ok=True)

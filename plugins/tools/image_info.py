@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from mmbridge.errors import ConfigError, ToolError
+from mmbridge.errors import ConfigError, DataError, ToolError
 from mmbridge.tools import Tool
+
+from ._image_io import load_rgb, open_image
 
 #: Colour name -> a typical RGB; far enough apart that the nearest name is the one people use.
 NAMED_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -88,15 +90,12 @@ class ImageInfoTool(Tool):
         self.timeout_s = timeout_s
 
     def __call__(self, image: str, **_: Any) -> str:
-        from PIL import Image, UnidentifiedImageError
-
         try:
-            with Image.open(image) as img:
-                img.load()
+            with open_image(image) as img:  # the header: size and mode, no pixels decoded
                 size, mode = img.size, img.mode
-                colours = dominant_colours(img, self.n_colours, self.min_share)
-        except (FileNotFoundError, UnidentifiedImageError) as exc:
-            raise ToolError(f"cannot read the image {image}: {exc}") from None
+            colours = dominant_colours(load_rgb(image), self.n_colours, self.min_share)
+        except DataError as exc:  # missing, too large, truncated or not an image
+            raise ToolError(str(exc)) from None
         listed = ", ".join(f"{name} ({share:.0%})" for name, share in colours)
         return f"size: {size[0]}x{size[1]} pixels; mode: {mode}; dominant colours: {listed}"
 

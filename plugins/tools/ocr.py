@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import re
 import shutil
 import statistics
 import subprocess
@@ -16,12 +17,18 @@ import threading
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from mmbridge.errors import ConfigError, ToolError
+from mmbridge.errors import ConfigError, DataError, ToolError
+from mmbridge.executables import ALLOW_ENV, resolve_executable
 from mmbridge.tools import Tool
+
+from ._image_io import load_rgb
 
 BACKENDS: tuple[str, ...] = ("rapidocr", "tesseract")
 INSTALL_HINT = ("pip install rapidocr-onnxruntime (the 'tools' extra of mmbridge) or "
                 "apt-get install tesseract-ocr tesseract-ocr-eng")
+#: Program names ``tesseract_cmd`` may name without ``$MMBRIDGE_ALLOW_EXECUTABLES``.
+KNOWN_PROGRAMS: tuple[str, ...] = ("tesseract",)
+_LANG = re.compile(r"[A-Za-z0-9_]+(?:\+[A-Za-z0-9_]+)*")
 
 
 def backend_available(backend: str, tesseract_cmd: str = "tesseract") -> bool:
@@ -83,7 +90,9 @@ class OCRTool(Tool):
         det_side_len: Images whose short side is below this are enlarged before reading
             (RapidOCR's detector; Tesseract also reads them at twice the size). PP-OCR's default,
             736, costs about twice the time of 480 on 224-pixel images and read no better.
-        tesseract_cmd: The Tesseract executable.
+        tesseract_cmd: The Tesseract executable: ``tesseract`` (found through ``PATH``), or a
+            path listed in ``$MMBRIDGE_ALLOW_EXECUTABLES`` (a setting that may come from a
+            checkpoint never picks an arbitrary program; see :mod:`mmbridge.executables`).
         lang: Tesseract language(s), e.g. ``eng`` or ``eng+deu``.
         timeout_s: Seconds a call may take (the Tesseract subprocess is killed after it).
     """
@@ -105,7 +114,13 @@ class OCRTool(Tool):
         if backend not in ("auto", *BACKENDS):
             raise ConfigError(f"tools.ocr.backend: unknown backend '{backend}'; valid: auto, "
                               f"{', '.join(BACKENDS)}")
-        installed = available_backends(tesseract_cmd)
+        key = f"tools.{type(self).name or 'ocr'}"
+        # Checked whatever the backend: a config naming a program is refused before it can run.
+        exe = resolve_executable(tesseract_cmd, f"{key}.tesseract_cmd", KNOWN_PROGRAMS)
+        if not isinstance(lang, str) or not _LANG.fullmatch(lang):
+            raise ConfigError(f"{key}.lang: {lang!r} must be Tesseract language codes joined by "
+                              f"'+', e.g. eng or eng+deu")
+        installed = available_backends(exe or tesseract_cmd)
         if backend == "auto":
             if not installed:
                 raise ConfigError(f"tools.ocr.backend: no OCR backend is installed; {INSTALL_HINT}")
@@ -117,6 +132,7 @@ class OCRTool(Tool):
         self.min_score = min_score
         self.det_side_len = det_side_len
         self.tesseract_cmd = tesseract_cmd
+        self._tesseract_exe = exe  # the checked path: later PATH changes cannot swap the program
         self.lang = lang
         self.timeout_s = timeout_s
         # onnxruntime sessions may be called from several threads, but a timed-out call still
@@ -130,13 +146,11 @@ class OCRTool(Tool):
 
     def _load(self, path: str) -> Any:
         import numpy as np
-        from PIL import Image, UnidentifiedImageError
 
-        try:
-            with Image.open(path) as img:
-                rgb = np.asarray(img.convert("RGB"))
-        except (FileNotFoundError, UnidentifiedImageError) as exc:
-            raise ToolError(f"cannot read the image {path}: {exc}") from None
+        try:  # refuses absurd sizes from the header, before decoding
+            rgb = np.asarray(load_rgb(path))
+        except DataError as exc:
+            raise ToolError(str(exc)) from None
         return rgb[:, :, ::-1].copy()  # RapidOCR takes OpenCV's BGR order
 
     def _rapidocr(self, path: str) -> str:
@@ -167,7 +181,10 @@ class OCRTool(Tool):
         png = io.BytesIO()
         image.save(png, format="PNG")
         # --psm 6 (one uniform block) keeps the item and price of a receipt row on one line
-        cmd = [self.tesseract_cmd, "stdin", "stdout", "-l", self.lang, "--psm", "6", "tsv"]
+        if self._tesseract_exe is None:
+            raise ToolError(f"tesseract ({self.tesseract_cmd}) is not installed; {INSTALL_HINT} "
+                            f"(or list its path in {ALLOW_ENV})")
+        cmd = [self._tesseract_exe, "stdin", "stdout", "-l", self.lang, "--psm", "6", "tsv"]
         try:
             done = subprocess.run(cmd, input=png.getvalue(), capture_output=True, timeout=self.timeout_s, check=False)
         except subprocess.TimeoutExpired:
