@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from filelock import FileLock
 
+from mmbridge.cache_integrity import MANIFEST, manifest_problem, move_aside, write_manifest
 from mmbridge.errors import AssetError
 
 if TYPE_CHECKING:
@@ -84,7 +85,15 @@ class Asset(ABC):
         if not check.is_file():
             return False
         first = check.read_text().splitlines()[:1]
-        return first == [f"version={self.version}"]
+        return first == [f"version={self.version}"] and self._damage(root) is None
+
+    def _damage(self, root: Path | None = None) -> str | None:
+        """What is wrong with the converted files (their manifest), ``None`` when whole.
+        Entries converted before manifests existed are trusted as they are."""
+        loc = self.location(root)
+        if not (loc / MANIFEST).is_file() and (loc / "CHECK.txt").is_file():
+            return None
+        return manifest_problem(loc)
 
     def ensure(self, root: Path | None = None) -> Path:
         """The converted asset, converting it first if needed. Safe when several processes
@@ -101,10 +110,14 @@ class Asset(ABC):
         with FileLock(str(loc) + ".lock"):
             if self.is_converted(root):
                 return self.target(root)
+            damage = self._damage(root) if loc.exists() else None
+            if damage is not None:
+                move_aside(loc, damage, what="converted model asset")
             tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}-", dir=loc.parent))
             try:
                 check = self.convert(tmp)
                 (tmp / "CHECK.txt").write_text(f"version={self.version}\n{check}\n")
+                write_manifest(tmp)
                 if loc.exists():
                     shutil.rmtree(loc)
                 os.replace(tmp, loc)
