@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from importlib.resources import files
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from mmbridge.config import builtin_conf_dir
+from mmbridge.docs import REGIONS, components_markdown, config_groups_markdown
 from mmbridge.plugin_manager import load_registry
-from mmbridge.registry import KINDS
+from mmbridge.registry import KINDS, Registry
 
 HELP = "list registered components by kind; `plugins check` runs the contract kit"
 
@@ -21,12 +25,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=["list", "check"], default="list")
     p.add_argument("--kind", choices=sorted(KINDS), help="only this kind")
     p.add_argument("--plugin", help="(check) only components of this plugin")
+    p.add_argument("--markdown", nargs="?", const="components", choices=REGIONS, help=(
+        "print a README table as Markdown: the components of the four families (default) or "
+        "the config groups with their options (`python -m mmbridge.docs` rewrites README.md)"))
     return p
+
+
+def _markdown(registry: Registry, which: str) -> str:
+    if which == "components":
+        return components_markdown(registry)
+    dirs = [builtin_conf_dir()] + [Path(str(files(d[len("pkg://"):]))) if d.startswith("pkg://") else Path(d)
+                                   for d, _ in registry.config_dirs]
+    return config_groups_markdown(dirs, strict=False)
 
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     registry = load_registry()
+    if args.markdown:
+        print(_markdown(registry, args.markdown))
+        return 0
     console = Console(width=max(Console().width, 140))
     if args.action == "check":
         from mmbridge.testing.report import run_contract_checks
