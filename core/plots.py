@@ -102,7 +102,7 @@ def learning_curves(rows: list[Row], path: Path) -> Path:
     ax.set_ylabel("validation loss")
     ax.set_title("learning curves")
     ax.grid(alpha=0.3)
-    if rows:
+    if ax.get_legend_handles_labels()[0]:  # runs without a validation history draw no line
         ax.legend(fontsize="small")
     return _save(fig, path)
 
@@ -145,7 +145,7 @@ def comparison_plot(rows: list[Row], baseline: Row, comparisons: dict[tuple[str,
     ax.set_yticks(range(len(others)), [names[r.config] for r in others])
     ax.invert_yaxis()
     ax.set_xlabel(f"exact match − baseline ({names[baseline.config]}), 95 % bootstrap interval")
-    ax.set_title("paired difference against the baseline")
+    ax.set_title("paired difference against the baseline (filled: the interval excludes 0)")
     ax.grid(alpha=0.3, axis="x")
     if metrics:
         ax.legend(fontsize="small", loc="best")

@@ -11,6 +11,7 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,15 @@ def test_learning_curve_offsets_stages():
 
     curve = run_curve(_metrics([], 0, 0.5, 2.0, 1.0))
     assert curve == [("align", 0.0, 5.0), ("align", 10.0, 3.0), ("instruct", 10.0, 4.0), ("instruct", 15.0, 2.0)]
+
+
+def test_plots_do_not_import_the_report_module():
+    """No import cycle: the plots read the rows from mmbridge.results, and the report imports
+    the plots (lazily, matplotlib being optional), not the other way round."""
+    code = "import sys, mmbridge.plots; print('mmbridge.reporting' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
 
 
 def test_finished_and_interrupted_runs(tmp_path):

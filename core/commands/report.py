@@ -54,6 +54,7 @@ def main(argv: list[str]) -> int:
     if args.resamples < 100:
         raise ConfigError(f"--resamples {args.resamples}: use at least 100 (default 10000)")
     from mmbridge.reporting import diff_cell, write_report
+    from mmbridge.results import varying_keys
 
     report = write_report(Path(args.dir), args.metric, Path(args.out) if args.out else None,
                           baseline=args.baseline, n_resamples=args.resamples)
@@ -61,11 +62,15 @@ def main(argv: list[str]) -> int:
     print(f"{n_runs} runs in {len(report.rows)} configurations under {report.root}"
           + (f"; {len(report.unfinished)} unfinished" if report.unfinished else ""))
     if report.baseline is not None:
-        print(f"exact match minus the baseline's ({' '.join(report.baseline.config)}), 95 % interval, "
-              f"* = excludes 0:")
-        for config, comparisons in report.comparisons.items():
-            for c in comparisons:
-                print(f"  {' '.join(config)}  {c.metric.removeprefix('test/')}: {diff_cell(c)}  "
+        keys = varying_keys(report.rows)
+
+        def name(row) -> str:
+            return " ".join(f"{k}={row.setting(k)}" for k in keys) or " ".join(row.config)
+
+        print(f"exact match minus the baseline's ({name(report.baseline)}), 95 % interval, * = excludes 0:")
+        for row in report.rows:
+            for c in report.comparisons.get(row.config, []):
+                print(f"  {name(row)}  {c.metric.removeprefix('test/')}: {diff_cell(c)}  "
                       f"({c.n_questions} questions, {c.n_seeds} vs {c.n_baseline_seeds} seeds)")
     for f in report.files:
         print(f"  wrote {f}")
