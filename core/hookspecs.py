@@ -13,6 +13,10 @@ and an entry point in the ``mmbridge`` group of its ``pyproject.toml``::
 
     [project.entry-points.mmbridge]
     my_plugin = "my_package.plugin"
+
+mmbridge's built-in packages implement the same hook with one line,
+``register_package(registry, __name__)`` (:mod:`mmbridge.registry`), which registers the
+``COMPONENTS = {kind: {name: class}}`` table each of their modules declares.
 """
 
 from __future__ import annotations
