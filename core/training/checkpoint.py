@@ -9,7 +9,7 @@ components registered) and that its tensors fit the model exactly.
 Lightning's training checkpoints (``checkpoints/<stage>/*.ckpt``) are read with
 ``torch.load(weights_only=True)`` only (:class:`SafeCheckpointIO`): a crafted file cannot run
 code, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says. The last two are kept
-(:func:`checkpoint_callback`), so a damaged ``last.ckpt`` falls back to the one before
+(:func:`checkpoint_callback`), so a damaged ``last.ckpt`` falls back to an older one
 (:func:`resumable_checkpoint`).
 """
 
@@ -290,19 +290,22 @@ class SafeCheckpointIO(TorchCheckpointIO):
         return torch_load_safe(path, map_location=map_location if map_location is not None else "cpu")
 
 
-def checkpoint_callback(ckpt_dir: Path, every_n_train_steps: int) -> ModelCheckpoint:
-    """Lightning's checkpointing for one stage: the two newest ``step=N.ckpt`` and ``last.ckpt``.
+def checkpoint_callback(ckpt_dir: Path, every_n_train_steps: int,
+                        cls: type[ModelCheckpoint] | None = None) -> ModelCheckpoint:
+    """Lightning's checkpointing for one stage (``cls``, default ``ModelCheckpoint``): the two
+    newest ``step=N.ckpt`` and a copy of the newest as ``last.ckpt``.
 
-    ``last.ckpt`` is a relative symlink to the newest (``save_last="link"``; Lightning copies
-    where links are not possible), so the directory holds two checkpoints, and a damaged newest
-    one leaves the previous for :func:`resumable_checkpoint`. A step saved again after a resume
-    overwrites its file instead of adding ``-v1`` copies.
+    A damaged ``last.ckpt`` then leaves two older files for :func:`resumable_checkpoint`
+    (usually one of the same step). ``last.ckpt`` is a copy, not a link (``save_last="link"``):
+    a save of ``last.ckpt`` alone (on a signal) must write the current step, where a link would
+    point back at the last periodic one. A step saved again after a resume overwrites its file
+    instead of adding ``-v1`` copies.
     """
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    return ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", save_last="link", save_top_k=2,
-                           monitor="step", mode="max", every_n_train_steps=every_n_train_steps,
-                           enable_version_counter=False)
+    return (cls or ModelCheckpoint)(
+        dirpath=ckpt_dir, filename="{step}", save_last=True, save_top_k=2, monitor="step", mode="max",
+        every_n_train_steps=every_n_train_steps, enable_version_counter=False)
 
 
 def resumable_checkpoint(ckpt_dir: Path) -> Path | None:
