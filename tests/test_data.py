@@ -145,6 +145,91 @@ def test_bad_json_names_the_line(tmp_path):
         read_llava(tmp_path / "c.jsonl")
 
 
+def test_bom_and_json_object(tmp_path):
+    _media(tmp_path)
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([GOOD]).encode())
+    assert [s.id for s in read_llava(tmp_path / "bom.json")] == ["ok"]
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n")
+    assert [s.id for s in read_llava(tmp_path / "bom.jsonl")] == ["ok"]
+    (tmp_path / "obj.json").write_text(json.dumps({"data": [GOOD]}, indent=1))
+    with pytest.raises(DataError, match=r"obj\.json: expected a JSON list of records, got an object with "
+                                        r"keys data; point data.train/val/test at a file"):
+        read_llava(tmp_path / "obj.json")
+    (tmp_path / "one.json").write_text(json.dumps(GOOD))
+    with pytest.raises(DataError, match=r"got an object with keys id, image, conversations \(one record\? wrap"):
+        read_llava(tmp_path / "one.json")
+    (tmp_path / "latin1.json").write_bytes(b"[\xe9]")
+    with pytest.raises(DataError, match=r"latin1\.json: cannot read data file: not UTF-8"):
+        read_llava(tmp_path / "latin1.json")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_streamed_in_small_chunks_with_lines(tmp_path, monkeypatch, suffix):
+    """The file is read in chunks (here 7 characters): records cut by a chunk end, numbers
+    included, come out whole, and errors still name the right line."""
+    import mmbridge.data.llava as llava_mod
+
+    monkeypatch.setattr(llava_mod, "_CHUNK", 7)
+    _media(tmp_path)
+    records = [{**GOOD, "id": f"r{i}", "score": 12345.678 + i} for i in range(30)]
+    records[4] = {"id": 123456789, "conversations": _turns("Q", "A")}  # text-only, an int id
+    path = tmp_path / f"d{suffix}"
+    path.write_text(json.dumps(records, indent=1) if suffix == ".json" else
+                    "\n".join(json.dumps(r) for r in records) + "\n")
+    got = read_llava(path)
+    assert [s.id for s in got] == [str(r["id"]) for r in records]
+    assert [s.meta["score"] for s in got if "score" in s.meta] == [r["score"] for r in records if "score" in r]
+    assert got[4].media == {} and got[5].media["image"].endswith("a.png")  # text-only mixed in
+    records[17] = {**GOOD, "id": "bad", "conversations": []}
+    path.write_text(json.dumps(records, indent=1) if suffix == ".json" else
+                    "\n".join(json.dumps(r) for r in records) + "\n")
+    line = path.read_text().splitlines().index(
+        next(x for x in path.read_text().splitlines() if '"bad"' in x)) + 1
+    with pytest.raises(DataError, match=rf"record 17 \(id 'bad', line {line if suffix == '.jsonl' else line - 1}\)"):
+        read_llava(path)
+
+
+def test_image_lists_and_duplicate_ids(tmp_path):
+    _media(tmp_path)
+    one = {**GOOD, "image": ["img/a.png"]}
+    (tmp_path / "one.json").write_text(json.dumps([one]))
+    assert read_llava(tmp_path / "one.json")[0].media["image"] == str(tmp_path / "img" / "a.png")
+    two = {**GOOD, "id": "two", "image": ["img/a.png", "img/a.png"],
+           "conversations": _turns("<image><image>\nSame?", "yes")}
+    (tmp_path / "two.json").write_text(json.dumps([GOOD, two]))
+    with pytest.raises(DataError, match=r"two\.json: record 1 \(id 'two', line 1\): 'image' lists 2 files; a sample "
+                                        r"carries one image file \(Sample.media\), so split the record"):
+        read_llava(tmp_path / "two.json")
+    (tmp_path / "dup.jsonl").write_text("\n".join(json.dumps(r) for r in [GOOD, {**GOOD, "id": "x"}, GOOD]))
+    with pytest.raises(DataError, match=r"dup\.jsonl: record 2 \(id 'ok', line 3\): duplicate id 'ok', "
+                                        r"also used by .*dup\.jsonl: record 0 \(id 'ok', line 1\)$"):
+        read_llava(tmp_path / "dup.jsonl")
+
+
+def test_on_error_skip_lists_every_dropped_record(tmp_path):
+    from mmbridge.data.llava import ReadReport
+
+    _media(tmp_path)
+    lines = [json.dumps(GOOD), "{oops", json.dumps({"id": "r2", "image": "img/no.png",
+                                                    "conversations": _turns("<image>Q", "A")}),
+             json.dumps({**GOOD, "id": "r3"}), json.dumps(GOOD), json.dumps({"id": "r5"})]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="line 2"):
+        read_llava(path)
+    report = ReadReport(path)
+    got = read_llava(path, on_error="skip", report=report)
+    assert [s.id for s in got] == ["ok", "r3"] and report.kept == 2
+    assert len(report.dropped) == 4
+    for text, needle in zip(report.dropped, ["invalid JSON at line 2", "record 2 (id 'r2', line 3): image file not found",
+                                             "record 4 (id 'ok', line 5): duplicate id 'ok'",
+                                             "record 5 (id 'r5', line 6): missing 'conversations'"], strict=True):
+        assert needle in text, text
+    assert report.summary().startswith(f"{path}: kept 2 records, dropped 4 (first: {path}: invalid JSON at line 2")
+    with pytest.raises(ConfigError, match="data.on_error: 'ignore' is not one of raise, skip"):
+        read_llava(path, on_error="ignore")
+
+
 # -- llava data set ---------------------------------------------------------------------------
 def test_llava_dataset(tmp_path):
     write_llava(_samples(tmp_path / "m2")[:1], tmp_path / "train.jsonl", media_root=tmp_path / "m2")
