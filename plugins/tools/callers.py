@@ -159,7 +159,8 @@ class LLMToolCaller(ToolCaller):
             ``user``, or ``auto`` (``user`` when ``generate.tokenizer``'s template has no tool
             role).
         timeout_s: Limit per tool call (default: each tool's own ``timeout_s``).
-        max_result_chars: Longer results are cut.
+        max_result_chars: Longer results (and error texts) are cut, with a ``[truncated N chars]``
+            note.
     """
 
     mode: ClassVar[str] = "llm"
