@@ -153,7 +153,7 @@ class Root:
     run_name: str = spec("run", NONEMPTY)
     budget_minutes: float | None = spec(None, gt(0))  # wall-clock budget of the whole run
     device: str | None = spec(None, DEVICE)
-    progress_every: int | None = spec(None, ge(1))
+    progress_every: int = spec(50, ge(1))  # log lines without a terminal
 
 
 #: section key -> its dataclass (``stages`` maps every stage name to :class:`Stage`).

@@ -15,14 +15,15 @@ import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from mmbridge.build import check_arguments
 from mmbridge.config import group_options
 from mmbridge.errors import ConfigError, did_you_mean
+from mmbridge.preflight import output_errors
 from mmbridge.registry import Entry, Registry
 from mmbridge.schema import COMPONENTS, SECTIONS, Root, Rule, Stage
 
@@ -175,6 +176,8 @@ def check_node(registry: Registry, kind: str, node: Any, key: str, injected: Map
 def _trainer_errors(trainer: Any) -> list[str]:
     if not isinstance(trainer, dict):
         return [f"trainer={_show(trainer)}: expected a mapping of Lightning Trainer arguments"]
+    import lightning as L  # heavy: only a whole training config needs it, not option parsing
+
     params = [p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self"]
     errors = []
     for name, value in trainer.items():
@@ -215,6 +218,63 @@ def _component_errors(data: dict, registry: Registry) -> list[str]:
     for name, node in (ev.get("extra_data") or {}).items():
         errors += check_node(registry, "dataset", node, f"evaluation.extra_data.{name}")
     return errors
+
+
+# -- single overrides (command options that change a stored config) -----------------------------
+TOP_LEVEL_KEYS = tuple(sorted({f.name for f in dataclasses.fields(Root)} | set(SECTIONS) | set(COMPONENTS)
+                              | {"stages"}))
+
+
+def key_errors(key: str, value: Any) -> list[str]:
+    """Problems of one ``key=value`` override against the schema (component keys, group
+    choices and keys under free-form mappings pass: they are checked when the config is whole)."""
+    parts = key.split(".")
+    head = parts[0]
+    if head in SECTIONS:
+        schema, rest, where = SECTIONS[head], parts[1:], head
+    elif head == "stages" and len(parts) >= 2:
+        schema, rest, where = Stage, parts[2:], ".".join(parts[:2])
+    elif head in {f.name for f in dataclasses.fields(Root)}:
+        schema, rest, where = Root, parts, ""
+    else:  # a component node or a config group choice; an unknown key is the caller's to judge
+        return []
+    for i, name in enumerate(rest):
+        fields = {f.name: f for f in dataclasses.fields(schema)}
+        if name not in fields:
+            return [f"{key}={_show(value)}: not a key of {where or 'the config'}{did_you_mean(name, fields)}; "
+                    f"valid: {', '.join(fields)}"]
+        hint = typing.get_type_hints(schema)[name]
+        where = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint):
+            schema = hint
+            continue
+        if i < len(rest) - 1:  # a key inside a free-form mapping (a component node, a prefix setting)
+            return []
+        problem = check_value(key, value, hint, fields[name].metadata.get("rule"))
+        return [problem] if problem else []
+    return check_section(key, value, schema)
+
+
+def override_errors(overrides: Sequence[str]) -> list[str]:
+    """Problems of command-line overrides (``key=value``, Hydra syntax, comma lists included)
+    against the schema, before any config is loaded."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    errors = []
+    for line in overrides:
+        try:
+            (o,) = OverridesParser.create().parse_overrides([line])
+        except HydraException as exc:
+            errors.append(f"{line}: not a valid override ({str(exc).splitlines()[0]})")
+            continue
+        if o.is_hydra_override() or o.is_delete() or o.package is not None or o.value_type is None:
+            continue
+        values = list(o.sweep_iterator()) if o.is_sweep_override() and hasattr(o, "sweep_iterator") else [o.value()]
+        for value in values:
+            plain = OmegaConf.to_container(OmegaConf.create({"v": value}))["v"]  # type: ignore[index]
+            errors += key_errors(o.key_or_group, plain)
+    return list(dict.fromkeys(errors))
 
 
 # -- the whole config -----------------------------------------------------------------------------
@@ -288,7 +348,8 @@ def config_errors(cfg: DictConfig | Mapping, registry: Registry | None = None,
     return list(dict.fromkeys(errors))
 
 
-def validate_config(cfg: DictConfig | Mapping, registry: Registry | None = None) -> None:
+def validate_config(cfg: DictConfig | Mapping, registry: Registry | None = None,
+                    output_dir: str | Path | None = None) -> None:
     """Check a composed config before anything is built; raise one :class:`ConfigError` listing
     every problem (key, bad value, what is valid).
 
@@ -296,8 +357,12 @@ def validate_config(cfg: DictConfig | Mapping, registry: Registry | None = None)
         cfg: the composed config (``mmbridge train``'s, or a checkpoint's with overrides).
         registry: the run's registry; with it, component nodes are checked against their
             constructors too (without it, only the schema sections and the schedule).
+        output_dir: a training run's directory: then it and the caches (``paths.cache_dir``,
+            ``paths.feature_cache_dir``) are checked writable too (and created).
     """
     errors = config_errors(cfg, registry)
+    if output_dir is not None:
+        errors += output_errors(_resolve(cfg)[0], output_dir)
     if errors:
         raise ConfigError(f"invalid config ({len(errors)} problem{'s' * (len(errors) > 1)}):\n  "
                           + "\n  ".join(errors))

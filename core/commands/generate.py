@@ -20,7 +20,8 @@ def main(argv: list[str]) -> int:
     if not argv or any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0 if argv else 2
-    own, overrides = parse_kv(argv, USAGE, ("checkpoint", "prompt", "image", "audio", "video", "max_new_tokens"))
+    own, overrides = parse_kv(argv, USAGE, ("checkpoint", "prompt", "image", "audio", "video", "max_new_tokens"),
+                              counts=("max_new_tokens",))
     if "checkpoint" not in own or "prompt" not in own:
         raise ConfigError("checkpoint=PATH and prompt=\"...\" are required\n" + USAGE)
     media = {}

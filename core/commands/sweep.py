@@ -7,7 +7,9 @@ import hashlib
 import logging
 from pathlib import Path
 
-from mmbridge.errors import ConfigError
+from mmbridge.errors import ConfigError, did_you_mean
+from mmbridge.preflight import writable_dir_error
+from mmbridge.validation import override_errors
 
 HELP = "run a grid of trainings (comma lists) and write results tables and plots"
 log = logging.getLogger("mmbridge.sweep")
@@ -83,6 +85,31 @@ def plan(overrides: list[str], sweep_dir: str | None = None, metric: str | None 
     return args
 
 
+OPTIONS = ("--dir", "--metric", "--no-report")
+# Hydra's own flags, passed through to the multirun.
+HYDRA_FLAGS = ("--cfg", "-c", "--info", "-i", "--resolve", "--package", "-p", "--config-dir", "-cd",
+               "--config-name", "-cn", "--config-path", "-cp", "--hydra-help", "--shell-completion", "-sc")
+
+
+def check_options(overrides: list[str], sweep_dir: str | None, metric: str | None) -> None:
+    """Refuse, before any run starts, unknown options (with a did-you-mean), an unwritable
+    ``--dir``, an empty ``--metric`` and override values that do not fit the config schema
+    (each value of a comma list); every problem reported together."""
+    errors = []
+    for a in overrides:
+        flag = a.split("=", 1)[0]
+        if a.startswith("-") and flag not in HYDRA_FLAGS:
+            errors.append(f"{a}: not an option of mmbridge sweep{did_you_mean(flag, OPTIONS)}; "
+                          f"options: {', '.join(OPTIONS)} (and Hydra's flags)")
+    if sweep_dir is not None and (problem := writable_dir_error(sweep_dir, "--dir")):
+        errors.append(problem)
+    if metric is not None and not metric.strip():
+        errors.append("--metric='': give a metric key, e.g. test/exact_match")
+    errors += override_errors([a for a in overrides if "=" in a and not a.startswith("-")])
+    if errors:
+        raise ConfigError("invalid arguments:\n  " + "\n  ".join(errors))
+
+
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
@@ -104,6 +131,7 @@ def main(argv: list[str]) -> int:
             continue
         else:
             overrides.append(a)
+    check_options(overrides, sweep_dir, metric)
     from mmbridge.commands import train
     from mmbridge.reporting import LAST_REPORT
 

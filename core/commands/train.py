@@ -43,9 +43,16 @@ def run_task(cfg: DictConfig, output_dir: Path, overrides: list[str] | None = No
     ``overrides`` (the job's Hydra task overrides) are recorded in ``metrics.json``. With
     ``resume_interrupted`` (sweep jobs), a run of the same resolved config that was
     interrupted in ``output_dir`` is resumed there instead of started again.
+
+    The whole config (and the run directory and caches being writable) is checked before
+    anything is built: every problem is reported in one :class:`ConfigError`. With
+    ``resume=RUN_DIR``, the overrides that are safe on a started run (evaluation, steps of
+    unfinished stages, budget) are applied to its saved config; any other is refused.
     """
+    from mmbridge.preflight import resume_config
     from mmbridge.runs import METRICS, interrupted, write_json
     from mmbridge.training.run import train
+    from mmbridge.validation import validate_config
 
     registry = load_registry()
     resume = cfg.get("resume")
@@ -55,9 +62,11 @@ def run_task(cfg: DictConfig, output_dir: Path, overrides: list[str] | None = No
         if not saved.is_file():
             raise ConfigError(f"resume={resume}: no config.yaml there (pass a run directory "
                               f"written by `mmbridge train`)")
-        cfg = OmegaConf.load(saved)
+        cfg = resume_config(OmegaConf.load(saved), cfg, overrides or [], run_dir)
+        validate_config(cfg, registry, output_dir=run_dir)
         log.info("resuming %s", run_dir)
         return train(cfg, registry, run_dir, resume=True)
+    validate_config(cfg, registry, output_dir=output_dir)
     again = resume_interrupted and interrupted(output_dir, OmegaConf.to_yaml(cfg, resolve=True))
     if again:
         log.info("resuming the interrupted run in %s", output_dir)

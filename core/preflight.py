@@ -1,0 +1,132 @@
+"""Checks made when a command starts, before any work: outputs that can be written, and the
+overrides that a resumed run may take.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from mmbridge.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def dir_problem(path: str | Path) -> str | None:
+    """Why directory ``path`` cannot be written, or ``None``.
+
+    The directory is created if missing (every caller needs it anyway) and a file is created
+    and removed in it, so read-only file systems and ACLs are judged as the run will meet them.
+    """
+    p = Path(str(path)).expanduser()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as exc:
+        if p.exists() and not p.is_dir():
+            return "it is a file, not a directory"
+        blocking = next((q for q in p.parents if q.exists() and not q.is_dir()), None)
+        return f"{blocking} is a file, not a directory" if blocking else (exc.strerror or str(exc))
+    return None
+
+
+def writable_dir_error(path: str | Path, key: str) -> str | None:
+    """The error line for directory ``path`` of config key ``key``, or ``None`` if writable."""
+    reason = dir_problem(path)
+    return f"{key}={path}: cannot write there ({reason}); give a writable directory" if reason else None
+
+
+def writable_file_error(path: str | Path, key: str) -> str | None:
+    """The error line for output file ``path`` of option ``key``, or ``None`` if it can be
+    written (its directory is created if missing; the file itself is not touched)."""
+    p = Path(str(path)).expanduser()
+    if p.is_dir():
+        return f"{key}={path}: is a directory; give a file name"
+    reason = dir_problem(p.parent)
+    return f"{key}={path}: cannot write its directory {p.parent} ({reason})" if reason else None
+
+
+def output_errors(data: Mapping[str, Any], output_dir: str | Path | None) -> list[str]:
+    """Problems with the places a training run writes: its run directory and the caches
+    (``data``: the resolved config)."""
+    paths = data.get("paths") if isinstance(data.get("paths"), Mapping) else {}
+    errors = []
+    if output_dir is not None and (reason := dir_problem(output_dir)):
+        errors.append(f"run directory {output_dir} (paths.output_root={paths.get('output_root')}): "
+                      f"cannot write there ({reason}); give a writable paths.output_root")
+    keys = ["cache_dir", "feature_cache_dir"] if data.get("cache_features", True) else ["cache_dir"]
+    for key in keys:
+        if isinstance(paths.get(key), str) and (problem := writable_dir_error(paths[key], f"paths.{key}")):
+            errors.append(problem)
+    return errors
+
+
+# -- resume with overrides ------------------------------------------------------------------------
+# Keys a resumed run may take from the command line: they change when / how it is evaluated or
+# how long it may run, not what has been trained so far. ``stages.<name>.max_steps`` is safe for
+# the stages that have not finished (the learning-rate schedule of the remaining steps follows).
+SAFE_ON_RESUME = (r"evaluation(\..+)?", r"budget_minutes", r"device", r"progress_every",
+                  r"stages\.[^.]+\.budget_fraction", r"loader\.num_workers",
+                  r"trainer\.(enable_progress_bar|log_every_n_steps)", r"resume")
+_SAFE = re.compile("^(" + "|".join(SAFE_ON_RESUME) + ")$")
+_STEPS = re.compile(r"^stages\.([^.]+)\.max_steps$")
+
+
+def stages_done(run_dir: Path) -> list[str]:
+    """The stages a run directory has finished (its ``state.json``)."""
+    try:
+        return list(json.loads((run_dir / "state.json").read_text()).get("stages_done", []))
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def resume_config(saved: DictConfig, composed: DictConfig, overrides: Sequence[str], run_dir: Path) -> DictConfig:
+    """The saved config of ``run_dir`` with the command line's safe ``overrides`` applied
+    (values taken from ``composed``, the command line's config); any other override is refused
+    with the list, so that none is silently ignored."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as exc:
+        raise ConfigError(f"bad override: {exc}") from exc
+    done = stages_done(run_dir)
+    cfg = OmegaConf.create(OmegaConf.to_container(saved, resolve=False))
+    unsafe, applied = [], []
+    for o in parsed:
+        if o.is_hydra_override():
+            continue
+        key, line = o.key_or_group, o.input_line
+        if o.package:  # `group@package=option`: a whole component placed somewhere
+            unsafe.append(f"{line} (a config group choice)")
+            continue
+        steps = _STEPS.match(key)
+        if o.is_delete():
+            unsafe.append(f"{line} (deletes a key)")
+        elif steps and steps.group(1) in done:
+            unsafe.append(f"{line} (stage '{steps.group(1)}' has finished)")
+        elif not (_SAFE.match(key) or steps):
+            unsafe.append(line)
+        elif key != "resume":
+            OmegaConf.update(cfg, key, OmegaConf.select(composed, key), merge=False, force_add=True)
+            applied.append(line)
+    if unsafe:
+        raise ConfigError(
+            f"resume={run_dir}: {len(unsafe)} override(s) cannot change a run that has started: "
+            f"{', '.join(unsafe)}. On resume only these may change: evaluation.*, "
+            f"stages.<stage>.max_steps of a stage not finished (done: {', '.join(done) or 'none'}), "
+            f"stages.<stage>.budget_fraction, budget_minutes, device, progress_every, "
+            f"loader.num_workers, trainer.enable_progress_bar, trainer.log_every_n_steps; "
+            f"start a new run for the others")
+    if applied:
+        log.info("resume: applying %s", " ".join(applied))
+    return cfg
