@@ -130,3 +130,22 @@ def resume_config(saved: DictConfig, composed: DictConfig, overrides: Sequence[s
     if applied:
         log.info("resume: applying %s", " ".join(applied))
     return cfg
+
+
+def run_root_error(argv: Sequence[str]) -> str | None:
+    """Why the directory a ``mmbridge train`` command line writes into cannot be written, or
+    ``None``: checked before Hydra creates the run directory (which would fail with a raw
+    traceback). Looks at ``hydra.run.dir=`` / ``hydra.sweep.dir=`` (for ``-m``), else
+    ``paths.output_root=`` (default ``outputs``); a value with an interpolation is skipped."""
+    values = dict(a.lstrip("+").split("=", 1) for a in argv if "=" in a and not a.startswith("-"))
+    multirun = bool({"-m", "--multirun"} & set(argv))
+    for key in ("hydra.sweep.dir" if multirun else "hydra.run.dir", "paths.output_root"):
+        path = values.get(key, "outputs" if key == "paths.output_root" else None)
+        if path is None:
+            continue
+        path = path.strip("'\"")
+        if "${" in path:  # Hydra resolves it; the root it names is checked next
+            continue
+        reason = dir_problem(path)
+        return f"{key}={path}: cannot write there ({reason}); give a writable directory" if reason else None
+    return None

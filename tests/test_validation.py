@@ -17,7 +17,7 @@ from mmbridge.commands.sweep import check_options
 from mmbridge.config import builtin_conf_dir, compose, group_options
 from mmbridge.errors import ConfigError
 from mmbridge.plugin_manager import load_registry
-from mmbridge.preflight import resume_config
+from mmbridge.preflight import resume_config, run_root_error
 from mmbridge.schema import Debug, Evaluation, Loader, Root, Stage
 from mmbridge.training.stages import check_schedule
 from mmbridge.validation import config_errors, override_errors, validate_config
@@ -168,6 +168,18 @@ def test_unwritable_outputs_are_refused_at_start(registry, tmp_path, no_training
     msg = str(err.value)
     assert key in msg and str(bad) in msg and "is a file, not a directory" in msg
     assert no_training == []
+
+
+@pytest.mark.parametrize("argv", [["paths.output_root={bad}"], ["hydra.run.dir={bad}"],
+                                  ["-m", "seed=0,1", "hydra.sweep.dir={bad}"]])
+def test_run_root_checked_before_hydra_makes_it(tmp_path, argv):
+    blocker = tmp_path / "f"
+    blocker.write_text("x")
+    bad = blocker / "out"
+    msg = run_root_error([a.format(bad=bad) for a in argv])
+    key = next(a for a in argv if "{bad}" in a).split("=")[0]
+    assert msg == f"{key}={bad}: cannot write there ({blocker} is a file, not a directory); give a writable directory"
+    assert run_root_error([f"paths.output_root={tmp_path / 'ok'}"]) is None
 
 
 # -- resume with overrides ------------------------------------------------------------------------
