@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mmbridge.errors import ConfigError
+from mmbridge.io import atomic_write_bytes as atomic_write_bytes  # re-exported for reports
+from mmbridge.io import atomic_write_json
+from mmbridge.io import atomic_write_text as atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -24,26 +25,8 @@ METRICS = "metrics.json"
 ERROR = "error.txt"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory + rename, so
-    a reader never sees half a file and a crash leaves the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=float) + "\n")
+    atomic_write_json(path, data)
 
 
 def override_key(override: str) -> str:

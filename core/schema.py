@@ -71,6 +71,8 @@ def spec(default: Any = None, rule: Rule | None = None, *, factory: Callable[[],
 class Loader:
     num_workers: int = spec(0, ge(0))
     max_text_tokens: int = spec(256, ge(1))
+    # share of a split's samples whose answer max_text_tokens may cut before that is an error
+    max_truncated_share: float = spec(0.05, unit())
 
 
 @dataclass

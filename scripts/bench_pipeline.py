@@ -166,7 +166,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from mmbridge.data.feature_cache import _to_device, load_or_compute
     from mmbridge.recipe import RecipeContext
     from mmbridge.training.module import BridgeModule
-    from mmbridge.training.run import resolve_precision
     from mmbridge.training.stages import configure_trainable
 
     cfg, registry, session, name, samples = open_run(args)
@@ -190,7 +189,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     loader = iter(DataLoader(ds, batch_size=bs, shuffle=False, num_workers=workers,
                              collate_fn=Collator(session.chat.pad_id, model)))
 
-    precision = args.precision or resolve_precision(str(cfg.trainer.precision), args.device)
+    precision = args.precision or session.precision.precision
     amp = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision.startswith("bf16")
            else contextlib.nullcontext)
     opt_cfg = BridgeModule(model, stage).configure_optimizers()

@@ -359,7 +359,7 @@ def test_train_run_aligngpt_end_to_end(tmp_path):
 def test_evaluation_records_what_the_gate_decided(llm, samples):
     """Each held-out answer of a gated model carries its gate weights (predictions.jsonl); the
     metrics summarise them; a prefix without a gate records its mode only."""
-    from mmbridge.training.evaluate import exact_match, gate_summary, qa_items
+    from mmbridge.evaluation.qa import exact_match, gate_summary, qa_items
 
     model, cfg = make_model(llm, "mlp")
     configure_trainable(model, cfg.stages.instruct)

@@ -82,7 +82,7 @@ def test_eval_through_tool_callers(trained):
     """``evaluation.tool_callers``: a pipeline caller whose tools do not apply leaves the prompt
     as it is, so it must give the plain evaluation's greedy answers; with ``image_info`` the
     tool's real result is in every prompt and one call per question is recorded."""
-    from mmbridge.training.run import evaluate_session
+    from mmbridge.evaluation.runner import evaluate_session
     from mmbridge.training.session import session_from_checkpoint
 
     _, run = trained
@@ -91,7 +91,7 @@ def test_eval_through_tool_callers(trained):
         "evaluation.tool_callers.facts.name=pipeline", "evaluation.tool_callers.facts.tools=[image_info]",
         "evaluation.tool_max_new_tokens=12", "evaluation.baselines=false"])
     out_file = run.parent / "tool_predictions.jsonl"
-    m = evaluate_session(session, session.cfg, predictions=out_file)
+    m = evaluate_session(session, predictions=out_file)
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
     by_mode = {mode: [r for r in rows if r["mode"] == mode] for mode in ("media", "plain", "facts")}
     assert all(len(v) == m["n"] for v in by_mode.values())

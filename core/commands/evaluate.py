@@ -18,19 +18,20 @@ from mmbridge.schema import DEVICE
 from mmbridge.validation import TOP_LEVEL_KEYS, override_errors
 
 HELP = "evaluate a checkpoint: checkpoint=PATH [split=test max_samples=N]"
-USAGE = """usage: mmbridge eval checkpoint=PATH [split=test] [max_samples=N] [out=FILE] [predictions=FILE] [key=value ...]
+USAGE = """usage: mmbridge eval checkpoint=PATH [split=test] [max_samples=N] [out=FILE] [predictions=FILE] [device=DEV] [key=value ...]
 
 Rebuild the model of a checkpoint (a run's checkpoints/final directory, or its
 weights.safetensors), and report exact match on the split's questions per question type,
 beside the same model without the media and the majority-answer (chance) baseline.
 Other key=value pairs override the stored config (e.g. evaluation.batch_size=8).
 
+  device=DEV        where the model runs: cpu, cuda, cuda:N (default: the trainer's accelerator)
   out=FILE          also write the metrics as JSON
   predictions=FILE  write every answer as a JSON line: id, qtype, mode (media | no_media),
                     question, answer (reference), prediction, correct
 """
 
-OWN_KEYS = ("checkpoint", "split", "max_samples", "out", "predictions")
+OWN_KEYS = ("checkpoint", "split", "max_samples", "out", "predictions", "device")
 
 
 def parse_kv(argv: list[str], usage: str, own_keys: tuple[str, ...] = OWN_KEYS,
@@ -116,17 +117,17 @@ def main(argv: list[str]) -> int:
     if "checkpoint" not in own:
         raise ConfigError("checkpoint=PATH is required\n" + USAGE)
     check_outputs(own)
-    from mmbridge.training.run import evaluate_session
+    from mmbridge.evaluation.runner import evaluate_session
     from mmbridge.training.session import session_from_checkpoint
 
-    session, _ = session_from_checkpoint(own["checkpoint"], overrides)
+    session, _ = session_from_checkpoint(own["checkpoint"], overrides, device=own.get("device"))
     split = own.get("split", session.cfg.evaluation.split)
     if split not in session.splits:
         raise ConfigError(f"split={split}: not a split of the data set; splits: {', '.join(session.splits)}")
     max_samples = int(own["max_samples"]) if "max_samples" in own else None
     # answers go to a temporary file first: a failing predictions= write cannot lose them
     preds = Path(tempfile.mkdtemp(prefix="mmbridge-eval-")) / "predictions.jsonl" if "predictions" in own else None
-    metrics = evaluate_session(session, session.cfg, split=split, max_samples=max_samples, predictions=preds)
+    metrics = evaluate_session(session, split=split, max_samples=max_samples, predictions=preds)
     print_metrics(Console(), metrics, f"{own['checkpoint']} on {split} ({metrics.get('n', 0)} questions)")
     write_outputs(metrics, own, preds)
     return 0

@@ -9,10 +9,11 @@ from mmbridge.errors import ConfigError
 from mmbridge.types import Sample, placeholder
 
 HELP = "answer a prompt about media: checkpoint=PATH image=PATH prompt=\"...\""
-USAGE = """usage: mmbridge generate checkpoint=PATH prompt="..." [image=PATH] [audio=PATH] [max_new_tokens=N]
+USAGE = """usage: mmbridge generate checkpoint=PATH prompt="..." [image=PATH] [audio=PATH] [max_new_tokens=N] [device=DEV]
 
 Answer a prompt about the given media with a trained checkpoint. Each media argument is
-placed before the prompt as its placeholder (<image>, <audio>).
+placed before the prompt as its placeholder (<image>, <audio>). device= (cpu, cuda, cuda:N) says
+where the model runs (default: the trainer's accelerator).
 """
 
 
@@ -20,7 +21,7 @@ def main(argv: list[str]) -> int:
     if not argv or any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0 if argv else 2
-    own, overrides = parse_kv(argv, USAGE, ("checkpoint", "prompt", "image", "audio", "video", "max_new_tokens"),
+    own, overrides = parse_kv(argv, USAGE, ("checkpoint", "prompt", "image", "audio", "video", "max_new_tokens", "device"),
                               counts=("max_new_tokens",))
     if "checkpoint" not in own or "prompt" not in own:
         raise ConfigError("checkpoint=PATH and prompt=\"...\" are required\n" + USAGE)
@@ -32,9 +33,11 @@ def main(argv: list[str]) -> int:
                 raise ConfigError(f"{m}={own[m]}: no such file")
             media[m] = str(p.resolve())
     from mmbridge.data.dataset import Collator, encode_sample
+    from mmbridge.evaluation.qa import to_device
     from mmbridge.training.session import session_from_checkpoint
 
-    session, _ = session_from_checkpoint(own["checkpoint"], overrides, with_data=False)
+    session, _ = session_from_checkpoint(own["checkpoint"], overrides, with_data=False,
+                                         device=own.get("device"))
     missing = [m for m in media if m not in session.model.branches]
     if missing:
         raise ConfigError(f"{missing[0]}=...: this checkpoint's model has no {missing[0]} encoder; "
@@ -42,7 +45,7 @@ def main(argv: list[str]) -> int:
     text = "".join(placeholder(m) + "\n" for m in media) + own["prompt"]
     sample = Sample(id="prompt", media=media, conversations=[{"from": "human", "value": text}])
     item = encode_sample(sample, session.reader(use_cache=False), session.chat, add_generation_prompt=True)
-    batch = Collator(session.chat.pad_id, session.model, left_pad=True)([item])
+    batch = to_device(Collator(session.chat.pad_id, session.model, left_pad=True)([item]), session.device)
     new = session.model.generate(batch, max_new_tokens=int(own.get("max_new_tokens", 48)))
     print(session.chat.tokenizer.decode(new[0], skip_special_tokens=True).strip())
     return 0

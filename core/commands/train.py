@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from mmbridge.config import searchpath_override
 from mmbridge.errors import ConfigError, MMBridgeError
 from mmbridge.plugin_manager import load_registry
+from mmbridge.training.callbacks import Interrupted
 
 HELP = "train a model (Hydra overrides; no arguments = the default experiment)"
 log = logging.getLogger("mmbridge.train")
@@ -97,6 +98,15 @@ def _job(cfg: DictConfig) -> float | None:
             log.info("skipping %s: finished already (metrics.json)", out)
             return done.metrics.get("test", {}).get("exact_match")
         metrics = run_task(cfg, out, overrides, resume_interrupted=sweep)
+    except Interrupted as exc:
+        run_dir = Path(str(cfg.get("resume"))).expanduser() if cfg.get("resume") else out
+        where = f" at step {exc.step} of stage {exc.stage}" if exc.stage is not None else ""
+        print(f"mmbridge train: interrupted{where}; resume with: mmbridge train resume={run_dir}",
+              file=sys.stderr, flush=True)
+        _STATUS["code"] = exc.exit_status
+        if sweep:  # a sweep stops too: the interrupted job resumes when the sweep is started again
+            raise SystemExit(exc.exit_status) from None
+        return None
     except MMBridgeError as exc:
         print(f"mmbridge train: error: {exc}", file=sys.stderr)
         atomic_write_text(out / ERROR, f"{type(exc).__name__}: {exc}\n")

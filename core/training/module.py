@@ -8,9 +8,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 from omegaconf import DictConfig
 
 from mmbridge.model import MultimodalModel
+from mmbridge.training.resume import rng_state, set_rng_state
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -19,6 +21,16 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def progress_warmup_cosine(progress: float, warmup_ratio: float, min_ratio: float) -> float:
+    """LR multiplier at ``progress`` in [0, 1] of the stage: linear warm-up over the first
+    ``warmup_ratio`` (from 1 %, so the first step learns), then cosine decay to ``min_ratio``."""
+    progress = min(1.0, max(0.0, progress))
+    if warmup_ratio > 0 and progress < warmup_ratio:
+        return max(progress / warmup_ratio, 0.01)
+    rest = (progress - warmup_ratio) / max(1e-9, 1 - warmup_ratio)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, rest)))
 
 
 class BridgeModule(L.LightningModule):
@@ -41,6 +53,9 @@ class BridgeModule(L.LightningModule):
         self.step_times: list[float] = []
         self.samples_seen = 0
         self.seen_ids: list[str] | None = None  # a list when recording (debug)
+        self._rng_to_restore: dict[str, Any] | None = None  # from a checkpoint, until training starts
+        #: Seconds of training under a time budget (the LR schedule follows it); None: steps.
+        self.time_budget_s: float | None = None
         # Checkpoints hold trainable weights only; the frozen rest comes from the config.
         self.strict_loading = False
 
@@ -88,20 +103,44 @@ class BridgeModule(L.LightningModule):
                   {"params": no_decay, "weight_decay": 0.0}]
         opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=float(opt_cfg.lr),
                                 betas=tuple(opt_cfg.betas))
-        total = int(self.stage.max_steps)
-        warmup = int(round(float(opt_cfg.warmup_ratio) * total))
-        min_ratio = float(opt_cfg.min_lr_ratio)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, total, warmup, min_ratio))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_multiplier)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    # Checkpoints: trainable weights only (a frozen 135M LLM need not be saved every time).
+    def lr_multiplier(self, step: int) -> float:
+        """The stage's warm-up + cosine schedule at ``step``; under a time budget
+        (``time_budget_s``) it follows the share of the budget used, or of ``max_steps`` when
+        that is larger, so the learning rate has decayed when the time is up."""
+        opt_cfg = self.stage.optimizer
+        total = int(self.stage.max_steps)
+        warmup_ratio, min_ratio = float(opt_cfg.warmup_ratio), float(opt_cfg.min_lr_ratio)
+        if not self.time_budget_s:
+            return warmup_cosine(step, total, int(round(warmup_ratio * total)), min_ratio)
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        elapsed = float(timer.time_elapsed("train")) if timer is not None else 0.0
+        return progress_warmup_cosine(max(step / max(1, total), elapsed / self.time_budget_s),
+                                      warmup_ratio, min_ratio)
+
+    # Checkpoints: trainable weights only (a frozen 135M LLM need not be saved every time),
+    # with what an exact resume needs beyond Lightning's own state (resume.py).
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = {f"model.{k}" for k in self.model.trainable_state_dict()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["mmbridge"] = {"samples_seen": self.samples_seen, "history": self.history}
+        extra: dict[str, Any] = {"samples_seen": self.samples_seen, "history": self.history,
+                                 "rng": rng_state()}
+        if self.seen_ids is not None:
+            extra["seen_ids"] = list(self.seen_ids)
+        checkpoint["mmbridge"] = extra
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get("mmbridge", {})
         self.samples_seen = extra.get("samples_seen", 0)
         self.history = list(extra.get("history", []))
+        if self.seen_ids is not None:
+            self.seen_ids = list(extra.get("seen_ids", []))
+        # applied when training starts: nothing between the restore and the first step may draw
+        self._rng_to_restore = extra.get("rng")
+
+    def on_train_start(self) -> None:
+        state, self._rng_to_restore = self._rng_to_restore, None
+        if state is not None:
+            set_rng_state(state)

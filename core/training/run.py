@@ -1,81 +1,50 @@
 """One training run: stages in order, each a Lightning ``fit``; then the test-split evaluation
-and ``metrics.json``. ``resume`` continues a killed run from its last checkpoint."""
+and ``metrics.json``. ``resume`` continues a killed run from its last checkpoint.
+
+Under ``budget_minutes`` the run is bounded by wall-clock time instead of steps: the stages
+share what is left of the budget when each starts (by ``stages.<name>.budget_fraction``), each
+ends with its checkpoint, and the evaluation follows.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import resource
 import statistics
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from mmbridge.data.dataset import Collator, ConversationDataset
+from mmbridge.build import build
+from mmbridge.data.dataset import Collator, ConversationDataset, check_truncation, truncation_report
+from mmbridge.errors import ConfigError
+from mmbridge.evaluation.runner import ValQuestions, evaluate_session
+from mmbridge.io import atomic_write_json, atomic_write_text
+from mmbridge.progress import interactive
+from mmbridge.recipe import RecipeContext
 from mmbridge.registry import Registry
-from mmbridge.training import evaluate as ev
+from mmbridge.training.callbacks import Interrupted, InterruptGuard, ProgressLog, StopOnSignal
 from mmbridge.training.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from mmbridge.training.module import BridgeModule
 from mmbridge.training.session import Session, open_session
 from mmbridge.training.stages import check_schedule, configure_trainable
+from mmbridge.training.trainer import peak_memory_mb, tidy_lightning_output, trainer_kwargs
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mmbridge.train")
 
-
-class _DropLightningAdverts(logging.Filter):
-    """Drops Lightning's "try installing litlogger" tip (printed at every ``fit``)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
-
-
-def _tidy_lightning_output() -> None:
-    """One line per Lightning message, no adverts, no warnings about what is meant.
-
-    The ``lightning`` package installs its own console handler and also propagates to the root
-    logger; under Hydra (whose handlers write the console and the run's log file) every message
-    appeared twice. With root handlers present, Lightning's own handler is removed, so its
-    records go through the run's logging only. Two warnings that describe this framework's
-    intended state are silenced: frozen modules kept in eval mode (the frozen encoder and LLM),
-    and a deprecation inside Lightning's own pytree helper.
-    """
-    import warnings
-
-    lightning_logger = logging.getLogger("lightning")
-    if logging.getLogger().hasHandlers():
-        for handler in list(lightning_logger.handlers):
-            lightning_logger.removeHandler(handler)
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _DropLightningAdverts) for f in rank_zero.filters):
-        rank_zero.addFilter(_DropLightningAdverts())
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-
-
-def resolve_precision(value: str, accelerator: str) -> str:
-    """``auto`` -> ``bf16-mixed`` on a GPU or a CPU with fast bf16 (AMX / AVX512-BF16), else
-    ``32-true``."""
-    if value != "auto":
-        return value
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return "bf16-mixed"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "32-true"
-    return "bf16-mixed" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "32-true"
-
-
-def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    kw = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
-    kw["precision"] = resolve_precision(str(kw.get("precision", "auto")), str(kw.get("accelerator", "auto")))
-    return kw
+#: Steps whose time is left out of the reported step time (kernel selection, allocator warm-up).
+WARMUP_STEPS = 3
+#: Below this many seconds of training a stage's budget share is too small to be useful.
+MIN_STAGE_SECONDS = 10.0
 
 
 def _loader(ds, batch_size: int, collate, shuffle: bool, cfg: DictConfig, seed: int) -> DataLoader:
@@ -85,154 +54,186 @@ def _loader(ds, batch_size: int, collate, shuffle: bool, cfg: DictConfig, seed: 
                       num_workers=workers, persistent_workers=workers > 0, generator=gen)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_json(path: Path, data: dict) -> None:
-    _atomic_text(path, json.dumps(data, indent=2, default=float))
-
-
-class _Evaluator:
-    """Exact match on the validation split's questions (a fixed small subset)."""
-
-    def __init__(self, session: Session, n: int, max_new_tokens: int, batch_size: int) -> None:
-        self.items = ev.qa_items(session.splits.get("val", []))[:n]
-        self.session = session
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
-
-    def __call__(self, model) -> dict[str, float]:
-        if not self.items:
-            return {}
-        res = ev.exact_match(model, self.items, self.session.reader(), self.session.chat,
-                             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, progress=False)
-        return {"exact_match": res["exact_match"]}
-
-
-def _peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def run_stage(session: Session, name: str, out_dir: Path, resume: bool) -> dict[str, Any]:
+def run_stage(session: Session, name: str, out_dir: Path, resume: bool,
+              guard: InterruptGuard | None = None, deadline: float | None = None) -> dict[str, Any]:
+    """Train stage ``name``: its recipe's data, a Lightning ``fit`` from the stage's last
+    checkpoint when ``resume``; stops at ``max_steps`` or, with ``deadline`` (a
+    ``time.monotonic()`` value), when the time is up. Raises :class:`Interrupted` when ``guard``
+    recorded a signal (after a resumable checkpoint was written)."""
     cfg, model = session.cfg, session.model
     stage = cfg.stages[name]
     configure_trainable(model, stage)
-    recipe_node = stage.recipe
-    from mmbridge.build import build
-
-    recipe = build(session.registry, "recipe", recipe_node, f"stages.{name}.recipe")
+    recipe = build(session.registry, "recipe", stage.recipe, f"stages.{name}.recipe")
     if stage.split not in session.splits:
-        from mmbridge.errors import ConfigError
-
         raise ConfigError(f"stages.{name}.split: '{stage.split}' is not a split of the data set; "
                           f"splits: {', '.join(session.splits)}")
-    from mmbridge.recipe import RecipeContext
-
     recipe.setup(RecipeContext(cfg, session.registry, model, session.tables, Path(cfg.paths.cache_dir)))
     train_samples = recipe.annotate(session.splits[stage.split])
     val_samples = recipe.annotate(session.splits["val"]) if "val" in session.splits else []
     reader = session.reader()
     seed = int(cfg.seed)
-    train_ds = ConversationDataset(train_samples, recipe, reader, session.chat, seed=seed)
-    val_ds = ConversationDataset(val_samples, recipe, reader, session.chat, seed=seed + 1)
+    train_ds = ConversationDataset(train_samples, recipe, reader, session.chat, seed=seed, split=stage.split)
+    val_ds = ConversationDataset(val_samples, recipe, reader, session.chat, seed=seed + 1, split="val")
+    reports = [truncation_report(train_ds)] + ([truncation_report(val_ds)] if len(val_ds) else [])
+    check_truncation(reports, max_share=float(cfg.loader.max_truncated_share), stage=name)
     collate = Collator(session.chat.pad_id, model)
     bs = int(stage.batch_size)
     train_dl = _loader(train_ds, bs, collate, True, cfg, seed)
     val_dl = _loader(val_ds, bs, collate, False, cfg, seed) if len(val_ds) else None
     ev_cfg = cfg.evaluation
-    evaluator = _Evaluator(session, int(ev_cfg.get("val_samples", 32)), int(ev_cfg.max_new_tokens),
-                           int(ev_cfg.batch_size))
-    module = BridgeModule(model, stage, evaluator=evaluator)
-    record = bool(cfg.get("debug", {}).get("record_sample_ids", False))
-    if record:
-        module.seen_ids = []
+    evaluator = ValQuestions(session, int(ev_cfg.val_samples), int(ev_cfg.max_new_tokens), int(ev_cfg.batch_size))
+    max_steps = int(stage.max_steps)
     ckpt_dir = out_dir / "checkpoints" / name
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                                 every_n_train_steps=int(stage.get("checkpoint_every", stage.val_every)))]
-    if cfg.trainer.get("enable_progress_bar", True):
-        from lightning.pytorch.callbacks import RichProgressBar
-
+    callbacks: list[Any] = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                                            every_n_train_steps=int(stage.get("checkpoint_every") or stage.val_every))]
+    tty = interactive()
+    if tty and cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar())
+    stopper = StopOnSignal(guard) if guard is not None else None
+    if stopper is not None:
+        callbacks.append(stopper)
     loggers = [CSVLogger(out_dir / "logs", name=name, version=""),
                TensorBoardLogger(out_dir / "logs", name=f"tb_{name}", version="")]
-    _tidy_lightning_output()
-    trainer = L.Trainer(max_steps=int(stage.max_steps), val_check_interval=int(stage.val_every),
-                        check_val_every_n_epoch=None, callbacks=callbacks, logger=loggers,
-                        num_sanity_val_steps=0, enable_model_summary=False,
-                        default_root_dir=str(out_dir), **_trainer_kwargs(cfg))
+    tidy_lightning_output()
     last = ckpt_dir / "last.ckpt"
     ckpt_path = str(last) if resume and last.is_file() else None
     t0 = time.perf_counter()
-    if ckpt_path is None and val_dl is not None:
-        trainer.validate(module, val_dl, verbose=False)  # the starting point of the val curve
+    module = BridgeModule(model, stage, evaluator=evaluator)
+    record = bool((cfg.get("debug") or {}).get("record_sample_ids", False))
+    if record:
+        module.seen_ids = []
+    if ckpt_path is None and val_dl is not None:  # the starting point of the val curve
+        _trainer(cfg, session, out_dir, max_steps, stage, [], False).validate(module, val_dl, verbose=False)
+    val_s = time.perf_counter() - t0
+    budget_s = None
+    if deadline is not None:
+        # keep time for the closing validation, as long as the opening one took
+        budget_s = deadline - time.monotonic() - (val_s if val_dl is not None else 0.0)
+        if budget_s < MIN_STAGE_SECONDS:
+            log.warning("stage %s: only %.0f s of the budget left; training %.0f s anyway",
+                        name, budget_s, MIN_STAGE_SECONDS)
+            budget_s = MIN_STAGE_SECONDS
+        module.time_budget_s = budget_s
+    every = int(cfg.get("progress_every") or 50)
+    if not tty:
+        callbacks.append(ProgressLog(name, max_steps, budget_s, every_n=every))
+    trainer = _trainer(cfg, session, out_dir, max_steps, stage, callbacks, loggers, budget_s)
     trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt_path)
+    model.to(session.device)  # Lightning's teardown moves the model back to the CPU
+    if stopper is not None and stopper.saved_step is not None:
+        raise Interrupted(guard.signum, name, stopper.saved_step, stopper.checkpoint)
+    ended_early = int(trainer.global_step) < max_steps
+    last_val = module.history[-1]["step"] if module.history else -1
+    if ended_early and val_dl is not None and last_val != trainer.global_step:
+        # stopped by the budget between two validations: close the val curve where it ended
+        trainer.validate(module, val_dl, verbose=False)
     wall = time.perf_counter() - t0
+    if ended_early:
+        log.info("stage %s: time budget reached at step %d of %d", name, trainer.global_step, max_steps)
     if record:
         _write_debug(out_dir, name, trainer.global_rank, module)
-    times = module.step_times[3:] or module.step_times
+    times = module.step_times[WARMUP_STEPS:] or module.step_times
     return {"history": module.history, "wall_s": wall,
             "step_time_s": statistics.median(times) if times else float("nan"),
             "samples_per_s": bs / statistics.median(times) if times else float("nan"),
-            "steps": int(trainer.global_step), "rank": trainer.global_rank}
+            "steps": int(trainer.global_step), "max_steps": max_steps,
+            "budget_s": budget_s, "rank": trainer.global_rank}
+
+
+def _trainer(cfg: DictConfig, session: Session, out_dir: Path, max_steps: int, stage: DictConfig,
+             callbacks: list, loggers: Any, budget_s: float | None = None) -> L.Trainer:
+    kw = trainer_kwargs(cfg, session.precision, session.device, interactive=interactive())
+    if not callbacks:  # a bare validation: no checkpoints, no progress bar
+        kw["enable_progress_bar"] = False
+    return L.Trainer(max_steps=max_steps, val_check_interval=int(stage.val_every),
+                     check_val_every_n_epoch=None, callbacks=callbacks, logger=loggers,
+                     enable_checkpointing=bool(callbacks), num_sanity_val_steps=0,
+                     enable_model_summary=False, default_root_dir=str(out_dir),
+                     max_time=timedelta(seconds=budget_s) if budget_s else None, **kw)
 
 
 def _write_debug(out_dir: Path, stage: str, rank: int, module: BridgeModule) -> None:
-    from safetensors.torch import save_file
-
     d = out_dir / "debug"
     d.mkdir(exist_ok=True)
-    _atomic_json(d / f"{stage}_rank{rank}_ids.json", {"ids": module.seen_ids})
+    atomic_write_json(d / f"{stage}_rank{rank}_ids.json", {"ids": module.seen_ids})
     state = {k: v.contiguous().cpu() for k, v in module.model.trainable_state_dict().items()}
     save_file(state, str(d / f"{stage}_rank{rank}_weights.safetensors"))
 
 
+def stage_fractions(cfg: DictConfig, names: list[str]) -> dict[str, float]:
+    """Each stage's share of the time budget: ``stages.<name>.budget_fraction`` normalised over
+    ``names`` (equal shares where none is set)."""
+    raw = {n: cfg.stages[n].get("budget_fraction") for n in names}
+    if all(v is None for v in raw.values()):
+        return {n: 1.0 / len(names) for n in names}
+    missing = [n for n, v in raw.items() if v is None]
+    if missing:
+        raise ConfigError(f"budget_minutes: stages.{missing[0]}.budget_fraction is not set while "
+                          f"other stages set theirs; set it for every scheduled stage")
+    total = sum(float(v) for v in raw.values())
+    return {n: float(v) / total for n, v in raw.items()}
+
+
 def train(cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """Run every scheduled stage, evaluate on the test split, write metrics.json; return it."""
+    """Run every scheduled stage, evaluate on the test split, write metrics.json; return it.
+
+    Raises:
+        Interrupted: on SIGTERM / SIGINT (after a resumable checkpoint was written when it came
+            during a training step).
+    """
     t_start = time.perf_counter()
+    m_start = time.monotonic()
     check_schedule(cfg)
+    budget_min = cfg.get("budget_minutes")
+    budget_s = float(budget_min) * 60 if budget_min else None
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    session = open_session(cfg, registry)
-    model = session.model
-    done: list[str] = []
-    stage_metrics: dict[str, Any] = {}
-    state_file = out_dir / "state.json"
-    state = json.loads(state_file.read_text()) if resume and state_file.is_file() else {}
-    for name in cfg.schedule:
-        export = out_dir / "checkpoints" / f"{name}_final"
-        if name in state.get("stages_done", []) and (export / "weights.safetensors").is_file():
-            configure_trainable(model, cfg.stages[name])  # same structure (LoRA) as when it ran
-            _, weights, _ = read_checkpoint(export)
-            load_weights(model, weights, str(export))
+    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    with InterruptGuard() as guard:
+        session = open_session(cfg, registry)
+        model = session.model
+        done: list[str] = []
+        stage_metrics: dict[str, Any] = {}
+        state_file = out_dir / "state.json"
+        state = json.loads(state_file.read_text()) if resume and state_file.is_file() else {}
+        todo = [n for n in cfg.schedule if n not in state.get("stages_done", [])]
+        fractions = stage_fractions(cfg, todo) if budget_s and todo else {}
+        for name in cfg.schedule:
+            export = out_dir / "checkpoints" / f"{name}_final"
+            if name in state.get("stages_done", []) and (export / "weights.safetensors").is_file():
+                configure_trainable(model, cfg.stages[name])  # same structure (LoRA) as when it ran
+                _, weights, _ = read_checkpoint(export)
+                load_weights(model, weights, str(export))
+                done.append(name)
+                stage_metrics[name] = state.get("stage_metrics", {}).get(name, {})
+                log.info("stage %s: already done, loaded %s", name, export)
+                continue
+            deadline = None
+            if budget_s:
+                left = budget_s - (time.monotonic() - m_start)
+                share = fractions[name] / sum(fractions[n] for n in todo[todo.index(name):])
+                deadline = time.monotonic() + max(0.0, left) * share
+                log.info("stage %s: %.1f min of the %.1f min budget", name, max(0.0, left) * share / 60,
+                         budget_s / 60)
+            stage_metrics[name] = run_stage(session, name, out_dir, resume, guard, deadline)
             done.append(name)
-            stage_metrics[name] = state.get("stage_metrics", {}).get(name, {})
-            log.info("stage %s: already done, loaded %s", name, export)
-            continue
-        stage_metrics[name] = run_stage(session, name, out_dir, resume)
-        done.append(name)
-        if stage_metrics[name]["rank"] == 0:
-            save_checkpoint(model, cfg, export, done)
-            _atomic_json(state_file, {"stages_done": done, "stage_metrics": stage_metrics})
-    final = out_dir / "checkpoints" / "final"
-    rank0 = all(m.get("rank", 0) == 0 for m in stage_metrics.values())
-    if rank0:
-        save_checkpoint(model, cfg, final, done)
-    metrics = {"stages": stage_metrics, "checkpoint": str(final), "seed": int(cfg.seed),
-               "parameters": model.parameter_counts(),
-               "visual_tokens": visual_tokens(session),
-               "cache": session.cache_stats}
-    if rank0:
-        metrics["test"] = evaluate_session(session, cfg, predictions=out_dir / "predictions.jsonl")
-    metrics["peak_memory_mb"] = _peak_memory_mb()
+            if stage_metrics[name]["rank"] == 0:
+                save_checkpoint(model, cfg, export, done)
+                atomic_write_json(state_file, {"stages_done": done, "stage_metrics": stage_metrics})
+        final = out_dir / "checkpoints" / "final"
+        rank0 = all(m.get("rank", 0) == 0 for m in stage_metrics.values())
+        if rank0:
+            save_checkpoint(model, cfg, final, done)
+        metrics = {"stages": stage_metrics, "checkpoint": str(final), "seed": int(cfg.seed),
+                   "parameters": model.parameter_counts(),
+                   "visual_tokens": visual_tokens(session),
+                   "cache": session.cache_stats,
+                   "precision": {"trainer": session.precision.precision,
+                                 "weights": session.precision.weight_dtype,
+                                 "reason": session.precision.reason, "device": str(session.device)}}
+        if rank0:
+            metrics["test"] = evaluate_session(session, predictions=out_dir / "predictions.jsonl")
+    metrics["peak_memory_mb"] = peak_memory_mb()
     metrics["wall_s"] = time.perf_counter() - t_start
     last_stage = stage_metrics[done[-1]] if done else {}
     metrics["step_time_s"] = last_stage.get("step_time_s")
@@ -242,7 +243,7 @@ def train(cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = Fal
         metrics["val_loss_first"] = hist[0]["val_loss"]
         metrics["val_loss_last"] = hist[-1]["val_loss"]
     if rank0:
-        _atomic_json(out_dir / "metrics.json", metrics)
+        atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 
@@ -261,86 +262,3 @@ def visual_tokens(session: Session) -> dict[str, float]:
         c = branch.connector
         out[modality] = c.out_tokens(n) if c.in_sequence else getattr(c, "num_latents", 0)
     return out
-
-
-def evaluate_session(session: Session, cfg: DictConfig, split: str | None = None,
-                     max_samples: int | None = None,
-                     predictions: Path | None = None) -> dict[str, float]:
-    """Exact match on the split's questions (word error rate for ``evaluation.wer_qtypes``),
-    with the no-media and chance baselines, the answers through the Tool Learning callers
-    (``evaluation.tool_callers``, :mod:`mmbridge.training.tool_eval`), the reference recogniser
-    (``evaluation.reference_asr``) and the extra evaluation sets (``evaluation.extra_data``,
-    keys prefixed with their name); every answer is written to ``predictions`` (JSON lines,
-    atomically) when given."""
-    ev_cfg = cfg.evaluation
-    split = split or ev_cfg.split
-    if split not in session.splits:
-        return {}
-    records: list[dict] = []
-    limit = int(max_samples or ev_cfg.max_samples)
-    items = ev.qa_items(session.splits[split])[:limit]
-    out = _evaluate_items(session, ev_cfg, items, "", records, session.reader(),
-                          train=session.splits.get("train"))
-    out["n"] = len(items)
-    for name, data_cfg in (ev_cfg.get("extra_data") or {}).items():
-        samples = _extra_split(session, name, data_cfg, split)
-        items = ev.qa_items(samples)[:limit]
-        extra = _evaluate_items(session, ev_cfg, items, f"{name}/", records, session.reader(False),
-                                train=None)
-        extra[f"{name}/n"] = len(items)
-        out.update(extra)
-    if predictions is not None:
-        predictions.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_text(predictions, "".join(json.dumps(r) + "\n" for r in records))
-    return out
-
-
-def _evaluate_items(session: Session, ev_cfg: DictConfig, items: list, prefix: str,
-                    records: list[dict], reader, train) -> dict[str, Any]:
-    kw = {"max_new_tokens": int(ev_cfg.max_new_tokens), "batch_size": int(ev_cfg.batch_size),
-          "wer_qtypes": list(ev_cfg.get("wer_qtypes") or [])}
-    out: dict[str, Any] = ev.exact_match(session.model, items, reader, session.chat, prefix=prefix,
-                                         records=records, **kw)
-    if ev_cfg.get("baselines", True):
-        out.update(ev.exact_match(session.model, items, reader, session.chat,
-                                  prefix=f"{prefix}no_media/", without_media=True, records=records, **kw))
-        if train:
-            out.update(ev.chance(ev.qa_items(train), items, prefix=f"{prefix}chance/"))
-    for cname, node in (ev_cfg.get("tool_callers") or {}).items():
-        from mmbridge.training.tool_eval import build_caller, caller_exact_match
-
-        key = f"evaluation.tool_callers.{cname}"
-        caller = session.eval_helper(key, lambda: build_caller(session.registry, node, key))
-        out.update(caller_exact_match(session.model, session.chat, reader, items, caller,
-                                      prefix=f"{prefix}{cname}/", records=records,
-                                      max_new_tokens=int(ev_cfg.get("tool_max_new_tokens", 64))))
-    ref = ev_cfg.get("reference_asr")
-    if ref and kw["wer_qtypes"]:
-        tool = _asr_tool(session, str(ref))
-        out.update(ev.reference_asr(items, tool, kw["wer_qtypes"], prefix=f"{prefix}asr/", records=records))
-    return out
-
-
-def _asr_tool(session: Session, checkpoint: str):
-    """The registered ``asr`` tool on ``checkpoint`` (evaluation.reference_asr), built once."""
-    from mmbridge.build import build
-
-    node = OmegaConf.create({"name": "asr", "checkpoint": checkpoint})
-    return session.eval_helper(f"evaluation.reference_asr:{checkpoint}",
-                               lambda: build(session.registry, "tool", node, "evaluation.reference_asr"))
-
-
-def _extra_split(session: Session, name: str, data_cfg: DictConfig, split: str) -> list:
-    """The ``split`` (else ``test``, else the only split) of the extra evaluation set ``name``."""
-    from mmbridge.errors import ConfigError
-    from mmbridge.training.session import check_media, read_source
-
-    splits = read_source(session.cfg, session.registry, data_cfg, f"evaluation.extra_data.{name}")
-    chosen = split if split in splits else ("test" if "test" in splits else None)
-    if chosen is None:
-        if len(splits) != 1:
-            raise ConfigError(f"evaluation.extra_data.{name}: no '{split}' or 'test' split; "
-                              f"splits: {', '.join(splits)}")
-        chosen = next(iter(splits))
-    check_media({f"{name}:{chosen}": splits[chosen]}, session.model)
-    return splits[chosen]

@@ -3,23 +3,34 @@ feature caches. Shared by ``train``, ``eval`` and ``generate``."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, OmegaConf
 
 from mmbridge.build import build
 from mmbridge.data.chat import ChatEncoder
 from mmbridge.data.dataset import MediaReader
 from mmbridge.data.feature_cache import FeatureTable, load_or_compute
-from mmbridge.data.llava import read_llava
+from mmbridge.data.llava import ReadReport, read_llava
 from mmbridge.errors import AssemblyError, DataError
 from mmbridge.model import MultimodalModel, assemble
+from mmbridge.plugin_manager import load_registry
 from mmbridge.registry import Registry
-from mmbridge.types import Sample, placeholder
+from mmbridge.training.checkpoint import load_weights, read_checkpoint
+from mmbridge.training.stages import configure_trainable, frozen_encoders
+from mmbridge.training.trainer import (
+    PrecisionDecision,
+    resolve_auto_dtypes,
+    resolve_device,
+    run_precision,
+)
+from mmbridge.types import Sample, check_placeholders
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +49,9 @@ class Session:
     #: Evaluation helpers built once per session and reused across evaluations (tool callers
     #: of ``evaluation.tool_callers``, the ``evaluation.reference_asr`` tool), by config key.
     eval_helpers: dict[str, Any] = field(default_factory=dict)
+    #: The precision decision of the run and the device its model lives on.
+    precision: PrecisionDecision = field(default_factory=lambda: PrecisionDecision("32-true", "float32", "default"))
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def reader(self, use_cache: bool = True) -> MediaReader:
         return MediaReader(self.model, self.tables if use_cache else None)
@@ -54,15 +68,27 @@ def load_splits(cfg: DictConfig, registry: Registry) -> dict[str, list[Sample]]:
 
 
 def read_source(cfg: DictConfig, registry: Registry, data_cfg: DictConfig, key: str) -> dict[str, list[Sample]]:
-    """Build the data set ``data_cfg`` (config key ``key``), prepare it, read its splits."""
+    """Build the data set ``data_cfg`` (config key ``key``), prepare it, read its splits (each
+    file parsed once). With ``{key}.on_error=skip`` bad records are dropped: one summary line
+    per split that lost any, and each dropped record's message in the log."""
     source = build(registry, "dataset", data_cfg, key)
     files = source.prepare(Path(cfg.paths.data_dir))
-    return {name: read_llava(path, files.media_root) for name, path in files.splits.items()}
+    on_error = getattr(source, "on_error", "raise")
+    splits = {}
+    for name, path in files.splits.items():
+        report = ReadReport(Path(path))
+        splits[name] = read_llava(path, files.media_root, on_error=on_error, report=report)
+        if report.dropped:
+            log.warning("%s split '%s': %s", key, name, report.summary())
+            for message in report.dropped:
+                log.info("dropped: %s", message)
+    return splits
 
 
 def check_media(splits: dict[str, list[Sample]], model: MultimodalModel) -> None:
-    """Placeholders vs media, and media vs the model's encoders, for every sample (cheap string
-    counts, before any training step). Errors name the sample and the config keys."""
+    """Media vs the model's encoders, and the placeholder rule against the model's modalities,
+    for every sample (cheap string counts, before any training step). Errors name the sample
+    and the config keys."""
     have = set(model.branches)
     for split, samples in splits.items():
         for s in samples:
@@ -72,19 +98,25 @@ def check_media(splits: dict[str, list[Sample]], model: MultimodalModel) -> None
                         f"data split '{split}' sample {s.id} has {modality} media, but the model "
                         f"encodes only {', '.join(sorted(have))} (config keys: encoder, branches); "
                         f"add a branch: branches.{modality}.encoder / branches.{modality}.connector")
-            text = "".join(t.get("value", "") for t in s.conversations)
-            for modality in have | set(s.media):
-                n_ph = text.count(placeholder(modality))
-                n_media = 1 if modality in s.media else 0
-                if n_ph != n_media:
-                    raise AssemblyError(
-                        f"data split '{split}' sample {s.id}: {n_ph} {placeholder(modality)} "
-                        f"placeholder(s) for {n_media} {modality} item(s) (config key: data)")
+            check_placeholders(((t.get("from", ""), t.get("value", "")) for t in s.conversations),
+                               dict.fromkeys(s.media, 1), have, f"data split '{split}' sample {s.id}")
 
 
 def open_session(cfg: DictConfig, registry: Registry, with_data: bool = True,
-                 cache: bool | None = None) -> Session:
-    model = assemble(cfg, registry)
+                 cache: bool | None = None, device: str | torch.device | None = None) -> Session:
+    """Assemble the model of ``cfg`` on its device, read the data and fill the feature cache.
+
+    The precision and the dtype of ``dtype: auto`` components are decided from the hardware
+    (:func:`mmbridge.training.trainer.run_precision`, one log line says what and why);
+    ``device`` (else ``cfg.device``, else the trainer's accelerator) is where the model is
+    evaluated and the features are computed.
+    """
+    decision = run_precision(cfg)
+    log.info("precision %s, weights %s: %s", decision.precision, decision.weight_dtype, decision.reason)
+    dev = resolve_device(device if device is not None else cfg.get("device"),
+                         str((cfg.get("trainer") or {}).get("accelerator", "auto")))
+    model = assemble(resolve_auto_dtypes(cfg, decision.weight_dtype), registry)
+    model.to(dev)
     tok = model.llm.tokenizer
     prefix = model.prefix
     chat = ChatEncoder(tok, list(model.branches), max_length=int(cfg.loader.max_text_tokens),
@@ -93,7 +125,7 @@ def open_session(cfg: DictConfig, registry: Registry, with_data: bool = True,
     splits = load_splits(cfg, registry) if with_data else {}
     if splits:
         check_media(splits, model)
-    session = Session(cfg, registry, model, chat, splits)
+    session = Session(cfg, registry, model, chat, splits, precision=decision, device=dev)
     use_cache = bool(cfg.get("cache_features", True)) if cache is None else cache
     if use_cache and splits:
         fill_feature_cache(session)
@@ -102,16 +134,11 @@ def open_session(cfg: DictConfig, registry: Registry, with_data: bool = True,
 
 def fill_feature_cache(session: Session) -> None:
     """Cache the features of every media file of every split, per frozen encoder."""
-    from mmbridge.training.stages import frozen_encoders
-
     cfg = session.cfg
     if not frozen_encoders(cfg):
         log.info("an encoder trains in this schedule: the feature cache is not used")
         return
-    from mmbridge.training.run import resolve_precision
-
-    precision = resolve_precision(str(cfg.trainer.get("precision", "auto")), str(cfg.trainer.get("accelerator", "auto")))
-    autocast = "bfloat16" if precision.startswith("bf16") else None
+    autocast = "bfloat16" if session.precision.precision.startswith("bf16") else None
     for modality, branch in session.model.branches.items():
         paths = sorted({s.media[modality] for v in session.splits.values() for s in v if modality in s.media})
         if not paths:
@@ -128,24 +155,18 @@ def fill_feature_cache(session: Session) -> None:
 
 
 def session_from_checkpoint(path: str, overrides: list[str] | None = None, with_data: bool = True,
-                            registry: Registry | None = None) -> tuple[Session, dict[str, str]]:
-    """Rebuild the model a checkpoint was trained with and load its weights.
+                            registry: Registry | None = None,
+                            device: str | torch.device | None = None) -> tuple[Session, dict[str, str]]:
+    """Rebuild the model a checkpoint was trained with, on ``device`` (see :func:`open_session`),
+    and load its weights.
 
     ``overrides`` are ``key=value`` changes to the stored config (e.g. ``evaluation.batch_size=8``).
     """
-    import json
-
-    from omegaconf import OmegaConf
-
-    from mmbridge.plugin_manager import load_registry
-    from mmbridge.training.checkpoint import load_weights, read_checkpoint
-    from mmbridge.training.stages import configure_trainable
-
-    cfg, weights, meta = read_checkpoint(path)
+    registry = registry or load_registry()
+    cfg, weights, meta = read_checkpoint(path, registry=registry)  # names a missing plugin's package
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    registry = registry or load_registry()
-    session = open_session(cfg, registry, with_data=with_data)
+    session = open_session(cfg, registry, with_data=with_data, device=device)
     for stage in json.loads(meta.get("stages", "[]")):
         configure_trainable(session.model, cfg.stages[stage])  # re-creates LoRA layers
     load_weights(session.model, weights, str(path))

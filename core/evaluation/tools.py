@@ -22,16 +22,16 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from rich.progress import Progress
 
 from mmbridge.build import build
 from mmbridge.data.chat import ChatEncoder
 from mmbridge.data.dataset import Collator, MediaReader, encode_sample
 from mmbridge.errors import ConfigError
+from mmbridge.evaluation.qa import QAItem, normalize, summarise, to_device
 from mmbridge.model import MultimodalModel
+from mmbridge.progress import Progress
 from mmbridge.registry import Registry
 from mmbridge.tools import GenerateFn, Tool, ToolCaller
-from mmbridge.training.evaluate import QAItem, _summarise, _to, normalize
 from mmbridge.types import Sample, placeholder
 
 
@@ -50,7 +50,7 @@ def model_generate_fn(model: MultimodalModel, chat: ChatEncoder, reader: MediaRe
         text = "".join(c["value"] for c in convs)
         present = {k: v for k, v in media.items() if placeholder(k) in text}
         sample = Sample(id="tool-eval", media=present, conversations=convs, meta={})
-        batch = _to(collate([encode_sample(sample, reader, chat, add_generation_prompt=True)]), device)
+        batch = to_device(collate([encode_sample(sample, reader, chat, add_generation_prompt=True)]), device)
         new = model.generate(batch, max_new_tokens=max_new_tokens)
         return chat.tokenizer.decode(new[0], skip_special_tokens=True).strip()
 
@@ -111,7 +111,7 @@ def caller_exact_match(model: MultimodalModel, chat: ChatEncoder, reader: MediaR
                 bar.advance(task)
     finally:
         model.train(was_training)
-    out = _summarise(correct, prefix)
+    out = summarise(correct, prefix)
     out[f"{prefix}tool_calls_per_question"] = n_calls / max(1, len(items))
     out[f"{prefix}tool_call_failures"] = n_failed / max(1, n_calls)
     return out

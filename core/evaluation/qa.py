@@ -10,17 +10,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from rich.progress import Progress
 
 from mmbridge.data.chat import ChatEncoder
 from mmbridge.data.dataset import Collator, MediaReader, encode_sample, strip_media
+from mmbridge.metrics import normalize_text, word_error_rate
 from mmbridge.model import MultimodalModel
+from mmbridge.progress import Progress
 from mmbridge.types import Sample, placeholder
 
 
 def normalize(text: str) -> str:
-    from mmbridge.metrics import normalize_text
-
+    """The answer normalisation of exact match (:func:`mmbridge.metrics.normalize_text`)."""
     return normalize_text(text)
 
 
@@ -54,7 +54,7 @@ def qa_items(samples: Sequence[Sample]) -> list[QAItem]:
     return items
 
 
-def _summarise(correct: dict[str, list[bool]], prefix: str) -> dict[str, float]:
+def summarise(correct: dict[str, list[bool]], prefix: str) -> dict[str, float]:
     allv = [c for v in correct.values() for c in v]
     out = {f"{prefix}exact_match": sum(allv) / max(1, len(allv))}
     for qtype, v in sorted(correct.items()):
@@ -66,8 +66,6 @@ def wer_by_type(items: Sequence[QAItem], preds: Sequence[str], qtypes: Sequence[
                 prefix: str = "") -> dict[str, float]:
     """Corpus word error rate (:func:`mmbridge.metrics.word_error_rate`) of the questions of
     each type in ``qtypes`` (those present), as ``{prefix}wer/<qtype>``."""
-    from mmbridge.metrics import word_error_rate
-
     out = {}
     for qtype in qtypes:
         pairs = [(p, it.answer) for it, p in zip(items, preds) if it.qtype == qtype]
@@ -98,7 +96,7 @@ def answer(model: MultimodalModel, items: Sequence[QAItem], reader: MediaReader,
                 s = strip_media(it.sample) if without_media else it.sample
                 s = s.replace(conversations=s.conversations[:-1])
                 encoded.append(encode_sample(s, reader, chat, add_generation_prompt=True))
-            batch = _to(collate(encoded), device)
+            batch = to_device(collate(encoded), device)
             if model.prefix is not None:
                 model.prefix.last_info = None
             new = model.generate(batch, max_new_tokens=max_new_tokens)
@@ -134,7 +132,7 @@ def exact_match(model: MultimodalModel, items: Sequence[QAItem], reader: MediaRe
             if info is not None:
                 rec["prefix"] = info
             records.append(rec)
-    return {**_summarise(correct, prefix), **wer_by_type(items, preds, wer_qtypes, prefix),
+    return {**summarise(correct, prefix), **wer_by_type(items, preds, wer_qtypes, prefix),
             **gate_summary(infos, prefix)}
 
 
@@ -179,12 +177,13 @@ def chance(train: Sequence[QAItem], test: Sequence[QAItem], prefix: str = "chanc
     correct: dict[str, list[bool]] = defaultdict(list)
     for it in test:
         correct[it.qtype].append(majority.get(it.qtype) == normalize(it.answer))
-    return _summarise(correct, prefix)
+    return summarise(correct, prefix)
 
 
-def _to(batch, device):
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` (a tensor, or a dict of them, nested) on ``device``; other values as they are."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
     return batch
