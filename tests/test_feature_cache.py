@@ -156,11 +156,12 @@ def test_altered_shard_is_caught_by_its_checksum(media, tmp_path, caplog):
     _assert_exact(table, media)
 
 
-def test_corrupt_index_moves_the_entry_aside(media, tmp_path, caplog):
+@pytest.mark.parametrize("name", ["index.json", "paths.json"])
+def test_corrupt_index_moves_the_entry_aside(media, tmp_path, caplog, name):
     _, stats = _fill(media, tmp_path / "fc")
     entry = Path(stats["path"])
-    text = (entry / "index.json").read_text()
-    (entry / "index.json").write_text(text[: len(text) // 3])
+    text = (entry / name).read_text()
+    (entry / name).write_text(text[: len(text) // 3])
     with caplog.at_level(logging.WARNING, logger="mmbridge.cache"):
         table, stats = _fill(media, tmp_path / "fc")
     assert len(caplog.records) == 1 and "index.json is unreadable" in caplog.records[0].getMessage()

@@ -2,7 +2,8 @@
 
 An entry is a folder::
 
-    index.json          the rows' paths, per-shard lengths, byte counts and SHA-256
+    paths.json          the rows' media paths (written once; its SHA-256 is in the index)
+    index.json          per-shard lengths, byte counts and SHA-256 (rewritten after each shard)
     shard-00000.bin     rows 0 .. R-1, unpadded: row r is lengths[r] x dim float16, row-major
     shard-00001.bin     rows R .. 2R-1
     ...
@@ -18,6 +19,7 @@ count toward the process's resident memory.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -30,6 +32,7 @@ from mmbridge.cache_integrity import file_sha256, move_aside
 from mmbridge.errors import DataError
 
 INDEX = "index.json"
+PATHS = "paths.json"
 STORE_FORMAT = 2
 DTYPE = np.float16
 ITEMSIZE = 2
@@ -53,9 +56,15 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def new_index(paths: Sequence[str], shard_rows: int, meta: dict) -> dict:
+def new_index(entry: Path, paths: Sequence[str], shard_rows: int, meta: dict) -> dict:
+    """A new entry's index (no shard yet); writes the paths file it refers to."""
+    blob = json.dumps(list(paths)).encode()
+    tmp = entry / f".{PATHS}.{os.getpid()}.tmp"
+    tmp.write_bytes(blob)
+    os.replace(tmp, entry / PATHS)
     return {"format": STORE_FORMAT, "rows": len(paths), "shard_rows": shard_rows, "dim": None,
-            "dtype": "float16", "complete": False, "paths": list(paths), "shards": {}, **meta}
+            "dtype": "float16", "complete": False, "paths_sha256": hashlib.sha256(blob).hexdigest(),
+            "shards": {}, **meta, "paths": list(paths)}
 
 
 def n_shards(index: dict) -> int:
@@ -63,13 +72,17 @@ def n_shards(index: dict) -> int:
 
 
 def read_index(entry: Path) -> dict | None:
-    """The entry's index, ``None`` when there is none yet; :class:`DamagedEntry` when it is
-    unreadable or does not add up."""
+    """The entry's index (with its ``paths``), ``None`` when there is none yet;
+    :class:`DamagedEntry` when it or the paths file is unreadable or does not add up."""
     path = entry / INDEX
     if not path.is_file():
         return None
     try:
         index = json.loads(path.read_text())
+        blob = (entry / PATHS).read_bytes()
+        if hashlib.sha256(blob).hexdigest() != index["paths_sha256"]:
+            raise ValueError(f"{PATHS} does not match its SHA-256")
+        index["paths"] = json.loads(blob)
         rows, shard_rows, shards = int(index["rows"]), int(index["shard_rows"]), index["shards"]
         if index["format"] != STORE_FORMAT or len(index["paths"]) != rows or shard_rows < 1:
             raise ValueError("header does not match its paths")
@@ -89,7 +102,7 @@ def read_index(entry: Path) -> dict | None:
 
 
 def write_index(entry: Path, index: dict) -> None:
-    _write_json(entry / INDEX, index)
+    _write_json(entry / INDEX, {k: v for k, v in index.items() if k != "paths"})
 
 
 def check_shards(entry: Path, index: dict, checksums: bool) -> dict[int, str]:
@@ -163,8 +176,6 @@ class ShardWriter:
             self._publish()
 
     def _open(self, k: int) -> None:
-        import hashlib
-
         self._k, self._lengths, self._hash = k, [], hashlib.sha256()
         self._file = open(self.entry / f"{shard_name(k)}.partial", "wb")  # noqa: SIM115
 
