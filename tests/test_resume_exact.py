@@ -1,0 +1,236 @@
+"""Exact resume: a run killed with SIGKILL and continued with ``resume=RUN_DIR`` ends with the
+same weights, test metrics, validation history and sample order as the uninterrupted run.
+
+The fast tests pin the pieces on a real Lightning ``fit`` of a one-weight model: the loader's
+order (a function of seed and epoch) and position survive a checkpoint at every step, across
+epoch boundaries; ``ResumableCheckpoint`` keeps the validation point of its step; the global
+random generators round-trip through a weights-only checkpoint. The slow test runs the real CLI
+(``experiment=tiny``) and crashes it with ``MMBRIDGE_DEBUG_SIGKILL_AT`` (see
+``mmbridge.training.resume``) in each stage and right after an epoch boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import mmbridge_exe
+from safetensors.torch import load_file
+
+from mmbridge.errors import CheckpointError
+from mmbridge.training.loader import EpochShuffle, make_loader
+from mmbridge.training.resume import KILL_ENV, ResumableCheckpoint, rng_state, set_rng_state
+
+
+def _ids(batches) -> list[list[int]]:
+    return [b.tolist() for b in batches]
+
+
+def test_epoch_shuffle_order_is_a_function_of_seed_and_epoch():
+    s = EpochShuffle(range(10), seed=0)
+    e0 = list(s)
+    assert sorted(e0) == list(range(10)) and list(s) == e0  # same epoch, same order
+    s.set_epoch(1)
+    e1 = list(s)
+    assert sorted(e1) == list(range(10)) and e1 != e0
+    assert list(EpochShuffle(range(10), seed=1)) != e0
+    other = EpochShuffle(range(10), seed=0)
+    other.set_epoch(1)
+    assert list(other) == e1
+
+
+def test_loader_position_resumes_mid_epoch_and_at_the_epoch_end():
+    """State after every batch of three epochs (10 samples, batches of 3: 4 per epoch), loaded
+    into a fresh loader, continues with exactly the uninterrupted batches; the epoch is set as
+    Lightning does (``set_epoch`` before each pass)."""
+    def loader():
+        return make_loader(list(range(10)), 3, torch.tensor, shuffle=True, seed=7)
+
+    dl, seq, states = loader(), [], []
+    for epoch in range(3):
+        dl.sampler.set_epoch(epoch)
+        for b in dl:
+            seq.append(b.tolist())
+            states.append((epoch, dl.state_dict()))
+    assert [len(b) for b in seq[:4]] == [3, 3, 3, 1]
+    for k, (epoch, state) in enumerate(states):
+        fresh = loader()
+        fresh.load_state_dict(state)
+        rest = []
+        for e in range(epoch, 3):
+            fresh.sampler.set_epoch(e)
+            rest += _ids(fresh)
+        assert rest == seq[k + 1:], f"resumed after batch {k}"
+
+
+def test_loader_refuses_a_state_drawn_with_another_seed():
+    dl = make_loader(list(range(10)), 3, torch.tensor, shuffle=True, seed=1)
+    next(iter(dl))
+    other = make_loader(list(range(10)), 3, torch.tensor, shuffle=True, seed=2)
+    other.load_state_dict(dl.state_dict())
+    with pytest.raises(CheckpointError, match="seed=1.*seed=2"):
+        next(iter(other))
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    torch.save({"rng": rng_state()}, tmp_path / "c.pt")
+    first = (torch.rand(4), random.random(), np.random.rand(3))
+    set_rng_state(torch.load(tmp_path / "c.pt", weights_only=True)["rng"])
+    again = (torch.rand(4), random.random(), np.random.rand(3))
+    assert torch.equal(first[0], again[0]) and first[1] == again[1]
+    assert np.array_equal(first[2], again[2])
+
+
+class _Toy(L.LightningModule):
+    """One weight, a noisy loss (dropout draws from the global generator), the sample order and
+    every validation step recorded and checkpointed like ``BridgeModule`` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(1, 1)
+        self.seen: list[list[int]] = []
+        self.history: list[int] = []
+        self._rng = None
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch[:, 0].int().tolist())
+        return (torch.nn.functional.dropout(self.lin(batch), 0.5) ** 2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+    def on_validation_epoch_end(self) -> None:
+        self.history.append(self.global_step)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.05)
+
+    def on_save_checkpoint(self, checkpoint) -> None:
+        checkpoint["toy"] = {"seen": list(self.seen), "history": list(self.history), "rng": rng_state()}
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        self.seen, self.history = list(checkpoint["toy"]["seen"]), list(checkpoint["toy"]["history"])
+        self._rng = checkpoint["toy"]["rng"]
+
+    def on_train_start(self) -> None:
+        if self._rng is not None:
+            set_rng_state(self._rng)
+
+
+class _KeepLast(L.Callback):
+    """Copies ``last.ckpt`` as it stands when each step starts: what a kill there leaves."""
+
+    def __init__(self, d: Path) -> None:
+        self.d = d
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if (self.d / "last.ckpt").exists():
+            shutil.copy(self.d / "last.ckpt", self.d / f"at{trainer.global_step}.ckpt")
+
+
+def _fit(d: Path, ckpt_path: Path | None = None) -> _Toy:
+    torch.manual_seed(0)
+    data = [torch.tensor([float(i)]) for i in range(10)]
+    module = _Toy()
+    callbacks = [ResumableCheckpoint(dirpath=d, filename="{step}", save_last=True, save_top_k=2,
+                                     monitor="step", mode="max", every_n_train_steps=1,
+                                     enable_version_counter=False), _KeepLast(d)]
+    trainer = L.Trainer(max_steps=12, val_check_interval=3, check_val_every_n_epoch=None,
+                        callbacks=callbacks, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
+    trainer.fit(module, make_loader(data, 3, torch.stack, shuffle=True, seed=0),
+                make_loader(data, 5, torch.stack, shuffle=False, seed=0), ckpt_path=ckpt_path)
+    return module
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_lightning_fit_resumes_exactly_from_the_checkpoint_of_every_step(tmp_path):
+    """12 steps of 4 batches per epoch, validation every 3 steps: resumed from what a kill leaves
+    at each step (mid-epoch, at an epoch's last batch, at a validation step), the sample order,
+    the weights and the validation history equal the uninterrupted run's."""
+    full = _fit(tmp_path / "full")
+    assert [len(b) for b in full.seen[:4]] == [3, 3, 3, 1]  # epoch boundaries at steps 4 and 8
+    assert full.seen[:4] != full.seen[4:8]  # each epoch in a new order
+    assert full.history == [3, 6, 9, 12]
+    for k in range(1, 12):
+        resumed = _fit(tmp_path / f"r{k}", ckpt_path=tmp_path / "full" / f"at{k}.ckpt")
+        assert resumed.seen == full.seen, f"sample order after a kill at step {k}"
+        assert resumed.history == full.history, f"validation history after a kill at step {k}"
+        assert torch.equal(resumed.lin.weight, full.lin.weight) and torch.equal(resumed.lin.bias, full.lin.bias)
+
+
+# --- the real CLI --------------------------------------------------------------------------
+
+ARGS = ["experiment=tiny", "data.n_train=48", "data.n_val=8", "data.n_test=8",
+        "evaluation.max_samples=8", "evaluation.val_samples=4", "evaluation.batch_size=8",
+        "trainer.enable_progress_bar=false", "debug.record_sample_ids=true"]
+# 48 samples in batches of 8: an epoch is 6 steps; checkpoints every 3, validation every 6
+for _stage in ("align", "instruct"):
+    ARGS += [f"stages.{_stage}.batch_size=8", f"stages.{_stage}.max_steps=12",
+             f"stages.{_stage}.val_every=6", f"+stages.{_stage}.checkpoint_every=3"]
+
+
+def _train(root: Path, *args: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMBRIDGE_DISABLE_PLUGINS": "1", "COLUMNS": "200"}
+    env.pop(KILL_ENV, None)
+    if kill_at:
+        env[KILL_ENV] = kill_at
+    return subprocess.run([mmbridge_exe(), "train", *args], capture_output=True, text=True, cwd=root,
+                          env=env, timeout=900)
+
+
+def _outcome(run: Path) -> tuple[dict, dict, dict]:
+    metrics = json.loads((run / "metrics.json").read_text())
+    weights = load_file(str(run / "checkpoints" / "final" / "weights.safetensors"))
+    ids = {s: json.loads((run / "debug" / f"{s}_rank0_ids.json").read_text())["ids"] for s in ("align", "instruct")}
+    return metrics, weights, ids
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume_exact")
+    run = root / "ref"
+    out = _train(root, *ARGS, f"paths.cache_dir={root / 'cache'}", f"hydra.run.dir={run}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root, _outcome(run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", ["align:3", "align:6", "instruct:9"],
+                         ids=["in-align", "align-epoch-boundary-and-validation", "in-instruct"])
+def test_sigkill_and_resume_is_bit_identical(uninterrupted, kill_at):
+    root, (m0, w0, ids0) = uninterrupted
+    stage, step = kill_at.split(":")
+    run = root / f"kill_{stage}_{step}"
+    out = _train(root, *ARGS, f"paths.cache_dir={root / 'cache'}", f"hydra.run.dir={run}", kill_at=kill_at)
+    assert out.returncode == -9, out.stderr[-3000:]  # the process crashed (SIGKILL), not a clean stop
+    assert not (run / "metrics.json").exists()
+    last = torch.load(run / "checkpoints" / stage / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == int(step)
+    out = _train(root, f"resume={run}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    m1, w1, ids1 = _outcome(run)
+    # the epoch boundary is real: the first 6 align steps see all 48 samples once, the next 6 again
+    assert len(set(ids0["align"][:48])) == 48 and set(ids0["align"][48:]) == set(ids0["align"][:48])
+    assert ids0["align"][48:] != ids0["align"][:48]
+    assert ids1 == ids0  # the same samples in the same order, across the kill
+    assert w1.keys() == w0.keys() and w0
+    diff = {k: float((w0[k] - w1[k]).abs().max()) for k in w0 if not torch.equal(w0[k], w1[k])}
+    assert not diff, f"tensors differ (max |diff|): {diff}"
+    assert m1["test"] == m0["test"]
+    for s in ("align", "instruct"):
+        assert m1["stages"][s]["history"] == m0["stages"][s]["history"]  # every val point, same values
+        assert [h["step"] for h in m1["stages"][s]["history"]] == [0.0, 6.0, 12.0]
+        assert m1["stages"][s]["steps"] == 12
+    assert m1["val_loss_last"] == m0["val_loss_last"]
