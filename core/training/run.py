@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
@@ -33,7 +33,14 @@ from mmbridge.progress import interactive
 from mmbridge.recipe import RecipeContext
 from mmbridge.registry import Registry
 from mmbridge.training.callbacks import Interrupted, InterruptGuard, ProgressLog, StopOnSignal
-from mmbridge.training.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from mmbridge.training.checkpoint import (
+    SafeCheckpointIO,
+    checkpoint_callback,
+    load_weights,
+    read_checkpoint,
+    resumable_checkpoint,
+    save_checkpoint,
+)
 from mmbridge.training.module import BridgeModule
 from mmbridge.training.session import Session, open_session
 from mmbridge.training.stages import check_schedule, configure_trainable
@@ -84,8 +91,8 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool,
     evaluator = ValQuestions(session, int(ev_cfg.val_samples), int(ev_cfg.max_new_tokens), int(ev_cfg.batch_size))
     max_steps = int(stage.max_steps)
     ckpt_dir = out_dir / "checkpoints" / name
-    callbacks: list[Any] = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                                            every_n_train_steps=int(stage.get("checkpoint_every") or stage.val_every))]
+    # the two newest step checkpoints and last.ckpt (a damaged last.ckpt falls back)
+    callbacks: list[Any] = [checkpoint_callback(ckpt_dir, int(stage.get("checkpoint_every") or stage.val_every))]
     tty = interactive()
     if tty and cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar())
@@ -95,8 +102,8 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool,
     loggers = [CSVLogger(out_dir / "logs", name=name, version=""),
                TensorBoardLogger(out_dir / "logs", name=f"tb_{name}", version="")]
     tidy_lightning_output()
-    last = ckpt_dir / "last.ckpt"
-    ckpt_path = str(last) if resume and last.is_file() else None
+    found = resumable_checkpoint(ckpt_dir) if resume else None  # last.ckpt, else the newest good one
+    ckpt_path = str(found) if found is not None else None
     t0 = time.perf_counter()
     module = BridgeModule(model, stage, evaluator=evaluator)
     record = bool((cfg.get("debug") or {}).get("record_sample_ids", False))
@@ -149,6 +156,7 @@ def _trainer(cfg: DictConfig, session: Session, out_dir: Path, max_steps: int, s
                      check_val_every_n_epoch=None, callbacks=callbacks, logger=loggers,
                      enable_checkpointing=bool(callbacks), num_sanity_val_steps=0,
                      enable_model_summary=False, default_root_dir=str(out_dir),
+                     plugins=[SafeCheckpointIO()],  # resume loads weights-only, always
                      max_time=timedelta(seconds=budget_s) if budget_s else None, **kw)
 
 
