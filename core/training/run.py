@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mmbridge.build import build
 from mmbridge.data.dataset import Collator, ConversationDataset, check_truncation, truncation_report
@@ -41,7 +40,9 @@ from mmbridge.training.checkpoint import (
     resumable_checkpoint,
     save_checkpoint,
 )
+from mmbridge.training.loader import make_loader
 from mmbridge.training.module import BridgeModule
+from mmbridge.training.resume import ResumableCheckpoint
 from mmbridge.training.session import Session, open_session
 from mmbridge.training.stages import check_schedule, configure_trainable
 from mmbridge.training.trainer import peak_memory_mb, tidy_lightning_output, trainer_kwargs
@@ -54,11 +55,10 @@ WARMUP_STEPS = 3
 MIN_STAGE_SECONDS = 10.0
 
 
-def _loader(ds, batch_size: int, collate, shuffle: bool, cfg: DictConfig, seed: int) -> DataLoader:
-    workers = int(cfg.loader.num_workers)
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
-                      num_workers=workers, persistent_workers=workers > 0, generator=gen)
+def _loader(ds, batch_size: int, collate, shuffle: bool, cfg: DictConfig, seed: int) -> StatefulDataLoader:
+    """A resumable loader (:mod:`mmbridge.training.loader`): Lightning checkpoints its position."""
+    return make_loader(ds, batch_size, collate, shuffle=shuffle, seed=seed,
+                       num_workers=int(cfg.loader.num_workers))
 
 
 def run_stage(session: Session, name: str, out_dir: Path, resume: bool,
@@ -92,7 +92,8 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool,
     max_steps = int(stage.max_steps)
     ckpt_dir = out_dir / "checkpoints" / name
     # the two newest step checkpoints and last.ckpt (a damaged last.ckpt falls back)
-    callbacks: list[Any] = [checkpoint_callback(ckpt_dir, int(stage.get("checkpoint_every") or stage.val_every))]
+    callbacks: list[Any] = [checkpoint_callback(ckpt_dir, int(stage.get("checkpoint_every") or stage.val_every),
+                                                ResumableCheckpoint)]
     tty = interactive()
     if tty and cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar())
