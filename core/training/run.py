@@ -227,12 +227,12 @@ def train(cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = Fal
             stage_metrics[name] = run_stage(session, name, out_dir, resume, guard, deadline)
             done.append(name)
             if stage_metrics[name]["rank"] == 0:
-                save_checkpoint(model, cfg, export, done)
+                save_checkpoint(model, cfg, export, done, registry=session.registry)
                 atomic_write_json(state_file, {"stages_done": done, "stage_metrics": stage_metrics})
         final = out_dir / "checkpoints" / "final"
         rank0 = all(m.get("rank", 0) == 0 for m in stage_metrics.values())
         if rank0:
-            save_checkpoint(model, cfg, final, done)
+            save_checkpoint(model, cfg, final, done, registry=session.registry)
         metrics = {"stages": stage_metrics, "checkpoint": str(final), "seed": int(cfg.seed),
                    "parameters": model.parameter_counts(),
                    "visual_tokens": visual_tokens(session),

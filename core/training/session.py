@@ -31,6 +31,7 @@ from mmbridge.training.trainer import (
     run_precision,
 )
 from mmbridge.types import Sample, check_placeholders
+from mmbridge.validation import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,8 @@ def fill_feature_cache(session: Session) -> None:
             continue
         try:
             table, stats = load_or_compute(branch.encoder, paths, Path(cfg.paths.feature_cache_dir),
-                                           autocast=autocast)
+                                           autocast=autocast, device=session.device,
+                                           num_workers=int(cfg.loader.num_workers))
         except OSError as exc:
             raise DataError(f"feature cache at paths.feature_cache_dir={cfg.paths.feature_cache_dir}: {exc}") from exc
         session.tables[modality] = table
@@ -166,6 +168,7 @@ def session_from_checkpoint(path: str, overrides: list[str] | None = None, with_
     cfg, weights, meta = read_checkpoint(path, registry=registry)  # names a missing plugin's package
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    validate_config(cfg, registry)  # overrides included: a bad value is an error, not a random model
     session = open_session(cfg, registry, with_data=with_data, device=device)
     for stage in json.loads(meta.get("stages", "[]")):
         configure_trainable(session.model, cfg.stages[stage])  # re-creates LoRA layers

@@ -186,7 +186,7 @@ def resolve_device(device: str | None, accelerator: str = "auto") -> torch.devic
     try:
         dev = torch.device(str(device))
     except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"device={device}: not a device; use cpu, cuda or cuda:N") from exc
+        raise ConfigError(f"device={device}: not a device; use cpu, cuda, cuda:N or mps") from exc
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device={device}: CUDA is not available on this machine; use device=cpu")
@@ -194,8 +194,11 @@ def resolve_device(device: str | None, accelerator: str = "auto") -> torch.devic
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         if dev.index >= torch.cuda.device_count():
             raise ConfigError(f"device={device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device={device}: MPS is not available on this machine; use device=cpu")
     elif dev.type != "cpu":
-        raise ConfigError(f"device={device}: only cpu and cuda[:N] are supported")
+        raise ConfigError(f"device={device}: only cpu, cuda[:N] and mps are supported")
     return dev
 
 
@@ -219,7 +222,7 @@ def trainer_kwargs(cfg: DictConfig, decision: PrecisionDecision, device: torch.d
     kw = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
     kw["precision"] = decision.precision
     if cfg.get("device") not in (None, "", "auto") and device is not None:
-        kw["accelerator"] = "gpu" if device.type == "cuda" else "cpu"
+        kw["accelerator"] = {"cuda": "gpu", "mps": "mps"}.get(device.type, "cpu")
         if device.type == "cuda":
             kw["devices"] = [device.index]
     if not interactive:
