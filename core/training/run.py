@@ -127,7 +127,6 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool,
         callbacks.append(ProgressLog(name, max_steps, budget_s, every_n=every))
     trainer = _trainer(cfg, session, out_dir, max_steps, stage, callbacks, loggers, budget_s)
     trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt_path)
-    model.to(session.device)  # Lightning's teardown moves the model back to the CPU
     if stopper is not None and stopper.saved_step is not None:
         raise Interrupted(guard.signum, name, stopper.saved_step, stopper.checkpoint)
     ended_early = int(trainer.global_step) < max_steps
@@ -135,6 +134,7 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool,
     if ended_early and val_dl is not None and last_val != trainer.global_step:
         # stopped by the budget between two validations: close the val curve where it ended
         trainer.validate(module, val_dl, verbose=False)
+    model.to(session.device)  # Lightning's teardown moves the model back to the CPU
     wall = time.perf_counter() - t0
     if ended_early:
         log.info("stage %s: time budget reached at step %d of %d", name, trainer.global_step, max_steps)
