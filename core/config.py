@@ -89,3 +89,24 @@ def to_container(cfg: DictConfig | dict) -> dict:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     return dict(cfg)
+
+
+def merge_overrides(cfg: DictConfig, overrides: Sequence[str], registry: Registry | None = None) -> DictConfig:
+    """``cfg`` (a stored run config) with command-line overrides applied: ``group=option`` for a
+    top-level config group (``data=vqa``) replaces that whole node by the option's config, as
+    at composition; every other ``key=value`` is merged on top (``data.path=...`` after it).
+
+    Raises :class:`ConfigError` with the valid options for an unknown group option.
+    """
+    groups = group_options(registry)
+    swaps, rest = [], []
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        (swaps if key in groups and isinstance(cfg.get(key), DictConfig) else rest).append(o)
+    if swaps:
+        fresh = compose([*swaps, "~experiment"], registry)  # no preset may edit the new node
+        cfg = cfg.copy()
+        for o in swaps:
+            key = o.split("=", 1)[0]
+            cfg[key] = OmegaConf.to_container(fresh[key], resolve=False)
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(rest))) if rest else cfg

@@ -101,7 +101,10 @@ def print_metrics(console: Console, metrics: dict[str, float], title: str) -> No
     table = Table(title=title)
     for col in ("metric", "model", "no media", "chance"):
         table.add_column(col)
-    keys = sorted(k for k in metrics if k.startswith("exact_match"))
+    # VQA accuracy, POPE, ... when the data names a benchmark
+    from mmbridge.evaluation.benchmarks import benchmark_keys
+
+    keys = sorted(k for k in metrics if k.startswith("exact_match")) + benchmark_keys(metrics)
     for k in keys:
         def fmt(v):
             return "-" if v is None else f"{v:.3f}"
@@ -118,9 +121,11 @@ def main(argv: list[str]) -> int:
         raise ConfigError("checkpoint=PATH is required\n" + USAGE)
     check_outputs(own)
     from mmbridge.evaluation.runner import evaluate_session
+    from mmbridge.plugin_manager import load_registry
     from mmbridge.training.session import session_from_checkpoint
 
-    session, _ = session_from_checkpoint(own["checkpoint"], overrides, device=own.get("device"))
+    session, _ = session_from_checkpoint(own["checkpoint"], overrides, registry=load_registry(),
+                                         device=own.get("device"))
     split = own.get("split", session.cfg.evaluation.split)
     if split not in session.splits:
         raise ConfigError(f"split={split}: not a split of the data set; splits: {', '.join(session.splits)}")

@@ -13,6 +13,7 @@ import torch
 
 from mmbridge.data.chat import ChatEncoder
 from mmbridge.data.dataset import Collator, MediaReader, encode_sample, strip_media
+from mmbridge.evaluation import benchmarks
 from mmbridge.metrics import normalize_text, word_error_rate
 from mmbridge.model import MultimodalModel
 from mmbridge.progress import Progress
@@ -112,16 +113,21 @@ def answer(model: MultimodalModel, items: Sequence[QAItem], reader: MediaReader,
 def exact_match(model: MultimodalModel, items: Sequence[QAItem], reader: MediaReader,
                 chat: ChatEncoder, prefix: str = "", records: list[dict] | None = None,
                 wer_qtypes: Sequence[str] = (), **kwargs) -> dict[str, float]:
-    """Exact match (after :func:`normalize`) overall and per question type, and the word error
-    rate of the types in ``wer_qtypes`` (transcriptions); with ``records``, one dict per
+    """Exact match (after :func:`normalize`) overall and per question type, the word error
+    rate of the types in ``wer_qtypes`` (transcriptions), and the official metric of the
+    questions whose ``meta["benchmark"]`` names one (:func:`mmbridge.evaluation.benchmarks.score`:
+    VQA accuracy, GQA, POPE, multiple choice; their per-question ``score`` goes into the
+    records); with ``records``, one dict per
     question is appended to it (id, type, question, reference, prediction, and what the
     sequence prefix decided, e.g. AlignGPT's gate weights). A gated prefix adds
     ``gate/entropy`` (mean entropy of the gate weights over log(N-1): 1 = uniform, 0 = one
     level) and ``gate/max_weight``."""
     infos: list[dict[str, Any] | None] = []
     preds = answer(model, items, reader, chat, infos=infos, **kwargs)
+    bench, scores = benchmarks.score([it.sample.meta for it in items], [it.answer for it in items], preds,
+                                     [it.qtype for it in items], prefix)
     correct: dict[str, list[bool]] = defaultdict(list)
-    for it, p, info in zip(items, preds, infos):
+    for it, p, info, sc in zip(items, preds, infos, scores):
         ok = normalize(p) == normalize(it.answer)
         correct[it.qtype].append(ok)
         if records is not None:
@@ -131,9 +137,11 @@ def exact_match(model: MultimodalModel, items: Sequence[QAItem], reader: MediaRe
                    "prediction": p, "correct": ok}
             if info is not None:
                 rec["prefix"] = info
+            if sc is not None:
+                rec["score"] = sc
             records.append(rec)
     return {**summarise(correct, prefix), **wer_by_type(items, preds, wer_qtypes, prefix),
-            **gate_summary(infos, prefix)}
+            **gate_summary(infos, prefix), **bench}
 
 
 def gate_summary(infos: Sequence[dict[str, Any] | None], prefix: str = "") -> dict[str, float]:

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mmbridge.build import build
+from mmbridge.config import merge_overrides
 from mmbridge.data.chat import ChatEncoder
 from mmbridge.data.dataset import MediaReader
 from mmbridge.data.feature_cache import FeatureTable, load_or_compute
@@ -167,7 +168,7 @@ def session_from_checkpoint(path: str, overrides: list[str] | None = None, with_
     registry = registry or load_registry()
     cfg, weights, meta = read_checkpoint(path, registry=registry)  # names a missing plugin's package
     if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        cfg = merge_overrides(cfg, overrides, registry)  # group options too: data=vqa data.path=...
     validate_config(cfg, registry)  # overrides included: a bad value is an error, not a random model
     session = open_session(cfg, registry, with_data=with_data, device=device)
     for stage in json.loads(meta.get("stages", "[]")):
