@@ -127,24 +127,35 @@ class Asset(ABC):
         return self.target(root)
 
 
-def resolve_model_path(value: str, registry: Registry | None = None, key: str = "path") -> str:
+def resolve_model_path(value: str, registry: Registry | None, key: str = "path") -> str:
     """Map a config value to something ``from_pretrained`` / ``load_model`` accepts.
 
     An asset name -> its converted local path (converted on first use); an existing local
     path -> itself; anything else is returned as is (a hub id, used only when online).
-    """
-    if registry is None:
-        from mmbridge.plugin_manager import load_registry
 
-        registry = load_registry()
-    if ("asset", value) in registry:
+    Args:
+        value: The config value (``llm.path``, ``encoder.checkpoint``, ...).
+        registry: The run's registry, which names the offline models (a component receives it
+            from :func:`mmbridge.build.build`). ``None`` for a component made on its own,
+            outside a run: then only a local path or an ``org/name`` hub id is accepted, since
+            nothing can say whether a bare name is an offline model.
+        key: The config key, for error messages.
+
+    Raises:
+        AssetError: a local path that does not exist, or a bare name without a registry.
+    """
+    if registry is not None and ("asset", value) in registry:
         asset = registry.get("asset", value).create()
         return str(asset.ensure())
     p = Path(value).expanduser()
     if p.exists():
         return str(p)
     if value.startswith((".", "/", "~")):
-        names = ", ".join(registry.names("asset"))
+        names = ", ".join(registry.names("asset")) if registry is not None else "(no registry given)"
         raise AssetError(f"{key}: '{value}' does not exist (a local path was meant); "
                          f"offline model names: {names or '(none)'}")
+    if registry is None and "/" not in value:
+        raise AssetError(f"{key}: '{value}' is not a local path, and an offline model name needs "
+                         f"the run's registry to resolve: build the component with "
+                         f"mmbridge.build.build(registry, ...) or pass registry=load_registry()")
     return value

@@ -2,6 +2,11 @@
 
 Arguments are checked against the constructor's signature before anything is built, and every
 problem is reported at once, naming the config key (torchtune-style validation).
+
+A component that resolves names itself (an offline model name in ``path``, the tools a recipe
+lists) declares a ``registry`` argument: :func:`build` passes it the registry it builds from,
+the run's one registry, so nothing is looked up in a registry of its own making and an
+in-process plugin is visible everywhere.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from mmbridge.config import to_container
 from mmbridge.errors import ConfigError, did_you_mean
 from mmbridge.registry import Entry, Registry
 
+#: Constructor arguments that :func:`build` fills from the run, never from the config.
+RUN_ARGUMENTS = ("registry",)
+
 
 def _params(cls: type) -> tuple[dict[str, inspect.Parameter], bool]:
     sig = inspect.signature(cls.__init__)
@@ -30,16 +38,20 @@ def check_arguments(entry: Entry, key: str, args: Mapping[str, Any],
                     injected: Mapping[str, Any]) -> list[str]:
     """Problems with building ``entry`` from ``args`` (plus ``injected`` by the assembly)."""
     params, var_kw = _params(entry.cls)
+    from_run = {n for n in RUN_ARGUMENTS if n in params}
     errors = []
     for arg in args:
+        if arg in from_run:
+            errors.append(f"{key}.{arg}: set by the run (its registry), not by the config; remove it")
+            continue
         if arg in injected:
             continue
         if arg not in params and not var_kw:
-            valid = [p for p in params if p not in injected]
+            valid = [p for p in params if p not in injected and p not in from_run]
             errors.append(f"{key}.{arg}: not an argument of {entry.kind} '{entry.name}'"
                           f"{did_you_mean(arg, valid)}; valid: {', '.join(valid) or '(none)'}")
     for name, p in params.items():
-        if p.default is p.empty and name not in args and name not in injected:
+        if p.default is p.empty and name not in args and name not in injected and name not in from_run:
             errors.append(f"{key}.{name}: required by {entry.kind} '{entry.name}' but not set")
     return errors
 
@@ -58,7 +70,11 @@ def split_node(node: Mapping[str, Any] | DictConfig | None, key: str) -> tuple[s
 def build(registry: Registry, kind: str, node: Mapping[str, Any] | DictConfig, key: str,
           **injected: Any) -> Any:
     """Instantiate the component ``node.name`` of ``kind`` with the node's other keys as
-    arguments (``injected`` ones, such as dimensions, win over the config's)."""
+    arguments (``injected`` ones, such as dimensions, win over the config's).
+
+    A constructor with a ``registry`` argument receives ``registry`` (see :data:`RUN_ARGUMENTS`).
+    ``obj.init_args`` records the name and the config's arguments (what a checkpoint stores).
+    """
     name, args = split_node(node, key)
     try:
         entry = registry.get(kind, name)
@@ -68,6 +84,8 @@ def build(registry: Registry, kind: str, node: Mapping[str, Any] | DictConfig, k
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     kwargs = {k: v for k, v in args.items() if k not in injected}
+    if "registry" in _params(entry.cls)[0]:
+        injected = {**injected, "registry": registry}
     obj = entry.create(**kwargs, **injected)
     with contextlib.suppress(AttributeError):  # a slotted component: no identity to record
         obj.init_args = {"name": name, **kwargs}

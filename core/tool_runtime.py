@@ -84,10 +84,15 @@ def parse_results(text: str) -> list[tuple[str, str]]:
     return [(html.unescape(n), r) for n, r in _RESULT_RE.findall(text)]
 
 
-def spec_of(tool: Tool | type[Tool]) -> dict[str, Any]:
-    """The function-calling spec of a tool instance or class (class attributes only)."""
+def spec_of(tool: Tool | type[Tool], name: str | None = None) -> dict[str, Any]:
+    """The function-calling spec of a tool instance or class (class attributes only).
+
+    ``name``: the name the tool is registered as (a class knows it only if it sets ``name``
+    itself; an instance made by the registry carries it). Default: ``tool.name``.
+    """
     return {"type": "function", "function": {
-        "name": tool.name, "description": tool.description, "parameters": tool.parameters}}
+        "name": name if name is not None else tool.name, "description": tool.description,
+        "parameters": tool.parameters}}
 
 
 def system_prompt(specs: Sequence[Mapping[str, Any]]) -> str:

@@ -304,9 +304,10 @@ def test_librivox(tmp_path):
 def _asset_or_skip() -> str:
     from mmbridge.assets import resolve_model_path
     from mmbridge.errors import AssetError
+    from mmbridge.plugin_manager import load_registry
 
     try:
-        return resolve_model_path("whisper-tiny.en", key="encoder.checkpoint")
+        return resolve_model_path("whisper-tiny.en", load_registry(), key="encoder.checkpoint")
     except AssetError as exc:
         pytest.skip(f"whisper-tiny.en asset unavailable: {exc}")
 
@@ -336,11 +337,11 @@ def test_whisper_transcribes_spoken_clips(tmp_path):
 
 @pytest.mark.integration
 def test_real_encoder_trimmed_close_to_full():
-    _asset_or_skip()
+    ckpt = _asset_or_skip()
     if not (DATA_DIR / "librivox").is_dir():
         pytest.skip("pocketsphinx-testdata is not installed")
     paths = [s.media["audio"] for s in LibrivoxDataset(subsets=["cards", "librivox"]).samples()]
-    trimmed, full = WhisperEncoder().eval(), WhisperEncoder(trim_input=False).eval()
+    trimmed, full = WhisperEncoder(ckpt).eval(), WhisperEncoder(ckpt, trim_input=False).eval()
     sims = []
     for p in paths[::3]:
         raw = trimmed.load(p)

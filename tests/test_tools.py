@@ -421,13 +421,23 @@ def test_textimages_scanned_split(textimages: tuple[Any, Any]) -> None:
     assert Image.open(heading.media["image"]).size == (384, 191)
 
 
-def test_tool_use_recipe_writes_parseable_tool_conversations(textimages: tuple[Any, Any]) -> None:
+def _recipe_context(cache_dir: Path) -> Any:
+    """What a run hands a recipe's ``setup`` (the registry finds the tools)."""
+    from mmbridge.plugin_manager import load_registry
+    from mmbridge.recipe import RecipeContext
+
+    return RecipeContext(cfg=None, registry=load_registry(), model=None, tables={}, cache_dir=cache_dir)
+
+
+def test_tool_use_recipe_writes_parseable_tool_conversations(textimages: tuple[Any, Any],
+                                                             tmp_path: Path) -> None:
     import random
 
     from mmbridge.plugins.recipes.tool_use import ToolUseRecipe
 
     samples = read_llava(textimages[1].splits["train"], textimages[1].media_root)
     recipe = ToolUseRecipe(run_tools=False, no_tool_ratio=0.1)
+    recipe.setup(_recipe_context(tmp_path))
     annotated = recipe.annotate(samples)
     with_tool = [s for s in annotated if s.meta.get("tool_calls")]
     without = [s for s in annotated if not s.meta.get("tool_calls")]
@@ -472,15 +482,20 @@ def test_tool_use_recipe_runs_the_tools_once(ocr: OCRTool, textimages: tuple[Any
     assert len(cached) == len(picked)
 
 
-def test_tool_use_recipe_refuses_unlisted_tools() -> None:
+def test_tool_use_recipe_refuses_unlisted_tools(tmp_path: Path) -> None:
     from mmbridge.plugins.recipes.tool_use import ToolUseRecipe
 
     sample = Sample(id="a", conversations=[{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}],
                     meta={"tool": "asr"})
+    context = _recipe_context(tmp_path)
+    recipe = ToolUseRecipe(run_tools=False)
+    with pytest.raises(ConfigError, match=r"call setup\(context\) before using it"):
+        recipe.annotate([sample])
+    recipe.setup(context)
     with pytest.raises(ConfigError, match="sample a plans a call of tool 'asr', which is not in recipe.tools"):
-        ToolUseRecipe(run_tools=False).annotate([sample])
+        recipe.annotate([sample])
     with pytest.raises(ConfigError, match="recipe.tools: unknown tool 'ocrr'"):
-        ToolUseRecipe(tools=["ocrr"])
+        ToolUseRecipe(tools=["ocrr"]).setup(context)
 
 
 # -- registry, configs, audio -------------------------------------------------------------------
@@ -542,6 +557,6 @@ def test_asr_transcribes_real_speech(tmp_path: Path) -> None:
     # re-encoded at 22.05 kHz, so the tool's decoder has to resample to Whisper's 16 kHz
     audio, sr = read_audio(clip)
     wav = write_wav(tmp_path / "clip.wav", resample(audio, sr, 22050), 22050)
-    text = ASRTool()(audio=str(wav))
+    text = ASRTool(registry=registry)(audio=str(wav))
     words = "".join(c for c in text.lower() if c.isalpha() or c == " ").split()
     assert words == ["he", "might", "even", "have", "been", "made", "amiable", "himself"], text

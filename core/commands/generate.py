@@ -34,10 +34,11 @@ def main(argv: list[str]) -> int:
             media[m] = str(p.resolve())
     from mmbridge.data.dataset import Collator, encode_sample
     from mmbridge.evaluation.qa import to_device
+    from mmbridge.plugin_manager import load_registry
     from mmbridge.training.session import session_from_checkpoint
 
     session, _ = session_from_checkpoint(own["checkpoint"], overrides, with_data=False,
-                                         device=own.get("device"))
+                                         registry=load_registry(), device=own.get("device"))
     missing = [m for m in media if m not in session.model.branches]
     if missing:
         raise ConfigError(f"{missing[0]}=...: this checkpoint's model has no {missing[0]} encoder; "

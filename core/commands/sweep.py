@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mmbridge.errors import ConfigError, did_you_mean
 from mmbridge.preflight import writable_dir_error
+from mmbridge.registry import Registry
 from mmbridge.validation import override_errors
 
 HELP = "run a grid of trainings (comma lists) and write results tables and plots"
@@ -110,7 +111,9 @@ def check_options(overrides: list[str], sweep_dir: str | None, metric: str | Non
         raise ConfigError("invalid arguments:\n  " + "\n  ".join(errors))
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], registry: Registry | None = None) -> int:
+    """``mmbridge sweep``: one Hydra multirun through :func:`mmbridge.commands.train.main`,
+    which builds the registry the jobs share (or uses ``registry``)."""
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
@@ -136,7 +139,7 @@ def main(argv: list[str]) -> int:
     from mmbridge.reporting import LAST_REPORT
 
     LAST_REPORT.clear()
-    code = train.main(plan(overrides, sweep_dir, metric))
+    code = train.main(plan(overrides, sweep_dir, metric), registry=registry)
     for report in LAST_REPORT:
         n = sum(len(r.runs) for r in report.rows)
         print(f"mmbridge sweep: {n} runs in {len(report.rows)} configurations; "

@@ -13,6 +13,7 @@ from mmbridge.config import searchpath_override
 from mmbridge.errors import ConfigError, MMBridgeError
 from mmbridge.plugin_manager import load_registry
 from mmbridge.preflight import run_root_error
+from mmbridge.registry import Registry
 from mmbridge.training.callbacks import Interrupted
 
 HELP = "train a model (Hydra overrides; no arguments = the default experiment)"
@@ -39,8 +40,11 @@ examples:
 
 
 def run_task(cfg: DictConfig, output_dir: Path, overrides: list[str] | None = None,
-             resume_interrupted: bool = False) -> dict:
+             resume_interrupted: bool = False, registry: Registry | None = None) -> dict:
     """The body of a training job (also used by the sweep command's jobs).
+
+    ``registry`` is the run's one registry (everything that resolves a name uses it); ``None``
+    builds one, for a job started on its own.
 
     ``overrides`` (the job's Hydra task overrides) are recorded in ``metrics.json``. With
     ``resume_interrupted`` (sweep jobs), a run of the same resolved config that was
@@ -56,7 +60,7 @@ def run_task(cfg: DictConfig, output_dir: Path, overrides: list[str] | None = No
     from mmbridge.training.run import train
     from mmbridge.validation import validate_config
 
-    registry = load_registry()
+    registry = registry if registry is not None else load_registry()
     resume = cfg.get("resume")
     if resume:
         run_dir = Path(str(resume)).expanduser()
@@ -98,7 +102,7 @@ def _job(cfg: DictConfig) -> float | None:
         if done is not None:
             log.info("skipping %s: finished already (metrics.json)", out)
             return done.metrics.get("test", {}).get("exact_match")
-        metrics = run_task(cfg, out, overrides, resume_interrupted=sweep)
+        metrics = run_task(cfg, out, overrides, resume_interrupted=sweep, registry=_job_registry())
     except Interrupted as exc:
         run_dir = Path(str(cfg.get("resume"))).expanduser() if cfg.get("resume") else out
         where = f" at step {exc.step} of stage {exc.stage}" if exc.stage is not None else ""
@@ -125,14 +129,32 @@ def _job(cfg: DictConfig) -> float | None:
 # leave error.txt in their run directory instead, which `mmbridge report` lists.
 _STATUS = {"code": 0}
 
+# The registry main() built for the jobs it starts. Hydra calls a task function with the config
+# alone, and launchers (joblib, submitit) pickle `_job` by reference into other processes, so the
+# registry cannot travel as an argument (nor could it be pickled: an in-process plugin object
+# need not be). The basic launcher runs the jobs in main()'s own process and finds it here; a
+# forked worker inherits it (the same plugins); a spawned or remote worker starts without it and
+# builds its own, once per process (kept here for the process's later jobs).
+_REGISTRY: dict[str, Registry] = {}
 
-def main(argv: list[str]) -> int:
+
+def _job_registry() -> Registry:
+    """The registry of the jobs in this process (see ``_REGISTRY``)."""
+    if "run" not in _REGISTRY:
+        _REGISTRY["run"] = load_registry()
+    return _REGISTRY["run"]
+
+
+def main(argv: list[str], registry: Registry | None = None) -> int:
+    """``mmbridge train``: builds the run's registry (unless given one, e.g. with in-process
+    plugins) and hands it to every job it runs."""
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
     import hydra
 
-    registry = load_registry()
+    registry = registry if registry is not None else load_registry()
+    _REGISTRY["run"] = registry
     _STATUS["code"] = 0
     task = hydra.main(config_path="pkg://mmbridge.conf", config_name="train", version_base="1.3")(_job)
 
@@ -165,6 +187,7 @@ def main(argv: list[str]) -> int:
         task()
     finally:
         sys.argv = old
+        _REGISTRY.clear()
     return _STATUS["code"]
 
 

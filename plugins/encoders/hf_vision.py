@@ -28,6 +28,7 @@ from mmbridge.plugins.encoders._image import (
     weights_fingerprint,
 )
 from mmbridge.plugins.llms.hf_causal import torch_dtype
+from mmbridge.registry import Registry
 
 #: model_type of a full image-text checkpoint -> the class holding only its vision tower.
 VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel",
@@ -66,13 +67,16 @@ class HFVisionEncoder(ModalityEncoder):
         image_size: Override the processor's input size (DINOv2 at 112 px = 8 x 8 patches of 14).
         pool_to: Average-pool the patch grid to ``pool_to x pool_to`` tokens.
         dtype: ``float32`` | ``float16`` | ``bfloat16`` (features are returned as float32).
+        registry: The run's registry, which resolves an offline model name in ``path`` (given by
+            :func:`mmbridge.build.build`, never by the config; ``None`` outside a run: a local
+            directory or a hub id only).
     """
 
     modality = "image"
 
     def __init__(self, path: str, feature_layer: int | list[int] = -1, drop_cls: bool = True,
                  image_size: int | None = None, pool_to: int | None = None,
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", registry: Registry | None = None) -> None:
         super().__init__()
         import transformers
 
@@ -80,7 +84,7 @@ class HFVisionEncoder(ModalityEncoder):
         self.args = {"path": path, "feature_layer": layers if len(layers) > 1 else layers[0],
                      "drop_cls": drop_cls, "image_size": image_size, "pool_to": pool_to,
                      "dtype": dtype}
-        local = resolve_model_path(path, key="encoder.path")
+        local = resolve_model_path(path, registry, key="encoder.path")
         try:
             config = transformers.AutoConfig.from_pretrained(local)
             cls_name = VISION_TOWERS.get(config.model_type)

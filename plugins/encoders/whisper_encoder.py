@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from mmbridge.encoder import ModalityEncoder
 from mmbridge.errors import CheckpointError, ConfigError
 from mmbridge.plugins.converters.pool_mlp import masked_avg_pool
+from mmbridge.registry import Registry
 
 from ._audio import SAMPLE_RATE, chirp, load_audio, write_wav
 
@@ -50,12 +51,16 @@ class WhisperEncoder(ModalityEncoder):
         pool: Average this many consecutive positions into one (masked).
         trim_margin_s: With ``trim_input``, seconds of the silence after the clip that its
             positions still attend to (features stay closer to the full 30 s run).
+        registry: The run's registry, which resolves an offline model name in ``checkpoint``
+            (given by :func:`mmbridge.build.build`, never by the config; ``None`` outside a run:
+            a file path only).
     """
 
     modality = "audio"
 
     def __init__(self, checkpoint: str = "whisper-tiny.en", trim: bool = True,
-                 trim_input: bool = True, pool: int = 1, trim_margin_s: float = 1.0) -> None:
+                 trim_input: bool = True, pool: int = 1, trim_margin_s: float = 1.0,
+                 registry: Registry | None = None) -> None:
         super().__init__()
         if trim_input and not trim:
             raise ConfigError("encoder.trim_input=true needs encoder.trim=true (a trimmed input "
@@ -67,17 +72,17 @@ class WhisperEncoder(ModalityEncoder):
         self.trim, self.trim_input, self.pool = bool(trim), bool(trim_input), int(pool)
         self.margin_frames = round(float(trim_margin_s) * SAMPLE_RATE / HOP_LENGTH)
         self.checkpoint = checkpoint
-        self.path = self._resolve(checkpoint)
+        self.path = self._resolve(checkpoint, registry)
         self.encoder, self.n_mels, self.n_ctx, self._dim = self._load_encoder(self.path)
         # taken now, before any dtype/device cast, so that it names the checkpoint's weights
         self._fingerprint = _weights_sha256(self.encoder)
 
     # -- loading ----------------------------------------------------------------------------
     @staticmethod
-    def _resolve(checkpoint: str) -> str:
+    def _resolve(checkpoint: str, registry: Registry | None) -> str:
         from mmbridge.assets import resolve_model_path
 
-        path = resolve_model_path(checkpoint, key="encoder.checkpoint")
+        path = resolve_model_path(checkpoint, registry, key="encoder.checkpoint")
         if not Path(path).is_file():
             raise CheckpointError(f"encoder.checkpoint: '{checkpoint}' is neither an offline model "
                                   f"name (see `mmbridge assets`) nor a Whisper checkpoint file")

@@ -14,6 +14,7 @@ from torch import nn
 from mmbridge.assets import resolve_model_path
 from mmbridge.errors import CheckpointError, ConfigError
 from mmbridge.llm import LanguageModel
+from mmbridge.registry import Registry
 
 #: Used when the tokenizer ships no chat template (a base model): one ``<|role|>`` block per
 #: turn, each closed by the eos token.
@@ -48,17 +49,21 @@ class HFCausalLM(LanguageModel):
             PyTorch's fused SDPA backward for short padded sequences costs more than the whole
             rest of a SmolLM2-135M step (measured by ``scripts/bench_pipeline.py``: 0.97 of 3.4 s
             in the SDPA backward alone; with ``eager`` the step takes 1.95 s).
+        registry: The run's registry, which resolves an offline model name in ``path`` (given by
+            :func:`mmbridge.build.build`, never by the config; ``None`` outside a run: a local
+            directory or a hub id only).
     """
 
     def __init__(self, path: str, gguf_file: str | None = None, dtype: str = "float32",
-                 chat_template: str | None = None, attn_implementation: str = "auto") -> None:
+                 chat_template: str | None = None, attn_implementation: str = "auto",
+                 registry: Registry | None = None) -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.path = path
         self.gguf_file = gguf_file
         self.dtype_name = dtype
-        self.local_path = resolve_model_path(path, key="llm.path")
+        self.local_path = resolve_model_path(path, registry, key="llm.path")
         kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
         if gguf_file and not (Path(self.local_path) / gguf_file).is_file() and Path(self.local_path).is_dir():
             present = sorted(p.name for p in Path(self.local_path).glob("*.gguf"))

@@ -31,6 +31,7 @@ from filelock import FileLock
 from mmbridge.assets import cache_root
 from mmbridge.errors import ConfigError, MMBridgeError
 from mmbridge.recipe import DataRecipe, RecipeContext
+from mmbridge.registry import Registry
 from mmbridge.tool_runtime import (
     execute,
     format_call,
@@ -73,24 +74,22 @@ class ToolUseRecipe(DataRecipe):
         cache: Keep tool results on disk across runs (``paths.cache_dir/tool_results`` in a
             run, ``$MMBRIDGE_CACHE/tool_results`` outside one).
         seed: Seeds which no-tool samples are kept.
+
+    The tool names are looked up in the run's registry in :meth:`setup` (an unknown name is a
+    :class:`ConfigError` there), which must run before :meth:`annotate` and ``__call__``.
     """
 
     def __init__(self, tools: list[str] | None = None, no_tool_ratio: float = 0.2,
                  run_tools: bool = True, tool_args: dict[str, dict[str, Any]] | None = None,
                  system_prompt: bool = True, result_role: str = "tool", cache: bool = True,
                  seed: int = 0) -> None:
-        from mmbridge.plugin_manager import load_registry
-
         if not 0.0 <= no_tool_ratio <= 1.0:
             raise ConfigError(f"recipe.no_tool_ratio: {no_tool_ratio} must be in [0, 1]")
         if result_role not in ("tool", "human"):
             raise ConfigError(f"recipe.result_role: unknown role '{result_role}'; valid: tool, human")
-        self.registry = load_registry()
         self.tool_names = list(tools if tools is not None else ["ocr", "calculator"])
-        try:
-            self.classes = {n: self.registry.get("tool", n).cls for n in self.tool_names}
-        except KeyError as exc:
-            raise ConfigError(f"recipe.tools: {exc}") from None
+        self.registry: Registry | None = None
+        self._classes: dict[str, type[Tool]] | None = None
         self.tool_args = {k: dict(v) for k, v in (tool_args or {}).items()}
         unknown = sorted(set(self.tool_args) - set(self.tool_names))
         if unknown:
@@ -105,16 +104,32 @@ class ToolUseRecipe(DataRecipe):
         self._tools: dict[str, Tool | None] = {}
 
     def setup(self, context: RecipeContext) -> None:
-        """Build the tools from the run's registry and cache their results under the run's
-        cache dir (``paths.cache_dir/tool_results``)."""
+        """Find the tools in the run's registry (built from it when they run) and cache their
+        results under the run's cache dir (``paths.cache_dir/tool_results``).
+
+        Raises:
+            ConfigError: a name in ``recipe.tools`` that is not a registered tool.
+        """
         self.registry = context.registry
+        try:
+            self._classes = {n: self.registry.get("tool", n).cls for n in self.tool_names}
+        except KeyError as exc:
+            raise ConfigError(f"recipe.tools: {exc}") from None
         if self._cache is not None:
             self._cache = ResultCache(Path(context.cache_dir) / "tool_results")
 
     @property
+    def classes(self) -> dict[str, type[Tool]]:
+        """Tool name -> its registered class (known after :meth:`setup`)."""
+        if self._classes is None:
+            raise ConfigError("tool_use recipe: call setup(context) before using it; it finds "
+                              "recipe.tools in the run's registry")
+        return self._classes
+
+    @property
     def prompt(self) -> str:
         """The system prompt: the same text the ``llm`` caller builds for these tools."""
-        return system_prompt([spec_of(c) for c in self.classes.values()])
+        return system_prompt([spec_of(c, name=n) for n, c in self.classes.items()])
 
     # -- annotate: run the tools once, balance tool / no-tool samples ---------------------------
     def annotate(self, samples: Sequence[Sample]) -> list[Sample]:
@@ -153,8 +168,11 @@ class ToolUseRecipe(DataRecipe):
         if name not in self._tools:
             from mmbridge.build import build
 
+            registry = self.registry
+            if registry is None:  # the caller skipped setup: say so, as `classes` does
+                raise ConfigError("tool_use recipe: call setup(context) before running its tools")
             try:
-                self._tools[name] = build(self.registry, "tool", {"name": name, **self.tool_args.get(name, {})},
+                self._tools[name] = build(registry, "tool", {"name": name, **self.tool_args.get(name, {})},
                                           f"recipe.tool_args.{name}")
             except (MMBridgeError, ImportError) as exc:
                 log.warning("tool_use: tool '%s' is unavailable (%s); its results are the data "

@@ -1,8 +1,8 @@
 """``asr``: speech -> text with Whisper (Radford et al., 2212.04356).
 
-The checkpoint is resolved by :func:`mmbridge.assets.resolve_model_path` (an offline asset
-name such as ``whisper-tiny.en``, or a path to an openai-whisper ``.pt`` file) and loaded on
-the first call. Audio is decoded without ffmpeg (:mod:`._audio_io`) and handed to
+The checkpoint is resolved by :func:`mmbridge.assets.resolve_model_path` with the run's registry
+(an offline asset name such as ``whisper-tiny.en``, or a path to an openai-whisper ``.pt`` file)
+and loaded on the first call. Audio is decoded without ffmpeg (:mod:`._audio_io`) and handed to
 ``model.transcribe`` as a 16 kHz array.
 """
 
@@ -12,6 +12,7 @@ import threading
 from typing import Any, ClassVar
 
 from mmbridge.errors import ToolError
+from mmbridge.registry import Registry
 from mmbridge.tools import Tool
 
 
@@ -25,6 +26,9 @@ class ASRTool(Tool):
         temperature: Decoding temperature; 0 decodes greedily (deterministic).
         device: Torch device of the model.
         timeout_s: Seconds a call may take (the first call also loads the model).
+        registry: The run's registry, which resolves an offline model name in ``checkpoint``
+            (given by :func:`mmbridge.build.build`, never by the config; ``None`` outside a run:
+            a file path only).
     """
 
     name: ClassVar[str] = "asr"  # the registry sets it to the registered name
@@ -39,12 +43,14 @@ class ASRTool(Tool):
     media_args: ClassVar[dict[str, str]] = {"audio": "audio"}
 
     def __init__(self, checkpoint: str = "whisper-tiny.en", language: str | None = None,
-                 temperature: float = 0.0, device: str = "cpu", timeout_s: float = 120.0) -> None:
+                 temperature: float = 0.0, device: str = "cpu", timeout_s: float = 120.0,
+                 registry: Registry | None = None) -> None:
         self.checkpoint = checkpoint
         self.language = language
         self.temperature = temperature
         self.device = device
         self.timeout_s = timeout_s
+        self._registry = registry
         self._model: Any = None
         # A call that timed out may still be loading; the next one waits instead of loading twice.
         self._lock = threading.Lock()
@@ -57,7 +63,7 @@ class ASRTool(Tool):
 
             from mmbridge.assets import resolve_model_path
 
-            path = resolve_model_path(self.checkpoint, key="tools.asr.checkpoint")
+            path = resolve_model_path(self.checkpoint, self._registry, key="tools.asr.checkpoint")
             self._model = whisper.load_model(path, device=self.device)
         return self._model
 
