@@ -118,11 +118,17 @@ class Lora:
     target_modules: list[str] = spec(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], rule=NONEMPTY)
 
 
+#: ``stages.<name>.optimizer.name`` options (torch.optim; see BridgeModule.configure_optimizers).
+OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
+
+
 @dataclass
 class Optimizer:
+    name: str = spec("adamw", one_of(*OPTIMIZERS))
     lr: float = spec(1.0e-3, gt(0))
     weight_decay: float = spec(0.0, ge(0))
-    betas: list[float] = spec(factory=lambda: [0.9, 0.98], rule=BETAS)
+    betas: list[float] = spec(factory=lambda: [0.9, 0.98], rule=BETAS)  # adamw, adam
+    momentum: float = spec(0.9, unit(hi_open=True))  # sgd (Nesterov when > 0)
     warmup_ratio: float = spec(0.05, unit())
     min_lr_ratio: float = spec(0.1, unit())
 
@@ -151,6 +157,8 @@ class Root:
     schedule: list[str] = spec(factory=lambda: ["align"], rule=NONEMPTY)
     seed: int = spec(0, SEED)
     resume: str | None = None
+    # RUN_DIR or RUN_DIR:STAGE: start from that run's checkpoints/<stage>_final weights
+    init_from: str | None = None
     cache_features: bool = True
     run_name: str = spec("run", NONEMPTY)
     budget_minutes: float | None = spec(None, gt(0))  # wall-clock budget of the whole run

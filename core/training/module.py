@@ -101,8 +101,9 @@ class BridgeModule(L.LightningModule):
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": float(opt_cfg.weight_decay)},
                   {"params": no_decay, "weight_decay": 0.0}]
-        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=float(opt_cfg.lr),
-                                betas=tuple(opt_cfg.betas))
+        from mmbridge.training.optimizers import make_optimizer
+
+        opt = make_optimizer([g for g in groups if g["params"]], opt_cfg, key="stages.optimizer")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_multiplier)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
