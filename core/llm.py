@@ -15,7 +15,15 @@ class LanguageModel(nn.Module, ABC):
     * embed text and splice connector tokens into the embedding sequence,
     * run the decoder without the LM head (``hidden``), and
     * apply the LM head only at the positions that are supervised (``logits``).
+
+    Optionally (:meth:`prefix_reuse_blocker` returns ``None``), the keys/values of a prefix that
+    every sequence of a batch shares (the chat template's opening) are computed once and reused
+    (:meth:`prefix_states`, :meth:`hidden_after`); see :mod:`mmbridge.prefix_kv`.
     """
+
+    #: ``llm.reuse_prefix_kv``: ``"auto"`` reuses the shared prefix's keys/values where that is
+    #: exact, ``True`` the same and warns (once per reason) where it cannot, ``False`` never.
+    reuse_prefix_kv: bool | str = "auto"
 
     @property
     @abstractmethod
@@ -53,3 +61,31 @@ class LanguageModel(nn.Module, ABC):
     def apply_lora(self, r: int, alpha: int, dropout: float, target_modules: list[str]) -> None:
         """Wrap the decoder with LoRA adapters (only they train afterwards)."""
         raise NotImplementedError(f"{type(self).__name__} does not support LoRA")
+
+    # -- optional: reuse the keys/values of a shared prefix -------------------------------------
+    def prefix_reuse_blocker(self) -> str | None:
+        """Why this LLM, in its current state, cannot reuse prefix keys/values (``None``: it can).
+
+        The default says that the class does not implement :meth:`prefix_states` /
+        :meth:`hidden_after`; an implementation also names states that would make reuse inexact
+        (for example dropout active in training).
+        """
+        return f"{type(self).__name__} does not implement prefix_states / hidden_after"
+
+    def prefix_states(self, prefix_embeds: torch.Tensor) -> Any:
+        """Run the decoder over one prefix ``[1, P, D_llm]`` (positions ``0..P-1``, no padding)
+        and return its per-layer keys/values in a form :meth:`hidden_after` takes (gradients
+        flow through them)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement prefix_states")
+
+    def hidden_after(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                     prefix: Any) -> torch.Tensor:
+        """Final hidden states ``[B, S, D_llm]`` of the positions after a shared prefix.
+
+        Args:
+            inputs_embeds: ``[B, S, D_llm]``, the embeddings after the prefix.
+            attention_mask: ``[B, P + S]``, the whole rows' mask (the prefix's part all ones).
+            prefix: What :meth:`prefix_states` returned for the prefix, batch size 1; it is
+                expanded over the batch.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement hidden_after")

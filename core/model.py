@@ -23,6 +23,7 @@ from mmbridge.encoder import ModalityEncoder
 from mmbridge.errors import AssemblyError, ConfigError
 from mmbridge.llm import LanguageModel
 from mmbridge.prefix import PREFIX_SLOT, SequencePrefix
+from mmbridge.prefix_kv import PrefixPlan, PrefixStore, plan_prefix, report
 from mmbridge.registry import Registry
 
 IGNORE = -100
@@ -59,6 +60,9 @@ class MultimodalModel(nn.Module):
         self.prefix = prefix
         #: Names of the parameters that trained in any stage so far (what checkpoints keep).
         self.ever_trained: set[str] = set()
+        #: The last training forward's use of the shared prefix (see :mod:`mmbridge.prefix_kv`).
+        self.prefix_plan = PrefixPlan(0, False, "off: no forward yet")
+        self._prefix_store = PrefixStore()
         for branch in self.branches.values():
             branch.connector.attach(llm)
 
@@ -128,19 +132,40 @@ class MultimodalModel(nn.Module):
         """Mean next-token cross-entropy over supervised positions (a scalar).
 
         The LM head runs only where the shifted labels are supervised: over a 49k-token
-        vocabulary, prompt and media positions would otherwise dominate the step's cost.
+        vocabulary, prompt and media positions would otherwise dominate the step's cost. The
+        keys/values of the leading tokens every row shares (the chat template's opening) are
+        computed once, not once per row, where that is exact (``llm.reuse_prefix_kv``,
+        :mod:`mmbridge.prefix_kv`); the decision is in :attr:`prefix_plan`.
         """
+        self.prefix_plan = plan = plan_prefix(self, batch)
+        report(plan, getattr(self.llm, "reuse_prefix_kv", "auto"))
+        n = plan.length
         try:
             embeds = self.embed(batch)
-            hidden = self.llm.hidden(embeds, batch["attention_mask"])
+            if n:
+                hidden = self._hidden_after_prefix(embeds, batch, plan)
+            else:
+                hidden = self.llm.hidden(embeds, batch["attention_mask"])
         finally:
             self.clear_context()
-        labels = batch["labels"][:, 1:]
+        labels = batch["labels"][:, n + 1:]  # positions 1..n carry no label (plan_prefix)
         keep = labels != IGNORE
         if not bool(keep.any()):
             return hidden.sum() * 0.0  # a batch without answers: no signal, keep the graph
         logits = self.llm.logits(hidden[:, :-1][keep])
         return F.cross_entropy(logits.float(), labels[keep])
+
+    def _hidden_after_prefix(self, embeds: torch.Tensor, batch: Mapping[str, Any],
+                             plan: PrefixPlan) -> torch.Tensor:
+        """Hidden states ``[B, T - P, D]`` after the shared prefix ``embeds[:, :P]``."""
+        n = plan.length
+        head = embeds[:1, :n]
+        if plan.constant:
+            state = self._prefix_store.get(self.llm, batch["input_ids"][0, :n], head)
+        else:
+            self._prefix_store.clear()  # the LLM trains: a kept state would go stale
+            state = self.llm.prefix_states(head)
+        return self.llm.hidden_after(embeds[:, n:], batch["attention_mask"], state)
 
     @torch.no_grad()
     def generate(self, batch: Mapping[str, Any], max_new_tokens: int = 32, **kwargs: Any) -> torch.Tensor:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -49,6 +50,10 @@ class HFCausalLM(LanguageModel):
             PyTorch's fused SDPA backward for short padded sequences costs more than the whole
             rest of a SmolLM2-135M step (measured by ``scripts/bench_pipeline.py``: 0.97 of 3.4 s
             in the SDPA backward alone; with ``eager`` the step takes 1.95 s).
+        reuse_prefix_kv: ``auto`` | ``true`` | ``false``: compute the keys/values of the chat
+            template's opening that every sequence of a training batch shares once (per step,
+            or per stage while nothing before it trains) instead of once per row; see
+            :mod:`mmbridge.prefix_kv`.
         registry: The run's registry, which resolves an offline model name in ``path`` (given by
             :func:`mmbridge.build.build`, never by the config; ``None`` outside a run: a local
             directory or a hub id only).
@@ -56,9 +61,14 @@ class HFCausalLM(LanguageModel):
 
     def __init__(self, path: str, gguf_file: str | None = None, dtype: str = "float32",
                  chat_template: str | None = None, attn_implementation: str = "auto",
+                 reuse_prefix_kv: bool | Literal["auto"] = "auto",
                  registry: Registry | None = None) -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if reuse_prefix_kv not in ("auto", True, False):
+            raise ConfigError(f"llm.reuse_prefix_kv: {reuse_prefix_kv!r} is not valid; valid: auto, true, false")
+        self.reuse_prefix_kv = reuse_prefix_kv
 
         self.path = path
         self.gguf_file = gguf_file
@@ -137,6 +147,68 @@ class HFCausalLM(LanguageModel):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(hidden)
+
+    # -- reuse of a shared prefix's keys/values (see mmbridge.prefix_kv) -------------------------
+    def _cache_argument(self) -> str | None:
+        """The decoder's name for its key/value cache argument (``cache`` from transformers
+        5.24, ``past_key_values`` before), or ``None`` when it takes none."""
+        params = inspect.signature(self.decoder.forward).parameters
+        return next((k for k in ("cache", "past_key_values") if k in params), None)
+
+    def prefix_reuse_blocker(self) -> str | None:
+        config = self.model.config.get_text_config(decoder=True)
+        layer_types = getattr(config, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types) or (
+                not layer_types and getattr(config, "sliding_window", None) is not None
+                and getattr(config, "use_sliding_window", True)):
+            return f"{type(self.model).__name__} has sliding-window or other non-full attention layers"
+        if self._cache_argument() is None:
+            return f"{type(self.decoder).__name__}.forward takes no key/value cache"
+        if self.training and torch.is_grad_enabled() and getattr(self.model, "is_gradient_checkpointing", False):
+            return "gradient checkpointing drops the key/value cache in training"
+        if self.training:
+            # one prefix row for the whole batch would share one dropout mask across the rows
+            if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
+                return f"attention dropout {config.attention_dropout} is active in training"
+            p = next((m.p for m in self.model.modules()
+                      if isinstance(m, nn.Dropout) and m.training and m.p > 0), None)
+            if p is not None:
+                return f"dropout {p} (LoRA's or the model's) is active in training"
+        return None
+
+    def prefix_states(self, prefix_embeds: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """Per-layer ``(keys, values)``, each ``[1, H_kv, P, d_head]``, of one prefix ``[1, P, D]``."""
+        from transformers import DynamicCache
+
+        n, device = prefix_embeds.shape[1], prefix_embeds.device
+        cache = DynamicCache()
+        self.decoder(inputs_embeds=prefix_embeds, attention_mask=torch.ones(1, n, dtype=torch.long, device=device),
+                     position_ids=torch.arange(n, device=device).unsqueeze(0), use_cache=True,
+                     **{self._cache_argument(): cache})
+        self._check_cache(cache, n)
+        return tuple((layer.keys, layer.values) for layer in cache.layers)
+
+    def hidden_after(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                     prefix: tuple[tuple[torch.Tensor, torch.Tensor], ...]) -> torch.Tensor:
+        """Hidden states ``[B, S, D]`` after a shared prefix whose keys/values are expanded over
+        the batch (a view: their gradients sum over the rows, as the plain forward's do)."""
+        from transformers import DynamicCache
+
+        b, n = inputs_embeds.shape[0], prefix[0][0].shape[-2]
+        cache = DynamicCache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix])
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, n:]
+        out = self.decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           position_ids=position_ids, use_cache=True, **{self._cache_argument(): cache})
+        self._check_cache(cache, attention_mask.shape[1])
+        return out.last_hidden_state
+
+    def _check_cache(self, cache: Any, positions: int) -> None:
+        """A decoder layer that dropped the cache (gradient checkpointing does) would have
+        attended without the prefix: an error, never a silently different result."""
+        if len(cache.layers) != len(self.decoder_layers) or cache.get_seq_length() != positions:
+            raise RuntimeError(f"{type(self.decoder).__name__} did not use the prefix keys/values "
+                               f"({cache.get_seq_length()} cached positions of {positions}); "
+                               f"set llm.reuse_prefix_kv=false")
 
     @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
