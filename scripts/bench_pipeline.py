@@ -20,6 +20,13 @@ Perceiver adds inside the LLM count as LLM. Results (a markdown table) go to std
     python scripts/bench_pipeline.py                               # quickstart, align stage
     python scripts/bench_pipeline.py experiment=tiny --steps 20
     python scripts/bench_pipeline.py --stage instruct stages.instruct.batch_size=8
+
+``--prefix-kv both`` runs each batch twice in the same process, with ``llm.reuse_prefix_kv``
+off and on (alternating which goes first), and prints the paired off/on ratios of the step and
+of the LLM part (:mod:`mmbridge.prefix_kv`)::
+
+    python scripts/bench_pipeline.py --modes cache --prefix-kv both --precision 32-true llm.dtype=float32
+    python scripts/bench_pipeline.py --modes cache --prefix-kv both --stage instruct llm=smollm2
 """
 
 from __future__ import annotations
@@ -201,13 +208,13 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     rss_before = _status_mb("VmRSS") or 0.0
     hwm = reset_peak_rss() and _status_mb("VmHWM") is not None
-    rows: list[dict[str, float]] = []
-    log(f"[{args.mode}] stage {name}, batch {bs}, {precision}, {args.warmup}+{args.steps} steps ...")
-    for i in range(args.warmup + args.steps):
+    variants = ["off", "on"] if args.prefix_kv == "both" else [args.prefix_kv]
+    rows: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    plans: dict[str, str] = {}
+
+    def step(batch: dict[str, Any], t_data: float) -> dict[str, float]:
         timer.reset()
         sync()
-        t0 = time.perf_counter()
-        batch = _to_device(next(loader), device)
         t1 = time.perf_counter()
         with amp():
             loss = model(batch)
@@ -226,24 +233,45 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         sync()
         t5 = time.perf_counter()
         fwd = timer.times
-        row = {"data": t1 - t0, "encoder": fwd["encoder"] + back["encoder"],
-               "connector": fwd["connector"] + back["connector"],
-               "llm_fwd": (t2 - t1) - fwd["encoder"] - fwd["connector"], "llm_bwd": t3 - t2,
-               "optimizer": t5 - t4, "step": t5 - t0, "loss": float(loss)}
-        if i >= args.warmup:
-            rows.append(row)
-        log(f"[{args.mode}] step {i + 1}: {row['step']:.3f} s, loss {row['loss']:.3f}")
+        return {"data": t_data, "encoder": fwd["encoder"] + back["encoder"],
+                "connector": fwd["connector"] + back["connector"],
+                "llm_fwd": (t2 - t1) - fwd["encoder"] - fwd["connector"], "llm_bwd": t3 - t2,
+                "optimizer": t5 - t4, "step": t_data + t5 - t1, "loss": float(loss)}
+
+    log(f"[{args.mode}] stage {name}, batch {bs}, {precision}, prefix kv {'/'.join(variants)}, "
+        f"{args.warmup}+{args.steps} steps ...")
+    for i in range(args.warmup + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        batch = _to_device(next(loader), device)
+        t_data = time.perf_counter() - t0
+        # "both": the same batch with reuse off and on, in alternating order, so that the load
+        # of a shared machine falls on the two alike and their ratio is paired per step
+        for variant in (variants if i % 2 == 0 else variants[::-1]):
+            if variant != "config":
+                model.llm.reuse_prefix_kv = variant == "on" and "auto"
+            row = step(batch, t_data)
+            plans[variant] = model.prefix_plan.reason
+            if i >= args.warmup:
+                rows[variant].append(row)
+            log(f"[{args.mode}] step {i + 1} (prefix kv {variant}): {row['step']:.3f} s, loss {row['loss']:.3f}")
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated() / 2**20, "peak CUDA memory allocated"
     elif hwm:
         peak, kind = _status_mb("VmHWM") or 0.0, "peak RSS during the steps"
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak RSS of the process"
-    return {"mode": args.mode, "stage": name, "batch_size": bs, "precision": precision,
-            "step_s": statistics.median(r["step"] for r in rows),
-            "parts_s": {p: sum(r[p] for r in rows) / len(rows) for p in PARTS},
-            "mean_step_s": sum(r["step"] for r in rows) / len(rows),
-            "peak_mb": peak, "rss_before_steps_mb": rss_before, "memory_kind": kind}
+    out = []
+    for variant, vrows in rows.items():
+        out.append({"mode": args.mode, "prefix_kv": variant, "prefix_plan": plans.get(variant, ""),
+                    "stage": name, "batch_size": bs, "precision": precision,
+                    "step_s": statistics.median(r["step"] for r in vrows),
+                    "steps_s": [r["step"] for r in vrows],
+                    "llm_s": [r["llm_fwd"] + r["llm_bwd"] for r in vrows],
+                    "parts_s": {p: sum(r[p] for r in vrows) / len(vrows) for p in PARTS},
+                    "mean_step_s": sum(r["step"] for r in vrows) / len(vrows),
+                    "peak_mb": peak, "rss_before_steps_mb": rss_before, "memory_kind": kind})
+    return out
 
 
 def table(results: list[dict[str, Any]], args: argparse.Namespace, load: tuple[float, float]) -> None:
@@ -262,9 +290,11 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace, load: tuple[f
         p, mean = r["parts_s"], r["mean_step_s"]
         cells = [p["data"], p["encoder"], p["connector"], p["llm_fwd"] + p["llm_bwd"], p["optimizer"]]
         shares = " | ".join(f"{1e3 * c:.0f} ms ({100 * c / mean:.0f}%)" for c in cells)
-        print(f"| {r['mode']} | {r['step_s']:.3f} | {r['batch_size'] / r['step_s']:.1f} | {shares} | "
+        label = r["mode"] if r.get("prefix_kv", "config") == "config" else f"{r['mode']}, prefix kv {r['prefix_kv']}"
+        print(f"| {label} | {r['step_s']:.3f} | {r['batch_size'] / r['step_s']:.1f} | {shares} | "
               f"{r['peak_mb']:.0f} (before steps {r['rss_before_steps_mb']:.0f}) |")
-    by = {r["mode"]: r for r in results}
+    prefix_kv_ratios(results)
+    by = {r["mode"]: r for r in results if r.get("prefix_kv") in ("config", "on", None)}
     if "cache" in by and "live" in by:
         live, cached = by["live"], by["cache"]
         saved = (live["parts_s"]["encoder"] + live["parts_s"]["data"]
@@ -280,6 +310,22 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace, load: tuple[f
               f"({1e3 * c['seconds'] / max(1, c['files']):.0f} ms per file).")
 
 
+def prefix_kv_ratios(results: list[dict[str, Any]]) -> None:
+    """Per mode run with ``--prefix-kv both``: the paired off/on ratios of the step and of the
+    LLM's forward + backward (median and range over the steps), and what reuse did."""
+    for mode in dict.fromkeys(r["mode"] for r in results):
+        pair = {r.get("prefix_kv"): r for r in results if r["mode"] == mode}
+        if "off" not in pair or "on" not in pair:
+            continue
+        off, on = pair["off"], pair["on"]
+        print(f"\nPrefix reuse ({mode}): {on['prefix_plan']}.")
+        for what, key in (("step", "steps_s"), ("LLM fwd+bwd", "llm_s")):
+            ratios = sorted(a / b for a, b in zip(off[key], on[key], strict=True))
+            print(f"- {what}, off / on per step: median {statistics.median(ratios):.3f} "
+                  f"(range {ratios[0]:.3f}-{ratios[-1]:.3f}, {len(ratios)} pairs); "
+                  f"medians {statistics.median(off[key]):.3f} s / {statistics.median(on[key]):.3f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -293,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default=None, help="32-true | bf16-mixed (default: the config's, resolved)")
     parser.add_argument("--feature-cache-dir", default=None, help="where the cache mode stores features "
                         "(default: a temporary directory, removed afterwards)")
+    parser.add_argument("--prefix-kv", default="config", choices=["config", "off", "on", "both"],
+                        help="llm.reuse_prefix_kv for the steps: the config's, off, on (auto), or both "
+                             "(each batch twice, off and on in alternating order: paired ratios)")
     parser.add_argument("--worker", dest="mode", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not any(o.startswith("experiment=") for o in args.overrides):
@@ -326,14 +375,16 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             cmd = [sys.executable, __file__, "--worker", mode, "--feature-cache-dir", cache_dir,
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-                   "--device", args.device, *(["--stage", args.stage] if args.stage else []),
+                   "--device", args.device, "--prefix-kv", args.prefix_kv,
+                   *(["--stage", args.stage] if args.stage else []),
                    *(["--precision", args.precision] if args.precision else []), *args.overrides]
             log(f"mode {mode}: starting a fresh process ...")
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
             if proc.returncode != 0:
                 log(f"mode {mode} failed (exit {proc.returncode})")
                 return proc.returncode
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            results.extend(result if isinstance(result, list) else [result])
     table(results, args, (load_start, os.getloadavg()[0]))
     return 0
 
