@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("mmbridge.commands.generate", "answer a prompt about media: checkpoint=PATH image=PATH prompt=\"...\""),
     "report": ("mmbridge.commands.report", "gather a sweep directory's runs into results.csv/.md and plots"),
     "plugins": ("mmbridge.commands.plugins", "list registered components by kind; `plugins check` runs the contract kit"),
+    "plan": ("mmbridge.commands.plan", "parameters, tokens, steps and memory per GPU of a config, without weights or data"),
     "config": ("mmbridge.commands.config", "print the composed config for overrides; --groups lists every option"),
     "assets": ("mmbridge.commands.assets", "list the offline pretrained models; --convert NAME prepares one"),
 }

@@ -1,0 +1,323 @@
+"""``mmbridge plan``: the size of a configured model and its memory per GPU, without weights.
+
+The model is assembled from the components' ``config.json`` alone on PyTorch's meta device
+(tensors with shapes and dtypes but no storage): nothing is downloaded and nothing is
+allocated, so a 7B model is planned on a laptop in seconds. The configs of the presets'
+models ship in ``mmbridge/plugins/assets/configs/<hub id>/``; a local model directory works too.
+
+Memory per GPU is an estimate of what training holds at its peak, in bytes:
+
+* weights: every parameter and buffer at its dtype; sharded over the GPUs by FSDP and
+  DeepSpeed ZeRO-3;
+* gradients: the trained parameters at their dtype; sharded by ZeRO-2/3 and FSDP;
+* optimizer state: torch.optim keeps ``states`` tensors per trained weight in its dtype
+  (AdamW 2, SGD 1); DeepSpeed keeps an fp32 master copy plus fp32 states (``4 + 4 states``
+  bytes per weight, ZeRO 1910.02054 §3); sharded by ZeRO-1/2/3 and FSDP;
+* activations of the LLM's decoder blocks for ``B`` sequences of ``T`` tokens, per block and
+  token ``5 D + 2 D_kv + 4 I`` values (the residual stream and norm outputs, queries / keys /
+  values kept by SDPA, the attention output, gate / up / activation / product of the MLP; this
+  is the ``34 s b h`` bytes of 2205.05198 eq. 1 for Llama's shapes, without the ``s^2`` term
+  that SDPA / flash attention do not store). With gradient checkpointing each block keeps only
+  its input (``D`` values) and one block's full set exists during its recomputation;
+* the LM head: logits in the compute dtype plus their fp32 copy and log-softmax for the loss
+  (``(a + 8) V`` bytes per position), counted for every position (an upper bound: only
+  supervised positions reach the head);
+* a trained encoder's blocks likewise, over its ``N`` tokens per image.
+
+CUDA's own context, the allocator's fragmentation and communication buffers are not counted;
+:data:`HEADROOM` of the GPU is kept free for them in the ``fits`` verdict.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from mmbridge.build import build, split_node
+from mmbridge.config import to_container
+from mmbridge.errors import ConfigError
+from mmbridge.model import Branch, MultimodalModel
+from mmbridge.registry import Registry
+
+GiB = 2**30
+#: Share of the GPU's memory kept free for what the estimate leaves out (CUDA context, the
+#: caching allocator's fragmentation, NCCL buffers).
+HEADROOM = 0.1
+#: ``trainer.strategy`` -> what it shards over the GPUs (weights, gradients, optimizer state).
+SHARDING: dict[str, tuple[bool, bool, bool]] = {
+    "auto": (False, False, False), "ddp": (False, False, False), "dp": (False, False, False),
+    "ddp_spawn": (False, False, False), "single_device": (False, False, False),
+    "deepspeed_stage_1": (False, False, True), "deepspeed_stage_2": (False, True, True),
+    "deepspeed_stage_2_offload": (False, True, True), "deepspeed_stage_3": (True, True, True),
+    "deepspeed_stage_3_offload": (True, True, True), "fsdp": (True, True, True),
+}
+
+
+def shipped_configs_dir() -> Path:
+    """``mmbridge/plugins/assets/configs``: the HF configs shipped for the presets' models."""
+    return Path(str(resources.files("mmbridge.plugins.assets") / "configs"))
+
+
+def shipped_configs() -> list[str]:
+    """Hub ids (``org/name``) whose ``config.json`` ships with mmbridge."""
+    root = shipped_configs_dir()
+    return sorted(str(p.parent.relative_to(root)) for p in root.glob("**/config.json"))
+
+
+def config_dir(path: str, key: str) -> Path:
+    """The directory holding ``config.json`` for a component's ``path``: the shipped copy of a
+    hub id, else a local model directory. Nothing is downloaded or converted."""
+    shipped = shipped_configs_dir() / path
+    if (shipped / "config.json").is_file():
+        return shipped
+    local = Path(path).expanduser()
+    if (local / "config.json").is_file():
+        return local
+    raise ConfigError(f"{key}: no config.json for '{path}': give a local model directory, or one "
+                      f"of the hub ids whose config ships with mmbridge: {', '.join(shipped_configs())}")
+
+
+def _from_config(registry: Registry, kind: str, node: Any, key: str, dtype: str) -> nn.Module:
+    """Build ``node`` through its class's ``from_config`` on the current default device."""
+    name, args = split_node(node, key)
+    try:
+        cls = registry.get(kind, name).cls
+    except KeyError as exc:
+        raise ConfigError(f"{key}.name: {exc}") from None
+    if not hasattr(cls, "from_config"):
+        raise ConfigError(f"{key}.name: {kind} '{name}' cannot be built from a config alone "
+                          f"(its class has no from_config); mmbridge plan supports hf_causal LLMs "
+                          f"and hf_vision encoders")
+    accepted = inspect.signature(cls.from_config).parameters
+    kwargs = {k: v for k, v in args.items() if k in accepted and k != "config"}
+    if kwargs.get("dtype") == "auto":
+        kwargs["dtype"] = dtype
+    return cls.from_config(config_dir(str(args.get("path")), f"{key}.path"), **kwargs)
+
+
+def build_meta_model(cfg: DictConfig, registry: Registry, dtype: str = "bfloat16") -> MultimodalModel:
+    """The model of ``cfg`` on the meta device, its LLM and encoder built from their configs.
+
+    Args:
+        cfg: A composed config (one encoder branch; ``branches`` are not planned).
+        registry: The run's registry.
+        dtype: What ``dtype: auto`` means here (the planned GPU's weight dtype).
+    """
+    if cfg.get("branches"):
+        raise ConfigError("branches: mmbridge plan covers the main encoder branch only; "
+                          "plan a config without `branches`")
+    with torch.device("meta"):
+        llm = _from_config(registry, "llm", cfg.llm, "llm", dtype)
+        encoder = _from_config(registry, "encoder", cfg.encoder, "encoder", dtype)
+        _, con_args = split_node(cfg.connector, "connector")
+        con_args.pop("in_dim", None), con_args.pop("out_dim", None)
+        connector = build(registry, "connector", {"name": cfg.connector.name, **con_args},
+                          "connector", in_dim=encoder.out_dim, out_dim=llm.hidden_size)
+        prefix = None
+        if cfg.get("alignment") is not None:
+            prefix = build(registry, "prefix", cfg.alignment, "alignment", dim=llm.hidden_size)
+        return MultimodalModel(llm, {encoder.modality: Branch(encoder, connector, "")}, prefix)
+
+
+@dataclass
+class StagePlan:
+    """One stage's figures (counts in parameters, memory in bytes per GPU)."""
+
+    name: str
+    trainable: dict[str, int]
+    batch_size: int
+    global_batch: int
+    steps: int
+    samples: int
+    optimizer: str
+    memory: dict[str, float]
+    total_bytes: float
+    fits: bool
+
+
+@dataclass
+class Plan:
+    """What ``mmbridge plan`` prints (see :func:`format_plan`)."""
+
+    params: dict[str, int]
+    visual_tokens: int
+    encoder_tokens: int
+    text_tokens: int
+    seq_len: int
+    gpus: int
+    strategy: str
+    precision: str
+    gradient_checkpointing: bool
+    gpu_memory_gb: float
+    stages: list[StagePlan] = field(default_factory=list)
+
+
+def _numel(module: nn.Module | None, trainable: bool = False) -> int:
+    if module is None:
+        return 0
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
+
+
+def _bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _components(model: MultimodalModel) -> dict[str, nn.Module | None]:
+    branch = next(iter(model.branches.values()))
+    return {"encoder": branch.encoder, "connector": branch.connector, "llm": model.llm,
+            "prefix": model.prefix}
+
+
+def _block_values(config: Any) -> tuple[int, int]:
+    """(values kept per token by one block, block count) of an HF transformer config."""
+    d = int(config.hidden_size)
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or d // heads)
+    d_kv = int(getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    inter = int(getattr(config, "intermediate_size", None) or 4 * d)
+    return 5 * d + 2 * d_kv + 4 * inter, int(config.num_hidden_layers)
+
+
+def activation_bytes(config: Any, batch: int, tokens: int, act_bytes: int, checkpointing: bool) -> float:
+    """Activation memory of a decoder stack (see the module docstring) for ``batch`` x ``tokens``."""
+    per_block, blocks = _block_values(config)
+    bt = batch * tokens
+    if checkpointing:
+        return float(bt * act_bytes * (blocks * int(config.hidden_size) + per_block))
+    return float(bt * act_bytes * blocks * per_block)
+
+
+def _gpus(trainer: dict[str, Any], gpus: int | None) -> int:
+    if gpus is not None:
+        return int(gpus)
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, list):
+        n = len(devices)
+    elif isinstance(devices, int) and devices > 0:
+        n = devices
+    else:
+        raise ConfigError(f"trainer.devices={devices}: mmbridge plan needs a GPU count; set "
+                          f"trainer.devices=N or pass gpus=N")
+    return n * int(trainer.get("num_nodes", 1) or 1)
+
+
+def make_plan(cfg: DictConfig, registry: Registry, gpu_memory_gb: float = 80.0,
+              gpus: int | None = None, images_per_sample: int = 1) -> Plan:
+    """Plan every scheduled stage of ``cfg`` (see the module docstring for the estimates).
+
+    Args:
+        cfg: A composed config.
+        registry: The run's registry.
+        gpu_memory_gb: Memory of one GPU in GiB (an "80 GB" A100 / H100 holds 80 GiB).
+        gpus: GPUs in all; default ``trainer.devices x trainer.num_nodes``.
+        images_per_sample: Images per sequence (LLaVA data: one).
+    """
+    from mmbridge.training.optimizers import STATES_PER_WEIGHT
+    from mmbridge.training.stages import configure_trainable
+
+    trainer = to_container(cfg.trainer) if cfg.get("trainer") is not None else {}
+    strategy = str(trainer.get("strategy", "auto"))
+    if strategy not in SHARDING:
+        raise ConfigError(f"trainer.strategy={strategy}: mmbridge plan knows {', '.join(SHARDING)}")
+    precision = str(trainer.get("precision", "auto"))
+    on_gpu = str(trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
+    if precision == "auto":
+        precision = "bf16-mixed" if on_gpu else "32-true"
+    act_bytes = 2 if precision.startswith(("bf16", "16")) else 4
+    weight_dtype = "bfloat16" if act_bytes == 2 else "float32"
+    n_gpu = _gpus(trainer, gpus)
+    shard_w, shard_g, shard_o = SHARDING[strategy]
+    deepspeed = strategy.startswith("deepspeed")
+    accumulate = int(trainer.get("accumulate_grad_batches", 1) or 1)
+
+    model = build_meta_model(cfg, registry, weight_dtype)
+    parts = _components(model)
+    encoder, connector, llm = parts["encoder"], parts["connector"], parts["llm"]
+    encoder_tokens = int(encoder.num_tokens(None))
+    visual = int(connector.out_tokens(encoder_tokens)) if connector.in_sequence else 0
+    prefix_tokens = int(model.prefix.n_tokens) if model.prefix is not None else 0
+    text = int(cfg.loader.max_text_tokens)
+    seq_len = visual * images_per_sample + text + prefix_tokens
+    checkpointing = bool(getattr(llm, "gradient_checkpointing", False))
+    llm_config = llm.model.config.get_text_config(decoder=True)
+    plan = Plan(params={k: _numel(m) for k, m in parts.items() if m is not None},
+                visual_tokens=visual, encoder_tokens=encoder_tokens, text_tokens=text,
+                seq_len=seq_len, gpus=n_gpu, strategy=strategy, precision=precision,
+                gradient_checkpointing=checkpointing, gpu_memory_gb=float(gpu_memory_gb))
+    weights = float(_bytes(model.parameters()) + _bytes(model.buffers()))
+
+    for name in cfg.schedule:
+        stage = cfg.stages[name]
+        configure_trainable(model, stage)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        opt_name = str(stage.optimizer.get("name") or "adamw")
+        states = STATES_PER_WEIGHT.get(opt_name, 2)
+        grads = float(_bytes(trained))
+        n_trained = sum(p.numel() for p in trained)
+        if deepspeed:
+            optim = float(n_trained * (4 + 4 * states))
+        elif opt_name == "adafactor":  # row + column statistics per matrix, one per vector
+            optim = float(sum((p.shape[-2] + p.shape[-1]) * p[..., 0, 0].numel() if p.dim() >= 2
+                              else p.numel() for p in trained) * 4)
+        else:
+            optim = float(states * grads)
+        batch = int(stage.batch_size)
+        acts = activation_bytes(llm_config, batch, seq_len, act_bytes, checkpointing)
+        head = float(batch * seq_len * int(llm_config.vocab_size) * (act_bytes + 8))
+        if bool(stage.train.encoder):
+            enc_cfg = encoder.model.config
+            acts += activation_bytes(enc_cfg, batch * images_per_sample, encoder_tokens, act_bytes, False)
+        memory = {"weights": weights / (n_gpu if shard_w else 1),
+                  "gradients": grads / (n_gpu if shard_g else 1),
+                  "optimizer": optim / (n_gpu if shard_o else 1),
+                  "activations": acts, "lm_head": head}
+        total = sum(memory.values())
+        global_batch = batch * n_gpu * accumulate
+        plan.stages.append(StagePlan(
+            name=str(name), trainable={k: _numel(m, trainable=True) for k, m in parts.items() if m is not None},
+            batch_size=batch, global_batch=global_batch, steps=int(stage.max_steps),
+            samples=int(stage.max_steps) * global_batch, optimizer=opt_name, memory=memory,
+            total_bytes=total, fits=total <= (1 - HEADROOM) * gpu_memory_gb * GiB))
+    return plan
+
+
+def _count(n: int) -> str:
+    """``6738415616`` -> ``6,738,415,616 (6.74B)``."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n:,} ({n / div:.{3 - len(str(int(n // div)))}f}{unit})"
+    return f"{n:,}"
+
+
+def _gib(b: float) -> str:
+    return f"{b / GiB:.2f} GiB"
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as the lines ``mmbridge plan`` prints."""
+    lines = ["parameters (total):"]
+    lines += [f"  {k:<10} {_count(v)}" for k, v in plan.params.items()]
+    lines.append(f"  {'all':<10} {_count(sum(plan.params.values()))}")
+    lines += [f"tokens per sample: {plan.encoder_tokens} encoder features -> {plan.visual_tokens} "
+              f"visual tokens; sequence length {plan.seq_len} (visual + {plan.text_tokens} text)",
+              f"GPUs: {plan.gpus}, strategy {plan.strategy}, precision {plan.precision}, gradient "
+              f"checkpointing {'on' if plan.gradient_checkpointing else 'off'}, "
+              f"{plan.gpu_memory_gb:g} GiB each"]
+    for s in plan.stages:
+        lines.append(f"stage {s.name}: {s.steps:,} steps x global batch {s.global_batch} "
+                     f"({s.batch_size} per GPU) = {s.samples:,} samples; optimizer {s.optimizer}")
+        lines.append("  trainable: " + ", ".join(f"{k} {_count(v)}" for k, v in s.trainable.items()))
+        lines.append("  memory per GPU: " + ", ".join(f"{k} {_gib(v)}" for k, v in s.memory.items()))
+        limit = (1 - HEADROOM) * plan.gpu_memory_gb * GiB
+        verdict = "fits" if s.fits else "does NOT fit"
+        lines.append(f"  total {_gib(s.total_bytes)}: {verdict} in {plan.gpu_memory_gb:g} GiB "
+                     f"({_gib(limit)} usable, {HEADROOM:.0%} kept free)")
+    return "\n".join(lines)
+
