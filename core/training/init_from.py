@@ -1,0 +1,127 @@
+"""``init_from=RUN_DIR[:STAGE]``: a new run starts from another run's trained weights.
+
+LLaVA's two stages are two runs (they read different files); the second starts from the
+first's projector (LLaVA's ``--pretrain_mm_mlp_adapter``). ``init_from`` names the earlier run's
+directory and, optionally, the stage whose ``checkpoints/<stage>_final`` to read (default: the
+run's ``checkpoints/final``, everything it trained); a checkpoint directory works as well.
+
+The weights are copied into the model before the first stage. They join the weights this run
+saves (``model.ever_trained``), since the config's pretrained weights no longer describe them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mmbridge.errors import CheckpointError, ConfigError
+from mmbridge.model import MultimodalModel
+from mmbridge.registry import Registry
+from mmbridge.training.checkpoint import WEIGHTS, read_checkpoint
+from mmbridge.training.stages import frozen_encoders
+
+log = logging.getLogger(__name__)
+
+
+def init_checkpoint(value: str) -> Path:
+    """The checkpoint directory ``init_from`` names.
+
+    ``RUN_DIR`` -> ``RUN_DIR/checkpoints/final``; ``RUN_DIR:STAGE`` ->
+    ``RUN_DIR/checkpoints/STAGE_final``; a directory holding ``weights.safetensors`` -> itself.
+
+    Raises:
+        ConfigError: nothing there, naming the stages the run did finish.
+    """
+    raw = Path(value).expanduser()
+    if (raw / WEIGHTS).is_file():
+        return raw
+    run, stage = raw, None
+    head, sep, tail = value.rpartition(":")
+    if sep and head and "/" not in tail and not raw.exists():
+        run, stage = Path(head).expanduser(), tail
+    ckpts = run / "checkpoints"
+    path = ckpts / (f"{stage}_final" if stage else "final")
+    if (path / WEIGHTS).is_file():
+        return path
+    done = sorted(p.name[: -len("_final")] for p in ckpts.glob("*_final") if (p / WEIGHTS).is_file())
+    if not run.is_dir():
+        raise ConfigError(f"init_from={value}: run directory '{run}' does not exist")
+    raise ConfigError(f"init_from={value}: no {path.relative_to(run)}/{WEIGHTS} in '{run}'; "
+                      f"finished stages there: {', '.join(done) or '(none)'} "
+                      f"(use init_from=RUN_DIR:STAGE, or RUN_DIR for checkpoints/final)")
+
+
+def _add_lora_like_source(model: MultimodalModel, source_cfg: DictConfig, stages: list[str]) -> None:
+    """Inject the LoRA adapters the source run trained, with its settings, so their tensors
+    have somewhere to go (the first of its stages that trained LoRA)."""
+    for name in stages:
+        stage = source_cfg.stages.get(name)
+        if stage is not None and stage.train.llm == "lora":
+            lora = stage.lora
+            model.llm.apply_lora(r=int(lora.r), alpha=int(lora.alpha), dropout=float(lora.dropout),
+                                 target_modules=list(lora.target_modules))
+            model.llm.lora_applied = True
+            return
+    raise CheckpointError("init_from: the checkpoint holds LoRA adapters but none of its stages "
+                          f"({', '.join(stages)}) trained LoRA")
+
+
+def load_init_weights(model: MultimodalModel, cfg: DictConfig,
+                      registry: Registry | None = None) -> list[str]:
+    """Copy the weights of ``cfg.init_from`` into ``model``; returns the names loaded (empty when
+    ``init_from`` is not set).
+
+    Every tensor of the checkpoint must be a parameter of ``model`` with the same shape, and a
+    connector (or sequence prefix) it holds must be whole; the rest of the model may differ (a
+    new run may train more than the source did). LoRA adapters of the source are injected
+    first, with its settings.
+
+    Raises:
+        ConfigError: ``init_from`` names no checkpoint, or it carries trained encoder weights
+            while this run reads cached features of the pretrained encoder.
+        CheckpointError: tensors the model does not have, of another shape, or part of a
+            connector only (nothing is loaded then).
+    """
+    value = cfg.get("init_from")
+    if not value:
+        return []
+    path = init_checkpoint(str(value))
+    source_cfg, weights, meta = read_checkpoint(path, registry)
+    stages = json.loads(meta.get("stages", "[]"))
+    if any("lora_" in k for k in weights) and not getattr(model.llm, "lora_applied", False):
+        _add_lora_like_source(model, source_cfg, stages)
+    own = dict(model.named_parameters())
+    unknown = sorted(k for k in weights if k not in own)
+    shapes = sorted(f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                    for k, v in weights.items() if k in own and own[k].shape != v.shape)
+    # a connector or prefix is small and whole: some of its tensors without the others means
+    # another architecture (connector.depth=3 over a depth-2 checkpoint), not a choice
+    partial = []
+    for root in [f"branches.{m}.connector." for m in model.branches] + ["prefix."]:
+        if any(k.startswith(root) for k in weights):
+            partial += sorted(k for k in own if k.startswith(root) and k not in weights)
+    if unknown or shapes or partial:
+        problems = ([f"{len(unknown)} tensor(s) this model does not have: {', '.join(unknown[:6])}"]
+                    if unknown else [])
+        problems += [f"{len(shapes)} shape mismatch(es): {', '.join(shapes[:6])}"] if shapes else []
+        problems += [f"{len(partial)} tensor(s) of a loaded connector/prefix missing from the "
+                     f"checkpoint: {', '.join(partial[:6])}"] if partial else []
+        raise CheckpointError(f"init_from={value}: '{path}' does not fit this model (another "
+                              f"encoder, connector or LLM than the source run's?):\n  "
+                              + "\n  ".join(problems))
+    encoder_keys = [k for k in weights if k.startswith("branches.") and ".encoder." in k]
+    if encoder_keys and bool(cfg.get("cache_features", True)) and frozen_encoders(cfg):
+        raise ConfigError(f"init_from={value}: the checkpoint holds trained encoder weights "
+                          f"({encoder_keys[0]}, ...), but cache_features=true would read the "
+                          f"pretrained encoder's features; set cache_features=false")
+    with torch.no_grad():
+        for k, v in weights.items():
+            own[k].copy_(v.to(own[k].dtype))
+    model.ever_trained |= set(weights)
+    log.info("init_from: %d tensors from %s (stages %s of run config %s)", len(weights), path,
+             ", ".join(stages) or "-", OmegaConf.select(source_cfg, "run_name", default="?"))
+    return sorted(weights)
