@@ -8,6 +8,7 @@ contracts here — :class:`Converter` and :class:`Perceiver` (both :class:`Conne
 
 from __future__ import annotations
 
+from mmbridge.api import Model, TrainResult, load, train
 from mmbridge.connector import Connector, Converter, Perceiver
 from mmbridge.dataset import DatasetFiles, DatasetSource
 from mmbridge.encoder import ModalityEncoder
@@ -25,4 +26,6 @@ __all__ = [
     "Connector", "Converter", "DataRecipe", "DatasetFiles", "DatasetSource", "LanguageModel",
     "MMBridgeError", "ModalityEncoder", "Perceiver", "Sample", "Scorer", "Tool", "ToolCall",
     "ToolCaller", "ToolRun", "hookimpl", "__version__",
+    # the Python API (mmbridge.api)
+    "Model", "TrainResult", "load", "train",
 ]

@@ -1,0 +1,101 @@
+"""Trained models leave mmbridge: ``export(checkpoint, out, format)``.
+
+* ``bundle`` - any model, one self-contained directory (:mod:`mmbridge.export.bundle`), loaded
+  by :func:`mmbridge.load`;
+* ``peft`` - the LLM's LoRA adapters in PEFT's format plus the connector weights
+  (:mod:`mmbridge.export.peft_format`);
+* ``hf`` - a ``transformers`` ``LlavaForConditionalGeneration`` with its processor, for the
+  models Llava represents exactly (:mod:`mmbridge.export.hf`).
+
+Every export holds ``mmbridge.json`` (what it is) and a model card ``README.md``. It is written
+into a temporary directory beside ``out`` and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmbridge.errors import ConfigError
+from mmbridge.registry import Registry
+
+FORMATS = ("hf", "peft", "bundle")
+
+
+def _writer(fmt: str) -> Callable[[Any, dict[str, str], Path], dict[str, Any]]:
+    if fmt == "bundle":
+        from mmbridge.export.bundle import write_bundle
+
+        return write_bundle
+    if fmt == "peft":
+        from mmbridge.export.peft_format import write_peft
+
+        return write_peft
+    from mmbridge.export.hf import write_hf
+
+    return write_hf
+
+
+def export(checkpoint: str | Path, out: str | Path, format: str = "bundle", overwrite: bool = False,
+           registry: Registry | None = None, device: str | torch.device | None = "cpu") -> Path:
+    """Export a checkpoint (or a bundle) as ``format`` into the directory ``out``.
+
+    Args:
+        checkpoint: A run's ``checkpoints/final`` (or its weights file), or a bundle.
+        out: The export directory (must not exist unless ``overwrite``).
+        format: ``hf`` | ``peft`` | ``bundle``.
+        overwrite: Replace an existing ``out``.
+        registry: The component registry (default: built-ins and installed plugins).
+        device: Where the model is rebuilt (``cpu`` by default; the export is on the CPU).
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ConfigError: an unknown format, an existing ``out``, or (``hf``) a part Llava cannot
+            represent exactly, named, with ``format=bundle`` as the way out.
+    """
+    from mmbridge.export.bundle import MANIFEST
+    from mmbridge.export.card import model_card
+    from mmbridge.export.source import open_model, run_directory
+    from mmbridge.plugin_manager import load_registry
+
+    if format not in FORMATS:
+        raise ConfigError(f"format={format}: unknown export format; valid: {', '.join(FORMATS)}")
+    dst = Path(out).expanduser()
+    if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
+        raise ConfigError(f"out={out}: exists and is not empty (choose another directory, or overwrite=true)")
+    registry = registry or load_registry()
+    session, meta = open_model(checkpoint, registry=registry, device=device)
+    if format == "hf":
+        from mmbridge.export.hf import check_representable
+
+        check_representable(session)  # before anything is written
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
+    try:
+        manifest = _writer(format)(session, meta, tmp)
+        import json
+
+        from mmbridge.training.checkpoint import component_origins
+
+        origins = component_origins(session.cfg, registry)
+        (tmp / "README.md").write_text(model_card(session.cfg, origins, format, dst.resolve(),
+                                                  run_directory(checkpoint), manifest.pop("card", None)))
+        (tmp / MANIFEST).write_text(json.dumps({**manifest, "source": str(Path(checkpoint).resolve())},
+                                               indent=2) + "\n")
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+__all__ = ["FORMATS", "export"]

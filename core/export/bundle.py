@@ -1,0 +1,233 @@
+"""``format=bundle``: one self-contained directory that rebuilds any mmbridge model.
+
+Layout::
+
+    mmbridge.json         what this is: format, mmbridge version, the plugin package and version
+                          of each component, the stages, the copied files
+    config.yaml           the composed config; model paths point into files/ (relative)
+    weights.safetensors   every tensor of the model (frozen parts included), with the
+                          checkpoint metadata (config, stages, components)
+    files/<config key>/   each model file or directory the config named (asset, local path or
+                          cached hub snapshot): weights, configs, tokenizer, preprocessor
+    README.md             the model card
+
+Loading it (:func:`open_bundle`) needs mmbridge and the plugins that built the components, but
+neither the asset cache nor the data: the config's model paths are pointed at ``files/``
+before anything is built, and every weight is then overwritten from ``weights.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from safetensors.torch import load_file, save_model
+
+from mmbridge.assets import resolve_model_path
+from mmbridge.errors import AssetError, CheckpointError
+from mmbridge.registry import Registry
+from mmbridge.training.checkpoint import (
+    FORMAT,
+    FORMAT_PREFIX,
+    WEIGHTS,
+    check_components,
+    component_origins,
+)
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "mmbridge.json"
+#: The bundle layout this version writes and reads.
+BUNDLE_VERSION = 1
+FILES = "files"
+#: Config nodes that hold the model's components (and so may name model files).
+MODEL_NODES = ("llm", "encoder", "connector", "alignment")
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The ``mmbridge.json`` of an export directory, ``None`` when there is none."""
+    file = path / MANIFEST
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"'{file}' is unreadable: {exc}") from exc
+
+
+def _model_leaves(cfg: DictConfig) -> Iterator[tuple[str, str]]:
+    """``(config key, value)`` of every string leaf of the model's component nodes."""
+
+    def walk(node: Any, key: str) -> Iterator[tuple[str, str]]:
+        if isinstance(node, DictConfig):
+            for k, v in node.items():
+                if k != "name":
+                    yield from walk(v, f"{key}.{k}")
+        elif isinstance(node, ListConfig):
+            for i, v in enumerate(node):
+                yield from walk(v, f"{key}.{i}")
+        elif isinstance(node, str):
+            yield key, node
+
+    roots = [k for k in MODEL_NODES if cfg.get(k) is not None]
+    roots += [f"branches.{b}" for b, n in (cfg.get("branches") or {}).items() if n is not None]
+    for root in roots:
+        yield from walk(OmegaConf.select(cfg, root), root)
+
+
+def _local_source(value: str, key: str, registry: Registry) -> Path | None:
+    """The local file or directory a config value names (an offline asset, an existing path, or
+    an ``org/name`` hub id in the local Hugging Face cache), else ``None`` (not a path)."""
+    if ("asset", value) in registry:
+        return Path(resolve_model_path(value, registry, key=key))
+    p = Path(value).expanduser()
+    if p.exists() and (p.is_dir() or p.is_file()) and ("/" in value or p.suffix):
+        return p
+    if value.count("/") == 1 and not value.startswith((".", "/", "~")) and " " not in value:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(value, local_files_only=True))
+        except Exception:  # not a hub id, or not cached: a plain string option
+            return None
+    return None
+
+
+def model_files(cfg: DictConfig, registry: Registry) -> dict[str, Path]:
+    """Config key -> the local file or directory it names, for every model file of the config."""
+    return {k: src for k, v in _model_leaves(cfg) if (src := _local_source(v, k, registry)) is not None}
+
+
+def write_bundle(session: Any, meta: dict[str, str], out: Path) -> dict[str, Any]:
+    """Write the bundle of an opened model into the (empty, temporary) directory ``out``.
+
+    Args:
+        session: The :class:`~mmbridge.training.session.Session` of the model to export.
+        meta: Its checkpoint metadata (stages, components, lora).
+        out: The directory to fill.
+
+    Returns:
+        The manifest written to ``mmbridge.json``.
+    """
+    from mmbridge import __version__
+
+    cfg, registry = session.cfg, session.registry
+    files: dict[str, str] = {}
+    rel_cfg = cfg.copy()
+    for key, src in model_files(cfg, registry).items():
+        rel = f"{FILES}/{key}"
+        dst = out / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        # copies the targets of links (a hub snapshot is links into its blob store)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.lock", ".*"))
+        else:
+            shutil.copy2(src, dst)
+        files[key] = rel
+        OmegaConf.update(rel_cfg, key, rel, merge=False)
+    origins = component_origins(cfg, registry) or json.loads(meta.get("components", "{}"))
+    cfg_yaml = OmegaConf.to_yaml(rel_cfg, resolve=True)
+    weights_meta = {"config": cfg_yaml, "stages": meta.get("stages", "[]"), "lora": meta.get("lora", "false"),
+                    "format": f"{FORMAT_PREFIX}{FORMAT}", "components": json.dumps(origins),
+                    "bundle": "all"}
+    model = session.model
+    device = next(model.parameters()).device
+    model.to("cpu")
+    try:
+        save_model(model, str(out / WEIGHTS), metadata=weights_meta, force_contiguous=True)
+    finally:
+        model.to(device)
+    (out / "config.yaml").write_text(cfg_yaml)
+    manifest = {"format": "bundle", "bundle_version": BUNDLE_VERSION, "mmbridge": __version__,
+                "stages": json.loads(meta.get("stages", "[]")), "components": origins, "files": files,
+                "weights": WEIGHTS, "tensors": len(model.state_dict())}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def bundle_config(path: Path, manifest: dict[str, Any], registry: Registry) -> tuple[DictConfig, dict[str, str]]:
+    """The bundle's config with its model paths made absolute, and the weights' metadata.
+
+    Checks the layout version and that every component the bundle records is registered
+    (a missing one names the package to install).
+    """
+    from safetensors import safe_open
+
+    if manifest.get("format") != "bundle":
+        raise CheckpointError(f"'{path}' is a format={manifest.get('format')} export, not a bundle; "
+                              f"mmbridge.load takes a checkpoint or a format=bundle directory")
+    version = int(manifest.get("bundle_version", 0))
+    if not 1 <= version <= BUNDLE_VERSION:
+        raise CheckpointError(f"bundle '{path}' has layout version {version}; this mmbridge reads "
+                              f"1 to {BUNDLE_VERSION} (upgrade: pip install -U mmbridge)")
+    weights = path / manifest.get("weights", WEIGHTS)
+    if not weights.is_file():
+        raise CheckpointError(f"bundle '{path}': {weights.name} is missing")
+    with safe_open(str(weights), "pt") as f:
+        meta = dict(f.metadata() or {})
+    check_components({"components": json.dumps(manifest.get("components", {}))}, registry, str(path))
+    cfg = OmegaConf.create(meta["config"])
+    for key, rel in manifest.get("files", {}).items():
+        target = path / rel
+        if not target.exists():
+            raise CheckpointError(f"bundle '{path}': {rel} (config key {key}) is missing")
+        OmegaConf.update(cfg, key, str(target.resolve()), merge=False)
+    return cfg, meta
+
+
+def load_all_weights(model: torch.nn.Module, file: Path) -> None:
+    """Load every tensor of ``model`` from ``file`` (written by ``save_model``, which keeps one
+    name of tied tensors); one error lists what is missing, unexpected or mis-shaped."""
+    weights = load_file(str(file))
+    own = model.state_dict()
+    ptr = {}
+    for k, v in own.items():
+        ptr.setdefault(v.data_ptr(), []).append(k)
+    tied = {k for names in ptr.values() if any(n in weights for n in names) for k in names}
+    missing = sorted(k for k in own if k not in weights and k not in tied)
+    unexpected = sorted(k for k in weights if k not in own)
+    shapes = sorted(f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                    for k, v in weights.items() if k in own and own[k].shape != v.shape)
+    problems = [f"{what}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+                for what, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+                if names]
+    if problems:
+        raise CheckpointError(f"bundle weights '{file}' do not fit the model built from its config:\n  "
+                              + "\n  ".join(problems))
+    model.load_state_dict(weights, strict=False)
+
+
+def open_bundle(path: str | Path, overrides: list[str] | None = None, registry: Registry | None = None,
+                device: str | torch.device | None = None) -> tuple[Any, dict[str, str]]:
+    """Rebuild a bundle's model on ``device`` (as :func:`session_from_checkpoint` does for a
+    checkpoint): ``(session, metadata)``. Needs no asset cache and no data."""
+    from mmbridge.config import merge_overrides
+    from mmbridge.plugin_manager import load_registry
+    from mmbridge.training.session import open_session
+    from mmbridge.training.stages import configure_trainable
+    from mmbridge.validation import validate_config
+
+    p = Path(path).expanduser()
+    manifest = read_manifest(p)
+    if manifest is None:
+        raise CheckpointError(f"'{path}': no {MANIFEST} there (not an mmbridge export)")
+    registry = registry or load_registry()
+    cfg, meta = bundle_config(p, manifest, registry)
+    if overrides:
+        cfg = merge_overrides(cfg, overrides, registry)
+    validate_config(cfg, registry)
+    try:
+        session = open_session(cfg, registry, with_data=False, device=device)
+    except AssetError as exc:
+        raise CheckpointError(f"bundle '{path}': {exc}") from exc
+    for stage in json.loads(meta.get("stages", "[]")):
+        configure_trainable(session.model, cfg.stages[stage])  # re-creates LoRA layers
+    load_all_weights(session.model, p / manifest.get("weights", WEIGHTS))
+    session.model.eval()
+    return session, meta

@@ -1,0 +1,201 @@
+"""Trained models leave mmbridge: bundle, PEFT and Hugging Face Llava exports, and the Python API.
+
+Checkpoints are made the way a run writes them (assembled from the composed config, each
+stage's ``configure_trainable``, ``save_checkpoint``), with their trained tensors set to seeded
+random values so that every part (connector, LoRA, prefix) changes the answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mmbridge
+from mmbridge.config import compose
+from mmbridge.errors import CheckpointError, ConfigError
+from mmbridge.export import export
+from mmbridge.model import assemble
+from mmbridge.plugin_manager import load_registry
+from mmbridge.plugins.encoders._image import example_png
+from mmbridge.testing.tiny import build_tiny_clip_vision, build_tiny_dinov2
+from mmbridge.training.checkpoint import save_checkpoint
+from mmbridge.training.stages import configure_trainable
+
+REGISTRY = load_registry(autoload=False)
+TINY = ["experiment=tiny", "encoder.image_size=32", "stages.instruct.train.llm=lora",
+        "stages.instruct.lora.dropout=0.0"]
+PROMPT = "What colour is the shape?"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_checkpoint(out: Path, overrides: list[str], schedule: tuple[str, ...] = ("align", "instruct"),
+                    seed: int = 0) -> Path:
+    """A checkpoint as a run writes it, its trained tensors seeded random (not LoRA's zeros)."""
+    cfg = compose([*overrides, f"schedule=[{','.join(schedule)}]"], REGISTRY)
+    torch.manual_seed(seed)
+    model = assemble(cfg, REGISTRY)
+    for stage in schedule:
+        configure_trainable(model, cfg.stages[stage])
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in model.ever_trained:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    save_checkpoint(model, cfg, out, list(schedule), REGISTRY)
+    return out
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> str:
+    return example_png(tmp_path_factory.mktemp("media"), 1)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """timm tiny ViT -> MLP -> tiny Llama with LoRA (experiment=tiny)."""
+    return make_checkpoint(tmp_path_factory.mktemp("tiny") / "final", TINY)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_ckpt, tmp_path_factory) -> Path:
+    return export(tiny_ckpt, tmp_path_factory.mktemp("exp") / "bundle", format="bundle", registry=REGISTRY)
+
+
+# -- bundle ---------------------------------------------------------------------------------------
+
+def test_bundle_holds_every_weight_the_files_and_the_versions(tiny_bundle):
+    manifest = json.loads((tiny_bundle / "mmbridge.json").read_text())
+    assert manifest["format"] == "bundle" and manifest["mmbridge"] == mmbridge.__version__
+    assert manifest["components"]["llm"]["package"] == "mmbridge"
+    assert manifest["components"]["connector"]["name"] == "mlp"
+    assert manifest["files"] == {"llm.path": "files/llm.path"}  # the timm ViT is random-init: no file
+    assert (tiny_bundle / "files/llm.path/tokenizer.json").is_file()
+    weights = load_file(str(tiny_bundle / "weights.safetensors"))
+    # frozen encoder and LLM base weights are inside, beside the trained connector and LoRA
+    assert any(k.startswith("branches.image.encoder.") for k in weights)
+    assert any(".base_layer." in k for k in weights) and any("lora_A" in k for k in weights)
+    assert "path: files/llm.path" in (tiny_bundle / "config.yaml").read_text()
+    card = (tiny_bundle / "README.md").read_text()
+    assert "## Components" in card and "mmbridge.load(" in card and "| connector | mlp |" in card
+
+
+def test_bundle_loads_with_identical_logits_and_answers(tiny_ckpt, tiny_bundle, image):
+    a = mmbridge.load(tiny_ckpt, device="cpu", registry=REGISTRY)
+    b = mmbridge.load(tiny_bundle, device="cpu", registry=REGISTRY)
+    la, _ = a.logits(PROMPT, image=image)
+    lb, _ = b.logits(PROMPT, image=image)
+    assert torch.equal(la, lb)
+    assert a.generate(PROMPT, image=image, max_new_tokens=8) == b.generate(PROMPT, image=image, max_new_tokens=8)
+
+
+@pytest.mark.slow
+def test_bundle_loads_in_a_fresh_process_with_an_empty_cache(tiny_ckpt, tiny_bundle, image, tmp_path):
+    """No asset cache, no data: the bundle alone (MMBRIDGE_CACHE empty, plugins autoload off)."""
+    script = tmp_path / "load.py"
+    script.write_text(
+        "import sys, torch, mmbridge\n"
+        "m = mmbridge.load(sys.argv[1], device='cpu')\n"
+        "logits, _ = m.logits(sys.argv[2], image=sys.argv[3])\n"
+        "torch.save(logits, sys.argv[4])\n"
+        "print(m.generate(sys.argv[2], image=sys.argv[3], max_new_tokens=8))\n")
+    env = {**os.environ, "MMBRIDGE_CACHE": str(tmp_path / "empty-cache"), "HF_HUB_OFFLINE": "1",
+           "MMBRIDGE_DISABLE_PLUGINS": "1"}
+    out = subprocess.run([sys.executable, str(script), str(tiny_bundle), PROMPT, image, str(tmp_path / "l.pt")],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not (tmp_path / "empty-cache" / "assets").exists()  # nothing was converted
+    want = mmbridge.load(tiny_ckpt, device="cpu", registry=REGISTRY)
+    assert torch.equal(torch.load(tmp_path / "l.pt"), want.logits(PROMPT, image=image)[0])
+    assert out.stdout.strip().splitlines()[-1] == want.generate(PROMPT, image=image, max_new_tokens=8)
+
+
+def test_a_bundle_whose_plugin_is_missing_names_the_package(tiny_bundle, tmp_path):
+    import shutil
+
+    copy = Path(shutil.copytree(tiny_bundle, tmp_path / "b"))
+    manifest = json.loads((copy / "mmbridge.json").read_text())
+    manifest["components"]["connector"].update(name="fancy", plugin="fancy_plugin", package="mmbridge-fancy",
+                                               version="2.0")
+    (copy / "mmbridge.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"connector: connector 'fancy'.*pip install mmbridge-fancy"):
+        mmbridge.load(copy, device="cpu", registry=REGISTRY)
+
+
+# -- the Python API -------------------------------------------------------------------------------
+
+def test_generate_batches_and_chat_answer_like_single_prompts(tiny_ckpt, image, tmp_path):
+    m = mmbridge.load(tiny_ckpt, device="cpu", registry=REGISTRY)
+    other = example_png(tmp_path, 2)
+    one = m.generate(PROMPT, image=image, max_new_tokens=6)
+    two = m.generate(PROMPT, image=other, max_new_tokens=6)
+    assert isinstance(one, str)
+    assert m.generate([PROMPT, PROMPT], image=[image, other], max_new_tokens=6) == [one, two]
+    assert m.chat([{"role": "user", "content": PROMPT}], image=image, max_new_tokens=6) == one
+    assert m.chat([[{"role": "user", "content": PROMPT}]] * 2, image=[image, other], max_new_tokens=6) == [one, two]
+    with pytest.raises(ConfigError, match="no audio encoder; it takes: image"):
+        m.generate(PROMPT, audio=image)
+    with pytest.raises(ConfigError, match="2 files for a batch of 3 prompts"):
+        m.generate([PROMPT] * 3, image=[image, other])
+
+
+def test_generate_equals_the_generate_command(tiny_ckpt, image, capsys):
+    from mmbridge.commands.generate import main
+
+    assert main([f"checkpoint={tiny_ckpt}", f"image={image}", f"prompt={PROMPT}", "device=cpu"]) == 0
+    cli = capsys.readouterr().out.strip()
+    assert mmbridge.load(tiny_ckpt, device="cpu", registry=REGISTRY).generate(PROMPT, image=image) == cli
+
+
+# -- peft -----------------------------------------------------------------------------------------
+
+def test_peft_adapters_load_with_peft_and_give_identical_logits(tiny_ckpt, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = export(tiny_ckpt, tmp_path / "peft", format="peft", registry=REGISTRY)
+    assert {"adapter_config.json", "adapter_model.safetensors", "mmbridge_weights.safetensors",
+            "mmbridge.json", "README.md"} <= {p.name for p in out.iterdir()}
+    manifest = json.loads((out / "mmbridge.json").read_text())
+    assert manifest["adapter"]["r"] == 16 and manifest["base_model"] == "tiny-llama"
+    extra = load_file(str(out / "mmbridge_weights.safetensors"))
+    assert extra and all(k.startswith("branches.image.connector.") for k in extra)
+
+    m = mmbridge.load(tiny_ckpt, device="cpu", registry=REGISTRY)
+    llm = m.session.model.llm
+    assert torch.equal(extra["branches.image.connector.net.0.weight"],
+                       m.session.model.branches["image"].connector.net[0].weight)
+    def base():
+        return AutoModelForCausalLM.from_pretrained(llm.local_path, dtype=torch.float32,
+                                                    attn_implementation=llm.attn_implementation)
+
+    peft = PeftModel.from_pretrained(base(), str(out)).eval()
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-llama"
+    ids = torch.tensor([llm.tokenizer("Which shape is red? The circle.")["input_ids"]])
+    with torch.no_grad():
+        want = llm.model(input_ids=ids).logits
+        got = peft(input_ids=ids).logits
+        plain = base()(input_ids=ids).logits
+    print(f"peft round trip: logits max |diff| {(got - want).abs().max().item():.3g}")
+    assert torch.equal(got, want)
+    assert not torch.allclose(plain, want, atol=1e-3)  # the adapters do change the LLM
+
+
+def test_peft_needs_lora(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "full", ["experiment=tiny", "encoder.image_size=32"])
+    with pytest.raises(ConfigError, match="format=peft: the LLM .* carries no LoRA adapters.*format=bundle"):
+        export(ckpt, tmp_path / "out", format="peft", registry=REGISTRY)
+    assert not (tmp_path / "out").exists()
