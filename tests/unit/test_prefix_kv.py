@@ -159,9 +159,9 @@ def test_it_switches_itself_off_with_a_reason(registry, llm_dir, image_samples):
 
 
 def test_the_switch_is_a_checked_constructor_argument(registry, llm_dir):
-    assert make_model(registry, llm_dir, "+llm.reuse_prefix_kv=false").llm.reuse_prefix_kv is False
+    assert make_model(registry, llm_dir, "llm.reuse_prefix_kv=false").llm.reuse_prefix_kv is False
     with pytest.raises(ConfigError, match="llm.reuse_prefix_kv"):
-        make_model(registry, llm_dir, "+llm.reuse_prefix_kv=sometimes")
+        make_model(registry, llm_dir, "llm.reuse_prefix_kv=sometimes")
 
 
 def test_labels_stay_ignored_before_the_first_answer(registry, llm_dir, image_samples):
