@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -139,13 +140,18 @@ class _KeepLast(L.Callback):
             shutil.copy(self.d / "last.ckpt", self.d / f"at{trainer.global_step}.ckpt")
 
 
-def _fit(d: Path, ckpt_path: Path | None = None) -> _Toy:
+# the project's stage checkpoints (the two newest + last.ckpt, as training.checkpoint makes them;
+# Lightning postpones a step-monitored save at an epoch's last batch to the next validation)
+# and a plain last.ckpt at every step (so a checkpoint at an epoch's last batch exists)
+CHECKPOINTS = {"two-newest": {"save_top_k": 2, "monitor": "step", "mode": "max"}, "last-only": {"save_top_k": 0}}
+
+
+def _fit(d: Path, kind: str, ckpt_path: Path | None = None) -> _Toy:
     torch.manual_seed(0)
     data = [torch.tensor([float(i)]) for i in range(10)]
     module = _Toy()
-    callbacks = [ResumableCheckpoint(dirpath=d, filename="{step}", save_last=True, save_top_k=2,
-                                     monitor="step", mode="max", every_n_train_steps=1,
-                                     enable_version_counter=False), _KeepLast(d)]
+    callbacks = [ResumableCheckpoint(dirpath=d, filename="{step}", save_last=True, every_n_train_steps=1,
+                                     enable_version_counter=False, **CHECKPOINTS[kind]), _KeepLast(d)]
     trainer = L.Trainer(max_steps=12, val_check_interval=3, check_val_every_n_epoch=None,
                         callbacks=callbacks, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
@@ -155,19 +161,74 @@ def _fit(d: Path, ckpt_path: Path | None = None) -> _Toy:
 
 
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")
-def test_lightning_fit_resumes_exactly_from_the_checkpoint_of_every_step(tmp_path):
+@pytest.mark.parametrize("kind", sorted(CHECKPOINTS))
+def test_lightning_fit_resumes_exactly_from_the_checkpoint_of_every_step(tmp_path, kind):
     """12 steps of 4 batches per epoch, validation every 3 steps: resumed from what a kill leaves
     at each step (mid-epoch, at an epoch's last batch, at a validation step), the sample order,
     the weights and the validation history equal the uninterrupted run's."""
-    full = _fit(tmp_path / "full")
+    full = _fit(tmp_path / "full", kind)
     assert [len(b) for b in full.seen[:4]] == [3, 3, 3, 1]  # epoch boundaries at steps 4 and 8
     assert full.seen[:4] != full.seen[4:8]  # each epoch in a new order
     assert full.history == [3, 6, 9, 12]
     for k in range(1, 12):
-        resumed = _fit(tmp_path / f"r{k}", ckpt_path=tmp_path / "full" / f"at{k}.ckpt")
+        snapshot = tmp_path / "full" / f"at{k}.ckpt"
+        if kind == "last-only":  # a checkpoint of every step, epoch ends included
+            assert torch.load(snapshot, weights_only=True)["global_step"] == k
+        resumed = _fit(tmp_path / f"r{k}", kind, ckpt_path=snapshot)
         assert resumed.seen == full.seen, f"sample order after a kill at step {k}"
         assert resumed.history == full.history, f"validation history after a kill at step {k}"
         assert torch.equal(resumed.lin.weight, full.lin.weight) and torch.equal(resumed.lin.bias, full.lin.bias)
+
+
+DDP_SCRIPT = """
+import json, os, shutil, sys, torch, lightning as L
+from mmbridge.training.loader import make_loader
+from mmbridge.training.resume import ResumableCheckpoint
+d, ckpt = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
+class M(L.LightningModule):
+    def __init__(self):
+        super().__init__(); self.lin = torch.nn.Linear(1, 1); self.seen = []
+    def training_step(self, b, i):
+        self.seen.append(b[:, 0].int().tolist()); return (self.lin(b) ** 2).mean()
+    def configure_optimizers(self): return torch.optim.SGD(self.parameters(), lr=0.01)
+class Keep(L.Callback):
+    def on_train_batch_start(self, t, m, b, i):
+        if t.is_global_zero and os.path.exists(f"{d}/last.ckpt"):
+            shutil.copy(f"{d}/last.ckpt", f"{d}/at{t.global_step}.ckpt")
+torch.manual_seed(0)
+m = M()
+t = L.Trainer(max_steps=10, strategy="ddp", devices=2, accelerator="cpu", logger=False,
+              enable_progress_bar=False, enable_model_summary=False,
+              callbacks=[ResumableCheckpoint(dirpath=d, save_last=True, save_top_k=0, every_n_train_steps=1), Keep()])
+data = [torch.tensor([float(i)]) for i in range(20)]
+t.fit(m, make_loader(data, 3, torch.stack, shuffle=True, seed=0), ckpt_path=ckpt)
+json.dump({"seen": m.seen, "w": m.lin.weight.item()}, open(f"{d}/rank{t.global_rank}.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_resume_exactly(tmp_path):
+    """Under DDP Lightning shards with a DistributedSampler; each rank's order after a resume
+    mid-epoch (step 3) and at an epoch's end (step 4: 10 samples per rank, batches of 3) is the
+    uninterrupted one, and so are the weights."""
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT)
+
+    def fit(d: Path, ckpt: Path | None = None) -> list[dict]:
+        d.mkdir()
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        out = subprocess.run([sys.executable, str(script), str(d), *([str(ckpt)] if ckpt else [])],
+                             capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return [json.loads((d / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    full = fit(tmp_path / "full")
+    assert not {i for b in full[0]["seen"][:4] for i in b} & {i for b in full[1]["seen"][:4] for i in b}
+    for k in (3, 4):
+        resumed = fit(tmp_path / f"r{k}", tmp_path / "full" / f"at{k}.ckpt")
+        for rank in (0, 1):
+            assert resumed[rank]["w"] == full[rank]["w"], (k, rank)
+            assert resumed[rank]["seen"][-(10 - k):] == full[rank]["seen"][k:], (k, rank)
 
 
 # --- the real CLI --------------------------------------------------------------------------
