@@ -16,6 +16,7 @@ from mmbridge.training.checkpoint import save_checkpoint
 from mmbridge.training.init_from import init_checkpoint, load_init_weights
 from mmbridge.training.module import BridgeModule
 from mmbridge.training.stages import configure_trainable
+from mmbridge.training.strategies import make_strategy
 from mmbridge.validation import config_errors
 
 REGISTRY = load_registry(autoload=False)
@@ -177,3 +178,18 @@ def test_init_from_errors_name_what_exists(source_run, tmp_path):
         load_init_weights(model, cfg, REGISTRY)
     model, cfg = make()
     assert load_init_weights(model, cfg, REGISTRY) == []
+
+
+# -- FSDP wrap policy -----------------------------------------------------------------------------
+def test_fsdp_wraps_each_decoder_and_encoder_block():
+    from lightning.pytorch.strategies import FSDPStrategy
+    from timm.models.vision_transformer import Block
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    model, cfg = make("trainer=fsdp")
+    strategy = make_strategy(cfg.trainer, model)
+    assert isinstance(strategy, FSDPStrategy)
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert policy._module_classes == {LlamaDecoderLayer, Block}  # the tiny Llama's and ViT's blocks
+    assert strategy.kwargs["use_orig_params"] and strategy.sharding_strategy.name == "FULL_SHARD"
+    assert make_strategy(compose([*BASE, "trainer=gpu_ddp"], REGISTRY).trainer, model) == "ddp"

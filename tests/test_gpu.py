@@ -1,0 +1,68 @@
+"""On a CUDA device: the tiny run in bf16 trains, evaluates and generates on the GPU, and
+gradient checkpointing gives the same gradients there. Marked ``gpu``; skipped without CUDA
+(``scripts/gpu_check.sh`` runs the larger check: quickstart, eval and generate, with timings)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from conftest import mmbridge_exe
+from PIL import Image
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():  # one line in the summary for the whole module
+    pytest.skip("gpu tests: no CUDA device", allow_module_level=True)
+
+
+def cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMBRIDGE_DISABLE_PLUGINS": "1", "COLUMNS": "200"}
+    return subprocess.run([mmbridge_exe(), *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=900)
+
+
+def test_tiny_run_trains_evaluates_and_generates_in_bf16_on_cuda(tmp_path):
+    run = tmp_path / "run"
+    out = cli("train", "experiment=tiny", "trainer=gpu", "device=cuda", "encoder.image_size=32",
+              "stages.align.max_steps=20", "stages.align.val_every=20",
+              "stages.instruct.max_steps=20", "stages.instruct.val_every=20",
+              f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["precision"]["trainer"] == "bf16-mixed"
+    assert metrics["precision"]["device"].startswith("cuda")
+    assert all(s["step_time_s"] > 0 for s in metrics["stages"].values())
+    assert metrics["peak_memory_mb"] > 0
+    ckpt = run / "checkpoints" / "final"
+    out = cli("eval", f"checkpoint={ckpt}", "device=cuda", "max_samples=16",
+              f"out={tmp_path / 'eval.json'}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((tmp_path / "eval.json").read_text())
+    image = tmp_path / "red.png"
+    Image.fromarray(np.full((64, 64, 3), (220, 20, 20), np.uint8)).save(image)
+    out = cli("generate", f"checkpoint={ckpt}", f"image={image}", "prompt=What colour?",
+              "max_new_tokens=3", "device=cuda", cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr[-3000:]
+
+
+def test_gradient_checkpointing_on_cuda_gives_the_same_gradients(tmp_path):
+    from mmbridge.plugins.llms.hf_causal import HFCausalLM
+
+    plain = HFCausalLM.for_testing(tmp_path / "a").cuda().train()
+    ckpt = HFCausalLM.for_testing(tmp_path / "b", gradient_checkpointing=True).cuda().train()
+    ckpt.model.load_state_dict(plain.model.state_dict())
+    embeds = torch.randn(2, 9, plain.hidden_size, device="cuda")
+    mask = torch.ones(2, 9, dtype=torch.long, device="cuda")
+    grads = []
+    for llm in (plain, ckpt):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = llm.logits(llm.hidden(embeds, mask)).float().logsumexp(-1).mean()
+        loss.backward()
+        grads.append({n: p.grad for n, p in llm.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=2e-2, atol=1e-4, msg=n)
