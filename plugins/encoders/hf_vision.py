@@ -96,6 +96,50 @@ class HFVisionEncoder(ModalityEncoder):
                               f"directory, or a hub id while online") from exc
         self.model.eval()
         self.weights_id = weights_fingerprint(self.model)
+        self._configure(layers, Path(local), config.model_type, drop_cls, image_size, pool_to)
+
+    @classmethod
+    def from_config(cls, config: str | Path, feature_layer: int | list[int] = -1,
+                    drop_cls: bool = True, image_size: int | None = None,
+                    pool_to: int | None = None, dtype: str = "float32") -> HFVisionEncoder:
+        """The vision tower of a ``config.json`` with freshly initialised weights; nothing is
+        downloaded and no weight file is read.
+
+        Built on the current default device, so ``with torch.device("meta"):`` gives an encoder
+        without storage whose shapes, token counts and parameter counts are the real one's
+        (``mmbridge plan``); the probe forward pass that finds the unused parameters runs on
+        meta tensors too. Preprocessing follows a ``preprocessor_config.json`` next to the
+        config when there is one, else the config's ``image_size``.
+
+        Args:
+            config: A directory holding ``config.json``, or that file.
+            feature_layer, drop_cls, image_size, pool_to, dtype: As in the constructor.
+        """
+        import transformers
+
+        source = Path(config).expanduser()
+        directory = source.parent if source.is_file() else source
+        if not (directory / "config.json").is_file():
+            raise ConfigError(f"encoder config: no config.json at '{source}'")
+        full = transformers.AutoConfig.from_pretrained(directory)
+        # a full image-text config (CLIP, SigLIP) holds the tower's own under vision_config
+        tower_config = getattr(full, "vision_config", None) if full.model_type in VISION_TOWERS else None
+        layers = [feature_layer] if isinstance(feature_layer, int) else [int(f) for f in feature_layer]
+        self = cls.__new__(cls)
+        ModalityEncoder.__init__(self)
+        self.args = {"path": str(directory), "feature_layer": layers if len(layers) > 1 else layers[0],
+                     "drop_cls": drop_cls, "image_size": image_size, "pool_to": pool_to,
+                     "dtype": dtype}
+        self.model = transformers.AutoModel.from_config(tower_config or full,
+                                                        dtype=torch_dtype(dtype, "encoder.dtype"))
+        self.model.eval()
+        self.weights_id = "random-init"  # no weights were read: a cache must never reuse these features
+        self._configure(layers, directory, full.model_type, drop_cls, image_size, pool_to)
+        return self
+
+    def _configure(self, layers: list[int], local: Path, model_type: str, drop_cls: bool,
+                   image_size: int | None, pool_to: int | None) -> None:
+        """Feature layers, truncation, preprocessing and token counts of the loaded tower."""
         vc = self.model.config
         self.patch = int(vc.patch_size)
         self.n_layers = int(vc.num_hidden_layers)
@@ -103,14 +147,14 @@ class HFVisionEncoder(ModalityEncoder):
         for f in layers:
             a = f if f >= 0 else self.n_layers + 1 + f
             if not 0 <= a <= self.n_layers:
-                raise ConfigError(f"encoder.feature_layer: {f} is out of range for {Path(local).name} "
+                raise ConfigError(f"encoder.feature_layer: {f} is out of range for {local.name} "
                                   f"({self.n_layers} layers: valid -{self.n_layers + 1}..{self.n_layers})")
             self.layers.append(a)
         if max(self.layers) < self.n_layers:
             # One block at least: transformers records hidden_states around the blocks.
             self._truncate(max(max(self.layers), 1))
         self.size, self.resize_shortest, self.mean, self.std, self.resample = self._preprocessing(
-            Path(local), vc, config.model_type, image_size)
+            local, vc, model_type, image_size)
         native = _hw(getattr(vc, "image_size", None))
         accepts = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
         self._extra = {"interpolate_pos_encoding": True} if accepts and self.size != native else {}

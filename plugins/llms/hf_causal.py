@@ -26,14 +26,35 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def torch_dtype(value: str, key: str) -> torch.dtype:
-    """``"bfloat16"`` -> ``torch.bfloat16``; a :class:`ConfigError` naming ``key`` otherwise."""
+    """``"bfloat16"`` -> ``torch.bfloat16``; ``"auto"`` -> bf16 where this machine runs it natively
+    and fast, else fp32 (a run resolves ``auto`` once for all its components, see
+    :func:`mmbridge.training.trainer.resolve_auto_dtypes`; this covers a component built on its
+    own); a :class:`ConfigError` naming ``key`` otherwise."""
     if value not in DTYPES:
         raise ConfigError(f"{key}: unknown dtype '{value}'; valid: {', '.join(DTYPES)}")
+    if value == "auto":
+        from mmbridge.training.trainer import decide_precision  # the hardware probe, on demand
+
+        value = decide_precision("auto", "auto").weight_dtype
     return getattr(torch, value)
+
+
+def _prepare_tokenizer(tok: Any, chat_template: str | None) -> Any:
+    """A pad token (eos when there is none) and the chat template: ``chat_template`` (text or a
+    ``.jinja`` path) when given, the tokenizer's own, else :data:`FALLBACK_CHAT_TEMPLATE`."""
+    if tok.pad_token is None:
+        # Padding positions are masked out everywhere, so any id works; eos is always there.
+        tok.pad_token = tok.eos_token
+    if chat_template is not None:
+        p = Path(chat_template).expanduser()
+        tok.chat_template = p.read_text() if "{" not in chat_template and p.is_file() else chat_template
+    elif not getattr(tok, "chat_template", None):
+        tok.chat_template = FALLBACK_CHAT_TEMPLATE
+    return tok
 
 
 class HFCausalLM(LanguageModel):
@@ -54,6 +75,10 @@ class HFCausalLM(LanguageModel):
             template's opening that every sequence of a training batch shares once (per step,
             or per stage while nothing before it trains) instead of once per row; see
             :mod:`mmbridge.prefix_kv`.
+        gradient_checkpointing: Recompute each decoder block's activations in the backward
+            pass instead of keeping them (HF's ``gradient_checkpointing_enable``, non-reentrant):
+            activation memory falls from about ``34 B T D`` to ``2 B T D`` bytes per layer for
+            about a third more compute; it acts only while the module trains.
         registry: The run's registry, which resolves an offline model name in ``path`` (given by
             :func:`mmbridge.build.build`, never by the config; ``None`` outside a run: a local
             directory or a hub id only).
@@ -62,6 +87,7 @@ class HFCausalLM(LanguageModel):
     def __init__(self, path: str, gguf_file: str | None = None, dtype: str = "float32",
                  chat_template: str | None = None, attn_implementation: str = "auto",
                  reuse_prefix_kv: bool | Literal["auto"] = "auto",
+                 gradient_checkpointing: bool = False,
                  registry: Registry | None = None) -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,16 +118,82 @@ class HFCausalLM(LanguageModel):
                               f"{exc}. Give an offline asset name (`mmbridge assets`), a local "
                               f"model directory, or a hub id while online") from exc
         self.model.eval()
-        if tok.pad_token is None:
-            # Padding positions are masked out everywhere, so any id works; eos is always there.
-            tok.pad_token = tok.eos_token
-        if chat_template is not None:
-            p = Path(chat_template).expanduser()
-            tok.chat_template = p.read_text() if "{" not in chat_template and p.is_file() else chat_template
-        elif not getattr(tok, "chat_template", None):
-            tok.chat_template = FALLBACK_CHAT_TEMPLATE
-        self._tokenizer = tok
+        self._tokenizer = _prepare_tokenizer(tok, chat_template)
         self._lora: dict[str, Any] | None = None
+        self.set_gradient_checkpointing(gradient_checkpointing)
+
+    @classmethod
+    def from_config(cls, config: str | Path | Any, dtype: str = "float32",
+                    attn_implementation: str = "eager", gradient_checkpointing: bool = False,
+                    chat_template: str | None = None) -> HFCausalLM:
+        """The architecture of a ``config.json`` with freshly initialised weights; nothing is
+        downloaded and no weight file is read.
+
+        Built on the current default device, so ``with torch.device("meta"):`` gives a model
+        without storage whose shapes and parameter counts are the real model's
+        (``mmbridge plan``). The tokenizer is loaded from the config's directory when one is
+        there, else :attr:`tokenizer` is ``None`` (enough for counting, not for training).
+
+        Args:
+            config: A directory holding ``config.json``, that file, or a ``PretrainedConfig``.
+            dtype: ``float32`` | ``float16`` | ``bfloat16`` | ``auto``.
+            attn_implementation: ``auto`` | ``eager`` | ``sdpa`` | ``flash_attention_2`` (as in
+                the constructor).
+            gradient_checkpointing: As in the constructor.
+            chat_template: As in the constructor (used when a tokenizer is found).
+        """
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+        source = None
+        if not isinstance(config, PretrainedConfig):
+            source = Path(config).expanduser()
+            directory = source.parent if source.is_file() else source
+            if not (directory / "config.json").is_file():
+                raise ConfigError(f"llm config: no config.json at '{source}'")
+            config = AutoConfig.from_pretrained(directory)
+            source = directory
+        if attn_implementation == "auto":
+            attn_implementation = "sdpa" if torch.cuda.is_available() else "eager"
+        self = cls.__new__(cls)
+        LanguageModel.__init__(self)
+        self.reuse_prefix_kv = "auto"
+        self.path = str(source) if source is not None else config.model_type
+        self.gguf_file = None
+        self.dtype_name = dtype
+        self.local_path = self.path
+        self.attn_implementation = attn_implementation
+        self.model = AutoModelForCausalLM.from_config(
+            config, dtype=torch_dtype(dtype, "llm.dtype"), attn_implementation=attn_implementation)
+        self.model.eval()
+        tok = None
+        if source is not None and any((source / f).is_file() for f in
+                                      ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            tok = _prepare_tokenizer(AutoTokenizer.from_pretrained(source), chat_template)
+        self._tokenizer = tok
+        self._lora = None
+        self.set_gradient_checkpointing(gradient_checkpointing)
+        return self
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Turn activation recomputation of the decoder blocks on or off (non-reentrant, so
+        frozen blocks between trainable inputs and outputs still pass gradients)."""
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"llm.gradient_checkpointing: expected true or false, got {enabled!r}")
+        if enabled:
+            if not getattr(self.model, "supports_gradient_checkpointing", False):
+                raise ConfigError(f"llm.gradient_checkpointing: {type(self.model).__name__} does "
+                                  f"not support gradient checkpointing; set it to false")
+            kwargs = {"use_reentrant": False}
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        elif getattr(self, "gradient_checkpointing", False):
+            if hasattr(self.model, "activation_checkpointing_disable"):
+                self.model.activation_checkpointing_disable()
+            else:
+                self.model.gradient_checkpointing_disable()
+        self.gradient_checkpointing = enabled
 
     @classmethod
     def for_testing(cls, tmp_dir: Path, **kwargs: Any) -> HFCausalLM:
@@ -166,6 +258,9 @@ class HFCausalLM(LanguageModel):
             return f"{type(self.decoder).__name__}.forward takes no key/value cache"
         if self.training and torch.is_grad_enabled() and getattr(self.model, "is_gradient_checkpointing", False):
             return "gradient checkpointing drops the key/value cache in training"
+        if self.training and getattr(self, "gradient_checkpointing", False):
+            # a checkpointed block drops its key/value cache in training (transformers)
+            return "gradient checkpointing is on (checkpointed blocks take no key/value cache)"
         if self.training:
             # one prefix row for the whole batch would share one dropout mask across the rows
             if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
