@@ -199,3 +199,70 @@ def test_peft_needs_lora(tmp_path):
     with pytest.raises(ConfigError, match="format=peft: the LLM .* carries no LoRA adapters.*format=bundle"):
         export(ckpt, tmp_path / "out", format="peft", registry=REGISTRY)
     assert not (tmp_path / "out").exists()
+
+
+# -- Hugging Face Llava ---------------------------------------------------------------------------
+
+def hf_overrides(tower: Path, *extra: str) -> list[str]:
+    return [*TINY, "encoder=dinov2_small", f"encoder.path={tower}", "encoder.pool_to=null",
+            "encoder.image_size=null", "encoder.dtype=float32", *extra]
+
+
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("towers")
+    build_tiny_clip_vision(root / "clip")
+    build_tiny_dinov2(root / "dinov2")
+    return {"clip": root / "clip", "dinov2": root / "dinov2"}
+
+
+@pytest.mark.parametrize("tower,extra", [
+    ("clip", ["encoder.feature_layer=-2", "connector=mlp"]),          # LLaVA-1.5's choice: penultimate
+    ("clip", ["encoder.feature_layer=-1", "connector=linear", "encoder.drop_cls=false"]),
+    ("dinov2", ["encoder.feature_layer=[1,0]", "connector=mlp"]),     # two layers concatenated
+])
+def test_hf_llava_gives_the_same_logits_and_greedy_answer(towers, tower, extra, image, tmp_path):
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    ckpt = make_checkpoint(tmp_path / "final", hf_overrides(towers[tower], *extra))
+    out = export(ckpt, tmp_path / "hf", format="hf", registry=REGISTRY)
+    m = mmbridge.load(ckpt, device="cpu", registry=REGISTRY)
+    llava = AutoModelForImageTextToText.from_pretrained(str(out), dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(str(out), backend="pil")  # PIL resize, as mmbridge
+    assert type(llava).__name__ == "LlavaForConditionalGeneration"
+    prompt = processor.apply_chat_template([{"role": "user", "content": f"<image>\n{PROMPT}"}],
+                                           add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=Image.open(image), text=prompt, return_tensors="pt")
+    want, mask = m.logits(PROMPT, image=image)
+    batch = m.encode([[{"from": "human", "value": f"<image>\n{PROMPT}"}]], [{"image": image}])
+    image_id = llava.config.image_token_id
+    ids = torch.where(batch["slots"]["image"], image_id, batch["input_ids"])
+    assert torch.equal(inputs["input_ids"], ids)  # the same tokens, the image slots in place
+    with torch.no_grad():
+        got = llava(**inputs).logits[..., :want.shape[-1]]
+    diff = (got - want).abs().max().item()
+    print(f"hf export {tower} {extra}: logits max |diff| {diff:.3g}")
+    assert diff <= 1e-4
+    new = llava.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert processor.decode(new, skip_special_tokens=True).strip() == m.generate(PROMPT, image=image, max_new_tokens=8)
+    manifest = json.loads((out / "mmbridge.json").read_text())
+    assert manifest["lora_merged"] is True and manifest["architecture"] == "LlavaForConditionalGeneration"
+
+
+@pytest.mark.parametrize("extra,match", [
+    ([], r"encoder 'timm' \(TimmEncoder\) is not an hf_vision"),
+    (["HF", "encoder.pool_to=2"], r"encoder.pool_to=2 pools the patch grid"),
+    (["HF", "encoder.feature_layer=-1"], r"encoder.feature_layer=-1 of Dinov2Model is the final layer norm"),
+    (["HF", "encoder.feature_layer=1", "connector=qformer"], r"connector 'qformer' \(QFormer"),
+    (["HF", "encoder.feature_layer=1", "connector=mlp", "connector.depth=3"], r"connector 'mlp' \(depth=3"),
+    (["HF", "encoder.feature_layer=1", "alignment=aligngpt"], r"alignment 'aligngpt'"),
+])
+def test_hf_refuses_what_llava_cannot_represent(towers, extra, match, tmp_path):
+    overrides = hf_overrides(towers["dinov2"], *extra[1:]) if extra[:1] == ["HF"] else TINY
+    schedule = ("align", "instruct")
+    ckpt = make_checkpoint(tmp_path / "final", overrides, schedule)
+    with pytest.raises(ConfigError, match=match) as err:
+        export(ckpt, tmp_path / "hf", format="hf", registry=REGISTRY)
+    assert "Use format=bundle" in str(err.value)
+    assert not (tmp_path / "hf").exists()

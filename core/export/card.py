@@ -33,9 +33,11 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 model = AutoModelForImageTextToText.from_pretrained("{out}")
-processor = AutoProcessor.from_pretrained("{out}")
-messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What colour is the shape?"}}]}}]
-prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+# backend="pil": resized with PIL as in training (torchvision's resize differs slightly)
+processor = AutoProcessor.from_pretrained("{out}", backend="pil")
+# the chat template mmbridge trained with: <image> and a newline first in the user turn
+messages = [{{"role": "user", "content": "<image>\\nWhat colour is the shape?"}}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 inputs = processor(images=Image.open("photo.png"), text=prompt, return_tensors="pt")
 out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
 print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
