@@ -20,8 +20,9 @@ Memory per GPU is an estimate of what training holds at its peak, in bytes:
   that SDPA / flash attention do not store). With gradient checkpointing each block keeps only
   its input (``D`` values) and one block's full set exists during its recomputation;
 * the LM head: logits in the compute dtype plus their fp32 copy and log-softmax for the loss
-  (``(a + 8) V`` bytes per position), counted for every position (an upper bound: only
-  supervised positions reach the head);
+  (``(a + 8) V`` bytes per position), counted for every text position (an upper bound: only
+  supervised answer tokens reach the head, media positions never; with a large vocabulary this
+  term dominates, and real batches are padded to their longest sample, not to the maximum);
 * a trained encoder's blocks likewise, over its ``N`` tokens per image.
 
 CUDA's own context, the allocator's fragmentation and communication buffers are not counted;
@@ -270,7 +271,7 @@ def make_plan(cfg: DictConfig, registry: Registry, gpu_memory_gb: float = 80.0,
             optim = float(states * grads)
         batch = int(stage.batch_size)
         acts = activation_bytes(llm_config, batch, seq_len, act_bytes, checkpointing)
-        head = float(batch * seq_len * int(llm_config.vocab_size) * (act_bytes + 8))
+        head = float(batch * text * int(llm_config.vocab_size) * (act_bytes + 8))
         if bool(stage.train.encoder):
             enc_cfg = encoder.model.config
             acts += activation_bytes(enc_cfg, batch * images_per_sample, encoder_tokens, act_bytes, False)

@@ -125,7 +125,7 @@ def test_plan_figures_match_the_hand_computation(capsys, experiment):
         acts = b * seq * 2 * (layers * d + block_values(d, d_kv, inter))
         assert s["memory"]["activations"] == acts
         assert printed_gib(text, s["name"], "activations") == pytest.approx(acts / GiB, abs=0.006)
-        assert s["memory"]["lm_head"] == b * seq * vocab * (2 + 8)
+        assert s["memory"]["lm_head"] == b * text_tokens * vocab * (2 + 8)  # text positions only
         assert s["fits"] == (s["total_bytes"] <= (1 - HEADROOM) * 80 * GiB)
     # stage 1: only the connector trains (fp32 weights: 4 bytes, AdamW: 2 states)
     assert align["trainable"] == {"encoder": 0, "connector": con, "llm": 0}
