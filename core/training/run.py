@@ -40,6 +40,7 @@ from mmbridge.training.checkpoint import (
     resumable_checkpoint,
     save_checkpoint,
 )
+from mmbridge.training.init_from import load_init_weights
 from mmbridge.training.loader import make_loader
 from mmbridge.training.module import BridgeModule
 from mmbridge.training.resume import ResumableCheckpoint
@@ -150,7 +151,8 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool,
 
 def _trainer(cfg: DictConfig, session: Session, out_dir: Path, max_steps: int, stage: DictConfig,
              callbacks: list, loggers: Any, budget_s: float | None = None) -> L.Trainer:
-    kw = trainer_kwargs(cfg, session.precision, session.device, interactive=interactive())
+    kw = trainer_kwargs(cfg, session.precision, session.device, interactive=interactive(),
+                        model=session.model)
     if not callbacks:  # a bare validation: no checkpoints, no progress bar
         kw["enable_progress_bar"] = False
     return L.Trainer(max_steps=max_steps, val_check_interval=int(stage.val_every),
@@ -201,6 +203,9 @@ def train(cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = Fal
     with InterruptGuard() as guard:
         session = open_session(cfg, registry)
         model = session.model
+        loaded = load_init_weights(model, cfg, session.registry)  # init_from=RUN_DIR[:STAGE]
+        if loaded:
+            log.info("init_from=%s: %d tensors loaded", cfg.get("init_from"), len(loaded))
         done: list[str] = []
         stage_metrics: dict[str, Any] = {}
         state_file = out_dir / "state.json"

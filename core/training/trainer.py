@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmbridge.errors import ConfigError
 from mmbridge.io import atomic_write_json
+from mmbridge.training.strategies import make_strategy
 
 log = logging.getLogger("mmbridge.hardware")
 
@@ -215,12 +216,16 @@ def resolve_auto_dtypes(cfg: DictConfig, weight_dtype: str) -> DictConfig:
 
 
 def trainer_kwargs(cfg: DictConfig, decision: PrecisionDecision, device: torch.device | None = None,
-                   interactive: bool = True) -> dict[str, Any]:
+                   interactive: bool = True, model: Any = None) -> dict[str, Any]:
     """``cfg.trainer`` as ``L.Trainer`` arguments, with the decided precision; an explicit
     ``device`` (``cuda:1``) selects the accelerator and device index; without a terminal
-    Lightning's progress bar is off (the progress log lines replace it)."""
+    Lightning's progress bar is off (the progress log lines replace it); with ``model``, a
+    strategy name becomes its strategy object (FSDP wrapped per decoder / encoder block,
+    :func:`mmbridge.training.strategies.make_strategy`)."""
     kw = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
     kw["precision"] = decision.precision
+    if model is not None:
+        kw["strategy"] = make_strategy(cfg.trainer, model)
     if cfg.get("device") not in (None, "", "auto") and device is not None:
         kw["accelerator"] = {"cuda": "gpu", "mps": "mps"}.get(device.type, "cpu")
         if device.type == "cuda":
