@@ -11,7 +11,8 @@ from mmbridge.types import Sample, placeholder
 HELP = "answer a prompt about media: checkpoint=PATH image=PATH prompt=\"...\""
 USAGE = """usage: mmbridge generate checkpoint=PATH prompt="..." [image=PATH] [audio=PATH] [max_new_tokens=N] [device=DEV]
 
-Answer a prompt about the given media with a trained checkpoint. Each media argument is
+Answer a prompt about the given media with a trained checkpoint (a run's checkpoints/final, or a
+`mmbridge export format=bundle` directory). Each media argument is
 placed before the prompt as its placeholder (<image>, <audio>). device= (cpu, cuda, cuda:N) says
 where the model runs (default: the trainer's accelerator).
 """
@@ -34,11 +35,11 @@ def main(argv: list[str]) -> int:
             media[m] = str(p.resolve())
     from mmbridge.data.dataset import Collator, encode_sample
     from mmbridge.evaluation.qa import to_device
+    from mmbridge.export.source import open_model
     from mmbridge.plugin_manager import load_registry
-    from mmbridge.training.session import session_from_checkpoint
 
-    session, _ = session_from_checkpoint(own["checkpoint"], overrides, with_data=False,
-                                         registry=load_registry(), device=own.get("device"))
+    # a run's checkpoint or a format=bundle export
+    session, _ = open_model(own["checkpoint"], overrides, registry=load_registry(), device=own.get("device"))
     missing = [m for m in media if m not in session.model.branches]
     if missing:
         raise ConfigError(f"{missing[0]}=...: this checkpoint's model has no {missing[0]} encoder; "
