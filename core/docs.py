@@ -1,8 +1,9 @@
 """README tables generated from the registry and the config tree, so they cannot drift.
 
-Two regions of ``README.md`` are generated: the components of the four families
-(``<!-- generated:components -->``) and the config groups with their options
-(``<!-- generated:config-groups -->``), each closed by ``<!-- /generated -->``.
+Three regions of ``README.md`` are generated: the components of the four families
+(``<!-- generated:components -->``), the config groups with their options
+(``<!-- generated:config-groups -->``) and the CLI's commands (``<!-- generated:commands -->``),
+each closed by ``<!-- /generated -->``.
 ``mmbridge plugins --markdown components|config-groups`` prints one table;
 ``python -m mmbridge.docs [--check] README.md`` rewrites (or only checks) both regions, and
 ``tests/test_builtin_layout.py`` fails when the README differs from what this module writes.
@@ -76,7 +77,7 @@ GROUP_HELP: dict[str, str] = {
 
 BEGIN = "<!-- generated:{name} -->"
 END = "<!-- /generated -->"
-REGIONS = ("components", "config-groups")
+REGIONS = ("components", "config-groups", "commands")
 
 
 def _names(names: Iterable[str]) -> str:
@@ -128,13 +129,24 @@ def config_groups_markdown(conf_dirs: Iterable[Path], strict: bool = True) -> st
     return "\n".join(rows)
 
 
+def commands_markdown() -> str:
+    """The commands of the ``mmbridge`` CLI with their one-line help (``mmbridge.cli.COMMANDS``)."""
+    from mmbridge.cli import COMMANDS
+
+    rows = ["| command | what it does |", "|---|---|"]
+    pipe = "\\|"  # a literal | inside a table cell
+    rows += [f"| `mmbridge {name}` | {help_.replace('|', pipe)} |" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(rows)
+
+
 def builtin_tables() -> dict[str, str]:
-    """Both README tables for the built-ins only (installed plugins are left out)."""
+    """The README tables for the built-ins only (installed plugins are left out)."""
     from mmbridge.config import builtin_conf_dir
     from mmbridge.plugin_manager import load_registry
 
     return {"components": components_markdown(load_registry(autoload=False)),
-            "config-groups": config_groups_markdown([builtin_conf_dir()])}
+            "config-groups": config_groups_markdown([builtin_conf_dir()]),
+            "commands": commands_markdown()}
 
 
 def _region(name: str) -> re.Pattern[str]:
