@@ -203,3 +203,68 @@ def test_entry_point_registers_the_backend_in_either_import_order():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split("\n")[:2] == ["['mmbridge.lmms:manifest']", "MMBridgeLMM"]
+
+
+def test_backend_loglikelihood_is_greedy_and_model_args_are_checked(bench):
+    """Called directly: the model's own greedy answer is greedy, with -log P equal to the
+    training forward's; a changed answer is not; ``model_args`` are checked before loading."""
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.api.instance import unwrap_generation_output as unwrap
+
+    from mmbridge.errors import ConfigError
+    from mmbridge.lmms import MMBridgeLMM
+
+    with pytest.raises(ConfigError, match="pretrained=.*checkpoint, device, batch_size"):
+        MMBridgeLMM(checkpoint=str(bench["ckpt"]), pretrained="x")
+    with pytest.raises(ConfigError, match="batch_size=auto"):
+        MMBridgeLMM(checkpoint=str(bench["ckpt"]), batch_size="auto")
+
+    lm = MMBridgeLMM(checkpoint=str(bench["ckpt"]), device="cpu", batch_size=2)
+    docs = json.loads((bench["root"] / "mc.json").read_text())
+    lm.task_dict["t"] = {"test": docs}
+
+    def image(doc):
+        return [Image.open(doc["image"]).convert("RGB")]
+
+    def request(doc_id: int, continuation: str) -> Instance:
+        args = (docs[doc_id]["question"], continuation, image, doc_id, "t", "test")
+        return Instance(request_type="loglikelihood", arguments=args, idx=0,
+                        metadata={"task": "t", "doc_id": doc_id, "repeats": 1})
+
+    choice = CHOICES[bench["target"][1]]  # the most probable option of document 1
+    out = [unwrap(r)[0] for r in lm.loglikelihood([request(1, " " + choice), request(1, " red purple"),
+                                                   request(0, " " + CHOICES[0])])]
+    assert out[0][0] == pytest.approx(-bench["logprobs"][1][bench["target"][1]], rel=1e-4)
+    assert out[2][0] == pytest.approx(-bench["logprobs"][0][0], rel=1e-4)
+    assert out[1][1] is False
+
+
+def test_score_continuations_marks_the_greedy_tokens(bench):
+    """The model's own greedy tokens after the generation prompt score as greedy (in a right-
+    padded batch beside a longer row); the same tokens with the last one changed do not, and
+    lose log-probability."""
+    from mmbridge.lmms import score_continuations
+
+    session, _ = session_from_checkpoint(str(bench["ckpt"]), with_data=False, device="cpu")
+    reader, chat = session.reader(use_cache=False), session.chat
+    rows = []
+    for k in (0, 1):
+        sample = Sample(id=str(k), media={"image": str(bench["root"] / f"{k}.png")},
+                        conversations=[{"from": "human", "value": "<image>\n" + QUESTIONS[k] * (1 + 2 * k)}])
+        item = encode_sample(sample, reader, chat, add_generation_prompt=True)
+        batch = to_device(Collator(chat.pad_id, session.model, left_pad=True)([item]), session.device)
+        new = session.model.generate(batch, max_new_tokens=4)[0].tolist()
+        rows.append((item, new))
+    (item, new), (other, other_new) = rows
+    changed = [*new[:-1], (new[-1] + 1) % len(chat.tokenizer)]
+
+    def with_answer(item: dict, answer: list[int]) -> dict:
+        return {**item, "input_ids": item["input_ids"] + answer,
+                "labels": [IGNORE] * len(item["input_ids"]) + answer,
+                "slot_modality": item["slot_modality"] + [""] * len(answer)}
+
+    batch = Collator(chat.pad_id, session.model)([with_answer(item, new), with_answer(other, other_new),
+                                                  with_answer(item, changed)])
+    (lp, greedy), (_, other_greedy), (lp_changed, changed_greedy) = score_continuations(session.model, batch)
+    assert greedy and other_greedy and not changed_greedy
+    assert lp_changed < lp < 0
