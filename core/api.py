@@ -217,13 +217,13 @@ def train(overrides: Sequence[str] = (), run_dir: str | Path | None = None,
 
     registry = registry or load_registry()
     overrides = list(overrides)
-    if any(o.startswith("resume=") for o in overrides):
-        cfg = compose(overrides, registry)
-        out = Path(str(cfg.resume)).expanduser()
+    cfg = compose(overrides, registry)
+    if cfg.get("resume"):  # the resumed run continues in its own directory
+        out = Path(str(cfg.resume))
+    elif run_dir is not None:
+        out = Path(run_dir)
     else:
-        cfg = compose(overrides, registry)
-        out = Path(run_dir) if run_dir is not None else (
-            Path(str(cfg.paths.output_root)) / str(cfg.run_name) / time.strftime("%Y-%m-%d_%H-%M-%S"))
+        out = Path(str(cfg.paths.output_root)) / str(cfg.run_name) / time.strftime("%Y-%m-%d_%H-%M-%S")
     out = out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     metrics = run_task(cfg, out, overrides, registry=registry)

@@ -102,25 +102,129 @@ def test_bundle_loads_with_identical_logits_and_answers(tiny_ckpt, tiny_bundle, 
     assert a.generate(PROMPT, image=image, max_new_tokens=8) == b.generate(PROMPT, image=image, max_new_tokens=8)
 
 
-@pytest.mark.slow
-def test_bundle_loads_in_a_fresh_process_with_an_empty_cache(tiny_ckpt, tiny_bundle, image, tmp_path):
-    """No asset cache, no data: the bundle alone (MMBRIDGE_CACHE empty, plugins autoload off)."""
-    script = tmp_path / "load.py"
-    script.write_text(
-        "import sys, torch, mmbridge\n"
-        "m = mmbridge.load(sys.argv[1], device='cpu')\n"
-        "logits, _ = m.logits(sys.argv[2], image=sys.argv[3])\n"
-        "torch.save(logits, sys.argv[4])\n"
-        "print(m.generate(sys.argv[2], image=sys.argv[3], max_new_tokens=8))\n")
-    env = {**os.environ, "MMBRIDGE_CACHE": str(tmp_path / "empty-cache"), "HF_HUB_OFFLINE": "1",
-           "MMBRIDGE_DISABLE_PLUGINS": "1"}
-    out = subprocess.run([sys.executable, str(script), str(tiny_bundle), PROMPT, image, str(tmp_path / "l.pt")],
-                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+# -- bundle round trips of every model family ------------------------------------------------------
+
+# Small sizes of each family's component (the defaults are sized for the CPU quickstart).
+QFORMER = ["connector=qformer", "connector.num_queries=4", "connector.hidden_dim=32", "connector.num_layers=1"]
+XATTN = ["connector=gated_xattn", "connector.num_latents=4", "connector.hidden_dim=32", "connector.depth=1",
+         "connector.every=1"]  # a cross-attention block before every decoder layer
+
+
+def family_overrides(name: str, whisper: str) -> tuple[list[str], tuple[str, ...]]:
+    """The overrides of one model family (on the tiny Llama with LoRA) and the media it takes."""
+    audio_only = [*TINY[:1], *TINY[2:]]  # no encoder.image_size: the encoder is Whisper
+    return {
+        "converter": (TINY, ("image",)),  # timm ViT -> MLP
+        "qformer": ([*TINY, *QFORMER], ("image",)),
+        "gated_xattn": ([*TINY, *XATTN], ("image",)),
+        # a 1-layer random Whisper saved as an openai-whisper file (encoder.checkpoint: a file)
+        "audio": ([*audio_only, "encoder=whisper_tiny", f"encoder.checkpoint={whisper}", "connector=window_qformer",
+                   "connector.hidden_dim=32", "connector.depth=1"], ("audio",)),
+        "image+audio": ([*TINY, "+branches.audio.encoder.name=whisper", f"+branches.audio.encoder.checkpoint={whisper}",
+                         "+branches.audio.connector.name=pool_mlp", "+branches.audio.connector.stride=8"],
+                        ("image", "audio")),
+        # AlignGPT: level indicators (align stage) and the gate over them (instruct stage)
+        "aligngpt": ([*TINY, "experiment=aligngpt", "alignment.levels=4", "alignment.gate_hidden=16"], ("image",)),
+    }[name]
+
+
+FAMILIES = ("converter", "qformer", "gated_xattn", "audio", "image+audio", "aligngpt")
+
+
+class Family:
+    """One family's checkpoint, its bundle and the media of its prompt."""
+
+    def __init__(self, name: str, ckpt: Path, bundle: Path, media: dict[str, str]) -> None:
+        self.name, self.ckpt, self.bundle, self.media = name, ckpt, bundle, media
+
+
+@pytest.fixture(scope="module")
+def families(tiny_ckpt, tiny_bundle, image, tmp_path_factory):
+    """Builds each family's checkpoint and bundle once, on first use."""
+    from mmbridge.plugins.encoders.whisper_encoder import WhisperEncoder
+
+    root = tmp_path_factory.mktemp("families")
+    whisper = WhisperEncoder.for_testing(root)
+    files = {"image": image, "audio": whisper.example_media(root, 1)}
+    made = {"converter": Family("converter", tiny_ckpt, tiny_bundle, {"image": image})}
+
+    def get(name: str) -> Family:
+        if name not in made:
+            overrides, media = family_overrides(name, str(whisper.path))
+            ckpt = make_checkpoint(root / name / "final", overrides)
+            bundle = export(ckpt, root / name / "bundle", format="bundle", registry=REGISTRY)
+            made[name] = Family(name, ckpt, bundle, {m: files[m] for m in media})
+        return made[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_bundle_reloads_with_identical_logits(families, name):
+    f = families(name)
+    manifest = json.loads((f.bundle / "mmbridge.json").read_text())
+    # each model file the config named is inside: the tiny Llama's directory, Whisper's file
+    whisper = {"audio": ["encoder.checkpoint"], "image+audio": ["branches.audio.encoder.checkpoint"]}
+    assert sorted(manifest["files"]) == sorted(["llm.path", *whisper.get(name, [])])
+    assert all((f.bundle / rel).exists() for rel in manifest["files"].values())
+    a = mmbridge.load(f.ckpt, device="cpu", registry=REGISTRY)
+    b = mmbridge.load(f.bundle, device="cpu", registry=REGISTRY)
+    assert sorted(b.modalities) == sorted(f.media)
+    la, _ = a.logits(PROMPT, **f.media)
+    lb, _ = b.logits(PROMPT, **f.media)
+    print(f"bundle {name}: logits {tuple(la.shape)} max |diff| {(la - lb).abs().max().item():.3g}")
+    assert torch.equal(la, lb)
+    assert a.generate(PROMPT, max_new_tokens=6, **f.media) == b.generate(PROMPT, max_new_tokens=6, **f.media)
+
+
+LOAD_ALL = """\
+import json, sys, traceback, torch, mmbridge
+torch.set_num_threads(1)  # as the test process: a reduction split over more threads rounds differently
+out = {}
+for name, bundle, media, prompt, dst in json.loads(sys.argv[1]):
+    try:
+        m = mmbridge.load(bundle, device="cpu")
+        torch.save(m.logits(prompt, **media)[0], dst)
+        out[name] = m.generate(prompt, max_new_tokens=6, **media)
+    except Exception:
+        out[name] = "ERROR " + traceback.format_exc()
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_process(families, tmp_path_factory, request):
+    """The selected families' bundles loaded in one fresh process (one interpreter start for
+    all) with an empty MMBRIDGE_CACHE and an empty Hugging Face cache, offline, third-party
+    plugins off, run from an unrelated directory: ``(answers, logits file, the run's root)``."""
+    test = test_every_family_bundle_loads_in_a_fresh_process_with_an_empty_cache.__name__
+    wanted = {item.callspec.params["name"] for item in request.session.items if item.originalname == test}
+    root = tmp_path_factory.mktemp("fresh")
+    jobs = [(f.name, str(f.bundle), f.media, PROMPT, str(root / f"{i}.pt"))
+            for i, f in enumerate(families(n) for n in FAMILIES if n in wanted)]
+    env = {**os.environ, "MMBRIDGE_CACHE": str(root / "empty-cache"), "HF_HOME": str(root / "empty-hf"),
+           "HF_HUB_OFFLINE": "1", "MMBRIDGE_DISABLE_PLUGINS": "1"}
+    (root / "load.py").write_text(LOAD_ALL)
+    out = subprocess.run([sys.executable, str(root / "load.py"), json.dumps(jobs)], capture_output=True, text=True,
+                         env=env, timeout=600, cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert not (tmp_path / "empty-cache" / "assets").exists()  # nothing was converted
-    want = mmbridge.load(tiny_ckpt, device="cpu", registry=REGISTRY)
-    assert torch.equal(torch.load(tmp_path / "l.pt"), want.logits(PROMPT, image=image)[0])
-    assert out.stdout.strip().splitlines()[-1] == want.generate(PROMPT, image=image, max_new_tokens=8)
+    answers = json.loads(out.stdout.strip().splitlines()[-1])
+    return answers, {name: Path(dst) for name, _, _, _, dst in jobs}, root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_bundle_loads_in_a_fresh_process_with_an_empty_cache(families, fresh_process, name):
+    """No asset cache, no data, no hub cache: the bundle alone gives the checkpoint's logits."""
+    answers, logits, root = fresh_process
+    assert not answers[name].startswith("ERROR"), answers[name]
+    assert not (root / "empty-cache" / "assets").exists()  # nothing was converted
+    f = families(name)
+    want = mmbridge.load(f.ckpt, device="cpu", registry=REGISTRY)
+    got = torch.load(logits[name])
+    print(f"bundle {name} in a fresh process: max |diff| {(got - want.logits(PROMPT, **f.media)[0]).abs().max():.3g}")
+    assert torch.equal(got, want.logits(PROMPT, **f.media)[0])
+    assert answers[name] == want.generate(PROMPT, max_new_tokens=6, **f.media)
 
 
 def test_a_bundle_whose_plugin_is_missing_names_the_package(tiny_bundle, tmp_path):

@@ -21,7 +21,7 @@ HELP = "evaluate a checkpoint: checkpoint=PATH [split=test max_samples=N]"
 USAGE = """usage: mmbridge eval checkpoint=PATH [split=test] [max_samples=N] [out=FILE] [predictions=FILE] [device=DEV] [key=value ...]
 
 Rebuild the model of a checkpoint (a run's checkpoints/final directory, or its
-weights.safetensors), and report exact match on the split's questions per question type,
+weights.safetensors, or a format=bundle export), and report exact match on the split's questions per question type,
 beside the same model without the media and the majority-answer (chance) baseline.
 Other key=value pairs override the stored config (e.g. evaluation.batch_size=8).
 
@@ -121,11 +121,12 @@ def main(argv: list[str]) -> int:
         raise ConfigError("checkpoint=PATH is required\n" + USAGE)
     check_outputs(own)
     from mmbridge.evaluation.runner import evaluate_session
+    from mmbridge.export.source import open_model
     from mmbridge.plugin_manager import load_registry
-    from mmbridge.training.session import session_from_checkpoint
 
-    session, _ = session_from_checkpoint(own["checkpoint"], overrides, registry=load_registry(),
-                                         device=own.get("device"))
+    # a checkpoint or a format=bundle export (whose data the stored config names, or data=...)
+    session, _ = open_model(own["checkpoint"], overrides, registry=load_registry(), device=own.get("device"),
+                            with_data=True)
     split = own.get("split", session.cfg.evaluation.split)
     if split not in session.splits:
         raise ConfigError(f"split={split}: not a split of the data set; splits: {', '.join(session.splits)}")

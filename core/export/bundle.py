@@ -204,9 +204,10 @@ def load_all_weights(model: torch.nn.Module, file: Path) -> None:
 
 
 def open_bundle(path: str | Path, overrides: list[str] | None = None, registry: Registry | None = None,
-                device: str | torch.device | None = None) -> tuple[Any, dict[str, str]]:
+                device: str | torch.device | None = None, with_data: bool = False) -> tuple[Any, dict[str, str]]:
     """Rebuild a bundle's model on ``device`` (as :func:`session_from_checkpoint` does for a
-    checkpoint): ``(session, metadata)``. Needs no asset cache and no data."""
+    checkpoint): ``(session, metadata)``. Needs no asset cache and, unless ``with_data`` (read
+    the config's data splits, for evaluation), no data."""
     from mmbridge.config import merge_overrides
     from mmbridge.plugin_manager import load_registry
     from mmbridge.training.session import open_session
@@ -223,7 +224,7 @@ def open_bundle(path: str | Path, overrides: list[str] | None = None, registry: 
         cfg = merge_overrides(cfg, overrides, registry)
     validate_config(cfg, registry)
     try:
-        session = open_session(cfg, registry, with_data=False, device=device)
+        session = open_session(cfg, registry, with_data=with_data, device=device)
     except AssetError as exc:
         raise CheckpointError(f"bundle '{path}': {exc}") from exc
     for stage in json.loads(meta.get("stages", "[]")):

@@ -13,9 +13,14 @@ from mmbridge.registry import Registry
 
 
 def open_model(path: str | Path, overrides: list[str] | None = None, registry: Registry | None = None,
-               device: str | torch.device | None = None) -> tuple[Any, dict[str, str]]:
+               device: str | torch.device | None = None, with_data: bool = False) -> tuple[Any, dict[str, str]]:
     """``(session, metadata)`` of an mmbridge checkpoint (``checkpoints/final`` or its weights
-    file) or of a ``format=bundle`` export, with the model on ``device`` in eval mode."""
+    file) or of a ``format=bundle`` export, with the model on ``device`` in eval mode.
+
+    ``with_data`` also reads the stored config's data (with ``overrides``: ``data=...``,
+    ``data.path=...``) into ``session.splits``, as ``mmbridge eval`` needs; a bundle carries no
+    data, so its data must be available where it is loaded.
+    """
     from mmbridge.plugin_manager import load_registry
     from mmbridge.training.session import session_from_checkpoint
 
@@ -26,8 +31,8 @@ def open_model(path: str | Path, overrides: list[str] | None = None, registry: R
     registry = registry or load_registry()
     manifest = read_manifest(p) if p.is_dir() else None
     if manifest is not None:
-        return open_bundle(p, overrides, registry=registry, device=device)
-    return session_from_checkpoint(str(p), overrides, with_data=False, registry=registry, device=device)
+        return open_bundle(p, overrides, registry=registry, device=device, with_data=with_data)
+    return session_from_checkpoint(str(p), overrides, with_data=with_data, registry=registry, device=device)
 
 
 def run_directory(path: str | Path) -> Path | None:
