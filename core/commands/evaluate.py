@@ -21,8 +21,10 @@ HELP = "evaluate a checkpoint: checkpoint=PATH [split=test max_samples=N]"
 USAGE = """usage: mmbridge eval checkpoint=PATH [split=test] [max_samples=N] [out=FILE] [predictions=FILE] [device=DEV] [key=value ...]
 
 Rebuild the model of a checkpoint (a run's checkpoints/final directory, or its
-weights.safetensors, or a format=bundle export), and report exact match on the split's questions per question type,
-beside the same model without the media and the majority-answer (chance) baseline.
+weights.safetensors) or of a format=bundle export, and report exact match on the split's
+questions per question type, beside the same model without the media and the majority-answer
+(chance) baseline. A bundle holds no data: the stored config's data (or data=... overrides)
+must be readable where it runs.
 Other key=value pairs override the stored config (e.g. evaluation.batch_size=8).
 
   device=DEV        where the model runs: cpu, cuda, cuda:N (default: the trainer's accelerator)
