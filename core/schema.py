@@ -73,6 +73,8 @@ class Loader:
     max_text_tokens: int = spec(256, ge(1))
     # share of a split's samples whose answer max_text_tokens may cut before that is an error
     max_truncated_share: float = spec(0.05, unit())
+    # LLaVA's group_by_modality_length (mmbridge.training.loader.ModalityLengthGrouped)
+    group_by_length: bool = False
 
 
 @dataclass

@@ -26,9 +26,16 @@ import torch
 from conftest import mmbridge_exe
 from safetensors.torch import load_file
 
-from mmbridge.errors import CheckpointError
-from mmbridge.training.loader import EpochShuffle, make_loader
+from mmbridge.errors import CheckpointError, DataError
+from mmbridge.training import loader as loader_mod
+from mmbridge.training.loader import (
+    EpochShuffle,
+    ModalityLengthGrouped,
+    make_loader,
+    modality_lengths,
+)
 from mmbridge.training.resume import KILL_ENV, ResumableCheckpoint, rng_state, set_rng_state
+from mmbridge.types import Sample
 
 
 def _ids(batches) -> list[list[int]]:
@@ -79,6 +86,104 @@ def test_loader_refuses_a_state_drawn_with_another_seed():
     other.load_state_dict(dl.state_dict())
     with pytest.raises(CheckpointError, match="seed=1.*seed=2"):
         next(iter(other))
+
+
+# 14 samples with media (even ids, lengths 2..28) and 9 text-only (odd ids): all lengths distinct
+LENGTHS = [(i + 2) if i % 2 == 0 else -(i + 2) for i in range(23)]
+
+
+def _batches(order: list[int], size: int) -> list[list[int]]:
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def test_modality_lengths_are_signed_word_counts():
+    samples = [Sample("a", {"image": "/x.png"}, [{"from": "human", "value": "<image>\nWhat is it?"},
+                                                 {"from": "gpt", "value": "a red circle"}]),
+               Sample("b", {}, [{"from": "human", "value": "Say hi"}, {"from": "gpt", "value": "hi"}]),
+               Sample("c", {}, [{"from": "human", "value": " "}, {"from": "gpt", "value": ""}])]
+    assert modality_lengths(samples) == [7, -3, -1]
+
+
+def test_grouped_batches_keep_one_modality_and_similar_lengths():
+    """One megabatch per modality (megabatch_mult covers the data): every full batch is a run of
+    the modality's samples sorted by length; only the epoch's last batch mixes modalities;
+    the order is a function of (seed, epoch)."""
+    s = ModalityLengthGrouped(LENGTHS, batch_size=4, seed=0, megabatch_mult=10)
+    e0 = list(s)
+    assert sorted(e0) == list(range(23)) and list(s) == e0
+    by_len = {sign: sorted((i for i, v in enumerate(LENGTHS) if v * sign > 0), key=lambda i: -abs(LENGTHS[i]))
+              for sign in (1, -1)}
+    # 14 media samples: 3 full batches + 2 left; 9 text-only: 2 full batches + 1 left
+    runs = {sign: [set(ids[k:k + 4]) for k in range(0, len(ids) // 4 * 4, 4)] for sign, ids in by_len.items()}
+    batches = _batches(e0, 4)
+    assert sorted(map(sorted, batches[:5])) == sorted(sorted(r) for rr in runs.values() for r in rr)
+    assert len(batches) == 6 and set(batches[5]) == set(by_len[1][12:]) | set(by_len[-1][8:])  # 2 + 1
+    s.set_epoch(1)
+    e1 = list(s)
+    assert sorted(e1) == list(range(23)) and e1 != e0
+    again = ModalityLengthGrouped(LENGTHS, batch_size=4, seed=0, megabatch_mult=10)
+    again.set_epoch(1)
+    assert list(again) == e1
+    assert list(ModalityLengthGrouped(LENGTHS, batch_size=4, seed=1, megabatch_mult=10)) != e0
+
+
+def test_grouped_megabatches_sort_only_within_themselves():
+    """megabatch_mult=1: each global batch is a random draw of one modality, sorted longest first."""
+    order = list(ModalityLengthGrouped(LENGTHS, batch_size=3, seed=0, megabatch_mult=1))
+    for batch in _batches(order, 3)[:-2]:  # the last two hold the incomplete batches
+        signs = {LENGTHS[i] > 0 for i in batch}
+        assert len(signs) == 1
+        assert [abs(LENGTHS[i]) for i in batch] == sorted((abs(LENGTHS[i]) for i in batch), reverse=True)
+    assert sorted(order) == list(range(23))
+
+
+def test_grouped_sampler_shards_global_batches_of_one_modality_over_the_ranks(monkeypatch):
+    """Under DDP (2 ranks) each rank takes every second index of the global order: the batches
+    of one step hold one modality on both ranks, longest first; the shards cover the data."""
+    shards = []
+    for rank in (0, 1):
+        monkeypatch.setattr(loader_mod, "_rank_world", lambda r=rank: (r, 2))
+        s = ModalityLengthGrouped(LENGTHS, batch_size=2, seed=0, megabatch_mult=2)
+        assert len(s) == 12  # 23 samples padded to 24
+        shards.append(list(s))
+        padded = s.global_order(2) + s.global_order(2)[:1]
+        assert shards[-1] == padded[rank::2]
+    assert set(shards[0]) | set(shards[1]) == set(range(23))
+    for k in range(0, 8, 2):  # the first 4 steps: full global batches (14 = 3 x 4 + 2, 9 = 2 x 4 + 1)
+        step = shards[0][k:k + 2] + shards[1][k:k + 2]
+        assert len({LENGTHS[i] > 0 for i in step}) == 1
+        assert abs(LENGTHS[shards[0][k]]) > abs(LENGTHS[shards[1][k]]) > abs(LENGTHS[shards[0][k + 1]])
+
+
+def test_grouped_loader_position_resumes_mid_epoch_and_at_the_epoch_end():
+    """Like the shuffled loader: the state after every batch of three epochs, loaded into a
+    fresh grouped loader, continues with exactly the uninterrupted batches."""
+    def loader():
+        return make_loader(list(range(23)), 4, torch.tensor, shuffle=True, seed=7, lengths=LENGTHS)
+
+    dl, seq, states = loader(), [], []
+    assert isinstance(dl.sampler, ModalityLengthGrouped)
+    for epoch in range(3):
+        dl.sampler.set_epoch(epoch)
+        for b in dl:
+            seq.append(b.tolist())
+            states.append((epoch, dl.state_dict()))
+    assert seq[:6] != seq[6:12]
+    for k, (epoch, state) in enumerate(states):
+        fresh = loader()
+        fresh.load_state_dict(state)
+        rest = []
+        for e in range(epoch, 3):
+            fresh.sampler.set_epoch(e)
+            rest += _ids(fresh)
+        assert rest == seq[k + 1:], f"resumed after batch {k}"
+
+
+def test_grouped_loader_refuses_lengths_of_another_data_set():
+    with pytest.raises(DataError, match="lengths has 3 entries for 23 samples"):
+        make_loader(list(range(23)), 4, torch.tensor, shuffle=True, seed=0, lengths=[1, -2, 3])
+    with pytest.raises(DataError, match="non-zero"):
+        ModalityLengthGrouped([1, 0, -1], batch_size=2, seed=0)
 
 
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
@@ -184,7 +289,7 @@ DDP_SCRIPT = """
 import json, os, shutil, sys, torch, lightning as L
 from mmbridge.training.loader import make_loader
 from mmbridge.training.resume import ResumableCheckpoint
-d, ckpt = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
+d, ckpt, grouped = sys.argv[1], (sys.argv[2] if sys.argv[2] != "-" else None), sys.argv[3] == "grouped"
 class M(L.LightningModule):
     def __init__(self):
         super().__init__(); self.lin = torch.nn.Linear(1, 1); self.seen = []
@@ -201,29 +306,37 @@ t = L.Trainer(max_steps=10, strategy="ddp", devices=2, accelerator="cpu", logger
               enable_progress_bar=False, enable_model_summary=False,
               callbacks=[ResumableCheckpoint(dirpath=d, save_last=True, save_top_k=0, every_n_train_steps=1), Keep()])
 data = [torch.tensor([float(i)]) for i in range(20)]
-t.fit(m, make_loader(data, 3, torch.stack, shuffle=True, seed=0), ckpt_path=ckpt)
+# grouped: even samples with media, odd ones text-only
+lengths = [i + 1 if i % 2 == 0 else -(i + 1) for i in range(20)] if grouped else None
+t.fit(m, make_loader(data, 3, torch.stack, shuffle=True, seed=0, lengths=lengths), ckpt_path=ckpt)
 json.dump({"seen": m.seen, "w": m.lin.weight.item()}, open(f"{d}/rank{t.global_rank}.json", "w"))
 """
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_resume_exactly(tmp_path):
-    """Under DDP Lightning shards with a DistributedSampler; each rank's order after a resume
-    mid-epoch (step 3) and at an epoch's end (step 4: 10 samples per rank, batches of 3) is the
-    uninterrupted one, and so are the weights."""
+@pytest.mark.parametrize("sampler", ["shuffle", "grouped"])
+def test_ddp_two_cpu_processes_resume_exactly(tmp_path, sampler):
+    """Under DDP Lightning shards with a DistributedSampler (a DistributedSamplerWrapper around
+    the grouped sampler); each rank's order after a resume mid-epoch (step 3) and at an
+    epoch's end (step 4: 10 samples per rank, batches of 3) is the uninterrupted one, and so
+    are the weights. Grouped, the first two steps of each epoch (the full global batches of 6)
+    give both ranks samples of one modality."""
     script = tmp_path / "ddp_fit.py"
     script.write_text(DDP_SCRIPT)
 
     def fit(d: Path, ckpt: Path | None = None) -> list[dict]:
         d.mkdir()
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-        out = subprocess.run([sys.executable, str(script), str(d), *([str(ckpt)] if ckpt else [])],
+        out = subprocess.run([sys.executable, str(script), str(d), str(ckpt) if ckpt else "-", sampler],
                              capture_output=True, text=True, env=env, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         return [json.loads((d / f"rank{r}.json").read_text()) for r in (0, 1)]
 
     full = fit(tmp_path / "full")
     assert not {i for b in full[0]["seen"][:4] for i in b} & {i for b in full[1]["seen"][:4] for i in b}
+    if sampler == "grouped":
+        for step in (0, 1, 4, 5, 8, 9):
+            assert len({i % 2 for r in (0, 1) for i in full[r]["seen"][step]}) == 1, step
     for k in (3, 4):
         resumed = fit(tmp_path / f"r{k}", tmp_path / "full" / f"at{k}.ckpt")
         for rank in (0, 1):
