@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from typing import Any
 
 from omegaconf import DictConfig
@@ -26,7 +26,7 @@ from mmbridge.registry import Entry, Registry
 RUN_ARGUMENTS = ("registry",)
 
 
-def _params(cls: type) -> tuple[dict[str, inspect.Parameter], bool]:
+def _params(cls: type[Any]) -> tuple[dict[str, inspect.Parameter], bool]:
     sig = inspect.signature(cls.__init__)
     params = {n: p for n, p in sig.parameters.items() if n != "self"
               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
@@ -35,7 +35,7 @@ def _params(cls: type) -> tuple[dict[str, inspect.Parameter], bool]:
 
 
 def check_arguments(entry: Entry, key: str, args: Mapping[str, Any],
-                    injected: Mapping[str, Any]) -> list[str]:
+                    injected: Container[str]) -> list[str]:
     """Problems with building ``entry`` from ``args`` (plus ``injected`` by the assembly)."""
     params, var_kw = _params(entry.cls)
     from_run = {n for n in RUN_ARGUMENTS if n in params}
@@ -60,7 +60,7 @@ def split_node(node: Mapping[str, Any] | DictConfig | None, key: str) -> tuple[s
     """``{name: x, **args}`` -> ``("x", args)``; a clear error if the node has no name."""
     if node is None:
         raise ConfigError(f"{key}: missing (expected a mapping with 'name' and arguments)")
-    data = to_container(node) if isinstance(node, DictConfig) else dict(node)
+    data = to_container(node)
     if not isinstance(data, dict) or "name" not in data:
         raise ConfigError(f"{key}: expected a mapping with a 'name' key (a registered component), got {data!r}")
     name = data.pop("name")

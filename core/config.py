@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -84,10 +85,10 @@ def explain_hydra_error(message: str, registry: Registry | None) -> str:
     return message
 
 
-def to_container(cfg: DictConfig | dict) -> dict:
+def to_container(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """A resolved plain-dict copy of a config (for kwargs, JSON and checkpoints)."""
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    if isinstance(cfg, DictConfig):  # a DictConfig converts to a dict
+        return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     return dict(cfg)
 
 
@@ -99,7 +100,8 @@ def merge_overrides(cfg: DictConfig, overrides: Sequence[str], registry: Registr
     Raises :class:`ConfigError` with the valid options for an unknown group option.
     """
     groups = group_options(registry)
-    swaps, rest = [], []
+    swaps: list[str] = []
+    rest: list[str] = []
     for o in overrides:
         key = o.split("=", 1)[0]
         (swaps if key in groups and isinstance(cfg.get(key), DictConfig) else rest).append(o)
@@ -109,4 +111,7 @@ def merge_overrides(cfg: DictConfig, overrides: Sequence[str], registry: Registr
         for o in swaps:
             key = o.split("=", 1)[0]
             cfg[key] = OmegaConf.to_container(fresh[key], resolve=False)
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(rest))) if rest else cfg
+    if not rest:
+        return cfg
+    # merging onto a DictConfig gives a DictConfig
+    return cast(DictConfig, OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(rest))))

@@ -163,7 +163,9 @@ def update_regions(text: str, tables: dict[str, str], source: str = "README.md")
         pattern = _region(name)
         if not pattern.search(text):
             raise ConfigError(f"{source}: no region {BEGIN.format(name=name)} ... {END}")
-        text = pattern.sub(lambda _m, n=name, t=table: f"{BEGIN.format(name=n)}\n{t}\n{END}", text)
+        block = f"{BEGIN.format(name=name)}\n{table}\n{END}"
+        # a function, so no escapes are read in `block`; sub calls it before the loop moves on
+        text = pattern.sub(lambda _m: block, text)  # noqa: B023
     return text
 
 

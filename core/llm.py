@@ -24,6 +24,9 @@ class LanguageModel(nn.Module, ABC):
     #: ``llm.reuse_prefix_kv``: ``"auto"`` reuses the shared prefix's keys/values where that is
     #: exact, ``True`` the same and warns (once per reason) where it cannot, ``False`` never.
     reuse_prefix_kv: bool | str = "auto"
+    #: Set once LoRA adapters are added (:func:`mmbridge.training.stages.configure_trainable`);
+    #: absent before, so read it with ``getattr(llm, "lora_applied", False)``.
+    lora_applied: bool
 
     @property
     @abstractmethod

@@ -9,8 +9,8 @@ Data flow of one batch (see ARCHITECTURE.md)::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import ItemsView, Mapping, ValuesView
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,17 @@ class Branch(nn.Module):
         return self.encoder.modality
 
 
+if TYPE_CHECKING:
+    class BranchDict(nn.ModuleDict):
+        """What :attr:`MultimodalModel.branches` holds, for the type checker: modality -> Branch."""
+
+        def __getitem__(self, key: str) -> Branch: ...
+        def values(self) -> ValuesView[Branch]: ...
+        def items(self) -> ItemsView[str, Branch]: ...
+else:  # at run time a plain ModuleDict (same module tree, same state-dict keys)
+    BranchDict = nn.ModuleDict
+
+
 class MultimodalModel(nn.Module):
     """Encoders and connectors (one :class:`Branch` per modality) feeding a :class:`LanguageModel`.
 
@@ -56,7 +67,7 @@ class MultimodalModel(nn.Module):
                  prefix: SequencePrefix | None = None) -> None:
         super().__init__()
         self.llm = llm
-        self.branches = nn.ModuleDict(dict(branches))
+        self.branches = BranchDict(dict(branches))
         self.prefix = prefix
         #: Names of the parameters that trained in any stage so far (what checkpoints keep).
         self.ever_trained: set[str] = set()
@@ -115,6 +126,7 @@ class MultimodalModel(nn.Module):
         return embeds
 
     def _fill_prefix(self, embeds: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        assert self.prefix is not None  # embed() calls this only when there is a prefix
         slots = batch["slots"][PREFIX_SLOT]
         prompt = batch["attention_mask"].bool() & ~slots
         labels = batch.get("labels")

@@ -35,7 +35,7 @@ import inspect
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from omegaconf import DictConfig
@@ -46,6 +46,12 @@ from mmbridge.config import to_container
 from mmbridge.errors import ConfigError
 from mmbridge.model import Branch, MultimodalModel
 from mmbridge.registry import Registry
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from mmbridge.encoder import ModalityEncoder
+    from mmbridge.llm import LanguageModel
 
 GiB = 2**30
 #: Share of the GPU's memory kept free for what the estimate leaves out (CUDA context, the
@@ -85,8 +91,9 @@ def config_dir(path: str, key: str) -> Path:
                       f"of the hub ids whose config ships with mmbridge: {', '.join(shipped_configs())}")
 
 
-def _from_config(registry: Registry, kind: str, node: Any, key: str, dtype: str) -> nn.Module:
-    """Build ``node`` through its class's ``from_config`` on the current default device."""
+def _from_config(registry: Registry, kind: str, node: Any, key: str, dtype: str) -> Any:
+    """Build ``node`` through its class's ``from_config`` on the current default device (an
+    instance of ``kind``'s base class: the registry checks the kind at registration)."""
     name, args = split_node(node, key)
     try:
         cls = registry.get(kind, name).cls
@@ -115,8 +122,8 @@ def build_meta_model(cfg: DictConfig, registry: Registry, dtype: str = "bfloat16
         raise ConfigError("branches: mmbridge plan covers the main encoder branch only; "
                           "plan a config without `branches`")
     with torch.device("meta"):
-        llm = _from_config(registry, "llm", cfg.llm, "llm", dtype)
-        encoder = _from_config(registry, "encoder", cfg.encoder, "encoder", dtype)
+        llm: LanguageModel = _from_config(registry, "llm", cfg.llm, "llm", dtype)
+        encoder: ModalityEncoder = _from_config(registry, "encoder", cfg.encoder, "encoder", dtype)
         _, con_args = split_node(cfg.connector, "connector")
         con_args.pop("in_dim", None), con_args.pop("out_dim", None)
         connector = build(registry, "connector", {"name": cfg.connector.name, **con_args},
@@ -240,14 +247,16 @@ def make_plan(cfg: DictConfig, registry: Registry, gpu_memory_gb: float = 80.0,
 
     model = build_meta_model(cfg, registry, weight_dtype)
     parts = _components(model)
-    encoder, connector, llm = parts["encoder"], parts["connector"], parts["llm"]
+    branch = next(iter(model.branches.values()))
+    encoder, connector, llm = branch.encoder, branch.connector, model.llm
     encoder_tokens = int(encoder.num_tokens(None))
     visual = int(connector.out_tokens(encoder_tokens)) if connector.in_sequence else 0
     prefix_tokens = int(model.prefix.n_tokens) if model.prefix is not None else 0
     text = int(cfg.loader.max_text_tokens)
     seq_len = visual * images_per_sample + text + prefix_tokens
     checkpointing = bool(getattr(llm, "gradient_checkpointing", False))
-    llm_config = llm.model.config.get_text_config(decoder=True)
+    # the planned llm / encoder are HF-backed (_from_config accepts only from_config classes)
+    llm_config = cast("PreTrainedModel", llm.model).config.get_text_config(decoder=True)
     plan = Plan(params={k: _numel(m) for k, m in parts.items() if m is not None},
                 visual_tokens=visual, encoder_tokens=encoder_tokens, text_tokens=text,
                 seq_len=seq_len, gpus=n_gpu, strategy=strategy, precision=precision,
@@ -273,7 +282,7 @@ def make_plan(cfg: DictConfig, registry: Registry, gpu_memory_gb: float = 80.0,
         acts = activation_bytes(llm_config, batch, seq_len, act_bytes, checkpointing)
         head = float(batch * text * int(llm_config.vocab_size) * (act_bytes + 8))
         if bool(stage.train.encoder):
-            enc_cfg = encoder.model.config
+            enc_cfg = cast("PreTrainedModel", encoder.model).config
             acts += activation_bytes(enc_cfg, batch * images_per_sample, encoder_tokens, act_bytes, False)
         memory = {"weights": weights / (n_gpu if shard_w else 1),
                   "gradients": grads / (n_gpu if shard_g else 1),

@@ -10,7 +10,7 @@ import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -57,7 +57,7 @@ def writable_file_error(path: str | Path, key: str) -> str | None:
 def output_errors(data: Mapping[str, Any], output_dir: str | Path | None) -> list[str]:
     """Problems with the places a training run writes: its run directory and the caches
     (``data``: the resolved config)."""
-    paths = data.get("paths") if isinstance(data.get("paths"), Mapping) else {}
+    paths = p if isinstance(p := data.get("paths"), Mapping) else {}
     errors = []
     if output_dir is not None and (reason := dir_problem(output_dir)):
         errors.append(f"run directory {output_dir} (paths.output_root={paths.get('output_root')}): "
@@ -100,12 +100,14 @@ def resume_config(saved: DictConfig, composed: DictConfig, overrides: Sequence[s
     except HydraException as exc:
         raise ConfigError(f"bad override: {exc}") from exc
     done = stages_done(run_dir)
-    cfg = OmegaConf.create(OmegaConf.to_container(saved, resolve=False))
-    unsafe, applied = [], []
+    # a DictConfig converts to a dict
+    cfg = OmegaConf.create(cast(dict[str, Any], OmegaConf.to_container(saved, resolve=False)))
+    unsafe: list[str] = []
+    applied: list[str] = []
     for o in parsed:
         if o.is_hydra_override():
             continue
-        key, line = o.key_or_group, o.input_line
+        key, line = o.key_or_group, cast(str, o.input_line)  # parse_overrides sets input_line
         if o.package:  # `group@package=option`: a whole component placed somewhere
             unsafe.append(f"{line} (a config group choice)")
             continue

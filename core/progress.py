@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 log = logging.getLogger("mmbridge.progress")
 
@@ -83,7 +86,7 @@ class Progress:
 
     def advance(self, task_id: int, n: int = 1) -> None:
         if self._rich is not None:
-            self._rich.advance(task_id, n)
+            self._rich.advance(cast("TaskID", task_id), n)  # an id that add_task returned
             return
         if self.disable:
             return

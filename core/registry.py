@@ -32,7 +32,7 @@ from mmbridge.tools import Tool, ToolCaller
 log = logging.getLogger(__name__)
 
 #: kind -> (base class, config group the kind is chosen in)
-KINDS: dict[str, tuple[type, str]] = {
+KINDS: dict[str, tuple[type[Any], str]] = {
     "encoder": (ModalityEncoder, "encoder"),
     "connector": (Connector, "connector"),
     "llm": (LanguageModel, "llm"),
@@ -68,7 +68,7 @@ class Entry:
 
     kind: str
     name: str
-    cls: type
+    cls: type[Any]
     origin: Origin
     #: Registered with ``override=True``: a later plain registration of the name does not win.
     overrides: bool = False
@@ -129,7 +129,8 @@ class Registry:
                 f"plugin '{origin.plugin}' registered {kind} '{name}' as {what}, which is not a "
                 f"subclass of mmbridge.{base.__name__}; use the registry method of its kind")
         if inspect.isabstract(cls):
-            missing = ", ".join(sorted(cls.__abstractmethods__))
+            # ABCMeta sets __abstractmethods__ (isabstract read it); typeshed's `type` lacks it
+            missing = ", ".join(sorted(cls.__abstractmethods__))  # type: ignore[attr-defined]
             raise RegistrationError(
                 f"plugin '{origin.plugin}' registered {kind} '{name}' as abstract class "
                 f"{cls.__qualname__} (not implemented: {missing})")

@@ -75,7 +75,7 @@ class Sample:
 
     def replace(self, **changes: Any) -> Sample:
         """A copy with some fields replaced (media/meta dicts are copied, not shared)."""
-        data = {"id": self.id, "media": dict(self.media),
+        data: dict[str, Any] = {"id": self.id, "media": dict(self.media),
                 "conversations": [dict(t) for t in self.conversations], "meta": dict(self.meta)}
         data.update(changes)
         return Sample(**data)

@@ -14,9 +14,9 @@ import inspect
 import math
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, cast, get_args, get_origin
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -118,7 +118,7 @@ def check_section(key: str, data: Any, schema: type) -> list[str]:
                           f"valid: {', '.join(fields)}")
             continue
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             errors += check_section(sub, value, hint)
             continue
         problem = check_value(sub, value, hint, fields[name].metadata.get("rule"))
@@ -128,7 +128,7 @@ def check_section(key: str, data: Any, schema: type) -> list[str]:
 
 
 # -- component nodes ------------------------------------------------------------------------------
-def _hints(cls: type) -> dict[str, Any]:
+def _hints(cls: type[Any]) -> dict[str, Any]:
     """The constructor's annotations, evaluated; one that names a missing optional dependency
     is left out (that argument is not type-checked)."""
     init = cls.__init__
@@ -148,7 +148,7 @@ def _hints(cls: type) -> dict[str, Any]:
     return hints
 
 
-def check_types(entry: Entry, key: str, args: Mapping[str, Any], injected: Mapping[str, Any] = ()) -> list[str]:
+def check_types(entry: Entry, key: str, args: Mapping[str, Any], injected: Container[str] = ()) -> list[str]:
     """Arguments of ``entry`` whose value does not fit the constructor's annotation."""
     hints = _hints(entry.cls)
     errors = []
@@ -161,7 +161,7 @@ def check_types(entry: Entry, key: str, args: Mapping[str, Any], injected: Mappi
     return errors
 
 
-def check_node(registry: Registry, kind: str, node: Any, key: str, injected: Mapping[str, Any] = ()) -> list[str]:
+def check_node(registry: Registry, kind: str, node: Any, key: str, injected: Container[str] = ()) -> list[str]:
     """Problems of one component node ``{name: ..., **args}``: its name, arguments and their types."""
     if not isinstance(node, dict) or "name" not in node:
         return [f"{key}={_show(node)}: expected a mapping with a 'name' key (a registered {kind})"]
@@ -193,9 +193,10 @@ def _trainer_errors(trainer: Any) -> list[str]:
 def _component_errors(data: dict, registry: Registry) -> list[str]:
     errors = []
     for key in ("encoder", "connector", "llm", "data"):
-        if key in data:
+        kind = COMPONENTS[key]
+        if key in data and kind is not None:
             injected = {"in_dim": 0, "out_dim": 0} if key == "connector" else {}
-            errors += check_node(registry, COMPONENTS[key], data[key], key, injected)
+            errors += check_node(registry, kind, data[key], key, injected)
     if data.get("alignment") is not None:
         errors += check_node(registry, "prefix", data["alignment"], "alignment", {"dim": 0})
     for name, node in (data.get("branches") or {}).items():
@@ -207,12 +208,12 @@ def _component_errors(data: dict, registry: Registry) -> list[str]:
         errors += check_node(registry, "encoder", node["encoder"], f"branches.{name}.encoder")
         errors += check_node(registry, "connector", node["connector"], f"branches.{name}.connector",
                              {"in_dim": 0, "out_dim": 0})
-    stages = data.get("stages") if isinstance(data.get("stages"), dict) else {}
+    stages = s if isinstance(s := data.get("stages"), dict) else {}
     for name in data.get("schedule") or []:
         stage = stages.get(name)
         if isinstance(stage, dict) and stage.get("recipe") is not None:
             errors += check_node(registry, "recipe", stage["recipe"], f"stages.{name}.recipe")
-    ev = data.get("evaluation") if isinstance(data.get("evaluation"), dict) else {}
+    ev = e if isinstance(e := data.get("evaluation"), dict) else {}
     for name, node in (ev.get("tool_callers") or {}).items():
         errors += check_node(registry, "tool_caller", node, f"evaluation.tool_callers.{name}", {"tools": {}})
     for name, node in (ev.get("extra_data") or {}).items():
@@ -245,7 +246,7 @@ def key_errors(key: str, value: Any) -> list[str]:
                     f"valid: {', '.join(fields)}"]
         hint = typing.get_type_hints(schema)[name]
         where = f"{where}.{name}" if where else name
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             schema = hint
             continue
         if i < len(rest) - 1:  # a key inside a free-form mapping (a component node, a prefix setting)
@@ -272,7 +273,8 @@ def override_errors(overrides: Sequence[str]) -> list[str]:
             continue
         values = list(o.sweep_iterator()) if o.is_sweep_override() and hasattr(o, "sweep_iterator") else [o.value()]
         for value in values:
-            plain = OmegaConf.to_container(OmegaConf.create({"v": value}))["v"]  # type: ignore[index]
+            # a DictConfig converts to a dict
+            plain = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.create({"v": value})))["v"]
             errors += key_errors(o.key_or_group, plain)
     return list(dict.fromkeys(errors))
 
@@ -306,7 +308,7 @@ def _resolve(cfg: DictConfig | Mapping) -> tuple[dict, list[str]]:
 
 def schedule_errors(data: Mapping[str, Any]) -> list[str]:
     """Problems of ``schedule``: empty, or naming a stage that ``stages`` does not define."""
-    stages = data.get("stages") if isinstance(data.get("stages"), dict) else {}
+    stages = s if isinstance(s := data.get("stages"), dict) else {}
     schedule = data.get("schedule")
     if not schedule:
         return ["schedule: empty; list the stages to run, e.g. schedule=[align]"]

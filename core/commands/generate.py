@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
                               counts=("max_new_tokens",))
     if "checkpoint" not in own or "prompt" not in own:
         raise ConfigError("checkpoint=PATH and prompt=\"...\" are required\n" + USAGE)
-    media = {}
+    media: dict[str, str] = {}
     for m in ("image", "audio", "video"):
         if m in own:
             p = Path(own[m]).expanduser()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from typing import Any
 
 from mmbridge.config import compose
 from mmbridge.errors import ConfigError
@@ -18,9 +19,9 @@ HELP = "parameters, tokens, steps and memory per GPU of a config, without weight
 OPTIONS = {"gpu_memory_gb": float, "gpus": int, "images_per_sample": int}
 
 
-def split_options(argv: list[str]) -> tuple[dict[str, float | int], list[str]]:
+def split_options(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     """``gpu_memory_gb=40 experiment=x`` -> ``({"gpu_memory_gb": 40.0}, ["experiment=x"])``."""
-    options: dict[str, float | int] = {}
+    options: dict[str, Any] = {}  # make_plan's keyword arguments (float or int, per OPTIONS)
     overrides = []
     for arg in argv:
         key, eq, value = arg.partition("=")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import cast
 
 from mmbridge.errors import ConfigError, did_you_mean
 from mmbridge.preflight import writable_dir_error
@@ -63,7 +64,7 @@ def plan(overrides: list[str], sweep_dir: str | None = None, metric: str | None 
     except HydraException as exc:
         raise ConfigError(f"bad override: {exc}") from exc
     task = [o for o in parsed if not o.is_hydra_override()]
-    hashed = sorted(o.input_line for o in parsed
+    hashed = sorted(cast(str, o.input_line) for o in parsed  # parse_overrides sets input_line
                     if not o.is_hydra_override() or o.key_or_group.startswith(_HASHED_HYDRA))
     fixed = [o.key_or_group for o in task if not o.is_sweep_override()]
     given = {o.key_or_group for o in parsed}
@@ -117,7 +118,9 @@ def main(argv: list[str], registry: Registry | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
-    overrides, sweep_dir, metric = [], None, "test/exact_match"
+    overrides: list[str] = []
+    sweep_dir: str | None = None
+    metric: str | None = "test/exact_match"
     it = iter(argv)
     for a in it:
         if a in ("--dir", "--metric"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -68,7 +69,8 @@ def run_task(cfg: DictConfig, output_dir: Path, overrides: list[str] | None = No
         if not saved.is_file():
             raise ConfigError(f"resume={resume}: no config.yaml there (pass a run directory "
                               f"written by `mmbridge train`)")
-        cfg = resume_config(OmegaConf.load(saved), cfg, overrides or [], run_dir)
+        # a run's config.yaml is a mapping
+        cfg = resume_config(cast(DictConfig, OmegaConf.load(saved)), cfg, overrides or [], run_dir)
         validate_config(cfg, registry, output_dir=run_dir)
         log.info("resuming %s", run_dir)
         return train(cfg, registry, run_dir, resume=True)

@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from filelock import FileLock
@@ -37,6 +37,9 @@ from mmbridge.cache_integrity import move_aside
 from mmbridge.data import shards
 from mmbridge.encoder import ModalityEncoder
 from mmbridge.errors import DataError
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 log = logging.getLogger("mmbridge.cache")
 
@@ -136,7 +139,8 @@ class _Progress:
         self.desc, self.total, self.every_items, self.every_s = desc, total, max(1, every_items), every_s
         self.done = self._last_done = 0
         self.t0 = self._t_last = time.monotonic()
-        self._bar = self._task = None
+        self._bar: Progress | None = None
+        self._task: TaskID | None = None
         if sys.stderr is not None and sys.stderr.isatty():
             from rich.progress import Progress
 
@@ -155,6 +159,7 @@ class _Progress:
     def advance(self, n: int) -> None:
         self.done += n
         if self._bar is not None:
+            assert self._task is not None  # __enter__ added it with the bar
             self._bar.advance(self._task, n)
         now = time.monotonic()
         if (self.done - self._last_done >= self.every_items or now - self._t_last >= self.every_s

@@ -24,6 +24,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -150,8 +151,8 @@ class ShardWriter:
     def __init__(self, entry: Path, index: dict) -> None:
         self.entry, self.index = entry, index
         self._k: int | None = None
-        self._file = None
-        self._hash = None
+        self._file: BinaryIO | None = None
+        self._hash: hashlib._Hash | None = None
         self._lengths: list[int] = []
         self.bytes_written = 0
 
@@ -168,6 +169,7 @@ class ShardWriter:
         if self.index["dim"] is None:
             self.index["dim"] = int(feats.shape[1])
         data = np.ascontiguousarray(feats, dtype=DTYPE).tobytes()
+        assert self._file is not None and self._hash is not None  # _open(k) ran above
         self._file.write(data)
         self._hash.update(data)
         self._lengths.append(int(feats.shape[0]))
@@ -180,7 +182,8 @@ class ShardWriter:
         self._file = open(self.entry / f"{shard_name(k)}.partial", "wb")  # noqa: SIM115
 
     def _publish(self) -> None:
-        k, f = self._k, self._file
+        k, f, h = self._k, self._file, self._hash
+        assert k is not None and f is not None and h is not None  # called by write() only
         f.flush()
         os.fsync(f.fileno())
         f.close()
@@ -189,7 +192,7 @@ class ShardWriter:
         dim = self.index["dim"]
         self.index["shards"][str(k)] = {"file": name, "lengths": self._lengths,
                                         "nbytes": sum(self._lengths) * dim * ITEMSIZE,
-                                        "sha256": self._hash.hexdigest()}
+                                        "sha256": h.hexdigest()}
         self.index["complete"] = len(self.index["shards"]) == n_shards(self.index)
         write_index(self.entry, self.index)
         self._k, self._file = None, None
@@ -197,6 +200,7 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the shard being written (complete shards stay)."""
         if self._file is not None:
+            assert self._k is not None  # _open sets both
             self._file.close()
             (self.entry / f"{shard_name(self._k)}.partial").unlink(missing_ok=True)
             self._k, self._file = None, None
@@ -249,7 +253,8 @@ class ShardReader:
             return out
         k = r // self.shard_rows
         want = n * self.dim * ITEMSIZE
-        got = os.preadv(self._fd(k), [out.numpy().view(np.uint8).reshape(-1)],
+        # numpy's stubs do not declare ndarray a Buffer, though it has the buffer protocol
+        got = os.preadv(self._fd(k), [out.numpy().view(np.uint8).reshape(-1)],  # type: ignore[list-item]
                         int(self._starts[r]) * self.dim * ITEMSIZE)
         if got != want:
             raise DamagedEntry(f"{self.entry / shard_name(k)}: read {got} of {want} bytes of row {r} "

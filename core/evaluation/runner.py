@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def evaluate_session(session: Session, split: str | None = None, max_samples: in
 
 def _evaluate_items(session: Session, ev_cfg: DictConfig, items: list, prefix: str,
                     records: list[dict], reader, train) -> dict[str, Any]:
-    kw = {"max_new_tokens": int(ev_cfg.max_new_tokens), "batch_size": int(ev_cfg.batch_size),
+    kw: dict[str, Any] = {"max_new_tokens": int(ev_cfg.max_new_tokens), "batch_size": int(ev_cfg.batch_size),
           "wer_qtypes": list(ev_cfg.get("wer_qtypes") or [])}
     out: dict[str, Any] = qa.exact_match(session.model, items, reader, session.chat, prefix=prefix,
                                          records=records, **kw)
@@ -78,7 +79,7 @@ def _evaluate_items(session: Session, ev_cfg: DictConfig, items: list, prefix: s
             out.update(qa.chance(qa.qa_items(train), items, prefix=f"{prefix}chance/"))
     for cname, node in (ev_cfg.get("tool_callers") or {}).items():
         key = f"evaluation.tool_callers.{cname}"
-        caller = session.eval_helper(key, lambda node=node, key=key: build_caller(session.registry, node, key))
+        caller = session.eval_helper(key, partial(build_caller, session.registry, node, key))
         out.update(caller_exact_match(session.model, session.chat, reader, items, caller,
                                       prefix=f"{prefix}{cname}/", records=records,
                                       max_new_tokens=int(ev_cfg.get("tool_max_new_tokens", 64))))

@@ -21,9 +21,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mmbridge.build import build
+from mmbridge.config import to_container
 from mmbridge.data.chat import ChatEncoder
 from mmbridge.data.dataset import Collator, MediaReader, encode_sample
 from mmbridge.errors import ConfigError
@@ -60,10 +61,10 @@ def model_generate_fn(model: MultimodalModel, chat: ChatEncoder, reader: MediaRe
 
 def build_caller(registry: Registry, node: Mapping[str, Any] | DictConfig, key: str) -> ToolCaller:
     """The caller of ``node`` with its ``tools`` built (names or name -> config)."""
-    node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    if not isinstance(node, dict):
-        raise ConfigError(f"{key}: expected a mapping with `name` (pipeline | llm) and `tools`, got {node!r}")
-    spec = node.pop("tools", None)
+    data = to_container(node)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}: expected a mapping with `name` (pipeline | llm) and `tools`, got {data!r}")
+    spec = data.pop("tools", None)
     if not spec:
         raise ConfigError(f"{key}.tools: give the tools the caller may use, e.g. [ocr] or "
                           f"{{ocr: {{backend: tesseract}}}}; registered: {', '.join(registry.names('tool'))}")
@@ -77,7 +78,7 @@ def build_caller(registry: Registry, node: Mapping[str, Any] | DictConfig, key: 
         tool = build(registry, "tool", args, f"{key}.tools.{name}")
         tool.name = str(args["name"])
         tools[str(name)] = tool
-    return build(registry, "tool_caller", node, key, tools=tools)
+    return build(registry, "tool_caller", data, key, tools=tools)
 
 
 @torch.no_grad()

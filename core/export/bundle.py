@@ -23,7 +23,7 @@ import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -68,7 +68,7 @@ def _model_leaves(cfg: DictConfig) -> Iterator[tuple[str, str]]:
         if isinstance(node, DictConfig):
             for k, v in node.items():
                 if k != "name":
-                    yield from walk(v, f"{key}.{k}")
+                    yield from walk(v, f"{key}.{str(k)}")  # str(): DictConfig keys are typed str | bytes | ...
         elif isinstance(node, ListConfig):
             for i, v in enumerate(node):
                 yield from walk(v, f"{key}.{i}")
@@ -170,9 +170,9 @@ def bundle_config(path: Path, manifest: dict[str, Any], registry: Registry) -> t
     if not weights.is_file():
         raise CheckpointError(f"bundle '{path}': {weights.name} is missing")
     with safe_open(str(weights), "pt") as f:
-        meta = dict(f.metadata() or {})
+        meta: dict[str, str] = dict(f.metadata() or {})
     check_components({"components": json.dumps(manifest.get("components", {}))}, registry, str(path))
-    cfg = OmegaConf.create(meta["config"])
+    cfg = cast(DictConfig, OmegaConf.create(meta["config"]))  # the stored config is a run config: a mapping
     for key, rel in manifest.get("files", {}).items():
         target = path / rel
         if not target.exists():
@@ -186,7 +186,7 @@ def load_all_weights(model: torch.nn.Module, file: Path) -> None:
     name of tied tensors); one error lists what is missing, unexpected or mis-shaped."""
     weights = load_file(str(file))
     own = model.state_dict()
-    ptr = {}
+    ptr: dict[int, list[str]] = {}
     for k, v in own.items():
         ptr.setdefault(v.data_ptr(), []).append(k)
     tied = {k for names in ptr.values() if any(n in weights for n in names) for k in names}

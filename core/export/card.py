@@ -8,6 +8,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from mmbridge.config import to_container
+
 #: How each format is loaded, as shown in the card (``{out}`` = the export directory).
 HOW_TO_LOAD = {
     "bundle": """```python
@@ -53,7 +55,7 @@ def _component_rows(cfg: DictConfig, origins: dict[str, dict[str, str]]) -> list
         node = OmegaConf.select(cfg, key)
         if not isinstance(node, DictConfig) or node.get("name") is None:
             continue
-        settings = ", ".join(f"{k}={v}" for k, v in OmegaConf.to_container(node, resolve=True).items()
+        settings = ", ".join(f"{k}={v}" for k, v in to_container(node).items()
                              if k != "name" and v is not None)
         o = origins.get(key, {})
         source = f"{o.get('plugin', '?')} ({o.get('package', '?')} {o.get('version', '')})".strip()
@@ -65,7 +67,7 @@ def _schedule_rows(cfg: DictConfig, metrics: dict[str, Any] | None) -> list[str]
     rows = ["| stage | trains | steps | batch | lr |", "|---|---|---|---|---|"]
     for name in cfg.get("schedule") or []:
         st = cfg.stages[name]
-        trains = ", ".join(f"{k}: {v}" for k, v in OmegaConf.to_container(st.train, resolve=True).items())
+        trains = ", ".join(f"{k}: {v}" for k, v in to_container(st.train).items())
         steps = (metrics or {}).get("stages", {}).get(name, {}).get("steps", f"<= {st.max_steps}")
         rows.append(f"| {name} | {trains} | {steps} | {st.batch_size} | {st.optimizer.lr} |")
     return rows
@@ -95,7 +97,7 @@ def model_card(cfg: DictConfig, origins: dict[str, dict[str, str]], fmt: str, ou
     metrics = None
     if run_dir is not None and (run_dir / "metrics.json").is_file():
         metrics = json.loads((run_dir / "metrics.json").read_text())
-    data = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") is not None else {}
+    data = to_container(cfg.data) if cfg.get("data") is not None else {}
     lines = [f"# {cfg.get('run_name', 'mmbridge model')} ({fmt} export)", "",
              f"Exported by mmbridge {__version__} (`mmbridge export format={fmt}`)"
              + (f" from the run `{run_dir.name}`." if run_dir else "."), "",

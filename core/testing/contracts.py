@@ -173,8 +173,9 @@ def _check_attach(who: str, connector: Connector, llm: Any, feats: torch.Tensor,
         assert ok, f"{who}: with the context cleared the LLM output changed (max |diff| {diff:.3g})"
     finally:
         connector.clear_context()
-        if hasattr(connector, "detach"):
-            connector.detach()
+        detach = getattr(connector, "detach", None)  # connectors that hook into the LLM
+        if detach is not None:
+            detach()
         connector.zero_grad(set_to_none=True)
         llm.zero_grad(set_to_none=True)
 

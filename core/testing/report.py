@@ -42,7 +42,7 @@ def check_entry(entry: Entry, tmp_dir: Path, llm: Callable[[], Any] | None = Non
     if entry.kind == "connector":
         connector = entry.cls.for_testing(tmp_dir, in_dim=IN_DIM, out_dim=OUT_DIM)
         needs_llm = not connector.in_sequence and llm is not None
-        check_connector(connector, llm=llm() if needs_llm else None)
+        check_connector(connector, llm=llm() if needs_llm and llm is not None else None)
     elif entry.kind == "encoder":
         check_encoder(entry.cls.for_testing(tmp_dir), tmp_dir)
     else:

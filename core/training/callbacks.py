@@ -18,12 +18,15 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, Timer
 
 from mmbridge.progress import eta
+
+if TYPE_CHECKING:
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
 log = logging.getLogger("mmbridge.train")
 
@@ -107,7 +110,8 @@ class StopOnSignal(Callback):
                            batch: Any, batch_idx: int) -> None:
         if self.guard.signum is None or self.saved_step is not None:
             return
-        mc = trainer.checkpoint_callback
+        # the stage's checkpointing is a ModelCheckpoint (checkpoint.checkpoint_callback)
+        mc = cast("ModelCheckpoint | None", trainer.checkpoint_callback)
         if mc is not None and getattr(mc, "save_last", False):
             mc._save_last_checkpoint(trainer, mc._monitor_candidates(trainer))
             self.checkpoint = str(mc.last_model_path)
@@ -177,5 +181,6 @@ class ProgressLog(Callback):
 
 
 def _elapsed(trainer: L.Trainer, t0: float) -> float:
-    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    # Lightning sets Trainer.callbacks in __init__ without declaring it on the class
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # type: ignore[attr-defined]
     return float(timer.time_elapsed("train")) if timer is not None else time.monotonic() - t0

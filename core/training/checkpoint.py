@@ -21,7 +21,7 @@ import os
 import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -201,7 +201,7 @@ def read_checkpoint(path: str | Path, registry: Registry | None = None,
         raise _not_an_mmbridge_checkpoint(path, p.parent if p.name == WEIGHTS else p)
     try:
         with safe_open(str(p), "pt") as f:
-            meta = dict(f.metadata() or {})
+            meta: dict[str, str] = dict(f.metadata() or {})
     except Exception as exc:
         raise CheckpointError(f"checkpoint '{p}' is unreadable: {exc}") from exc
     if "config" not in meta:
@@ -213,7 +213,8 @@ def read_checkpoint(path: str | Path, registry: Registry | None = None,
         weights = load_file(str(p))
     except Exception as exc:
         raise CheckpointError(f"checkpoint '{p}' is unreadable: {exc}") from exc
-    return OmegaConf.create(meta["config"]), weights, meta
+    # the stored config is a run config: a mapping
+    return cast(DictConfig, OmegaConf.create(meta["config"])), weights, meta
 
 
 def _listed(names: list[str], n: int = 8) -> str:

@@ -116,7 +116,8 @@ class BridgeModule(L.LightningModule):
         warmup_ratio, min_ratio = float(opt_cfg.warmup_ratio), float(opt_cfg.min_lr_ratio)
         if not self.time_budget_s:
             return warmup_cosine(step, total, int(round(warmup_ratio * total)), min_ratio)
-        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        # Lightning sets Trainer.callbacks in __init__ without declaring it on the class
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)  # type: ignore[attr-defined]
         elapsed = float(timer.time_elapsed("train")) if timer is not None else 0.0
         return progress_warmup_cosine(max(step / max(1, total), elapsed / self.time_budget_s),
                                       warmup_ratio, min_ratio)

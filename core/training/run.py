@@ -14,7 +14,7 @@ import statistics
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
@@ -129,7 +129,8 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool,
     trainer = _trainer(cfg, session, out_dir, max_steps, stage, callbacks, loggers, budget_s)
     trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt_path)
     if stopper is not None and stopper.saved_step is not None:
-        raise Interrupted(guard.signum, name, stopper.saved_step, stopper.checkpoint)
+        # a step was saved because the stopper's guard caught a signal
+        raise Interrupted(cast(int, stopper.guard.signum), name, stopper.saved_step, stopper.checkpoint)
     ended_early = int(trainer.global_step) < max_steps
     last_val = module.history[-1]["step"] if module.history else -1
     if ended_early and val_dl is not None and last_val != trainer.global_step:

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from omegaconf import DictConfig
@@ -75,7 +75,8 @@ def read_source(cfg: DictConfig, registry: Registry, data_cfg: DictConfig, key: 
     per split that lost any, and each dropped record's message in the log."""
     source = build(registry, "dataset", data_cfg, key)
     files = source.prepare(Path(cfg.paths.data_dir))
-    on_error = getattr(source, "on_error", "raise")
+    # a dataset's on_error option: "raise" or "skip" (read_llava refuses others)
+    on_error = cast(Literal["raise", "skip"], getattr(source, "on_error", "raise"))
     splits = {}
     for name, path in files.splits.items():
         report = ReadReport(Path(path))

@@ -19,7 +19,7 @@ def check_schedule(cfg: DictConfig) -> None:
     which checks the rest of the config as well."""
     data = to_container(cfg)
     errors = schedule_errors(data)
-    stages = data.get("stages") if isinstance(data.get("stages"), dict) else {}
+    stages = s if isinstance(s := data.get("stages"), dict) else {}
     for name in data.get("schedule") or []:
         if name in stages:
             errors += check_section(f"stages.{name}", stages[name], Stage)

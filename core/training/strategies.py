@@ -10,7 +10,7 @@ tower's block class when it has one) its own FSDP unit, so one block at a time i
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 from torch import nn
 
@@ -18,7 +18,7 @@ from mmbridge.errors import ConfigError
 from mmbridge.model import MultimodalModel
 
 
-def _is_block_stack(m: nn.Module) -> bool:
+def _is_block_stack(m: nn.Module) -> TypeGuard[nn.ModuleList | nn.Sequential]:
     """A ``ModuleList`` / ``Sequential`` of composite modules of one class (transformer blocks,
     not the layers of an MLP)."""
     return (isinstance(m, nn.ModuleList | nn.Sequential) and len(m) > 0

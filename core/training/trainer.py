@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -171,7 +171,7 @@ def run_precision(cfg: DictConfig) -> PrecisionDecision:
                             probe=lambda hw: probe_cpu_bf16(cache_dir, hw))
 
 
-def resolve_device(device: str | None, accelerator: str = "auto") -> torch.device:
+def resolve_device(device: str | torch.device | None, accelerator: str = "auto") -> torch.device:
     """The device a run's model lives on outside ``Trainer.fit`` (feature-cache fill,
     evaluation, ``eval``, ``generate``): ``device`` when given (``cpu``, ``cuda``, ``cuda:1``),
     else the trainer's accelerator (``auto``: CUDA when available). Under a multi-process
@@ -222,7 +222,7 @@ def trainer_kwargs(cfg: DictConfig, decision: PrecisionDecision, device: torch.d
     Lightning's progress bar is off (the progress log lines replace it); with ``model``, a
     strategy name becomes its strategy object (FSDP wrapped per decoder / encoder block,
     :func:`mmbridge.training.strategies.make_strategy`)."""
-    kw = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
+    kw = dict(cast(dict[str, Any], OmegaConf.to_container(cfg.trainer, resolve=True)))  # a mapping node
     kw["precision"] = decision.precision
     if model is not None:
         kw["strategy"] = make_strategy(cfg.trainer, model)
