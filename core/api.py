@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -92,7 +92,7 @@ class Model:
 
     def _prompt_batch(self, prompt: str | Sequence[str], media: Mapping[str, Media]) -> tuple[list, list, bool]:
         single = isinstance(prompt, str)
-        prompts = [prompt] if single else list(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         rows = {m: _per_row(media.get(m), len(prompts), m) for m in MEDIA}
         convs, medias = [], []
         for k, text in enumerate(prompts):
@@ -136,13 +136,14 @@ class Model:
         it is put at the start of the first user turn.
         """
         single = bool(messages) and isinstance(messages[0], Mapping)
-        batch = [messages] if single else list(messages)
+        # single: `messages` is one conversation (its items are turns), else a list of them
+        batch = cast(list[Messages], [messages] if single else list(messages))
         rows = {m: _per_row(v, len(batch), m) for m, v in (("image", image), ("audio", audio), ("video", video))}
         convs, medias = [], []
         for k, msgs in enumerate(batch):
             if not msgs or msgs[-1].get("role") == "assistant":
                 raise ConfigError(f"chat: conversation {k} must end with a user (or tool) turn")
-            have = {m: rows[m][k] for m in MEDIA if rows[m][k] is not None}
+            have = {m: p for m in MEDIA if (p := rows[m][k]) is not None}
             turns = [{"from": str(t["role"]), "value": str(t["content"])} for t in msgs]
             first_user = next((i for i, t in enumerate(turns) if t["from"] in ("user", "human")), None)
             for m in have:

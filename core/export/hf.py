@@ -16,11 +16,10 @@ the image processor reproduces the encoder's preprocessing (PIL resize, centre c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import OmegaConf
-from torch import nn
 
 from mmbridge.errors import ConfigError
 
@@ -89,9 +88,10 @@ def check_representable(session: Any) -> dict[str, Any]:
             "strategy": "default" if enc.drop_cls else "full", "kept": _kept_layers(enc)}
 
 
-def merged_llm(llm: Any) -> nn.Module:
+def merged_llm(llm: Any) -> Any:
     """The LLM as a plain ``*ForCausalLM``: LoRA merged by PEFT (``merge_and_unload``), or a
-    copy of the fully trained / frozen model."""
+    copy of the fully trained / frozen model (``Any``: used through Hugging Face's duck-typed
+    ``get_input_embeddings`` / ``config``, which its annotations type as a bare ``nn.Module``)."""
     import copy
 
     if getattr(llm, "_lora", None) is not None:
@@ -101,7 +101,9 @@ def merged_llm(llm: Any) -> nn.Module:
     return copy.deepcopy(llm.model).eval()
 
 
-def _projector(con: nn.Module, act: str, proj: nn.Module) -> None:
+def _projector(con: Any, act: str, proj: Any) -> None:
+    """Copy the connector's weights (a plugin's ``net`` / ``proj`` layers) into Llava's
+    ``multi_modal_projector`` (``linear_1``, ``linear_2``)."""
     with torch.no_grad():
         if act == "gelu":
             first, second = con.net[0], con.net[2]
@@ -118,7 +120,7 @@ def _image_processor(enc: Any) -> Any:
     from transformers import CLIPImageProcessorPil
 
     h, w = enc.size
-    common = {"do_resize": True, "resample": int(enc.resample), "do_rescale": True, "rescale_factor": 1 / 255,
+    common: dict[str, Any] = {"do_resize": True, "resample": int(enc.resample), "do_rescale": True, "rescale_factor": 1 / 255,
               "do_normalize": True, "image_mean": list(enc.mean), "image_std": list(enc.std),
               "do_convert_rgb": True}
     if enc.resize_shortest:
@@ -146,7 +148,7 @@ def write_hf(session: Any, meta: dict[str, str], out: Path) -> dict[str, Any]:
         tok.pad_token = llm.tokenizer.pad_token
     if IMAGE_TOKEN not in tok.get_vocab():
         tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
-    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    image_id = cast(int, tok.convert_tokens_to_ids(IMAGE_TOKEN))  # one token: one id
     vocab = text.get_input_embeddings().weight.shape[0]
     if image_id >= vocab:
         text.resize_token_embeddings(image_id + 1, mean_resizing=False)
@@ -159,7 +161,8 @@ def write_hf(session: Any, meta: dict[str, str], out: Path) -> dict[str, Any]:
     # backbone's stage selection, which names them, with them)
     tower = {k: v for k, v in enc.model.config.to_dict().items() if k not in ("out_features", "out_indices")}
     vision_config = enc.model.config.__class__.from_dict({**tower, "num_hidden_layers": plan["kept"]})
-    config = LlavaConfig(vision_config=vision_config, text_config=text.config, image_token_id=image_id,
+    # image_token_id: an alias of image_token_index (LlavaConfig.attribute_map), not in the signature
+    config = LlavaConfig(vision_config=vision_config, text_config=text.config, image_token_id=image_id,  # type: ignore[call-arg]
                          projector_hidden_act=plan["act"], vision_feature_layer=plan["layers"],
                          vision_feature_select_strategy=plan["strategy"], multimodal_projector_bias=True,
                          image_seq_length=enc.num_tokens(None),

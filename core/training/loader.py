@@ -174,12 +174,14 @@ class ModalityLengthGrouped(_EpochPosition, DistributedSampler):
         self.shuffle, self.drop_last = True, False
         self._start(seed)
 
+    # read when needed (the process group exists only after the loaders are built); nothing
+    # assigns them, so DistributedSampler's plain attributes can be read-only properties here
     @property
-    def rank(self) -> int:
+    def rank(self) -> int:  # type: ignore[override]
         return _rank_world()[0]
 
     @property
-    def num_replicas(self) -> int:
+    def num_replicas(self) -> int:  # type: ignore[override]
         return _rank_world()[1]
 
     def __len__(self) -> int:
