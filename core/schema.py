@@ -152,6 +152,11 @@ class Stage:
     prefix: dict[str, Any] | None = None  # the sequence prefix's own settings (it checks them)
 
 
+#: ``loggers`` options (mmbridge.training.loggers.make_loggers).
+LOGGERS = ("csv", "tensorboard", "wandb")
+LOGGER_LIST = Rule(lambda v: all(x in LOGGERS for x in v), "a list of " + ", ".join(LOGGERS))
+
+
 @dataclass
 class Root:
     """The top-level keys that are not component nodes or sections."""
@@ -166,6 +171,8 @@ class Root:
     budget_minutes: float | None = spec(None, gt(0))  # wall-clock budget of the whole run
     device: str | None = spec(None, DEVICE)
     progress_every: int = spec(50, ge(1))  # log lines without a terminal
+    # Lightning loggers of each stage (tensorboard falls back to CSV when not installed)
+    loggers: list[str] = spec(factory=lambda: ["csv", "tensorboard"], rule=LOGGER_LIST)
 
 
 #: section key -> its dataclass (``stages`` maps every stage name to :class:`Stage`).
