@@ -256,7 +256,7 @@ class HFCausalLM(LanguageModel):
             return f"{type(self.model).__name__} has sliding-window or other non-full attention layers"
         if self._cache_argument() is None:
             return f"{type(self.decoder).__name__}.forward takes no key/value cache"
-        if self.training and torch.is_grad_enabled() and getattr(self.model, "is_gradient_checkpointing", False):
+        if self.training and torch.is_grad_enabled() and getattr(self.model, "is_activation_checkpointing", False):
             return "gradient checkpointing drops the key/value cache in training"
         if self.training and getattr(self, "gradient_checkpointing", False):
             # a checkpointed block drops its key/value cache in training (transformers)
