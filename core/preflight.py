@@ -151,3 +151,23 @@ def run_root_error(argv: Sequence[str]) -> str | None:
         reason = dir_problem(path)
         return f"{key}={path}: cannot write there ({reason}); give a writable directory" if reason else None
     return None
+
+
+def override_syntax_errors(argv: Sequence[str]) -> list[str]:
+    """The ``key=value`` arguments of a command line that Hydra's override grammar cannot parse,
+    each named (Hydra's own message names only the bad input, e.g. ``no viable alternative at
+    input '[1'``). Flags (``-m``, ``--cfg job``) and their values are not overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    errors = []
+    for arg in argv:
+        if "=" not in arg or arg.startswith("-"):
+            continue
+        try:
+            parser.parse_overrides([arg])
+        except HydraException as exc:
+            errors.append(f"{arg}: not a valid override ({str(exc).splitlines()[0].strip()}); quote a value "
+                          f"with brackets, commas or '=' in it: key='value'")
+    return errors

@@ -179,6 +179,7 @@ def _trainer_errors(trainer: Any) -> list[str]:
     import lightning as L  # heavy: only a whole training config needs it, not option parsing
 
     params = [p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self"]
+    hints = _hints(L.Trainer)
     errors = []
     for name, value in trainer.items():
         if name in RUNNER_TRAINER_ARGS:
@@ -187,7 +188,36 @@ def _trainer_errors(trainer: Any) -> list[str]:
         elif name not in params:
             errors.append(f"trainer.{name}={_show(value)}: not an argument of lightning.Trainer"
                           f"{did_you_mean(str(name), params)}")
+        elif problem := _trainer_value_error(name, value, hints):
+            errors.append(problem)
     return errors
+
+
+# Trainer values the project resolves itself before Lightning sees them (training/trainer.py);
+# ``strategy`` is built by training/strategies.py (a name or a mapping), so Lightning's
+# annotation does not judge it.
+PROJECT_TRAINER_VALUES: dict[str, tuple[Any, ...]] = {"precision": ("auto",)}
+UNTYPED_TRAINER_ARGS = ("strategy", "plugins", "profiler")
+
+
+def _trainer_value_error(name: str, value: Any, hints: Mapping[str, Any]) -> str | None:
+    """The problem of ``trainer.<name>=value`` against ``lightning.Trainer``'s annotation (and,
+    for ``accelerator``, its registry of names), or ``None``: caught here, before the data and
+    the model are built, instead of as Lightning's ``ValueError`` when the first stage starts."""
+    hint = hints.get(name)
+    if hint is None or name in UNTYPED_TRAINER_ARGS or value in PROJECT_TRAINER_VALUES.get(name, ()):
+        return None
+    if not type_ok(value, hint):
+        extra = "".join(f"{v!r} or " for v in PROJECT_TRAINER_VALUES.get(name, ()))
+        return f"trainer.{name}={_show(value)}: expected {extra}{describe(hint)} (argument of lightning.Trainer)"
+    if name == "accelerator" and isinstance(value, str):
+        from lightning.pytorch.accelerators import AcceleratorRegistry
+
+        names = ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())]
+        if value not in names:
+            return (f"trainer.accelerator={value!r}: not an accelerator{did_you_mean(value, names)}; "
+                    f"valid: {', '.join(names)}")
+    return None
 
 
 def _component_errors(data: dict, registry: Registry) -> list[str]:

@@ -9,7 +9,9 @@ from rich.console import Console
 from rich.syntax import Syntax
 
 from mmbridge.config import compose, group_options
+from mmbridge.errors import ConfigError
 from mmbridge.plugin_manager import load_registry
+from mmbridge.validation import config_errors
 
 HELP = "print the composed config for overrides; --groups lists every option"
 
@@ -31,4 +33,9 @@ def main(argv: list[str]) -> int:
     cfg = compose(args.overrides, registry)
     text = OmegaConf.to_yaml(cfg, resolve=args.resolve)
     console.print(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
+    # printed as composed, then judged as `mmbridge train` would: a bad value is not silent
+    errors = config_errors(cfg, registry)
+    if errors:
+        raise ConfigError(f"this config would not train ({len(errors)} problem{'s' * (len(errors) > 1)}):\n  "
+                          + "\n  ".join(errors))
     return 0

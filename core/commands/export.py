@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mmbridge.errors import ConfigError
+from mmbridge.preflight import dir_problem
 
 HELP = "export a checkpoint: checkpoint=PATH out=DIR format=hf|peft|bundle"
 USAGE = """usage: mmbridge export checkpoint=PATH out=DIR [format=bundle|peft|hf] [overwrite=true]
@@ -38,6 +41,9 @@ def main(argv: list[str]) -> int:
         errors.append(f"{' and '.join(f'{k}=' for k in missing)} required")
     if own.get("overwrite", "false").lower() not in ("true", "false"):
         errors.append(f"overwrite={own['overwrite']!r}: expected true or false")
+    if "out" in own and (reason := dir_problem(Path(own["out"]).expanduser().parent)):
+        # checked before the model is loaded; the export writes a sibling temporary directory
+        errors.append(f"out={own['out']}: cannot write its directory ({reason}); give a writable directory")
     if errors:
         raise ConfigError("invalid arguments:\n  " + "\n  ".join(errors) + "\n" + USAGE)
     from mmbridge.export import export

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from mmbridge.config import searchpath_override
 from mmbridge.errors import ConfigError, MMBridgeError
 from mmbridge.plugin_manager import load_registry
-from mmbridge.preflight import run_root_error
+from mmbridge.preflight import override_syntax_errors, run_root_error
 from mmbridge.registry import Registry
 from mmbridge.training.callbacks import Interrupted
 
@@ -177,9 +177,9 @@ def main(argv: list[str], registry: Registry | None = None) -> int:
     if resume and not any(a.startswith("hydra.run.dir=") for a in argv):
         # Log into the resumed run's own directory; keep its .hydra/ record of the first start.
         argv = [*argv, f"hydra.run.dir={Path(resume).expanduser().resolve()}", "hydra.output_subdir=null"]
-    problem = run_root_error(argv)
-    if problem:
-        print(f"mmbridge train: error: {problem}", file=sys.stderr)
+    problems = override_syntax_errors(argv) or [p for p in [run_root_error(argv)] if p]
+    if problems:
+        print("mmbridge train: error: " + "\n  ".join(problems), file=sys.stderr)
         return 1
     old = sys.argv
     # argv[0] = this file: Lightning's DDP launcher re-runs `python argv[0] argv[1:]` for the

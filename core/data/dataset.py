@@ -163,8 +163,12 @@ def check_truncation(reports: Sequence[TruncationReport], max_share: float = 0.0
         if r.samples == 0:
             if r.split == "val":
                 continue
+            key = f"stages.{stage}.recipe" if stage else "the stage's recipe"
             raise DataError(f"{where}split '{r.split}' has no sample to train on"
-                            + (f" (the recipe dropped all {r.dropped})" if r.dropped else ""))
+                            + (f" (the recipe dropped all {r.dropped}; see {key})" if r.dropped else
+                               f": the data set's '{r.split}' split is empty (see data.{r.split}=FILE for "
+                               f"a file data set, data.n_{r.split} for a generated one"
+                               + (f", stages.{stage}.split" if stage else "") + ")"))
         if r.supervised == 0:
             raise DataError(f"{where}split '{r.split}' has no supervised (answer) token left: "
                             f"{r.summary()}; raise loader.max_text_tokens")

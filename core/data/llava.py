@@ -15,6 +15,7 @@ the record (index and id; the line for JSONL).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -24,6 +25,8 @@ from typing import IO, Any, Literal
 
 from mmbridge.errors import ConfigError, DataError
 from mmbridge.types import ROLES, Sample, check_placeholders
+
+log = logging.getLogger(__name__)
 
 #: Top-level keys that name a media file; each becomes a key of :attr:`Sample.media`.
 MEDIA_KEYS: tuple[str, ...] = ("image", "audio", "video")
@@ -288,6 +291,8 @@ def read_llava(path: str | Path, media_root: str | Path | None = None,
         seen[sample.id] = where
         samples.append(sample)
     report.kept = len(samples)
+    if not samples:  # a stage on this split then fails without knowing the file
+        log.warning("%s: no %srecord in the file", path, "valid " if report.dropped else "")
     return samples
 
 
