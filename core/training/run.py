@@ -18,7 +18,6 @@ from typing import Any, cast
 
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -41,7 +40,8 @@ from mmbridge.training.checkpoint import (
     save_checkpoint,
 )
 from mmbridge.training.init_from import load_init_weights
-from mmbridge.training.loader import make_loader
+from mmbridge.training.loader import make_loader, modality_lengths
+from mmbridge.training.loggers import make_loggers
 from mmbridge.training.module import BridgeModule
 from mmbridge.training.resume import ResumableCheckpoint
 from mmbridge.training.session import Session, open_session
@@ -58,8 +58,9 @@ MIN_STAGE_SECONDS = 10.0
 
 def _loader(ds, batch_size: int, collate, shuffle: bool, cfg: DictConfig, seed: int) -> StatefulDataLoader:
     """A resumable loader (:mod:`mmbridge.training.loader`): Lightning checkpoints its position."""
+    lengths = modality_lengths(ds.samples) if shuffle and cfg.loader.get("group_by_length") else None
     return make_loader(ds, batch_size, collate, shuffle=shuffle, seed=seed,
-                       num_workers=int(cfg.loader.num_workers))
+                       num_workers=int(cfg.loader.num_workers), lengths=lengths)
 
 
 def run_stage(session: Session, name: str, out_dir: Path, resume: bool,
@@ -101,8 +102,7 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool,
     stopper = StopOnSignal(guard) if guard is not None else None
     if stopper is not None:
         callbacks.append(stopper)
-    loggers = [CSVLogger(out_dir / "logs", name=name, version=""),
-               TensorBoardLogger(out_dir / "logs", name=f"tb_{name}", version="")]
+    loggers = make_loggers(cfg, out_dir, name)
     tidy_lightning_output()
     found = resumable_checkpoint(ckpt_dir) if resume else None  # last.ckpt, else the newest good one
     ckpt_path = str(found) if found is not None else None
