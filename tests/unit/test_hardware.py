@@ -99,7 +99,7 @@ def test_dtype_auto_is_resolved_in_every_component_node():
 def test_no_shipped_preset_pins_bf16_weights():
     from pathlib import Path
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    conf = Path(__file__).resolve().parents[2] / "conf"
     pinned = [str(p.relative_to(conf)) for p in conf.rglob("*.yaml")
               if "bfloat16" in p.read_text() and p.parent.name in ("experiment", "llm", "encoder")]
     assert pinned == []

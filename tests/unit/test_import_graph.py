@@ -13,7 +13,7 @@ import graphlib
 import sys
 from pathlib import Path
 
-CORE = Path(__file__).resolve().parents[1] / "core"
+CORE = Path(__file__).resolve().parents[2] / "core"
 
 
 def core_modules(root: Path = CORE) -> dict[str, Path]:

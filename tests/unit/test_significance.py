@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import mmbridge_exe
+from helpers import mmbridge_exe
 from scipy.stats import bootstrap
 
 from mmbridge.errors import ConfigError

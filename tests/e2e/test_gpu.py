@@ -11,7 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from conftest import mmbridge_exe
+from helpers import mmbridge_exe
 from PIL import Image
 
 pytestmark = pytest.mark.gpu

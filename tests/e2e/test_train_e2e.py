@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import mmbridge_exe
+from helpers import mmbridge_exe
 from safetensors.torch import load_file
 
 FAST = ["experiment=tiny", "data.n_train=48", "data.n_val=8", "data.n_test=8",

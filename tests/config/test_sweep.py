@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import mmbridge_exe
+from helpers import mmbridge_exe
 
 from mmbridge.config import compose
 from mmbridge.errors import ConfigError

@@ -34,12 +34,7 @@ TINY = ["experiment=tiny", "encoder.image_size=32", "stages.instruct.train.llm=l
 PROMPT = "What colour is the shape?"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_checkpoint(out: Path, overrides: list[str], schedule: tuple[str, ...] = ("align", "instruct"),

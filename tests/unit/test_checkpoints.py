@@ -50,13 +50,7 @@ BASE = ["experiment=tiny", "encoder.image_size=32", "stages.align.max_steps=4"]
 CONNECTOR = "branches.image.connector."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(overrides: tuple[str, ...] = (), registry=REGISTRY, seed: int = 0):

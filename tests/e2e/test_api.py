@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import mmbridge
 from mmbridge.export import export
@@ -21,7 +20,7 @@ from mmbridge.plugin_manager import load_registry
 from mmbridge.plugins.encoders._image import example_png
 
 REGISTRY = load_registry(autoload=False)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "What colour is the shape?"
 # the smallest real run (as tests/test_registry_once.py): 1 step per stage, 4 test questions
 SMALL = ["experiment=tiny", "data.n_train=8", "data.n_val=4", "data.n_test=4", "evaluation.max_samples=4",
@@ -30,12 +29,7 @@ SMALL = ["experiment=tiny", "data.n_train=8", "data.n_val=4", "data.n_test=4", "
          "stages.instruct.batch_size=4", "stages.instruct.max_steps=1", "stages.instruct.val_every=1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,7 @@ REGISTRY = load_registry(autoload=False)
 NOISE = {"wrong_colour": 0.15, "unrelated": 0.25}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and far faster on a busy CPU (no pool waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- the caption-noise knob ------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import mmbridge_exe
+from helpers import mmbridge_exe
 from PIL import Image
 
 from mmbridge.config import compose

@@ -23,7 +23,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import mmbridge_exe
+from helpers import mmbridge_exe
 from safetensors.torch import load_file
 
 from mmbridge.errors import CheckpointError, DataError

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import mmbridge_exe
+from helpers import mmbridge_exe
 
 FAST = ["experiment=tiny", "data.n_train=48", "data.n_val=8", "data.n_test=8",
         "evaluation.max_samples=8", "evaluation.val_samples=4", "evaluation.batch_size=8",

@@ -310,7 +310,7 @@ def test_override_errors_pass_components_and_groups():
 
 @pytest.mark.slow
 def test_cli_reports_bad_values_without_traceback(tmp_path):
-    from conftest import mmbridge_exe
+    from helpers import mmbridge_exe
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMBRIDGE_DISABLE_PLUGINS": "1"}
     out = subprocess.run([mmbridge_exe(), "train", "experiment=tiny", "stages.align.optimizer.lr=abc",

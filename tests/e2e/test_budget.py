@@ -10,7 +10,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import mmbridge_exe
+from helpers import mmbridge_exe
 from omegaconf import OmegaConf
 
 from mmbridge.errors import ConfigError

@@ -24,7 +24,7 @@ from mmbridge.plugin_manager import load_registry
 from mmbridge.plugins import BUILTIN_PLUGINS
 from mmbridge.registry import KINDS, Origin, Registrar, Registry, declarations, register_package
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 #: Config group -> the kind its options name, from the registry's own table.
 GROUP_KIND = {group: kind for kind, (_, group) in KINDS.items() if group in config_groups([builtin_conf_dir()])}
 

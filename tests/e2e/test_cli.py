@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from conftest import mmbridge_exe
+from helpers import mmbridge_exe
 
 
 def run(*args: str, cwd) -> subprocess.CompletedProcess:

@@ -20,7 +20,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import REPO, mmbridge_exe
+from helpers import REPO, mmbridge_exe
 from omegaconf import OmegaConf
 
 EXAMPLE = REPO / "examples" / "mmbridge-example-plugin"

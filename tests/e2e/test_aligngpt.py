@@ -32,13 +32,7 @@ LEVELS = 4
 BASE = ["experiment=aligngpt", f"alignment.levels={LEVELS}", "stages.instruct.train.llm=frozen"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and far faster on a busy CPU (no pool waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def stage(mode: str, **extra) -> OmegaConf:
