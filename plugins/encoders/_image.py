@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFile, UnidentifiedImageError
 from torch import nn
 
 from mmbridge.errors import ConfigError, DataError
@@ -100,12 +100,18 @@ def load_rgb(path: str, max_pixels: int | None = None) -> Image.Image:
         DataError: naming the file when it is missing, too large, truncated or not an image.
     """
     img = open_image(path, max_pixels)
+    # Another library in the process may have switched PIL's LOAD_TRUNCATED_IMAGES on globally
+    # (some do at import); a truncated file must still be an error here, not grey pixels.
+    tolerant = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with img:
             return img.convert("RGB")
     except _DECODE_ERRORS as exc:
         raise DataError(f"cannot read image '{path}' (truncated or damaged?): "
                         f"{type(exc).__name__}: {exc}") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = tolerant
 
 
 def image_to_tensor(img: Image.Image, size: tuple[int, int], mean: tuple[float, ...],

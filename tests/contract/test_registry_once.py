@@ -108,7 +108,8 @@ def test_an_in_process_asset_is_resolved_during_assembly(tmp_path, monkeypatch, 
     assert model.llm.local_path == str(where) and _TinyLlamaAsset.conversions == 1
     assert model.llm.hidden_size == 32 and len(model.llm.decoder_layers) == 1
     assert model.llm.init_args == {"name": "hf_causal", "path": "inproc-llama", "gguf_file": None,
-                                   "dtype": cfg.llm.dtype, "chat_template": None}
+                                   "dtype": cfg.llm.dtype, "chat_template": None,
+                                   "reuse_prefix_kv": "auto"}
     assert len(builds) == 1  # assembly built no registry of its own
 
 
