@@ -48,7 +48,9 @@ def test_wheel_installed_in_a_fresh_venv_runs_from_elsewhere(wheel, tmp_path):
         z.extractall(site)
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "MMBRIDGE_DISABLE_PLUGINS": "1", "COLUMNS": "200"}
+    # a user has a HOME (the default cache dir lives under it); `config` refuses a config it cannot resolve
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "MMBRIDGE_DISABLE_PLUGINS": "1", "COLUMNS": "200",
+           "HOME": str(tmp_path / "home")}
     py = str(venv / "bin" / "python")
     where = subprocess.run([py, "-c", "import mmbridge, mmbridge.plugins; print(mmbridge.__file__)"],
                            capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
