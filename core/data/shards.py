@@ -31,6 +31,7 @@ import torch
 
 from mmbridge.cache_integrity import file_sha256, move_aside
 from mmbridge.errors import DataError
+from mmbridge.io import atomic_write_bytes, atomic_write_text
 
 INDEX = "index.json"
 PATHS = "paths.json"
@@ -51,18 +52,10 @@ def shard_rows_range(k: int, rows: int, shard_rows: int) -> range:
     return range(k * shard_rows, min((k + 1) * shard_rows, rows))
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, separators=(",", ":")))
-    os.replace(tmp, path)
-
-
 def new_index(entry: Path, paths: Sequence[str], shard_rows: int, meta: dict) -> dict:
     """A new entry's index (no shard yet); writes the paths file it refers to."""
     blob = json.dumps(list(paths)).encode()
-    tmp = entry / f".{PATHS}.{os.getpid()}.tmp"
-    tmp.write_bytes(blob)
-    os.replace(tmp, entry / PATHS)
+    atomic_write_bytes(entry / PATHS, blob)
     return {"format": STORE_FORMAT, "rows": len(paths), "shard_rows": shard_rows, "dim": None,
             "dtype": "float16", "complete": False, "paths_sha256": hashlib.sha256(blob).hexdigest(),
             "shards": {}, **meta, "paths": list(paths)}
@@ -103,7 +96,8 @@ def read_index(entry: Path) -> dict | None:
 
 
 def write_index(entry: Path, index: dict) -> None:
-    _write_json(entry / INDEX, {k: v for k, v in index.items() if k != "paths"})
+    atomic_write_text(entry / INDEX, json.dumps({k: v for k, v in index.items() if k != "paths"},
+                                                separators=(",", ":")))
 
 
 def check_shards(entry: Path, index: dict, checksums: bool) -> dict[int, str]:

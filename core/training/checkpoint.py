@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mmbridge.errors import CheckpointError
+from mmbridge.io import atomic_write_text
 from mmbridge.model import MultimodalModel
 
 if TYPE_CHECKING:
@@ -55,12 +56,6 @@ SAFE_GLOBALS: list[Any] = []
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(model: MultimodalModel, cfg: DictConfig, out_dir: Path, stages_done: list[str],
                     registry: Registry | None = None) -> Path:
     """Write the trainable weights and the config into ``out_dir``; returns the weights file.
@@ -79,7 +74,7 @@ def save_checkpoint(model: MultimodalModel, cfg: DictConfig, out_dir: Path, stag
     tmp = out_dir / f".{WEIGHTS}.tmp{os.getpid()}"
     save_file(state, str(tmp), metadata=meta)
     os.replace(tmp, out_dir / WEIGHTS)
-    _atomic_write_text(out_dir / "config.yaml", cfg_yaml)
+    atomic_write_text(out_dir / "config.yaml", cfg_yaml)
     return out_dir / WEIGHTS
 
 
