@@ -78,17 +78,26 @@ def shipped_configs() -> list[str]:
     return sorted(str(p.parent.relative_to(root)) for p in root.glob("**/config.json"))
 
 
-def config_dir(path: str, key: str) -> Path:
+def config_dir(path: str, key: str, registry: Registry | None = None) -> Path:
     """The directory holding ``config.json`` for a component's ``path``: the shipped copy of a
-    hub id, else a local model directory. Nothing is downloaded or converted."""
+    hub id, an offline model (asset) already converted into the cache, else a local model
+    directory. Nothing is downloaded or converted."""
     shipped = shipped_configs_dir() / path
     if (shipped / "config.json").is_file():
         return shipped
+    if registry is not None and ("asset", path) in registry:
+        asset = registry.get("asset", path).create()
+        if not asset.is_converted():
+            raise ConfigError(f"{key}: offline model '{path}' is not converted yet (mmbridge plan "
+                              f"converts nothing): run `mmbridge assets --convert {path}` or any run "
+                              f"that uses it first")
+        return asset.location()
     local = Path(path).expanduser()
     if (local / "config.json").is_file():
         return local
-    raise ConfigError(f"{key}: no config.json for '{path}': give a local model directory, or one "
-                      f"of the hub ids whose config ships with mmbridge: {', '.join(shipped_configs())}")
+    raise ConfigError(f"{key}: no config.json for '{path}': give a local model directory, a "
+                      f"converted offline model, or one of the hub ids whose config ships with "
+                      f"mmbridge: {', '.join(shipped_configs())}")
 
 
 def _from_config(registry: Registry, kind: str, node: Any, key: str, dtype: str) -> Any:
@@ -107,7 +116,7 @@ def _from_config(registry: Registry, kind: str, node: Any, key: str, dtype: str)
     kwargs = {k: v for k, v in args.items() if k in accepted and k != "config"}
     if kwargs.get("dtype") == "auto":
         kwargs["dtype"] = dtype
-    return cls.from_config(config_dir(str(args.get("path")), f"{key}.path"), **kwargs)
+    return cls.from_config(config_dir(str(args.get("path")), f"{key}.path", registry), **kwargs)
 
 
 def build_meta_model(cfg: DictConfig, registry: Registry, dtype: str = "bfloat16") -> MultimodalModel:

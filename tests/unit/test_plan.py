@@ -187,3 +187,24 @@ def test_unknown_model_config_is_a_clear_error():
         config_dir("org/missing", "llm.path")
     with pytest.raises(ConfigError, match="gpu_memory_gb=-1: must be > 0"):
         plan_command.split_options(["gpu_memory_gb=-1"])
+
+
+def test_offline_model_names_plan_from_their_converted_copy(capsys, tmp_path, monkeypatch):
+    """``llm.path: tiny-llama`` (an offline model, as the quickstart's presets name theirs) is
+    planned from its converted copy in the cache, and refused with the conversion command
+    before it is converted: plan converts nothing."""
+    from mmbridge.plugin_manager import load_registry
+
+    monkeypatch.setenv("MMBRIDGE_CACHE", str(tmp_path / "cache"))
+    registry = load_registry()
+    with pytest.raises(ConfigError, match=r"llm.path: offline model 'tiny-llama' is not converted.*"
+                                          r"mmbridge assets --convert tiny-llama"):
+        config_dir("tiny-llama", "llm.path", registry)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("config.json"))
+    location = registry.get("asset", "tiny-llama").create().ensure()
+    assert config_dir("tiny-llama", "llm.path", registry) == location
+    build_tiny_dinov2(tmp_path / "enc")
+    _, data = run_plan(capsys, "experiment=tiny", "llm.path=tiny-llama", "encoder=dinov2_small",
+                       f"encoder.path={tmp_path / 'enc'}")
+    llm = HFCausalLM(path=str(location))
+    assert data["params"]["llm"] == sum(p.numel() for p in llm.parameters())
