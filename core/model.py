@@ -82,7 +82,9 @@ class MultimodalModel(nn.Module):
         """Encode each modality's batch (or take its cached features) and run its connector.
 
         ``media[modality]`` holds ``features [B', N, D]`` + ``feature_mask [B', N]`` (cached) or
-        ``inputs`` (the encoder's collated batch). Returns modality -> (tokens, mask).
+        ``inputs`` (the encoder's collated batch); ``B'`` counts the batch's media items of the
+        modality (row by row, each row's files in placeholder order: a text-only row has none,
+        a two-image row two). Returns modality -> (tokens ``[B', M, D_llm]``, mask ``[B', M]``).
         """
         out = {}
         for modality, item in media.items():
@@ -113,6 +115,9 @@ class MultimodalModel(nn.Module):
                 branch.connector.set_context(tok, tmask)
                 continue
             slots = batch["slots"][modality]
+            # Item k's tokens fill the k-th run of slots in row-major order: the collator lists
+            # the items row by row, each row's in placeholder order, so a two-image row gets its
+            # images in the right placeholders and a text-only row none.
             # all valid (converters): no boolean gather; masked_scatter reads row-major either way
             values = tok.reshape(-1, tok.shape[-1]) if bool(tmask.all()) else tok[tmask]
             if values.shape[0] != int(slots.sum()):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,26 +56,60 @@ def check_placeholders(turns: Iterable[tuple[str, str]], media: Mapping[str, int
                             f"in a user turn")
 
 
+def media_paths(value: str | Sequence[str]) -> list[str]:
+    """The files of one :attr:`Sample.media` value, in placeholder order (one path or a list)."""
+    return [value] if isinstance(value, str) else list(value)
+
+
 @dataclass
 class Sample:
     """One training or evaluation sample, LLaVA style.
 
     Attributes:
         id: Unique id within its data set.
-        media: Modality -> absolute path of the media file (``{"image": "/data/0001.png"}``).
+        media: Modality -> absolute path of the media file (``{"image": "/data/0001.png"}``), or
+            the list of paths of a multi-image record (``{"image": ["/d/a.png", "/d/b.png"]}``:
+            the k-th path fills the k-th ``<image>`` placeholder). One file stays a plain string.
         conversations: Turns ``{"from": "human"|"gpt"|"system"|"tool", "value": str}``; a human
             turn holds one ``<image>`` / ``<audio>`` placeholder per media item.
         meta: Free-form annotations: ground truth, question type, alignment level, ...
     """
 
     id: str
-    media: dict[str, str] = field(default_factory=dict)
+    # Mapping (covariant): a plain ``dict[str, str]`` is a valid value
+    media: Mapping[str, str | list[str]] = field(default_factory=dict)
     conversations: list[dict[str, str]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def paths(self, modality: str) -> list[str]:
+        """The files of ``modality`` in placeholder order (``[]`` when the sample has none)."""
+        value = self.media.get(modality)
+        return [] if value is None else media_paths(value)
+
+    def media_counts(self) -> dict[str, int]:
+        """Modality -> number of media items (what :func:`check_placeholders` expects)."""
+        return {m: len(media_paths(v)) for m, v in self.media.items()}
+
+    def single_media(self) -> dict[str, str]:
+        """Modality -> its one file, for consumers that take one file per modality (tools,
+        scorers).
+
+        Raises:
+            DataError: the sample has several files of a modality.
+        """
+        out = {}
+        for m, v in self.media.items():
+            paths = media_paths(v)
+            if len(paths) != 1:
+                raise DataError(f"sample {self.id}: {len(paths)} {m} files where one {m} file is "
+                                f"read (tools and scorers take one file per modality)")
+            out[m] = paths[0]
+        return out
+
     def replace(self, **changes: Any) -> Sample:
         """A copy with some fields replaced (media/meta dicts are copied, not shared)."""
-        data: dict[str, Any] = {"id": self.id, "media": dict(self.media),
+        media = {m: v if isinstance(v, str) else list(v) for m, v in self.media.items()}
+        data: dict[str, Any] = {"id": self.id, "media": media,
                 "conversations": [dict(t) for t in self.conversations], "meta": dict(self.meta)}
         data.update(changes)
         return Sample(**data)

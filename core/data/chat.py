@@ -103,17 +103,21 @@ class ChatEncoder:
             spans.append((start, end))
         return spans
 
-    def encode(self, messages: list[dict[str, str]], slots: Mapping[str, int],
+    def encode(self, messages: list[dict[str, str]], slots: Mapping[str, int | Sequence[int]],
                add_generation_prompt: bool = False, sample_id: str = "?") -> Encoded:
-        """Tokenize; ``slots[modality]`` = how many positions its placeholder expands to.
+        """Tokenize; ``slots[modality]`` = how many positions its placeholder expands to, or one
+        count per placeholder (a sample with several files of the modality: the k-th count is
+        the k-th placeholder's, in text order).
 
         Raises:
             DataError: the placeholders break the rule of
                 :func:`~mmbridge.types.check_placeholders`; the media slots end beyond
                 ``max_length``; a generation prompt is longer than ``max_length``.
         """
-        check_placeholders(((m["role"], m["content"]) for m in messages), dict.fromkeys(slots, 1),
-                           self.modalities, f"sample {sample_id}")
+        per_item = {m: [n] if isinstance(n, int) else list(n) for m, n in slots.items()}
+        check_placeholders(((m["role"], m["content"]) for m in messages),
+                           {m: len(v) for m, v in per_item.items()}, self.modalities, f"sample {sample_id}")
+        seen = dict.fromkeys(per_item, 0)
         generating = add_generation_prompt and messages[-1]["role"] != "assistant"
         text = self.render(messages, add_generation_prompt=add_generation_prompt)
         spans = [] if generating else self._answer_spans(messages, text)
@@ -127,7 +131,11 @@ class ChatEncoder:
                 continue
             modality = piece[1:-1] if self._split and self._split.fullmatch(piece) else None
             if modality is not None:
-                n = slots[modality]
+                if seen[modality] >= len(per_item[modality]):
+                    raise DataError(f"sample {sample_id}: the chat template rendered more "
+                                    f"{piece} placeholders than the messages hold")
+                n = per_item[modality][seen[modality]]
+                seen[modality] += 1
                 ids += [self.pad_id] * n
                 labels += [IGNORE] * n
                 where += [modality] * n

@@ -5,47 +5,78 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import Dataset
 
+from mmbridge.connector import Connector
 from mmbridge.data.chat import IGNORE, ChatEncoder, to_messages
 from mmbridge.data.feature_cache import FeatureTable
+from mmbridge.encoder import ModalityEncoder
 from mmbridge.errors import DataError
-from mmbridge.model import MultimodalModel
 from mmbridge.recipe import DataRecipe
 from mmbridge.types import Sample, placeholder
 
 log = logging.getLogger(__name__)
 
 
+class BranchLike(Protocol):
+    """What the data layer needs of a modality's branch (:class:`mmbridge.model.Branch`)."""
+
+    encoder: ModalityEncoder
+    connector: Connector
+
+
+class _ByModality(Protocol):
+    def items(self) -> Iterable[tuple[str, Any]]: ...
+
+
+class _HasBranches(Protocol):
+    @property
+    def branches(self) -> _ByModality: ...
+
+
+#: Modality -> branch (``model.branches``, a dict). The assembled model itself is accepted too
+#: (its ``branches`` are taken), for the call sites that still pass it.
+Branches = _ByModality | _HasBranches
+
+
+def _branches(branches: Branches) -> dict[str, Any]:
+    source = branches.branches if hasattr(branches, "branches") else branches
+    return dict(source.items())
+
+
 class MediaReader:
     """Per modality: read a media file into the encoder's input, or its cached features.
 
     Args:
-        model: Provides each modality's encoder (``load``/``preprocess``/``num_tokens``) and
-            connector (``out_tokens``).
+        branches: Modality -> branch (``model.branches``): its encoder
+            (``load``/``preprocess``/``num_tokens``) and connector (``out_tokens``).
         tables: Modality -> cached features; modalities without a table are encoded live.
     """
 
-    def __init__(self, model: MultimodalModel, tables: Mapping[str, FeatureTable] | None = None) -> None:
-        self.branches = {m: (b.encoder, b.connector) for m, b in model.branches.items()}
+    def __init__(self, branches: Branches, tables: Mapping[str, FeatureTable] | None = None) -> None:
+        self.branches = {m: (b.encoder, b.connector) for m, b in _branches(branches).items()}
         self.tables = dict(tables or {})
 
     @property
     def modalities(self) -> list[str]:
         return list(self.branches)
 
+    def _branch(self, modality: str, path: str | None = None) -> tuple[ModalityEncoder, Connector]:
+        if modality not in self.branches:
+            where = f" ({path})" if path else ""
+            raise DataError(f"media '{modality}'{where} but the model has no {modality} encoder; "
+                            f"modalities: {', '.join(self.branches)}")
+        return self.branches[modality]
+
     def read(self, modality: str, path: str) -> tuple[Any, int, int, bool]:
         """``(item, N, M, cached)``: the input or cached features ``[N, D]`` of one media file,
         its feature count and the number of slots its connector fills."""
-        if modality not in self.branches:
-            raise DataError(f"media '{modality}' ({path}) but the model has no {modality} encoder; "
-                            f"modalities: {', '.join(self.branches)}")
-        encoder, connector = self.branches[modality]
+        encoder, connector = self._branch(modality, path)
         table = self.tables.get(modality)
         if table is not None and path in table:
             feats = table.lookup(path)
@@ -55,6 +86,21 @@ class MediaReader:
             n, cached = encoder.num_tokens(item), False
         m = connector.out_tokens(n) if connector.in_sequence else 0
         return item, n, m, cached
+
+    def slots(self, modality: str, path: str) -> int:
+        """The number of slots one media file fills (``M`` of :meth:`read`). A cached file's
+        feature count comes from the table's stored lengths: no feature row is read."""
+        encoder, connector = self._branch(modality, path)
+        table = self.tables.get(modality)
+        if table is not None and path in table:
+            n = table.length(path)
+        else:
+            n = encoder.num_tokens(encoder.preprocess(encoder.load(path)))
+        return connector.out_tokens(n) if connector.in_sequence else 0
+
+    def in_sequence(self, modality: str) -> bool:
+        """Whether the modality's connector puts its tokens into the sequence (slots)."""
+        return self._branch(modality)[1].in_sequence
 
 
 class ConversationDataset(Dataset):
@@ -132,12 +178,12 @@ def truncation_report(dataset: ConversationDataset) -> TruncationReport:
     """Encode every sample of ``dataset`` once (text, with each media item's slot count) and
     count what ``loader.max_text_tokens`` cuts from the answers.
 
-    Media are read through the data set's reader: cached features cost a lookup, live media
-    are decoded once here.
+    Slot counts come through the data set's reader: a cached file's from the feature table's
+    stored lengths (no feature row is read), a live one by decoding the file once here.
     """
     truncated, supervised, cut = [], 0, 0
     for sample in dataset.samples:
-        slots = {m: dataset.reader.read(m, p)[2] for m, p in sample.media.items()}
+        slots = {m: [dataset.reader.slots(m, p) for p in sample.paths(m)] for m in sample.media}
         enc = dataset.chat.encode(to_messages(sample.conversations), slots, sample_id=sample.id)
         supervised += enc.supervised
         cut += enc.cut_labels
@@ -179,12 +225,26 @@ def check_truncation(reports: Sequence[TruncationReport], max_share: float = 0.0
 
 def encode_sample(sample: Sample, reader: MediaReader, chat: ChatEncoder,
                   add_generation_prompt: bool = False) -> dict[str, Any]:
-    """One sample -> ids, labels, slot positions and media items."""
+    """One sample -> ids, labels, slot positions and media items.
+
+    ``media[modality]`` is a list of ``(item, N, cached)``, one per file of the modality in
+    placeholder order: the k-th file's connector tokens fill the k-th placeholder's slots.
+
+    Raises:
+        DataError: a placeholder / media count mismatch, or several files of a modality whose
+            connector is not in the sequence (cross-attention reads one media item per sample).
+    """
     media, slots = {}, {}
-    for modality, path in sample.media.items():
-        item, n, m, cached = reader.read(modality, path)
-        media[modality] = (item, n, cached)
-        slots[modality] = m
+    for modality in sample.media:
+        paths = sample.paths(modality)
+        if len(paths) > 1 and not reader.in_sequence(modality):
+            raise DataError(f"sample {sample.id}: {len(paths)} {modality} files, but the {modality} "
+                            f"connector is not in the sequence (cross-attention context holds one "
+                            f"{modality} item per sample); use one {modality} per record or an "
+                            f"in-sequence connector")
+        reads = [reader.read(modality, p) for p in paths]
+        media[modality] = [(item, n, cached) for item, n, _, cached in reads]
+        slots[modality] = [m for _, _, m, _ in reads]
     try:
         messages = to_messages(sample.conversations)
     except DataError as exc:
@@ -213,11 +273,20 @@ class Collator:
     Batch keys: ``input_ids [B, T]``, ``attention_mask [B, T]``, ``labels [B, T]``,
     ``slots[modality] [B, T]`` (bool), ``media[modality]`` = ``features [B', N, D]`` +
     ``feature_mask [B', N]`` (cached) or ``inputs`` (collated by the encoder), ``ids``.
+    ``B'`` counts the modality's media items: row by row, each row's files in placeholder
+    order (a text-only row adds none, a two-image row two), the order in which the slots
+    appear in ``slots[modality]`` read row-major.
+
+    Args:
+        pad_id: The padding token id.
+        branches: Modality -> branch (``model.branches``) or modality -> encoder; only the
+            encoders' ``collate`` is used.
+        left_pad: Pad on the left (generation) instead of the right (training).
     """
 
-    def __init__(self, pad_id: int, model: MultimodalModel, left_pad: bool = False) -> None:
+    def __init__(self, pad_id: int, branches: Branches, left_pad: bool = False) -> None:
         self.pad_id = pad_id
-        self.encoders = {m: b.encoder for m, b in model.branches.items()}
+        self.encoders = {m: getattr(b, "encoder", b) for m, b in _branches(branches).items()}
         self.left_pad = left_pad
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -239,8 +308,9 @@ class Collator:
                 slots[m][r, sl] = torch.tensor([w == m for w in x["slot_modality"]])
         media = {}
         for m in modalities:
-            # samples without this modality have no slots for it and no row here
-            group = [x["media"][m] for x in items if m in x["media"]]
+            # samples without this modality have no slots for it and no row here; a sample with
+            # several files of it has one row per file, in placeholder order
+            group = [g for x in items for g in x["media"].get(m, ())]
             if all(g[2] for g in group):
                 n_max = max(g[1] for g in group)
                 feats = torch.zeros(len(group), n_max, group[0][0].shape[-1])

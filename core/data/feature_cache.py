@@ -91,6 +91,10 @@ class FeatureTable:
     def lookup(self, path: str) -> torch.Tensor:
         return self._reader.row(self.index[path])
 
+    def length(self, path: str) -> int:
+        """The ``N`` of ``path``'s row, from the stored lengths (no row is read)."""
+        return int(self._reader.lengths[self.index[path]])
+
     def __contains__(self, path: str) -> bool:
         return path in self.index
 

@@ -184,18 +184,20 @@ def validate_conversations(sample: Sample, where: str) -> None:
     (:func:`~mmbridge.types.check_placeholders`); ``where`` prefixes every message."""
     _check_turns(sample, where)
     check_placeholders(((t["from"], t["value"]) for t in sample.conversations),
-                       dict.fromkeys(sample.media, 1), MEDIA_KEYS, where)
+                       sample.media_counts(), MEDIA_KEYS, where)
 
 
-def _media_path(value: Any, key: str, where: str) -> str:
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    elif isinstance(value, list) and value:
-        raise DataError(f"{where}: '{key}' lists {len(value)} files; a sample carries one {key} "
-                        f"file (Sample.media), so split the record into one record per {key}")
-    if not isinstance(value, str) or not value:
-        raise DataError(f"{where}: '{key}' must be one non-empty file path, got {value!r}")
-    return value
+def _media_paths(value: Any, key: str, where: str) -> list[str]:
+    """A record's ``image`` (``audio``) value: one path, or a non-empty list of paths."""
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise DataError(f"{where}: '{key}' is an empty list; give one file path or a list of paths "
+                        f"(one per <{key}> placeholder), or drop the key for a text-only record")
+    for k, v in enumerate(values):
+        if not isinstance(v, str) or not v:
+            at = f" (item {k})" if isinstance(value, list) else ""
+            raise DataError(f"{where}: '{key}'{at} must be a non-empty file path, got {v!r}")
+    return values
 
 
 def _parse(record: Any, index: int, line: int | None, path: Path, root: Path) -> Sample:
@@ -205,15 +207,17 @@ def _parse(record: Any, index: int, line: int | None, path: Path, root: Path) ->
     where = _where(path, index, rid, line)
     if isinstance(rid, bool) or not isinstance(rid, str | int):
         raise DataError(f"{where}: 'id' must be a string or an integer")
-    media: dict[str, str] = {}
+    media: dict[str, str | list[str]] = {}
     for key in MEDIA_KEYS:
         if key not in record:
             continue
-        value = _media_path(record[key], key, where)
-        full = os.path.normpath(value if os.path.isabs(value) else os.path.join(root, value))
-        if not os.path.isfile(full):
-            raise DataError(f"{where}: {key} file not found: {full} (media_root: {root})")
-        media[key] = full
+        full = []
+        for value in _media_paths(record[key], key, where):
+            path_k = os.path.normpath(value if os.path.isabs(value) else os.path.join(root, value))
+            if not os.path.isfile(path_k):
+                raise DataError(f"{where}: {key} file not found: {path_k} (media_root: {root})")
+            full.append(path_k)
+        media[key] = full[0] if len(full) == 1 else full  # one file stays a plain path
     conversations = record.get("conversations")
     if conversations is None:
         raise DataError(f"{where}: missing 'conversations'")
@@ -230,18 +234,47 @@ def _parse(record: Any, index: int, line: int | None, path: Path, root: Path) ->
     return sample
 
 
+@dataclass(frozen=True)
+class DroppedRecord:
+    """One record that ``on_error="skip"`` dropped: where it is and why."""
+
+    file: str
+    index: int  # position of the record in the file (0-based)
+    line: int | None  # line of the record (JSONL: its line; JSON list: where it starts)
+    id: str | None  # the record's id (None when it has none or is not an object)
+    reason: str  # the error, without the file / record prefix
+    message: str  # the full error message, as ``on_error="raise"`` would raise it
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "index": self.index, "line": self.line, "id": self.id,
+                "reason": self.reason}
+
+
 @dataclass
 class ReadReport:
     """What :func:`read_llava` kept and dropped (``on_error="skip"``) from one file."""
 
     path: Path
     kept: int = 0
-    dropped: list[str] = field(default_factory=list)  # one message per dropped record
+    dropped: list[DroppedRecord] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line: ``train.json: kept 998 records, dropped 2 (first: ...)``."""
-        first = f" (first: {self.dropped[0]})" if self.dropped else ""
+        first = f" (first: {self.dropped[0].message})" if self.dropped else ""
         return f"{self.path}: kept {self.kept} records, dropped {len(self.dropped)}{first}"
+
+
+def _dropped(exc: DataError, path: Path, index: int, line: int | None, record: Any) -> DroppedRecord:
+    message = str(exc)
+    rid = record.get("id") if isinstance(record, dict) else None
+    rid = None if rid is None or isinstance(rid, bool) or not isinstance(rid, str | int) else str(rid)
+    # the prefixes that _parse, read_llava and _records put on their messages
+    prefixes = [_where(path, index, rid, line), _where(path, index, line=line), str(path)]
+    if isinstance(record, dict):  # _parse names a record without id by its index
+        prefixes.insert(1, _where(path, index, record.get("id", index), line))
+    prefix = next((p for p in prefixes if message.startswith(f"{p}: ")), None)
+    reason = message[len(prefix) + 2:] if prefix is not None else message
+    return DroppedRecord(str(path), index, line, rid, reason, message)
 
 
 def read_llava(path: str | Path, media_root: str | Path | None = None,
@@ -250,15 +283,16 @@ def read_llava(path: str | Path, media_root: str | Path | None = None,
     """Read and validate a LLaVA JSON (a list) or JSONL file, streaming it once.
 
     Records may mix media and text-only samples; an ``image`` (``audio``) value is one path
-    (a one-element list is accepted). Ids must be unique.
+    or a list of paths with as many ``<image>`` placeholders (the k-th path fills the k-th
+    placeholder; a one-element list reads as one path). Ids must be unique.
 
     Args:
         path: The data file; ``.jsonl`` (or content not starting with ``[``) is read as JSONL.
             A UTF-8 byte-order mark is accepted.
         media_root: Folder that relative media paths start from (default: the file's folder).
         on_error: ``"raise"``: the first invalid record is an error. ``"skip"``: invalid
-            records (and JSONL lines that are not JSON) are dropped, each with its message
-            in ``report.dropped``; an unreadable file or a broken JSON list still raises.
+            records (and JSONL lines that are not JSON) are dropped, each with where it is
+            and why in ``report.dropped``; an unreadable file or a broken JSON list still raises.
         report: Filled with the counts and the dropped records' messages when given.
 
     Returns:
@@ -286,7 +320,7 @@ def read_llava(path: str | Path, media_root: str | Path | None = None,
         except DataError as exc:
             if on_error == "raise":
                 raise
-            report.dropped.append(str(exc))
+            report.dropped.append(_dropped(exc, path, index, line, record))
             continue
         seen[sample.id] = where
         samples.append(sample)
@@ -312,7 +346,9 @@ def to_record(sample: Sample, media_root: str | Path | None = None) -> dict[str,
     record: dict[str, Any] = {"id": sample.id}
     for key in MEDIA_KEYS:
         if key in sample.media:
-            record[key] = _relative(sample.media[key], root)
+            value = sample.media[key]
+            record[key] = (_relative(value, root) if isinstance(value, str)
+                           else [_relative(v, root) for v in value])
     record["conversations"] = [dict(t) for t in sample.conversations]
     if sample.meta:
         record["meta"] = sample.meta

@@ -194,12 +194,31 @@ def test_image_lists_and_duplicate_ids(tmp_path):
     one = {**GOOD, "image": ["img/a.png"]}
     (tmp_path / "one.json").write_text(json.dumps([one]))
     assert read_llava(tmp_path / "one.json")[0].media["image"] == str(tmp_path / "img" / "a.png")
-    two = {**GOOD, "id": "two", "image": ["img/a.png", "img/a.png"],
+    (tmp_path / "img" / "b.png").write_bytes(b"y")
+    two = {**GOOD, "id": "two", "image": ["img/b.png", "img/a.png"],
            "conversations": _turns("<image><image>\nSame?", "yes")}
     (tmp_path / "two.json").write_text(json.dumps([GOOD, two]))
-    with pytest.raises(DataError, match=r"two\.json: record 1 \(id 'two', line 1\): 'image' lists 2 files; a sample "
-                                        r"carries one image file \(Sample.media\), so split the record"):
-        read_llava(tmp_path / "two.json")
+    got = read_llava(tmp_path / "two.json")  # a list of images, in placeholder order
+    assert got[1].media == {"image": [str(tmp_path / "img" / "b.png"), str(tmp_path / "img" / "a.png")]}
+    assert got[1].paths("image") == got[1].media["image"] and got[0].paths("image") == [got[0].media["image"]]
+    assert got[1].media_counts() == {"image": 2} and got[0].paths("audio") == []
+    # one placeholder for two images: one error naming the record and both counts
+    (tmp_path / "short.json").write_text(json.dumps([{**two, "conversations": _turns("<image>\nSame?", "yes")}]))
+    with pytest.raises(DataError, match=r"short\.json: record 0 \(id 'two', line 1\): 1 <image> placeholder\(s\) "
+                                        r"in user turns for 2 image item\(s\); each image item needs exactly one"):
+        read_llava(tmp_path / "short.json")
+    (tmp_path / "many.json").write_text(json.dumps([{**two, "conversations": _turns("<image><image><image>", "x")}]))
+    with pytest.raises(DataError, match=r"record 0 \(id 'two', line 1\): 3 <image> placeholder\(s\) in user turns for 2"):
+        read_llava(tmp_path / "many.json")
+    for bad, needle in [([], r"'image' is an empty list"), (["img/a.png", 3], r"'image' \(item 1\) must be a non-empty file path, got 3"),
+                        (["img/a.png", "img/none.png"], r"image file not found: .*none\.png")]:
+        (tmp_path / "bad.json").write_text(json.dumps([{**two, "image": bad}]))
+        with pytest.raises(DataError, match=r"bad\.json: record 0 \(id 'two', line 1\): " + needle):
+            read_llava(tmp_path / "bad.json")
+    # written back as a list, relative to the media root, and read back equal
+    out = write_llava(got, tmp_path / "out.jsonl", media_root=tmp_path)
+    assert json.loads(out.read_text().splitlines()[1])["image"] == ["img/b.png", "img/a.png"]
+    assert read_llava(out, tmp_path) == got
     (tmp_path / "dup.jsonl").write_text("\n".join(json.dumps(r) for r in [GOOD, {**GOOD, "id": "x"}, GOOD]))
     with pytest.raises(DataError, match=r"dup\.jsonl: record 2 \(id 'ok', line 3\): duplicate id 'ok', "
                                         r"also used by .*dup\.jsonl: record 0 \(id 'ok', line 1\)$"):
@@ -221,10 +240,17 @@ def test_on_error_skip_lists_every_dropped_record(tmp_path):
     got = read_llava(path, on_error="skip", report=report)
     assert [s.id for s in got] == ["ok", "r3"] and report.kept == 2
     assert len(report.dropped) == 4
-    for text, needle in zip(report.dropped, ["invalid JSON at line 2", "record 2 (id 'r2', line 3): image file not found",
-                                             "record 4 (id 'ok', line 5): duplicate id 'ok'",
-                                             "record 5 (id 'r5', line 6): missing 'conversations'"], strict=True):
-        assert needle in text, text
+    for d, needle in zip(report.dropped, ["invalid JSON at line 2", "record 2 (id 'r2', line 3): image file not found",
+                                          "record 4 (id 'ok', line 5): duplicate id 'ok'",
+                                          "record 5 (id 'r5', line 6): missing 'conversations'"], strict=True):
+        assert needle in d.message, d.message
+    # each one: where (file, index, line, id) and why (the message without its prefix)
+    assert [(d.file, d.index, d.line, d.id) for d in report.dropped] == [
+        (str(path), 1, 2, None), (str(path), 2, 3, "r2"), (str(path), 4, 5, "ok"), (str(path), 5, 6, "r5")]
+    assert report.dropped[0].reason.startswith("invalid JSON at line 2, column")
+    assert report.dropped[1].reason == f"image file not found: {tmp_path / 'img' / 'no.png'} (media_root: {tmp_path})"
+    assert report.dropped[2].reason.startswith("duplicate id 'ok', also used by ")
+    assert report.dropped[3].reason == "missing 'conversations'"
     assert report.summary().startswith(f"{path}: kept 2 records, dropped 4 (first: {path}: invalid JSON at line 2")
     with pytest.raises(ConfigError, match="data.on_error: 'ignore' is not one of raise, skip"):
         read_llava(path, on_error="ignore")

@@ -150,7 +150,8 @@ def test_hf_local_parquet_with_paths_goes_through_the_reader_rules(tmp_path):
     report = ReadReport(files.splits["train"])
     samples = read_llava(files.splits["train"], files.media_root, on_error="skip", report=report)
     assert [s.id for s in samples] == ["1"] and samples[0].media == {"image": str(tmp_path / "imgs" / "1.png")}
-    assert len(report.dropped) == 2 and "(id 2," in report.dropped[0] and "(id 3," in report.dropped[1]
+    assert [(d.index, d.id) for d in report.dropped] == [(1, "2"), (2, "3")]
+    assert "(id 2," in report.dropped[0].message and "(id 3," in report.dropped[1].message
 
 
 def test_hf_local_is_a_data_option_of_the_run(tmp_path):
