@@ -57,15 +57,19 @@ SAFE_GLOBALS: list[Any] = []
 
 
 def save_checkpoint(model: MultimodalModel, cfg: DictConfig, out_dir: Path, stages_done: list[str],
-                    registry: Registry | None = None) -> Path:
+                    registry: Registry | None = None,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the trainable weights and the config into ``out_dir``; returns the weights file.
 
     With ``registry``, the plugin, package and version of each built component are recorded,
     so that loading on a machine without the plugin names the package to install.
+    ``weights`` are the tensors to write when the model's own are shards (FSDP, ZeRO-3): what
+    :func:`mmbridge.training.distributed.gather_weights` returned on rank 0; by default the
+    model's trained parameters.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     lora_params = any("lora_" in n for n, _ in model.named_parameters())
-    state = {k: v.contiguous().cpu() for k, v in _weights_to_save(model).items()}
+    state = {k: v.contiguous().cpu() for k, v in (_weights_to_save(model) if weights is None else weights).items()}
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     meta = {"config": cfg_yaml, "stages": json.dumps(stages_done), "lora": json.dumps(lora_params),
             "format": f"{FORMAT_PREFIX}{FORMAT}"}
