@@ -202,7 +202,7 @@ def train(cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = Fal
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     with InterruptGuard() as guard:
-        session = open_session(cfg, registry)
+        session = open_session(cfg, registry, run_dir=out_dir)  # skip mode lists dropped records there
         model = session.model
         loaded = load_init_weights(model, cfg, session.registry)  # init_from=RUN_DIR[:STAGE]
         if loaded:
@@ -273,7 +273,7 @@ def visual_tokens(session: Session) -> dict[str, float]:
             s = next((x for v in session.splits.values() for x in v if modality in x.media), None)
             if s is None:
                 continue
-            _, n, _, _ = session.reader(False).read(modality, s.media[modality])
+            _, n, _, _ = session.reader(False).read(modality, s.paths(modality)[0])
         c = branch.connector
         out[modality] = c.out_tokens(n) if c.in_sequence else getattr(c, "num_latents", 0)
     return out

@@ -20,6 +20,7 @@ from mmbridge.data.dataset import MediaReader
 from mmbridge.data.feature_cache import FeatureTable, load_or_compute
 from mmbridge.data.llava import ReadReport, read_llava
 from mmbridge.errors import AssemblyError, DataError
+from mmbridge.io import atomic_write_text
 from mmbridge.model import MultimodalModel, assemble
 from mmbridge.plugin_manager import load_registry
 from mmbridge.registry import Registry
@@ -65,26 +66,44 @@ class Session:
         return self.eval_helpers[key]
 
 
-def load_splits(cfg: DictConfig, registry: Registry) -> dict[str, list[Sample]]:
-    return read_source(cfg, registry, cfg.data, "data")
+def load_splits(cfg: DictConfig, registry: Registry, run_dir: Path | None = None) -> dict[str, list[Sample]]:
+    return read_source(cfg, registry, cfg.data, "data", run_dir=run_dir)
 
 
-def read_source(cfg: DictConfig, registry: Registry, data_cfg: DictConfig, key: str) -> dict[str, list[Sample]]:
+def dropped_records_file(run_dir: Path, key: str) -> Path:
+    """Where :func:`read_source` lists the records that ``{key}.on_error=skip`` dropped."""
+    return run_dir / ("dropped_records.jsonl" if key == "data" else f"dropped_records.{key}.jsonl")
+
+
+def read_source(cfg: DictConfig, registry: Registry, data_cfg: DictConfig, key: str,
+                run_dir: Path | None = None) -> dict[str, list[Sample]]:
     """Build the data set ``data_cfg`` (config key ``key``), prepare it, read its splits (each
-    file parsed once). With ``{key}.on_error=skip`` bad records are dropped: one summary line
-    per split that lost any, and each dropped record's message in the log."""
+    file parsed once).
+
+    With ``{key}.on_error=skip`` bad records are dropped: one summary line per split that lost
+    any, and, when ``run_dir`` is given, every dropped record (``split``, ``file``, ``index``,
+    ``line``, ``id``, ``reason``; one JSON object a line) in
+    :func:`dropped_records_file` (``run_dir/dropped_records.jsonl`` for ``data``), written
+    atomically, empty when nothing was dropped.
+    """
     source = build(registry, "dataset", data_cfg, key)
     files = source.prepare(Path(cfg.paths.data_dir))
     # a dataset's on_error option: "raise" or "skip" (read_llava refuses others)
     on_error = cast(Literal["raise", "skip"], getattr(source, "on_error", "raise"))
     splits = {}
+    dropped: list[dict] = []
     for name, path in files.splits.items():
         report = ReadReport(Path(path))
         splits[name] = read_llava(path, files.media_root, on_error=on_error, report=report)
+        dropped += [{"split": name, **d.as_dict()} for d in report.dropped]
         if report.dropped:
-            log.warning("%s split '%s': %s", key, name, report.summary())
-            for message in report.dropped:
-                log.info("dropped: %s", message)
+            where = f"; all listed in {dropped_records_file(run_dir, key)}" if run_dir is not None else ""
+            log.warning("%s split '%s': %s%s", key, name, report.summary(), where)
+            for d in report.dropped:
+                log.info("dropped: %s", d.message)
+    if on_error == "skip" and run_dir is not None:
+        atomic_write_text(dropped_records_file(run_dir, key),
+                          "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dropped))
     return splits
 
 
@@ -102,17 +121,19 @@ def check_media(splits: dict[str, list[Sample]], model: MultimodalModel) -> None
                         f"encodes only {', '.join(sorted(have))} (config keys: encoder, branches); "
                         f"add a branch: branches.{modality}.encoder / branches.{modality}.connector")
             check_placeholders(((t.get("from", ""), t.get("value", "")) for t in s.conversations),
-                               dict.fromkeys(s.media, 1), have, f"data split '{split}' sample {s.id}")
+                               s.media_counts(), have, f"data split '{split}' sample {s.id}")
 
 
 def open_session(cfg: DictConfig, registry: Registry, with_data: bool = True,
-                 cache: bool | None = None, device: str | torch.device | None = None) -> Session:
+                 cache: bool | None = None, device: str | torch.device | None = None,
+                 run_dir: Path | None = None) -> Session:
     """Assemble the model of ``cfg`` on its device, read the data and fill the feature cache.
 
     The precision and the dtype of ``dtype: auto`` components are decided from the hardware
     (:func:`mmbridge.training.trainer.run_precision`, one log line says what and why);
     ``device`` (else ``cfg.device``, else the trainer's accelerator) is where the model is
-    evaluated and the features are computed.
+    evaluated and the features are computed. ``run_dir``: where a ``data.on_error=skip`` read
+    lists the records it dropped (see :func:`read_source`).
     """
     decision = run_precision(cfg)
     log.info("precision %s, weights %s: %s", decision.precision, decision.weight_dtype, decision.reason)
@@ -125,7 +146,7 @@ def open_session(cfg: DictConfig, registry: Registry, with_data: bool = True,
     chat = ChatEncoder(tok, list(model.branches), max_length=int(cfg.loader.max_text_tokens),
                        prefix_tokens=prefix.n_tokens if prefix is not None else 0,
                        meta_keys=prefix.meta_keys if prefix is not None else ())
-    splits = load_splits(cfg, registry) if with_data else {}
+    splits = load_splits(cfg, registry, run_dir=run_dir) if with_data else {}
     if splits:
         check_media(splits, model)
     session = Session(cfg, registry, model, chat, splits, precision=decision, device=dev)
@@ -143,7 +164,7 @@ def fill_feature_cache(session: Session) -> None:
         return
     autocast = "bfloat16" if session.precision.precision.startswith("bf16") else None
     for modality, branch in session.model.branches.items():
-        paths = sorted({s.media[modality] for v in session.splits.values() for s in v if modality in s.media})
+        paths = sorted({p for v in session.splits.values() for s in v for p in s.paths(modality)})
         if not paths:
             continue
         try:
