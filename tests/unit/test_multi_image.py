@@ -256,3 +256,21 @@ def test_reader_to_batch_from_a_llava_file(tiny_model, chat, images, tmp_path):
     _, batch = _batch(tiny_model, chat, samples)
     assert [_runs(batch["slots"]["image"][r]) for r in range(3)] == SLOT_RUNS
 
+
+
+def test_several_files_need_an_in_sequence_connector(tiny_model, chat, mixed):
+    """A cross-attention connector (not in the sequence) reads one media item per sample: a
+    two-image record is refused by name, a one-image record passes."""
+    from types import SimpleNamespace
+
+    from mmbridge.plugins.perceivers.gated_xattn import GatedCrossAttention
+
+    encoder = tiny_model.branches["image"].encoder
+    xattn = GatedCrossAttention(encoder.out_dim, tiny_model.llm.hidden_size, num_latents=4, depth=1)
+    reader = MediaReader({"image": SimpleNamespace(encoder=encoder, connector=xattn)})
+    assert not reader.in_sequence("image")
+    with pytest.raises(DataError, match=r"sample two: 2 image files, but the image connector is not in the sequence"):
+        encode_sample(mixed[0], reader, chat)
+    one = encode_sample(mixed[2], reader, chat)  # one image: its latents are context, no slots
+    assert len(one["media"]["image"]) == 1 and "image" not in one["slot_modality"]
+    assert reader.slots("image", mixed[2].paths("image")[0]) == 0
