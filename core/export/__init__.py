@@ -41,6 +41,27 @@ def _writer(fmt: str) -> Callable[[Any, dict[str, str], Path], dict[str, Any]]:
     return write_hf
 
 
+def float32_overrides(checkpoint: str | Path, registry: Registry) -> list[str]:
+    """``KEY.dtype=float32`` for every component node of the stored config that has a dtype
+    (``llm``, ``encoder``, ``branches.*.encoder``).
+
+    ``format=hf`` rebuilds the model in float32 before writing it: Llava holds one dtype, where
+    mmbridge runs a bf16 LLM (``dtype: auto`` on a CPU with native bf16) beside a float32
+    connector and LoRA; merging the LoRA into bf16 weights would round it. The float32 export
+    is the model exactly; load it with ``dtype=torch.bfloat16`` for speed.
+    """
+    from omegaconf import OmegaConf
+
+    from mmbridge.export.bundle import bundle_config, read_manifest
+    from mmbridge.training.checkpoint import read_checkpoint
+
+    p = Path(checkpoint).expanduser()
+    manifest = read_manifest(p) if p.is_dir() else None
+    cfg = bundle_config(p, manifest, registry)[0] if manifest is not None else read_checkpoint(p, registry)[0]
+    nodes = ["llm", "encoder", *(f"branches.{b}.encoder" for b, n in (cfg.get("branches") or {}).items() if n)]
+    return [f"{k}.dtype=float32" for k in nodes if OmegaConf.select(cfg, f"{k}.dtype") is not None]
+
+
 def export(checkpoint: str | Path, out: str | Path, format: str = "bundle", overwrite: bool = False,
            registry: Registry | None = None, device: str | torch.device | None = "cpu") -> Path:
     """Export a checkpoint (or a bundle) as ``format`` into the directory ``out``.
@@ -71,7 +92,8 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "bundle", over
     if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
         raise ConfigError(f"out={out}: exists and is not empty (choose another directory, or overwrite=true)")
     registry = registry or load_registry()
-    session, meta = open_model(checkpoint, registry=registry, device=device)
+    overrides = float32_overrides(checkpoint, registry) if format == "hf" else None
+    session, meta = open_model(checkpoint, overrides, registry=registry, device=device)
     if format == "hf":
         from mmbridge.export.hf import check_representable
 
@@ -98,4 +120,4 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "bundle", over
     return dst
 
 
-__all__ = ["FORMATS", "export"]
+__all__ = ["FORMATS", "export", "float32_overrides"]
