@@ -8,6 +8,7 @@ ends with its checkpoint, and the evaluation follows.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import statistics
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
@@ -38,6 +40,15 @@ from mmbridge.training.checkpoint import (
     read_checkpoint,
     resumable_checkpoint,
     save_checkpoint,
+)
+from mmbridge.training.distributed import (
+    barrier,
+    gather_weights,
+    global_rank,
+    is_fsdp,
+    is_global_zero,
+    is_zero3,
+    unsharded_model,
 )
 from mmbridge.training.init_from import load_init_weights
 from mmbridge.training.loader import make_loader, modality_lengths
@@ -63,12 +74,15 @@ def _loader(ds, batch_size: int, collate, shuffle: bool, cfg: DictConfig, seed: 
                        num_workers=int(cfg.loader.num_workers), lengths=lengths)
 
 
-def run_stage(session: Session, name: str, out_dir: Path, resume: bool,
-              guard: InterruptGuard | None = None, deadline: float | None = None) -> dict[str, Any]:
+def run_stage(session: Session, name: str, out_dir: Path, resume: bool, guard: InterruptGuard | None = None,
+              deadline: float | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Train stage ``name``: its recipe's data, a Lightning ``fit`` from the stage's last
     checkpoint when ``resume``; stops at ``max_steps`` or, with ``deadline`` (a
     ``time.monotonic()`` value), when the time is up. Raises :class:`Interrupted` when ``guard``
-    recorded a signal (after a resumable checkpoint was written)."""
+    recorded a signal (after a resumable checkpoint was written).
+
+    Returns the stage's figures and its trained weights, gathered whole on global rank 0 under
+    FSDP / ZeRO-3 (:func:`mmbridge.training.distributed.gather_weights`; every rank calls it)."""
     cfg, model = session.cfg, session.model
     stage = cfg.stages[name]
     configure_trainable(model, stage)
@@ -136,6 +150,7 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool,
     if ended_early and val_dl is not None and last_val != trainer.global_step:
         # stopped by the budget between two validations: close the val curve where it ended
         trainer.validate(module, val_dl, verbose=False)
+    weights = gather_weights(model, trainer.strategy.model)  # a collective under FSDP / ZeRO-3
     model.to(session.device)  # Lightning's teardown moves the model back to the CPU
     wall = time.perf_counter() - t0
     if ended_early:
@@ -147,7 +162,7 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool,
             "step_time_s": statistics.median(times) if times else float("nan"),
             "samples_per_s": bs / statistics.median(times) if times else float("nan"),
             "steps": int(trainer.global_step), "max_steps": max_steps,
-            "budget_s": budget_s, "rank": trainer.global_rank}
+            "budget_s": budget_s, "rank": trainer.global_rank}, weights
 
 
 def _trainer(cfg: DictConfig, session: Session, out_dir: Path, max_steps: int, stage: DictConfig,
@@ -200,15 +215,17 @@ def train(cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = Fal
     budget_s = float(budget_min) * 60 if budget_min else None
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if is_global_zero():  # rank 0 alone writes the run's files (mmbridge.training.distributed)
+        atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     with InterruptGuard() as guard:
-        session = open_session(cfg, registry, run_dir=out_dir)  # skip mode lists dropped records there
+        session = open_session(cfg, registry, run_dir=out_dir if is_global_zero() else None)  # rank 0 lists drops
         model = session.model
         loaded = load_init_weights(model, cfg, session.registry)  # init_from=RUN_DIR[:STAGE]
         if loaded:
             log.info("init_from=%s: %d tensors loaded", cfg.get("init_from"), len(loaded))
         done: list[str] = []
         stage_metrics: dict[str, Any] = {}
+        weights: dict[str, torch.Tensor] | None = None  # the last stage's, whole on rank 0
         state_file = out_dir / "state.json"
         state = json.loads(state_file.read_text()) if resume and state_file.is_file() else {}
         todo = [n for n in cfg.schedule if n not in state.get("stages_done", [])]
@@ -230,17 +247,24 @@ def train(cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = Fal
                 deadline = time.monotonic() + max(0.0, left) * share
                 log.info("stage %s: %.1f min of the %.1f min budget", name, max(0.0, left) * share / 60,
                          budget_s / 60)
-            stage_metrics[name] = run_stage(session, name, out_dir, resume, guard, deadline)
+            stage_metrics[name], weights = run_stage(session, name, out_dir, resume, guard, deadline)
             done.append(name)
-            if stage_metrics[name]["rank"] == 0:
-                save_checkpoint(model, cfg, export, done, registry=session.registry)
+            if is_global_zero():
+                save_checkpoint(model, cfg, export, done, registry=session.registry, weights=weights)
                 atomic_write_json(state_file, {"stages_done": done, "stage_metrics": stage_metrics})
+            barrier()  # every rank sees the stage's checkpoint before the next stage starts
         final = out_dir / "checkpoints" / "final"
-        rank0 = all(m.get("rank", 0) == 0 for m in stage_metrics.values())
+        rank0 = is_global_zero()
+        sharded = is_fsdp(model) or is_zero3(model)
         if rank0:
-            save_checkpoint(model, cfg, final, done, registry=session.registry)
+            save_checkpoint(model, cfg, final, done, registry=session.registry, weights=weights)
+            if sharded and weights is not None:  # evaluate (and count) an unsharded copy
+                session = dataclasses.replace(session, eval_helpers={}, model=unsharded_model(
+                    cfg, session.registry, session.precision.weight_dtype, session.device, done, weights))
+        else:  # no barrier: a long evaluation would outlast the process group's timeout
+            log.info("rank %d: done; rank 0 evaluates and writes metrics.json", global_rank())
         metrics = {"stages": stage_metrics, "checkpoint": str(final), "seed": int(cfg.seed),
-                   "parameters": model.parameter_counts(),
+                   "parameters": session.model.parameter_counts(),
                    "visual_tokens": visual_tokens(session),
                    "cache": session.cache_stats,
                    "precision": {"trainer": session.precision.precision,
