@@ -55,6 +55,9 @@ class Model:
         self.session = session
         self.meta = meta
         self.path = path
+        #: Prompts -> generation batches on the model's device (no feature cache: media are
+        #: read live).
+        self.batcher = session.batcher(use_cache=False)
 
     @property
     def modalities(self) -> list[str]:
@@ -81,14 +84,8 @@ class Model:
                media: Sequence[dict[str, str]]) -> dict[str, Any]:
         """A left-padded generation batch (on the model's device) of LLaVA-style conversations
         (``from``/``value`` turns, placeholders included) and their media paths."""
-        from mmbridge.data.dataset import Collator, encode_sample
-        from mmbridge.evaluation.qa import to_device
-
-        s = self.session
-        reader = s.reader(use_cache=False)
-        items = [encode_sample(self._sample(list(c), dict(m), k), reader, s.chat, add_generation_prompt=True)
-                 for k, (c, m) in enumerate(zip(conversations, media))]
-        return to_device(Collator(s.chat.pad_id, s.model, left_pad=True)(items), s.device)
+        samples = [self._sample(list(c), dict(m), k) for k, (c, m) in enumerate(zip(conversations, media))]
+        return self.batcher.batch(samples, generation=True)
 
     def _prompt_batch(self, prompt: str | Sequence[str], media: Mapping[str, Media]) -> tuple[list, list, bool]:
         single = isinstance(prompt, str)

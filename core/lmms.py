@@ -9,7 +9,7 @@ A request's visuals (PIL images, audio dicts ``{"array", "sampling_rate"}`` or m
 become the media of an mmbridge :class:`~mmbridge.types.Sample`, one item per modality, placed
 before the prompt as their placeholders unless the prompt already holds them (as
 ``mmbridge generate`` does); in-memory visuals are written once per document to a temporary
-directory, which :class:`~mmbridge.data.dataset.MediaReader` reads like any media file.
+directory, which the :class:`~mmbridge.data.batcher.Batcher` reads like any media file.
 """
 
 from __future__ import annotations
@@ -31,9 +31,7 @@ from lmms_eval.utils import Collator as RequestOrder
 from PIL import Image
 
 from mmbridge.data.chat import IGNORE
-from mmbridge.data.dataset import Collator, encode_sample
 from mmbridge.errors import ConfigError, DataError
-from mmbridge.evaluation.qa import to_device
 from mmbridge.types import Sample, placeholder
 
 log = logging.getLogger(__name__)
@@ -95,7 +93,7 @@ class MMBridgeLMM(lmms):
         self.session = session
         self.model = session.model
         self.chat = session.chat
-        self.reader = session.reader(use_cache=False)
+        self.batcher = session.batcher(use_cache=False)  # right padded: loglikelihood's rows
         self._end_of_turn = self._end_of_turn_ids()
         self._ignored: set[str] = set()
 
@@ -178,12 +176,9 @@ class MMBridgeLMM(lmms):
         tok = self.chat.tokenizer
         with tempfile.TemporaryDirectory(prefix="mmbridge-lmms-") as tmp:
             cache: dict[tuple, dict[str, str]] = {}
-            collate = Collator(self.chat.pad_id, self.model, left_pad=True)
             for chunk in order.get_batched(n=self.batch_size):
                 options, until = self._generation_options(chunk[0][1])
-                items = [encode_sample(self._sample(a, Path(tmp), cache), self.reader, self.chat,
-                                       add_generation_prompt=True) for a in chunk]
-                batch = to_device(collate(items), self.session.device)
+                batch = self.batcher.batch([self._sample(a, Path(tmp), cache) for a in chunk], generation=True)
                 new = self.model.generate(batch, **options)
                 out += [cut_at(tok.decode(row, skip_special_tokens=True), until).strip() for row in new]
         return order.get_original(out)
@@ -228,15 +223,13 @@ class MMBridgeLMM(lmms):
         out: list[tuple[float, bool]] = []
         with tempfile.TemporaryDirectory(prefix="mmbridge-lmms-") as tmp:
             cache: dict[tuple, dict[str, str]] = {}
-            collate = Collator(self.chat.pad_id, self.model)
             for chunk in order.get_batched(n=self.batch_size):
                 items = []
                 for a in chunk:
-                    item = encode_sample(self._sample(a, Path(tmp), cache, answer=a[1].lstrip()),
-                                         self.reader, self.chat)
+                    item = self.batcher.encode(self._sample(a, Path(tmp), cache, answer=a[1].lstrip()))
                     item["labels"] = self._continuation_labels(item["labels"], a)
                     items.append(item)
-                scored = score_continuations(self.model, to_device(collate(items), self.session.device))
+                scored = score_continuations(self.model, self.batcher.to_device(self.batcher.collate(items)))
                 out += [as_response((-lp, greedy)) for lp, greedy in scored]
         return order.get_original(out)
 

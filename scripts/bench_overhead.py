@@ -104,7 +104,6 @@ def setup(overrides: list[str], stage_name: str, batch_size: int) -> tuple[Any, 
     the stage's recipe, images preprocessed (the encoder runs in every step, in all three)."""
     from mmbridge.build import build
     from mmbridge.config import compose
-    from mmbridge.data.dataset import Collator, ConversationDataset
     from mmbridge.plugin_manager import load_registry
     from mmbridge.recipe import RecipeContext
     from mmbridge.training.session import open_session
@@ -118,9 +117,9 @@ def setup(overrides: list[str], stage_name: str, batch_size: int) -> tuple[Any, 
     recipe = build(registry, "recipe", stage.recipe, f"stages.{stage_name}.recipe")
     recipe.setup(RecipeContext(cfg, registry, session.model, {}, Path(cfg.paths.cache_dir)))
     samples = recipe.annotate(session.splits[stage.split][:batch_size])
-    ds = ConversationDataset(samples, recipe, session.reader(use_cache=False), session.chat,
-                             seed=int(cfg.seed))
-    batch = Collator(session.chat.pad_id, session.model)([ds[i] for i in range(len(ds))])
+    batcher = session.batcher(use_cache=False)
+    ds = batcher.dataset(samples, recipe, seed=int(cfg.seed))
+    batch = batcher.collate([ds[i] for i in range(len(ds))])
     return cfg, registry, session, batch
 
 
@@ -342,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     load_start = os.getloadavg()[0]
 
-    from mmbridge.data.feature_cache import _to_device
+    from mmbridge.data.batcher import to_device
     from mmbridge.model import assemble
     from mmbridge.training.module import BridgeModule
     from mmbridge.training.stages import configure_trainable
@@ -351,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, registry, session, batch = setup(args.overrides, args.stage, args.batch_size)
     stage = cfg.stages[args.stage]
     check_model(session, stage.train)
-    batch = _to_device(batch, device)
+    batch = to_device(batch, device)
     clip = float(cfg.trainer.gradient_clip_val or 0)
     amp = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16
            else contextlib.nullcontext)

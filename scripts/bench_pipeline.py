@@ -169,8 +169,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from mmbridge.build import build
-    from mmbridge.data.dataset import Collator, ConversationDataset, MediaReader
-    from mmbridge.data.feature_cache import _to_device, load_or_compute
+    from mmbridge.data.batcher import Batcher, to_device
+    from mmbridge.data.feature_cache import load_or_compute
     from mmbridge.recipe import RecipeContext
     from mmbridge.training.module import BridgeModule
     from mmbridge.training.stages import configure_trainable
@@ -191,10 +191,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     recipe = build(registry, "recipe", stage.recipe, f"stages.{name}.recipe")
     recipe.setup(RecipeContext(cfg, registry, model, tables, Path(cfg.paths.cache_dir)))
     samples = recipe.annotate(samples)
-    ds = ConversationDataset(samples, recipe, MediaReader(model, tables), session.chat, seed=int(cfg.seed))
+    batcher = Batcher.from_model(model, session.chat, tables=tables)
+    ds = batcher.dataset(samples, recipe, seed=int(cfg.seed))
     workers = int(cfg.loader.num_workers)
     loader = iter(DataLoader(ds, batch_size=bs, shuffle=False, num_workers=workers,
-                             collate_fn=Collator(session.chat.pad_id, model)))
+                             collate_fn=batcher.collator))
 
     precision = args.precision or session.precision.precision
     amp = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision.startswith("bf16")
@@ -243,7 +244,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     for i in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
-        batch = _to_device(next(loader), device)
+        batch = to_device(next(loader), device)
         t_data = time.perf_counter() - t0
         # "both": the same batch with reuse off and on, in alternating order, so that the load
         # of a shared machine falls on the two alike and their ratio is paired per step

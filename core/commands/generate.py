@@ -33,8 +33,6 @@ def main(argv: list[str]) -> int:
             if not p.is_file():
                 raise ConfigError(f"{m}={own[m]}: no such file")
             media[m] = str(p.resolve())
-    from mmbridge.data.dataset import Collator, encode_sample
-    from mmbridge.evaluation.qa import to_device
     from mmbridge.export.source import open_model
     from mmbridge.plugin_manager import load_registry
 
@@ -46,8 +44,7 @@ def main(argv: list[str]) -> int:
                           f"it takes: {', '.join(session.model.branches)}")
     text = "".join(placeholder(m) + "\n" for m in media) + own["prompt"]
     sample = Sample(id="prompt", media=media, conversations=[{"from": "human", "value": text}])
-    item = encode_sample(sample, session.reader(use_cache=False), session.chat, add_generation_prompt=True)
-    batch = to_device(Collator(session.chat.pad_id, session.model, left_pad=True)([item]), session.device)
+    batch = session.batcher(use_cache=False).batch([sample], generation=True)
     new = session.model.generate(batch, max_new_tokens=int(own.get("max_new_tokens", 48)))
     print(session.chat.tokenizer.decode(new[0], skip_special_tokens=True).strip())
     return 0

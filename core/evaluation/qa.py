@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from mmbridge.data.chat import ChatEncoder
-from mmbridge.data.dataset import Collator, MediaReader, encode_sample, strip_media
+from mmbridge.data.batcher import Batcher
+from mmbridge.data.dataset import strip_media
 from mmbridge.evaluation import benchmarks
 from mmbridge.metrics import normalize_text, word_error_rate
 from mmbridge.model import MultimodalModel
@@ -76,28 +76,27 @@ def wer_by_type(items: Sequence[QAItem], preds: Sequence[str], qtypes: Sequence[
 
 
 @torch.no_grad()
-def answer(model: MultimodalModel, items: Sequence[QAItem], reader: MediaReader, chat: ChatEncoder,
+def answer(model: MultimodalModel, items: Sequence[QAItem], batcher: Batcher,
            batch_size: int = 16, max_new_tokens: int = 12, without_media: bool = False,
            progress: bool = True, infos: list[dict[str, Any] | None] | None = None) -> list[str]:
-    """Greedy answers for the questions (optionally with the media removed). With ``infos``,
+    """Greedy answers for the questions (optionally with the media removed), each question a
+    generation prompt through ``batcher`` (left padded, on the model's device). With ``infos``,
     what the model's sequence prefix decided for each question (``SequencePrefix.last_info``,
     e.g. AlignGPT's gate weights; None without one) is appended to it."""
-    collate = Collator(chat.pad_id, model, left_pad=True)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     outs: list[str] = []
-    tok = chat.tokenizer
+    tok = batcher.chat.tokenizer
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task("evaluating" + (" (no media)" if without_media else ""), total=len(items))
         for i in range(0, len(items), batch_size):
             chunk = items[i : i + batch_size]
-            encoded = []
+            prompts = []
             for it in chunk:
                 s = strip_media(it.sample) if without_media else it.sample
-                s = s.replace(conversations=s.conversations[:-1])
-                encoded.append(encode_sample(s, reader, chat, add_generation_prompt=True))
-            batch = to_device(collate(encoded), device)
+                prompts.append(s.replace(conversations=s.conversations[:-1]))
+            batch = batcher.batch(prompts, device=device, generation=True)
             if model.prefix is not None:
                 model.prefix.last_info = None
             new = model.generate(batch, max_new_tokens=max_new_tokens)
@@ -110,8 +109,8 @@ def answer(model: MultimodalModel, items: Sequence[QAItem], reader: MediaReader,
     return outs
 
 
-def exact_match(model: MultimodalModel, items: Sequence[QAItem], reader: MediaReader,
-                chat: ChatEncoder, prefix: str = "", records: list[dict] | None = None,
+def exact_match(model: MultimodalModel, items: Sequence[QAItem], batcher: Batcher,
+                prefix: str = "", records: list[dict] | None = None,
                 wer_qtypes: Sequence[str] = (), **kwargs) -> dict[str, float]:
     """Exact match (after :func:`normalize`) overall and per question type, the word error
     rate of the types in ``wer_qtypes`` (transcriptions), and the official metric of the
@@ -123,7 +122,7 @@ def exact_match(model: MultimodalModel, items: Sequence[QAItem], reader: MediaRe
     ``gate/entropy`` (mean entropy of the gate weights over log(N-1): 1 = uniform, 0 = one
     level) and ``gate/max_weight``."""
     infos: list[dict[str, Any] | None] = []
-    preds = answer(model, items, reader, chat, infos=infos, **kwargs)
+    preds = answer(model, items, batcher, infos=infos, **kwargs)
     bench, scores = benchmarks.score([it.sample.meta for it in items], [it.answer for it in items], preds,
                                      [it.qtype for it in items], prefix)
     correct: dict[str, list[bool]] = defaultdict(list)
@@ -186,12 +185,3 @@ def chance(train: Sequence[QAItem], test: Sequence[QAItem], prefix: str = "chanc
     for it in test:
         correct[it.qtype].append(majority.get(it.qtype) == normalize(it.answer))
     return summarise(correct, prefix)
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """``batch`` (a tensor, or a dict of them, nested) on ``device``; other values as they are."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch

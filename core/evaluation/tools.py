@@ -25,10 +25,9 @@ from omegaconf import DictConfig
 
 from mmbridge.build import build
 from mmbridge.config import to_container
-from mmbridge.data.chat import ChatEncoder
-from mmbridge.data.dataset import Collator, MediaReader, encode_sample
+from mmbridge.data.batcher import Batcher
 from mmbridge.errors import ConfigError
-from mmbridge.evaluation.qa import QAItem, normalize, summarise, to_device
+from mmbridge.evaluation.qa import QAItem, normalize, summarise
 from mmbridge.model import MultimodalModel
 from mmbridge.progress import Progress
 from mmbridge.registry import Registry
@@ -36,26 +35,26 @@ from mmbridge.tools import GenerateFn, Tool, ToolCaller
 from mmbridge.types import Sample, placeholder
 
 
-def model_generate_fn(model: MultimodalModel, chat: ChatEncoder, reader: MediaReader,
-                      media: Mapping[str, str], max_new_tokens: int) -> GenerateFn:
+def model_generate_fn(model: MultimodalModel, batcher: Batcher, media: Mapping[str, str | list[str]],
+                      max_new_tokens: int) -> GenerateFn:
     """``generate(messages) -> str`` for a caller: the messages (roles user / assistant /
     system / tool) through the chat template, the sample's media in the slots of the
     placeholders the messages hold, greedy decoding. ``generate.tokenizer`` lets the ``llm``
     caller choose its format (tagged ``<tool_call>`` JSON: mmbridge's chat encoder renders no
     ``tools=`` list)."""
-    collate = Collator(chat.pad_id, model, left_pad=True)
     device = next(model.parameters()).device
+    tok = batcher.chat.tokenizer
 
     def generate(messages: list[dict[str, Any]]) -> str:
         convs = [{"from": m["role"], "value": str(m.get("content") or "")} for m in messages]
         text = "".join(c["value"] for c in convs)
         present = {k: v for k, v in media.items() if placeholder(k) in text}
         sample = Sample(id="tool-eval", media=present, conversations=convs, meta={})
-        batch = to_device(collate([encode_sample(sample, reader, chat, add_generation_prompt=True)]), device)
+        batch = batcher.batch([sample], device=device, generation=True)
         new = model.generate(batch, max_new_tokens=max_new_tokens)
-        return chat.tokenizer.decode(new[0], skip_special_tokens=True).strip()
+        return tok.decode(new[0], skip_special_tokens=True).strip()
 
-    generate.tokenizer = chat.tokenizer  # type: ignore[attr-defined]
+    generate.tokenizer = tok  # type: ignore[attr-defined]
     return generate
 
 
@@ -82,7 +81,7 @@ def build_caller(registry: Registry, node: Mapping[str, Any] | DictConfig, key: 
 
 
 @torch.no_grad()
-def caller_exact_match(model: MultimodalModel, chat: ChatEncoder, reader: MediaReader,
+def caller_exact_match(model: MultimodalModel, batcher: Batcher,
                        items: Sequence[QAItem], caller: ToolCaller, prefix: str,
                        max_new_tokens: int = 64, records: list[dict] | None = None,
                        progress: bool = True) -> dict[str, float]:
@@ -97,7 +96,7 @@ def caller_exact_match(model: MultimodalModel, chat: ChatEncoder, reader: MediaR
             task = bar.add_task(f"evaluating ({prefix.rstrip('/')})", total=len(items))
             for it in items:
                 question = it.sample.conversations[0]["value"]
-                gen = model_generate_fn(model, chat, reader, it.sample.media, max_new_tokens)
+                gen = model_generate_fn(model, batcher, it.sample.media, max_new_tokens)
                 run = caller.run(question, it.sample.media, gen)
                 ok = normalize(run.answer) == normalize(it.answer)
                 correct[it.qtype].append(ok)

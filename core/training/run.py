@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mmbridge.build import build
-from mmbridge.data.dataset import Collator, ConversationDataset, check_truncation, truncation_report
+from mmbridge.data.dataset import check_truncation, truncation_report
 from mmbridge.errors import ConfigError
 from mmbridge.evaluation.runner import ValQuestions, evaluate_session
 from mmbridge.io import atomic_write_json, atomic_write_text
@@ -93,18 +93,19 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool, guard: I
     recipe.setup(RecipeContext(cfg, session.registry, model, session.tables, Path(cfg.paths.cache_dir)))
     train_samples = recipe.annotate(session.splits[stage.split])
     val_samples = recipe.annotate(session.splits["val"]) if "val" in session.splits else []
-    reader = session.reader()
+    batcher = session.batcher()
     seed = int(cfg.seed)
-    train_ds = ConversationDataset(train_samples, recipe, reader, session.chat, seed=seed, split=stage.split)
-    val_ds = ConversationDataset(val_samples, recipe, reader, session.chat, seed=seed + 1, split="val")
+    train_ds = batcher.dataset(train_samples, recipe, seed=seed, split=stage.split)
+    val_ds = batcher.dataset(val_samples, recipe, seed=seed + 1, split="val")
     reports = [truncation_report(train_ds)] + ([truncation_report(val_ds)] if len(val_ds) else [])
     check_truncation(reports, max_share=float(cfg.loader.max_truncated_share), stage=name)
-    collate = Collator(session.chat.pad_id, model)
+    collate = batcher.collator
     bs = int(stage.batch_size)
     train_dl = _loader(train_ds, bs, collate, True, cfg, seed)
     val_dl = _loader(val_ds, bs, collate, False, cfg, seed) if len(val_ds) else None
     ev_cfg = cfg.evaluation
-    evaluator = ValQuestions(session, int(ev_cfg.val_samples), int(ev_cfg.max_new_tokens), int(ev_cfg.batch_size))
+    evaluator = ValQuestions(session.splits.get("val", []), batcher, int(ev_cfg.val_samples),
+                             int(ev_cfg.max_new_tokens), int(ev_cfg.batch_size))
     max_steps = int(stage.max_steps)
     ckpt_dir = out_dir / "checkpoints" / name
     # the two newest step checkpoints and last.ckpt (a damaged last.ckpt falls back)
@@ -297,7 +298,7 @@ def visual_tokens(session: Session) -> dict[str, float]:
             s = next((x for v in session.splits.values() for x in v if modality in x.media), None)
             if s is None:
                 continue
-            _, n, _, _ = session.reader(False).read(modality, s.paths(modality)[0])
+            _, n, _, _ = session.batcher(use_cache=False).reader.read(modality, s.paths(modality)[0])
         c = branch.connector
         out[modality] = c.out_tokens(n) if c.in_sequence else getattr(c, "num_latents", 0)
     return out

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Literal, cast
 
 import torch
 from omegaconf import DictConfig
 
 from mmbridge.build import build
 from mmbridge.config import merge_overrides
+from mmbridge.data.batcher import Batcher
 from mmbridge.data.chat import ChatEncoder
-from mmbridge.data.dataset import MediaReader
 from mmbridge.data.feature_cache import FeatureTable, load_or_compute
 from mmbridge.data.llava import ReadReport, read_llava
 from mmbridge.errors import AssemblyError, DataError
@@ -49,21 +48,15 @@ class Session:
     splits: dict[str, list[Sample]]
     tables: dict[str, FeatureTable] = field(default_factory=dict)
     cache_stats: dict[str, dict] = field(default_factory=dict)
-    #: Evaluation helpers built once per session and reused across evaluations (tool callers
-    #: of ``evaluation.tool_callers``, the ``evaluation.reference_asr`` tool), by config key.
-    eval_helpers: dict[str, Any] = field(default_factory=dict)
     #: The precision decision of the run and the device its model lives on.
     precision: PrecisionDecision = field(default_factory=lambda: PrecisionDecision("32-true", "float32", "default"))
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-    def reader(self, use_cache: bool = True) -> MediaReader:
-        return MediaReader(self.model, self.tables if use_cache else None)
-
-    def eval_helper(self, key: str, make: Callable[[], Any]) -> Any:
-        """``eval_helpers[key]``, built by ``make()`` the first time it is asked for."""
-        if key not in self.eval_helpers:
-            self.eval_helpers[key] = make()
-        return self.eval_helpers[key]
+    def batcher(self, use_cache: bool = True, left_pad: bool = False) -> Batcher:
+        """The samples -> batch pipeline of this run's model and chat encoder, on its device;
+        with ``use_cache``, media whose features the feature cache holds are read from it."""
+        return Batcher.from_model(self.model, self.chat, tables=self.tables if use_cache else None,
+                                  left_pad=left_pad, device=self.device)
 
 
 def load_splits(cfg: DictConfig, registry: Registry, run_dir: Path | None = None) -> dict[str, list[Sample]]:

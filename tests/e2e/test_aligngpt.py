@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 
 from mmbridge.build import build
 from mmbridge.config import compose
+from mmbridge.data.batcher import Batcher
 from mmbridge.data.chat import IGNORE, ChatEncoder
-from mmbridge.data.dataset import Collator, MediaReader, encode_sample
 from mmbridge.data.llava import read_llava
 from mmbridge.errors import ConfigError, DataError
 from mmbridge.model import assemble
@@ -150,8 +150,7 @@ def collate(model, samples: list[Sample], generation: bool = False) -> dict:
                        prefix_tokens=model.prefix.n_tokens, meta_keys=model.prefix.meta_keys)
     if generation:
         samples = [s.replace(conversations=s.conversations[:1]) for s in samples]
-    items = [encode_sample(s, MediaReader(model), chat, add_generation_prompt=generation) for s in samples]
-    return Collator(chat.pad_id, model, left_pad=generation)(items)
+    return Batcher.from_model(model, chat).batch(samples, generation=generation)
 
 
 def test_indicator_slot_after_bos_ignored_and_gate_blind_to_answers(llm, samples):
@@ -364,7 +363,7 @@ def test_evaluation_records_what_the_gate_decided(llm, samples):
           for s in samples[:3]]
     items = qa_items(qa)
     records: list[dict] = []
-    out = exact_match(model, items, MediaReader(model), chat, records=records, max_new_tokens=2,
+    out = exact_match(model, items, Batcher.from_model(model, chat), records=records, max_new_tokens=2,
                       batch_size=2, progress=False)
     gates = [r["prefix"]["gate"] for r in records]
     assert len(gates) == 3 and all(len(g) == LEVELS - 1 for g in gates)
@@ -385,6 +384,7 @@ def test_evaluation_records_what_the_gate_decided(llm, samples):
 
     model.prefix.configure(stage("uniform"))
     records = []
-    out = exact_match(model, items, MediaReader(model), chat, records=records, max_new_tokens=2, progress=False)
+    out = exact_match(model, items, Batcher.from_model(model, chat), records=records, max_new_tokens=2,
+                      progress=False)
     assert [r["prefix"] for r in records] == [{"mode": "uniform"}] * 3
     assert "gate/entropy" not in out

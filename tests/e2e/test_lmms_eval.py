@@ -24,8 +24,6 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from mmbridge.config import compose  # noqa: E402
 from mmbridge.data.chat import IGNORE  # noqa: E402
-from mmbridge.data.dataset import Collator, encode_sample  # noqa: E402
-from mmbridge.evaluation.qa import to_device  # noqa: E402
 from mmbridge.plugin_manager import load_registry  # noqa: E402
 from mmbridge.plugins.encoders._audio import chirp, write_wav  # noqa: E402
 from mmbridge.plugins.encoders.whisper_encoder import WhisperEncoder  # noqa: E402
@@ -85,8 +83,7 @@ def direct_answer(session, media: dict[str, str], question: str) -> str:
     """The model's answer through ``mmbridge generate``'s path (one prompt, no batching)."""
     text = "".join(f"<{m}>\n" for m in media) + question
     sample = Sample(id="q", media=media, conversations=[{"from": "human", "value": text}])
-    item = encode_sample(sample, session.reader(use_cache=False), session.chat, add_generation_prompt=True)
-    batch = to_device(Collator(session.chat.pad_id, session.model, left_pad=True)([item]), session.device)
+    batch = session.batcher(use_cache=False).batch([sample], generation=True)
     new = session.model.generate(batch, max_new_tokens=GEN_TOKENS)
     return session.chat.tokenizer.decode(new[0], skip_special_tokens=True).strip()
 
@@ -96,13 +93,14 @@ def direct_logprob(session, image: str, question: str, choice: str) -> float:
     cross-entropy over the answer's tokens (the template's ``<|end|>\\n`` unlabelled) x count."""
     sample = Sample(id="q", media={"image": image}, conversations=[
         {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": choice}])
-    item = encode_sample(sample, session.reader(use_cache=False), session.chat)
+    batcher = session.batcher(use_cache=False)
+    item = batcher.encode(sample)
     end = session.chat.tokenizer("<|end|>\n", add_special_tokens=False)["input_ids"]
     at = [i for i, t in enumerate(item["labels"]) if t != IGNORE]
     assert [item["labels"][i] for i in at[-len(end):]] == end
     for i in at[-len(end):]:
         item["labels"][i] = IGNORE
-    batch = to_device(Collator(session.chat.pad_id, session.model)([item]), session.device)
+    batch = batcher.to_device(batcher.collate([item]))
     with torch.no_grad():
         loss = session.model(batch)
     return -float(loss) * (len(at) - len(end))
@@ -246,13 +244,13 @@ def test_score_continuations_marks_the_greedy_tokens(bench):
     from mmbridge.lmms import score_continuations
 
     session, _ = session_from_checkpoint(str(bench["ckpt"]), with_data=False, device="cpu")
-    reader, chat = session.reader(use_cache=False), session.chat
+    batcher, chat = session.batcher(use_cache=False), session.chat
     rows = []
     for k in (0, 1):
         sample = Sample(id=str(k), media={"image": str(bench["root"] / f"{k}.png")},
                         conversations=[{"from": "human", "value": "<image>\n" + QUESTIONS[k] * (1 + 2 * k)}])
-        item = encode_sample(sample, reader, chat, add_generation_prompt=True)
-        batch = to_device(Collator(chat.pad_id, session.model, left_pad=True)([item]), session.device)
+        item = batcher.encode(sample, add_generation_prompt=True)
+        batch = batcher.to_device(batcher.collate([item], left_pad=True))
         new = session.model.generate(batch, max_new_tokens=4)[0].tolist()
         rows.append((item, new))
     (item, new), (other, other_new) = rows
@@ -263,8 +261,7 @@ def test_score_continuations_marks_the_greedy_tokens(bench):
                 "labels": [IGNORE] * len(item["input_ids"]) + answer,
                 "slot_modality": item["slot_modality"] + [""] * len(answer)}
 
-    batch = Collator(chat.pad_id, session.model)([with_answer(item, new), with_answer(other, other_new),
-                                                  with_answer(item, changed)])
+    batch = batcher.collate([with_answer(item, new), with_answer(other, other_new), with_answer(item, changed)])
     (lp, greedy), (_, other_greedy), (lp_changed, changed_greedy) = score_continuations(session.model, batch)
     assert greedy and other_greedy and not changed_greedy
     assert lp_changed < lp < 0

@@ -119,14 +119,13 @@ def test_generate_answers_about_a_real_photo(trained, tmp_path):
               "prompt=What colour is the circle?", "max_new_tokens=5", cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
     # The CLI answer is the greedy answer of the same checkpoint through the Python API.
-    from mmbridge.data.dataset import Collator, encode_sample
     from mmbridge.training.session import session_from_checkpoint
     from mmbridge.types import Sample
 
     session, _ = session_from_checkpoint(str(run / "checkpoints" / "final"), with_data=False)
     sample = Sample("p", {"image": str(photo)}, [{"from": "human", "value": "<image>\nWhat colour is the circle?"}])
-    item = encode_sample(sample, session.reader(False), session.chat, add_generation_prompt=True)
-    new = session.model.generate(Collator(session.chat.pad_id, session.model, left_pad=True)([item]), max_new_tokens=5)
+    batch = session.batcher(use_cache=False).batch([sample], generation=True)
+    new = session.model.generate(batch, max_new_tokens=5)
     assert new.shape == (1, 5) or int(new[0, -1]) in (session.chat.tokenizer.eos_token_id, session.chat.pad_id)
     assert out.stdout.strip() == session.chat.tokenizer.decode(new[0], skip_special_tokens=True).strip()
 

@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from mmbridge.config import compose
+from mmbridge.data.batcher import Batcher
 from mmbridge.data.chat import ChatEncoder
-from mmbridge.data.dataset import Collator, MediaReader, encode_sample
 from mmbridge.data.llava import read_llava
 from mmbridge.errors import CheckpointError
 from mmbridge.model import assemble
@@ -69,8 +69,8 @@ def loader(tmp_path_factory):
     recipe = CaptionPretrainRecipe()
     samples = [recipe(s, random.Random(i)) for i, s in enumerate(read_llava(files.splits["train"], files.media_root))]
     chat = ChatEncoder(model.llm.tokenizer, list(model.branches), max_length=256)
-    items = [encode_sample(s, MediaReader(model), chat) for s in samples]
-    return DataLoader(items, batch_size=4, collate_fn=Collator(chat.pad_id, model))
+    batcher = Batcher.from_model(model, chat)
+    return DataLoader([batcher.encode(s) for s in samples], batch_size=4, collate_fn=batcher.collator)
 
 
 def fit(ckpt_dir: Path, loader, max_steps: int, ckpt_path: str | Path | None = None):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mmbridge.config import compose
+from mmbridge.data.batcher import Batcher
 from mmbridge.data.chat import IGNORE, ChatEncoder
-from mmbridge.data.dataset import Collator, MediaReader, encode_sample
 from mmbridge.errors import ConfigError
 from mmbridge.model import assemble
 from mmbridge.prefix_kv import plan_prefix, shared_prefix_length
@@ -40,8 +40,7 @@ def batch_of(model, samples, system: bool = False, left_pad: bool = False):
     if system:
         samples = [s.replace(conversations=[{"from": "system", "value": SYSTEM}, *s.conversations])
                    for s in samples]
-    items = [encode_sample(s, MediaReader(model), chat) for s in samples]
-    return Collator(chat.pad_id, model, left_pad=left_pad)(items)
+    return Batcher.from_model(model, chat, left_pad=left_pad).batch(samples)
 
 
 def loss_and_grads(model, batch, reuse):
