@@ -260,7 +260,7 @@ def train(cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = Fal
         if rank0:
             save_checkpoint(model, cfg, final, done, registry=session.registry, weights=weights)
             if sharded and weights is not None:  # evaluate (and count) an unsharded copy
-                session = dataclasses.replace(session, eval_helpers={}, model=unsharded_model(
+                session = dataclasses.replace(session, model=unsharded_model(
                     cfg, session.registry, session.precision.weight_dtype, session.device, done, weights))
         else:  # no barrier: a long evaluation would outlast the process group's timeout
             log.info("rank %d: done; rank 0 evaluates and writes metrics.json", global_rank())
