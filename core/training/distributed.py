@@ -10,7 +10,9 @@ Under DDP, FSDP or DeepSpeed every process runs :func:`mmbridge.training.run.tra
   its shards (a collective: every rank calls it) and rank 0 gets the full tensors, on the CPU;
 - **the final evaluation runs on rank 0 alone, on the whole test split**, with an unsharded
   model (:func:`unsharded_model` where training sharded it); the other ranks finish without
-  waiting for it (a long evaluation would outlast the process group's collective timeout).
+  waiting for it (a long evaluation would outlast the process group's collective timeout);
+- **after a sharded stage the next one starts from a plain copy** (:func:`unsharded_model`
+  with ``broadcast``): rank 0's gathered weights broadcast to a freshly assembled model.
   Sharding the evaluation set and gathering the answers would be faster on many GPUs, but
   generation is a small share of a run and one process keeps the figures exactly those of
   ``mmbridge eval`` on the same checkpoint.
@@ -149,22 +151,48 @@ def gather_weights(model: MultimodalModel, root: nn.Module | None = None) -> dic
     return {clean_name(n): p.detach() for n, p in model.named_parameters() if clean_name(n) in names}
 
 
+def broadcast_weights(model: MultimodalModel, weights: dict[str, torch.Tensor]) -> None:
+    """Load rank 0's ``weights`` into every rank's ``model`` (a collective: every rank calls).
+
+    Rank 0 loads them (:func:`~mmbridge.training.checkpoint.load_weights` checks names and
+    shapes), then each saved parameter is broadcast in place, one tensor at a time (no rank
+    holds a second copy of the model); the other ranks' ``weights`` are ignored (empty)."""
+    if is_global_zero():
+        load_weights(model, weights, "the weights gathered from the ranks")
+    if world_size() == 1:
+        return
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in sorted(saved_names(model)):
+            dist.broadcast(own[name].data, src=0)
+
+
 def unsharded_model(cfg: DictConfig, registry: Registry, weight_dtype: str, device: torch.device,
-                    stages_done: list[str], weights: dict[str, torch.Tensor]) -> MultimodalModel:
-    """A plain (not sharded) copy of the trained model, for rank 0's final evaluation after an
-    FSDP / ZeRO-3 run: assembled from ``cfg`` as ``mmbridge eval`` assembles it from the
-    checkpoint, configured for ``stages_done`` (LoRA layers), with the gathered ``weights``.
+                    stages_done: list[str], weights: dict[str, torch.Tensor],
+                    broadcast: bool = False) -> MultimodalModel:
+    """A plain (not sharded) copy of the trained model: assembled from ``cfg`` as ``mmbridge
+    eval`` assembles it from a checkpoint, configured for ``stages_done`` (LoRA layers), with
+    the gathered ``weights``.
+
+    FSDP and ZeRO-3 shard the model's modules in place, and a later stage changes which
+    parameters train (LoRA layers injected into wrapped blocks would escape the sharding), so
+    after a sharded stage the run goes on with such a copy: on rank 0 alone for the final
+    evaluation, on every rank (``broadcast``) before the next stage.
 
     Args:
         cfg: The run config.
         registry: The run's registry.
         weight_dtype: The dtype of ``dtype: auto`` components (the run's precision decision).
-        device: Where the model is evaluated.
+        device: Where the model lives (this rank's device).
         stages_done: The stages that trained, in order.
-        weights: :func:`gather_weights` on rank 0.
+        weights: :func:`gather_weights` on rank 0 (empty on the other ranks).
+        broadcast: Every rank calls and gets rank 0's weights (:func:`broadcast_weights`).
     """
     model = assemble(resolve_auto_dtypes(cfg, weight_dtype), registry).to(device)
     for stage in stages_done:
         configure_trainable(model, cfg.stages[stage])
-    load_weights(model, weights, "the weights gathered from the ranks")
+    if broadcast:
+        broadcast_weights(model, weights)
+    else:
+        load_weights(model, weights, "the weights gathered from the ranks")
     return model.eval()

@@ -254,6 +254,11 @@ def train(cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = Fal
                 save_checkpoint(model, cfg, export, done, registry=session.registry, weights=weights)
                 atomic_write_json(state_file, {"stages_done": done, "stage_metrics": stage_metrics})
             barrier()  # every rank sees the stage's checkpoint before the next stage starts
+            if (is_fsdp(model) or is_zero3(model)) and name != cfg.schedule[-1]:
+                # sharded in place: the next stage (its own trainable set, LoRA) gets a plain copy
+                model = unsharded_model(cfg, session.registry, session.precision.weight_dtype,
+                                        session.device, done, weights, broadcast=True)
+                session = dataclasses.replace(session, model=model, eval_helpers={})
         final = out_dir / "checkpoints" / "final"
         rank0 = is_global_zero()
         sharded = is_fsdp(model) or is_zero3(model)

@@ -99,7 +99,7 @@ WORKER = textwrap.dedent("""
     from mmbridge.plugin_manager import load_registry
     from mmbridge.training.stages import configure_trainable
     from mmbridge.training.strategies import block_classes
-    from mmbridge.training.distributed import gather_weights, is_fsdp, saved_names
+    from mmbridge.training.distributed import gather_weights, is_fsdp, saved_names, unsharded_model
 
     class Root(nn.Module):  # what Lightning wraps: a module holding the model
         def __init__(self, model):
@@ -136,6 +136,11 @@ WORKER = textwrap.dedent("""
             open(f"{{out}}/rank0.txt", "w").write(f"{{is_fsdp(model)}} {{len(sharded)}}")
         else:
             open(f"{{out}}/rank1.txt", "w").write(str(len(got)))
+        # the next stage's plain copy on every rank: rank 0's gathered weights broadcast
+        fresh = unsharded_model(cfg, reg, "float32", torch.device("cpu"), ["align", "instruct"], got,
+                                broadcast=True)
+        own = dict(fresh.named_parameters())
+        save_file({{n: own[n].detach().contiguous() for n in names}}, f"{{out}}/fresh{{rank}}.safetensors")
         dist.destroy_process_group()
 
     if __name__ == "__main__":
@@ -153,7 +158,8 @@ def _free_port() -> str:
 def test_fsdp_shards_on_two_cpu_processes_are_gathered_whole_on_rank_0(tmp_path):
     """Two gloo processes shard the tiny model per decoder / encoder block (FSDP2); each adds
     ``1 + rank`` to its own shards; rank 0 gathers: every saved tensor has the full shape, the
-    first half of each flat tensor +1 and the second half +2."""
+    first half of each flat tensor +1 and the second half +2. Then both ranks rebuild a plain
+    model from rank 0's weights (broadcast), as a run does before its next stage."""
     script = tmp_path / "fsdp_worker.py"
     script.write_text(WORKER)
     env = {k: v for k, v in os.environ.items() if k not in RANK_KEYS}
@@ -168,6 +174,11 @@ def test_fsdp_shards_on_two_cpu_processes_are_gathered_whole_on_rank_0(tmp_path)
     before = load_file(str(tmp_path / "before.safetensors"))
     assert got.keys() == before.keys()
     assert any("lora_B" in k for k in got) and any(k.startswith("branches.image.connector.") for k in got)
+    for r in (0, 1):  # both ranks go on with a plain copy holding rank 0's gathered weights
+        fresh = load_file(str(tmp_path / f"fresh{r}.safetensors"))
+        assert fresh.keys() == got.keys()
+        for k in got:
+            assert torch.equal(fresh[k], got[k]), (r, k)
     for k, b in before.items():
         assert got[k].shape == b.shape, k
         rows = b.shape[0] if b.dim() else 1
