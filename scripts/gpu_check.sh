@@ -3,7 +3,9 @@
 #   1. experiment=tiny in bf16 on CUDA (both stages)
 #   2. the quickstart (real DINOv2-S + SmolLM2-135M) in bf16 on CUDA, budget_minutes=3
 #   3. mmbridge eval and mmbridge generate of the quickstart checkpoint on the GPU
-#   4. the `gpu`-marked tests
+#   4. experiment=tiny under trainer=fsdp on every GPU (one FSDP unit per block; checkpoints
+#      gathered on rank 0, rank 0 evaluates)
+#   5. the `gpu`-marked tests
 # and prints each stage's median step time (metrics.json stages.<name>.step_time_s) and the
 # peak CUDA memory of each run. Without a CUDA device it says so in one line and exits 0.
 # usage: scripts/gpu_check.sh [OUT_DIR]      (default: outputs/gpu_check)
@@ -40,8 +42,12 @@ img.save(sys.argv[1])
 PY
 "${MM[@]}" generate "checkpoint=$CKPT" "image=$OUT/red_circle.png" "prompt=What shape is this?" \
   max_new_tokens=8 device=cuda | tee "$OUT/generate.txt"
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+stamp "tiny: trainer=fsdp on $NGPU GPU(s)"
+"${MM[@]}" train experiment=tiny trainer=fsdp "trainer.devices=$NGPU" trainer.enable_progress_bar=false \
+  stages.instruct.train.llm=lora "hydra.run.dir=$OUT/tiny_fsdp" > "$OUT/tiny_fsdp.log" 2>&1
 stamp "gpu-marked tests"
-"$PY" -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -3
+"$PY" -m pytest -q -m gpu tests/e2e/test_gpu.py 2>&1 | tail -3
 
 "$PY" - "$OUT" <<'PY'
 import json, sys
@@ -49,7 +55,7 @@ from pathlib import Path
 import torch
 out = Path(sys.argv[1])
 print(f"\nGPU: {torch.cuda.get_device_name(0)}")
-for run in ("tiny", "quickstart"):
+for run in ("tiny", "quickstart", "tiny_fsdp"):
     m = json.loads((out / run / "metrics.json").read_text())
     stages = ", ".join(f"{name} {s['steps']} steps x {s['step_time_s'] * 1000:.1f} ms"
                        for name, s in m["stages"].items())
