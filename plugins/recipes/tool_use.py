@@ -201,13 +201,14 @@ class ToolUseRecipe(DataRecipe):
         return sample.replace(meta={**sample.meta, "tool_results": results})
 
     def _run(self, tool: Tool, arguments: dict[str, Any], sample: Sample) -> ToolCall:
+        media = sample.single_media()  # a tool reads one file per modality
         if self._cache is None:
-            return execute({tool.name: tool}, tool.name, arguments, sample.media)
-        key = _cache_key(tool, arguments, sample.media)
+            return execute({tool.name: tool}, tool.name, arguments, media)
+        key = _cache_key(tool, arguments, media)
         hit = self._cache.get(tool.name, key)
         if hit is not None:
             return ToolCall(tool.name, arguments, hit, ok=True)
-        done = execute({tool.name: tool}, tool.name, arguments, sample.media)
+        done = execute({tool.name: tool}, tool.name, arguments, media)
         if done.ok:
             self._cache.put(tool.name, key, done.result)
         return done

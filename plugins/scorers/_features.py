@@ -35,7 +35,7 @@ def media_paths(samples: Sequence[Sample], modality: str) -> list[str]:
     for s in samples:
         if modality not in s.media:
             raise DataError(f"sample {s.id}: no {modality} to score (media: {', '.join(s.media) or 'none'})")
-        out.append(s.media[modality])
+        out.append(s.single_media()[modality])
     return out
 
 
