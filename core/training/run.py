@@ -57,6 +57,7 @@ from mmbridge.training.module import BridgeModule
 from mmbridge.training.resume import ResumableCheckpoint
 from mmbridge.training.session import Session, open_session
 from mmbridge.training.stages import check_schedule, configure_trainable
+from mmbridge.training.strategies import shards_parameters
 from mmbridge.training.trainer import peak_memory_mb, tidy_lightning_output, trainer_kwargs
 
 log = logging.getLogger("mmbridge.train")
@@ -104,8 +105,9 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool, guard: I
     train_dl = _loader(train_ds, bs, collate, True, cfg, seed)
     val_dl = _loader(val_ds, bs, collate, False, cfg, seed) if len(val_ds) else None
     ev_cfg = cfg.evaluation
-    evaluator = ValQuestions(session.splits.get("val", []), batcher, int(ev_cfg.val_samples),
-                             int(ev_cfg.max_new_tokens), int(ev_cfg.batch_size))
+    sharded = shards_parameters(cfg.trainer)  # FSDP / ZeRO-3: no generation outside the forward pass
+    evaluator = None if sharded else ValQuestions(session.splits.get("val", []), batcher, int(ev_cfg.val_samples),
+                                                  int(ev_cfg.max_new_tokens), int(ev_cfg.batch_size))
     max_steps = int(stage.max_steps)
     ckpt_dir = out_dir / "checkpoints" / name
     # the two newest step checkpoints and last.ckpt (a damaged last.ckpt falls back)
@@ -126,7 +128,7 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool, guard: I
     record = bool((cfg.get("debug") or {}).get("record_sample_ids", False))
     if record:
         module.seen_ids = []
-    if ckpt_path is None and val_dl is not None:  # the starting point of the val curve
+    if ckpt_path is None and val_dl is not None and not sharded:  # the starting point of the val curve
         _trainer(cfg, session, out_dir, max_steps, stage, [], False).validate(module, val_dl, verbose=False)
     val_s = time.perf_counter() - t0
     budget_s = None

@@ -36,6 +36,24 @@ def block_classes(model: MultimodalModel) -> set[type[nn.Module]]:
     return classes
 
 
+#: Strategies that shard the model's parameters in place for the whole ``fit``: outside the
+#: strategy's own forward pass a process holds only its shards of them.
+SHARDING_PREFIXES = ("fsdp", "deepspeed_stage_3")
+
+
+def shards_parameters(trainer_cfg: Any) -> bool:
+    """Whether ``trainer.strategy`` shards the parameters (FSDP, DeepSpeed ZeRO-3).
+
+    Under such a strategy a run skips what would call into the model outside Lightning's
+    forward pass, where the shards are not gathered: the generated validation questions
+    (the validation loss stays) and the separate opening validation, whose own Trainer would
+    wrap the blocks before ``fit`` does. The final evaluation runs on rank 0 with an unsharded
+    copy (:mod:`mmbridge.training.distributed`)."""
+    strategy = trainer_cfg.get("strategy", "auto")
+    name = getattr(strategy, "strategy_name", strategy)
+    return isinstance(name, str) and name.startswith(SHARDING_PREFIXES)
+
+
 def make_strategy(trainer_cfg: Any, model: MultimodalModel) -> Any:
     """``trainer.strategy`` as ``L.Trainer(strategy=...)`` takes it.
 

@@ -186,3 +186,12 @@ def test_fsdp_shards_on_two_cpu_processes_are_gathered_whole_on_rank_0(tmp_path)
         delta = (got[k] - b).reshape(rows, -1)
         torch.testing.assert_close(delta[:half], torch.full_like(delta[:half], 1.0), msg=k)
         torch.testing.assert_close(delta[half:], torch.full_like(delta[half:], 2.0), msg=k)
+
+
+@pytest.mark.parametrize(("preset", "sharded"), [("fsdp", True), ("deepspeed_zero3", True),
+                                                 ("deepspeed_zero2", False), ("gpu_ddp", False),
+                                                 ("slurm_ddp", False), ("ddp_cpu", False), ("cpu", False)])
+def test_the_presets_that_shard_parameters_in_place(preset, sharded):
+    from mmbridge.training.strategies import shards_parameters
+
+    assert shards_parameters(compose([*BASE, f"trainer={preset}"], REGISTRY).trainer) is sharded
