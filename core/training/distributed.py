@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
@@ -139,10 +139,11 @@ def gather_weights(model: MultimodalModel, root: nn.Module | None = None) -> dic
             raise ValueError("gather_weights: an FSDP model needs the wrapped root module")
         full = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         prefix = _prefix(root, model)
-        out = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-        return {k: v for k, v in out.items() if k in names}
+        # a model's state dict holds tensors only (the DCP types allow containers in general)
+        return {k[len(prefix):]: cast(torch.Tensor, v) for k, v in full.items()
+                if k.startswith(prefix) and k[len(prefix):] in names}
     if is_zero3(model):
-        import deepspeed  # only ZeRO-3 runs reach here: deepspeed is installed there
+        import deepspeed  # type: ignore[import-not-found]  # only ZeRO-3 runs reach here: installed there
 
         params = {clean_name(n): p for n, p in model.named_parameters() if clean_name(n) in names}
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):

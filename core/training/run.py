@@ -190,6 +190,17 @@ def _write_debug(out_dir: Path, stage: str, rank: int, module: BridgeModule) -> 
     save_file(state, str(d / f"{stage}_rank{rank}_weights.safetensors"))
 
 
+def unsharded_session(session: Session, stages_done: list[str], weights: dict[str, torch.Tensor],
+                      broadcast: bool = False) -> Session:
+    """``session`` with a plain copy of its model holding ``weights`` (gathered on rank 0;
+    with ``broadcast`` every rank calls and gets them): after an FSDP / ZeRO-3 stage, for the
+    next stage (every rank) and for the final evaluation (rank 0)
+    (:func:`mmbridge.training.distributed.unsharded_model`)."""
+    model = unsharded_model(session.cfg, session.registry, session.precision.weight_dtype, session.device,
+                            stages_done, weights, broadcast=broadcast)
+    return dataclasses.replace(session, model=model)
+
+
 def stage_fractions(cfg: DictConfig, names: list[str]) -> dict[str, float]:
     """Each stage's share of the time budget: ``stages.<name>.budget_fraction`` normalised over
     ``names`` (equal shares where none is set)."""
@@ -258,17 +269,15 @@ def train(cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = Fal
             barrier()  # every rank sees the stage's checkpoint before the next stage starts
             if (is_fsdp(model) or is_zero3(model)) and name != cfg.schedule[-1]:
                 # sharded in place: the next stage (its own trainable set, LoRA) gets a plain copy
-                model = unsharded_model(cfg, session.registry, session.precision.weight_dtype,
-                                        session.device, done, weights, broadcast=True)
-                session = dataclasses.replace(session, model=model, eval_helpers={})
+                session = unsharded_session(session, done, weights, broadcast=True)
+                model = session.model
         final = out_dir / "checkpoints" / "final"
         rank0 = is_global_zero()
         sharded = is_fsdp(model) or is_zero3(model)
         if rank0:
             save_checkpoint(model, cfg, final, done, registry=session.registry, weights=weights)
             if sharded and weights is not None:  # evaluate (and count) an unsharded copy
-                session = dataclasses.replace(session, model=unsharded_model(
-                    cfg, session.registry, session.precision.weight_dtype, session.device, done, weights))
+                session = unsharded_session(session, done, weights)
         else:  # no barrier: a long evaluation would outlast the process group's timeout
             log.info("rank %d: done; rank 0 evaluates and writes metrics.json", global_rank())
         metrics = {"stages": stage_metrics, "checkpoint": str(final), "seed": int(cfg.seed),

@@ -88,6 +88,27 @@ def test_one_process_gathers_exactly_what_a_checkpoint_saves_and_rebuilds_an_equ
     load_weights(plain, got, "again")  # the same names and shapes a checkpoint load checks
 
 
+def test_unsharded_session_keeps_the_session_and_swaps_in_a_model_with_the_weights(tmp_path):
+    from mmbridge.training.run import unsharded_session
+    from mmbridge.training.session import open_session
+
+    cfg = compose([*BASE, "trainer=fp32", f"paths.cache_dir={tmp_path}"], REGISTRY)
+    session = open_session(cfg, REGISTRY, with_data=False)
+    configure_trainable(session.model, cfg.stages.align)
+    with torch.no_grad():
+        for p in session.model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    weights = gather_weights(session.model)
+    for broadcast in (False, True):  # one process: the broadcast is rank 0's own load
+        copy = unsharded_session(session, ["align"], weights, broadcast=broadcast)
+        assert copy.model is not session.model and copy.chat is session.chat and copy.cfg is session.cfg
+        own = dict(copy.model.named_parameters())
+        assert set(weights) == saved_names(copy.model)
+        for k, v in weights.items():
+            assert torch.equal(own[k], v), k
+
+
 WORKER = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
     from torch import nn
