@@ -162,7 +162,7 @@ def reference_asr(items: Sequence[QAItem], tool, qtypes: Sequence[str], prefix: 
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task("reference ASR", total=len(chosen))
         for it in chosen:
-            preds.append(str(tool(audio=it.sample.media["audio"])))
+            preds.append(str(tool(audio=it.sample.single_media()["audio"])))
             bar.advance(task)
     if records is not None:
         for it, p in zip(chosen, preds):

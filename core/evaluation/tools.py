@@ -96,8 +96,9 @@ def caller_exact_match(model: MultimodalModel, batcher: Batcher,
             task = bar.add_task(f"evaluating ({prefix.rstrip('/')})", total=len(items))
             for it in items:
                 question = it.sample.conversations[0]["value"]
-                gen = model_generate_fn(model, batcher, it.sample.media, max_new_tokens)
-                run = caller.run(question, it.sample.media, gen)
+                media = it.sample.single_media()  # a tool caller reads one file per modality
+                gen = model_generate_fn(model, batcher, media, max_new_tokens)
+                run = caller.run(question, media, gen)
                 ok = normalize(run.answer) == normalize(it.answer)
                 correct[it.qtype].append(ok)
                 n_calls += len(run.calls)
