@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers import shared_registry
 from omegaconf import OmegaConf
 
 from mmbridge.build import build, check_arguments
@@ -10,7 +11,6 @@ from mmbridge.config import compose, group_options
 from mmbridge.errors import ConfigError
 from mmbridge.plugin_manager import load_registry
 
-REGISTRY = load_registry(autoload=False)
 # Groups whose options are placed at a different package than the group name.
 PLACED = {"stage": "stages.align", "recipe": "stages.align.recipe", "scorer": "stages.align.recipe.scorer"}
 # Groups chosen inside another option's defaults list: the overrides that bring them in.
@@ -25,7 +25,7 @@ INJECTED = {"connector": {"in_dim": 1, "out_dim": 1}, "tool_caller": {"tools": {
 
 
 def _all_options():
-    for group, options in group_options(REGISTRY).items():
+    for group, options in group_options(shared_registry()).items():
         for option in options:
             yield group, option
 
@@ -45,16 +45,21 @@ def _node_key(group: str, option: str) -> str:
     return f"tools.{option}" if group == "tools" else PLACED.get(group, group)
 
 
-@pytest.mark.parametrize(("group", "option"), list(_all_options()))
+def pytest_generate_tests(metafunc):
+    # at collection, not import: importing this module builds no registry
+    if metafunc.definition.name == "test_every_option_composes":
+        metafunc.parametrize(("group", "option"), list(_all_options()))
+
+
 def test_every_option_composes(group, option):
-    cfg = compose([*NEEDS.get(group, []), _override(group, option)], REGISTRY)
+    cfg = compose([*NEEDS.get(group, []), _override(group, option)], shared_registry())
     assert cfg is not None
     OmegaConf.to_container(cfg, resolve=False)
     node = OmegaConf.select(cfg, _node_key(group, option))
     kind = GROUP_KIND.get(group)
     if kind and node is not None and "name" in node:
         # The option names a registered component and only arguments its constructor takes.
-        entry = REGISTRY.get(kind, node.name)
+        entry = shared_registry().get(kind, node.name)
         args = {k: v for k, v in OmegaConf.to_container(node).items() if k != "name"}
         injected = INJECTED.get(kind, {})
         assert check_arguments(entry, group, args, injected) == []
@@ -62,18 +67,18 @@ def test_every_option_composes(group, option):
 
 def test_unknown_option_lists_the_valid_ones():
     with pytest.raises(ConfigError) as err:
-        compose(["connector=mpl"], REGISTRY)
+        compose(["connector=mpl"], shared_registry())
     msg = str(err.value)
     assert "connector" in msg and "did you mean 'mlp'" in msg and "linear" in msg
 
 
 def test_stages_are_one_group_used_twice():
-    cfg = compose([], REGISTRY)
+    cfg = compose([], shared_registry())
     assert set(cfg.stages) >= {"align", "instruct"}
     assert cfg.stages.align.train.llm == "frozen"
     assert cfg.stages.align.recipe.name == "caption"
     assert cfg.stages.instruct.recipe.name == "conversations"
-    cfg = compose(["stage@stages.align=instruct"], REGISTRY)
+    cfg = compose(["stage@stages.align=instruct"], shared_registry())
     assert cfg.stages.align.train.llm == "lora"
 
 
@@ -95,6 +100,6 @@ def register_components(registry):
 
 def test_bad_argument_is_reported_with_key_and_valid_names():
     with pytest.raises(ConfigError) as err:
-        build(REGISTRY, "connector", {"name": "mlp", "depht": 2, "bogus": 1}, "connector", in_dim=4, out_dim=8)
+        build(shared_registry(), "connector", {"name": "mlp", "depht": 2, "bogus": 1}, "connector", in_dim=4, out_dim=8)
     msg = str(err.value)
     assert "connector.depht" in msg and "did you mean 'depth'" in msg and "connector.bogus" in msg

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
+from helpers import shared_registry
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from mmbridge.config import compose
-from mmbridge.plugin_manager import load_registry
 from mmbridge.training.distributed import global_rank
 from mmbridge.training.trainer import PrecisionDecision, trainer_kwargs
 from mmbridge.validation import config_errors
 
-REGISTRY = load_registry(autoload=False)
 #: Task 13 of a 2 nodes x 8 GPUs job: the 6th GPU (local id 5) of the second node.
 SLURM_TASK = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "mmbridge", "SLURM_NTASKS": "16",
               "SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2",
@@ -31,17 +30,17 @@ def no_launcher(monkeypatch):
 
 
 def test_outside_slurm_the_preset_is_one_gpu_on_one_node(no_launcher):
-    cfg = compose(["experiment=tiny", "trainer=slurm_ddp"], REGISTRY)
+    cfg = compose(["experiment=tiny", "trainer=slurm_ddp"], shared_registry())
     assert (cfg.trainer.devices, cfg.trainer.num_nodes, cfg.trainer.strategy) == (1, 1, "ddp")
-    assert config_errors(cfg, REGISTRY) == []
+    assert config_errors(cfg, shared_registry()) == []
 
 
 def test_under_srun_lightning_takes_the_allocation_and_the_task_ranks(no_launcher):
     for key, value in SLURM_TASK.items():
         no_launcher.setenv(key, value)
-    cfg = compose(["experiment=tiny", "trainer=slurm_ddp"], REGISTRY)
+    cfg = compose(["experiment=tiny", "trainer=slurm_ddp"], shared_registry())
     assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (8, 2)  # ints, from the allocation
-    assert config_errors(cfg, REGISTRY) == []
+    assert config_errors(cfg, shared_registry()) == []
     kw = trainer_kwargs(cfg, PrecisionDecision("32-true", "float32", "test"))
     assert kw["precision"] == "32-true" and kw["strategy"] == "ddp"
     kw["accelerator"] = "cpu"  # no GPU here: the same process layout on CPU processes

@@ -15,15 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import mmbridge_exe
+from helpers import mmbridge_exe, shared_registry
 
 from mmbridge.config import compose
 from mmbridge.errors import ConfigError
-from mmbridge.plugin_manager import load_registry
 from mmbridge.reporting import aggregate, direction, fmt, write_report
 from mmbridge.runs import finished_run, gather_runs, interrupted, unfinished_runs
 
-REGISTRY = load_registry(autoload=False)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -203,7 +201,7 @@ def test_hydra_plugin_presets_compose(override, node, target):
     module = target.rsplit(".", 1)[0]
     pytest.importorskip(module, reason=f"{override} needs {module.split('.')[1].replace('_', '-')} "
                                        f"(pip install 'mmbridge[sweep]')")
-    cfg = compose([override], REGISTRY, return_hydra_config=True)
+    cfg = compose([override], shared_registry(), return_hydra_config=True)
     conf = cfg.hydra[node]
     assert conf._target_ == target
     import importlib
@@ -232,7 +230,7 @@ def test_trainer_presets_compose_with_lightning_strategy_names(preset, strategy)
     from lightning.pytorch.strategies import StrategyRegistry
 
     # without the default experiment: `tiny` pins precision 32-true for its tiny matrices
-    trainer = compose([f"trainer={preset}", "~experiment"], REGISTRY).trainer
+    trainer = compose([f"trainer={preset}", "~experiment"], shared_registry()).trainer
     assert trainer.accelerator == "gpu" and trainer.precision == "bf16-mixed"
     assert trainer.strategy == strategy and (strategy == "auto" or strategy in StrategyRegistry)
     if preset == "fsdp":  # Lightning refuses norm clipping under FSDP
@@ -247,7 +245,7 @@ def test_ablation_presets_define_grids_whose_jobs_compose(preset, n_jobs, key):
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    cfg = compose([f"experiment={preset}"], REGISTRY, return_hydra_config=True)
+    cfg = compose([f"experiment={preset}"], shared_registry(), return_hydra_config=True)
     assert cfg.run_name == preset
     params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
     jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)[0]
@@ -255,7 +253,7 @@ def test_ablation_presets_define_grids_whose_jobs_compose(preset, n_jobs, key):
     for job in jobs:
         if any(o.startswith("seed=") for o in job) and "seed=0" not in job:
             continue
-        job_cfg = compose([f"experiment={preset}", *job], REGISTRY)
+        job_cfg = compose([f"experiment={preset}", *job], shared_registry())
         value = next(o.split("=", 1)[1] for o in job if o.startswith(key + "="))
         got = job_cfg.connector.name if key == "connector" else job_cfg
         if key != "connector":

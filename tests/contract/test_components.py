@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import shared_registry
 from torch import nn
 
 from mmbridge.build import build
 from mmbridge.config import builtin_conf_dir
 from mmbridge.errors import ConfigError
-from mmbridge.plugin_manager import load_registry
 from mmbridge.plugins.converters.linear import LinearConverter
 from mmbridge.plugins.converters.mlp import MLPConverter
 from mmbridge.plugins.encoders.hf_vision import HFVisionEncoder
@@ -19,8 +19,6 @@ from mmbridge.plugins.encoders.timm_encoder import TimmEncoder
 from mmbridge.plugins.llms.hf_causal import HFCausalLM
 from mmbridge.testing import tiny
 from mmbridge.testing.contracts import check_encoder
-
-REGISTRY = load_registry(autoload=False)
 
 
 def _conf(group: str, option: str):
@@ -110,11 +108,11 @@ def test_timm_feature_layer_and_pooling_values(vit_dir):
 
 
 def test_tiny_vit_config_builds():
-    enc = build(REGISTRY, "encoder", _conf("encoder", "tiny_vit"), "encoder")
+    enc = build(shared_registry(), "encoder", _conf("encoder", "tiny_vit"), "encoder")
     x = torch.zeros(3, 64, 64)
     assert isinstance(enc, TimmEncoder) and enc.out_dim == 192 and enc.num_tokens(x) == 64
     assert enc(x[None])[0].shape == (1, 64, 192)
-    again = build(REGISTRY, "encoder", _conf("encoder", "tiny_vit"), "encoder")
+    again = build(shared_registry(), "encoder", _conf("encoder", "tiny_vit"), "encoder")
     assert again.cache_identity() == enc.cache_identity()  # seeded random weights: same cache key
 
 
@@ -288,11 +286,11 @@ def test_tiny_llama_asset_converts_and_loads(tmp_path, monkeypatch):
     from mmbridge.assets import CACHE_ENV, resolve_model_path
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
-    path = resolve_model_path("tiny-llama", registry=REGISTRY, key="llm.path")
+    path = resolve_model_path("tiny-llama", registry=shared_registry(), key="llm.path")
     assert path == str(tmp_path / "assets" / "tiny-llama")
     check = (tmp_path / "assets" / "tiny-llama" / "CHECK.txt").read_text()
     assert "reloaded logits identical" in check and "2x128" in check
-    llm = build(REGISTRY, "llm", _conf("llm", "tiny_llama"), "llm")  # the smoke run's LLM config
+    llm = build(shared_registry(), "llm", _conf("llm", "tiny_llama"), "llm")  # the smoke run's LLM config
     assert isinstance(llm, HFCausalLM) and llm.local_path == path
     assert llm.hidden_size == 128 and len(llm.decoder_layers) == 2
     ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Where is the red circle?"}],
@@ -305,7 +303,7 @@ def test_tiny_llama_asset_converts_and_loads(tmp_path, monkeypatch):
 
 # -- real offline models (slower) ---------------------------------------------------------------
 def _asset_or_skip(name: str) -> None:
-    asset = REGISTRY.get("asset", name).create()
+    asset = shared_registry().get("asset", name).create()
     if not (asset.is_converted() or asset.source_available()):
         pytest.skip(f"asset {name} is not installed")
 
@@ -313,7 +311,7 @@ def _asset_or_skip(name: str) -> None:
 @pytest.mark.integration
 def test_dinov2_small_config(tmp_path):
     _asset_or_skip("dinov2-small")
-    enc = build(REGISTRY, "encoder", _conf("encoder", "dinov2_small"), "encoder")
+    enc = build(shared_registry(), "encoder", _conf("encoder", "dinov2_small"), "encoder")
     assert enc.out_dim == 384 and enc.grid == (8, 8)
     check_encoder(enc, tmp_path)
     a, b = (enc.preprocess(enc.load(enc.example_media(tmp_path, i))) for i in (0, 1))
@@ -325,7 +323,7 @@ def test_dinov2_small_config(tmp_path):
 @pytest.mark.integration
 def test_smollm2_answers_and_splits_like_the_model():
     _asset_or_skip("smollm2-135m-instruct")
-    llm = build(REGISTRY, "llm", _conf("llm", "smollm2"), "llm")
+    llm = build(shared_registry(), "llm", _conf("llm", "smollm2"), "llm")
     tok = llm.tokenizer
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import shared_registry
 from rich.console import Console
 from torch import nn
 
@@ -13,7 +14,15 @@ from mmbridge.plugin_manager import load_registry
 from mmbridge.testing.contracts import check_connector, check_encoder
 from mmbridge.testing.report import IN_DIM, OUT_DIM, run_contract_checks
 
-REGISTRY = load_registry()
+# test -> the kind of component it runs on, each registered one (installed plugins included)
+OVER_REGISTRY = {"test_connector_contract": "connector", "test_encoder_contract": "encoder"}
+
+
+def pytest_generate_tests(metafunc):
+    # at collection, not import: importing this module builds no registry
+    kind = OVER_REGISTRY.get(metafunc.definition.name)
+    if kind:
+        metafunc.parametrize("name", shared_registry(autoload=True).names(kind))
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +32,14 @@ def tiny_llm(tmp_path_factory):
     return HFCausalLM.for_testing(tmp_path_factory.mktemp("llm"))
 
 
-@pytest.mark.parametrize("name", REGISTRY.names("connector"))
 def test_connector_contract(name, tmp_path, request):
-    connector = REGISTRY.get("connector", name).cls.for_testing(tmp_path, in_dim=IN_DIM, out_dim=OUT_DIM)
+    connector = shared_registry(autoload=True).get("connector", name).cls.for_testing(tmp_path, in_dim=IN_DIM, out_dim=OUT_DIM)
     llm = None if connector.in_sequence else request.getfixturevalue("tiny_llm")
     check_connector(connector, llm=llm)
 
 
-@pytest.mark.parametrize("name", REGISTRY.names("encoder"))
 def test_encoder_contract(name, tmp_path):
-    encoder = REGISTRY.get("encoder", name).cls.for_testing(tmp_path)
+    encoder = shared_registry(autoload=True).get("encoder", name).cls.for_testing(tmp_path)
     check_encoder(encoder, tmp_path)
 
 

@@ -135,7 +135,7 @@ def test_tool_use_finds_in_process_tools_in_the_run_registry(tmp_path, builds):
     recipe = build(registry, "recipe", {"name": "tool_use", "tools": ["echo"], "no_tool_ratio": 0.0},
                    "recipe")
     assert isinstance(recipe, ToolUseRecipe)
-    recipe.setup(RecipeContext(cfg=None, registry=registry, model=None, tables={}, cache_dir=tmp_path))
+    recipe.setup(RecipeContext(registry=registry, model=None, tables={}, cache_dir=tmp_path))
     assert len(builds) == 1  # the recipe built no registry of its own
     # the prompt lists the registered name, though the class sets none
     assert '{"name": "echo", "description": "Repeat the text."' in recipe.prompt

@@ -9,19 +9,18 @@ from collections import Counter
 
 import pytest
 import torch
+from helpers import shared_registry
 
 from mmbridge.build import build
 from mmbridge.config import compose
 from mmbridge.data.llava import read_llava
 from mmbridge.errors import ConfigError, DataError
 from mmbridge.model import assemble
-from mmbridge.plugin_manager import load_registry
 from mmbridge.plugins.datasets.shapes import ShapesDataset, make_sample
 from mmbridge.plugins.scorers.agreement import agreement, auroc, ranks, spearman
 from mmbridge.recipe import RecipeContext
 from mmbridge.testing.tiny import build_tiny_tokenizer
 
-REGISTRY = load_registry(autoload=False)
 NOISE = {"wrong_colour": 0.15, "unrelated": 0.25}
 
 
@@ -103,16 +102,16 @@ def noisy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def context(tmp_path_factory):
-    cfg = compose(["experiment=aligngpt", "alignment.levels=4", "encoder.image_size=32"], REGISTRY)
+    cfg = compose(["experiment=aligngpt", "alignment.levels=4", "encoder.image_size=32"], shared_registry())
     torch.manual_seed(0)
-    model = assemble(cfg, REGISTRY)
-    return RecipeContext(cfg, REGISTRY, model, {}, tmp_path_factory.mktemp("cache"))
+    model = assemble(cfg, shared_registry())
+    return RecipeContext(shared_registry(), model, {}, tmp_path_factory.mktemp("cache"))
 
 
 def test_align_levels_with_the_contrastive_scorer_find_the_corrupted_captions(noisy, context, text_model):
     node = {"name": "align_levels", "levels": None,
             "scorer": {"name": "contrastive", "text_model": text_model, "batch_size": 128}}
-    recipe = build(REGISTRY, "recipe", node, "stages.align.recipe")
+    recipe = build(shared_registry(), "recipe", node, "stages.align.recipe")
     recipe.setup(context)
     assert recipe.levels == 4  # follows alignment.levels
     train = recipe.annotate(noisy["train"])
@@ -138,16 +137,16 @@ def test_align_levels_with_the_contrastive_scorer_find_the_corrupted_captions(no
 
 
 def test_align_levels_checks_levels_and_the_scorer(context, noisy):
-    recipe = build(REGISTRY, "recipe", {"name": "align_levels", "levels": 8}, "stages.align.recipe")
+    recipe = build(shared_registry(), "recipe", {"name": "align_levels", "levels": 8}, "stages.align.recipe")
     with pytest.raises(ConfigError, match="recipe.levels=8 but alignment.levels=4"):
         recipe.setup(context)
     with pytest.raises(ConfigError, match="annotate"):
-        build(REGISTRY, "recipe", {"name": "align_levels"}, "r").annotate(noisy["train"])
-    scorer = build(REGISTRY, "scorer", {"name": "contrastive"}, "recipe.scorer")
+        build(shared_registry(), "recipe", {"name": "align_levels"}, "r").annotate(noisy["train"])
+    scorer = build(shared_registry(), "scorer", {"name": "contrastive"}, "recipe.scorer")
     with pytest.raises(ConfigError, match="setup\\(context\\)"):
         scorer.fit(noisy["train"])
     with pytest.raises(ConfigError, match="recipe.scorer.batch_size"):
-        build(REGISTRY, "scorer", {"name": "contrastive", "batch_size": 1}, "recipe.scorer")
+        build(shared_registry(), "scorer", {"name": "contrastive", "batch_size": 1}, "recipe.scorer")
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +175,7 @@ def test_clip_scorer_is_the_cosine_of_clips_embeddings(tiny_clip, noisy):
 
     path, model, tok = tiny_clip
     samples = noisy["train"][:6]
-    scorer = build(REGISTRY, "scorer", {"name": "clip", "path": path, "batch_size": 4}, "recipe.scorer")
+    scorer = build(shared_registry(), "scorer", {"name": "clip", "path": path, "batch_size": 4}, "recipe.scorer")
     got = scorer.score(samples)
     assert got.shape == (6,) and bool((got.abs() <= 1).all())
     # independently: CLIP's projected image and text features, normalised
@@ -200,7 +199,7 @@ def test_clip_scorer_is_the_cosine_of_clips_embeddings(tiny_clip, noisy):
 @pytest.mark.integration
 def test_contrastive_scorer_with_minilm_on_noisy_shapes(noisy, context):
     """The real offline text encoder (all-MiniLM-L6-v2): a stronger agreement."""
-    scorer = build(REGISTRY, "scorer", {"name": "contrastive", "batch_size": 128}, "recipe.scorer")
+    scorer = build(shared_registry(), "scorer", {"name": "contrastive", "batch_size": 128}, "recipe.scorer")
     scorer.setup(context)
     scorer.fit(noisy["train"])
     scores = scorer.score(noisy["train"])

@@ -13,13 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import shared_registry
 
 import mmbridge
 from mmbridge.export import export
-from mmbridge.plugin_manager import load_registry
 from mmbridge.plugins.encoders._image import example_png
 
-REGISTRY = load_registry(autoload=False)
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "What colour is the shape?"
 # the smallest real run (as tests/test_registry_once.py): 1 step per stage, 4 test questions
@@ -37,12 +36,12 @@ def run(tmp_path_factory):
     """``mmbridge.train`` with the CLI's default run directory under ``paths.output_root``."""
     root = tmp_path_factory.mktemp("api")
     overrides = [*SMALL, f"paths.output_root={root / 'outputs'}", f"paths.cache_dir={root / 'cache'}"]
-    return root, overrides, mmbridge.train(overrides, registry=REGISTRY)
+    return root, overrides, mmbridge.train(overrides, registry=shared_registry())
 
 
 @pytest.fixture(scope="module")
 def bundle(run):
-    return export(run[2].checkpoint, run[0] / "bundle", format="bundle", registry=REGISTRY)
+    return export(run[2].checkpoint, run[0] / "bundle", format="bundle", registry=shared_registry())
 
 
 def test_train_returns_the_run_directory_and_its_metrics(run):
@@ -58,7 +57,7 @@ def test_train_returns_the_run_directory_and_its_metrics(run):
     assert result.checkpoint == result.run_dir / "checkpoints" / "final"
     assert (result.checkpoint / "weights.safetensors").is_file()
     # what it returns loads and answers
-    answer = mmbridge.load(result.checkpoint, device="cpu", registry=REGISTRY).generate(
+    answer = mmbridge.load(result.checkpoint, device="cpu", registry=shared_registry()).generate(
         PROMPT, image=example_png(root, 1), max_new_tokens=4)
     assert isinstance(answer, str)
 
@@ -83,7 +82,7 @@ def test_generate_command_on_a_bundle_equals_the_python_api(bundle, tmp_path, ca
     assert main([f"checkpoint={bundle}", f"image={image}", f"prompt={PROMPT}", "device=cpu",
                  "max_new_tokens=6"]) == 0
     cli = capsys.readouterr().out.strip()
-    assert mmbridge.load(bundle, device="cpu", registry=REGISTRY).generate(PROMPT, image=image, max_new_tokens=6) == cli
+    assert mmbridge.load(bundle, device="cpu", registry=shared_registry()).generate(PROMPT, image=image, max_new_tokens=6) == cli
 
 
 @pytest.mark.slow
@@ -102,5 +101,5 @@ def test_the_python_api_example_runs_and_the_bundle_answers_as_the_checkpoint(tm
     assert lines["chat answer"] == answer
     assert lines["bundle answer"] == f"{answer} (the same)"
     # and the answer is the trained model's, loaded here
-    want = mmbridge.load(out / "run" / "checkpoints" / "final", device="cpu", registry=REGISTRY)
+    want = mmbridge.load(out / "run" / "checkpoints" / "final", device="cpu", registry=shared_registry())
     assert repr(want.generate(PROMPT, image=str(out / "example-1.png"), max_new_tokens=8)) == answer

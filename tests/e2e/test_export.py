@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import shared_registry
 from safetensors.torch import load_file
 
 import mmbridge
@@ -22,13 +23,11 @@ from mmbridge.config import compose
 from mmbridge.errors import CheckpointError, ConfigError
 from mmbridge.export import export
 from mmbridge.model import assemble
-from mmbridge.plugin_manager import load_registry
 from mmbridge.plugins.encoders._image import example_png
 from mmbridge.testing.tiny import build_tiny_clip_vision, build_tiny_dinov2
 from mmbridge.training.checkpoint import save_checkpoint
 from mmbridge.training.stages import configure_trainable
 
-REGISTRY = load_registry(autoload=False)
 TINY = ["experiment=tiny", "encoder.image_size=32", "stages.instruct.train.llm=lora",
         "stages.instruct.lora.dropout=0.0"]
 PROMPT = "What colour is the shape?"
@@ -40,9 +39,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def make_checkpoint(out: Path, overrides: list[str], schedule: tuple[str, ...] = ("align", "instruct"),
                     seed: int = 0) -> Path:
     """A checkpoint as a run writes it, its trained tensors seeded random (not LoRA's zeros)."""
-    cfg = compose([*overrides, f"schedule=[{','.join(schedule)}]"], REGISTRY)
+    cfg = compose([*overrides, f"schedule=[{','.join(schedule)}]"], shared_registry())
     torch.manual_seed(seed)
-    model = assemble(cfg, REGISTRY)
+    model = assemble(cfg, shared_registry())
     for stage in schedule:
         configure_trainable(model, cfg.stages[stage])
     g = torch.Generator().manual_seed(seed + 1)
@@ -50,7 +49,7 @@ def make_checkpoint(out: Path, overrides: list[str], schedule: tuple[str, ...] =
         for n, p in model.named_parameters():
             if n in model.ever_trained:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
-    save_checkpoint(model, cfg, out, list(schedule), REGISTRY)
+    save_checkpoint(model, cfg, out, list(schedule), shared_registry())
     return out
 
 
@@ -67,7 +66,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tiny_ckpt, tmp_path_factory) -> Path:
-    return export(tiny_ckpt, tmp_path_factory.mktemp("exp") / "bundle", format="bundle", registry=REGISTRY)
+    return export(tiny_ckpt, tmp_path_factory.mktemp("exp") / "bundle", format="bundle", registry=shared_registry())
 
 
 # -- bundle ---------------------------------------------------------------------------------------
@@ -89,8 +88,8 @@ def test_bundle_holds_every_weight_the_files_and_the_versions(tiny_bundle):
 
 
 def test_bundle_loads_with_identical_logits_and_answers(tiny_ckpt, tiny_bundle, image):
-    a = mmbridge.load(tiny_ckpt, device="cpu", registry=REGISTRY)
-    b = mmbridge.load(tiny_bundle, device="cpu", registry=REGISTRY)
+    a = mmbridge.load(tiny_ckpt, device="cpu", registry=shared_registry())
+    b = mmbridge.load(tiny_bundle, device="cpu", registry=shared_registry())
     la, _ = a.logits(PROMPT, image=image)
     lb, _ = b.logits(PROMPT, image=image)
     assert torch.equal(la, lb)
@@ -147,7 +146,7 @@ def families(tiny_ckpt, tiny_bundle, image, tmp_path_factory):
         if name not in made:
             overrides, media = family_overrides(name, str(whisper.path))
             ckpt = make_checkpoint(root / name / "final", overrides)
-            bundle = export(ckpt, root / name / "bundle", format="bundle", registry=REGISTRY)
+            bundle = export(ckpt, root / name / "bundle", format="bundle", registry=shared_registry())
             made[name] = Family(name, ckpt, bundle, {m: files[m] for m in media})
         return made[name]
 
@@ -162,8 +161,8 @@ def test_every_family_bundle_reloads_with_identical_logits(families, name):
     whisper = {"audio": ["encoder.checkpoint"], "image+audio": ["branches.audio.encoder.checkpoint"]}
     assert sorted(manifest["files"]) == sorted(["llm.path", *whisper.get(name, [])])
     assert all((f.bundle / rel).exists() for rel in manifest["files"].values())
-    a = mmbridge.load(f.ckpt, device="cpu", registry=REGISTRY)
-    b = mmbridge.load(f.bundle, device="cpu", registry=REGISTRY)
+    a = mmbridge.load(f.ckpt, device="cpu", registry=shared_registry())
+    b = mmbridge.load(f.bundle, device="cpu", registry=shared_registry())
     assert sorted(b.modalities) == sorted(f.media)
     la, _ = a.logits(PROMPT, **f.media)
     lb, _ = b.logits(PROMPT, **f.media)
@@ -215,7 +214,7 @@ def test_every_family_bundle_loads_in_a_fresh_process_with_an_empty_cache(famili
     assert not answers[name].startswith("ERROR"), answers[name]
     assert not (root / "empty-cache" / "assets").exists()  # nothing was converted
     f = families(name)
-    want = mmbridge.load(f.ckpt, device="cpu", registry=REGISTRY)
+    want = mmbridge.load(f.ckpt, device="cpu", registry=shared_registry())
     got = torch.load(logits[name])
     print(f"bundle {name} in a fresh process: max |diff| {(got - want.logits(PROMPT, **f.media)[0]).abs().max():.3g}")
     assert torch.equal(got, want.logits(PROMPT, **f.media)[0])
@@ -231,13 +230,13 @@ def test_a_bundle_whose_plugin_is_missing_names_the_package(tiny_bundle, tmp_pat
                                                version="2.0")
     (copy / "mmbridge.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"connector: connector 'fancy'.*pip install mmbridge-fancy"):
-        mmbridge.load(copy, device="cpu", registry=REGISTRY)
+        mmbridge.load(copy, device="cpu", registry=shared_registry())
 
 
 # -- the Python API -------------------------------------------------------------------------------
 
 def test_generate_batches_and_chat_answer_like_single_prompts(tiny_ckpt, image, tmp_path):
-    m = mmbridge.load(tiny_ckpt, device="cpu", registry=REGISTRY)
+    m = mmbridge.load(tiny_ckpt, device="cpu", registry=shared_registry())
     other = example_png(tmp_path, 2)
     one = m.generate(PROMPT, image=image, max_new_tokens=6)
     two = m.generate(PROMPT, image=other, max_new_tokens=6)
@@ -256,7 +255,7 @@ def test_generate_equals_the_generate_command(tiny_ckpt, image, capsys):
 
     assert main([f"checkpoint={tiny_ckpt}", f"image={image}", f"prompt={PROMPT}", "device=cpu"]) == 0
     cli = capsys.readouterr().out.strip()
-    assert mmbridge.load(tiny_ckpt, device="cpu", registry=REGISTRY).generate(PROMPT, image=image) == cli
+    assert mmbridge.load(tiny_ckpt, device="cpu", registry=shared_registry()).generate(PROMPT, image=image) == cli
 
 
 # -- peft -----------------------------------------------------------------------------------------
@@ -265,7 +264,7 @@ def test_peft_adapters_load_with_peft_and_give_identical_logits(tiny_ckpt, tmp_p
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out = export(tiny_ckpt, tmp_path / "peft", format="peft", registry=REGISTRY)
+    out = export(tiny_ckpt, tmp_path / "peft", format="peft", registry=shared_registry())
     assert {"adapter_config.json", "adapter_model.safetensors", "mmbridge_weights.safetensors",
             "mmbridge.json", "README.md"} <= {p.name for p in out.iterdir()}
     manifest = json.loads((out / "mmbridge.json").read_text())
@@ -273,7 +272,7 @@ def test_peft_adapters_load_with_peft_and_give_identical_logits(tiny_ckpt, tmp_p
     extra = load_file(str(out / "mmbridge_weights.safetensors"))
     assert extra and all(k.startswith("branches.image.connector.") for k in extra)
 
-    m = mmbridge.load(tiny_ckpt, device="cpu", registry=REGISTRY)
+    m = mmbridge.load(tiny_ckpt, device="cpu", registry=shared_registry())
     llm = m.session.model.llm
     assert torch.equal(extra["branches.image.connector.net.0.weight"],
                        m.session.model.branches["image"].connector.net[0].weight)
@@ -296,7 +295,7 @@ def test_peft_adapters_load_with_peft_and_give_identical_logits(tiny_ckpt, tmp_p
 def test_peft_needs_lora(tmp_path):
     ckpt = make_checkpoint(tmp_path / "full", ["experiment=tiny", "encoder.image_size=32"])
     with pytest.raises(ConfigError, match="format=peft: the LLM .* carries no LoRA adapters.*format=bundle"):
-        export(ckpt, tmp_path / "out", format="peft", registry=REGISTRY)
+        export(ckpt, tmp_path / "out", format="peft", registry=shared_registry())
     assert not (tmp_path / "out").exists()
 
 
@@ -325,8 +324,8 @@ def test_hf_llava_gives_the_same_logits_and_greedy_answer(towers, tower, extra, 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     ckpt = make_checkpoint(tmp_path / "final", hf_overrides(towers[tower], *extra))
-    out = export(ckpt, tmp_path / "hf", format="hf", registry=REGISTRY)
-    m = mmbridge.load(ckpt, device="cpu", registry=REGISTRY)
+    out = export(ckpt, tmp_path / "hf", format="hf", registry=shared_registry())
+    m = mmbridge.load(ckpt, device="cpu", registry=shared_registry())
     llava = AutoModelForImageTextToText.from_pretrained(str(out), dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(str(out), backend="pil")  # PIL resize, as mmbridge
     assert type(llava).__name__ == "LlavaForConditionalGeneration"
@@ -362,6 +361,6 @@ def test_hf_refuses_what_llava_cannot_represent(towers, extra, match, tmp_path):
     schedule = ("align", "instruct")
     ckpt = make_checkpoint(tmp_path / "final", overrides, schedule)
     with pytest.raises(ConfigError, match=match) as err:
-        export(ckpt, tmp_path / "hf", format="hf", registry=REGISTRY)
+        export(ckpt, tmp_path / "hf", format="hf", registry=shared_registry())
     assert "Use format=bundle" in str(err.value)
     assert not (tmp_path / "hf").exists()

