@@ -10,7 +10,8 @@ import importlib
 import logging
 import sys
 
-from mmbridge.errors import MMBridgeError
+from mmbridge import __version__
+from mmbridge.errors import MMBridgeError, did_you_mean
 
 #: command -> (module, one-line help). Order = order in ``--help``.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -45,12 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from mmbridge import __version__
         print(f"mmbridge {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        from mmbridge.errors import did_you_mean
         print(f"mmbridge: unknown command '{name}'{did_you_mean(name, COMMANDS)}; "
               f"commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2

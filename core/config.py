@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
@@ -74,8 +75,6 @@ def compose(overrides: Sequence[str] = (), registry: Registry | None = None,
 
 def explain_hydra_error(message: str, registry: Registry | None) -> str:
     """Add the valid options (and a close match) to Hydra's "could not find" errors."""
-    import re
-
     m = re.search(r"Could not find '([\w/]+)/([\w.\-/]+)'", message)
     if m:
         group, option = m.group(1).split("/")[-1], m.group(2)

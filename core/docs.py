@@ -18,8 +18,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmbridge.cli import COMMANDS
+from mmbridge.config import builtin_conf_dir
 from mmbridge.connector import Converter, Perceiver
 from mmbridge.errors import ConfigError
+from mmbridge.plugin_manager import load_registry
 from mmbridge.registry import Entry, Registry
 
 
@@ -131,8 +134,6 @@ def config_groups_markdown(conf_dirs: Iterable[Path], strict: bool = True) -> st
 
 def commands_markdown() -> str:
     """The commands of the ``mmbridge`` CLI with their one-line help (``mmbridge.cli.COMMANDS``)."""
-    from mmbridge.cli import COMMANDS
-
     rows = ["| command | what it does |", "|---|---|"]
     pipe = "\\|"  # a literal | inside a table cell
     rows += [f"| `mmbridge {name}` | {help_.replace('|', pipe)} |" for name, (_, help_) in COMMANDS.items()]
@@ -141,9 +142,6 @@ def commands_markdown() -> str:
 
 def builtin_tables() -> dict[str, str]:
     """The README tables for the built-ins only (installed plugins are left out)."""
-    from mmbridge.config import builtin_conf_dir
-    from mmbridge.plugin_manager import load_registry
-
     return {"components": components_markdown(load_registry(autoload=False)),
             "config-groups": config_groups_markdown([builtin_conf_dir()]),
             "commands": commands_markdown()}

@@ -46,6 +46,8 @@ from mmbridge.config import to_container
 from mmbridge.errors import ConfigError
 from mmbridge.model import Branch, MultimodalModel
 from mmbridge.registry import Registry
+from mmbridge.training.optimizers import STATES_PER_WEIGHT
+from mmbridge.training.stages import configure_trainable
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -236,9 +238,6 @@ def make_plan(cfg: DictConfig, registry: Registry, gpu_memory_gb: float = 80.0,
         gpus: GPUs in all; default ``trainer.devices x trainer.num_nodes``.
         images_per_sample: Images per sequence (LLaVA data: one).
     """
-    from mmbridge.training.optimizers import STATES_PER_WEIGHT
-    from mmbridge.training.stages import configure_trainable
-
     trainer = to_container(cfg.trainer) if cfg.get("trainer") is not None else {}
     strategy = str(trainer.get("strategy", "auto"))
     if strategy not in SHARDING:

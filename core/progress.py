@@ -12,6 +12,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, cast
 
+from rich.progress import Progress as RichProgress
+
 if TYPE_CHECKING:
     from rich.progress import TaskID
 
@@ -57,8 +59,6 @@ class Progress:
         self.every_s = every_s
         self._rich = None
         if not disable and interactive():
-            from rich.progress import Progress as RichProgress
-
             self._rich = RichProgress(transient=transient)
         self._tasks: list[_Task] = []
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from mmbridge.errors import ConfigError
 from mmbridge.io import atomic_write_bytes as atomic_write_bytes  # re-exported for reports
 from mmbridge.io import atomic_write_json
@@ -44,7 +46,6 @@ def hydra_overrides(run_dir: Path) -> list[str] | None:
     f = run_dir / ".hydra" / "overrides.yaml"
     if not f.is_file():
         return None
-    from omegaconf import OmegaConf
 
     return [str(o) for o in OmegaConf.load(f)]
 

@@ -1,2 +1,7 @@
 """One module per ``mmbridge`` subcommand; each exposes ``main(argv: list[str]) -> int`` and
-``HELP`` (one line for ``mmbridge --help``)."""
+``HELP`` (one line for ``mmbridge --help``).
+
+A command module imports its heavy dependencies (training, evaluation, exports, Hydra) inside
+``main``: ``mmbridge <command> --help`` imports the module only, so it stays fast. These
+function-local imports are deliberate; ``tests/unit/test_local_imports.py`` lists them.
+"""

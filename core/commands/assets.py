@@ -6,8 +6,13 @@ import argparse
 import time
 from pathlib import Path
 
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
 from mmbridge.assets import Asset, cache_root, dir_size
 from mmbridge.errors import AssetError, did_you_mean
+from mmbridge.plugin_manager import load_registry
 
 HELP = "list the offline models (assets) and convert them into the cache"
 
@@ -55,10 +60,6 @@ def human_size(n_bytes: int) -> str:
 
 def main(argv: list[str]) -> int:
     """Run ``mmbridge assets``; returns the exit status (1 when a conversion failed)."""
-    from rich.console import Console
-
-    from mmbridge.plugin_manager import load_registry
-
     parser = build_parser()
     args = parser.parse_args(argv)
     console = Console()
@@ -87,8 +88,6 @@ def main(argv: list[str]) -> int:
 
 def _convert(console, asset: Asset, root: Path) -> int:
     """Convert one asset (unless it already is) and print its check line; 1 on failure."""
-    from rich.markup import escape
-
     if asset.is_converted(root):
         console.print(f"[bold]{asset.name}[/]: already converted: "
                       f"{escape(_check_line(asset, root))}")
@@ -116,9 +115,6 @@ def _check_line(asset: Asset, root: Path) -> str:
 
 
 def _table(assets: dict[str, Asset], root: Path):
-    from rich.markup import escape
-    from rich.table import Table
-
     table = Table(title=f"offline model assets (locations relative to the cache {escape(str(root))})")
     table.add_column("name", no_wrap=True)
     table.add_column("format")

@@ -26,11 +26,16 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from huggingface_hub import snapshot_download
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from safetensors import safe_open
 from safetensors.torch import load_file, save_model
 
+from mmbridge import __version__
 from mmbridge.assets import resolve_model_path
+from mmbridge.config import merge_overrides
 from mmbridge.errors import AssetError, CheckpointError
+from mmbridge.plugin_manager import load_registry
 from mmbridge.registry import Registry
 from mmbridge.training.checkpoint import (
     FORMAT,
@@ -39,6 +44,9 @@ from mmbridge.training.checkpoint import (
     check_components,
     component_origins,
 )
+from mmbridge.training.session import open_session
+from mmbridge.training.stages import configure_trainable
+from mmbridge.validation import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +99,6 @@ def _local_source(value: str, key: str, registry: Registry) -> Path | None:
         return p
     if value.count("/") == 1 and not value.startswith((".", "/", "~")) and " " not in value:
         try:
-            from huggingface_hub import snapshot_download
-
             return Path(snapshot_download(value, local_files_only=True))
         except Exception:  # not a hub id, or not cached: a plain string option
             return None
@@ -115,8 +121,6 @@ def write_bundle(session: Any, meta: dict[str, str], out: Path) -> dict[str, Any
     Returns:
         The manifest written to ``mmbridge.json``.
     """
-    from mmbridge import __version__
-
     cfg, registry = session.cfg, session.registry
     files: dict[str, str] = {}
     rel_cfg = cfg.copy()
@@ -157,8 +161,6 @@ def bundle_config(path: Path, manifest: dict[str, Any], registry: Registry) -> t
     Checks the layout version and that every component the bundle records is registered
     (a missing one names the package to install).
     """
-    from safetensors import safe_open
-
     if manifest.get("format") != "bundle":
         raise CheckpointError(f"'{path}' is a format={manifest.get('format')} export, not a bundle; "
                               f"mmbridge.load takes a checkpoint or a format=bundle directory")
@@ -208,12 +210,6 @@ def open_bundle(path: str | Path, overrides: list[str] | None = None, registry: 
     """Rebuild a bundle's model on ``device`` (as :func:`session_from_checkpoint` does for a
     checkpoint): ``(session, metadata)``. Needs no asset cache and, unless ``with_data`` (read
     the config's data splits, for evaluation), no data."""
-    from mmbridge.config import merge_overrides
-    from mmbridge.plugin_manager import load_registry
-    from mmbridge.training.session import open_session
-    from mmbridge.training.stages import configure_trainable
-    from mmbridge.validation import validate_config
-
     p = Path(path).expanduser()
     manifest = read_manifest(p)
     if manifest is None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from mmbridge import __version__
 from mmbridge.config import to_container
 
 #: How each format is loaded, as shown in the card (``{out}`` = the export directory).
@@ -92,8 +93,6 @@ def model_card(cfg: DictConfig, origins: dict[str, dict[str, str]], fmt: str, ou
                run_dir: Path | None, extra: list[str] | None = None) -> str:
     """The card's Markdown: components and their sources, data and schedule, the run's held-out
     metrics beside its baselines, and how to load the export."""
-    from mmbridge import __version__
-
     metrics = None
     if run_dir is not None and (run_dir / "metrics.json").is_file():
         metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -11,17 +11,28 @@ two-layer ``mlp`` connector (Llava's projector; ``linear`` is ``linear_1`` with 
 The tokenizer gains an ``<image>`` token (the embedding and LM head grow by one row; its
 logit is suppressed in generation), the chat template is the one mmbridge trained with, and
 the image processor reproduces the encoder's preprocessing (PIL resize, centre crop, mean/std).
+The model is written in float32 (:func:`mmbridge.export.float32_overrides` rebuilds it so: a bf16
+run's LoRA is merged without rounding); ``from_pretrained(DIR, dtype=torch.bfloat16)`` halves it.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from omegaconf import OmegaConf
+from transformers import (
+    AutoTokenizer,
+    CLIPImageProcessorPil,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
 
 from mmbridge.errors import ConfigError
+from mmbridge.export.peft_format import peft_llm
 
 IMAGE_TOKEN = "<image>"
 
@@ -92,11 +103,7 @@ def merged_llm(llm: Any) -> Any:
     """The LLM as a plain ``*ForCausalLM``: LoRA merged by PEFT (``merge_and_unload``), or a
     copy of the fully trained / frozen model (``Any``: used through Hugging Face's duck-typed
     ``get_input_embeddings`` / ``config``, which its annotations type as a bare ``nn.Module``)."""
-    import copy
-
     if getattr(llm, "_lora", None) is not None:
-        from mmbridge.export.peft_format import peft_llm
-
         return peft_llm(llm).merge_and_unload().eval()
     return copy.deepcopy(llm.model).eval()
 
@@ -117,8 +124,6 @@ def _projector(con: Any, act: str, proj: Any) -> None:
 
 
 def _image_processor(enc: Any) -> Any:
-    from transformers import CLIPImageProcessorPil
-
     h, w = enc.size
     common: dict[str, Any] = {"do_resize": True, "resample": int(enc.resample), "do_rescale": True, "rescale_factor": 1 / 255,
               "do_normalize": True, "image_mean": list(enc.mean), "image_std": list(enc.std),
@@ -131,13 +136,6 @@ def _image_processor(enc: Any) -> Any:
 
 def write_hf(session: Any, meta: dict[str, str], out: Path) -> dict[str, Any]:
     """Write the Llava model, tokenizer, processor and generation config into ``out``."""
-    from transformers import (
-        AutoTokenizer,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
     plan = check_representable(session)
     model = session.model
     enc, con, llm = model.branches["image"].encoder, model.branches["image"].connector, model.llm

@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
 
 from mmbridge.errors import ConfigError
 
@@ -45,9 +47,6 @@ def lora_settings(llm: Any) -> dict[str, Any]:
 def peft_llm(llm: Any) -> Any:
     """A PEFT ``PeftModel``: the LLM's base weights freshly loaded from its files, wrapped by
     ``get_peft_model`` with the same LoRA settings, holding the trained adapter tensors."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     settings = lora_settings(llm)
     kwargs = {"gguf_file": llm.gguf_file} if getattr(llm, "gguf_file", None) else {}
     dtype = next(llm.model.parameters()).dtype

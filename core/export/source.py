@@ -9,7 +9,9 @@ import torch
 
 from mmbridge.errors import CheckpointError
 from mmbridge.export.bundle import open_bundle, read_manifest
+from mmbridge.plugin_manager import load_registry
 from mmbridge.registry import Registry
+from mmbridge.training.session import session_from_checkpoint
 
 
 def open_model(path: str | Path, overrides: list[str] | None = None, registry: Registry | None = None,
@@ -21,9 +23,6 @@ def open_model(path: str | Path, overrides: list[str] | None = None, registry: R
     ``data.path=...``) into ``session.splits``, as ``mmbridge eval`` needs; a bundle carries no
     data, so its data must be available where it is loaded.
     """
-    from mmbridge.plugin_manager import load_registry
-    from mmbridge.training.session import session_from_checkpoint
-
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"'{path}' does not exist (pass a run's checkpoints/final directory "

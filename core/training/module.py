@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Timer
 from omegaconf import DictConfig
 
 from mmbridge.model import MultimodalModel
+from mmbridge.training.optimizers import make_optimizer
 from mmbridge.training.resume import rng_state, set_rng_state
 
 
@@ -101,7 +102,6 @@ class BridgeModule(L.LightningModule):
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": float(opt_cfg.weight_decay)},
                   {"params": no_decay, "weight_decay": 0.0}]
-        from mmbridge.training.optimizers import make_optimizer
 
         opt = make_optimizer([g for g in groups if g["params"]], opt_cfg, key="stages.optimizer")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_multiplier)

@@ -35,6 +35,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 
 
 def rng_state() -> dict[str, Any]:
@@ -100,7 +101,6 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        from lightning.pytorch.trainer.states import TrainerFn
 
         step, paths = self._written
         if (trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
