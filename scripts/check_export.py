@@ -118,7 +118,8 @@ def worker_bundle(job: dict[str, Any]) -> dict[str, Any]:
 
     model = mmbridge.load(job["path"], device="cpu")
     return {"answers": [model.generate(q["question"], image=q["image"], max_new_tokens=job["max_new_tokens"])
-                        for q in job["questions"]]}
+                        for q in job["questions"]],
+            "llm_dtype": str(next(model.session.model.llm.parameters()).dtype)}
 
 
 def _llava(path: str) -> tuple[Any, Any]:
@@ -219,7 +220,10 @@ def main(argv: list[str]) -> int:
     job = {"path": str(export_dir), "checkpoint": str(checkpoint), "questions": questions,
            "max_new_tokens": args.max_new_tokens}
     generated = generate_cli(checkpoint, questions, args.max_new_tokens, FP32 if args.hf else [])
-    other = in_worker(fmt, job, fresh_env(fresh), root)["answers"]
+    result = in_worker(fmt, job, fresh_env(fresh), root)
+    other = result["answers"]
+    if "llm_dtype" in result:
+        print(f"mmbridge.load(bundle) with empty caches ran its LLM in {result['llm_dtype']} (dtype: auto)")
     right_name = "transformers (Llava, float32)" if args.hf else "`mmbridge.load(bundle)` (empty cache)"
     print(table(questions, generated, other, right_name))
     same = [a == b for a, b in zip(generated, other)]
