@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     t_session = time.perf_counter() - t0
     recipe = build(registry, "recipe", cfg.stages.align.recipe, "stages.align.recipe")
     t0 = time.perf_counter()
-    recipe.setup(RecipeContext(cfg, registry, session.model, session.tables, Path(cfg.paths.cache_dir)))
+    recipe.setup(RecipeContext(registry, session.model, session.tables, Path(cfg.paths.cache_dir)))
     samples = recipe.annotate(session.splits[cfg.stages.align.split])
     t_levels = time.perf_counter() - t0
     result = agreement(samples)

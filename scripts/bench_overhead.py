@@ -115,7 +115,7 @@ def setup(overrides: list[str], stage_name: str, batch_size: int) -> tuple[Any, 
     session = open_session(cfg, registry, cache=False)
     stage = cfg.stages[stage_name]
     recipe = build(registry, "recipe", stage.recipe, f"stages.{stage_name}.recipe")
-    recipe.setup(RecipeContext(cfg, registry, session.model, {}, Path(cfg.paths.cache_dir)))
+    recipe.setup(RecipeContext(registry, session.model, {}, Path(cfg.paths.cache_dir)))
     samples = recipe.annotate(session.splits[stage.split][:batch_size])
     batcher = session.batcher(use_cache=False)
     ds = batcher.dataset(samples, recipe, seed=int(cfg.seed))

@@ -189,7 +189,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             paths = [s.media[modality] for s in samples if modality in s.media]
             tables[modality], _ = load_or_compute(branch.encoder, paths, Path(args.feature_cache_dir))
     recipe = build(registry, "recipe", stage.recipe, f"stages.{name}.recipe")
-    recipe.setup(RecipeContext(cfg, registry, model, tables, Path(cfg.paths.cache_dir)))
+    recipe.setup(RecipeContext(registry, model, tables, Path(cfg.paths.cache_dir)))
     samples = recipe.annotate(samples)
     batcher = Batcher.from_model(model, session.chat, tables=tables)
     ds = batcher.dataset(samples, recipe, seed=int(cfg.seed))

@@ -91,7 +91,7 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool, guard: I
     if stage.split not in session.splits:
         raise ConfigError(f"stages.{name}.split: '{stage.split}' is not a split of the data set; "
                           f"splits: {', '.join(session.splits)}")
-    recipe.setup(RecipeContext(cfg, session.registry, model, session.tables, Path(cfg.paths.cache_dir)))
+    recipe.setup(RecipeContext(session.registry, model, session.tables, Path(cfg.paths.cache_dir)))
     train_samples = recipe.annotate(session.splits[stage.split])
     val_samples = recipe.annotate(session.splits["val"]) if "val" in session.splits else []
     batcher = session.batcher()
