@@ -13,6 +13,7 @@ into a temporary directory beside ``out`` and renamed into place when complete.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -39,6 +40,19 @@ def _writer(fmt: str) -> Callable[[Any, dict[str, str], Path], dict[str, Any]]:
     from mmbridge.export.hf import write_hf
 
     return write_hf
+
+
+def _umask_permissions(root: Path) -> None:
+    """Give ``root`` and everything in it the permissions a plain ``mkdir`` / ``open(.., "w")``
+    would (``0o777`` / ``0o666`` less the umask): ``mkdtemp`` makes the directory ``0o700`` and
+    safetensors writes its files ``0o600``, which would keep an export from anyone else."""
+    mask = os.umask(0)
+    os.umask(mask)
+    root.chmod(0o777 & ~mask)
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else (path.stat().st_mode | 0o666) & 0o777) & ~mask)
 
 
 def float32_overrides(checkpoint: str | Path, registry: Registry) -> list[str]:
@@ -111,6 +125,7 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "bundle", over
                                                   run_directory(checkpoint), manifest.pop("card", None)))
         (tmp / MANIFEST).write_text(json.dumps({**manifest, "source": str(Path(checkpoint).resolve())},
                                                indent=2) + "\n")
+        _umask_permissions(tmp)
         if dst.exists():
             shutil.rmtree(dst)
         tmp.rename(dst)

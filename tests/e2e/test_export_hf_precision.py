@@ -1,9 +1,12 @@
 """``format=hf`` of a model that runs in bf16 (``dtype: auto`` on a CPU with native bf16, or
 ``bfloat16`` set): the export rebuilds it in float32 before merging the LoRA and writing Llava, so
-transformers in float32 gives mmbridge's float32 logits, not a bf16-rounded merge."""
+transformers in float32 gives mmbridge's float32 logits, not a bf16-rounded merge. Exports
+are readable as a plain directory is (the umask's permissions)."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -77,10 +80,15 @@ def test_a_bf16_model_exports_as_float32_llava_with_mmbridges_float32_logits(tmp
     assert processor.decode(new, skip_special_tokens=True).strip() == m.generate(PROMPT, image=image, max_new_tokens=8)
 
 
-def test_float32_overrides_name_only_the_nodes_that_have_a_dtype(tmp_path: Path):
+def test_float32_overrides_name_the_nodes_that_have_a_dtype_and_exports_are_readable(tmp_path: Path):
     # experiment=tiny: its timm encoder has no dtype option, its hf_causal LLM has one
     ckpt = make_checkpoint(tmp_path / "final", TINY)
     registry = shared_registry()
     assert float32_overrides(ckpt, registry) == ["llm.dtype=float32"]
     bundle = export(ckpt, tmp_path / "bundle", format="bundle", registry=registry)
     assert float32_overrides(bundle, registry) == ["llm.dtype=float32"]
+    # the permissions of mkdir / open(.., "w"), not mkdtemp's 0o700 nor safetensors' 0o600
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(bundle.stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE((bundle / "weights.safetensors").stat().st_mode) == 0o666 & ~mask
