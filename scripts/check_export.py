@@ -4,8 +4,8 @@ run, answered both ways, side by side.
     python scripts/check_export.py outputs/quickstart/<time>              # format=bundle
     python scripts/check_export.py outputs/quickstart_hf/<time> --hf      # format=hf (transformers)
 
-For each of ``--n`` held-out questions of the run's data (its test split: the image and one
-question of each sample, the question types in turn):
+For each of ``--n`` held-out questions of the run's data (its test split: the image and
+question ``k`` of sample ``k``, so the question types vary):
 
 * bundle (default): ``mmbridge export format=bundle``, then ``mmbridge generate`` on the run's
   checkpoint (the CLI, one subprocess per question) beside ``mmbridge.load(bundle).generate``
@@ -51,7 +51,7 @@ def mmbridge_cli() -> list[str]:
 
 def held_out(checkpoint: Path, n: int) -> list[dict[str, str]]:
     """``n`` questions of the run's test split: ``{id, image, question, reference}``; sample
-    ``k`` gives its question ``k mod (its question count)``, so the question types alternate."""
+    ``k`` gives its question ``k mod (its question count)``, so the question types vary."""
     from mmbridge.plugin_manager import load_registry
     from mmbridge.training.checkpoint import read_checkpoint
     from mmbridge.training.session import load_splits
