@@ -84,31 +84,47 @@ def detect_hardware() -> Hardware:
                     cpu_flags=flags, cpu_model=model)
 
 
-def _matmul_gflops(dtype: torch.dtype, shape: tuple[int, int, int] = (256, 576, 1536),
-                   min_s: float = 0.2) -> float:
-    """GFLOP/s of an ``[m, k] @ [k, n]`` matmul in ``dtype`` (the default is the shape of a
-    small LLM's MLP on a short batch, where small-matrix overheads show as they do in training):
-    the fastest of the repetitions that fit in ``min_s``, at least three (the best case is the
-    least disturbed by other work on the machine)."""
+def _matmul_gflops(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16),
+                   shape: tuple[int, int, int] = (256, 576, 1536),
+                   min_s: float = 0.4) -> dict[torch.dtype, float]:
+    """GFLOP/s of an ``[m, k] @ [k, n]`` matmul in each of ``dtypes`` (the default shape is a
+    small LLM's MLP on a short batch, where small-matrix overheads show as they do in training).
+
+    The dtypes are timed in turns, one repetition each, until ``min_s`` has passed (at least
+    three turns), and each keeps its fastest repetition: other work on the machine then slows
+    both alike instead of one of them, so their ratio holds even on a busy machine."""
     m, k, n = shape
-    a = torch.randn(m, k).to(dtype)
-    b = torch.randn(k, n).to(dtype)
-    a @ b  # warm-up (kernel selection)
-    best, t_start = float("inf"), time.perf_counter()
-    for rep in range(200):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-        if rep >= 2 and time.perf_counter() - t_start >= min_s:
+    pairs = {dt: (torch.randn(m, k).to(dt), torch.randn(k, n).to(dt)) for dt in dtypes}
+    for a, b in pairs.values():
+        a @ b  # warm-up (kernel selection)
+    best = dict.fromkeys(dtypes, float("inf"))
+    t_start = time.perf_counter()
+    for turn in range(200):
+        for dt, (a, b) in pairs.items():
+            t0 = time.perf_counter()
+            a @ b
+            best[dt] = min(best[dt], time.perf_counter() - t0)
+        if turn >= 2 and time.perf_counter() - t_start >= min_s:
             break
-    return 2 * m * k * n / best / 1e9
+    return {dt: 2 * m * k * n / t / 1e9 for dt, t in best.items()}
+
+
+#: Part of the probe's cache key: 2 = the dtypes timed in turns (entries of version 1, timed one
+#: after the other, could hold a ratio skewed by other work, e.g. "bf16 911 vs fp32 19").
+PROBE_VERSION = 2
+#: Environment variables that cap the instruction set PyTorch's kernels use (ATen's vectorised
+#: ops, oneDNN -- bf16 matmuls --, MKL -- fp32 matmuls): part of the probe's cache key.
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def probe_cpu_bf16(cache_dir: Path | None, hw: Hardware) -> dict[str, float]:
     """Measured fp32 and bf16 matmul speed (GFLOP/s) on this CPU with the current thread count,
     cached in ``cache_dir`` per (CPU model, flags, torch version, threads): it takes well under a
     second, even where bf16 is emulated, and is measured once per machine."""
-    ident = json.dumps([hw.cpu_model, sorted(hw.cpu_flags), torch.__version__, torch.get_num_threads()])
+    # the libraries' instruction-set limits change the speed as much as the CPU does
+    isa = {k: os.environ[k] for k in ISA_ENV if k in os.environ}
+    ident = json.dumps([PROBE_VERSION, hw.cpu_model, sorted(hw.cpu_flags), torch.__version__,
+                        torch.get_num_threads()] + ([isa] if isa else []))
     key = hashlib.sha256(ident.encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"hardware-{key}.json" if cache_dir else None
     if path is not None and path.is_file():
@@ -117,7 +133,8 @@ def probe_cpu_bf16(cache_dir: Path | None, hw: Hardware) -> dict[str, float]:
             return {"fp32_gflops": float(got["fp32_gflops"]), "bf16_gflops": float(got["bf16_gflops"])}
         except (ValueError, KeyError, TypeError, OSError):
             pass  # unreadable: measure again
-    result = {"fp32_gflops": _matmul_gflops(torch.float32), "bf16_gflops": _matmul_gflops(torch.bfloat16)}
+    speeds = _matmul_gflops((torch.float32, torch.bfloat16))
+    result = {"fp32_gflops": speeds[torch.float32], "bf16_gflops": speeds[torch.bfloat16]}
     if path is not None:
         with contextlib.suppress(OSError):  # a read-only cache only costs the probe again
             atomic_write_json(path, {**result, "cpu_model": hw.cpu_model, "torch": torch.__version__})

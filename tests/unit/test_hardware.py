@@ -4,6 +4,7 @@ the cached probe, ``dtype: auto`` resolution, and the device each path of a run 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -61,9 +62,9 @@ def test_an_explicit_precision_is_kept(requested, weights):
 def test_the_probe_is_measured_once_per_machine_and_cached(tmp_path, monkeypatch):
     calls = []
 
-    def fake(dtype, *a, **k):
-        calls.append(dtype)
-        return {torch.float32: 75.0, torch.bfloat16: 0.7}[dtype]
+    def fake(dtypes, *a, **k):
+        calls.extend(dtypes)
+        return {dt: {torch.float32: 75.0, torch.bfloat16: 0.7}[dt] for dt in dtypes}
 
     monkeypatch.setattr(hwmod, "_matmul_gflops", fake)
     first = probe_cpu_bf16(tmp_path, ZEN4)
@@ -81,6 +82,22 @@ def test_the_probe_is_measured_once_per_machine_and_cached(tmp_path, monkeypatch
 def test_the_probe_measures_real_matmuls():
     speeds = probe_cpu_bf16(None, hwmod.detect_hardware())
     assert speeds["fp32_gflops"] > 0 and speeds["bf16_gflops"] > 0
+
+
+def test_an_instruction_set_limit_is_its_own_probe_entry(tmp_path, monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes bf16 slow on an AVX512-BF16 CPU: a cached figure of the
+    unlimited CPU must not decide for it."""
+    speeds = {"": {torch.float32: 190.0, torch.bfloat16: 900.0},
+              "AVX2": {torch.float32: 60.0, torch.bfloat16: 2.0}}
+    monkeypatch.setattr(hwmod, "_matmul_gflops", lambda dtypes, *a, **k: {
+        dt: speeds[os.environ.get("ONEDNN_MAX_CPU_ISA", "")][dt] for dt in dtypes})
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    probe = lambda hw: probe_cpu_bf16(tmp_path, hw)  # noqa: E731
+    assert decide_precision("auto", "cpu", hw=ZEN4, probe=probe).precision == "bf16-mixed"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    d = decide_precision("auto", "cpu", hw=ZEN4, probe=probe)
+    assert d.precision == "32-true" and "bf16 matmul 2 vs fp32 60" in d.reason
+    assert len(list(tmp_path.glob("hardware-*.json"))) == 2
 
 
 def test_dtype_auto_is_resolved_in_every_component_node():
