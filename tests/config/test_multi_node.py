@@ -4,10 +4,13 @@ per node and the nodes from it, and Lightning detects SLURM and gives the task i
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import pytest
 from helpers import shared_registry
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from mmbridge.config import compose
 from mmbridge.training.distributed import global_rank
@@ -20,13 +23,25 @@ SLURM_TASK = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "mmbridge", "SLURM_NTASK
               "SLURM_PROCID": "13", "SLURM_LOCALID": "5", "SLURM_NODEID": "1",
               "SLURM_NODELIST": "gpu[017-018]"}
 LAUNCHER_KEYS = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+#: The launcher variables as the session started (none outside a launcher).
+BEFORE = {k: os.environ.get(k) for k in (*LAUNCHER_KEYS, *SLURM_TASK)}
 
 
 @pytest.fixture
 def no_launcher(monkeypatch):
+    """No launcher variables during the test, and the environment as it was afterwards: Lightning's
+    SLURMEnvironment writes MASTER_ADDR / MASTER_PORT into ``os.environ`` itself (monkeypatch does
+    not undo that), and a leaked ``MASTER_ADDR=gpu017`` hangs every later multi-process test.
+    Likewise the Trainer of task 13 sets ``rank_zero_only.rank = 13`` process-wide, which would
+    silence every later rank-zero-only logger call: restored too."""
+    saved, rank = dict(os.environ), getattr(rank_zero_only, "rank", 0)
     for key in (*LAUNCHER_KEYS, *SLURM_TASK):
         monkeypatch.delenv(key, raising=False)
-    return monkeypatch
+    yield monkeypatch
+    monkeypatch.undo()
+    os.environ.clear()
+    os.environ.update(saved)
+    rank_zero_only.rank = rank
 
 
 def test_outside_slurm_the_preset_is_one_gpu_on_one_node(no_launcher):
@@ -51,3 +66,10 @@ def test_under_srun_lightning_takes_the_allocation_and_the_task_ranks(no_launche
     assert (trainer.world_size, trainer.num_nodes, trainer.global_rank, trainer.local_rank,
             trainer.node_rank) == (16, 2, 13, 5, 1)
     assert global_rank() == 13 and not trainer.is_global_zero  # this task writes nothing
+
+
+def test_the_slurm_test_leaves_no_launcher_variable_behind():
+    """Runs after the two above (file order): nothing of the fake task is left in the
+    environment for the multi-process tests that start later in the same session."""
+    assert {k: os.environ.get(k) for k in (*LAUNCHER_KEYS, *SLURM_TASK)} == BEFORE
+    assert getattr(rank_zero_only, "rank", 0) == 0

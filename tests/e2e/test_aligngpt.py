@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
+from helpers import shared_registry
 from omegaconf import OmegaConf
 
 from mmbridge.build import build
@@ -17,7 +18,6 @@ from mmbridge.data.chat import IGNORE, ChatEncoder
 from mmbridge.data.llava import read_llava
 from mmbridge.errors import ConfigError, DataError
 from mmbridge.model import assemble
-from mmbridge.plugin_manager import load_registry
 from mmbridge.plugins.alignment.aligngpt import AlignGPTPrefix
 from mmbridge.plugins.datasets.shapes import ShapesDataset
 from mmbridge.plugins.recipes.align_levels import apply_edges, assign_levels
@@ -27,7 +27,6 @@ from mmbridge.prefix import PREFIX_SLOT
 from mmbridge.training.stages import configure_trainable
 from mmbridge.types import Sample
 
-REGISTRY = load_registry(autoload=False)
 LEVELS = 4
 BASE = ["experiment=aligngpt", f"alignment.levels={LEVELS}", "stages.instruct.train.llm=frozen"]
 
@@ -125,8 +124,8 @@ def test_configure_sets_mode_and_trainable_parts():
 
 @pytest.fixture(scope="module")
 def llm():
-    cfg = compose(BASE, REGISTRY)
-    return build(REGISTRY, "llm", cfg.llm, "llm")
+    cfg = compose(BASE, shared_registry())
+    return build(shared_registry(), "llm", cfg.llm, "llm")
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +139,9 @@ def samples(tmp_path_factory):
 
 
 def make_model(llm, connector: str):
-    cfg = compose([*BASE, f"connector={connector}", "encoder.image_size=32"], REGISTRY)
+    cfg = compose([*BASE, f"connector={connector}", "encoder.image_size=32"], shared_registry())
     torch.manual_seed(0)
-    return assemble(cfg, REGISTRY, llm=llm), cfg
+    return assemble(cfg, shared_registry(), llm=llm), cfg
 
 
 def collate(model, samples: list[Sample], generation: bool = False) -> dict:
@@ -240,7 +239,7 @@ def _shape_sample(i: int, source: str = "a") -> Sample:
 
 
 def test_instruct_mix_draws_tasks_by_the_mixing_ratios():
-    recipe = build(REGISTRY, "recipe", {"name": "instruct_mix", "mix": {"caption": 0.3, "qa": 0.7}}, "recipe")
+    recipe = build(shared_registry(), "recipe", {"name": "instruct_mix", "mix": {"caption": 0.3, "qa": 0.7}}, "recipe")
     outs = [recipe(_shape_sample(i), random.Random(f"0:{i}")) for i in range(3000)]
     tasks = Counter(o.meta["task"] for o in outs)
     assert abs(tasks["caption"] / 3000 - 0.3) < 0.03
@@ -259,7 +258,7 @@ def test_instruct_mix_draws_tasks_by_the_mixing_ratios():
     # a sample without a caption can only be QA; mix weights renormalise
     no_caption = _shape_sample(1).replace(meta={})
     assert all(recipe(no_caption, random.Random(i)).meta["task"] == "qa" for i in range(50))
-    only_caption = build(REGISTRY, "recipe", {"name": "instruct_mix", "mix": {"caption": 1.0, "qa": 0}}, "recipe")
+    only_caption = build(shared_registry(), "recipe", {"name": "instruct_mix", "mix": {"caption": 1.0, "qa": 0}}, "recipe")
     assert only_caption(_shape_sample(1), random.Random(0)).meta["task"] == "caption"
 
 
@@ -296,13 +295,13 @@ def test_configs_compose_for_the_ablation(experiment, n_train):
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    cfg = compose([f"experiment={experiment}"], REGISTRY, return_hydra_config=True)
+    cfg = compose([f"experiment={experiment}"], shared_registry(), return_hydra_config=True)
     params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
     jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)[0]
     assert len(jobs) == 12
     seen = {}
     for job in (j for j in jobs if "seed=0" in j):
-        c = compose([f"experiment={experiment}", *job], REGISTRY)
+        c = compose([f"experiment={experiment}", *job], shared_registry())
         a = c.get("alignment")
         seen[job[0]] = (a.levels if a else None, c.stages.instruct.get("prefix", {}).get("mode"))
         assert c.data.caption_noise.unrelated == 0.2 and c.stages.align.recipe.name == "align_levels"
@@ -335,8 +334,8 @@ def test_train_run_aligngpt_end_to_end(tmp_path):
                  "evaluation.max_samples=8", "evaluation.val_samples=4", "evaluation.batch_size=8",
                  "evaluation.baselines=false", "trainer.enable_progress_bar=false", f"paths.cache_dir={tmp_path / 'cache'}",
                  f"stages.align.recipe.scorer.text_model={tmp_path / 'bert'}", "stages.align.recipe.scorer.batch_size=16"]
-    cfg = compose(overrides, REGISTRY)
-    metrics = train(cfg, REGISTRY, tmp_path / "run")
+    cfg = compose(overrides, shared_registry())
+    metrics = train(cfg, shared_registry(), tmp_path / "run")
     assert 0 <= metrics["test"]["exact_match"] <= 1 and metrics["stages"]["instruct"]["steps"] == 2
     assert list((tmp_path / "cache" / "scorer").glob("text-*.pt"))  # the align stage scored its pairs
     ckpts = tmp_path / "run" / "checkpoints"
@@ -344,7 +343,7 @@ def test_train_run_aligngpt_end_to_end(tmp_path):
     final = load_file(next((ckpts / "final").glob("*.safetensors")))
     assert "prefix.gate.0.weight" not in after_align  # the gate first trains in stage 2
     torch.testing.assert_close(final["prefix.indicators"], after_align["prefix.indicators"], rtol=0, atol=0)
-    session, _ = session_from_checkpoint(str(ckpts / "final"), with_data=False, registry=REGISTRY)
+    session, _ = session_from_checkpoint(str(ckpts / "final"), with_data=False, registry=shared_registry())
     assert session.model.prefix.mode == "gate"
     torch.testing.assert_close(session.model.prefix.gate[0].weight.detach(), final["prefix.gate.0.weight"])
 

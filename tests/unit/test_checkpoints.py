@@ -19,6 +19,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import shared_registry
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
@@ -45,7 +46,6 @@ from mmbridge.training.module import BridgeModule
 from mmbridge.training.session import session_from_checkpoint
 from mmbridge.training.stages import configure_trainable
 
-REGISTRY = load_registry(autoload=False)
 BASE = ["experiment=tiny", "encoder.image_size=32", "stages.align.max_steps=4"]
 CONNECTOR = "branches.image.connector."
 
@@ -53,7 +53,8 @@ CONNECTOR = "branches.image.connector."
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_model(overrides: tuple[str, ...] = (), registry=REGISTRY, seed: int = 0):
+def make_model(overrides: tuple[str, ...] = (), registry=None, seed: int = 0):
+    registry = registry or shared_registry()
     cfg = compose([*BASE, *overrides], registry)
     torch.manual_seed(seed)
     model = assemble(cfg, registry)
@@ -208,13 +209,13 @@ def saved(tmp_path_factory):
     """A trained-connector mmbridge checkpoint in ``run/checkpoints/final``; (dir, model)."""
     model, cfg = make_model(seed=1)
     out = tmp_path_factory.mktemp("saved") / "run" / "checkpoints" / "final"
-    save_checkpoint(model, cfg, out, ["align"], registry=REGISTRY)
+    save_checkpoint(model, cfg, out, ["align"], registry=shared_registry())
     return out, model
 
 
 def test_round_trip_records_components_and_loads_exactly(saved):
     out, trained = saved
-    _, weights, meta = read_checkpoint(out, registry=REGISTRY)
+    _, weights, meta = read_checkpoint(out, registry=shared_registry())
     comps = json.loads(meta["components"])
     assert comps["connector"] == {"kind": "connector", "name": "mlp", "plugin": "mmbridge.plugins.converters",
                                   "package": "mmbridge", "version": comps["llm"]["version"]}
@@ -253,14 +254,14 @@ def test_partial_file_is_an_error(saved, tmp_path):
     weights = {k: v for k, v in load_file(str(out / "weights.safetensors")).items() if ".0." not in k}
     save_file(weights, str(tmp_path / "weights.safetensors"), metadata=meta)
     with pytest.raises(CheckpointError, match=rf"missing 2 tensor\(s\) .*{CONNECTOR}net\.0\.bias") as err:
-        session_from_checkpoint(str(tmp_path), with_data=False, registry=REGISTRY)
+        session_from_checkpoint(str(tmp_path), with_data=False, registry=shared_registry())
     assert f"{CONNECTOR}net.0.weight" in str(err.value)
 
 
 def test_architecture_override_on_eval_is_an_error(saved):
     out, _ = saved
     with pytest.raises(CheckpointError, match=r"does not fit the model.*\n  missing 2 tensor\(s\)") as err:
-        session_from_checkpoint(str(out), overrides=["connector.depth=3"], with_data=False, registry=REGISTRY)
+        session_from_checkpoint(str(out), overrides=["connector.depth=3"], with_data=False, registry=shared_registry())
     assert f"{CONNECTOR}net.4.weight" in str(err.value)
 
 
@@ -310,7 +311,7 @@ def test_unknown_component_names_its_package(fake_dist, tmp_path, monkeypatch):
     _, _, meta = read_checkpoint(tmp_path / "final", registry=with_plugin)
     assert json.loads(meta["components"])["connector"]["package"] == "mmbridge-fancy"
     with pytest.raises(CheckpointError) as err:
-        session_from_checkpoint(str(tmp_path / "final"), with_data=False, registry=REGISTRY)
+        session_from_checkpoint(str(tmp_path / "final"), with_data=False, registry=shared_registry())
     assert str(err.value) == (
         f"checkpoint '{tmp_path / 'final' / 'weights.safetensors'}' needs components that are not "
         f"installed:\n  connector: connector 'fancy_mlp' of plugin 'fancy' is not registered; pip "

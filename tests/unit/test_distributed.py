@@ -18,11 +18,11 @@ import textwrap
 
 import pytest
 import torch
+from helpers import shared_registry
 from safetensors.torch import load_file
 
 from mmbridge.config import compose
 from mmbridge.model import assemble
-from mmbridge.plugin_manager import load_registry
 from mmbridge.training.checkpoint import _weights_to_save, load_weights
 from mmbridge.training.distributed import (
     barrier,
@@ -36,7 +36,6 @@ from mmbridge.training.distributed import (
 )
 from mmbridge.training.stages import configure_trainable
 
-REGISTRY = load_registry(autoload=False)
 BASE = ["experiment=tiny", "encoder.image_size=32", "stages.instruct.train.llm=lora"]
 RANK_KEYS = ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK")
 
@@ -64,9 +63,9 @@ def test_clean_name_drops_the_wrappers_parts():
 
 
 def test_one_process_gathers_exactly_what_a_checkpoint_saves_and_rebuilds_an_equal_model():
-    cfg = compose(BASE, REGISTRY)
+    cfg = compose(BASE, shared_registry())
     torch.manual_seed(0)
-    model = assemble(cfg, REGISTRY)
+    model = assemble(cfg, shared_registry())
     configure_trainable(model, cfg.stages.align)
     configure_trainable(model, cfg.stages.instruct)  # connector (align) + LoRA (instruct)
     with torch.no_grad():
@@ -80,7 +79,7 @@ def test_one_process_gathers_exactly_what_a_checkpoint_saves_and_rebuilds_an_equ
     assert any("lora_B" in k for k in got) and any(k.startswith("branches.image.connector.") for k in got)
     for k in saved:
         assert torch.equal(got[k], saved[k]), k
-    plain = unsharded_model(cfg, REGISTRY, "float32", torch.device("cpu"), ["align", "instruct"], got)
+    plain = unsharded_model(cfg, shared_registry(), "float32", torch.device("cpu"), ["align", "instruct"], got)
     assert not plain.training
     own = dict(plain.named_parameters())
     for k, v in saved.items():
@@ -92,8 +91,8 @@ def test_unsharded_session_keeps_the_session_and_swaps_in_a_model_with_the_weigh
     from mmbridge.training.run import unsharded_session
     from mmbridge.training.session import open_session
 
-    cfg = compose([*BASE, "trainer=fp32", f"paths.cache_dir={tmp_path}"], REGISTRY)
-    session = open_session(cfg, REGISTRY, with_data=False)
+    cfg = compose([*BASE, "trainer=fp32", f"paths.cache_dir={tmp_path}"], shared_registry())
+    session = open_session(cfg, shared_registry(), with_data=False)
     configure_trainable(session.model, cfg.stages.align)
     with torch.no_grad():
         for p in session.model.parameters():
@@ -215,4 +214,4 @@ def test_fsdp_shards_on_two_cpu_processes_are_gathered_whole_on_rank_0(tmp_path)
 def test_the_presets_that_shard_parameters_in_place(preset, sharded):
     from mmbridge.training.strategies import shards_parameters
 
-    assert shards_parameters(compose([*BASE, f"trainer={preset}"], REGISTRY).trainer) is sharded
+    assert shards_parameters(compose([*BASE, f"trainer={preset}"], shared_registry()).trainer) is sharded
