@@ -22,21 +22,12 @@ import torch
 
 from mmbridge.data.chat import ChatEncoder
 from mmbridge.data.dataset import Collator, ConversationDataset, MediaReader, encode_sample
-from mmbridge.data.feature_cache import FeatureTable
+from mmbridge.data.feature_cache import FeatureTable, to_device  # also mmbridge.data.batcher.to_device
 from mmbridge.types import Sample
 
 if TYPE_CHECKING:
     from mmbridge.model import Branch, MultimodalModel
     from mmbridge.recipe import DataRecipe
-
-
-def to_device(batch: Any, device: torch.device | str) -> Any:
-    """``batch`` (a tensor, or a dict of them, nested) on ``device``; other values as they are."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch
 
 
 class Batcher:

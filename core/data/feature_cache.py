@@ -102,11 +102,12 @@ class FeatureTable:
         return len(self.index)
 
 
-def _to_device(batch, device):
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """``batch`` (a tensor, or a dict of them, nested) on ``device``; other values as they are."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
     return batch
 
 
@@ -207,7 +208,7 @@ def _fill(encoder: ModalityEncoder, entry: Path, index: dict, batch_size: int, n
     try:
         with _Progress(desc, len(todo), log_every) as progress, torch.inference_mode(), amp:
             for positions, batch in loader:
-                feats, mask = encoder(_to_device(batch, device))  # [B, N, D], [B, N]
+                feats, mask = encoder(to_device(batch, device))  # [B, N, D], [B, N]
                 # numpy's boolean indexing: torch's is ~100x slower on float16 CPU tensors
                 feats = feats.to(torch.float16).cpu().numpy()
                 mask = mask.bool().cpu()

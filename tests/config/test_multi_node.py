@@ -38,7 +38,6 @@ def no_launcher(monkeypatch):
     for key in (*LAUNCHER_KEYS, *SLURM_TASK):
         monkeypatch.delenv(key, raising=False)
     yield monkeypatch
-    monkeypatch.undo()
     os.environ.clear()
     os.environ.update(saved)
     rank_zero_only.rank = rank
