@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
+from torch.nn import functional as F
 
 from mmbridge.assets import resolve_model_path
 from mmbridge.encoder import ModalityEncoder
@@ -67,6 +68,10 @@ class HFVisionEncoder(ModalityEncoder):
         image_size: Override the processor's input size (DINOv2 at 112 px = 8 x 8 patches of 14).
         pool_to: Average-pool the patch grid to ``pool_to x pool_to`` tokens.
         dtype: ``float32`` | ``float16`` | ``bfloat16`` (features are returned as float32).
+        normalize_layers: Standardise each selected layer's token features (a LayerNorm without
+            affine weights) before concatenating them, so layers of different scale enter the
+            connector alike (DINOv2-S: the last layer after its final norm has RMS 2.4, layer 6
+            RMS 0.09). Applied before ``pool_to``; part of the feature-cache key only when set.
         registry: The run's registry, which resolves an offline model name in ``path`` (given by
             :func:`mmbridge.build.build`, never by the config; ``None`` outside a run: a local
             directory or a hub id only).
@@ -76,7 +81,8 @@ class HFVisionEncoder(ModalityEncoder):
 
     def __init__(self, path: str, feature_layer: int | list[int] = -1, drop_cls: bool = True,
                  image_size: int | None = None, pool_to: int | None = None,
-                 dtype: str = "float32", registry: Registry | None = None) -> None:
+                 dtype: str = "float32", normalize_layers: bool = False,
+                 registry: Registry | None = None) -> None:
         super().__init__()
         import transformers
 
@@ -84,6 +90,9 @@ class HFVisionEncoder(ModalityEncoder):
         self.args = {"path": path, "feature_layer": layers if len(layers) > 1 else layers[0],
                      "drop_cls": drop_cls, "image_size": image_size, "pool_to": pool_to,
                      "dtype": dtype}
+        if normalize_layers:  # only when set: older cache entries keep their key
+            self.args["normalize_layers"] = True
+        self.normalize_layers = bool(normalize_layers)
         local = resolve_model_path(path, registry, key="encoder.path")
         try:
             config = transformers.AutoConfig.from_pretrained(local)
@@ -101,7 +110,8 @@ class HFVisionEncoder(ModalityEncoder):
     @classmethod
     def from_config(cls, config: str | Path, feature_layer: int | list[int] = -1,
                     drop_cls: bool = True, image_size: int | None = None,
-                    pool_to: int | None = None, dtype: str = "float32") -> HFVisionEncoder:
+                    pool_to: int | None = None, dtype: str = "float32",
+                    normalize_layers: bool = False) -> HFVisionEncoder:
         """The vision tower of a ``config.json`` with freshly initialised weights; nothing is
         downloaded and no weight file is read.
 
@@ -130,6 +140,9 @@ class HFVisionEncoder(ModalityEncoder):
         self.args = {"path": str(directory), "feature_layer": layers if len(layers) > 1 else layers[0],
                      "drop_cls": drop_cls, "image_size": image_size, "pool_to": pool_to,
                      "dtype": dtype}
+        if normalize_layers:
+            self.args["normalize_layers"] = True
+        self.normalize_layers = bool(normalize_layers)
         self.model = transformers.AutoModel.from_config(tower_config or full,
                                                         dtype=torch_dtype(dtype, "encoder.dtype"))
         self.model.eval()
@@ -237,6 +250,8 @@ class HFVisionEncoder(ModalityEncoder):
                          output_hidden_states=True, **self._extra)
         feats = [out.last_hidden_state if a == self.n_layers else out.hidden_states[a]
                  for a in self.layers]
+        if self.normalize_layers:
+            feats = [F.layer_norm(f, f.shape[-1:]) for f in feats]
         return torch.cat(feats, dim=-1) if len(feats) > 1 else feats[0]
 
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

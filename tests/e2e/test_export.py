@@ -351,6 +351,8 @@ def test_hf_llava_gives_the_same_logits_and_greedy_answer(towers, tower, extra, 
 @pytest.mark.parametrize("extra,match", [
     ([], r"encoder 'timm' \(TimmEncoder\) is not an hf_vision"),
     (["HF", "encoder.pool_to=2"], r"encoder.pool_to=2 pools the patch grid"),
+    (["HF", "encoder.feature_layer=[1,0]", "encoder.normalize_layers=true"],
+     r"encoder.normalize_layers=true standardises each layer's features"),
     (["HF", "encoder.feature_layer=-1"], r"encoder.feature_layer=-1 of Dinov2Model is the final layer norm"),
     (["HF", "encoder.feature_layer=1", "connector=qformer"], r"connector 'qformer' \(QFormer"),
     (["HF", "encoder.feature_layer=1", "connector=mlp", "connector.depth=3"], r"connector 'mlp' \(depth=3"),
