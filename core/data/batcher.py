@@ -22,7 +22,10 @@ import torch
 
 from mmbridge.data.chat import ChatEncoder
 from mmbridge.data.dataset import Collator, ConversationDataset, MediaReader, encode_sample
-from mmbridge.data.feature_cache import FeatureTable, to_device  # also mmbridge.data.batcher.to_device
+from mmbridge.data.feature_cache import (  # also mmbridge.data.batcher.to_device
+    FeatureTable,
+    to_device,
+)
 from mmbridge.types import Sample
 
 if TYPE_CHECKING:
