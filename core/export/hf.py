@@ -66,7 +66,7 @@ def check_representable(session: Any) -> dict[str, Any]:
         raise _refuse(f"{enc_key} '{enc_name}' ({type(enc).__name__})", "is not an hf_vision (transformers) tower")
     if enc.pool_to:
         raise _refuse(f"{enc_key}.pool_to={enc.pool_to}", "pools the patch grid")
-    if getattr(enc, "normalize_layers", False):
+    if enc.normalize_layers:
         raise _refuse(f"{enc_key}.normalize_layers=true", "standardises each layer's features, which Llava's tower does not")
     if enc.drop_cls and enc.prefix != 1:
         raise _refuse(f"{enc_key}.drop_cls=true with {enc.prefix} prefix tokens (registers)",

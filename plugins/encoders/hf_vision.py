@@ -90,9 +90,6 @@ class HFVisionEncoder(ModalityEncoder):
         self.args = {"path": path, "feature_layer": layers if len(layers) > 1 else layers[0],
                      "drop_cls": drop_cls, "image_size": image_size, "pool_to": pool_to,
                      "dtype": dtype}
-        if normalize_layers:  # only when set: older cache entries keep their key
-            self.args["normalize_layers"] = True
-        self.normalize_layers = bool(normalize_layers)
         local = resolve_model_path(path, registry, key="encoder.path")
         try:
             config = transformers.AutoConfig.from_pretrained(local)
@@ -105,7 +102,8 @@ class HFVisionEncoder(ModalityEncoder):
                               f"directory, or a hub id while online") from exc
         self.model.eval()
         self.weights_id = weights_fingerprint(self.model)
-        self._configure(layers, Path(local), config.model_type, drop_cls, image_size, pool_to)
+        self._configure(layers, Path(local), config.model_type, drop_cls, image_size, pool_to,
+                        normalize_layers)
 
     @classmethod
     def from_config(cls, config: str | Path, feature_layer: int | list[int] = -1,
@@ -140,18 +138,16 @@ class HFVisionEncoder(ModalityEncoder):
         self.args = {"path": str(directory), "feature_layer": layers if len(layers) > 1 else layers[0],
                      "drop_cls": drop_cls, "image_size": image_size, "pool_to": pool_to,
                      "dtype": dtype}
-        if normalize_layers:
-            self.args["normalize_layers"] = True
-        self.normalize_layers = bool(normalize_layers)
         self.model = transformers.AutoModel.from_config(tower_config or full,
                                                         dtype=torch_dtype(dtype, "encoder.dtype"))
         self.model.eval()
         self.weights_id = "random-init"  # no weights were read: a cache must never reuse these features
-        self._configure(layers, directory, full.model_type, drop_cls, image_size, pool_to)
+        self._configure(layers, directory, full.model_type, drop_cls, image_size, pool_to,
+                        normalize_layers)
         return self
 
     def _configure(self, layers: list[int], local: Path, model_type: str, drop_cls: bool,
-                   image_size: int | None, pool_to: int | None) -> None:
+                   image_size: int | None, pool_to: int | None, normalize_layers: bool) -> None:
         """Feature layers, truncation, preprocessing and token counts of the loaded tower."""
         vc = self.model.config
         self.patch = int(vc.patch_size)
@@ -172,6 +168,9 @@ class HFVisionEncoder(ModalityEncoder):
         accepts = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
         self._extra = {"interpolate_pos_encoding": True} if accepts and self.size != native else {}
         self.drop_cls, self.pool_to = drop_cls, pool_to
+        self.normalize_layers = bool(normalize_layers)
+        if normalize_layers:  # only when set: cache entries written before the option keep their key
+            self.args["normalize_layers"] = True
 
         probe = torch.zeros(1, 3, *self.size)
         demote_unused_parameters(self.model, lambda: self._tokens(probe))
