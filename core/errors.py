@@ -6,8 +6,11 @@ the valid options. Users catch :class:`MMBridgeError` to handle all of them.
 
 from __future__ import annotations
 
+import binascii
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from os import PathLike
 
 
 class MMBridgeError(Exception):
@@ -49,6 +52,19 @@ class CheckpointError(MMBridgeError):
     """A checkpoint is missing, unreadable or does not match the model."""
 
 
+class RunLockedError(MMBridgeError):
+    """A run directory is held by another live process (the message names its pid and host)."""
+
+
+class StorageError(MMBridgeError, OSError):
+    """An output location is not writable or has too little free space; the message names the
+    path, the bytes needed and the bytes free."""
+
+
+class IntegrityError(CheckpointError):
+    """A file of a bundle or checkpoint does not match the checksum recorded when it was written."""
+
+
 class ToolError(MMBridgeError):
     """A tool call failed; the text is what the model gets to read."""
 
@@ -67,3 +83,51 @@ def unknown(kind: str, name: str, options: Iterable[str], group: str | None = No
     return UnknownComponentError(
         f"unknown {kind} '{name}'{where}{did_you_mean(name, opts)}; available: {listed}"
     )
+
+
+#: What a reader's own code raises on malformed input (binascii.Error, ArrowInvalid and
+#: UnicodeDecodeError are ValueErrors); anything else is a bug and keeps its traceback.
+_MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError, OSError,
+              binascii.Error, RecursionError, OverflowError)
+
+
+def describe_malformed(exc: BaseException) -> str:
+    """``exc`` in a reader's words: a missing key, a wrong type, an undecodable value."""
+    if isinstance(exc, KeyError):
+        return f"missing key {exc.args[0]!r}" if exc.args else "missing key"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 ({exc.reason} at byte {exc.start})"
+    if isinstance(exc, IndexError):
+        return f"index out of range ({exc})"
+    if isinstance(exc, binascii.Error):
+        return f"invalid base64 ({exc})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return f"{type(exc).__name__}: {exc}"
+
+
+@contextmanager
+def reading(file: str | PathLike | Iterable[str | PathLike], record: object = None,
+            expected: str = "", also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+    """The error boundary of a reader or loader: a malformed input inside it (missing key,
+    wrong type, bad encoding, unreadable file) becomes one :class:`DataError` naming the file,
+    the record and what was expected; mmbridge's own errors pass unchanged.
+
+    Args:
+        file: The file (or files) being read.
+        record: The record being read (``"question 42"``, ``"line 7"``), if any.
+        expected: What a valid input looks like, appended to the message.
+        also: Further exception types that mean malformed input here (a library's own errors).
+    """
+    try:
+        yield
+    except MMBridgeError:
+        raise
+    except (*_MALFORMED, *also) as exc:
+        files = [file] if isinstance(file, str | PathLike) else list(file)
+        where = ", ".join(str(f) for f in files)
+        if record is not None:
+            where += f": {record}"
+        hint = f" (expected {expected})" if expected else ""
+        what = " ".join(describe_malformed(exc).split())[:500]  # one line, bounded
+        raise DataError(f"{where}: {what}{hint}") from exc

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from mmbridge.errors import ConfigError, DataError
+from mmbridge.errors import ConfigError, DataError, reading
 from mmbridge.types import ROLES, Sample, check_placeholders
 
 log = logging.getLogger(__name__)
@@ -313,7 +313,8 @@ def read_llava(path: str | Path, media_root: str | Path | None = None,
         try:
             if isinstance(record, _RecordError):
                 raise record
-            sample = _parse(record, index, line, path, root)
+            with reading(path, f"record {index}" + (f" (line {line})" if line else "")):
+                sample = _parse(record, index, line, path, root)
             where = _where(path, index, sample.id, line)
             if sample.id in seen:
                 raise DataError(f"{where}: duplicate id {sample.id!r}, also used by {seen[sample.id]}")

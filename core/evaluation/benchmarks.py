@@ -230,6 +230,10 @@ def score_pope(metas: Sequence[dict], references: Sequence[str], predictions: Se
     """POPE: accuracy, precision, recall, F1 and yes-ratio, overall and per category."""
     read = [pope_answer(p) for p in predictions]
     labels = [str(m.get("label", r)).strip().lower() for m, r in zip(metas, references, strict=True)]
+    for m, label in zip(metas, labels, strict=True):
+        if label not in ("yes", "no"):
+            raise DataError(f"POPE question {m.get('question_id', '?')}: label {label!r} is not yes or no "
+                            f"(meta.label, else the reference answer)")
     out = {f"pope/{k}": v for k, v in binary_metrics(read, labels).items()}
     cats: dict[str, list[int]] = defaultdict(list)
     for i, m in enumerate(metas):

@@ -12,7 +12,7 @@ from typing import Any
 
 from mmbridge.data.llava import write_llava
 from mmbridge.dataset import DatasetFiles, DatasetSource
-from mmbridge.errors import ConfigError, DataError
+from mmbridge.errors import ConfigError, DataError, reading
 from mmbridge.types import Sample, placeholder
 
 #: LLaVA-1.5's short-answer instruction (VQAv2, GQA, TextVQA, POPE).
@@ -35,16 +35,54 @@ def required(value: Any, key: str, what: str) -> Path:
     return path
 
 
-def read_json(path: Path, key: str) -> Any:
-    """A JSON file, or a JSON-lines file when it is not one JSON document (POPE's ``.json``)."""
-    text = path.read_text(encoding="utf-8-sig")
+def read_json(path: Path, key: str, shape: type | None = None, expected: str = "") -> Any:
+    """A JSON file, or a JSON-lines file when it is not one JSON document (POPE's ``.json``).
+
+    Args:
+        path: The file.
+        key: The config key that named it (for the message).
+        shape: ``dict`` or ``list``: the top-level type the format has; anything else is refused.
+        expected: The format's layout in words, for the messages.
+
+    Raises:
+        DataError: naming the file for an unreadable file, text that is not UTF-8 JSON (lines),
+            or a top level of another shape.
+    """
+    with reading(path, expected=expected or "a JSON file"):
+        text = path.read_text(encoding="utf-8-sig")
     try:
-        return json.loads(text)
+        data = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{key}: {path}: JSON nested too deeply") from None
     except json.JSONDecodeError:
         try:
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise DataError(f"{key}: {path} is neither JSON nor JSON lines ({exc})") from exc
+    if shape is not None and not isinstance(data, shape):
+        what = {dict: "a JSON object", list: "a JSON list (or JSON lines)"}.get(shape, shape.__name__)
+        raise DataError(f"{key}: {path}: expected {what} at the top level"
+                        f"{f' ({expected})' if expected else ''}, got {type(data).__name__}")
+    return data
+
+
+def records(data: Any, path: Path, what: str = "record", start: int = 0) -> list[tuple[int, dict]]:
+    """The object records of a list, refusing any record that is not a JSON object (named
+    ``what`` and its position counted from ``start``)."""
+    out = []
+    for i, r in enumerate(data):
+        if not isinstance(r, dict):
+            raise DataError(f"{path}: {what} {i + start}: expected a JSON object, got {type(r).__name__}")
+        out.append((i, r))
+    return out
+
+
+def text_field(record: dict, key: str) -> str:
+    """``record[key]`` as text: a string or a number, never a container or null."""
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise TypeError(f"'{key}' must be a string, got {type(value).__name__}")
+    return str(value)
 
 
 def image_question(sid: str, image: Path, question: str, answer: str, meta: dict[str, Any]) -> Sample:
@@ -81,7 +119,14 @@ class BenchmarkSource(DatasetSource):
         out = Path(cache_dir) / f"{self.name}-{key}"
         target = out / f"{self.split}.jsonl"
         if not target.is_file():
-            samples = self.read(out)
+            try:
+                with reading(self.inputs(), expected=f"the official {self.name} layout"):
+                    samples = self.read(out)
+            except DataError as exc:  # name the source file where the message names only a record
+                files = [str(p) for p in self.inputs()]
+                if any(f in str(exc) for f in files):
+                    raise
+                raise DataError(f"{', '.join(files)}: {exc}") from exc
             if not samples:
                 raise DataError(f"data ({self.name}): no questions read from {', '.join(map(str, self.inputs()))}")
             write_llava(samples, target)

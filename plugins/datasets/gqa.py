@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmbridge.errors import reading
 from mmbridge.plugins.datasets._benchmark import (
     SHORT_ANSWER,
     BenchmarkSource,
@@ -12,6 +13,7 @@ from mmbridge.plugins.datasets._benchmark import (
     image_question,
     read_json,
     required,
+    text_field,
 )
 from mmbridge.types import Sample
 
@@ -43,11 +45,16 @@ class GQADataset(BenchmarkSource):
 
     def read(self, out_dir: Path) -> list[Sample]:
         out = []
-        for qid, q in read_json(self.path, "data.path").items():
-            question = f"{q['question']}\n{self.prompt}" if self.prompt else q["question"]
-            meta = {"benchmark": "gqa", "qtype": (q.get("types") or {}).get("structural", "all"),
-                    "question_id": qid}
-            out.append(image_question(str(qid), self.image_dir / f"{q['imageId']}.jpg", question, q["answer"], meta))
+        data = read_json(self.path, "data.path", dict,
+                         "GQA questions: {question_id: {'imageId', 'question', 'answer', ...}}")
+        for qid, q in data.items():
+            with reading(self.path, f"question {qid}", "an object with 'imageId', 'question', 'answer'"):
+                question = text_field(q, "question")
+                question = f"{question}\n{self.prompt}" if self.prompt else question
+                types = q.get("types") or {}
+                meta = {"benchmark": "gqa", "qtype": str(types.get("structural", "all")), "question_id": qid}
+                image = self.image_dir / f"{text_field(q, 'imageId')}.jpg"
+                out.append(image_question(str(qid), image, question, text_field(q, "answer"), meta))
         return out
 
 

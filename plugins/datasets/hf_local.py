@@ -28,7 +28,8 @@ from typing import Any
 
 from mmbridge.data.llava import MEDIA_KEYS, ON_ERROR
 from mmbridge.dataset import DatasetFiles, DatasetSource
-from mmbridge.errors import ConfigError
+from mmbridge.errors import ConfigError, reading
+from mmbridge.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,16 @@ def _load(path: Path, key: str) -> Any:
         return ds.Dataset.from_file(str(path))
     raise ConfigError(f"{key}: {path} is neither a save_to_disk folder nor a file of kind "
                       f"{', '.join(FILE_KINDS)}")
+
+
+def _library_errors() -> tuple[type[Exception], ...]:
+    """``datasets``' and ``pyarrow``'s own error bases: a corrupt source raises them."""
+    errors: list[type[Exception]] = [_datasets().exceptions.DatasetsError]
+    try:
+        import pyarrow
+    except ImportError:  # pragma: no cover - datasets requires pyarrow
+        return tuple(errors)
+    return (*errors, pyarrow.ArrowException)
 
 
 def _stamp(path: Path) -> list:
@@ -216,11 +227,14 @@ class HFLocalDataset(DatasetSource):
         out = Path(cache_dir) / f"hf_local-{key}"
         done = out / "splits.json"
         if done.is_file():
-            splits = json.loads(done.read_text())
+            with reading(done, expected="the split list this reader wrote (delete the folder to rebuild it)"):
+                splits = dict(json.loads(done.read_text()))
             return DatasetFiles(splits={s: out / f for s, f in splits.items()}, media_root=self.media_root)
         parts: dict[str, Any] = {}
         for split, path in self.sources.items():
-            data = _load(path, f"data.{split}")
+            with reading(path, expected="a save_to_disk folder, a .parquet or an .arrow file",
+                         also=_library_errors()):
+                data = _load(path, f"data.{split}")
             if hasattr(data, "keys"):  # a DatasetDict
                 if split != "train" or len(self.sources) > 1:
                     raise ConfigError(f"data.{split}: {path} holds a DatasetDict (splits "
@@ -237,11 +251,14 @@ class HFLocalDataset(DatasetSource):
             raise ConfigError(f"data.train: {self.sources['train']} has no train split")
         names = {}
         for split, dataset in parts.items():
-            rows = write_split(dataset, out / f"{split}.jsonl", out / "media", split)
+            with reading(self.sources.get(split, self.sources["train"]), f"split '{split}'",
+                         "rows with LLaVA's columns (id, conversations, image / audio)",
+                         also=_library_errors()):
+                rows = write_split(dataset, out / f"{split}.jsonl", out / "media", split)
             names[split] = f"{split}.jsonl"
             log.info("data (hf_local): %s split '%s': %d rows -> %s", self.sources.get(split, self.sources["train"]),
                      split, rows, out / f"{split}.jsonl")
-        done.write_text(json.dumps(names))
+        atomic_write_text(done, json.dumps(names))
         return DatasetFiles(splits={s: out / f for s, f in names.items()}, media_root=self.media_root)
 
 

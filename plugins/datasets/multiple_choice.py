@@ -9,7 +9,7 @@ import csv
 import sys
 from pathlib import Path
 
-from mmbridge.errors import ConfigError, DataError
+from mmbridge.errors import ConfigError, DataError, reading
 from mmbridge.evaluation.benchmarks import choice_prompt, option_letters
 from mmbridge.plugins.datasets._benchmark import (
     BenchmarkSource,
@@ -17,6 +17,7 @@ from mmbridge.plugins.datasets._benchmark import (
     image_question,
     read_json,
     required,
+    text_field,
 )
 from mmbridge.types import Sample
 
@@ -90,45 +91,86 @@ class MultipleChoiceDataset(BenchmarkSource):
         for name in ("problems.json", "pid_splits.json"):
             if not (self.path / name).is_file():
                 raise ConfigError(f"data.path: {self.path} has no {name} (ScienceQA's layout)")
-        problems = read_json(self.path / "problems.json", "data.path")
-        splits = read_json(self.path / "pid_splits.json", "data.path")
+        problems_file, splits_file = self.path / "problems.json", self.path / "pid_splits.json"
+        problems = read_json(problems_file, "data.path", dict,
+                             "ScienceQA problems: {pid: {'question', 'choices', 'answer', 'image'}}")
+        splits = read_json(splits_file, "data.path", dict, "ScienceQA splits: {split: [pid, ...]}")
         if self.source_split not in splits:
             raise ConfigError(f"data.source_split: {self.source_split!r} is not in pid_splits.json; "
                               f"splits: {', '.join(splits)}")
+        pids = splits[self.source_split]
+        if not isinstance(pids, list):
+            raise DataError(f"{splits_file}: '{self.source_split}' must be a list of pids, "
+                            f"got {type(pids).__name__}")
         rows = []
-        for pid in splits[self.source_split]:
-            p = problems[str(pid)]
-            if not p.get("image"):
-                continue  # ScienceQA-IMG: the questions with an image
-            rows.append({"id": str(pid), "question": p["question"], "options": list(p["choices"]),
-                         "answer": int(p["answer"]), "hint": p.get("hint") or None,
-                         "category": p.get("subject", "all"), "group": str(pid), "rotated": False,
-                         "image": self.image_dir / self.source_split / str(pid) / p["image"]})
+        for pid in pids:
+            with reading(splits_file, f"pid {pid!r}", "a pid that problems.json holds"):
+                p = problems[str(pid)]
+            with reading(problems_file, f"pid {pid}", "'question', 'choices' (a list of texts), "
+                         "'answer' (the index of the right choice), 'image'"):
+                if not isinstance(p, dict):
+                    raise TypeError(f"expected an object, got {type(p).__name__}")
+                if not p.get("image"):
+                    continue  # ScienceQA-IMG: the questions with an image
+                choices = p["choices"]
+                if not isinstance(choices, list) or len(choices) < 2:
+                    raise TypeError(f"'choices' must be a list of at least 2 texts, got {choices!r:.80}")
+                options = [text_field({"choice": c}, "choice") for c in choices]
+                answer = p["answer"]
+                if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(options):
+                    raise DataError(f"{problems_file}: pid {pid}: 'answer' {answer!r} is not the index of one "
+                                    f"of its {len(options)} choices (0..{len(options) - 1})")
+                hint = p.get("hint")
+                rows.append({"id": str(pid), "question": text_field(p, "question"), "options": options,
+                             "answer": answer, "hint": str(hint) if hint else None,
+                             "category": str(p.get("subject", "all")), "group": str(pid), "rotated": False,
+                             "image": self.image_dir / self.source_split / str(pid) / text_field(p, "image")})
         return rows
 
     def _mmbench(self, out_dir: Path) -> list[dict]:
         csv.field_size_limit(sys.maxsize)  # base64 images are larger than csv's default field limit
         images = out_dir / "images"
         images.mkdir(parents=True, exist_ok=True)
-        with self.path.open(encoding="utf-8-sig", newline="") as f:
+        expected = "index, question, A, B, ..., answer, image (base64) columns"
+        with (reading(self.path, expected=f"a tab-separated file of {expected}"),
+              self.path.open(encoding="utf-8-sig", newline="") as f):
             records = list(csv.DictReader(f, delimiter="\t"))
         rows = []
-        rotated = any(int(float(r["index"])) >= _CIRCULAR_STRIDE for r in records)
-        for r in records:
-            index = int(float(r["index"]))
-            letters = [c for c in option_letters(9) if _value(r.get(c)) is not None]
-            answer = _value(r.get("answer"))
-            if answer not in letters:
-                raise DataError(f"{self.path}: index {index}: answer {answer!r} is not one of its options "
-                                f"{', '.join(letters)} (a test TSV without answers cannot be scored offline)")
-            data = base64.b64decode(r["image"])
-            image = images / f"{index}{'.png' if data.startswith(_PNG) else '.jpg'}"
-            image.write_bytes(data)
-            rows.append({"id": str(index), "question": r["question"], "options": [r[c] for c in letters],
-                         "answer": letters.index(answer), "hint": _value(r.get("hint")),
-                         "category": _value(r.get("category")) or "all",
-                         "group": str(index % _CIRCULAR_STRIDE), "rotated": rotated, "image": image})
+        indices = [_index(r, i, self.path) for i, r in enumerate(records)]
+        rotated = any(index >= _CIRCULAR_STRIDE for index in indices)
+        for i, (r, index) in enumerate(zip(records, indices, strict=True)):
+            with reading(self.path, f"row {i + 2} (index {index})", expected):
+                letters = [c for c in option_letters(9) if _value(r.get(c)) is not None]
+                answer = _value(r.get("answer"))
+                if answer not in letters:
+                    raise DataError(f"{self.path}: index {index}: answer {answer!r} is not one of its options "
+                                    f"{', '.join(letters)} (a test TSV without answers cannot be scored offline)")
+                if _value(r.get("image")) is None:
+                    raise KeyError("image")
+                data = base64.b64decode(r["image"], validate=True)
+                if not data:
+                    raise ValueError("the 'image' cell decodes to no bytes")
+                image = images / f"{index}{'.png' if data.startswith(_PNG) else '.jpg'}"
+                image.write_bytes(data)
+                if _value(r.get("question")) is None:
+                    raise KeyError("question")
+                rows.append({"id": str(index), "question": r["question"], "options": [r[c] for c in letters],
+                             "answer": letters.index(answer), "hint": _value(r.get("hint")),
+                             "category": _value(r.get("category")) or "all",
+                             "group": str(index % _CIRCULAR_STRIDE), "rotated": rotated, "image": image})
         return rows
+
+
+def _index(row: dict, i: int, path: Path) -> int:
+    """A TSV row's ``index`` as an integer (pandas may have written ``12.0``)."""
+    value = _value(row.get("index"))
+    try:
+        index = float(value) if value is not None else None
+    except ValueError:
+        index = None
+    if index is None or not index.is_integer() or index < 0:
+        raise DataError(f"{path}: row {i + 2}: 'index' must be a non-negative integer, got {row.get('index')!r}")
+    return int(index)
 
 
 def _value(cell: str | None) -> str | None:

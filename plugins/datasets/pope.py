@@ -6,16 +6,20 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mmbridge.errors import ConfigError
+from mmbridge.errors import ConfigError, DataError, reading
 from mmbridge.plugins.datasets._benchmark import (
     SHORT_ANSWER,
     BenchmarkSource,
     image_question,
     read_json,
+    records,
     required,
+    text_field,
 )
 from mmbridge.types import Sample
 
+#: The only answers POPE has (its scorer counts "yes" as the positive class).
+LABELS = ("yes", "no")
 _CATEGORY = re.compile(r"_pope_(\w+)$")
 
 
@@ -49,12 +53,21 @@ class POPEDataset(BenchmarkSource):
         for f in self.files:
             m = _CATEGORY.search(f.name.split(".")[0])
             category = m.group(1) if m else f.stem
-            for q in read_json(f, "data.path"):
-                question = f"{q['text']}\n{self.prompt}" if self.prompt else q["text"]
-                meta = {"benchmark": "pope", "label": str(q["label"]).strip().lower(), "category": category,
-                        "qtype": category, "question_id": q["question_id"]}
-                out.append(image_question(f"{category}-{q['question_id']}", self.image_dir / q["image"],
-                                          question, str(q["label"]).strip().lower(), meta))
+            data = read_json(f, "data.path", list, "JSON lines of {'question_id', 'image', 'text', 'label'}")
+            for i, q in records(data, f, "line", start=1):
+                with reading(f, f"line {i + 1} (question_id {q.get('question_id')})",
+                             "'question_id', 'image', 'text' and a 'label' yes or no"):
+                    label = text_field(q, "label").strip().lower()
+                    if label not in LABELS:
+                        raise DataError(f"{f}: line {i + 1} (question_id {q.get('question_id')}): "
+                                        f"label {q['label']!r} is not one of {', '.join(LABELS)}")
+                    text = text_field(q, "text")
+                    question = f"{text}\n{self.prompt}" if self.prompt else text
+                    qid = text_field(q, "question_id")
+                    meta = {"benchmark": "pope", "label": label, "category": category,
+                            "qtype": category, "question_id": q["question_id"]}
+                    out.append(image_question(f"{category}-{qid}", self.image_dir / text_field(q, "image"),
+                                              question, label, meta))
         return out
 
 

@@ -6,14 +6,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mmbridge.errors import ConfigError, DataError
+from mmbridge.errors import ConfigError, DataError, reading
 from mmbridge.plugins.datasets._benchmark import (
     SHORT_ANSWER,
     BenchmarkSource,
     abspath,
     image_question,
     read_json,
+    records,
     required,
+    text_field,
 )
 from mmbridge.types import Sample
 
@@ -61,10 +63,10 @@ class VQADataset(BenchmarkSource):
         return [self.path] + ([self.annotations] if self.annotations else [])
 
     def read(self, out_dir: Path) -> list[Sample]:
-        data = read_json(self.path, "data.path")
-        if isinstance(data, dict) and "questions" in data:
+        data = read_json(self.path, "data.path", dict, _LAYOUT)
+        if "questions" in data:
             return self._vqav2(data)
-        if isinstance(data, dict) and "data" in data:
+        if "data" in data:
             return self._textvqa(data["data"])
         raise DataError(f"data.path: {self.path} is neither VQAv2 questions (a 'questions' list) nor "
                         f"TextVQA (a 'data' list)")
@@ -77,36 +79,65 @@ class VQADataset(BenchmarkSource):
             raise ConfigError(f"data.annotations: the VQAv2 annotations file is needed to score "
                               f"{self.path.name} (not found: {self.annotations}); test-dev has none "
                               f"(it is scored on the EvalAI server)")
-        anns = {a["question_id"]: a for a in read_json(self.annotations, "data.annotations")["annotations"]}
+        ann_data = read_json(self.annotations, "data.annotations", dict,
+                             "VQAv2 annotations: {'annotations': [{'question_id', 'answers', ...}]}")
+        anns = {}
+        for i, a in records(_list(ann_data, "annotations", self.annotations), self.annotations, "annotation"):
+            with reading(self.annotations, f"annotation {i}", "'question_id' and 10 'answers'"):
+                anns[a["question_id"]] = a
         subtype = str(data.get("data_subtype", "val2014"))
         image_dir = self.image_dir or self.path.parent / subtype
         pattern = self.image_pattern or "COCO_{subtype}_{image_id:012d}.jpg"
         out = []
-        for q in data["questions"]:
-            a = anns.get(q["question_id"])
+        for i, q in records(_list(data, "questions", self.path), self.path, "question"):
+            with reading(self.path, f"question {i} (question_id {q.get('question_id')})",
+                         "'question_id', 'image_id', 'question'"):
+                a = anns.get(q["question_id"])
             if a is None:
                 raise DataError(f"{self.annotations}: no annotation for question_id {q['question_id']}")
-            answers = [x["answer"] for x in a["answers"]]
-            image = image_dir / pattern.format(image_id=q["image_id"], subtype=subtype)
-            meta = {"benchmark": "vqa", "answers": answers, "qtype": a.get("answer_type", "all"),
-                    "question_id": q["question_id"]}
-            out.append(image_question(str(q["question_id"]), image, self._question(q["question"]),
-                                      a.get("multiple_choice_answer", answers[0]), meta))
+            with reading(self.annotations, f"annotation of question_id {q['question_id']}",
+                         "'answers': a non-empty list of {'answer': text}"):
+                answers = [text_field(x, "answer") for x in a["answers"]]
+                if not answers:
+                    raise DataError(f"{self.annotations}: question_id {q['question_id']}: 'answers' is empty")
+                reference = str(a.get("multiple_choice_answer", answers[0]))
+            with reading(self.path, f"question_id {q['question_id']}",
+                         f"'image_id' and 'question'; image_pattern {pattern!r}"):
+                image = image_dir / pattern.format(image_id=q["image_id"], subtype=subtype)
+                meta = {"benchmark": "vqa", "answers": answers, "qtype": str(a.get("answer_type", "all")),
+                        "question_id": q["question_id"]}
+                out.append(image_question(str(q["question_id"]), image,
+                                          self._question(text_field(q, "question")), reference, meta))
         return out
 
     def _textvqa(self, rows: list[dict]) -> list[Sample]:
         image_dir = self.image_dir or self.path.parent / "train_images"
         pattern = self.image_pattern or "{image_id}.jpg"
         out = []
-        for q in rows:
-            answers = list(q.get("answers") or [])
-            if not answers:
-                raise DataError(f"{self.path}: question {q.get('question_id')} has no answers (a test file?)")
-            top = max(set(answers), key=lambda a: (answers.count(a), a))
-            image = image_dir / pattern.format(image_id=q["image_id"], subtype=self.split)
-            meta = {"benchmark": "vqa", "answers": answers, "question_id": q["question_id"]}
-            out.append(image_question(str(q["question_id"]), image, self._question(q["question"]), top, meta))
+        if not isinstance(rows, list):
+            raise DataError(f"{self.path}: 'data' must be a list of questions, got {type(rows).__name__}")
+        for i, q in records(rows, self.path, "question"):
+            with reading(self.path, f"question {i} (question_id {q.get('question_id')})",
+                         f"'question_id', 'question', 'image_id', 'answers'; image_pattern {pattern!r}"):
+                answers = [text_field({"answer": a}, "answer") for a in q.get("answers") or []]
+                if not answers:
+                    raise DataError(f"{self.path}: question {q.get('question_id')} has no answers (a test file?)")
+                top = max(set(answers), key=lambda a: (answers.count(a), a))
+                image = image_dir / pattern.format(image_id=q["image_id"], subtype=self.split)
+                meta = {"benchmark": "vqa", "answers": answers, "question_id": q["question_id"]}
+                out.append(image_question(str(q["question_id"]), image,
+                                          self._question(text_field(q, "question")), top, meta))
         return out
+
+
+_LAYOUT = "VQAv2 questions {'questions': [...]} or TextVQA {'data': [...]}"
+
+
+def _list(data: dict, key: str, path: Path | None) -> list:
+    value = data.get(key)
+    if not isinstance(value, list):
+        raise DataError(f"{path}: '{key}' must be a list, got {type(value).__name__}")
+    return value
 
 
 COMPONENTS = {"dataset": {"vqa": VQADataset}}
