@@ -1,12 +1,14 @@
-"""README tables generated from the registry and the config tree, so they cannot drift.
+"""Documentation generated from the registry, the config schema and the CLI, so it cannot drift.
 
-Three regions of ``README.md`` are generated: the components of the four families
-(``<!-- generated:components -->``), the config groups with their options
-(``<!-- generated:config-groups -->``) and the CLI's commands (``<!-- generated:commands -->``),
-each closed by ``<!-- /generated -->``.
+One region of ``README.md`` is generated: the components of the four families
+(``<!-- generated:components -->`` ... ``<!-- /generated -->``). Three reference pages of the
+documentation site are generated whole: ``docs/reference/components.md`` (every registered
+component with its constructor arguments), ``docs/reference/config.md`` (every config group with
+its options, every schema key with its type, default, valid range and doc) and
+``docs/reference/cli.md`` (every command's ``--help``).
 ``mmbridge plugins --markdown components|config-groups`` prints one table;
-``python -m mmbridge.docs [--check] README.md`` rewrites (or only checks) both regions, and
-``tests/test_builtin_layout.py`` fails when the README differs from what this module writes.
+``python -m mmbridge.docs [--check]`` rewrites (or only checks) the README region and the pages,
+and ``tests/contract/test_builtin_layout.py`` fails when they differ from what this module writes.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from mmbridge.cli import COMMANDS
 from mmbridge.config import builtin_conf_dir
 from mmbridge.connector import Converter, Perceiver
+from mmbridge.docs_pages import cli_page, components_page, config_page
 from mmbridge.errors import ConfigError
 from mmbridge.plugin_manager import load_registry
 from mmbridge.registry import Entry, Registry
@@ -63,6 +66,8 @@ FAMILIES: tuple[Family, ...] = (
 GROUP_HELP: dict[str, str] = {
     "alignment": "AlignGPT level indicators (a sequence prefix)",
     "connector": "the bridge (Converter or Perceiver)",
+    "conversation": "the prompt format: native, plain, vicuna_v1, llama_2, chatml (`mmbridge inspect`)",
+    "conversation": "the conversation format the prompts are written in (LLaVA's `conv_mode`)",
     "data": "the data set",
     "encoder": "the main modality encoder",
     "experiment": "a named experiment: a small diff over the defaults",
@@ -167,24 +172,52 @@ def update_regions(text: str, tables: dict[str, str], source: str = "README.md")
     return text
 
 
+#: The generated pages of the documentation site, relative to the repository root.
+PAGES = ("docs/reference/components.md", "docs/reference/config.md", "docs/reference/cli.md")
+#: The regions of README.md that are generated (the other tables live in the reference pages).
+README_REGIONS = ("components",)
+
+
+def builtin_pages() -> dict[str, str]:
+    """Path (relative to the repository root) -> the generated reference page, built-ins only."""
+    registry = load_registry(autoload=False)
+    groups = config_groups_markdown([builtin_conf_dir()])
+    return dict(zip(PAGES, (components_page(registry), config_page(groups), cli_page())))
+
+
+def generated_files(root: Path) -> dict[Path, tuple[str, str]]:
+    """Each generated file under ``root`` -> (its text now, the text the code gives)."""
+    readme = root / "README.md"
+    old = readme.read_text(encoding="utf-8")
+    tables = builtin_tables()
+    files = {readme: (old, update_regions(old, {r: tables[r] for r in README_REGIONS}, str(readme)))}
+    for rel, text in builtin_pages().items():
+        path = root / rel
+        files[path] = (path.read_text(encoding="utf-8") if path.exists() else "", text)
+    return files
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmbridge.docs", description=(
-        "Rewrite the generated tables of a README (components, config groups) from the "
-        "registry of the built-ins and the config tree."))
-    p.add_argument("readme", type=Path, nargs="?", default=Path("README.md"))
-    p.add_argument("--check", action="store_true", help="only check; exit 1 if it is out of date")
+        "Rewrite the generated parts of the documentation from the code: README.md's components "
+        "table and the reference pages under docs/reference/."))
+    p.add_argument("root", type=Path, nargs="?", default=Path("."),
+                   help="the repository root (default: the current directory)")
+    p.add_argument("--check", action="store_true", help="only check; exit 1 if one is out of date")
     args = p.parse_args(argv)
-    old = args.readme.read_text(encoding="utf-8")
-    new = update_regions(old, builtin_tables(), str(args.readme))
-    if args.check:
-        if new != old:
-            print(f"{args.readme}: generated tables are out of date; run python -m mmbridge.docs "
-                  f"{args.readme}", file=sys.stderr)
-            return 1
-        return 0
-    if new != old:
-        args.readme.write_text(new, encoding="utf-8")
-        print(f"{args.readme}: generated tables updated")
+    stale = []
+    for path, (old, new) in generated_files(args.root).items():
+        if new == old:
+            continue
+        stale.append(path)
+        if not args.check:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(new, encoding="utf-8")
+            print(f"{path}: updated")
+    if args.check and stale:
+        print(f"out of date: {', '.join(map(str, stale))}; run python -m mmbridge.docs "
+              f"{args.root}", file=sys.stderr)
+        return 1
     return 0
 
 
