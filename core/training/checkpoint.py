@@ -15,6 +15,7 @@ code, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says. The last two are kept
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -27,10 +28,10 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from mmbridge.errors import CheckpointError
-from mmbridge.io import atomic_write_text
+from mmbridge.errors import CheckpointError, StorageError
+from mmbridge.io import atomic_write_bytes, atomic_write_text, check_free_space
 from mmbridge.model import MultimodalModel
 
 if TYPE_CHECKING:
@@ -75,9 +76,9 @@ def save_checkpoint(model: MultimodalModel, cfg: DictConfig, out_dir: Path, stag
             "format": f"{FORMAT_PREFIX}{FORMAT}"}
     if registry is not None:
         meta["components"] = json.dumps(component_origins(cfg, registry))
-    tmp = out_dir / f".{WEIGHTS}.tmp{os.getpid()}"
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, out_dir / WEIGHTS)
+    data = save(state, metadata=meta)
+    check_free_space(out_dir, len(data) + len(cfg_yaml), f"the checkpoint {out_dir.name}")
+    atomic_write_bytes(out_dir / WEIGHTS, data)
     atomic_write_text(out_dir / "config.yaml", cfg_yaml)
     return out_dir / WEIGHTS
 
@@ -284,11 +285,41 @@ class SafeCheckpointIO(TorchCheckpointIO):
     through :func:`torch_load_safe`, whatever ``weights_only`` Lightning asks for.
     """
 
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        """Serialise in memory, check the free space, then write a temporary file in the
+        target directory and rename it: a full disk or a kill mid-write leaves no file under
+        the checkpoint's name, and the previous checkpoints resume (:func:`resumable_checkpoint`).
+
+        Raises:
+            StorageError: naming the path, the bytes needed and free, and the newest complete
+                checkpoint of the directory.
+        """
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
+        data = buf.getbuffer().tobytes()
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            check_free_space(path.parent, len(data), f"the training checkpoint {path.name}")
+            atomic_write_bytes(path, data)
+        except (StorageError, OSError) as exc:
+            raise StorageError(f"{exc}; {_last_good(path.parent)}") from exc
+
     def load_checkpoint(self, path: Any, map_location: Callable | Any = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
         if not Path(path).exists():
             raise CheckpointError(f"checkpoint '{path}' does not exist")
         return torch_load_safe(path, map_location=map_location if map_location is not None else "cpu")
+
+
+def _last_good(ckpt_dir: Path) -> str:
+    """Where a run stands after a failed checkpoint write, for the error message."""
+    done = sorted((p for p in ckpt_dir.glob("*.ckpt") if p.is_file()), key=lambda p: p.stat().st_mtime_ns)
+    if not done:
+        return "no earlier checkpoint of this stage; free space and start the run again"
+    return f"the last complete checkpoint, {done[-1]}, still resumes (mmbridge train resume=RUN_DIR)"
 
 
 def checkpoint_callback(ckpt_dir: Path, every_n_train_steps: int,

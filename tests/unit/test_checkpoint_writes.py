@@ -1,0 +1,90 @@
+"""Checkpoint writes that cannot half-write: a disk filling during a training checkpoint's write
+(an injected ``ENOSPC`` half-way through the bytes) leaves no file under the checkpoint's name
+and no temporary file, names the path and the last good checkpoint, and the run resumes from
+that one; the free-space check refuses before writing; the atomic writer names a full disk."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+
+import pytest
+from test_checkpoints import fit, loader, make_model  # noqa: F401  (loader: a module fixture)
+
+from mmbridge import io as mio
+from mmbridge.errors import StorageError
+from mmbridge.training.checkpoint import resumable_checkpoint, save_checkpoint, torch_load_safe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class _FullDisk:
+    """A file object whose writes of a ``.ckpt`` fail with ENOSPC after half the bytes."""
+
+    def __init__(self, f, name: str) -> None:
+        self.f, self.name = f, name
+
+    def write(self, data) -> int:
+        if ".ckpt." in self.name:
+            self.f.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.f.write(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+
+def test_disk_full_during_a_checkpoint_write_keeps_the_last_good_one(loader, tmp_path, monkeypatch):  # noqa: F811
+    run = tmp_path / "checkpoints" / "align"
+    fit(run, loader, 3)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert sorted(before) == ["last.ckpt", "step=2.ckpt", "step=3.ckpt"]
+
+    real_fdopen = mio.os.fdopen
+    opened: list[str] = []
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        f = real_fdopen(fd, mode, *args, **kwargs)
+        name = mio.os.readlink(f"/proc/self/fd/{fd}")
+        opened.append(name)
+        return _FullDisk(f, name)
+
+    monkeypatch.setattr(mio.os, "fdopen", fdopen)
+    with pytest.raises(StorageError) as err:
+        fit(run, loader, 5, ckpt_path=resumable_checkpoint(run))
+    msg = str(err.value)
+    assert f"{run / 'step=4.ckpt'}: disk full (No space left on device)" in msg
+    assert f"the last complete checkpoint, {run / 'last.ckpt'}, still resumes" in msg
+    assert opened and all(".step=4.ckpt." in o for o in opened)  # the temporary name, not the final
+    monkeypatch.undo()
+    # nothing half-written under a checkpoint's name, no temporary file left, the old ones intact
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert resumable_checkpoint(run) == run / "last.ckpt"
+    assert torch_load_safe(run / "last.ckpt")["global_step"] == 3
+    fit(run, loader, 5, ckpt_path=resumable_checkpoint(run))  # space again: the run goes on
+    assert torch_load_safe(run / "last.ckpt")["global_step"] == 5
+
+
+def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
+    model, cfg = make_model()
+    monkeypatch.setattr(mio.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 5000, 5000))
+    with pytest.raises(StorageError, match=r"final: not enough free space for the checkpoint final: "
+                                           r"needs [\d,]+ bytes( \([\d.]+ MiB\))?, 5,000 bytes free"):
+        save_checkpoint(model, cfg, tmp_path / "final", ["align"])
+    assert not any((tmp_path / "final").iterdir())
+
+
+def test_atomic_writer_names_a_full_disk_and_keeps_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+
+    def replace(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mio.os, "replace", replace)
+    with pytest.raises(StorageError, match=rf"{target}: disk full \(No space left on device\): needed 3 bytes, "):
+        mio.atomic_write_text(target, "new")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
