@@ -67,6 +67,7 @@ GROUP_HELP: dict[str, str] = {
     "alignment": "AlignGPT level indicators (a sequence prefix)",
     "connector": "the bridge (Converter or Perceiver)",
     "conversation": "the prompt format: native, plain, vicuna_v1, llama_2, chatml (`mmbridge inspect`)",
+    "conversation": "the prompt format: native, plain, vicuna_v1, llama_2, chatml (`mmbridge inspect`)",
     "conversation": "the conversation format the prompts are written in (LLaVA's `conv_mode`)",
     "data": "the data set",
     "encoder": "the main modality encoder",

@@ -135,6 +135,19 @@ class Optimizer:
     min_lr_ratio: float = spec(0.1, unit())
 
 
+#: ``conversation.name`` options (mmbridge.data.conversation; conf/conversation/).
+CONVERSATIONS = ("native", "plain", "vicuna_v1", "llama_2", "chatml")
+
+
+@dataclass
+class Conversation:
+    """The conversation format (``conversation=NAME``; a stage's own: ``stages.<name>.conversation``)."""
+
+    name: str = spec("native", one_of(*CONVERSATIONS))
+    system: str | None = None  # null: the format's own system line
+    image_first: bool = False  # LLaVA: each turn's media placeholders moved to its front
+
+
 @dataclass
 class Stage:
     """One ``stages.<name>`` entry (``conf/stage/*.yaml``; ``recipe`` is a component node)."""
@@ -150,6 +163,7 @@ class Stage:
     budget_fraction: float | None = spec(None, unit(lo_open=True))  # share of budget_minutes
     recipe: dict[str, Any] | None = None  # a component node, checked by build.py
     prefix: dict[str, Any] | None = None  # the sequence prefix's own settings (it checks them)
+    conversation: dict[str, Any] | None = None  # null: the run's `conversation` (a Conversation)
 
 
 #: ``loggers`` options (mmbridge.training.loggers.make_loggers).
@@ -176,7 +190,8 @@ class Root:
 
 
 #: section key -> its dataclass (``stages`` maps every stage name to :class:`Stage`).
-SECTIONS: dict[str, type] = {"loader": Loader, "evaluation": Evaluation, "paths": Paths, "debug": Debug}
+SECTIONS: dict[str, type] = {"loader": Loader, "evaluation": Evaluation, "paths": Paths, "debug": Debug,
+                             "conversation": Conversation}
 
 #: component nodes at the top level: key -> registry kind (``None``: a mapping of nodes).
 COMPONENTS: dict[str, str | None] = {"encoder": "encoder", "connector": "connector", "llm": "llm",

@@ -25,7 +25,7 @@ from mmbridge.config import group_options
 from mmbridge.errors import ConfigError, did_you_mean
 from mmbridge.preflight import output_errors
 from mmbridge.registry import Entry, Registry
-from mmbridge.schema import COMPONENTS, SECTIONS, Root, Rule, Stage
+from mmbridge.schema import COMPONENTS, SECTIONS, Conversation, Root, Rule, Stage
 
 # Trainer arguments the stage runner sets itself (from stages.<name>); a `trainer.` copy clashes.
 RUNNER_TRAINER_ARGS = ("max_steps", "val_check_interval", "default_root_dir", "callbacks", "logger")
@@ -371,6 +371,8 @@ def config_errors(cfg: DictConfig | Mapping, registry: Registry | None = None,
     else:
         for name, stage in stages.items():
             errors += check_section(f"stages.{name}", stage, Stage)
+            if isinstance(stage, dict) and stage.get("conversation") is not None:
+                errors += check_section(f"stages.{name}.conversation", stage["conversation"], Conversation)
     if not any(e.startswith("schedule") for e in errors):
         errors += schedule_errors(data)
     if "trainer" in data:

@@ -1,4 +1,5 @@
-"""Conversations -> token ids, labels and placeholder slots, with the tokenizer's chat template.
+"""Conversations -> token ids, labels and placeholder slots, with the tokenizer's chat template
+or a named conversation format (:mod:`mmbridge.data.conversation`).
 
 Labels cover the assistant answers only (their end-of-turn tokens included, so the model learns
 to stop); everything else is ``-100``. Each ``<image>`` / ``<audio>`` placeholder becomes
@@ -12,6 +13,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mmbridge.data.conversation import (
+    ConversationFormat,
+    ConversationSpec,
+    Rendered,
+    move_media_first,
+)
 from mmbridge.errors import DataError
 from mmbridge.prefix import PREFIX_SLOT
 from mmbridge.types import ROLES, check_placeholders, placeholder
@@ -71,10 +78,19 @@ class ChatEncoder:
             an error naming its id) and says how many answer tokens were cut
             (:attr:`Encoded.cut_labels`); a generation prompt longer than that is an error,
             since cutting it would cut the question away.
+        prefix_tokens: Slots of a sequence prefix (AlignGPT), put after the start tokens.
+        meta_keys: Sample metadata keys the prefix reads.
+        conversation: The conversation format (``None``: ``native``, the tokenizer's chat
+            template). A named format renders the text and says which characters are supervised
+            (a token is supervised when it overlaps them); the text starts with the tokens the
+            tokenizer adds at the start of a text (Llama's BOS), as LLaVA tokenizes.
     """
 
     def __init__(self, tokenizer: Any, modalities: Sequence[str], max_length: int = 512,
-                 prefix_tokens: int = 0, meta_keys: Sequence[str] = ()) -> None:
+                 prefix_tokens: int = 0, meta_keys: Sequence[str] = (),
+                 conversation: ConversationSpec | None = None) -> None:
+        self.spec = conversation or ConversationSpec()
+        self.format: ConversationFormat | None = self.spec.build(tokenizer, modalities)
         self.prefix_tokens = prefix_tokens
         self.meta_keys = tuple(meta_keys)
         self.tokenizer = tokenizer
@@ -84,20 +100,40 @@ class ChatEncoder:
         alternatives = "|".join(re.escape(placeholder(m)) for m in self.modalities)
         self._split = re.compile(f"({alternatives})") if alternatives else None
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.start_ids = start_ids(tokenizer) if self.format is not None else []
+
+    def with_conversation(self, conversation: ConversationSpec) -> ChatEncoder:
+        """The same encoder with another conversation format (a stage's own)."""
+        if conversation == self.spec:
+            return self
+        return ChatEncoder(self.tokenizer, self.modalities, self.max_length, self.prefix_tokens,
+                           self.meta_keys, conversation)
+
+    def prepare(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The messages as the format sees them (placeholders moved first with ``image_first``)."""
+        return move_media_first(messages, self.modalities) if self.spec.image_first else messages
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(
+        """The text of ``messages`` (after :meth:`prepare`), without the start tokens."""
+        return self._rendered(self.prepare(messages), add_generation_prompt).text
+
+    def _rendered(self, messages: list[dict[str, str]], add_generation_prompt: bool,
+                  sample_id: str = "?") -> Rendered:
+        if self.format is not None:
+            return self.format.render(messages, add_generation_prompt, where=f"sample {sample_id}")
+        return Rendered(self.tokenizer.apply_chat_template(
             messages, chat_template=self.template, tokenize=False,
-            add_generation_prompt=add_generation_prompt)
+            add_generation_prompt=add_generation_prompt))
 
     def _answer_spans(self, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
         spans = []
         for k, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            start = len(self.render(messages[:k], add_generation_prompt=True))
-            end = len(self.render(messages[: k + 1]))
-            if text[:start] != self.render(messages[:k], add_generation_prompt=True):
+            prompt = self._rendered(messages[:k], add_generation_prompt=True).text
+            start = len(prompt)
+            end = len(self._rendered(messages[: k + 1], add_generation_prompt=False).text)
+            if text[:start] != prompt:
                 raise DataError("the chat template does not render conversation prefixes as "
                                 "prefixes; cannot locate the assistant answers")
             spans.append((start, end))
@@ -115,15 +151,21 @@ class ChatEncoder:
                 ``max_length``; a generation prompt is longer than ``max_length``.
         """
         per_item = {m: [n] if isinstance(n, int) else list(n) for m, n in slots.items()}
+        messages = self.prepare(messages)
         check_placeholders(((m["role"], m["content"]) for m in messages),
                            {m: len(v) for m, v in per_item.items()}, self.modalities, f"sample {sample_id}")
         seen = dict.fromkeys(per_item, 0)
         generating = add_generation_prompt and messages[-1]["role"] != "assistant"
-        text = self.render(messages, add_generation_prompt=add_generation_prompt)
-        spans = [] if generating else self._answer_spans(messages, text)
-        ids: list[int] = []
-        labels: list[int] = []
-        where: list[str] = []
+        rendered = self._rendered(messages, add_generation_prompt, sample_id)
+        text = rendered.text
+        native = self.format is None
+        if native:
+            spans = [] if generating else self._answer_spans(messages, text)
+        else:
+            spans = [] if generating else rendered.spans
+        ids: list[int] = list(self.start_ids)
+        labels: list[int] = [IGNORE] * len(ids)
+        where: list[str] = [""] * len(ids)
         pos = 0
         pieces = self._split.split(text) if self._split else [text]
         for piece in pieces:
@@ -141,9 +183,12 @@ class ChatEncoder:
                 where += [modality] * n
             else:
                 enc = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
-                for tid, (a, _b) in zip(enc["input_ids"], enc["offset_mapping"]):
+                for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
                     c = pos + a
-                    supervised = any(s <= c < e for s, e in spans)
+                    if native:  # the token starts inside an answer
+                        supervised = any(s <= c < e for s, e in spans)
+                    else:  # the token overlaps an answer ("▁a" after "ASSISTANT:" counts)
+                        supervised = any(c < e and pos + max(b, a + 1) > s for s, e in spans)
                     ids.append(tid)
                     labels.append(tid if supervised else IGNORE)
                     where.append("")
@@ -168,3 +213,13 @@ class ChatEncoder:
             cut = sum(label != IGNORE for label in labels[self.max_length:])
             ids, labels, where = ids[: self.max_length], labels[: self.max_length], where[: self.max_length]
         return Encoded(ids, labels, where, cut_labels=cut)
+
+
+def start_ids(tokenizer: Any) -> list[int]:
+    """The ids a tokenizer puts before a text's own (Llama's BOS; none for GPT-2-style ones)."""
+    bare = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a")["input_ids"])
+    for k in range(len(full) - len(bare) + 1):
+        if full[k:k + len(bare)] == bare:
+            return full[:k]
+    return []
