@@ -22,6 +22,30 @@ RESAMPLE = {0: Image.Resampling.NEAREST, 1: Image.Resampling.LANCZOS,
             2: Image.Resampling.BILINEAR, 3: Image.Resampling.BICUBIC}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: ``image_aspect_ratio`` options: ``square`` = the encoder's own resize / crop; ``pad`` = first
+#: padded to a square with the mean colour (LLaVA-1.5's ``--image_aspect_ratio pad``).
+ASPECT_RATIOS = ("square", "pad")
+
+
+def pads_to_square(image_aspect_ratio: str, key: str = "encoder.image_aspect_ratio") -> bool:
+    """Whether ``image_aspect_ratio`` asks for padding; a :class:`ConfigError` for other values."""
+    if image_aspect_ratio not in ASPECT_RATIOS:
+        raise ConfigError(f"{key}: {image_aspect_ratio!r} is not an option; valid: "
+                          f"{', '.join(ASPECT_RATIOS)}")
+    return image_aspect_ratio == "pad"
+
+
+def expand_to_square(img: Image.Image, mean: tuple[float, ...]) -> Image.Image:
+    """LLaVA's ``expand2square``: a non-square image centred on a square canvas of side
+    ``max(w, h)`` filled with the normalisation mean as a colour (``int(m * 255)`` per channel;
+    the pad is then ~0 after normalisation), the short side centred (offset rounded down).
+    A square image is returned as is."""
+    w, h = img.size
+    if w == h:
+        return img
+    canvas = Image.new(img.mode, (max(w, h),) * 2, tuple(int(m * 255) for m in mean))
+    canvas.paste(img, (0, (w - h) // 2) if w > h else ((h - w) // 2, 0))
+    return canvas
 
 
 #: Environment variable holding the largest image (in pixels) that is decoded.

@@ -23,8 +23,10 @@ from mmbridge.plugins.encoders._image import (
     check_pool_to,
     demote_unused_parameters,
     example_png,
+    expand_to_square,
     image_to_tensor,
     load_rgb,
+    pads_to_square,
     pool_grid,
     weights_fingerprint,
 )
@@ -68,6 +70,8 @@ class HFVisionEncoder(ModalityEncoder):
         image_size: Override the processor's input size (DINOv2 at 112 px = 8 x 8 patches of 14).
         pool_to: Average-pool the patch grid to ``pool_to x pool_to`` tokens.
         dtype: ``float32`` | ``float16`` | ``bfloat16`` (features are returned as float32).
+        image_aspect_ratio: ``square`` (the processor's resize / crop) or ``pad``: first pad the
+            image to a square with the processor's mean colour (LLaVA-1.5's ``expand2square``).
         normalize_layers: Standardise each selected layer's token features (a LayerNorm without
             affine weights) before concatenating them, so layers of different scale enter the
             connector alike (DINOv2-S: the last layer after its final norm has RMS 2.4, layer 6
@@ -82,6 +86,7 @@ class HFVisionEncoder(ModalityEncoder):
     def __init__(self, path: str, feature_layer: int | list[int] = -1, drop_cls: bool = True,
                  image_size: int | None = None, pool_to: int | None = None,
                  dtype: str = "float32", normalize_layers: bool = False,
+                 image_aspect_ratio: str = "square",
                  registry: Registry | None = None) -> None:
         super().__init__()
         import transformers
@@ -90,6 +95,7 @@ class HFVisionEncoder(ModalityEncoder):
         self.args = {"path": path, "feature_layer": layers if len(layers) > 1 else layers[0],
                      "drop_cls": drop_cls, "image_size": image_size, "pool_to": pool_to,
                      "dtype": dtype}
+        self._set_aspect_ratio(image_aspect_ratio)
         local = resolve_model_path(path, registry, key="encoder.path")
         try:
             config = transformers.AutoConfig.from_pretrained(local)
@@ -109,7 +115,7 @@ class HFVisionEncoder(ModalityEncoder):
     def from_config(cls, config: str | Path, feature_layer: int | list[int] = -1,
                     drop_cls: bool = True, image_size: int | None = None,
                     pool_to: int | None = None, dtype: str = "float32",
-                    normalize_layers: bool = False) -> HFVisionEncoder:
+                    normalize_layers: bool = False, image_aspect_ratio: str = "square") -> HFVisionEncoder:
         """The vision tower of a ``config.json`` with freshly initialised weights; nothing is
         downloaded and no weight file is read.
 
@@ -138,6 +144,7 @@ class HFVisionEncoder(ModalityEncoder):
         self.args = {"path": str(directory), "feature_layer": layers if len(layers) > 1 else layers[0],
                      "drop_cls": drop_cls, "image_size": image_size, "pool_to": pool_to,
                      "dtype": dtype}
+        self._set_aspect_ratio(image_aspect_ratio)
         self.model = transformers.AutoModel.from_config(tower_config or full,
                                                         dtype=torch_dtype(dtype, "encoder.dtype"))
         self.model.eval()
@@ -234,8 +241,15 @@ class HFVisionEncoder(ModalityEncoder):
     def load(self, path: str) -> Image.Image:
         return load_rgb(path)
 
+    def _set_aspect_ratio(self, image_aspect_ratio: str) -> None:
+        self.pad_to_square = pads_to_square(image_aspect_ratio)
+        if self.pad_to_square:  # only when set: cache entries written before the option keep their key
+            self.args["image_aspect_ratio"] = "pad"
+
     def preprocess(self, raw: Image.Image) -> torch.Tensor:
-        """RGB image -> ``[3, H, W]`` normalised."""
+        """RGB image -> ``[3, H, W]`` normalised (padded to a square first with ``image_aspect_ratio: pad``)."""
+        if self.pad_to_square:
+            raw = expand_to_square(raw, self.mean)
         return image_to_tensor(raw, self.size, self.mean, self.std, self.resample, self.resize_shortest)
 
     def num_tokens(self, x: torch.Tensor) -> int:

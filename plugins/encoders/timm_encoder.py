@@ -16,8 +16,10 @@ from mmbridge.plugins.encoders._image import (
     check_pool_to,
     demote_unused_parameters,
     example_png,
+    expand_to_square,
     image_to_tensor,
     load_rgb,
+    pads_to_square,
     pool_grid,
     weights_fingerprint,
 )
@@ -43,13 +45,16 @@ class TimmEncoder(ModalityEncoder):
         drop_cls: Drop the prefix tokens (CLS, registers: ``model.num_prefix_tokens``).
         pool_to: Average-pool the patch grid to ``pool_to x pool_to`` tokens (``None``: keep).
         init_seed: Seed of the random initialisation (so random-weight runs are reproducible).
+        image_aspect_ratio: ``square`` (resize the whole image) or ``pad``: first pad it to a
+            square with the mean colour (LLaVA-1.5's ``expand2square``).
     """
 
     modality = "image"
 
     def __init__(self, model_name: str, pretrained_path: str | None = None, image_size: int = 224,
                  model_args: dict[str, Any] | None = None, feature_layer: int = -1,
-                 drop_cls: bool = True, pool_to: int | None = None, init_seed: int = 0) -> None:
+                 drop_cls: bool = True, pool_to: int | None = None, init_seed: int = 0,
+                 image_aspect_ratio: str = "square") -> None:
         super().__init__()
         import timm
         import timm.data
@@ -58,6 +63,9 @@ class TimmEncoder(ModalityEncoder):
                      "image_size": image_size, "model_args": dict(model_args or {}),
                      "feature_layer": feature_layer, "drop_cls": drop_cls, "pool_to": pool_to,
                      "init_seed": init_seed}
+        self.pad_to_square = pads_to_square(image_aspect_ratio)
+        if self.pad_to_square:  # only when set: cache entries written before the option keep their key
+            self.args["image_aspect_ratio"] = "pad"
         if not timm.is_model(model_name):
             raise ConfigError(f"encoder.model_name: unknown timm model '{model_name}'"
                               f"{did_you_mean(model_name, timm.list_models())}")
@@ -153,7 +161,10 @@ class TimmEncoder(ModalityEncoder):
         return load_rgb(path)
 
     def preprocess(self, raw: Image.Image) -> torch.Tensor:
-        """RGB image -> ``[3, S, S]`` normalised, ``S = image_size``."""
+        """RGB image -> ``[3, S, S]`` normalised, ``S = image_size`` (padded to a square first
+        with ``image_aspect_ratio: pad``)."""
+        if self.pad_to_square:
+            raw = expand_to_square(raw, self.mean)
         return image_to_tensor(raw, (self.image_size, self.image_size), self.mean, self.std,
                                self.resample)
 
