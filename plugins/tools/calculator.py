@@ -88,7 +88,9 @@ def _terminating(value: Fraction) -> Decimal | None:
     if den != 1:
         return None
     places = max(twos, fives)
-    return Decimal(value.numerator * 10**places // value.denominator).scaleb(-places)
+    digits = value.numerator * 10**places // value.denominator
+    # scaleb rounds to its context's precision: the default 28 digits cut 2**100 // 3
+    return Decimal(digits).scaleb(-places, context=_wide(len(str(abs(digits))) + 2))
 
 
 def _rounded(value: Fraction) -> Decimal:

@@ -113,6 +113,9 @@ def ocr() -> OCRTool:
     ("2.40 + 3.10", "5.50"), ("(1 + 2) * 3", "9"), ("-7 // 2", "-4"), ("-7 % 3", "2"),
     ("2 ** 10", "1024"), ("1 / 4", "0.25"), ("1 / 3", "0.333333333333333 (rounded to 15 significant digits)"), ("0.1 + 0.2", "0.3"),
     ("-(3 - 5)", "2"), ("2^3", "8"), ("1_000 + 1", "1001"), ("7.5 =", "7.5"), ("10 ** 50", "1E+50"),
+    # past the default 28 decimal digits: every digit, as Python's integers have them
+    ("2**100 // 3", str(2**100 // 3)), ("-(2**100) // 3", str(-(2**100) // 3)),
+    ("10**40 // 7", str(10**40 // 7)), ("(2**100 + 1) / 4", "316912650057057350374175801344.25"),
 ])
 def test_calculator_values(expression: str, value: str) -> None:
     assert CalculatorTool()(expression=expression) == value
@@ -525,8 +528,7 @@ def test_tool_configs_build_and_describe_themselves() -> None:
 
 
 def test_audio_io_resamples_to_16k(tmp_path: Path) -> None:
-    from mmbridge.plugins.encoders._audio import write_wav
-    from mmbridge.plugins.tools._audio_io import load_audio
+    from mmbridge.media_io import load_audio, write_wav
 
     sr = 22050
     t = np.arange(sr) / sr
@@ -542,8 +544,8 @@ LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 
 @pytest.mark.integration
 def test_asr_transcribes_real_speech(tmp_path: Path) -> None:
+    from mmbridge.media_io import read_audio, resample, write_wav
     from mmbridge.plugin_manager import load_registry
-    from mmbridge.plugins.encoders._audio import read_audio, resample, write_wav
     from mmbridge.plugins.tools.asr import ASRTool
 
     registry = load_registry()
