@@ -108,9 +108,10 @@ def describe_malformed(exc: BaseException) -> str:
 
 @contextmanager
 def reading(file: str | PathLike | Iterable[str | PathLike], record: object = None,
-            expected: str = "", also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+            expected: str = "", also: tuple[type[Exception], ...] = (),
+            error: type[MMBridgeError] = DataError) -> Iterator[None]:
     """The error boundary of a reader or loader: a malformed input inside it (missing key,
-    wrong type, bad encoding, unreadable file) becomes one :class:`DataError` naming the file,
+    wrong type, bad encoding, unreadable file) becomes one error (``error``) naming the file,
     the record and what was expected; mmbridge's own errors pass unchanged.
 
     Args:
@@ -118,6 +119,8 @@ def reading(file: str | PathLike | Iterable[str | PathLike], record: object = No
         record: The record being read (``"question 42"``, ``"line 7"``), if any.
         expected: What a valid input looks like, appended to the message.
         also: Further exception types that mean malformed input here (a library's own errors).
+        error: The class raised (:class:`DataError`; a loader of checkpoints and bundles
+            raises :class:`CheckpointError`).
     """
     try:
         yield
@@ -130,4 +133,4 @@ def reading(file: str | PathLike | Iterable[str | PathLike], record: object = No
             where += f": {record}"
         hint = f" (expected {expected})" if expected else ""
         what = " ".join(describe_malformed(exc).split())[:500]  # one line, bounded
-        raise DataError(f"{where}: {what}{hint}") from exc
+        raise error(f"{where}: {what}{hint}") from exc

@@ -102,8 +102,22 @@ def resume_config(saved: DictConfig, composed: DictConfig, overrides: Sequence[s
     done = stages_done(run_dir)
     # a DictConfig converts to a dict
     cfg = OmegaConf.create(cast(dict[str, Any], OmegaConf.to_container(saved, resolve=False)))
-    unsafe: list[str] = []
+    unsafe, safe = _resume_overrides(parsed, done)
+    if unsafe:
+        raise ConfigError(_resume_refusal(run_dir, unsafe, done))
     applied: list[str] = []
+    for key, line in safe:
+        OmegaConf.update(cfg, key, OmegaConf.select(composed, key), merge=False, force_add=True)
+        applied.append(line)
+    if applied:
+        log.info("resume: applying %s", " ".join(applied))
+    return cfg
+
+
+def _resume_overrides(parsed: Sequence[Any], done: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Hydra's parsed overrides of a resume: ``(refused lines, [(key, line)] safe to apply)``."""
+    unsafe: list[str] = []
+    safe: list[tuple[str, str]] = []
     for o in parsed:
         if o.is_hydra_override():
             continue
@@ -119,19 +133,36 @@ def resume_config(saved: DictConfig, composed: DictConfig, overrides: Sequence[s
         elif not (_SAFE.match(key) or steps):
             unsafe.append(line)
         elif key != "resume":
-            OmegaConf.update(cfg, key, OmegaConf.select(composed, key), merge=False, force_add=True)
-            applied.append(line)
-    if unsafe:
-        raise ConfigError(
-            f"resume={run_dir}: {len(unsafe)} override(s) cannot change a run that has started: "
+            safe.append((key, line))
+    return unsafe, safe
+
+
+def _resume_refusal(run_dir: str | Path, unsafe: Sequence[str], done: Sequence[str]) -> str:
+    return (f"resume={run_dir}: {len(unsafe)} override(s) cannot change a run that has started: "
             f"{', '.join(unsafe)}. On resume only these may change: evaluation.*, "
             f"stages.<stage>.max_steps of a stage not finished (done: {', '.join(done) or 'none'}), "
             f"stages.<stage>.budget_fraction, budget_minutes, device, progress_every, "
             f"loader.num_workers, trainer.enable_progress_bar, trainer.log_every_n_steps; "
             f"start a new run for the others")
-    if applied:
-        log.info("resume: applying %s", " ".join(applied))
-    return cfg
+
+
+def resume_override_error(argv: Sequence[str]) -> str | None:
+    """The resume refusal for a ``resume=RUN`` command line, checked before Hydra composes it
+    (an override such as ``data.train=`` would otherwise fail composition with Hydra's
+    ``+data.train`` hint instead of saying that a started run cannot change its data)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
+    if not run_dir:
+        return None
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+    except HydraException:
+        return None  # override_syntax_errors reports it
+    done = stages_done(Path(run_dir).expanduser())
+    unsafe, _ = _resume_overrides(parsed, done)
+    return _resume_refusal(run_dir, unsafe, done) if unsafe else None
 
 
 def run_root_error(argv: Sequence[str]) -> str | None:

@@ -24,6 +24,7 @@ import torch
 
 from mmbridge.errors import ConfigError
 from mmbridge.registry import Registry
+from mmbridge.run_lock import refuse_clobbering
 
 FORMATS = ("hf", "peft", "bundle")
 
@@ -105,6 +106,7 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "bundle", over
     dst = Path(out).expanduser()
     if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
         raise ConfigError(f"out={out}: exists and is not empty (choose another directory, or overwrite=true)")
+    refuse_clobbering(dst, _sources(checkpoint, run_directory(checkpoint)))  # overwrite=true too
     registry = registry or load_registry()
     overrides = float32_overrides(checkpoint, registry) if format == "hf" else None
     session, meta = open_model(checkpoint, overrides, registry=registry, device=device)
@@ -133,6 +135,14 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "bundle", over
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def _sources(checkpoint: str | Path, run: Path | None) -> list[Path]:
+    """What an export reads: the checkpoint (or bundle) and the run directory holding it."""
+    p = Path(checkpoint).expanduser().resolve()
+    found = [p, *([run] if run else [])]
+    found += [d.parent for d in [p, *p.parents][:4] if d.name == "checkpoints"]
+    return found
 
 
 __all__ = ["FORMATS", "export", "float32_overrides"]

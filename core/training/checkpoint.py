@@ -206,6 +206,9 @@ def read_checkpoint(path: str | Path, registry: Registry | None = None,
         raise CheckpointError(f"checkpoint '{p}' is unreadable: {exc}") from exc
     if "config" not in meta:
         raise CheckpointError(f"checkpoint '{p}' has no config in its metadata (not an mmbridge checkpoint)")
+    if meta.get("bundle"):  # a bundle's weights: its config names files/ relative to mmbridge.json
+        raise CheckpointError(f"'{p}' is the weights file of a format=bundle export whose mmbridge.json "
+                              f"is missing: restore it, or export the bundle again from its checkpoint")
     _check_format(meta, p)
     if registry is not None:
         check_components(meta, registry, str(p))
