@@ -9,6 +9,7 @@ Data flow of one batch (see ARCHITECTURE.md)::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import ItemsView, Mapping, ValuesView
 from typing import TYPE_CHECKING, Any
 
@@ -20,11 +21,13 @@ from torch import nn
 from mmbridge.build import build, split_node
 from mmbridge.connector import Connector
 from mmbridge.encoder import ModalityEncoder
-from mmbridge.errors import AssemblyError, ConfigError
+from mmbridge.errors import AssemblyError, ConfigError, DataError
 from mmbridge.llm import LanguageModel
 from mmbridge.prefix import PREFIX_SLOT, SequencePrefix
 from mmbridge.prefix_kv import PrefixPlan, PrefixStore, plan_prefix, report
 from mmbridge.registry import Registry
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100
 
@@ -186,12 +189,41 @@ class MultimodalModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, batch: Mapping[str, Any], max_new_tokens: int = 32, **kwargs: Any) -> torch.Tensor:
-        """New token ids ``[B, T_new]`` for a left-padded prompt batch."""
+        """New token ids ``[B, T_new]`` for a left-padded prompt batch.
+
+        ``max_new_tokens`` is capped at what the LLM's context leaves after the prompt (one
+        warning per model and requested length): past it a model without an end-of-text
+        would run on for as long as it was asked.
+
+        Raises:
+            DataError: when the prompt alone fills the LLM's context.
+        """
         try:
             embeds = self.embed(batch)
+            max_new_tokens = self._bounded(int(max_new_tokens), embeds.shape[1])
             return self.llm.generate(embeds, batch["attention_mask"], max_new_tokens=max_new_tokens, **kwargs)
         finally:
             self.clear_context()
+
+    def _bounded(self, requested: int, prompt: int) -> int:
+        """``requested`` new tokens capped at the room the context leaves after ``prompt``."""
+        if requested < 1:
+            raise ConfigError(f"max_new_tokens={requested}: must be at least 1")
+        limit = context_length(self.llm)
+        if limit is None:
+            return requested
+        room = limit - prompt
+        if room < 1:
+            raise DataError(f"the prompt is {prompt} tokens (media tokens included); the LLM's context "
+                            f"holds {limit}: no room to generate (shorten the prompt or use fewer media)")
+        if requested > room:
+            warned = self.__dict__.setdefault("_capped", set())
+            if requested not in warned:
+                warned.add(requested)
+                log.warning("max_new_tokens=%d capped at %d: the LLM's context holds %d tokens and the "
+                            "prompt takes %d", requested, room, limit, prompt)
+            return room
+        return requested
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -251,3 +283,16 @@ def assemble(cfg: DictConfig, registry: Registry, llm: LanguageModel | None = No
     if cfg.get("alignment") is not None:
         seq_prefix = build(registry, "prefix", cfg.alignment, "alignment", dim=llm.hidden_size)
     return MultimodalModel(llm, branches, seq_prefix)
+
+
+def context_length(llm: Any) -> int | None:
+    """The longest sequence ``llm`` attends over: its ``context_length`` attribute when it
+    has one (a plugin may say so), else its Hugging Face config's ``max_position_embeddings``
+    (of ``text_config`` for a composite model); None when it does not say."""
+    own = getattr(llm, "context_length", None)
+    if isinstance(own, int) and own > 0:
+        return own
+    config = getattr(getattr(llm, "model", None), "config", None)
+    config = getattr(config, "text_config", None) or config
+    n = getattr(config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
