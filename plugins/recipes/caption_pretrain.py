@@ -17,7 +17,7 @@ from mmbridge.data.llava import MEDIA_KEYS
 from mmbridge.errors import ConfigError
 from mmbridge.plugins.recipes.caption import INSTRUCTIONS
 from mmbridge.recipe import DataRecipe
-from mmbridge.types import ROLES, Sample, placeholder
+from mmbridge.types import ROLES, Sample, media_paths, placeholder
 
 
 def check_templates(value: Any, key: str) -> list[str]:
@@ -44,8 +44,10 @@ def caption_text(sample: Sample, caption_key: str) -> str | None:
 
 
 def media_prefix(sample: Sample) -> str:
-    """One placeholder line per media item of the sample, in a fixed order."""
-    return "".join(f"{placeholder(k)}\n" for k in MEDIA_KEYS if k in sample.media)
+    """One placeholder line per media item of the sample (two images: two ``<image>`` lines),
+    modalities in a fixed order."""
+    return "".join(f"{placeholder(k)}\n" * len(media_paths(sample.media[k])) for k in MEDIA_KEYS
+                   if k in sample.media)
 
 
 class CaptionPretrainRecipe(DataRecipe):
