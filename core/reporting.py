@@ -35,6 +35,7 @@ from mmbridge.results import (
 )
 from mmbridge.runs import atomic_write_text, gather_runs, unfinished_runs
 from mmbridge.significance import N_RESAMPLES, Comparison, compare, select_baseline
+from mmbridge.sweep_report import write_sweep_report
 
 # Re-exported: callers and tests read the rows through this module too.
 __all__ = ["DEFAULT_METRIC", "Report", "ReportCallback", "Row", "aggregate", "direction", "flatten",
@@ -244,8 +245,9 @@ class Report:
 
 def write_report(root: Path, metric: str = DEFAULT_METRIC, out_dir: Path | None = None,
                  baseline: Sequence[str] | None = None, n_resamples: int = N_RESAMPLES) -> Report:
-    """Gather every ``metrics.json`` under ``root`` and write results.csv, runs.csv, results.md
-    and the plots into ``out_dir`` (default ``root``), each atomically.
+    """Gather every ``metrics.json`` under ``root`` and write results.csv, runs.csv, results.md,
+    the plots and report.html (:mod:`mmbridge.sweep_report`) into ``out_dir`` (default
+    ``root``), each atomically.
 
     Args:
         root: The sweep directory (or any folder of runs).
@@ -296,7 +298,9 @@ def write_report(root: Path, metric: str = DEFAULT_METRIC, out_dir: Path | None 
     md = results_markdown(rows, root.name, plots, unfinished, root, section)
     atomic_write_text(out_dir / "results.md", md)
     files += [out_dir / "results.md", *(out_dir / p for p in plots)]
-    return Report(root, rows, unfinished, files, base, comparisons)
+    report = Report(root, rows, unfinished, files, base, comparisons)
+    files.append(write_sweep_report(report, out_dir))
+    return report
 
 
 #: The last report written by :class:`ReportCallback` in this process (for ``mmbridge sweep``).

@@ -1,5 +1,6 @@
-"""``mmbridge report DIR``: gather the runs under DIR into results tables and plots; with
-``--baseline KEY=VALUE``, every other configuration's paired difference against that one."""
+"""``mmbridge report DIR``: gather the runs under DIR into results tables, plots and
+report.html; with ``--baseline KEY=VALUE``, every other configuration's paired difference
+against that one. For a single run's directory, its report.html."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from mmbridge.errors import ConfigError
 
-HELP = "gather a sweep directory's runs into results.csv/.md and plots"
+HELP = "a sweep's results.csv/.md, plots and report.html; a run's report.html"
 USAGE = """usage: mmbridge report DIR [--metric KEY] [--out DIR] [--baseline KEY=VALUE ...] [--resamples N]
 
 Gather every metrics.json under DIR (a sweep directory, or any folder of runs) and write, into
@@ -18,6 +19,9 @@ DIR (or --out):
   results.csv   the same rows with every metric's mean and std at full precision
   runs.csv      one row per run (the raw values)
   <metric>_vs_trainable_params.png, <metric>_vs_visual_tokens.png, learning_curves.png
+  report.html   one self-contained page: the results with their intervals, the forest plot
+                against the baseline, the learning curves overlaid, and the held-out questions
+                on which the configurations disagree (image, reference, each one's answer)
 Runs without metrics.json (interrupted or failed; failed ones leave error.txt) are listed.
 
 With --baseline, every other configuration is compared with the baseline question by question
@@ -26,6 +30,11 @@ question type, with a 95 % bootstrap interval (questions resampled, paired; each
 configuration's seeds resampled too), `*` where the interval excludes 0, and the numbers of
 questions and seeds. They go into results.md, results.csv (<metric>_diff, _diff_low,
 _diff_high, _diff_significant, _diff_questions) and exact_match_vs_baseline.png.
+
+When DIR is one run (it holds metrics.json), only its report.html is written (`mmbridge
+train` writes it too): the loss curves per stage, exact match per question type beside the
+no-media and chance baselines, AlignGPT's gate weights per question type when it has a gate,
+and a gallery of held-out questions (image, reference, prediction; right and wrong).
 
 options:
   --metric KEY          the metric of the plots (default test/exact_match; e.g.
@@ -53,6 +62,12 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"unexpected arguments {extra}\n{USAGE}")
     if args.resamples < 100:
         raise ConfigError(f"--resamples {args.resamples}: use at least 100 (default 10000)")
+    if (Path(args.dir) / "metrics.json").is_file():
+        from mmbridge.run_report import write_run_report
+
+        out = Path(args.out) / "report.html" if args.out else None
+        print(f"  wrote {write_run_report(args.dir, out)}")
+        return 0
     from mmbridge.reporting import diff_cell, write_report
     from mmbridge.results import varying_keys
 

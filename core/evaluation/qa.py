@@ -133,7 +133,7 @@ def exact_match(model: MultimodalModel, items: Sequence[QAItem], batcher: Batche
             shown = strip_media(it.sample) if kwargs.get("without_media") else it.sample
             rec = {"id": it.sample.id, "qtype": it.qtype, "mode": prefix.rstrip("/") or "media",
                    "question": shown.conversations[0]["value"], "answer": it.answer,
-                   "prediction": p, "correct": ok}
+                   "prediction": p, "correct": ok, "media": dict(shown.media)}
             if info is not None:
                 rec["prefix"] = info
             if sc is not None:

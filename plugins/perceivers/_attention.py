@@ -49,6 +49,11 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(context_dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
+        #: Opt-in (``record = True``): each forward also stores its attention weights, averaged
+        #: over the heads, in :attr:`weights` ``[B, T, S]`` (rows sum to 1 over the real keys).
+        #: Off, the forward is the SDPA call alone.
+        self.record = False
+        self.weights: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -62,10 +67,24 @@ class Attention(nn.Module):
         attn_mask, has_keys = (None, None) if mask is None else key_padding(mask)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
+        if self.record:
+            self.weights = attention_weights(q, k, attn_mask)
         out = self.to_out(out.transpose(1, 2).reshape(b, t, -1))
         if has_keys is not None:
             out = out * has_keys[:, None, None].to(out.dtype)
         return out
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The softmax weights that SDPA applies, averaged over heads: ``q [B, H, T, d]``,
+    ``k [B, H, S, d]``, boolean ``mask`` broadcastable to ``[B, H, T, S]`` -> ``[B, T, S]``.
+
+    Recomputed explicitly (SDPA does not return them) and detached: for pictures only."""
+    with torch.no_grad():
+        scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(dim=-1).mean(dim=1)
 
 
 class FeedForward(nn.Sequential):

@@ -99,12 +99,19 @@ class GatedCrossAttention(Perceiver):
         self.blocks = nn.ModuleDict()
         self._handles: list[Any] = []
         self._media: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._recording = False
+        self._text_attention: list[torch.Tensor] = []
         self.register_load_state_dict_pre_hook(_blocks_from_state_dict)
 
     @classmethod
     def for_testing(cls, tmp_dir: Path, in_dim: int, out_dim: int) -> GatedCrossAttention:
         return cls(in_dim, out_dim, num_latents=4, depth=1, hidden_dim=16, num_heads=2,
                    max_positions=64, every=1, xattn_heads=2, xattn_head_dim=8, ff_mult=1.0)
+
+    @property
+    def context_tokens(self) -> int:
+        """The resampler's latents: the media tokens the text sees through cross-attention."""
+        return self.num_latents
 
     def out_tokens(self, n_in: int) -> int:
         """0: the media latents take no slots in the token sequence (see :attr:`num_latents`)."""
@@ -162,11 +169,56 @@ class GatedCrossAttention(Perceiver):
                 k = x.shape[0] // media.shape[0]
                 media, media_mask = media.repeat_interleave(k, 0), media_mask.repeat_interleave(k, 0)
             dtype = block.attn_gate.dtype
+            block.attn.record = self._recording
             y = block(x.to(dtype), media.to(dtype), media_mask).to(x.dtype)
+            if self._recording and block.attn.weights is not None:
+                self._text_attention.append(block.attn.weights)
             if positional:
                 return (y, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": y}
         return pre_hook
+
+
+    # -- attention maps (opt-in; see mmbridge.attention_maps) ----------------------------------
+    @property
+    def record_attention(self) -> bool:
+        """When True, the resampler and every gated block keep their attention weights (what
+        was recorded stays readable after; switching it on forgets earlier recordings)."""
+        return self._recording
+
+    @record_attention.setter
+    def record_attention(self, on: bool) -> None:
+        self._recording = bool(on)
+        self.resampler.record_attention = bool(on)
+        for block in self.blocks.values():
+            block.attn.record = bool(on)
+        if on:
+            self._text_attention = []
+
+    def text_attention(self) -> torch.Tensor:
+        """How each text token read the media latents, ``[B, T, num_latents]``: the gated
+        blocks' weights averaged over blocks; the calls of a generation (the prompt, then one
+        token per step) concatenated along ``T``. Rows sum to 1."""
+        if not self._text_attention:
+            raise RuntimeError("no attention recorded: set record_attention = True, set_context "
+                               "and run the LLM")
+        per_call = len(self.blocks) or 1
+        calls = [torch.stack(self._text_attention[i:i + per_call]).mean(0)
+                 for i in range(0, len(self._text_attention), per_call)]
+        b = calls[0].shape[0]
+        return torch.cat([c for c in calls if c.shape[0] == b], dim=1)
+
+    def attention_maps(self) -> torch.Tensor:
+        """Which features each text token reads, ``[B, T, N]``: its weights on the latents
+        (:meth:`text_attention`) times each latent's weights on the features (the resampler's
+        :meth:`~mmbridge.plugins.perceivers.resampler.Resampler.attention_maps`), a product
+        of row-stochastic matrices (an attention-rollout reading, Abnar & Zuidema 2005.00928),
+        so rows sum to 1."""
+        text = self.text_attention()
+        latents = self.resampler.attention_maps()
+        if text.shape[0] != latents.shape[0]:  # a batch expanded for generation
+            latents = latents.repeat_interleave(text.shape[0] // latents.shape[0], 0)
+        return text @ latents.to(text.dtype)
 
 
 def _blocks_from_state_dict(module: GatedCrossAttention, state_dict: dict, prefix: str,

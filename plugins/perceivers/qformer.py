@@ -79,6 +79,10 @@ class QFormer(Perceiver):
                 query_tokens = loaded
         self.query_tokens = nn.Parameter(query_tokens)
         self.proj = nn.Linear(hidden_dim, out_dim)
+        #: Opt-in: when True, :meth:`forward` also records every cross-attention layer's
+        #: weights (see :meth:`attention_maps`); off, the forward is unchanged.
+        self.record_attention = False
+        self._attention: list[torch.Tensor] = []
 
     @classmethod
     def for_testing(cls, tmp_dir: Path, in_dim: int, out_dim: int) -> QFormer:
@@ -98,11 +102,46 @@ class QFormer(Perceiver):
         # a sample without real features would softmax over nothing (NaN): open its row and
         # zero its output instead
         enc_mask = mask | ~has_any[:, None]
-        out = self.qformer(query_embeds=self.query_tokens.expand(b, -1, -1),
-                           encoder_hidden_states=features.masked_fill(~mask[..., None], 0.0),
-                           encoder_attention_mask=enc_mask.long()).last_hidden_state
+        hooks = self._record_hooks(enc_mask) if self.record_attention else []
+        try:
+            out = self.qformer(query_embeds=self.query_tokens.expand(b, -1, -1),
+                               encoder_hidden_states=features.masked_fill(~mask[..., None], 0.0),
+                               encoder_attention_mask=enc_mask.long()).last_hidden_state
+        finally:
+            for hook in hooks:
+                hook.remove()
         tokens = self.proj(out.to(self.proj.weight.dtype)) * has_any[:, None, None]
         return tokens, has_any[:, None].expand(b, self.num_queries).contiguous()
+
+    # -- attention maps (opt-in; see mmbridge.attention_maps) ----------------------------------
+    def _record_hooks(self, enc_mask: torch.Tensor) -> list:
+        """Forward hooks on the cross-attention layers that recompute their softmax weights
+        from the layer's own query/key projections (SDPA does not return them)."""
+        self._attention = []
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+            h, enc = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+            with torch.no_grad():
+                q = module.query(h).unflatten(-1, (-1, module.attention_head_size)).transpose(1, 2)
+                k = module.key(enc).unflatten(-1, (-1, module.attention_head_size)).transpose(1, 2)
+                scores = (q @ k.transpose(-1, -2)).float() * module.scaling
+                scores = scores.masked_fill(~enc_mask[:, None, None, :], float("-inf"))
+                self._attention.append(scores.softmax(-1).mean(1))  # [B, Q, N], heads averaged
+
+        return [layer.crossattention.attention.register_forward_hook(hook, with_kwargs=True)
+                for layer in self.qformer.encoder.layer if layer.has_cross_attention]
+
+    def layer_attention(self) -> list[torch.Tensor]:
+        """The last recorded forward's cross-attention weights per cross-attention layer,
+        ``[B, num_queries, N]`` each (heads averaged); every row sums to 1."""
+        return list(self._attention)
+
+    def attention_maps(self) -> torch.Tensor:
+        """Where each query looks among the ``N`` features, ``[B, num_queries, N]``: the
+        cross-attention weights averaged over layers and heads (rows sum to 1)."""
+        if not self._attention:
+            raise RuntimeError("no attention recorded: set record_attention = True and run forward")
+        return torch.stack(self._attention).mean(0)
 
 
 def _load_qformer(path: Path, wanted: dict[str, tuple[str, int]], dropouts: dict[str, float]):

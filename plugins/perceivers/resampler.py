@@ -108,5 +108,35 @@ class Resampler(Perceiver):
         tokens = self.proj_out(self.norm(latents))
         return tokens, mask.any(dim=1, keepdim=True).expand(b, self.num_latents).contiguous()
 
+    # -- attention maps (opt-in; see mmbridge.attention_maps) ----------------------------------
+    @property
+    def record_attention(self) -> bool:
+        """When True, every layer keeps its last attention weights (off: no extra work; what
+        was recorded stays readable). Switching it on forgets earlier recordings."""
+        return all(layer.attn.record for layer in self.layers)
+
+    @record_attention.setter
+    def record_attention(self, on: bool) -> None:
+        for layer in self.layers:
+            layer.attn.record = bool(on)
+            if on:
+                layer.attn.weights = None
+
+    def layer_attention(self) -> list[torch.Tensor]:
+        """Each layer's last recorded weights ``[B, num_latents, N + num_latents]`` (keys: the
+        ``N`` features, then the latents); every row sums to 1."""
+        return [layer.attn.weights for layer in self.layers if layer.attn.weights is not None]
+
+    def attention_maps(self) -> torch.Tensor:
+        """Where each latent looks among the ``N`` features: ``[B, num_latents, N]``, the
+        weights on the features averaged over the layers and renormalised over the features
+        (the share a latent gives the latents themselves is left out), rows summing to 1."""
+        weights = self.layer_attention()
+        if not weights:
+            raise RuntimeError("no attention recorded: set record_attention = True and run forward")
+        n = weights[0].shape[-1] - self.num_latents
+        patches = torch.stack([w[..., :n] for w in weights]).mean(0)
+        return patches / patches.sum(-1, keepdim=True).clamp(min=1e-12)
+
 
 COMPONENTS = {"connector": {"resampler": Resampler}}

@@ -1,0 +1,161 @@
+"""The pictures written by runs and reports: a run's and a sweep's report.html (self-contained,
+their numbers from the run's files), attention maps of the Perceiver connectors (recorded rows,
+their shapes, the overlay PNG) and ``mmbridge generate ... attention=``."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+
+import pytest
+import torch
+from picture_runs import qformer_run, two_by_two_sweep
+from PIL import Image
+
+from mmbridge.attention_maps import feature_grid, overlay
+from mmbridge.errors import ConfigError
+from mmbridge.plugins.perceivers.gated_xattn import GatedCrossAttention, GatedXAttnBlock
+from mmbridge.plugins.perceivers.qformer import QFormer
+from mmbridge.plugins.perceivers.resampler import Resampler
+from mmbridge.report_html import forest_chart, nice_ticks
+from mmbridge.run_report import GALLERY_EACH
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def data_images(html: str) -> list[Image.Image]:
+    """Every ``<img>`` of a page, decoded; fails on any source that is not a PNG data URI."""
+    out = []
+    for src in re.findall(r'<img[^>]* src="([^"]*)"', html):
+        assert src.startswith("data:image/png;base64,"), src[:60]
+        out.append(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))))
+    return out
+
+
+def test_nice_ticks_and_forest_chart_values():
+    assert nice_ticks(0.0, 1.0) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert nice_ticks(5.8, 7.1) == pytest.approx([5.5, 6.0, 6.5, 7.0, 7.5])
+    svg = forest_chart([("b", 0.25, 0.1, 0.4, True), ("c", -0.1, -0.3, 0.1, False)], "t", "x")
+    assert svg.count("<circle") == 2 and 'fill="white"' in svg  # the second one is open
+    assert "+0.250 [+0.100, +0.400]" in svg
+
+
+# -- attention recording -------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [QFormer, Resampler])
+def test_recording_changes_nothing_and_rows_sum_to_one(cls, tmp_path):
+    torch.manual_seed(0)
+    x, mask = torch.randn(2, 16, 8), torch.ones(2, 16, dtype=torch.bool)
+    mask[1, 12:] = False  # padded features get no weight
+    c = cls.for_testing(tmp_path, 8, 12).eval()
+    plain, _ = c(x, mask)
+    c.record_attention = True
+    recorded, _ = c(x, mask)
+    c.record_attention = False
+    assert torch.equal(plain, recorded)  # recording is read-only
+    queries = c.num_queries if cls is QFormer else c.num_latents
+    extra = 0 if cls is QFormer else queries  # the resampler's keys are [features; latents]
+    for w in c.layer_attention():
+        assert w.shape == (2, queries, 16 + extra)
+        assert torch.allclose(w.sum(-1), torch.ones(2, queries), atol=1e-5)
+    maps = c.attention_maps()
+    assert maps.shape == (2, queries, 16)
+    assert torch.allclose(maps.sum(-1), torch.ones(2, queries), atol=1e-5)
+    assert maps[1, :, 12:].abs().max() == 0
+    c(x, mask)  # off: nothing new is recorded
+    assert torch.equal(c.attention_maps(), maps)
+
+
+def test_gated_xattn_text_tokens_read_the_patches(tmp_path):
+    torch.manual_seed(0)
+    c = GatedCrossAttention.for_testing(tmp_path, 8, 16).eval()
+    for key in ("0", "1"):  # two blocks, as attach() makes for a 2-layer LLM
+        c.blocks[key] = GatedXAttnBlock(*c._block_args)
+    c.record_attention = True
+    media, mmask = c(torch.randn(1, 9, 8), torch.ones(1, 9, dtype=torch.bool))
+    c.set_context(media, mmask)
+    text = torch.randn(1, 5, 16)
+    for key in ("0", "1"):
+        c._hook(c.blocks[key])(torch.nn.Identity(), (text,), {})
+    c.record_attention = False
+    assert c.text_attention().shape == (1, 5, c.num_latents)
+    maps = c.attention_maps()
+    assert maps.shape == (1, 5, 9)
+    assert torch.allclose(maps.sum(-1), torch.ones(1, 5), atol=1e-5)
+
+
+def test_overlay_size_and_grid():
+    img = Image.new("RGB", (50, 40), "red")
+    maps = torch.softmax(torch.randn(4, 17), -1)
+    sheet = overlay(img, maps, feature_grid(None, 17), size=64, cols=3)
+    # panels: the image, the mean, 4 queries = 6 -> 3 columns x 2 rows of 64 + 16 px caption
+    assert sheet.size == (3 * 64, 2 * (64 + 16))
+    assert feature_grid(None, 17) == (4, 4, 1) and feature_grid(None, 64) == (8, 8, 0)
+    with pytest.raises(ConfigError, match="no square"):
+        feature_grid(None, 7)
+    # the brightest patch of a one-hot map lands where it should: query 0 looks at patch (0, 0)
+    one_hot = torch.zeros(1, 17)
+    one_hot[0, 1] = 1.0
+    panel = overlay(img, one_hot, (4, 4, 1), size=64, cols=3).crop((128, 16, 192, 80))
+    px = panel.convert("L")
+    assert px.getpixel((2, 2)) > px.getpixel((60, 60))
+
+
+# -- run report ----------------------------------------------------------------------------
+def test_run_report_numbers_gallery_and_attention(tmp_path):
+    run = qformer_run()
+    metrics = json.loads((run / "metrics.json").read_text())
+    preds = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
+    media = [p for p in preds if p["mode"] == "media"]
+    from mmbridge.commands.report import main
+
+    assert main([str(run), "--out", str(tmp_path)]) == 0
+    html = (tmp_path / "report.html").read_text()
+    # self-contained: nothing to fetch (the SVG namespace is a name, not a download)
+    assert not re.search(r"https?://", html.replace('xmlns="http://www.w3.org/2000/svg"', ""))
+    assert html.count("<svg") == 2  # the align stage's curve, the exact-match bars
+    test = metrics["test"]
+    for key in ("exact_match", "no_media/exact_match", "chance/exact_match"):
+        assert f"{test[key]:.3f}" in html
+    right = min(GALLERY_EACH, sum(p["correct"] for p in media))
+    wrong = min(GALLERY_EACH, sum(not p["correct"] for p in media))
+    assert html.count('class="card ok"') == right and html.count('class="card bad"') == wrong
+    assert f"{right} answered right (green), {wrong} wrong (red), of {len(media)}" in html
+    thumbs = data_images(html)
+    assert len(thumbs) == right + wrong and all(t.size == (64, 64) for t in thumbs)
+    # the run itself wrote its report, with the Q-Former's maps drawn by its model
+    own = (run / "report.html").read_text()
+    assert 'id="attention"' in own
+    sheets = [i for i in data_images(own) if i.size[0] > 160]
+    assert sheets and sheets[0].size == (6 * 128, 2 * (128 + 16))  # image, mean, 8 queries
+
+
+def test_generate_writes_the_attention_map(tmp_path, capsys):
+    from mmbridge.commands.generate import main
+
+    run = qformer_run()
+    image = json.loads((run / "predictions.jsonl").read_text().splitlines()[0])["media"]["image"]
+    out = tmp_path / "attention.png"
+    assert main([f"checkpoint={run / 'checkpoints' / 'final'}", f"image={image}", "prompt=Which colour?",
+                 "max_new_tokens=2", "device=cpu", f"attention={out}"]) == 0
+    with Image.open(out) as sheet:
+        assert sheet.format == "PNG" and sheet.size == (6 * 128, 2 * (128 + 16))
+    with pytest.raises(ConfigError, match="needs image"):
+        main([f"checkpoint={run / 'checkpoints' / 'final'}", "prompt=x", f"attention={out}"])
+
+
+def test_sweep_report_table_forest_curves_and_disagreements():
+    from mmbridge.reporting import write_report
+
+    root = two_by_two_sweep()
+    report = write_report(root, baseline=["+variant=a"], n_resamples=200)
+    html = (root / "report.html").read_text()
+    assert root / "report.html" in report.files
+    assert "4 runs in 2 configurations" in html
+    (comp,) = [c for c in report.comparisons[report.rows[1].config] if c.metric == "test/exact_match"]
+    assert f"{comp.diff:+.3f} [{comp.low:+.3f}, {comp.high:+.3f}]" in html  # table and forest plot
+    assert 'id="forest"' in html and 'id="curves"' in html
+    assert "2 of 8 held-out questions are answered right by some configurations" in html
+    assert html.count('class="card"') == 2
+    assert all(i.size[0] == 64 for i in data_images(html))
