@@ -31,7 +31,7 @@ import torch
 
 from mmbridge.cache_integrity import file_sha256, move_aside
 from mmbridge.errors import DataError
-from mmbridge.io import atomic_write_bytes, atomic_write_text
+from mmbridge.io import atomic_write_bytes, atomic_write_text, storage_error
 
 INDEX = "index.json"
 PATHS = "paths.json"
@@ -164,7 +164,10 @@ class ShardWriter:
             self.index["dim"] = int(feats.shape[1])
         data = np.ascontiguousarray(feats, dtype=DTYPE).tobytes()
         assert self._file is not None and self._hash is not None  # _open(k) ran above
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as exc:  # a full disk: the complete shards and the index stay valid
+            raise storage_error(self.entry / f"{shard_name(k)}.partial", exc, len(data)) from exc
         self._hash.update(data)
         self._lengths.append(int(feats.shape[0]))
         self.bytes_written += len(data)
@@ -178,8 +181,11 @@ class ShardWriter:
     def _publish(self) -> None:
         k, f, h = self._k, self._file, self._hash
         assert k is not None and f is not None and h is not None  # called by write() only
-        f.flush()
-        os.fsync(f.fileno())
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as exc:
+            raise storage_error(self.entry / f"{shard_name(k)}.partial", exc) from exc
         f.close()
         name = shard_name(k)
         os.replace(self.entry / f"{name}.partial", self.entry / name)
@@ -195,7 +201,8 @@ class ShardWriter:
         """Drop the shard being written (complete shards stay)."""
         if self._file is not None:
             assert self._k is not None  # _open sets both
-            self._file.close()
+            with contextlib.suppress(OSError):  # a buffer a full disk cannot take: the file goes anyway
+                self._file.close()
             (self.entry / f"{shard_name(self._k)}.partial").unlink(missing_ok=True)
             self._k, self._file = None, None
 

@@ -88,3 +88,32 @@ def test_atomic_writer_names_a_full_disk_and_keeps_the_old_file(tmp_path, monkey
     with pytest.raises(StorageError, match=rf"{target}: disk full \(No space left on device\): needed 3 bytes, "):
         mio.atomic_write_text(target, "new")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_feature_cache_shard_on_a_full_disk_names_it_and_keeps_complete_shards(tmp_path):
+    import numpy as np
+
+    from mmbridge.data import shards
+
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    index = shards.new_index(entry, [f"/m/{i}.png" for i in range(4)], shard_rows=2, meta={})
+    writer = shards.ShardWriter(entry, index)
+    feats = np.ones((3, 8), dtype=np.float16)
+    writer.add(0, feats)
+    writer.add(1, feats)  # shard 0 complete and published
+    writer.add(2, feats)
+
+    class Full:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer._file = Full()
+    with pytest.raises(StorageError, match=rf"{entry / 'shard-00001.bin.partial'}: disk full"):
+        writer.add(3, feats)
+    writer.abort()
+    assert sorted(p.name for p in entry.iterdir()) == ["index.json", "paths.json", "shard-00000.bin"]
+    assert list(shards.read_index(entry)["shards"]) == ["0"]
