@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("mmbridge.commands.sweep", "run a grid of trainings (comma lists) and write results tables and plots"),
     "eval": ("mmbridge.commands.evaluate", "evaluate a checkpoint: checkpoint=PATH [split=test max_samples=N]"),
     "generate": ("mmbridge.commands.generate", "answer a prompt about media: checkpoint=PATH image=PATH prompt=\"...\""),
+    "serve": ("mmbridge.commands.serve", "serve a checkpoint behind the OpenAI API: checkpoint=PATH [port=8000]"),
     "export": ("mmbridge.commands.export", "export a checkpoint: checkpoint=PATH out=DIR format=hf|peft|bundle"),
     "report": ("mmbridge.commands.report", "gather a sweep directory's runs into results.csv/.md and plots"),
     "plugins": ("mmbridge.commands.plugins", "list registered components by kind; `plugins check` runs the contract kit"),

@@ -30,3 +30,30 @@ def shared_registry(autoload: bool = False) -> Registry:
     from mmbridge.plugin_manager import load_registry
 
     return load_registry(autoload=autoload)
+
+
+def make_checkpoint(out: Path, overrides: list[str], schedule: tuple[str, ...] = ("align", "instruct"),
+                    seed: int = 0) -> Path:
+    """A checkpoint as a run writes it (assembled, each stage's ``configure_trainable``,
+    ``save_checkpoint``), its trained tensors seeded random so that the media change the answer;
+    no training step runs (about 3 s)."""
+    import torch
+
+    from mmbridge.config import compose
+    from mmbridge.model import assemble
+    from mmbridge.training.checkpoint import save_checkpoint
+    from mmbridge.training.stages import configure_trainable
+
+    registry = shared_registry()
+    cfg = compose([*overrides, f"schedule=[{','.join(schedule)}]"], registry)
+    torch.manual_seed(seed)
+    model = assemble(cfg, registry)
+    for stage in schedule:
+        configure_trainable(model, cfg.stages[stage])
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in model.ever_trained:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    save_checkpoint(model, cfg, out, list(schedule), registry)
+    return out

@@ -317,11 +317,12 @@ class HFCausalLM(LanguageModel):
         config.update(do_sample=False, temperature=None, top_p=None, top_k=None,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                       max_length=None, max_new_tokens=max_new_tokens)
+        streamer = kwargs.pop("streamer", None)  # HF's streamer protocol (put / end), for serving
         unused = config.update(**kwargs)
         if unused:
             raise ValueError(f"generate: unknown generation options {sorted(unused)}")
         out = self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  generation_config=config)
+                                  generation_config=config, streamer=streamer)
         return out  # with inputs_embeds and no input_ids, HF returns only the new tokens
 
     # -- LoRA ----------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ ALLOWED: dict[str, dict[str, str]] = {
     "commands/evaluate.py": {"mmbridge.evaluation.benchmarks": CLI, "mmbridge.evaluation.runner": CLI,
                              "mmbridge.export.source": CLI, "mmbridge.plugin_manager": CLI},
     "commands/export.py": {"mmbridge.export": CLI},
+    "commands/serve.py": {"uvicorn": OPTIONAL, "mmbridge.serving": OPTIONAL, "mmbridge": CLI},
+    "inputs.py": {"soundfile": OPTIONAL},
     "commands/generate.py": {"mmbridge.export.source": CLI, "mmbridge.plugin_manager": CLI},
     "commands/plan.py": {"mmbridge.plan": CLI},
     "commands/plugins.py": {"mmbridge.testing.report": CLI},
