@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from mmbridge.errors import ConfigError
+from mmbridge.io import check_free_space
 from mmbridge.registry import Registry
 from mmbridge.run_lock import refuse_clobbering
 
@@ -115,6 +116,7 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "bundle", over
 
         check_representable(session)  # before anything is written
     dst.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(dst.parent, _size_estimate(session, format), f"the {format} export")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
     try:
         manifest = _writer(format)(session, meta, tmp)
@@ -135,6 +137,22 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "bundle", over
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def _size_estimate(session: Any, fmt: str) -> int:
+    """Bytes an export writes, about: the tensors (float32 for ``hf``, the trained ones alone
+    for ``peft``) plus, for a bundle, the model files it copies."""
+    from mmbridge.export.bundle import model_files
+
+    model = session.model
+    tensors = model.trainable_state_dict() if fmt == "peft" else model.state_dict()
+    unique = {t.data_ptr(): t for t in tensors.values()}.values()  # tied weights once
+    size = sum(t.numel() * (4 if fmt == "hf" else t.element_size()) for t in unique)
+    if fmt == "bundle":
+        for src in model_files(session.cfg, session.registry).values():
+            files = [src] if src.is_file() else [p for p in src.rglob("*") if p.is_file()]
+            size += sum(p.stat().st_size for p in files)
+    return size
 
 
 def _sources(checkpoint: str | Path, run: Path | None) -> list[Path]:
