@@ -23,7 +23,7 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
 fi
 echo "[setup] installing mmbridge (editable) with its extras"
 "${PIP[@]}" "setuptools>=77" wheel
-"${PIP[@]}" -e ".[assets,data,tools,sweep,dev,eval,docs,serve]"
+"${PIP[@]}" -e ".[assets,data,tools,sweep,dev,eval,docs,demo,browser]"
 # eval (lmms-eval) pulls antlr4-python3-runtime 4.7.2 through latex2sympy2; Hydra/OmegaConf need 4.9.3
 "${PIP[@]}" --no-deps "antlr4-python3-runtime==4.9.3"
 
@@ -35,6 +35,8 @@ if [ "${MMBRIDGE_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null; then
   command -v espeak-ng >/dev/null || need+=(espeak-ng)
   command -v tesseract >/dev/null || need+=(tesseract-ocr tesseract-ocr-eng)
   dpkg -s pocketsphinx-testdata >/dev/null 2>&1 || need+=(pocketsphinx-testdata)
+  # the browser tests (tests/e2e/test_browser.py) drive Debian's chromium through chromedriver
+  command -v chromium >/dev/null && command -v chromedriver >/dev/null || need+=(chromium chromium-driver)
   if [ ${#need[@]} -gt 0 ]; then
     echo "[setup] apt-get install ${need[*]}"
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
