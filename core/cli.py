@@ -17,7 +17,7 @@ from mmbridge.errors import MMBridgeError, did_you_mean
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mmbridge.commands.train", "train a model (Hydra overrides; no arguments = the default experiment)"),
     "sweep": ("mmbridge.commands.sweep", "run a grid of trainings (comma lists) and write results tables and plots"),
-    "eval": ("mmbridge.commands.evaluate", "evaluate a checkpoint: checkpoint=PATH [split=test max_samples=N]"),
+    "eval": ("mmbridge.commands.evaluate", "evaluate a checkpoint (exact match, or a benchmark: data=vqa|gqa|pope|multiple_choice)"),
     "generate": ("mmbridge.commands.generate", "answer a prompt about media: checkpoint=PATH image=PATH prompt=\"...\""),
     "serve": ("mmbridge.commands.serve", "serve a checkpoint behind the OpenAI API: checkpoint=PATH [port=8000]"),
     "export": ("mmbridge.commands.export", "export a checkpoint: checkpoint=PATH out=DIR format=hf|peft|bundle"),

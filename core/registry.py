@@ -13,6 +13,7 @@ import importlib
 import inspect
 import logging
 import pkgutil
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,23 @@ class Origin:
     version: str
 
 
+#: Abbreviations whose full stop does not end a sentence.
+_ABBREVIATIONS = ("e.g.", "i.e.", "etc.", "vs.", "cf.", "approx.")
+
+
+def plain_first_sentence(doc: str | None) -> str:
+    """The first sentence of a docstring (over several lines if need be) without reST markup:
+    ``code`` -> code, :class:`~pkg.Name` -> Name, :func:`pkg.f` -> pkg.f."""
+    text = " ".join((doc or "").strip().split("\n\n")[0].split())
+    for abbr in _ABBREVIATIONS:
+        text = text.replace(abbr, abbr.replace(".", "\0"))
+    match = re.match(r"(.+?[.!?])(\s|$)", text)
+    text = (match.group(1) if match else text).replace("\0", ".")
+    text = re.sub(r":\w+:`(~?)([^`]+)`",
+                  lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2), text)
+    return text.replace("``", "")
+
+
 @dataclass(frozen=True)
 class Entry:
     """One registered component."""
@@ -75,9 +93,8 @@ class Entry:
 
     @property
     def summary(self) -> str:
-        """First line of the class docstring."""
-        doc = inspect.getdoc(self.cls) or ""
-        return doc.splitlines()[0] if doc else ""
+        """The class docstring's first sentence, whole, as plain text (``mmbridge plugins``)."""
+        return plain_first_sentence(inspect.getdoc(self.cls))
 
     def create(self, *args: Any, **kwargs: Any) -> Any:
         """An instance of the class; for :data:`NAMED_KINDS` its ``name`` is the registered

@@ -30,7 +30,18 @@ Other key=value pairs override the stored config (e.g. evaluation.batch_size=8).
   device=DEV        where the model runs: cpu, cuda, cuda:N (default: the trainer's accelerator)
   out=FILE          also write the metrics as JSON
   predictions=FILE  write every answer as a JSON line: id, qtype, mode (media | no_media),
-                    question, answer (reference), prediction, correct
+                    question, answer (reference), prediction, correct, media
+
+Benchmarks from local files, each with its official scoring (data=NAME data.path=...):
+  data=vqa              VQAv2 / TextVQA: VQA accuracy (ten answers, leave-one-out)
+  data=gqa              GQA balanced questions: exact match after the VQA normalisation
+  data=pope             POPE: accuracy, precision, recall, F1, yes-ratio, per category
+  data=multiple_choice  ScienceQA-IMG or an MMBench TSV (data.circular=true: CircularEval)
+  data=llava / data=hf_local  your own LLaVA-format questions (JSON/JSONL, or a saved HF data set)
+  e.g. mmbridge eval checkpoint=RUN/checkpoints/final data=gqa data.path=/data/gqa/testdev_balanced_questions.json
+
+lmms-eval (the `eval` extra) runs its own tasks on a checkpoint without a launcher:
+  lmms-eval --model mmbridge --model_args checkpoint=PATH,device=cuda,batch_size=8 --tasks mmbench_en_dev
 """
 
 OWN_KEYS = ("checkpoint", "split", "max_samples", "out", "predictions", "device")
