@@ -14,6 +14,7 @@ from mmbridge.dataset import DatasetFiles, DatasetSource
 from mmbridge.encoder import ModalityEncoder
 from mmbridge.errors import MMBridgeError
 from mmbridge.hookspecs import hookimpl
+from mmbridge.inspection import inspect
 from mmbridge.llm import LanguageModel
 from mmbridge.recipe import DataRecipe
 from mmbridge.scorer import Scorer
@@ -28,4 +29,6 @@ __all__ = [
     "ToolCaller", "ToolRun", "hookimpl", "__version__",
     # the Python API (mmbridge.api)
     "Model", "TrainResult", "load", "train",
+    # what the model is fed (mmbridge.inspection)
+    "inspect",
 ]

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("mmbridge.commands.report", "a sweep's results.csv/.md, plots and report.html; a run's report.html"),
     "demo": ("mmbridge.commands.demo", "a web page (Gradio) to chat about an image or audio: checkpoint=A [checkpoint=B]"),
     "plugins": ("mmbridge.commands.plugins", "list registered components by kind; `plugins check` runs the contract kit"),
+    "inspect": ("mmbridge.commands.inspect", "show what the model sees: a stage's first samples as text, tokens, labels, media slots"),
     "plan": ("mmbridge.commands.plan", "parameters, tokens, steps and memory per GPU of a config, without weights or data"),
     "config": ("mmbridge.commands.config", "print the composed config for overrides; --groups lists every option"),
     "assets": ("mmbridge.commands.assets", "list the offline pretrained models; --convert NAME prepares one"),
