@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from mmbridge.attention_maps import session_attention
-from mmbridge.errors import ConfigError
+from mmbridge.errors import ConfigError, reading
 from mmbridge.io import atomic_write_text
 from mmbridge.report_html import (
     COLOURS,
@@ -48,7 +48,12 @@ AttentionFn = Callable[[str, str], Image.Image]
 def read_json_lines(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            with reading(path, f"line {i}", "one JSON object per line"):
+                out.append(dict(json.loads(line)))
+    return out
 
 
 def train_losses(run_dir: Path, stage: str) -> list[tuple[float, float]]:
@@ -206,11 +211,14 @@ def write_run_report(run_dir: str | Path, out: str | Path | None = None,
     if not f.is_file():
         raise ConfigError(f"{run_dir}: no metrics.json (not a finished run; a sweep directory "
                           f"holds runs one level down)")
-    metrics = json.loads(f.read_text())
+    with reading(f, expected="the JSON object a finished run writes"):
+        metrics = dict(json.loads(f.read_text()))
     preds = read_json_lines(run_dir / "predictions.jsonl")
-    sections = [summary_section(run_dir, metrics), curves_section(run_dir, metrics),
-                scores_section(metrics.get("test", {})), gate_section(preds),
-                gallery_section(preds, attention)]
+    # one boundary for what the sections read: a hand-edited file is named, not a traceback
+    with reading([f, run_dir / "predictions.jsonl"], expected="the files of a finished run"):
+        sections = [summary_section(run_dir, metrics), curves_section(run_dir, metrics),
+                    scores_section(metrics.get("test", {})), gate_section(preds),
+                    gallery_section(preds, attention)]
     path = Path(out) if out is not None else run_dir / REPORT
     atomic_write_text(path, page(f"Run report: {run_dir.name}", [s for s in sections if s]))
     return path
