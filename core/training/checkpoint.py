@@ -22,7 +22,7 @@ import os
 import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -216,8 +216,14 @@ def read_checkpoint(path: str | Path, registry: Registry | None = None,
         weights = load_file(str(p))
     except Exception as exc:
         raise CheckpointError(f"checkpoint '{p}' is unreadable: {exc}") from exc
-    # the stored config is a run config: a mapping
-    return cast(DictConfig, OmegaConf.create(meta["config"])), weights, meta
+    try:
+        cfg = OmegaConf.create(meta["config"])
+    except Exception as exc:  # OmegaConf / YAML raise their own types
+        raise CheckpointError(f"checkpoint '{p}': the config in its metadata is unreadable "
+                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from exc
+    if not isinstance(cfg, DictConfig):
+        raise CheckpointError(f"checkpoint '{p}': the config in its metadata is not a mapping")
+    return cfg, weights, meta
 
 
 def _listed(names: list[str], n: int = 8) -> str:

@@ -117,3 +117,17 @@ def test_feature_cache_shard_on_a_full_disk_names_it_and_keeps_complete_shards(t
     writer.abort()
     assert sorted(p.name for p in entry.iterdir()) == ["index.json", "paths.json", "shard-00000.bin"]
     assert list(shards.read_index(entry)["shards"]) == ["0"]
+
+
+def test_a_checkpoint_whose_stored_config_is_not_yaml_is_named(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from mmbridge.errors import CheckpointError
+    from mmbridge.training.checkpoint import read_checkpoint
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "weights.safetensors"),
+              metadata={"config": "a: [1\n b: : 2", "format": "mmbridge-1"})
+    with pytest.raises(CheckpointError, match=rf"checkpoint '{tmp_path}/weights.safetensors': the config in "
+                                              r"its metadata is unreadable \("):
+        read_checkpoint(tmp_path)
