@@ -37,6 +37,35 @@ from mmbridge.export.peft_format import peft_llm
 IMAGE_TOKEN = "<image>"
 
 
+#: Put before the trained chat template: a message whose content is a list of parts (as every
+#: llava-hf model card and OpenAI-compatible server sends) becomes the string mmbridge trained on,
+#: an ``<image>`` where each image part stands and the parts joined by newlines (as
+#: :meth:`mmbridge.inputs.MediaFiles.content` renders them); string contents pass unchanged.
+PARTS_PREAMBLE = (
+    "{%- set ns = namespace(messages=[]) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string or message['content'] is none -%}"
+    "{%- set ns.messages = ns.messages + [message] -%}"
+    "{%- else -%}"
+    "{%- set parts = namespace(text=[]) -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{%- set parts.text = parts.text + [part['text']] -%}"
+    "{%- elif part['type'] in ['image', 'image_url'] -%}"
+    "{%- set parts.text = parts.text + ['" + "<image>" + "'] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set ns.messages = ns.messages + [dict(message, content=parts.text | join('\\n'))] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set messages = ns.messages -%}"
+)
+
+
+def parts_template(template: str) -> str:
+    """``template`` taking content parts as well as strings (see :data:`PARTS_PREAMBLE`)."""
+    return PARTS_PREAMBLE + template
+
+
 def _refuse(part: str, why: str) -> ConfigError:
     return ConfigError(f"format=hf: {part} {why}; LlavaForConditionalGeneration cannot represent it "
                        f"exactly. Use format=bundle (any model, loads with mmbridge.load)")
@@ -143,7 +172,8 @@ def write_hf(session: Any, meta: dict[str, str], out: Path) -> dict[str, Any]:
     enc, con, llm = model.branches["image"].encoder, model.branches["image"].connector, model.llm
     text = merged_llm(llm).to("cpu")
     tok = AutoTokenizer.from_pretrained(llm.local_path)
-    tok.chat_template = session.chat.template  # what mmbridge trained with
+    template = parts_template(session.chat.template)  # what mmbridge trained with, + parts
+    tok.chat_template = template
     if tok.pad_token is None:
         tok.pad_token = llm.tokenizer.pad_token
     if IMAGE_TOKEN not in tok.get_vocab():
@@ -181,7 +211,7 @@ def write_hf(session: Any, meta: dict[str, str], out: Path) -> dict[str, Any]:
     llava.save_pretrained(str(out))
     processor = LlavaProcessor(image_processor=_image_processor(enc), tokenizer=tok, patch_size=enc.patch,
                                vision_feature_select_strategy=plan["strategy"], image_token=IMAGE_TOKEN,
-                               num_additional_image_tokens=enc.prefix, chat_template=session.chat.template)
+                               num_additional_image_tokens=enc.prefix, chat_template=template)
     processor.save_pretrained(str(out))
     return {"format": "hf", "architecture": "LlavaForConditionalGeneration", "image_token_id": image_id,
             "vision_feature_layer": plan["layers"], "vision_feature_select_strategy": plan["strategy"],

@@ -326,24 +326,44 @@ def test_hf_llava_gives_the_same_logits_and_greedy_answer(towers, tower, extra, 
     ckpt = make_checkpoint(tmp_path / "final", hf_overrides(towers[tower], *extra))
     out = export(ckpt, tmp_path / "hf", format="hf", registry=shared_registry())
     m = mmbridge.load(ckpt, device="cpu", registry=shared_registry())
-    llava = AutoModelForImageTextToText.from_pretrained(str(out), dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(str(out), backend="pil")  # PIL resize, as mmbridge
-    assert type(llava).__name__ == "LlavaForConditionalGeneration"
-    prompt = processor.apply_chat_template([{"role": "user", "content": f"<image>\n{PROMPT}"}],
-                                           add_generation_prompt=True, tokenize=False)
-    inputs = processor(images=Image.open(image), text=prompt, return_tensors="pt")
-    want, mask = m.logits(PROMPT, image=image)
+    enc = m.session.model.branches["image"].encoder
+    # an image of the size the tower's processor resizes to: resizing is then the identity in
+    # both of transformers' backends (see below for other sizes)
+    side = enc.resize_shortest or enc.size[0]
+    raw_image = Image.open(image).convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
+
+    # the llava-hf model card's pattern, unmodified: content parts, the default AutoProcessor
+    model = AutoModelForImageTextToText.from_pretrained(str(out), dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(str(out))
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    inputs = processor(images=raw_image, text=prompt, return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    answer = processor.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert answer.strip() == m.generate(PROMPT, image=raw_image, max_new_tokens=8)
+    want, mask = m.logits(PROMPT, image=raw_image)
     batch = m.encode([[{"from": "human", "value": f"<image>\n{PROMPT}"}]], [{"image": image}])
-    image_id = llava.config.image_token_id
-    ids = torch.where(batch["slots"]["image"], image_id, batch["input_ids"])
+    ids = torch.where(batch["slots"]["image"], model.config.image_token_id, batch["input_ids"])
     assert torch.equal(inputs["input_ids"], ids)  # the same tokens, the image slots in place
+    # a string content with <image> renders as the content parts do
+    assert processor.apply_chat_template([{"role": "user", "content": f"<image>\n{PROMPT}"}],
+                                         add_generation_prompt=True) == prompt
     with torch.no_grad():
-        got = llava(**inputs).logits[..., :want.shape[-1]]
+        got = model(**inputs).logits[..., :want.shape[-1]]
     diff = (got - want).abs().max().item()
     print(f"hf export {tower} {extra}: logits max |diff| {diff:.3g}")
     assert diff <= 1e-4
-    new = llava.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-    assert processor.decode(new, skip_special_tokens=True).strip() == m.generate(PROMPT, image=image, max_new_tokens=8)
+
+    # any other size: backend="pil" gives mmbridge's pixels exactly; the default (torchvision)
+    # backend's bicubic resize differs from PIL's by up to one 8-bit level
+    other = Image.open(image).convert("RGB")
+    mine = enc.preprocess(other)
+    pil = AutoProcessor.from_pretrained(str(out), backend="pil")(images=other, text=prompt, return_tensors="pt")
+    assert (pil["pixel_values"][0] - mine).abs().max().item() <= 1e-6
+    default = processor(images=other, text=prompt, return_tensors="pt")["pixel_values"][0]
+    assert (default - mine).abs().max().item() <= 1.01 / 255 / min(enc.std)
     manifest = json.loads((out / "mmbridge.json").read_text())
     assert manifest["lora_merged"] is True and manifest["architecture"] == "LlavaForConditionalGeneration"
 
