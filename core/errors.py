@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import binascii
 import difflib
+import errno
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from os import PathLike
@@ -127,6 +128,8 @@ def reading(file: str | PathLike | Iterable[str | PathLike], record: object = No
     except MMBridgeError:
         raise
     except (*_MALFORMED, *also) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # not the input's fault
+            raise StorageError(f"{exc.filename or file}: disk full ({exc.strerror})") from exc
         files = [file] if isinstance(file, str | PathLike) else list(file)
         where = ", ".join(str(f) for f in files)
         if record is not None:
