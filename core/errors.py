@@ -123,11 +123,12 @@ def reading(file: str | PathLike | Iterable[str | PathLike], record: object = No
         error: The class raised (:class:`DataError`; a loader of checkpoints and bundles
             raises :class:`CheckpointError`).
     """
+    caught: tuple[type[BaseException], ...] = (*_MALFORMED, *also)
     try:
         yield
     except MMBridgeError:
         raise
-    except (*_MALFORMED, *also) as exc:
+    except caught as exc:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # not the input's fault
             raise StorageError(f"{exc.filename or file}: disk full ({exc.strerror})") from exc
         files = [file] if isinstance(file, str | PathLike) else list(file)

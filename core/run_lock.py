@@ -17,6 +17,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -124,7 +125,7 @@ def _same_process(note: dict[str, Any]) -> bool:
     return note.get("pid") == os.getpid() and note.get("host") == socket.gethostname()
 
 
-def refuse_clobbering(out: str | Path, sources: list[str | Path], key: str = "out") -> None:
+def refuse_clobbering(out: str | Path, sources: Sequence[str | Path], key: str = "out") -> None:
     """Refuse an output directory that would delete or write into what a command reads.
 
     ``out`` may not be one of ``sources`` (a checkpoint, a bundle, a run directory), hold one
