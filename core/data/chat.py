@@ -94,7 +94,10 @@ class ChatEncoder:
         self.prefix_tokens = prefix_tokens
         self.meta_keys = tuple(meta_keys)
         self.tokenizer = tokenizer
-        self.template = getattr(tokenizer, "chat_template", None) or FALLBACK_TEMPLATE
+        #: The Jinja chat template of the format (what an export writes): the tokenizer's own for
+        #: native, else the named format's (:meth:`ConversationFormat.jinja`).
+        self.template = (self.format.jinja() if self.format is not None else
+                         getattr(tokenizer, "chat_template", None) or FALLBACK_TEMPLATE)
         self.modalities = list(modalities)
         self.max_length = max_length
         alternatives = "|".join(re.escape(placeholder(m)) for m in self.modalities)

@@ -30,6 +30,7 @@ for GPT-2-style tokenizers), as LLaVA's tokenization does. ``image_first`` (LLaV
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -123,6 +124,20 @@ class ConversationFormat:
                where: str = "sample ?") -> Rendered:
         raise NotImplementedError
 
+    def jinja(self) -> str:
+        """The same rendering as a Jinja chat template (``apply_chat_template``; an exported
+        model's prompt format): string contents, the media placeholders where the text has
+        them (``image_first`` is not applied)."""
+        raise NotImplementedError
+
+    def _system_jinja(self) -> str:
+        """Jinja: ``fmt.system`` (the format's, or a first system turn's) and ``fmt.start``."""
+        return ("{%- set fmt = namespace(system=" + json.dumps(self.system or "") + ", start=0) -%}"
+                "{%- if messages and messages[0]['role'] == 'system' -%}"
+                "{%- set fmt.system = messages[0]['content'] -%}{%- set fmt.start = 1 -%}{%- endif -%}"
+                "{%- if messages | length > fmt.start and messages[fmt.start]['role'] != 'user' -%}"
+                "{%- set fmt.start = fmt.start + 1 -%}{%- endif -%}")
+
 
 class VicunaV1(ConversationFormat):
     """LLaVA-1.5's ``vicuna_v1``: ``SYSTEM USER: q ASSISTANT: a</s>``, answers + ``</s>`` supervised."""
@@ -149,6 +164,15 @@ class VicunaV1(ConversationFormat):
             text += "ASSISTANT:"
         return Rendered(text, spans)
 
+    def jinja(self) -> str:
+        return (self._system_jinja() + "{{- fmt.system + ' ' -}}"
+                "{%- for m in messages[fmt.start:] -%}"
+                "{%- if m['role'] == 'user' -%}{{- 'USER: ' + m['content'] + ' ' -}}"
+                "{%- else -%}{{- 'ASSISTANT: ' + m['content'] + " + json.dumps(self.eos) + " -}}{%- endif -%}"
+                "{%- endfor -%}"
+                "{%- if add_generation_prompt and messages[-1]['role'] == 'user' -%}"
+                "{{- 'ASSISTANT:' -}}{%- endif -%}")
+
 
 class Llama2(ConversationFormat):
     """Llama-2-chat (LLaVA's ``llama_2``): ``[INST] <<SYS>>...<</SYS>>\\n\\n q [/INST] a </s>``."""
@@ -173,6 +197,19 @@ class Llama2(ConversationFormat):
                 text += f"{msg} {self.eos}"
                 spans.append((start, len(text)))
         return Rendered(text, spans)  # the generation prompt ends with "[/INST]" already
+
+    def jinja(self) -> str:
+        return (self._system_jinja() +
+                "{%- for m in messages[fmt.start:] -%}"
+                "{%- if m['role'] == 'user' -%}"
+                "{%- if loop.first -%}"
+                "{%- set head = '<<SYS>>\\n' + fmt.system + '\\n<</SYS>>\\n\\n' if fmt.system else '' -%}"
+                "{{- '[INST] ' + head + m['content'] + ' [/INST]' -}}"
+                "{%- else -%}{{- " + json.dumps(self.bos) + " + '[INST] ' + m['content'] + ' [/INST]' -}}"
+                "{%- endif -%}"
+                "{%- elif m['content'] -%}{{- ' ' + m['content'] + ' ' + " + json.dumps(self.eos) + " -}}"
+                "{%- endif -%}"
+                "{%- endfor -%}")
 
 
 class ChatML(ConversationFormat):
@@ -203,6 +240,17 @@ class ChatML(ConversationFormat):
             text += "<|im_start|>assistant\n"
         return Rendered(text, spans)
 
+    def jinja(self) -> str:
+        return ("{%- set fmt = namespace(system=" + json.dumps(self.system or "") + ", start=0) -%}"
+                "{%- if messages and messages[0]['role'] == 'system' -%}"
+                "{%- set fmt.system = messages[0]['content'] -%}{%- set fmt.start = 1 -%}{%- endif -%}"
+                "{%- if fmt.system -%}{{- '<|im_start|>system\\n' + fmt.system + '<|im_end|>\\n' -}}{%- endif -%}"
+                "{%- for m in messages[fmt.start:] -%}"
+                "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}"
+                "{%- endfor -%}"
+                "{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' -%}"
+                "{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+
 
 class Plain(ConversationFormat):
     """LLaVA's stage-1 ``plain``: the media placeholder(s), the caption and ``"\\n"``."""
@@ -231,6 +279,15 @@ class Plain(ConversationFormat):
             return Rendered(media)
         text = media + turns[1]["content"] + "\n"
         return Rendered(text, [(len(media), len(text))])
+
+    def jinja(self) -> str:
+        pattern = self.pattern.pattern.replace("\\", "")  # "<image>|<audio>" (re.escape undone)
+        return ("{%- for m in messages if m['role'] != 'system' -%}"
+                "{%- if m['role'] == 'user' -%}"
+                "{%- for p in " + json.dumps(pattern.split("|")) + " -%}"
+                "{{- p * (m['content'].count(p)) -}}{%- endfor -%}"
+                "{%- else -%}{{- m['content'] + '\\n' -}}{%- endif -%}"
+                "{%- endfor -%}")
 
 
 CLASSES: dict[str, type[ConversationFormat]] = {

@@ -231,3 +231,19 @@ def test_bad_format_is_one_clear_error(registry):
     assert any(e.startswith("stages.align.conversation.name='nope'") for e in config_errors(cfg, registry))
     with pytest.raises(ConfigError, match="stages.align.conversation.name='nope'.*valid: native"):
         ConversationSpec.from_node({"name": "nope"}, "stages.align.conversation")
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "llama_2", "chatml", "plain"])
+def test_the_formats_jinja_template_renders_the_same(llama_tok, name):
+    """ChatEncoder.template (what an export writes) renders as the format does."""
+    chat = encoder(llama_tok, name)
+    records = [IMAGE_FIRST, to_messages(IMAGE_FIRST)] if name == "plain" else [
+        to_messages(MULTI_TURN_IMAGE_LAST), to_messages(TEXT_ONLY),
+        [{"role": "system", "content": "Line one.\nLine two."}, *to_messages(TEXT_ONLY)]]
+    for msgs in records[1:]:
+        for k in (len(msgs), len(msgs) - 1):
+            part = msgs[:k]
+            want = chat.render(part, add_generation_prompt=k < len(msgs))
+            got = llama_tok.apply_chat_template(part, chat_template=chat.template, tokenize=False,
+                                                add_generation_prompt=k < len(msgs))
+            assert got == want, (name, k)
