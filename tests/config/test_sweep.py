@@ -337,6 +337,10 @@ def test_real_sweep_table_plots_cache_and_restart(tmp_path):
 
         with Image.open(sweep / png) as im:
             assert im.format == "PNG" and im.size[0] > 300
+    # the sweep's page, and each run's own (written by the run at its end)
+    html = (sweep / "report.html").read_text()
+    assert "4 runs in 2 configurations" in html and 'id="curves"' in html and 'id="results"' in html
+    assert all('id="gallery"' in (sweep / n / "report.html").read_text() for n in runs)
     stamps = {n: (sweep / n / "metrics.json").stat().st_mtime_ns for n in runs}
 
     again = _sweep(tmp_path)  # the same command line: the same directory, every run skipped

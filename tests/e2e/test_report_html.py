@@ -7,7 +7,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,16 +133,28 @@ def test_run_report_numbers_gallery_and_attention(tmp_path):
     assert sheets and sheets[0].size == (6 * 128, 2 * (128 + 16))  # image, mean, 8 queries
 
 
-def test_generate_writes_the_attention_map(tmp_path, capsys):
+def test_generate_writes_the_attention_map_of_a_photograph(tmp_path, capsys):
+    """The Q-Former's queries over a real photograph (scikit-image's astronaut, offline); with
+    MMBRIDGE_SCREENSHOTS=DIR the sheet is kept there as attention_qformer.png (for the docs)."""
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image (the `data` extra)")
     from mmbridge.commands.generate import main
 
     run = qformer_run()
-    image = json.loads((run / "predictions.jsonl").read_text().splitlines()[0])["media"]["image"]
-    out = tmp_path / "attention.png"
-    assert main([f"checkpoint={run / 'checkpoints' / 'final'}", f"image={image}", "prompt=Which colour?",
-                 "max_new_tokens=2", "device=cpu", f"attention={out}"]) == 0
+    image = tmp_path / "astronaut.png"
+    Image.fromarray(skimage_data.astronaut()).save(image)
+    keep = os.environ.get("MMBRIDGE_SCREENSHOTS")
+    out = Path(keep) / "attention_qformer.png" if keep else tmp_path / "attention.png"
+    assert main([f"checkpoint={run / 'checkpoints' / 'final'}", f"image={image}",
+                 "prompt=What is in the image?", "max_new_tokens=2", "device=cpu",
+                 f"attention={out}"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().err
     with Image.open(out) as sheet:
+        # image, the mean, 8 queries: 10 panels of 128 px in rows of 6, 16 px captions
         assert sheet.format == "PNG" and sheet.size == (6 * 128, 2 * (128 + 16))
+        first = sheet.convert("RGB").crop((0, 16, 128, 144))
+    with Image.open(image) as photo:  # the first panel is the photograph itself
+        ref = photo.convert("RGB").resize((128, 128), Image.Resampling.BICUBIC)
+    assert list(first.getdata()) == list(ref.getdata())
     with pytest.raises(ConfigError, match="needs image"):
         main([f"checkpoint={run / 'checkpoints' / 'final'}", "prompt=x", f"attention={out}"])
 
@@ -159,3 +173,17 @@ def test_sweep_report_table_forest_curves_and_disagreements():
     assert "2 of 8 held-out questions are answered right by some configurations" in html
     assert html.count('class="card"') == 2
     assert all(i.size[0] == 64 for i in data_images(html))
+
+
+def test_gate_section_means_per_question_type():
+    from mmbridge.run_report import gate_section
+
+    preds = [{"mode": "media", "qtype": "colour", "prefix": {"mode": "gate", "gate": [0.5, 0.3, 0.2]}},
+             {"mode": "media", "qtype": "colour", "prefix": {"mode": "gate", "gate": [0.1, 0.1, 0.8]}},
+             {"mode": "media", "qtype": "count", "prefix": {"mode": "gate", "gate": [0.2, 0.2, 0.6]}},
+             {"mode": "no_media", "qtype": "count", "prefix": {"mode": "gate", "gate": [1.0, 0.0, 0.0]}}]
+    html = gate_section(preds)
+    # colour: level 1 mean 0.30, level 3 mean 0.50; count: 0.20 / 0.60 (no-media rows left out)
+    assert "level 1 colour: 0.300" in html and "level 3 colour: 0.500" in html
+    assert "level 1 count: 0.200" in html and "level 3 count: 0.600" in html
+    assert gate_section([{"mode": "media", "qtype": "x"}]) == ""
