@@ -11,7 +11,7 @@ import base64
 import html
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,8 +52,8 @@ def file_uri(path: str | Path, max_side: int | None = None) -> str | None:
     """A PNG data URI of the picture at ``path`` (shrunk to ``max_side``), or None when the
     file is missing or is no picture."""
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
+        with Image.open(path) as src:
+            img = src.convert("RGB")
             if max_side is not None:
                 img.thumbnail((max_side, max_side))
             return png_uri(img)
@@ -184,7 +184,7 @@ def line_chart(series: Sequence[Series], title: str, xlabel: str, ylabel: str,
     return _svg(w, h, "".join(body), title)
 
 
-def bar_chart(categories: Sequence[str], groups: dict[str, Sequence[float | None]], title: str,
+def bar_chart(categories: Sequence[str], groups: Mapping[str, Sequence[float | None]], title: str,
               ylabel: str, ymax: float | None = None, w: int = 560, h: int = 300) -> str:
     """Grouped bars: one group per category, one bar per entry of ``groups`` (None = no bar);
     each bar's value is written above it."""
