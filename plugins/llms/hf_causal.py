@@ -18,7 +18,9 @@ from mmbridge.llm import LanguageModel
 from mmbridge.registry import Registry
 
 #: Used when the tokenizer ships no chat template (a base model): one ``<|role|>`` block per
-#: turn, each closed by the eos token.
+#: turn, each closed by the eos token. Only with ``conversation=native``: a named format
+#: (``conversation=vicuna_v1``, ``llama_2``, ``chatml``, ``plain``; mmbridge.data.conversation)
+#: is what a base model fine-tuned in the field's recipes expects.
 FALLBACK_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
