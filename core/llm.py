@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -24,9 +25,6 @@ class LanguageModel(nn.Module, ABC):
     #: ``llm.reuse_prefix_kv``: ``"auto"`` reuses the shared prefix's keys/values where that is
     #: exact, ``True`` the same and warns (once per reason) where it cannot, ``False`` never.
     reuse_prefix_kv: bool | str = "auto"
-    #: Set once LoRA adapters are added (:func:`mmbridge.training.stages.configure_trainable`);
-    #: absent before, so read it with ``getattr(llm, "lora_applied", False)``.
-    lora_applied: bool
 
     @property
     @abstractmethod
@@ -61,8 +59,20 @@ class LanguageModel(nn.Module, ABC):
         """Greedy (or sampled) continuation of a left-padded embedding batch; returns only
         the new token ids ``[B, T_new]``."""
 
-    def apply_lora(self, r: int, alpha: int, dropout: float, target_modules: list[str]) -> None:
-        """Wrap the decoder with LoRA adapters (only they train afterwards)."""
+    # -- optional: LoRA ------------------------------------------------------------------------
+    @property
+    def lora_config(self) -> dict[str, Any] | None:
+        """The settings of the LoRA adapters this LLM carries (a stage's ``lora`` section as
+        :func:`mmbridge.lora.lora_settings` gives it: ``r``, ``alpha``, ``dropout``,
+        ``target_modules`` and any other ``peft.LoraConfig`` key), or ``None`` without
+        adapters. Read by the stages (add adapters once) and the PEFT export."""
+        return None
+
+    def apply_lora(self, settings: Mapping[str, Any] | None = None, **keys: Any) -> None:
+        """Add LoRA adapters with ``settings`` and ``keys`` (see :attr:`lora_config`:
+        ``apply_lora({"r": 8, ...})`` or ``apply_lora(r=8, ...)``); afterwards only they
+        train in the LLM. Called again with the same settings (a later stage), the existing
+        adapters train again; other settings are a :class:`~mmbridge.errors.ConfigError`."""
         raise NotImplementedError(f"{type(self).__name__} does not support LoRA")
 
     # -- optional: reuse the keys/values of a shared prefix -------------------------------------

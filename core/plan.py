@@ -9,10 +9,14 @@ Memory per GPU is an estimate of what training holds at its peak, in bytes:
 
 * weights: every parameter and buffer at its dtype; sharded over the GPUs by FSDP and
   DeepSpeed ZeRO-3;
-* gradients: the trained parameters at their dtype; sharded by ZeRO-2/3 and FSDP;
+* gradients: the trained parameters at their dtype; sharded by ZeRO-2/3 and FSDP. Precision
+  is decided by :func:`mmbridge.precision.plan_precision`, the rule a run applies: under
+  ``bf16-mixed`` every trained parameter is an fp32 master weight (4 bytes, its gradient too)
+  and frozen weights are bf16 (all fp32 under FSDP, cast to bf16 for compute);
 * optimizer state: torch.optim keeps ``states`` tensors per trained weight in its dtype
-  (AdamW 2, SGD 1); DeepSpeed keeps an fp32 master copy plus fp32 states (``4 + 4 states``
-  bytes per weight, ZeRO 1910.02054 §3); sharded by ZeRO-1/2/3 and FSDP;
+  (AdamW 2, SGD 1: fp32 under mixed precision); DeepSpeed keeps bf16 weights with an fp32
+  master copy plus fp32 states (``4 + 4 states`` bytes per weight, ZeRO 1910.02054 §3);
+  sharded by ZeRO-1/2/3 and FSDP;
 * activations of the LLM's decoder blocks for ``B`` sequences of ``T`` tokens, per block and
   token ``5 D + 2 D_kv + 4 I`` values (the residual stream and norm outputs, queries / keys /
   values kept by SDPA, the attention output, gate / up / activation / product of the MLP; this
@@ -45,9 +49,10 @@ from mmbridge.build import build, split_node
 from mmbridge.config import to_container
 from mmbridge.errors import ConfigError
 from mmbridge.model import Branch, MultimodalModel
+from mmbridge.precision import encoder_mode, keep_trained_fp32, plan_precision, resolve_auto_dtypes
 from mmbridge.registry import Registry
 from mmbridge.training.optimizers import STATES_PER_WEIGHT
-from mmbridge.training.stages import configure_trainable
+from mmbridge.training.stages import configure_trainable, stage_steps
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -159,6 +164,8 @@ class StagePlan:
     memory: dict[str, float]
     total_bytes: float
     fits: bool
+    #: component -> the dtype(s) of its weights, trained ones marked (``llm: float32 (trains)``).
+    dtypes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -186,6 +193,12 @@ def _numel(module: nn.Module | None, trainable: bool = False) -> int:
 
 def _bytes(tensors: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _dtypes(module: nn.Module) -> str:
+    """``float32 (trains)``, ``bfloat16``, or both kinds: ``bfloat16, float32 (trains)``."""
+    kinds = {(str(p.dtype).removeprefix("torch."), p.requires_grad) for p in module.parameters()}
+    return ", ".join(f"{d}{' (trains)' if t else ''}" for d, t in sorted(kinds)) or "-"
 
 
 def _components(model: MultimodalModel) -> dict[str, nn.Module | None]:
@@ -228,7 +241,8 @@ def _gpus(trainer: dict[str, Any], gpus: int | None) -> int:
 
 
 def make_plan(cfg: DictConfig, registry: Registry, gpu_memory_gb: float = 80.0,
-              gpus: int | None = None, images_per_sample: int = 1) -> Plan:
+              gpus: int | None = None, images_per_sample: int = 1,
+              data_samples: int | None = None) -> Plan:
     """Plan every scheduled stage of ``cfg`` (see the module docstring for the estimates).
 
     Args:
@@ -237,23 +251,23 @@ def make_plan(cfg: DictConfig, registry: Registry, gpu_memory_gb: float = 80.0,
         gpu_memory_gb: Memory of one GPU in GiB (an "80 GB" A100 / H100 holds 80 GiB).
         gpus: GPUs in all; default ``trainer.devices x trainer.num_nodes``.
         images_per_sample: Images per sequence (LLaVA data: one).
+        data_samples: Training samples of a stage that counts in ``epochs``
+            (:func:`mmbridge.training.stages.stage_steps`: ``ceil(epochs x ceil(n / global
+            batch))`` steps, accumulation included).
     """
     trainer = to_container(cfg.trainer) if cfg.get("trainer") is not None else {}
     strategy = str(trainer.get("strategy", "auto"))
     if strategy not in SHARDING:
         raise ConfigError(f"trainer.strategy={strategy}: mmbridge plan knows {', '.join(SHARDING)}")
-    precision = str(trainer.get("precision", "auto"))
-    on_gpu = str(trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
-    if precision == "auto":
-        precision = "bf16-mixed" if on_gpu else "32-true"
-    act_bytes = 2 if precision.startswith(("bf16", "16")) else 4
-    weight_dtype = "bfloat16" if act_bytes == 2 else "float32"
+    decision = plan_precision(trainer)  # the rule a run on that machine applies
+    precision = decision.precision
+    act_bytes = 2 if decision.compute_dtype != "float32" else 4
     n_gpu = _gpus(trainer, gpus)
     shard_w, shard_g, shard_o = SHARDING[strategy]
     deepspeed = strategy.startswith("deepspeed")
     accumulate = int(trainer.get("accumulate_grad_batches", 1) or 1)
 
-    model = build_meta_model(cfg, registry, weight_dtype)
+    model = build_meta_model(resolve_auto_dtypes(cfg, decision), registry, decision.weight_dtype)
     parts = _components(model)
     branch = next(iter(model.branches.values()))
     encoder, connector, llm = branch.encoder, branch.connector, model.llm
@@ -269,11 +283,12 @@ def make_plan(cfg: DictConfig, registry: Registry, gpu_memory_gb: float = 80.0,
                 visual_tokens=visual, encoder_tokens=encoder_tokens, text_tokens=text,
                 seq_len=seq_len, gpus=n_gpu, strategy=strategy, precision=precision,
                 gradient_checkpointing=checkpointing, gpu_memory_gb=float(gpu_memory_gb))
-    weights = float(_bytes(model.parameters()) + _bytes(model.buffers()))
-
     for name in cfg.schedule:
         stage = cfg.stages[name]
         configure_trainable(model, stage)
+        if decision.mixed and not deepspeed:  # fp32 master weights, as BridgeModule.setup makes them
+            keep_trained_fp32(model)
+        weights = float(_bytes(model.parameters()) + _bytes(model.buffers()))
         trained = [p for p in model.parameters() if p.requires_grad]
         opt_name = str(stage.optimizer.get("name") or "adamw")
         states = STATES_PER_WEIGHT.get(opt_name, 2)
@@ -287,9 +302,14 @@ def make_plan(cfg: DictConfig, registry: Registry, gpu_memory_gb: float = 80.0,
         else:
             optim = float(states * grads)
         batch = int(stage.batch_size)
+        epochs = stage.get("epochs")
+        if epochs is not None and data_samples is None:
+            raise ConfigError(f"stages.{name}.epochs={epochs}: the step count depends on the data's "
+                              f"length; pass data_samples=N (the stage's training samples)")
+        steps = stage_steps(stage, data_samples or 0, n_gpu, accumulate)
         acts = activation_bytes(llm_config, batch, seq_len, act_bytes, checkpointing)
         head = float(batch * text * int(llm_config.vocab_size) * (act_bytes + 8))
-        if bool(stage.train.encoder):
+        if encoder_mode(stage.train) != "frozen":
             enc_cfg = cast("PreTrainedModel", encoder.model).config
             acts += activation_bytes(enc_cfg, batch * images_per_sample, encoder_tokens, act_bytes, False)
         memory = {"weights": weights / (n_gpu if shard_w else 1),
@@ -300,9 +320,10 @@ def make_plan(cfg: DictConfig, registry: Registry, gpu_memory_gb: float = 80.0,
         global_batch = batch * n_gpu * accumulate
         plan.stages.append(StagePlan(
             name=str(name), trainable={k: _numel(m, trainable=True) for k, m in parts.items() if m is not None},
-            batch_size=batch, global_batch=global_batch, steps=int(stage.max_steps),
-            samples=int(stage.max_steps) * global_batch, optimizer=opt_name, memory=memory,
-            total_bytes=total, fits=total <= (1 - HEADROOM) * gpu_memory_gb * GiB))
+            batch_size=batch, global_batch=global_batch, steps=steps,
+            samples=steps * global_batch, optimizer=opt_name, memory=memory,
+            total_bytes=total, fits=total <= (1 - HEADROOM) * gpu_memory_gb * GiB,
+            dtypes={k: _dtypes(m) for k, m in parts.items() if m is not None}))
     return plan
 
 
@@ -332,6 +353,7 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"stage {s.name}: {s.steps:,} steps x global batch {s.global_batch} "
                      f"({s.batch_size} per GPU) = {s.samples:,} samples; optimizer {s.optimizer}")
         lines.append("  trainable: " + ", ".join(f"{k} {_count(v)}" for k, v in s.trainable.items()))
+        lines.append("  weights: " + "; ".join(f"{k} {v}" for k, v in s.dtypes.items()))
         lines.append("  memory per GPU: " + ", ".join(f"{k} {_gib(v)}" for k, v in s.memory.items()))
         limit = (1 - HEADROOM) * plan.gpu_memory_gb * GiB
         verdict = "fits" if s.fits else "does NOT fit"

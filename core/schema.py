@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 LLM_MODES = ("frozen", "lora", "full")
@@ -105,19 +105,62 @@ class Debug:
     record_sample_ids: bool = False
 
 
+#: ``stages.<name>.train.encoder`` options (``false`` / ``true`` mean ``frozen`` / ``full``).
+ENCODER_MODES = ("frozen", "lora", "last_n", "full")
+ENCODER_MODE = Rule(lambda v: isinstance(v, bool) or v in ENCODER_MODES,
+                    "one of " + ", ".join(ENCODER_MODES) + " (or false / true)")
+
+
 @dataclass
 class Train:
-    encoder: bool = False
+    encoder: bool | str = spec(False, ENCODER_MODE)
+    # train.encoder: last_n -- how many of the encoder's last blocks train
+    encoder_last_n: int | None = spec(None, ge(1))
     connector: bool = True
     llm: str = spec("frozen", one_of(*LLM_MODES))
 
 
+#: The keys of ``peft.LoraConfig`` that mmbridge sets itself or names differently.
+LORA_RENAMED = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+LORA_MANAGED = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+                "auto_mapping", "lora_alpha", "lora_dropout")
+LORA_TARGETS = Rule(lambda v: v == "all-linear" or (isinstance(v, list) and len(v) > 0),
+                    "a non-empty list of module names, or all-linear")
+
+
+def _peft_lora_keys() -> dict[str, Any]:
+    """Every other ``peft.LoraConfig`` field (``use_dora``, ``modules_to_save``,
+    ``layers_to_transform``, ...), passed through as written."""
+    from peft import LoraConfig  # only when a LoRA section has a key beyond the common ones
+
+    return {f.name: Any for f in fields(LoraConfig)
+            if f.name not in LORA_MANAGED and not f.name.startswith("_")}
+
+
 @dataclass
 class Lora:
+    """``stages.<name>.lora``: PEFT's ``LoraConfig`` (2106.09685), ``alpha`` / ``dropout``
+    standing for ``lora_alpha`` / ``lora_dropout``; any other ``LoraConfig`` key passes through
+    (checked against its fields, see :data:`extra_keys`)."""
+
     r: int = spec(16, ge(1))
     alpha: float = spec(32, gt(0))
     dropout: float = spec(0.05, unit(hi_open=True))
-    target_modules: list[str] = spec(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], rule=NONEMPTY)
+    target_modules: list[str] | str = spec(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                           rule=LORA_TARGETS)
+    use_dora: bool = False  # weight-decomposed LoRA (2402.09353)
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) (2312.03732)
+    bias: str = spec("none", one_of("none", "all", "lora_only"))
+    modules_to_save: list[str] | None = None  # trained in full beside the adapters
+    extra_keys = staticmethod(_peft_lora_keys)
+    extra_source = "peft.LoraConfig"
+
+
+@dataclass
+class EncoderLora(Lora):
+    """``stages.<name>.encoder_lora``: the encoder's adapters (``train.encoder: lora``)."""
+
+    target_modules: list[str] | str = spec("all-linear", LORA_TARGETS)
 
 
 #: ``stages.<name>.optimizer.name`` options (torch.optim; see BridgeModule.configure_optimizers).
@@ -128,6 +171,10 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
 class Optimizer:
     name: str = spec("adamw", one_of(*OPTIMIZERS))
     lr: float = spec(1.0e-3, gt(0))
+    # per-component learning rates (LLaVA's mm_projector_lr); null: lr
+    connector_lr: float | None = spec(None, gt(0))
+    encoder_lr: float | None = spec(None, gt(0))
+    llm_lr: float | None = spec(None, gt(0))
     weight_decay: float = spec(0.0, ge(0))
     betas: list[float] = spec(factory=lambda: [0.9, 0.98], rule=BETAS)  # adamw, adam
     momentum: float = spec(0.9, unit(hi_open=True))  # sgd (Nesterov when > 0)
@@ -154,9 +201,12 @@ class Stage:
 
     train: Train = spec(factory=Train)
     lora: Lora = spec(factory=Lora)
+    encoder_lora: EncoderLora = spec(factory=EncoderLora)
     optimizer: Optimizer = spec(factory=Optimizer)
     split: str = "train"
-    max_steps: int = spec(100, ge(1))
+    max_steps: int | None = spec(100, ge(1))  # null: from epochs
+    # passes over the stage's data (its steps: mmbridge.training.stages.stage_steps); null: max_steps
+    epochs: float | None = spec(None, gt(0))
     batch_size: int = spec(16, ge(1))
     val_every: int = spec(50, ge(1))
     checkpoint_every: int | None = spec(None, ge(1))  # null: every val_every steps

@@ -113,9 +113,14 @@ def check_section(key: str, data: Any, schema: type) -> list[str]:
     for name, value in data.items():
         sub = f"{key}.{name}" if key else str(name)
         if name not in fields:
+            # a schema open to a library's keys (Lora: peft.LoraConfig's) lists them on demand
+            extra = schema.extra_keys() if hasattr(schema, "extra_keys") else {}
+            if name in extra:
+                continue
             where = key or "the top level"
-            errors.append(f"{sub}={_show(value)}: not a key of {where}{did_you_mean(str(name), fields)}; "
-                          f"valid: {', '.join(fields)}")
+            more = f"; or a key of {schema.extra_source}" if extra else ""
+            errors.append(f"{sub}={_show(value)}: not a key of {where}"
+                          f"{did_you_mean(str(name), [*fields, *extra])}; valid: {', '.join(fields)}{more}")
             continue
         hint = hints[name]
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):

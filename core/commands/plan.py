@@ -16,7 +16,7 @@ from mmbridge.validation import validate_config
 HELP = "parameters, tokens, steps and memory per GPU of a config, without weights or data"
 
 #: ``key=value`` arguments of the command itself (not config overrides) -> their type.
-OPTIONS = {"gpu_memory_gb": float, "gpus": int, "images_per_sample": int}
+OPTIONS = {"gpu_memory_gb": float, "gpus": int, "images_per_sample": int, "data_samples": int}
 
 
 def split_options(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
@@ -46,7 +46,8 @@ def main(argv: list[str]) -> int:
         "activations) for the trainer's strategy and the stage's batch size, with whether it "
         "fits. Example: mmbridge plan experiment=llava15_7b schedule=[align,instruct] gpu_memory_gb=40"))
     p.add_argument("overrides", nargs="*", help="Hydra overrides; plus gpu_memory_gb=GiB (default 80), "
-                   "gpus=N (default trainer.devices x num_nodes), images_per_sample=N (default 1)")
+                   "gpus=N (default trainer.devices x num_nodes), images_per_sample=N (default 1), "
+                   "data_samples=N (a stage given in epochs: its training samples)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
     options, overrides = split_options(args.overrides)

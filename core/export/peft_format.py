@@ -22,21 +22,24 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from mmbridge.errors import ConfigError
+from mmbridge.llm import LanguageModel
+from mmbridge.lora import adapter_parameters, peft_config
 
 #: PEFT's wrapper adds this before the base model's own parameter names.
 PEFT_PREFIX = "base_model.model."
 EXTRA = "mmbridge_weights.safetensors"
 
 
-def lora_settings(llm: Any) -> dict[str, Any]:
-    """The LLM's LoRA settings (``r``, ``alpha``, ``dropout``, ``target_modules``), or a
+def lora_settings(llm: LanguageModel) -> dict[str, Any]:
+    """The LLM's LoRA settings (:attr:`mmbridge.llm.LanguageModel.lora_config`: ``r``,
+    ``alpha``, ``dropout``, ``target_modules`` and any other ``peft.LoraConfig`` key), or a
     ConfigError saying why there are none to export."""
-    settings = getattr(llm, "_lora", None)
+    settings = llm.lora_config
     if settings is None or not hasattr(llm, "local_path"):
         kind = type(llm).__name__
         raise ConfigError(f"format=peft: the LLM ({kind}) carries no LoRA adapters (no stage trained "
@@ -52,12 +55,14 @@ def peft_llm(llm: Any) -> Any:
     dtype = next(llm.model.parameters()).dtype
     base = AutoModelForCausalLM.from_pretrained(llm.local_path, dtype=dtype,
                                                 attn_implementation=llm.attn_implementation, **kwargs)
-    config = LoraConfig(r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
-                        target_modules=list(settings["target_modules"]), bias="none",
-                        task_type="CAUSAL_LM", base_model_name_or_path=str(llm.path))
+    # the same LoraConfig the training run built (all-linear resolved on the same architecture)
+    config = peft_config(settings, "lora", base, task_type="CAUSAL_LM",
+                         base_model_name_or_path=str(llm.path))
     wrapped = get_peft_model(base, config)
-    trained = {n: p for n, p in llm.model.named_parameters() if "lora_" in n}
-    own = {n: p for n, p in wrapped.named_parameters() if "lora_" in n}
+    # adapters, modules_to_save copies and the biases `bias` trains (mmbridge.lora)
+    mine, peft_own = adapter_parameters(llm.model, settings), adapter_parameters(wrapped, settings)
+    trained = {n: p for n, p in llm.model.named_parameters() if n in mine}
+    own = {n: p for n, p in wrapped.named_parameters() if n in peft_own}
     want = {PEFT_PREFIX + n for n in trained}
     if want != set(own):
         raise ConfigError(f"format=peft: PEFT's adapters do not match the LLM's "

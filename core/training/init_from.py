@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mmbridge.errors import CheckpointError, ConfigError
+from mmbridge.lora import lora_settings
 from mmbridge.model import MultimodalModel
 from mmbridge.registry import Registry
 from mmbridge.training.checkpoint import WEIGHTS, read_checkpoint
@@ -61,10 +62,7 @@ def _add_lora_like_source(model: MultimodalModel, source_cfg: DictConfig, stages
     for name in stages:
         stage = source_cfg.stages.get(name)
         if stage is not None and stage.train.llm == "lora":
-            lora = stage.lora
-            model.llm.apply_lora(r=int(lora.r), alpha=int(lora.alpha), dropout=float(lora.dropout),
-                                 target_modules=list(lora.target_modules))
-            model.llm.lora_applied = True
+            model.llm.apply_lora(lora_settings(stage.lora))
             return
     raise CheckpointError("init_from: the checkpoint holds LoRA adapters but none of its stages "
                           f"({', '.join(stages)}) trained LoRA")
@@ -92,7 +90,7 @@ def load_init_weights(model: MultimodalModel, cfg: DictConfig,
     path = init_checkpoint(str(value))
     source_cfg, weights, meta = read_checkpoint(path, registry)
     stages = json.loads(meta.get("stages", "[]"))
-    if any("lora_" in k for k in weights) and not getattr(model.llm, "lora_applied", False):
+    if any("lora_" in k and k.startswith("llm.") for k in weights) and model.llm.lora_config is None:
         _add_lora_like_source(model, source_cfg, stages)
     own = dict(model.named_parameters())
     unknown = sorted(k for k in weights if k not in own)

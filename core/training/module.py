@@ -12,7 +12,8 @@ from lightning.pytorch.callbacks import Timer
 from omegaconf import DictConfig
 
 from mmbridge.model import MultimodalModel
-from mmbridge.training.optimizers import make_optimizer
+from mmbridge.precision import keep_trained_fp32
+from mmbridge.training.optimizers import make_optimizer, param_groups
 from mmbridge.training.resume import rng_state, set_rng_state
 
 
@@ -57,11 +58,35 @@ class BridgeModule(L.LightningModule):
         self._rng_to_restore: dict[str, Any] | None = None  # from a checkpoint, until training starts
         #: Seconds of training under a time budget (the LR schedule follows it); None: steps.
         self.time_budget_s: float | None = None
+        #: Steps the LR schedule spans: the Trainer's ``max_steps`` once attached (:meth:`setup`).
+        self.total_steps = int(stage.max_steps or 1)
         # Checkpoints hold trainable weights only; the frozen rest comes from the config.
         self.strict_loading = False
 
-    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.model(batch)
+    def setup(self, stage: str) -> None:
+        """Before the strategy wraps the model: under a ``*-mixed`` precision every trained
+        parameter becomes an fp32 master weight (:func:`mmbridge.precision.keep_trained_fp32`;
+        DeepSpeed keeps its own master copy), and the schedule follows the Trainer's
+        ``max_steps`` (a stage's ``epochs`` resolved into steps)."""
+        trainer = self.trainer
+        if int(trainer.max_steps or 0) > 0:
+            self.total_steps = int(trainer.max_steps)
+        strategy = type(trainer.strategy).__name__.lower()
+        if str(trainer.precision).endswith("-mixed") and "deepspeed" not in strategy:
+            keep_trained_fp32(self.model)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip by the global norm under FSDP too: Lightning refuses norm clipping there (the
+        sharded norm needs the root FSDP module), so the root's own ``clip_grad_norm_`` does
+        it, which reduces the shards' norms over the ranks. Every other strategy: Lightning's."""
+        root: Any = getattr(self.trainer.strategy, "model", None)
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and \
+                type(root).__name__ == "FullyShardedDataParallel":
+            root.clip_grad_norm_(float(gradient_clip_val))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._t_step = time.perf_counter()
@@ -97,13 +122,8 @@ class BridgeModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         opt_cfg = self.stage.optimizer
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": float(opt_cfg.weight_decay)},
-                  {"params": no_decay, "weight_decay": 0.0}]
-
-        opt = make_optimizer([g for g in groups if g["params"]], opt_cfg, key="stages.optimizer")
+        groups = param_groups(self.model, opt_cfg)  # per component and weight decay
+        opt = make_optimizer(groups, opt_cfg, key="stages.optimizer")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_multiplier)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -112,7 +132,7 @@ class BridgeModule(L.LightningModule):
         (``time_budget_s``) it follows the share of the budget used, or of ``max_steps`` when
         that is larger, so the learning rate has decayed when the time is up."""
         opt_cfg = self.stage.optimizer
-        total = int(self.stage.max_steps)
+        total = self.total_steps
         warmup_ratio, min_ratio = float(opt_cfg.warmup_ratio), float(opt_cfg.min_lr_ratio)
         if not self.time_budget_s:
             return warmup_cosine(step, total, int(round(warmup_ratio * total)), min_ratio)

@@ -1,8 +1,13 @@
-"""The stage optimizer chosen by ``stages.<name>.optimizer.name`` (torch.optim classes).
+"""The stage optimizer chosen by ``stages.<name>.optimizer.name`` (torch.optim classes) and its
+parameter groups.
 
-Every optimizer receives the same parameter groups (weight decay on matrices only, see
-:meth:`mmbridge.training.module.BridgeModule.configure_optimizers`) and the stage's ``lr``;
-each reads the further keys it understands (``betas`` for Adam/AdamW, ``momentum`` for SGD).
+Every optimizer receives the same parameter groups (:func:`param_groups`): one per trained
+component (``connector`` -- with the sequence prefix --, ``encoder``, ``llm``) and per weight
+decay, each with its own learning rate (``optimizer.connector_lr`` / ``encoder_lr`` /
+``llm_lr``, as LLaVA's ``--mm_projector_lr``; null: the stage's ``lr``). Biases and the weights
+of normalisation layers get no weight decay (as Hugging Face's Trainer and LLaVA: decaying a
+LayerNorm gain towards 0 shrinks the whole activation). Each optimizer reads the further keys
+it understands (``betas`` for Adam/AdamW, ``momentum`` for SGD).
 """
 
 from __future__ import annotations
@@ -11,11 +16,60 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from mmbridge.errors import ConfigError
 from mmbridge.schema import OPTIMIZERS, Optimizer
 
 Groups = list[dict[str, Any]]
+
+#: The components a learning rate can be set for (``optimizer.<component>_lr``).
+LR_COMPONENTS = ("connector", "encoder", "llm")
+
+
+def _no_decay(module: nn.Module, name: str, p: torch.Tensor) -> bool:
+    """Biases, normalisation weights (LayerNorm, RMSNorm, GroupNorm, ... by class name) and any
+    other vector or scalar (gates, scales): no weight decay."""
+    return p.dim() < 2 or name == "bias" or "norm" in type(module).__name__.lower()
+
+
+def param_groups(model: nn.Module, cfg: Mapping[str, Any]) -> Groups:
+    """The trainable parameters of ``model`` (a :class:`~mmbridge.model.MultimodalModel`) in
+    groups by component and weight decay, each named ``<component>`` or
+    ``<component>.no_decay`` and carrying its ``lr`` and ``weight_decay``; empty groups are left
+    out.
+
+    Components: every branch's connector and the sequence prefix -> ``connector``; every
+    branch's encoder -> ``encoder``; the rest (the LLM, LoRA adapters in it) -> ``llm``.
+
+    Args:
+        model: The model, frozen / unfrozen for the stage.
+        cfg: The stage's ``optimizer`` node (``lr``, ``weight_decay``, ``<component>_lr``).
+    """
+    owner: dict[int, str] = {}
+    for branch in getattr(model, "branches", {}).values():
+        owner |= {id(p): "encoder" for p in branch.encoder.parameters()}
+        owner |= {id(p): "connector" for p in branch.connector.parameters()}
+    prefix = getattr(model, "prefix", None)
+    if prefix is not None:
+        owner |= {id(p): "connector" for p in prefix.parameters()}
+    lr = float(cfg["lr"])
+    decay = float(cfg.get("weight_decay", 0.0) or 0.0)
+    groups: dict[str, dict[str, Any]] = {}
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            component = owner.get(id(p), "llm")
+            own_lr = cfg.get(f"{component}_lr")
+            key = component + (".no_decay" if _no_decay(module, name, p) else "")
+            group = groups.setdefault(key, {
+                "name": key, "params": [], "lr": lr if own_lr is None else float(own_lr),
+                "weight_decay": 0.0 if key.endswith(".no_decay") else decay})
+            group["params"].append(p)
+    return list(groups.values())
 
 
 def _adamw(groups: Groups, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:

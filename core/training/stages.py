@@ -1,16 +1,38 @@
-"""What trains in a stage: freezing, LoRA, and the checks on stage configs."""
+"""What trains in a stage: freezing, LoRA (LLM and encoder), the encoder's last blocks, the
+stage's step count from ``epochs``, and the checks on stage configs."""
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
+import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from mmbridge.config import to_container
 from mmbridge.errors import ConfigError
+from mmbridge.lora import has_lora, inject_lora, lora_settings, mark_adapters_trainable
 from mmbridge.model import MultimodalModel
+from mmbridge.precision import encoder_mode
 from mmbridge.schema import LLM_MODES, Stage
 from mmbridge.validation import check_section, schedule_errors
 
-__all__ = ["LLM_MODES", "check_schedule", "configure_trainable", "frozen_encoders"]
+__all__ = ["LLM_MODES", "check_schedule", "configure_trainable", "data_parallel_size",
+           "encoder_blocks", "frozen_encoders", "stage_steps"]
+
+
+def _stage_errors(key: str, stage: dict[str, Any]) -> list[str]:
+    """What the schema cannot say about one stage: the step count, the encoder's last blocks."""
+    errors = []
+    if stage.get("epochs") is None and stage.get("max_steps") is None:
+        errors.append(f"{key}: max_steps and epochs are both null; set one (epochs: passes over "
+                      f"the stage's data, e.g. {key}.epochs=1)")
+    train = stage.get("train") or {}
+    if encoder_mode(train) == "last_n" and not train.get("encoder_last_n"):
+        errors.append(f"{key}.train.encoder=last_n: set {key}.train.encoder_last_n to the number "
+                      f"of the encoder's last blocks that train")
+    return errors
 
 
 def check_schedule(cfg: DictConfig) -> None:
@@ -23,35 +45,95 @@ def check_schedule(cfg: DictConfig) -> None:
     for name in data.get("schedule") or []:
         if name in stages:
             errors += check_section(f"stages.{name}", stages[name], Stage)
+            errors += _stage_errors(f"stages.{name}", stages[name])
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
 def frozen_encoders(cfg: DictConfig) -> bool:
     """Whether no scheduled stage trains the encoders (then their features can be cached)."""
-    return not any(bool(cfg.stages[s].train.encoder) for s in cfg.schedule)
+    return all(encoder_mode(cfg.stages[s].train) == "frozen" for s in cfg.schedule)
+
+
+def data_parallel_size(trainer: Any) -> int:
+    """Processes that each read their own batches: ``trainer.devices`` (a count, a list, or
+    ``-1`` / ``auto``: every visible GPU, one CPU process) times ``trainer.num_nodes``."""
+    trainer = trainer or {}
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, list | tuple) or (hasattr(devices, "__len__") and not isinstance(devices, str)):
+        n = len(devices)
+    elif isinstance(devices, int) and devices > 0:
+        n = devices
+    elif str(trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        n = torch.cuda.device_count()
+    else:
+        n = 1
+    return n * int(trainer.get("num_nodes", 1) or 1)
+
+
+def stage_steps(stage: Any, n_samples: int, world_size: int = 1, accumulate: int = 1) -> int:
+    """The optimizer steps of a stage: ``max_steps``, or with ``epochs`` set, ``epochs`` passes
+    over ``n_samples``: ``ceil(epochs x ceil(n / (batch_size x world_size)) / accumulate)``
+    (each process reads ``ceil(n / world)`` samples per epoch, the last batch may be short).
+
+    Args:
+        stage: The stage config (``epochs``, ``max_steps``, ``batch_size``).
+        n_samples: Training samples of the stage's data.
+        world_size: Data-parallel processes (:func:`data_parallel_size`).
+        accumulate: ``trainer.accumulate_grad_batches``.
+    """
+    epochs = stage.get("epochs")
+    if epochs is None:
+        return int(stage.max_steps)
+    batches = math.ceil(n_samples / (int(stage.batch_size) * max(1, world_size)))
+    return max(1, math.ceil(float(epochs) * batches / max(1, accumulate)))
+
+
+def encoder_blocks(encoder: nn.Module) -> nn.ModuleList | nn.Sequential:
+    """The encoder's stack of transformer blocks: the first ``ModuleList`` / ``Sequential`` of
+    composite modules of one class (HF vision towers, timm ViTs, Whisper's encoder)."""
+    for m in encoder.modules():
+        if (isinstance(m, nn.ModuleList | nn.Sequential) and len(m) > 0
+                and len({type(b) for b in m}) == 1 and len(list(m[0].children())) >= 2):
+            return m
+    raise ConfigError(f"train.encoder=last_n: {type(encoder).__name__} has no stack of blocks "
+                      f"(a ModuleList of one block class); use train.encoder=full or lora")
+
+
+def _configure_encoder(encoder: nn.Module, stage: DictConfig) -> None:
+    mode = encoder_mode(stage.train)
+    if mode == "lora":
+        settings = lora_settings(stage.encoder_lora)
+        if has_lora(encoder):  # added by an earlier stage (or a restored checkpoint)
+            mark_adapters_trainable(encoder, settings)
+        else:
+            inject_lora(encoder, settings, "encoder_lora")
+        return
+    encoder.requires_grad_(mode == "full")
+    if mode == "last_n":
+        blocks = encoder_blocks(encoder)
+        for block in list(blocks)[-int(stage.train.encoder_last_n):]:
+            block.requires_grad_(True)
 
 
 def configure_trainable(model: MultimodalModel, stage: DictConfig) -> None:
-    """Freeze / unfreeze the parts of ``model`` as the stage says; add LoRA once if asked."""
+    """Freeze / unfreeze the parts of ``model`` as the stage says; add LoRA once if asked.
+
+    Encoders: ``frozen | lora | last_n | full`` (``train.encoder``, see
+    :func:`mmbridge.precision.encoder_mode`); the LLM: ``frozen | lora | full``; LoRA settings
+    from ``stages.<s>.lora`` / ``encoder_lora`` as ``peft.LoraConfig`` takes them
+    (:mod:`mmbridge.lora`). Adapters added by an earlier stage stay and keep training under
+    ``full``.
+    """
     train = stage.train
     for branch in model.branches.values():
-        branch.encoder.requires_grad_(bool(train.encoder))
+        _configure_encoder(branch.encoder, stage)
         branch.connector.requires_grad_(bool(train.connector))
     mode = train.llm
     if mode == "lora":
-        if not getattr(model.llm, "lora_applied", False):
-            lora = stage.lora
-            model.llm.apply_lora(r=int(lora.r), alpha=int(lora.alpha), dropout=float(lora.dropout),
-                                 target_modules=list(lora.target_modules))
-            model.llm.lora_applied = True
-        for n, p in model.llm.named_parameters():
-            p.requires_grad_("lora_" in n)
-    else:
+        model.llm.apply_lora(lora_settings(stage.lora))  # adds adapters once, then re-marks them
+    else:  # full: the adapters of an earlier stage, if any, train with the rest
         model.llm.requires_grad_(mode == "full")
-        if mode == "full" and getattr(model.llm, "lora_applied", False):
-            for n, p in model.llm.named_parameters():
-                p.requires_grad_(True if "lora_" in n else p.requires_grad)
     # Connector layers that live inside the LLM (gated cross-attention) follow the connector.
     for branch in model.branches.values():
         branch.connector.requires_grad_(bool(train.connector))

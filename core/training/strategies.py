@@ -16,6 +16,7 @@ from torch import nn
 
 from mmbridge.errors import ConfigError
 from mmbridge.model import MultimodalModel
+from mmbridge.precision import fsdp_mixed_precision
 
 
 def _is_block_stack(m: nn.Module) -> TypeGuard[nn.ModuleList | nn.Sequential]:
@@ -54,17 +55,20 @@ def shards_parameters(trainer_cfg: Any) -> bool:
     return isinstance(name, str) and name.startswith(SHARDING_PREFIXES)
 
 
-def make_strategy(trainer_cfg: Any, model: MultimodalModel) -> Any:
+def make_strategy(trainer_cfg: Any, model: MultimodalModel, precision: str | None = None) -> Any:
     """``trainer.strategy`` as ``L.Trainer(strategy=...)`` takes it.
 
     ``fsdp``: full sharding (parameters, gradients and optimizer state: ZeRO-3), one FSDP unit
     per block (:func:`block_classes`), ``use_orig_params`` (frozen and trained parameters share
     units: the frozen encoder / LLM beside LoRA adapters or a trained connector), and a full
-    state dict gathered on rank 0 when Lightning saves. Other values are returned unchanged.
+    state dict gathered on rank 0 when Lightning saves; under ``bf16-mixed`` the fp32 weights are
+    cast to bf16 for compute and gradients reduced in fp32
+    (:func:`mmbridge.precision.fsdp_mixed_precision`). Other values are returned unchanged.
 
     Args:
         trainer_cfg: The ``trainer`` config node (its ``strategy``).
         model: The assembled model (the block classes are read from it).
+        precision: The run's decided Lightning precision (FSDP's mixed-precision policy).
     """
     strategy = trainer_cfg.get("strategy", "auto")
     if strategy != "fsdp":
@@ -78,4 +82,4 @@ def make_strategy(trainer_cfg: Any, model: MultimodalModel) -> Any:
                           f"trainer.strategy=ddp") from exc
     return FSDPStrategy(auto_wrap_policy=classes, sharding_strategy="FULL_SHARD",
                         use_orig_params=True, state_dict_type="full", limit_all_gathers=True,
-                        cpu_offload=False)
+                        cpu_offload=False, mixed_precision=fsdp_mixed_precision(str(precision)))

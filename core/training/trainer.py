@@ -1,191 +1,39 @@
-"""What the Lightning ``Trainer`` of a run is given: precision and weight dtypes decided from the
-hardware, the device, the Trainer arguments, and Lightning's console output made quiet.
-
-Precision is the decision that matters most on the CPU: a bf16 matmul is about 4x faster than
-fp32 on CPUs with AMX / AVX512-BF16 and about 100x *slower* on CPUs with AVX2 only, where it is
-emulated (measured: ../shared/ENVIRONMENT.md). So ``precision: auto`` and component
-``dtype: auto`` are decided per machine, from the CPU flags confirmed by a short measured probe
-(cached per machine), never from a preset.
-"""
+"""What the Lightning ``Trainer`` of a run is given: the precision decided once
+(:mod:`mmbridge.precision`, re-exported here), the device, the Trainer arguments, and
+Lightning's console output made quiet."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
 import os
-import platform
 import resource
-import time
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mmbridge.errors import ConfigError
-from mmbridge.io import atomic_write_json
+from mmbridge.precision import (
+    BF16_CPU_FLAGS,
+    BF16_MIN_SPEEDUP,
+    ISA_ENV,
+    PROBE_VERSION,
+    Hardware,
+    PrecisionDecision,
+    _matmul_gflops,
+    decide_precision,
+    detect_hardware,
+    probe_cpu_bf16,
+    resolve_auto_dtypes,
+    run_precision,
+)
 from mmbridge.training.strategies import make_strategy
 
-log = logging.getLogger("mmbridge.hardware")
-
-#: Fast bf16 on the CPU needs one of these instruction-set flags (/proc/cpuinfo).
-BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-#: bf16 is chosen on such a CPU when the probe's bf16 matmul reaches this share of fp32's speed.
-BF16_MIN_SPEEDUP = 1.0
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """What the precision decision looks at (gathered by :func:`detect_hardware`)."""
-
-    cuda: bool
-    cuda_bf16: bool
-    cpu_flags: frozenset[str]
-    cpu_model: str
-
-
-@dataclass(frozen=True)
-class PrecisionDecision:
-    """The run's numeric setup.
-
-    Attributes:
-        precision: Lightning's ``precision`` (``bf16-mixed``, ``32-true``, or what was asked).
-        weight_dtype: The dtype of components configured with ``dtype: auto`` (frozen LLM and
-            encoder weights): ``bfloat16`` when bf16 is native and fast, else ``float32``.
-        reason: One line saying why.
-    """
-
-    precision: str
-    weight_dtype: str
-    reason: str
-
-
-def detect_hardware() -> Hardware:
-    flags: frozenset[str] = frozenset()
-    model = platform.processor() or platform.machine()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "flags" and not flags:
-            flags = frozenset(value.split())
-        elif key == "model name" and value.strip():
-            model = value.strip()
-    cuda = torch.cuda.is_available()
-    return Hardware(cuda=cuda, cuda_bf16=bool(cuda and torch.cuda.is_bf16_supported()),
-                    cpu_flags=flags, cpu_model=model)
-
-
-def _matmul_gflops(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16),
-                   shape: tuple[int, int, int] = (256, 576, 1536),
-                   min_s: float = 0.4) -> dict[torch.dtype, float]:
-    """GFLOP/s of an ``[m, k] @ [k, n]`` matmul in each of ``dtypes`` (the default shape is a
-    small LLM's MLP on a short batch, where small-matrix overheads show as they do in training).
-
-    The dtypes are timed in turns, one repetition each, until ``min_s`` has passed (at least
-    three turns), and each keeps its fastest repetition: other work on the machine then slows
-    both alike instead of one of them, so their ratio holds even on a busy machine."""
-    m, k, n = shape
-    pairs = {dt: (torch.randn(m, k).to(dt), torch.randn(k, n).to(dt)) for dt in dtypes}
-    for a, b in pairs.values():
-        a @ b  # warm-up (kernel selection)
-    best = dict.fromkeys(dtypes, float("inf"))
-    t_start = time.perf_counter()
-    for turn in range(200):
-        for dt, (a, b) in pairs.items():
-            t0 = time.perf_counter()
-            a @ b
-            best[dt] = min(best[dt], time.perf_counter() - t0)
-        if turn >= 2 and time.perf_counter() - t_start >= min_s:
-            break
-    return {dt: 2 * m * k * n / t / 1e9 for dt, t in best.items()}
-
-
-#: Part of the probe's cache key: 2 = the dtypes timed in turns (entries of version 1, timed one
-#: after the other, could hold a ratio skewed by other work, e.g. "bf16 911 vs fp32 19").
-PROBE_VERSION = 2
-#: Environment variables that cap the instruction set PyTorch's kernels use (ATen's vectorised
-#: ops, oneDNN -- bf16 matmuls --, MKL -- fp32 matmuls): part of the probe's cache key.
-ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-
-
-def probe_cpu_bf16(cache_dir: Path | None, hw: Hardware) -> dict[str, float]:
-    """Measured fp32 and bf16 matmul speed (GFLOP/s) on this CPU with the current thread count,
-    cached in ``cache_dir`` per (CPU model, flags, torch version, threads): it takes well under a
-    second, even where bf16 is emulated, and is measured once per machine."""
-    # the libraries' instruction-set limits change the speed as much as the CPU does
-    isa = {k: os.environ[k] for k in ISA_ENV if k in os.environ}
-    ident = json.dumps([PROBE_VERSION, hw.cpu_model, sorted(hw.cpu_flags), torch.__version__,
-                        torch.get_num_threads()] + ([isa] if isa else []))
-    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"hardware-{key}.json" if cache_dir else None
-    if path is not None and path.is_file():
-        try:
-            got = json.loads(path.read_text())
-            return {"fp32_gflops": float(got["fp32_gflops"]), "bf16_gflops": float(got["bf16_gflops"])}
-        except (ValueError, KeyError, TypeError, OSError):
-            pass  # unreadable: measure again
-    speeds = _matmul_gflops((torch.float32, torch.bfloat16))
-    result = {"fp32_gflops": speeds[torch.float32], "bf16_gflops": speeds[torch.bfloat16]}
-    if path is not None:
-        with contextlib.suppress(OSError):  # a read-only cache only costs the probe again
-            atomic_write_json(path, {**result, "cpu_model": hw.cpu_model, "torch": torch.__version__})
-    return result
-
-
-def decide_precision(requested: str, accelerator: str, hw: Hardware | None = None,
-                     probe: Callable[[Hardware], Mapping[str, float]] | None = None) -> PrecisionDecision:
-    """Decide the Trainer precision and the ``dtype: auto`` weight dtype.
-
-    ``requested`` other than ``auto`` is kept (its weight dtype follows it: bf16 for ``bf16*``).
-    ``auto``: a CUDA device with bf16 support -> ``bf16-mixed``; a CUDA device without -> fp32;
-    a CPU with AMX / AVX512-BF16 whose measured bf16 matmul is at least as fast as fp32 ->
-    ``bf16-mixed``; any other CPU -> ``32-true``.
-
-    Args:
-        requested: ``trainer.precision``.
-        accelerator: ``trainer.accelerator`` (``auto``, ``cpu``, ``gpu``, ``cuda``).
-        hw: The hardware (detected when None).
-        probe: ``hw -> {"fp32_gflops", "bf16_gflops"}`` (:func:`probe_cpu_bf16` when None).
-    """
-    requested = str(requested)
-    if requested != "auto":
-        wd = "bfloat16" if requested.startswith("bf16") else "float32"
-        return PrecisionDecision(requested, wd, f"trainer.precision={requested} was set")
-    hw = hw or detect_hardware()
-    if accelerator in ("auto", "gpu", "cuda") and hw.cuda:
-        if hw.cuda_bf16:
-            return PrecisionDecision("bf16-mixed", "bfloat16", "CUDA device with bf16 support")
-        return PrecisionDecision("32-true", "float32", "CUDA device without bf16 support")
-    found = [f for f in BF16_CPU_FLAGS if f in hw.cpu_flags]
-    if not found:
-        return PrecisionDecision("32-true", "float32",
-                                 f"CPU without {' / '.join(BF16_CPU_FLAGS)} ({hw.cpu_model}): "
-                                 "bf16 would be emulated (about 100x slower)")
-    speeds = (probe or (lambda h: probe_cpu_bf16(None, h)))(hw)
-    ratio = speeds["bf16_gflops"] / max(speeds["fp32_gflops"], 1e-9)
-    measured = (f"bf16 matmul {speeds['bf16_gflops']:.0f} vs fp32 {speeds['fp32_gflops']:.0f} "
-                f"GFLOP/s (x{ratio:.2f})")
-    if ratio >= BF16_MIN_SPEEDUP:
-        return PrecisionDecision("bf16-mixed", "bfloat16", f"CPU with {', '.join(found)}: {measured}")
-    return PrecisionDecision("32-true", "float32",
-                             f"CPU with {', '.join(found)} but {measured}: fp32 is faster here")
-
-
-def run_precision(cfg: DictConfig) -> PrecisionDecision:
-    """The decision for a composed config (the probe cached under ``paths.cache_dir``)."""
-    trainer = cfg.get("trainer") or {}
-    cache_dir = Path(str(cfg.paths.cache_dir)) if cfg.get("paths") and cfg.paths.get("cache_dir") else None
-    return decide_precision(str(trainer.get("precision", "auto")), str(trainer.get("accelerator", "auto")),
-                            probe=lambda hw: probe_cpu_bf16(cache_dir, hw))
+__all__ = ["BF16_CPU_FLAGS", "BF16_MIN_SPEEDUP", "ISA_ENV", "PROBE_VERSION", "Hardware",
+           "PrecisionDecision", "_matmul_gflops", "decide_precision", "detect_hardware",
+           "peak_memory_mb", "probe_cpu_bf16", "resolve_auto_dtypes", "resolve_device",
+           "run_precision", "tidy_lightning_output", "trainer_kwargs"]
 
 
 def resolve_device(device: str | torch.device | None, accelerator: str = "auto") -> torch.device:
@@ -220,29 +68,18 @@ def resolve_device(device: str | torch.device | None, accelerator: str = "auto")
     return dev
 
 
-def resolve_auto_dtypes(cfg: DictConfig, weight_dtype: str) -> DictConfig:
-    """A copy of ``cfg`` where every component node's ``dtype: auto`` (``llm``, ``encoder``,
-    ``branches.*.encoder``) is ``weight_dtype``."""
-    cfg = cfg.copy()
-    nodes = [cfg.get("llm"), cfg.get("encoder")]
-    nodes += [b.get("encoder") for b in (cfg.get("branches") or {}).values()]
-    for node in nodes:
-        if isinstance(node, DictConfig) and node.get("dtype") == "auto":
-            node.dtype = weight_dtype
-    return cfg
-
-
 def trainer_kwargs(cfg: DictConfig, decision: PrecisionDecision, device: torch.device | None = None,
                    interactive: bool = True, model: Any = None) -> dict[str, Any]:
     """``cfg.trainer`` as ``L.Trainer`` arguments, with the decided precision; an explicit
     ``device`` (``cuda:1``) selects the accelerator and device index; without a terminal
     Lightning's progress bar is off (the progress log lines replace it); with ``model``, a
     strategy name becomes its strategy object (FSDP wrapped per decoder / encoder block,
-    :func:`mmbridge.training.strategies.make_strategy`)."""
+    :func:`mmbridge.training.strategies.make_strategy`, with FSDP's mixed-precision policy
+    for the decided precision)."""
     kw = dict(cast(dict[str, Any], OmegaConf.to_container(cfg.trainer, resolve=True)))  # a mapping node
     kw["precision"] = decision.precision
     if model is not None:
-        kw["strategy"] = make_strategy(cfg.trainer, model)
+        kw["strategy"] = make_strategy(cfg.trainer, model, precision=decision.precision)
     if cfg.get("device") not in (None, "", "auto") and device is not None:
         kw["accelerator"] = {"cuda": "gpu", "mps": "mps"}.get(device.type, "cpu")
         if device.type == "cuda":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,8 @@ from torch import nn
 from mmbridge.assets import resolve_model_path
 from mmbridge.errors import CheckpointError, ConfigError
 from mmbridge.llm import LanguageModel
+from mmbridge.lora import inject_lora, mark_adapters_trainable, quantization_config
+from mmbridge.precision import parse_dtype
 from mmbridge.registry import Registry
 
 #: Used when the tokenizer ships no chat template (a base model): one ``<|role|>`` block per
@@ -28,21 +31,11 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
 def torch_dtype(value: str, key: str) -> torch.dtype:
-    """``"bfloat16"`` -> ``torch.bfloat16``; ``"auto"`` -> bf16 where this machine runs it natively
-    and fast, else fp32 (a run resolves ``auto`` once for all its components, see
-    :func:`mmbridge.training.trainer.resolve_auto_dtypes`; this covers a component built on its
-    own); a :class:`ConfigError` naming ``key`` otherwise."""
-    if value not in DTYPES:
-        raise ConfigError(f"{key}: unknown dtype '{value}'; valid: {', '.join(DTYPES)}")
-    if value == "auto":
-        from mmbridge.training.trainer import decide_precision  # the hardware probe, on demand
-
-        value = decide_precision("auto", "auto").weight_dtype
-    return getattr(torch, value)
+    """``"bfloat16"`` -> ``torch.bfloat16`` (:func:`mmbridge.precision.parse_dtype`: ``auto`` is
+    decided from this machine when a component is built on its own; a run decides it once for
+    all its components); a :class:`ConfigError` naming ``key`` otherwise."""
+    return parse_dtype(value, key)
 
 
 def _prepare_tokenizer(tok: Any, chat_template: str | None) -> Any:
@@ -81,6 +74,11 @@ class HFCausalLM(LanguageModel):
             pass instead of keeping them (HF's ``gradient_checkpointing_enable``, non-reentrant):
             activation memory falls from about ``34 B T D`` to ``2 B T D`` bytes per layer for
             about a third more compute; it acts only while the module trains.
+        quantization: QLoRA's 4-bit base weights (2305.14314), e.g. ``{bits: 4, quant_type:
+            nf4, double_quant: true, compute_dtype: bfloat16}`` (:func:`mmbridge.lora.
+            quantization_config`); CUDA and the ``qlora`` extra (bitsandbytes) only, refused
+            elsewhere with one line. The base is prepared with PEFT's
+            ``prepare_model_for_kbit_training``; train it with ``train.llm: lora``.
         registry: The run's registry, which resolves an offline model name in ``path`` (given by
             :func:`mmbridge.build.build`, never by the config; ``None`` outside a run: a local
             directory or a hub id only).
@@ -90,6 +88,7 @@ class HFCausalLM(LanguageModel):
                  chat_template: str | None = None, attn_implementation: str = "auto",
                  reuse_prefix_kv: bool | Literal["auto"] = "auto",
                  gradient_checkpointing: bool = False,
+                 quantization: dict[str, Any] | None = None,
                  registry: Registry | None = None) -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -110,15 +109,24 @@ class HFCausalLM(LanguageModel):
         if attn_implementation == "auto":
             attn_implementation = "sdpa" if torch.cuda.is_available() else "eager"
         self.attn_implementation = attn_implementation
+        self.quantization = dict(quantization) if quantization else None
+        quant: dict[str, Any] = {}
+        if self.quantization is not None:  # refused without CUDA before any weight is read
+            quant = {"quantization_config": quantization_config(self.quantization),
+                     "device_map": {"": torch.cuda.current_device()}}
         try:
             self.model = AutoModelForCausalLM.from_pretrained(
                 self.local_path, dtype=torch_dtype(dtype, "llm.dtype"),
-                attn_implementation=attn_implementation, **kwargs)
+                attn_implementation=attn_implementation, **kwargs, **quant)
             tok = AutoTokenizer.from_pretrained(self.local_path, **kwargs)
         except OSError as exc:
             raise ConfigError(f"llm.path: cannot load '{path}' (resolved to '{self.local_path}'): "
                               f"{exc}. Give an offline asset name (`mmbridge assets`), a local "
                               f"model directory, or a hub id while online") from exc
+        if self.quantization is not None:
+            from peft import prepare_model_for_kbit_training
+
+            self.model = prepare_model_for_kbit_training(self.model, use_gradient_checkpointing=False)
         self.model.eval()
         self._tokenizer = _prepare_tokenizer(tok, chat_template)
         self._lora: dict[str, Any] | None = None
@@ -173,6 +181,7 @@ class HFCausalLM(LanguageModel):
             tok = _prepare_tokenizer(AutoTokenizer.from_pretrained(source), chat_template)
         self._tokenizer = tok
         self._lora = None
+        self.quantization = None
         self.set_gradient_checkpointing(gradient_checkpointing)
         return self
 
@@ -328,31 +337,24 @@ class HFCausalLM(LanguageModel):
         return out  # with inputs_embeds and no input_ids, HF returns only the new tokens
 
     # -- LoRA ----------------------------------------------------------------------------------
-    def apply_lora(self, r: int, alpha: int, dropout: float, target_modules: list[str]) -> None:
-        """Inject LoRA adapters (2106.09685) into ``target_modules`` in place; afterwards the
-        adapters are the LLM's only trainable parameters (see :meth:`trainable_state_dict`)."""
-        from peft import LoraConfig, inject_adapter_in_model
+    @property
+    def lora_config(self) -> dict[str, Any] | None:
+        return dict(self._lora) if self._lora is not None else None
 
-        wanted = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": list(target_modules)}
+    def apply_lora(self, settings: Mapping[str, Any] | None = None, **keys: Any) -> None:
+        """Inject LoRA adapters (2106.09685) as ``peft.LoraConfig`` describes them
+        (:mod:`mmbridge.lora`: ``alpha`` / ``dropout`` for ``lora_alpha`` / ``lora_dropout``) in
+        place; afterwards the adapters (and ``modules_to_save``) are the LLM's only trainable
+        parameters (see :meth:`trainable_state_dict`)."""
+        wanted = {**(settings or {}), **keys}
         if self._lora is not None:
             # A later stage asking for the same adapters keeps training the existing ones.
             if wanted != self._lora:
                 raise ConfigError(f"lora: the LLM already carries LoRA adapters {self._lora}; a "
                                   f"later stage cannot switch to {wanted}")
-            for name, p in self.model.named_parameters():
-                p.requires_grad_("lora_" in name)
+            mark_adapters_trainable(self.model, wanted)
             return
-        names = {n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, nn.Linear)}
-        missing = [t for t in target_modules if t not in names]
-        if missing:
-            raise ConfigError(f"lora.target_modules: {missing} match no linear layer of "
-                              f"{type(self.model).__name__}; linear layer names: {', '.join(sorted(names))}")
-        self.model.requires_grad_(False)
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                            target_modules=list(target_modules), bias="none")
-        inject_adapter_in_model(config, self.model)
-        for name, p in self.model.named_parameters():
-            p.requires_grad_("lora_" in name)
+        inject_lora(self.model, wanted, "lora")
         self._lora = wanted
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -233,8 +233,8 @@ def test_trainer_presets_compose_with_lightning_strategy_names(preset, strategy)
     trainer = compose([f"trainer={preset}", "~experiment"], shared_registry()).trainer
     assert trainer.accelerator == "gpu" and trainer.precision == "bf16-mixed"
     assert trainer.strategy == strategy and (strategy == "auto" or strategy in StrategyRegistry)
-    if preset == "fsdp":  # Lightning refuses norm clipping under FSDP
-        assert trainer.gradient_clip_val is None
+    # FSDP clips too (BridgeModule.configure_gradient_clipping: the root module's clip_grad_norm_)
+    assert trainer.gradient_clip_val == 1.0
 
 
 @pytest.mark.parametrize(("preset", "n_jobs", "key"), [

@@ -10,16 +10,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from mmbridge import precision as hwmod
 from mmbridge.errors import ConfigError
-from mmbridge.training import trainer as hwmod
-from mmbridge.training.trainer import (
-    Hardware,
-    decide_precision,
-    probe_cpu_bf16,
-    resolve_auto_dtypes,
-    resolve_device,
-    trainer_kwargs,
-)
+from mmbridge.precision import Hardware, decide_precision, probe_cpu_bf16, resolve_auto_dtypes
+from mmbridge.training.trainer import resolve_device, trainer_kwargs
 
 AVX2 = Hardware(cuda=False, cuda_bf16=False, cpu_flags=frozenset({"avx2", "fma"}), cpu_model="AMD EPYC")
 ZEN4 = Hardware(cuda=False, cuda_bf16=False, cpu_flags=frozenset({"avx2", "avx512_bf16"}), cpu_model="AMD EPYC 9004")

@@ -32,6 +32,10 @@ ALLOWED: dict[str, dict[str, str]] = {
     "commands/evaluate.py": {"mmbridge.evaluation.benchmarks": CLI, "mmbridge.evaluation.runner": CLI,
                              "mmbridge.export.source": CLI, "mmbridge.plugin_manager": CLI},
     "commands/export.py": {"mmbridge.export": CLI},
+    # PEFT imports transformers (seconds); only runs that use LoRA or QLoRA need them
+    "lora.py": {"peft": HEAVY, "transformers": HEAVY, "bitsandbytes": OPTIONAL},
+    "schema.py": {"peft": HEAVY},  # only when a LoRA section has a key beyond the common ones
+    "precision.py": {"torch.distributed.fsdp": HEAVY},  # FSDP runs only
     "commands/serve.py": {"uvicorn": OPTIONAL, "mmbridge.serving": OPTIONAL, "mmbridge": CLI},
     "inputs.py": {"soundfile": OPTIONAL},
     "commands/generate.py": {"mmbridge.export.source": CLI, "mmbridge.plugin_manager": CLI,

@@ -135,12 +135,18 @@ def test_plan_figures_match_the_hand_computation(capsys, experiment):
     assert align["memory"]["optimizer"] == pytest.approx(2 * con * 4 / n)
     if experiment == "blip2_style":  # the LLM stays frozen
         assert instruct["trainable"] == {"encoder": 0, "connector": con, "llm": 0}
-    else:  # stage 2: connector + the whole LLM (bf16 weights)
+    else:  # stage 2: connector + the whole LLM, fp32 master weights under bf16-mixed
         assert instruct["trainable"] == {"encoder": 0, "connector": con, "llm": llm}
-        assert instruct["memory"]["optimizer"] == pytest.approx(2 * (con * 4 + llm * 2) / n)
-    # weights: the bf16 towers (with unused parts kept as buffers) + fp32 connector, sharded by FSDP
+        assert instruct["memory"]["gradients"] == pytest.approx((con + llm) * 4 / n)
+        assert instruct["memory"]["optimizer"] == pytest.approx(2 * (con + llm) * 4 / n)
+        assert instruct["dtypes"]["llm"] == "float32 (trains)"
+        assert "llm float32 (trains)" in text.split("stage instruct:")[1]
     unused = SIGLIP_UNUSED if experiment == "tinyllava_05b" else 2 * 1024  # CLIP's final norm
-    assert align["memory"]["weights"] == pytest.approx(((enc + unused) * 2 + con * 4 + llm * 2) / n, rel=1e-4)
+    if sharded:  # FSDP: every weight an fp32 shard (MixedPrecision casts to bf16 for compute)
+        assert align["memory"]["weights"] == pytest.approx((enc + unused + con + llm) * 4 / n, rel=1e-4)
+    else:  # DDP: frozen towers bf16 (unused parts kept as buffers); the LLM trains in stage 2: fp32
+        assert align["dtypes"] == {"encoder": "bfloat16", "connector": "float32 (trains)", "llm": "float32"}
+        assert align["memory"]["weights"] == pytest.approx((enc + unused) * 2 + con * 4 + llm * 4, rel=1e-4)
 
 
 def test_plan_says_when_it_does_not_fit(capsys):
@@ -151,9 +157,10 @@ def test_plan_says_when_it_does_not_fit(capsys):
     # without checkpointing every block keeps its full set of values
     assert align["memory"]["activations"] == 32 * 2048 * 2 * 32 * block_values(4096, 4096, 11008)
     assert not align["fits"] and "total" in text and "does NOT fit in 24 GiB" in text
-    # DDP replicates the 7B model and its AdamW states: 6.74B x (2 + 2 + 4) bytes > 40 GiB
+    # DDP replicates the 7B model, fp32 masters and AdamW states: 6.74B x (4 + 4 + 8) bytes
     _, ddp = run_plan(capsys, "experiment=llava15_7b", BOTH, "trainer.strategy=ddp", "gpus=8")
-    assert ddp["stages"][1]["memory"]["optimizer"] == pytest.approx(2 * (MLP_1024_4096 * 4 + VICUNA_7B * 2))
+    assert ddp["stages"][1]["memory"]["optimizer"] == pytest.approx(2 * (MLP_1024_4096 + VICUNA_7B) * 4)
+    assert ddp["stages"][1]["memory"]["weights"] > VICUNA_7B * 4
 
 
 def test_deepspeed_counts_fp32_master_weights(capsys):

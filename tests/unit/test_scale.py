@@ -160,7 +160,7 @@ def test_init_from_run_loads_final_with_its_lora(source_run):
     model, cfg = make(f"init_from={run}", seed=2)
     names = load_init_weights(model, cfg, shared_registry())
     lora = [n for n in names if "lora_B" in n]
-    assert lora and model.llm.lora_applied
+    assert lora and model.llm.lora_config is not None
     for n in lora:
         torch.testing.assert_close(model.state_dict()[n], source.state_dict()[n])
     assert init_checkpoint(str(run)) == run / "checkpoints" / "final"
