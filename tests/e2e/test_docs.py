@@ -13,7 +13,7 @@ A fenced block's info string decides what happens to it:
 - ``{ .LANG .excerpt data-file="PATH" }``: an excerpt of a file in the repository, which must
   hold each of its lines, in the same order (lines may be left out between them).
 
-Training stays small: ``mmbridge train|sweep`` lines and ``mmbridge.train`` calls run with
+Training stays small: ``mmbridge train|sweep|inspect`` lines and ``mmbridge.train`` calls run with
 :data:`SMALL` added (one step per stage, four test questions, eight training samples of a
 generated data set; a key the docs set themselves is left as written), and such a line must
 choose an experiment of the tiny models (:data:`TINY`): the documented command runs through the
@@ -126,7 +126,7 @@ def run_shell(block: Block, cwd: Path) -> None:
             f"{block.where()}: `{line.strip()}` is not a mmbridge command; mark the block "
             '{ .bash .norun data-reason="..." } if it cannot run in the test suite')
         args = words[1:]
-        if args and args[0] in ("train", "sweep"):
+        if args and args[0] in ("train", "sweep", "inspect"):
             assert TINY & set(args), f"{block.where()}: a documented training must choose one of {sorted(TINY)}"
             args = [args[0], *_with_small(args[1:])]
         code = cli.main(args)
