@@ -22,8 +22,8 @@ from typing import Any
 
 from mmbridge.errors import StorageError
 
-#: Headroom kept free beyond a write's own size (logs, temporary files of other writers).
-MARGIN = 1 << 20
+#: Headroom kept free beyond a write's own size (logs, the index files written after it).
+MARGIN = 64 << 10
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -55,8 +55,8 @@ def check_free_space(path: str | Path, needed: int, what: str = "the output") ->
     """
     free = free_bytes(path)
     if needed + MARGIN > free:
-        raise StorageError(f"{path}: not enough free space for {what}: needs {_size(needed)}, "
-                           f"{_size(free)} free")
+        raise StorageError(f"{path}: not enough free space for {what}: needs {_size(needed)} "
+                           f"(plus {MARGIN >> 10} KiB headroom), {_size(free)} free")
 
 
 def storage_error(path: str | Path, exc: OSError, needed: int | None = None) -> StorageError:

@@ -364,6 +364,17 @@ def resumable_checkpoint(ckpt_dir: Path) -> Path | None:
                     key=lambda p: p.stat().st_mtime_ns, reverse=True)
     target = last.resolve() if last.is_symlink() else None
     candidates = ([last] if last.is_symlink() or last.exists() else []) + [p for p in others if p.resolve() != target]
+    if last.exists() and not last.is_symlink() and others and others[0].stat().st_mtime_ns > last.stat().st_mtime_ns:
+        # the write of last.ckpt failed after the newer step=N.ckpt (a full disk): resume from that
+        try:
+            torch_load_safe(others[0], mmap=True)
+        except CheckpointError as exc:
+            if "refused" in str(exc):
+                raise
+        else:
+            log.warning("%s: %s is newer than last.ckpt (whose write failed); resuming from it", ckpt_dir,
+                        others[0].name)
+            return others[0]
     reasons: list[str] = []
     for path in candidates:
         name = f"{path.name} (-> {os.readlink(path)})" if path.is_symlink() else path.name

@@ -19,13 +19,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _FullDisk:
-    """A file object whose writes of a ``.ckpt`` fail with ENOSPC after half the bytes."""
+    """A file object whose writes of a ``.ckpt`` (``victim`` in its name) fail with ENOSPC
+    after half the bytes."""
 
-    def __init__(self, f, name: str) -> None:
-        self.f, self.name = f, name
+    def __init__(self, f, name: str, victim: str) -> None:
+        self.f, self.name, self.victim = f, name, victim
 
     def write(self, data) -> int:
-        if ".ckpt." in self.name:
+        if self.victim in self.name:
             self.f.write(data[: len(data) // 2])
             raise OSError(errno.ENOSPC, "No space left on device")
         return self.f.write(data)
@@ -37,7 +38,10 @@ class _FullDisk:
         self.f.close()
 
 
-def test_disk_full_during_a_checkpoint_write_keeps_the_last_good_one(loader, tmp_path, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("victim", ["step=4", "last"])
+def test_disk_full_during_a_checkpoint_write_keeps_the_last_good_one(loader, tmp_path, monkeypatch,  # noqa: F811
+                                                                     victim):
+    """The disk fills while ``step=4.ckpt`` is written, or after it, while ``last.ckpt`` is."""
     run = tmp_path / "checkpoints" / "align"
     fit(run, loader, 3)
     before = {p.name: p.read_bytes() for p in run.iterdir()}
@@ -50,20 +54,26 @@ def test_disk_full_during_a_checkpoint_write_keeps_the_last_good_one(loader, tmp
         f = real_fdopen(fd, mode, *args, **kwargs)
         name = mio.os.readlink(f"/proc/self/fd/{fd}")
         opened.append(name)
-        return _FullDisk(f, name)
+        return _FullDisk(f, name, f".{victim}.ckpt.")
 
     monkeypatch.setattr(mio.os, "fdopen", fdopen)
     with pytest.raises(StorageError) as err:
         fit(run, loader, 5, ckpt_path=resumable_checkpoint(run))
-    msg = str(err.value)
-    assert f"{run / 'step=4.ckpt'}: disk full (No space left on device)" in msg
-    assert f"the last complete checkpoint, {run / 'last.ckpt'}, still resumes" in msg
-    assert opened and all(".step=4.ckpt." in o for o in opened)  # the temporary name, not the final
     monkeypatch.undo()
-    # nothing half-written under a checkpoint's name, no temporary file left, the old ones intact
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
-    assert resumable_checkpoint(run) == run / "last.ckpt"
-    assert torch_load_safe(run / "last.ckpt")["global_step"] == 3
+    good = run / ("last.ckpt" if victim == "step=4" else "step=4.ckpt")
+    msg = str(err.value)
+    assert f"{run / f'{victim}.ckpt'}: disk full (No space left on device)" in msg
+    assert f"the last complete checkpoint, {good}, still resumes" in msg
+    assert any(f".{victim}.ckpt." in o for o in opened)  # written under a temporary name
+    after = {p.name: p.read_bytes() for p in run.iterdir()}  # no temporary file left
+    if victim == "step=4":  # nothing half-written under a checkpoint's name, the old ones intact
+        assert after == before
+    else:
+        assert sorted(after) == ["last.ckpt", "step=3.ckpt", "step=4.ckpt"]
+        assert after["last.ckpt"] == before["last.ckpt"]
+    assert resumable_checkpoint(run) == good  # the newest complete one
+    step = 3 if victim == "step=4" else 4
+    assert torch_load_safe(good)["global_step"] == step
     fit(run, loader, 5, ckpt_path=resumable_checkpoint(run))  # space again: the run goes on
     assert torch_load_safe(run / "last.ckpt")["global_step"] == 5
 
@@ -72,7 +82,8 @@ def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
     model, cfg = make_model()
     monkeypatch.setattr(mio.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 5000, 5000))
     with pytest.raises(StorageError, match=r"final: not enough free space for the checkpoint final: "
-                                           r"needs [\d,]+ bytes( \([\d.]+ MiB\))?, 5,000 bytes free"):
+                                           r"needs [\d,]+ bytes( \([\d.]+ MiB\))? \(plus 64 KiB headroom\), "
+                                           r"5,000 bytes free"):
         save_checkpoint(model, cfg, tmp_path / "final", ["align"])
     assert not any((tmp_path / "final").iterdir())
 
