@@ -161,7 +161,7 @@ def _fields(cls: type, prefix: str) -> Iterator[tuple[str, str, str, str, str]]:
         key = f"{prefix}{f.name}"
         factory = f.default_factory
         if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
-            yield from _fields(factory, key + ".")  # type: ignore[arg-type]
+            yield from _fields(factory, key + ".")
             continue
         value = factory() if factory is not dataclasses.MISSING else f.default
         rule = f.metadata.get("rule")

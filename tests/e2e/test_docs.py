@@ -9,7 +9,8 @@ A fenced block's info string decides what happens to it:
 - ``yaml`` / ``toml`` / ``json``: parsed;
 - ``text`` or no language: output, a tree or a diagram, not code;
 - ``{ .LANG .norun data-reason="..." }``: not run, for the reason given (an 8-GPU job, a
-  13-minute run); a reason is required;
+  13-minute run); a reason is required. In README.md, which GitHub renders, the same flag is a
+  comment on the line above the block: ``<!-- norun: REASON -->``;
 - ``{ .LANG .excerpt data-file="PATH" }``: an excerpt of a file in the repository, which must
   hold each of its lines, in the same order (lines may be left out between them).
 
@@ -74,6 +75,7 @@ class Block:
 
 
 _FENCE = re.compile(r"^(\s*)(`{3,})\s*(.*)$")
+_NORUN_COMMENT = re.compile(r"<!--\s*norun:\s*(.*?)\s*-->")
 
 
 def blocks(page: str) -> list[Block]:
@@ -88,10 +90,15 @@ def blocks(page: str) -> list[Block]:
         indent, ticks, info = m.groups()
         end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == ticks)
         code = textwrap.dedent("\n".join(lines[i + 1:end])) + "\n"
+        before = next((line.strip() for line in reversed(lines[:i]) if line.strip()), "")
+        comment = _NORUN_COMMENT.fullmatch(before)
         if info.startswith("{"):
             classes = re.findall(r"(?<![\w-])\.([\w-]+)", info)
             attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', info))
             found.append(Block(page, i + 1, classes[0] if classes else "", code, set(classes[1:]), attrs))
+        elif comment:  # GitHub shows the README: there the flag is a comment above the block
+            found.append(Block(page, i + 1, info.split()[0] if info else "", code, {"norun"},
+                               {"data-reason": comment.group(1)}))
         else:
             found.append(Block(page, i + 1, info.split()[0] if info else "", code))
         i = end + 1
