@@ -32,6 +32,7 @@ import subprocess
 import sys
 import textwrap
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def _newest_run(outputs: Path) -> Path:
     return max(runs, key=lambda p: p.stat().st_mtime)
 
 
-def run_shell(block: Block, cwd: Path) -> None:
+def run_shell(block: Block, cwd: Path, setenv: Callable[[str, str], None]) -> None:
     """Each line of a ``bash`` block: ``mmbridge ...`` through the CLI in this process."""
     text = block.code.replace("\\\n", " ")
     for line in text.splitlines():
@@ -127,7 +128,7 @@ def run_shell(block: Block, cwd: Path) -> None:
         assert not unset, f"{block.where()}: ${unset[0]} is not set here (a page sets $RUN by training first)"
         if len(words) == 1 and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
             name, value = words[0].split("=", 1)
-            os.environ[name] = value
+            setenv(name, value)
             continue
         assert words[0] == "mmbridge", (
             f"{block.where()}: `{line.strip()}` is not a mmbridge command; mark the block "
@@ -139,7 +140,7 @@ def run_shell(block: Block, cwd: Path) -> None:
         code = cli.main(args)
         assert code == 0, f"{block.where()}: `{line.strip()}` exited {code}"
         if args[0] == "train":
-            os.environ["RUN"] = str(_newest_run(cwd / "outputs"))
+            setenv("RUN", str(_newest_run(cwd / "outputs")))
 
 
 def excerpt_missing(excerpt: str, source: str) -> str | None:
@@ -156,7 +157,8 @@ def excerpt_missing(excerpt: str, source: str) -> str | None:
     return None
 
 
-def check_block(block: Block, namespace: dict, cwd: Path) -> None:
+def check_block(block: Block, namespace: dict, cwd: Path,
+                setenv: Callable[[str, str], None] = os.environ.__setitem__) -> None:
     assert block.lang in LANGS, f"{block.where()}: unknown language {block.lang!r} (one of {sorted(LANGS)})"
     if "norun" in block.flags:
         assert block.attrs.get("data-reason", "").strip(), f"{block.where()}: a norun block needs data-reason"
@@ -168,7 +170,7 @@ def check_block(block: Block, namespace: dict, cwd: Path) -> None:
     if block.lang == "python":
         exec(compile(block.code, block.where(), "exec"), namespace)
     elif block.lang == "bash":
-        run_shell(block, cwd)
+        run_shell(block, cwd, setenv)
     elif block.lang == "yaml":
         yaml.safe_load(block.code)
     elif block.lang == "toml":
@@ -199,7 +201,7 @@ def test_every_code_block_of_the_page_runs(page, docs_cache, tmp_path, monkeypat
     monkeypatch.setattr(mmbridge, "train", lambda overrides, **kw: real_train(_with_small(list(overrides)), **kw))
     namespace: dict = {"__name__": "__docs__"}
     for block in blocks(page):
-        check_block(block, namespace, tmp_path)
+        check_block(block, namespace, tmp_path, monkeypatch.setenv)  # variables end with the test
 
 
 def test_the_collector_reads_flags_and_refuses_what_it_cannot_run(tmp_path):
