@@ -66,8 +66,6 @@ FAMILIES: tuple[Family, ...] = (
 GROUP_HELP: dict[str, str] = {
     "alignment": "AlignGPT level indicators (a sequence prefix)",
     "connector": "the bridge (Converter or Perceiver)",
-    "conversation": "the prompt format: native, plain, vicuna_v1, llama_2, chatml (`mmbridge inspect`)",
-    "conversation": "the prompt format: native, plain, vicuna_v1, llama_2, chatml (`mmbridge inspect`)",
     "conversation": "the conversation format the prompts are written in (LLaVA's `conv_mode`)",
     "data": "the data set",
     "encoder": "the main modality encoder",
@@ -80,7 +78,7 @@ GROUP_HELP: dict[str, str] = {
     "scorer": "image-text similarity for `align_levels`",
     "stage": "what trains in a stage (used as `stages.align`, `stages.instruct`)",
     "tool_caller": "a Tool Learning caller and its settings (`pipeline` or `llm`)",
-    "tools": "Tool Learning tools (`+tools@tools.ocr=ocr`)",
+    "tools": "each tool's settings; a caller takes its tools in `evaluation.tool_callers.<entry>.tools`",
     "trainer": "Lightning Trainer arguments",
 }
 
