@@ -59,6 +59,13 @@ class Connector(nn.Module, ABC):
         """Map features ``[B, N, D_in]`` with ``mask [B, N]`` to ``tokens [B, M, D_out]`` and
         ``mask [B, M]`` (bool, True = real token)."""
 
+    @property
+    def context_tokens(self) -> int:
+        """Tokens per media item that a connector which is not ``in_sequence`` hands to the
+        LLM's inner layers (:meth:`set_context`); 0 for one that places its tokens in the
+        sequence (count those with :meth:`out_tokens`)."""
+        return 0
+
     def attach(self, llm: LanguageModel) -> None:  # noqa: B027 - optional hook
         """Add layers inside the LLM (Perceiver family, e.g. gated cross-attention). Default: none."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,11 @@ class DatasetSource(ABC):
 
     Constructor arguments come from the ``data`` config group.
     """
+
+    #: What a read does with an invalid record: ``raise`` (the first one stops the run) or
+    #: ``skip`` (dropped, listed in the run's ``dropped_records.jsonl``). A source whose
+    #: constructor takes ``on_error`` sets it; others always raise.
+    on_error: Literal["raise", "skip"] = "raise"
 
     @abstractmethod
     def prepare(self, cache_dir: Path) -> DatasetFiles:

@@ -86,7 +86,7 @@ class MMBridgeLMM(lmms):
         self.max_new_tokens = int(max_new_tokens)
 
         from mmbridge.plugin_manager import load_registry
-        from mmbridge.training.session import session_from_checkpoint
+        from mmbridge.runtime.session import session_from_checkpoint
 
         session, _ = session_from_checkpoint(str(checkpoint), with_data=False,
                                              registry=load_registry(), device=device)

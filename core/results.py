@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmbridge.run_metrics import RunMetrics
 from mmbridge.runs import Run, override_key
 
 DEFAULT_METRIC = "test/exact_match"
@@ -54,9 +55,11 @@ def label(metric: str) -> str:
     return metric
 
 
-def flatten(metrics: dict[str, Any]) -> dict[str, float]:
-    """The scalar metrics of one ``metrics.json`` as ``{"test/exact_match": 0.5, ...}``
+def flatten(metrics: dict[str, Any] | RunMetrics) -> dict[str, float]:
+    """The scalar metrics of one ``metrics.json`` (its object, read as a
+    :class:`~mmbridge.run_metrics.RunMetrics`) as ``{"test/exact_match": 0.5, ...}``
     (histories, paths and cache details left out)."""
+    m = metrics if isinstance(metrics, RunMetrics) else RunMetrics.from_dict(metrics)
     out: dict[str, float] = {}
 
     def put(key: str, value: Any) -> None:
@@ -64,16 +67,18 @@ def flatten(metrics: dict[str, Any]) -> dict[str, float]:
             return
         out[key] = float(value)
 
-    for k, v in metrics.get("test", {}).items():
+    for k, v in m.test.items():
         put(f"test/{k}", v)
-    for group in ("parameters", "visual_tokens"):
-        for k, v in metrics.get(group, {}).items():
-            put(f"{group}/{k}", v)
-    for k in ("val_loss_first", "val_loss_last", "step_time_s", "samples_per_s", "peak_memory_mb", "wall_s"):
-        put(k, metrics.get(k))
-    for name, st in metrics.get("stages", {}).items():
+    for k, n in m.parameters.items():
+        put(f"parameters/{k}", n)
+    for k, t in m.visual_tokens.items():
+        put(f"visual_tokens/{k}", t)
+    for k in ("val_loss_first", "val_loss_last", "step_time_s", "samples_per_s", "peak_memory_mb",
+              "wall_s"):
+        put(k, getattr(m, k))
+    for name, st in m.stages.items():
         for k in ("wall_s", "step_time_s", "samples_per_s", "steps"):
-            put(f"stages/{name}/{k}", st.get(k))
+            put(f"stages/{name}/{k}", getattr(st, k))
     return out
 
 

@@ -87,6 +87,7 @@ class Evaluation:
     baselines: bool = True
     wer_qtypes: list[str] = spec(factory=list)
     reference_asr: str | None = None
+    reference_asr_tool: str = spec("asr", NONEMPTY)  # the tool that runs reference_asr
     tool_callers: dict[str, Any] = spec(factory=dict)  # component nodes, checked by build.py
     tool_max_new_tokens: int = spec(64, ge(1))
     extra_data: dict[str, Any] = spec(factory=dict)  # data nodes, checked by build.py
@@ -213,6 +214,8 @@ class Stage:
     budget_fraction: float | None = spec(None, unit(lo_open=True))  # share of budget_minutes
     recipe: dict[str, Any] | None = None  # a component node, checked by build.py
     prefix: dict[str, Any] | None = None  # the sequence prefix's own settings (it checks them)
+    # the stage's own data (a data-set node or a mixture); null: the run's `data`
+    data: dict[str, Any] | None = None
     conversation: dict[str, Any] | None = None  # null: the run's `conversation` (a Conversation)
 
 

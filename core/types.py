@@ -106,6 +106,17 @@ class Sample:
             out[m] = paths[0]
         return out
 
+    def caption(self) -> str | None:
+        """The sample's caption: ``meta["caption"]`` if set, else its first assistant turn,
+        else ``None`` (what captioning recipes train on and scorers score)."""
+        text = self.meta.get("caption")
+        if isinstance(text, str) and text.strip():
+            return text.strip()
+        for turn in self.conversations:
+            if ROLES.get(turn.get("from", "")) == "assistant" and turn.get("value", "").strip():
+                return turn["value"].strip()
+        return None
+
     def replace(self, **changes: Any) -> Sample:
         """A copy with some fields replaced (media/meta dicts are copied, not shared)."""
         media = {m: v if isinstance(v, str) else list(v) for m, v in self.media.items()}

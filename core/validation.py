@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmbridge.build import check_arguments
 from mmbridge.config import group_options
+from mmbridge.data.mixture import is_mixture, mixture_errors
 from mmbridge.errors import ConfigError, did_you_mean
 from mmbridge.preflight import output_errors
 from mmbridge.registry import Entry, Registry
@@ -225,13 +226,28 @@ def _trainer_value_error(name: str, value: Any, hints: Mapping[str, Any]) -> str
     return None
 
 
+def data_errors(registry: Registry, node: Any, key: str) -> list[str]:
+    """Problems of a data node at ``key``: one data set, or a mixture of several
+    (:mod:`mmbridge.data.mixture`: its own keys, then each source as ``{key}.sources.<i>``)."""
+    if not is_mixture(node):
+        return check_node(registry, "dataset", node, key)
+    errors = mixture_errors(node, key)
+    for i, src in enumerate(node.get("sources") or []):
+        if isinstance(src, dict):
+            errors += check_node(registry, "dataset", {k: v for k, v in src.items() if k != "weight"},
+                                 f"{key}.sources.{i}")
+    return errors
+
+
 def _component_errors(data: dict, registry: Registry) -> list[str]:
     errors = []
-    for key in ("encoder", "connector", "llm", "data"):
+    for key in ("encoder", "connector", "llm"):
         kind = COMPONENTS[key]
         if key in data and kind is not None:
             injected = {"in_dim": 0, "out_dim": 0} if key == "connector" else {}
             errors += check_node(registry, kind, data[key], key, injected)
+    if "data" in data:
+        errors += data_errors(registry, data["data"], "data")
     if data.get("alignment") is not None:
         errors += check_node(registry, "prefix", data["alignment"], "alignment", {"dim": 0})
     for name, node in (data.get("branches") or {}).items():
@@ -248,11 +264,13 @@ def _component_errors(data: dict, registry: Registry) -> list[str]:
         stage = stages.get(name)
         if isinstance(stage, dict) and stage.get("recipe") is not None:
             errors += check_node(registry, "recipe", stage["recipe"], f"stages.{name}.recipe")
+        if isinstance(stage, dict) and stage.get("data") is not None:
+            errors += data_errors(registry, stage["data"], f"stages.{name}.data")
     ev = e if isinstance(e := data.get("evaluation"), dict) else {}
     for name, node in (ev.get("tool_callers") or {}).items():
         errors += check_node(registry, "tool_caller", node, f"evaluation.tool_callers.{name}", {"tools": {}})
     for name, node in (ev.get("extra_data") or {}).items():
-        errors += check_node(registry, "dataset", node, f"evaluation.extra_data.{name}")
+        errors += data_errors(registry, node, f"evaluation.extra_data.{name}")
     return errors
 
 

@@ -14,18 +14,16 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv: list[str]) -> int:
-    from mmbridge.build import build
     from mmbridge.config import compose
     from mmbridge.plugin_manager import load_registry
     from mmbridge.plugins.scorers.agreement import agreement
-    from mmbridge.recipe import RecipeContext
-    from mmbridge.training.session import open_session
+    from mmbridge.runtime.session import open_session
+    from mmbridge.runtime.stage import stage_recipe
 
     overrides = list(argv)
     if not any(o.startswith("experiment=") for o in overrides):
@@ -35,10 +33,9 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     session = open_session(cfg, registry)
     t_session = time.perf_counter() - t0
-    recipe = build(registry, "recipe", cfg.stages.align.recipe, "stages.align.recipe")
     t0 = time.perf_counter()
-    recipe.setup(RecipeContext(registry, session.model, session.tables, Path(cfg.paths.cache_dir)))
-    samples = recipe.annotate(session.splits[cfg.stages.align.split])
+    recipe = stage_recipe(session, "align")
+    samples = recipe.annotate(session.data_of("align")[cfg.stages.align.split])
     t_levels = time.perf_counter() - t0
     result = agreement(samples)
     result.update({"levels": getattr(recipe, "levels", None), "binning": getattr(recipe, "binning", None),

@@ -39,7 +39,6 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,11 +101,10 @@ def warn_if_loaded(threads: int) -> None:
 def setup(overrides: list[str], stage_name: str, batch_size: int) -> tuple[Any, Any, Any, dict]:
     """(cfg, registry, session, batch): the tiny experiment's model and one collated batch of
     the stage's recipe, images preprocessed (the encoder runs in every step, in all three)."""
-    from mmbridge.build import build
     from mmbridge.config import compose
     from mmbridge.plugin_manager import load_registry
-    from mmbridge.recipe import RecipeContext
-    from mmbridge.training.session import open_session
+    from mmbridge.runtime.session import open_session
+    from mmbridge.runtime.stage import prepare_stage
 
     registry = load_registry()
     if not any(o.startswith("experiment=") for o in overrides):
@@ -114,12 +112,10 @@ def setup(overrides: list[str], stage_name: str, batch_size: int) -> tuple[Any, 
     cfg = compose(overrides, registry)
     session = open_session(cfg, registry, cache=False)
     stage = cfg.stages[stage_name]
-    recipe = build(registry, "recipe", stage.recipe, f"stages.{stage_name}.recipe")
-    recipe.setup(RecipeContext(registry, session.model, {}, Path(cfg.paths.cache_dir)))
-    samples = recipe.annotate(session.splits[stage.split][:batch_size])
-    batcher = session.batcher(use_cache=False)
-    ds = batcher.dataset(samples, recipe, seed=int(cfg.seed))
-    batch = batcher.collate([ds[i] for i in range(len(ds))])
+    data = prepare_stage(session, stage_name, samples=session.data_of(stage_name)[stage.split][:batch_size],
+                         batcher=session.batcher(use_cache=False), check=False)
+    ds = data.train_ds
+    batch = data.batcher.collate([ds[i] for i in range(len(ds))])
     return cfg, registry, session, batch
 
 

@@ -132,7 +132,7 @@ def open_run(args: argparse.Namespace) -> tuple[Any, Any, Any, str, list]:
 
     from mmbridge.config import compose
     from mmbridge.plugin_manager import load_registry
-    from mmbridge.training.session import open_session
+    from mmbridge.runtime.session import open_session
 
     torch.set_num_threads(args.threads)
     registry = load_registry()
@@ -168,10 +168,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
 
-    from mmbridge.build import build
     from mmbridge.data.batcher import Batcher, to_device
     from mmbridge.data.feature_cache import load_or_compute
-    from mmbridge.recipe import RecipeContext
+    from mmbridge.runtime.stage import prepare_stage
     from mmbridge.training.module import BridgeModule
     from mmbridge.training.stages import configure_trainable
 
@@ -188,11 +187,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         for modality, branch in model.branches.items():
             paths = [s.media[modality] for s in samples if modality in s.media]
             tables[modality], _ = load_or_compute(branch.encoder, paths, Path(args.feature_cache_dir))
-    recipe = build(registry, "recipe", stage.recipe, f"stages.{name}.recipe")
-    recipe.setup(RecipeContext(registry, model, tables, Path(cfg.paths.cache_dir)))
-    samples = recipe.annotate(samples)
     batcher = Batcher.from_model(model, session.chat, tables=tables)
-    ds = batcher.dataset(samples, recipe, seed=int(cfg.seed))
+    ds = prepare_stage(session, name, samples=samples, batcher=batcher, check=False).train_ds
     workers = int(cfg.loader.num_workers)
     loader = iter(DataLoader(ds, batch_size=bs, shuffle=False, num_workers=workers,
                              collate_fn=batcher.collator))

@@ -116,9 +116,11 @@ def child(kind: str, data: Path, cache: Path, steps: int) -> dict[str, Any]:
     """One measured process: ``fill`` (session set-up) or ``train`` (set-up + ``steps`` steps)."""
     logging.basicConfig(level=logging.WARNING)
     from mmbridge.config import compose
+    from mmbridge.data import batcher as batcher_mod
     from mmbridge.plugin_manager import load_registry
-    from mmbridge.training import run as run_mod
-    from mmbridge.training import session as session_mod
+    from mmbridge.runtime import session as session_mod
+    from mmbridge.runtime import stage as stage_mod
+    from mmbridge.runtime import train as run_mod
 
     phases = Phases()
     phases.start("imports")
@@ -141,8 +143,9 @@ def child(kind: str, data: Path, cache: Path, steps: int) -> dict[str, Any]:
     # phase boundaries inside the run's own code (wrapped here, nothing else changed)
     session_mod.load_splits = measured("read data", session_mod.load_splits)
     session_mod.fill_feature_cache = measured("feature cache", session_mod.fill_feature_cache)
-    run_mod.ConversationDataset = measured("recipe pass (ConversationDataset)", run_mod.ConversationDataset)
-    run_mod.truncation_report = measured("truncation report", run_mod.truncation_report)
+    batcher_mod.ConversationDataset = measured("recipe pass (ConversationDataset)",
+                                               batcher_mod.ConversationDataset)
+    stage_mod.truncation_report = measured("truncation report", stage_mod.truncation_report)
 
     phases.start("model")
     session = session_mod.open_session(cfg, registry)
@@ -150,11 +153,11 @@ def child(kind: str, data: Path, cache: Path, steps: int) -> dict[str, Any]:
     if kind == "train":
         run_dir = cache / "run"
         run_dir.mkdir(exist_ok=True)
-        result = run_mod.run_stage(session, "instruct", run_dir, resume=False)
+        result, _ = run_mod.run_stage(session, "instruct", run_dir, resume=False)
         phases.stop()
         if phases.rows[-1]["phase"] == "after truncation report":
-            phases.rows[-1]["phase"] = f"loaders + validation + {result['steps']} training steps"
-        out["steps"] = result["steps"]
+            phases.rows[-1]["phase"] = f"loaders + validation + {result.steps} training steps"
+        out["steps"] = result.steps
     phases.stop()
     out["phases"] = phases.rows
     out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

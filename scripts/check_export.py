@@ -53,8 +53,8 @@ def held_out(checkpoint: Path, n: int) -> list[dict[str, str]]:
     """``n`` questions of the run's test split: ``{id, image, question, reference}``; sample
     ``k`` gives its question ``k mod (its question count)``, so the question types vary."""
     from mmbridge.plugin_manager import load_registry
+    from mmbridge.runtime.session import load_splits
     from mmbridge.training.checkpoint import read_checkpoint
-    from mmbridge.training.session import load_splits
 
     registry = load_registry()
     cfg = read_checkpoint(checkpoint, registry)[0]

@@ -133,7 +133,7 @@ def main(argv: list[str]) -> int:
     if "checkpoint" not in own:
         raise ConfigError("checkpoint=PATH is required\n" + USAGE)
     check_outputs(own)
-    from mmbridge.evaluation.runner import evaluate_session
+    from mmbridge.runtime.evaluate import evaluate_session
     from mmbridge.export.source import open_model
     from mmbridge.plugin_manager import load_registry
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from mmbridge.commands.evaluate import parse_kv
 from mmbridge.errors import ConfigError
-from mmbridge.types import Sample, placeholder
 
 HELP = "answer a prompt about media: checkpoint=PATH image=PATH prompt=\"...\""
 USAGE = """usage: mmbridge generate checkpoint=PATH prompt="..." [image=PATH] [audio=PATH] [max_new_tokens=N] [device=DEV]
@@ -38,29 +37,27 @@ def main(argv: list[str]) -> int:
             if not p.is_file():
                 raise ConfigError(f"{m}={own[m]}: no such file")
             media[m] = str(p.resolve())
-    from mmbridge.export.source import open_model
-    from mmbridge.plugin_manager import load_registry
+    from mmbridge.api import load
 
-    # a run's checkpoint or a format=bundle export
-    session, _ = open_model(own["checkpoint"], overrides, registry=load_registry(), device=own.get("device"))
-    missing = [m for m in media if m not in session.model.branches]
-    if missing:
-        raise ConfigError(f"{missing[0]}=...: this checkpoint's model has no {missing[0]} encoder; "
-                          f"it takes: {', '.join(session.model.branches)}")
-    text = "".join(placeholder(m) + "\n" for m in media) + own["prompt"]
-    sample = Sample(id="prompt", media=media, conversations=[{"from": "human", "value": text}])
-    batch = session.batcher(use_cache=False).batch([sample], generation=True)
+    # a run's checkpoint or a format=bundle export; the prompt is built as the Python API builds it
+    model = load(own["checkpoint"], device=own.get("device"), overrides=overrides)
+    for m in media:
+        if m not in model.modalities:
+            raise ConfigError(f"{m}=...: this checkpoint's model has no {m} encoder; "
+                              f"it takes: {', '.join(model.modalities)}")
     max_new = int(own.get("max_new_tokens", 48))
     if "attention" in own:
         from mmbridge.attention_maps import recording, save_attention
 
         if "image" not in media:
             raise ConfigError("attention=...: needs image=PATH (the map is drawn over it)")
-        with recording(session.model) as connector:
-            new = session.model.generate(batch, max_new_tokens=max_new)
-        written = save_attention(session.model, connector, media["image"], own["attention"])
+        with recording(model.session.model) as connector:
+            answer = model.generate(own["prompt"], image=media.get("image"), audio=media.get("audio"),
+                                    video=media.get("video"), max_new_tokens=max_new)
+        written = save_attention(model.session.model, connector, media["image"], own["attention"])
         print(f"wrote {written}", file=sys.stderr)
     else:
-        new = session.model.generate(batch, max_new_tokens=max_new)
-    print(session.chat.tokenizer.decode(new[0], skip_special_tokens=True).strip())
+        answer = model.generate(own["prompt"], image=media.get("image"), audio=media.get("audio"),
+                                video=media.get("video"), max_new_tokens=max_new)
+    print(answer)
     return 0

@@ -58,7 +58,7 @@ def run_task(cfg: DictConfig, output_dir: Path, overrides: list[str] | None = No
     """
     from mmbridge.preflight import resume_config
     from mmbridge.runs import METRICS, interrupted, write_json
-    from mmbridge.training.run import train
+    from mmbridge.runtime.train import train
     from mmbridge.validation import validate_config
 
     registry = registry if registry is not None else load_registry()

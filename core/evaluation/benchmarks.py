@@ -171,22 +171,6 @@ def extract_choice(text: str, options: Mapping[str, str]) -> str | None:
     return alone.pop() if len(alone) == 1 else None
 
 
-def option_letters(n: int) -> list[str]:
-    """``A``, ``B``, ... for ``n`` options."""
-    return [chr(ord("A") + i) for i in range(n)]
-
-
-def choice_prompt(question: str, options: Sequence[str], hint: str | None = None,
-                  instruction: str = "Answer with the option's letter from the given choices directly.") -> tuple[str, dict[str, str]]:
-    """The question in the LLaVA / MMBench layout (``Context:`` hint, question, ``A. ...`` lines,
-    instruction) and its options by letter."""
-    opts = dict(zip(option_letters(len(options)), (str(o) for o in options), strict=True))
-    lines = ([f"Context: {hint}"] if hint else []) + [question] + [f"{k}. {v}" for k, v in opts.items()]
-    if instruction:
-        lines.append(instruction)
-    return "\n".join(lines), opts
-
-
 # -- scorers per benchmark --------------------------------------------------------------------------
 @dataclass
 class Scored:

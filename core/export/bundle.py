@@ -44,7 +44,7 @@ from mmbridge.training.checkpoint import (
     check_components,
     component_origins,
 )
-from mmbridge.training.session import open_session
+from mmbridge.runtime.session import open_session
 from mmbridge.training.stages import configure_trainable
 from mmbridge.validation import validate_config
 
@@ -114,7 +114,7 @@ def write_bundle(session: Any, meta: dict[str, str], out: Path) -> dict[str, Any
     """Write the bundle of an opened model into the (empty, temporary) directory ``out``.
 
     Args:
-        session: The :class:`~mmbridge.training.session.Session` of the model to export.
+        session: The :class:`~mmbridge.runtime.session.Session` of the model to export.
         meta: Its checkpoint metadata (stages, components, lora).
         out: The directory to fill.
 
@@ -220,7 +220,7 @@ def open_bundle(path: str | Path, overrides: list[str] | None = None, registry: 
         cfg = merge_overrides(cfg, overrides, registry)
     validate_config(cfg, registry)
     try:
-        session = open_session(cfg, registry, with_data=with_data, device=device)
+        session = open_session(cfg, registry, with_data=with_data, device=device, stage_data=False)
     except AssetError as exc:
         raise CheckpointError(f"bundle '{path}': {exc}") from exc
     for stage in json.loads(meta.get("stages", "[]")):

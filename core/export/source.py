@@ -11,7 +11,7 @@ from mmbridge.errors import CheckpointError
 from mmbridge.export.bundle import open_bundle, read_manifest
 from mmbridge.plugin_manager import load_registry
 from mmbridge.registry import Registry
-from mmbridge.training.session import session_from_checkpoint
+from mmbridge.runtime.session import session_from_checkpoint
 
 
 def open_model(path: str | Path, overrides: list[str] | None = None, registry: Registry | None = None,

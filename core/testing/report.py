@@ -23,17 +23,20 @@ CHECKED_KINDS = ("connector", "encoder")
 IN_DIM, OUT_DIM = 24, 32
 
 
+#: The registered LLM whose ``for_testing`` instance connectors with layers inside the LLM
+#: attach to (looked up in the registry: core imports no plugin module).
+TEST_LLM = "hf_causal"
+
+
 class _TestLLM:
     """The tiny LLM that connectors with layers inside the LLM attach to, built on first use."""
 
-    def __init__(self, tmp_dir: Path) -> None:
-        self.tmp_dir, self._llm = tmp_dir, None
+    def __init__(self, tmp_dir: Path, registry: Registry) -> None:
+        self.tmp_dir, self.registry, self._llm = tmp_dir, registry, None
 
     def get(self) -> Any:
         if self._llm is None:
-            from mmbridge.plugins.llms.hf_causal import HFCausalLM
-
-            self._llm = HFCausalLM.for_testing(self.tmp_dir / "llm")
+            self._llm = self.registry.get("llm", TEST_LLM).cls.for_testing(self.tmp_dir / "llm")
         return self._llm
 
 
@@ -71,7 +74,7 @@ def run_contract_checks(registry: Registry, console: Console, kind: str | None =
         table.add_column(col, overflow="fold")
     failures = 0
     with tempfile.TemporaryDirectory(prefix="mmbridge-check-") as root:
-        llm = _TestLLM(Path(root))
+        llm = _TestLLM(Path(root), registry)
         for k, entry in enumerate(entries):
             tmp = Path(root) / f"{k:03d}-{entry.kind}-{entry.name}"
             tmp.mkdir()

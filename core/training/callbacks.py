@@ -89,7 +89,7 @@ class InterruptGuard:
 
 class StopOnSignal(Callback):
     """Acts on a signal recorded by ``guard``: saves a resumable checkpoint at the end of the
-    current step and stops the fit; :func:`mmbridge.training.run.run_stage` then raises
+    current step and stops the fit; :func:`mmbridge.runtime.train.run_stage` then raises
     :class:`Interrupted`.
 
     Installed over Lightning's own SIGTERM handler for the length of the fit: Lightning's would

@@ -1,6 +1,6 @@
 """Several processes, one run directory: who writes, and the trained weights gathered whole.
 
-Under DDP, FSDP or DeepSpeed every process runs :func:`mmbridge.training.run.train`. The rule:
+Under DDP, FSDP or DeepSpeed every process runs :func:`mmbridge.runtime.train.train`. The rule:
 
 - **global rank 0 alone writes** the run's files (``metrics.json``, ``state.json``, the mmbridge
   checkpoints, predictions, reports); the other ranks wait at a :func:`barrier` where a later

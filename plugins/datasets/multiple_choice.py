@@ -9,8 +9,8 @@ import csv
 import sys
 from pathlib import Path
 
+from mmbridge.data.choices import choice_prompt, option_letters
 from mmbridge.errors import ConfigError, DataError, reading
-from mmbridge.evaluation.benchmarks import choice_prompt, option_letters
 from mmbridge.plugins.datasets._benchmark import (
     BenchmarkSource,
     abspath,

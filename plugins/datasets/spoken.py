@@ -28,8 +28,8 @@ from mmbridge.data.generated import publish_once
 from mmbridge.data.llava import write_llava
 from mmbridge.dataset import DatasetFiles, DatasetSource
 from mmbridge.errors import ConfigError
+from mmbridge.media_io import resample, write_wav
 from mmbridge.plugins.datasets._tts import Synthesizer, frame_speech, resolve_engine
-from mmbridge.plugins.encoders._audio import resample, write_wav
 from mmbridge.types import Sample, placeholder
 
 log = logging.getLogger(__name__)

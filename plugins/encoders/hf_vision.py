@@ -30,7 +30,7 @@ from mmbridge.plugins.encoders._image import (
     pool_grid,
     weights_fingerprint,
 )
-from mmbridge.plugins.llms.hf_causal import torch_dtype
+from mmbridge.precision import parse_dtype
 from mmbridge.registry import Registry
 
 #: model_type of a full image-text checkpoint -> the class holding only its vision tower.
@@ -101,7 +101,7 @@ class HFVisionEncoder(ModalityEncoder):
             config = transformers.AutoConfig.from_pretrained(local)
             cls_name = VISION_TOWERS.get(config.model_type)
             model_cls = getattr(transformers, cls_name) if cls_name else transformers.AutoModel
-            self.model = model_cls.from_pretrained(local, dtype=torch_dtype(dtype, "encoder.dtype"))
+            self.model = model_cls.from_pretrained(local, dtype=parse_dtype(dtype, "encoder.dtype"))
         except OSError as exc:
             raise ConfigError(f"encoder.path: cannot load '{path}' (resolved to '{local}'): {exc}. "
                               f"Give an offline asset name (`mmbridge assets`), a local model "
@@ -146,7 +146,7 @@ class HFVisionEncoder(ModalityEncoder):
                      "dtype": dtype}
         self._set_aspect_ratio(image_aspect_ratio)
         self.model = transformers.AutoModel.from_config(tower_config or full,
-                                                        dtype=torch_dtype(dtype, "encoder.dtype"))
+                                                        dtype=parse_dtype(dtype, "encoder.dtype"))
         self.model.eval()
         self.weights_id = "random-init"  # no weights were read: a cache must never reuse these features
         self._configure(layers, directory, full.model_type, drop_cls, image_size, pool_to,

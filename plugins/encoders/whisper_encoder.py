@@ -28,10 +28,9 @@ import torch.nn.functional as F
 
 from mmbridge.encoder import ModalityEncoder
 from mmbridge.errors import CheckpointError, ConfigError
-from mmbridge.plugins.converters.pool_mlp import masked_avg_pool
+from mmbridge.media_io import SAMPLE_RATE, chirp, load_audio, write_wav
+from mmbridge.nn_utils import masked_avg_pool
 from mmbridge.registry import Registry
-
-from ._audio import SAMPLE_RATE, chirp, load_audio, write_wav
 
 HOP_LENGTH = 160  # samples per mel frame at 16 kHz (10 ms)
 CONV_LOOKAHEAD = 2  # mel frames past the clip that its last encoder position depends on

@@ -12,7 +12,7 @@ import random
 from mmbridge.data.llava import MEDIA_KEYS
 from mmbridge.errors import ConfigError
 from mmbridge.recipe import DataRecipe
-from mmbridge.types import ROLES, Sample, placeholder
+from mmbridge.types import Sample, placeholder
 
 #: Default instructions per modality (a sample's first media key picks the list).
 INSTRUCTIONS: dict[str, tuple[str, ...]] = {
@@ -44,17 +44,6 @@ INSTRUCTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def sample_caption(sample: Sample) -> str | None:
-    """``meta["caption"]`` if set, else the first assistant turn, else ``None``."""
-    text = sample.meta.get("caption")
-    if isinstance(text, str) and text.strip():
-        return text.strip()
-    for turn in sample.conversations:
-        if ROLES.get(turn.get("from", "")) == "assistant" and turn.get("value", "").strip():
-            return turn["value"].strip()
-    return None
-
-
 class CaptionRecipe(DataRecipe):
     """One turn ``<image>\\n<instruction>`` -> caption, the instruction drawn with ``rng``.
 
@@ -78,7 +67,7 @@ class CaptionRecipe(DataRecipe):
 
     def __call__(self, sample: Sample, rng: random.Random) -> Sample | None:
         modalities = [k for k in MEDIA_KEYS if k in sample.media]
-        text = sample_caption(sample)
+        text = sample.caption()
         if not modalities or text is None:
             return None
         options = self.instructions or INSTRUCTIONS.get(modalities[0], INSTRUCTIONS["image"])

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from mmbridge.errors import ConfigError, DataError
-from mmbridge.plugins.recipes.caption import sample_caption
 from mmbridge.types import Sample
 
 if TYPE_CHECKING:
@@ -24,7 +23,7 @@ if TYPE_CHECKING:
 def pair_text(sample: Sample) -> str:
     """The text side of a sample's pair: its caption (``meta["caption"]``, else its first
     answer). A sample without one is an error naming it."""
-    text = sample_caption(sample)
+    text = sample.caption()
     if text is None:
         raise DataError(f"sample {sample.id}: no caption (meta.caption) and no answer to score")
     return text

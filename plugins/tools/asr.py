@@ -2,7 +2,7 @@
 
 The checkpoint is resolved by :func:`mmbridge.assets.resolve_model_path` with the run's registry
 (an offline asset name such as ``whisper-tiny.en``, or a path to an openai-whisper ``.pt`` file)
-and loaded on the first call. Audio is decoded without ffmpeg (:mod:`._audio_io`) and handed to
+and loaded on the first call. Audio is decoded without ffmpeg (:mod:`mmbridge.media_io`) and handed to
 ``model.transcribe`` as a 16 kHz array.
 """
 
@@ -69,8 +69,7 @@ class ASRTool(Tool):
 
     def __call__(self, audio: str, **_: Any) -> str:
         from mmbridge.errors import DataError
-
-        from ._audio_io import SAMPLE_RATE, load_audio
+        from mmbridge.media_io import SAMPLE_RATE, load_audio
 
         try:
             samples = load_audio(audio, sr=SAMPLE_RATE)

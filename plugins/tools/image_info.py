@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from mmbridge.errors import ConfigError, DataError, ToolError
+from mmbridge.media_io import load_rgb, open_image
 from mmbridge.tools import Tool
-
-from ._image_io import load_rgb, open_image
 
 #: Colour name -> a typical RGB; far enough apart that the nearest name is the one people use.
 NAMED_COLOURS: dict[str, tuple[int, int, int]] = {

@@ -19,9 +19,8 @@ from typing import Any, ClassVar
 
 from mmbridge.errors import ConfigError, DataError, ToolError
 from mmbridge.executables import ALLOW_ENV, resolve_executable
+from mmbridge.media_io import load_rgb
 from mmbridge.tools import Tool
-
-from ._image_io import load_rgb
 
 BACKENDS: tuple[str, ...] = ("rapidocr", "tesseract")
 INSTALL_HINT = ("pip install rapidocr-onnxruntime (the 'tools' extra of mmbridge) or "

@@ -140,7 +140,7 @@ def test_check_schedule_is_part_of_validation(registry):
 @pytest.fixture
 def no_training(monkeypatch):
     """Record whether the runner was reached (it builds the model first)."""
-    import mmbridge.training.run as run
+    import mmbridge.runtime.train as run
 
     calls = []
     monkeypatch.setattr(run, "train", lambda *a, **k: calls.append(a) or {})

@@ -321,8 +321,8 @@ def test_train_run_aligngpt_end_to_end(tmp_path):
     from transformers import BertConfig, BertModel
 
     from mmbridge.testing.tiny import build_tiny_tokenizer
-    from mmbridge.training.run import train
-    from mmbridge.training.session import session_from_checkpoint
+    from mmbridge.runtime.train import train
+    from mmbridge.runtime.session import session_from_checkpoint
 
     tok = build_tiny_tokenizer(tmp_path / "bert")
     torch.manual_seed(0)

@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from mmbridge.errors import ConfigError, DataError
+from mmbridge.media_io import _read_wav, chirp, load_audio, read_audio, write_wav
 from mmbridge.metrics import word_error_rate
-from mmbridge.plugins.converters.pool_mlp import PoolMLP, masked_avg_pool
+from mmbridge.nn_utils import masked_avg_pool
+from mmbridge.plugins.converters.pool_mlp import PoolMLP
 from mmbridge.plugins.datasets import _tts
 from mmbridge.plugins.datasets.librivox import DATA_DIR, LibrivoxDataset
 from mmbridge.plugins.datasets.spoken import SpokenDataset
-from mmbridge.plugins.encoders._audio import _read_wav, chirp, load_audio, read_audio, write_wav
 from mmbridge.plugins.encoders.whisper_encoder import WhisperEncoder, _block
 from mmbridge.plugins.perceivers.window_qformer import WindowQFormer
 from mmbridge.testing.contracts import check_connector, check_encoder

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from mmbridge.errors import ConfigError
 from mmbridge.training.module import progress_warmup_cosine, warmup_cosine
-from mmbridge.training.run import stage_fractions
+from mmbridge.runtime.train import stage_fractions
 
 
 def test_stage_fractions_normalise_and_default_to_equal_shares():

@@ -11,12 +11,12 @@ from PIL import Image
 
 from mmbridge.commands import generate as generate_cmd
 from mmbridge.config import compose
-from mmbridge.evaluation.runner import evaluate_session
 from mmbridge.model import MultimodalModel
 from mmbridge.plugin_manager import load_registry
 from mmbridge.plugins.encoders.timm_encoder import TimmEncoder
+from mmbridge.runtime.evaluate import evaluate_session
+from mmbridge.runtime.session import open_session, session_from_checkpoint
 from mmbridge.training.checkpoint import save_checkpoint
-from mmbridge.training.session import open_session, session_from_checkpoint
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SMALL = ["experiment=tiny", "data.n_train=8", "data.n_val=4", "data.n_test=4",

@@ -82,8 +82,8 @@ def test_eval_through_tool_callers(trained):
     """``evaluation.tool_callers``: a pipeline caller whose tools do not apply leaves the prompt
     as it is, so it must give the plain evaluation's greedy answers; with ``image_info`` the
     tool's real result is in every prompt and one call per question is recorded."""
-    from mmbridge.evaluation.runner import evaluate_session
-    from mmbridge.training.session import session_from_checkpoint
+    from mmbridge.runtime.evaluate import evaluate_session
+    from mmbridge.runtime.session import session_from_checkpoint
 
     _, run = trained
     session, _ = session_from_checkpoint(str(run / "checkpoints" / "final"), [
@@ -119,7 +119,7 @@ def test_generate_answers_about_a_real_photo(trained, tmp_path):
               "prompt=What colour is the circle?", "max_new_tokens=5", cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
     # The CLI answer is the greedy answer of the same checkpoint through the Python API.
-    from mmbridge.training.session import session_from_checkpoint
+    from mmbridge.runtime.session import session_from_checkpoint
     from mmbridge.types import Sample
 
     session, _ = session_from_checkpoint(str(run / "checkpoints" / "final"), with_data=False)
@@ -236,7 +236,7 @@ def test_mixed_image_and_audio_sample_trains_and_generates(tmp_path):
     answer needs both media, and ``generate`` takes both."""
     from PIL import Image
 
-    from mmbridge.plugins.encoders._audio import chirp, write_wav
+    from mmbridge.media_io import chirp, write_wav
     from mmbridge.plugins.encoders.whisper_encoder import WhisperEncoder
 
     ckpt = WhisperEncoder.for_testing(tmp_path).path

@@ -43,7 +43,7 @@ from mmbridge.training.checkpoint import (
     torch_load_safe,
 )
 from mmbridge.training.module import BridgeModule
-from mmbridge.training.session import session_from_checkpoint
+from mmbridge.runtime.session import session_from_checkpoint
 from mmbridge.training.stages import configure_trainable
 
 BASE = ["experiment=tiny", "encoder.image_size=32", "stages.align.max_steps=4"]

@@ -88,8 +88,8 @@ def test_one_process_gathers_exactly_what_a_checkpoint_saves_and_rebuilds_an_equ
 
 
 def test_unsharded_session_keeps_the_session_and_swaps_in_a_model_with_the_weights(tmp_path):
-    from mmbridge.training.run import unsharded_session
-    from mmbridge.training.session import open_session
+    from mmbridge.runtime.train import unsharded_session
+    from mmbridge.runtime.session import open_session
 
     cfg = compose([*BASE, "trainer=fp32", f"paths.cache_dir={tmp_path}"], shared_registry())
     session = open_session(cfg, shared_registry(), with_data=False)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
 from mmbridge.config import compose
+from mmbridge.data.sources import dropped_records_file, read_source
 from mmbridge.errors import DataError
-from mmbridge.training.session import dropped_records_file, load_splits, read_source
+from mmbridge.runtime.session import load_splits
 
 
 def _turns(q: str, a: str) -> list[dict[str, str]]:
@@ -71,7 +73,7 @@ def _cfg(registry, root, train, val, on_error="skip"):
 def test_skip_lists_every_dropped_record_in_the_run_dir(registry, planted, caplog):
     root, train, val, expected = planted
     run_dir = root / "run"
-    with caplog.at_level(logging.WARNING, logger="mmbridge.training.session"):
+    with caplog.at_level(logging.WARNING, logger="mmbridge.data.sources"):
         splits = load_splits(_cfg(registry, root, train, val), registry, run_dir=run_dir)
     assert [s.id for s in splits["train"]] == ["g0", "pair", "text"] and [s.id for s in splits["val"]] == ["v0"]
     assert splits["train"][1].media["image"] == [str(root / "img" / "a.png"), str(root / "img" / "b.png")]
@@ -94,11 +96,11 @@ def test_skip_without_drops_writes_an_empty_list_and_raise_writes_none(registry,
     clean.write_text(json.dumps({"id": "c", "image": "img/a.png", "conversations": _turns("<image>\nQ", "A")}) + "\n")
     cfg = compose(["data=llava", f"data.train={clean}", f"data.media_root={root}", "data.on_error=skip",
                    f"paths.cache_dir={root / 'cache'}"], registry)
-    read_source(cfg, registry, cfg.data, "data", run_dir=root / "run1")
+    read_source(registry, cfg.data, "data", Path(cfg.paths.data_dir), run_dir=root / "run1")
     assert (root / "run1" / "dropped_records.jsonl").read_text() == ""
     with pytest.raises(DataError, match=r"train\.jsonl: invalid JSON at line 2"):
         strict = _cfg(registry, root, train, val, "raise")
-        read_source(strict, registry, strict.data, "data", run_dir=root / "run2")
+        read_source(registry, strict.data, "data", Path(strict.paths.data_dir), run_dir=root / "run2")
     assert not (root / "run2").exists()
     # another data set key (an extra evaluation set) gets its own file
     assert dropped_records_file(root, "evaluation.extra_data.x").name == "dropped_records.evaluation.extra_data.x.jsonl"

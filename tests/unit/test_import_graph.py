@@ -1,9 +1,21 @@
-"""The import graph of ``core/`` (the package ``mmbridge``) has no cycles.
+"""The import rules of ``core/`` (the package ``mmbridge``) and ``plugins/``
+(``mmbridge.plugins``), checked on the import graph:
+
+1. No cycle between modules of core/ (plugins are outside this graph: the registry loads them
+   by design, ``plugin_manager``'s lazy ``import mmbridge.plugins``).
+2. No cycle between packages of core/ + plugins/: a unit is a subpackage of core (``training``,
+   ``evaluation``, ``runtime``, ``data``, ``export``, ...), a root module of core, or one plugin
+   package (``mmbridge.plugins.encoders``, ...). So ``training`` and ``evaluation`` never import
+   each other, and the run layer (``runtime``) sits above both.
+3. Plugins import only the contracts, ``data`` and core's shared helpers: never the layers that
+   run, evaluate, export or serve a model (:data:`ABOVE_PLUGINS`), and never another plugin
+   package (what two plugin packages share lives in core, e.g. ``mmbridge.media_io``,
+   ``mmbridge.nn_utils``, ``mmbridge.precision``).
 
 Every import counts, function-local ones included (a cycle hidden inside a function is still a
 cycle: the two modules cannot be understood, tested or loaded one without the other); imports
-under ``if TYPE_CHECKING:`` are annotations only and do not. ``mmbridge.plugins`` is outside the
-graph. Run this file as a script to print the graph (``python tests/test_import_graph.py``).
+under ``if TYPE_CHECKING:`` are annotations only and do not. Run this file as a script to print
+the graph (``python tests/unit/test_import_graph.py``).
 """
 
 from __future__ import annotations
@@ -14,16 +26,30 @@ import sys
 from pathlib import Path
 
 CORE = Path(__file__).resolve().parents[2] / "core"
+PLUGINS = CORE.parent / "plugins"
+#: Core layers a plugin never imports (rule 3): they run, evaluate, export or serve a model.
+ABOVE_PLUGINS = ("mmbridge.training", "mmbridge.evaluation", "mmbridge.runtime", "mmbridge.commands",
+                 "mmbridge.export", "mmbridge.api", "mmbridge.cli", "mmbridge.lmms", "mmbridge.serving",
+                 "mmbridge.plan")
 
 
-def core_modules(root: Path = CORE) -> dict[str, Path]:
-    """Dotted module name (``mmbridge.training.run``) -> its file, for every module of core/."""
+#: Package-level edges known to close a cycle, each with what removes it (rule 2 holds for
+#: every other edge). Keep this empty.
+PENDING_EDGES: dict[tuple[str, str], str] = {
+    ("mmbridge.api", "mmbridge.commands"): "api.train() calls commands.train.run_task: run_task "
+    "moves to the run layer (mmbridge.runtime) once the run-dir lock in commands/train.py lands",
+}
+
+
+def core_modules(root: Path = CORE, prefix: str = "mmbridge") -> dict[str, Path]:
+    """Dotted module name (``mmbridge.runtime.train``) -> its file, for every module under
+    ``root`` (core/, or plugins/ with ``prefix="mmbridge.plugins"``)."""
     mods = {}
     for path in sorted(root.rglob("*.py")):
         parts = list(path.relative_to(root).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts = parts[:-1]
-        mods[".".join(["mmbridge", *parts])] = path
+        mods[".".join([prefix, *parts])] = path
     return mods
 
 
@@ -36,10 +62,13 @@ def _runtime_nodes(tree: ast.Module) -> list[ast.AST]:
     return [n for n in ast.walk(tree) if id(n) not in skip]
 
 
-def import_graph(root: Path = CORE) -> dict[str, dict[str, int]]:
-    """Module -> {imported core module: line of the first such import}; self-edges, the
-    package ``mmbridge`` itself and ``mmbridge.plugins`` are left out."""
+def import_graph(root: Path = CORE, plugins: Path | None = None) -> dict[str, dict[str, int]]:
+    """Module -> {imported module: line of the first such import}; self-edges and the package
+    ``mmbridge`` itself are left out. Without ``plugins`` the graph is core's alone (imports of
+    ``mmbridge.plugins`` left out); with it, the plugin modules under ``plugins`` join it."""
     mods = core_modules(root)
+    if plugins is not None:
+        mods |= core_modules(plugins, "mmbridge.plugins")
 
     def owner(name: str) -> str | None:  # mmbridge.errors.ConfigError -> mmbridge.errors
         while name and name not in mods:
@@ -61,7 +90,8 @@ def import_graph(root: Path = CORE) -> dict[str, dict[str, int]]:
             else:
                 continue
             for target in targets:
-                if not target.startswith("mmbridge") or target.startswith("mmbridge.plugins"):
+                if not target.startswith("mmbridge") or (
+                        plugins is None and target.startswith("mmbridge.plugins")):
                     continue
                 dep = owner(target)
                 if dep and dep not in (mod, "mmbridge"):
@@ -84,10 +114,104 @@ def describe(cycle: list[str], graph: dict[str, dict[str, int]], mods: dict[str,
     return " -> ".join([*steps, cycle[-1]])
 
 
+def _where(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it."""
+    return str(path.relative_to(CORE.parent)) if path.is_relative_to(CORE.parent) else str(path)
+
+
+def unit(module: str, packages: set[str]) -> str:
+    """The package-level unit of ``module`` (rule 2): ``mmbridge.runtime.train`` ->
+    ``mmbridge.runtime``, ``mmbridge.plugins.encoders.hf_vision`` -> ``mmbridge.plugins.encoders``,
+    a root module of core -> itself. ``packages``: the dotted names of core's subpackages."""
+    parts = module.split(".")
+    if parts[:2] == ["mmbridge", "plugins"]:
+        return ".".join(parts[:3])
+    head = ".".join(parts[:2])
+    return head if head in packages else module
+
+
+def package_graph(graph: dict[str, dict[str, int]],
+                  mods: dict[str, Path]) -> dict[str, dict[str, tuple[str, str, int]]]:
+    """Unit -> {imported unit: one ``(module, imported module, line)`` behind the edge}."""
+    packages = {m for m, p in mods.items() if p.name == "__init__.py" and m.count(".") == 1}
+    out: dict[str, dict[str, tuple[str, str, int]]] = {}
+    for mod, deps in graph.items():
+        a = unit(mod, packages)
+        out.setdefault(a, {})
+        for dep, line in deps.items():
+            b = unit(dep, packages)
+            if b != a:
+                out[a].setdefault(b, (mod, dep, line))
+    return out
+
+
+def plugin_violations(graph: dict[str, dict[str, int]], mods: dict[str, Path]) -> list[str]:
+    """Imports by plugin modules that break rule 3, as ``module (file:line) -> target: why``."""
+    bad = []
+    for mod, deps in graph.items():
+        parts = mod.split(".")
+        if parts[:2] != ["mmbridge", "plugins"] or len(parts) < 3:
+            continue  # core, or the plugins package's own __init__ (it lists the packages)
+        where = f"{mod} ({_where(mods[mod])}:{{}})"
+        for dep, line in deps.items():
+            dparts = dep.split(".")
+            if dep.startswith(ABOVE_PLUGINS) and dep.split(".")[1] in {a.split(".")[1] for a in ABOVE_PLUGINS}:
+                bad.append(f"{where.format(line)} -> {dep}: a plugin imports only contracts, data "
+                           f"and core helpers, not the layers that run or evaluate a model")
+            elif dparts[:2] == ["mmbridge", "plugins"] and len(dparts) >= 3 and dparts[2] != parts[2]:
+                bad.append(f"{where.format(line)} -> {dep}: another plugin package; move what the "
+                           f"two share into core")
+    return bad
+
+
 def test_core_import_graph_has_no_cycles() -> None:
     graph, mods = import_graph(), core_modules()
     cycle = find_cycle(graph)
     assert cycle is None, f"import cycle in core/: {describe(cycle, graph, mods)}"
+
+
+def test_no_package_level_cycle_in_core_and_plugins() -> None:
+    mods = core_modules() | core_modules(PLUGINS, "mmbridge.plugins")
+    pgraph = package_graph(import_graph(plugins=PLUGINS), mods)
+    for (a, b) in PENDING_EDGES:
+        assert b in pgraph[a], f"{a} -> {b} no longer imported: remove it from PENDING_EDGES"
+    cycle = find_cycle({u: {d: 0 for d in deps if (u, d) not in PENDING_EDGES} for u, deps in pgraph.items()})
+    if cycle is not None:
+        steps = [f"{a} ({_where(mods[pgraph[a][b][0]])}:{pgraph[a][b][2]})" for a, b in zip(cycle, cycle[1:])]
+        raise AssertionError("package-level import cycle: " + " -> ".join([*steps, cycle[-1]]))
+    # the layering the rules promise, spelled out
+    assert "mmbridge.training" not in pgraph["mmbridge.evaluation"]
+    assert "mmbridge.evaluation" not in pgraph["mmbridge.training"]
+    assert "mmbridge.runtime" not in pgraph["mmbridge.training"]
+    assert {"mmbridge.training", "mmbridge.evaluation", "mmbridge.data"} <= set(pgraph["mmbridge.runtime"])
+
+
+def test_plugins_import_only_contracts_data_and_core_helpers() -> None:
+    mods = core_modules() | core_modules(PLUGINS, "mmbridge.plugins")
+    assert plugin_violations(import_graph(plugins=PLUGINS), mods) == []
+
+
+def test_the_package_rules_see_a_violation(tmp_path: Path) -> None:
+    """The checks themselves: a plugin importing the training layer or another plugin
+    package's private module is named with its line; a two-package cycle is found."""
+    graph = {"mmbridge.plugins.a.x": {"mmbridge.training.run": 3, "mmbridge.plugins.b._p": 4,
+                                      "mmbridge.errors": 5, "mmbridge.plugins.a._own": 6},
+             "mmbridge.plugins.a._own": {}, "mmbridge.plugins.b._p": {}, "mmbridge.training.run": {},
+             "mmbridge.errors": {}}
+    mods = {m: tmp_path / "core" / f"{m.replace('.', '_')}.py" for m in graph}
+    problems = plugin_violations(graph, mods)
+    assert [p.split(" -> ")[1].split(":")[0] for p in problems] == ["mmbridge.training.run",
+                                                                   "mmbridge.plugins.b._p"]
+    assert all(p.startswith("mmbridge.plugins.a.x (") for p in problems)
+    mods |= {"mmbridge.training": tmp_path / "training" / "__init__.py",
+             "mmbridge.evaluation": tmp_path / "evaluation" / "__init__.py"}
+    cyclic = {"mmbridge.training.run": {"mmbridge.evaluation.runner": 1},
+              "mmbridge.evaluation.runner": {"mmbridge.training.session": 2},
+              "mmbridge.training.session": {}}
+    pg = package_graph(cyclic, mods)
+    assert pg["mmbridge.training"] == {"mmbridge.evaluation": ("mmbridge.training.run",
+                                                               "mmbridge.evaluation.runner", 1)}
+    assert find_cycle({u: dict.fromkeys(d, 0) for u, d in pg.items()}) is not None
 
 
 def test_the_checker_sees_function_local_and_relative_imports(tmp_path: Path) -> None:
@@ -119,6 +243,9 @@ def test_the_checker_sees_function_local_and_relative_imports(tmp_path: Path) ->
 
 if __name__ == "__main__":
     g, m = import_graph(), core_modules()
+    everything = core_modules() | core_modules(PLUGINS, "mmbridge.plugins")
+    for u, d in sorted(package_graph(import_graph(plugins=PLUGINS), everything).items()):
+        print(f"[package] {u} -> {', '.join(sorted(d)) or '(none)'}")
     for module in sorted(g):
         print(f"{module} -> {', '.join(sorted(g[module])) or '(none)'}")
     found = find_cycle(g)

@@ -29,7 +29,7 @@ PENDING = "file under the orchestration refactor (issue 19): review when it land
 ALLOWED: dict[str, dict[str, str]] = {
     "api.py": {"mmbridge.export.source": IMPORT, "mmbridge.commands.train": IMPORT,
                "mmbridge.config": IMPORT, "mmbridge.plugin_manager": IMPORT},
-    "commands/evaluate.py": {"mmbridge.evaluation.benchmarks": CLI, "mmbridge.evaluation.runner": CLI,
+    "commands/evaluate.py": {"mmbridge.evaluation.benchmarks": CLI, "mmbridge.runtime.evaluate": CLI,
                              "mmbridge.export.source": CLI, "mmbridge.plugin_manager": CLI},
     "commands/export.py": {"mmbridge.export": CLI},
     # PEFT imports transformers (seconds); only runs that use LoRA or QLoRA need them
@@ -38,8 +38,7 @@ ALLOWED: dict[str, dict[str, str]] = {
     "precision.py": {"torch.distributed.fsdp": HEAVY},  # FSDP runs only
     "commands/serve.py": {"uvicorn": OPTIONAL, "mmbridge.serving": OPTIONAL, "mmbridge": CLI},
     "inputs.py": {"soundfile": OPTIONAL},
-    "commands/generate.py": {"mmbridge.export.source": CLI, "mmbridge.plugin_manager": CLI,
-                             "mmbridge.attention_maps": CLI},
+    "commands/generate.py": {"mmbridge.api": CLI, "mmbridge.attention_maps": CLI},
     "commands/plan.py": {"mmbridge.plan": CLI},
     "commands/inspect.py": {"mmbridge.inspection": CLI},
     "inspection.py": {"mmbridge.config": IMPORT, "mmbridge.model": IMPORT, "mmbridge.plugin_manager": IMPORT,
@@ -50,7 +49,7 @@ ALLOWED: dict[str, dict[str, str]] = {
     "commands/demo.py": {"gradio": OPTIONAL, "mmbridge.api": CLI},
     "commands/sweep.py": {"hydra.core.override_parser.overrides_parser": CLI, "hydra.errors": CLI,
                           "mmbridge.commands": CLI, "mmbridge.reporting": CLI},
-    "commands/train.py": {"mmbridge.preflight": CLI, "mmbridge.runs": CLI, "mmbridge.training.run": CLI,
+    "commands/train.py": {"mmbridge.preflight": CLI, "mmbridge.runs": CLI, "mmbridge.runtime.train": CLI,
                           "mmbridge.validation": CLI, "hydra.core.hydra_config": CLI, "hydra.types": CLI,
                           "hydra": CLI},
     "config.py": {"hydra": STARTUP, "hydra.core.global_hydra": STARTUP, "hydra.errors": STARTUP},
@@ -58,16 +57,16 @@ ALLOWED: dict[str, dict[str, str]] = {
     "validation.py": {"lightning": STARTUP, "lightning.pytorch.accelerators": STARTUP,
                       "hydra.core.override_parser.overrides_parser": STARTUP, "hydra.errors": STARTUP},
     "lmms.py": {"lmms_eval.models.registry_v2": OPTIONAL, "soundfile": OPTIONAL,
-                "mmbridge.plugin_manager": PENDING, "mmbridge.training.session": PENDING},
+                "mmbridge.plugin_manager": PENDING, "mmbridge.runtime.session": PENDING},
     "training/loggers.py": {"lightning.pytorch.loggers": OPTIONAL},  # WandbLogger needs wandb
     "training/distributed.py": {"deepspeed": OPTIONAL, "torch.distributed.fsdp": PENDING,
                                 "torch.distributed.checkpoint.state_dict": PENDING},
     "reporting.py": {"mmbridge.plots": OPTIONAL},  # matplotlib: the sweep extra
     "metrics.py": {"whisper.normalizers": HEAVY},  # whisper loads numba; WER's English normaliser only
+    "media_io.py": {"soundfile": OPTIONAL, "scipy.signal": HEAVY},  # the data extra; resampling only
     # transformers' model classes cost seconds, and plugins import this module at registry build
     "testing/tiny.py": {"tokenizers": HEAVY, "transformers": HEAVY},
     "plugin_manager.py": {"mmbridge.plugins": PLUGINS},
-    "testing/report.py": {"mmbridge.plugins.llms.hf_causal": PLUGINS},
     "data/feature_cache.py": {"rich.progress": PENDING},
     "training/checkpoint.py": {"lightning.pytorch.callbacks": PENDING},
     "training/strategies.py": {"lightning.pytorch.strategies": PENDING},

@@ -28,7 +28,7 @@ from mmbridge.data.feature_cache import load_or_compute
 from mmbridge.data.llava import read_llava
 from mmbridge.errors import DataError
 from mmbridge.recipe import DataRecipe
-from mmbridge.training.session import Session, fill_feature_cache
+from mmbridge.runtime.session import Session, fill_feature_cache
 from mmbridge.types import Sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")

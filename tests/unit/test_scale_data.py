@@ -15,12 +15,12 @@ from omegaconf import OmegaConf
 
 from mmbridge.config import compose
 from mmbridge.data.llava import ReadReport, read_llava
+from mmbridge.data.sources import read_source
 from mmbridge.errors import ConfigError, DataError
 from mmbridge.plugin_manager import load_registry
 from mmbridge.plugins.datasets.hf_local import HFLocalDataset
 from mmbridge.training import loggers as loggers_mod
 from mmbridge.training.loggers import make_loggers
-from mmbridge.training.session import read_source
 
 # --- loggers ----------------------------------------------------------------------------------
 
@@ -160,7 +160,7 @@ def test_hf_local_is_a_data_option_of_the_run(tmp_path):
     registry = load_registry()
     cfg = compose(["data=hf_local", f"data.train={path}", f"data.media_root={tmp_path / 'imgs'}",
                    "data.on_error=skip", f"paths.cache_dir={tmp_path / 'cache'}"], registry)
-    splits = read_source(cfg, registry, cfg.data, "data")
+    splits = read_source(registry, cfg.data, "data", Path(cfg.paths.data_dir))
     assert [s.id for s in splits["train"]] == ["1"]
 
 

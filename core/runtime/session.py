@@ -1,5 +1,7 @@
 """Everything one run needs besides the trainer: registry, data, model, tokenizer front end,
-feature caches. Shared by ``train``, ``eval`` and ``generate``."""
+feature caches (:class:`Session`), and its two constructors: :func:`open_session` (a config)
+and :func:`session_from_checkpoint` (a trained checkpoint). Shared by ``train``, ``eval``,
+``generate``, export, the Python API and the scripts."""
 
 from __future__ import annotations
 
@@ -7,19 +9,17 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, cast
 
 import torch
 from omegaconf import DictConfig
 
-from mmbridge.build import build
 from mmbridge.config import merge_overrides
 from mmbridge.data.batcher import Batcher
 from mmbridge.data.chat import ChatEncoder
+from mmbridge.data.conversation import stage_conversation
 from mmbridge.data.feature_cache import FeatureTable, load_or_compute
-from mmbridge.data.llava import ReadReport, read_llava
-from mmbridge.errors import AssemblyError, DataError
-from mmbridge.io import atomic_write_text
+from mmbridge.data.sources import Splits, check_media, read_data
+from mmbridge.errors import DataError
 from mmbridge.model import MultimodalModel, assemble
 from mmbridge.plugin_manager import load_registry
 from mmbridge.registry import Registry
@@ -31,7 +31,6 @@ from mmbridge.training.trainer import (
     resolve_device,
     run_precision,
 )
-from mmbridge.types import Sample, check_placeholders
 from mmbridge.validation import validate_config
 
 log = logging.getLogger(__name__)
@@ -45,88 +44,63 @@ class Session:
     registry: Registry
     model: MultimodalModel
     chat: ChatEncoder
-    splits: dict[str, list[Sample]]
+    splits: Splits
     tables: dict[str, FeatureTable] = field(default_factory=dict)
     cache_stats: dict[str, dict] = field(default_factory=dict)
     #: The precision decision of the run and the device its model lives on.
     precision: PrecisionDecision = field(default_factory=lambda: PrecisionDecision("32-true", "float32", "default"))
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: The data of each scheduled stage that has its own ``stages.<name>.data``.
+    stage_splits: dict[str, Splits] = field(default_factory=dict)
 
-    def batcher(self, use_cache: bool = True, left_pad: bool = False) -> Batcher:
+    def data_of(self, stage: str) -> Splits:
+        """Stage ``stage``'s data: its own ``stages.<name>.data`` or, without one, the run's."""
+        return self.stage_splits.get(stage, self.splits)
+
+    def all_splits(self) -> dict[str, Splits]:
+        """Every data set the session read: ``data`` and each ``stages.<name>.data``."""
+        return {"data": self.splits, **{f"stages.{n}.data": v for n, v in self.stage_splits.items()}}
+
+    def batcher(self, use_cache: bool = True, left_pad: bool = False, stage: str | None = None) -> Batcher:
         """The samples -> batch pipeline of this run's model and chat encoder, on its device;
-        with ``use_cache``, media whose features the feature cache holds are read from it."""
-        return Batcher.from_model(self.model, self.chat, tables=self.tables if use_cache else None,
+        with ``use_cache``, media whose features the feature cache holds are read from it; with
+        ``stage``, in that stage's conversation format (``stages.<stage>.conversation``)."""
+        chat = self.chat.with_conversation(stage_conversation(self.cfg, stage)[0]) if stage else self.chat
+        return Batcher.from_model(self.model, chat, tables=self.tables if use_cache else None,
                                   left_pad=left_pad, device=self.device)
 
 
-def load_splits(cfg: DictConfig, registry: Registry, run_dir: Path | None = None) -> dict[str, list[Sample]]:
-    return read_source(cfg, registry, cfg.data, "data", run_dir=run_dir)
+def load_splits(cfg: DictConfig, registry: Registry, run_dir: Path | None = None) -> Splits:
+    """The splits of the run's ``data`` (see :func:`mmbridge.data.sources.read_data`)."""
+    return read_data(registry, cfg.data, "data", Path(cfg.paths.data_dir), int(cfg.seed),
+                     run_dir=run_dir)
 
 
-def dropped_records_file(run_dir: Path, key: str) -> Path:
-    """Where :func:`read_source` lists the records that ``{key}.on_error=skip`` dropped."""
-    return run_dir / ("dropped_records.jsonl" if key == "data" else f"dropped_records.{key}.jsonl")
-
-
-def read_source(cfg: DictConfig, registry: Registry, data_cfg: DictConfig, key: str,
-                run_dir: Path | None = None) -> dict[str, list[Sample]]:
-    """Build the data set ``data_cfg`` (config key ``key``), prepare it, read its splits (each
-    file parsed once).
-
-    With ``{key}.on_error=skip`` bad records are dropped: one summary line per split that lost
-    any, and, when ``run_dir`` is given, every dropped record (``split``, ``file``, ``index``,
-    ``line``, ``id``, ``reason``; one JSON object a line) in
-    :func:`dropped_records_file` (``run_dir/dropped_records.jsonl`` for ``data``), written
-    atomically, empty when nothing was dropped.
-    """
-    source = build(registry, "dataset", data_cfg, key)
-    files = source.prepare(Path(cfg.paths.data_dir))
-    # a dataset's on_error option: "raise" or "skip" (read_llava refuses others)
-    on_error = cast(Literal["raise", "skip"], getattr(source, "on_error", "raise"))
-    splits = {}
-    dropped: list[dict] = []
-    for name, path in files.splits.items():
-        report = ReadReport(Path(path))
-        splits[name] = read_llava(path, files.media_root, on_error=on_error, report=report)
-        dropped += [{"split": name, **d.as_dict()} for d in report.dropped]
-        if report.dropped:
-            where = f"; all listed in {dropped_records_file(run_dir, key)}" if run_dir is not None else ""
-            log.warning("%s split '%s': %s%s", key, name, report.summary(), where)
-            for d in report.dropped:
-                log.info("dropped: %s", d.message)
-    if on_error == "skip" and run_dir is not None:
-        atomic_write_text(dropped_records_file(run_dir, key),
-                          "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dropped))
-    return splits
-
-
-def check_media(splits: dict[str, list[Sample]], model: MultimodalModel) -> None:
-    """Media vs the model's encoders, and the placeholder rule against the model's modalities,
-    for every sample (cheap string counts, before any training step). Errors name the sample
-    and the config keys."""
-    have = set(model.branches)
-    for split, samples in splits.items():
-        for s in samples:
-            for modality in s.media:
-                if modality not in have:
-                    raise AssemblyError(
-                        f"data split '{split}' sample {s.id} has {modality} media, but the model "
-                        f"encodes only {', '.join(sorted(have))} (config keys: encoder, branches); "
-                        f"add a branch: branches.{modality}.encoder / branches.{modality}.connector")
-            check_placeholders(((t.get("from", ""), t.get("value", "")) for t in s.conversations),
-                               s.media_counts(), have, f"data split '{split}' sample {s.id}")
+def load_stage_splits(cfg: DictConfig, registry: Registry,
+                      run_dir: Path | None = None) -> dict[str, Splits]:
+    """The data of each scheduled stage with its own ``stages.<name>.data`` (the others fall
+    back to the run's ``data``)."""
+    out = {}
+    for name in cfg.schedule:
+        node = cfg.stages[name].get("data")
+        if node is not None:
+            out[str(name)] = read_data(registry, node, f"stages.{name}.data",
+                                       Path(cfg.paths.data_dir), int(cfg.seed), run_dir=run_dir)
+    return out
 
 
 def open_session(cfg: DictConfig, registry: Registry, with_data: bool = True,
                  cache: bool | None = None, device: str | torch.device | None = None,
-                 run_dir: Path | None = None) -> Session:
+                 run_dir: Path | None = None, stage_data: bool = True) -> Session:
     """Assemble the model of ``cfg`` on its device, read the data and fill the feature cache.
 
     The precision and the dtype of ``dtype: auto`` components are decided from the hardware
     (:func:`mmbridge.training.trainer.run_precision`, one log line says what and why);
     ``device`` (else ``cfg.device``, else the trainer's accelerator) is where the model is
     evaluated and the features are computed. ``run_dir``: where a ``data.on_error=skip`` read
-    lists the records it dropped (see :func:`read_source`).
+    lists the records it dropped (see :func:`mmbridge.data.sources.read_source`).
+    ``stage_data``: also read each ``stages.<name>.data`` (a training run; an evaluation needs
+    the run's ``data`` only).
     """
     decision = run_precision(cfg)
     log.info("precision %s, weights %s: %s", decision.precision, decision.weight_dtype, decision.reason)
@@ -138,13 +112,17 @@ def open_session(cfg: DictConfig, registry: Registry, with_data: bool = True,
     prefix = model.prefix
     chat = ChatEncoder(tok, list(model.branches), max_length=int(cfg.loader.max_text_tokens),
                        prefix_tokens=prefix.n_tokens if prefix is not None else 0,
-                       meta_keys=prefix.meta_keys if prefix is not None else ())
+                       meta_keys=prefix.meta_keys if prefix is not None else (),
+                       conversation=stage_conversation(cfg)[0])
     splits = load_splits(cfg, registry, run_dir=run_dir) if with_data else {}
-    if splits:
-        check_media(splits, model)
-    session = Session(cfg, registry, model, chat, splits, precision=decision, device=dev)
+    stage_splits = load_stage_splits(cfg, registry, run_dir=run_dir) if with_data and stage_data else {}
+    session = Session(cfg, registry, model, chat, splits, precision=decision, device=dev,
+                      stage_splits=stage_splits)
+    for key, data in session.all_splits().items():
+        check_media({f"{key}:{n}" if key != "data" else n: v for n, v in data.items()},
+                    list(model.branches))
     use_cache = bool(cfg.get("cache_features", True)) if cache is None else cache
-    if use_cache and splits:
+    if use_cache and any(session.all_splits().values()):
         fill_feature_cache(session)
     return session
 
@@ -157,7 +135,8 @@ def fill_feature_cache(session: Session) -> None:
         return
     autocast = "bfloat16" if session.precision.precision.startswith("bf16") else None
     for modality, branch in session.model.branches.items():
-        paths = sorted({p for v in session.splits.values() for s in v for p in s.paths(modality)})
+        paths = sorted({p for data in session.all_splits().values() for v in data.values()
+                        for s in v for p in s.paths(modality)})
         if not paths:
             continue
         try:
@@ -185,7 +164,7 @@ def session_from_checkpoint(path: str, overrides: list[str] | None = None, with_
     if overrides:
         cfg = merge_overrides(cfg, overrides, registry)  # group options too: data=vqa data.path=...
     validate_config(cfg, registry)  # overrides included: a bad value is an error, not a random model
-    session = open_session(cfg, registry, with_data=with_data, device=device)
+    session = open_session(cfg, registry, with_data=with_data, device=device, stage_data=False)
     for stage in json.loads(meta.get("stages", "[]")):
         configure_trainable(session.model, cfg.stages[stage])  # re-creates LoRA layers
     load_weights(session.model, weights, str(path))

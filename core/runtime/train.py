@@ -1,5 +1,6 @@
-"""One training run: stages in order, each a Lightning ``fit``; then the test-split evaluation
-and ``metrics.json``. ``resume`` continues a killed run from its last checkpoint.
+"""One training run: stages in order, each a Lightning ``fit`` on its data
+(:func:`~mmbridge.runtime.stage.prepare_stage`); then the test-split evaluation and
+``metrics.json``. ``resume`` continues a killed run from its last checkpoint.
 
 Under ``budget_minutes`` the run is bounded by wall-clock time instead of steps: the stages
 share what is left of the budget when each starts (by ``stages.<name>.budget_fraction``), each
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import statistics
 import time
 from datetime import timedelta
@@ -19,19 +21,22 @@ from typing import Any, cast
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from mmbridge.build import build
-from mmbridge.data.dataset import check_truncation, truncation_report
+from mmbridge.data.dataset import Collator, ConversationDataset
 from mmbridge.errors import ConfigError
-from mmbridge.evaluation.runner import ValQuestions, evaluate_session
+from mmbridge.evaluation.runner import ValQuestions
 from mmbridge.io import atomic_write_json, atomic_write_text
 from mmbridge.progress import interactive
-from mmbridge.recipe import RecipeContext
 from mmbridge.registry import Registry
+from mmbridge.run_metrics import PrecisionRecord, RunMetrics, StageMetrics
+from mmbridge.run_report import report_at_end
+from mmbridge.runtime.evaluate import evaluate_session
+from mmbridge.runtime.session import Session, open_session
+from mmbridge.runtime.stage import prepare_stage
 from mmbridge.training.callbacks import Interrupted, InterruptGuard, ProgressLog, StopOnSignal
 from mmbridge.training.checkpoint import (
     SafeCheckpointIO,
@@ -55,7 +60,6 @@ from mmbridge.training.loader import make_loader, modality_lengths
 from mmbridge.training.loggers import make_loggers
 from mmbridge.training.module import BridgeModule
 from mmbridge.training.resume import ResumableCheckpoint
-from mmbridge.training.session import Session, open_session
 from mmbridge.training.stages import check_schedule, configure_trainable
 from mmbridge.training.strategies import shards_parameters
 from mmbridge.training.trainer import peak_memory_mb, tidy_lightning_output, trainer_kwargs
@@ -68,7 +72,8 @@ WARMUP_STEPS = 3
 MIN_STAGE_SECONDS = 10.0
 
 
-def _loader(ds, batch_size: int, collate, shuffle: bool, cfg: DictConfig, seed: int) -> StatefulDataLoader:
+def _loader(ds: ConversationDataset, batch_size: int, collate: Collator, shuffle: bool, cfg: DictConfig,
+            seed: int) -> StatefulDataLoader:
     """A resumable loader (:mod:`mmbridge.training.loader`): Lightning checkpoints its position."""
     lengths = modality_lengths(ds.samples) if shuffle and cfg.loader.get("group_by_length") else None
     return make_loader(ds, batch_size, collate, shuffle=shuffle, seed=seed,
@@ -76,8 +81,9 @@ def _loader(ds, batch_size: int, collate, shuffle: bool, cfg: DictConfig, seed: 
 
 
 def run_stage(session: Session, name: str, out_dir: Path, resume: bool, guard: InterruptGuard | None = None,
-              deadline: float | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Train stage ``name``: its recipe's data, a Lightning ``fit`` from the stage's last
+              deadline: float | None = None) -> tuple[StageMetrics, dict[str, torch.Tensor]]:
+    """Train stage ``name``: its data (:func:`~mmbridge.runtime.stage.prepare_stage`), a
+    Lightning ``fit`` (:func:`build_trainer`, :func:`fit_stage`) from the stage's last
     checkpoint when ``resume``; stops at ``max_steps`` or, with ``deadline`` (a
     ``time.monotonic()`` value), when the time is up. Raises :class:`Interrupted` when ``guard``
     recorded a signal (after a resumable checkpoint was written).
@@ -87,40 +93,16 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool, guard: I
     cfg, model = session.cfg, session.model
     stage = cfg.stages[name]
     configure_trainable(model, stage)
-    recipe = build(session.registry, "recipe", stage.recipe, f"stages.{name}.recipe")
-    if stage.split not in session.splits:
-        raise ConfigError(f"stages.{name}.split: '{stage.split}' is not a split of the data set; "
-                          f"splits: {', '.join(session.splits)}")
-    recipe.setup(RecipeContext(session.registry, model, session.tables, Path(cfg.paths.cache_dir)))
-    train_samples = recipe.annotate(session.splits[stage.split])
-    val_samples = recipe.annotate(session.splits["val"]) if "val" in session.splits else []
-    batcher = session.batcher()
-    seed = int(cfg.seed)
-    train_ds = batcher.dataset(train_samples, recipe, seed=seed, split=stage.split)
-    val_ds = batcher.dataset(val_samples, recipe, seed=seed + 1, split="val")
-    reports = [truncation_report(train_ds)] + ([truncation_report(val_ds)] if len(val_ds) else [])
-    check_truncation(reports, max_share=float(cfg.loader.max_truncated_share), stage=name)
-    collate = batcher.collator
-    bs = int(stage.batch_size)
-    train_dl = _loader(train_ds, bs, collate, True, cfg, seed)
-    val_dl = _loader(val_ds, bs, collate, False, cfg, seed) if len(val_ds) else None
+    data = prepare_stage(session, name)
+    seed, bs = int(cfg.seed), int(stage.batch_size)
+    train_dl = _loader(data.train_ds, bs, data.batcher.collator, True, cfg, seed)
+    val_dl = _loader(data.val_ds, bs, data.batcher.collator, False, cfg, seed) if len(data.val_ds) else None
     ev_cfg = cfg.evaluation
     sharded = shards_parameters(cfg.trainer)  # FSDP / ZeRO-3: no generation outside the forward pass
-    evaluator = None if sharded else ValQuestions(session.splits.get("val", []), batcher, int(ev_cfg.val_samples),
+    # questions asked in the run's conversation format (a stage's own, e.g. plain, drops them)
+    evaluator = None if sharded else ValQuestions(data.val_samples, session.batcher(), int(ev_cfg.val_samples),
                                                   int(ev_cfg.max_new_tokens), int(ev_cfg.batch_size))
-    max_steps = int(stage.max_steps)
     ckpt_dir = out_dir / "checkpoints" / name
-    # the two newest step checkpoints and last.ckpt (a damaged last.ckpt falls back)
-    callbacks: list[Any] = [checkpoint_callback(ckpt_dir, int(stage.get("checkpoint_every") or stage.val_every),
-                                                ResumableCheckpoint)]
-    tty = interactive()
-    if tty and cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(RichProgressBar())
-    stopper = StopOnSignal(guard) if guard is not None else None
-    if stopper is not None:
-        callbacks.append(stopper)
-    loggers = make_loggers(cfg, out_dir, name)
-    tidy_lightning_output()
     found = resumable_checkpoint(ckpt_dir) if resume else None  # last.ckpt, else the newest good one
     ckpt_path = str(found) if found is not None else None
     t0 = time.perf_counter()
@@ -129,7 +111,7 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool, guard: I
     if record:
         module.seen_ids = []
     if ckpt_path is None and val_dl is not None and not sharded:  # the starting point of the val curve
-        _trainer(cfg, session, out_dir, max_steps, stage, [], False).validate(module, val_dl, verbose=False)
+        _trainer(session, out_dir, stage, [], False).validate(module, val_dl, verbose=False)
     val_s = time.perf_counter() - t0
     budget_s = None
     if deadline is not None:
@@ -140,10 +122,48 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool, guard: I
                         name, budget_s, MIN_STAGE_SECONDS)
             budget_s = MIN_STAGE_SECONDS
         module.time_budget_s = budget_s
-    every = int(cfg.get("progress_every") or 50)
+    trainer, stopper = build_trainer(session, name, out_dir, guard, budget_s)
+    figures, weights = fit_stage(session, name, trainer, module, train_dl, val_dl, ckpt_path, stopper)
+    figures.wall_s = time.perf_counter() - t0
+    if record:
+        _write_debug(out_dir, name, trainer.global_rank, module)
+    return figures, weights
+
+
+def build_trainer(session: Session, name: str, out_dir: Path, guard: InterruptGuard | None = None,
+                  budget_s: float | None = None) -> tuple[L.Trainer, StopOnSignal | None]:
+    """The Lightning ``Trainer`` of stage ``name``: its step checkpoints (the two newest and
+    ``last.ckpt``), the progress bar on a terminal or log lines without one, the loggers, and
+    a stopper on ``guard``'s signals (returned too: it says whether a signal stopped the fit).
+    """
+    cfg = session.cfg
+    stage = cfg.stages[name]
+    max_steps = int(stage.max_steps)
+    ckpt_dir = out_dir / "checkpoints" / name
+    callbacks: list[Callback] = [checkpoint_callback(
+        ckpt_dir, int(stage.get("checkpoint_every") or stage.val_every), ResumableCheckpoint)]
+    tty = interactive()
+    if tty and cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(RichProgressBar())
+    stopper = StopOnSignal(guard) if guard is not None else None
+    if stopper is not None:
+        callbacks.append(stopper)
     if not tty:
+        every = int(cfg.get("progress_every") or 50)
         callbacks.append(ProgressLog(name, max_steps, budget_s, every_n=every))
-    trainer = _trainer(cfg, session, out_dir, max_steps, stage, callbacks, loggers, budget_s)
+    loggers = make_loggers(cfg, out_dir, name)
+    tidy_lightning_output()
+    return _trainer(session, out_dir, stage, callbacks, loggers, budget_s), stopper
+
+
+def fit_stage(session: Session, name: str, trainer: L.Trainer, module: BridgeModule,
+              train_dl: StatefulDataLoader, val_dl: StatefulDataLoader | None,
+              ckpt_path: str | None, stopper: StopOnSignal | None = None,
+              ) -> tuple[StageMetrics, dict[str, torch.Tensor]]:
+    """Run ``trainer.fit`` for stage ``name`` (from ``ckpt_path`` when given); close the val
+    curve where a time budget stopped it; gather the trained weights. Returns the stage's
+    figures (without ``wall_s``) and the weights."""
+    max_steps = int(session.cfg.stages[name].max_steps)
     trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt_path)
     if stopper is not None and stopper.saved_step is not None:
         # a step was saved because the stopper's guard caught a signal
@@ -153,28 +173,25 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool, guard: I
     if ended_early and val_dl is not None and last_val != trainer.global_step:
         # stopped by the budget between two validations: close the val curve where it ended
         trainer.validate(module, val_dl, verbose=False)
-    weights = gather_weights(model, trainer.strategy.model)  # a collective under FSDP / ZeRO-3
-    model.to(session.device)  # Lightning's teardown moves the model back to the CPU
-    wall = time.perf_counter() - t0
+    weights = gather_weights(session.model, trainer.strategy.model)  # a collective under FSDP / ZeRO-3
+    session.model.to(session.device)  # Lightning's teardown moves the model back to the CPU
     if ended_early:
         log.info("stage %s: time budget reached at step %d of %d", name, trainer.global_step, max_steps)
-    if record:
-        _write_debug(out_dir, name, trainer.global_rank, module)
     times = module.step_times[WARMUP_STEPS:] or module.step_times
-    return {"history": module.history, "wall_s": wall,
-            "step_time_s": statistics.median(times) if times else float("nan"),
-            "samples_per_s": bs / statistics.median(times) if times else float("nan"),
-            "steps": int(trainer.global_step), "max_steps": max_steps,
-            "budget_s": budget_s, "rank": trainer.global_rank}, weights
+    bs = int(session.cfg.stages[name].batch_size)
+    step = statistics.median(times) if times else math.nan
+    return StageMetrics(history=module.history, step_time_s=step, samples_per_s=bs / step,
+                        steps=int(trainer.global_step), max_steps=max_steps,
+                        budget_s=module.time_budget_s, rank=trainer.global_rank), weights
 
 
-def _trainer(cfg: DictConfig, session: Session, out_dir: Path, max_steps: int, stage: DictConfig,
-             callbacks: list, loggers: Any, budget_s: float | None = None) -> L.Trainer:
-    kw = trainer_kwargs(cfg, session.precision, session.device, interactive=interactive(),
+def _trainer(session: Session, out_dir: Path, stage: DictConfig, callbacks: list[Callback],
+             loggers: Any, budget_s: float | None = None) -> L.Trainer:
+    kw = trainer_kwargs(session.cfg, session.precision, session.device, interactive=interactive(),
                         model=session.model)
     if not callbacks:  # a bare validation: no checkpoints, no progress bar
         kw["enable_progress_bar"] = False
-    return L.Trainer(max_steps=max_steps, val_check_interval=int(stage.val_every),
+    return L.Trainer(max_steps=int(stage.max_steps), val_check_interval=int(stage.val_every),
                      check_val_every_n_epoch=None, callbacks=callbacks, logger=loggers,
                      enable_checkpointing=bool(callbacks), num_sanity_val_steps=0,
                      enable_model_summary=False, default_root_dir=str(out_dir),
@@ -238,7 +255,7 @@ def train(cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = Fal
         if loaded:
             log.info("init_from=%s: %d tensors loaded", cfg.get("init_from"), len(loaded))
         done: list[str] = []
-        stage_metrics: dict[str, Any] = {}
+        stage_metrics: dict[str, StageMetrics] = {}
         weights: dict[str, torch.Tensor] | None = None  # the last stage's, whole on rank 0
         state_file = out_dir / "state.json"
         state = json.loads(state_file.read_text()) if resume and state_file.is_file() else {}
@@ -251,7 +268,7 @@ def train(cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = Fal
                 _, weights, _ = read_checkpoint(export)
                 load_weights(model, weights, str(export))
                 done.append(name)
-                stage_metrics[name] = state.get("stage_metrics", {}).get(name, {})
+                stage_metrics[name] = StageMetrics.from_dict(state.get("stage_metrics", {}).get(name, {}))
                 log.info("stage %s: already done, loaded %s", name, export)
                 continue
             deadline = None
@@ -265,7 +282,8 @@ def train(cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = Fal
             done.append(name)
             if is_global_zero():
                 save_checkpoint(model, cfg, export, done, registry=session.registry, weights=weights)
-                atomic_write_json(state_file, {"stages_done": done, "stage_metrics": stage_metrics})
+                atomic_write_json(state_file, {"stages_done": done, "stage_metrics": {
+                    k: dataclasses.asdict(v) for k, v in stage_metrics.items()}})
             barrier()  # every rank sees the stage's checkpoint before the next stage starts
             if (is_fsdp(model) or is_zero3(model)) and name != cfg.schedule[-1]:
                 # sharded in place: the next stage (its own trainable set, LoRA) gets a plain copy
@@ -280,32 +298,32 @@ def train(cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = Fal
                 session = unsharded_session(session, done, weights)
         else:  # no barrier: a long evaluation would outlast the process group's timeout
             log.info("rank %d: done; rank 0 evaluates and writes metrics.json", global_rank())
-        metrics = {"stages": stage_metrics, "checkpoint": str(final), "seed": int(cfg.seed),
-                   "parameters": session.model.parameter_counts(),
-                   "visual_tokens": visual_tokens(session),
-                   "cache": session.cache_stats,
-                   "precision": {"trainer": session.precision.precision,
-                                 "weights": session.precision.weight_dtype,
-                                 "reason": session.precision.reason, "device": str(session.device)}}
+        dec = session.precision
+        metrics = RunMetrics(stages=stage_metrics, checkpoint=str(final), seed=int(cfg.seed),
+                             parameters=session.model.parameter_counts(),
+                             visual_tokens=visual_tokens(session), cache=session.cache_stats,
+                             precision=PrecisionRecord(dec.precision, dec.weight_dtype, dec.reason,
+                                                       str(session.device)))
         if rank0:
-            metrics["test"] = evaluate_session(session, predictions=out_dir / "predictions.jsonl")
-    metrics["peak_memory_mb"] = peak_memory_mb()
-    metrics["wall_s"] = time.perf_counter() - t_start
-    last_stage = stage_metrics[done[-1]] if done else {}
-    metrics["step_time_s"] = last_stage.get("step_time_s")
-    metrics["samples_per_s"] = last_stage.get("samples_per_s")
-    hist = [h for m in stage_metrics.values() for h in m.get("history", []) if "val_loss" in h]
-    if hist:
-        metrics["val_loss_first"] = hist[0]["val_loss"]
-        metrics["val_loss_last"] = hist[-1]["val_loss"]
+            metrics.test = evaluate_session(session, predictions=out_dir / "predictions.jsonl")
+    metrics.peak_memory_mb = peak_memory_mb()
+    metrics.wall_s = time.perf_counter() - t_start
+    if done:
+        metrics.step_time_s = stage_metrics[done[-1]].step_time_s
+        metrics.samples_per_s = stage_metrics[done[-1]].samples_per_s
+    losses = metrics.val_losses()
+    if losses:
+        metrics.val_loss_first, metrics.val_loss_last = losses[0], losses[-1]
+    out = metrics.as_dict()
     if rank0:
-        atomic_write_json(out_dir / "metrics.json", metrics)
-    return metrics
+        atomic_write_json(out_dir / "metrics.json", out)
+        report_at_end(out_dir, session)  # report.html (never raises)
+    return out
 
 
 def visual_tokens(session: Session) -> dict[str, float]:
     """Tokens per media item that each connector adds to the sequence (or as context)."""
-    out = {}
+    out: dict[str, float] = {}
     for modality, branch in session.model.branches.items():
         table = session.tables.get(modality)
         if table is not None and len(table.lengths):
@@ -316,5 +334,5 @@ def visual_tokens(session: Session) -> dict[str, float]:
                 continue
             _, n, _, _ = session.batcher(use_cache=False).reader.read(modality, s.paths(modality)[0])
         c = branch.connector
-        out[modality] = c.out_tokens(n) if c.in_sequence else getattr(c, "num_latents", 0)
+        out[modality] = c.out_tokens(n) if c.in_sequence else c.context_tokens
     return out
