@@ -327,7 +327,8 @@ def _last_good(ckpt_dir: Path) -> str:
     """Where a run stands after a failed checkpoint write, for the error message."""
     done = sorted((p for p in ckpt_dir.glob("*.ckpt") if p.is_file()), key=lambda p: p.stat().st_mtime_ns)
     if not done:
-        return "no earlier checkpoint of this stage; free space and start the run again"
+        return ("no earlier checkpoint of this stage: after freeing space, mmbridge train resume=RUN_DIR "
+                "keeps the finished stages and starts this one again")
     return f"the last complete checkpoint, {done[-1]}, still resumes (mmbridge train resume=RUN_DIR)"
 
 
