@@ -55,8 +55,29 @@ def first_sentence(doc: str | None) -> str:
 
 
 # -- components ------------------------------------------------------------------------------------
+def argument_docs(cls: type) -> dict[str, str]:
+    """Argument name -> its description from the ``Args:`` section of the class's (or its
+    ``__init__``'s) Google-style docstring, joined over continuation lines, reST removed."""
+    docs: dict[str, str] = {}
+    for doc in (inspect.getdoc(cls), inspect.getdoc(cls.__init__)):
+        lines = (doc or "").splitlines()
+        start = next((i + 1 for i, line in enumerate(lines) if line.strip() == "Args:"), len(lines))
+        name = None
+        for line in lines[start:]:
+            if line.strip() and not line.startswith(" "):
+                break  # the next section
+            match = re.match(r"    (\*{0,2}\w+)(?: \(.*?\))?: ?(.*)$", line)
+            if match:
+                name = match.group(1)
+                docs.setdefault(name, match.group(2))
+            elif name and line.strip() and docs.get(name) is not None:
+                docs[name] += " " + line.strip()
+    return {k: re.sub(r":\w+:`~?([^`]+)`", r"`\1`", v).replace("``", "`") for k, v in docs.items()}
+
+
 def _arguments(entry: Entry) -> list[str]:
     params = inspect.signature(entry.cls.__init__).parameters.values()
+    docs = argument_docs(entry.cls)
     rows = []
     for p in params:
         if p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
@@ -64,7 +85,8 @@ def _arguments(entry: Entry) -> list[str]:
         kind = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
         kind = "" if p.annotation is p.empty else kind
         default = "(set by the model)" if p.name in ASSEMBLED else _default(p.default)
-        rows.append(f"| `{p.name}` | {_cell(f'`{kind}`' if kind else '')} | {default} |")
+        rows.append(f"| `{p.name}` | {_cell(f'`{kind}`' if kind else '')} | {default} | "
+                    f"{_cell(docs.get(p.name, ''))} |")
     return rows
 
 
@@ -86,7 +108,7 @@ def components_page(registry: Registry) -> str:
                        f"{first_sentence(e.cls.__doc__)}\n")
             rows = _arguments(e)
             if rows:
-                out.append("| argument | type | default |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+                out.append("| argument | type | default | doc |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
     return "\n".join(out)
 
 
