@@ -59,7 +59,7 @@ def argument_docs(cls: type) -> dict[str, str]:
     """Argument name -> its description from the ``Args:`` section of the class's (or its
     ``__init__``'s) Google-style docstring, joined over continuation lines, reST removed."""
     docs: dict[str, str] = {}
-    for doc in (inspect.getdoc(cls), inspect.getdoc(cls.__init__)):
+    for doc in (inspect.getdoc(cls), inspect.getdoc(vars(cls).get("__init__"))):
         lines = (doc or "").splitlines()
         start = next((i + 1 for i, line in enumerate(lines) if line.strip() == "Args:"), len(lines))
         name = None
