@@ -60,7 +60,12 @@ from mmbridge.training.loader import make_loader, modality_lengths
 from mmbridge.training.loggers import make_loggers
 from mmbridge.training.module import BridgeModule
 from mmbridge.training.resume import ResumableCheckpoint
-from mmbridge.training.stages import check_schedule, configure_trainable
+from mmbridge.training.stages import (
+    check_schedule,
+    configure_trainable,
+    data_parallel_size,
+    stage_steps,
+)
 from mmbridge.training.strategies import shards_parameters
 from mmbridge.training.trainer import peak_memory_mb, tidy_lightning_output, trainer_kwargs
 
@@ -94,6 +99,11 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool, guard: I
     stage = cfg.stages[name]
     configure_trainable(model, stage)
     data = prepare_stage(session, name)
+    if stage.get("epochs") is not None:  # epochs -> steps, now that the data's length is known
+        stage.max_steps = stage_steps(stage, len(data.train_ds), data_parallel_size(cfg.trainer),
+                                      int(cfg.trainer.get("accumulate_grad_batches", 1) or 1))
+        log.info("stage %s: %g epoch(s) of %d samples = %d steps", name, float(stage.epochs),
+                 len(data.train_ds), int(stage.max_steps))
     seed, bs = int(cfg.seed), int(stage.batch_size)
     train_dl = _loader(data.train_ds, bs, data.batcher.collator, True, cfg, seed)
     val_dl = _loader(data.val_ds, bs, data.batcher.collator, False, cfg, seed) if len(data.val_ds) else None
