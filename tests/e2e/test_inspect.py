@@ -21,6 +21,7 @@ from transformers import LlamaConfig, LlamaTokenizer
 import mmbridge
 from mmbridge.cli import main as cli
 from mmbridge.data.chat import IGNORE
+from mmbridge.inspection import format_records
 from mmbridge.plugins.llms.hf_causal import HFCausalLM
 
 SYS = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
@@ -140,3 +141,16 @@ def test_llava15_instruct_is_vicuna_v1(llama_dir, llava_data, tmp_path):
     assert text_only["media"] == [] and text_only["text"] == (
         "<s>" + SYS + " USER: Where is it? ASSISTANT: In the top left.</s>")
     assert text_only["labels"][-1] == tok.eos_token_id
+    shown = format_records([first]).splitlines()
+    assert shown[0].startswith("== sample m0 (stage instruct, conversation vicuna_v1 from conversation): ")
+    assert shown[1] == "<s>" + SYS + " USER: <image x64>"
+    assert f"-- image {llava_data / 'red.png'}: slots {n_head}..{n_head + 63} (64)" in shown
+
+
+def test_inspect_refuses_an_unknown_stage_and_a_bad_n():
+    from mmbridge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"stage=nope: not a key of stages; stages: align, instruct"):
+        mmbridge.inspect(["experiment=tiny"], stage="nope", registry=shared_registry())
+    with pytest.raises(ConfigError, match=r"n=0: expected a number of samples >= 1"):
+        mmbridge.inspect(["experiment=tiny"], n=0)
