@@ -3,19 +3,22 @@ launchers/sweepers work as in any Hydra app)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import cast
 
 from omegaconf import DictConfig, OmegaConf
 
 from mmbridge.config import searchpath_override
-from mmbridge.errors import ConfigError, MMBridgeError
+from mmbridge.errors import ConfigError, MMBridgeError, RunLockedError, reading
 from mmbridge.plugin_manager import load_registry
-from mmbridge.preflight import override_syntax_errors, run_root_error
+from mmbridge.preflight import override_syntax_errors, resume_override_error, run_root_error
 from mmbridge.registry import Registry
+from mmbridge.run_lock import RunLock, describe, holder
 from mmbridge.training.callbacks import Interrupted
+from mmbridge.training.distributed import is_global_zero
 
 HELP = "train a model (Hydra overrides; no arguments = the default experiment)"
 log = logging.getLogger("mmbridge.train")
@@ -69,20 +72,43 @@ def run_task(cfg: DictConfig, output_dir: Path, overrides: list[str] | None = No
         if not saved.is_file():
             raise ConfigError(f"resume={resume}: no config.yaml there (pass a run directory "
                               f"written by `mmbridge train`)")
-        # a run's config.yaml is a mapping
-        cfg = resume_config(cast(DictConfig, OmegaConf.load(saved)), cfg, overrides or [], run_dir)
-        validate_config(cfg, registry, output_dir=run_dir)
-        log.info("resuming %s", run_dir)
-        return train(cfg, registry, run_dir, resume=True)
+        with _locked(run_dir):
+            with reading(saved, expected="the YAML mapping `mmbridge train` wrote",
+                         also=(Exception,), error=ConfigError):  # YAML's and OmegaConf's own errors
+                stored = OmegaConf.load(saved)
+            if not isinstance(stored, DictConfig):
+                raise ConfigError(f"resume={resume}: {saved} is not a run's config (a YAML mapping)")
+            _check_state(run_dir / "state.json")
+            cfg = resume_config(stored, cfg, overrides or [], run_dir)
+            validate_config(cfg, registry, output_dir=run_dir)
+            log.info("resuming %s", run_dir)
+            return train(cfg, registry, run_dir, resume=True)
     validate_config(cfg, registry, output_dir=output_dir)
-    again = resume_interrupted and interrupted(output_dir, OmegaConf.to_yaml(cfg, resolve=True))
-    if again:
-        log.info("resuming the interrupted run in %s", output_dir)
-    metrics = train(cfg, registry, output_dir, resume=again)
-    if overrides is not None and (output_dir / METRICS).is_file():
-        metrics["overrides"] = list(overrides)
-        write_json(output_dir / METRICS, metrics)
+    with _locked(output_dir):
+        again = resume_interrupted and interrupted(output_dir, OmegaConf.to_yaml(cfg, resolve=True))
+        if again:
+            log.info("resuming the interrupted run in %s", output_dir)
+        metrics = train(cfg, registry, output_dir, resume=again)
+        if overrides is not None and (output_dir / METRICS).is_file():
+            metrics["overrides"] = list(overrides)
+            write_json(output_dir / METRICS, metrics)
     return metrics
+
+
+def _check_state(state: Path) -> None:
+    """A resumed run's ``state.json`` (stages done) is what `mmbridge train` writes, or absent."""
+    if not state.is_file():
+        return
+    with reading(state, expected="the JSON object {'stages_done': [stage, ...], ...} a run writes",
+                 error=ConfigError):
+        data = json.loads(state.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("stages_done", []), list):
+            raise TypeError(f"got {json.dumps(data)[:80]}")
+
+
+def _locked(run_dir: Path) -> AbstractContextManager[object]:
+    """The run directory's lock (:mod:`mmbridge.run_lock`), held by the global rank 0 alone."""
+    return RunLock(run_dir) if is_global_zero() else nullcontext()
 
 
 def _job(cfg: DictConfig) -> float | None:
@@ -116,7 +142,8 @@ def _job(cfg: DictConfig) -> float | None:
         return None
     except MMBridgeError as exc:
         print(f"mmbridge train: error: {exc}", file=sys.stderr)
-        atomic_write_text(out / ERROR, f"{type(exc).__name__}: {exc}\n")
+        if not isinstance(exc, RunLockedError):  # the directory is another run's
+            atomic_write_text(out / ERROR, f"{type(exc).__name__}: {exc}\n")
         _STATUS["code"] = 1
         return None
     test = metrics.get("test", {})
@@ -177,7 +204,8 @@ def main(argv: list[str], registry: Registry | None = None) -> int:
     if resume and not any(a.startswith("hydra.run.dir=") for a in argv):
         # Log into the resumed run's own directory; keep its .hydra/ record of the first start.
         argv = [*argv, f"hydra.run.dir={Path(resume).expanduser().resolve()}", "hydra.output_subdir=null"]
-    problems = override_syntax_errors(argv) or [p for p in [run_root_error(argv)] if p]
+    problems = override_syntax_errors(argv) or [
+        p for p in [resume_override_error(argv), run_root_error(argv), _busy(argv)] if p]
     if problems:
         print("mmbridge train: error: " + "\n  ".join(problems), file=sys.stderr)
         return 1
@@ -191,6 +219,19 @@ def main(argv: list[str], registry: Registry | None = None) -> int:
         sys.argv = old
         _REGISTRY.clear()
     return _STATUS["code"]
+
+
+def _busy(argv: list[str]) -> str | None:
+    """A run directory named on the command line that another live run holds: refused before
+    Hydra writes its ``.hydra/`` record and ``train.log`` there."""
+    if {"-m", "--multirun"} & set(argv) or not is_global_zero():
+        return None  # a DDP launcher's rank > 0 shares rank 0's directory
+    run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None)
+    note = holder(Path(run_dir).expanduser()) if run_dir else None
+    if note is None:
+        return None
+    return (f"hydra.run.dir={run_dir}: this run directory is in use by another run ({describe(note)}); "
+            f"wait for it to finish, stop it, or write into another directory")
 
 
 if __name__ == "__main__":  # the DDP launcher's entry for ranks > 0

@@ -18,6 +18,7 @@ before anything is built, and every weight is then overwritten from ``weights.sa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -34,9 +35,10 @@ from safetensors.torch import load_file, save_model
 from mmbridge import __version__
 from mmbridge.assets import resolve_model_path
 from mmbridge.config import merge_overrides
-from mmbridge.errors import AssetError, CheckpointError
+from mmbridge.errors import AssetError, CheckpointError, IntegrityError, reading
 from mmbridge.plugin_manager import load_registry
 from mmbridge.registry import Registry
+from mmbridge.runtime.session import open_session
 from mmbridge.training.checkpoint import (
     FORMAT,
     FORMAT_PREFIX,
@@ -44,7 +46,6 @@ from mmbridge.training.checkpoint import (
     check_components,
     component_origins,
 )
-from mmbridge.runtime.session import open_session
 from mmbridge.training.stages import configure_trainable
 from mmbridge.validation import validate_config
 
@@ -64,9 +65,13 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
     if not file.is_file():
         return None
     try:
-        return json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        manifest = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
         raise CheckpointError(f"'{file}' is unreadable: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"'{file}': expected a JSON object (an export's manifest), "
+                              f"got {type(manifest).__name__}")
+    return manifest
 
 
 def _model_leaves(cfg: DictConfig) -> Iterator[tuple[str, str]]:
@@ -150,9 +155,52 @@ def write_bundle(session: Any, meta: dict[str, str], out: Path) -> dict[str, Any
     (out / "config.yaml").write_text(cfg_yaml)
     manifest = {"format": "bundle", "bundle_version": BUNDLE_VERSION, "mmbridge": __version__,
                 "stages": json.loads(meta.get("stages", "[]")), "components": origins, "files": files,
-                "weights": WEIGHTS, "tensors": len(model.state_dict())}
+                "weights": WEIGHTS, "tensors": len(model.state_dict()), "checksums": checksums(out)}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with file.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksums(root: Path) -> dict[str, str]:
+    """``relative path -> sha256`` of every file of a bundle that loading reads (all but the
+    manifest and the model card)."""
+    return {p.relative_to(root).as_posix(): _sha256(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root).as_posix() not in (MANIFEST, "README.md")}
+
+
+def verify_checksums(path: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists has the sha256 recorded when the bundle was written.
+
+    A bundle written before checksums were recorded (no ``checksums`` key) loads with one
+    warning.
+
+    Raises:
+        IntegrityError: naming each missing or changed file.
+    """
+    recorded = manifest.get("checksums")
+    if recorded is None:
+        log.warning("bundle '%s': no checksums in %s (written by an older mmbridge); its files are "
+                    "not verified", path, MANIFEST)
+        return
+    if not isinstance(recorded, dict):
+        raise IntegrityError(f"bundle '{path}': {MANIFEST} 'checksums' must map file -> sha256")
+    problems = []
+    for rel, digest in recorded.items():
+        file = path / rel
+        if not file.is_file():
+            problems.append(f"{rel} is missing")
+        elif _sha256(file) != digest:
+            problems.append(f"{rel} has changed since the bundle was written (sha256 differs)")
+    if problems:
+        raise IntegrityError(f"bundle '{path}' is damaged: {'; '.join(problems[:8])}"
+                             f"{' ...' if len(problems) > 8 else ''}; export it again from its checkpoint")
 
 
 def bundle_config(path: Path, manifest: dict[str, Any], registry: Registry) -> tuple[DictConfig, dict[str, str]]:
@@ -214,17 +262,22 @@ def open_bundle(path: str | Path, overrides: list[str] | None = None, registry: 
     manifest = read_manifest(p)
     if manifest is None:
         raise CheckpointError(f"'{path}': no {MANIFEST} there (not an mmbridge export)")
+    verify_checksums(p, manifest)
     registry = registry or load_registry()
-    cfg, meta = bundle_config(p, manifest, registry)
-    if overrides:
-        cfg = merge_overrides(cfg, overrides, registry)
-    validate_config(cfg, registry)
-    try:
-        session = open_session(cfg, registry, with_data=with_data, device=device, stage_data=False)
-    except AssetError as exc:
-        raise CheckpointError(f"bundle '{path}': {exc}") from exc
-    for stage in json.loads(meta.get("stages", "[]")):
-        configure_trainable(session.model, cfg.stages[stage])  # re-creates LoRA layers
-    load_all_weights(session.model, p / manifest.get("weights", WEIGHTS))
+    # one boundary: whatever a damaged file breaks inside (safetensors, tokenizers, transformers,
+    # OmegaConf raise their own types) is one CheckpointError naming the bundle
+    with reading(p, expected=f"a bundle written by `mmbridge export format=bundle` ({MANIFEST}, "
+                 f"config.yaml, {WEIGHTS}, files/)", also=(Exception,), error=CheckpointError):
+        cfg, meta = bundle_config(p, manifest, registry)
+        if overrides:
+            cfg = merge_overrides(cfg, overrides, registry)
+        validate_config(cfg, registry)
+        try:
+            session = open_session(cfg, registry, with_data=with_data, device=device, stage_data=False)
+        except AssetError as exc:
+            raise CheckpointError(f"bundle '{path}': {exc}") from exc
+        for stage in json.loads(meta.get("stages", "[]")):
+            configure_trainable(session.model, cfg.stages[stage])  # re-creates LoRA layers
+        load_all_weights(session.model, p / manifest.get("weights", WEIGHTS))
     session.model.eval()
     return session, meta
