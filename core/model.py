@@ -20,6 +20,7 @@ from torch import nn
 
 from mmbridge.build import build, split_node
 from mmbridge.connector import Connector
+from mmbridge.data.chat import IGNORE
 from mmbridge.encoder import ModalityEncoder
 from mmbridge.errors import AssemblyError, ConfigError, DataError
 from mmbridge.llm import LanguageModel
@@ -28,8 +29,6 @@ from mmbridge.prefix_kv import PrefixPlan, PrefixStore, plan_prefix, report
 from mmbridge.registry import Registry
 
 log = logging.getLogger(__name__)
-
-IGNORE = -100
 
 
 class Branch(nn.Module):

@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mmbridge.data.chat import IGNORE
+
 if TYPE_CHECKING:
     from mmbridge.model import MultimodalModel
 
 log = logging.getLogger(__name__)
-
-IGNORE = -100
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""One module per ``mmbridge`` subcommand; each exposes ``main(argv: list[str]) -> int`` and
-``HELP`` (one line for ``mmbridge --help``).
+"""One module per ``mmbridge`` subcommand; each exposes ``main(argv: list[str]) -> int``. Its
+one-line help for ``mmbridge --help`` is in :data:`mmbridge.cli.COMMANDS` (the only copy).
 
 A command module imports its heavy dependencies (training, evaluation, exports, Hydra) inside
 ``main``: ``mmbridge <command> --help`` imports the module only, so it stays fast. These

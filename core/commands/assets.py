@@ -14,8 +14,6 @@ from mmbridge.assets import Asset, cache_root, dir_size
 from mmbridge.errors import AssetError, did_you_mean
 from mmbridge.plugin_manager import load_registry
 
-HELP = "list the offline models (assets) and convert them into the cache"
-
 DESCRIPTION = """\
 List mmbridge's offline model catalogue: real pretrained weights that ship inside locally
 installed packages (no model hub is needed). Each asset is converted once into a standard

@@ -13,8 +13,6 @@ from mmbridge.errors import ConfigError
 from mmbridge.plugin_manager import load_registry
 from mmbridge.validation import config_errors
 
-HELP = "print the composed config for overrides; --groups lists every option"
-
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mmbridge config", description=(

@@ -9,7 +9,6 @@ from typing import Any
 
 from mmbridge.errors import ConfigError
 
-HELP = "a web page (Gradio) to chat about an image or audio: checkpoint=A [checkpoint=B]"
 USAGE = """usage: mmbridge demo checkpoint=PATH [checkpoint=PATH2] [host=127.0.0.1] [port=7860]
                      [device=DEV] [max_new_tokens=N]
 

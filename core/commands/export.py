@@ -7,7 +7,6 @@ from pathlib import Path
 from mmbridge.errors import ConfigError
 from mmbridge.preflight import dir_problem
 
-HELP = "export a checkpoint: checkpoint=PATH out=DIR format=hf|peft|bundle"
 USAGE = """usage: mmbridge export checkpoint=PATH out=DIR [format=bundle|peft|hf] [overwrite=true]
 
 Write a trained model out of mmbridge (every export holds a model card, README.md):

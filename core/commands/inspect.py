@@ -8,8 +8,6 @@ import json
 
 from mmbridge.errors import ConfigError
 
-HELP = "show what the model sees: a stage's first samples as text, tokens, labels and media slots"
-
 #: ``key=value`` arguments of the command itself (not config overrides).
 OPTIONS = ("stage", "n")
 

@@ -14,8 +14,6 @@ from mmbridge.docs import REGIONS, components_markdown, config_groups_markdown
 from mmbridge.plugin_manager import load_registry
 from mmbridge.registry import KINDS, Registry
 
-HELP = "list registered components by kind; `plugins check` runs the contract kit"
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmbridge plugins", description=(

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from mmbridge.errors import ConfigError
 
-HELP = "a sweep's results.csv/.md, plots and report.html; a run's report.html"
 USAGE = """usage: mmbridge report DIR [--metric KEY] [--out DIR] [--baseline KEY=VALUE ...] [--resamples N]
 
 Gather every metrics.json under DIR (a sweep directory, or any folder of runs) and write, into

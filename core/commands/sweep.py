@@ -13,7 +13,6 @@ from mmbridge.preflight import writable_dir_error
 from mmbridge.registry import Registry
 from mmbridge.validation import override_errors
 
-HELP = "run a grid of trainings (comma lists) and write results tables and plots"
 log = logging.getLogger("mmbridge.sweep")
 
 USAGE = """usage: mmbridge sweep [overrides ...] [--dir DIR] [--metric KEY] [--no-report]
