@@ -233,7 +233,7 @@ def test_the_site_builds_with_warnings_as_errors(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     api = (tmp_path / "site" / "reference" / "api" / "index.html").read_text(encoding="utf-8")
-    assert "mmbridge.api.load" in api and "Converter" in api  # mkdocstrings rendered the API
+    assert 'id="mmbridge.load"' in api and 'id="mmbridge.Converter"' in api  # mkdocstrings rendered it
     for page in PAGES:
         rel = Path(page).relative_to("docs").with_suffix("")
         html = tmp_path / "site" / ("index.html" if rel.name == "index" and rel.parent == Path(".")
