@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from mmbridge.build import build
 from mmbridge.data.batcher import Batcher
@@ -62,23 +62,20 @@ class EvalTools:
     asr: Tool | None = None
 
     @classmethod
-    def build(cls, registry: Registry, ev_cfg: DictConfig) -> EvalTools:
-        """The tools of the ``evaluation`` section ``ev_cfg``, built from ``registry``."""
+    def build(cls, registry: Registry, ev: Evaluation) -> EvalTools:
+        """The tools of the ``evaluation`` section ``ev``, built from ``registry``."""
         callers = {}
-        for cname, node in (ev_cfg.get("tool_callers") or {}).items():
+        for cname, node in ev.tool_callers.items():
             key = f"evaluation.tool_callers.{cname}"
             callers[str(cname)] = build_caller(registry, node, key)
-        ref = ev_cfg.get("reference_asr")
         asr = None
-        if ref and ev_cfg.get("wer_qtypes"):
-            # a config stored before the key existed: the schema's default
-            tool = str(ev_cfg.get("reference_asr_tool") or Evaluation.reference_asr_tool)
-            node = OmegaConf.create({"name": tool, "checkpoint": str(ref)})
+        if ev.reference_asr and ev.wer_qtypes:
+            node = OmegaConf.create({"name": ev.reference_asr_tool, "checkpoint": ev.reference_asr})
             asr = build(registry, "tool", node, "evaluation.reference_asr")
         return cls(callers, asr)
 
 
-def evaluate_items(model: MultimodalModel, ev_cfg: DictConfig, items: list[qa.QAItem],
+def evaluate_items(model: MultimodalModel, ev: Evaluation, items: list[qa.QAItem],
                    batcher: Batcher, tools: EvalTools, prefix: str = "",
                    records: list[dict] | None = None,
                    train: Sequence[Sample] | None = None) -> dict[str, Any]:
@@ -86,11 +83,10 @@ def evaluate_items(model: MultimodalModel, ev_cfg: DictConfig, items: list[qa.QA
     the no-media and chance (from ``train``) baselines with ``evaluation.baselines``, the
     answers through each tool caller and the reference recogniser; keys prefixed with
     ``prefix``, each answer appended to ``records``."""
-    kw: dict[str, Any] = {"max_new_tokens": int(ev_cfg.max_new_tokens),
-                          "batch_size": int(ev_cfg.batch_size),
-                          "wer_qtypes": list(ev_cfg.get("wer_qtypes") or [])}
+    kw: dict[str, Any] = {"max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size,
+                          "wer_qtypes": list(ev.wer_qtypes)}
     out: dict[str, Any] = qa.exact_match(model, items, batcher, prefix=prefix, records=records, **kw)
-    if ev_cfg.get("baselines", True):
+    if ev.baselines:
         out.update(qa.exact_match(model, items, batcher, prefix=f"{prefix}no_media/",
                                   without_media=True, records=records, **kw))
         if train:
@@ -98,7 +94,7 @@ def evaluate_items(model: MultimodalModel, ev_cfg: DictConfig, items: list[qa.QA
     for cname, caller in tools.callers.items():
         out.update(caller_exact_match(model, batcher, items, caller,
                                       prefix=f"{prefix}{cname}/", records=records,
-                                      max_new_tokens=int(ev_cfg.get("tool_max_new_tokens", 64))))
+                                      max_new_tokens=ev.tool_max_new_tokens))
     if tools.asr is not None:
         out.update(qa.reference_asr(items, tools.asr, kw["wer_qtypes"], prefix=f"{prefix}asr/",
                                     records=records))

@@ -26,21 +26,21 @@ def evaluate_session(session: Session, split: str | None = None, max_samples: in
     (``evaluation.reference_asr``) and the extra evaluation sets (``evaluation.extra_data``,
     keys prefixed with their name); every answer is written to ``predictions`` (JSON lines,
     atomically) when given."""
-    ev_cfg = session.cfg.evaluation
-    split = split or ev_cfg.split
+    ev = session.run.evaluation
+    split = split or ev.split
     if split not in session.splits:
         return {}
     records: list[dict] = []
-    limit = int(max_samples or ev_cfg.max_samples)
+    limit = int(max_samples or ev.max_samples)
     items = qa.qa_items(session.splits[split])[:limit]
-    tools = EvalTools.build(session.registry, ev_cfg)
-    out = evaluate_items(session.model, ev_cfg, items, session.batcher(), tools, "", records,
+    tools = EvalTools.build(session.registry, ev)
+    out = evaluate_items(session.model, ev, items, session.batcher(), tools, "", records,
                          train=session.splits.get("train"))
     out["n"] = len(items)
-    for name, data_cfg in (ev_cfg.get("extra_data") or {}).items():
+    for name, data_cfg in (session.cfg.evaluation.get("extra_data") or {}).items():
         samples = _extra_split(session, str(name), data_cfg, split)
         items = qa.qa_items(samples)[:limit]
-        extra = evaluate_items(session.model, ev_cfg, items, session.batcher(use_cache=False),
+        extra = evaluate_items(session.model, ev, items, session.batcher(use_cache=False),
                                tools, f"{name}/", records, train=None)
         extra[f"{name}/n"] = len(items)
         out.update(extra)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from mmbridge.errors import DataError
 from mmbridge.model import MultimodalModel, assemble
 from mmbridge.plugin_manager import load_registry
 from mmbridge.registry import Registry
+from mmbridge.runtime.config import RunConfig
 from mmbridge.training.checkpoint import load_weights, read_checkpoint
 from mmbridge.training.stages import configure_trainable, frozen_encoders
 from mmbridge.training.trainer import (
@@ -52,6 +54,12 @@ class Session:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     #: The data of each scheduled stage that has its own ``stages.<name>.data``.
     stage_splits: dict[str, Splits] = field(default_factory=dict)
+
+    @cached_property
+    def run(self) -> RunConfig:
+        """The typed sections of :attr:`cfg` (loader, evaluation, debug, top-level keys), parsed
+        once."""
+        return RunConfig.parse(self.cfg)
 
     def data_of(self, stage: str) -> Splits:
         """Stage ``stage``'s data: its own ``stages.<name>.data`` or, without one, the run's."""
@@ -110,7 +118,8 @@ def open_session(cfg: DictConfig, registry: Registry, with_data: bool = True,
     model.to(dev)
     tok = model.llm.tokenizer
     prefix = model.prefix
-    chat = ChatEncoder(tok, list(model.branches), max_length=int(cfg.loader.max_text_tokens),
+    run = RunConfig.parse(cfg)
+    chat = ChatEncoder(tok, list(model.branches), max_length=run.loader.max_text_tokens,
                        prefix_tokens=prefix.n_tokens if prefix is not None else 0,
                        meta_keys=prefix.meta_keys if prefix is not None else (),
                        conversation=stage_conversation(cfg)[0])
@@ -121,7 +130,8 @@ def open_session(cfg: DictConfig, registry: Registry, with_data: bool = True,
     for key, data in session.all_splits().items():
         check_media({f"{key}:{n}" if key != "data" else n: v for n, v in data.items()},
                     list(model.branches))
-    use_cache = bool(cfg.get("cache_features", True)) if cache is None else cache
+    session.run = run  # parsed above: the cached property's value
+    use_cache = run.root.cache_features if cache is None else cache
     if use_cache and any(session.all_splits().values()):
         fill_feature_cache(session)
     return session
@@ -142,7 +152,7 @@ def fill_feature_cache(session: Session) -> None:
         try:
             table, stats = load_or_compute(branch.encoder, paths, Path(cfg.paths.feature_cache_dir),
                                            autocast=autocast, device=session.device,
-                                           num_workers=int(cfg.loader.num_workers))
+                                           num_workers=session.run.loader.num_workers)
         except OSError as exc:
             raise DataError(f"feature cache at paths.feature_cache_dir={cfg.paths.feature_cache_dir}: {exc}") from exc
         session.tables[modality] = table
