@@ -1,12 +1,13 @@
 """``format=hf``: a ``transformers`` ``LlavaForConditionalGeneration`` and its processor.
 
-Only for models Llava computes exactly: an ``hf_vision`` tower (CLIP, SigLIP, DINOv2) read
-from layers Llava can select (``vision_feature_layer``, a list concatenates as mmbridge does),
-without pooling, the CLS token dropped (``default``) or kept (``full``); a ``linear`` or
-two-layer ``mlp`` connector (Llava's projector; ``linear`` is ``linear_1`` with an identity
-``linear_2`` and the ``linear`` activation); a causal LM, its LoRA merged by PEFT
-(``merge_and_unload``). Anything else is one :class:`ConfigError` naming the part, pointing to
-``format=bundle``: an export is exact or it is not written.
+Only for models Llava computes exactly. Each component describes its own part through the
+optional ``llava_parts()`` capability (:mod:`mmbridge.llava_parts`): among the built-ins, an
+``hf_vision`` tower (CLIP, SigLIP, DINOv2) read from layers Llava can select
+(``vision_feature_layer``, a list concatenates as mmbridge does), without pooling, the CLS token
+dropped (``default``) or kept (``full``); a ``linear`` or two-layer ``mlp`` connector (Llava's
+projector; a one-layer one gets an identity ``linear_2``); an ``hf_causal`` LM, its LoRA merged
+by PEFT (``merge_and_unload``). Anything else is one :class:`ConfigError` naming the part,
+pointing to ``format=bundle``: an export is exact or it is not written.
 
 The tokenizer gains an ``<image>`` token (the embedding and LM head grow by one row; its
 logit is suppressed in generation), the chat template is the one mmbridge trained with, and
@@ -18,6 +19,7 @@ run's LoRA is merged without rounding); ``from_pretrained(DIR, dtype=torch.bfloa
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,6 +35,7 @@ from transformers import (
 
 from mmbridge.errors import ConfigError
 from mmbridge.export.peft_format import peft_llm
+from mmbridge.llava_parts import LlavaProjector, LlavaText, LlavaUnrepresentable, LlavaVision
 
 IMAGE_TOKEN = "<image>"
 
@@ -71,14 +74,35 @@ def _refuse(part: str, why: str) -> ConfigError:
                        f"exactly. Use format=bundle (any model, loads with mmbridge.load)")
 
 
-def _kept_layers(enc: Any) -> int:
-    """How many blocks the encoder's tower still has (it drops those after its last feature layer)."""
-    top = max(enc.layers)
-    return max(top, 1) if top < enc.n_layers else enc.n_layers
+@dataclass(frozen=True)
+class LlavaPlan:
+    """The three parts of the model as Llava holds them (:mod:`mmbridge.llava_parts`)."""
+
+    vision: LlavaVision
+    projector: LlavaProjector
+    text: LlavaText
+    lora: bool  # the LLM carries LoRA adapters (merged by PEFT on export)
 
 
-def check_representable(session: Any) -> dict[str, Any]:
-    """The Llava settings of the model, or the error naming what Llava cannot represent."""
+def _part(component: Any, kind: type, where: str, name: str, role: str) -> Any:
+    """A component's Llava part, or the error naming the component (and its setting)."""
+    describe = getattr(component, "llava_parts", None)
+    if describe is None:
+        raise _refuse(f"{where} '{name}' ({type(component).__name__})",
+                      f"has no Llava {role} (its class offers no llava_parts())")
+    try:
+        part = describe()
+    except LlavaUnrepresentable as exc:
+        what = f"{where}.{exc.setting}" if exc.setting else f"{where} '{name}' ({exc.detail})"
+        raise _refuse(what, exc.why) from None
+    if not isinstance(part, kind):
+        raise _refuse(f"{where} '{name}' ({type(component).__name__})",
+                      f"describes itself as a {type(part).__name__}, not a Llava {role}")
+    return part
+
+
+def check_representable(session: Any) -> LlavaPlan:
+    """The model's Llava parts, or the error naming what Llava cannot represent."""
     model, cfg = session.model, session.cfg
     if model.prefix is not None:
         raise _refuse(f"alignment '{cfg.alignment.name}' (a learned sequence prefix)", "adds tokens Llava has no place for")
@@ -86,92 +110,43 @@ def check_representable(session: Any) -> dict[str, Any]:
         extra = sorted(set(model.branches) - {"image"}) or ["(no image branch)"]
         raise _refuse(f"the {', '.join(extra)} branch", "is not an image branch (Llava has one image tower)")
     branch = model.branches["image"]
-    enc, con = branch.encoder, branch.connector
     key = branch.key or ""
     enc_key, con_key = f"{key + '.' if key else ''}encoder", f"{key + '.' if key else ''}connector"
-    enc_name = str(OmegaConf.select(cfg, f"{enc_key}.name"))
-    con_name = str(OmegaConf.select(cfg, f"{con_key}.name"))
-    if type(enc).__name__ != "HFVisionEncoder":
-        raise _refuse(f"{enc_key} '{enc_name}' ({type(enc).__name__})", "is not an hf_vision (transformers) tower")
-    if enc.pool_to:
-        raise _refuse(f"{enc_key}.pool_to={enc.pool_to}", "pools the patch grid")
-    if enc.normalize_layers:
-        raise _refuse(f"{enc_key}.normalize_layers=true", "standardises each layer's features, which Llava's tower does not")
-    if enc.drop_cls and enc.prefix != 1:
-        raise _refuse(f"{enc_key}.drop_cls=true with {enc.prefix} prefix tokens (registers)",
-                      "drops more than the one CLS token Llava's 'default' strategy drops")
-    if getattr(enc, "_extra", {}):
-        raise _refuse(f"{enc_key}.image_size={enc.args.get('image_size')}",
-                      "interpolates the position embeddings, which Llava's tower call does not ask for")
-    if enc.n_layers in enc.layers:
-        probe = torch.zeros(1, 3, *enc.size, device=next(enc.model.parameters()).device,
-                            dtype=next(enc.model.parameters()).dtype)
-        with torch.no_grad():
-            out = enc.model(pixel_values=probe, output_hidden_states=True)
-        if not torch.equal(out.last_hidden_state, out.hidden_states[-1]):
-            raise _refuse(f"{enc_key}.feature_layer=-1 of {type(enc.model).__name__}",
-                          f"is the final layer norm's output, which no vision_feature_layer selects "
-                          f"(a layer 0..{enc.n_layers - 1} is)")
-    if type(con).__name__ == "LinearConverter" or (type(con).__name__ == "MLPConverter" and con.depth == 1):
-        act = "linear"
-    elif type(con).__name__ == "MLPConverter" and con.depth == 2 and con.hidden_dim == con.out_dim:
-        act = "gelu"
-    else:
-        detail = f"depth={con.depth}, hidden_dim={con.hidden_dim}" if type(con).__name__ == "MLPConverter" else type(con).__name__
-        raise _refuse(f"{con_key} '{con_name}' ({detail})",
-                      "is not Llava's projector (linear, or a 2-layer GELU MLP as wide as the LLM)")
-    llm = model.llm
-    if not hasattr(llm, "local_path") or not hasattr(llm, "model"):
-        raise _refuse(f"llm '{cfg.llm.name}' ({type(llm).__name__})", "is not an hf_causal model")
-    if getattr(llm, "gguf_file", None):
-        raise _refuse(f"llm.gguf_file={llm.gguf_file}", "is a dequantised GGUF checkpoint")
-    layers = [int(a) for a in enc.layers]
-    return {"act": act, "layers": layers[0] if len(layers) == 1 else layers,
-            "strategy": "default" if enc.drop_cls else "full", "kept": _kept_layers(enc)}
+    vision = _part(branch.encoder, LlavaVision, enc_key, str(OmegaConf.select(cfg, f"{enc_key}.name")),
+                   "vision tower")
+    projector = _part(branch.connector, LlavaProjector, con_key,
+                      str(OmegaConf.select(cfg, f"{con_key}.name")), "projector")
+    text = _part(model.llm, LlavaText, "llm", str(cfg.llm.name), "text model")
+    return LlavaPlan(vision, projector, text, lora=model.llm.lora_config is not None)
 
 
-def merged_llm(llm: Any) -> Any:
+def merged_llm(llm: Any, text: LlavaText, lora: bool) -> Any:
     """The LLM as a plain ``*ForCausalLM``: LoRA merged by PEFT (``merge_and_unload``), or a
     copy of the fully trained / frozen model (``Any``: used through Hugging Face's duck-typed
     ``get_input_embeddings`` / ``config``, which its annotations type as a bare ``nn.Module``)."""
-    if getattr(llm, "_lora", None) is not None:
+    if lora:
         return peft_llm(llm).merge_and_unload().eval()
-    return copy.deepcopy(llm.model).eval()
+    return copy.deepcopy(text.model).eval()
 
 
-def _projector(con: Any, act: str, proj: Any) -> None:
-    """Copy the connector's weights (a plugin's ``net`` / ``proj`` layers) into Llava's
-    ``multi_modal_projector`` (``linear_1``, ``linear_2``)."""
+def _projector(part: LlavaProjector, proj: Any) -> None:
+    """Copy the connector's layers into Llava's ``multi_modal_projector``; a one-layer
+    projector gets an identity ``linear_2``."""
     with torch.no_grad():
-        if act == "gelu":
-            first, second = con.net[0], con.net[2]
-            proj.linear_1.load_state_dict(first.state_dict())
-            proj.linear_2.load_state_dict(second.state_dict())
+        proj.linear_1.load_state_dict(part.linear_1.state_dict())
+        if part.linear_2 is not None:
+            proj.linear_2.load_state_dict(part.linear_2.state_dict())
         else:
-            first = con.proj if hasattr(con, "proj") else con.net[0]
-            proj.linear_1.load_state_dict(first.state_dict())
             proj.linear_2.weight.copy_(torch.eye(proj.linear_2.weight.shape[0]))
             proj.linear_2.bias.zero_()
-
-
-def _image_processor(enc: Any) -> Any:
-    h, w = enc.size
-    common: dict[str, Any] = {"do_resize": True, "resample": int(enc.resample), "do_rescale": True, "rescale_factor": 1 / 255,
-              "do_normalize": True, "image_mean": list(enc.mean), "image_std": list(enc.std),
-              "do_convert_rgb": True}
-    if enc.resize_shortest:
-        return CLIPImageProcessorPil(size={"shortest_edge": int(enc.resize_shortest)}, do_center_crop=True,
-                                     crop_size={"height": h, "width": w}, **common)
-    return CLIPImageProcessorPil(size={"height": h, "width": w}, do_center_crop=False, **common)
 
 
 def write_hf(session: Any, meta: dict[str, str], out: Path) -> dict[str, Any]:
     """Write the Llava model, tokenizer, processor and generation config into ``out``."""
     plan = check_representable(session)
-    model = session.model
-    enc, con, llm = model.branches["image"].encoder, model.branches["image"].connector, model.llm
-    text = merged_llm(llm).to("cpu")
-    tok = AutoTokenizer.from_pretrained(llm.local_path)
+    vision, llm = plan.vision, session.model.llm
+    text = merged_llm(llm, plan.text, plan.lora).to("cpu")
+    tok = AutoTokenizer.from_pretrained(plan.text.tokenizer_path)
     template = parts_template(session.chat.template)  # what mmbridge trained with, + parts
     tok.chat_template = template
     if tok.pad_token is None:
@@ -189,35 +164,43 @@ def write_hf(session: Any, meta: dict[str, str], out: Path) -> dict[str, Any]:
                 head.weight[vocab:] = 0
     # the tower as mmbridge runs it: the blocks after its last feature layer are gone (and a
     # backbone's stage selection, which names them, with them)
-    tower = {k: v for k, v in enc.model.config.to_dict().items() if k not in ("out_features", "out_indices")}
-    vision_config = enc.model.config.__class__.from_dict({**tower, "num_hidden_layers": plan["kept"]})
+    tower_config = cast(Any, vision.tower).config
+    tower = {k: v for k, v in tower_config.to_dict().items() if k not in ("out_features", "out_indices")}
+    vision_config = tower_config.__class__.from_dict({**tower, "num_hidden_layers": vision.num_hidden_layers})
     # image_token_id: an alias of image_token_index (LlavaConfig.attribute_map), not in the signature
     config = LlavaConfig(vision_config=vision_config, text_config=text.config, image_token_id=image_id,  # type: ignore[call-arg]
-                         projector_hidden_act=plan["act"], vision_feature_layer=plan["layers"],
-                         vision_feature_select_strategy=plan["strategy"], multimodal_projector_bias=True,
-                         image_seq_length=enc.num_tokens(None),
+                         projector_hidden_act=plan.projector.act, vision_feature_layer=vision.feature_layer,
+                         vision_feature_select_strategy=vision.select_strategy, multimodal_projector_bias=True,
+                         image_seq_length=vision.num_tokens,
                          tie_word_embeddings=bool(getattr(text.config, "tie_word_embeddings", False)))
     dtype = next(text.parameters()).dtype
     with torch.device("cpu"):
         llava = LlavaForConditionalGeneration(config).to(dtype).eval()
     with torch.no_grad():
-        llava.model.vision_tower.load_state_dict({k: v.to("cpu") for k, v in enc.model.state_dict().items()})
+        llava.model.vision_tower.load_state_dict({k: v.to("cpu") for k, v in vision.tower.state_dict().items()})
         llava.model.language_model.load_state_dict(text.get_decoder().state_dict())
         llava.lm_head.load_state_dict(text.get_output_embeddings().state_dict())
-        _projector(con, plan["act"], llava.model.multi_modal_projector)
+        _projector(plan.projector, llava.model.multi_modal_projector)
     llava.generation_config = text.generation_config
     llava.generation_config.update(pad_token_id=tok.pad_token_id, eos_token_id=llm.tokenizer.eos_token_id,
                                    suppress_tokens=[image_id])
     llava.save_pretrained(str(out))
-    processor = LlavaProcessor(image_processor=_image_processor(enc), tokenizer=tok, patch_size=enc.patch,
-                               vision_feature_select_strategy=plan["strategy"], image_token=IMAGE_TOKEN,
-                               num_additional_image_tokens=enc.prefix, chat_template=template)
+    processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(**vision.image_processor), tokenizer=tok,
+                               patch_size=vision.patch_size, vision_feature_select_strategy=vision.select_strategy,
+                               image_token=IMAGE_TOKEN, num_additional_image_tokens=vision.prefix_tokens,
+                               chat_template=template)
     processor.save_pretrained(str(out))
     return {"format": "hf", "architecture": "LlavaForConditionalGeneration", "image_token_id": image_id,
-            "vision_feature_layer": plan["layers"], "vision_feature_select_strategy": plan["strategy"],
-            "projector_hidden_act": plan["act"], "lora_merged": getattr(llm, "_lora", None) is not None,
-            "image_tokens": enc.num_tokens(None),
+            "vision_feature_layer": vision.feature_layer, "vision_feature_select_strategy": vision.select_strategy,
+            "projector_hidden_act": plan.projector.act, "lora_merged": plan.lora,
+            "image_tokens": vision.num_tokens,
             "card": ["## Notes", "",
                      f"`{IMAGE_TOKEN}` was added to the tokenizer (id {image_id}); its logit is "
                      f"suppressed in generation. Prompts are the chat template mmbridge trained with, "
-                     f"`{IMAGE_TOKEN}` + newline first in the user turn.", ""]}
+                     f"`{IMAGE_TOKEN}` + newline first in the user turn; content parts "
+                     f"(`{{\"type\": \"image\"}}`, text) render the same way.", "",
+                     "The processor reproduces mmbridge's preprocessing exactly with "
+                     "`AutoProcessor.from_pretrained(DIR, backend=\"pil\")`. The default backend "
+                     "(torchvision, whenever it is installed: transformers offers no saved setting "
+                     "to choose PIL) resizes with its own bicubic filter, up to one 8-bit level "
+                     "away; images already at the tower's input size get identical pixels.", ""]}

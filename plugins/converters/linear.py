@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from mmbridge.connector import Converter
+from mmbridge.llava_parts import LlavaProjector
 
 
 class LinearConverter(Converter):
@@ -21,6 +22,10 @@ class LinearConverter(Converter):
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__(in_dim, out_dim)
         self.proj = nn.Linear(self.in_dim, self.out_dim)
+
+    def llava_parts(self) -> LlavaProjector:
+        """Llava's ``multi_modal_projector`` with one linear layer (:mod:`mmbridge.llava_parts`)."""
+        return LlavaProjector("linear", self.proj)
 
     def out_tokens(self, n_in: int) -> int:
         return n_in

@@ -7,6 +7,7 @@ from torch import nn
 
 from mmbridge.connector import Converter
 from mmbridge.errors import ConfigError
+from mmbridge.llava_parts import LlavaProjector, LlavaUnrepresentable
 
 
 class MLPConverter(Converter):
@@ -37,6 +38,16 @@ class MLPConverter(Converter):
                 layers.append(nn.GELU())
             layers.append(nn.Linear(widths[k], widths[k + 1]))
         self.net = nn.Sequential(*layers)
+
+    def llava_parts(self) -> LlavaProjector:
+        """Llava's ``multi_modal_projector`` (:mod:`mmbridge.llava_parts`): one linear layer, or
+        LLaVA-1.5's two-layer GELU MLP as wide as the LLM."""
+        if self.depth == 1:
+            return LlavaProjector("linear", self.net[0])
+        if self.depth == 2 and self.hidden_dim == self.out_dim:
+            return LlavaProjector("gelu", self.net[0], self.net[2])
+        raise LlavaUnrepresentable("is not Llava's projector (linear, or a 2-layer GELU MLP as wide "
+                                   "as the LLM)", detail=f"depth={self.depth}, hidden_dim={self.hidden_dim}")
 
     def out_tokens(self, n_in: int) -> int:
         return n_in

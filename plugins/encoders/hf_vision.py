@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from mmbridge.assets import resolve_model_path
 from mmbridge.encoder import ModalityEncoder
 from mmbridge.errors import ConfigError
+from mmbridge.llava_parts import LlavaUnrepresentable, LlavaVision
 from mmbridge.plugins.encoders._image import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -276,6 +277,50 @@ class HFVisionEncoder(ModalityEncoder):
         feats = patches if self.drop_cls else torch.cat([tokens[:, :self.prefix], patches], dim=1)
         mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
         return feats.float(), mask
+
+    def llava_parts(self) -> LlavaVision:
+        """This tower as Llava's ``vision_tower`` (:mod:`mmbridge.llava_parts`), or why not."""
+        if self.pool_to:
+            raise LlavaUnrepresentable("pools the patch grid", f"pool_to={self.pool_to}")
+        if self.normalize_layers:
+            raise LlavaUnrepresentable("standardises each layer's features, which Llava's tower does not",
+                                       "normalize_layers=true")
+        if self.pad_to_square:
+            raise LlavaUnrepresentable("pads the image to a square, which Llava's image processor "
+                                       "does not", "image_aspect_ratio=pad")
+        if self.drop_cls and self.prefix != 1:
+            raise LlavaUnrepresentable("drops more than the one CLS token Llava's 'default' strategy "
+                                       "drops", f"drop_cls=true with {self.prefix} prefix tokens (registers)")
+        if self._extra:
+            raise LlavaUnrepresentable("interpolates the position embeddings, which Llava's tower call "
+                                       "does not ask for", f"image_size={self.args.get('image_size')}")
+        param = next(self.model.parameters())
+        if self.n_layers in self.layers:
+            probe = torch.zeros(1, 3, *self.size, device=param.device, dtype=param.dtype)
+            with torch.no_grad():
+                out = self.model(pixel_values=probe, output_hidden_states=True)
+            if not torch.equal(out.last_hidden_state, out.hidden_states[-1]):
+                raise LlavaUnrepresentable(
+                    f"is the final layer norm's output, which no vision_feature_layer selects (a "
+                    f"layer 0..{self.n_layers - 1} is)", f"feature_layer=-1 of {type(self.model).__name__}")
+        top = max(self.layers)
+        h, w = self.size
+        processor: dict[str, Any] = {
+            "do_resize": True, "resample": int(self.resample), "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(self.mean),
+            "image_std": list(self.std), "do_convert_rgb": True}
+        if self.resize_shortest:
+            processor.update(size={"shortest_edge": int(self.resize_shortest)}, do_center_crop=True,
+                             crop_size={"height": h, "width": w})
+        else:
+            processor.update(size={"height": h, "width": w}, do_center_crop=False)
+        layers = [int(a) for a in self.layers]
+        return LlavaVision(tower=self.model,
+                           num_hidden_layers=max(top, 1) if top < self.n_layers else self.n_layers,
+                           feature_layer=layers[0] if len(layers) == 1 else layers,
+                           select_strategy="default" if self.drop_cls else "full",
+                           image_processor=processor, patch_size=self.patch,
+                           prefix_tokens=self.prefix, num_tokens=self.num_tokens(None))
 
     def cache_identity(self) -> dict[str, Any]:
         return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "args": self.args,

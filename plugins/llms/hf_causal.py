@@ -15,6 +15,7 @@ from torch import nn
 
 from mmbridge.assets import resolve_model_path
 from mmbridge.errors import CheckpointError, ConfigError
+from mmbridge.llava_parts import LlavaText, LlavaUnrepresentable
 from mmbridge.llm import LanguageModel
 from mmbridge.lora import inject_lora, mark_adapters_trainable, quantization_config
 from mmbridge.precision import parse_dtype
@@ -373,6 +374,13 @@ class HFCausalLM(LanguageModel):
         with torch.no_grad():
             for k, v in state.items():
                 own[k].copy_(v)
+
+    def llava_parts(self) -> LlavaText:
+        """This model as Llava's text model (:mod:`mmbridge.llava_parts`); not from a GGUF file
+        (dequantised weights are not the file's)."""
+        if self.gguf_file:
+            raise LlavaUnrepresentable("is a dequantised GGUF checkpoint", f"gguf_file={self.gguf_file}")
+        return LlavaText(model=self.model, tokenizer_path=str(self.local_path))
 
     def identity(self) -> dict[str, Any]:
         """What determines this LLM (for checkpoints): class, path, GGUF file, dtype, chat

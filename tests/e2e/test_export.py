@@ -369,7 +369,7 @@ def test_hf_llava_gives_the_same_logits_and_greedy_answer(towers, tower, extra, 
 
 
 @pytest.mark.parametrize("extra,match", [
-    ([], r"encoder 'timm' \(TimmEncoder\) is not an hf_vision"),
+    ([], r"encoder 'timm' \(TimmEncoder\) has no Llava vision tower"),
     (["HF", "encoder.pool_to=2"], r"encoder.pool_to=2 pools the patch grid"),
     (["HF", "encoder.feature_layer=[1,0]", "encoder.normalize_layers=true"],
      r"encoder.normalize_layers=true standardises each layer's features"),
@@ -377,6 +377,8 @@ def test_hf_llava_gives_the_same_logits_and_greedy_answer(towers, tower, extra, 
     (["HF", "encoder.feature_layer=1", "connector=qformer"], r"connector 'qformer' \(QFormer"),
     (["HF", "encoder.feature_layer=1", "connector=mlp", "connector.depth=3"], r"connector 'mlp' \(depth=3"),
     (["HF", "encoder.feature_layer=1", "alignment=aligngpt"], r"alignment 'aligngpt'"),
+    (["HF", "encoder.feature_layer=1", "encoder.image_aspect_ratio=pad"],
+     r"encoder.image_aspect_ratio=pad pads the image to a square"),
 ])
 def test_hf_refuses_what_llava_cannot_represent(towers, extra, match, tmp_path):
     overrides = hf_overrides(towers["dinov2"], *extra[1:]) if extra[:1] == ["HF"] else TINY
@@ -386,3 +388,15 @@ def test_hf_refuses_what_llava_cannot_represent(towers, extra, match, tmp_path):
         export(ckpt, tmp_path / "hf", format="hf", registry=shared_registry())
     assert "Use format=bundle" in str(err.value)
     assert not (tmp_path / "hf").exists()
+
+
+def test_the_hf_export_asks_components_not_their_classes():
+    """Core reads each part through the llava_parts() capability: no plugin class name and no
+    private attribute of a component in the exporter."""
+    import re
+
+    import mmbridge.export.hf as hf
+
+    source = Path(hf.__file__).read_text()
+    assert not re.search(r"HFVisionEncoder|MLPConverter|LinearConverter|HFCausalLM|_lora\b|\._extra|"
+                         r"\.net\[|\.proj\b", source)
