@@ -210,6 +210,14 @@ def read_checkpoint(path: str | Path, registry: Registry | None = None,
         raise CheckpointError(f"'{p}' is the weights file of a format=bundle export whose mmbridge.json "
                               f"is missing: restore it, or export the bundle again from its checkpoint")
     _check_format(meta, p)
+    for key, kind in (("stages", list), ("components", dict), ("lora", bool)):
+        try:
+            ok = key not in meta or isinstance(json.loads(meta[key]), kind)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise CheckpointError(f"checkpoint '{p}': its metadata '{key}' is not a JSON {kind.__name__} "
+                                  f"(a damaged or hand-made file?)")
     if registry is not None:
         check_components(meta, registry, str(p))
     try:

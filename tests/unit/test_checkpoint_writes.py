@@ -9,6 +9,7 @@ import errno
 import shutil
 
 import pytest
+import torch
 from test_checkpoints import fit, loader, make_model  # noqa: F401  (loader: a module fixture)
 
 from mmbridge import io as mio
@@ -131,7 +132,6 @@ def test_feature_cache_shard_on_a_full_disk_names_it_and_keeps_complete_shards(t
 
 
 def test_a_checkpoint_whose_stored_config_is_not_yaml_is_named(tmp_path):
-    import torch
     from safetensors.torch import save_file
 
     from mmbridge.errors import CheckpointError
@@ -141,4 +141,17 @@ def test_a_checkpoint_whose_stored_config_is_not_yaml_is_named(tmp_path):
               metadata={"config": "a: [1\n b: : 2", "format": "mmbridge-1"})
     with pytest.raises(CheckpointError, match=rf"checkpoint '{tmp_path}/weights.safetensors': the config in "
                                               r"its metadata is unreadable \("):
+        read_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(("key", "value"), [("stages", "[align"), ("components", "[]"), ("lora", "maybe")])
+def test_a_checkpoint_with_damaged_metadata_is_named(tmp_path, key, value):
+    from safetensors.torch import save_file
+
+    from mmbridge.errors import CheckpointError
+    from mmbridge.training.checkpoint import read_checkpoint
+
+    meta = {"config": "seed: 0", "format": "mmbridge-1", "stages": "[]", key: value}
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "weights.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match=rf"weights.safetensors': its metadata '{key}' is not a JSON"):
         read_checkpoint(tmp_path)
