@@ -199,8 +199,12 @@ def inspect(overrides: Sequence[str] = (), stage: str | None = None, n: int = 2,
                        prefix_tokens=prefix.n_tokens if prefix is not None else 0,
                        meta_keys=prefix.meta_keys if prefix is not None else (),
                        conversation=stage_conversation(cfg)[0])  # the run's, as open_session's
-    session = Session(cfg, registry, model, chat, load_splits(cfg, registry),
-                      stage_splits=load_stage_splits(cfg, registry))
+    # only the data the stage reads: its own stages.<name>.data, else the run's
+    own = cfg.stages[name].get("data") is not None
+    just_this = cfg.copy()
+    just_this.schedule = [name]
+    session = Session(cfg, registry, model, chat, {} if own else load_splits(cfg, registry),
+                      stage_splits=load_stage_splits(just_this, registry) if own else {})
     data = session.data_of(name)
     split = str(cfg.stages[name].split)
     if split not in data:

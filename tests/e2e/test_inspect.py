@@ -103,17 +103,18 @@ def llava_data(tmp_path_factory):
     return root
 
 
-def _llava(llama_dir, llava_data, stage, tmp_path, **kw):
+def _llava(llama_dir, llava_data, stage, tmp_path, mix: str = "mix.json", **kw):
     return mmbridge.inspect(
         ["experiment=llava15_7b", "encoder=tiny_vit", f"llm.path={llama_dir}", "llm.dtype=float32",
-         "trainer=cpu", f"data.train={llava_data / 'mix.json'}", f"data.media_root={llava_data}",
+         "trainer=cpu", f"data.train={llava_data / mix}", f"data.media_root={llava_data}",
          f"stages.align.data.train={llava_data / 'pretrain.json'}",
          f"stages.align.data.media_root={llava_data}"],
         stage=stage, n=2, registry=shared_registry(), **kw)
 
 
 def test_llava15_align_is_plain_with_padded_images(llama_dir, llava_data, tmp_path):
-    (r,) = _llava(llama_dir, llava_data, "align", tmp_path, images=tmp_path / "png")
+    # the align stage reads its own data only: the run's (instruct's) file is never opened
+    (r,) = _llava(llama_dir, llava_data, "align", tmp_path, mix="absent.json", images=tmp_path / "png")
     tok = LlamaTokenizer.from_pretrained(llama_dir)
     assert r["conversation"] == {"name": "plain", "key": "stages.align.conversation"}
     # LLaVA's preprocess_plain: BOS, the image, the caption and "\n"; the question dropped
