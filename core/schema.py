@@ -114,9 +114,9 @@ ENCODER_MODE = Rule(lambda v: isinstance(v, bool) or v in ENCODER_MODES,
 
 @dataclass
 class Train:
+    # the encoder: frozen (false), lora (encoder_lora), last_n (encoder_last_n) or full (true)
     encoder: bool | str = spec(False, ENCODER_MODE)
-    # train.encoder: last_n -- how many of the encoder's last blocks train
-    encoder_last_n: int | None = spec(None, ge(1))
+    encoder_last_n: int | None = spec(None, ge(1))  # train.encoder=last_n: its last N blocks train
     connector: bool = True
     llm: str = spec("frozen", one_of(*LLM_MODES))
 
@@ -144,24 +144,34 @@ class Lora:
     standing for ``lora_alpha`` / ``lora_dropout``; any other ``LoraConfig`` key passes through
     (checked against its fields, see :data:`extra_keys`)."""
 
-    r: int = spec(16, ge(1))
-    alpha: float = spec(32, gt(0))
-    dropout: float = spec(0.05, unit(hi_open=True))
+    r: int = spec(16, ge(1))  # LoRA rank
+    alpha: float = spec(32, gt(0))  # LoRA scaling numerator (scale = alpha / r); lora_alpha
+    dropout: float = spec(0.05, unit(hi_open=True))  # dropout on the LoRA input; lora_dropout
+    # module names that get adapters, or all-linear (every linear layer but the output head)
     target_modules: list[str] | str = spec(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
                                            rule=LORA_TARGETS)
-    use_dora: bool = False  # weight-decomposed LoRA (2402.09353)
+    use_dora: bool = False  # weight-decomposed LoRA (DoRA, 2402.09353)
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) (2312.03732)
-    bias: str = spec("none", one_of("none", "all", "lora_only"))
-    modules_to_save: list[str] | None = None  # trained in full beside the adapters
+    bias: str = spec("none", one_of("none", "all", "lora_only"))  # which biases train too
+    modules_to_save: list[str] | None = None  # modules trained in full beside the adapters
     extra_keys = staticmethod(_peft_lora_keys)
     extra_source = "peft.LoraConfig"
 
 
 @dataclass
 class EncoderLora(Lora):
-    """``stages.<name>.encoder_lora``: the encoder's adapters (``train.encoder: lora``)."""
+    """``stages.<name>.encoder_lora``: the encoder's adapters (``train.encoder: lora``), the
+    same keys as :class:`Lora` (repeated here: the reference page documents each field)."""
 
+    r: int = spec(16, ge(1))  # LoRA rank
+    alpha: float = spec(32, gt(0))  # LoRA scaling numerator (scale = alpha / r); lora_alpha
+    dropout: float = spec(0.05, unit(hi_open=True))  # dropout on the LoRA input; lora_dropout
+    # module names that get adapters; all-linear: every linear layer of the encoder
     target_modules: list[str] | str = spec("all-linear", LORA_TARGETS)
+    use_dora: bool = False  # weight-decomposed LoRA (DoRA, 2402.09353)
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) (2312.03732)
+    bias: str = spec("none", one_of("none", "all", "lora_only"))  # which biases train too
+    modules_to_save: list[str] | None = None  # modules trained in full beside the adapters
 
 
 #: ``stages.<name>.optimizer.name`` options (torch.optim; see BridgeModule.configure_optimizers).
@@ -172,10 +182,9 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
 class Optimizer:
     name: str = spec("adamw", one_of(*OPTIMIZERS))
     lr: float = spec(1.0e-3, gt(0))
-    # per-component learning rates (LLaVA's mm_projector_lr); null: lr
-    connector_lr: float | None = spec(None, gt(0))
-    encoder_lr: float | None = spec(None, gt(0))
-    llm_lr: float | None = spec(None, gt(0))
+    connector_lr: float | None = spec(None, gt(0))  # the connector's lr (mm_projector_lr); null: lr
+    encoder_lr: float | None = spec(None, gt(0))  # the encoder's lr; null: lr
+    llm_lr: float | None = spec(None, gt(0))  # the LLM's (and its adapters') lr; null: lr
     weight_decay: float = spec(0.0, ge(0))
     betas: list[float] = spec(factory=lambda: [0.9, 0.98], rule=BETAS)  # adamw, adam
     momentum: float = spec(0.9, unit(hi_open=True))  # sgd (Nesterov when > 0)
@@ -202,11 +211,12 @@ class Stage:
 
     train: Train = spec(factory=Train)
     lora: Lora = spec(factory=Lora)
-    encoder_lora: EncoderLora = spec(factory=EncoderLora)
+    encoder_lora: EncoderLora = spec(factory=EncoderLora)  # train.encoder=lora
     optimizer: Optimizer = spec(factory=Optimizer)
     split: str = "train"
-    max_steps: int | None = spec(100, ge(1))  # null: from epochs
-    # passes over the stage's data (its steps: mmbridge.training.stages.stage_steps); null: max_steps
+    # optimiser steps of the stage (an upper bound with a budget); null: from epochs
+    max_steps: int | None = spec(100, ge(1))
+    # passes over the stage's data; when set, they decide the steps (not max_steps)
     epochs: float | None = spec(None, gt(0))
     batch_size: int = spec(16, ge(1))
     val_every: int = spec(50, ge(1))

@@ -119,7 +119,7 @@ def check_section(key: str, data: Any, schema: type) -> list[str]:
             if name in extra:
                 continue
             where = key or "the top level"
-            more = f"; or a key of {schema.extra_source}" if extra else ""
+            more = f"; or a key of {getattr(schema, 'extra_source', 'its library')}" if extra else ""
             errors.append(f"{sub}={_show(value)}: not a key of {where}"
                           f"{did_you_mean(str(name), [*fields, *extra])}; valid: {', '.join(fields)}{more}")
             continue
