@@ -367,6 +367,9 @@ def test_evaluation_records_what_the_gate_decided(llm, samples):
     gates = [r["prefix"]["gate"] for r in records]
     assert len(gates) == 3 and all(len(g) == LEVELS - 1 for g in gates)
     assert all(abs(sum(g) - 1) < 1e-3 for g in gates)
+    # the run report's gate plot: each level's mean weight over the question type
+    from mmbridge.run_report import gate_section
+    assert f"level 1 colour: {sum(g[0] for g in gates) / 3:.3f}" in gate_section(records)
     # the weights recorded are the gate's on each question's own prompt (batch of 2, then 1)
     model.eval()
     with torch.no_grad():
