@@ -266,10 +266,10 @@ def train(overrides: Sequence[str] = (), run_dir: str | Path | None = None,
     Returns:
         The run directory and its metrics (``metrics.json``).
     """
-    from mmbridge.commands.train import run_task
     from mmbridge.config import compose
     from mmbridge.plugin_manager import load_registry
 
+    from mmbridge.runtime.task import run_task
     registry = registry or load_registry()
     overrides = list(overrides)
     cfg = compose(overrides, registry)

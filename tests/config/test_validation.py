@@ -148,7 +148,7 @@ def no_training(monkeypatch):
 
 
 def test_run_task_validates_before_building(registry, tmp_path, no_training):
-    from mmbridge.commands.train import run_task
+    from mmbridge.runtime.task import run_task
 
     cfg = tiny("stages.align.optimizer.lr=abc", "connector.depth=abc", f"paths.cache_dir={tmp_path}/c",
                registry=registry)
@@ -160,7 +160,7 @@ def test_run_task_validates_before_building(registry, tmp_path, no_training):
 
 @pytest.mark.parametrize("key", ["paths.cache_dir", "paths.feature_cache_dir", "run directory"])
 def test_unwritable_outputs_are_refused_at_start(registry, tmp_path, no_training, key):
-    from mmbridge.commands.train import run_task
+    from mmbridge.runtime.task import run_task
 
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
@@ -211,7 +211,7 @@ def test_resume_applies_safe_overrides(run_dir, registry):
 
 
 def test_resume_refuses_unsafe_overrides_with_the_list(run_dir, registry, no_training):
-    from mmbridge.commands.train import run_task
+    from mmbridge.runtime.task import run_task
 
     overrides = [f"resume={run_dir}", "stages.align.max_steps=5", "connector=linear",
                  "stages.instruct.optimizer.lr=0.1", "evaluation.max_samples=7"]

@@ -35,10 +35,7 @@ ABOVE_PLUGINS = ("mmbridge.training", "mmbridge.evaluation", "mmbridge.runtime",
 
 #: Package-level edges known to close a cycle, each with what removes it (rule 2 holds for
 #: every other edge). Keep this empty.
-PENDING_EDGES: dict[tuple[str, str], str] = {
-    ("mmbridge.api", "mmbridge.commands"): "api.train() calls commands.train.run_task: run_task "
-    "moves to the run layer (mmbridge.runtime) once the run-dir lock in commands/train.py lands",
-}
+PENDING_EDGES: dict[tuple[str, str], str] = {}
 
 
 def core_modules(root: Path = CORE, prefix: str = "mmbridge") -> dict[str, Path]:

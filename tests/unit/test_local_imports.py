@@ -27,17 +27,17 @@ PENDING = "file under the orchestration refactor (issue 19): review when it land
 
 #: file (relative to core/) -> {imported module: why it is imported inside a function}
 ALLOWED: dict[str, dict[str, str]] = {
-    "api.py": {"mmbridge.export.source": IMPORT, "mmbridge.commands.train": IMPORT,
+    "api.py": {"mmbridge.export.source": IMPORT, "mmbridge.runtime.task": IMPORT,
                "mmbridge.config": IMPORT, "mmbridge.plugin_manager": IMPORT},
     "commands/evaluate.py": {"mmbridge.evaluation.benchmarks": CLI, "mmbridge.runtime.evaluate": CLI,
                              "mmbridge.export.source": CLI, "mmbridge.plugin_manager": CLI},
     "commands/export.py": {"mmbridge.export": CLI},
+    "commands/serve.py": {"uvicorn": OPTIONAL, "mmbridge.serving": OPTIONAL, "mmbridge": CLI},
+    "inputs.py": {"soundfile": OPTIONAL},
     # PEFT imports transformers (seconds); only runs that use LoRA or QLoRA need them
     "lora.py": {"peft": HEAVY, "transformers": HEAVY, "bitsandbytes": OPTIONAL},
     "schema.py": {"peft": HEAVY},  # only when a LoRA section has a key beyond the common ones
     "precision.py": {"torch.distributed.fsdp": HEAVY},  # FSDP runs only
-    "commands/serve.py": {"uvicorn": OPTIONAL, "mmbridge.serving": OPTIONAL, "mmbridge": CLI},
-    "inputs.py": {"soundfile": OPTIONAL},
     "commands/generate.py": {"mmbridge.api": CLI, "mmbridge.attention_maps": CLI},
     "commands/plan.py": {"mmbridge.plan": CLI},
     "commands/inspect.py": {"mmbridge.inspection": CLI},
@@ -49,9 +49,8 @@ ALLOWED: dict[str, dict[str, str]] = {
     "commands/demo.py": {"gradio": OPTIONAL, "mmbridge.api": CLI},
     "commands/sweep.py": {"hydra.core.override_parser.overrides_parser": CLI, "hydra.errors": CLI,
                           "mmbridge.commands": CLI, "mmbridge.reporting": CLI},
-    "commands/train.py": {"mmbridge.preflight": CLI, "mmbridge.runs": CLI, "mmbridge.runtime.train": CLI,
-                          "mmbridge.validation": CLI, "hydra.core.hydra_config": CLI, "hydra.types": CLI,
-                          "hydra": CLI},
+    "commands/train.py": {"mmbridge.runs": CLI, "mmbridge.runtime.task": CLI, "hydra.core.hydra_config": CLI,
+                          "hydra.types": CLI, "hydra": CLI},
     "config.py": {"hydra": STARTUP, "hydra.core.global_hydra": STARTUP, "hydra.errors": STARTUP},
     "preflight.py": {"hydra.core.override_parser.overrides_parser": STARTUP, "hydra.errors": STARTUP},
     "validation.py": {"lightning": STARTUP, "lightning.pytorch.accelerators": STARTUP,
