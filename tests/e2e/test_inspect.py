@@ -33,6 +33,8 @@ def test_inspect_tiny_instruct_json(tmp_path, monkeypatch):
         raise AssertionError("inspect loaded the LLM's weights")
 
     monkeypatch.setattr(HFCausalLM, "__init__", no_weights)  # the meta-device path only
+    registry = shared_registry()  # the command's own build skipped: the suite shares one
+    monkeypatch.setattr("mmbridge.plugin_manager.load_registry", lambda *a, **k: registry)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rc = cli(["inspect", "experiment=tiny", "stage=instruct", "n=2", "--json",
