@@ -247,3 +247,23 @@ def test_the_formats_jinja_template_renders_the_same(llama_tok, name):
             got = llama_tok.apply_chat_template(part, chat_template=chat.template, tokenize=False,
                                                 add_generation_prompt=k < len(msgs))
             assert got == want, (name, k)
+
+
+def test_chatml_is_smollm2s_own_template_token_for_token(registry):
+    """Standard ChatML = a real ChatML model's template (SmolLM2-135M-Instruct, offline)."""
+    from transformers import AutoTokenizer
+
+    asset = registry.get("asset", "smollm2-135m-instruct").create()
+    if not asset.is_converted():
+        pytest.skip("the offline SmolLM2 is not converted (scripts/setup.sh converts it)")
+    tok = AutoTokenizer.from_pretrained(asset.location())
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What colour is the circle?"}, {"role": "assistant", "content": "Red."}]
+    chat = ChatEncoder(tok, ["image"], conversation=ConversationSpec("chatml"))
+    assert chat.render(msgs) == tok.apply_chat_template(msgs, tokenize=False)
+    assert chat.render(msgs[:2], add_generation_prompt=True) == tok.apply_chat_template(
+        msgs[:2], tokenize=False, add_generation_prompt=True)
+    enc = chat.encode(msgs, {})
+    own = tok.apply_chat_template(msgs, tokenize=True)
+    assert enc.input_ids == list(own["input_ids"] if hasattr(own, "keys") else own)
+    assert supervised_runs(tok, enc) == ["Red.<|im_end|>"]
