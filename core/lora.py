@@ -42,6 +42,25 @@ def linear_names(module: nn.Module) -> list[str]:
     return sorted(names - set(HEAD_NAMES))
 
 
+def linear_targets(module: nn.Module) -> list[str]:
+    """What ``all-linear`` resolves to: for each ``nn.Linear`` inside ``module`` but output
+    heads, the shortest name suffix that names linear layers only (``q_proj``; ``attn.proj`` in a
+    ViT whose ``patch_embed.proj`` is a convolution). Suffixes, not full paths: PEFT applies
+    ``layers_to_transform`` to suffix matches only."""
+    modules = {n: m for n, m in module.named_modules() if n and ".lora_" not in f".{n}"}
+    linear = {n for n, m in modules.items()
+              if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in HEAD_NAMES}
+    targets = set()
+    for path in sorted(linear):
+        parts = path.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if all(p in linear for p in modules if p == suffix or p.endswith("." + suffix)):
+                targets.add(suffix)
+                break
+    return sorted(targets)
+
+
 def peft_config(settings: Mapping[str, Any], key: str, module: nn.Module | None = None,
                 **fixed: Any) -> Any:
     """The ``peft.LoraConfig`` of ``settings`` (:func:`lora_settings`).
@@ -74,7 +93,7 @@ def peft_config(settings: Mapping[str, Any], key: str, module: nn.Module | None 
     if module is not None and targets is not None:
         linear = linear_names(module)
         if targets == "all-linear":
-            kwargs["target_modules"] = linear
+            kwargs["target_modules"] = linear_targets(module)
         elif isinstance(targets, str):
             pass  # a regular expression: PEFT matches it
         else:

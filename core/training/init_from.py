@@ -19,8 +19,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mmbridge.errors import CheckpointError, ConfigError
-from mmbridge.lora import lora_settings
+from mmbridge.lora import has_lora, inject_lora, lora_settings
 from mmbridge.model import MultimodalModel
+from mmbridge.precision import encoder_mode
 from mmbridge.registry import Registry
 from mmbridge.training.checkpoint import WEIGHTS, read_checkpoint
 from mmbridge.training.stages import frozen_encoders
@@ -68,6 +69,19 @@ def _add_lora_like_source(model: MultimodalModel, source_cfg: DictConfig, stages
                           f"({', '.join(stages)}) trained LoRA")
 
 
+def _add_encoder_lora_like_source(model: MultimodalModel, source_cfg: DictConfig, stages: list[str]) -> None:
+    """The same for the encoders' adapters (``train.encoder: lora`` in a source stage)."""
+    for name in stages:
+        stage = source_cfg.stages.get(name)
+        if stage is not None and encoder_mode(stage.train) == "lora":
+            for branch in model.branches.values():
+                if not has_lora(branch.encoder):
+                    inject_lora(branch.encoder, lora_settings(stage.encoder_lora), "encoder_lora")
+            return
+    raise CheckpointError("init_from: the checkpoint holds encoder LoRA adapters but none of its "
+                          f"stages ({', '.join(stages)}) trained the encoder with LoRA")
+
+
 def load_init_weights(model: MultimodalModel, cfg: DictConfig,
                       registry: Registry | None = None) -> list[str]:
     """Copy the weights of ``cfg.init_from`` into ``model``; returns the names loaded (empty when
@@ -92,6 +106,9 @@ def load_init_weights(model: MultimodalModel, cfg: DictConfig,
     stages = json.loads(meta.get("stages", "[]"))
     if any("lora_" in k and k.startswith("llm.") for k in weights) and model.llm.lora_config is None:
         _add_lora_like_source(model, source_cfg, stages)
+    if any("lora_" in k and ".encoder." in k for k in weights) and not all(
+            has_lora(b.encoder) for b in model.branches.values()):
+        _add_encoder_lora_like_source(model, source_cfg, stages)
     own = dict(model.named_parameters())
     unknown = sorted(k for k in weights if k not in own)
     shapes = sorted(f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"

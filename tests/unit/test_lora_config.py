@@ -141,3 +141,30 @@ def test_qlora_trains_adapters_over_4bit_weights_on_cuda(tmp_path):
     before = [p.detach().clone() for p in trained]
     opt.step()
     assert any((p.detach() - b).abs().max() > 0 for p, b in zip(trained, before))
+
+
+def test_init_from_carries_the_encoders_adapters(tmp_path):
+    """A run starting from a stage that trained the encoder with LoRA gets its adapters, with
+    the source's settings, holding the source's tensors."""
+    from mmbridge.training.checkpoint import save_checkpoint
+    from mmbridge.training.init_from import load_init_weights
+
+    cfg = compose([*BASE, "stages.align.train.encoder=lora", "stages.align.encoder_lora.r=2"],
+                  shared_registry())
+    source = assemble(cfg, shared_registry())
+    configure_trainable(source, cfg.stages.align)
+    with torch.no_grad():
+        for n, p in source.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    run = tmp_path / "run"
+    save_checkpoint(source, cfg, run / "checkpoints" / "align_final", ["align"], registry=shared_registry())
+    target_cfg = compose([*BASE, f"init_from={run}:align", "cache_features=false"], shared_registry())
+    target = assemble(target_cfg, shared_registry())
+    names = load_init_weights(target, target_cfg, shared_registry())
+    lora = [n for n in names if "lora_B" in n and ".encoder." in n]
+    # r = 2, the source's; the linear layers only (not patch_embed.proj, a convolution)
+    assert len(lora) == 8 and all(target.state_dict()[n].shape == (target.state_dict()[n].shape[0], 2)
+                                  for n in lora)
+    for n in lora:
+        torch.testing.assert_close(target.state_dict()[n], source.state_dict()[n])
