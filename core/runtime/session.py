@@ -114,7 +114,7 @@ def open_session(cfg: DictConfig, registry: Registry, with_data: bool = True,
     log.info("precision %s, weights %s: %s", decision.precision, decision.weight_dtype, decision.reason)
     dev = resolve_device(device if device is not None else cfg.get("device"),
                          str((cfg.get("trainer") or {}).get("accelerator", "auto")))
-    model = assemble(resolve_auto_dtypes(cfg, decision.weight_dtype), registry)
+    model = assemble(resolve_auto_dtypes(cfg, decision), registry)  # trained components: fp32
     model.to(dev)
     tok = model.llm.tokenizer
     prefix = model.prefix
