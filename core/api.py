@@ -132,7 +132,8 @@ class Model:
         for k, msgs in enumerate(batch):
             if not msgs or msgs[-1].get("role") == "assistant":
                 raise ConfigError(f"chat: conversation {k} must end with a user (or tool) turn")
-            turns, parts = [], {}
+            turns: list[dict[str, str]] = []
+            parts: dict[str, list[str]] = {}
             for i, t in enumerate(msgs):
                 if "role" not in t or "content" not in t:
                     raise MediaError(f"messages[{i}]: a message needs 'role' and 'content'")
@@ -268,8 +269,8 @@ def train(overrides: Sequence[str] = (), run_dir: str | Path | None = None,
     """
     from mmbridge.config import compose
     from mmbridge.plugin_manager import load_registry
-
     from mmbridge.runtime.task import run_task
+
     registry = registry or load_registry()
     overrides = list(overrides)
     cfg = compose(overrides, registry)

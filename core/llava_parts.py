@@ -12,7 +12,7 @@ not exportable as Llava. The export never looks at a component's class or privat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from torch import nn
 
@@ -56,7 +56,7 @@ class LlavaVision:
     tower: nn.Module
     num_hidden_layers: int
     feature_layer: int | list[int]
-    select_strategy: str
+    select_strategy: Literal["default", "full"]
     image_processor: dict[str, Any]
     patch_size: int
     prefix_tokens: int

@@ -148,6 +148,17 @@ def test_eight_concurrent_requests_get_their_own_answers(client, images, expecte
     assert answers == expected
 
 
+def test_a_seed_repeats_a_sampled_answer(client, images):
+    def sample(seed: int) -> str:
+        r = client.chat.completions.create(model="tiny", messages=user(data_url(images[2])),
+                                           max_tokens=8, temperature=1.5, top_p=0.95, seed=seed)
+        return r.choices[0].message.content or ""
+
+    first = sample(1)
+    assert sample(1) == first
+    assert any(sample(s) != first for s in (2, 3, 4))  # sampling: other seeds, other answers
+
+
 def test_stop_cuts_the_answer(client, images, expected):
     word = expected[0].split()[-1] if " " in expected[0] else expected[0][-2:]
     r = client.chat.completions.create(model="tiny", messages=user(data_url(images[0])),
@@ -198,6 +209,7 @@ def test_bad_requests_get_openai_errors(client, server, images, tmp_path):
 def test_sigterm_stops_the_server_cleanly(server, client):
     # last in the module: the server fixture is done after this test
     proc, base, log, _ = server
+    client.close()  # its idle keep-alive connections would hold uvicorn's shutdown a few seconds
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, log.read_text()
     port = int(base.rsplit(":", 1)[1])
