@@ -32,7 +32,8 @@ MAX_PIXELS_ENV = "MMBRIDGE_MAX_IMAGE_PIXELS"
 DEFAULT_MAX_PIXELS = 64_000_000
 #: What PIL raises while reading a damaged or non-image file (a truncated PNG raises
 #: ``OSError``, a truncated GIF ``EOFError``, some plugins ``SyntaxError`` or ``struct.error``).
-_DECODE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, struct.error, Image.DecompressionBombError)
+_DECODE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, struct.error,
+                  Image.DecompressionBombError)
 
 
 def max_image_pixels() -> int:

@@ -89,9 +89,10 @@ class RunMetrics:
         """A record from a ``metrics.json`` object (older files: missing keys at defaults)."""
         known = {f.name for f in fields(cls)} - {"extra"}
         kw: dict[str, Any] = {k: v for k, v in d.items() if k in known}
-        kw["stages"] = {str(k): StageMetrics.from_dict(v) for k, v in (d.get("stages") or {}).items()}
-        kw["precision"] = PrecisionRecord(**{k: str(v) for k, v in (d.get("precision") or {}).items()
-                                             if k in {f.name for f in fields(PrecisionRecord)}})
+        stages, precision = d.get("stages") or {}, d.get("precision") or {}
+        kw["stages"] = {str(k): StageMetrics.from_dict(v) for k, v in stages.items()}
+        keys = {f.name for f in fields(PrecisionRecord)}
+        kw["precision"] = PrecisionRecord(**{k: str(v) for k, v in precision.items() if k in keys})
         kw["extra"] = {k: v for k, v in d.items() if k not in known}
         return cls(**kw)
 

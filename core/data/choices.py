@@ -21,7 +21,8 @@ def choice_prompt(question: str, options: Sequence[str], hint: str | None = None
     """The question in the LLaVA / MMBench layout (``Context:`` hint, question, ``A. ...``
     lines, instruction) and its options by letter."""
     opts = dict(zip(option_letters(len(options)), (str(o) for o in options), strict=True))
-    lines = ([f"Context: {hint}"] if hint else []) + [question] + [f"{k}. {v}" for k, v in opts.items()]
+    lines = [f"Context: {hint}"] if hint else []
+    lines += [question, *(f"{k}. {v}" for k, v in opts.items())]
     if instruction:
         lines.append(instruction)
     return "\n".join(lines), opts

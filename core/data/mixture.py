@@ -51,7 +51,8 @@ def mixture_errors(node: Mapping[str, Any], key: str) -> list[str]:
     sources = get("sources")
     if not isinstance(sources, Sequence) or isinstance(sources, str) or not sources:
         return [*errors, f"{key}.sources={sources!r}: expected a non-empty list of data-set "
-                         f"nodes, each with a weight, e.g. [{{name: llava, train: ..., weight: 1}}]"]
+                         "nodes, each with a weight, e.g. "
+                         "[{name: llava, train: ..., weight: 1}]"]
     for i, src in enumerate(sources):
         w = src.get("weight") if isinstance(src, Mapping) else None
         if isinstance(w, bool) or not isinstance(w, int | float) or not w > 0:

@@ -83,6 +83,6 @@ def prepare_stage(session: Session, name: str, samples: Sequence[Sample] | None 
     train_ds = batcher.dataset(train, recipe, seed=seed, split=stage.split)
     val_ds = batcher.dataset(val, recipe, seed=seed + 1, split="val")
     if check:
-        reports = [truncation_report(train_ds)] + ([truncation_report(val_ds)] if len(val_ds) else [])
-        check_truncation(reports, max_share=float(cfg.loader.max_truncated_share), stage=name)
+        reports = [truncation_report(d) for d in (train_ds, val_ds) if d is train_ds or len(d)]
+        check_truncation(reports, max_share=session.run.loader.max_truncated_share, stage=name)
     return StageData(recipe, batcher, splits, train_ds, val_ds)

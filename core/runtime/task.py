@@ -53,7 +53,8 @@ def run_task(cfg: DictConfig, output_dir: Path, overrides: list[str] | None = No
                          also=(Exception,), error=ConfigError):  # YAML's and OmegaConf's own errors
                 stored = OmegaConf.load(saved)
             if not isinstance(stored, DictConfig):
-                raise ConfigError(f"resume={resume}: {saved} is not a run's config (a YAML mapping)")
+                raise ConfigError(f"resume={resume}: {saved} is not a run's config "
+                                  f"(a YAML mapping)")
             _check_state(run_dir / "state.json")
             cfg = resume_config(stored, cfg, overrides or [], run_dir)
             validate_config(cfg, registry, output_dir=run_dir)

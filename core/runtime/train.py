@@ -34,9 +34,11 @@ from mmbridge.progress import interactive
 from mmbridge.registry import Registry
 from mmbridge.run_metrics import PrecisionRecord, RunMetrics, StageMetrics
 from mmbridge.run_report import report_at_end
+from mmbridge.runtime.config import RunConfig
 from mmbridge.runtime.evaluate import evaluate_session
 from mmbridge.runtime.session import Session, open_session
 from mmbridge.runtime.stage import prepare_stage
+from mmbridge.schema import Loader
 from mmbridge.training.callbacks import Interrupted, InterruptGuard, ProgressLog, StopOnSignal
 from mmbridge.training.checkpoint import (
     SafeCheckpointIO,
@@ -77,12 +79,12 @@ WARMUP_STEPS = 3
 MIN_STAGE_SECONDS = 10.0
 
 
-def _loader(ds: ConversationDataset, batch_size: int, collate: Collator, shuffle: bool, cfg: DictConfig,
+def _loader(ds: ConversationDataset, batch_size: int, collate: Collator, shuffle: bool, loader: Loader,
             seed: int) -> StatefulDataLoader:
     """A resumable loader (:mod:`mmbridge.training.loader`): Lightning checkpoints its position."""
-    lengths = modality_lengths(ds.samples) if shuffle and cfg.loader.get("group_by_length") else None
+    lengths = modality_lengths(ds.samples) if shuffle and loader.group_by_length else None
     return make_loader(ds, batch_size, collate, shuffle=shuffle, seed=seed,
-                       num_workers=int(cfg.loader.num_workers), lengths=lengths)
+                       num_workers=loader.num_workers, lengths=lengths)
 
 
 def run_stage(session: Session, name: str, out_dir: Path, resume: bool, guard: InterruptGuard | None = None,
@@ -105,19 +107,20 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool, guard: I
         log.info("stage %s: %g epoch(s) of %d samples = %d steps", name, float(stage.epochs),
                  len(data.train_ds), int(stage.max_steps))
     seed, bs = int(cfg.seed), int(stage.batch_size)
-    train_dl = _loader(data.train_ds, bs, data.batcher.collator, True, cfg, seed)
-    val_dl = _loader(data.val_ds, bs, data.batcher.collator, False, cfg, seed) if len(data.val_ds) else None
-    ev_cfg = cfg.evaluation
+    loader, collate = session.run.loader, data.batcher.collator
+    train_dl = _loader(data.train_ds, bs, collate, True, loader, seed)
+    val_dl = _loader(data.val_ds, bs, collate, False, loader, seed) if len(data.val_ds) else None
+    ev = session.run.evaluation
     sharded = shards_parameters(cfg.trainer)  # FSDP / ZeRO-3: no generation outside the forward pass
     # questions asked in the run's conversation format (a stage's own, e.g. plain, drops them)
-    evaluator = None if sharded else ValQuestions(data.val_samples, session.batcher(), int(ev_cfg.val_samples),
-                                                  int(ev_cfg.max_new_tokens), int(ev_cfg.batch_size))
+    evaluator = None if sharded else ValQuestions(data.val_samples, session.batcher(), ev.val_samples,
+                                                  ev.max_new_tokens, ev.batch_size)
     ckpt_dir = out_dir / "checkpoints" / name
     found = resumable_checkpoint(ckpt_dir) if resume else None  # last.ckpt, else the newest good one
     ckpt_path = str(found) if found is not None else None
     t0 = time.perf_counter()
     module = BridgeModule(model, stage, evaluator=evaluator)
-    record = bool((cfg.get("debug") or {}).get("record_sample_ids", False))
+    record = session.run.debug.record_sample_ids
     if record:
         module.seen_ids = []
     if ckpt_path is None and val_dl is not None and not sharded:  # the starting point of the val curve
@@ -159,7 +162,7 @@ def build_trainer(session: Session, name: str, out_dir: Path, guard: InterruptGu
     if stopper is not None:
         callbacks.append(stopper)
     if not tty:
-        every = int(cfg.get("progress_every") or 50)
+        every = session.run.root.progress_every
         callbacks.append(ProgressLog(name, max_steps, budget_s, every_n=every))
     loggers = make_loggers(cfg, out_dir, name)
     tidy_lightning_output()
@@ -252,9 +255,9 @@ def train(cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = Fal
     t_start = time.perf_counter()
     m_start = time.monotonic()
     check_schedule(cfg)
-    budget_min = cfg.get("budget_minutes")
-    budget_s = float(budget_min) * 60 if budget_min else None
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    run = RunConfig.parse(cfg)
+    budget_s = run.root.budget_minutes * 60 if run.root.budget_minutes else None
+    L.seed_everything(run.root.seed, workers=True, verbose=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     if is_global_zero():  # rank 0 alone writes the run's files (mmbridge.training.distributed)
         atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
