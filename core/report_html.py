@@ -65,11 +65,13 @@ def img_tag(uri: str, alt: str, cls: str = "pic") -> str:
     return f'<img class="{cls}" src="{uri}" alt="{esc(alt)}">'
 
 
-def table(head: Sequence[str] | None, rows: Sequence[Sequence[object]], numeric: Sequence[bool] = ()) -> str:
+def table(head: Sequence[str] | None, rows: Sequence[Sequence[object]],
+          numeric: Sequence[bool] = ()) -> str:
     """An HTML table (no header row when ``head`` is None); cells are escaped;
     ``numeric[i]`` right-aligns column ``i``."""
     def td(i: int, v: object) -> str:
-        return f'<td class="num">{esc(v)}</td>' if i < len(numeric) and numeric[i] else f"<td>{esc(v)}</td>"
+        cls = ' class="num"' if i < len(numeric) and numeric[i] else ""
+        return f"<td{cls}>{esc(v)}</td>"
     body = "".join("<tr>" + "".join(td(i, v) for i, v in enumerate(r)) + "</tr>" for r in rows)
     top = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>" if head else ""
     return "<table>" + top + body + "</table>"
@@ -125,10 +127,12 @@ class _Frame:
 
     def y(self, v: float) -> float:
         lo, hi = self.yt[0], self.yt[-1]
-        return self.h - self.bottom - (v - lo) / ((hi - lo) or 1) * (self.h - self.top - self.bottom)
+        span = self.h - self.top - self.bottom
+        return self.h - self.bottom - (v - lo) / ((hi - lo) or 1) * span
 
     def svg(self, title: str, xlabel: str, ylabel: str, xticks: bool = True) -> str:
-        out = [f'<text x="{self.w / 2}" y="16" text-anchor="middle" font-weight="bold">{esc(title)}</text>']
+        out = [f'<text x="{self.w / 2}" y="16" text-anchor="middle" '
+               f'font-weight="bold">{esc(title)}</text>']
         for t in self.yt:
             out.append(f'<line x1="{self.left}" x2="{self.w - self.right}" y1="{self.y(t):.1f}" '
                        f'y2="{self.y(t):.1f}" stroke="#eee"/><text x="{self.left - 4}" '
@@ -137,9 +141,11 @@ class _Frame:
             for t in self.xt:
                 out.append(f'<text x="{self.x(t):.1f}" y="{self.h - self.bottom + 14}" '
                            f'text-anchor="middle">{_tick(t)}</text>')
-        out.append(f'<rect x="{self.left}" y="{self.top}" width="{self.w - self.left - self.right}" '
+        out.append(f'<rect x="{self.left}" y="{self.top}" '
+                   f'width="{self.w - self.left - self.right}" '
                    f'height="{self.h - self.top - self.bottom}" fill="none" stroke="#999"/>')
-        out.append(f'<text x="{self.w / 2}" y="{self.h - 6}" text-anchor="middle">{esc(xlabel)}</text>')
+        out.append(f'<text x="{self.w / 2}" y="{self.h - 6}" '
+                   f'text-anchor="middle">{esc(xlabel)}</text>')
         out.append(f'<text transform="translate(13 {self.h / 2}) rotate(-90)" '
                    f'text-anchor="middle">{esc(ylabel)}</text>')
         return "".join(out)
@@ -235,5 +241,6 @@ def forest_chart(rows: Sequence[tuple[str, float, float, float, bool]], title: s
                     f'stroke="{COLOURS[0]}" stroke-width="2"/><circle cx="{f.x(d):.1f}" cy="{y}" '
                     f'r="4.5" stroke="{COLOURS[0]}" fill="{COLOURS[0] if sig else "white"}">'
                     f'<title>{d:+.3f} [{lo:+.3f}, {hi:+.3f}]</title></circle>')
-    body.append(f'<text x="{(f.left + w) / 2}" y="{h - 6}" text-anchor="middle">{esc(xlabel)}</text>')
+    body.append(f'<text x="{(f.left + w) / 2}" y="{h - 6}" '
+                f'text-anchor="middle">{esc(xlabel)}</text>')
     return _svg(w, h, "".join(body), title)

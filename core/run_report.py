@@ -120,7 +120,8 @@ def gallery_section(preds: list[dict[str, Any]], attention: AttentionFn | None =
     for p in right + wrong:
         path = _image_of(p)
         uri = file_uri(path, 160) if path else None
-        pic = img_tag(uri, f"held-out image {p.get('id')}", "") if uri else "<p>(image not found)</p>"
+        alt = f"held-out image {p.get('id')}"
+        pic = img_tag(uri, alt, "") if uri else "<p>(image not found)</p>"
         question = str(p.get("question", "")).replace("<image>", "").strip()
         cards.append(f'<div class="card {"ok" if p.get("correct") else "bad"}">{pic}'
                      f"<div><b>{esc(p.get('qtype', ''))}</b>: {esc(question)}</div>"
@@ -183,10 +184,11 @@ def summary_section(run_dir: Path, metrics: dict[str, Any]) -> str:
             ["trainable / total parameters",
              f"{params.get('trainable', '?'):,} / {params.get('total', '?'):,}"
              if params else "?"],
-            ["visual tokens", ", ".join(f"{k}: {v}" for k, v in metrics.get("visual_tokens", {}).items())],
+            ["visual tokens",
+             ", ".join(f"{k}: {v}" for k, v in metrics.get("visual_tokens", {}).items())],
             ["wall time", f"{metrics.get('wall_s', math.nan):.0f} s"],
             ["overrides", " ".join(metrics.get("overrides", []))]]
-    return table(None, rows)
+    return table(None, [r for r in rows if r[1]])
 
 
 def _f(x: Any) -> str:

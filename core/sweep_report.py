@@ -55,7 +55,8 @@ def results_section(report: Report, names: dict[tuple[str, ...], str]) -> str:
         if report.baseline is not None:
             c = comps.get(r.config, {}).get("test/exact_match")
             diff = ("baseline" if r is report.baseline else "—" if c is None else
-                    f"{c.diff:+.3f} [{c.low:+.3f}, {c.high:+.3f}]" + (" *" if c.significant else ""))
+                    f"{c.diff:+.3f} [{c.low:+.3f}, {c.high:+.3f}]"
+                    + (" *" if c.significant else ""))
             cells.insert(3, diff)
         body.append(cells)
     note = ("Mean ± sample std over each configuration's seeds (test split). "
@@ -64,7 +65,8 @@ def results_section(report: Report, names: dict[tuple[str, ...], str]) -> str:
                if report.baseline is not None else
                "Run <code>mmbridge report DIR --baseline KEY=VALUE</code> for paired "
                "differences with intervals and the forest plot."))
-    return ('<h2 id="results">Results</h2>' + table(head, body, [False, True, *(True for _ in head[2:])])
+    numeric = [False, True, *(True for _ in head[2:])]
+    return ('<h2 id="results">Results</h2>' + table(head, body, numeric)
             + f'<p class="note">{note}</p>')
 
 
@@ -104,8 +106,8 @@ def curves_section(rows: list[Row], names: dict[tuple[str, ...], str]) -> str:
             for x, y in curve:
                 points.setdefault(x, []).append(y)
         if points:
-            series.append(Series(names[r.config], [(x, sum(v) / len(v)) for x, v in sorted(points.items())],
-                                 COLOURS[i % 10]))
+            mean = [(x, sum(v) / len(v)) for x, v in sorted(points.items())]
+            series.append(Series(names[r.config], mean, COLOURS[i % 10]))
     if not series:
         return ""
     return ('<h2 id="curves">Learning curves</h2>'
@@ -123,7 +125,8 @@ def disagreement_section(rows: list[Row], names: dict[tuple[str, ...], str]) -> 
         for run in r.runs:
             for p in read_json_lines(run.path / "predictions.jsonl"):
                 if p.get("mode") == "media":
-                    votes.setdefault(p["id"], Counter())[(p.get("prediction", ""), bool(p.get("correct")))] += 1
+                    said = (p.get("prediction", ""), bool(p.get("correct")))
+                    votes.setdefault(p["id"], Counter())[said] += 1
                     info.setdefault(p["id"], p)
         answers[r.config] = {q: c.most_common(1)[0][0] for q, c in votes.items()}
     common = set.intersection(*(set(a) for a in answers.values())) if answers else set()
@@ -137,12 +140,15 @@ def disagreement_section(rows: list[Row], names: dict[tuple[str, ...], str]) -> 
         p = info[q]
         img = (p.get("media") or {}).get("image")
         uri = file_uri(img, 160) if isinstance(img, str) and Path(img).is_file() else None
-        pic = f'<img src="{uri}" alt="held-out image {esc(q)}">' if uri else "<p>(image not found)</p>"
-        lines = "".join(f"<div>{'✓' if answers[r.config][q][1] else '✗'} {esc(names[r.config])}: "
+        pic = (f'<img src="{uri}" alt="held-out image {esc(q)}">' if uri
+               else "<p>(image not found)</p>")
+        lines = "".join(f"<div>{'✓' if answers[r.config][q][1] else '✗'} "
+                        f"{esc(names[r.config])}: "
                         f"<b>{esc(answers[r.config][q][0]) or '(empty)'}</b></div>" for r in rows)
         question = str(p.get("question", "")).replace("<image>", "").strip()
-        cards.append(f'<div class="card">{pic}<div><b>{esc(p.get("qtype", ""))}</b>: {esc(question)}'
-                     f"</div><div>reference: <b>{esc(p.get('answer', ''))}</b></div>{lines}</div>")
+        cards.append(f'<div class="card">{pic}<div><b>{esc(p.get("qtype", ""))}</b>: '
+                     f"{esc(question)}</div><div>reference: <b>{esc(p.get('answer', ''))}</b>"
+                     f"</div>{lines}</div>")
     return (f'<h2 id="disagree">Where the configurations disagree</h2><p class="note">{len(split)} '
             f"of {len(common)} held-out questions are answered right by some configurations and "
             f"wrong by others (the first {len(cards)} shown).</p>"
@@ -155,7 +161,8 @@ def write_sweep_report(report: Report, out_dir: str | Path | None = None) -> Pat
     names = {r.config: row_name(r, keys) for r in report.rows}
     n_runs = sum(len(r.runs) for r in report.rows)
     intro = (f'<p>{n_runs} runs in {len(report.rows)} configurations under <code>{esc(report.root)}'
-             "</code>" + (f"; {len(report.unfinished)} unfinished" if report.unfinished else "") + ".</p>")
+             "</code>" + (f"; {len(report.unfinished)} unfinished" if report.unfinished else "")
+             + ".</p>")
     sections = [intro, results_section(report, names), forest_section(report, names),
                 curves_section(report.rows, names), disagreement_section(report.rows, names)]
     path = Path(out_dir or report.root) / REPORT

@@ -28,7 +28,8 @@ def parse(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or key not in KEYS:
-            raise ConfigError(f"'{arg}': expected one of {', '.join(k + '=...' for k in KEYS)}\n{USAGE}")
+            options = ", ".join(k + "=..." for k in KEYS)
+            raise ConfigError(f"'{arg}': expected one of {options}\n{USAGE}")
         if key == "checkpoint":
             checkpoints.append(value)
         else:
@@ -69,7 +70,8 @@ def build(models: dict[str, Any], max_new_tokens: int = 48) -> Any:
             # raw text, as `mmbridge generate` prints it (no Markdown rendering of model output)
             chats = [gr.Chatbot(label=name, elem_id=f"chat{i}", height=360, render_markdown=False)
                      for i, name in enumerate(models)]
-        question = gr.Textbox(label="question", elem_id="question", placeholder="What is in the image?")
+        question = gr.Textbox(label="question", elem_id="question",
+                              placeholder="What is in the image?")
         with gr.Row():
             ask = gr.Button("Ask", variant="primary", elem_id="ask")
             clear = gr.Button("New conversation", elem_id="clear")
@@ -81,7 +83,8 @@ def build(models: dict[str, Any], max_new_tokens: int = 48) -> Any:
             for model, hist in zip(models.values(), histories):
                 hist = [{"role": t["role"], "content": _text(t["content"])} for t in hist or []]
                 reply = answer(model, hist, q, {"image": img, "audio": aud}, max_new_tokens)
-                out.append([*hist, {"role": "user", "content": q}, {"role": "assistant", "content": reply}])
+                out.append([*hist, {"role": "user", "content": q},
+                            {"role": "assistant", "content": reply}])
             return ("", *out)
 
         def reset(*_: Any) -> Any:  # one output component takes its value, several a tuple
@@ -128,10 +131,12 @@ def main(argv: list[str]) -> int:
     try:
         import gradio  # noqa: F401
     except ImportError as exc:
-        raise ConfigError(f"mmbridge demo needs Gradio ({exc}): pip install 'mmbridge[demo]'") from exc
+        raise ConfigError(f"mmbridge demo needs Gradio ({exc}): "
+                          f"pip install 'mmbridge[demo]'") from exc
     from mmbridge.api import load
 
-    models = {name: load(c, device=own.get("device")) for name, c in zip(names(checkpoints), checkpoints)}
+    models = {name: load(c, device=own.get("device"))
+              for name, c in zip(names(checkpoints), checkpoints)}
     page = build(models, int(own.get("max_new_tokens", 48)))
     launch(page, own.get("host", "127.0.0.1"), int(own.get("port", 7860)))
     return 0

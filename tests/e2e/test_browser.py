@@ -18,17 +18,19 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from picture_runs import qformer_run, two_by_two_sweep
+from picture_runs import qformer_run, shared_dir, two_by_two_sweep
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-pytestmark = [pytest.mark.usefixtures("one_thread"),
+# the tiny run is trained once per session (tests/picture_runs.py); xdist keeps these together
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("pictures"),
               pytest.mark.skipif(not (CHROMIUM and DRIVER),
                                  reason="no chromium / chromedriver (apt-get install chromium "
                                         "chromium-driver, as scripts/setup.sh does)")]
 # `raise` would hide a broken page: the console check sees only what happened before it runs
-BROKEN_IMAGES = "return Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0)" \
-                ".map(i => i.alt || i.src.slice(0, 60))"
+BROKEN_IMAGES = ("return Array.from(document.images)"
+                 ".filter(i => !i.complete || i.naturalWidth === 0)"
+                 ".map(i => i.alt || i.src.slice(0, 60))")
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,17 @@ def browser():
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
     yield driver
     driver.quit()
+
+
+@pytest.fixture(scope="module")
+def picture_run(tmp_path_factory) -> Path:
+    """The session's tiny Q-Former run (tests/picture_runs.py), trained once."""
+    return qformer_run(shared_dir(tmp_path_factory))
+
+
+@pytest.fixture(scope="module")
+def picture_sweep(tmp_path_factory) -> Path:
+    return two_by_two_sweep(shared_dir(tmp_path_factory))
 
 
 def console_errors(driver) -> list[str]:
@@ -77,8 +90,8 @@ def open_page(driver, url: str) -> None:
     driver.execute_script("return document.readyState") == "complete" or pytest.fail(url)
 
 
-def test_run_report(browser):
-    run = qformer_run()
+def test_run_report(browser, picture_run):
+    run = picture_run
     open_page(browser, (run / "report.html").as_uri())
     n_images = browser.execute_script("return document.images.length")
     assert n_images >= 3  # thumbnails of the gallery and the attention sheets
@@ -88,10 +101,10 @@ def test_run_report(browser):
     screenshot(browser, "run_report")
 
 
-def test_sweep_report(browser):
+def test_sweep_report(browser, picture_sweep):
     from mmbridge.reporting import write_report
 
-    root = two_by_two_sweep()
+    root = picture_sweep
     write_report(root, baseline=["+variant=a"], n_resamples=200)
     open_page(browser, (root / "report.html").as_uri())
     assert browser.execute_script(BROKEN_IMAGES) == []
@@ -107,7 +120,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_demo_answers_as_generate(browser, tmp_path, capsys):
+def test_demo_answers_as_generate(browser, picture_run, capsys):
     pytest.importorskip("gradio", reason="gradio is not installed (pip install 'mmbridge[demo]')")
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -115,12 +128,12 @@ def test_demo_answers_as_generate(browser, tmp_path, capsys):
     from mmbridge.commands import demo
     from mmbridge.commands.generate import main as generate
 
-    run = qformer_run()
+    run = picture_run
     ckpt = run / "checkpoints" / "final"
     image = json.loads((run / "predictions.jsonl").read_text().splitlines()[0])["media"]["image"]
     question = "What colour is the shape?"
-    assert generate([f"checkpoint={ckpt}", f"image={image}", f"prompt={question}", "max_new_tokens=6",
-                     "device=cpu"]) == 0
+    assert generate([f"checkpoint={ckpt}", f"image={image}", f"prompt={question}",
+                     "max_new_tokens=6", "device=cpu"]) == 0
     expected = capsys.readouterr().out.strip()
     model = mmbridge.load(ckpt, device="cpu")
     page = demo.build({"run A": model, "run B": model}, max_new_tokens=6)
@@ -136,7 +149,8 @@ def test_demo_answers_as_generate(browser, tmp_path, capsys):
         browser.find_element("css selector", "#ask").click()
 
         def replies(d):
-            got = [[e.text for e in d.find_elements("css selector", f"#chat{i} .bot")] for i in (0, 1)]
+            got = [[e.text for e in d.find_elements("css selector", f"#chat{i} .bot")]
+                   for i in (0, 1)]
             return got if all(any(t.strip() for t in g) for g in got) else False
 
         answers = wait.until(replies)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from picture_runs import qformer_run, two_by_two_sweep
+from picture_runs import qformer_run, shared_dir, two_by_two_sweep
 from PIL import Image
 
 from mmbridge.attention_maps import feature_grid, overlay
@@ -24,7 +24,19 @@ from mmbridge.plugins.perceivers.resampler import Resampler
 from mmbridge.report_html import forest_chart, nice_ticks
 from mmbridge.run_report import GALLERY_EACH
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# the tiny run is trained once per session (tests/picture_runs.py); xdist keeps these together
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("pictures")]
+
+
+@pytest.fixture(scope="module")
+def picture_run(tmp_path_factory) -> Path:
+    """The session's tiny Q-Former run (tests/picture_runs.py), trained once."""
+    return qformer_run(shared_dir(tmp_path_factory))
+
+
+@pytest.fixture(scope="module")
+def picture_sweep(tmp_path_factory) -> Path:
+    return two_by_two_sweep(shared_dir(tmp_path_factory))
 
 
 def data_images(html: str) -> list[Image.Image]:
@@ -105,8 +117,8 @@ def test_overlay_size_and_grid():
 
 
 # -- run report ----------------------------------------------------------------------------
-def test_run_report_numbers_gallery_and_attention(tmp_path):
-    run = qformer_run()
+def test_run_report_numbers_gallery_and_attention(tmp_path, picture_run):
+    run = picture_run
     metrics = json.loads((run / "metrics.json").read_text())
     preds = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
     media = [p for p in preds if p["mode"] == "media"]
@@ -116,7 +128,7 @@ def test_run_report_numbers_gallery_and_attention(tmp_path):
     html = (tmp_path / "report.html").read_text()
     # self-contained: nothing to fetch (the SVG namespace is a name, not a download)
     assert not re.search(r"https?://", html.replace('xmlns="http://www.w3.org/2000/svg"', ""))
-    assert html.count("<svg") == 2  # the align stage's curve, the exact-match bars
+    assert html.count("<svg") == len(metrics["stages"]) + 1  # a curve per stage, the bars
     test = metrics["test"]
     for key in ("exact_match", "no_media/exact_match", "chance/exact_match"):
         assert f"{test[key]:.3f}" in html
@@ -133,13 +145,13 @@ def test_run_report_numbers_gallery_and_attention(tmp_path):
     assert sheets and sheets[0].size == (6 * 128, 2 * (128 + 16))  # image, mean, 8 queries
 
 
-def test_generate_writes_the_attention_map_of_a_photograph(tmp_path, capsys):
+def test_generate_writes_the_attention_map_of_a_photograph(tmp_path, capsys, picture_run):
     """The Q-Former's queries over a real photograph (scikit-image's astronaut, offline); with
     MMBRIDGE_SCREENSHOTS=DIR the sheet is kept there as attention_qformer.png (for the docs)."""
     skimage_data = pytest.importorskip("skimage.data", reason="scikit-image (the `data` extra)")
     from mmbridge.commands.generate import main
 
-    run = qformer_run()
+    run = picture_run
     image = tmp_path / "astronaut.png"
     Image.fromarray(skimage_data.astronaut()).save(image)
     keep = os.environ.get("MMBRIDGE_SCREENSHOTS")
@@ -159,18 +171,21 @@ def test_generate_writes_the_attention_map_of_a_photograph(tmp_path, capsys):
         main([f"checkpoint={run / 'checkpoints' / 'final'}", "prompt=x", f"attention={out}"])
 
 
-def test_sweep_report_table_forest_curves_and_disagreements():
+def test_sweep_report_table_forest_curves_and_disagreements(picture_sweep):
     from mmbridge.reporting import write_report
 
-    root = two_by_two_sweep()
+    root = picture_sweep
     report = write_report(root, baseline=["+variant=a"], n_resamples=200)
     html = (root / "report.html").read_text()
     assert root / "report.html" in report.files
     assert "4 runs in 2 configurations" in html
-    (comp,) = [c for c in report.comparisons[report.rows[1].config] if c.metric == "test/exact_match"]
+    comps = report.comparisons[report.rows[1].config]
+    (comp,) = [c for c in comps if c.metric == "test/exact_match"]
     assert f"{comp.diff:+.3f} [{comp.low:+.3f}, {comp.high:+.3f}]" in html  # table and forest plot
     assert 'id="forest"' in html and 'id="curves"' in html
-    assert "2 of 8 held-out questions are answered right by some configurations" in html
+    n = sum(json.loads(x)["mode"] == "media"
+            for x in (root / "variant=a,seed=0" / "predictions.jsonl").read_text().splitlines())
+    assert f"2 of {n} held-out questions are answered right by some configurations" in html
     assert html.count('class="card"') == 2
     assert all(i.size[0] == 64 for i in data_images(html))
 
@@ -178,10 +193,11 @@ def test_sweep_report_table_forest_curves_and_disagreements():
 def test_gate_section_means_per_question_type():
     from mmbridge.run_report import gate_section
 
-    preds = [{"mode": "media", "qtype": "colour", "prefix": {"mode": "gate", "gate": [0.5, 0.3, 0.2]}},
-             {"mode": "media", "qtype": "colour", "prefix": {"mode": "gate", "gate": [0.1, 0.1, 0.8]}},
-             {"mode": "media", "qtype": "count", "prefix": {"mode": "gate", "gate": [0.2, 0.2, 0.6]}},
-             {"mode": "no_media", "qtype": "count", "prefix": {"mode": "gate", "gate": [1.0, 0.0, 0.0]}}]
+    def pred(mode: str, qtype: str, gate: list[float]) -> dict:
+        return {"mode": mode, "qtype": qtype, "prefix": {"mode": "gate", "gate": gate}}
+
+    preds = [pred("media", "colour", [0.5, 0.3, 0.2]), pred("media", "colour", [0.1, 0.1, 0.8]),
+             pred("media", "count", [0.2, 0.2, 0.6]), pred("no_media", "count", [1.0, 0.0, 0.0])]
     html = gate_section(preds)
     # colour: level 1 mean 0.30, level 3 mean 0.50; count: 0.20 / 0.60 (no-media rows left out)
     assert "level 1 colour: 0.300" in html and "level 3 colour: 0.500" in html
