@@ -13,6 +13,9 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from mmbridge.errors import ConfigError
 from mmbridge.io import atomic_write_text
 from mmbridge.report_html import (
     COLOURS,
@@ -26,12 +29,16 @@ from mmbridge.report_html import (
 )
 from mmbridge.results import Row, label, row_name, varying_keys
 from mmbridge.run_report import REPORT, read_json_lines
+from mmbridge.significance import paired_bootstrap, read_predictions
 
 if TYPE_CHECKING:
     from mmbridge.reporting import Report
 
 #: At most this many questions in the disagreement gallery.
 GALLERY_MAX = 12
+#: Bootstrap draws of each configuration's exact-match interval (seeded: the same runs give
+#: the same interval).
+INTERVAL_RESAMPLES = 2000
 
 
 def _cell(row: Row, metric: str) -> str:
@@ -41,25 +48,46 @@ def _cell(row: Row, metric: str) -> str:
     return f"{m:.3f}" if math.isnan(s) else f"{m:.3f} ± {s:.3f}"
 
 
+def exact_match_interval(row: Row, n_resamples: int = INTERVAL_RESAMPLES
+                         ) -> tuple[float, float, float] | None:
+    """The configuration's test exact match over the questions all its runs answered, with a
+    95 % bootstrap interval (questions and seeds resampled, as for the paired differences);
+    None when a run has no predictions.jsonl."""
+    try:
+        preds = [read_predictions(run.path) for run in row.runs]
+    except ConfigError:
+        return None
+    keys = sorted(set.intersection(*(set(p) for p in preds))) if preds else []
+    if not keys:
+        return None
+    correct = np.array([[p[k][1] for k in keys] for p in preds], dtype=np.float64)
+    # against an all-wrong "baseline", the paired difference is the configuration's own mean
+    return paired_bootstrap(np.zeros((1, len(keys))), correct, n_resamples)
+
+
 def results_section(report: Report, names: dict[tuple[str, ...], str]) -> str:
     rows = report.rows
     types = sorted({k for r in rows for k in r.mean if k.startswith("test/exact_match/")})
     comps = {cfg: {c.metric: c for c in cs} for cfg, cs in report.comparisons.items()}
-    head = ["configuration", "runs", "exact match", *(label(t) for t in types)]
+    head = ["configuration", "runs", "exact match", "95 % interval", *(label(t) for t in types)]
     if report.baseline is not None:
-        head.insert(3, "Δ vs baseline [95 % interval]")
+        head.insert(4, "Δ vs baseline [95 % interval]")
     body = []
     for r in rows:
-        cells = [names[r.config], len(r.runs), _cell(r, "test/exact_match"),
+        ci = exact_match_interval(r)
+        interval = "—" if ci is None else f"[{ci[1]:.3f}, {ci[2]:.3f}]"
+        cells = [names[r.config], len(r.runs), _cell(r, "test/exact_match"), interval,
                  *(_cell(r, t) for t in types)]
         if report.baseline is not None:
             c = comps.get(r.config, {}).get("test/exact_match")
             diff = ("baseline" if r is report.baseline else "—" if c is None else
                     f"{c.diff:+.3f} [{c.low:+.3f}, {c.high:+.3f}]"
                     + (" *" if c.significant else ""))
-            cells.insert(3, diff)
+            cells.insert(4, diff)
         body.append(cells)
-    note = ("Mean ± sample std over each configuration's seeds (test split). "
+    note = ("Mean ± sample std over each configuration's seeds (test split); its 95 % bootstrap "
+            f"interval ({INTERVAL_RESAMPLES:,} resamples of the held-out questions and of the "
+            "seeds, from each run's predictions.jsonl). "
             + ("Δ: the paired difference against the baseline on the same questions, 95 % "
                "bootstrap interval (questions and seeds resampled); * = it excludes 0."
                if report.baseline is not None else

@@ -23,6 +23,7 @@ from mmbridge.plugins.perceivers.qformer import QFormer
 from mmbridge.plugins.perceivers.resampler import Resampler
 from mmbridge.report_html import forest_chart, nice_ticks
 from mmbridge.run_report import GALLERY_EACH
+from mmbridge.sweep_report import exact_match_interval
 
 # the tiny run is trained once per session (tests/picture_runs.py); xdist keeps these together
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("pictures")]
@@ -183,6 +184,11 @@ def test_sweep_report_table_forest_curves_and_disagreements(picture_sweep):
     (comp,) = [c for c in comps if c.metric == "test/exact_match"]
     assert f"{comp.diff:+.3f} [{comp.low:+.3f}, {comp.high:+.3f}]" in html  # table and forest plot
     assert 'id="forest"' in html and 'id="curves"' in html
+    # each configuration's own 95 % interval around its exact match (from its predictions)
+    for row in report.rows:  # seeded: the page's interval is the one computed here
+        mean, low, high = exact_match_interval(row)
+        assert low <= mean <= high and mean == pytest.approx(row.mean["test/exact_match"])
+        assert f"[{low:.3f}, {high:.3f}]" in html
     n = sum(json.loads(x)["mode"] == "media"
             for x in (root / "variant=a,seed=0" / "predictions.jsonl").read_text().splitlines())
     assert f"2 of {n} held-out questions are answered right by some configurations" in html
