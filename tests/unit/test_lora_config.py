@@ -109,9 +109,8 @@ def test_encoder_trains_as_frozen_lora_last_n_or_full(mode, extra):
         assert trained == set()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the gpu test runs QLoRA")
 def test_qlora_is_refused_without_cuda_in_one_line(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: tests/e2e/test_gpu.py runs QLoRA")
     build_tiny_llama(tmp_path, hidden=32, layers=2, heads=2, intermediate=64)
     with pytest.raises(ConfigError) as err:
         HFCausalLM(path=str(tmp_path), quantization={"bits": 4})
@@ -123,9 +122,8 @@ def test_qlora_is_refused_without_cuda_in_one_line(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_qlora_trains_adapters_over_4bit_weights_on_cuda(tmp_path):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     pytest.importorskip("bitsandbytes")
     build_tiny_llama(tmp_path, hidden=64, layers=2, heads=2, intermediate=128)
     llm = HFCausalLM(path=str(tmp_path), dtype="bfloat16", quantization={"bits": 4})

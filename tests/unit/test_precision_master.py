@@ -129,3 +129,24 @@ def test_bf16_mixed_fit_keeps_fp32_masters_and_updates_below_bf16_resolution(loa
     assert before.eq(1.0).all() and delta.max() < spacing / 2
     assert (delta > 0).float().mean() > 0.9  # the fp32 master moved ...
     assert norm.detach().bfloat16().eq(1.0).all()  # ... by less than bf16 could have kept
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fsdp_clips_by_norm_and_keeps_fp32_shards_on_cuda(loader):
+    """Under FSDP Lightning refuses norm clipping; BridgeModule clips through the root FSDP
+    module, with the MixedPrecision policy of bf16-mixed (one GPU: a process group of one)."""
+    from mmbridge.training.strategies import make_strategy
+
+    cfg = compose([*BASE, "trainer=fsdp", "trainer.devices=1", "stages.instruct.train.llm=full"],
+                  shared_registry())
+    model = assemble(resolve_auto_dtypes(cfg, BF16), shared_registry())
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # FSDP: every weight fp32
+    configure_trainable(model, cfg.stages.instruct)
+    module = BridgeModule(model, cfg.stages.instruct)
+    trainer = L.Trainer(max_steps=2, precision="bf16-mixed", accelerator="gpu", devices=1,
+                        strategy=make_strategy(cfg.trainer, model, precision="bf16-mixed"),
+                        gradient_clip_val=1e-3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, loader)
+    assert trainer.global_step == 2
