@@ -3,10 +3,17 @@
 Layout: ``unit/`` (one module or function, tiny models, pinned values), ``contract/`` (every
 registered component against its contract; plugins and the registry), ``config/`` (the Hydra
 tree, validation, sweeps), ``e2e/`` (the real CLI and Python API end to end). ``-m "not slow"``
-is the one-minute inner loop; CI runs everything."""
+is the one-minute inner loop; CI runs everything.
+
+The suite runs on two pytest-xdist workers (``-n auto --maxprocesses=2 --dist loadgroup`` in
+pyproject's addopts); one test file, ``-n 0`` or ``--pdb`` run in one process. Each worker,
+and every command a test starts from it, uses one torch thread: two workers on two cores
+already fill the machine, and tiny matrices are faster on one thread anyway. How tests are
+shared out is in :func:`pytest_collection_modifyitems` below."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import textwrap
@@ -16,7 +23,117 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:  # before torch is imported: its thread pool (and each child's) reads these
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
+#: Module- or class-scoped fixtures too cheap to keep a module on one worker for.
+CHEAP_SHARED = frozenset({"one_thread"})
+#: ``{"modules": [each test module measured], "tests": {node id: seconds}}``: what each test
+#: took (setup + call + teardown; only those >= MIN_STORED) in a run on the 2-core machine,
+#: refreshed by ``pytest --store-durations``. Read for the heaviest-first order.
+DURATIONS = Path(__file__).with_name("durations.json")
+MIN_STORED = 1.0
+#: Estimated seconds of a test that DURATIONS does not list: one marked slow in a module not
+#: measured yet, or any other.
+GUESS_SLOW, GUESS_OTHER = 30.0, 0.2
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--store-durations", action="store_true",
+                     help=f"write each test's duration (>= {MIN_STORED:g} s) to {DURATIONS.name}, "
+                          "which orders the xdist work units (tests/conftest.py)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if WORKER and "torch" in sys.modules:  # a plugin imported torch before the env was set
+        sys.modules["torch"].set_num_threads(1)
+    if config.getoption("store_durations") and not WORKER:
+        config.pluginmanager.register(_DurationStore(), "mmbridge-duration-store")
+
+
+class _DurationStore:
+    """Sums each test's phases as their reports reach the main process (from the workers
+    under xdist) and writes :data:`DURATIONS` at the end of a run that collected every test."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        nodeid = _plain(report.nodeid)
+        self.seconds[nodeid] = self.seconds.get(nodeid, 0.0) + report.duration
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        modules = sorted({k.split("::")[0] for k in self.seconds})
+        tests = {k: round(v, 1) for k, v in sorted(self.seconds.items()) if v >= MIN_STORED}
+        DURATIONS.write_text(json.dumps({"modules": modules, "tests": tests}, indent=0) + "\n")
+
+
+def _plain(nodeid: str) -> str:
+    """The node id without the ``@group`` suffix xdist adds under ``--dist loadgroup``."""
+    head, _, tail = nodeid.rpartition("@")
+    return head if head and "]" not in tail and "::" not in tail else nodeid
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` on one test file (or tests in one file): no workers, the tests run in this
+    process (starting two workers costs more than it saves there). Otherwise xdist decides."""
+    files = {str(arg).split("::")[0] for arg in config.args}
+    if len(files) == 1 and Path(next(iter(files))).is_file():
+        return 0
+    return None
+
+
+def _shares_fixture(item: pytest.Item) -> bool:
+    """Whether the test uses a module-, class- or package-scoped fixture worth sharing."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    return any(defs[-1].scope in ("module", "class", "package") and name not in CHEAP_SHARED
+               for name, defs in info.name2fixturedefs.items() if defs)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On an xdist worker under ``--dist loadgroup``: share the tests out in work units, longest
+    first.
+
+    A module whose tests share a module-scoped fixture (a trained run, an exported bundle) is
+    one unit, so the fixture is built once; a test with an ``xdist_group`` mark goes with its
+    group; every other test is a unit of its own. Each unit becomes an ``xdist_group`` and the
+    collection is ordered by the unit's estimated seconds (:data:`DURATIONS`, else a guess from
+    the ``slow`` mark), the longest first: xdist hands units out in collection order
+    (``--no-loadscope-reorder``), and a long unit started last would leave the other worker
+    idle. Tests keep their order within a unit; every worker computes the same order (xdist
+    checks that)."""
+    if not (WORKER and getattr(config.option, "loadgroup", False)):
+        return
+    stored = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+    known: dict[str, float] = stored.get("tests", {})
+    measured = set(stored.get("modules", []))
+
+    def guess(item: pytest.Item) -> float:
+        new = item.nodeid.split("::")[0] not in measured
+        return GUESS_SLOW if new and item.get_closest_marker("slow") else GUESS_OTHER
+
+    units: dict[str, list[pytest.Item]] = {}
+    for i, item in enumerate(items):
+        mark = item.get_closest_marker("xdist_group")
+        if mark:
+            key = "group:" + str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+        else:
+            key = item.nodeid.split("::")[0] if _shares_fixture(item) else f"#{i}"
+        units.setdefault(key, []).append(item)
+    ordered: list[tuple[float, int, list[pytest.Item]]] = []
+    for n, (key, members) in enumerate(units.items()):
+        cost = sum(known.get(m.nodeid) or guess(m) for m in members)
+        if not key.startswith("group:"):
+            for m in members:
+                m.add_marker(pytest.mark.xdist_group(key))
+        ordered.append((-cost, n, members))
+    items[:] = [m for *_, members in sorted(ordered, key=lambda u: u[:2]) for m in members]
 
 
 @pytest.fixture(scope="module")
