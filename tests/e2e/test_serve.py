@@ -163,8 +163,12 @@ def test_stop_cuts_the_answer(client, images, expected):
     word = expected[0].split()[-1] if " " in expected[0] else expected[0][-2:]
     r = client.chat.completions.create(model="tiny", messages=user(data_url(images[0])),
                                        max_tokens=8, stop=[word])
-    assert r.choices[0].message.content == expected[0][:expected[0].find(word)]
-    assert r.choices[0].finish_reason == "stop"
+    cut = expected[0][:expected[0].find(word)]
+    assert r.choices[0].message.content == cut and r.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="tiny", messages=user(data_url(images[0])),
+                                                 max_tokens=8, stop=[word], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == cut  # nothing past it
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def error_of(call) -> tuple[int, dict]:
