@@ -24,6 +24,7 @@ from mmbridge.build import check_arguments
 from mmbridge.config import group_options
 from mmbridge.data.mixture import is_mixture, mixture_errors
 from mmbridge.errors import ConfigError, did_you_mean
+from mmbridge.model_spec import model_nodes, node_at
 from mmbridge.preflight import output_errors
 from mmbridge.registry import Entry, Registry
 from mmbridge.schema import COMPONENTS, SECTIONS, Conversation, Root, Rule, Stage
@@ -241,24 +242,17 @@ def data_errors(registry: Registry, node: Any, key: str) -> list[str]:
 
 def _component_errors(data: dict, registry: Registry) -> list[str]:
     errors = []
-    for key in ("encoder", "connector", "llm"):
-        kind = COMPONENTS[key]
-        if key in data and kind is not None:
-            injected = {"in_dim": 0, "out_dim": 0} if key == "connector" else {}
-            errors += check_node(registry, kind, data[key], key, injected)
+    for name, node in (data.get("branches") or {}).items():
+        if node is not None and (not isinstance(node, dict) or "encoder" not in node
+                                 or "connector" not in node):
+            errors.append(f"branches.{name}: needs both 'encoder' and 'connector'")
+    for comp in model_nodes(data):  # the model config's shape and injections: mmbridge.model_spec
+        value = node_at(data, comp.key)
+        if value is None and (comp.key.startswith("branches.") or comp.key not in data):
+            continue  # a missing main node is the schema's to report; a broken branch is above
+        errors += check_node(registry, comp.kind, value, comp.key, dict.fromkeys(comp.injected, 0))
     if "data" in data:
         errors += data_errors(registry, data["data"], "data")
-    if data.get("alignment") is not None:
-        errors += check_node(registry, "prefix", data["alignment"], "alignment", {"dim": 0})
-    for name, node in (data.get("branches") or {}).items():
-        if node is None:
-            continue
-        if not isinstance(node, dict) or "encoder" not in node or "connector" not in node:
-            errors.append(f"branches.{name}: needs both 'encoder' and 'connector'")
-            continue
-        errors += check_node(registry, "encoder", node["encoder"], f"branches.{name}.encoder")
-        errors += check_node(registry, "connector", node["connector"], f"branches.{name}.connector",
-                             {"in_dim": 0, "out_dim": 0})
     stages = s if isinstance(s := data.get("stages"), dict) else {}
     for name in data.get("schedule") or []:
         stage = stages.get(name)

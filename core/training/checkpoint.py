@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save
 from mmbridge.errors import CheckpointError, StorageError
 from mmbridge.io import atomic_write_bytes, atomic_write_text, check_free_space
 from mmbridge.model import MultimodalModel
+from mmbridge.model_spec import model_nodes
 
 if TYPE_CHECKING:
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -94,11 +95,7 @@ def _weights_to_save(model: MultimodalModel) -> dict[str, torch.Tensor]:
 
 def _component_nodes(cfg: DictConfig) -> Iterator[tuple[str, str, str]]:
     """``(config key, registry kind, name)`` of each component a checkpoint's model and data need."""
-    nodes = [("llm", "llm"), ("encoder", "encoder"), ("connector", "connector")]
-    for branch, node in (cfg.get("branches") or {}).items():
-        if node is not None:
-            nodes += [(f"branches.{branch}.encoder", "encoder"), (f"branches.{branch}.connector", "connector")]
-    nodes += [("alignment", "prefix"), ("data", "dataset")]
+    nodes = [(n.key, n.kind) for n in model_nodes(cfg)] + [("data", "dataset")]
     for key, kind in nodes:
         node = OmegaConf.select(cfg, key)
         if isinstance(node, DictConfig) and node.get("name") is not None:
