@@ -55,7 +55,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 class _DurationStore:
     """Sums each test's phases as their reports reach the main process (from the workers
-    under xdist) and writes :data:`DURATIONS` at the end of a run that collected every test."""
+    under xdist) and, at the end, replaces the entries of the modules that ran in
+    :data:`DURATIONS`."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -65,9 +66,13 @@ class _DurationStore:
         self.seconds[nodeid] = self.seconds.get(nodeid, 0.0) + report.duration
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        modules = sorted({k.split("::")[0] for k in self.seconds})
-        tests = {k: round(v, 1) for k, v in sorted(self.seconds.items()) if v >= MIN_STORED}
-        DURATIONS.write_text(json.dumps({"modules": modules, "tests": tests}, indent=0) + "\n")
+        old = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+        ran = {k.split("::")[0] for k in self.seconds}  # these modules' entries are replaced
+        tests = {k: v for k, v in old.get("tests", {}).items() if k.split("::")[0] not in ran}
+        tests.update({k: round(v, 1) for k, v in self.seconds.items() if v >= MIN_STORED})
+        modules = sorted(ran | set(old.get("modules", [])))
+        DURATIONS.write_text(json.dumps({"modules": modules, "tests": dict(sorted(tests.items()))},
+                                        indent=0) + "\n")
 
 
 def _plain(nodeid: str) -> str:
