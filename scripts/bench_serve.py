@@ -7,6 +7,7 @@ same questions through :meth:`mmbridge.api.Model.generate` in this process (one 
 batches of 8) and prints the serving overhead as a ratio. ::
 
     python scripts/bench_serve.py --tiny                      # a tiny checkpoint, built here
+    python scripts/bench_serve.py --build quickstart --requests 8   # DINOv2-S -> MLP -> SmolLM2
     python scripts/bench_serve.py --checkpoint runs/x/checkpoints/final --requests 32
 
 The server answers one request at a time (a lock around the model), so 8 in flight queue:
@@ -30,8 +31,9 @@ from pathlib import Path
 PROMPT = "What colour is the shape?"
 
 
-def tiny_checkpoint(out: Path) -> Path:
-    """An untrained tiny model (timm ViT -> MLP -> 2-layer Llama) saved as a run saves it."""
+def untrained_checkpoint(out: Path, overrides: list[str]) -> Path:
+    """An untrained model of a config (its connector random, the pretrained parts as they
+    ship) saved as a run saves it: what serving costs does not depend on training."""
     from mmbridge.config import compose
     from mmbridge.model import assemble
     from mmbridge.plugin_manager import load_registry
@@ -39,7 +41,7 @@ def tiny_checkpoint(out: Path) -> Path:
     from mmbridge.training.stages import configure_trainable
 
     registry = load_registry()
-    cfg = compose(["experiment=tiny", "encoder.image_size=32"], registry)
+    cfg = compose(overrides, registry)
     model = assemble(cfg, registry)
     for stage in ("align", "instruct"):
         configure_trainable(model, cfg.stages[stage])
@@ -78,6 +80,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", help="a run's checkpoints/final or a bundle")
     ap.add_argument("--tiny", action="store_true", help="build and serve a tiny untrained checkpoint")
+    ap.add_argument("--build", metavar="EXPERIMENT",
+                    help="build and serve an untrained checkpoint of experiment=EXPERIMENT")
     ap.add_argument("--url", help="an already running server (default: start one)")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=16)
@@ -96,11 +100,13 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     if args.tiny:
-        ckpt = tiny_checkpoint(work / "final")
+        ckpt = untrained_checkpoint(work / "final", ["experiment=tiny", "encoder.image_size=32"])
+    elif args.build:
+        ckpt = untrained_checkpoint(work / "final", [f"experiment={args.build}"])
     elif args.checkpoint:
         ckpt = Path(args.checkpoint)
     else:
-        ap.error("give --checkpoint PATH or --tiny")
+        ap.error("give --checkpoint PATH, --tiny or --build EXPERIMENT")
     images = [example_png(work, k) for k in range(args.requests)]
     urls = ["data:image/png;base64," + base64.b64encode(Path(p).read_bytes()).decode() for p in images]
 
