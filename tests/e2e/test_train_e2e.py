@@ -25,6 +25,27 @@ def cli(*args, cwd, timeout=600, **popen) -> subprocess.CompletedProcess:
                           env=env, timeout=timeout, **popen)
 
 
+@pytest.fixture
+def refused(capsys, monkeypatch, tmp_path):
+    """``refused(*args)``: ``mmbridge ARGS`` run in this process from ``tmp_path`` (the CLI's own
+    ``main``, no interpreter start: for runs that stop on an error before any work; the runs
+    above are real processes); returns (exit status, stderr)."""
+    from mmbridge.cli import main
+
+    for key, value in {"HF_HUB_OFFLINE": "1", "MMBRIDGE_DISABLE_PLUGINS": "1", "COLUMNS": "200"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str) -> tuple[int, str]:
+        try:
+            rc = main(list(args))
+        except SystemExit as exc:  # an error Hydra reports itself
+            rc = exc.code if isinstance(exc.code, int) else 1
+        return rc, capsys.readouterr().err
+
+    return run
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny two-stage run shared by the tests below."""
@@ -130,12 +151,12 @@ def test_generate_answers_about_a_real_photo(trained, tmp_path):
     assert out.stdout.strip() == session.chat.tokenizer.decode(new[0], skip_special_tokens=True).strip()
 
 
-def test_generate_and_eval_errors_name_the_argument(trained, tmp_path):
+def test_generate_and_eval_errors_name_the_argument(trained, tmp_path, refused):
     root, run = trained
-    out = cli("generate", f"checkpoint={run / 'checkpoints' / 'final'}", "image=/nope.png", "prompt=hi", cwd=root)
-    assert out.returncode == 1 and "image=/nope.png: no such file" in out.stderr
-    out = cli("eval", f"checkpoint={tmp_path}", cwd=root)
-    assert out.returncode == 1 and "weights.safetensors" in out.stderr
+    rc, err = refused("generate", f"checkpoint={run / 'checkpoints' / 'final'}", "image=/nope.png", "prompt=hi")
+    assert rc == 1 and "image=/nope.png: no such file" in err
+    rc, err = refused("eval", f"checkpoint={tmp_path}")
+    assert rc == 1 and "weights.safetensors" in err
 
 
 @pytest.mark.slow
@@ -212,22 +233,22 @@ def _bad_llava(tmp_path: Path) -> Path:
     (["stages.align.train.llm=frozn"], ["stages.align.train.llm", "frozen, lora, full"]),
     (["schedule=[align,polish]"], ["schedule", "'polish'"]),
 ])
-def test_bad_combinations_fail_before_training(overrides, needles, tmp_path):
-    out = cli("train", *FAST, *overrides, f"paths.cache_dir={tmp_path / 'cache'}",
-              f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert out.returncode == 1, out.stderr[-2000:]
+def test_bad_combinations_fail_before_training(overrides, needles, tmp_path, refused):
+    rc, err = refused("train", *FAST, *overrides, f"paths.cache_dir={tmp_path / 'cache'}",
+                      f"hydra.run.dir={tmp_path / 'run'}")
+    assert rc == 1, err[-2000:]
     for n in needles:
-        assert n in out.stderr, (n, out.stderr[-2000:])
+        assert n in err, (n, err[-2000:])
     assert not (tmp_path / "run" / "logs").exists()  # no training step ran
 
 
-def test_placeholder_count_error_names_file_and_record(tmp_path):
+def test_placeholder_count_error_names_file_and_record(tmp_path, refused):
     bad = _bad_llava(tmp_path)
     fast = [a for a in FAST if not a.startswith("data.")]
-    out = cli("train", *fast, "data=llava", f"data.train={bad}", f"paths.cache_dir={tmp_path / 'cache'}",
-              f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert out.returncode == 1
-    assert str(bad) in out.stderr and "s1" in out.stderr and "<image>" in out.stderr
+    rc, err = refused("train", *fast, "data=llava", f"data.train={bad}", f"paths.cache_dir={tmp_path / 'cache'}",
+                      f"hydra.run.dir={tmp_path / 'run'}")
+    assert rc == 1
+    assert str(bad) in err and "s1" in err and "<image>" in err
 
 
 def test_mixed_image_and_audio_sample_trains_and_generates(tmp_path):
