@@ -70,7 +70,8 @@ def screenshot(driver, name: str, full_page: bool = True) -> Path:
     $MMBRIDGE_SCREENSHOTS when set."""
     if full_page:
         height = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.set_window_size(1200, min(int(height) + 20, 6000))
+        # the window's own bars take part of its height: room to spare below the page
+        driver.set_window_size(1200, min(int(height) + 200, 8000))
     keep = os.environ.get("MMBRIDGE_SCREENSHOTS")
     folder = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="mmbridge-shots-"))
     folder.mkdir(parents=True, exist_ok=True)
