@@ -17,7 +17,6 @@ from mmbridge.runs import atomic_write_text
 from mmbridge.schema import DEVICE
 from mmbridge.validation import TOP_LEVEL_KEYS, override_errors
 
-HELP = "evaluate a checkpoint: checkpoint=PATH [split=test max_samples=N]"
 USAGE = """usage: mmbridge eval checkpoint=PATH [split=test] [max_samples=N] [out=FILE] [predictions=FILE] [device=DEV] [key=value ...]
 
 Rebuild the model of a checkpoint (a run's checkpoints/final directory, or its

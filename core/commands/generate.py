@@ -8,7 +8,6 @@ from pathlib import Path
 from mmbridge.commands.evaluate import parse_kv
 from mmbridge.errors import ConfigError
 
-HELP = "answer a prompt about media: checkpoint=PATH image=PATH prompt=\"...\""
 USAGE = """usage: mmbridge generate checkpoint=PATH prompt="..." [image=PATH] [audio=PATH] [max_new_tokens=N] [device=DEV]
                          [attention=OUT.png]
 

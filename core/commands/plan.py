@@ -13,8 +13,6 @@ from mmbridge.errors import ConfigError
 from mmbridge.plugin_manager import load_registry
 from mmbridge.validation import validate_config
 
-HELP = "parameters, tokens, steps and memory per GPU of a config, without weights or data"
-
 #: ``key=value`` arguments of the command itself (not config overrides) -> their type.
 OPTIONS = {"gpu_memory_gb": float, "gpus": int, "images_per_sample": int, "data_samples": int}
 

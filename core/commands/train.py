@@ -18,7 +18,6 @@ from mmbridge.run_lock import describe, holder
 from mmbridge.training.callbacks import Interrupted
 from mmbridge.training.distributed import is_global_zero
 
-HELP = "train a model (Hydra overrides; no arguments = the default experiment)"
 log = logging.getLogger("mmbridge.train")
 
 USAGE = """usage: mmbridge train [group=option ...] [key=value ...] [-m] [--cfg job]
