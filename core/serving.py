@@ -20,7 +20,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from fastapi import FastAPI, Request
@@ -50,6 +51,18 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
                code: str | None = None) -> dict[str, Any]:
     """OpenAI's error object."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+@dataclass
+class _Job:
+    """A greedy request waiting for the batching worker."""
+
+    conv: list[dict[str, str]]
+    media: dict[str, Any]
+    limit: int
+    done: threading.Event = field(default_factory=threading.Event)
+    result: tuple[list[int], int] | None = None
+    error: BaseException | None = None
 
 
 class _Streamer:
@@ -88,14 +101,23 @@ class Server:
         model_id: The name clients give as ``model`` (``/v1/models`` lists it).
         allow_local_files: Accept local file paths in ``image_url`` (default: data: URLs only).
         max_tokens: ``max_tokens`` when a request gives none.
+        batch_size: Up to this many greedy, non-streamed requests waiting together are answered
+            in one left-padded batch (1: one at a time). A batch's answers are those of
+            single requests up to floating-point differences of the padded shapes.
     """
 
     def __init__(self, model: Model, model_id: str, allow_local_files: bool = False,
-                 max_tokens: int = 48) -> None:
+                 max_tokens: int = 48, batch_size: int = 1) -> None:
         self.model, self.model_id = model, model_id
         self.allow_local_files, self.max_tokens = allow_local_files, max_tokens
         self.lock = threading.Lock()
         self.created = int(time.time())
+        self.batch_size = batch_size
+        #: batches run by the batching worker and the largest (``GET /health`` reports them)
+        self.stats = {"batches": 0, "largest_batch": 0}
+        self.jobs: queue.Queue[_Job] = queue.Queue()
+        if batch_size > 1:
+            threading.Thread(target=self._batches, name="mmbridge-batches", daemon=True).start()
 
     # -- request -> batch ----------------------------------------------------------------------
     def options(self, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -125,8 +147,8 @@ class Server:
                 kwargs["top_p"] = float(top_p)
         return {"max_new_tokens": limit, "kwargs": kwargs, "seed": seed, "stop": stops}
 
-    def encode(self, body: Mapping[str, Any], files: MediaFiles) -> dict[str, Any]:
-        """The request's messages -> a generation batch (media written into ``files``)."""
+    def conversation(self, body: Mapping[str, Any], files: MediaFiles) -> tuple[list, dict]:
+        """The request's messages -> one LLaVA-style conversation and its media files."""
         if body.get("model") != self.model_id:
             raise RequestError(f"model '{body.get('model')}' is not served here; this server "
                                f"serves '{self.model_id}' (GET /v1/models)", param="model",
@@ -139,7 +161,39 @@ class Server:
         turns = [{"role": m.get("role"), "content": "" if m.get("content") is None
                   else m.get("content")} for m in messages]
         convs, media = self.model.conversations([turns], {}, files)
-        return self.model.encode(convs, media)
+        return convs[0], media[0]
+
+    def encode(self, body: Mapping[str, Any], files: MediaFiles) -> dict[str, Any]:
+        """The request's messages -> a generation batch (media written into ``files``)."""
+        conv, media = self.conversation(body, files)
+        return self.model.encode([conv], [media])
+
+    def _batches(self) -> None:
+        """The batching worker: the waiting greedy requests (up to ``batch_size``) in one batch,
+        generated to the longest ``max_tokens`` among them, each answer cut to its own."""
+        while True:
+            jobs = [self.jobs.get()]
+            while len(jobs) < self.batch_size:
+                try:
+                    jobs.append(self.jobs.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                with self.lock:
+                    batch = self.model.encode([j.conv for j in jobs], [j.media for j in jobs])
+                    new = self.model.session.model.generate(
+                        batch, max_new_tokens=max(j.limit for j in jobs))
+                self.stats["batches"] += 1
+                self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
+                for k, job in enumerate(jobs):
+                    job.result = (self._trim(new[k].tolist()[:job.limit]),
+                                  int(batch["attention_mask"][k].sum()))
+            except Exception as exc:  # each request then fails with the error, never the worker
+                for job in jobs:
+                    job.error = exc
+            finally:
+                for job in jobs:
+                    job.done.set()
 
     # -- generation ----------------------------------------------------------------------------
     def _run(self, batch: dict[str, Any], opts: dict[str, Any], streamer: Any = None) -> list[int]:
@@ -161,8 +215,7 @@ class Server:
     def _text(self, ids: list[int]) -> str:
         return str(self.model.tokenizer.decode(ids, skip_special_tokens=True))
 
-    def _usage(self, batch: dict[str, Any], ids: list[int]) -> dict[str, int]:
-        prompt = int(batch["attention_mask"][0].sum())
+    def _usage(self, prompt: int, ids: list[int]) -> dict[str, int]:
         return {"prompt_tokens": prompt, "completion_tokens": len(ids),
                 "total_tokens": prompt + len(ids)}
 
@@ -173,16 +226,27 @@ class Server:
     def complete(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """A ``chat.completion`` object."""
         opts = self.options(body)
-        with MediaFiles(self.allow_local_files) as files, self.lock:
-            batch = self.encode(body, files)
-            ids = self._run(batch, opts)
+        with MediaFiles(self.allow_local_files) as files:
+            if self.batch_size > 1 and not opts["kwargs"] and opts["seed"] is None:
+                conv, media = self.conversation(body, files)
+                job = _Job(conv, media, opts["max_new_tokens"])
+                self.jobs.put(job)
+                job.done.wait()
+                if job.error is not None:
+                    raise job.error
+                ids, prompt = cast(tuple[list[int], int], job.result)
+            else:
+                with self.lock:
+                    batch = self.encode(body, files)
+                    ids = self._run(batch, opts)
+                prompt = int(batch["attention_mask"][0].sum())
         text, stopped = _cut(self._text(ids).strip(), opts["stop"])
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                 "created": int(time.time()), "model": self.model_id,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": self._finish(ids, opts["max_new_tokens"], stopped),
                              "logprobs": None}],
-                "usage": self._usage(batch, ids)}
+                "usage": self._usage(prompt, ids)}
 
     def stream(self, body: Mapping[str, Any]) -> Iterator[str]:
         """Server-sent events: ``chat.completion.chunk`` objects, then ``data: [DONE]``. The
@@ -245,7 +309,7 @@ class Server:
             yield chunk({}, self._finish(result, opts["max_new_tokens"], stopped))
             if include_usage:
                 obj = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                       "model": self.model_id, "choices": [], "usage": self._usage(batch, result)}
+                       "model": self.model_id, "choices": [], "usage": self._usage(int(batch["attention_mask"][0].sum()), result)}
                 yield f"data: {json.dumps(obj)}\n\n"
             yield "data: [DONE]\n\n"
 
@@ -282,8 +346,9 @@ def build_app(server: Server, api_key: str | None = None) -> FastAPI:
                                        "server_error"), 500)
 
     @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok", "model": server.model_id}
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "model": server.model_id, "batch_size": server.batch_size,
+                **server.stats}
 
     @app.get("/v1/models")
     def models(request: Request) -> dict[str, Any]:

@@ -60,14 +60,20 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def one_request(client, model: str, url: str, max_tokens: int) -> tuple[float, float, str]:
-    """(latency s, time to first token s, answer) of one streamed completion."""
+def one_request(client, model: str, url: str, max_tokens: int, stream: bool = True) -> tuple[float, float, str]:
+    """(latency s, time to first token s, answer) of one completion (not streamed: the first
+    token comes with the answer)."""
     start = time.perf_counter()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": PROMPT}]}]
+    if not stream:
+        reply = client.chat.completions.create(model=model, max_tokens=max_tokens, temperature=0,
+                                               messages=messages)
+        end = time.perf_counter() - start
+        return end, end, reply.choices[0].message.content or ""
     first, text = None, []
-    stream = client.chat.completions.create(
-        model=model, max_tokens=max_tokens, temperature=0, stream=True,
-        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                               {"type": "text", "text": PROMPT}]}])
+    stream = client.chat.completions.create(model=model, max_tokens=max_tokens, temperature=0,
+                                            stream=True, messages=messages)
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             first = first or time.perf_counter()
@@ -85,6 +91,9 @@ def main() -> int:
     ap.add_argument("--url", help="an already running server (default: start one)")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=1,
+                    help="the server's batch_size; above 1 the requests are not streamed (batching "
+                         "takes greedy non-streamed requests)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of the server and of the in-process baseline alike")
     args = ap.parse_args()
@@ -117,7 +126,8 @@ def main() -> int:
         base = f"http://127.0.0.1:{port}"
         log = open(work / "serve.log", "w")  # noqa: SIM115 (open while the server runs)
         proc = subprocess.Popen([sys.executable, "-m", "mmbridge.cli", "serve", f"checkpoint={ckpt}",
-                                 f"port={port}", "device=cpu"], stdout=log, stderr=subprocess.STDOUT)
+                                 f"port={port}", "device=cpu", f"batch_size={args.batch_size}"],
+                                stdout=log, stderr=subprocess.STDOUT)
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=600)
     try:
         for _ in range(600):
@@ -130,12 +140,14 @@ def main() -> int:
                 time.sleep(0.5)
         else:
             raise SystemExit("the server did not start in 300 s")
-        one_request(client, model_id, urls[0], args.max_tokens)  # warm-up
+        stream = args.batch_size == 1
+        one_request(client, model_id, urls[0], args.max_tokens, stream)  # warm-up
         rows = {}
         for conc in (1, 8):
             start = time.perf_counter()
             with ThreadPoolExecutor(conc) as pool:
-                results = list(pool.map(lambda u: one_request(client, model_id, u, args.max_tokens), urls))
+                results = list(pool.map(lambda u: one_request(client, model_id, u, args.max_tokens, stream),
+                                        urls))
             wall = time.perf_counter() - start
             lat, ttft = [r[0] for r in results], [r[1] for r in results]
             rows[conc] = (len(urls) / wall, pct(lat, 0.5), pct(lat, 0.95), pct(ttft, 0.5), pct(ttft, 0.95))
@@ -170,7 +182,8 @@ def main() -> int:
     print("| path | in flight / batch | requests/s | p50 latency s | p95 latency s | p50 TTFT s | p95 TTFT s |")
     print("|---|---|---|---|---|---|---|")
     for conc, (rps, p50, p95, t50, t95) in rows.items():
-        print(f"| mmbridge serve (openai client, streamed) | {conc} | {rps:.2f} | {p50:.3f} | {p95:.3f} "
+        how = "streamed" if args.batch_size == 1 else f"batch_size={args.batch_size}, not streamed"
+        print(f"| mmbridge serve (openai client, {how}) | {conc} | {rps:.2f} | {p50:.3f} | {p95:.3f} "
               f"| {t50:.3f} | {t95:.3f} |")
     for batch, (rps, p50, p95) in local.items():
         print(f"| Model.generate in one process | {batch} | {rps:.2f} | {p50:.3f} | {p95:.3f} | - | - |")

@@ -13,12 +13,14 @@ from mmbridge.commands.evaluate import parse_kv
 from mmbridge.errors import ConfigError
 
 USAGE = """usage: mmbridge serve checkpoint=PATH [host=127.0.0.1] [port=8000] [api_key=KEY]
-                      [allow_local_files=false] [name=ID] [max_tokens=48] [device=DEV]
+                      [allow_local_files=false] [name=ID] [max_tokens=48] [batch_size=1]
+                      [device=DEV]
 
 Serve a trained checkpoint (a run's checkpoints/final, or a `mmbridge export format=bundle`
 directory) behind the OpenAI API: POST /v1/chat/completions (content parts with data: URL
 images / base64 audio, max_tokens, temperature, top_p, stop, seed, stream), GET /v1/models,
-GET /health. Requests are answered one at a time. Greedy unless a request asks temperature > 0.
+GET /health. Requests are answered one at a time, or (batch_size > 1) the greedy non-streamed
+ones waiting together in one batch. Greedy unless a request asks temperature > 0.
 
   host               listen address (default 127.0.0.1: this machine only)
   port               TCP port (default 8000)
@@ -27,12 +29,15 @@ GET /health. Requests are answered one at a time. Greedy unless a request asks t
                      http(s) URLs are never fetched
   name               the model id clients send (default: the run's name)
   max_tokens         answer length when a request gives none (default 48)
+  batch_size         answer up to N waiting greedy, non-streamed requests in one batch
+                     (default 1: one at a time, each answer exactly `mmbridge generate`'s)
   device             cpu, cuda, cuda:N (default: the trainer's accelerator)
 
 Images over MMBRIDGE_MAX_IMAGE_PIXELS are refused with 413. Needs the `serve` extra
 (pip install 'mmbridge[serve]'). Stops cleanly on SIGTERM / Ctrl-C.
 """
-OWN = ("checkpoint", "host", "port", "api_key", "allow_local_files", "name", "max_tokens", "device")
+OWN = ("checkpoint", "host", "port", "api_key", "allow_local_files", "name", "max_tokens",
+       "batch_size", "device")
 
 
 def _flag(value: str, key: str) -> bool:
@@ -47,7 +52,7 @@ def main(argv: list[str]) -> int:
     if not argv or any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0 if argv else 2
-    own, overrides = parse_kv(argv, USAGE, OWN, counts=("port", "max_tokens"))
+    own, overrides = parse_kv(argv, USAGE, OWN, counts=("port", "max_tokens", "batch_size"))
     if "checkpoint" not in own:
         raise ConfigError("checkpoint=PATH is required\n" + USAGE)
     try:
@@ -62,7 +67,8 @@ def main(argv: list[str]) -> int:
     local = _flag(own.get("allow_local_files", "false"), "allow_local_files")
     model = mmbridge.load(own["checkpoint"], device=own.get("device"), overrides=overrides)
     name = own.get("name") or str(model.session.cfg.get("run_name") or Path(own["checkpoint"]).name)
-    server = Server(model, name, allow_local_files=local, max_tokens=int(own.get("max_tokens", 48)))
+    server = Server(model, name, allow_local_files=local, max_tokens=int(own.get("max_tokens", 48)),
+                    batch_size=int(own.get("batch_size", 1)))
     api_key = own.get("api_key") or os.environ.get("MMBRIDGE_API_KEY") or None
     host, port = own.get("host", "127.0.0.1"), int(own.get("port", 8000))
     logging.getLogger(__name__).info("serving '%s' on http://%s:%d/v1 (%s)", name, host, port,

@@ -64,7 +64,7 @@ def images(tmp_path_factory) -> list[str]:
 def server(ckpt, images, tmp_path_factory):
     """``mmbridge serve`` in its own process, and the Python API's greedy answers for the images
     (computed while the server starts; they equal `mmbridge generate`'s, checked below).
-    Yields ``(process, base_url, log path, expected answers)``."""
+    Yields ``(process, base_url, log path, expected answers, the in-process model)``."""
     port = free_port()
     log = tmp_path_factory.mktemp("log") / "serve.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMBRIDGE_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
@@ -88,7 +88,7 @@ def server(ckpt, images, tmp_path_factory):
     else:
         proc.kill()
         pytest.fail(f"mmbridge serve did not answer /health in 120 s:\n{log.read_text()}")
-    yield proc, base, log, expected
+    yield proc, base, log, expected, model
     if proc.poll() is None:
         proc.kill()
         proc.wait()
@@ -146,6 +146,28 @@ def test_eight_concurrent_requests_get_their_own_answers(client, images, expecte
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, range(8)))
     assert answers == expected
+
+
+def test_batched_requests_answer_as_single_ones(server, images, expected):
+    """batch_size=8: eight waiting greedy requests answered in one left-padded batch (in this
+    process, through the server's request path without HTTP)."""
+    import threading
+
+    from mmbridge.serving import Server
+
+    batched = Server(server[4], "tiny", batch_size=1)  # no worker yet: the jobs wait in line
+    batched.batch_size = 8
+    bodies = [{"model": "tiny", "messages": user(data_url(p)), "max_tokens": 8} for p in images]
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(batched.complete, b) for b in bodies]
+        deadline = time.monotonic() + 60
+        while batched.jobs.qsize() < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        threading.Thread(target=batched._batches, daemon=True).start()
+        replies = [f.result(timeout=120) for f in futures]
+    assert [r["choices"][0]["message"]["content"] for r in replies] == expected
+    assert batched.stats == {"batches": 1, "largest_batch": 8}
+    assert all(r["usage"]["completion_tokens"] <= 8 for r in replies)
 
 
 def test_a_seed_repeats_a_sampled_answer(client, images):
@@ -212,7 +234,7 @@ def test_bad_requests_get_openai_errors(client, server, images, tmp_path):
 
 def test_sigterm_stops_the_server_cleanly(server, client):
     # last in the module: the server fixture is done after this test
-    proc, base, log, _ = server
+    proc, base, log, *_ = server
     client.close()  # its idle keep-alive connections would hold uvicorn's shutdown a few seconds
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, log.read_text()
