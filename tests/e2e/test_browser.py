@@ -24,10 +24,11 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 # the tiny run is trained once per session (tests/picture_runs.py); xdist keeps these together
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("pictures"),
+              pytest.mark.slow,  # a browser, and the shared tiny training
               pytest.mark.skipif(not (CHROMIUM and DRIVER),
                                  reason="no chromium / chromedriver (apt-get install chromium "
                                         "chromium-driver, as scripts/setup.sh does)")]
-# `raise` would hide a broken page: the console check sees only what happened before it runs
+# the page's images that did not load (naturalWidth 0) or have not finished loading
 BROKEN_IMAGES = ("return Array.from(document.images)"
                  ".filter(i => !i.complete || i.naturalWidth === 0)"
                  ".map(i => i.alt || i.src.slice(0, 60))")

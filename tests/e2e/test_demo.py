@@ -45,6 +45,7 @@ def test_without_gradio_one_clear_error(monkeypatch, capsys):
     assert demo.main(["--help"]) == 0 and "checkpoint=PATH2" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # the shared tiny training (about 35-60 s on 2 busy cores)
 def test_first_turn_is_generate_and_later_turns_see_the_conversation(picture_run):
     import mmbridge
 
@@ -60,6 +61,7 @@ def test_first_turn_is_generate_and_later_turns_see_the_conversation(picture_run
     assert second == model.chat(turns, image=image, max_new_tokens=4)
 
 
+@pytest.mark.slow  # the shared tiny training (about 35-60 s on 2 busy cores)
 def test_page_has_a_column_per_checkpoint(picture_run):
     gr = pytest.importorskip("gradio")
     import mmbridge

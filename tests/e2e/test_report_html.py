@@ -118,6 +118,7 @@ def test_overlay_size_and_grid():
 
 
 # -- run report ----------------------------------------------------------------------------
+@pytest.mark.slow  # the shared tiny training (about 35-60 s on 2 busy cores)
 def test_run_report_numbers_gallery_and_attention(tmp_path, picture_run):
     run = picture_run
     metrics = json.loads((run / "metrics.json").read_text())
@@ -146,6 +147,7 @@ def test_run_report_numbers_gallery_and_attention(tmp_path, picture_run):
     assert sheets and sheets[0].size == (6 * 128, 2 * (128 + 16))  # image, mean, 8 queries
 
 
+@pytest.mark.slow  # the shared tiny training (about 35-60 s on 2 busy cores)
 def test_generate_writes_the_attention_map_of_a_photograph(tmp_path, capsys, picture_run):
     """The Q-Former's queries over a real photograph (scikit-image's astronaut, offline); with
     MMBRIDGE_SCREENSHOTS=DIR the sheet is kept there as attention_qformer.png (for the docs)."""
@@ -172,6 +174,7 @@ def test_generate_writes_the_attention_map_of_a_photograph(tmp_path, capsys, pic
         main([f"checkpoint={run / 'checkpoints' / 'final'}", "prompt=x", f"attention={out}"])
 
 
+@pytest.mark.slow  # the shared tiny training (about 35-60 s on 2 busy cores)
 def test_sweep_report_table_forest_curves_and_disagreements(picture_sweep):
     from mmbridge.reporting import write_report
 
