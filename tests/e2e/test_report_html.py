@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import shared_registry
 from picture_runs import qformer_run, shared_dir, two_by_two_sweep
 from PIL import Image
 
-from mmbridge.attention_maps import feature_grid, overlay
+from mmbridge.attention_maps import feature_grid, overlay, recording
 from mmbridge.errors import ConfigError
 from mmbridge.plugins.perceivers.gated_xattn import GatedCrossAttention, GatedXAttnBlock
 from mmbridge.plugins.perceivers.qformer import QFormer
@@ -212,3 +213,41 @@ def test_gate_section_means_per_question_type():
     assert "level 1 colour: 0.300" in html and "level 3 colour: 0.500" in html
     assert "level 1 count: 0.200" in html and "level 3 count: 0.600" in html
     assert gate_section([{"mode": "media", "qtype": "x"}]) == ""
+
+
+@pytest.mark.parametrize("connector", ["resampler", "gated_xattn"])
+def test_recording_through_generation_leaves_the_answer_unchanged(connector, tmp_path):
+    """Through the real tiny model and its generate loop (gated cross-attention: the blocks run
+    as hooks of the LLM's layers, once for the prompt, then once per new token)."""
+    from mmbridge.config import compose
+    from mmbridge.data.batcher import Batcher
+    from mmbridge.data.chat import ChatEncoder
+    from mmbridge.model import assemble
+    from mmbridge.testing.tiny import build_tiny_llama
+    from mmbridge.types import Sample
+
+    build_tiny_llama(tmp_path / "llm", seed=0)
+    registry = shared_registry()
+    cfg = compose(["experiment=tiny", f"connector={connector}", f"llm.path={tmp_path / 'llm'}",
+                   "connector.num_latents=4", "connector.hidden_dim=32", "connector.depth=1"],
+                  registry)
+    torch.manual_seed(0)
+    model = assemble(cfg, registry).eval()
+    image = tmp_path / "red.png"
+    Image.new("RGB", (64, 64), "red").save(image)
+    sample = Sample("s", {"image": str(image)}, [{"from": "human", "value": "<image>\nWhat?"}])
+    chat = ChatEncoder(model.llm.tokenizer, list(model.branches), max_length=256)
+    batch = Batcher.from_model(model, chat).batch([sample], generation=True)
+    plain = model.generate(batch, max_new_tokens=3)
+    with recording(model) as rec:
+        again = model.generate(batch, max_new_tokens=3)
+    assert torch.equal(plain, again)
+    maps = rec.attention_maps()[0]
+    assert maps.shape[-1] == 64  # the tiny ViT's 8 x 8 patches
+    assert torch.allclose(maps.sum(-1), torch.ones(len(maps)), atol=1e-5)
+    if connector == "gated_xattn":  # one row per text token: the prompt, then the new tokens
+        prompt = int(batch["attention_mask"].shape[1])
+        assert len(maps) == prompt + again.shape[1] - 1, (len(maps), prompt, again.shape)
+    else:
+        assert len(maps) == 4
+    assert feature_grid(model, 64) == (8, 8, 0)
