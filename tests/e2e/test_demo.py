@@ -73,3 +73,18 @@ def test_page_has_a_column_per_checkpoint(picture_run):
     visible = {b.elem_id: b.visible for b in page.blocks.values()
                if isinstance(b, (gr.Image, gr.Audio))}
     assert visible == {"image": True, "audio": False}  # this model has no audio encoder
+
+
+@pytest.mark.slow  # the shared tiny training (about 35-60 s on 2 busy cores)
+def test_main_serves_on_this_machine_by_default(picture_run, monkeypatch):
+    pytest.importorskip("gradio")
+    import gradio as gr
+
+    served = {}
+    monkeypatch.setattr(demo, "launch", lambda page, host, port: served.update(
+        page=page, host=host, port=port))
+    ckpt = str(picture_run / "checkpoints" / "final")
+    assert demo.main([f"checkpoint={ckpt}", "port=7999", "max_new_tokens=3"]) == 0
+    assert (served["host"], served["port"]) == ("127.0.0.1", 7999)
+    chats = [b for b in served["page"].blocks.values() if isinstance(b, gr.Chatbot)]
+    assert [c.label for c in chats] == [picture_run.name]  # the run directory's name
