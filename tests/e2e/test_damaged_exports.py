@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from e2e.test_export import TINY, make_checkpoint
 from helpers import shared_registry
-from test_export import TINY, make_checkpoint
 
 import mmbridge
 from mmbridge.errors import CheckpointError, ConfigError, IntegrityError, MMBridgeError

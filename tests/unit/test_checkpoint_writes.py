@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from test_checkpoints import fit, loader, make_model  # noqa: F401  (loader: a module fixture)
+from unit.test_checkpoints import fit, loader, make_model  # noqa: F401  (loader: a module fixture)
 
 from mmbridge import io as mio
 from mmbridge.errors import StorageError
