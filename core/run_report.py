@@ -121,7 +121,7 @@ def gallery_section(preds: list[dict[str, Any]], attention: AttentionFn | None =
         path = _image_of(p)
         uri = file_uri(path, 160) if path else None
         alt = f"held-out image {p.get('id')}"
-        pic = img_tag(uri, alt, "") if uri else "<p>(image not found)</p>"
+        pic = img_tag(uri, alt, "") if uri else f"<p>({esc(media_note(p))})</p>"
         question = str(p.get("question", "")).replace("<image>", "").strip()
         cards.append(f'<div class="card {"ok" if p.get("correct") else "bad"}">{pic}'
                      f"<div><b>{esc(p.get('qtype', ''))}</b>: {esc(question)}</div>"
@@ -147,6 +147,14 @@ def gallery_section(preds: list[dict[str, Any]], attention: AttentionFn | None =
                     "one query's (or text token's) attention over the image patches, averaged "
                     "over layers and heads; brighter = more weight.</p>" + "".join(maps))
     return out
+
+
+def media_note(p: dict[str, Any]) -> str:
+    """What a question without a picture to show had: ``audio: clip.wav``, or why none shows."""
+    media = p.get("media") or {}
+    names = [f"{k}: {Path(str(v[0] if isinstance(v, list) and v else v)).name}"
+             for k, v in media.items() if k != "image"]
+    return ", ".join(names) or ("image not found" if "image" in media else "no media recorded")
 
 
 def _image_of(p: dict[str, Any]) -> str | None:

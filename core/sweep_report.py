@@ -28,7 +28,7 @@ from mmbridge.report_html import (
     table,
 )
 from mmbridge.results import Row, label, row_name, varying_keys
-from mmbridge.run_report import REPORT, read_json_lines
+from mmbridge.run_report import REPORT, media_note, read_json_lines
 from mmbridge.significance import paired_bootstrap, read_predictions
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ def disagreement_section(rows: list[Row], names: dict[tuple[str, ...], str]) -> 
         img = (p.get("media") or {}).get("image")
         uri = file_uri(img, 160) if isinstance(img, str) and Path(img).is_file() else None
         pic = (f'<img src="{uri}" alt="held-out image {esc(q)}">' if uri
-               else "<p>(image not found)</p>")
+               else f"<p>({esc(media_note(p))})</p>")
         lines = "".join(f"<div>{'✓' if answers[r.config][q][1] else '✗'} "
                         f"{esc(names[r.config])}: "
                         f"<b>{esc(answers[r.config][q][0]) or '(empty)'}</b></div>" for r in rows)

@@ -215,6 +215,20 @@ def test_gate_section_means_per_question_type():
     assert gate_section([{"mode": "media", "qtype": "x"}]) == ""
 
 
+def test_gallery_cards_without_a_picture_say_what_the_question_had():
+    from mmbridge.run_report import gallery_section
+
+    html = gallery_section([
+        {"mode": "media", "id": "a", "qtype": "asr", "question": "<audio>\nWhat is said?",
+         "answer": "hello", "prediction": "hello", "correct": True,
+         "media": {"audio": "/data/clips/0001.wav"}},
+        {"mode": "media", "id": "b", "qtype": "colour", "question": "<image>\nColour?",
+         "answer": "red", "prediction": "", "correct": False,
+         "media": {"image": "/nowhere/gone.png"}}])
+    assert "(audio: 0001.wav)" in html and "(image not found)" in html
+    assert "prediction: <b>(empty)</b>" in html and html.count("<img") == 0
+
+
 @pytest.mark.parametrize("connector", ["resampler", "gated_xattn"])
 def test_recording_through_generation_leaves_the_answer_unchanged(connector, tmp_path):
     """Through the real tiny model and its generate loop (gated cross-attention: the blocks run
