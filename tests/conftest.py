@@ -55,8 +55,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 class _DurationStore:
     """Sums each test's phases as their reports reach the main process (from the workers
-    under xdist) and, at the end, replaces the entries of the modules that ran in
-    :data:`DURATIONS`."""
+    under xdist) and, at the end, replaces the entries of the tests that ran in
+    :data:`DURATIONS` (a test now under MIN_STORED loses its entry)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -67,10 +67,9 @@ class _DurationStore:
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         old = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
-        ran = {k.split("::")[0] for k in self.seconds}  # these modules' entries are replaced
-        tests = {k: v for k, v in old.get("tests", {}).items() if k.split("::")[0] not in ran}
+        tests = {k: v for k, v in old.get("tests", {}).items() if k not in self.seconds}
         tests.update({k: round(v, 1) for k, v in self.seconds.items() if v >= MIN_STORED})
-        modules = sorted(ran | set(old.get("modules", [])))
+        modules = sorted({k.split("::")[0] for k in self.seconds} | set(old.get("modules", [])))
         DURATIONS.write_text(json.dumps({"modules": modules, "tests": dict(sorted(tests.items()))},
                                         indent=0) + "\n")
 
