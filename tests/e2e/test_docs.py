@@ -1,4 +1,5 @@
-"""The documentation site: built with warnings as errors, and every code block of it run.
+"""The documentation site: built with warnings as errors, and every code block of it (and of
+README.md) run.
 
 A fenced block's info string decides what happens to it:
 
@@ -46,7 +47,7 @@ from mmbridge.docs import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
-PAGES = sorted(p.relative_to(ROOT).as_posix() for p in DOCS.rglob("*.md"))
+PAGES = [*sorted(p.relative_to(ROOT).as_posix() for p in DOCS.rglob("*.md")), "README.md"]
 
 #: Added to every documented training (a key the line sets itself is kept as written).
 SMALL = ["evaluation.max_samples=4", "evaluation.val_samples=2", "evaluation.batch_size=4",
@@ -186,7 +187,7 @@ def docs_cache(tmp_path_factory) -> Path:
 
 
 #: Pages that train more than once (a sweep, or the CLI and the Python API in turn).
-SLOW_PAGES = {"docs/how-to/ablation.md", "docs/getting-started.md"}
+SLOW_PAGES = {"docs/how-to/ablation.md", "docs/getting-started.md", "README.md"}
 
 
 @pytest.mark.parametrize("page", [pytest.param(p, marks=pytest.mark.slow) if p in SLOW_PAGES else p
@@ -234,7 +235,7 @@ def test_the_site_builds_with_warnings_as_errors(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     api = (tmp_path / "site" / "reference" / "api" / "index.html").read_text(encoding="utf-8")
     assert 'id="mmbridge.load"' in api and 'id="mmbridge.Converter"' in api  # mkdocstrings rendered it
-    for page in PAGES:
+    for page in PAGES[:-1]:  # README.md is GitHub's page, not the site's
         rel = Path(page).relative_to("docs").with_suffix("")
         html = tmp_path / "site" / ("index.html" if rel.name == "index" and rel.parent == Path(".")
                                     else rel.parent / ("" if rel.name == "index" else rel.name) / "index.html")
@@ -260,3 +261,19 @@ def test_every_config_key_of_the_reference_has_a_type_default_and_doc():
             if line.startswith("| `") and line.count(" | ") >= 4]
     undocumented = [r.split(" | ")[0] for r in rows if not r.rstrip(" |").split(" | ")[-1].strip()]
     assert len(rows) > 40 and not undocumented, f"keys without a doc (add one to KEY_DOCS): {undocumented}"
+
+
+#: Words of the project's own history, which a reader of the README has no use for.
+HISTORY = ("last round", "this round", "the issue's target", "no gpu was lent", "this session",
+           "what changed the figures")
+
+
+def test_the_readme_is_short_its_links_resolve_and_it_tells_no_history():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 250
+    assert not [h for h in HISTORY if h in text.lower()]
+    for setup in ("bash scripts/setup.sh && .venv/bin/mmbridge train",
+                  "bash scripts/setup.sh && .venv/bin/python -m pytest"):
+        assert f"```bash\n{setup}\n```" in text, setup
+    links = re.findall(r"\]\((?!https?://)([^)#]+)", text)
+    assert links and not [link for link in links if not (ROOT / link).exists()]
