@@ -14,6 +14,9 @@ from mmbridge import __version__
 from mmbridge.errors import MMBridgeError, did_you_mean
 
 #: command -> (module, one-line help). Order = order in ``--help``.
+#: (A command module is never named after a standard-library module: Lightning's DDP launcher
+#: re-runs commands/train.py as a script, with commands/ first on sys.path; `inspect` shadowed
+#: the standard `inspect` there.)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mmbridge.commands.train", "train a model (Hydra overrides; no arguments = the default experiment)"),
     "sweep": ("mmbridge.commands.sweep", "run a grid of trainings (comma lists) and write results tables and plots"),
@@ -24,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("mmbridge.commands.report", "a sweep's results.csv/.md, plots and report.html; a run's report.html"),
     "demo": ("mmbridge.commands.demo", "a web page (Gradio) to chat about an image or audio: checkpoint=A [checkpoint=B]"),
     "plugins": ("mmbridge.commands.plugins", "list registered components by kind; `plugins check` runs the contract kit"),
-    "inspect": ("mmbridge.commands.inspect", "show what the model sees: a stage's first samples as text, tokens, labels, media slots"),
+    "inspect": ("mmbridge.commands.inspect_samples", "show what the model sees: a stage's first samples as text, tokens, labels, media slots"),
     "plan": ("mmbridge.commands.plan", "parameters, tokens, steps and memory per GPU of a config, without weights or data"),
     "config": ("mmbridge.commands.config", "print the composed config for overrides; --groups lists every option"),
     "assets": ("mmbridge.commands.assets", "list the offline pretrained models; --convert NAME prepares one"),

@@ -40,7 +40,7 @@ ALLOWED: dict[str, dict[str, str]] = {
     "precision.py": {"torch.distributed.fsdp": HEAVY},  # FSDP runs only
     "commands/generate.py": {"mmbridge.api": CLI, "mmbridge.attention_maps": CLI},
     "commands/plan.py": {"mmbridge.plan": CLI},
-    "commands/inspect.py": {"mmbridge.inspection": CLI},
+    "commands/inspect_samples.py": {"mmbridge.inspection": CLI},
     "inspection.py": {"mmbridge.config": IMPORT, "mmbridge.model": IMPORT, "mmbridge.plugin_manager": IMPORT,
                       "mmbridge.runtime.session": IMPORT, "mmbridge.runtime.stage": IMPORT,
                       "mmbridge.validation": IMPORT},
