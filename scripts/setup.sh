@@ -23,7 +23,7 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
 fi
 echo "[setup] installing mmbridge (editable) with its extras"
 "${PIP[@]}" "setuptools>=77" wheel
-"${PIP[@]}" -e ".[assets,data,tools,sweep,dev,eval,docs,demo,browser]"
+"${PIP[@]}" -e ".[assets,data,tools,sweep,dev,eval,docs,serve,demo,browser]"
 # eval (lmms-eval) pulls antlr4-python3-runtime 4.7.2 through latex2sympy2; Hydra/OmegaConf need 4.9.3
 "${PIP[@]}" --no-deps "antlr4-python3-runtime==4.9.3"
 
