@@ -27,6 +27,7 @@ from mmbridge.assets import resolve_model_path
 from mmbridge.data.chat import IGNORE, ChatEncoder
 from mmbridge.data.conversation import stage_conversation
 from mmbridge.errors import ConfigError
+from mmbridge.model_spec import node_at, nodes_of
 from mmbridge.registry import Registry
 
 #: Above this many samples in a stage's split, only the first ``4 n + 8`` go through the recipe.
@@ -55,8 +56,7 @@ def _front_end_llm(cfg: DictConfig, registry: Registry) -> Any:
 def _float32_encoders(cfg: DictConfig) -> DictConfig:
     """``cfg`` with ``dtype: auto`` encoders in float32 (no hardware probe: nothing runs)."""
     cfg = cfg.copy()
-    nodes = [cfg.encoder] + [b.encoder for b in (cfg.get("branches") or {}).values() if b is not None]
-    for node in nodes:
+    for node in [node_at(cfg, n.key) for n in nodes_of(cfg, "encoder")]:  # mmbridge.model_spec
         if node is not None and node.get("dtype") == "auto":
             node.dtype = "float32"
     return cfg

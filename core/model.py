@@ -10,7 +10,7 @@ Data flow of one batch (see ARCHITECTURE.md)::
 from __future__ import annotations
 
 import logging
-from collections.abc import ItemsView, Mapping, ValuesView
+from collections.abc import Callable, ItemsView, Mapping, ValuesView
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,17 +18,23 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from mmbridge import model_spec
 from mmbridge.build import build, split_node
 from mmbridge.connector import Connector
 from mmbridge.data.chat import IGNORE
 from mmbridge.encoder import ModalityEncoder
 from mmbridge.errors import AssemblyError, ConfigError, DataError
 from mmbridge.llm import LanguageModel
+from mmbridge.model_spec import node_at
 from mmbridge.prefix import PREFIX_SLOT, SequencePrefix
 from mmbridge.prefix_kv import PrefixPlan, PrefixStore, plan_prefix, report
 from mmbridge.registry import Registry
 
 log = logging.getLogger(__name__)
+
+#: Builds a node that holds weights (kind, node, config key) -> component; the plan's builds
+#: them from their Hugging Face config on the meta device.
+WeightBuilder = Callable[[str, Any, str], Any]
 
 
 class Branch(nn.Module):
@@ -236,52 +242,60 @@ class MultimodalModel(nn.Module):
         return {"total": total, "trainable": trainable, "connector": connector}
 
 
-def _branch_nodes(cfg: DictConfig) -> dict[str, tuple[Any, Any, str]]:
-    """(encoder node, connector node, key prefix) of the main branch and of ``branches.*``."""
-    nodes = {"": (cfg.encoder, cfg.connector, "")}
-    for name, node in (cfg.get("branches") or {}).items():
-        if node is None:
-            continue
-        if "encoder" not in node or "connector" not in node:
-            raise ConfigError(f"branches.{name}: needs both 'encoder' and 'connector'")
-        nodes[f"branches.{name}"] = (node.encoder, node.connector, f"branches.{name}.")
-    return nodes
-
-
-def assemble(cfg: DictConfig, registry: Registry, llm: LanguageModel | None = None) -> MultimodalModel:
+def assemble(cfg: DictConfig, registry: Registry, llm: LanguageModel | None = None,
+             build_weights: WeightBuilder | None = None) -> MultimodalModel:
     """Build the model of a composed config, checking that the parts fit together.
 
     Checks (each error names the config keys): every encoder's width vs the connector's
     ``in_dim`` when one is set, the connector's ``out_dim`` (when set) vs the LLM's hidden size,
-    and one branch per modality.
+    and one branch per modality. The nodes are :mod:`mmbridge.model_spec`'s; ``llm`` is a
+    built LLM to use instead of the config's, ``build_weights`` builds the LLM and encoders in
+    place of the registry's constructor (the plan's meta model).
     """
-    llm = llm if llm is not None else build(registry, "llm", cfg.llm, "llm")
+    (llm_node,) = [n for n in model_spec.model_nodes(cfg) if n.kind == "llm"]
+    llm_cfg = node_at(cfg, llm_node.key)
+    make = build_weights or (lambda kind, node, key: build(registry, kind, node, key))
+    llm = llm if llm is not None else make("llm", llm_cfg, llm_node.key)
     branches: dict[str, Branch] = {}
-    for _key, (enc_node, con_node, prefix) in _branch_nodes(cfg).items():
-        encoder = build(registry, "encoder", enc_node, f"{prefix}encoder")
-        _, con_args = split_node(con_node, f"{prefix}connector")
-        in_dim, out_dim = con_args.pop("in_dim", None), con_args.pop("out_dim", None)
-        if in_dim is not None and int(in_dim) != encoder.out_dim:
-            raise AssemblyError(
-                f"{prefix}connector.in_dim={in_dim} does not match {prefix}encoder "
-                f"('{enc_node.name}') width {encoder.out_dim}; drop {prefix}connector.in_dim "
-                f"(it is set from the encoder) or choose a matching encoder")
-        if out_dim is not None and int(out_dim) != llm.hidden_size:
-            raise AssemblyError(
-                f"{prefix}connector.out_dim={out_dim} does not match llm ('{cfg.llm.get('path', cfg.llm.name)}') "
-                f"hidden size {llm.hidden_size}; drop {prefix}connector.out_dim (it is set from the LLM)")
-        connector = build(registry, "connector", {"name": con_node.name, **con_args},
-                          f"{prefix}connector", in_dim=encoder.out_dim, out_dim=llm.hidden_size)
+    for spec in model_spec.branch_nodes(cfg):  # the model config's shape: mmbridge.model_spec
+        enc_key, con_key = spec.encoder.key, spec.connector.key
+        enc_node, con_node = node_at(cfg, enc_key), node_at(cfg, con_key)
+        encoder = make("encoder", enc_node, enc_key)
+        connector = _build_connector(registry, con_node, con_key, spec.connector.injected,
+                                     encoder, llm, f"{enc_key} ('{enc_node.name}')",
+                                     f"llm ('{llm_cfg.get('path', llm_cfg.name)}')")
         if encoder.modality in branches:
             other = branches[encoder.modality].key
             raise AssemblyError(
-                f"{prefix or 'encoder'} and {other or 'encoder'} both encode '{encoder.modality}'; "
-                f"one branch per modality")
-        branches[encoder.modality] = Branch(encoder, connector, prefix.rstrip("."))
+                f"{spec.parent or 'encoder'} and {other or 'encoder'} both encode "
+                f"'{encoder.modality}'; one branch per modality")
+        branches[encoder.modality] = Branch(encoder, connector, spec.parent)
     seq_prefix = None
-    if cfg.get("alignment") is not None:
-        seq_prefix = build(registry, "prefix", cfg.alignment, "alignment", dim=llm.hidden_size)
+    for node in model_spec.model_nodes(cfg):
+        if node.kind == "prefix":
+            seq_prefix = build(registry, "prefix", node_at(cfg, node.key), node.key,
+                               **dict.fromkeys(node.injected, llm.hidden_size))
     return MultimodalModel(llm, branches, seq_prefix)
+
+
+def _build_connector(registry: Registry, node: Any, key: str, injected: tuple[str, ...],
+                     encoder: ModalityEncoder, llm: LanguageModel, enc_name: str,
+                     llm_name: str) -> Connector:
+    """The connector at ``key`` with its injected ``in_dim`` / ``out_dim`` (the encoder's width,
+    the LLM's hidden size); a value the config sets itself must agree with them."""
+    _, con_args = split_node(node, key)
+    widths = {"in_dim": (encoder.out_dim, enc_name, "width", "the encoder"),
+              "out_dim": (llm.hidden_size, llm_name, "hidden size", "the LLM")}
+    for arg in injected:
+        given = con_args.pop(arg, None)
+        value, owner, what, source = widths[arg]
+        if given is not None and int(given) != value:
+            raise AssemblyError(
+                f"{key}.{arg}={given} does not match {owner} {what} {value}; drop {key}.{arg} "
+                f"(it is set from {source})" + (" or choose a matching encoder"
+                                                if arg == "in_dim" else ""))
+    return build(registry, "connector", {"name": node.name, **con_args}, key,
+                 **{arg: widths[arg][0] for arg in injected})
 
 
 def context_length(llm: Any) -> int | None:

@@ -45,10 +45,11 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from mmbridge.build import build, split_node
+from mmbridge.build import split_node
 from mmbridge.config import to_container
 from mmbridge.errors import ConfigError
-from mmbridge.model import Branch, MultimodalModel
+from mmbridge.model import MultimodalModel, assemble
+from mmbridge.model_spec import branch_nodes
 from mmbridge.precision import encoder_mode, keep_trained_fp32, plan_precision, resolve_auto_dtypes
 from mmbridge.registry import Registry
 from mmbridge.training.optimizers import STATES_PER_WEIGHT
@@ -57,8 +58,6 @@ from mmbridge.training.stages import configure_trainable, stage_steps
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from mmbridge.encoder import ModalityEncoder
-    from mmbridge.llm import LanguageModel
 
 GiB = 2**30
 #: Share of the GPU's memory kept free for what the estimate leaves out (CUDA context, the
@@ -134,20 +133,12 @@ def build_meta_model(cfg: DictConfig, registry: Registry, dtype: str = "bfloat16
         registry: The run's registry.
         dtype: What ``dtype: auto`` means here (the planned GPU's weight dtype).
     """
-    if cfg.get("branches"):
+    if len(branch_nodes(cfg)) > 1:
         raise ConfigError("branches: mmbridge plan covers the main encoder branch only; "
                           "plan a config without `branches`")
     with torch.device("meta"):
-        llm: LanguageModel = _from_config(registry, "llm", cfg.llm, "llm", dtype)
-        encoder: ModalityEncoder = _from_config(registry, "encoder", cfg.encoder, "encoder", dtype)
-        _, con_args = split_node(cfg.connector, "connector")
-        con_args.pop("in_dim", None), con_args.pop("out_dim", None)
-        connector = build(registry, "connector", {"name": cfg.connector.name, **con_args},
-                          "connector", in_dim=encoder.out_dim, out_dim=llm.hidden_size)
-        prefix = None
-        if cfg.get("alignment") is not None:
-            prefix = build(registry, "prefix", cfg.alignment, "alignment", dim=llm.hidden_size)
-        return MultimodalModel(llm, {encoder.modality: Branch(encoder, connector, "")}, prefix)
+        return assemble(cfg, registry, build_weights=lambda kind, node, key: _from_config(
+            registry, kind, node, key, dtype))
 
 
 @dataclass

@@ -40,6 +40,7 @@ from torch import nn
 
 from mmbridge.errors import ConfigError
 from mmbridge.io import atomic_write_json
+from mmbridge.model_spec import node_at, weight_nodes
 
 #: Fast bf16 on the CPU needs one of these instruction-set flags (/proc/cpuinfo).
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -260,8 +261,9 @@ def _trains_whole(cfg: DictConfig, component: str) -> bool:
 
 
 def component_dtypes(cfg: DictConfig, decision: PrecisionDecision) -> dict[str, str]:
-    """The weight dtype of each component node (``llm``, ``encoder``, ``branches.<m>.encoder``)
-    that says ``dtype: auto``, keyed by its config key.
+    """The weight dtype of each component node with weights (``llm``, ``encoder``,
+    ``branches.<m>.encoder``: :func:`mmbridge.model_spec.weight_nodes`) that says
+    ``dtype: auto``, keyed by its config key.
 
     ``decision.weight_dtype``, except under a ``*-mixed`` precision: a component whose own
     weights train in a scheduled stage gets ``float32`` (its fp32 master weights), and under
@@ -271,14 +273,13 @@ def component_dtypes(cfg: DictConfig, decision: PrecisionDecision) -> dict[str, 
     strategy = _strategy_name(cfg.get("trainer"))
     everything_fp32 = decision.mixed and strategy.startswith("fsdp")
     masters = decision.mixed and not strategy.startswith("deepspeed")
-    nodes: dict[str, Any] = {"llm": cfg.get("llm"), "encoder": cfg.get("encoder")}
-    nodes |= {f"branches.{m}.encoder": b.get("encoder") for m, b in (cfg.get("branches") or {}).items()}
     out = {}
-    for key, node in nodes.items():
+    for spec in weight_nodes(cfg):  # the nodes with weights: mmbridge.model_spec
+        node = node_at(cfg, spec.key)
         if not isinstance(node, DictConfig | Mapping) or node.get("dtype") != "auto":
             continue
-        whole = _trains_whole(cfg, "llm" if key == "llm" else "encoder")
-        out[key] = "float32" if everything_fp32 or (masters and whole) else decision.weight_dtype
+        whole = _trains_whole(cfg, spec.kind)
+        out[spec.key] = "float32" if everything_fp32 or (masters and whole) else decision.weight_dtype
     return out
 
 
@@ -295,9 +296,7 @@ def resolve_auto_dtypes(cfg: DictConfig, decision: PrecisionDecision | str) -> D
         decision = PrecisionDecision(mixed if asked == "auto" else asked, decision, "given")
     cfg = cfg.copy()
     for key, dtype in component_dtypes(cfg, decision).items():
-        node = cfg.llm if key == "llm" else cfg.encoder if key == "encoder" else \
-            cfg.branches[key.split(".")[1]].encoder
-        node.dtype = dtype
+        node_at(cfg, key).dtype = dtype
     return cfg
 
 

@@ -24,6 +24,7 @@ import torch
 
 from mmbridge.errors import ConfigError
 from mmbridge.io import check_free_space
+from mmbridge.model_spec import weight_nodes
 from mmbridge.registry import Registry
 from mmbridge.run_lock import refuse_clobbering
 
@@ -59,7 +60,7 @@ def _umask_permissions(root: Path) -> None:
 
 def float32_overrides(checkpoint: str | Path, registry: Registry) -> list[str]:
     """``KEY.dtype=float32`` for every component node of the stored config that has a dtype
-    (``llm``, ``encoder``, ``branches.*.encoder``).
+    (``llm``, ``encoder``, ``branches.*.encoder``: :func:`mmbridge.model_spec.weight_nodes`).
 
     ``format=hf`` rebuilds the model in float32 before writing it: Llava holds one dtype, where
     mmbridge runs a bf16 LLM (``dtype: auto`` on a CPU with native bf16) beside a float32
@@ -74,8 +75,8 @@ def float32_overrides(checkpoint: str | Path, registry: Registry) -> list[str]:
     p = Path(checkpoint).expanduser()
     manifest = read_manifest(p) if p.is_dir() else None
     cfg = bundle_config(p, manifest, registry)[0] if manifest is not None else read_checkpoint(p, registry)[0]
-    nodes = ["llm", "encoder", *(f"branches.{b}.encoder" for b, n in (cfg.get("branches") or {}).items() if n)]
-    return [f"{k}.dtype=float32" for k in nodes if OmegaConf.select(cfg, f"{k}.dtype") is not None]
+    return [f"{n.key}.dtype=float32" for n in weight_nodes(cfg)
+            if OmegaConf.select(cfg, f"{n.key}.dtype") is not None]
 
 
 def export(checkpoint: str | Path, out: str | Path, format: str = "bundle", overwrite: bool = False,

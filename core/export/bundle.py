@@ -36,6 +36,7 @@ from mmbridge import __version__
 from mmbridge.assets import resolve_model_path
 from mmbridge.config import merge_overrides
 from mmbridge.errors import AssetError, CheckpointError, IntegrityError, reading
+from mmbridge.model_spec import model_nodes
 from mmbridge.plugin_manager import load_registry
 from mmbridge.registry import Registry
 from mmbridge.runtime.session import open_session
@@ -55,8 +56,6 @@ MANIFEST = "mmbridge.json"
 #: The bundle layout this version writes and reads.
 BUNDLE_VERSION = 1
 FILES = "files"
-#: Config nodes that hold the model's components (and so may name model files).
-MODEL_NODES = ("llm", "encoder", "connector", "alignment")
 
 
 def read_manifest(path: Path) -> dict[str, Any] | None:
@@ -88,9 +87,7 @@ def _model_leaves(cfg: DictConfig) -> Iterator[tuple[str, str]]:
         elif isinstance(node, str):
             yield key, node
 
-    roots = [k for k in MODEL_NODES if cfg.get(k) is not None]
-    roots += [f"branches.{b}" for b, n in (cfg.get("branches") or {}).items() if n is not None]
-    for root in roots:
+    for root in [n.key for n in model_nodes(cfg)]:  # the model's nodes: mmbridge.model_spec
         yield from walk(OmegaConf.select(cfg, root), root)
 
 

@@ -36,6 +36,7 @@ from transformers import (
 from mmbridge.errors import ConfigError
 from mmbridge.export.peft_format import peft_llm
 from mmbridge.llava_parts import LlavaProjector, LlavaText, LlavaUnrepresentable, LlavaVision
+from mmbridge.model_spec import branch_at, node_at, nodes_of
 
 IMAGE_TOKEN = "<image>"
 
@@ -105,18 +106,21 @@ def check_representable(session: Any) -> LlavaPlan:
     """The model's Llava parts, or the error naming what Llava cannot represent."""
     model, cfg = session.model, session.cfg
     if model.prefix is not None:
-        raise _refuse(f"alignment '{cfg.alignment.name}' (a learned sequence prefix)", "adds tokens Llava has no place for")
+        (prefix,) = nodes_of(cfg, "prefix")
+        raise _refuse(f"{prefix.key} '{node_at(cfg, prefix.key).name}' (a learned sequence prefix)",
+                      "adds tokens Llava has no place for")
     if set(model.branches) != {"image"}:
         extra = sorted(set(model.branches) - {"image"}) or ["(no image branch)"]
         raise _refuse(f"the {', '.join(extra)} branch", "is not an image branch (Llava has one image tower)")
     branch = model.branches["image"]
-    key = branch.key or ""
-    enc_key, con_key = f"{key + '.' if key else ''}encoder", f"{key + '.' if key else ''}connector"
+    spec = branch_at(cfg, branch.key)  # its config keys: mmbridge.model_spec
+    enc_key, con_key = spec.encoder.key, spec.connector.key
     vision = _part(branch.encoder, LlavaVision, enc_key, str(OmegaConf.select(cfg, f"{enc_key}.name")),
                    "vision tower")
     projector = _part(branch.connector, LlavaProjector, con_key,
                       str(OmegaConf.select(cfg, f"{con_key}.name")), "projector")
-    text = _part(model.llm, LlavaText, "llm", str(cfg.llm.name), "text model")
+    (llm,) = nodes_of(cfg, "llm")
+    text = _part(model.llm, LlavaText, llm.key, str(node_at(cfg, llm.key).name), "text model")
     return LlavaPlan(vision, projector, text, lora=model.llm.lora_config is not None)
 
 

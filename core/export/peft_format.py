@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM
 from mmbridge.errors import ConfigError
 from mmbridge.llm import LanguageModel
 from mmbridge.lora import adapter_parameters, peft_config
+from mmbridge.model_spec import branch_at, node_at
 
 #: PEFT's wrapper adds this before the base model's own parameter names.
 PEFT_PREFIX = "base_model.model."
@@ -106,8 +107,8 @@ def write_peft(session: Any, meta: dict[str, str], out: Path) -> dict[str, Any]:
             "adapter_files": ["adapter_config.json", "adapter_model.safetensors"],
             "weights": {EXTRA: {owner: len(keys) for owner, keys in sorted(groups.items())}},
             "stages": json.loads(meta.get("stages", "[]")), "config": "config.yaml",
-            "modules": {m: {"encoder": OmegaConf.to_container(session.cfg.encoder if b.key == "" else
-                                                              OmegaConf.select(session.cfg, f"{b.key}.encoder"),
-                                                              resolve=True),
+            "modules": {m: {"encoder": OmegaConf.to_container(
+                                node_at(session.cfg, branch_at(session.cfg, b.key).encoder.key),
+                                resolve=True),
                             "connector_prefix": f"branches.{m}.connector."}
                         for m, b in model.branches.items()}}
