@@ -23,6 +23,7 @@ from mmbridge.lora import has_lora, inject_lora, lora_settings
 from mmbridge.model import MultimodalModel
 from mmbridge.precision import encoder_mode
 from mmbridge.registry import Registry
+from mmbridge.schema import Root
 from mmbridge.training.checkpoint import WEIGHTS, read_checkpoint
 from mmbridge.training.stages import frozen_encoders
 
@@ -129,7 +130,8 @@ def load_init_weights(model: MultimodalModel, cfg: DictConfig,
                               f"encoder, connector or LLM than the source run's?):\n  "
                               + "\n  ".join(problems))
     encoder_keys = [k for k in weights if k.startswith("branches.") and ".encoder." in k]
-    if encoder_keys and bool(cfg.get("cache_features", True)) and frozen_encoders(cfg):
+    caching = bool(cfg.get("cache_features", Root().cache_features))  # default: schema.Root
+    if encoder_keys and caching and frozen_encoders(cfg):
         raise ConfigError(f"init_from={value}: the checkpoint holds trained encoder weights "
                           f"({encoder_keys[0]}, ...), but cache_features=true would read the "
                           f"pretrained encoder's features; set cache_features=false")
