@@ -45,6 +45,8 @@ class ComponentNode:
 MAIN_NODES: tuple[ComponentNode, ...] = (
     ComponentNode("llm", "llm"), ComponentNode("encoder", "encoder"),
     ComponentNode("connector", "connector", CONNECTOR_ARGS))
+#: The top-level key of the extra branches (``branches.<name>``).
+BRANCHES_KEY = "branches"
 #: The nodes of each ``branches.<name>`` (keys relative to the branch).
 BRANCH_NODES: tuple[ComponentNode, ...] = (
     ComponentNode("encoder", "encoder"), ComponentNode("connector", "connector", CONNECTOR_ARGS))
@@ -59,10 +61,10 @@ def model_nodes(cfg: Mapping[str, Any]) -> list[ComponentNode]:
     that are set (``alignment``). ``cfg`` is a composed config or its plain-dict form; a branch
     that is not a mapping is listed as it is (validation names what it lacks)."""
     nodes = list(MAIN_NODES)
-    for name, branch in (cfg.get("branches") or {}).items():
+    for name, branch in (cfg.get(BRANCHES_KEY) or {}).items():
         if branch is None:
             continue
-        nodes += [ComponentNode(f"branches.{name}.{n.key}", n.kind, n.injected)
+        nodes += [ComponentNode(f"{BRANCHES_KEY}.{name}.{n.key}", n.kind, n.injected)
                   for n in BRANCH_NODES]
     nodes += [n for n in OPTIONAL_NODES if node_at(cfg, n.key) is not None]
     return nodes
@@ -142,3 +144,9 @@ def branch_at(cfg: Mapping[str, Any], parent: str) -> BranchNodes:
         if branch.parent == parent:
             return branch
     raise KeyError(f"no encoder / connector branch at '{parent}'")
+
+
+def top_level_nodes() -> dict[str, str | None]:
+    """The model config's top-level keys -> registry kind (``None``: :data:`BRANCHES_KEY`, a
+    mapping of branches): what the schema's top-level ``COMPONENTS`` takes from here."""
+    return {**{n.key: n.kind for n in (*MAIN_NODES, *OPTIONAL_NODES)}, BRANCHES_KEY: None}

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from mmbridge.model_spec import top_level_nodes
+
 LLM_MODES = ("frozen", "lora", "full")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda|xpu|hpu|npu)(:\d+)?$")
 
@@ -257,6 +259,6 @@ SECTIONS: dict[str, type] = {"loader": Loader, "evaluation": Evaluation, "paths"
                              "conversation": Conversation}
 
 #: component nodes at the top level: key -> registry kind (``None``: a mapping of nodes).
-COMPONENTS: dict[str, str | None] = {"encoder": "encoder", "connector": "connector", "llm": "llm",
-                                     "data": "dataset", "alignment": "prefix", "branches": None,
-                                     "trainer": None, "tools": None}
+#: The model's nodes (llm, encoder, connector, alignment, branches) from mmbridge.model_spec.
+COMPONENTS: dict[str, str | None] = {**top_level_nodes(), "data": "dataset", "trainer": None,
+                                     "tools": None}
