@@ -5,7 +5,7 @@ registered component against its contract; plugins and the registry), ``config/`
 tree, validation, sweeps), ``e2e/`` (the real CLI and Python API end to end). ``-m "not slow"``
 is the one-minute inner loop; CI runs everything.
 
-The suite runs on two pytest-xdist workers (``-n auto --maxprocesses=2 --dist loadgroup`` in
+The suite runs on two pytest-xdist workers (``-n auto --maxprocesses=2 --dist loadscope`` in
 pyproject's addopts); one test file, ``-n 0`` or ``--pdb`` run in one process. Each worker,
 and every command a test starts from it, uses one torch thread: two workers on two cores
 already fill the machine, and tiny matrices are faster on one thread anyway. How tests are
@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +31,9 @@ if WORKER:  # before torch is imported: its thread pool (and each child's) reads
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_var, "1")
 
+#: Where the workers write ``{node id: work unit}`` for the main process's scheduler.
+UNITS = pytest.StashKey[Path]()
+UNITS_INPUT = "mmbridge_units_file"
 #: Module- or class-scoped fixtures too cheap to keep a module on one worker for.
 CHEAP_SHARED = frozenset({"one_thread"})
 #: ``{"modules": [each test module measured], "tests": {node id: seconds}}``: what each test
@@ -62,8 +68,7 @@ class _DurationStore:
         self.seconds: dict[str, float] = {}
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        nodeid = _plain(report.nodeid)
-        self.seconds[nodeid] = self.seconds.get(nodeid, 0.0) + report.duration
+        self.seconds[report.nodeid] = self.seconds.get(report.nodeid, 0.0) + report.duration
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         old = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
@@ -72,12 +77,6 @@ class _DurationStore:
         modules = sorted({k.split("::")[0] for k in self.seconds} | set(old.get("modules", [])))
         DURATIONS.write_text(json.dumps({"modules": modules, "tests": dict(sorted(tests.items()))},
                                         indent=0) + "\n")
-
-
-def _plain(nodeid: str) -> str:
-    """The node id without the ``@group`` suffix xdist adds under ``--dist loadgroup``."""
-    head, _, tail = nodeid.rpartition("@")
-    return head if head and "]" not in tail and "::" not in tail else nodeid
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -99,20 +98,56 @@ def _shares_fixture(item: pytest.Item) -> bool:
                for name, defs in info.name2fixturedefs.items() if defs)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """Main process, per xdist worker: the file the workers write the work units to."""
+    if UNITS not in node.config.stash:
+        node.config.stash[UNITS] = Path(tempfile.mkdtemp(prefix="mmbridge-xdist-")) / "units.json"
+    node.workerinput[UNITS_INPUT] = str(node.config.stash[UNITS])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Main process, ``--dist loadscope``: xdist's scope scheduling over the work units the
+    workers wrote (:func:`pytest_collection_modifyitems`) instead of over modules. (xdist's own
+    ``loadgroup`` cannot be used: it renames items through ``_nodeid``, which pytest 9 ignores.)"""
+    if config.getvalue("dist") != "loadscope" or UNITS not in config.stash:
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    path: Path = config.stash[UNITS]
+
+    class UnitScheduling(LoadScopeScheduling):
+        units: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.units is None:  # called once every worker has collected (and written)
+                self.units = json.loads(path.read_text()) if path.is_file() else {}
+            return self.units.get(nodeid, nodeid)
+
+    return UnitScheduling(config, log)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if UNITS in config.stash:
+        shutil.rmtree(config.stash[UNITS].parent, ignore_errors=True)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """On an xdist worker under ``--dist loadgroup``: share the tests out in work units, longest
+    """On an xdist worker under ``--dist loadscope``: share the tests out in work units, longest
     first.
 
     A module whose tests share a module-scoped fixture (a trained run, an exported bundle) is
-    one unit, so the fixture is built once; a test with an ``xdist_group`` mark goes with its
-    group; every other test is a unit of its own. Each unit becomes an ``xdist_group`` and the
-    collection is ordered by the unit's estimated seconds (:data:`DURATIONS`, else a guess from
-    the ``slow`` mark), the longest first: xdist hands units out in collection order
-    (``--no-loadscope-reorder``), and a long unit started last would leave the other worker
-    idle. Tests keep their order within a unit; every worker computes the same order (xdist
-    checks that)."""
-    if not (WORKER and getattr(config.option, "loadgroup", False)):
+    one unit, so the fixture is built once; tests with the same ``xdist_group`` mark are one
+    unit; every other test is a unit of its own. The collection is ordered by the unit's
+    estimated seconds (:data:`DURATIONS`, else a guess from the ``slow`` mark), the longest
+    first: xdist hands units out in collection order (``--no-loadscope-reorder``), and a long
+    unit started last would leave the other worker idle. Tests keep their order within a unit;
+    every worker computes the same order (xdist checks that) and writes the same
+    ``{node id: unit}`` file for :func:`pytest_xdist_make_scheduler`."""
+    target = getattr(config, "workerinput", {}).get(UNITS_INPUT)
+    if not (WORKER and target):
         return
     stored = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
     known: dict[str, float] = stored.get("tests", {})
@@ -123,21 +158,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return GUESS_SLOW if new and item.get_closest_marker("slow") else GUESS_OTHER
 
     units: dict[str, list[pytest.Item]] = {}
-    for i, item in enumerate(items):
+    for item in items:
         mark = item.get_closest_marker("xdist_group")
         if mark:
             key = "group:" + str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
         else:
-            key = item.nodeid.split("::")[0] if _shares_fixture(item) else f"#{i}"
+            key = item.nodeid.split("::")[0] if _shares_fixture(item) else item.nodeid
         units.setdefault(key, []).append(item)
-    ordered: list[tuple[float, int, list[pytest.Item]]] = []
-    for n, (key, members) in enumerate(units.items()):
-        cost = sum(known.get(m.nodeid) or guess(m) for m in members)
-        if not key.startswith("group:"):
-            for m in members:
-                m.add_marker(pytest.mark.xdist_group(key))
-        ordered.append((-cost, n, members))
-    items[:] = [m for *_, members in sorted(ordered, key=lambda u: u[:2]) for m in members]
+    ordered = sorted(((-sum(known.get(m.nodeid) or guess(m) for m in members), n, members)
+                      for n, members in enumerate(units.values())), key=lambda u: u[:2])
+    items[:] = [m for *_, members in ordered for m in members]
+    mine = Path(f"{target}.{WORKER}")
+    mine.write_text(json.dumps({m.nodeid: key for key, members in units.items() for m in members}))
+    os.replace(mine, target)
 
 
 @pytest.fixture(scope="module")
