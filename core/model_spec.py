@@ -108,6 +108,8 @@ def branch_nodes(cfg: Mapping[str, Any]) -> list[BranchNodes]:
         ConfigError: an encoder node without a connector beside it or the other way round,
             naming the key.
     """
+    if problems := branch_problems(cfg):
+        raise ConfigError(problems[0])
     nodes = model_nodes(cfg)
     encoders = {n.parent: n for n in nodes if n.kind == "encoder"}
     connectors = {n.parent: n for n in nodes if n.kind == "connector"}
@@ -150,3 +152,12 @@ def top_level_nodes() -> dict[str, str | None]:
     """The model config's top-level keys -> registry kind (``None``: :data:`BRANCHES_KEY`, a
     mapping of branches): what the schema's top-level ``COMPONENTS`` takes from here."""
     return {**{n.key: n.kind for n in (*MAIN_NODES, *OPTIONAL_NODES)}, BRANCHES_KEY: None}
+
+
+def branch_problems(cfg: Mapping[str, Any]) -> list[str]:
+    """One line per ``branches.<name>`` that is set but is not a mapping holding every node of
+    :data:`BRANCH_NODES` (validation reports them all at once)."""
+    keys = [n.key for n in BRANCH_NODES]
+    return [f"{BRANCHES_KEY}.{name}: needs both " + " and ".join(f"'{k}'" for k in keys)
+            for name, node in (cfg.get(BRANCHES_KEY) or {}).items()
+            if node is not None and (not isinstance(node, Mapping) or any(k not in node for k in keys))]

@@ -24,7 +24,7 @@ from mmbridge.build import check_arguments
 from mmbridge.config import group_options
 from mmbridge.data.mixture import is_mixture, mixture_errors
 from mmbridge.errors import ConfigError, did_you_mean
-from mmbridge.model_spec import model_nodes, node_at
+from mmbridge.model_spec import BRANCHES_KEY, branch_problems, model_nodes, node_at
 from mmbridge.preflight import output_errors
 from mmbridge.registry import Entry, Registry
 from mmbridge.schema import COMPONENTS, SECTIONS, Conversation, Root, Rule, Stage
@@ -241,14 +241,10 @@ def data_errors(registry: Registry, node: Any, key: str) -> list[str]:
 
 
 def _component_errors(data: dict, registry: Registry) -> list[str]:
-    errors = []
-    for name, node in (data.get("branches") or {}).items():
-        if node is not None and (not isinstance(node, dict) or "encoder" not in node
-                                 or "connector" not in node):
-            errors.append(f"branches.{name}: needs both 'encoder' and 'connector'")
+    errors = branch_problems(data)
     for comp in model_nodes(data):  # the model config's shape and injections: mmbridge.model_spec
         value = node_at(data, comp.key)
-        if value is None and (comp.key.startswith("branches.") or comp.key not in data):
+        if value is None and (comp.key.startswith(f"{BRANCHES_KEY}.") or comp.key not in data):
             continue  # a missing main node is the schema's to report; a broken branch is above
         errors += check_node(registry, comp.kind, value, comp.key, dict.fromkeys(comp.injected, 0))
     if "data" in data:

@@ -101,5 +101,8 @@ def test_a_branch_without_its_connector_is_named():
         model_spec.branch_nodes(cfg)
     cfg["branches"]["audio"]["connector"] = {"name": "mlp"}
     assert [b.prefix for b in model_spec.branch_nodes(cfg)] == ["", "branches.audio."]
+    assert model_spec.branch_problems({"branches": {"a": {"encoder": {}}, "b": 3, "c": None}}) == [
+        "branches.a: needs both 'encoder' and 'connector'",
+        "branches.b: needs both 'encoder' and 'connector'"]
     with pytest.raises(ConfigError, match="the model config: needs both"):
         model_spec.branch_nodes({"encoder": {}})
