@@ -164,7 +164,7 @@ def build_trainer(session: Session, name: str, out_dir: Path, guard: InterruptGu
     if not tty:
         every = session.run.root.progress_every
         callbacks.append(ProgressLog(name, max_steps, budget_s, every_n=every))
-    loggers = make_loggers(cfg, out_dir, name)
+    loggers = make_loggers(session.run.root, out_dir, name)
     tidy_lightning_output()
     return _trainer(session, out_dir, stage, callbacks, loggers, budget_s), stopper
 

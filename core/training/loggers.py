@@ -13,12 +13,11 @@ import importlib.util
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from mmbridge.errors import ConfigError
-from mmbridge.schema import LOGGERS
+from mmbridge.schema import LOGGERS, Root
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +48,12 @@ def check_loggers(names: Iterable[str]) -> list[str]:
     return out
 
 
-def make_loggers(cfg: Any, out_dir: Path, stage: str) -> list[Logger]:
-    """The loggers of stage ``stage`` of a run in ``out_dir``, as ``cfg.loggers`` lists them.
+def make_loggers(run: Root, out_dir: Path, stage: str) -> list[Logger]:
+    """The loggers of stage ``stage`` of a run in ``out_dir``, as ``run.loggers`` lists them.
 
     Args:
-        cfg: The run config (``loggers``, default ``[csv, tensorboard]``; ``run_name`` names
-            the W&B run).
+        run: The run's top-level section (``session.run.root``: ``loggers``, the schema's
+            default ``[csv, tensorboard]``; ``run_name`` names the W&B run).
         out_dir: The run directory; everything is written under ``out_dir/logs``.
         stage: The stage name (a CSV / TensorBoard folder per stage, a W&B run per stage).
 
@@ -65,7 +64,7 @@ def make_loggers(cfg: Any, out_dir: Path, stage: str) -> list[Logger]:
     Raises:
         ConfigError: for an unknown logger, or ``wandb`` without the ``wandb`` package.
     """
-    names = check_loggers(cfg.get("loggers") or ["csv", "tensorboard"])
+    names = check_loggers(run.loggers or Root().loggers)  # an empty list: the default
     root = Path(out_dir) / "logs"
     loggers: list[Logger] = []
     for name in names:
@@ -88,7 +87,7 @@ def make_loggers(cfg: Any, out_dir: Path, stage: str) -> list[Logger]:
             from lightning.pytorch.loggers import WandbLogger
 
             root.mkdir(parents=True, exist_ok=True)
-            run_name = str(cfg.get("run_name") or "run")
+            run_name = str(run.run_name or Root().run_name)
             loggers.append(WandbLogger(name=f"{run_name}-{stage}", save_dir=str(root), offline=True,
                                        project="mmbridge", group=run_name, job_type=stage))
     return loggers

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from omegaconf import OmegaConf
 
 from mmbridge.config import compose
 from mmbridge.data.llava import ReadReport, read_llava
@@ -19,6 +18,7 @@ from mmbridge.data.sources import read_source
 from mmbridge.errors import ConfigError, DataError
 from mmbridge.plugin_manager import load_registry
 from mmbridge.plugins.datasets.hf_local import HFLocalDataset
+from mmbridge.schema import Root
 from mmbridge.training import loggers as loggers_mod
 from mmbridge.training.loggers import make_loggers
 
@@ -26,11 +26,11 @@ from mmbridge.training.loggers import make_loggers
 
 
 def _cfg(*names: str):
-    return OmegaConf.create({"loggers": list(names), "run_name": "tiny"})
+    return Root(loggers=list(names), run_name="tiny")
 
 
 def test_default_loggers_write_csv_and_tensorboard_per_stage(tmp_path):
-    out = make_loggers(OmegaConf.create({"run_name": "tiny"}), tmp_path, "align")
+    out = make_loggers(Root(run_name="tiny"), tmp_path, "align")  # the schema's default loggers
     assert [type(x) for x in out] == [CSVLogger, TensorBoardLogger]
     assert Path(out[0].log_dir) == tmp_path / "logs" / "align"
     assert Path(out[1].log_dir) == tmp_path / "logs" / "tb_align"
