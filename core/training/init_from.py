@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mmbridge.connector import Connector
 from mmbridge.errors import CheckpointError, ConfigError
 from mmbridge.lora import has_lora, inject_lora, lora_settings
 from mmbridge.model import MultimodalModel
 from mmbridge.precision import encoder_mode
+from mmbridge.prefix import SequencePrefix
 from mmbridge.registry import Registry
 from mmbridge.schema import Root
 from mmbridge.training.checkpoint import WEIGHTS, read_checkpoint
@@ -117,7 +119,8 @@ def load_init_weights(model: MultimodalModel, cfg: DictConfig,
     # a connector or prefix is small and whole: some of its tensors without the others means
     # another architecture (connector.depth=3 over a depth-2 checkpoint), not a choice
     partial = []
-    for root in [f"branches.{m}.connector." for m in model.branches] + ["prefix."]:
+    wholes = [f"{n}." for n, m in model.named_modules() if isinstance(m, Connector | SequencePrefix)]
+    for root in [w for w in wholes if not any(w != o and w.startswith(o) for o in wholes)]:
         if any(k.startswith(root) for k in weights):
             partial += sorted(k for k in own if k.startswith(root) and k not in weights)
     if unknown or shapes or partial:
