@@ -72,7 +72,7 @@ def decode_data_url(url: str) -> tuple[str, bytes]:
 def _check_size(width: int, height: int, what: str) -> None:
     limit = max_pixels()
     if width * height > limit:
-        raise MediaTooLarge(f"{what}: {width}x{height} = {width * height} pixels is over the "
+        raise MediaTooLarge(f"{what}: too large: {width}x{height} = {width * height} pixels is over the "
                             f"limit of {limit} pixels ({MAX_PIXELS_ENV})")
 
 
@@ -86,7 +86,8 @@ def _image_bytes(raw: bytes, what: str) -> tuple[bytes, str]:
     except MediaError:
         raise
     except Image.DecompressionBombError as exc:  # PIL's own guard (past twice its limit)
-        raise MediaTooLarge(f"{what}: {exc}") from None
+        raise MediaTooLarge(f"{what}: the image is too large: {exc} (the limit is {max_pixels()} "
+                            f"pixels, {MAX_PIXELS_ENV})") from None
     except (UnidentifiedImageError, OSError, ValueError, EOFError, SyntaxError) as exc:
         raise MediaError(f"{what}: not a readable image ({type(exc).__name__}: {exc})") from None
     return raw, {"jpeg": ".jpg"}.get(fmt, f".{fmt}")

@@ -33,8 +33,10 @@ for path in sorted(tests.rglob("test_*.py")):
     name = "probe_" + "_".join(path.relative_to(tests).with_suffix("").parts)
     before = len(builds)
     spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as pytest imports it: a @dataclass looks its module up there
     try:
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        spec.loader.exec_module(module)
     except BaseException as exc:  # pytest.skip(allow_module_level=True) / importorskip
         if type(exc).__name__ != "Skipped":
             raise
