@@ -15,18 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import shared_registry
+from helpers import make_checkpoint, shared_registry
 from safetensors.torch import load_file
 
 import mmbridge
-from mmbridge.config import compose
 from mmbridge.errors import CheckpointError, ConfigError
 from mmbridge.export import export
-from mmbridge.model import assemble
 from mmbridge.plugins.encoders._image import example_png
 from mmbridge.testing.tiny import build_tiny_clip_vision, build_tiny_dinov2
-from mmbridge.training.checkpoint import save_checkpoint
-from mmbridge.training.stages import configure_trainable
 
 TINY = ["experiment=tiny", "encoder.image_size=32", "stages.instruct.train.llm=lora",
         "stages.instruct.lora.dropout=0.0"]
@@ -34,23 +30,6 @@ PROMPT = "What colour is the shape?"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_checkpoint(out: Path, overrides: list[str], schedule: tuple[str, ...] = ("align", "instruct"),
-                    seed: int = 0) -> Path:
-    """A checkpoint as a run writes it, its trained tensors seeded random (not LoRA's zeros)."""
-    cfg = compose([*overrides, f"schedule=[{','.join(schedule)}]"], shared_registry())
-    torch.manual_seed(seed)
-    model = assemble(cfg, shared_registry())
-    for stage in schedule:
-        configure_trainable(model, cfg.stages[stage])
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n in model.ever_trained:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    save_checkpoint(model, cfg, out, list(schedule), shared_registry())
-    return out
 
 
 @pytest.fixture(scope="module")
