@@ -14,7 +14,7 @@
 Prompts are encoded exactly as ``mmbridge generate`` encodes them (placeholders first, the
 tokenizer's chat template, left padding), so a single prompt gets the same answer. Media may be a
 path, a ``PIL.Image``, a numpy array, encoded bytes, a ``data:`` URL or (audio) ``(array,
-sampling_rate)`` (:mod:`mmbridge.inputs`): each gives the answer its file would.
+sampling_rate)`` (:mod:`mmbridge.data.inputs`): each gives the answer its file would.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from typing import Any, cast
 
 import torch
 
+from mmbridge.contracts.types import Sample, placeholder
+from mmbridge.data.inputs import MediaError, MediaFiles
 from mmbridge.errors import ConfigError
-from mmbridge.inputs import MediaError, MediaFiles
 from mmbridge.registry import Registry
-from mmbridge.types import Sample, placeholder
 
 #: Media keyword arguments, in the order their placeholders precede a prompt.
 MEDIA = ("image", "audio", "video")
@@ -80,7 +80,7 @@ class Model:
 
     # -- encoding ------------------------------------------------------------------------------
     def check_modality(self, modality: str) -> None:
-        """Raise :class:`~mmbridge.inputs.MediaError` when the model has no ``modality`` encoder."""
+        """Raise :class:`~mmbridge.data.inputs.MediaError` when the model has no ``modality`` encoder."""
         if modality not in self.session.model.branches:
             raise MediaError(f"{modality}=...: this model has no {modality} encoder; it takes: "
                              f"{', '.join(self.modalities)}")
@@ -268,7 +268,7 @@ def train(overrides: Sequence[str] = (), run_dir: str | Path | None = None,
         The run directory and its metrics (``metrics.json``).
     """
     from mmbridge.config import compose
-    from mmbridge.plugin_manager import load_registry
+    from mmbridge.registry.plugin_manager import load_registry
     from mmbridge.runtime.task import run_task
 
     registry = registry or load_registry()

@@ -6,7 +6,7 @@ lmms-eval (the optional extra ``eval``) finds the backend through the entry-poin
 imports ``lmms_eval``.
 
 A request's visuals (PIL images, audio dicts ``{"array", "sampling_rate"}`` or media file paths)
-become the media of an mmbridge :class:`~mmbridge.types.Sample`, one item per modality, placed
+become the media of an mmbridge :class:`~mmbridge.contracts.types.Sample`, one item per modality, placed
 before the prompt as their placeholders unless the prompt already holds them (as
 ``mmbridge generate`` does); in-memory visuals are written once per document to a temporary
 directory, which the :class:`~mmbridge.data.batcher.Batcher` reads like any media file.
@@ -30,9 +30,9 @@ from lmms_eval.api.model import lmms
 from lmms_eval.utils import Collator as RequestOrder
 from PIL import Image
 
+from mmbridge.contracts.types import Sample, placeholder
 from mmbridge.data.chat import IGNORE
 from mmbridge.errors import ConfigError, DataError
-from mmbridge.types import Sample, placeholder
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class MMBridgeLMM(lmms):
             raise ConfigError(f"lmms-eval batch_size={batch_size}: must be at least 1")
         self.max_new_tokens = int(max_new_tokens)
 
-        from mmbridge.plugin_manager import load_registry
+        from mmbridge.registry.plugin_manager import load_registry
         from mmbridge.runtime.session import session_from_checkpoint
 
         session, _ = session_from_checkpoint(str(checkpoint), with_data=False,

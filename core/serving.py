@@ -30,8 +30,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmbridge.api import Model
+from mmbridge.data.inputs import MediaFiles, MediaTooLarge
 from mmbridge.errors import MMBridgeError
-from mmbridge.inputs import MediaFiles, MediaTooLarge
 
 log = logging.getLogger(__name__)
 #: The request keys read; others (``frequency_penalty``, ``user``, ...) are accepted and ignored.

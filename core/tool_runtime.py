@@ -30,9 +30,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmbridge.contracts.tools import Tool
+from mmbridge.contracts.types import ToolCall, placeholder
 from mmbridge.errors import ToolError, did_you_mean
-from mmbridge.tools import Tool
-from mmbridge.types import ToolCall, placeholder
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.S)
@@ -347,7 +347,7 @@ def execute(tools: Mapping[str, Tool], name: str, arguments: Any, media: Mapping
             ``[truncated N chars]`` note.
 
     Returns:
-        The :class:`~mmbridge.types.ToolCall` with the arguments as requested. Never raises
+        The :class:`~mmbridge.contracts.types.ToolCall` with the arguments as requested. Never raises
         (only ``KeyboardInterrupt`` passes through).
     """
     args = dict(arguments) if isinstance(arguments, dict) else {}

@@ -1,7 +1,7 @@
 """mmbridge's built-in components, registered exactly like third-party plugins.
 
 Each module listed in :data:`BUILTIN_PLUGINS` has a ``register_components(registry)`` hook
-implementation; :mod:`mmbridge.plugin_manager` registers them, in this order, before any
+implementation; :mod:`mmbridge.registry.plugin_manager` registers them, in this order, before any
 installed entry point.
 """
 

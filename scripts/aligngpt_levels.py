@@ -20,8 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def main(argv: list[str]) -> int:
     from mmbridge.config import compose
-    from mmbridge.plugin_manager import load_registry
     from mmbridge.plugins.scorers.agreement import agreement
+    from mmbridge.registry.plugin_manager import load_registry
     from mmbridge.runtime.session import open_session
     from mmbridge.runtime.stage import stage_recipe
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmbridge.encoder import ModalityEncoder
+from mmbridge.contracts.encoder import ModalityEncoder
 
 PIXELS = 8  # 8 x 8 pixels -> 64 tokens
 

@@ -102,7 +102,7 @@ def setup(overrides: list[str], stage_name: str, batch_size: int) -> tuple[Any, 
     """(cfg, registry, session, batch): the tiny experiment's model and one collated batch of
     the stage's recipe, images preprocessed (the encoder runs in every step, in all three)."""
     from mmbridge.config import compose
-    from mmbridge.plugin_manager import load_registry
+    from mmbridge.registry.plugin_manager import load_registry
     from mmbridge.runtime.session import open_session
     from mmbridge.runtime.stage import prepare_stage
 

@@ -23,7 +23,7 @@ Perceiver adds inside the LLM count as LLM. Results (a markdown table) go to std
 
 ``--prefix-kv both`` runs each batch twice in the same process, with ``llm.reuse_prefix_kv``
 off and on (alternating which goes first), and prints the paired off/on ratios of the step and
-of the LLM part (:mod:`mmbridge.prefix_kv`)::
+of the LLM part (:mod:`mmbridge.model.prefix_kv`)::
 
     python scripts/bench_pipeline.py --modes cache --prefix-kv both --precision 32-true llm.dtype=float32
     python scripts/bench_pipeline.py --modes cache --prefix-kv both --stage instruct llm=smollm2
@@ -131,7 +131,7 @@ def open_run(args: argparse.Namespace) -> tuple[Any, Any, Any, str, list]:
     import torch
 
     from mmbridge.config import compose
-    from mmbridge.plugin_manager import load_registry
+    from mmbridge.registry.plugin_manager import load_registry
     from mmbridge.runtime.session import open_session
 
     torch.set_num_threads(args.threads)

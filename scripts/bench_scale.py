@@ -117,7 +117,7 @@ def child(kind: str, data: Path, cache: Path, steps: int) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING)
     from mmbridge.config import compose
     from mmbridge.data import batcher as batcher_mod
-    from mmbridge.plugin_manager import load_registry
+    from mmbridge.registry.plugin_manager import load_registry
     from mmbridge.runtime import session as session_mod
     from mmbridge.runtime import stage as stage_mod
     from mmbridge.runtime import train as run_mod

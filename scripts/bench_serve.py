@@ -36,7 +36,7 @@ def untrained_checkpoint(out: Path, overrides: list[str]) -> Path:
     ship) saved as a run saves it: what serving costs does not depend on training."""
     from mmbridge.config import compose
     from mmbridge.model import assemble
-    from mmbridge.plugin_manager import load_registry
+    from mmbridge.registry.plugin_manager import load_registry
     from mmbridge.training.checkpoint import save_checkpoint
     from mmbridge.training.stages import configure_trainable
 

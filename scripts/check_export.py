@@ -52,7 +52,7 @@ def mmbridge_cli() -> list[str]:
 def held_out(checkpoint: Path, n: int) -> list[dict[str, str]]:
     """``n`` questions of the run's test split: ``{id, image, question, reference}``; sample
     ``k`` gives its question ``k mod (its question count)``, so the question types vary."""
-    from mmbridge.plugin_manager import load_registry
+    from mmbridge.registry.plugin_manager import load_registry
     from mmbridge.runtime.session import load_splits
     from mmbridge.training.checkpoint import read_checkpoint
 

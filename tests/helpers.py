@@ -27,7 +27,7 @@ def shared_registry(autoload: bool = False) -> Registry:
     plugins), built on first use and shared by the test session: importing or collecting a test
     module builds none (modules that parametrise over it do so in ``pytest_generate_tests``).
     Tests that register components build their own."""
-    from mmbridge.plugin_manager import load_registry
+    from mmbridge.registry.plugin_manager import load_registry
 
     return load_registry(autoload=autoload)
 

@@ -10,9 +10,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mmbridge.assets import Asset, cache_root, dir_size
 from mmbridge.errors import AssetError, did_you_mean
-from mmbridge.plugin_manager import load_registry
+from mmbridge.registry.assets import Asset, cache_root, dir_size
+from mmbridge.registry.plugin_manager import load_registry
 
 DESCRIPTION = """\
 List mmbridge's offline model catalogue: real pretrained weights that ship inside locally

@@ -9,9 +9,9 @@ from rich.console import Console
 from rich.syntax import Syntax
 
 from mmbridge.config import compose, group_options
+from mmbridge.config.validation import config_errors
 from mmbridge.errors import ConfigError
-from mmbridge.plugin_manager import load_registry
-from mmbridge.validation import config_errors
+from mmbridge.registry.plugin_manager import load_registry
 
 
 def main(argv: list[str]) -> int:

@@ -11,11 +11,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from mmbridge.config.preflight import writable_file_error
+from mmbridge.config.schema import DEVICE
+from mmbridge.config.validation import TOP_LEVEL_KEYS, override_errors
 from mmbridge.errors import ConfigError, did_you_mean
-from mmbridge.preflight import writable_file_error
-from mmbridge.runs import atomic_write_text
-from mmbridge.schema import DEVICE
-from mmbridge.validation import TOP_LEVEL_KEYS, override_errors
+from mmbridge.reporting.runs import atomic_write_text
 
 USAGE = """usage: mmbridge eval checkpoint=PATH [split=test] [max_samples=N] [out=FILE] [predictions=FILE] [device=DEV] [key=value ...]
 
@@ -132,9 +132,9 @@ def main(argv: list[str]) -> int:
     if "checkpoint" not in own:
         raise ConfigError("checkpoint=PATH is required\n" + USAGE)
     check_outputs(own)
-    from mmbridge.runtime.evaluate import evaluate_session
     from mmbridge.export.source import open_model
-    from mmbridge.plugin_manager import load_registry
+    from mmbridge.registry.plugin_manager import load_registry
+    from mmbridge.runtime.evaluate import evaluate_session
 
     # a checkpoint or a format=bundle export (whose data the stored config names, or data=...)
     session, _ = open_model(own["checkpoint"], overrides, registry=load_registry(), device=own.get("device"),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmbridge.config.preflight import dir_problem
 from mmbridge.errors import ConfigError
-from mmbridge.preflight import dir_problem
 
 USAGE = """usage: mmbridge export checkpoint=PATH out=DIR [format=bundle|peft|hf] [overwrite=true]
 

@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
                               f"it takes: {', '.join(model.modalities)}")
     max_new = int(own.get("max_new_tokens", 48))
     if "attention" in own:
-        from mmbridge.attention_maps import recording, save_attention
+        from mmbridge.reporting.attention_maps import recording, save_attention
 
         if "image" not in media:
             raise ConfigError("attention=...: needs image=PATH (the map is drawn over it)")

@@ -38,7 +38,10 @@ def main(argv: list[str]) -> int:
         n = int(options.get("n", "2"))
     except ValueError:
         raise ConfigError(f"n={options['n']}: expected a number of samples >= 1") from None
-    from mmbridge.inspection import format_records, inspect  # the run layer, when the command runs
+    from mmbridge.runtime.inspection import (  # the run layer, when the command runs
+        format_records,
+        inspect,
+    )
 
     records = inspect(overrides, stage=options.get("stage"), n=n, images=args.images)
     if args.json:

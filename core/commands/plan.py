@@ -9,9 +9,9 @@ import json
 from typing import Any
 
 from mmbridge.config import compose
+from mmbridge.config.validation import validate_config
 from mmbridge.errors import ConfigError
-from mmbridge.plugin_manager import load_registry
-from mmbridge.validation import validate_config
+from mmbridge.registry.plugin_manager import load_registry
 
 #: ``key=value`` arguments of the command itself (not config overrides) -> their type.
 OPTIONS = {"gpu_memory_gb": float, "gpus": int, "images_per_sample": int, "data_samples": int}
@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
     registry = load_registry()
     cfg = compose(overrides, registry)
     validate_config(cfg, registry)
-    from mmbridge.plan import format_plan, make_plan  # torch and transformers, on demand
+    from mmbridge.runtime.plan import format_plan, make_plan  # torch and transformers, on demand
 
     plan = make_plan(cfg, registry, **options)
     print(json.dumps(dataclasses.asdict(plan), indent=2) if args.json else format_plan(plan))

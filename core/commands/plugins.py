@@ -10,9 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from mmbridge.config import builtin_conf_dir
-from mmbridge.docs import REGIONS, components_markdown, config_groups_markdown
-from mmbridge.plugin_manager import load_registry
+from mmbridge.docs.generate import REGIONS, components_markdown, config_groups_markdown
 from mmbridge.registry import KINDS, Registry
+from mmbridge.registry.plugin_manager import load_registry
 
 
 def _parser() -> argparse.ArgumentParser:

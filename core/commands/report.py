@@ -62,13 +62,13 @@ def main(argv: list[str]) -> int:
     if args.resamples < 100:
         raise ConfigError(f"--resamples {args.resamples}: use at least 100 (default 10000)")
     if (Path(args.dir) / "metrics.json").is_file():
-        from mmbridge.run_report import write_run_report
+        from mmbridge.reporting.run_report import write_run_report
 
         out = Path(args.out) / "report.html" if args.out else None
         print(f"  wrote {write_run_report(args.dir, out)}")
         return 0
-    from mmbridge.reporting import diff_cell, write_report
-    from mmbridge.results import varying_keys
+    from mmbridge.reporting.results import varying_keys
+    from mmbridge.reporting.tables import diff_cell, write_report
 
     report = write_report(Path(args.dir), args.metric, Path(args.out) if args.out else None,
                           baseline=args.baseline, n_resamples=args.resamples)

@@ -8,10 +8,10 @@ import logging
 from pathlib import Path
 from typing import cast
 
+from mmbridge.config.preflight import writable_dir_error
+from mmbridge.config.validation import override_errors
 from mmbridge.errors import ConfigError, did_you_mean
-from mmbridge.preflight import writable_dir_error
 from mmbridge.registry import Registry
-from mmbridge.validation import override_errors
 
 log = logging.getLogger("mmbridge.sweep")
 
@@ -45,7 +45,7 @@ options:
 # Hydra overrides that change *what* runs (part of the directory hash); launcher overrides
 # only change *where* it runs, so a sweep moved to SLURM finds its finished local runs.
 _HASHED_HYDRA = ("hydra/sweeper", "hydra.sweeper")
-REPORT_CALLBACK = "mmbridge.reporting.ReportCallback"
+REPORT_CALLBACK = "mmbridge.reporting.tables.ReportCallback"
 
 
 def _quote(text: str) -> str:
@@ -138,7 +138,7 @@ def main(argv: list[str], registry: Registry | None = None) -> int:
             overrides.append(a)
     check_options(overrides, sweep_dir, metric)
     from mmbridge.commands import train
-    from mmbridge.reporting import LAST_REPORT
+    from mmbridge.reporting.tables import LAST_REPORT
 
     LAST_REPORT.clear()
     code = train.main(plan(overrides, sweep_dir, metric), registry=registry)

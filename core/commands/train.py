@@ -10,13 +10,13 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mmbridge.config import searchpath_override
+from mmbridge.config.preflight import override_syntax_errors, resume_override_error, run_root_error
 from mmbridge.errors import MMBridgeError, RunLockedError
-from mmbridge.plugin_manager import load_registry
-from mmbridge.preflight import override_syntax_errors, resume_override_error, run_root_error
 from mmbridge.registry import Registry
-from mmbridge.run_lock import describe, holder
+from mmbridge.registry.plugin_manager import load_registry
 from mmbridge.training.callbacks import Interrupted
 from mmbridge.training.distributed import is_global_zero
+from mmbridge.utils.run_lock import describe, holder
 
 log = logging.getLogger("mmbridge.train")
 
@@ -48,7 +48,7 @@ def _job(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from mmbridge.runs import ERROR, atomic_write_text, finished_run
+    from mmbridge.reporting.runs import ERROR, atomic_write_text, finished_run
     from mmbridge.runtime.task import run_task
 
     hc = HydraConfig.get()
@@ -129,7 +129,7 @@ def main(argv: list[str], registry: Registry | None = None) -> int:
         argv = [*argv, "hydra.job.config.override_dirname.exclude_keys=[" + ",".join(f"'{k}'" for k in keys) + "]"]
     if {"-m", "--multirun"} & set(argv) and not any("hydra.callbacks.report" in a for a in argv):
         # a sweep ends with its report (results.md/.csv, plots) in the sweep directory
-        argv = [*argv, "+hydra.callbacks.report._target_=mmbridge.reporting.ReportCallback"]
+        argv = [*argv, "+hydra.callbacks.report._target_=mmbridge.reporting.tables.ReportCallback"]
     resume = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
     if resume and not any(a.startswith("hydra.run.dir=") for a in argv):
         # Log into the resumed run's own directory; keep its .hydra/ record of the first start.

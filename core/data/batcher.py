@@ -20,17 +20,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mmbridge.contracts.types import Sample
 from mmbridge.data.chat import ChatEncoder
 from mmbridge.data.dataset import Collator, ConversationDataset, MediaReader, encode_sample
 from mmbridge.data.feature_cache import (  # also mmbridge.data.batcher.to_device
     FeatureTable,
     to_device,
 )
-from mmbridge.types import Sample
 
 if TYPE_CHECKING:
+    from mmbridge.contracts.recipe import DataRecipe
     from mmbridge.model import Branch, MultimodalModel
-    from mmbridge.recipe import DataRecipe
 
 
 class Batcher:

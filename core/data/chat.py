@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mmbridge.contracts.prefix import PREFIX_SLOT
+from mmbridge.contracts.types import ROLES, check_placeholders, placeholder
 from mmbridge.data.conversation import (
     ConversationFormat,
     ConversationSpec,
@@ -20,8 +22,6 @@ from mmbridge.data.conversation import (
     move_media_first,
 )
 from mmbridge.errors import DataError
-from mmbridge.prefix import PREFIX_SLOT
-from mmbridge.types import ROLES, check_placeholders, placeholder
 
 IGNORE = -100
 
@@ -150,7 +150,7 @@ class ChatEncoder:
 
         Raises:
             DataError: the placeholders break the rule of
-                :func:`~mmbridge.types.check_placeholders`; the media slots end beyond
+                :func:`~mmbridge.contracts.types.check_placeholders`; the media slots end beyond
                 ``max_length``; a generation prompt is longer than ``max_length``.
         """
         per_item = {m: [n] if isinstance(n, int) else list(n) for m, n in slots.items()}

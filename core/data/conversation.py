@@ -36,8 +36,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmbridge.contracts.types import placeholder
 from mmbridge.errors import ConfigError, DataError
-from mmbridge.types import placeholder
 
 #: LLaVA's ``conv_vicuna_v1`` system line.
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "

@@ -12,13 +12,13 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import Dataset
 
-from mmbridge.connector import Connector
+from mmbridge.contracts.connector import Connector
+from mmbridge.contracts.encoder import ModalityEncoder
+from mmbridge.contracts.recipe import DataRecipe
+from mmbridge.contracts.types import Sample, placeholder
 from mmbridge.data.chat import IGNORE, ChatEncoder, to_messages
 from mmbridge.data.feature_cache import FeatureTable
-from mmbridge.encoder import ModalityEncoder
 from mmbridge.errors import DataError
-from mmbridge.recipe import DataRecipe
-from mmbridge.types import Sample, placeholder
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class ConversationDataset(Dataset):
 
     The recipe runs once per sample here, when the data set is built, with the same per-sample
     seeded rng as ever (``seed:index:id``): a sample it maps to ``None`` is dropped
-    (:class:`~mmbridge.recipe.DataRecipe`'s contract), so that the indices a sampler draws stay
+    (:class:`~mmbridge.contracts.recipe.DataRecipe`'s contract), so that the indices a sampler draws stay
     dense. The dropped ids are kept in :attr:`dropped` and counted in one log line.
 
     Args:

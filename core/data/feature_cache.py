@@ -33,10 +33,10 @@ import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset
 
-from mmbridge.cache_integrity import move_aside
+from mmbridge.contracts.encoder import ModalityEncoder
 from mmbridge.data import shards
-from mmbridge.encoder import ModalityEncoder
 from mmbridge.errors import DataError
+from mmbridge.utils.cache_integrity import move_aside
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID

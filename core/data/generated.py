@@ -10,7 +10,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from mmbridge.cache_integrity import manifest_problem, move_aside, write_manifest
+from mmbridge.utils.cache_integrity import manifest_problem, move_aside, write_manifest
 
 
 def publish_once(root: Path, key: str, generate: Callable[[Path], None]) -> Path:
@@ -20,7 +20,7 @@ def publish_once(root: Path, key: str, generate: Callable[[Path], None]) -> Path
     Generation writes into a temporary folder that is renamed into place when complete, so an
     interrupted run never leaves a half data set (its temporary folder is removed next time).
     The published folder carries a manifest of its files and their sizes
-    (:mod:`mmbridge.cache_integrity`); a folder that does not match it (a truncated, missing or
+    (:mod:`mmbridge.utils.cache_integrity`); a folder that does not match it (a truncated, missing or
     damaged file, no manifest) is moved aside to ``<key>.corrupt-<time>`` with one warning line
     and generated again.
     """

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from mmbridge.contracts.types import ROLES, Sample, check_placeholders
 from mmbridge.errors import ConfigError, DataError, reading
-from mmbridge.types import ROLES, Sample, check_placeholders
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def _check_turns(sample: Sample, where: str) -> None:
 
 def validate_conversations(sample: Sample, where: str) -> None:
     """Check roles, empty answers and the placeholder rule
-    (:func:`~mmbridge.types.check_placeholders`); ``where`` prefixes every message."""
+    (:func:`~mmbridge.contracts.types.check_placeholders`); ``where`` prefixes every message."""
     _check_turns(sample, where)
     check_placeholders(((t["from"], t["value"]) for t in sample.conversations),
                        sample.media_counts(), MEDIA_KEYS, where)

@@ -29,9 +29,9 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from mmbridge.cache_integrity import file_sha256, move_aside
 from mmbridge.errors import DataError
-from mmbridge.io import atomic_write_bytes, atomic_write_text, storage_error
+from mmbridge.utils.cache_integrity import file_sha256, move_aside
+from mmbridge.utils.io import atomic_write_bytes, atomic_write_text, storage_error
 
 INDEX = "index.json"
 PATHS = "paths.json"

@@ -13,14 +13,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from mmbridge.build import build
+from mmbridge.config.build import build
+from mmbridge.config.mixture import is_mixture
+from mmbridge.contracts.dataset import DatasetSource
+from mmbridge.contracts.types import Sample, check_placeholders
 from mmbridge.data.llava import ReadReport, read_llava
-from mmbridge.data.mixture import is_mixture, mix_splits
-from mmbridge.dataset import DatasetSource
+from mmbridge.data.mixture import mix_splits
 from mmbridge.errors import AssemblyError
-from mmbridge.io import atomic_write_text
 from mmbridge.registry import Registry
-from mmbridge.types import Sample, check_placeholders
+from mmbridge.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def read_source(registry: Registry, data_cfg: DictConfig, key: str, data_dir: Pa
     """Build the data set ``data_cfg`` (config key ``key``), prepare it under ``data_dir``, read
     its splits (each file parsed once).
 
-    With ``{key}.on_error=skip`` (:attr:`~mmbridge.dataset.DatasetSource.on_error`) bad records
+    With ``{key}.on_error=skip`` (:attr:`~mmbridge.contracts.dataset.DatasetSource.on_error`) bad records
     are dropped: one summary line per split that lost any, and, when ``run_dir`` is given, every
     dropped record (``split``, ``file``, ``index``, ``line``, ``id``, ``reason``; one JSON
     object a line) in :func:`dropped_records_file`, written atomically, empty when nothing was

@@ -11,17 +11,17 @@ from typing import Any
 
 import torch
 
+from mmbridge.contracts.types import Sample, placeholder
 from mmbridge.data.batcher import Batcher
 from mmbridge.data.dataset import strip_media
 from mmbridge.evaluation import benchmarks
-from mmbridge.metrics import normalize_text, word_error_rate
 from mmbridge.model import MultimodalModel
-from mmbridge.progress import Progress
-from mmbridge.types import Sample, placeholder
+from mmbridge.utils.metrics import normalize_text, word_error_rate
+from mmbridge.utils.progress import Progress
 
 
 def normalize(text: str) -> str:
-    """The answer normalisation of exact match (:func:`mmbridge.metrics.normalize_text`)."""
+    """The answer normalisation of exact match (:func:`mmbridge.utils.metrics.normalize_text`)."""
     return normalize_text(text)
 
 
@@ -65,7 +65,7 @@ def summarise(correct: dict[str, list[bool]], prefix: str) -> dict[str, float]:
 
 def wer_by_type(items: Sequence[QAItem], preds: Sequence[str], qtypes: Sequence[str],
                 prefix: str = "") -> dict[str, float]:
-    """Corpus word error rate (:func:`mmbridge.metrics.word_error_rate`) of the questions of
+    """Corpus word error rate (:func:`mmbridge.utils.metrics.word_error_rate`) of the questions of
     each type in ``qtypes`` (those present), as ``{prefix}wer/<qtype>``."""
     out = {}
     for qtype in qtypes:

@@ -13,15 +13,15 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mmbridge.build import build
+from mmbridge.config.build import build
+from mmbridge.config.schema import Evaluation
+from mmbridge.contracts.tools import Tool, ToolCaller
+from mmbridge.contracts.types import Sample
 from mmbridge.data.batcher import Batcher
 from mmbridge.evaluation import qa
 from mmbridge.evaluation.tools import build_caller, caller_exact_match
 from mmbridge.model import MultimodalModel
 from mmbridge.registry import Registry
-from mmbridge.schema import Evaluation
-from mmbridge.tools import Tool, ToolCaller
-from mmbridge.types import Sample
 
 
 class ValQuestions:

@@ -1,6 +1,6 @@
 """Held-out evaluation through the Tool Learning callers (2311.07594 §3.3).
 
-The trained model answers each question via a :class:`~mmbridge.tools.ToolCaller`: ``pipeline``
+The trained model answers each question via a :class:`~mmbridge.contracts.tools.ToolCaller`: ``pipeline``
 (the tools' results are written into the prompt first) or ``llm`` (the model calls tools while
 it answers and reads their results). Configured under ``evaluation.tool_callers``, one entry per
 caller, its metrics prefixed by the entry's name::
@@ -23,16 +23,16 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from mmbridge.build import build
 from mmbridge.config import to_container
+from mmbridge.config.build import build
+from mmbridge.contracts.tools import GenerateFn, Tool, ToolCaller
+from mmbridge.contracts.types import Sample, placeholder
 from mmbridge.data.batcher import Batcher
 from mmbridge.errors import ConfigError
 from mmbridge.evaluation.qa import QAItem, normalize, summarise
 from mmbridge.model import MultimodalModel
-from mmbridge.progress import Progress
 from mmbridge.registry import Registry
-from mmbridge.tools import GenerateFn, Tool, ToolCaller
-from mmbridge.types import Sample, placeholder
+from mmbridge.utils.progress import Progress
 
 
 def model_generate_fn(model: MultimodalModel, batcher: Batcher, media: Mapping[str, str | list[str]],

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
+from mmbridge.config.model_spec import weight_nodes
 from mmbridge.errors import ConfigError
-from mmbridge.io import check_free_space
-from mmbridge.model_spec import weight_nodes
 from mmbridge.registry import Registry
-from mmbridge.run_lock import refuse_clobbering
+from mmbridge.utils.io import check_free_space
+from mmbridge.utils.run_lock import refuse_clobbering
 
 FORMATS = ("hf", "peft", "bundle")
 
@@ -60,7 +60,7 @@ def _umask_permissions(root: Path) -> None:
 
 def float32_overrides(checkpoint: str | Path, registry: Registry) -> list[str]:
     """``KEY.dtype=float32`` for every component node of the stored config that has a dtype
-    (``llm``, ``encoder``, ``branches.*.encoder``: :func:`mmbridge.model_spec.weight_nodes`).
+    (``llm``, ``encoder``, ``branches.*.encoder``: :func:`mmbridge.config.model_spec.weight_nodes`).
 
     ``format=hf`` rebuilds the model in float32 before writing it: Llava holds one dtype, where
     mmbridge runs a bf16 LLM (``dtype: auto`` on a CPU with native bf16) beside a float32
@@ -101,7 +101,7 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "bundle", over
     from mmbridge.export.bundle import MANIFEST
     from mmbridge.export.card import model_card
     from mmbridge.export.source import open_model, run_directory
-    from mmbridge.plugin_manager import load_registry
+    from mmbridge.registry.plugin_manager import load_registry
 
     if format not in FORMATS:
         raise ConfigError(f"format={format}: unknown export format; valid: {', '.join(FORMATS)}")

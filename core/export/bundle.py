@@ -33,12 +33,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_model
 
 from mmbridge import __version__
-from mmbridge.assets import resolve_model_path
 from mmbridge.config import merge_overrides
+from mmbridge.config.model_spec import model_nodes
+from mmbridge.config.validation import validate_config
 from mmbridge.errors import AssetError, CheckpointError, IntegrityError, reading
-from mmbridge.model_spec import model_nodes
-from mmbridge.plugin_manager import load_registry
 from mmbridge.registry import Registry
+from mmbridge.registry.assets import resolve_model_path
+from mmbridge.registry.plugin_manager import load_registry
 from mmbridge.runtime.session import open_session
 from mmbridge.training.checkpoint import (
     FORMAT,
@@ -48,7 +49,6 @@ from mmbridge.training.checkpoint import (
     component_origins,
 )
 from mmbridge.training.stages import configure_trainable
-from mmbridge.validation import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def _model_leaves(cfg: DictConfig) -> Iterator[tuple[str, str]]:
         elif isinstance(node, str):
             yield key, node
 
-    for root in [n.key for n in model_nodes(cfg)]:  # the model's nodes: mmbridge.model_spec
+    for root in [n.key for n in model_nodes(cfg)]:  # the model's nodes: mmbridge.config.model_spec
         yield from walk(OmegaConf.select(cfg, root), root)
 
 

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmbridge import __version__
 from mmbridge.config import to_container
-from mmbridge.model_spec import model_nodes
+from mmbridge.config.model_spec import model_nodes
 
 #: How each format is loaded, as shown in the card (``{out}`` = the export directory).
 HOW_TO_LOAD = {
@@ -51,7 +51,7 @@ print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_token
 
 def _component_rows(cfg: DictConfig, origins: dict[str, dict[str, str]]) -> list[str]:
     rows = ["| config key | component | settings | plugin (package version) |", "|---|---|---|---|"]
-    for key in [n.key for n in model_nodes(cfg)]:  # the model config's shape: mmbridge.model_spec
+    for key in [n.key for n in model_nodes(cfg)]:  # the model config's shape: mmbridge.config.model_spec
         node = OmegaConf.select(cfg, key)
         if not isinstance(node, DictConfig) or node.get("name") is None:
             continue

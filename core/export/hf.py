@@ -1,7 +1,7 @@
 """``format=hf``: a ``transformers`` ``LlavaForConditionalGeneration`` and its processor.
 
 Only for models Llava computes exactly. Each component describes its own part through the
-optional ``llava_parts()`` capability (:mod:`mmbridge.llava_parts`): among the built-ins, an
+optional ``llava_parts()`` capability (:mod:`mmbridge.contracts.llava_parts`): among the built-ins, an
 ``hf_vision`` tower (CLIP, SigLIP, DINOv2) read from layers Llava can select
 (``vision_feature_layer``, a list concatenates as mmbridge does), without pooling, the CLS token
 dropped (``default``) or kept (``full``); a ``linear`` or two-layer ``mlp`` connector (Llava's
@@ -33,10 +33,15 @@ from transformers import (
     LlavaProcessor,
 )
 
+from mmbridge.config.model_spec import branch_at, node_at, nodes_of
+from mmbridge.contracts.llava_parts import (
+    LlavaProjector,
+    LlavaText,
+    LlavaUnrepresentable,
+    LlavaVision,
+)
 from mmbridge.errors import ConfigError
 from mmbridge.export.peft_format import peft_llm
-from mmbridge.llava_parts import LlavaProjector, LlavaText, LlavaUnrepresentable, LlavaVision
-from mmbridge.model_spec import branch_at, node_at, nodes_of
 
 IMAGE_TOKEN = "<image>"
 
@@ -44,7 +49,7 @@ IMAGE_TOKEN = "<image>"
 #: Put before the trained chat template: a message whose content is a list of parts (as every
 #: llava-hf model card and OpenAI-compatible server sends) becomes the string mmbridge trained on,
 #: an ``<image>`` where each image part stands and the parts joined by newlines (as
-#: :meth:`mmbridge.inputs.MediaFiles.content` renders them); string contents pass unchanged.
+#: :meth:`mmbridge.data.inputs.MediaFiles.content` renders them); string contents pass unchanged.
 PARTS_PREAMBLE = (
     "{%- set ns = namespace(messages=[]) -%}"
     "{%- for message in messages -%}"
@@ -77,7 +82,7 @@ def _refuse(part: str, why: str) -> ConfigError:
 
 @dataclass(frozen=True)
 class LlavaPlan:
-    """The three parts of the model as Llava holds them (:mod:`mmbridge.llava_parts`)."""
+    """The three parts of the model as Llava holds them (:mod:`mmbridge.contracts.llava_parts`)."""
 
     vision: LlavaVision
     projector: LlavaProjector
@@ -113,7 +118,7 @@ def check_representable(session: Any) -> LlavaPlan:
         extra = sorted(set(model.branches) - {"image"}) or ["(no image branch)"]
         raise _refuse(f"the {', '.join(extra)} branch", "is not an image branch (Llava has one image tower)")
     branch = model.branches["image"]
-    spec = branch_at(cfg, branch.key)  # its config keys: mmbridge.model_spec
+    spec = branch_at(cfg, branch.key)  # its config keys: mmbridge.config.model_spec
     enc_key, con_key = spec.encoder.key, spec.connector.key
     vision = _part(branch.encoder, LlavaVision, enc_key, str(OmegaConf.select(cfg, f"{enc_key}.name")),
                    "vision tower")

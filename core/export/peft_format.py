@@ -26,10 +26,10 @@ from peft import get_peft_model
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
+from mmbridge.config.model_spec import branch_at, node_at
+from mmbridge.contracts.llm import LanguageModel
 from mmbridge.errors import ConfigError
-from mmbridge.llm import LanguageModel
-from mmbridge.lora import adapter_parameters, peft_config
-from mmbridge.model_spec import branch_at, node_at
+from mmbridge.model.lora import adapter_parameters, peft_config
 
 #: PEFT's wrapper adds this before the base model's own parameter names.
 PEFT_PREFIX = "base_model.model."
@@ -37,7 +37,7 @@ EXTRA = "mmbridge_weights.safetensors"
 
 
 def lora_settings(llm: LanguageModel) -> dict[str, Any]:
-    """The LLM's LoRA settings (:attr:`mmbridge.llm.LanguageModel.lora_config`: ``r``,
+    """The LLM's LoRA settings (:attr:`mmbridge.contracts.llm.LanguageModel.lora_config`: ``r``,
     ``alpha``, ``dropout``, ``target_modules`` and any other ``peft.LoraConfig`` key), or a
     ConfigError saying why there are none to export."""
     settings = llm.lora_config
@@ -60,7 +60,7 @@ def peft_llm(llm: Any) -> Any:
     config = peft_config(settings, "lora", base, task_type="CAUSAL_LM",
                          base_model_name_or_path=str(llm.path))
     wrapped = get_peft_model(base, config)
-    # adapters, modules_to_save copies and the biases `bias` trains (mmbridge.lora)
+    # adapters, modules_to_save copies and the biases `bias` trains (mmbridge.model.lora)
     mine, peft_own = adapter_parameters(llm.model, settings), adapter_parameters(wrapped, settings)
     trained = {n: p for n, p in llm.model.named_parameters() if n in mine}
     own = {n: p for n, p in wrapped.named_parameters() if n in peft_own}

@@ -9,8 +9,8 @@ import torch
 
 from mmbridge.errors import CheckpointError
 from mmbridge.export.bundle import open_bundle, read_manifest
-from mmbridge.plugin_manager import load_registry
 from mmbridge.registry import Registry
+from mmbridge.registry.plugin_manager import load_registry
 from mmbridge.runtime.session import session_from_checkpoint
 
 

@@ -1,11 +1,11 @@
 """A run's config parsed once into typed sections: the schema's dataclasses
-(:mod:`mmbridge.schema`: ``Loader``, ``Evaluation``, ``Debug``, the top-level ``Root``), which
+(:mod:`mmbridge.config.schema`: ``Loader``, ``Evaluation``, ``Debug``, the top-level ``Root``), which
 hold each key's type and default in one place.
 
 The run layer reads :class:`RunConfig` (``session.run``) instead of the raw ``DictConfig``:
 ``run.evaluation.tool_max_new_tokens``, not ``cfg.evaluation.get("tool_max_new_tokens", 64)``.
 A key missing from the config (one stored by an older version, or written by hand) takes the
-schema's default; :func:`mmbridge.validation.validate_config` has already checked the types and
+schema's default; :func:`mmbridge.config.validation.validate_config` has already checked the types and
 ranges of the keys that are there.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig
 
 from mmbridge.config import to_container
-from mmbridge.schema import Debug, Evaluation, Loader, Root
+from mmbridge.config.schema import Debug, Evaluation, Loader, Root
 
 T = TypeVar("T")
 

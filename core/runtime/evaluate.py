@@ -9,13 +9,13 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from mmbridge.contracts.types import Sample
 from mmbridge.data.sources import check_media, read_data
 from mmbridge.errors import ConfigError
 from mmbridge.evaluation import qa
 from mmbridge.evaluation.runner import EvalTools, evaluate_items
-from mmbridge.io import atomic_write_text
 from mmbridge.runtime.session import Session
-from mmbridge.types import Sample
+from mmbridge.utils.io import atomic_write_text
 
 
 def evaluate_session(session: Session, split: str | None = None, max_samples: int | None = None,

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from mmbridge.config import merge_overrides
+from mmbridge.config.validation import validate_config
 from mmbridge.data.batcher import Batcher
 from mmbridge.data.chat import ChatEncoder
 from mmbridge.data.conversation import stage_conversation
@@ -22,8 +23,8 @@ from mmbridge.data.feature_cache import FeatureTable, load_or_compute
 from mmbridge.data.sources import Splits, check_media, read_data
 from mmbridge.errors import DataError
 from mmbridge.model import MultimodalModel, assemble
-from mmbridge.plugin_manager import load_registry
 from mmbridge.registry import Registry
+from mmbridge.registry.plugin_manager import load_registry
 from mmbridge.runtime.config import RunConfig
 from mmbridge.training.checkpoint import load_weights, read_checkpoint
 from mmbridge.training.stages import configure_trainable, frozen_encoders
@@ -33,7 +34,6 @@ from mmbridge.training.trainer import (
     resolve_device,
     run_precision,
 )
-from mmbridge.validation import validate_config
 
 log = logging.getLogger(__name__)
 

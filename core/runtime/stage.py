@@ -11,14 +11,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmbridge.build import build
+from mmbridge.config.build import build
+from mmbridge.contracts.recipe import DataRecipe, RecipeContext
+from mmbridge.contracts.types import Sample
 from mmbridge.data.batcher import Batcher
 from mmbridge.data.dataset import ConversationDataset, check_truncation, truncation_report
 from mmbridge.data.sources import Splits
 from mmbridge.errors import ConfigError
-from mmbridge.recipe import DataRecipe, RecipeContext
 from mmbridge.runtime.session import Session
-from mmbridge.types import Sample
 
 
 @dataclass

@@ -11,15 +11,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from mmbridge.config.preflight import resume_config
+from mmbridge.config.validation import validate_config
 from mmbridge.errors import ConfigError, reading
-from mmbridge.plugin_manager import load_registry
-from mmbridge.preflight import resume_config
 from mmbridge.registry import Registry
-from mmbridge.run_lock import RunLock
-from mmbridge.runs import METRICS, interrupted, write_json
+from mmbridge.registry.plugin_manager import load_registry
+from mmbridge.reporting.runs import METRICS, interrupted, write_json
 from mmbridge.runtime import train as run_train
 from mmbridge.training.distributed import is_global_zero
-from mmbridge.validation import validate_config
+from mmbridge.utils.run_lock import RunLock
 
 log = logging.getLogger("mmbridge.train")
 
@@ -84,5 +84,5 @@ def _check_state(state: Path) -> None:
 
 
 def _locked(run_dir: Path) -> AbstractContextManager[object]:
-    """The run directory's lock (:mod:`mmbridge.run_lock`), held by the global rank 0 alone."""
+    """The run directory's lock (:mod:`mmbridge.utils.run_lock`), held by the global rank 0 alone."""
     return RunLock(run_dir) if is_global_zero() else nullcontext()

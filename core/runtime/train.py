@@ -26,19 +26,17 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from mmbridge.config.schema import Loader
 from mmbridge.data.dataset import Collator, ConversationDataset
 from mmbridge.errors import ConfigError
 from mmbridge.evaluation.runner import ValQuestions
-from mmbridge.io import atomic_write_json, atomic_write_text
-from mmbridge.progress import interactive
 from mmbridge.registry import Registry
-from mmbridge.run_metrics import PrecisionRecord, RunMetrics, StageMetrics
-from mmbridge.run_report import report_at_end
+from mmbridge.reporting.run_metrics import PrecisionRecord, RunMetrics, StageMetrics
+from mmbridge.reporting.run_report import report_at_end
 from mmbridge.runtime.config import RunConfig
 from mmbridge.runtime.evaluate import evaluate_session
 from mmbridge.runtime.session import Session, open_session
 from mmbridge.runtime.stage import prepare_stage
-from mmbridge.schema import Loader
 from mmbridge.training.callbacks import Interrupted, InterruptGuard, ProgressLog, StopOnSignal
 from mmbridge.training.checkpoint import (
     SafeCheckpointIO,
@@ -70,6 +68,8 @@ from mmbridge.training.stages import (
 )
 from mmbridge.training.strategies import shards_parameters
 from mmbridge.training.trainer import peak_memory_mb, tidy_lightning_output, trainer_kwargs
+from mmbridge.utils.io import atomic_write_json, atomic_write_text
+from mmbridge.utils.progress import interactive
 
 log = logging.getLogger("mmbridge.train")
 

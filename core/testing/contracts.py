@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from mmbridge.connector import Connector
-from mmbridge.encoder import ModalityEncoder
+from mmbridge.contracts.connector import Connector
+from mmbridge.contracts.encoder import ModalityEncoder
 from mmbridge.errors import MMBridgeError
 
 

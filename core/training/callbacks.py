@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 import lightning as L
 from lightning.pytorch.callbacks import Callback, Timer
 
-from mmbridge.progress import eta
+from mmbridge.utils.progress import eta
 
 if TYPE_CHECKING:
     from lightning.pytorch.callbacks import ModelCheckpoint

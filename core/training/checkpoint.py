@@ -30,10 +30,10 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
+from mmbridge.config.model_spec import model_nodes
 from mmbridge.errors import CheckpointError, StorageError
-from mmbridge.io import atomic_write_bytes, atomic_write_text, check_free_space
 from mmbridge.model import MultimodalModel
-from mmbridge.model_spec import model_nodes
+from mmbridge.utils.io import atomic_write_bytes, atomic_write_text, check_free_space
 
 if TYPE_CHECKING:
     from lightning.pytorch.callbacks import ModelCheckpoint

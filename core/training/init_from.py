@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mmbridge.connector import Connector
+from mmbridge.config.schema import Root
+from mmbridge.contracts.connector import Connector
+from mmbridge.contracts.prefix import SequencePrefix
 from mmbridge.errors import CheckpointError, ConfigError
-from mmbridge.lora import has_lora, inject_lora, lora_settings
 from mmbridge.model import MultimodalModel
-from mmbridge.precision import encoder_mode
-from mmbridge.prefix import SequencePrefix
+from mmbridge.model.lora import has_lora, inject_lora, lora_settings
+from mmbridge.model.precision import encoder_mode
 from mmbridge.registry import Registry
-from mmbridge.schema import Root
 from mmbridge.training.checkpoint import WEIGHTS, read_checkpoint
 from mmbridge.training.stages import frozen_encoders
 

@@ -23,8 +23,8 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, RandomSampler, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from mmbridge.contracts.types import Sample
 from mmbridge.errors import CheckpointError, ConfigError, DataError
-from mmbridge.types import Sample
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

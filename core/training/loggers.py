@@ -16,8 +16,8 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
+from mmbridge.config.schema import LOGGERS, Root
 from mmbridge.errors import ConfigError
-from mmbridge.schema import LOGGERS, Root
 
 log = logging.getLogger(__name__)
 

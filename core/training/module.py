@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Timer
 from omegaconf import DictConfig
 
 from mmbridge.model import MultimodalModel
-from mmbridge.precision import keep_trained_fp32
+from mmbridge.model.precision import keep_trained_fp32
 from mmbridge.training.optimizers import make_optimizer, param_groups
 from mmbridge.training.resume import rng_state, set_rng_state
 
@@ -65,7 +65,7 @@ class BridgeModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Before the strategy wraps the model: under a ``*-mixed`` precision every trained
-        parameter becomes an fp32 master weight (:func:`mmbridge.precision.keep_trained_fp32`;
+        parameter becomes an fp32 master weight (:func:`mmbridge.model.precision.keep_trained_fp32`;
         DeepSpeed keeps its own master copy), and the schedule follows the Trainer's
         ``max_steps`` (a stage's ``epochs`` resolved into steps)."""
         trainer = self.trainer

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmbridge.config.schema import OPTIMIZERS, Optimizer
 from mmbridge.errors import ConfigError
-from mmbridge.schema import OPTIMIZERS, Optimizer
 
 Groups = list[dict[str, Any]]
 

@@ -11,12 +11,12 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mmbridge.config import to_container
+from mmbridge.config.schema import LLM_MODES, Stage
+from mmbridge.config.validation import check_section, schedule_errors
 from mmbridge.errors import ConfigError
-from mmbridge.lora import has_lora, inject_lora, lora_settings, mark_adapters_trainable
 from mmbridge.model import MultimodalModel
-from mmbridge.precision import encoder_mode
-from mmbridge.schema import LLM_MODES, Stage
-from mmbridge.validation import check_section, schedule_errors
+from mmbridge.model.lora import has_lora, inject_lora, lora_settings, mark_adapters_trainable
+from mmbridge.model.precision import encoder_mode
 
 __all__ = ["LLM_MODES", "check_schedule", "configure_trainable", "data_parallel_size",
            "encoder_blocks", "frozen_encoders", "stage_steps"]
@@ -37,7 +37,7 @@ def _stage_errors(key: str, stage: dict[str, Any]) -> list[str]:
 
 def check_schedule(cfg: DictConfig) -> None:
     """Every scheduled stage exists and its settings fit the schema (modes, steps, batch size,
-    optimizer); errors name the keys. Part of :func:`mmbridge.validation.validate_config`,
+    optimizer); errors name the keys. Part of :func:`mmbridge.config.validation.validate_config`,
     which checks the rest of the config as well."""
     data = to_container(cfg)
     errors = schedule_errors(data)
@@ -120,9 +120,9 @@ def configure_trainable(model: MultimodalModel, stage: DictConfig) -> None:
     """Freeze / unfreeze the parts of ``model`` as the stage says; add LoRA once if asked.
 
     Encoders: ``frozen | lora | last_n | full`` (``train.encoder``, see
-    :func:`mmbridge.precision.encoder_mode`); the LLM: ``frozen | lora | full``; LoRA settings
+    :func:`mmbridge.model.precision.encoder_mode`); the LLM: ``frozen | lora | full``; LoRA settings
     from ``stages.<s>.lora`` / ``encoder_lora`` as ``peft.LoraConfig`` takes them
-    (:mod:`mmbridge.lora`). Adapters added by an earlier stage stay and keep training under
+    (:mod:`mmbridge.model.lora`). Adapters added by an earlier stage stay and keep training under
     ``full``.
     """
     train = stage.train

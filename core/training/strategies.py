@@ -16,7 +16,7 @@ from torch import nn
 
 from mmbridge.errors import ConfigError
 from mmbridge.model import MultimodalModel
-from mmbridge.precision import fsdp_mixed_precision
+from mmbridge.model.precision import fsdp_mixed_precision
 
 
 def _is_block_stack(m: nn.Module) -> TypeGuard[nn.ModuleList | nn.Sequential]:
@@ -63,7 +63,7 @@ def make_strategy(trainer_cfg: Any, model: MultimodalModel, precision: str | Non
     units: the frozen encoder / LLM beside LoRA adapters or a trained connector), and a full
     state dict gathered on rank 0 when Lightning saves; under ``bf16-mixed`` the fp32 weights are
     cast to bf16 for compute and gradients reduced in fp32
-    (:func:`mmbridge.precision.fsdp_mixed_precision`). Other values are returned unchanged.
+    (:func:`mmbridge.model.precision.fsdp_mixed_precision`). Other values are returned unchanged.
 
     Args:
         trainer_cfg: The ``trainer`` config node (its ``strategy``).

@@ -1,5 +1,5 @@
 """What the Lightning ``Trainer`` of a run is given: the precision decided once
-(:mod:`mmbridge.precision`, re-exported here), the device, the Trainer arguments, and
+(:mod:`mmbridge.model.precision`, re-exported here), the device, the Trainer arguments, and
 Lightning's console output made quiet."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mmbridge.errors import ConfigError
-from mmbridge.precision import (
+from mmbridge.model.precision import (
     BF16_CPU_FLAGS,
     BF16_MIN_SPEEDUP,
     ISA_ENV,

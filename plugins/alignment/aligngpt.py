@@ -37,8 +37,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from mmbridge.contracts.prefix import SequencePrefix
 from mmbridge.errors import ConfigError, DataError
-from mmbridge.prefix import SequencePrefix
 
 MODES: tuple[str, ...] = ("level", "gate", "local_only", "uniform", "global_only")
 #: Modes whose gate learns (by default, the stages running them train it).

@@ -1,7 +1,7 @@
 """Offline model catalogue: real pretrained weights from locally installed packages.
 
 Each asset converts a weight package (installed by ``scripts/setup_assets.sh``) once into a
-standard format in mmbridge's cache; see :mod:`mmbridge.assets`. The asset modules import
+standard format in mmbridge's cache; see :mod:`mmbridge.registry.assets`. The asset modules import
 their heavy libraries (transformers, onnx, whisper, gguf) only when converting, so
 registering them is cheap.
 """

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from mmbridge.assets import Asset
+from mmbridge.registry.assets import Asset
 
 from ._common import check_close, fail, max_abs_diff, require_modules, require_source, source_file
 

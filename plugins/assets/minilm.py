@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from mmbridge.assets import Asset
+from mmbridge.registry.assets import Asset
 
 from ._common import check_close, fail, max_abs_diff, require_source, source_file
 

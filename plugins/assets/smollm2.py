@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from mmbridge.assets import Asset
+from mmbridge.registry.assets import Asset
 
 from ._common import (
     check_close,

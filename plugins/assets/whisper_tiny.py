@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from mmbridge.assets import Asset
 from mmbridge.errors import AssetError
+from mmbridge.registry.assets import Asset
 
 from ._common import fail, require_source, source_file, torch_threads
 

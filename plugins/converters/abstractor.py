@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbridge.connector import Converter
+from mmbridge.contracts.connector import Converter
 from mmbridge.errors import ConfigError
 
 LAYOUTS = ("auto", "grid", "sequence")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmbridge.connector import Converter
-from mmbridge.llava_parts import LlavaProjector
+from mmbridge.contracts.connector import Converter
+from mmbridge.contracts.llava_parts import LlavaProjector
 
 
 class LinearConverter(Converter):
@@ -24,7 +24,7 @@ class LinearConverter(Converter):
         self.proj = nn.Linear(self.in_dim, self.out_dim)
 
     def llava_parts(self) -> LlavaProjector:
-        """Llava's ``multi_modal_projector`` with one linear layer (:mod:`mmbridge.llava_parts`)."""
+        """Llava's ``multi_modal_projector`` with one linear layer (:mod:`mmbridge.contracts.llava_parts`)."""
         return LlavaProjector("linear", self.proj)
 
     def out_tokens(self, n_in: int) -> int:

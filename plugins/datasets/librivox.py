@@ -15,10 +15,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from mmbridge.contracts.dataset import DatasetFiles, DatasetSource
+from mmbridge.contracts.types import Sample, placeholder
 from mmbridge.data.llava import write_llava
-from mmbridge.dataset import DatasetFiles, DatasetSource
 from mmbridge.errors import ConfigError, DataError, did_you_mean
-from mmbridge.types import Sample, placeholder
 
 PACKAGE = "pocketsphinx-testdata"
 DATA_DIR = Path("/usr/share/pocketsphinx/test/data")

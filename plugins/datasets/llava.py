@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mmbridge.contracts.dataset import DatasetFiles, DatasetSource
 from mmbridge.data.llava import ON_ERROR
-from mmbridge.dataset import DatasetFiles, DatasetSource
 from mmbridge.errors import ConfigError
 
 

@@ -9,6 +9,7 @@ import csv
 import sys
 from pathlib import Path
 
+from mmbridge.contracts.types import Sample
 from mmbridge.data.choices import choice_prompt, option_letters
 from mmbridge.errors import ConfigError, DataError, reading
 from mmbridge.plugins.datasets._benchmark import (
@@ -19,7 +20,6 @@ from mmbridge.plugins.datasets._benchmark import (
     required,
     text_field,
 )
-from mmbridge.types import Sample
 
 FORMATS = ("scienceqa", "mmbench")
 INSTRUCTION = "Answer with the option's letter from the given choices directly."

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from mmbridge.contracts.types import Sample
 from mmbridge.errors import ConfigError, DataError, reading
 from mmbridge.plugins.datasets._benchmark import (
     SHORT_ANSWER,
@@ -16,7 +17,6 @@ from mmbridge.plugins.datasets._benchmark import (
     required,
     text_field,
 )
-from mmbridge.types import Sample
 
 #: The only answers POPE has (its scorer counts "yes" as the positive class).
 LABELS = ("yes", "no")

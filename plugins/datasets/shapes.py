@@ -21,11 +21,11 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from mmbridge.contracts.dataset import DatasetFiles, DatasetSource
+from mmbridge.contracts.types import ROLES, Sample, placeholder
 from mmbridge.data.generated import publish_once
 from mmbridge.data.llava import write_llava
-from mmbridge.dataset import DatasetFiles, DatasetSource
 from mmbridge.errors import ConfigError, did_you_mean
-from mmbridge.types import ROLES, Sample, placeholder
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,13 @@ import random
 from pathlib import Path
 from typing import Any
 
+from mmbridge.contracts.dataset import DatasetFiles, DatasetSource
+from mmbridge.contracts.types import Sample, placeholder
 from mmbridge.data.generated import publish_once
 from mmbridge.data.llava import write_llava
-from mmbridge.dataset import DatasetFiles, DatasetSource
 from mmbridge.errors import ConfigError
-from mmbridge.media_io import resample, write_wav
 from mmbridge.plugins.datasets._tts import Synthesizer, frame_speech, resolve_engine
-from mmbridge.types import Sample, placeholder
+from mmbridge.utils.media_io import resample, write_wav
 
 log = logging.getLogger(__name__)
 

@@ -29,12 +29,12 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from mmbridge.contracts.dataset import DatasetFiles, DatasetSource
+from mmbridge.contracts.types import Sample, placeholder
 from mmbridge.data.generated import publish_once
 from mmbridge.data.llava import write_llava
-from mmbridge.dataset import DatasetFiles, DatasetSource
 from mmbridge.errors import ConfigError, did_you_mean
 from mmbridge.tool_runtime import media_ref
-from mmbridge.types import Sample, placeholder
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from mmbridge.contracts.types import Sample
 from mmbridge.errors import ConfigError, DataError, reading
 from mmbridge.plugins.datasets._benchmark import (
     SHORT_ANSWER,
@@ -17,7 +18,6 @@ from mmbridge.plugins.datasets._benchmark import (
     required,
     text_field,
 )
-from mmbridge.types import Sample
 
 _V2_QUESTIONS = re.compile(r"v2_OpenEnded_mscoco_(\w+?)_questions\.json$")
 

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from mmbridge.errors import ConfigError
-from mmbridge.media_io import (  # noqa: F401 - the encoders' (and their tests') names
+from mmbridge.utils.media_io import (  # noqa: F401 - the encoders' (and their tests') names
     DEFAULT_MAX_PIXELS,
     MAX_PIXELS_ENV,
     load_rgb,

@@ -13,10 +13,10 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from mmbridge.assets import resolve_model_path
-from mmbridge.encoder import ModalityEncoder
+from mmbridge.contracts.encoder import ModalityEncoder
+from mmbridge.contracts.llava_parts import LlavaUnrepresentable, LlavaVision
 from mmbridge.errors import ConfigError
-from mmbridge.llava_parts import LlavaUnrepresentable, LlavaVision
+from mmbridge.model.precision import parse_dtype
 from mmbridge.plugins.encoders._image import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -31,8 +31,8 @@ from mmbridge.plugins.encoders._image import (
     pool_grid,
     weights_fingerprint,
 )
-from mmbridge.precision import parse_dtype
 from mmbridge.registry import Registry
+from mmbridge.registry.assets import resolve_model_path
 
 #: model_type of a full image-text checkpoint -> the class holding only its vision tower.
 VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel",
@@ -78,7 +78,7 @@ class HFVisionEncoder(ModalityEncoder):
             connector alike (DINOv2-S: the last layer after its final norm has RMS 2.4, layer 6
             RMS 0.09). Applied before ``pool_to``; part of the feature-cache key only when set.
         registry: The run's registry, which resolves an offline model name in ``path`` (given by
-            :func:`mmbridge.build.build`, never by the config; ``None`` outside a run: a local
+            :func:`mmbridge.config.build.build`, never by the config; ``None`` outside a run: a local
             directory or a hub id only).
     """
 
@@ -279,7 +279,7 @@ class HFVisionEncoder(ModalityEncoder):
         return feats.float(), mask
 
     def llava_parts(self) -> LlavaVision:
-        """This tower as Llava's ``vision_tower`` (:mod:`mmbridge.llava_parts`), or why not."""
+        """This tower as Llava's ``vision_tower`` (:mod:`mmbridge.contracts.llava_parts`), or why not."""
         if self.pool_to:
             raise LlavaUnrepresentable("pools the patch grid", f"pool_to={self.pool_to}")
         if self.normalize_layers:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mmbridge.encoder import ModalityEncoder
+from mmbridge.contracts.encoder import ModalityEncoder
 from mmbridge.errors import ConfigError, did_you_mean
 from mmbridge.plugins.encoders._image import (
     RESAMPLE,

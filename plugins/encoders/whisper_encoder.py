@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmbridge.encoder import ModalityEncoder
+from mmbridge.contracts.encoder import ModalityEncoder
 from mmbridge.errors import CheckpointError, ConfigError
-from mmbridge.media_io import SAMPLE_RATE, chirp, load_audio, write_wav
-from mmbridge.nn_utils import masked_avg_pool
 from mmbridge.registry import Registry
+from mmbridge.utils.media_io import SAMPLE_RATE, chirp, load_audio, write_wav
+from mmbridge.utils.nn_utils import masked_avg_pool
 
 HOP_LENGTH = 160  # samples per mel frame at 16 kHz (10 ms)
 CONV_LOOKAHEAD = 2  # mel frames past the clip that its last encoder position depends on
@@ -51,7 +51,7 @@ class WhisperEncoder(ModalityEncoder):
         trim_margin_s: With ``trim_input``, seconds of the silence after the clip that its
             positions still attend to (features stay closer to the full 30 s run).
         registry: The run's registry, which resolves an offline model name in ``checkpoint``
-            (given by :func:`mmbridge.build.build`, never by the config; ``None`` outside a run:
+            (given by :func:`mmbridge.config.build.build`, never by the config; ``None`` outside a run:
             a file path only).
     """
 
@@ -79,7 +79,7 @@ class WhisperEncoder(ModalityEncoder):
     # -- loading ----------------------------------------------------------------------------
     @staticmethod
     def _resolve(checkpoint: str, registry: Registry | None) -> str:
-        from mmbridge.assets import resolve_model_path
+        from mmbridge.registry.assets import resolve_model_path
 
         path = resolve_model_path(checkpoint, registry, key="encoder.checkpoint")
         if not Path(path).is_file():

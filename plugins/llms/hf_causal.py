@@ -13,13 +13,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mmbridge.assets import resolve_model_path
+from mmbridge.contracts.llava_parts import LlavaText, LlavaUnrepresentable
+from mmbridge.contracts.llm import LanguageModel
 from mmbridge.errors import CheckpointError, ConfigError
-from mmbridge.llava_parts import LlavaText, LlavaUnrepresentable
-from mmbridge.llm import LanguageModel
-from mmbridge.lora import inject_lora, mark_adapters_trainable, quantization_config
-from mmbridge.precision import parse_dtype
+from mmbridge.model.lora import inject_lora, mark_adapters_trainable, quantization_config
+from mmbridge.model.precision import parse_dtype
 from mmbridge.registry import Registry
+from mmbridge.registry.assets import resolve_model_path
 
 #: Used when the tokenizer ships no chat template (a base model): one ``<|role|>`` block per
 #: turn, each closed by the eos token. Only with ``conversation=native``: a named format
@@ -33,7 +33,7 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 def torch_dtype(value: str, key: str) -> torch.dtype:
-    """``"bfloat16"`` -> ``torch.bfloat16`` (:func:`mmbridge.precision.parse_dtype`: ``auto`` is
+    """``"bfloat16"`` -> ``torch.bfloat16`` (:func:`mmbridge.model.precision.parse_dtype`: ``auto`` is
     decided from this machine when a component is built on its own; a run decides it once for
     all its components); a :class:`ConfigError` naming ``key`` otherwise."""
     return parse_dtype(value, key)
@@ -70,18 +70,18 @@ class HFCausalLM(LanguageModel):
         reuse_prefix_kv: ``auto`` | ``true`` | ``false``: compute the keys/values of the chat
             template's opening that every sequence of a training batch shares once (per step,
             or per stage while nothing before it trains) instead of once per row; see
-            :mod:`mmbridge.prefix_kv`.
+            :mod:`mmbridge.model.prefix_kv`.
         gradient_checkpointing: Recompute each decoder block's activations in the backward
             pass instead of keeping them (HF's ``gradient_checkpointing_enable``, non-reentrant):
             activation memory falls from about ``34 B T D`` to ``2 B T D`` bytes per layer for
             about a third more compute; it acts only while the module trains.
         quantization: QLoRA's 4-bit base weights (2305.14314), e.g. ``{bits: 4, quant_type:
-            nf4, double_quant: true, compute_dtype: bfloat16}`` (:func:`mmbridge.lora.
+            nf4, double_quant: true, compute_dtype: bfloat16}`` (:func:`mmbridge.model.lora.
             quantization_config`); CUDA and the ``qlora`` extra (bitsandbytes) only, refused
             elsewhere with one line. The base is prepared with PEFT's
             ``prepare_model_for_kbit_training``; train it with ``train.llm: lora``.
         registry: The run's registry, which resolves an offline model name in ``path`` (given by
-            :func:`mmbridge.build.build`, never by the config; ``None`` outside a run: a local
+            :func:`mmbridge.config.build.build`, never by the config; ``None`` outside a run: a local
             directory or a hub id only).
     """
 
@@ -252,7 +252,7 @@ class HFCausalLM(LanguageModel):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(hidden)
 
-    # -- reuse of a shared prefix's keys/values (see mmbridge.prefix_kv) -------------------------
+    # -- reuse of a shared prefix's keys/values (see mmbridge.model.prefix_kv) -------------------------
     def _cache_argument(self) -> str | None:
         """The decoder's name for its key/value cache argument (``cache`` from transformers
         5.24, ``past_key_values`` before), or ``None`` when it takes none."""
@@ -344,7 +344,7 @@ class HFCausalLM(LanguageModel):
 
     def apply_lora(self, settings: Mapping[str, Any] | None = None, **keys: Any) -> None:
         """Inject LoRA adapters (2106.09685) as ``peft.LoraConfig`` describes them
-        (:mod:`mmbridge.lora`: ``alpha`` / ``dropout`` for ``lora_alpha`` / ``lora_dropout``) in
+        (:mod:`mmbridge.model.lora`: ``alpha`` / ``dropout`` for ``lora_alpha`` / ``lora_dropout``) in
         place; afterwards the adapters (and ``modules_to_save``) are the LLM's only trainable
         parameters (see :meth:`trainable_state_dict`)."""
         wanted = {**(settings or {}), **keys}
@@ -376,7 +376,7 @@ class HFCausalLM(LanguageModel):
                 own[k].copy_(v)
 
     def llava_parts(self) -> LlavaText:
-        """This model as Llava's text model (:mod:`mmbridge.llava_parts`); not from a GGUF file
+        """This model as Llava's text model (:mod:`mmbridge.contracts.llava_parts`); not from a GGUF file
         (dequantised weights are not the file's)."""
         if self.gguf_file:
             raise LlavaUnrepresentable("is a dequantised GGUF checkpoint", f"gguf_file={self.gguf_file}")

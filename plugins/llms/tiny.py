@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from mmbridge.assets import Asset
 from mmbridge.errors import AssetError
+from mmbridge.registry.assets import Asset
 
 #: The asset's architecture (hidden 128, 2 layers, 4 heads, MLP 256; vocabulary ~1.2k).
 CONFIG = {"hidden": 128, "layers": 2, "heads": 4, "intermediate": 256, "seed": 0}

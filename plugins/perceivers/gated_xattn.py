@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mmbridge.connector import Perceiver
+from mmbridge.contracts.connector import Perceiver
 from mmbridge.errors import AssemblyError, ConfigError
 from mmbridge.plugins.perceivers._attention import Attention, FeedForward
 from mmbridge.plugins.perceivers.resampler import Resampler
 
 if TYPE_CHECKING:
-    from mmbridge.llm import LanguageModel
+    from mmbridge.contracts.llm import LanguageModel
 
 
 class GatedXAttnBlock(nn.Module):
@@ -179,7 +179,7 @@ class GatedCrossAttention(Perceiver):
         return pre_hook
 
 
-    # -- attention maps (opt-in; see mmbridge.attention_maps) ----------------------------------
+    # -- attention maps (opt-in; see mmbridge.reporting.attention_maps) ----------------------------------
     @property
     def record_attention(self) -> bool:
         """When True, the resampler and every gated block keep their attention weights (what

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmbridge.connector import Perceiver
+from mmbridge.contracts.connector import Perceiver
 from mmbridge.errors import ConfigError
 
 #: Optional file next to the Q-Former's ``config.json``: a safetensors file holding the tensor
@@ -113,7 +113,7 @@ class QFormer(Perceiver):
         tokens = self.proj(out.to(self.proj.weight.dtype)) * has_any[:, None, None]
         return tokens, has_any[:, None].expand(b, self.num_queries).contiguous()
 
-    # -- attention maps (opt-in; see mmbridge.attention_maps) ----------------------------------
+    # -- attention maps (opt-in; see mmbridge.reporting.attention_maps) ----------------------------------
     def _record_hooks(self, enc_mask: torch.Tensor) -> list:
         """Forward hooks on the cross-attention layers that recompute their softmax weights
         from the layer's own query/key projections (SDPA does not return them)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmbridge.connector import Perceiver
+from mmbridge.contracts.connector import Perceiver
 from mmbridge.errors import ConfigError
 from mmbridge.plugins.perceivers._attention import Attention, FeedForward
 
@@ -108,7 +108,7 @@ class Resampler(Perceiver):
         tokens = self.proj_out(self.norm(latents))
         return tokens, mask.any(dim=1, keepdim=True).expand(b, self.num_latents).contiguous()
 
-    # -- attention maps (opt-in; see mmbridge.attention_maps) ----------------------------------
+    # -- attention maps (opt-in; see mmbridge.reporting.attention_maps) ----------------------------------
     @property
     def record_attention(self) -> bool:
         """When True, every layer keeps its last attention weights (off: no extra work; what

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbridge.connector import Perceiver
+from mmbridge.contracts.connector import Perceiver
 from mmbridge.errors import ConfigError
 
 

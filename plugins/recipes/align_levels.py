@@ -2,7 +2,7 @@
 alignment level-aware pre-training).
 
 Every pre-training pair is scored by an image-text similarity scorer (CLIP in the paper; any
-registered :class:`~mmbridge.scorer.Scorer` here), the pairs are ranked by score and split into
+registered :class:`~mmbridge.contracts.scorer.Scorer` here), the pairs are ranked by score and split into
 ``N`` levels, ``meta["align_level"]`` in ``0..N-1`` (``N-1`` = best aligned). Stage 1 then
 conditions each caption on its level's indicator (the ``aligngpt`` prefix). The samples are
 turned into caption conversations as by ``caption_pretrain``.
@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
+from mmbridge.contracts.recipe import RecipeContext
+from mmbridge.contracts.types import Sample
 from mmbridge.errors import ConfigError
 from mmbridge.plugins.recipes.caption_pretrain import CaptionPretrainRecipe, caption_text
-from mmbridge.recipe import RecipeContext
-from mmbridge.types import Sample
 
 BINNINGS = ("count", "width")
 DEFAULT_LEVELS = 8  # AlignGPT's default N (2405.14129)
@@ -103,7 +103,7 @@ class AlignLevelsRecipe(CaptionPretrainRecipe):
         self.edges: torch.Tensor | None = None
 
     def setup(self, context: RecipeContext) -> None:
-        from mmbridge.build import build
+        from mmbridge.config.build import build
 
         prefix_levels = getattr(context.model.prefix, "levels", None)
         if self.levels is None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import random
 
+from mmbridge.contracts.recipe import DataRecipe
+from mmbridge.contracts.types import Sample, placeholder
 from mmbridge.data.llava import MEDIA_KEYS
 from mmbridge.errors import ConfigError
-from mmbridge.recipe import DataRecipe
-from mmbridge.types import Sample, placeholder
 
 #: Default instructions per modality (a sample's first media key picks the list).
 INSTRUCTIONS: dict[str, tuple[str, ...]] = {

@@ -13,11 +13,11 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mmbridge.contracts.recipe import DataRecipe
+from mmbridge.contracts.types import ROLES, Sample, media_paths, placeholder
 from mmbridge.data.llava import MEDIA_KEYS
 from mmbridge.errors import ConfigError
 from mmbridge.plugins.recipes.caption import INSTRUCTIONS
-from mmbridge.recipe import DataRecipe
-from mmbridge.types import ROLES, Sample, media_paths, placeholder
 
 
 def check_templates(value: Any, key: str) -> list[str]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import random
 
+from mmbridge.contracts.recipe import DataRecipe
+from mmbridge.contracts.types import ROLES, Sample, placeholder
 from mmbridge.data.llava import MEDIA_KEYS
 from mmbridge.errors import ConfigError
-from mmbridge.recipe import DataRecipe
-from mmbridge.types import ROLES, Sample, placeholder
 
 
 class ConversationsRecipe(DataRecipe):

@@ -12,13 +12,13 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 
+from mmbridge.contracts.types import ROLES, Sample, placeholder
 from mmbridge.errors import ConfigError
 from mmbridge.plugins.recipes.caption_pretrain import (
     CaptionPretrainRecipe,
     check_templates,
     media_prefix,
 )
-from mmbridge.types import ROLES, Sample, placeholder
 
 TASKS: tuple[str, ...] = ("caption", "qa")
 #: Question templates (``{question}`` = the sample's question); the first one is the plain

@@ -28,10 +28,12 @@ from typing import Any
 
 from filelock import FileLock
 
-from mmbridge.assets import cache_root
+from mmbridge.contracts.recipe import DataRecipe, RecipeContext
+from mmbridge.contracts.tools import Tool
+from mmbridge.contracts.types import ROLES, Sample, ToolCall
 from mmbridge.errors import ConfigError, MMBridgeError
-from mmbridge.recipe import DataRecipe, RecipeContext
 from mmbridge.registry import Registry
+from mmbridge.registry.assets import cache_root
 from mmbridge.tool_runtime import (
     execute,
     format_call,
@@ -40,8 +42,6 @@ from mmbridge.tool_runtime import (
     spec_of,
     system_prompt,
 )
-from mmbridge.tools import Tool
-from mmbridge.types import ROLES, Sample, ToolCall
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class ToolUseRecipe(DataRecipe):
 
     def _tool(self, name: str) -> Tool | None:
         if name not in self._tools:
-            from mmbridge.build import build
+            from mmbridge.config.build import build
 
             registry = self.registry
             if registry is None:  # the caller skipped setup: say so, as `classes` does

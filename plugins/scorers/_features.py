@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mmbridge.contracts.types import Sample
 from mmbridge.errors import ConfigError, DataError
-from mmbridge.types import Sample
 
 if TYPE_CHECKING:
-    from mmbridge.recipe import RecipeContext
+    from mmbridge.contracts.recipe import RecipeContext
 
 
 def pair_text(sample: Sample) -> str:

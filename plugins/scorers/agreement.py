@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mmbridge.types import Sample
+from mmbridge.contracts.types import Sample
 
 #: Severity of each corruption kind (higher = worse aligned); unknown kinds count as 1.
 SEVERITY = {"none": 0, "wrong_colour": 1, "wrong_shape": 1, "unrelated": 2}

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 
 import torch
 
+from mmbridge.contracts.scorer import Scorer
+from mmbridge.contracts.types import Sample
 from mmbridge.errors import ConfigError
 from mmbridge.plugins.scorers._features import media_paths, pair_text
-from mmbridge.scorer import Scorer
-from mmbridge.types import Sample
 
 
 class ClipScorer(Scorer):
@@ -39,7 +39,7 @@ class ClipScorer(Scorer):
         if self._parts is None:
             from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-            from mmbridge.assets import resolve_model_path
+            from mmbridge.registry.assets import resolve_model_path
 
             path = resolve_model_path(self.path, registry=self._registry, key="recipe.scorer.path")
             model = AutoModel.from_pretrained(path).to(self.device).eval()

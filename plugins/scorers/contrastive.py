@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmbridge.contracts.scorer import Scorer
+from mmbridge.contracts.types import Sample
 from mmbridge.errors import ConfigError
 from mmbridge.plugins.scorers._features import TextEncoder, pair_text, pooled_media_features
-from mmbridge.scorer import Scorer
-from mmbridge.types import Sample
 
 if TYPE_CHECKING:
-    from mmbridge.recipe import RecipeContext
+    from mmbridge.contracts.recipe import RecipeContext
 
 
 def _projection(in_dim: int, out_dim: int, hidden: int | None) -> nn.Module:
@@ -103,7 +103,7 @@ class ContrastiveScorer(Scorer):
 
     # -- context and features -------------------------------------------------------------------
     def setup(self, context: RecipeContext) -> None:
-        from mmbridge.assets import resolve_model_path
+        from mmbridge.registry.assets import resolve_model_path
 
         self.context = context
         path = resolve_model_path(self.text_model, registry=context.registry, key="recipe.scorer.text_model")

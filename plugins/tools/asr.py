@@ -1,8 +1,8 @@
 """``asr``: speech -> text with Whisper (Radford et al., 2212.04356).
 
-The checkpoint is resolved by :func:`mmbridge.assets.resolve_model_path` with the run's registry
+The checkpoint is resolved by :func:`mmbridge.registry.assets.resolve_model_path` with the run's registry
 (an offline asset name such as ``whisper-tiny.en``, or a path to an openai-whisper ``.pt`` file)
-and loaded on the first call. Audio is decoded without ffmpeg (:mod:`mmbridge.media_io`) and handed to
+and loaded on the first call. Audio is decoded without ffmpeg (:mod:`mmbridge.utils.media_io`) and handed to
 ``model.transcribe`` as a 16 kHz array.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 import threading
 from typing import Any, ClassVar
 
+from mmbridge.contracts.tools import Tool
 from mmbridge.errors import ToolError
 from mmbridge.registry import Registry
-from mmbridge.tools import Tool
 
 
 class ASRTool(Tool):
@@ -27,7 +27,7 @@ class ASRTool(Tool):
         device: Torch device of the model.
         timeout_s: Seconds a call may take (the first call also loads the model).
         registry: The run's registry, which resolves an offline model name in ``checkpoint``
-            (given by :func:`mmbridge.build.build`, never by the config; ``None`` outside a run:
+            (given by :func:`mmbridge.config.build.build`, never by the config; ``None`` outside a run:
             a file path only).
     """
 
@@ -61,7 +61,7 @@ class ASRTool(Tool):
         if self._model is None:
             import whisper
 
-            from mmbridge.assets import resolve_model_path
+            from mmbridge.registry.assets import resolve_model_path
 
             path = resolve_model_path(self.checkpoint, self._registry, key="tools.asr.checkpoint")
             self._model = whisper.load_model(path, device=self.device)
@@ -69,7 +69,7 @@ class ASRTool(Tool):
 
     def __call__(self, audio: str, **_: Any) -> str:
         from mmbridge.errors import DataError
-        from mmbridge.media_io import SAMPLE_RATE, load_audio
+        from mmbridge.utils.media_io import SAMPLE_RATE, load_audio
 
         try:
             samples = load_audio(audio, sr=SAMPLE_RATE)

@@ -27,8 +27,8 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any, ClassVar
 
+from mmbridge.contracts.tools import Tool
 from mmbridge.errors import ConfigError, ToolError
-from mmbridge.tools import Tool
 
 #: Spellings a model may use that are not Python; translated before parsing.
 _SPELLINGS = {"×": "*", "÷": "/", "−": "-", "^": "**"}

@@ -19,6 +19,8 @@ import string
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+from mmbridge.contracts.tools import GenerateFn, Tool, ToolCaller
+from mmbridge.contracts.types import ToolCall, ToolRun
 from mmbridge.errors import ConfigError
 from mmbridge.tool_runtime import (
     CALL_CLOSE,
@@ -31,8 +33,6 @@ from mmbridge.tool_runtime import (
     spec_of,
     system_prompt,
 )
-from mmbridge.tools import GenerateFn, Tool, ToolCaller
-from mmbridge.types import ToolCall, ToolRun
 
 _LEADING_MEDIA = re.compile(r"^(?:\s*<(?:image|audio|video)>)+\s*")
 

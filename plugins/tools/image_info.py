@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from mmbridge.contracts.tools import Tool
 from mmbridge.errors import ConfigError, DataError, ToolError
-from mmbridge.media_io import load_rgb, open_image
-from mmbridge.tools import Tool
+from mmbridge.utils.media_io import load_rgb, open_image
 
 #: Colour name -> a typical RGB; far enough apart that the nearest name is the one people use.
 NAMED_COLOURS: dict[str, tuple[int, int, int]] = {

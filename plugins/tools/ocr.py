@@ -17,10 +17,10 @@ import threading
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from mmbridge.contracts.tools import Tool
 from mmbridge.errors import ConfigError, DataError, ToolError
-from mmbridge.executables import ALLOW_ENV, resolve_executable
-from mmbridge.media_io import load_rgb
-from mmbridge.tools import Tool
+from mmbridge.utils.executables import ALLOW_ENV, resolve_executable
+from mmbridge.utils.media_io import load_rgb
 
 BACKENDS: tuple[str, ...] = ("rapidocr", "tesseract")
 INSTALL_HINT = ("pip install rapidocr-onnxruntime (the 'tools' extra of mmbridge) or "
@@ -91,7 +91,7 @@ class OCRTool(Tool):
             736, costs about twice the time of 480 on 224-pixel images and read no better.
         tesseract_cmd: The Tesseract executable: ``tesseract`` (found through ``PATH``), or a
             path listed in ``$MMBRIDGE_ALLOW_EXECUTABLES`` (a setting that may come from a
-            checkpoint never picks an arbitrary program; see :mod:`mmbridge.executables`).
+            checkpoint never picks an arbitrary program; see :mod:`mmbridge.utils.executables`).
         lang: Tesseract language(s), e.g. ``eng`` or ``eng+deu``.
         timeout_s: Seconds a call may take (the Tesseract subprocess is killed after it).
     """

@@ -6,11 +6,11 @@ import pytest
 from helpers import shared_registry
 from omegaconf import OmegaConf
 
-from mmbridge.build import build, check_arguments
 from mmbridge.config import compose, group_options
-from mmbridge.data.mixture import is_mixture
+from mmbridge.config.build import build, check_arguments
+from mmbridge.config.mixture import is_mixture
 from mmbridge.errors import ConfigError
-from mmbridge.plugin_manager import load_registry
+from mmbridge.registry.plugin_manager import load_registry
 
 # Groups whose options are placed at a different package than the group name.
 PLACED = {"stage": "stages.align", "recipe": "stages.align.recipe", "scorer": "stages.align.recipe.scorer"}

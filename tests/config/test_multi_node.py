@@ -13,9 +13,9 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from mmbridge.config import compose
+from mmbridge.config.validation import config_errors
 from mmbridge.training.distributed import global_rank
 from mmbridge.training.trainer import PrecisionDecision, trainer_kwargs
-from mmbridge.validation import config_errors
 
 #: Task 13 of a 2 nodes x 8 GPUs job: the 6th GPU (local id 5) of the second node.
 SLURM_TASK = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "mmbridge", "SLURM_NTASKS": "16",

@@ -19,8 +19,8 @@ from helpers import mmbridge_exe, shared_registry
 
 from mmbridge.config import compose
 from mmbridge.errors import ConfigError
-from mmbridge.reporting import aggregate, direction, fmt, write_report
-from mmbridge.runs import finished_run, gather_runs, interrupted, unfinished_runs
+from mmbridge.reporting.runs import finished_run, gather_runs, interrupted, unfinished_runs
+from mmbridge.reporting.tables import aggregate, direction, fmt, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -137,16 +137,16 @@ def test_directions_and_formatting():
 
 
 def test_learning_curve_offsets_stages():
-    from mmbridge.plots import run_curve
+    from mmbridge.reporting.plots import run_curve
 
     curve = run_curve(_metrics([], 0, 0.5, 2.0, 1.0))
     assert curve == [("align", 0.0, 5.0), ("align", 10.0, 3.0), ("instruct", 10.0, 4.0), ("instruct", 15.0, 2.0)]
 
 
 def test_plots_do_not_import_the_report_module():
-    """No import cycle: the plots read the rows from mmbridge.results, and the report imports
+    """No import cycle: the plots read the rows from mmbridge.reporting.results, and the report imports
     the plots (lazily, matplotlib being optional), not the other way round."""
-    code = "import sys, mmbridge.plots; print('mmbridge.reporting' in sys.modules)"
+    code = "import sys, mmbridge.reporting.plots; print('mmbridge.reporting.tables' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

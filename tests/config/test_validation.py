@@ -16,12 +16,12 @@ from omegaconf import OmegaConf
 from mmbridge.commands.evaluate import check_outputs, parse_kv, write_outputs
 from mmbridge.commands.sweep import check_options
 from mmbridge.config import builtin_conf_dir, compose, group_options
+from mmbridge.config.preflight import resume_config, run_root_error
+from mmbridge.config.schema import Debug, Evaluation, Loader, Root, Stage
+from mmbridge.config.validation import config_errors, override_errors, validate_config
 from mmbridge.errors import ConfigError
-from mmbridge.plugin_manager import load_registry
-from mmbridge.preflight import resume_config, run_root_error
-from mmbridge.schema import Debug, Evaluation, Loader, Root, Stage
+from mmbridge.registry.plugin_manager import load_registry
 from mmbridge.training.stages import check_schedule
-from mmbridge.validation import config_errors, override_errors, validate_config
 
 
 @pytest.fixture(scope="module")

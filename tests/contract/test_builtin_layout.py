@@ -18,12 +18,18 @@ import yaml
 import mmbridge
 from mmbridge.commands import plugins as plugins_cmd
 from mmbridge.config import builtin_conf_dir, compose
-from mmbridge.data.mixture import MIXTURE
-from mmbridge.docs import GROUP_HELP, builtin_tables, config_groups, generated_files, update_regions
+from mmbridge.config.mixture import MIXTURE
+from mmbridge.docs.generate import (
+    GROUP_HELP,
+    builtin_tables,
+    config_groups,
+    generated_files,
+    update_regions,
+)
 from mmbridge.errors import AssetError, ConfigError, RegistrationError
-from mmbridge.plugin_manager import load_registry
 from mmbridge.plugins import BUILTIN_PLUGINS
 from mmbridge.registry import KINDS, Origin, Registrar, Registry, declarations, register_package
+from mmbridge.registry.plugin_manager import load_registry
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 #: Config group -> the kind its options name, from the registry's own table.

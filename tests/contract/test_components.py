@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from helpers import shared_registry
 from torch import nn
 
-from mmbridge.build import build
 from mmbridge.config import builtin_conf_dir
+from mmbridge.config.build import build
 from mmbridge.errors import ConfigError
 from mmbridge.plugins.converters.linear import LinearConverter
 from mmbridge.plugins.converters.mlp import MLPConverter
@@ -283,7 +283,7 @@ def test_tiny_tokenizer_is_compact_and_deterministic():
 
 
 def test_tiny_llama_asset_converts_and_loads(tmp_path, monkeypatch):
-    from mmbridge.assets import CACHE_ENV, resolve_model_path
+    from mmbridge.registry.assets import CACHE_ENV, resolve_model_path
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     path = resolve_model_path("tiny-llama", registry=shared_registry(), key="llm.path")

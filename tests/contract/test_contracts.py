@@ -10,7 +10,7 @@ from rich.console import Console
 from torch import nn
 
 import mmbridge
-from mmbridge.plugin_manager import load_registry
+from mmbridge.registry.plugin_manager import load_registry
 from mmbridge.testing.contracts import check_connector, check_encoder
 from mmbridge.testing.report import IN_DIM, OUT_DIM, run_contract_checks
 

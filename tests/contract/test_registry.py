@@ -10,8 +10,8 @@ import torch
 
 import mmbridge
 from mmbridge.errors import PluginError, RegistrationError, UnknownComponentError
-from mmbridge.plugin_manager import DISABLE_ENV, build_plugin_manager, load_registry
 from mmbridge.registry import Origin, Registrar, Registry
+from mmbridge.registry.plugin_manager import DISABLE_ENV, build_plugin_manager, load_registry
 
 CONNECTOR_PLUGIN = """
 import torch

@@ -13,18 +13,18 @@ import pluggy
 import pytest
 
 import mmbridge
-from mmbridge import hookspecs
-from mmbridge.assets import CACHE_ENV, Asset, resolve_model_path
-from mmbridge.build import build
 from mmbridge.config import compose
+from mmbridge.config.build import build
+from mmbridge.contracts.recipe import RecipeContext
+from mmbridge.contracts.tools import Tool
+from mmbridge.contracts.types import Sample
 from mmbridge.errors import AssetError, ConfigError
 from mmbridge.model import assemble
-from mmbridge.plugin_manager import load_registry
-from mmbridge.recipe import RecipeContext
+from mmbridge.registry import hookspecs
+from mmbridge.registry.assets import CACHE_ENV, Asset, resolve_model_path
+from mmbridge.registry.plugin_manager import load_registry
 from mmbridge.testing.tiny import build_tiny_llama
 from mmbridge.tool_runtime import parse_calls
-from mmbridge.tools import Tool
-from mmbridge.types import Sample
 
 
 @pytest.fixture

@@ -11,14 +11,14 @@ import pytest
 import torch
 from helpers import shared_registry
 
-from mmbridge.build import build
 from mmbridge.config import compose
+from mmbridge.config.build import build
+from mmbridge.contracts.recipe import RecipeContext
 from mmbridge.data.llava import read_llava
 from mmbridge.errors import ConfigError, DataError
 from mmbridge.model import assemble
 from mmbridge.plugins.datasets.shapes import ShapesDataset, make_sample
 from mmbridge.plugins.scorers.agreement import agreement, auroc, ranks, spearman
-from mmbridge.recipe import RecipeContext
 from mmbridge.testing.tiny import build_tiny_tokenizer
 
 NOISE = {"wrong_colour": 0.15, "unrelated": 0.25}

@@ -11,8 +11,10 @@ import torch
 from helpers import shared_registry
 from omegaconf import OmegaConf
 
-from mmbridge.build import build
 from mmbridge.config import compose
+from mmbridge.config.build import build
+from mmbridge.contracts.prefix import PREFIX_SLOT
+from mmbridge.contracts.types import Sample
 from mmbridge.data.batcher import Batcher
 from mmbridge.data.chat import IGNORE, ChatEncoder
 from mmbridge.data.llava import read_llava
@@ -23,9 +25,7 @@ from mmbridge.plugins.datasets.shapes import ShapesDataset
 from mmbridge.plugins.recipes.align_levels import apply_edges, assign_levels
 from mmbridge.plugins.recipes.caption_pretrain import CaptionPretrainRecipe
 from mmbridge.plugins.recipes.instruct_mix import QA_TEMPLATES, InstructMixRecipe
-from mmbridge.prefix import PREFIX_SLOT
 from mmbridge.training.stages import configure_trainable
-from mmbridge.types import Sample
 
 LEVELS = 4
 BASE = ["experiment=aligngpt", f"alignment.levels={LEVELS}", "stages.instruct.train.llm=frozen"]
@@ -320,9 +320,9 @@ def test_train_run_aligngpt_end_to_end(tmp_path):
     from safetensors.torch import load_file
     from transformers import BertConfig, BertModel
 
-    from mmbridge.testing.tiny import build_tiny_tokenizer
-    from mmbridge.runtime.train import train
     from mmbridge.runtime.session import session_from_checkpoint
+    from mmbridge.runtime.train import train
+    from mmbridge.testing.tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(tmp_path / "bert")
     torch.manual_seed(0)
@@ -368,7 +368,7 @@ def test_evaluation_records_what_the_gate_decided(llm, samples):
     assert len(gates) == 3 and all(len(g) == LEVELS - 1 for g in gates)
     assert all(abs(sum(g) - 1) < 1e-3 for g in gates)
     # the run report's gate plot: each level's mean weight over the question type
-    from mmbridge.run_report import gate_section
+    from mmbridge.reporting.run_report import gate_section
     assert f"level 1 colour: {sum(g[0] for g in gates) / 3:.3f}" in gate_section(records)
     # the weights recorded are the gate's on each question's own prompt (batch of 2, then 1)
     model.eval()

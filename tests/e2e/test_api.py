@@ -197,7 +197,7 @@ def test_several_images_in_one_message_fill_their_placeholders_in_order(mixed):
 def test_bad_media_are_refused_with_what_was_wrong(mixed):
     import numpy as np
 
-    from mmbridge.inputs import MediaError
+    from mmbridge.data.inputs import MediaError
 
     m, files = mixed
     cases = [({"image": "https://example.com/x.png"}, "URLs are never fetched"),

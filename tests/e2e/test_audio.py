@@ -16,9 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from mmbridge.errors import ConfigError, DataError
-from mmbridge.media_io import _read_wav, chirp, load_audio, read_audio, write_wav
-from mmbridge.metrics import word_error_rate
-from mmbridge.nn_utils import masked_avg_pool
 from mmbridge.plugins.converters.pool_mlp import PoolMLP
 from mmbridge.plugins.datasets import _tts
 from mmbridge.plugins.datasets.librivox import DATA_DIR, LibrivoxDataset
@@ -26,6 +23,9 @@ from mmbridge.plugins.datasets.spoken import SpokenDataset
 from mmbridge.plugins.encoders.whisper_encoder import WhisperEncoder, _block
 from mmbridge.plugins.perceivers.window_qformer import WindowQFormer
 from mmbridge.testing.contracts import check_connector, check_encoder
+from mmbridge.utils.media_io import _read_wav, chirp, load_audio, read_audio, write_wav
+from mmbridge.utils.metrics import word_error_rate
+from mmbridge.utils.nn_utils import masked_avg_pool
 
 
 @pytest.fixture(scope="module")
@@ -303,9 +303,9 @@ def test_librivox(tmp_path):
 
 # -- integration: the real Whisper tiny.en -------------------------------------------------
 def _asset_or_skip() -> str:
-    from mmbridge.assets import resolve_model_path
     from mmbridge.errors import AssetError
-    from mmbridge.plugin_manager import load_registry
+    from mmbridge.registry.assets import resolve_model_path
+    from mmbridge.registry.plugin_manager import load_registry
 
     try:
         return resolve_model_path("whisper-tiny.en", load_registry(), key="encoder.checkpoint")
@@ -357,7 +357,7 @@ def test_real_encoder_trimmed_close_to_full():
 def test_perceiver_family_connectors_take_whisper_features(ckpt, tmp_path, name):
     """The image connectors of [P] bridge audio too: on the Whisper encoder's masked features of
     two clips of different lengths, the padded clip's tokens equal those of the clip alone."""
-    from mmbridge.plugin_manager import load_registry
+    from mmbridge.registry.plugin_manager import load_registry
 
     enc = encoder(ckpt)
     cls = load_registry().get("connector", name).cls

@@ -104,7 +104,7 @@ def test_run_report(browser, picture_run):
 
 
 def test_sweep_report(browser, picture_sweep):
-    from mmbridge.reporting import write_report
+    from mmbridge.reporting.tables import write_report
 
     root = picture_sweep
     write_report(root, baseline=["+variant=a"], n_resamples=200)

@@ -14,8 +14,8 @@ from helpers import mmbridge_exe
 from omegaconf import OmegaConf
 
 from mmbridge.errors import ConfigError
-from mmbridge.training.module import progress_warmup_cosine, warmup_cosine
 from mmbridge.runtime.train import stage_fractions
+from mmbridge.training.module import progress_warmup_cosine, warmup_cosine
 
 
 def test_stage_fractions_normalise_and_default_to_equal_shares():

@@ -126,8 +126,8 @@ def test_export_over_its_own_run_is_refused_even_with_overwrite(run, tmp_path):
 
 
 def test_export_checks_free_space_before_writing(run, tmp_path, monkeypatch):
-    from mmbridge import io as mio
     from mmbridge.errors import StorageError
+    from mmbridge.utils import io as mio
 
     monkeypatch.setattr(mio.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 4096, 4096))
     with pytest.raises(StorageError, match=rf"{tmp_path}: not enough free space for the bundle export: "

@@ -12,8 +12,8 @@ from PIL import Image
 from mmbridge.commands import generate as generate_cmd
 from mmbridge.config import compose
 from mmbridge.model import MultimodalModel
-from mmbridge.plugin_manager import load_registry
 from mmbridge.plugins.encoders.timm_encoder import TimmEncoder
+from mmbridge.registry.plugin_manager import load_registry
 from mmbridge.runtime.evaluate import evaluate_session
 from mmbridge.runtime.session import open_session, session_from_checkpoint
 from mmbridge.training.checkpoint import save_checkpoint

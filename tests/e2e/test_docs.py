@@ -43,7 +43,7 @@ from helpers import shared_registry
 
 import mmbridge
 from mmbridge import cli
-from mmbridge.docs import FAMILIES
+from mmbridge.docs.generate import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"

@@ -11,7 +11,7 @@ import pytest
 from helpers import shared_registry
 
 from mmbridge.config import compose
-from mmbridge.validation import validate_config
+from mmbridge.config.validation import validate_config
 
 
 @pytest.mark.slow

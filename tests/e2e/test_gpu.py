@@ -77,7 +77,7 @@ def test_tiny_two_stage_run_under_lightning_fsdp_gathers_its_checkpoints_on_rank
 
     from mmbridge.config import compose
     from mmbridge.model import assemble
-    from mmbridge.plugin_manager import load_registry
+    from mmbridge.registry.plugin_manager import load_registry
     from mmbridge.training.checkpoint import _weights_to_save
     from mmbridge.training.stages import configure_trainable
 

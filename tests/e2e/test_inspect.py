@@ -21,8 +21,8 @@ from transformers import LlamaConfig, LlamaTokenizer
 import mmbridge
 from mmbridge.cli import main as cli
 from mmbridge.data.chat import IGNORE
-from mmbridge.inspection import format_records
 from mmbridge.plugins.llms.hf_causal import HFCausalLM
+from mmbridge.runtime.inspection import format_records
 
 SYS = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
        "gives helpful, detailed, and polite answers to the user's questions.")
@@ -34,7 +34,7 @@ def test_inspect_tiny_instruct_json(tmp_path, monkeypatch):
 
     monkeypatch.setattr(HFCausalLM, "__init__", no_weights)  # the meta-device path only
     registry = shared_registry()  # the command's own build skipped: the suite shares one
-    monkeypatch.setattr("mmbridge.plugin_manager.load_registry", lambda *a, **k: registry)
+    monkeypatch.setattr("mmbridge.registry.plugin_manager.load_registry", lambda *a, **k: registry)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rc = cli(["inspect", "experiment=tiny", "stage=instruct", "n=2", "--json",

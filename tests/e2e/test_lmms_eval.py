@@ -23,13 +23,13 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from mmbridge.config import compose  # noqa: E402
+from mmbridge.contracts.types import Sample  # noqa: E402
 from mmbridge.data.chat import IGNORE  # noqa: E402
-from mmbridge.media_io import chirp, write_wav  # noqa: E402
-from mmbridge.plugin_manager import load_registry  # noqa: E402
 from mmbridge.plugins.encoders.whisper_encoder import WhisperEncoder  # noqa: E402
+from mmbridge.registry.plugin_manager import load_registry  # noqa: E402
 from mmbridge.runtime.session import open_session, session_from_checkpoint  # noqa: E402
 from mmbridge.training.checkpoint import save_checkpoint  # noqa: E402
-from mmbridge.types import Sample  # noqa: E402
+from mmbridge.utils.media_io import chirp, write_wav  # noqa: E402
 
 GEN_TOKENS = 6
 CHOICES = ["red", "green", "blue", "yellow"]
@@ -40,7 +40,7 @@ QUESTIONS = ["What colour is the shape?", "Which shape is drawn?", "What is show
 UTILS = '''
 from PIL import Image
 
-from mmbridge.media_io import read_audio
+from mmbridge.utils.media_io import read_audio
 
 
 def doc_to_image(doc):

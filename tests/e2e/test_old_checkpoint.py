@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from mmbridge.model import assemble
-from mmbridge.training.checkpoint import WEIGHTS, read_checkpoint
 from mmbridge.runtime.session import session_from_checkpoint
+from mmbridge.training.checkpoint import WEIGHTS, read_checkpoint
 
 OLD_CONFIG = Path(__file__).parent / "data" / "tiny_config_2faaf33.yaml"
 

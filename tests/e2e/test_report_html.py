@@ -17,14 +17,14 @@ from helpers import shared_registry
 from picture_runs import qformer_run, shared_dir, two_by_two_sweep
 from PIL import Image
 
-from mmbridge.attention_maps import feature_grid, overlay, recording
 from mmbridge.errors import ConfigError
 from mmbridge.plugins.perceivers.gated_xattn import GatedCrossAttention, GatedXAttnBlock
 from mmbridge.plugins.perceivers.qformer import QFormer
 from mmbridge.plugins.perceivers.resampler import Resampler
-from mmbridge.report_html import forest_chart, nice_ticks
-from mmbridge.run_report import GALLERY_EACH
-from mmbridge.sweep_report import exact_match_interval
+from mmbridge.reporting.attention_maps import feature_grid, overlay, recording
+from mmbridge.reporting.report_html import forest_chart, nice_ticks
+from mmbridge.reporting.run_report import GALLERY_EACH
+from mmbridge.reporting.sweep_report import exact_match_interval
 
 # the tiny run is trained once per session (tests/picture_runs.py); xdist keeps these together
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("pictures")]
@@ -177,7 +177,7 @@ def test_generate_writes_the_attention_map_of_a_photograph(tmp_path, capsys, pic
 
 @pytest.mark.slow  # the shared tiny training (about 35-60 s on 2 busy cores)
 def test_sweep_report_table_forest_curves_and_disagreements(picture_sweep):
-    from mmbridge.reporting import write_report
+    from mmbridge.reporting.tables import write_report
 
     root = picture_sweep
     report = write_report(root, baseline=["+variant=a"], n_resamples=200)
@@ -201,7 +201,7 @@ def test_sweep_report_table_forest_curves_and_disagreements(picture_sweep):
 
 
 def test_gate_section_means_per_question_type():
-    from mmbridge.run_report import gate_section
+    from mmbridge.reporting.run_report import gate_section
 
     def pred(mode: str, qtype: str, gate: list[float]) -> dict:
         return {"mode": mode, "qtype": qtype, "prefix": {"mode": "gate", "gate": gate}}
@@ -216,7 +216,7 @@ def test_gate_section_means_per_question_type():
 
 
 def test_gallery_cards_without_a_picture_say_what_the_question_had():
-    from mmbridge.run_report import gallery_section
+    from mmbridge.reporting.run_report import gallery_section
 
     html = gallery_section([
         {"mode": "media", "id": "a", "qtype": "asr", "question": "<audio>\nWhat is said?",
@@ -234,11 +234,11 @@ def test_recording_through_generation_leaves_the_answer_unchanged(connector, tmp
     """Through the real tiny model and its generate loop (gated cross-attention: the blocks run
     as hooks of the LLM's layers, once for the prompt, then once per new token)."""
     from mmbridge.config import compose
+    from mmbridge.contracts.types import Sample
     from mmbridge.data.batcher import Batcher
     from mmbridge.data.chat import ChatEncoder
     from mmbridge.model import assemble
     from mmbridge.testing.tiny import build_tiny_llama
-    from mmbridge.types import Sample
 
     build_tiny_llama(tmp_path / "llm", seed=0)
     registry = shared_registry()

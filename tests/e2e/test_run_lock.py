@@ -20,13 +20,13 @@ from helpers import mmbridge_exe
 import mmbridge
 from mmbridge.cli import main
 from mmbridge.errors import RunLockedError
-from mmbridge.run_lock import HOLDER, RunLock, holder
+from mmbridge.utils.run_lock import HOLDER, RunLock, holder
 
 FAST = ["experiment=tiny", "data.n_train=48", "data.n_val=8", "data.n_test=8", "evaluation.max_samples=8",
         "evaluation.val_samples=4", "evaluation.batch_size=8", "trainer.enable_progress_bar=false",
         "stages.align.batch_size=8", "schedule=[align]", "stages.align.max_steps=2",
         "stages.align.val_every=2"]
-HOLD = ("import sys; from mmbridge.run_lock import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
+HOLD = ("import sys; from mmbridge.utils.run_lock import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
         "print('held', flush=True); sys.stdin.read()")
 
 
@@ -71,7 +71,7 @@ def test_the_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, caplo
     proc.wait()
     assert json.loads((run / HOLDER).read_text())["pid"] == proc.pid
     assert holder(run) is None  # the kernel released the file lock with the process
-    with caplog.at_level(logging.WARNING, logger="mmbridge.run_lock"), RunLock(run):
+    with caplog.at_level(logging.WARNING, logger="mmbridge.utils.run_lock"), RunLock(run):
         pass
     (msg,) = [r.getMessage() for r in caplog.records]
     assert msg.startswith(f"{run}: taking over the lock of a run that ended without releasing it "

@@ -13,11 +13,11 @@ from helpers import shared_registry
 from PIL import Image
 
 from mmbridge.config import compose
+from mmbridge.config.validation import validate_config
+from mmbridge.contracts.types import Sample
 from mmbridge.data.mixture import draw, mix_splits
 from mmbridge.data.sources import read_data
 from mmbridge.errors import ConfigError
-from mmbridge.types import Sample
-from mmbridge.validation import validate_config
 
 
 def _samples(prefix: str, n: int) -> list[Sample]:

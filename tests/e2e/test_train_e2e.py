@@ -140,8 +140,8 @@ def test_generate_answers_about_a_real_photo(trained, tmp_path):
               "prompt=What colour is the circle?", "max_new_tokens=5", cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
     # The CLI answer is the greedy answer of the same checkpoint through the Python API.
+    from mmbridge.contracts.types import Sample
     from mmbridge.runtime.session import session_from_checkpoint
-    from mmbridge.types import Sample
 
     session, _ = session_from_checkpoint(str(run / "checkpoints" / "final"), with_data=False)
     sample = Sample("p", {"image": str(photo)}, [{"from": "human", "value": "<image>\nWhat colour is the circle?"}])
@@ -257,8 +257,8 @@ def test_mixed_image_and_audio_sample_trains_and_generates(tmp_path):
     answer needs both media, and ``generate`` takes both."""
     from PIL import Image
 
-    from mmbridge.media_io import chirp, write_wav
     from mmbridge.plugins.encoders.whisper_encoder import WhisperEncoder
+    from mmbridge.utils.media_io import chirp, write_wav
 
     ckpt = WhisperEncoder.for_testing(tmp_path).path
     data = tmp_path / "mixed"

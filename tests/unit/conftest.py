@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 
 from mmbridge.config import compose
+from mmbridge.contracts.types import Sample
 from mmbridge.data.chat import ChatEncoder
 from mmbridge.model import MultimodalModel, assemble
-from mmbridge.plugin_manager import load_registry
 from mmbridge.registry import Registry
+from mmbridge.registry.plugin_manager import load_registry
 from mmbridge.testing.tiny import build_tiny_llama
-from mmbridge.types import Sample
 
 
 @pytest.fixture(scope="session")

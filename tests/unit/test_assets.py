@@ -15,11 +15,11 @@ import torch
 from helpers import shared_registry
 
 import mmbridge
-from mmbridge.assets import CACHE_ENV, Asset, resolve_model_path
 from mmbridge.commands import assets as assets_cmd
 from mmbridge.errors import AssetError
-from mmbridge.plugin_manager import load_registry
 from mmbridge.plugins.assets import _common, ct2, dinov2, speech, whisper_tiny
+from mmbridge.registry.assets import CACHE_ENV, Asset, resolve_model_path
+from mmbridge.registry.plugin_manager import load_registry
 
 #: name -> (format, file handed out inside the asset directory)
 EXPECTED = {

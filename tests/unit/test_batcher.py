@@ -10,11 +10,11 @@ import random
 import pytest
 import torch
 
+from mmbridge.contracts.recipe import DataRecipe
+from mmbridge.contracts.types import Sample
 from mmbridge.data.batcher import Batcher, to_device
 from mmbridge.data.dataset import Collator, ConversationDataset, MediaReader, encode_sample
 from mmbridge.data.feature_cache import load_or_compute
-from mmbridge.recipe import DataRecipe
-from mmbridge.types import Sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -22,11 +22,11 @@ from mmbridge.errors import ConfigError, DataError
 from mmbridge.evaluation import benchmarks as bm
 from mmbridge.evaluation.qa import qa_items
 from mmbridge.model import assemble
-from mmbridge.plugin_manager import load_registry
 from mmbridge.plugins.datasets.gqa import GQADataset
 from mmbridge.plugins.datasets.multiple_choice import MultipleChoiceDataset
 from mmbridge.plugins.datasets.pope import POPEDataset
 from mmbridge.plugins.datasets.vqa import VQADataset
+from mmbridge.registry.plugin_manager import load_registry
 from mmbridge.training.checkpoint import save_checkpoint
 
 

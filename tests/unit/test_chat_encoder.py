@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from mmbridge.contracts.types import Sample
 from mmbridge.data.chat import IGNORE, ChatEncoder, to_messages
 from mmbridge.data.llava import validate_conversations
 from mmbridge.errors import DataError
-from mmbridge.types import Sample
 
 
 def _conv(*values: str) -> list[dict[str, str]]:

@@ -12,9 +12,9 @@ import pytest
 import torch
 from unit.test_checkpoints import fit, loader, make_model  # noqa: F401  (loader: a module fixture)
 
-from mmbridge import io as mio
 from mmbridge.errors import StorageError
 from mmbridge.training.checkpoint import resumable_checkpoint, save_checkpoint, torch_load_safe
+from mmbridge.utils import io as mio
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

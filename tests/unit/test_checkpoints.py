@@ -30,9 +30,10 @@ from mmbridge.data.chat import ChatEncoder
 from mmbridge.data.llava import read_llava
 from mmbridge.errors import CheckpointError
 from mmbridge.model import assemble
-from mmbridge.plugin_manager import load_registry
 from mmbridge.plugins.datasets.shapes import ShapesDataset
 from mmbridge.plugins.recipes.caption_pretrain import CaptionPretrainRecipe
+from mmbridge.registry.plugin_manager import load_registry
+from mmbridge.runtime.session import session_from_checkpoint
 from mmbridge.training.checkpoint import (
     SafeCheckpointIO,
     checkpoint_callback,
@@ -43,7 +44,6 @@ from mmbridge.training.checkpoint import (
     torch_load_safe,
 )
 from mmbridge.training.module import BridgeModule
-from mmbridge.runtime.session import session_from_checkpoint
 from mmbridge.training.stages import configure_trainable
 
 BASE = ["experiment=tiny", "encoder.image_size=32", "stages.align.max_steps=4"]

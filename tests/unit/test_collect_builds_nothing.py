@@ -17,7 +17,7 @@ PENDING: set[str] = set()
 PROBE = r"""
 import importlib.util, json, sys
 from pathlib import Path
-import mmbridge.plugin_manager as pm
+import mmbridge.registry.plugin_manager as pm
 
 builds = []
 real = pm.build_plugin_manager

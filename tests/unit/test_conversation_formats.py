@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaTokenizer
 
 from mmbridge.config import compose
+from mmbridge.config.validation import config_errors
 from mmbridge.data.chat import IGNORE, ChatEncoder, to_messages
 from mmbridge.data.conversation import (
     LLAMA_2_SYSTEM,
@@ -25,7 +26,6 @@ from mmbridge.data.conversation import (
     stage_conversation,
 )
 from mmbridge.errors import ConfigError, DataError
-from mmbridge.validation import config_errors
 
 SYS = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
        "gives helpful, detailed, and polite answers to the user's questions.")

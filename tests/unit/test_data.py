@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmbridge.build import build
 from mmbridge.config import compose
+from mmbridge.config.build import build
+from mmbridge.contracts.dataset import DatasetFiles
+from mmbridge.contracts.types import Sample
 from mmbridge.data.llava import read_llava, validate_conversations, write_llava
-from mmbridge.dataset import DatasetFiles
 from mmbridge.errors import ConfigError, DataError
-from mmbridge.plugin_manager import load_registry
 from mmbridge.plugins.datasets import shapes as shapes_mod
 from mmbridge.plugins.datasets.llava import LlavaDataset
 from mmbridge.plugins.datasets.shapes import (
@@ -32,7 +32,7 @@ from mmbridge.plugins.datasets.shapes import (
 )
 from mmbridge.plugins.recipes.caption import INSTRUCTIONS, CaptionRecipe
 from mmbridge.plugins.recipes.conversations import ConversationsRecipe
-from mmbridge.types import Sample
+from mmbridge.registry.plugin_manager import load_registry
 
 SMALL = {"n_train": 40, "n_val": 4, "n_test": 16}
 

@@ -9,6 +9,8 @@ import random
 import pytest
 from torch.utils.data import DataLoader
 
+from mmbridge.contracts.recipe import DataRecipe
+from mmbridge.contracts.types import Sample
 from mmbridge.data.chat import ChatEncoder
 from mmbridge.data.dataset import (
     Collator,
@@ -19,8 +21,6 @@ from mmbridge.data.dataset import (
     truncation_report,
 )
 from mmbridge.errors import DataError
-from mmbridge.recipe import DataRecipe
-from mmbridge.types import Sample
 
 
 class EveryOther(DataRecipe):

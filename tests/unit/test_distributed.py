@@ -88,8 +88,8 @@ def test_one_process_gathers_exactly_what_a_checkpoint_saves_and_rebuilds_an_equ
 
 
 def test_unsharded_session_keeps_the_session_and_swaps_in_a_model_with_the_weights(tmp_path):
-    from mmbridge.runtime.train import unsharded_session
     from mmbridge.runtime.session import open_session
+    from mmbridge.runtime.train import unsharded_session
 
     cfg = compose([*BASE, "trainer=fp32", f"paths.cache_dir={tmp_path}"], shared_registry())
     session = open_session(cfg, shared_registry(), with_data=False)
@@ -116,7 +116,7 @@ WORKER = textwrap.dedent("""
     from torch.distributed.fsdp import fully_shard
     from mmbridge.config import compose
     from mmbridge.model import assemble
-    from mmbridge.plugin_manager import load_registry
+    from mmbridge.registry.plugin_manager import load_registry
     from mmbridge.training.stages import configure_trainable
     from mmbridge.training.strategies import block_classes
     from mmbridge.training.distributed import gather_weights, is_fsdp, saved_names, unsharded_model

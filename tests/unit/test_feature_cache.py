@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
+from mmbridge.contracts.encoder import ModalityEncoder
 from mmbridge.data import feature_cache
 from mmbridge.data.feature_cache import load_or_compute
-from mmbridge.encoder import ModalityEncoder
 from mmbridge.errors import DataError
 
 MAX_TOKENS, DIM = 6, 8
@@ -243,7 +243,7 @@ def test_generated_data_set_heals(tmp_path, caplog):
 
 
 def test_converted_asset_heals(tmp_path, caplog):
-    from mmbridge.assets import Asset
+    from mmbridge.registry.assets import Asset
 
     class Toy(Asset):
         name, format, source = "toy", "hf", "a test"

@@ -10,9 +10,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mmbridge import precision as hwmod
 from mmbridge.errors import ConfigError
-from mmbridge.precision import Hardware, decide_precision, probe_cpu_bf16, resolve_auto_dtypes
+from mmbridge.model import precision as hwmod
+from mmbridge.model.precision import Hardware, decide_precision, probe_cpu_bf16, resolve_auto_dtypes
 from mmbridge.training.trainer import resolve_device, trainer_kwargs
 
 AVX2 = Hardware(cuda=False, cuda_bf16=False, cpu_flags=frozenset({"avx2", "fma"}), cpu_model="AMD EPYC")

@@ -20,8 +20,8 @@ def test_plain_first_sentence():
         x: ignored."""
     assert plain_first_sentence(doc) == ("A per-token MLP Linear -> GELU; depth=2 is LLaVA-1.5's "
                                          "projector (2310.03744 §3.2), e.g. for CLIP.")
-    roles = "Reads :class:`~mmbridge.model.Branch` and :func:`mmbridge.io.x`."
-    assert plain_first_sentence(roles) == "Reads Branch and mmbridge.io.x."
+    roles = "Reads :class:`~mmbridge.model.Branch` and :func:`mmbridge.utils.io.x`."
+    assert plain_first_sentence(roles) == "Reads Branch and mmbridge.utils.io.x."
     assert plain_first_sentence("No full stop at all") == "No full stop at all"
     assert plain_first_sentence(None) == ""
 

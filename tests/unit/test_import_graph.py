@@ -9,8 +9,8 @@
    each other, and the run layer (``runtime``) sits above both.
 3. Plugins import only the contracts, ``data`` and core's shared helpers: never the layers that
    run, evaluate, export or serve a model (:data:`ABOVE_PLUGINS`), and never another plugin
-   package (what two plugin packages share lives in core, e.g. ``mmbridge.media_io``,
-   ``mmbridge.nn_utils``, ``mmbridge.precision``).
+   package (what two plugin packages share lives in core, e.g. ``mmbridge.utils.media_io``,
+   ``mmbridge.utils.nn_utils``, ``mmbridge.model.precision``).
 
 Every import counts, function-local ones included (a cycle hidden inside a function is still a
 cycle: the two modules cannot be understood, tested or loaded one without the other); imports
@@ -30,7 +30,7 @@ PLUGINS = CORE.parent / "plugins"
 #: Core layers a plugin never imports (rule 3): they run, evaluate, export or serve a model.
 ABOVE_PLUGINS = ("mmbridge.training", "mmbridge.evaluation", "mmbridge.runtime", "mmbridge.commands",
                  "mmbridge.export", "mmbridge.api", "mmbridge.cli", "mmbridge.lmms", "mmbridge.serving",
-                 "mmbridge.plan")
+                 "mmbridge.runtime.plan")
 
 
 #: Package-level edges known to close a cycle, each with what removes it (rule 2 holds for

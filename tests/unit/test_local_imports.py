@@ -28,51 +28,51 @@ PENDING = "file under the orchestration refactor (issue 19): review when it land
 #: file (relative to core/) -> {imported module: why it is imported inside a function}
 ALLOWED: dict[str, dict[str, str]] = {
     "api.py": {"mmbridge.export.source": IMPORT, "mmbridge.runtime.task": IMPORT,
-               "mmbridge.config": IMPORT, "mmbridge.plugin_manager": IMPORT},
+               "mmbridge.config": IMPORT, "mmbridge.registry.plugin_manager": IMPORT},
     "commands/evaluate.py": {"mmbridge.evaluation.benchmarks": CLI, "mmbridge.runtime.evaluate": CLI,
-                             "mmbridge.export.source": CLI, "mmbridge.plugin_manager": CLI},
+                             "mmbridge.export.source": CLI, "mmbridge.registry.plugin_manager": CLI},
     "commands/export.py": {"mmbridge.export": CLI},
     "commands/serve.py": {"uvicorn": OPTIONAL, "mmbridge.serving": OPTIONAL, "mmbridge": CLI},
-    "inputs.py": {"soundfile": OPTIONAL},
+    "data/inputs.py": {"soundfile": OPTIONAL},
     # PEFT imports transformers (seconds); only runs that use LoRA or QLoRA need them
-    "lora.py": {"peft": HEAVY, "transformers": HEAVY, "bitsandbytes": OPTIONAL},
-    "schema.py": {"peft": HEAVY},  # only when a LoRA section has a key beyond the common ones
-    "precision.py": {"torch.distributed.fsdp": HEAVY},  # FSDP runs only
-    "commands/generate.py": {"mmbridge.api": CLI, "mmbridge.attention_maps": CLI},
-    "commands/plan.py": {"mmbridge.plan": CLI},
-    "commands/inspect_samples.py": {"mmbridge.inspection": CLI},
-    "inspection.py": {"mmbridge.config": IMPORT, "mmbridge.model": IMPORT, "mmbridge.plugin_manager": IMPORT,
+    "model/lora.py": {"peft": HEAVY, "transformers": HEAVY, "bitsandbytes": OPTIONAL},
+    "config/schema.py": {"peft": HEAVY},  # only when a LoRA section has a key beyond the common ones
+    "model/precision.py": {"torch.distributed.fsdp": HEAVY},  # FSDP runs only
+    "commands/generate.py": {"mmbridge.api": CLI, "mmbridge.reporting.attention_maps": CLI},
+    "commands/plan.py": {"mmbridge.runtime.plan": CLI},
+    "commands/inspect_samples.py": {"mmbridge.runtime.inspection": CLI},
+    "runtime/inspection.py": {"mmbridge.config": IMPORT, "mmbridge.model": IMPORT, "mmbridge.registry.plugin_manager": IMPORT,
                       "mmbridge.runtime.session": IMPORT, "mmbridge.runtime.stage": IMPORT,
-                      "mmbridge.validation": IMPORT},
+                      "mmbridge.config.validation": IMPORT},
     "commands/plugins.py": {"mmbridge.testing.report": CLI},
-    "commands/report.py": {"mmbridge.reporting": CLI, "mmbridge.results": CLI, "mmbridge.run_report": CLI},
+    "commands/report.py": {"mmbridge.reporting.tables": CLI, "mmbridge.reporting.results": CLI, "mmbridge.reporting.run_report": CLI},
     "commands/demo.py": {"gradio": OPTIONAL, "mmbridge.api": CLI},
     "commands/sweep.py": {"hydra.core.override_parser.overrides_parser": CLI, "hydra.errors": CLI,
-                          "mmbridge.commands": CLI, "mmbridge.reporting": CLI},
-    "commands/train.py": {"mmbridge.runs": CLI, "mmbridge.runtime.task": CLI, "hydra.core.hydra_config": CLI,
+                          "mmbridge.commands": CLI, "mmbridge.reporting.tables": CLI},
+    "commands/train.py": {"mmbridge.reporting.runs": CLI, "mmbridge.runtime.task": CLI, "hydra.core.hydra_config": CLI,
                           "hydra.types": CLI, "hydra": CLI},
-    "config.py": {"hydra": STARTUP, "hydra.core.global_hydra": STARTUP, "hydra.errors": STARTUP},
-    "preflight.py": {"hydra.core.override_parser.overrides_parser": STARTUP, "hydra.errors": STARTUP},
-    "validation.py": {"lightning": STARTUP, "lightning.pytorch.accelerators": STARTUP,
+    "config/__init__.py": {"hydra": STARTUP, "hydra.core.global_hydra": STARTUP, "hydra.errors": STARTUP},
+    "config/preflight.py": {"hydra.core.override_parser.overrides_parser": STARTUP, "hydra.errors": STARTUP},
+    "config/validation.py": {"lightning": STARTUP, "lightning.pytorch.accelerators": STARTUP,
                       "hydra.core.override_parser.overrides_parser": STARTUP, "hydra.errors": STARTUP},
     "lmms.py": {"lmms_eval.models.registry_v2": OPTIONAL, "soundfile": OPTIONAL,
-                "mmbridge.plugin_manager": PENDING, "mmbridge.runtime.session": PENDING},
+                "mmbridge.registry.plugin_manager": PENDING, "mmbridge.runtime.session": PENDING},
     "training/loggers.py": {"lightning.pytorch.loggers": OPTIONAL},  # WandbLogger needs wandb
     "training/distributed.py": {"deepspeed": OPTIONAL, "torch.distributed.fsdp": PENDING,
                                 "torch.distributed.checkpoint.state_dict": PENDING},
-    "reporting.py": {"mmbridge.plots": OPTIONAL},  # matplotlib: the sweep extra
-    "metrics.py": {"whisper.normalizers": HEAVY},  # whisper loads numba; WER's English normaliser only
-    "media_io.py": {"soundfile": OPTIONAL, "scipy.signal": HEAVY},  # the data extra; resampling only
+    "reporting/tables.py": {"mmbridge.reporting.plots": OPTIONAL},  # matplotlib: the sweep extra
+    "utils/metrics.py": {"whisper.normalizers": HEAVY},  # whisper loads numba; WER's English normaliser only
+    "utils/media_io.py": {"soundfile": OPTIONAL, "scipy.signal": HEAVY},  # the data extra; resampling only
     # transformers' model classes cost seconds, and plugins import this module at registry build
     "testing/tiny.py": {"tokenizers": HEAVY, "transformers": HEAVY},
-    "plugin_manager.py": {"mmbridge.plugins": PLUGINS},
+    "registry/plugin_manager.py": {"mmbridge.plugins": PLUGINS},
     "data/feature_cache.py": {"rich.progress": PENDING},
     "training/checkpoint.py": {"lightning.pytorch.callbacks": PENDING},
     "training/strategies.py": {"lightning.pytorch.strategies": PENDING},
     "export/__init__.py": {m: PENDING for m in (
         "mmbridge.export.bundle", "mmbridge.export.peft_format", "mmbridge.export.hf", "omegaconf",
         "mmbridge.training.checkpoint", "mmbridge.export.card", "mmbridge.export.source",
-        "mmbridge.plugin_manager", "json")},
+        "mmbridge.registry.plugin_manager", "json")},
 }
 
 

@@ -10,14 +10,14 @@ import torch
 from helpers import shared_registry
 
 from mmbridge.config import compose
+from mmbridge.config.validation import config_errors
 from mmbridge.errors import ConfigError
 from mmbridge.export.peft_format import peft_llm
-from mmbridge.lora import linear_names, peft_config
 from mmbridge.model import assemble
+from mmbridge.model.lora import linear_names, peft_config
 from mmbridge.plugins.llms.hf_causal import HFCausalLM
 from mmbridge.testing.tiny import build_tiny_llama
 from mmbridge.training.stages import configure_trainable
-from mmbridge.validation import config_errors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

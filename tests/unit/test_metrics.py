@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from mmbridge.metrics import english_normalizer, exact_match, normalize_text, word_error_rate
+from mmbridge.utils.metrics import english_normalizer, exact_match, normalize_text, word_error_rate
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -1,4 +1,4 @@
-"""The model config's component nodes listed once (mmbridge.model_spec), and the readers that
+"""The model config's component nodes listed once (mmbridge.config.model_spec), and the readers that
 take them from there: validation, the assembly and the plan, the dtype resolution, the
 checkpoint's component record, the bundle and the model card."""
 
@@ -8,17 +8,16 @@ import pytest
 from helpers import shared_registry
 from omegaconf import OmegaConf
 
-from mmbridge import model_spec
-from mmbridge.config import compose
+from mmbridge.config import compose, model_spec
+from mmbridge.config.model_spec import ComponentNode, model_nodes, node_at
+from mmbridge.config.validation import validate_config
 from mmbridge.errors import AssemblyError, ConfigError
 from mmbridge.export.bundle import _model_leaves
 from mmbridge.export.card import _component_rows
 from mmbridge.model import assemble
-from mmbridge.model_spec import ComponentNode, model_nodes, node_at
-from mmbridge.plan import build_meta_model
-from mmbridge.precision import PrecisionDecision, component_dtypes, resolve_auto_dtypes
+from mmbridge.model.precision import PrecisionDecision, component_dtypes, resolve_auto_dtypes
+from mmbridge.runtime.plan import build_meta_model
 from mmbridge.training.checkpoint import component_origins
-from mmbridge.validation import validate_config
 
 
 def test_the_nodes_of_a_model_with_a_branch_and_a_prefix():
@@ -54,7 +53,7 @@ def test_the_checkpoint_records_each_listed_component_and_the_data():
 
 @pytest.fixture
 def extra_node_spec(monkeypatch):
-    """mmbridge.model_spec with one more node pair (an encoder and its connector at ``extra``):
+    """mmbridge.config.model_spec with one more node pair (an encoder and its connector at ``extra``):
     the only place changed."""
     monkeypatch.setattr(model_spec, "OPTIONAL_NODES", model_spec.OPTIONAL_NODES + (
         ComponentNode("extra.encoder", "encoder"),

@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 
 from mmbridge.config import compose
+from mmbridge.contracts.recipe import DataRecipe
+from mmbridge.contracts.types import Sample
 from mmbridge.data.chat import IGNORE
 from mmbridge.data.dataset import (
     Collator,
@@ -27,9 +29,7 @@ from mmbridge.data.dataset import (
 from mmbridge.data.feature_cache import load_or_compute
 from mmbridge.data.llava import read_llava
 from mmbridge.errors import DataError
-from mmbridge.recipe import DataRecipe
 from mmbridge.runtime.session import Session, fill_feature_cache
-from mmbridge.types import Sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

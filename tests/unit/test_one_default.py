@@ -14,9 +14,9 @@ from omegaconf import open_dict
 
 import mmbridge.runtime.config as run_config
 from mmbridge.config import compose
+from mmbridge.config.schema import Evaluation, Loader
 from mmbridge.model import assemble
 from mmbridge.runtime.session import open_session, session_from_checkpoint
-from mmbridge.schema import Evaluation, Loader
 from mmbridge.training.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")

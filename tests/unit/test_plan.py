@@ -12,9 +12,9 @@ import torch
 
 from mmbridge.commands import plan as plan_command
 from mmbridge.errors import ConfigError
-from mmbridge.plan import HEADROOM, GiB, config_dir, shipped_configs
 from mmbridge.plugins.encoders.hf_vision import HFVisionEncoder
 from mmbridge.plugins.llms.hf_causal import HFCausalLM
+from mmbridge.runtime.plan import HEADROOM, GiB, config_dir, shipped_configs
 from mmbridge.testing.tiny import build_tiny_dinov2, build_tiny_llama
 
 BOTH = "schedule=[align,instruct]"
@@ -200,7 +200,7 @@ def test_offline_model_names_plan_from_their_converted_copy(capsys, tmp_path, mo
     """``llm.path: tiny-llama`` (an offline model, as the quickstart's presets name theirs) is
     planned from its converted copy in the cache, and refused with the conversion command
     before it is converted: plan converts nothing."""
-    from mmbridge.plugin_manager import load_registry
+    from mmbridge.registry.plugin_manager import load_registry
 
     monkeypatch.setenv("MMBRIDGE_CACHE", str(tmp_path / "cache"))
     registry = load_registry()

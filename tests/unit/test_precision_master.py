@@ -1,5 +1,5 @@
 """Mixed precision as the field means it ([F] issue 25 item 5): precision decided once
-(mmbridge.precision), every trained parameter an fp32 master weight under ``bf16-mixed`` with
+(mmbridge.model.precision), every trained parameter an fp32 master weight under ``bf16-mixed`` with
 bf16 compute, frozen weights bf16; FSDP all fp32 with a MixedPrecision policy; the plan and a
 run apply the same rule."""
 
@@ -19,9 +19,7 @@ from mmbridge.data.batcher import Batcher
 from mmbridge.data.chat import ChatEncoder
 from mmbridge.data.llava import read_llava
 from mmbridge.model import assemble
-from mmbridge.plugins.datasets.shapes import ShapesDataset
-from mmbridge.plugins.recipes.caption_pretrain import CaptionPretrainRecipe
-from mmbridge.precision import (
+from mmbridge.model.precision import (
     PrecisionDecision,
     component_dtypes,
     fsdp_mixed_precision,
@@ -29,6 +27,8 @@ from mmbridge.precision import (
     plan_precision,
     resolve_auto_dtypes,
 )
+from mmbridge.plugins.datasets.shapes import ShapesDataset
+from mmbridge.plugins.recipes.caption_pretrain import CaptionPretrainRecipe
 from mmbridge.training.module import BridgeModule
 from mmbridge.training.stages import configure_trainable
 

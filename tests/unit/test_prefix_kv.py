@@ -1,4 +1,4 @@
-"""Reuse of the shared prefix's keys/values (``llm.reuse_prefix_kv``, :mod:`mmbridge.prefix_kv`):
+"""Reuse of the shared prefix's keys/values (``llm.reuse_prefix_kv``, :mod:`mmbridge.model.prefix_kv`):
 the loss and the gradients equal the plain forward's on a seeded tiny model (frozen LLM,
 LoRA, fully trained LLM; right-padded batches, with and without a system prompt), and it
 switches itself off, with its reason, where it cannot apply."""
@@ -13,7 +13,7 @@ from mmbridge.data.batcher import Batcher
 from mmbridge.data.chat import IGNORE, ChatEncoder
 from mmbridge.errors import ConfigError
 from mmbridge.model import assemble
-from mmbridge.prefix_kv import plan_prefix, shared_prefix_length
+from mmbridge.model.prefix_kv import plan_prefix, shared_prefix_length
 from mmbridge.testing.tiny import build_tiny_llama
 
 #: forward's loss on the four image samples of conftest (as in test_collator_and_loss.py).

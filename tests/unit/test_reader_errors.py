@@ -11,8 +11,8 @@ import random
 import pytest
 
 from mmbridge.cli import main
+from mmbridge.contracts.types import Sample, check_placeholders
 from mmbridge.plugins.recipes.caption_pretrain import CaptionPretrainRecipe
-from mmbridge.types import Sample, check_placeholders
 
 
 def test_caption_recipe_keeps_one_placeholder_per_image():
@@ -69,7 +69,7 @@ def test_resume_of_a_run_whose_state_is_damaged(started_run, capsys, monkeypatch
 @pytest.mark.parametrize("content", ["{bad", "[1, 2]", '{"test": 5}'])
 def test_report_of_a_run_with_a_damaged_metrics_file_names_it(tmp_path, content):
     from mmbridge.errors import DataError
-    from mmbridge.run_report import write_run_report
+    from mmbridge.reporting.run_report import write_run_report
 
     (tmp_path / "metrics.json").write_text(content)
     with pytest.raises(DataError, match=f"^{tmp_path / 'metrics.json'}"):

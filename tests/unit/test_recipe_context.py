@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from mmbridge.recipe import RecipeContext
+from mmbridge.contracts.recipe import RecipeContext
 from mmbridge.registry import Registry
 
 

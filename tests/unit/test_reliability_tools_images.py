@@ -24,15 +24,15 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from mmbridge.contracts.tools import Tool
 from mmbridge.errors import ConfigError, DataError
-from mmbridge.executables import ALLOW_ENV
 from mmbridge.plugins.encoders._image import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, load_rgb
 from mmbridge.plugins.tools.calculator import ROUNDED_NOTE, CalculatorTool
 from mmbridge.plugins.tools.callers import LLMToolCaller, PipelineToolCaller
 from mmbridge.plugins.tools.image_info import ImageInfoTool
 from mmbridge.plugins.tools.ocr import OCRTool
 from mmbridge.tool_runtime import MAX_RESULT_CHARS, execute, format_call, parse_calls
-from mmbridge.tools import Tool
+from mmbridge.utils.executables import ALLOW_ENV
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch
 from helpers import mmbridge_exe
 from safetensors.torch import load_file
 
+from mmbridge.contracts.types import Sample
 from mmbridge.errors import CheckpointError, DataError
 from mmbridge.training import loader as loader_mod
 from mmbridge.training.loader import (
@@ -35,7 +36,6 @@ from mmbridge.training.loader import (
     modality_lengths,
 )
 from mmbridge.training.resume import KILL_ENV, ResumableCheckpoint, rng_state, set_rng_state
-from mmbridge.types import Sample
 
 
 def _ids(batches) -> list[list[int]]:

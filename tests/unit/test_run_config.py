@@ -10,8 +10,8 @@ from omegaconf import OmegaConf, open_dict
 
 import mmbridge.runtime.config as run_config
 from mmbridge.config import compose
+from mmbridge.config.schema import Evaluation, Loader
 from mmbridge.runtime.config import RunConfig, section
-from mmbridge.schema import Evaluation, Loader
 
 
 def _cfg(*overrides: str):

@@ -9,6 +9,7 @@ from helpers import shared_registry
 from omegaconf import OmegaConf
 
 from mmbridge.config import compose
+from mmbridge.config.validation import config_errors
 from mmbridge.errors import CheckpointError, ConfigError
 from mmbridge.model import assemble
 from mmbridge.plugins.llms.hf_causal import HFCausalLM
@@ -17,7 +18,6 @@ from mmbridge.training.init_from import init_checkpoint, load_init_weights
 from mmbridge.training.module import BridgeModule
 from mmbridge.training.stages import configure_trainable
 from mmbridge.training.strategies import make_strategy
-from mmbridge.validation import config_errors
 
 BASE = ["experiment=tiny", "encoder.image_size=32"]
 CONNECTOR = "branches.image.connector."

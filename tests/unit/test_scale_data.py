@@ -13,12 +13,12 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from mmbridge.config import compose
+from mmbridge.config.schema import Root
 from mmbridge.data.llava import ReadReport, read_llava
 from mmbridge.data.sources import read_source
 from mmbridge.errors import ConfigError, DataError
-from mmbridge.plugin_manager import load_registry
 from mmbridge.plugins.datasets.hf_local import HFLocalDataset
-from mmbridge.schema import Root
+from mmbridge.registry.plugin_manager import load_registry
 from mmbridge.training import loggers as loggers_mod
 from mmbridge.training.loggers import make_loggers
 

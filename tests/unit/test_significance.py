@@ -17,8 +17,8 @@ from helpers import mmbridge_exe
 from scipy.stats import bootstrap
 
 from mmbridge.errors import ConfigError
-from mmbridge.reporting import write_report
-from mmbridge.significance import paired_bootstrap
+from mmbridge.reporting.significance import paired_bootstrap
+from mmbridge.reporting.tables import write_report
 
 Q = 40
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from mmbridge.contracts.tools import Tool
+from mmbridge.contracts.types import Sample
 from mmbridge.data.llava import read_llava, validate_conversations
 from mmbridge.errors import ConfigError, ToolError
 from mmbridge.plugins.tools.calculator import CalculatorTool
@@ -30,8 +32,6 @@ from mmbridge.tool_runtime import (
     system_prompt,
     validate_arguments,
 )
-from mmbridge.tools import Tool
-from mmbridge.types import Sample
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -426,8 +426,8 @@ def test_textimages_scanned_split(textimages: tuple[Any, Any]) -> None:
 
 def _recipe_context(cache_dir: Path) -> Any:
     """What a run hands a recipe's ``setup`` (the registry finds the tools)."""
-    from mmbridge.plugin_manager import load_registry
-    from mmbridge.recipe import RecipeContext
+    from mmbridge.contracts.recipe import RecipeContext
+    from mmbridge.registry.plugin_manager import load_registry
 
     return RecipeContext(registry=load_registry(), model=None, tables={}, cache_dir=cache_dir)
 
@@ -467,9 +467,9 @@ def test_tool_use_recipe_writes_parseable_tool_conversations(textimages: tuple[A
 
 def test_tool_use_recipe_runs_the_tools_once(ocr: OCRTool, textimages: tuple[Any, Any],
                                              tmp_path: Path) -> None:
-    from mmbridge.plugin_manager import load_registry
+    from mmbridge.contracts.recipe import RecipeContext
     from mmbridge.plugins.recipes.tool_use import ToolUseRecipe
-    from mmbridge.recipe import RecipeContext
+    from mmbridge.registry.plugin_manager import load_registry
 
     context = RecipeContext(registry=load_registry(), model=None, tables={}, cache_dir=tmp_path)
     samples = read_llava(textimages[1].splits["train"], textimages[1].media_root)
@@ -505,9 +505,9 @@ def test_tool_use_recipe_refuses_unlisted_tools(tmp_path: Path) -> None:
 def test_tool_configs_build_and_describe_themselves() -> None:
     from omegaconf import OmegaConf
 
-    from mmbridge.build import build
     from mmbridge.config import builtin_conf_dir
-    from mmbridge.plugin_manager import load_registry
+    from mmbridge.config.build import build
+    from mmbridge.registry.plugin_manager import load_registry
 
     registry = load_registry()
     names = []
@@ -528,7 +528,7 @@ def test_tool_configs_build_and_describe_themselves() -> None:
 
 
 def test_audio_io_resamples_to_16k(tmp_path: Path) -> None:
-    from mmbridge.media_io import load_audio, write_wav
+    from mmbridge.utils.media_io import load_audio, write_wav
 
     sr = 22050
     t = np.arange(sr) / sr
@@ -544,9 +544,9 @@ LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 
 @pytest.mark.integration
 def test_asr_transcribes_real_speech(tmp_path: Path) -> None:
-    from mmbridge.media_io import read_audio, resample, write_wav
-    from mmbridge.plugin_manager import load_registry
     from mmbridge.plugins.tools.asr import ASRTool
+    from mmbridge.registry.plugin_manager import load_registry
+    from mmbridge.utils.media_io import read_audio, resample, write_wav
 
     registry = load_registry()
     if ("asset", "whisper-tiny.en") not in registry:

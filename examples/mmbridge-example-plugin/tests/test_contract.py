@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mmbridge.build import build
 from mmbridge.config import compose
-from mmbridge.plugin_manager import load_registry
+from mmbridge.config.build import build
+from mmbridge.registry.plugin_manager import load_registry
 from mmbridge.testing.contracts import check_connector
 
 from mmbridge_example.token_merge import TokenMergeMLP, bipartite_merge

@@ -1,0 +1,1 @@
+"""The generated reference pages (``python -m mmbridge.docs``)."""
