@@ -24,11 +24,28 @@ from mmbridge.runtime.inspection import inspect
 __version__ = "0.1.0"
 
 __all__ = [
-    "Connector", "Converter", "DataRecipe", "DatasetFiles", "DatasetSource", "LanguageModel",
-    "MMBridgeError", "ModalityEncoder", "Perceiver", "Sample", "Scorer", "Tool", "ToolCall",
-    "ToolCaller", "ToolRun", "hookimpl", "__version__",
+    "Connector",
+    "Converter",
+    "DataRecipe",
+    "DatasetFiles",
+    "DatasetSource",
+    "LanguageModel",
+    "MMBridgeError",
+    "ModalityEncoder",
+    "Perceiver",
+    "Sample",
+    "Scorer",
+    "Tool",
+    "ToolCall",
+    "ToolCaller",
+    "ToolRun",
+    "hookimpl",
+    "__version__",
     # the Python API (mmbridge.api)
-    "Model", "TrainResult", "load", "train",
+    "Model",
+    "TrainResult",
+    "load",
+    "train",
     # what the model is fed (mmbridge.runtime.inspection)
     "inspect",
 ]

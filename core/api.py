@@ -43,13 +43,16 @@ Messages = Sequence[Mapping[str, Any]]
 def _per_row(value: Media, n: int, name: str) -> list[Any]:
     """One media item (or None) per row of a batch of ``n``: a ``list`` is per row, anything
     else (a path, an image, an array, an ``(array, sampling_rate)`` tuple) is for every row."""
-    per_row = isinstance(value, list) or (isinstance(value, tuple) and not (
-        len(value) == 2 and isinstance(value[1], int)))
+    per_row = isinstance(value, list) or (
+        isinstance(value, tuple) and not (len(value) == 2 and isinstance(value[1], int))
+    )
     if not per_row:
         return [value] * n
     rows = list(value)
     if len(rows) != n:
-        raise ConfigError(f"{name}=: {len(rows)} files for a batch of {n} prompts; give one per prompt")
+        raise ConfigError(
+            f"{name}=: {len(rows)} files for a batch of {n} prompts; give one per prompt"
+        )
     return rows
 
 
@@ -82,11 +85,14 @@ class Model:
     def check_modality(self, modality: str) -> None:
         """Raise :class:`~mmbridge.data.inputs.MediaError` when the model has no ``modality`` encoder."""
         if modality not in self.session.model.branches:
-            raise MediaError(f"{modality}=...: this model has no {modality} encoder; it takes: "
-                             f"{', '.join(self.modalities)}")
+            raise MediaError(
+                f"{modality}=...: this model has no {modality} encoder; it takes: "
+                f"{', '.join(self.modalities)}"
+            )
 
-    def _sample(self, conversation: list[dict[str, str]], media: Mapping[str, str | list[str]],
-                k: int) -> Sample:
+    def _sample(
+        self, conversation: list[dict[str, str]], media: Mapping[str, str | list[str]], k: int
+    ) -> Sample:
         for m in media:
             self.check_modality(m)
         full: dict[str, str | list[str]] = {}
@@ -99,16 +105,22 @@ class Model:
             full[m] = resolved[0] if len(resolved) == 1 else resolved
         return Sample(id=f"prompt-{k}", media=full, conversations=conversation)
 
-    def encode(self, conversations: Sequence[list[dict[str, str]]],
-               media: Sequence[Mapping[str, str | list[str]]]) -> dict[str, Any]:
+    def encode(
+        self,
+        conversations: Sequence[list[dict[str, str]]],
+        media: Sequence[Mapping[str, str | list[str]]],
+    ) -> dict[str, Any]:
         """A left-padded generation batch (on the model's device) of LLaVA-style conversations
         (``from``/``value`` turns, placeholders included) and their media paths (a list where a
         conversation holds several items of a modality, in placeholder order)."""
-        samples = [self._sample(list(c), m, k) for k, (c, m) in enumerate(zip(conversations, media))]
+        samples = [
+            self._sample(list(c), m, k) for k, (c, m) in enumerate(zip(conversations, media))
+        ]
         return self.batcher.batch(samples, generation=True)
 
-    def _prompt_batch(self, prompt: str | Sequence[str], media: Mapping[str, Media],
-                      files: MediaFiles) -> tuple[list, list, bool]:
+    def _prompt_batch(
+        self, prompt: str | Sequence[str], media: Mapping[str, Media], files: MediaFiles
+    ) -> tuple[list, list, bool]:
         single = isinstance(prompt, str)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         rows = {m: _per_row(media.get(m), len(prompts), m) for m in MEDIA}
@@ -123,8 +135,9 @@ class Model:
             medias.append({m: files.media(m, v) for m, v in have.items()})
         return convs, medias, single
 
-    def conversations(self, batch: Sequence[Messages], media: Mapping[str, Media],
-                      files: MediaFiles) -> tuple[list[list[dict[str, str]]], list[dict[str, Any]]]:
+    def conversations(
+        self, batch: Sequence[Messages], media: Mapping[str, Media], files: MediaFiles
+    ) -> tuple[list[list[dict[str, str]]], list[dict[str, Any]]]:
         """Chat messages (string content or content parts) and per-row media keywords -> the
         LLaVA-style turns and media files of :meth:`encode`."""
         rows = {m: _per_row(v, len(batch), m) for m, v in media.items()}
@@ -143,11 +156,15 @@ class Model:
                     parts.setdefault(m, []).extend(paths)
             have = {m: p for m in MEDIA if (p := rows.get(m, [None] * len(batch))[k]) is not None}
             if parts and have:
-                raise ConfigError(f"chat: conversation {k} gives media both as content parts and "
-                                  f"as {', '.join(have)}=; give them one way")
+                raise ConfigError(
+                    f"chat: conversation {k} gives media both as content parts and "
+                    f"as {', '.join(have)}=; give them one way"
+                )
             for m in [*parts, *have]:
                 self.check_modality(m)
-            first_user = next((i for i, t in enumerate(turns) if t["from"] in ("user", "human")), None)
+            first_user = next(
+                (i for i, t in enumerate(turns) if t["from"] in ("user", "human")), None
+            )
             for m in have:
                 if not any(placeholder(m) in t["value"] for t in turns) and first_user is not None:
                     turns[first_user]["value"] = placeholder(m) + "\n" + turns[first_user]["value"]
@@ -157,13 +174,22 @@ class Model:
             medias.append(files_k)
         return convs, medias
 
-    def _decode(self, batch: dict[str, Any], max_new_tokens: int, kwargs: dict[str, Any]) -> list[str]:
+    def _decode(
+        self, batch: dict[str, Any], max_new_tokens: int, kwargs: dict[str, Any]
+    ) -> list[str]:
         new = self.session.model.generate(batch, max_new_tokens=max_new_tokens, **kwargs)
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
     # -- answering -----------------------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[str], image: Media = None, audio: Media = None,
-                 video: Media = None, max_new_tokens: int = 48, **generation_kwargs: Any) -> str | list[str]:
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        image: Media = None,
+        audio: Media = None,
+        video: Media = None,
+        max_new_tokens: int = 48,
+        **generation_kwargs: Any,
+    ) -> str | list[str]:
         """Answer a prompt about its media, as ``mmbridge generate`` does (greedy by default).
 
         Args:
@@ -180,13 +206,21 @@ class Model:
         """
         with MediaFiles() as files:
             convs, medias, single = self._prompt_batch(
-                prompt, {"image": image, "audio": audio, "video": video}, files)
+                prompt, {"image": image, "audio": audio, "video": video}, files
+            )
             batch = self.encode(convs, medias)
         answers = self._decode(batch, max_new_tokens, generation_kwargs)
         return answers[0] if single else answers
 
-    def chat(self, messages: Messages | Sequence[Messages], image: Media = None, audio: Media = None,
-             video: Media = None, max_new_tokens: int = 48, **generation_kwargs: Any) -> str | list[str]:
+    def chat(
+        self,
+        messages: Messages | Sequence[Messages],
+        image: Media = None,
+        audio: Media = None,
+        video: Media = None,
+        max_new_tokens: int = 48,
+        **generation_kwargs: Any,
+    ) -> str | list[str]:
         """The assistant's next turn after ``messages`` (``{"role", "content"}`` dicts; roles
         ``system``, ``user``, ``assistant``, ``tool``), or one per conversation of a list.
 
@@ -202,19 +236,26 @@ class Model:
         batch = cast(list[Messages], [messages] if single else list(messages))
         with MediaFiles() as files:
             convs, medias = self.conversations(
-                batch, {"image": image, "audio": audio, "video": video}, files)
+                batch, {"image": image, "audio": audio, "video": video}, files
+            )
             encoded = self.encode(convs, medias)
         answers = self._decode(encoded, max_new_tokens, generation_kwargs)
         return answers[0] if single else answers
 
     @torch.no_grad()
-    def logits(self, prompt: str | Sequence[str], image: Media = None, audio: Media = None,
-               video: Media = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits(
+        self,
+        prompt: str | Sequence[str],
+        image: Media = None,
+        audio: Media = None,
+        video: Media = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits ``[B, T, V]`` over the encoded generation prompt (left padded) and
         its attention mask ``[B, T]``: what :meth:`generate`'s first step sees."""
         with MediaFiles() as files:
             convs, medias, _ = self._prompt_batch(
-                prompt, {"image": image, "audio": audio, "video": video}, files)
+                prompt, {"image": image, "audio": audio, "video": video}, files
+            )
             batch = self.encode(convs, medias)
         model = self.session.model
         try:
@@ -224,8 +265,12 @@ class Model:
         return model.llm.logits(hidden).float(), batch["attention_mask"]
 
 
-def load(path: str | Path, device: str | torch.device | None = None, overrides: Sequence[str] = (),
-         registry: Registry | None = None) -> Model:
+def load(
+    path: str | Path,
+    device: str | torch.device | None = None,
+    overrides: Sequence[str] = (),
+    registry: Registry | None = None,
+) -> Model:
     """Load a trained model: a run's ``checkpoints/final`` (or its weights file) or a
     ``format=bundle`` export.
 
@@ -255,8 +300,11 @@ class TrainResult:
         return self.run_dir / "checkpoints" / "final"
 
 
-def train(overrides: Sequence[str] = (), run_dir: str | Path | None = None,
-          registry: Registry | None = None) -> TrainResult:
+def train(
+    overrides: Sequence[str] = (),
+    run_dir: str | Path | None = None,
+    registry: Registry | None = None,
+) -> TrainResult:
     """Train as ``mmbridge train OVERRIDES`` would, in this process.
 
     Args:
@@ -279,7 +327,13 @@ def train(overrides: Sequence[str] = (), run_dir: str | Path | None = None,
     elif run_dir is not None:
         out = Path(run_dir)
     else:
-        out = Path(str(cfg.paths.output_root)) / str(cfg.run_name) / time.strftime("%Y-%m-%d_%H-%M-%S")
-    out = out.expanduser().resolve()  # run_task checks it can be written (ConfigError) and creates it
+        out = (
+            Path(str(cfg.paths.output_root))
+            / str(cfg.run_name)
+            / time.strftime("%Y-%m-%d_%H-%M-%S")
+        )
+    out = (
+        out.expanduser().resolve()
+    )  # run_task checks it can be written (ConfigError) and creates it
     metrics = run_task(cfg, out, overrides, registry=registry)
     return TrainResult(out, metrics)

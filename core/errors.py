@@ -76,7 +76,9 @@ def did_you_mean(name: str, options: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def unknown(kind: str, name: str, options: Iterable[str], group: str | None = None) -> UnknownComponentError:
+def unknown(
+    kind: str, name: str, options: Iterable[str], group: str | None = None
+) -> UnknownComponentError:
     """Build the standard "unknown X" error: names the value, the config group and the options."""
     opts = sorted(options)
     where = f" (conf group: {group})" if group else ""
@@ -88,8 +90,17 @@ def unknown(kind: str, name: str, options: Iterable[str], group: str | None = No
 
 #: What a reader's own code raises on malformed input (binascii.Error, ArrowInvalid and
 #: UnicodeDecodeError are ValueErrors); anything else is a bug and keeps its traceback.
-_MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError, OSError,
-              binascii.Error, RecursionError, OverflowError)
+_MALFORMED = (
+    KeyError,
+    IndexError,
+    TypeError,
+    ValueError,
+    AttributeError,
+    OSError,
+    binascii.Error,
+    RecursionError,
+    OverflowError,
+)
 
 
 def describe_malformed(exc: BaseException) -> str:
@@ -108,9 +119,13 @@ def describe_malformed(exc: BaseException) -> str:
 
 
 @contextmanager
-def reading(file: str | PathLike | Iterable[str | PathLike], record: object = None,
-            expected: str = "", also: tuple[type[Exception], ...] = (),
-            error: type[MMBridgeError] = DataError) -> Iterator[None]:
+def reading(
+    file: str | PathLike | Iterable[str | PathLike],
+    record: object = None,
+    expected: str = "",
+    also: tuple[type[Exception], ...] = (),
+    error: type[MMBridgeError] = DataError,
+) -> Iterator[None]:
     """The error boundary of a reader or loader: a malformed input inside it (missing key,
     wrong type, bad encoding, unreadable file) becomes one error (``error``) naming the file,
     the record and what was expected; mmbridge's own errors pass unchanged.
@@ -129,7 +144,10 @@ def reading(file: str | PathLike | Iterable[str | PathLike], record: object = No
     except MMBridgeError:
         raise
     except caught as exc:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # not the input's fault
+        if isinstance(exc, OSError) and exc.errno in (
+            errno.ENOSPC,
+            errno.EDQUOT,
+        ):  # not the input's fault
             raise StorageError(f"{exc.filename or file}: disk full ({exc.strerror})") from exc
         files = [file] if isinstance(file, str | PathLike) else list(file)
         where = ", ".join(str(f) for f in files)

@@ -69,18 +69,28 @@ class MMBridgeLMM(lmms):
 
     is_simple = True
 
-    def __init__(self, checkpoint: str, device: str | None = None, batch_size: int | str = 1,
-                 max_new_tokens: int = 32, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        checkpoint: str,
+        device: str | None = None,
+        batch_size: int | str = 1,
+        max_new_tokens: int = 32,
+        **kwargs: Any,
+    ) -> None:
         super().__init__()
         unknown = sorted(set(kwargs) - set(IGNORED_ARGS))
         if unknown:
-            raise ConfigError(f"lmms-eval --model_args {unknown[0]}=...: unknown to the mmbridge "
-                              f"backend; it takes checkpoint, device, batch_size, max_new_tokens")
+            raise ConfigError(
+                f"lmms-eval --model_args {unknown[0]}=...: unknown to the mmbridge "
+                f"backend; it takes checkpoint, device, batch_size, max_new_tokens"
+            )
         try:
             self.batch_size = int(batch_size)
         except ValueError:
-            raise ConfigError(f"lmms-eval batch_size={batch_size}: the mmbridge backend takes a "
-                              f"number of requests per batch (no 'auto')") from None
+            raise ConfigError(
+                f"lmms-eval batch_size={batch_size}: the mmbridge backend takes a "
+                f"number of requests per batch (no 'auto')"
+            ) from None
         if self.batch_size < 1:
             raise ConfigError(f"lmms-eval batch_size={batch_size}: must be at least 1")
         self.max_new_tokens = int(max_new_tokens)
@@ -88,8 +98,9 @@ class MMBridgeLMM(lmms):
         from mmbridge.registry.plugin_manager import load_registry
         from mmbridge.runtime.session import session_from_checkpoint
 
-        session, _ = session_from_checkpoint(str(checkpoint), with_data=False,
-                                             registry=load_registry(), device=device)
+        session, _ = session_from_checkpoint(
+            str(checkpoint), with_data=False, registry=load_registry(), device=device
+        )
         self.session = session
         self.model = session.model
         self.chat = session.chat
@@ -102,9 +113,13 @@ class MMBridgeLMM(lmms):
         """Token ids the chat template puts after an assistant message's text (e.g.
         ``<|end|>\\n``); they are supervised in training but are no part of a continuation."""
         mark = "\u2063mmbridge\u2063"
-        text = self.chat.render([{"role": "user", "content": "?"}, {"role": "assistant", "content": mark}])
-        tail = text[text.rindex(mark) + len(mark):]
-        return list(self.chat.tokenizer(tail, add_special_tokens=False)["input_ids"]) if tail else []
+        text = self.chat.render(
+            [{"role": "user", "content": "?"}, {"role": "assistant", "content": mark}]
+        )
+        tail = text[text.rindex(mark) + len(mark) :]
+        return (
+            list(self.chat.tokenizer(tail, add_special_tokens=False)["input_ids"]) if tail else []
+        )
 
     def _media(self, visuals: Any, where: str, folder: Path) -> dict[str, str]:
         """Modality -> media file of one document's visuals (written to ``folder`` when they are
@@ -125,24 +140,37 @@ class MMBridgeLMM(lmms):
             elif isinstance(v, str | Path):
                 kind = (mimetypes.guess_type(str(v))[0] or "").split("/")[0]
                 if kind not in ("image", "audio", "video"):
-                    raise DataError(f"{where}: visual {k} is {v!r}, not an image, audio or video "
-                                    f"file by its extension")
+                    raise DataError(
+                        f"{where}: visual {k} is {v!r}, not an image, audio or video "
+                        f"file by its extension"
+                    )
                 modality, path = kind, Path(v)
             else:
-                raise DataError(f"{where}: visual {k} is a {type(v).__name__}; the mmbridge "
-                                f"backend reads PIL images, audio dicts (array, sampling_rate) "
-                                f"and media file paths")
+                raise DataError(
+                    f"{where}: visual {k} is a {type(v).__name__}; the mmbridge "
+                    f"backend reads PIL images, audio dicts (array, sampling_rate) "
+                    f"and media file paths"
+                )
             if modality in media:
-                raise DataError(f"{where}: more than one {modality}; an mmbridge sample holds "
-                                f"one item per modality")
+                raise DataError(
+                    f"{where}: more than one {modality}; an mmbridge sample holds "
+                    f"one item per modality"
+                )
             if modality not in self.model.branches:
-                raise DataError(f"{where}: has {modality} input, but this checkpoint's model "
-                                f"takes: {', '.join(self.model.branches)}")
+                raise DataError(
+                    f"{where}: has {modality} input, but this checkpoint's model "
+                    f"takes: {', '.join(self.model.branches)}"
+                )
             media[modality] = str(path)
         return media
 
-    def _sample(self, args: tuple, folder: Path, cache: dict[tuple, dict[str, str]],
-                answer: str | None = None) -> Sample:
+    def _sample(
+        self,
+        args: tuple,
+        folder: Path,
+        cache: dict[tuple, dict[str, str]],
+        answer: str | None = None,
+    ) -> Sample:
         """The mmbridge sample of one request: media placeholders + context as the user turn,
         ``answer`` (a continuation to score) as the assistant turn."""
         context = args[0]
@@ -154,14 +182,21 @@ class MMBridgeLMM(lmms):
                 sub = folder / str(len(cache))
                 sub.mkdir()
                 doc = self.task_dict[task][split][doc_id]
-                cache[key] = self._media(doc_to_visual(doc), f"task {task} ({split}) doc {doc_id}", sub)
+                cache[key] = self._media(
+                    doc_to_visual(doc), f"task {task} ({split}) doc {doc_id}", sub
+                )
             media = cache[key]
-        text = "".join(placeholder(m) + "\n" for m in media if placeholder(m) not in context) + context
+        text = (
+            "".join(placeholder(m) + "\n" for m in media if placeholder(m) not in context) + context
+        )
         turns = [{"from": "human", "value": text}]
         if answer is not None:
             turns.append({"from": "gpt", "value": answer})
-        return Sample(id=f"{args[4]}/{args[3]}" if len(args) >= 6 else "unconditional",
-                      media=media, conversations=turns)
+        return Sample(
+            id=f"{args[4]}/{args[3]}" if len(args) >= 6 else "unconditional",
+            media=media,
+            conversations=turns,
+        )
 
     # -- lmms-eval API --------------------------------------------------------------------------
     @torch.no_grad()
@@ -178,9 +213,13 @@ class MMBridgeLMM(lmms):
             cache: dict[tuple, dict[str, str]] = {}
             for chunk in order.get_batched(n=self.batch_size):
                 options, until = self._generation_options(chunk[0][1])
-                batch = self.batcher.batch([self._sample(a, Path(tmp), cache) for a in chunk], generation=True)
+                batch = self.batcher.batch(
+                    [self._sample(a, Path(tmp), cache) for a in chunk], generation=True
+                )
                 new = self.model.generate(batch, **options)
-                out += [cut_at(tok.decode(row, skip_special_tokens=True), until).strip() for row in new]
+                out += [
+                    cut_at(tok.decode(row, skip_special_tokens=True), until).strip() for row in new
+                ]
         return order.get_original(out)
 
     def _generation_options(self, gen_kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -226,10 +265,14 @@ class MMBridgeLMM(lmms):
             for chunk in order.get_batched(n=self.batch_size):
                 items = []
                 for a in chunk:
-                    item = self.batcher.encode(self._sample(a, Path(tmp), cache, answer=a[1].lstrip()))
+                    item = self.batcher.encode(
+                        self._sample(a, Path(tmp), cache, answer=a[1].lstrip())
+                    )
                     item["labels"] = self._continuation_labels(item["labels"], a)
                     items.append(item)
-                scored = score_continuations(self.model, self.batcher.to_device(self.batcher.collate(items)))
+                scored = score_continuations(
+                    self.model, self.batcher.to_device(self.batcher.collate(items))
+                )
                 out += [as_response((-lp, greedy)) for lp, greedy in scored]
         return order.get_original(out)
 
@@ -246,9 +289,11 @@ class MMBridgeLMM(lmms):
         at = [i for i, t in enumerate(labels) if t != IGNORE]
         n = len(self._end_of_turn)
         if n and [labels[i] for i in at[-n:]] != self._end_of_turn:
-            raise DataError(f"continuation {args[1]!r}: the chat template's end-of-turn tokens "
-                            f"{self._end_of_turn} do not end the encoded answer; cannot tell the "
-                            f"continuation's tokens apart")
+            raise DataError(
+                f"continuation {args[1]!r}: the chat template's end-of-turn tokens "
+                f"{self._end_of_turn} do not end the encoded answer; cannot tell the "
+                f"continuation's tokens apart"
+            )
         keep = set(at[: len(at) - n])
         if not keep:
             raise DataError(f"continuation {args[1]!r}: no tokens to score")
@@ -281,8 +326,12 @@ def score_continuations(model: Any, batch: dict[str, Any]) -> list[tuple[float, 
     greedy = logits.argmax(-1) == picked  # [K]
     rows = keep.nonzero()[:, 0]  # [K]
     b = keep.shape[0]
-    total = torch.zeros(b, dtype=token_lp.dtype, device=token_lp.device).index_add_(0, rows, token_lp)
-    misses = torch.zeros(b, dtype=torch.long, device=rows.device).index_add_(0, rows, (~greedy).long())
+    total = torch.zeros(b, dtype=token_lp.dtype, device=token_lp.device).index_add_(
+        0, rows, token_lp
+    )
+    misses = torch.zeros(b, dtype=torch.long, device=rows.device).index_add_(
+        0, rows, (~greedy).long()
+    )
     return [(float(lp), bool(m == 0)) for lp, m in zip(total.tolist(), misses.tolist())]
 
 
@@ -322,4 +371,3 @@ def write_audio(path: Path, audio: np.ndarray, sr: int) -> None:
         f.setsampwidth(2)
         f.setframerate(sr)
         f.writeframes(pcm.tobytes())
-

@@ -41,14 +41,24 @@ SAMPLING = ("temperature", "top_p", "seed", "stop", "max_tokens", "max_completio
 class RequestError(MMBridgeError):
     """A request the server refuses, with its HTTP status and OpenAI error fields."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None,
-                 code: str | None = None, kind: str = "invalid_request_error") -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ) -> None:
         super().__init__(message)
         self.status, self.param, self.code, self.kind = status, param, code, kind
 
 
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
     """OpenAI's error object."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
@@ -85,7 +95,7 @@ class _Streamer:
 def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
     """``text`` up to the first stop string, and whether one was found."""
     hits = [i for s in stops if (i := text.find(s)) >= 0]
-    return (text[:min(hits)], True) if hits else (text, False)
+    return (text[: min(hits)], True) if hits else (text, False)
 
 
 def _held(text: str, stops: list[str]) -> int:
@@ -106,8 +116,14 @@ class Server:
             single requests up to floating-point differences of the padded shapes.
     """
 
-    def __init__(self, model: Model, model_id: str, allow_local_files: bool = False,
-                 max_tokens: int = 48, batch_size: int = 1) -> None:
+    def __init__(
+        self,
+        model: Model,
+        model_id: str,
+        allow_local_files: bool = False,
+        max_tokens: int = 48,
+        batch_size: int = 1,
+    ) -> None:
         self.model, self.model_id = model, model_id
         self.allow_local_files, self.max_tokens = allow_local_files, max_tokens
         self.lock = threading.Lock()
@@ -139,7 +155,9 @@ class Server:
         stop = body.get("stop") or []
         stops = [stop] if isinstance(stop, str) else stop
         if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-            raise RequestError("stop: must be a string or a list of non-empty strings", param="stop")
+            raise RequestError(
+                "stop: must be a string or a list of non-empty strings", param="stop"
+            )
         kwargs: dict[str, Any] = {}
         if temperature:  # None or 0: greedy, as `mmbridge generate`
             kwargs = {"do_sample": True, "temperature": float(temperature)}
@@ -150,16 +168,25 @@ class Server:
     def conversation(self, body: Mapping[str, Any], files: MediaFiles) -> tuple[list, dict]:
         """The request's messages -> one LLaVA-style conversation and its media files."""
         if body.get("model") != self.model_id:
-            raise RequestError(f"model '{body.get('model')}' is not served here; this server "
-                               f"serves '{self.model_id}' (GET /v1/models)", param="model",
-                               code="model_not_found")
+            raise RequestError(
+                f"model '{body.get('model')}' is not served here; this server "
+                f"serves '{self.model_id}' (GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, Mapping) for m in messages):
-            raise RequestError("messages: a non-empty list of {role, content} objects",
-                               param="messages")
-        turns = [{"role": m.get("role"), "content": "" if m.get("content") is None
-                  else m.get("content")} for m in messages]
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(isinstance(m, Mapping) for m in messages)
+        ):
+            raise RequestError(
+                "messages: a non-empty list of {role, content} objects", param="messages"
+            )
+        turns = [
+            {"role": m.get("role"), "content": "" if m.get("content") is None else m.get("content")}
+            for m in messages
+        ]
         convs, media = self.model.conversations([turns], {}, files)
         return convs[0], media[0]
 
@@ -182,12 +209,15 @@ class Server:
                 with self.lock:
                     batch = self.model.encode([j.conv for j in jobs], [j.media for j in jobs])
                     new = self.model.session.model.generate(
-                        batch, max_new_tokens=max(j.limit for j in jobs))
+                        batch, max_new_tokens=max(j.limit for j in jobs)
+                    )
                 self.stats["batches"] += 1
                 self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
                 for k, job in enumerate(jobs):
-                    job.result = (self._trim(new[k].tolist()[:job.limit]),
-                                  int(batch["attention_mask"][k].sum()))
+                    job.result = (
+                        self._trim(new[k].tolist()[: job.limit]),
+                        int(batch["attention_mask"][k].sum()),
+                    )
             except Exception as exc:  # each request then fails with the error, never the worker
                 for job in jobs:
                     job.error = exc
@@ -200,7 +230,9 @@ class Server:
         if opts["seed"] is not None:
             torch.manual_seed(opts["seed"])
         kwargs = dict(opts["kwargs"], **({"streamer": streamer} if streamer else {}))
-        new = self.model.session.model.generate(batch, max_new_tokens=opts["max_new_tokens"], **kwargs)
+        new = self.model.session.model.generate(
+            batch, max_new_tokens=opts["max_new_tokens"], **kwargs
+        )
         return self._trim(new[0].tolist())
 
     def _trim(self, ids: list[int]) -> list[int]:
@@ -209,19 +241,25 @@ class Server:
         ends = set(eos if isinstance(eos, list) else [eos])
         for k, t in enumerate(ids):
             if t in ends:
-                return ids[:k + 1]
+                return ids[: k + 1]
         return ids
 
     def _text(self, ids: list[int]) -> str:
         return str(self.model.tokenizer.decode(ids, skip_special_tokens=True))
 
     def _usage(self, prompt: int, ids: list[int]) -> dict[str, int]:
-        return {"prompt_tokens": prompt, "completion_tokens": len(ids),
-                "total_tokens": prompt + len(ids)}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": len(ids),
+            "total_tokens": prompt + len(ids),
+        }
 
     def _finish(self, ids: list[int], limit: int, stopped: bool) -> str:
-        return "stop" if stopped or len(ids) < limit or (
-            ids and ids[-1] == self.model.tokenizer.eos_token_id) else "length"
+        return (
+            "stop"
+            if stopped or len(ids) < limit or (ids and ids[-1] == self.model.tokenizer.eos_token_id)
+            else "length"
+        )
 
     def complete(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """A ``chat.completion`` object."""
@@ -241,12 +279,21 @@ class Server:
                     ids = self._run(batch, opts)
                 prompt = int(batch["attention_mask"][0].sum())
         text, stopped = _cut(self._text(ids).strip(), opts["stop"])
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
-                "created": int(time.time()), "model": self.model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": self._finish(ids, opts["max_new_tokens"], stopped),
-                             "logprobs": None}],
-                "usage": self._usage(prompt, ids)}
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model_id,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": self._finish(ids, opts["max_new_tokens"], stopped),
+                    "logprobs": None,
+                }
+            ],
+            "usage": self._usage(prompt, ids),
+        }
 
     def stream(self, body: Mapping[str, Any]) -> Iterator[str]:
         """Server-sent events: ``chat.completion.chunk`` objects, then ``data: [DONE]``. The
@@ -264,10 +311,16 @@ class Server:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-            obj = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                   "model": self.model_id, "choices": [{"index": 0, "delta": delta,
-                                                       "finish_reason": finish, "logprobs": None}],
-                   **extra}
+            obj = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model_id,
+                "choices": [
+                    {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                ],
+                **extra,
+            }
             return f"data: {json.dumps(obj)}\n\n"
 
         def events() -> Iterator[str]:
@@ -294,22 +347,28 @@ class Server:
                     continue
                 text, stopped = _cut(self._text(self._trim(ids)).lstrip(), opts["stop"])
                 visible = text if stopped else text.rstrip()
-                visible = visible[:len(visible) - _held(visible, opts["stop"])]
+                visible = visible[: len(visible) - _held(visible, opts["stop"])]
                 if visible.endswith("\ufffd") and not stopped:  # half a UTF-8 character
                     continue
                 if visible.startswith(sent) and len(visible) > len(sent):
-                    yield chunk({"content": visible[len(sent):]})
+                    yield chunk({"content": visible[len(sent) :]})
                     sent = visible
             if failed:
                 yield f"data: {json.dumps(error_body('generation failed: ' + failed[0], 'server_error'))}\n\n"
                 return
             final, stopped = _cut(self._text(result).strip(), opts["stop"])
             if final.startswith(sent) and len(final) > len(sent):
-                yield chunk({"content": final[len(sent):]})
+                yield chunk({"content": final[len(sent) :]})
             yield chunk({}, self._finish(result, opts["max_new_tokens"], stopped))
             if include_usage:
-                obj = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                       "model": self.model_id, "choices": [], "usage": self._usage(int(batch["attention_mask"][0].sum()), result)}
+                obj = {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": self.model_id,
+                    "choices": [],
+                    "usage": self._usage(int(batch["attention_mask"][0].sum()), result),
+                }
                 yield f"data: {json.dumps(obj)}\n\n"
             yield "data: [DONE]\n\n"
 
@@ -322,8 +381,12 @@ def build_app(server: Server, api_key: str | None = None) -> FastAPI:
 
     def check_key(request: Request) -> None:
         if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
-            raise RequestError("invalid or missing API key (Authorization: Bearer ...)", 401,
-                               code="invalid_api_key", kind="authentication_error")
+            raise RequestError(
+                "invalid or missing API key (Authorization: Bearer ...)",
+                401,
+                code="invalid_api_key",
+                kind="authentication_error",
+            )
 
     @app.exception_handler(RequestError)
     async def refused(_: Request, exc: RequestError) -> JSONResponse:
@@ -332,8 +395,9 @@ def build_app(server: Server, api_key: str | None = None) -> FastAPI:
     @app.exception_handler(MMBridgeError)
     async def bad_input(_: Request, exc: MMBridgeError) -> JSONResponse:
         status = 413 if isinstance(exc, MediaTooLarge) else 400
-        return JSONResponse(error_body(str(exc), code="media_too_large" if status == 413 else None),
-                            status)
+        return JSONResponse(
+            error_body(str(exc), code="media_too_large" if status == 413 else None), status
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -342,19 +406,33 @@ def build_app(server: Server, api_key: str | None = None) -> FastAPI:
     @app.exception_handler(Exception)
     async def internal(_: Request, exc: Exception) -> JSONResponse:
         log.exception("request failed")
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}",
-                                       "server_error"), 500)
+        return JSONResponse(
+            error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), 500
+        )
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "model": server.model_id, "batch_size": server.batch_size,
-                **server.stats}
+        return {
+            "status": "ok",
+            "model": server.model_id,
+            "batch_size": server.batch_size,
+            **server.stats,
+        }
 
     @app.get("/v1/models")
     def models(request: Request) -> dict[str, Any]:
         check_key(request)
-        return {"object": "list", "data": [{"id": server.model_id, "object": "model",
-                                            "created": server.created, "owned_by": "mmbridge"}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": server.model_id,
+                    "object": "model",
+                    "created": server.created,
+                    "owned_by": "mmbridge",
+                }
+            ],
+        }
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> JSONResponse | StreamingResponse:

@@ -90,9 +90,14 @@ def spec_of(tool: Tool | type[Tool], name: str | None = None) -> dict[str, Any]:
     ``name``: the name the tool is registered as (a class knows it only if it sets ``name``
     itself; an instance made by the registry carries it). Default: ``tool.name``.
     """
-    return {"type": "function", "function": {
-        "name": name if name is not None else tool.name, "description": tool.description,
-        "parameters": tool.parameters}}
+    return {
+        "type": "function",
+        "function": {
+            "name": name if name is not None else tool.name,
+            "description": tool.description,
+            "parameters": tool.parameters,
+        },
+    }
 
 
 def system_prompt(specs: Sequence[Mapping[str, Any]]) -> str:
@@ -102,11 +107,13 @@ def system_prompt(specs: Sequence[Mapping[str, Any]]) -> str:
     so what the model learned and what it is asked match.
     """
     lines = [json.dumps(dict(s.get("function", s)), ensure_ascii=False) for s in specs]
-    return ("You can call tools. To call one, reply with only "
-            f'{CALL_OPEN}{{"name": <tool name>, "arguments": {{...}}}}{CALL_CLOSE}; the result '
-            "comes back in a <tool_result> block. Name the user's media by its kind: "
-            '"image" or "audio". When no tool is needed, answer directly.\n'
-            "Tools:\n" + "\n".join(lines))
+    return (
+        "You can call tools. To call one, reply with only "
+        f'{CALL_OPEN}{{"name": <tool name>, "arguments": {{...}}}}{CALL_CLOSE}; the result '
+        "comes back in a <tool_result> block. Name the user's media by its kind: "
+        '"image" or "audio". When no tool is needed, answer directly.\n'
+        "Tools:\n" + "\n".join(lines)
+    )
 
 
 # -- parsing ------------------------------------------------------------------------------------
@@ -135,8 +142,11 @@ def _decode(payload: str) -> ParsedCall:
     try:
         obj = _json(payload)
     except ValueError as exc:
-        return ParsedCall("?", error=f"the tool call is not valid JSON ({exc}); "
-                                     f'write {CALL_OPEN}{{"name": ..., "arguments": {{...}}}}{CALL_CLOSE}')
+        return ParsedCall(
+            "?",
+            error=f"the tool call is not valid JSON ({exc}); "
+            f'write {CALL_OPEN}{{"name": ..., "arguments": {{...}}}}{CALL_CLOSE}',
+        )
     return _call_of(obj)
 
 
@@ -145,8 +155,11 @@ def _call_of(obj: Any) -> ParsedCall:
         return ParsedCall("?", error='the tool call needs a JSON object with a string "name"')
     name = obj["name"]
     if len(name) > MAX_NAME_CHARS:
-        return ParsedCall(shorten(name, 40), error=f"the tool name is {len(name)} characters long; "
-                                                   f"tool names are at most {MAX_NAME_CHARS}")
+        return ParsedCall(
+            shorten(name, 40),
+            error=f"the tool name is {len(name)} characters long; "
+            f"tool names are at most {MAX_NAME_CHARS}",
+        )
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):  # OpenAI-style: the arguments as a JSON string
         try:
@@ -156,7 +169,9 @@ def _call_of(obj: Any) -> ParsedCall:
     if not isinstance(args, dict):
         return ParsedCall(name, error=f'"arguments" must be an object, got {type(args).__name__}')
     if _deeper_than(args, MAX_ARGUMENT_DEPTH):
-        return ParsedCall(name, error=f'"arguments" are nested deeper than {MAX_ARGUMENT_DEPTH} levels')
+        return ParsedCall(
+            name, error=f'"arguments" are nested deeper than {MAX_ARGUMENT_DEPTH} levels'
+        )
     return ParsedCall(name, args)
 
 
@@ -185,8 +200,13 @@ def parse_calls(text: str) -> tuple[str, list[ParsedCall]]:
         return _parse_calls(text)
     except Exception as exc:  # the contract: failures become results the model reads
         head = text.split(CALL_OPEN, 1)[0].split(_MISTRAL, 1)[0] if isinstance(text, str) else ""
-        return head.strip(), [ParsedCall("?", error=f"the tool call could not be read "
-                                                    f"({type(exc).__name__}: {shorten(str(exc), 200)})")]
+        return head.strip(), [
+            ParsedCall(
+                "?",
+                error=f"the tool call could not be read "
+                f"({type(exc).__name__}: {shorten(str(exc), 200)})",
+            )
+        ]
 
 
 def _parse_calls(text: str) -> tuple[str, list[ParsedCall]]:
@@ -198,8 +218,9 @@ def _parse_calls(text: str) -> tuple[str, list[ParsedCall]]:
         try:
             items = _json(rest)
         except ValueError as exc:
-            return head.strip(), [ParsedCall("?", error=f"[TOOL_CALLS] is not followed by a JSON "
-                                                        f"list ({exc})")]
+            return head.strip(), [
+                ParsedCall("?", error=f"[TOOL_CALLS] is not followed by a JSON list ({exc})")
+            ]
         items = items if isinstance(items, list) else [items]
         return head.strip(), [_call_of(i) for i in items]
     stripped = text.strip()
@@ -211,10 +232,23 @@ def _parse_calls(text: str) -> tuple[str, list[ParsedCall]]:
 
 
 # -- validation ---------------------------------------------------------------------------------
-_TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "integer": (int,), "number": (int, float),
-                                       "boolean": (bool,), "object": (dict,), "array": (list,)}
-_JSON_NAMES = {str: "string", bool: "boolean", int: "integer", float: "number", dict: "object",
-               list: "array", type(None): "null"}
+_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "object": (dict,),
+    "array": (list,),
+}
+_JSON_NAMES = {
+    str: "string",
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+    dict: "object",
+    list: "array",
+    type(None): "null",
+}
 
 
 def _type_ok(value: Any, kind: str) -> bool:
@@ -233,7 +267,9 @@ def _check(value: Any, schema: Mapping[str, Any], where: str, errors: list[str])
         errors.append(f"{where} must be {' or '.join(kinds)}, got {got} {json.dumps(value)[:40]}")
         return
     if "enum" in schema and value not in schema["enum"]:
-        errors.append(f"{where} must be one of {json.dumps(schema['enum'])}, got {json.dumps(value)[:40]}")
+        errors.append(
+            f"{where} must be one of {json.dumps(schema['enum'])}, got {json.dumps(value)[:40]}"
+        )
     if isinstance(value, int | float) and not isinstance(value, bool):
         if "minimum" in schema and value < schema["minimum"]:
             errors.append(f"{where} must be >= {schema['minimum']}, got {value}")
@@ -251,8 +287,10 @@ def _check(value: Any, schema: Mapping[str, Any], where: str, errors: list[str])
                 errors.append(f"missing required argument '{name}'")
         extra = [k for k in value if k not in props]
         if extra and schema.get("additionalProperties", False) is False:
-            errors.append(f"unexpected argument(s) {', '.join(repr(k) for k in extra)}; "
-                          f"valid: {', '.join(props) or '(none)'}")
+            errors.append(
+                f"unexpected argument(s) {', '.join(repr(k) for k in extra)}; "
+                f"valid: {', '.join(props) or '(none)'}"
+            )
         for name, sub in props.items():
             if name in value:
                 _check(value[name], sub, f"argument '{name}'", errors)
@@ -294,11 +332,14 @@ def map_media(tool: Tool, arguments: dict[str, Any], media: Mapping[str, str]) -
         value, path = out[arg], media.get(modality)
         if path is None:
             have = ", ".join(media) or "none"
-            raise ToolError(f"argument '{arg}': this conversation has no {modality} "
-                            f"(media: {have})")
+            raise ToolError(
+                f"argument '{arg}': this conversation has no {modality} (media: {have})"
+            )
         if value not in (placeholder(modality), modality, path):
-            raise ToolError(f"argument '{arg}' must be \"{media_ref(modality)}\" (the user's "
-                            f"{modality}), got {json.dumps(value)[:60]}")
+            raise ToolError(
+                f"argument '{arg}' must be \"{media_ref(modality)}\" (the user's "
+                f"{modality}), got {json.dumps(value)[:60]}"
+            )
         out[arg] = path
     return out
 
@@ -333,8 +374,14 @@ def call_with_timeout(tool: Tool, arguments: Mapping[str, Any], timeout_s: float
     return box["result"]
 
 
-def execute(tools: Mapping[str, Tool], name: str, arguments: Any, media: Mapping[str, str],
-            timeout_s: float | None = None, max_chars: int = MAX_RESULT_CHARS) -> ToolCall:
+def execute(
+    tools: Mapping[str, Tool],
+    name: str,
+    arguments: Any,
+    media: Mapping[str, str],
+    timeout_s: float | None = None,
+    max_chars: int = MAX_RESULT_CHARS,
+) -> ToolCall:
     """Look up, validate and run one call; every failure becomes an ``ok=False`` result.
 
     Args:
@@ -353,30 +400,46 @@ def execute(tools: Mapping[str, Tool], name: str, arguments: Any, media: Mapping
     args = dict(arguments) if isinstance(arguments, dict) else {}
 
     def fail(message: str) -> ToolCall:
-        return ToolCall(name=name, arguments=args, result=shorten(f"error: {message}", max_chars),
-                        ok=False)
+        return ToolCall(
+            name=name, arguments=args, result=shorten(f"error: {message}", max_chars), ok=False
+        )
 
     try:
         return _execute(tools, name, arguments, args, media, timeout_s, max_chars, fail)
     except (Exception, SystemExit) as exc:  # a bug in validation or in a tool's result
-        return fail(f"tool '{shorten(str(name), 60)}' failed: {type(exc).__name__}: "
-                    f"{shorten(str(exc), 300)}")
+        return fail(
+            f"tool '{shorten(str(name), 60)}' failed: {type(exc).__name__}: "
+            f"{shorten(str(exc), 300)}"
+        )
 
 
-def _execute(tools: Mapping[str, Tool], name: str, arguments: Any, args: dict[str, Any],
-             media: Mapping[str, str], timeout_s: float | None, max_chars: int,
-             fail: Callable[[str], ToolCall]) -> ToolCall:
+def _execute(
+    tools: Mapping[str, Tool],
+    name: str,
+    arguments: Any,
+    args: dict[str, Any],
+    media: Mapping[str, str],
+    timeout_s: float | None,
+    max_chars: int,
+    fail: Callable[[str], ToolCall],
+) -> ToolCall:
     if not isinstance(name, str) or len(name) > MAX_NAME_CHARS:
-        return fail(f"the tool name must be text of at most {MAX_NAME_CHARS} characters; "
-                    f"available tools: {', '.join(sorted(tools)) or '(none)'}")
+        return fail(
+            f"the tool name must be text of at most {MAX_NAME_CHARS} characters; "
+            f"available tools: {', '.join(sorted(tools)) or '(none)'}"
+        )
     tool = tools.get(name)
     if tool is None:
-        return fail(f"unknown tool '{name}'{did_you_mean(name, tools)}; available tools: "
-                    f"{', '.join(sorted(tools)) or '(none)'}")
+        return fail(
+            f"unknown tool '{name}'{did_you_mean(name, tools)}; available tools: "
+            f"{', '.join(sorted(tools)) or '(none)'}"
+        )
     problems = validate_arguments(tool.parameters, arguments)
     if problems:
-        return fail(f"invalid arguments for tool '{name}': {'; '.join(problems)}; expected "
-                    f"{_argument_hint(tool.parameters)}")
+        return fail(
+            f"invalid arguments for tool '{name}': {'; '.join(problems)}; expected "
+            f"{_argument_hint(tool.parameters)}"
+        )
     limit = tool.timeout_s if timeout_s is None else timeout_s
     try:
         result = call_with_timeout(tool, map_media(tool, args, media), limit)
@@ -389,4 +452,6 @@ def _execute(tools: Mapping[str, Tool], name: str, arguments: Any, args: dict[st
     if not isinstance(result, str):
         return fail(f"tool '{name}' returned {type(result).__name__}, not text (a bug in the tool)")
     # Cut before neutralising: the placeholder substitution is linear, but on the kept part only.
-    return ToolCall(name=name, arguments=args, result=neutralise(shorten(result, max_chars)), ok=True)
+    return ToolCall(
+        name=name, arguments=args, result=neutralise(shorten(result, max_chars)), ok=True
+    )

@@ -38,9 +38,15 @@ def main(argv: list[str]) -> int:
     samples = recipe.annotate(session.data_of("align")[cfg.stages.align.split])
     t_levels = time.perf_counter() - t0
     result = agreement(samples)
-    result.update({"levels": getattr(recipe, "levels", None), "binning": getattr(recipe, "binning", None),
-                   "scorer": cfg.stages.align.recipe.scorer.name, "seconds_scoring": round(t_levels, 2),
-                   "seconds_session": round(t_session, 2)})
+    result.update(
+        {
+            "levels": getattr(recipe, "levels", None),
+            "binning": getattr(recipe, "binning", None),
+            "scorer": cfg.stages.align.recipe.scorer.name,
+            "seconds_scoring": round(t_levels, 2),
+            "seconds_session": round(t_session, 2),
+        }
+    )
     print(f"overrides: {' '.join(overrides)}")
     print("| metric | value |\n|---|---:|")
     for k, v in result.items():

@@ -101,10 +101,22 @@ def phase(args: argparse.Namespace) -> None:
     enc = StubEncoder(args.dim)
     base = rss_mb()
     t0 = time.perf_counter()
-    table, stats = load_or_compute(enc, paths, root / "cache", batch_size=args.batch_size,
-                                   num_workers=args.workers, shard_rows=args.shard_rows)
-    out = {"phase": args.phase, "rows": len(paths), "base_mb": base, "bytes": stats["bytes"],
-           "hit": stats["hit"], "max_tokens": int(table.lengths.max())}
+    table, stats = load_or_compute(
+        enc,
+        paths,
+        root / "cache",
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        shard_rows=args.shard_rows,
+    )
+    out = {
+        "phase": args.phase,
+        "rows": len(paths),
+        "base_mb": base,
+        "bytes": stats["bytes"],
+        "hit": stats["hit"],
+        "max_tokens": int(table.lengths.max()),
+    }
     if args.phase == "read":
         total = 0.0
         for p in paths:
@@ -116,9 +128,22 @@ def phase(args: argparse.Namespace) -> None:
 
 
 def run_phase(name: str, workdir: Path, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--phase", name, "--dir", str(workdir), "--dim", str(args.dim),
-           "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-           "--shard-rows", str(args.shard_rows)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--phase",
+        name,
+        "--dir",
+        str(workdir),
+        "--dim",
+        str(args.dim),
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        str(args.workers),
+        "--shard-rows",
+        str(args.shard_rows),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode:
         sys.exit(f"{name} phase failed:\n{res.stderr[-3000:]}")
@@ -126,13 +151,17 @@ def run_phase(name: str, workdir: Path, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--rows", type=int, nargs="+", default=[1000, 20000])
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--shard-rows", type=int, default=2048)
-    ap.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed after)")
+    ap.add_argument(
+        "--dir", default=None, help="work folder (default: a temporary one, removed after)"
+    )
     ap.add_argument("--phase", choices=["fill", "read"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.phase:
@@ -149,23 +178,33 @@ def main() -> None:
             read = run_phase("read", work, args)
             n = PIXELS * PIXELS
             padded = rows * n * args.dim * 2
-            old_peak = padded + fill["bytes"] * 2  # padded fp16 table + the fp32 rows collected first
+            old_peak = (
+                padded + fill["bytes"] * 2
+            )  # padded fp16 table + the fp32 rows collected first
             results.append((rows, fill, read, padded, old_peak))
             shutil.rmtree(work / "cache")
     finally:
         if args.dir is None:
             shutil.rmtree(base, ignore_errors=True)
-    print(f"feature cache, stub encoder {PIXELS * PIXELS} tokens (32..64 real) x {args.dim}, "
-          f"shards of {args.shard_rows} rows, batch {args.batch_size}, workers {args.workers}")
-    print(f"{'rows':>7} {'on disk':>9} {'old table in RAM':>17} {'old fill peak':>14} "
-          f"{'fill peak RSS':>14} {'read peak RSS':>14} {'fill s':>7} {'read s':>7}")
+    print(
+        f"feature cache, stub encoder {PIXELS * PIXELS} tokens (32..64 real) x {args.dim}, "
+        f"shards of {args.shard_rows} rows, batch {args.batch_size}, workers {args.workers}"
+    )
+    print(
+        f"{'rows':>7} {'on disk':>9} {'old table in RAM':>17} {'old fill peak':>14} "
+        f"{'fill peak RSS':>14} {'read peak RSS':>14} {'fill s':>7} {'read s':>7}"
+    )
     for rows, fill, read, padded, old_peak in results:
-        print(f"{rows:>7} {fill['bytes'] / 2**20:>7.0f}MB {padded / 2**20:>15.0f}MB {old_peak / 2**20:>12.0f}MB "
-              f"{fill['peak_mb']:>12.0f}MB {read['peak_mb']:>12.0f}MB {fill['seconds']:>7.1f} {read['seconds']:>7.1f}")
+        print(
+            f"{rows:>7} {fill['bytes'] / 2**20:>7.0f}MB {padded / 2**20:>15.0f}MB {old_peak / 2**20:>12.0f}MB "
+            f"{fill['peak_mb']:>12.0f}MB {read['peak_mb']:>12.0f}MB {fill['seconds']:>7.1f} {read['seconds']:>7.1f}"
+        )
     if len(results) > 1:
         (r0, f0, d0, *_), (r1, f1, d1, *_) = results[0], results[-1]
-        print(f"peak RSS ratio {r1} / {r0} rows: fill {f1['peak_mb'] / f0['peak_mb']:.2f}, "
-              f"read {d1['peak_mb'] / d0['peak_mb']:.2f} (data ratio {r1 / r0:.0f}x)")
+        print(
+            f"peak RSS ratio {r1} / {r0} rows: fill {f1['peak_mb'] / f0['peak_mb']:.2f}, "
+            f"read {d1['peak_mb'] / d0['peak_mb']:.2f} (data ratio {r1 / r0:.0f}x)"
+        )
 
 
 if __name__ == "__main__":

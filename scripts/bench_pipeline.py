@@ -73,8 +73,10 @@ def reset_peak_rss() -> bool:
 def warn_if_loaded(threads: int) -> None:
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if threads > 1 and load + threads > cores + 0.5:
-        log(f"note: load average {load:.1f} on {cores} cores: with {threads} torch threads, each "
-            f"parallel op waits for its slowest (descheduled) thread; --threads 1 gives steadier figures")
+        log(
+            f"note: load average {load:.1f} on {cores} cores: with {threads} torch threads, each "
+            f"parallel op waits for its slowest (descheduled) thread; --threads 1 gives steadier figures"
+        )
 
 
 class PartTimer:
@@ -156,8 +158,10 @@ def fill_cache(args: argparse.Namespace) -> dict[str, Any]:
         paths = [s.media[modality] for s in samples if modality in s.media]
         _, stats = load_or_compute(branch.encoder, paths, Path(args.feature_cache_dir))
         out[modality] = {"seconds": stats["seconds"], "hit": stats["hit"], "files": len(set(paths))}
-        log(f"[fill] {modality} features: {'hit' if stats['hit'] else 'computed'} "
-            f"in {stats['seconds']:.1f} s for {len(set(paths))} files")
+        log(
+            f"[fill] {modality} features: {'hit' if stats['hit'] else 'computed'} "
+            f"in {stats['seconds']:.1f} s for {len(set(paths))} files"
+        )
     return {"mode": "fill", "cache": out}
 
 
@@ -186,16 +190,24 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.mode == "cache":  # filled by the previous process: this is a later run's cache hit
         for modality, branch in model.branches.items():
             paths = [s.media[modality] for s in samples if modality in s.media]
-            tables[modality], _ = load_or_compute(branch.encoder, paths, Path(args.feature_cache_dir))
+            tables[modality], _ = load_or_compute(
+                branch.encoder, paths, Path(args.feature_cache_dir)
+            )
     batcher = Batcher.from_model(model, session.chat, tables=tables)
     ds = prepare_stage(session, name, samples=samples, batcher=batcher, check=False).train_ds
     workers = int(cfg.loader.num_workers)
-    loader = iter(DataLoader(ds, batch_size=bs, shuffle=False, num_workers=workers,
-                             collate_fn=batcher.collator))
+    loader = iter(
+        DataLoader(
+            ds, batch_size=bs, shuffle=False, num_workers=workers, collate_fn=batcher.collator
+        )
+    )
 
     precision = args.precision or session.precision.precision
-    amp = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision.startswith("bf16")
-           else contextlib.nullcontext)
+    amp = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if precision.startswith("bf16")
+        else contextlib.nullcontext
+    )
     opt_cfg = BridgeModule(model, stage).configure_optimizers()
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -230,13 +242,21 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         sync()
         t5 = time.perf_counter()
         fwd = timer.times
-        return {"data": t_data, "encoder": fwd["encoder"] + back["encoder"],
-                "connector": fwd["connector"] + back["connector"],
-                "llm_fwd": (t2 - t1) - fwd["encoder"] - fwd["connector"], "llm_bwd": t3 - t2,
-                "optimizer": t5 - t4, "step": t_data + t5 - t1, "loss": float(loss)}
+        return {
+            "data": t_data,
+            "encoder": fwd["encoder"] + back["encoder"],
+            "connector": fwd["connector"] + back["connector"],
+            "llm_fwd": (t2 - t1) - fwd["encoder"] - fwd["connector"],
+            "llm_bwd": t3 - t2,
+            "optimizer": t5 - t4,
+            "step": t_data + t5 - t1,
+            "loss": float(loss),
+        }
 
-    log(f"[{args.mode}] stage {name}, batch {bs}, {precision}, prefix kv {'/'.join(variants)}, "
-        f"{args.warmup}+{args.steps} steps ...")
+    log(
+        f"[{args.mode}] stage {name}, batch {bs}, {precision}, prefix kv {'/'.join(variants)}, "
+        f"{args.warmup}+{args.steps} steps ..."
+    )
     for i in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
@@ -244,40 +264,61 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         t_data = time.perf_counter() - t0
         # "both": the same batch with reuse off and on, in alternating order, so that the load
         # of a shared machine falls on the two alike and their ratio is paired per step
-        for variant in (variants if i % 2 == 0 else variants[::-1]):
+        for variant in variants if i % 2 == 0 else variants[::-1]:
             if variant != "config":
                 model.llm.reuse_prefix_kv = variant == "on" and "auto"
             row = step(batch, t_data)
             plans[variant] = model.prefix_plan.reason
             if i >= args.warmup:
                 rows[variant].append(row)
-            log(f"[{args.mode}] step {i + 1} (prefix kv {variant}): {row['step']:.3f} s, loss {row['loss']:.3f}")
+            log(
+                f"[{args.mode}] step {i + 1} (prefix kv {variant}): {row['step']:.3f} s, loss {row['loss']:.3f}"
+            )
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated() / 2**20, "peak CUDA memory allocated"
     elif hwm:
         peak, kind = _status_mb("VmHWM") or 0.0, "peak RSS during the steps"
     else:
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak RSS of the process"
+        peak, kind = (
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak RSS of the process",
+        )
     out = []
     for variant, vrows in rows.items():
-        out.append({"mode": args.mode, "prefix_kv": variant, "prefix_plan": plans.get(variant, ""),
-                    "stage": name, "batch_size": bs, "precision": precision,
-                    "step_s": statistics.median(r["step"] for r in vrows),
-                    "steps_s": [r["step"] for r in vrows],
-                    "llm_s": [r["llm_fwd"] + r["llm_bwd"] for r in vrows],
-                    "parts_s": {p: sum(r[p] for r in vrows) / len(vrows) for p in PARTS},
-                    "mean_step_s": sum(r["step"] for r in vrows) / len(vrows),
-                    "peak_mb": peak, "rss_before_steps_mb": rss_before, "memory_kind": kind})
+        out.append(
+            {
+                "mode": args.mode,
+                "prefix_kv": variant,
+                "prefix_plan": plans.get(variant, ""),
+                "stage": name,
+                "batch_size": bs,
+                "precision": precision,
+                "step_s": statistics.median(r["step"] for r in vrows),
+                "steps_s": [r["step"] for r in vrows],
+                "llm_s": [r["llm_fwd"] + r["llm_bwd"] for r in vrows],
+                "parts_s": {p: sum(r[p] for r in vrows) / len(vrows) for p in PARTS},
+                "mean_step_s": sum(r["step"] for r in vrows) / len(vrows),
+                "peak_mb": peak,
+                "rss_before_steps_mb": rss_before,
+                "memory_kind": kind,
+            }
+        )
     return out
 
 
-def table(results: list[dict[str, Any]], args: argparse.Namespace, load: tuple[float, float]) -> None:
+def table(
+    results: list[dict[str, Any]], args: argparse.Namespace, load: tuple[float, float]
+) -> None:
     r0 = next(r for r in results if r["mode"] != "fill")
-    print(f"## Training step with and without the feature cache (`{' '.join(args.overrides)}`, "
-          f"stage `{r0['stage']}`)\n")
-    print(f"batch {r0['batch_size']}, {r0['precision']}, {args.device}, torch threads {args.threads}; "
-          f"median of {args.steps} steps after {args.warmup} warm-up, each mode in its own process; "
-          f"shares are of the mean step; load average {load[0]:.1f} at start, {load[1]:.1f} at end.\n")
+    print(
+        f"## Training step with and without the feature cache (`{' '.join(args.overrides)}`, "
+        f"stage `{r0['stage']}`)\n"
+    )
+    print(
+        f"batch {r0['batch_size']}, {r0['precision']}, {args.device}, torch threads {args.threads}; "
+        f"median of {args.steps} steps after {args.warmup} warm-up, each mode in its own process; "
+        f"shares are of the mean step; load average {load[0]:.1f} at start, {load[1]:.1f} at end.\n"
+    )
     head = ["data", "encoder", "connector", "LLM fwd+bwd", "optimizer"]
     print(f"| mode | step (s) | samples/s | {' | '.join(head)} | {r0['memory_kind']} (MB) |")
     print("|---|---|---|" + "---|" * len(head) + "---|")
@@ -285,26 +326,50 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace, load: tuple[f
         if r["mode"] == "fill":
             continue
         p, mean = r["parts_s"], r["mean_step_s"]
-        cells = [p["data"], p["encoder"], p["connector"], p["llm_fwd"] + p["llm_bwd"], p["optimizer"]]
+        cells = [
+            p["data"],
+            p["encoder"],
+            p["connector"],
+            p["llm_fwd"] + p["llm_bwd"],
+            p["optimizer"],
+        ]
         shares = " | ".join(f"{1e3 * c:.0f} ms ({100 * c / mean:.0f}%)" for c in cells)
-        label = r["mode"] if r.get("prefix_kv", "config") == "config" else f"{r['mode']}, prefix kv {r['prefix_kv']}"
-        print(f"| {label} | {r['step_s']:.3f} | {r['batch_size'] / r['step_s']:.1f} | {shares} | "
-              f"{r['peak_mb']:.0f} (before steps {r['rss_before_steps_mb']:.0f}) |")
+        label = (
+            r["mode"]
+            if r.get("prefix_kv", "config") == "config"
+            else f"{r['mode']}, prefix kv {r['prefix_kv']}"
+        )
+        print(
+            f"| {label} | {r['step_s']:.3f} | {r['batch_size'] / r['step_s']:.1f} | {shares} | "
+            f"{r['peak_mb']:.0f} (before steps {r['rss_before_steps_mb']:.0f}) |"
+        )
     prefix_kv_ratios(results)
     by = {r["mode"]: r for r in results if r.get("prefix_kv") in ("config", "on", None)}
     if "cache" in by and "live" in by:
         live, cached = by["live"], by["cache"]
-        saved = (live["parts_s"]["encoder"] + live["parts_s"]["data"]
-                 - cached["parts_s"]["encoder"] - cached["parts_s"]["data"])
-        print(f"\nLive / cached median step time: {live['step_s'] / cached['step_s']:.2f}. The parts the "
-              f"cache removes (encoder, image loading) cost {1e3 * saved:.0f} ms per live step "
-              f"({100 * saved / live['mean_step_s']:.0f}% of it): the expected speed-up is "
-              f"{live['mean_step_s'] / (live['mean_step_s'] - saved):.2f}x"
-              + (" (within the step-to-step noise of about 10-20%)." if saved < 0.1 * live["mean_step_s"] else "."))
+        saved = (
+            live["parts_s"]["encoder"]
+            + live["parts_s"]["data"]
+            - cached["parts_s"]["encoder"]
+            - cached["parts_s"]["data"]
+        )
+        print(
+            f"\nLive / cached median step time: {live['step_s'] / cached['step_s']:.2f}. The parts the "
+            f"cache removes (encoder, image loading) cost {1e3 * saved:.0f} ms per live step "
+            f"({100 * saved / live['mean_step_s']:.0f}% of it): the expected speed-up is "
+            f"{live['mean_step_s'] / (live['mean_step_s'] - saved):.2f}x"
+            + (
+                " (within the step-to-step noise of about 10-20%)."
+                if saved < 0.1 * live["mean_step_s"]
+                else "."
+            )
+        )
     for modality, c in by.get("fill", {}).get("cache", {}).items():
         verb = "read" if c["hit"] else "filled"
-        print(f"Feature cache ({modality}): {verb} in {c['seconds']:.1f} s for {c['files']} files "
-              f"({1e3 * c['seconds'] / max(1, c['files']):.0f} ms per file).")
+        print(
+            f"Feature cache ({modality}): {verb} in {c['seconds']:.1f} s for {c['files']} files "
+            f"({1e3 * c['seconds'] / max(1, c['files']):.0f} ms per file)."
+        )
 
 
 def prefix_kv_ratios(results: list[dict[str, Any]]) -> None:
@@ -318,31 +383,52 @@ def prefix_kv_ratios(results: list[dict[str, Any]]) -> None:
         print(f"\nPrefix reuse ({mode}): {on['prefix_plan']}.")
         for what, key in (("step", "steps_s"), ("LLM fwd+bwd", "llm_s")):
             ratios = sorted(a / b for a, b in zip(off[key], on[key], strict=True))
-            print(f"- {what}, off / on per step: median {statistics.median(ratios):.3f} "
-                  f"(range {ratios[0]:.3f}-{ratios[-1]:.3f}, {len(ratios)} pairs); "
-                  f"medians {statistics.median(off[key]):.3f} s / {statistics.median(on[key]):.3f} s")
+            print(
+                f"- {what}, off / on per step: median {statistics.median(ratios):.3f} "
+                f"(range {ratios[0]:.3f}-{ratios[-1]:.3f}, {len(ratios)} pairs); "
+                f"medians {statistics.median(off[key]):.3f} s / {statistics.median(on[key]):.3f} s"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides (default: experiment=quickstart)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides (default: experiment=quickstart)"
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--stage", default=None, help="stage to run (default: the first of `schedule`)")
+    parser.add_argument(
+        "--stage", default=None, help="stage to run (default: the first of `schedule`)"
+    )
     parser.add_argument("--modes", default="cache,live", help="comma-separated: cache, live")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--precision", default=None, help="32-true | bf16-mixed (default: the config's, resolved)")
-    parser.add_argument("--feature-cache-dir", default=None, help="where the cache mode stores features "
-                        "(default: a temporary directory, removed afterwards)")
-    parser.add_argument("--prefix-kv", default="config", choices=["config", "off", "on", "both"],
-                        help="llm.reuse_prefix_kv for the steps: the config's, off, on (auto), or both "
-                             "(each batch twice, off and on in alternating order: paired ratios)")
+    parser.add_argument(
+        "--precision", default=None, help="32-true | bf16-mixed (default: the config's, resolved)"
+    )
+    parser.add_argument(
+        "--feature-cache-dir",
+        default=None,
+        help="where the cache mode stores features "
+        "(default: a temporary directory, removed afterwards)",
+    )
+    parser.add_argument(
+        "--prefix-kv",
+        default="config",
+        choices=["config", "off", "on", "both"],
+        help="llm.reuse_prefix_kv for the steps: the config's, off, on (auto), or both "
+        "(each batch twice, off and on in alternating order: paired ratios)",
+    )
     parser.add_argument("--worker", dest="mode", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not any(o.startswith("experiment=") for o in args.overrides):
-        default = "quickstart" if (Path(__file__).resolve().parents[1] / "conf/experiment/quickstart.yaml").is_file() else "tiny"
+        default = (
+            "quickstart"
+            if (Path(__file__).resolve().parents[1] / "conf/experiment/quickstart.yaml").is_file()
+            else "tiny"
+        )
         args.overrides = [f"experiment={default}", *args.overrides]
 
     if args.mode:  # a child: one mode, figures as JSON on stdout
@@ -370,11 +456,27 @@ def main(argv: list[str] | None = None) -> int:
         if "cache" in modes:
             modes.insert(modes.index("cache"), "fill")
         for mode in modes:
-            cmd = [sys.executable, __file__, "--worker", mode, "--feature-cache-dir", cache_dir,
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-                   "--device", args.device, "--prefix-kv", args.prefix_kv,
-                   *(["--stage", args.stage] if args.stage else []),
-                   *(["--precision", args.precision] if args.precision else []), *args.overrides]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                mode,
+                "--feature-cache-dir",
+                cache_dir,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--threads",
+                str(args.threads),
+                "--device",
+                args.device,
+                "--prefix-kv",
+                args.prefix_kv,
+                *(["--stage", args.stage] if args.stage else []),
+                *(["--precision", args.precision] if args.precision else []),
+                *args.overrides,
+            ]
             log(f"mode {mode}: starting a fresh process ...")
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
             if proc.returncode != 0:

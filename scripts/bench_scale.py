@@ -38,11 +38,30 @@ import numpy as np
 
 VAL_RECORDS = 32
 TEXT_ONLY_EVERY = 12  # ~8% text-only records
-WORDS = ["red", "green", "blue", "yellow", "circle", "square", "triangle", "small", "large", "left",
-         "right", "top", "bottom", "corner", "centre", "pattern", "stripes", "dots"]
+WORDS = [
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "circle",
+    "square",
+    "triangle",
+    "small",
+    "large",
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "corner",
+    "centre",
+    "pattern",
+    "stripes",
+    "dots",
+]
 
 
 # --- data -------------------------------------------------------------------------------------
+
 
 def make_images(folder: Path, n: int) -> None:
     """``n`` distinct 32x32 RGB PNGs (a seeded 4x4 colour grid, upscaled), ~150 bytes each."""
@@ -52,7 +71,9 @@ def make_images(folder: Path, n: int) -> None:
     have = len(list(folder.glob("*.png")))
     for i in range(have, n):
         grid = np.random.default_rng(i).integers(0, 256, (4, 4, 3), dtype=np.uint8)
-        Image.fromarray(np.kron(grid, np.ones((8, 8, 1), dtype=np.uint8))).save(folder / f"{i:06d}.png")
+        Image.fromarray(np.kron(grid, np.ones((8, 8, 1), dtype=np.uint8))).save(
+            folder / f"{i:06d}.png"
+        )
 
 
 def make_records(path: Path, n: int, image_dir: Path, offset: int = 0) -> None:
@@ -62,13 +83,22 @@ def make_records(path: Path, n: int, image_dir: Path, offset: int = 0) -> None:
         for i in range(n):
             answer = " ".join(rng.choice(WORDS, int(rng.integers(3, 24))))
             if i % TEXT_ONLY_EVERY == TEXT_ONLY_EVERY - 1:
-                rec: dict[str, Any] = {"id": f"t{offset + i}", "conversations": [
-                    {"from": "human", "value": "Write a few words about shapes."},
-                    {"from": "gpt", "value": answer}]}
+                rec: dict[str, Any] = {
+                    "id": f"t{offset + i}",
+                    "conversations": [
+                        {"from": "human", "value": "Write a few words about shapes."},
+                        {"from": "gpt", "value": answer},
+                    ],
+                }
             else:
-                rec = {"id": f"r{offset + i}", "image": str(image_dir / f"{offset + i:06d}.png"),
-                       "conversations": [{"from": "human", "value": "<image>\nDescribe the picture."},
-                                         {"from": "gpt", "value": answer}]}
+                rec = {
+                    "id": f"r{offset + i}",
+                    "image": str(image_dir / f"{offset + i:06d}.png"),
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nDescribe the picture."},
+                        {"from": "gpt", "value": answer},
+                    ],
+                }
             f.write(json.dumps(rec) + "\n")
 
 
@@ -83,6 +113,7 @@ def make_dataset(work: Path, n: int) -> Path:
 
 
 # --- measurement ------------------------------------------------------------------------------
+
 
 def _status(key: str) -> float:
     """``VmRSS`` / ``VmHWM`` of this process, in MiB."""
@@ -107,8 +138,14 @@ class Phases:
 
     def stop(self) -> None:
         if self._name is not None:
-            self.rows.append({"phase": self._name, "peak_mb": _status("VmHWM"), "end_mb": _status("VmRSS"),
-                              "s": time.perf_counter() - self._t0})
+            self.rows.append(
+                {
+                    "phase": self._name,
+                    "peak_mb": _status("VmHWM"),
+                    "end_mb": _status("VmRSS"),
+                    "s": time.perf_counter() - self._t0,
+                }
+            )
             self._name = None
 
 
@@ -125,12 +162,24 @@ def child(kind: str, data: Path, cache: Path, steps: int) -> dict[str, Any]:
     phases = Phases()
     phases.start("imports")
     registry = load_registry()
-    cfg = compose(["experiment=tiny", "data=llava", f"data.train={data / 'train.jsonl'}",
-                   f"data.val={data / 'val.jsonl'}", "encoder.image_size=32", "schedule=[instruct]",
-                   f"stages.instruct.max_steps={steps}", f"stages.instruct.val_every={steps}",
-                   "stages.instruct.batch_size=16", "evaluation.val_samples=4",
-                   f"paths.cache_dir={cache}", "trainer.enable_progress_bar=false", "loader.num_workers=0"],
-                  registry)
+    cfg = compose(
+        [
+            "experiment=tiny",
+            "data=llava",
+            f"data.train={data / 'train.jsonl'}",
+            f"data.val={data / 'val.jsonl'}",
+            "encoder.image_size=32",
+            "schedule=[instruct]",
+            f"stages.instruct.max_steps={steps}",
+            f"stages.instruct.val_every={steps}",
+            "stages.instruct.batch_size=16",
+            "evaluation.val_samples=4",
+            f"paths.cache_dir={cache}",
+            "trainer.enable_progress_bar=false",
+            "loader.num_workers=0",
+        ],
+        registry,
+    )
 
     def measured(name: str, fn):
         def wrapper(*args, **kwargs):
@@ -138,13 +187,15 @@ def child(kind: str, data: Path, cache: Path, steps: int) -> dict[str, Any]:
             out = fn(*args, **kwargs)
             phases.start(f"after {name}")
             return out
+
         return wrapper
 
     # phase boundaries inside the run's own code (wrapped here, nothing else changed)
     session_mod.load_splits = measured("read data", session_mod.load_splits)
     session_mod.fill_feature_cache = measured("feature cache", session_mod.fill_feature_cache)
-    batcher_mod.ConversationDataset = measured("recipe pass (ConversationDataset)",
-                                               batcher_mod.ConversationDataset)
+    batcher_mod.ConversationDataset = measured(
+        "recipe pass (ConversationDataset)", batcher_mod.ConversationDataset
+    )
     stage_mod.truncation_report = measured("truncation report", stage_mod.truncation_report)
 
     phases.start("model")
@@ -166,10 +217,26 @@ def child(kind: str, data: Path, cache: Path, steps: int) -> dict[str, Any]:
 
 # --- driver -----------------------------------------------------------------------------------
 
+
 def run_child(kind: str, data: Path, cache: Path, steps: int) -> dict[str, Any]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMBRIDGE_DISABLE_PLUGINS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, __file__, "--child", kind, "--data", str(data), "--cache", str(cache),
-           "--steps", str(steps)]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "MMBRIDGE_DISABLE_PLUGINS": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--data",
+        str(data),
+        "--cache",
+        str(cache),
+        "--steps",
+        str(steps),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"{kind} child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -178,9 +245,13 @@ def run_child(kind: str, data: Path, cache: Path, steps: int) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=int, nargs=2, default=[1000, 100_000], metavar=("SMALL", "LARGE"))
+    ap.add_argument(
+        "--sizes", type=int, nargs=2, default=[1000, 100_000], metavar=("SMALL", "LARGE")
+    )
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
+    ap.add_argument(
+        "--work", type=Path, default=None, help="work folder (default: a temporary one)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--child", choices=["fill", "train"], help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -196,32 +267,46 @@ def main() -> None:
         for n in args.sizes:
             t0 = time.perf_counter()
             data = make_dataset(work, n)
-            print(f"{n:,} records: data written in {time.perf_counter() - t0:.0f} s ({data})", flush=True)
+            print(
+                f"{n:,} records: data written in {time.perf_counter() - t0:.0f} s ({data})",
+                flush=True,
+            )
             cache = work / f"cache_{n}"
             shutil.rmtree(cache, ignore_errors=True)
             results[n] = {}
             for kind in ("fill", "train"):
                 t0 = time.perf_counter()
                 results[n][kind] = run_child(kind, data, cache, args.steps)
-                print(f"  {kind}: peak RSS {results[n][kind]['peak_mb']:.0f} MiB "
-                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                print(
+                    f"  {kind}: peak RSS {results[n][kind]['peak_mb']:.0f} MiB "
+                    f"({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
     finally:
         if not args.keep and args.work is None:
             shutil.rmtree(work, ignore_errors=True)
 
     small, large = args.sizes
-    print(f"\npeak RSS (MiB), a fresh process per size; ratio and growth: {large:,} vs {small:,} records")
+    print(
+        f"\npeak RSS (MiB), a fresh process per size; ratio and growth: {large:,} vs {small:,} records"
+    )
     print(f"{'':52s}{small:>9,}{large:>9,}{'ratio':>7}{'+MiB':>7}{'time (s)':>17}")
-    for kind, label in (("fill", "(a) feature-cache fill (session set-up)"),
-                        ("train", f"(b) {args.steps} training steps (session + stage)")):
+    for kind, label in (
+        ("fill", "(a) feature-cache fill (session set-up)"),
+        ("train", f"(b) {args.steps} training steps (session + stage)"),
+    ):
         a, b = results[small][kind]["peak_mb"], results[large][kind]["peak_mb"]
         print(f"{label:52s}{a:9.0f}{b:9.0f}{b / a:7.2f}{b - a:7.0f}")
-        for ra, rb in zip(results[small][kind]["phases"], results[large][kind]["phases"], strict=False):
+        for ra, rb in zip(
+            results[small][kind]["phases"], results[large][kind]["phases"], strict=False
+        ):
             if ra["phase"].startswith("after ") and max(ra["s"], rb["s"]) < 0.5:
                 continue
-            print(f"    {ra['phase'][:46]:46s}{ra['peak_mb']:9.0f}{rb['peak_mb']:9.0f}"
-                  f"{rb['peak_mb'] / ra['peak_mb']:7.2f}{rb['peak_mb'] - ra['peak_mb']:7.0f}"
-                  f"{ra['s']:8.1f}{rb['s']:9.1f}")
+            print(
+                f"    {ra['phase'][:46]:46s}{ra['peak_mb']:9.0f}{rb['peak_mb']:9.0f}"
+                f"{rb['peak_mb'] / ra['peak_mb']:7.2f}{rb['peak_mb'] - ra['peak_mb']:7.0f}"
+                f"{ra['s']:8.1f}{rb['s']:9.1f}"
+            )
 
 
 if __name__ == "__main__":

@@ -63,11 +63,18 @@ def held_out(checkpoint: Path, n: int) -> list[dict[str, str]]:
     out = []
     for k, s in enumerate(splits[split][:n]):
         turns = s.conversations
-        pairs = [(turns[i]["value"], turns[i + 1]["value"]) for i in range(0, len(turns) - 1, 2)
-                 if turns[i]["from"] == "human"]
+        pairs = [
+            (turns[i]["value"], turns[i + 1]["value"])
+            for i in range(0, len(turns) - 1, 2)
+            if turns[i]["from"] == "human"
+        ]
         question, answer = pairs[k % len(pairs)]
-        question = "\n".join(line for line in question.splitlines() if line.strip() != "<image>").strip()
-        out.append({"id": s.id, "image": str(s.media["image"]), "question": question, "reference": answer})
+        question = "\n".join(
+            line for line in question.splitlines() if line.strip() != "<image>"
+        ).strip()
+        out.append(
+            {"id": s.id, "image": str(s.media["image"]), "question": question, "reference": answer}
+        )
     return out
 
 
@@ -80,13 +87,24 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> str:
     return proc.stdout
 
 
-def generate_cli(checkpoint: Path, questions: list[dict[str, str]], max_new_tokens: int,
-                 overrides: list[str]) -> list[str]:
+def generate_cli(
+    checkpoint: Path, questions: list[dict[str, str]], max_new_tokens: int, overrides: list[str]
+) -> list[str]:
     """Each question through ``mmbridge generate`` (one process per question)."""
     answers = []
     for q in questions:
-        out = run([*mmbridge_cli(), "generate", f"checkpoint={checkpoint}", f"image={q['image']}",
-                   f"prompt={q['question']}", f"max_new_tokens={max_new_tokens}", "device=cpu", *overrides])
+        out = run(
+            [
+                *mmbridge_cli(),
+                "generate",
+                f"checkpoint={checkpoint}",
+                f"image={q['image']}",
+                f"prompt={q['question']}",
+                f"max_new_tokens={max_new_tokens}",
+                "device=cpu",
+                *overrides,
+            ]
+        )
         answers.append(out.strip())
     return answers
 
@@ -102,7 +120,9 @@ def fresh_env(root: Path) -> dict[str, str]:
     return env
 
 
-def in_worker(mode: str, job: dict[str, Any], env: dict[str, str] | None, root: Path) -> dict[str, Any]:
+def in_worker(
+    mode: str, job: dict[str, Any], env: dict[str, str] | None, root: Path
+) -> dict[str, Any]:
     """Run this script's ``--worker MODE`` on ``job`` in a new process; its JSON result."""
     job_file, result_file = root / f"{mode}-job.json", root / f"{mode}-result.json"
     job_file.write_text(json.dumps(job))
@@ -112,14 +132,19 @@ def in_worker(mode: str, job: dict[str, Any], env: dict[str, str] | None, root: 
 
 # -- workers (fresh processes) ------------------------------------------------------------------
 
+
 def worker_bundle(job: dict[str, Any]) -> dict[str, Any]:
     """Answers of ``mmbridge.load(bundle)``, one prompt at a time."""
     import mmbridge
 
     model = mmbridge.load(job["path"], device="cpu")
-    return {"answers": [model.generate(q["question"], image=q["image"], max_new_tokens=job["max_new_tokens"])
-                        for q in job["questions"]],
-            "llm_dtype": str(next(model.session.model.llm.parameters()).dtype)}
+    return {
+        "answers": [
+            model.generate(q["question"], image=q["image"], max_new_tokens=job["max_new_tokens"])
+            for q in job["questions"]
+        ],
+        "llm_dtype": str(next(model.session.model.llm.parameters()).dtype),
+    }
 
 
 def _llava(path: str) -> tuple[Any, Any]:
@@ -134,8 +159,11 @@ def _llava(path: str) -> tuple[Any, Any]:
 def _llava_inputs(processor: Any, question: str, image: str) -> Any:
     from PIL import Image
 
-    prompt = processor.apply_chat_template([{"role": "user", "content": f"<image>\n{question}"}],
-                                           add_generation_prompt=True, tokenize=False)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": f"<image>\n{question}"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     with Image.open(image) as im:
         return processor(images=im.convert("RGB"), text=prompt, return_tensors="pt")
 
@@ -150,7 +178,11 @@ def worker_hf(job: dict[str, Any]) -> dict[str, Any]:
         inputs = _llava_inputs(processor, q["question"], q["image"])
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=job["max_new_tokens"], do_sample=False)
-        answers.append(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+        answers.append(
+            processor.decode(
+                out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+            ).strip()
+        )
     return {"answers": answers}
 
 
@@ -164,14 +196,20 @@ def worker_logits(job: dict[str, Any]) -> dict[str, Any]:
     q = job["questions"][0]
     m = mmbridge.load(job["checkpoint"], device="cpu", overrides=FP32)
     want, _ = m.logits(q["question"], image=q["image"])
-    batch = m.encode([[{"from": "human", "value": f"<image>\n{q['question']}"}]], [{"image": q["image"]}])
+    batch = m.encode(
+        [[{"from": "human", "value": f"<image>\n{q['question']}"}]], [{"image": q["image"]}]
+    )
     processor, llava = _llava(job["path"])
     inputs = _llava_inputs(processor, q["question"], q["image"])
     ids = torch.where(batch["slots"]["image"], llava.config.image_token_id, batch["input_ids"])
     with torch.no_grad():
-        got = llava(**inputs).logits[..., :want.shape[-1]].float()
-    return {"same_ids": bool(torch.equal(inputs["input_ids"], ids)), "tokens": int(ids.shape[1]),
-            "max_abs_diff": float((got - want).abs().max()), "logit_scale": float(want.abs().max())}
+        got = llava(**inputs).logits[..., : want.shape[-1]].float()
+    return {
+        "same_ids": bool(torch.equal(inputs["input_ids"], ids)),
+        "tokens": int(ids.shape[1]),
+        "max_abs_diff": float((got - want).abs().max()),
+        "logit_scale": float(want.abs().max()),
+    }
 
 
 WORKERS = {"bundle": worker_bundle, "hf": worker_hf, "logits": worker_logits}
@@ -179,22 +217,39 @@ WORKERS = {"bundle": worker_bundle, "hf": worker_hf, "logits": worker_logits}
 
 # -- the check ----------------------------------------------------------------------------------
 
-def table(questions: list[dict[str, str]], left: list[str], right: list[str], right_name: str) -> str:
-    rows = [f"| # | question | reference | `mmbridge generate` | {right_name} | same |",
-            "|---:|---|---|---|---|:---:|"]
+
+def table(
+    questions: list[dict[str, str]], left: list[str], right: list[str], right_name: str
+) -> str:
+    rows = [
+        f"| # | question | reference | `mmbridge generate` | {right_name} | same |",
+        "|---:|---|---|---|---|:---:|",
+    ]
     for k, (q, a, b) in enumerate(zip(questions, left, right)):
-        rows.append(f"| {k} | {q['question']} | {q['reference']} | {a} | {b} | {'yes' if a == b else '**no**'} |")
+        rows.append(
+            f"| {k} | {q['question']} | {q['reference']} | {a} | {b} | {'yes' if a == b else '**no**'} |"
+        )
     return "\n".join(rows)
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, nargs="?", help="a run directory (holding checkpoints/final)")
-    parser.add_argument("--hf", action="store_true", help="check format=hf through transformers (default: bundle)")
+    parser.add_argument(
+        "run_dir", type=Path, nargs="?", help="a run directory (holding checkpoints/final)"
+    )
+    parser.add_argument(
+        "--hf", action="store_true", help="check format=hf through transformers (default: bundle)"
+    )
     parser.add_argument("--n", type=int, default=8, help="held-out questions (default: 8)")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="answer length (default: 8)")
-    parser.add_argument("--out", type=Path, help="where the export and check.json go (default: a temporary directory)")
-    parser.add_argument("--worker", nargs=3, metavar=("MODE", "JOB", "RESULT"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where the export and check.json go (default: a temporary directory)",
+    )
+    parser.add_argument(
+        "--worker", nargs=3, metavar=("MODE", "JOB", "RESULT"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     if args.worker:
         mode, job, result = args.worker
@@ -204,44 +259,73 @@ def main(argv: list[str]) -> int:
         parser.error("run_dir is required")
     checkpoint = (args.run_dir / "checkpoints" / "final").resolve()
     if not checkpoint.is_dir():
-        parser.error(f"{checkpoint}: no such checkpoint (give a run directory holding checkpoints/final)")
+        parser.error(
+            f"{checkpoint}: no such checkpoint (give a run directory holding checkpoints/final)"
+        )
     fmt = "hf" if args.hf else "bundle"
     root = (args.out or Path(tempfile.mkdtemp(prefix=f"mmbridge-check-{fmt}-"))).resolve()
     root.mkdir(parents=True, exist_ok=True)
     export_dir = root / fmt
     t0 = time.perf_counter()
     questions = held_out(checkpoint, args.n)
-    run([*mmbridge_cli(), "export", f"checkpoint={checkpoint}", f"out={export_dir}", f"format={fmt}",
-         "overwrite=true"])
+    run(
+        [
+            *mmbridge_cli(),
+            "export",
+            f"checkpoint={checkpoint}",
+            f"out={export_dir}",
+            f"format={fmt}",
+            "overwrite=true",
+        ]
+    )
     t_export = time.perf_counter() - t0
     print(f"exported format={fmt}: {export_dir} ({t_export:.0f} s)", flush=True)
     fresh = root / "fresh-caches"
     shutil.rmtree(fresh, ignore_errors=True)
-    job = {"path": str(export_dir), "checkpoint": str(checkpoint), "questions": questions,
-           "max_new_tokens": args.max_new_tokens}
+    job = {
+        "path": str(export_dir),
+        "checkpoint": str(checkpoint),
+        "questions": questions,
+        "max_new_tokens": args.max_new_tokens,
+    }
     generated = generate_cli(checkpoint, questions, args.max_new_tokens, FP32 if args.hf else [])
     result = in_worker(fmt, job, fresh_env(fresh), root)
     other = result["answers"]
     if "llm_dtype" in result:
-        print(f"mmbridge.load(bundle) with empty caches ran its LLM in {result['llm_dtype']} (dtype: auto)")
-    right_name = "transformers (Llava, float32)" if args.hf else "`mmbridge.load(bundle)` (empty cache)"
+        print(
+            f"mmbridge.load(bundle) with empty caches ran its LLM in {result['llm_dtype']} (dtype: auto)"
+        )
+    right_name = (
+        "transformers (Llava, float32)" if args.hf else "`mmbridge.load(bundle)` (empty cache)"
+    )
     print(table(questions, generated, other, right_name))
     same = [a == b for a, b in zip(generated, other)]
-    summary: dict[str, Any] = {"run_dir": str(args.run_dir.resolve()), "format": fmt, "export": str(export_dir),
-                               "max_new_tokens": args.max_new_tokens, "questions": questions,
-                               "mmbridge_generate": generated, "other": other, "identical": all(same),
-                               "precision": "float32 (llm.dtype / encoder.dtype overrides)" if args.hf else "auto"}
+    summary: dict[str, Any] = {
+        "run_dir": str(args.run_dir.resolve()),
+        "format": fmt,
+        "export": str(export_dir),
+        "max_new_tokens": args.max_new_tokens,
+        "questions": questions,
+        "mmbridge_generate": generated,
+        "other": other,
+        "identical": all(same),
+        "precision": "float32 (llm.dtype / encoder.dtype overrides)" if args.hf else "auto",
+    }
     ok = all(same)
     if args.hf:
         logits = in_worker("logits", job, None, root)
         summary["logits"] = logits
-        print(f"logits over prompt 0 ({logits['tokens']} tokens, same token ids: {logits['same_ids']}): "
-              f"max |diff| {logits['max_abs_diff']:.3g} (largest |logit| {logits['logit_scale']:.3g})")
+        print(
+            f"logits over prompt 0 ({logits['tokens']} tokens, same token ids: {logits['same_ids']}): "
+            f"max |diff| {logits['max_abs_diff']:.3g} (largest |logit| {logits['logit_scale']:.3g})"
+        )
         ok = ok and logits["same_ids"] and logits["max_abs_diff"] <= LOGITS_TOLERANCE
     summary["ok"] = ok
     (root / "check.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{sum(same)}/{len(same)} answers identical; {'OK' if ok else 'DIFFERENT'} "
-          f"({time.perf_counter() - t0:.0f} s, {root / 'check.json'})")
+    print(
+        f"{sum(same)}/{len(same)} answers identical; {'OK' if ok else 'DIFFERENT'} "
+        f"({time.perf_counter() - t0:.0f} s, {root / 'check.json'})"
+    )
     return 0 if ok else 1
 
 

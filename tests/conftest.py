@@ -47,9 +47,12 @@ GUESS_SLOW, GUESS_OTHER = 30.0, 0.2
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--store-durations", action="store_true",
-                     help=f"write each test's duration (>= {MIN_STORED:g} s) to {DURATIONS.name}, "
-                          "which orders the xdist work units (tests/conftest.py)")
+    parser.addoption(
+        "--store-durations",
+        action="store_true",
+        help=f"write each test's duration (>= {MIN_STORED:g} s) to {DURATIONS.name}, "
+        "which orders the xdist work units (tests/conftest.py)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -75,8 +78,9 @@ class _DurationStore:
         tests = {k: v for k, v in old.get("tests", {}).items() if k not in self.seconds}
         tests.update({k: round(v, 1) for k, v in self.seconds.items() if v >= MIN_STORED})
         modules = sorted({k.split("::")[0] for k in self.seconds} | set(old.get("modules", [])))
-        DURATIONS.write_text(json.dumps({"modules": modules, "tests": dict(sorted(tests.items()))},
-                                        indent=0) + "\n")
+        DURATIONS.write_text(
+            json.dumps({"modules": modules, "tests": dict(sorted(tests.items()))}, indent=0) + "\n"
+        )
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -94,8 +98,11 @@ def _shares_fixture(item: pytest.Item) -> bool:
     info = getattr(item, "_fixtureinfo", None)
     if info is None:
         return False
-    return any(defs[-1].scope in ("module", "class", "package") and name not in CHEAP_SHARED
-               for name, defs in info.name2fixturedefs.items() if defs)
+    return any(
+        defs[-1].scope in ("module", "class", "package") and name not in CHEAP_SHARED
+        for name, defs in info.name2fixturedefs.items()
+        if defs
+    )
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -165,8 +172,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         else:
             key = item.nodeid.split("::")[0] if _shares_fixture(item) else item.nodeid
         units.setdefault(key, []).append(item)
-    ordered = sorted(((-sum(known.get(m.nodeid) or guess(m) for m in members), n, members)
-                      for n, members in enumerate(units.values())), key=lambda u: u[:2])
+    ordered = sorted(
+        (
+            (-sum(known.get(m.nodeid) or guess(m) for m in members), n, members)
+            for n, members in enumerate(units.values())
+        ),
+        key=lambda u: u[:2],
+    )
     items[:] = [m for *_, members in ordered for m in members]
     mine = Path(f"{target}.{WORKER}")
     mine.write_text(json.dumps({m.nodeid: key for key, members in units.items() for m in members}))

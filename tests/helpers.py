@@ -32,8 +32,12 @@ def shared_registry(autoload: bool = False) -> Registry:
     return load_registry(autoload=autoload)
 
 
-def make_checkpoint(out: Path, overrides: list[str], schedule: tuple[str, ...] = ("align", "instruct"),
-                    seed: int = 0) -> Path:
+def make_checkpoint(
+    out: Path,
+    overrides: list[str],
+    schedule: tuple[str, ...] = ("align", "instruct"),
+    seed: int = 0,
+) -> Path:
     """A checkpoint as a run writes it (assembled, each stage's ``configure_trainable``,
     ``save_checkpoint``), its trained tensors seeded random so that the media change the answer;
     no training step runs (about 3 s)."""

@@ -34,15 +34,23 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mmbridge assets", description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="mmbridge assets",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
-        "--convert", metavar="NAME|all",
+        "--convert",
+        metavar="NAME|all",
         help="convert this asset (or every asset whose source is installed) into the cache, "
-             "then print the result of its conversion check")
+        "then print the result of its conversion check",
+    )
     parser.add_argument(
-        "--cache", metavar="DIR", type=Path,
-        help="cache directory (default: $MMBRIDGE_CACHE, else ~/.cache/mmbridge)")
+        "--cache",
+        metavar="DIR",
+        type=Path,
+        help="cache directory (default: $MMBRIDGE_CACHE, else ~/.cache/mmbridge)",
+    )
     return parser
 
 
@@ -74,8 +82,10 @@ def main(argv: list[str]) -> int:
         elif args.convert in assets:
             todo = [assets[args.convert]]
         else:
-            parser.error(f"unknown asset '{args.convert}'{did_you_mean(args.convert, assets)}; "
-                         f"available: {', '.join(assets) or '(none)'}, all")
+            parser.error(
+                f"unknown asset '{args.convert}'{did_you_mean(args.convert, assets)}; "
+                f"available: {', '.join(assets) or '(none)'}, all"
+            )
         for asset in todo:
             status |= _convert(console, asset, root)
     console.print(_table(assets, root))
@@ -87,8 +97,9 @@ def main(argv: list[str]) -> int:
 def _convert(console, asset: Asset, root: Path) -> int:
     """Convert one asset (unless it already is) and print its check line; 1 on failure."""
     if asset.is_converted(root):
-        console.print(f"[bold]{asset.name}[/]: already converted: "
-                      f"{escape(_check_line(asset, root))}")
+        console.print(
+            f"[bold]{asset.name}[/]: already converted: {escape(_check_line(asset, root))}"
+        )
         return 0
     start = time.perf_counter()
     try:
@@ -98,8 +109,10 @@ def _convert(console, asset: Asset, root: Path) -> int:
         console.print(f"[bold red]{asset.name}: conversion failed[/]: {escape(str(exc))}")
         return 1
     seconds = time.perf_counter() - start
-    console.print(f"[bold]{asset.name}[/]: converted in {seconds:.1f} s; check: "
-                  f"{escape(_check_line(asset, root))}")
+    console.print(
+        f"[bold]{asset.name}[/]: converted in {seconds:.1f} s; check: "
+        f"{escape(_check_line(asset, root))}"
+    )
     return 0
 
 
@@ -113,7 +126,9 @@ def _check_line(asset: Asset, root: Path) -> str:
 
 
 def _table(assets: dict[str, Asset], root: Path):
-    table = Table(title=f"offline model assets (locations relative to the cache {escape(str(root))})")
+    table = Table(
+        title=f"offline model assets (locations relative to the cache {escape(str(root))})"
+    )
     table.add_column("name", no_wrap=True)
     table.add_column("format")
     table.add_column("source", overflow="fold")
@@ -124,11 +139,14 @@ def _table(assets: dict[str, Asset], root: Path):
     for name, asset in assets.items():
         converted = asset.is_converted(root)
         table.add_row(
-            escape(name), asset.format, escape(asset.source),
+            escape(name),
+            asset.format,
+            escape(asset.source),
             "[green]yes[/]" if asset.source_available() else "[red]no[/]",
             "[green]yes[/]" if converted else "no",
-            escape(str((asset.target(root) if converted else asset.location(root))
-                       .relative_to(root))),
+            escape(
+                str((asset.target(root) if converted else asset.location(root)).relative_to(root))
+            ),
             human_size(dir_size(asset.location(root))) if converted else "-",
         )
     return table

@@ -15,9 +15,13 @@ from mmbridge.registry.plugin_manager import load_registry
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mmbridge config", description=(
-        "Compose the training config from the built-in tree and every plugin's config dir, "
-        "apply Hydra overrides (e.g. connector=linear stages.align.max_steps=10) and print it."))
+    p = argparse.ArgumentParser(
+        prog="mmbridge config",
+        description=(
+            "Compose the training config from the built-in tree and every plugin's config dir, "
+            "apply Hydra overrides (e.g. connector=linear stages.align.max_steps=10) and print it."
+        ),
+    )
     p.add_argument("overrides", nargs="*", help="Hydra overrides, key=value or group=option")
     p.add_argument("--groups", action="store_true", help="list the config groups and their options")
     p.add_argument("--resolve", action="store_true", help="resolve ${...} interpolations")
@@ -34,6 +38,8 @@ def main(argv: list[str]) -> int:
     # printed as composed, then judged as `mmbridge train` would: a bad value is not silent
     errors = config_errors(cfg, registry)
     if errors:
-        raise ConfigError(f"this config would not train ({len(errors)} problem{'s' * (len(errors) > 1)}):\n  "
-                          + "\n  ".join(errors))
+        raise ConfigError(
+            f"this config would not train ({len(errors)} problem{'s' * (len(errors) > 1)}):\n  "
+            + "\n  ".join(errors)
+        )
     return 0

@@ -42,8 +42,13 @@ def parse(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     return checkpoints, own
 
 
-def answer(model: Any, history: list[dict[str, str]], question: str, media: dict[str, str | None],
-           max_new_tokens: int) -> str:
+def answer(
+    model: Any,
+    history: list[dict[str, str]],
+    question: str,
+    media: dict[str, str | None],
+    max_new_tokens: int,
+) -> str:
     """The model's reply to ``question`` after ``history`` (``role`` / ``content`` turns): the
     first question through ``generate`` (as ``mmbridge generate``), later ones through ``chat``."""
     given = {k: v for k, v in media.items() if v and k in model.modalities}
@@ -59,19 +64,31 @@ def build(models: dict[str, Any], max_new_tokens: int = 48) -> Any:
 
     takes = {m for model in models.values() for m in model.modalities}
     with gr.Blocks(title="mmbridge demo") as page:
-        gr.Markdown("## mmbridge demo\nUpload an image" + (" or audio" if "audio" in takes else "")
-                    + ", ask a question; each checkpoint answers in its own column.")
+        gr.Markdown(
+            "## mmbridge demo\nUpload an image"
+            + (" or audio" if "audio" in takes else "")
+            + ", ask a question; each checkpoint answers in its own column."
+        )
         with gr.Row():
-            image = gr.Image(type="filepath", label="image", elem_id="image", height=260,
-                             visible="image" in takes)
-            audio = gr.Audio(type="filepath", label="audio", elem_id="audio",
-                             visible="audio" in takes)
+            image = gr.Image(
+                type="filepath",
+                label="image",
+                elem_id="image",
+                height=260,
+                visible="image" in takes,
+            )
+            audio = gr.Audio(
+                type="filepath", label="audio", elem_id="audio", visible="audio" in takes
+            )
         with gr.Row():
             # raw text, as `mmbridge generate` prints it (no Markdown rendering of model output)
-            chats = [gr.Chatbot(label=name, elem_id=f"chat{i}", height=360, render_markdown=False)
-                     for i, name in enumerate(models)]
-        question = gr.Textbox(label="question", elem_id="question",
-                              placeholder="What is in the image?")
+            chats = [
+                gr.Chatbot(label=name, elem_id=f"chat{i}", height=360, render_markdown=False)
+                for i, name in enumerate(models)
+            ]
+        question = gr.Textbox(
+            label="question", elem_id="question", placeholder="What is in the image?"
+        )
         with gr.Row():
             ask = gr.Button("Ask", variant="primary", elem_id="ask")
             clear = gr.Button("New conversation", elem_id="clear")
@@ -83,8 +100,9 @@ def build(models: dict[str, Any], max_new_tokens: int = 48) -> Any:
             for model, hist in zip(models.values(), histories):
                 hist = [{"role": t["role"], "content": _text(t["content"])} for t in hist or []]
                 reply = answer(model, hist, q, {"image": img, "audio": aud}, max_new_tokens)
-                out.append([*hist, {"role": "user", "content": q},
-                            {"role": "assistant", "content": reply}])
+                out.append(
+                    [*hist, {"role": "user", "content": q}, {"role": "assistant", "content": reply}]
+                )
             return ("", *out)
 
         def reset(*_: Any) -> Any:  # one output component takes its value, several a tuple
@@ -103,9 +121,17 @@ def launch(page: Any, host: str = "127.0.0.1", port: int = 7860, block: bool = T
 
     # system fonts: Gradio's default theme fetches Google Fonts, and the page must work offline
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])
-    return page.launch(server_name=host, server_port=port, share=False, inbrowser=False,
-                       ssr_mode=False, show_error=True, theme=theme, quiet=not block,
-                       prevent_thread_lock=not block)
+    return page.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        inbrowser=False,
+        ssr_mode=False,
+        show_error=True,
+        theme=theme,
+        quiet=not block,
+        prevent_thread_lock=not block,
+    )
 
 
 def _text(content: Any) -> str:
@@ -117,8 +143,10 @@ def _text(content: Any) -> str:
 
 def names(checkpoints: Sequence[str]) -> list[str]:
     """Column titles: each checkpoint's run directory name (its path when both are alike)."""
-    short = [Path(c).resolve().parent.parent.name if Path(c).name == "final" else Path(c).name
-             for c in checkpoints]
+    short = [
+        Path(c).resolve().parent.parent.name if Path(c).name == "final" else Path(c).name
+        for c in checkpoints
+    ]
     return short if len(set(short)) == len(short) else list(checkpoints)
 
 
@@ -131,12 +159,14 @@ def main(argv: list[str]) -> int:
     try:
         import gradio  # noqa: F401
     except ImportError as exc:
-        raise ConfigError(f"mmbridge demo needs Gradio ({exc}): "
-                          f"pip install 'mmbridge[demo]'") from exc
+        raise ConfigError(
+            f"mmbridge demo needs Gradio ({exc}): pip install 'mmbridge[demo]'"
+        ) from exc
     from mmbridge.api import load
 
-    models = {name: load(c, device=own.get("device"))
-              for name, c in zip(names(checkpoints), checkpoints)}
+    models = {
+        name: load(c, device=own.get("device")) for name, c in zip(names(checkpoints), checkpoints)
+    }
     page = build(models, int(own.get("max_new_tokens", 48)))
     launch(page, own.get("host", "127.0.0.1"), int(own.get("port", 7860)))
     return 0

@@ -46,8 +46,12 @@ lmms-eval (the `eval` extra) runs its own tasks on a checkpoint without a launch
 OWN_KEYS = ("checkpoint", "split", "max_samples", "out", "predictions", "device")
 
 
-def parse_kv(argv: list[str], usage: str, own_keys: tuple[str, ...] = OWN_KEYS,
-             counts: tuple[str, ...] = ("max_samples",)) -> tuple[dict[str, str], list[str]]:
+def parse_kv(
+    argv: list[str],
+    usage: str,
+    own_keys: tuple[str, ...] = OWN_KEYS,
+    counts: tuple[str, ...] = ("max_samples",),
+) -> tuple[dict[str, str], list[str]]:
     """Split ``key=value`` arguments into this command's own keys and config overrides.
 
     Checked before any work, every problem reported together: a key that is neither an own
@@ -63,9 +67,11 @@ def parse_kv(argv: list[str], usage: str, own_keys: tuple[str, ...] = OWN_KEYS,
         if k in own_keys:
             own[k] = v
         elif "." not in bare and bare not in TOP_LEVEL_KEYS:
-            errors.append(f"{a}: '{k}' is neither an option of this command nor a config key"
-                          f"{did_you_mean(bare, [*own_keys, *TOP_LEVEL_KEYS])}; "
-                          f"options: {', '.join(own_keys)}")
+            errors.append(
+                f"{a}: '{k}' is neither an option of this command nor a config key"
+                f"{did_you_mean(bare, [*own_keys, *TOP_LEVEL_KEYS])}; "
+                f"options: {', '.join(own_keys)}"
+            )
         else:
             rest.append(a)
     for key in counts:
@@ -95,16 +101,20 @@ def write_outputs(metrics: dict, own: dict[str, str], predictions: Path | None) 
         try:
             atomic_write_text(Path(own["out"]).expanduser(), json.dumps(metrics, indent=2))
         except OSError as exc:
-            errors.append(f"out={own['out']}: could not write the metrics ({exc.strerror or exc}); "
-                          f"they are printed above")
+            errors.append(
+                f"out={own['out']}: could not write the metrics ({exc.strerror or exc}); "
+                f"they are printed above"
+            )
     if predictions is not None and "predictions" in own:
         try:
             shutil.move(str(predictions), str(Path(own["predictions"]).expanduser()))
             with contextlib.suppress(OSError):  # the temporary directory, now empty
                 predictions.parent.rmdir()
         except OSError as exc:
-            errors.append(f"predictions={own['predictions']}: could not write the answers "
-                          f"({exc.strerror or exc}); they are kept in {predictions}")
+            errors.append(
+                f"predictions={own['predictions']}: could not write the answers "
+                f"({exc.strerror or exc}); they are kept in {predictions}"
+            )
     if errors:
         raise ConfigError("\n".join(errors))
 
@@ -118,9 +128,16 @@ def print_metrics(console: Console, metrics: dict[str, float], title: str) -> No
 
     keys = sorted(k for k in metrics if k.startswith("exact_match")) + benchmark_keys(metrics)
     for k in keys:
+
         def fmt(v):
             return "-" if v is None else f"{v:.3f}"
-        table.add_row(k, fmt(metrics.get(k)), fmt(metrics.get(f"no_media/{k}")), fmt(metrics.get(f"chance/{k}")))
+
+        table.add_row(
+            k,
+            fmt(metrics.get(k)),
+            fmt(metrics.get(f"no_media/{k}")),
+            fmt(metrics.get(f"chance/{k}")),
+        )
     console.print(table)
 
 
@@ -137,15 +154,28 @@ def main(argv: list[str]) -> int:
     from mmbridge.runtime.evaluate import evaluate_session
 
     # a checkpoint or a format=bundle export (whose data the stored config names, or data=...)
-    session, _ = open_model(own["checkpoint"], overrides, registry=load_registry(), device=own.get("device"),
-                            with_data=True)
+    session, _ = open_model(
+        own["checkpoint"],
+        overrides,
+        registry=load_registry(),
+        device=own.get("device"),
+        with_data=True,
+    )
     split = own.get("split", session.cfg.evaluation.split)
     if split not in session.splits:
-        raise ConfigError(f"split={split}: not a split of the data set; splits: {', '.join(session.splits)}")
+        raise ConfigError(
+            f"split={split}: not a split of the data set; splits: {', '.join(session.splits)}"
+        )
     max_samples = int(own["max_samples"]) if "max_samples" in own else None
     # answers go to a temporary file first: a failing predictions= write cannot lose them
-    preds = Path(tempfile.mkdtemp(prefix="mmbridge-eval-")) / "predictions.jsonl" if "predictions" in own else None
+    preds = (
+        Path(tempfile.mkdtemp(prefix="mmbridge-eval-")) / "predictions.jsonl"
+        if "predictions" in own
+        else None
+    )
     metrics = evaluate_session(session, split=split, max_samples=max_samples, predictions=preds)
-    print_metrics(Console(), metrics, f"{own['checkpoint']} on {split} ({metrics.get('n', 0)} questions)")
+    print_metrics(
+        Console(), metrics, f"{own['checkpoint']} on {split} ({metrics.get('n', 0)} questions)"
+    )
     write_outputs(metrics, own, preds)
     return 0

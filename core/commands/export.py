@@ -42,12 +42,18 @@ def main(argv: list[str]) -> int:
         errors.append(f"overwrite={own['overwrite']!r}: expected true or false")
     if "out" in own and (reason := dir_problem(Path(own["out"]).expanduser().parent)):
         # checked before the model is loaded; the export writes a sibling temporary directory
-        errors.append(f"out={own['out']}: cannot write its directory ({reason}); give a writable directory")
+        errors.append(
+            f"out={own['out']}: cannot write its directory ({reason}); give a writable directory"
+        )
     if errors:
         raise ConfigError("invalid arguments:\n  " + "\n  ".join(errors) + "\n" + USAGE)
     from mmbridge.export import export
 
-    out = export(own["checkpoint"], own["out"], format=own.get("format", "bundle"),
-                 overwrite=own.get("overwrite", "false").lower() == "true")
+    out = export(
+        own["checkpoint"],
+        own["out"],
+        format=own.get("format", "bundle"),
+        overwrite=own.get("overwrite", "false").lower() == "true",
+    )
     print(f"exported ({own.get('format', 'bundle')}): {out}")
     return 0

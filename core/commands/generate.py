@@ -24,11 +24,23 @@ def main(argv: list[str]) -> int:
     if not argv or any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0 if argv else 2
-    own, overrides = parse_kv(argv, USAGE, ("checkpoint", "prompt", "image", "audio", "video", "max_new_tokens", "device",
-                                              "attention"),
-                              counts=("max_new_tokens",))
+    own, overrides = parse_kv(
+        argv,
+        USAGE,
+        (
+            "checkpoint",
+            "prompt",
+            "image",
+            "audio",
+            "video",
+            "max_new_tokens",
+            "device",
+            "attention",
+        ),
+        counts=("max_new_tokens",),
+    )
     if "checkpoint" not in own or "prompt" not in own:
-        raise ConfigError("checkpoint=PATH and prompt=\"...\" are required\n" + USAGE)
+        raise ConfigError('checkpoint=PATH and prompt="..." are required\n' + USAGE)
     media: dict[str, str] = {}
     for m in ("image", "audio", "video"):
         if m in own:
@@ -42,8 +54,10 @@ def main(argv: list[str]) -> int:
     model = load(own["checkpoint"], device=own.get("device"), overrides=overrides)
     for m in media:
         if m not in model.modalities:
-            raise ConfigError(f"{m}=...: this checkpoint's model has no {m} encoder; "
-                              f"it takes: {', '.join(model.modalities)}")
+            raise ConfigError(
+                f"{m}=...: this checkpoint's model has no {m} encoder; "
+                f"it takes: {', '.join(model.modalities)}"
+            )
     max_new = int(own.get("max_new_tokens", 48))
     if "attention" in own:
         from mmbridge.reporting.attention_maps import recording, save_attention
@@ -51,12 +65,22 @@ def main(argv: list[str]) -> int:
         if "image" not in media:
             raise ConfigError("attention=...: needs image=PATH (the map is drawn over it)")
         with recording(model.session.model) as connector:
-            answer = model.generate(own["prompt"], image=media.get("image"), audio=media.get("audio"),
-                                    video=media.get("video"), max_new_tokens=max_new)
+            answer = model.generate(
+                own["prompt"],
+                image=media.get("image"),
+                audio=media.get("audio"),
+                video=media.get("video"),
+                max_new_tokens=max_new,
+            )
         written = save_attention(model.session.model, connector, media["image"], own["attention"])
         print(f"wrote {written}", file=sys.stderr)
     else:
-        answer = model.generate(own["prompt"], image=media.get("image"), audio=media.get("audio"),
-                                video=media.get("video"), max_new_tokens=max_new)
+        answer = model.generate(
+            own["prompt"],
+            image=media.get("image"),
+            audio=media.get("audio"),
+            video=media.get("video"),
+            max_new_tokens=max_new,
+        )
     print(answer)
     return 0

@@ -13,18 +13,33 @@ OPTIONS = ("stage", "n")
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mmbridge inspect", description=(
-        "The first n samples of a stage after its recipe and conversation format, as the model "
-        "sees them: the rendered text with each media span shown as one marker and its slot "
-        "count (<image x64>), the token ids, the supervised text, and where each media item's "
-        "slots start. The LLM's weights are not read when its directory holds a tokenizer; no "
-        "feature cache is used. Example: mmbridge inspect experiment=llava15_7b stage=align n=2"))
-    p.add_argument("overrides", nargs="*", help="Hydra overrides, plus stage=NAME (default: the "
-                   "schedule's first) and n=K (default 2)")
-    p.add_argument("--json", action="store_true", help="print one JSON object per sample: id, text, "
-                   "input_ids, labels (-100 = not supervised), media (kind, file, first_slot, slots)")
-    p.add_argument("--images", metavar="DIR", default=None,
-                   help="write each sample's preprocessed images to DIR as PNG")
+    p = argparse.ArgumentParser(
+        prog="mmbridge inspect",
+        description=(
+            "The first n samples of a stage after its recipe and conversation format, as the model "
+            "sees them: the rendered text with each media span shown as one marker and its slot "
+            "count (<image x64>), the token ids, the supervised text, and where each media item's "
+            "slots start. The LLM's weights are not read when its directory holds a tokenizer; no "
+            "feature cache is used. Example: mmbridge inspect experiment=llava15_7b stage=align n=2"
+        ),
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="Hydra overrides, plus stage=NAME (default: the schedule's first) and n=K (default 2)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per sample: id, text, "
+        "input_ids, labels (-100 = not supervised), media (kind, file, first_slot, slots)",
+    )
+    p.add_argument(
+        "--images",
+        metavar="DIR",
+        default=None,
+        help="write each sample's preprocessed images to DIR as PNG",
+    )
     args = p.parse_intermixed_args(argv)  # flags anywhere among the overrides
     options: dict[str, str] = {}
     overrides = []

@@ -36,16 +36,24 @@ def split_options(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mmbridge plan", description=(
-        "Build the model of the composed config from its components' config.json files on the "
-        "meta device (no weights, no downloads, no data) and print total / trainable parameters "
-        "per component, visual tokens and sequence length per sample, the steps of each "
-        "scheduled stage, and memory per GPU (weights, gradients, optimizer state, "
-        "activations) for the trainer's strategy and the stage's batch size, with whether it "
-        "fits. Example: mmbridge plan experiment=llava15_7b schedule=[align,instruct] gpu_memory_gb=40"))
-    p.add_argument("overrides", nargs="*", help="Hydra overrides; plus gpu_memory_gb=GiB (default 80), "
-                   "gpus=N (default trainer.devices x num_nodes), images_per_sample=N (default 1), "
-                   "data_samples=N (a stage given in epochs: its training samples)")
+    p = argparse.ArgumentParser(
+        prog="mmbridge plan",
+        description=(
+            "Build the model of the composed config from its components' config.json files on the "
+            "meta device (no weights, no downloads, no data) and print total / trainable parameters "
+            "per component, visual tokens and sequence length per sample, the steps of each "
+            "scheduled stage, and memory per GPU (weights, gradients, optimizer state, "
+            "activations) for the trainer's strategy and the stage's batch size, with whether it "
+            "fits. Example: mmbridge plan experiment=llava15_7b schedule=[align,instruct] gpu_memory_gb=40"
+        ),
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="Hydra overrides; plus gpu_memory_gb=GiB (default 80), "
+        "gpus=N (default trainer.devices x num_nodes), images_per_sample=N (default 1), "
+        "data_samples=N (a stage given in epochs: its training samples)",
+    )
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
     options, overrides = split_options(args.overrides)

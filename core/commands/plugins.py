@@ -16,24 +16,37 @@ from mmbridge.registry.plugin_manager import load_registry
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmbridge plugins", description=(
-        "List every component that plugins (built-in and installed) registered, by kind, with "
-        "the plugin, package and version that registered it. `mmbridge plugins check` runs the "
-        "contract suite (mmbridge.testing) on every registered connector and encoder."))
+    p = argparse.ArgumentParser(
+        prog="mmbridge plugins",
+        description=(
+            "List every component that plugins (built-in and installed) registered, by kind, with "
+            "the plugin, package and version that registered it. `mmbridge plugins check` runs the "
+            "contract suite (mmbridge.testing) on every registered connector and encoder."
+        ),
+    )
     p.add_argument("action", nargs="?", choices=["list", "check"], default="list")
     p.add_argument("--kind", choices=sorted(KINDS), help="only this kind")
     p.add_argument("--plugin", help="(check) only components of this plugin")
-    p.add_argument("--markdown", nargs="?", const="components", choices=REGIONS, help=(
-        "print a README table as Markdown: the components of the four families (default) or "
-        "the config groups with their options (`python -m mmbridge.docs` rewrites README.md)"))
+    p.add_argument(
+        "--markdown",
+        nargs="?",
+        const="components",
+        choices=REGIONS,
+        help=(
+            "print a README table as Markdown: the components of the four families (default) or "
+            "the config groups with their options (`python -m mmbridge.docs` rewrites README.md)"
+        ),
+    )
     return p
 
 
 def _markdown(registry: Registry, which: str) -> str:
     if which == "components":
         return components_markdown(registry)
-    dirs = [builtin_conf_dir()] + [Path(str(files(d[len("pkg://"):]))) if d.startswith("pkg://") else Path(d)
-                                   for d, _ in registry.config_dirs]
+    dirs = [builtin_conf_dir()] + [
+        Path(str(files(d[len("pkg://") :]))) if d.startswith("pkg://") else Path(d)
+        for d, _ in registry.config_dirs
+    ]
     return config_groups_markdown(dirs, strict=False)
 
 
@@ -46,15 +59,25 @@ def main(argv: list[str]) -> int:
     console = Console(width=max(Console().width, 140))
     if args.action == "check":
         from mmbridge.testing.report import run_contract_checks
+
         return run_contract_checks(registry, console, kind=args.kind, plugin=args.plugin)
     table = Table(title="mmbridge components")
     for col in ("kind", "name", "family", "plugin", "package", "version", "description"):
         table.add_column(col, overflow="fold")
     for entry in registry.entries(args.kind):
-        family = getattr(entry.cls, "family", "") or getattr(entry.cls, "modality", "") or getattr(entry.cls, "mode", "")
+        family = (
+            getattr(entry.cls, "family", "")
+            or getattr(entry.cls, "modality", "")
+            or getattr(entry.cls, "mode", "")
+        )
         o = entry.origin
-        table.add_row(entry.kind, entry.name, str(family), o.plugin, o.package, o.version, entry.summary)
+        table.add_row(
+            entry.kind, entry.name, str(family), o.plugin, o.package, o.version, entry.summary
+        )
     console.print(table)
     if registry.config_dirs:
-        console.print("config dirs from plugins: " + ", ".join(f"{d} ({o.plugin})" for d, o in registry.config_dirs))
+        console.print(
+            "config dirs from plugins: "
+            + ", ".join(f"{d} ({o.plugin})" for d, o in registry.config_dirs)
+        )
     return 0

@@ -70,22 +70,33 @@ def main(argv: list[str]) -> int:
     from mmbridge.reporting.results import varying_keys
     from mmbridge.reporting.tables import diff_cell, write_report
 
-    report = write_report(Path(args.dir), args.metric, Path(args.out) if args.out else None,
-                          baseline=args.baseline, n_resamples=args.resamples)
+    report = write_report(
+        Path(args.dir),
+        args.metric,
+        Path(args.out) if args.out else None,
+        baseline=args.baseline,
+        n_resamples=args.resamples,
+    )
     n_runs = sum(len(r.runs) for r in report.rows)
-    print(f"{n_runs} runs in {len(report.rows)} configurations under {report.root}"
-          + (f"; {len(report.unfinished)} unfinished" if report.unfinished else ""))
+    print(
+        f"{n_runs} runs in {len(report.rows)} configurations under {report.root}"
+        + (f"; {len(report.unfinished)} unfinished" if report.unfinished else "")
+    )
     if report.baseline is not None:
         keys = varying_keys(report.rows)
 
         def name(row) -> str:
             return " ".join(f"{k}={row.setting(k)}" for k in keys) or " ".join(row.config)
 
-        print(f"exact match minus the baseline's ({name(report.baseline)}), 95 % interval, * = excludes 0:")
+        print(
+            f"exact match minus the baseline's ({name(report.baseline)}), 95 % interval, * = excludes 0:"
+        )
         for row in report.rows:
             for c in report.comparisons.get(row.config, []):
-                print(f"  {name(row)}  {c.metric.removeprefix('test/')}: {diff_cell(c)}  "
-                      f"({c.n_questions} questions, {c.n_seeds} vs {c.n_baseline_seeds} seeds)")
+                print(
+                    f"  {name(row)}  {c.metric.removeprefix('test/')}: {diff_cell(c)}  "
+                    f"({c.n_questions} questions, {c.n_seeds} vs {c.n_baseline_seeds} seeds)"
+                )
     for f in report.files:
         print(f"  wrote {f}")
     return 0 if n_runs else 1

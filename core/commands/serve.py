@@ -36,8 +36,17 @@ ones waiting together in one batch. Greedy unless a request asks temperature > 0
 Images over MMBRIDGE_MAX_IMAGE_PIXELS are refused with 413. Needs the `serve` extra
 (pip install 'mmbridge[serve]'). Stops cleanly on SIGTERM / Ctrl-C.
 """
-OWN = ("checkpoint", "host", "port", "api_key", "allow_local_files", "name", "max_tokens",
-       "batch_size", "device")
+OWN = (
+    "checkpoint",
+    "host",
+    "port",
+    "api_key",
+    "allow_local_files",
+    "name",
+    "max_tokens",
+    "batch_size",
+    "device",
+)
 
 
 def _flag(value: str, key: str) -> bool:
@@ -60,26 +69,39 @@ def main(argv: list[str]) -> int:
 
         from mmbridge.serving import Server, build_app
     except ImportError as exc:
-        raise ConfigError(f"mmbridge serve needs FastAPI and uvicorn ({exc.name} is missing): "
-                          f"pip install 'mmbridge[serve]'") from None
+        raise ConfigError(
+            f"mmbridge serve needs FastAPI and uvicorn ({exc.name} is missing): "
+            f"pip install 'mmbridge[serve]'"
+        ) from None
     import mmbridge
 
     local = _flag(own.get("allow_local_files", "false"), "allow_local_files")
     model = mmbridge.load(own["checkpoint"], device=own.get("device"), overrides=overrides)
     name = own.get("name") or str(model.session.cfg.get("run_name") or Path(own["checkpoint"]).name)
-    server = Server(model, name, allow_local_files=local, max_tokens=int(own.get("max_tokens", 48)),
-                    batch_size=int(own.get("batch_size", 1)))
+    server = Server(
+        model,
+        name,
+        allow_local_files=local,
+        max_tokens=int(own.get("max_tokens", 48)),
+        batch_size=int(own.get("batch_size", 1)),
+    )
     api_key = own.get("api_key") or os.environ.get("MMBRIDGE_API_KEY") or None
     host, port = own.get("host", "127.0.0.1"), int(own.get("port", 8000))
-    logging.getLogger(__name__).info("serving '%s' on http://%s:%d/v1 (%s)", name, host, port,
-                                     "API key required" if api_key else "no API key")
+    logging.getLogger(__name__).info(
+        "serving '%s' on http://%s:%d/v1 (%s)",
+        name,
+        host,
+        port,
+        "API key required" if api_key else "no API key",
+    )
     # uvicorn handles SIGINT / SIGTERM (stops accepting, finishes open requests), then re-raises
     # the signal to the handlers it found: these make that a clean exit (status 0)
     stopped: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: stopped.append(signum))
-    uvicorn.run(build_app(server, api_key), host=host, port=port, log_level="warning",
-                access_log=False)
+    uvicorn.run(
+        build_app(server, api_key), host=host, port=port, log_level="warning", access_log=False
+    )
     print(f"mmbridge serve: stopped{f' (signal {stopped[0]})' if stopped else ''}", file=sys.stderr)
     # the interpreter's last garbage collection walks every object torch and transformers made
     # (measured: 5.7 s of a busy 2-core machine's time, 0.9 s frozen); nothing is left to free

@@ -52,7 +52,9 @@ def _quote(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def plan(overrides: list[str], sweep_dir: str | None = None, metric: str | None = "test/exact_match") -> list[str]:
+def plan(
+    overrides: list[str], sweep_dir: str | None = None, metric: str | None = "test/exact_match"
+) -> list[str]:
     """The Hydra arguments of a sweep: ``-m``, the user's overrides, and the sweep directory,
     the run-directory naming (the swept keys only) and the report callback."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -63,8 +65,11 @@ def plan(overrides: list[str], sweep_dir: str | None = None, metric: str | None 
     except HydraException as exc:
         raise ConfigError(f"bad override: {exc}") from exc
     task = [o for o in parsed if not o.is_hydra_override()]
-    hashed = sorted(cast(str, o.input_line) for o in parsed  # parse_overrides sets input_line
-                    if not o.is_hydra_override() or o.key_or_group.startswith(_HASHED_HYDRA))
+    hashed = sorted(
+        cast(str, o.input_line)
+        for o in parsed  # parse_overrides sets input_line
+        if not o.is_hydra_override() or o.key_or_group.startswith(_HASHED_HYDRA)
+    )
     fixed = [o.key_or_group for o in task if not o.is_sweep_override()]
     given = {o.key_or_group for o in parsed}
     args = ["-m", *overrides]
@@ -76,11 +81,15 @@ def plan(overrides: list[str], sweep_dir: str | None = None, metric: str | None 
     if "hydra.sweep.subdir" not in given:
         # A run's directory is named by its swept values only (stable across restarts and
         # independent of the job's position in the grid); the fixed overrides are in every run.
-        args += ["hydra.job.config.override_dirname.exclude_keys=[" + ",".join(map(_quote, fixed)) + "]",
-                 "hydra.sweep.subdir=${hydra.job.override_dirname}"]
+        args += [
+            "hydra.job.config.override_dirname.exclude_keys=[" + ",".join(map(_quote, fixed)) + "]",
+            "hydra.sweep.subdir=${hydra.job.override_dirname}",
+        ]
     if metric is not None:
-        args += [f"+hydra.callbacks.report._target_={REPORT_CALLBACK}",
-                 f"+hydra.callbacks.report.metric={_quote(metric)}"]
+        args += [
+            f"+hydra.callbacks.report._target_={REPORT_CALLBACK}",
+            f"+hydra.callbacks.report.metric={_quote(metric)}",
+        ]
     else:  # Hydra's base callback does nothing: it takes the place of `mmbridge train -m`'s report
         args.append("+hydra.callbacks.report._target_=hydra.experimental.callback.Callback")
     return args
@@ -88,8 +97,24 @@ def plan(overrides: list[str], sweep_dir: str | None = None, metric: str | None 
 
 OPTIONS = ("--dir", "--metric", "--no-report")
 # Hydra's own flags, passed through to the multirun.
-HYDRA_FLAGS = ("--cfg", "-c", "--info", "-i", "--resolve", "--package", "-p", "--config-dir", "-cd",
-               "--config-name", "-cn", "--config-path", "-cp", "--hydra-help", "--shell-completion", "-sc")
+HYDRA_FLAGS = (
+    "--cfg",
+    "-c",
+    "--info",
+    "-i",
+    "--resolve",
+    "--package",
+    "-p",
+    "--config-dir",
+    "-cd",
+    "--config-name",
+    "-cn",
+    "--config-path",
+    "-cp",
+    "--hydra-help",
+    "--shell-completion",
+    "-sc",
+)
 
 
 def check_options(overrides: list[str], sweep_dir: str | None, metric: str | None) -> None:
@@ -100,8 +125,10 @@ def check_options(overrides: list[str], sweep_dir: str | None, metric: str | Non
     for a in overrides:
         flag = a.split("=", 1)[0]
         if a.startswith("-") and flag not in HYDRA_FLAGS:
-            errors.append(f"{a}: not an option of mmbridge sweep{did_you_mean(flag, OPTIONS)}; "
-                          f"options: {', '.join(OPTIONS)} (and Hydra's flags)")
+            errors.append(
+                f"{a}: not an option of mmbridge sweep{did_you_mean(flag, OPTIONS)}; "
+                f"options: {', '.join(OPTIONS)} (and Hydra's flags)"
+            )
     if sweep_dir is not None and (problem := writable_dir_error(sweep_dir, "--dir")):
         errors.append(problem)
     if metric is not None and not metric.strip():
@@ -144,8 +171,10 @@ def main(argv: list[str], registry: Registry | None = None) -> int:
     code = train.main(plan(overrides, sweep_dir, metric), registry=registry)
     for report in LAST_REPORT:
         n = sum(len(r.runs) for r in report.rows)
-        print(f"mmbridge sweep: {n} runs in {len(report.rows)} configurations; "
-              f"report: {report.root / 'results.md'}")
+        print(
+            f"mmbridge sweep: {n} runs in {len(report.rows)} configurations; "
+            f"report: {report.root / 'results.md'}"
+        )
         failed = [(d, why) for d, why in report.unfinished if why != "unfinished"]
         for d, why in report.unfinished:
             print(f"  not finished: {d}: {why}")

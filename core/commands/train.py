@@ -64,8 +64,11 @@ def _job(cfg: DictConfig) -> float | None:
     except Interrupted as exc:
         run_dir = Path(str(cfg.get("resume"))).expanduser() if cfg.get("resume") else out
         where = f" at step {exc.step} of stage {exc.stage}" if exc.stage is not None else ""
-        print(f"mmbridge train: interrupted{where}; resume with: mmbridge train resume={run_dir}",
-              file=sys.stderr, flush=True)
+        print(
+            f"mmbridge train: interrupted{where}; resume with: mmbridge train resume={run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
         _STATUS["code"] = exc.exit_status
         if sweep:  # a sweep stops too: the interrupted job resumes when the sweep is started again
             raise SystemExit(exc.exit_status) from None
@@ -79,8 +82,12 @@ def _job(cfg: DictConfig) -> float | None:
     test = metrics.get("test", {})
     log.info("run directory: %s", out)
     if test:
-        log.info("test exact match %.3f (no media %.3f, chance %.3f)", test.get("exact_match", 0),
-                 test.get("no_media/exact_match", float("nan")), test.get("chance/exact_match", float("nan")))
+        log.info(
+            "test exact match %.3f (no media %.3f, chance %.3f)",
+            test.get("exact_match", 0),
+            test.get("no_media/exact_match", float("nan")),
+            test.get("chance/exact_match", float("nan")),
+        )
     return test.get("exact_match")
 
 
@@ -115,27 +122,45 @@ def main(argv: list[str], registry: Registry | None = None) -> int:
     registry = registry if registry is not None else load_registry()
     _REGISTRY["run"] = registry
     _STATUS["code"] = 0
-    task = hydra.main(config_path="pkg://mmbridge.conf", config_name="train", version_base="1.3")(_job)
+    task = hydra.main(config_path="pkg://mmbridge.conf", config_name="train", version_base="1.3")(
+        _job
+    )
 
-    if {"-m", "--multirun"} & set(argv) and not any(a.startswith(("hydra.sweep.subdir=", "hydra.job.config.override_dirname"))
-                                                     for a in argv):
+    if {"-m", "--multirun"} & set(argv) and not any(
+        a.startswith(("hydra.sweep.subdir=", "hydra.job.config.override_dirname")) for a in argv
+    ):
         # Run directories are named by the swept values and the group choices only: fixed
         # `key.sub=value` overrides (paths, steps, ...) are the same in every run and would make
         # names too long (a path's "/" would even nest directories).
-        fixed = [a.split("=", 1)[0].lstrip("+~") for a in argv
-                 if "=" in a and "." in a.split("=", 1)[0] and "," not in a.split("=", 1)[1]
-                 and not a.startswith("hydra")]
+        fixed = [
+            a.split("=", 1)[0].lstrip("+~")
+            for a in argv
+            if "=" in a
+            and "." in a.split("=", 1)[0]
+            and "," not in a.split("=", 1)[1]
+            and not a.startswith("hydra")
+        ]
         keys = ["seed", "experiment", *fixed]
-        argv = [*argv, "hydra.job.config.override_dirname.exclude_keys=[" + ",".join(f"'{k}'" for k in keys) + "]"]
+        argv = [
+            *argv,
+            "hydra.job.config.override_dirname.exclude_keys=["
+            + ",".join(f"'{k}'" for k in keys)
+            + "]",
+        ]
     if {"-m", "--multirun"} & set(argv) and not any("hydra.callbacks.report" in a for a in argv):
         # a sweep ends with its report (results.md/.csv, plots) in the sweep directory
         argv = [*argv, "+hydra.callbacks.report._target_=mmbridge.reporting.tables.ReportCallback"]
     resume = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
     if resume and not any(a.startswith("hydra.run.dir=") for a in argv):
         # Log into the resumed run's own directory; keep its .hydra/ record of the first start.
-        argv = [*argv, f"hydra.run.dir={Path(resume).expanduser().resolve()}", "hydra.output_subdir=null"]
+        argv = [
+            *argv,
+            f"hydra.run.dir={Path(resume).expanduser().resolve()}",
+            "hydra.output_subdir=null",
+        ]
     problems = override_syntax_errors(argv) or [
-        p for p in [resume_override_error(argv), run_root_error(argv), _busy(argv)] if p]
+        p for p in [resume_override_error(argv), run_root_error(argv), _busy(argv)] if p
+    ]
     if problems:
         print("mmbridge train: error: " + "\n  ".join(problems), file=sys.stderr)
         return 1
@@ -160,8 +185,10 @@ def _busy(argv: list[str]) -> str | None:
     note = holder(Path(run_dir).expanduser()) if run_dir else None
     if note is None:
         return None
-    return (f"hydra.run.dir={run_dir}: this run directory is in use by another run ({describe(note)}); "
-            f"wait for it to finish, stop it, or write into another directory")
+    return (
+        f"hydra.run.dir={run_dir}: this run directory is in use by another run ({describe(note)}); "
+        f"wait for it to finish, stop it, or write into another directory"
+    )
 
 
 if __name__ == "__main__":  # the DDP launcher's entry for ranks > 0

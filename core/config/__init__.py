@@ -32,9 +32,9 @@ def searchpath_override(registry: Registry) -> list[str]:
 
 def _config_dirs(registry: Registry | None) -> list[Path]:
     dirs = [builtin_conf_dir()]
-    for d, _ in (registry.config_dirs if registry else []):
+    for d, _ in registry.config_dirs if registry else []:
         if d.startswith("pkg://"):
-            dirs.append(Path(str(files(d[len("pkg://"):]))))
+            dirs.append(Path(str(files(d[len("pkg://") :]))))
         else:
             dirs.append(Path(d))
     return dirs
@@ -44,15 +44,21 @@ def group_options(registry: Registry | None = None) -> dict[str, list[str]]:
     """Config group -> its options, from the built-in tree and every plugin's config dir."""
     groups: dict[str, set[str]] = {}
     for root in _config_dirs(registry):
-        for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+        for sub in sorted(
+            p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))
+        ):
             for f in sub.rglob("*.yaml"):
                 rel = f.relative_to(sub).with_suffix("")
                 groups.setdefault(sub.name, set()).add(rel.as_posix())
     return {g: sorted(o) for g, o in sorted(groups.items())}
 
 
-def compose(overrides: Sequence[str] = (), registry: Registry | None = None,
-            config_name: str = PRIMARY, return_hydra_config: bool = False) -> DictConfig:
+def compose(
+    overrides: Sequence[str] = (),
+    registry: Registry | None = None,
+    config_name: str = PRIMARY,
+    return_hydra_config: bool = False,
+) -> DictConfig:
     """Compose the config as ``mmbridge train`` would, outside a Hydra app.
 
     Raises :class:`ConfigError` with the valid options when an override names an unknown
@@ -67,8 +73,9 @@ def compose(overrides: Sequence[str] = (), registry: Registry | None = None,
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-            return hydra_compose(config_name, overrides=[*overrides, *extra],
-                                 return_hydra_config=return_hydra_config)
+            return hydra_compose(
+                config_name, overrides=[*overrides, *extra], return_hydra_config=return_hydra_config
+            )
     except HydraException as exc:
         raise ConfigError(explain_hydra_error(str(exc), registry)) from exc
 
@@ -79,8 +86,10 @@ def explain_hydra_error(message: str, registry: Registry | None) -> str:
     if m:
         group, option = m.group(1).split("/")[-1], m.group(2)
         options = group_options(registry).get(group, [])
-        return (f"unknown option '{option}' of config group '{group}'{did_you_mean(option, options)}; "
-                f"available: {', '.join(options) or '(none)'}")
+        return (
+            f"unknown option '{option}' of config group '{group}'{did_you_mean(option, options)}; "
+            f"available: {', '.join(options) or '(none)'}"
+        )
     return message
 
 
@@ -91,7 +100,9 @@ def to_container(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     return dict(cfg)
 
 
-def merge_overrides(cfg: DictConfig, overrides: Sequence[str], registry: Registry | None = None) -> DictConfig:
+def merge_overrides(
+    cfg: DictConfig, overrides: Sequence[str], registry: Registry | None = None
+) -> DictConfig:
     """``cfg`` (a stored run config) with command-line overrides applied: ``group=option`` for a
     top-level config group (``data=vqa``) replaces that whole node by the option's config, as
     at composition; every other ``key=value`` is merged on top (``data.path=...`` after it).

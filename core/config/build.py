@@ -28,30 +28,43 @@ RUN_ARGUMENTS = ("registry",)
 
 def _params(cls: type[Any]) -> tuple[dict[str, inspect.Parameter], bool]:
     sig = inspect.signature(cls.__init__)
-    params = {n: p for n, p in sig.parameters.items() if n != "self"
-              and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    params = {
+        n: p
+        for n, p in sig.parameters.items()
+        if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
     var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
     return params, var_kw
 
 
-def check_arguments(entry: Entry, key: str, args: Mapping[str, Any],
-                    injected: Container[str]) -> list[str]:
+def check_arguments(
+    entry: Entry, key: str, args: Mapping[str, Any], injected: Container[str]
+) -> list[str]:
     """Problems with building ``entry`` from ``args`` (plus ``injected`` by the assembly)."""
     params, var_kw = _params(entry.cls)
     from_run = {n for n in RUN_ARGUMENTS if n in params}
     errors = []
     for arg in args:
         if arg in from_run:
-            errors.append(f"{key}.{arg}: set by the run (its registry), not by the config; remove it")
+            errors.append(
+                f"{key}.{arg}: set by the run (its registry), not by the config; remove it"
+            )
             continue
         if arg in injected:
             continue
         if arg not in params and not var_kw:
             valid = [p for p in params if p not in injected and p not in from_run]
-            errors.append(f"{key}.{arg}: not an argument of {entry.kind} '{entry.name}'"
-                          f"{did_you_mean(arg, valid)}; valid: {', '.join(valid) or '(none)'}")
+            errors.append(
+                f"{key}.{arg}: not an argument of {entry.kind} '{entry.name}'"
+                f"{did_you_mean(arg, valid)}; valid: {', '.join(valid) or '(none)'}"
+            )
     for name, p in params.items():
-        if p.default is p.empty and name not in args and name not in injected and name not in from_run:
+        if (
+            p.default is p.empty
+            and name not in args
+            and name not in injected
+            and name not in from_run
+        ):
             errors.append(f"{key}.{name}: required by {entry.kind} '{entry.name}' but not set")
     return errors
 
@@ -62,13 +75,16 @@ def split_node(node: Mapping[str, Any] | DictConfig | None, key: str) -> tuple[s
         raise ConfigError(f"{key}: missing (expected a mapping with 'name' and arguments)")
     data = to_container(node)
     if not isinstance(data, dict) or "name" not in data:
-        raise ConfigError(f"{key}: expected a mapping with a 'name' key (a registered component), got {data!r}")
+        raise ConfigError(
+            f"{key}: expected a mapping with a 'name' key (a registered component), got {data!r}"
+        )
     name = data.pop("name")
     return str(name), data
 
 
-def build(registry: Registry, kind: str, node: Mapping[str, Any] | DictConfig, key: str,
-          **injected: Any) -> Any:
+def build(
+    registry: Registry, kind: str, node: Mapping[str, Any] | DictConfig, key: str, **injected: Any
+) -> Any:
     """Instantiate the component ``node.name`` of ``kind`` with the node's other keys as
     arguments (``injected`` ones, such as dimensions, win over the config's).
 

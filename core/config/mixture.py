@@ -27,12 +27,17 @@ def mixture_errors(node: Mapping[str, Any], key: str) -> list[str]:
         errors.append(f"{key}.size={size!r}: expected null or an integer >= 1")
     sources = get("sources")
     if not isinstance(sources, Sequence) or isinstance(sources, str) or not sources:
-        return [*errors, f"{key}.sources={sources!r}: expected a non-empty list of data-set "
-                         "nodes, each with a weight, e.g. "
-                         "[{name: llava, train: ..., weight: 1}]"]
+        return [
+            *errors,
+            f"{key}.sources={sources!r}: expected a non-empty list of data-set "
+            "nodes, each with a weight, e.g. "
+            "[{name: llava, train: ..., weight: 1}]",
+        ]
     for i, src in enumerate(sources):
         w = src.get("weight") if isinstance(src, Mapping) else None
         if isinstance(w, bool) or not isinstance(w, int | float) or not w > 0:
-            errors.append(f"{key}.sources.{i}.weight={w!r}: expected a number > 0 "
-                          f"(the source's share of the draws, normalised over the sources)")
+            errors.append(
+                f"{key}.sources.{i}.weight={w!r}: expected a number > 0 "
+                f"(the source's share of the draws, normalised over the sources)"
+            )
     return errors

@@ -43,13 +43,17 @@ class ComponentNode:
 
 #: The nodes every model config has, at the top level.
 MAIN_NODES: tuple[ComponentNode, ...] = (
-    ComponentNode("llm", "llm"), ComponentNode("encoder", "encoder"),
-    ComponentNode("connector", "connector", CONNECTOR_ARGS))
+    ComponentNode("llm", "llm"),
+    ComponentNode("encoder", "encoder"),
+    ComponentNode("connector", "connector", CONNECTOR_ARGS),
+)
 #: The top-level key of the extra branches (``branches.<name>``).
 BRANCHES_KEY = "branches"
 #: The nodes of each ``branches.<name>`` (keys relative to the branch).
 BRANCH_NODES: tuple[ComponentNode, ...] = (
-    ComponentNode("encoder", "encoder"), ComponentNode("connector", "connector", CONNECTOR_ARGS))
+    ComponentNode("encoder", "encoder"),
+    ComponentNode("connector", "connector", CONNECTOR_ARGS),
+)
 #: Nodes listed only when the config sets them.
 OPTIONAL_NODES: tuple[ComponentNode, ...] = (ComponentNode("alignment", "prefix", PREFIX_ARGS),)
 
@@ -64,8 +68,10 @@ def model_nodes(cfg: Mapping[str, Any]) -> list[ComponentNode]:
     for name, branch in (cfg.get(BRANCHES_KEY) or {}).items():
         if branch is None:
             continue
-        nodes += [ComponentNode(f"{BRANCHES_KEY}.{name}.{n.key}", n.kind, n.injected)
-                  for n in BRANCH_NODES]
+        nodes += [
+            ComponentNode(f"{BRANCHES_KEY}.{name}.{n.key}", n.kind, n.injected)
+            for n in BRANCH_NODES
+        ]
     nodes += [n for n in OPTIONAL_NODES if node_at(cfg, n.key) is not None]
     return nodes
 
@@ -115,12 +121,15 @@ def branch_nodes(cfg: Mapping[str, Any]) -> list[BranchNodes]:
     connectors = {n.parent: n for n in nodes if n.kind == "connector"}
     for parent in encoders.keys() ^ connectors.keys():
         lacking = "connector" if parent in encoders else "encoder"
-        raise ConfigError(f"{parent or 'the model config'}: needs both 'encoder' and 'connector' "
-                          f"(no '{lacking}')")
+        raise ConfigError(
+            f"{parent or 'the model config'}: needs both 'encoder' and 'connector' (no '{lacking}')"
+        )
     out = []
     for parent, enc in encoders.items():
         if node_at(cfg, enc.key) is None or node_at(cfg, connectors[parent].key) is None:
-            raise ConfigError(f"{parent or 'the model config'}: needs both 'encoder' and 'connector'")
+            raise ConfigError(
+                f"{parent or 'the model config'}: needs both 'encoder' and 'connector'"
+            )
         out.append(BranchNodes(parent, enc, connectors[parent]))
     return out
 
@@ -158,6 +167,8 @@ def branch_problems(cfg: Mapping[str, Any]) -> list[str]:
     """One line per ``branches.<name>`` that is set but is not a mapping holding every node of
     :data:`BRANCH_NODES` (validation reports them all at once)."""
     keys = [n.key for n in BRANCH_NODES]
-    return [f"{BRANCHES_KEY}.{name}: needs both " + " and ".join(f"'{k}'" for k in keys)
-            for name, node in (cfg.get(BRANCHES_KEY) or {}).items()
-            if node is not None and (not isinstance(node, Mapping) or any(k not in node for k in keys))]
+    return [
+        f"{BRANCHES_KEY}.{name}: needs both " + " and ".join(f"'{k}'" for k in keys)
+        for name, node in (cfg.get(BRANCHES_KEY) or {}).items()
+        if node is not None and (not isinstance(node, Mapping) or any(k not in node for k in keys))
+    ]

@@ -41,7 +41,11 @@ def dir_problem(path: str | Path) -> str | None:
 def writable_dir_error(path: str | Path, key: str) -> str | None:
     """The error line for directory ``path`` of config key ``key``, or ``None`` if writable."""
     reason = dir_problem(path)
-    return f"{key}={path}: cannot write there ({reason}); give a writable directory" if reason else None
+    return (
+        f"{key}={path}: cannot write there ({reason}); give a writable directory"
+        if reason
+        else None
+    )
 
 
 def writable_file_error(path: str | Path, key: str) -> str | None:
@@ -60,11 +64,15 @@ def output_errors(data: Mapping[str, Any], output_dir: str | Path | None) -> lis
     paths = p if isinstance(p := data.get("paths"), Mapping) else {}
     errors = []
     if output_dir is not None and (reason := dir_problem(output_dir)):
-        errors.append(f"run directory {output_dir} (paths.output_root={paths.get('output_root')}): "
-                      f"cannot write there ({reason}); give a writable paths.output_root")
+        errors.append(
+            f"run directory {output_dir} (paths.output_root={paths.get('output_root')}): "
+            f"cannot write there ({reason}); give a writable paths.output_root"
+        )
     keys = ["cache_dir", "feature_cache_dir"] if data.get("cache_features", True) else ["cache_dir"]
     for key in keys:
-        if isinstance(paths.get(key), str) and (problem := writable_dir_error(paths[key], f"paths.{key}")):
+        if isinstance(paths.get(key), str) and (
+            problem := writable_dir_error(paths[key], f"paths.{key}")
+        ):
             errors.append(problem)
     return errors
 
@@ -73,9 +81,16 @@ def output_errors(data: Mapping[str, Any], output_dir: str | Path | None) -> lis
 # Keys a resumed run may take from the command line: they change when / how it is evaluated or
 # how long it may run, not what has been trained so far. ``stages.<name>.max_steps`` is safe for
 # the stages that have not finished (the learning-rate schedule of the remaining steps follows).
-SAFE_ON_RESUME = (r"evaluation(\..+)?", r"budget_minutes", r"device", r"progress_every",
-                  r"stages\.[^.]+\.budget_fraction", r"loader\.num_workers",
-                  r"trainer\.(enable_progress_bar|log_every_n_steps)", r"resume")
+SAFE_ON_RESUME = (
+    r"evaluation(\..+)?",
+    r"budget_minutes",
+    r"device",
+    r"progress_every",
+    r"stages\.[^.]+\.budget_fraction",
+    r"loader\.num_workers",
+    r"trainer\.(enable_progress_bar|log_every_n_steps)",
+    r"resume",
+)
 _SAFE = re.compile("^(" + "|".join(SAFE_ON_RESUME) + ")$")
 _STEPS = re.compile(r"^stages\.([^.]+)\.max_steps$")
 
@@ -88,7 +103,9 @@ def stages_done(run_dir: Path) -> list[str]:
         return []
 
 
-def resume_config(saved: DictConfig, composed: DictConfig, overrides: Sequence[str], run_dir: Path) -> DictConfig:
+def resume_config(
+    saved: DictConfig, composed: DictConfig, overrides: Sequence[str], run_dir: Path
+) -> DictConfig:
     """The saved config of ``run_dir`` with the command line's safe ``overrides`` applied
     (values taken from ``composed``, the command line's config); any other override is refused
     with the list, so that none is silently ignored."""
@@ -114,7 +131,9 @@ def resume_config(saved: DictConfig, composed: DictConfig, overrides: Sequence[s
     return cfg
 
 
-def _resume_overrides(parsed: Sequence[Any], done: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+def _resume_overrides(
+    parsed: Sequence[Any], done: Sequence[str]
+) -> tuple[list[str], list[tuple[str, str]]]:
     """Hydra's parsed overrides of a resume: ``(refused lines, [(key, line)] safe to apply)``."""
     unsafe: list[str] = []
     safe: list[tuple[str, str]] = []
@@ -138,12 +157,14 @@ def _resume_overrides(parsed: Sequence[Any], done: Sequence[str]) -> tuple[list[
 
 
 def _resume_refusal(run_dir: str | Path, unsafe: Sequence[str], done: Sequence[str]) -> str:
-    return (f"resume={run_dir}: {len(unsafe)} override(s) cannot change a run that has started: "
-            f"{', '.join(unsafe)}. On resume only these may change: evaluation.*, "
-            f"stages.<stage>.max_steps of a stage not finished (done: {', '.join(done) or 'none'}), "
-            f"stages.<stage>.budget_fraction, budget_minutes, device, progress_every, "
-            f"loader.num_workers, trainer.enable_progress_bar, trainer.log_every_n_steps; "
-            f"start a new run for the others")
+    return (
+        f"resume={run_dir}: {len(unsafe)} override(s) cannot change a run that has started: "
+        f"{', '.join(unsafe)}. On resume only these may change: evaluation.*, "
+        f"stages.<stage>.max_steps of a stage not finished (done: {', '.join(done) or 'none'}), "
+        f"stages.<stage>.budget_fraction, budget_minutes, device, progress_every, "
+        f"loader.num_workers, trainer.enable_progress_bar, trainer.log_every_n_steps; "
+        f"start a new run for the others"
+    )
 
 
 def resume_override_error(argv: Sequence[str]) -> str | None:
@@ -157,7 +178,9 @@ def resume_override_error(argv: Sequence[str]) -> str | None:
     if not run_dir:
         return None
     try:
-        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+        parsed = OverridesParser.create().parse_overrides(
+            [a for a in argv if not a.startswith("-")]
+        )
     except HydraException:
         return None  # override_syntax_errors reports it
     done = stages_done(Path(run_dir).expanduser())
@@ -180,7 +203,11 @@ def run_root_error(argv: Sequence[str]) -> str | None:
         if "${" in path:  # Hydra resolves it; the root it names is checked next
             continue
         reason = dir_problem(path)
-        return f"{key}={path}: cannot write there ({reason}); give a writable directory" if reason else None
+        return (
+            f"{key}={path}: cannot write there ({reason}); give a writable directory"
+            if reason
+            else None
+        )
     return None
 
 
@@ -199,6 +226,8 @@ def override_syntax_errors(argv: Sequence[str]) -> list[str]:
         try:
             parser.parse_overrides([arg])
         except HydraException as exc:
-            errors.append(f"{arg}: not a valid override ({str(exc).splitlines()[0].strip()}); quote a value "
-                          f"with brackets, commas or '=' in it: key='value'")
+            errors.append(
+                f"{arg}: not a valid override ({str(exc).splitlines()[0].strip()}); quote a value "
+                f"with brackets, commas or '=' in it: key='value'"
+            )
     return errors

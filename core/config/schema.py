@@ -43,8 +43,10 @@ def gt(lo: float) -> Rule:
 def unit(lo_open: bool = False, hi_open: bool = False) -> Rule:
     """A ratio / probability in [0, 1] (ends optionally open)."""
     lo, hi = "(" if lo_open else "[", ")" if hi_open else "]"
-    return Rule(lambda v: (v > 0 if lo_open else v >= 0) and (v < 1 if hi_open else v <= 1),
-                f"in {lo}0, 1{hi}")
+    return Rule(
+        lambda v: (v > 0 if lo_open else v >= 0) and (v < 1 if hi_open else v <= 1),
+        f"in {lo}0, 1{hi}",
+    )
 
 
 def one_of(*options: str) -> Rule:
@@ -61,7 +63,9 @@ DEVICE = Rule(lambda v: bool(_DEVICE.match(v)), "null, auto, cpu, cuda, cuda:N, 
 SEED = Rule(lambda v: 0 <= v <= 2**32 - 1, "in 0..4294967295")
 
 
-def spec(default: Any = None, rule: Rule | None = None, *, factory: Callable[[], Any] | None = None) -> Any:
+def spec(
+    default: Any = None, rule: Rule | None = None, *, factory: Callable[[], Any] | None = None
+) -> Any:
     """A schema field: its default and its range rule (kept in the field's metadata)."""
     meta = {"rule": rule} if rule else {}
     if factory is not None:
@@ -110,8 +114,10 @@ class Debug:
 
 #: ``stages.<name>.train.encoder`` options (``false`` / ``true`` mean ``frozen`` / ``full``).
 ENCODER_MODES = ("frozen", "lora", "last_n", "full")
-ENCODER_MODE = Rule(lambda v: isinstance(v, bool) or v in ENCODER_MODES,
-                    "one of " + ", ".join(ENCODER_MODES) + " (or false / true)")
+ENCODER_MODE = Rule(
+    lambda v: isinstance(v, bool) or v in ENCODER_MODES,
+    "one of " + ", ".join(ENCODER_MODES) + " (or false / true)",
+)
 
 
 @dataclass
@@ -125,10 +131,20 @@ class Train:
 
 #: The keys of ``peft.LoraConfig`` that mmbridge sets itself or names differently.
 LORA_RENAMED = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
-LORA_MANAGED = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
-                "auto_mapping", "lora_alpha", "lora_dropout")
-LORA_TARGETS = Rule(lambda v: v == "all-linear" or (isinstance(v, list) and len(v) > 0),
-                    "a non-empty list of module names, or all-linear")
+LORA_MANAGED = (
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "auto_mapping",
+    "lora_alpha",
+    "lora_dropout",
+)
+LORA_TARGETS = Rule(
+    lambda v: v == "all-linear" or (isinstance(v, list) and len(v) > 0),
+    "a non-empty list of module names, or all-linear",
+)
 
 
 def _peft_lora_keys() -> dict[str, Any]:
@@ -136,8 +152,11 @@ def _peft_lora_keys() -> dict[str, Any]:
     ``layers_to_transform``, ...), passed through as written."""
     from peft import LoraConfig  # only when a LoRA section has a key beyond the common ones
 
-    return {f.name: Any for f in fields(LoraConfig)
-            if f.name not in LORA_MANAGED and not f.name.startswith("_")}
+    return {
+        f.name: Any
+        for f in fields(LoraConfig)
+        if f.name not in LORA_MANAGED and not f.name.startswith("_")
+    }
 
 
 @dataclass
@@ -150,8 +169,9 @@ class Lora:
     alpha: float = spec(32, gt(0))  # LoRA scaling numerator (scale = alpha / r); lora_alpha
     dropout: float = spec(0.05, unit(hi_open=True))  # dropout on the LoRA input; lora_dropout
     # module names that get adapters, or all-linear (every linear layer but the output head)
-    target_modules: list[str] | str = spec(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-                                           rule=LORA_TARGETS)
+    target_modules: list[str] | str = spec(
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], rule=LORA_TARGETS
+    )
     use_dora: bool = False  # weight-decomposed LoRA (DoRA, 2402.09353)
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) (2312.03732)
     bias: str = spec("none", one_of("none", "all", "lora_only"))  # which biases train too
@@ -255,10 +275,19 @@ class Root:
 
 
 #: section key -> its dataclass (``stages`` maps every stage name to :class:`Stage`).
-SECTIONS: dict[str, type] = {"loader": Loader, "evaluation": Evaluation, "paths": Paths, "debug": Debug,
-                             "conversation": Conversation}
+SECTIONS: dict[str, type] = {
+    "loader": Loader,
+    "evaluation": Evaluation,
+    "paths": Paths,
+    "debug": Debug,
+    "conversation": Conversation,
+}
 
 #: component nodes at the top level: key -> registry kind (``None``: a mapping of nodes).
 #: The model's nodes (llm, encoder, connector, alignment, branches) from mmbridge.config.model_spec.
-COMPONENTS: dict[str, str | None] = {**top_level_nodes(), "data": "dataset", "trainer": None,
-                                     "tools": None}
+COMPONENTS: dict[str, str | None] = {
+    **top_level_nodes(),
+    "data": "dataset",
+    "trainer": None,
+    "tools": None,
+}

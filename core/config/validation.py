@@ -46,8 +46,13 @@ def describe(hint: Any) -> str:
         return f"a list of {inner}" if args else "a list"
     if origin in (dict, Mapping) or hint is dict:
         return "a mapping"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
+    return {
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        str: "a string",
+        type(None): "null",
+    }.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def type_ok(value: Any, hint: Any) -> bool:
@@ -72,7 +77,11 @@ def type_ok(value: Any, hint: Any) -> bool:
     if origin in (list, tuple, Sequence) or hint in (list, tuple):
         if not isinstance(value, (list, tuple)):
             return False
-        inner = args[0] if args and (origin is not tuple or len(args) == 2 and args[1] is Ellipsis) else Any
+        inner = (
+            args[0]
+            if args and (origin is not tuple or len(args) == 2 and args[1] is Ellipsis)
+            else Any
+        )
         return all(type_ok(v, inner) for v in value)
     if origin in (dict, Mapping) or hint is dict:
         return isinstance(value, dict)
@@ -108,7 +117,9 @@ def check_value(key: str, value: Any, hint: Any, rule: Rule | None = None) -> st
 def check_section(key: str, data: Any, schema: type) -> list[str]:
     """Problems of the mapping ``data`` at ``key`` against the dataclass ``schema`` (recursive)."""
     if not isinstance(data, dict):
-        return [f"{key}={_show(data)}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(schema))}"]
+        return [
+            f"{key}={_show(data)}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(schema))}"
+        ]
     hints = typing.get_type_hints(schema)
     fields = {f.name: f for f in dataclasses.fields(schema)}
     errors = []
@@ -120,9 +131,13 @@ def check_section(key: str, data: Any, schema: type) -> list[str]:
             if name in extra:
                 continue
             where = key or "the top level"
-            more = f"; or a key of {getattr(schema, 'extra_source', 'its library')}" if extra else ""
-            errors.append(f"{sub}={_show(value)}: not a key of {where}"
-                          f"{did_you_mean(str(name), [*fields, *extra])}; valid: {', '.join(fields)}{more}")
+            more = (
+                f"; or a key of {getattr(schema, 'extra_source', 'its library')}" if extra else ""
+            )
+            errors.append(
+                f"{sub}={_show(value)}: not a key of {where}"
+                f"{did_you_mean(str(name), [*fields, *extra])}; valid: {', '.join(fields)}{more}"
+            )
             continue
         hint = hints[name]
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
@@ -149,13 +164,17 @@ def _hints(cls: type[Any]) -> dict[str, Any]:
         if p.annotation is p.empty:
             continue
         try:  # what typing.get_type_hints does, one parameter at a time
-            hints[name] = eval(p.annotation, namespace) if isinstance(p.annotation, str) else p.annotation
+            hints[name] = (
+                eval(p.annotation, namespace) if isinstance(p.annotation, str) else p.annotation
+            )
         except Exception:
             continue
     return hints
 
 
-def check_types(entry: Entry, key: str, args: Mapping[str, Any], injected: Container[str] = ()) -> list[str]:
+def check_types(
+    entry: Entry, key: str, args: Mapping[str, Any], injected: Container[str] = ()
+) -> list[str]:
     """Arguments of ``entry`` whose value does not fit the constructor's annotation."""
     hints = _hints(entry.cls)
     errors = []
@@ -163,12 +182,16 @@ def check_types(entry: Entry, key: str, args: Mapping[str, Any], injected: Conta
         if name in injected or name not in hints:
             continue
         if not type_ok(value, hints[name]):
-            errors.append(f"{key}.{name}={_show(value)}: expected {describe(hints[name])} "
-                          f"(argument of {entry.kind} '{entry.name}')")
+            errors.append(
+                f"{key}.{name}={_show(value)}: expected {describe(hints[name])} "
+                f"(argument of {entry.kind} '{entry.name}')"
+            )
     return errors
 
 
-def check_node(registry: Registry, kind: str, node: Any, key: str, injected: Container[str] = ()) -> list[str]:
+def check_node(
+    registry: Registry, kind: str, node: Any, key: str, injected: Container[str] = ()
+) -> list[str]:
     """Problems of one component node ``{name: ..., **args}``: its name, arguments and their types."""
     if not isinstance(node, dict) or "name" not in node:
         return [f"{key}={_show(node)}: expected a mapping with a 'name' key (a registered {kind})"]
@@ -190,11 +213,15 @@ def _trainer_errors(trainer: Any) -> list[str]:
     errors = []
     for name, value in trainer.items():
         if name in RUNNER_TRAINER_ARGS:
-            errors.append(f"trainer.{name}={_show(value)}: set by the stage runner (stages.<name>.max_steps, "
-                          f"val_every); remove it from trainer")
+            errors.append(
+                f"trainer.{name}={_show(value)}: set by the stage runner (stages.<name>.max_steps, "
+                f"val_every); remove it from trainer"
+            )
         elif name not in params:
-            errors.append(f"trainer.{name}={_show(value)}: not an argument of lightning.Trainer"
-                          f"{did_you_mean(str(name), params)}")
+            errors.append(
+                f"trainer.{name}={_show(value)}: not an argument of lightning.Trainer"
+                f"{did_you_mean(str(name), params)}"
+            )
         elif problem := _trainer_value_error(name, value, hints):
             errors.append(problem)
     return errors
@@ -212,7 +239,11 @@ def _trainer_value_error(name: str, value: Any, hints: Mapping[str, Any]) -> str
     for ``accelerator``, its registry of names), or ``None``: caught here, before the data and
     the model are built, instead of as Lightning's ``ValueError`` when the first stage starts."""
     hint = hints.get(name)
-    if hint is None or name in UNTYPED_TRAINER_ARGS or value in PROJECT_TRAINER_VALUES.get(name, ()):
+    if (
+        hint is None
+        or name in UNTYPED_TRAINER_ARGS
+        or value in PROJECT_TRAINER_VALUES.get(name, ())
+    ):
         return None
     if not type_ok(value, hint):
         extra = "".join(f"{v!r} or " for v in PROJECT_TRAINER_VALUES.get(name, ()))
@@ -222,8 +253,10 @@ def _trainer_value_error(name: str, value: Any, hints: Mapping[str, Any]) -> str
 
         names = ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())]
         if value not in names:
-            return (f"trainer.accelerator={value!r}: not an accelerator{did_you_mean(value, names)}; "
-                    f"valid: {', '.join(names)}")
+            return (
+                f"trainer.accelerator={value!r}: not an accelerator{did_you_mean(value, names)}; "
+                f"valid: {', '.join(names)}"
+            )
     return None
 
 
@@ -235,14 +268,20 @@ def data_errors(registry: Registry, node: Any, key: str) -> list[str]:
     errors = mixture_errors(node, key)
     for i, src in enumerate(node.get("sources") or []):
         if isinstance(src, dict):
-            errors += check_node(registry, "dataset", {k: v for k, v in src.items() if k != "weight"},
-                                 f"{key}.sources.{i}")
+            errors += check_node(
+                registry,
+                "dataset",
+                {k: v for k, v in src.items() if k != "weight"},
+                f"{key}.sources.{i}",
+            )
     return errors
 
 
 def _component_errors(data: dict, registry: Registry) -> list[str]:
     errors = branch_problems(data)
-    for comp in model_nodes(data):  # the model config's shape and injections: mmbridge.config.model_spec
+    for comp in model_nodes(
+        data
+    ):  # the model config's shape and injections: mmbridge.config.model_spec
         value = node_at(data, comp.key)
         if value is None and (comp.key.startswith(f"{BRANCHES_KEY}.") or comp.key not in data):
             continue  # a missing main node is the schema's to report; a broken branch is above
@@ -258,15 +297,20 @@ def _component_errors(data: dict, registry: Registry) -> list[str]:
             errors += data_errors(registry, stage["data"], f"stages.{name}.data")
     ev = e if isinstance(e := data.get("evaluation"), dict) else {}
     for name, node in (ev.get("tool_callers") or {}).items():
-        errors += check_node(registry, "tool_caller", node, f"evaluation.tool_callers.{name}", {"tools": {}})
+        errors += check_node(
+            registry, "tool_caller", node, f"evaluation.tool_callers.{name}", {"tools": {}}
+        )
     for name, node in (ev.get("extra_data") or {}).items():
         errors += data_errors(registry, node, f"evaluation.extra_data.{name}")
     return errors
 
 
 # -- single overrides (command options that change a stored config) -----------------------------
-TOP_LEVEL_KEYS = tuple(sorted({f.name for f in dataclasses.fields(Root)} | set(SECTIONS) | set(COMPONENTS)
-                              | {"stages"}))
+TOP_LEVEL_KEYS = tuple(
+    sorted(
+        {f.name for f in dataclasses.fields(Root)} | set(SECTIONS) | set(COMPONENTS) | {"stages"}
+    )
+)
 
 
 def key_errors(key: str, value: Any) -> list[str]:
@@ -285,14 +329,18 @@ def key_errors(key: str, value: Any) -> list[str]:
     for i, name in enumerate(rest):
         fields = {f.name: f for f in dataclasses.fields(schema)}
         if name not in fields:
-            return [f"{key}={_show(value)}: not a key of {where or 'the config'}{did_you_mean(name, fields)}; "
-                    f"valid: {', '.join(fields)}"]
+            return [
+                f"{key}={_show(value)}: not a key of {where or 'the config'}{did_you_mean(name, fields)}; "
+                f"valid: {', '.join(fields)}"
+            ]
         hint = typing.get_type_hints(schema)[name]
         where = f"{where}.{name}" if where else name
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             schema = hint
             continue
-        if i < len(rest) - 1:  # a key inside a free-form mapping (a component node, a prefix setting)
+        if (
+            i < len(rest) - 1
+        ):  # a key inside a free-form mapping (a component node, a prefix setting)
             return []
         problem = check_value(key, value, hint, fields[name].metadata.get("rule"))
         return [problem] if problem else []
@@ -314,10 +362,16 @@ def override_errors(overrides: Sequence[str]) -> list[str]:
             continue
         if o.is_hydra_override() or o.is_delete() or o.package is not None or o.value_type is None:
             continue
-        values = list(o.sweep_iterator()) if o.is_sweep_override() and hasattr(o, "sweep_iterator") else [o.value()]
+        values = (
+            list(o.sweep_iterator())
+            if o.is_sweep_override() and hasattr(o, "sweep_iterator")
+            else [o.value()]
+        )
         for value in values:
             # a DictConfig converts to a dict
-            plain = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.create({"v": value})))["v"]
+            plain = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.create({"v": value})))[
+                "v"
+            ]
             errors += key_errors(o.key_or_group, plain)
     return list(dict.fromkeys(errors))
 
@@ -339,8 +393,15 @@ def _resolve(cfg: DictConfig | Mapping) -> tuple[dict, list[str]]:
             key = f"{prefix}{k}"
             try:
                 value = node[k]
-                plain[k] = walk(value, f"{key}.") if isinstance(value, DictConfig) else (
-                    OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value)
+                plain[k] = (
+                    walk(value, f"{key}.")
+                    if isinstance(value, DictConfig)
+                    else (
+                        OmegaConf.to_container(value, resolve=True)
+                        if OmegaConf.is_config(value)
+                        else value
+                    )
+                )
             except Exception as exc:
                 errors.append(f"{key}: cannot be resolved: {str(exc).splitlines()[0]}")
         return plain
@@ -356,25 +417,39 @@ def schedule_errors(data: Mapping[str, Any]) -> list[str]:
     if not schedule:
         return ["schedule: empty; list the stages to run, e.g. schedule=[align]"]
     if not isinstance(schedule, list):
-        return [f"schedule={_show(schedule)}: expected a list of stage names, e.g. schedule=[align]"]
-    return [f"schedule: stage '{name}' is not defined under stages{did_you_mean(str(name), stages)}; "
-            f"defined: {', '.join(stages) or '(none)'}" for name in schedule if name not in stages]
+        return [
+            f"schedule={_show(schedule)}: expected a list of stage names, e.g. schedule=[align]"
+        ]
+    return [
+        f"schedule: stage '{name}' is not defined under stages{did_you_mean(str(name), stages)}; "
+        f"defined: {', '.join(stages) or '(none)'}"
+        for name in schedule
+        if name not in stages
+    ]
 
 
-def config_errors(cfg: DictConfig | Mapping, registry: Registry | None = None,
-                  extra_top_level: Sequence[str] = ()) -> list[str]:
+def config_errors(
+    cfg: DictConfig | Mapping, registry: Registry | None = None, extra_top_level: Sequence[str] = ()
+) -> list[str]:
     """Every problem of a composed config (see :func:`validate_config`), one line each."""
     data, errors = _resolve(cfg)
     root = {k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(Root)}}
     errors += check_section("", root, Root)
-    known = {f.name for f in dataclasses.fields(Root)} | set(SECTIONS) | set(COMPONENTS) | {"stages", "hydra"}
+    known = (
+        {f.name for f in dataclasses.fields(Root)}
+        | set(SECTIONS)
+        | set(COMPONENTS)
+        | {"stages", "hydra"}
+    )
     if registry is not None:
         known |= set(group_options(registry))
     known |= set(extra_top_level)
     for key, value in data.items():
         if key not in known:
-            errors.append(f"{key}={_show(value)}: not a config key{did_you_mean(str(key), sorted(known))}; "
-                          f"top-level keys: {', '.join(sorted(known - {'hydra'}))}")
+            errors.append(
+                f"{key}={_show(value)}: not a config key{did_you_mean(str(key), sorted(known))}; "
+                f"top-level keys: {', '.join(sorted(known - {'hydra'}))}"
+            )
     for key, schema in SECTIONS.items():
         if key in data:
             errors += check_section(key, data[key], schema)
@@ -385,7 +460,9 @@ def config_errors(cfg: DictConfig | Mapping, registry: Registry | None = None,
         for name, stage in stages.items():
             errors += check_section(f"stages.{name}", stage, Stage)
             if isinstance(stage, dict) and stage.get("conversation") is not None:
-                errors += check_section(f"stages.{name}.conversation", stage["conversation"], Conversation)
+                errors += check_section(
+                    f"stages.{name}.conversation", stage["conversation"], Conversation
+                )
     if not any(e.startswith("schedule") for e in errors):
         errors += schedule_errors(data)
     if "trainer" in data:
@@ -395,8 +472,11 @@ def config_errors(cfg: DictConfig | Mapping, registry: Registry | None = None,
     return list(dict.fromkeys(errors))
 
 
-def validate_config(cfg: DictConfig | Mapping, registry: Registry | None = None,
-                    output_dir: str | Path | None = None) -> None:
+def validate_config(
+    cfg: DictConfig | Mapping,
+    registry: Registry | None = None,
+    output_dir: str | Path | None = None,
+) -> None:
     """Check a composed config before anything is built; raise one :class:`ConfigError` listing
     every problem (key, bad value, what is valid).
 
@@ -411,5 +491,7 @@ def validate_config(cfg: DictConfig | Mapping, registry: Registry | None = None,
     if output_dir is not None:
         errors += output_errors(_resolve(cfg)[0], output_dir)
     if errors:
-        raise ConfigError(f"invalid config ({len(errors)} problem{'s' * (len(errors) > 1)}):\n  "
-                          + "\n  ".join(errors))
+        raise ConfigError(
+            f"invalid config ({len(errors)} problem{'s' * (len(errors) > 1)}):\n  "
+            + "\n  ".join(errors)
+        )

@@ -40,7 +40,9 @@ class Connector(nn.Module, ABC):
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
         if in_dim <= 0 or out_dim <= 0:
-            raise ValueError(f"connector dimensions must be positive, got in_dim={in_dim}, out_dim={out_dim}")
+            raise ValueError(
+                f"connector dimensions must be positive, got in_dim={in_dim}, out_dim={out_dim}"
+            )
         self.in_dim = int(in_dim)
         self.out_dim = int(out_dim)
 
@@ -55,7 +57,9 @@ class Connector(nn.Module, ABC):
         """``M``: how many tokens ``forward`` yields for ``N = n_in`` input features."""
 
     @abstractmethod
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Map features ``[B, N, D_in]`` with ``mask [B, N]`` to ``tokens [B, M, D_out]`` and
         ``mask [B, M]`` (bool, True = real token)."""
 

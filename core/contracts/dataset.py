@@ -34,5 +34,7 @@ class DatasetSource(ABC):
 
     def identity(self) -> dict[str, Any]:
         """What determines the content (part of the feature-cache key)."""
-        return {"class": f"{type(self).__module__}.{type(self).__qualname__}",
-                "args": getattr(self, "init_args", {})}
+        return {
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "args": getattr(self, "init_args", {}),
+        }

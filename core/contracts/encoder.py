@@ -69,5 +69,7 @@ class ModalityEncoder(nn.Module, ABC):
     def cache_identity(self) -> dict[str, Any]:
         """What determines this encoder's features (feature-cache key): class, arguments,
         preprocessing. Subclasses that load weights should add a fingerprint of them."""
-        return {"class": f"{type(self).__module__}.{type(self).__qualname__}",
-                "args": getattr(self, "init_args", {})}
+        return {
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "args": getattr(self, "init_args", {}),
+        }

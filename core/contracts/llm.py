@@ -54,8 +54,13 @@ class LanguageModel(nn.Module, ABC):
         """LM head: ``[..., D_llm]`` -> ``[..., V]``."""
 
     @abstractmethod
-    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                 max_new_tokens: int = 32, **kwargs: Any) -> torch.Tensor:
+    def generate(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int = 32,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         """Greedy (or sampled) continuation of a left-padded embedding batch; returns only
         the new token ids ``[B, T_new]``."""
 
@@ -91,8 +96,9 @@ class LanguageModel(nn.Module, ABC):
         flow through them)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement prefix_states")
 
-    def hidden_after(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                     prefix: Any) -> torch.Tensor:
+    def hidden_after(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, prefix: Any
+    ) -> torch.Tensor:
         """Final hidden states ``[B, S, D_llm]`` of the positions after a shared prefix.
 
         Args:

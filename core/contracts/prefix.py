@@ -44,8 +44,9 @@ class SequencePrefix(nn.Module, ABC):
         """How many positions the prefix takes."""
 
     @abstractmethod
-    def forward(self, embeds: torch.Tensor, prompt_mask: torch.Tensor,
-                batch: Mapping[str, Any]) -> torch.Tensor:
+    def forward(
+        self, embeds: torch.Tensor, prompt_mask: torch.Tensor, batch: Mapping[str, Any]
+    ) -> torch.Tensor:
         """The prefix tokens ``[B, n_tokens, D]``.
 
         Args:

@@ -38,12 +38,21 @@ class RecipeContext:
     cache_dir: Path
     _cfg: DictConfig | None = field(default=None, repr=False, compare=False)
 
-    def __init__(self, registry: Registry, model: MultimodalModel, tables: dict[str, FeatureTable],
-                 cache_dir: Path, *legacy: Any, cfg: DictConfig | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        model: MultimodalModel,
+        tables: dict[str, FeatureTable],
+        cache_dir: Path,
+        *legacy: Any,
+        cfg: DictConfig | None = None,
+    ) -> None:
         if legacy:  # the old order: RecipeContext(cfg, registry, model, tables, cache_dir)
             if len(legacy) != 1 or cfg is not None:
-                raise TypeError("RecipeContext(registry, model, tables, cache_dir, cfg=None): "
-                                f"got {4 + len(legacy)} positional arguments")
+                raise TypeError(
+                    "RecipeContext(registry, model, tables, cache_dir, cfg=None): "
+                    f"got {4 + len(legacy)} positional arguments"
+                )
             old: tuple[Any, ...] = (registry, model, tables, cache_dir, legacy[0])
             cfg, registry, model, tables, cache_dir = old
         self.registry = registry
@@ -55,10 +64,13 @@ class RecipeContext:
     @property
     def cfg(self) -> DictConfig | None:
         """Deprecated: the run's whole config (``None`` where the caller did not pass it)."""
-        warnings.warn("RecipeContext.cfg is deprecated and will be removed: read a recipe's "
-                      "settings from its own config node (its constructor's arguments), and "
-                      "use context.registry / model / tables / cache_dir",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "RecipeContext.cfg is deprecated and will be removed: read a recipe's "
+            "settings from its own config node (its constructor's arguments), and "
+            "use context.registry / model / tables / cache_dir",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self._cfg
 
 

@@ -31,8 +31,14 @@ class Tool(ABC):
 
     def spec(self) -> dict[str, Any]:
         """The function-calling description of this tool (OpenAI / HF chat-template style)."""
-        return {"type": "function", "function": {
-            "name": self.name, "description": self.description, "parameters": self.parameters}}
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.parameters,
+            },
+        }
 
 
 #: ``generate(messages) -> assistant text``: how a caller asks the LLM for a reply.

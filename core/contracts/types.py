@@ -9,8 +9,14 @@ from typing import Any
 from mmbridge.errors import DataError
 
 #: The roles of a LLaVA conversation turn, mapped to chat-template roles.
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-         "system": "system", "tool": "tool"}
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "tool": "tool",
+}
 
 
 def placeholder(modality: str) -> str:
@@ -18,8 +24,12 @@ def placeholder(modality: str) -> str:
     return f"<{modality}>"
 
 
-def check_placeholders(turns: Iterable[tuple[str, str]], media: Mapping[str, int],
-                       modalities: Iterable[str], where: str) -> None:
+def check_placeholders(
+    turns: Iterable[tuple[str, str]],
+    media: Mapping[str, int],
+    modalities: Iterable[str],
+    where: str,
+) -> None:
     """The one placeholder rule: each media item has exactly one placeholder, in a user turn.
 
     Every reader of samples (the LLaVA reader, the run's media check, the chat encoder) calls
@@ -51,9 +61,11 @@ def check_placeholders(turns: Iterable[tuple[str, str]], media: Mapping[str, int
         if user[key] != expected or other[key]:
             ph = placeholder(key)
             elsewhere = f" and {other[key]} in other turns" if other[key] else ""
-            raise DataError(f"{where}: {user[key]} {ph} placeholder(s) in user turns{elsewhere} for "
-                            f"{expected} {key} item(s); each {key} item needs exactly one {ph}, "
-                            f"in a user turn")
+            raise DataError(
+                f"{where}: {user[key]} {ph} placeholder(s) in user turns{elsewhere} for "
+                f"{expected} {key} item(s); each {key} item needs exactly one {ph}, "
+                f"in a user turn"
+            )
 
 
 def media_paths(value: str | Sequence[str]) -> list[str]:
@@ -101,8 +113,10 @@ class Sample:
         for m, v in self.media.items():
             paths = media_paths(v)
             if len(paths) != 1:
-                raise DataError(f"sample {self.id}: {len(paths)} {m} files where one {m} file is "
-                                f"read (tools and scorers take one file per modality)")
+                raise DataError(
+                    f"sample {self.id}: {len(paths)} {m} files where one {m} file is "
+                    f"read (tools and scorers take one file per modality)"
+                )
             out[m] = paths[0]
         return out
 
@@ -120,8 +134,12 @@ class Sample:
     def replace(self, **changes: Any) -> Sample:
         """A copy with some fields replaced (media/meta dicts are copied, not shared)."""
         media = {m: v if isinstance(v, str) else list(v) for m, v in self.media.items()}
-        data: dict[str, Any] = {"id": self.id, "media": media,
-                "conversations": [dict(t) for t in self.conversations], "meta": dict(self.meta)}
+        data: dict[str, Any] = {
+            "id": self.id,
+            "media": media,
+            "conversations": [dict(t) for t in self.conversations],
+            "meta": dict(self.meta),
+        }
         data.update(changes)
         return Sample(**data)
 

@@ -55,25 +55,39 @@ class Batcher:
     ``meta[key] [B]``, ``ids``.
     """
 
-    def __init__(self, branches: Mapping[str, Branch], chat: ChatEncoder,
-                 tables: Mapping[str, FeatureTable] | None = None, left_pad: bool = False,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        branches: Mapping[str, Branch],
+        chat: ChatEncoder,
+        tables: Mapping[str, FeatureTable] | None = None,
+        left_pad: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
         self.branches = dict(branches)
         self.chat = chat
         self.left_pad = left_pad
         self.device = torch.device(device) if device is not None else None
         self.reader = MediaReader(self.branches, tables)
-        self._collators = {side: Collator(chat.pad_id, self.branches, left_pad=side) for side in (False, True)}
+        self._collators = {
+            side: Collator(chat.pad_id, self.branches, left_pad=side) for side in (False, True)
+        }
 
     @classmethod
-    def from_model(cls, model: MultimodalModel, chat: ChatEncoder,
-                   tables: Mapping[str, FeatureTable] | None = None, left_pad: bool = False,
-                   device: torch.device | str | None = None) -> Batcher:
+    def from_model(
+        cls,
+        model: MultimodalModel,
+        chat: ChatEncoder,
+        tables: Mapping[str, FeatureTable] | None = None,
+        left_pad: bool = False,
+        device: torch.device | str | None = None,
+    ) -> Batcher:
         """The batcher of ``model``'s branches; ``device`` defaults to where the model's
         parameters are."""
         if device is None:
             device = next(model.parameters()).device
-        return cls(dict(model.branches.items()), chat, tables=tables, left_pad=left_pad, device=device)
+        return cls(
+            dict(model.branches.items()), chat, tables=tables, left_pad=left_pad, device=device
+        )
 
     @property
     def tables(self) -> dict[str, FeatureTable]:
@@ -98,20 +112,28 @@ class Batcher:
             DataError: the sample's media modality has no branch, its conversation is
                 malformed, or its placeholders do not match its media.
         """
-        return encode_sample(sample, self.reader, self.chat, add_generation_prompt=add_generation_prompt)
+        return encode_sample(
+            sample, self.reader, self.chat, add_generation_prompt=add_generation_prompt
+        )
 
     def collate(self, items: list[dict[str, Any]], left_pad: bool | None = None) -> dict[str, Any]:
         """Rows of :meth:`encode` -> one padded batch on the CPU (``left_pad``: default the
         batcher's side)."""
         return self._collators[self.left_pad if left_pad is None else left_pad](items)
 
-    def to_device(self, batch: dict[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
+    def to_device(
+        self, batch: dict[str, Any], device: torch.device | str | None = None
+    ) -> dict[str, Any]:
         """``batch`` on ``device`` (default: the batcher's; with neither, as it is)."""
         target = device if device is not None else self.device
         return batch if target is None else to_device(batch, target)
 
-    def batch(self, samples: Sequence[Sample], device: torch.device | str | None = None,
-              generation: bool = False) -> dict[str, Any]:
+    def batch(
+        self,
+        samples: Sequence[Sample],
+        device: torch.device | str | None = None,
+        generation: bool = False,
+    ) -> dict[str, Any]:
         """Samples -> a padded batch on ``device`` (default: the batcher's).
 
         Args:
@@ -125,8 +147,9 @@ class Batcher:
         items = [self.encode(s, add_generation_prompt=generation) for s in samples]
         return self.to_device(self.collate(items, left_pad=True if generation else None), device)
 
-    def dataset(self, samples: Sequence[Sample], recipe: DataRecipe, seed: int = 0,
-                split: str = "") -> ConversationDataset:
+    def dataset(
+        self, samples: Sequence[Sample], recipe: DataRecipe, seed: int = 0, split: str = ""
+    ) -> ConversationDataset:
         """A training / validation data set of ``samples`` through ``recipe``, whose rows are
         :meth:`encode`'s (collate them with :attr:`collator`)."""
         return ConversationDataset(samples, recipe, self.reader, self.chat, seed=seed, split=split)

@@ -43,7 +43,9 @@ def to_messages(conversations: Sequence[Mapping[str, str]]) -> list[dict[str, st
     for k, turn in enumerate(conversations):
         role = ROLES.get(turn.get("from", ""))
         if role is None:
-            raise DataError(f"turn {k}: unknown role {turn.get('from')!r}; valid: {', '.join(sorted(ROLES))}")
+            raise DataError(
+                f"turn {k}: unknown role {turn.get('from')!r}; valid: {', '.join(sorted(ROLES))}"
+            )
         out.append({"role": role, "content": str(turn.get("value", ""))})
     return out
 
@@ -86,9 +88,15 @@ class ChatEncoder:
             tokenizer adds at the start of a text (Llama's BOS), as LLaVA tokenizes.
     """
 
-    def __init__(self, tokenizer: Any, modalities: Sequence[str], max_length: int = 512,
-                 prefix_tokens: int = 0, meta_keys: Sequence[str] = (),
-                 conversation: ConversationSpec | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        modalities: Sequence[str],
+        max_length: int = 512,
+        prefix_tokens: int = 0,
+        meta_keys: Sequence[str] = (),
+        conversation: ConversationSpec | None = None,
+    ) -> None:
         self.spec = conversation or ConversationSpec()
         self.format: ConversationFormat | None = self.spec.build(tokenizer, modalities)
         self.prefix_tokens = prefix_tokens
@@ -96,21 +104,32 @@ class ChatEncoder:
         self.tokenizer = tokenizer
         #: The Jinja chat template of the format (what an export writes): the tokenizer's own for
         #: native, else the named format's (:meth:`ConversationFormat.jinja`).
-        self.template = (self.format.jinja() if self.format is not None else
-                         getattr(tokenizer, "chat_template", None) or FALLBACK_TEMPLATE)
+        self.template = (
+            self.format.jinja()
+            if self.format is not None
+            else getattr(tokenizer, "chat_template", None) or FALLBACK_TEMPLATE
+        )
         self.modalities = list(modalities)
         self.max_length = max_length
         alternatives = "|".join(re.escape(placeholder(m)) for m in self.modalities)
         self._split = re.compile(f"({alternatives})") if alternatives else None
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
         self.start_ids = start_ids(tokenizer) if self.format is not None else []
 
     def with_conversation(self, conversation: ConversationSpec) -> ChatEncoder:
         """The same encoder with another conversation format (a stage's own)."""
         if conversation == self.spec:
             return self
-        return ChatEncoder(self.tokenizer, self.modalities, self.max_length, self.prefix_tokens,
-                           self.meta_keys, conversation)
+        return ChatEncoder(
+            self.tokenizer,
+            self.modalities,
+            self.max_length,
+            self.prefix_tokens,
+            self.meta_keys,
+            conversation,
+        )
 
     def prepare(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         """The messages as the format sees them (placeholders moved first with ``image_first``)."""
@@ -120,13 +139,19 @@ class ChatEncoder:
         """The text of ``messages`` (after :meth:`prepare`), without the start tokens."""
         return self._rendered(self.prepare(messages), add_generation_prompt).text
 
-    def _rendered(self, messages: list[dict[str, str]], add_generation_prompt: bool,
-                  sample_id: str = "?") -> Rendered:
+    def _rendered(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool, sample_id: str = "?"
+    ) -> Rendered:
         if self.format is not None:
             return self.format.render(messages, add_generation_prompt, where=f"sample {sample_id}")
-        return Rendered(self.tokenizer.apply_chat_template(
-            messages, chat_template=self.template, tokenize=False,
-            add_generation_prompt=add_generation_prompt))
+        return Rendered(
+            self.tokenizer.apply_chat_template(
+                messages,
+                chat_template=self.template,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
+        )
 
     def _answer_spans(self, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
         spans = []
@@ -137,13 +162,20 @@ class ChatEncoder:
             start = len(prompt)
             end = len(self._rendered(messages[: k + 1], add_generation_prompt=False).text)
             if text[:start] != prompt:
-                raise DataError("the chat template does not render conversation prefixes as "
-                                "prefixes; cannot locate the assistant answers")
+                raise DataError(
+                    "the chat template does not render conversation prefixes as "
+                    "prefixes; cannot locate the assistant answers"
+                )
             spans.append((start, end))
         return spans
 
-    def encode(self, messages: list[dict[str, str]], slots: Mapping[str, int | Sequence[int]],
-               add_generation_prompt: bool = False, sample_id: str = "?") -> Encoded:
+    def encode(
+        self,
+        messages: list[dict[str, str]],
+        slots: Mapping[str, int | Sequence[int]],
+        add_generation_prompt: bool = False,
+        sample_id: str = "?",
+    ) -> Encoded:
         """Tokenize; ``slots[modality]`` = how many positions its placeholder expands to, or one
         count per placeholder (a sample with several files of the modality: the k-th count is
         the k-th placeholder's, in text order).
@@ -155,8 +187,12 @@ class ChatEncoder:
         """
         per_item = {m: [n] if isinstance(n, int) else list(n) for m, n in slots.items()}
         messages = self.prepare(messages)
-        check_placeholders(((m["role"], m["content"]) for m in messages),
-                           {m: len(v) for m, v in per_item.items()}, self.modalities, f"sample {sample_id}")
+        check_placeholders(
+            ((m["role"], m["content"]) for m in messages),
+            {m: len(v) for m, v in per_item.items()},
+            self.modalities,
+            f"sample {sample_id}",
+        )
         seen = dict.fromkeys(per_item, 0)
         generating = add_generation_prompt and messages[-1]["role"] != "assistant"
         rendered = self._rendered(messages, add_generation_prompt, sample_id)
@@ -177,8 +213,10 @@ class ChatEncoder:
             modality = piece[1:-1] if self._split and self._split.fullmatch(piece) else None
             if modality is not None:
                 if seen[modality] >= len(per_item[modality]):
-                    raise DataError(f"sample {sample_id}: the chat template rendered more "
-                                    f"{piece} placeholders than the messages hold")
+                    raise DataError(
+                        f"sample {sample_id}: the chat template rendered more "
+                        f"{piece} placeholders than the messages hold"
+                    )
                 n = per_item[modality][seen[modality]]
                 seen[modality] += 1
                 ids += [self.pad_id] * n
@@ -205,16 +243,24 @@ class ChatEncoder:
             where[at:at] = [PREFIX_SLOT] * n
         cut = 0
         if len(ids) > self.max_length and generating:
-            raise DataError(f"sample {sample_id}: the prompt is {len(ids)} tokens, longer than "
-                            f"loader.max_text_tokens={self.max_length}; cutting it would cut the "
-                            f"question away: shorten the prompt or raise loader.max_text_tokens")
+            raise DataError(
+                f"sample {sample_id}: the prompt is {len(ids)} tokens, longer than "
+                f"loader.max_text_tokens={self.max_length}; cutting it would cut the "
+                f"question away: shorten the prompt or raise loader.max_text_tokens"
+            )
         if len(ids) > self.max_length:
             last_slot = max((i for i, w in enumerate(where) if w), default=-1)
             if last_slot >= self.max_length:
-                raise DataError(f"sample {sample_id}: media slots end at position {last_slot + 1}, "
-                                f"beyond loader.max_text_tokens={self.max_length}; raise it")
-            cut = sum(label != IGNORE for label in labels[self.max_length:])
-            ids, labels, where = ids[: self.max_length], labels[: self.max_length], where[: self.max_length]
+                raise DataError(
+                    f"sample {sample_id}: media slots end at position {last_slot + 1}, "
+                    f"beyond loader.max_text_tokens={self.max_length}; raise it"
+                )
+            cut = sum(label != IGNORE for label in labels[self.max_length :])
+            ids, labels, where = (
+                ids[: self.max_length],
+                labels[: self.max_length],
+                where[: self.max_length],
+            )
         return Encoded(ids, labels, where, cut_labels=cut)
 
 
@@ -223,6 +269,6 @@ def start_ids(tokenizer: Any) -> list[int]:
     bare = list(tokenizer("a", add_special_tokens=False)["input_ids"])
     full = list(tokenizer("a")["input_ids"])
     for k in range(len(full) - len(bare) + 1):
-        if full[k:k + len(bare)] == bare:
+        if full[k : k + len(bare)] == bare:
             return full[:k]
     return []

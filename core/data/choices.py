@@ -16,8 +16,12 @@ def option_letters(n: int) -> list[str]:
     return [chr(ord("A") + i) for i in range(n)]
 
 
-def choice_prompt(question: str, options: Sequence[str], hint: str | None = None,
-                  instruction: str = ANSWER_WITH_LETTER) -> tuple[str, dict[str, str]]:
+def choice_prompt(
+    question: str,
+    options: Sequence[str],
+    hint: str | None = None,
+    instruction: str = ANSWER_WITH_LETTER,
+) -> tuple[str, dict[str, str]]:
     """The question in the LLaVA / MMBench layout (``Context:`` hint, question, ``A. ...``
     lines, instruction) and its options by letter."""
     opts = dict(zip(option_letters(len(options)), (str(o) for o in options), strict=True))

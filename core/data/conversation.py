@@ -40,8 +40,10 @@ from mmbridge.contracts.types import placeholder
 from mmbridge.errors import ConfigError, DataError
 
 #: LLaVA's ``conv_vicuna_v1`` system line.
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "
-                 "assistant gives helpful, detailed, and polite answers to the user's questions.")
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The "
+    "assistant gives helpful, detailed, and polite answers to the user's questions."
+)
 #: LLaVA's ``conv_llama_2`` system line (Meta's Llama-2-chat default).
 LLAMA_2_SYSTEM = (
     "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, "
@@ -49,12 +51,14 @@ LLAMA_2_SYSTEM = (
     "toxic, dangerous, or illegal content. Please ensure that your responses are socially unbiased "
     "and positive in nature.\n\nIf a question does not make any sense, or is not factually "
     "coherent, explain why instead of answering something not correct. If you don't know the "
-    "answer to a question, please don't share false information.")
+    "answer to a question, please don't share false information."
+)
 #: LLaVA's ``conv_llava_llama_2`` system line (a vision assistant).
 LLAVA_LLAMA_2_SYSTEM = (
     "You are a helpful language and vision assistant. You are able to understand the visual "
     "content that the user provides, and assist the user with a variety of tasks using natural "
-    "language.")
+    "language."
+)
 
 #: The ``conversation.name`` options.
 FORMATS = ("native", "plain", "vicuna_v1", "llama_2", "chatml")
@@ -69,7 +73,9 @@ class Rendered:
     spans: list[tuple[int, int]] = field(default_factory=list)
 
 
-def move_media_first(messages: list[dict[str, str]], modalities: Sequence[str]) -> list[dict[str, str]]:
+def move_media_first(
+    messages: list[dict[str, str]], modalities: Sequence[str]
+) -> list[dict[str, str]]:
     """LLaVA's ``preprocess_multimodal``: in each turn holding placeholders, remove them, strip
     the text and put them in front, each followed by ``"\\n"`` (order kept)."""
     if not modalities:
@@ -103,7 +109,9 @@ class ConversationFormat:
         self.system = self.default_system if system is None else system
         self.bos, self.eos = bos, eos
 
-    def _turns(self, messages: Sequence[Mapping[str, str]], where: str) -> tuple[str | None, list[tuple[str, str]]]:
+    def _turns(
+        self, messages: Sequence[Mapping[str, str]], where: str
+    ) -> tuple[str | None, list[tuple[str, str]]]:
         """The system text and the (role, text) turns, LLaVA's rules applied: a first turn not
         from the user is skipped; user and assistant must alternate."""
         system = self.system
@@ -115,13 +123,19 @@ class ConversationFormat:
         for k, (role, _) in enumerate(turns):
             want = "user" if k % 2 == 0 else "assistant"
             if role != want:
-                raise DataError(f"{where}: the {self.name} conversation format needs turns that "
-                                f"alternate user / assistant (after an optional system turn); turn "
-                                f"{k} is '{role}', expected '{want}'")
+                raise DataError(
+                    f"{where}: the {self.name} conversation format needs turns that "
+                    f"alternate user / assistant (after an optional system turn); turn "
+                    f"{k} is '{role}', expected '{want}'"
+                )
         return system, turns
 
-    def render(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False,
-               where: str = "sample ?") -> Rendered:
+    def render(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        add_generation_prompt: bool = False,
+        where: str = "sample ?",
+    ) -> Rendered:
         raise NotImplementedError
 
     def jinja(self) -> str:
@@ -132,11 +146,13 @@ class ConversationFormat:
 
     def _system_jinja(self) -> str:
         """Jinja: ``fmt.system`` (the format's, or a first system turn's) and ``fmt.start``."""
-        return ("{%- set fmt = namespace(system=" + json.dumps(self.system or "") + ", start=0) -%}"
-                "{%- if messages and messages[0]['role'] == 'system' -%}"
-                "{%- set fmt.system = messages[0]['content'] -%}{%- set fmt.start = 1 -%}{%- endif -%}"
-                "{%- if messages | length > fmt.start and messages[fmt.start]['role'] != 'user' -%}"
-                "{%- set fmt.start = fmt.start + 1 -%}{%- endif -%}")
+        return (
+            "{%- set fmt = namespace(system=" + json.dumps(self.system or "") + ", start=0) -%}"
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set fmt.system = messages[0]['content'] -%}{%- set fmt.start = 1 -%}{%- endif -%}"
+            "{%- if messages | length > fmt.start and messages[fmt.start]['role'] != 'user' -%}"
+            "{%- set fmt.start = fmt.start + 1 -%}{%- endif -%}"
+        )
 
 
 class VicunaV1(ConversationFormat):
@@ -145,8 +161,12 @@ class VicunaV1(ConversationFormat):
     name = "vicuna_v1"
     default_system = VICUNA_SYSTEM
 
-    def render(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False,
-               where: str = "sample ?") -> Rendered:
+    def render(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        add_generation_prompt: bool = False,
+        where: str = "sample ?",
+    ) -> Rendered:
         system, turns = self._turns(messages, where)
         text = (system or "") + " "
         spans = []
@@ -165,13 +185,17 @@ class VicunaV1(ConversationFormat):
         return Rendered(text, spans)
 
     def jinja(self) -> str:
-        return (self._system_jinja() + "{{- fmt.system + ' ' -}}"
-                "{%- for m in messages[fmt.start:] -%}"
-                "{%- if m['role'] == 'user' -%}{{- 'USER: ' + m['content'] + ' ' -}}"
-                "{%- else -%}{{- 'ASSISTANT: ' + m['content'] + " + json.dumps(self.eos) + " -}}{%- endif -%}"
-                "{%- endfor -%}"
-                "{%- if add_generation_prompt and messages[-1]['role'] == 'user' -%}"
-                "{{- 'ASSISTANT:' -}}{%- endif -%}")
+        return (
+            self._system_jinja() + "{{- fmt.system + ' ' -}}"
+            "{%- for m in messages[fmt.start:] -%}"
+            "{%- if m['role'] == 'user' -%}{{- 'USER: ' + m['content'] + ' ' -}}"
+            "{%- else -%}{{- 'ASSISTANT: ' + m['content'] + "
+            + json.dumps(self.eos)
+            + " -}}{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt and messages[-1]['role'] == 'user' -%}"
+            "{{- 'ASSISTANT:' -}}{%- endif -%}"
+        )
 
 
 class Llama2(ConversationFormat):
@@ -180,8 +204,12 @@ class Llama2(ConversationFormat):
     name = "llama_2"
     default_system = LLAMA_2_SYSTEM
 
-    def render(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False,
-               where: str = "sample ?") -> Rendered:
+    def render(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        add_generation_prompt: bool = False,
+        where: str = "sample ?",
+    ) -> Rendered:
         system, turns = self._turns(messages, where)
         text, spans = "", []
         for k, (role, msg) in enumerate(turns):
@@ -199,17 +227,22 @@ class Llama2(ConversationFormat):
         return Rendered(text, spans)  # the generation prompt ends with "[/INST]" already
 
     def jinja(self) -> str:
-        return (self._system_jinja() +
-                "{%- for m in messages[fmt.start:] -%}"
-                "{%- if m['role'] == 'user' -%}"
-                "{%- if loop.first -%}"
-                "{%- set head = '<<SYS>>\\n' + fmt.system + '\\n<</SYS>>\\n\\n' if fmt.system else '' -%}"
-                "{{- '[INST] ' + head + m['content'] + ' [/INST]' -}}"
-                "{%- else -%}{{- " + json.dumps(self.bos) + " + '[INST] ' + m['content'] + ' [/INST]' -}}"
-                "{%- endif -%}"
-                "{%- elif m['content'] -%}{{- ' ' + m['content'] + ' ' + " + json.dumps(self.eos) + " -}}"
-                "{%- endif -%}"
-                "{%- endfor -%}")
+        return (
+            self._system_jinja() + "{%- for m in messages[fmt.start:] -%}"
+            "{%- if m['role'] == 'user' -%}"
+            "{%- if loop.first -%}"
+            "{%- set head = '<<SYS>>\\n' + fmt.system + '\\n<</SYS>>\\n\\n' if fmt.system else '' -%}"
+            "{{- '[INST] ' + head + m['content'] + ' [/INST]' -}}"
+            "{%- else -%}{{- "
+            + json.dumps(self.bos)
+            + " + '[INST] ' + m['content'] + ' [/INST]' -}}"
+            "{%- endif -%}"
+            "{%- elif m['content'] -%}{{- ' ' + m['content'] + ' ' + "
+            + json.dumps(self.eos)
+            + " -}}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+        )
 
 
 class ChatML(ConversationFormat):
@@ -218,8 +251,12 @@ class ChatML(ConversationFormat):
 
     name = "chatml"
 
-    def render(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False,
-               where: str = "sample ?") -> Rendered:
+    def render(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        add_generation_prompt: bool = False,
+        where: str = "sample ?",
+    ) -> Rendered:
         system = self.system
         msgs = list(messages)
         if msgs and msgs[0]["role"] == "system":
@@ -228,8 +265,10 @@ class ChatML(ConversationFormat):
         spans = []
         for m in msgs:
             if m["role"] == "system":
-                raise DataError(f"{where}: a system turn after the first turn; the chatml format "
-                                f"takes one, first")
+                raise DataError(
+                    f"{where}: a system turn after the first turn; the chatml format "
+                    f"takes one, first"
+                )
             text += f"<|im_start|>{m['role']}\n"
             start = len(text)
             text += m["content"] + "<|im_end|>"
@@ -241,15 +280,17 @@ class ChatML(ConversationFormat):
         return Rendered(text, spans)
 
     def jinja(self) -> str:
-        return ("{%- set fmt = namespace(system=" + json.dumps(self.system or "") + ", start=0) -%}"
-                "{%- if messages and messages[0]['role'] == 'system' -%}"
-                "{%- set fmt.system = messages[0]['content'] -%}{%- set fmt.start = 1 -%}{%- endif -%}"
-                "{%- if fmt.system -%}{{- '<|im_start|>system\\n' + fmt.system + '<|im_end|>\\n' -}}{%- endif -%}"
-                "{%- for m in messages[fmt.start:] -%}"
-                "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}"
-                "{%- endfor -%}"
-                "{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' -%}"
-                "{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+        return (
+            "{%- set fmt = namespace(system=" + json.dumps(self.system or "") + ", start=0) -%}"
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set fmt.system = messages[0]['content'] -%}{%- set fmt.start = 1 -%}{%- endif -%}"
+            "{%- if fmt.system -%}{{- '<|im_start|>system\\n' + fmt.system + '<|im_end|>\\n' -}}{%- endif -%}"
+            "{%- for m in messages[fmt.start:] -%}"
+            "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' -%}"
+            "{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+        )
 
 
 class Plain(ConversationFormat):
@@ -257,24 +298,37 @@ class Plain(ConversationFormat):
 
     name = "plain"
 
-    def __init__(self, system: str | None = None, bos: str = "<s>", eos: str = "</s>",
-                 modalities: Sequence[str] = ("image",)) -> None:
+    def __init__(
+        self,
+        system: str | None = None,
+        bos: str = "<s>",
+        eos: str = "</s>",
+        modalities: Sequence[str] = ("image",),
+    ) -> None:
         super().__init__(system, bos, eos)
         self.pattern = re.compile("|".join(re.escape(placeholder(m)) for m in modalities) or "$^")
 
-    def render(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False,
-               where: str = "sample ?") -> Rendered:
+    def render(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        add_generation_prompt: bool = False,
+        where: str = "sample ?",
+    ) -> Rendered:
         turns = [m for m in messages if m["role"] != "system"]
         generating = add_generation_prompt and len(turns) == 1
         if not (len(turns) == 2 or generating) or turns[0]["role"] != "user":
-            raise DataError(f"{where}: the plain conversation format takes exactly two turns (a "
-                            f"user turn with the media placeholder, then the caption); this record "
-                            f"has {len(turns)} ({', '.join(m['role'] for m in turns)})")
+            raise DataError(
+                f"{where}: the plain conversation format takes exactly two turns (a "
+                f"user turn with the media placeholder, then the caption); this record "
+                f"has {len(turns)} ({', '.join(m['role'] for m in turns)})"
+            )
         media = "".join(self.pattern.findall(turns[0]["content"]))
         if not media:
-            raise DataError(f"{where}: the plain conversation format needs a media placeholder in "
-                            f"the first turn (the question text is replaced by it); this record's "
-                            f"first turn has none")
+            raise DataError(
+                f"{where}: the plain conversation format needs a media placeholder in "
+                f"the first turn (the question text is replaced by it); this record's "
+                f"first turn has none"
+            )
         if generating:
             return Rendered(media)
         text = media + turns[1]["content"] + "\n"
@@ -282,16 +336,22 @@ class Plain(ConversationFormat):
 
     def jinja(self) -> str:
         pattern = self.pattern.pattern.replace("\\", "")  # "<image>|<audio>" (re.escape undone)
-        return ("{%- for m in messages if m['role'] != 'system' -%}"
-                "{%- if m['role'] == 'user' -%}"
-                "{%- for p in " + json.dumps(pattern.split("|")) + " -%}"
-                "{{- p * (m['content'].count(p)) -}}{%- endfor -%}"
-                "{%- else -%}{{- m['content'] + '\\n' -}}{%- endif -%}"
-                "{%- endfor -%}")
+        return (
+            "{%- for m in messages if m['role'] != 'system' -%}"
+            "{%- if m['role'] == 'user' -%}"
+            "{%- for p in " + json.dumps(pattern.split("|")) + " -%}"
+            "{{- p * (m['content'].count(p)) -}}{%- endfor -%}"
+            "{%- else -%}{{- m['content'] + '\\n' -}}{%- endif -%}"
+            "{%- endfor -%}"
+        )
 
 
 CLASSES: dict[str, type[ConversationFormat]] = {
-    "vicuna_v1": VicunaV1, "llama_2": Llama2, "chatml": ChatML, "plain": Plain}
+    "vicuna_v1": VicunaV1,
+    "llama_2": Llama2,
+    "chatml": ChatML,
+    "plain": Plain,
+}
 
 
 @dataclass(frozen=True)
@@ -303,7 +363,9 @@ class ConversationSpec:
     image_first: bool = False
 
     @classmethod
-    def from_node(cls, node: Mapping[str, Any] | None, key: str = "conversation") -> ConversationSpec:
+    def from_node(
+        cls, node: Mapping[str, Any] | None, key: str = "conversation"
+    ) -> ConversationSpec:
         """Read a config node (``None``: native).
 
         Raises:
@@ -314,12 +376,16 @@ class ConversationSpec:
         data = dict(node)
         unknown = sorted(set(data) - {"name", "system", "image_first"})
         if unknown:
-            raise ConfigError(f"{key}.{unknown[0]}: not a key of a conversation format; valid: "
-                              f"name, system, image_first")
+            raise ConfigError(
+                f"{key}.{unknown[0]}: not a key of a conversation format; valid: "
+                f"name, system, image_first"
+            )
         name = data.get("name", "native")
         if name not in FORMATS:
-            raise ConfigError(f"{key}.name={name!r}: unknown conversation format; valid: "
-                              f"{', '.join(FORMATS)} (`conversation=NAME`, conf/conversation/)")
+            raise ConfigError(
+                f"{key}.name={name!r}: unknown conversation format; valid: "
+                f"{', '.join(FORMATS)} (`conversation=NAME`, conf/conversation/)"
+            )
         system = data.get("system")
         if system is not None and not isinstance(system, str):
             raise ConfigError(f"{key}.system={system!r}: expected a string or null")
@@ -327,8 +393,10 @@ class ConversationSpec:
         if not isinstance(image_first, bool):
             raise ConfigError(f"{key}.image_first={image_first!r}: expected true or false")
         if name == "native" and system is not None:
-            raise ConfigError(f"{key}.system: the native format uses the tokenizer's chat template "
-                              f"(a system turn in the data sets it); choose another format to set it")
+            raise ConfigError(
+                f"{key}.system: the native format uses the tokenizer's chat template "
+                f"(a system turn in the data sets it); choose another format to set it"
+            )
         return cls(name, system, image_first)
 
     def build(self, tokenizer: Any, modalities: Sequence[str]) -> ConversationFormat | None:

@@ -58,7 +58,9 @@ class MediaReader:
         tables: Modality -> cached features; modalities without a table are encoded live.
     """
 
-    def __init__(self, branches: Branches, tables: Mapping[str, FeatureTable] | None = None) -> None:
+    def __init__(
+        self, branches: Branches, tables: Mapping[str, FeatureTable] | None = None
+    ) -> None:
         self.branches = {m: (b.encoder, b.connector) for m, b in _branches(branches).items()}
         self.tables = dict(tables or {})
 
@@ -69,8 +71,10 @@ class MediaReader:
     def _branch(self, modality: str, path: str | None = None) -> tuple[ModalityEncoder, Connector]:
         if modality not in self.branches:
             where = f" ({path})" if path else ""
-            raise DataError(f"media '{modality}'{where} but the model has no {modality} encoder; "
-                            f"modalities: {', '.join(self.branches)}")
+            raise DataError(
+                f"media '{modality}'{where} but the model has no {modality} encoder; "
+                f"modalities: {', '.join(self.branches)}"
+            )
         return self.branches[modality]
 
     def read(self, modality: str, path: str) -> tuple[Any, int, int, bool]:
@@ -120,8 +124,15 @@ class ConversationDataset(Dataset):
         split: Names the split in the log line and in errors.
     """
 
-    def __init__(self, samples: Sequence[Sample], recipe: DataRecipe, reader: MediaReader,
-                 chat: ChatEncoder, seed: int = 0, split: str = "") -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        recipe: DataRecipe,
+        reader: MediaReader,
+        chat: ChatEncoder,
+        seed: int = 0,
+        split: str = "",
+    ) -> None:
         self.recipe = recipe
         self.reader = reader
         self.chat = chat
@@ -136,8 +147,14 @@ class ConversationDataset(Dataset):
             else:
                 self.samples.append(out)
         if self.dropped:
-            log.info("recipe %s dropped %d of %d samples of split '%s' (first: %s)", type(recipe).__name__,
-                     len(self.dropped), len(samples), split or "?", ", ".join(self.dropped[:3]))
+            log.info(
+                "recipe %s dropped %d of %d samples of split '%s' (first: %s)",
+                type(recipe).__name__,
+                len(self.dropped),
+                len(samples),
+                split or "?",
+                ", ".join(self.dropped[:3]),
+            )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -164,14 +181,23 @@ class TruncationReport:
         return self.truncated / self.samples if self.samples else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"split": self.split, "samples": self.samples, "truncated": self.truncated,
-                "share": self.share, "supervised_tokens": self.supervised, "cut_tokens": self.cut,
-                "dropped_by_recipe": self.dropped, "truncated_ids": self.truncated_ids[:20]}
+        return {
+            "split": self.split,
+            "samples": self.samples,
+            "truncated": self.truncated,
+            "share": self.share,
+            "supervised_tokens": self.supervised,
+            "cut_tokens": self.cut,
+            "dropped_by_recipe": self.dropped,
+            "truncated_ids": self.truncated_ids[:20],
+        }
 
     def summary(self) -> str:
-        return (f"split '{self.split}': {self.truncated} of {self.samples} samples "
-                f"({self.share:.1%}) lose answer tokens to loader.max_text_tokens "
-                f"({self.cut} cut, {self.supervised} kept)")
+        return (
+            f"split '{self.split}': {self.truncated} of {self.samples} samples "
+            f"({self.share:.1%}) lose answer tokens to loader.max_text_tokens "
+            f"({self.cut} cut, {self.supervised} kept)"
+        )
 
 
 def truncation_report(dataset: ConversationDataset) -> TruncationReport:
@@ -189,12 +215,20 @@ def truncation_report(dataset: ConversationDataset) -> TruncationReport:
         cut += enc.cut_labels
         if enc.cut_labels:
             truncated.append(sample.id)
-    return TruncationReport(dataset.split, len(dataset), len(truncated), supervised, cut,
-                            len(dataset.dropped), truncated)
+    return TruncationReport(
+        dataset.split,
+        len(dataset),
+        len(truncated),
+        supervised,
+        cut,
+        len(dataset.dropped),
+        truncated,
+    )
 
 
-def check_truncation(reports: Sequence[TruncationReport], max_share: float = 0.05,
-                     stage: str = "") -> None:
+def check_truncation(
+    reports: Sequence[TruncationReport], max_share: float = 0.05, stage: str = ""
+) -> None:
     """Log one line per split that loses answer tokens; raise when a split keeps no supervised
     token at all, or when more than ``max_share`` of its samples lose answer tokens.
 
@@ -210,21 +244,32 @@ def check_truncation(reports: Sequence[TruncationReport], max_share: float = 0.0
             if r.split == "val":
                 continue
             key = f"stages.{stage}.recipe" if stage else "the stage's recipe"
-            raise DataError(f"{where}split '{r.split}' has no sample to train on"
-                            + (f" (the recipe dropped all {r.dropped}; see {key})" if r.dropped else
-                               f": the data set's '{r.split}' split is empty (see data.{r.split}=FILE for "
-                               f"a file data set, data.n_{r.split} for a generated one"
-                               + (f", stages.{stage}.split" if stage else "") + ")"))
+            raise DataError(
+                f"{where}split '{r.split}' has no sample to train on"
+                + (
+                    f" (the recipe dropped all {r.dropped}; see {key})"
+                    if r.dropped
+                    else f": the data set's '{r.split}' split is empty (see data.{r.split}=FILE for "
+                    f"a file data set, data.n_{r.split} for a generated one"
+                    + (f", stages.{stage}.split" if stage else "")
+                    + ")"
+                )
+            )
         if r.supervised == 0:
-            raise DataError(f"{where}split '{r.split}' has no supervised (answer) token left: "
-                            f"{r.summary()}; raise loader.max_text_tokens")
+            raise DataError(
+                f"{where}split '{r.split}' has no supervised (answer) token left: "
+                f"{r.summary()}; raise loader.max_text_tokens"
+            )
         if r.share > max_share:
-            raise DataError(f"{where}{r.summary()}, above loader.max_truncated_share={max_share}; "
-                            f"raise loader.max_text_tokens (or loader.max_truncated_share to accept it)")
+            raise DataError(
+                f"{where}{r.summary()}, above loader.max_truncated_share={max_share}; "
+                f"raise loader.max_text_tokens (or loader.max_truncated_share to accept it)"
+            )
 
 
-def encode_sample(sample: Sample, reader: MediaReader, chat: ChatEncoder,
-                  add_generation_prompt: bool = False) -> dict[str, Any]:
+def encode_sample(
+    sample: Sample, reader: MediaReader, chat: ChatEncoder, add_generation_prompt: bool = False
+) -> dict[str, Any]:
     """One sample -> ids, labels, slot positions and media items.
 
     ``media[modality]`` is a list of ``(item, N, cached)``, one per file of the modality in
@@ -238,10 +283,12 @@ def encode_sample(sample: Sample, reader: MediaReader, chat: ChatEncoder,
     for modality in sample.media:
         paths = sample.paths(modality)
         if len(paths) > 1 and not reader.in_sequence(modality):
-            raise DataError(f"sample {sample.id}: {len(paths)} {modality} files, but the {modality} "
-                            f"connector is not in the sequence (cross-attention context holds one "
-                            f"{modality} item per sample); use one {modality} per record or an "
-                            f"in-sequence connector")
+            raise DataError(
+                f"sample {sample.id}: {len(paths)} {modality} files, but the {modality} "
+                f"connector is not in the sequence (cross-attention context holds one "
+                f"{modality} item per sample); use one {modality} per record or an "
+                f"in-sequence connector"
+            )
         reads = [reader.read(modality, p) for p in paths]
         media[modality] = [(item, n, cached) for item, n, _, cached in reads]
         slots[modality] = [m for _, _, m, _ in reads]
@@ -249,10 +296,18 @@ def encode_sample(sample: Sample, reader: MediaReader, chat: ChatEncoder,
         messages = to_messages(sample.conversations)
     except DataError as exc:
         raise DataError(f"sample {sample.id}: {exc}") from None
-    enc = chat.encode(messages, slots, add_generation_prompt=add_generation_prompt, sample_id=sample.id)
+    enc = chat.encode(
+        messages, slots, add_generation_prompt=add_generation_prompt, sample_id=sample.id
+    )
     meta = {k: sample.meta.get(k, -1) for k in chat.meta_keys}
-    return {"id": sample.id, "input_ids": enc.input_ids, "labels": enc.labels,
-            "slot_modality": enc.slot_modality, "media": media, "meta": meta}
+    return {
+        "id": sample.id,
+        "input_ids": enc.input_ids,
+        "labels": enc.labels,
+        "slot_modality": enc.slot_modality,
+        "media": media,
+        "meta": meta,
+    }
 
 
 def strip_media(sample: Sample) -> Sample:
@@ -322,9 +377,18 @@ class Collator:
             elif not any(g[2] for g in group):
                 media[m] = {"inputs": self.encoders[m].collate([g[0] for g in group])}
             else:
-                raise DataError(f"batch mixes cached and live {m} inputs; the feature cache "
-                                f"must cover every {m} file of the split")
+                raise DataError(
+                    f"batch mixes cached and live {m} inputs; the feature cache "
+                    f"must cover every {m} file of the split"
+                )
         meta_keys = sorted({k for x in items for k in x.get("meta", {})})
         meta = {k: torch.tensor([int(x["meta"].get(k, -1)) for x in items]) for k in meta_keys}
-        return {"input_ids": ids, "attention_mask": attn, "labels": labels, "slots": slots,
-                "media": media, "meta": meta, "ids": [x["id"] for x in items]}
+        return {
+            "input_ids": ids,
+            "attention_mask": attn,
+            "labels": labels,
+            "slots": slots,
+            "media": media,
+            "meta": meta,
+            "ids": [x["id"] for x in items],
+        }

@@ -62,8 +62,12 @@ def _media_fingerprint(paths: Sequence[str]) -> list[list]:
 
 
 def cache_key(encoder: ModalityEncoder, paths: Sequence[str], autocast: str | None = None) -> str:
-    payload = {"v": FORMAT_VERSION, "encoder": encoder.cache_identity(), "media": _media_fingerprint(paths),
-               "autocast": autocast}
+    payload = {
+        "v": FORMAT_VERSION,
+        "encoder": encoder.cache_identity(),
+        "media": _media_fingerprint(paths),
+        "autocast": autocast,
+    }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
 
@@ -141,7 +145,12 @@ class _Progress:
     done / total, items/s and the time left; a rich bar as well when stderr is a terminal."""
 
     def __init__(self, desc: str, total: int, every_items: int, every_s: float = 30.0) -> None:
-        self.desc, self.total, self.every_items, self.every_s = desc, total, max(1, every_items), every_s
+        self.desc, self.total, self.every_items, self.every_s = (
+            desc,
+            total,
+            max(1, every_items),
+            every_s,
+        )
         self.done = self._last_done = 0
         self.t0 = self._t_last = time.monotonic()
         self._bar: Progress | None = None
@@ -167,42 +176,82 @@ class _Progress:
             assert self._task is not None  # __enter__ added it with the bar
             self._bar.advance(self._task, n)
         now = time.monotonic()
-        if (self.done - self._last_done >= self.every_items or now - self._t_last >= self.every_s
-                or self.done == self.total):
+        if (
+            self.done - self._last_done >= self.every_items
+            or now - self._t_last >= self.every_s
+            or self.done == self.total
+        ):
             self._last_done, self._t_last = self.done, now
             rate = self.done / max(now - self.t0, 1e-9)
             left = (self.total - self.done) / rate if rate > 0 else float("inf")
-            log.info("%s: %d/%d (%.1f items/s, ETA %s)", self.desc, self.done, self.total, rate,
-                     time.strftime("%H:%M:%S", time.gmtime(left)) if left < 1e7 else "?")
+            log.info(
+                "%s: %d/%d (%.1f items/s, ETA %s)",
+                self.desc,
+                self.done,
+                self.total,
+                rate,
+                time.strftime("%H:%M:%S", time.gmtime(left)) if left < 1e7 else "?",
+            )
 
 
 def _check_disk(entry: Path, lengths: torch.Tensor, dim: int, rows: int, modality: str) -> None:
     """Estimate the entry's size from the first batch's lengths; refuse when it does not fit."""
     need = float(lengths.float().mean()) * dim * shards.ITEMSIZE * rows
     free = shutil.disk_usage(entry).free
-    log.info("caching %d %s features in %s: about %s (~%.0f vectors x %d float16 per file, from the "
-             "first batch); %s free", rows, modality, entry, _gb(need), float(lengths.float().mean()), dim,
-             _gb(free))
+    log.info(
+        "caching %d %s features in %s: about %s (~%.0f vectors x %d float16 per file, from the "
+        "first batch); %s free",
+        rows,
+        modality,
+        entry,
+        _gb(need),
+        float(lengths.float().mean()),
+        dim,
+        _gb(free),
+    )
     if need + DISK_RESERVE > free:
         raise DataError(
             f"feature cache: {rows} {modality} features need about {_gb(need)} in {entry.parent} "
             f"(paths.feature_cache_dir), but only {_gb(free)} is free there; free some space, point "
             f"paths.feature_cache_dir to a larger disk, or set cache_features=false (the encoder then "
-            f"runs every step)")
+            f"runs every step)"
+        )
 
 
-def _fill(encoder: ModalityEncoder, entry: Path, index: dict, batch_size: int, num_workers: int,
-          device: torch.device, autocast: str | None, log_every: int) -> None:
+def _fill(
+    encoder: ModalityEncoder,
+    entry: Path,
+    index: dict,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    autocast: str | None,
+    log_every: int,
+) -> None:
     rows, shard_rows = index["rows"], index["shard_rows"]
-    todo = [r for k in range(shards.n_shards(index)) if str(k) not in index["shards"]
-            for r in shards.shard_rows_range(k, rows, shard_rows)]
+    todo = [
+        r
+        for k in range(shards.n_shards(index))
+        if str(k) not in index["shards"]
+        for r in shards.shard_rows_range(k, rows, shard_rows)
+    ]
     if not todo:
         return
     paths = index["paths"]
-    loader = DataLoader(_Media(encoder, [paths[r] for r in todo]), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=_Collate(encoder), pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        _Media(encoder, [paths[r] for r in todo]),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_Collate(encoder),
+        pin_memory=device.type == "cuda",
+    )
     writer = shards.ShardWriter(entry, index)
-    amp = torch.autocast(device.type, dtype=getattr(torch, autocast)) if autocast else contextlib.nullcontext()
+    amp = (
+        torch.autocast(device.type, dtype=getattr(torch, autocast))
+        if autocast
+        else contextlib.nullcontext()
+    )
     desc = f"caching {encoder.modality} features"
     checked = False
     try:
@@ -244,10 +293,19 @@ def _device_of(encoder: ModalityEncoder) -> torch.device:
     return next((p.device for p in encoder.parameters()), torch.device("cpu"))
 
 
-def load_or_compute(encoder: ModalityEncoder, paths: Sequence[str], cache_dir: Path, batch_size: int = 32,
-                    autocast: str | None = None, *, device: str | torch.device | None = None,
-                    num_workers: int = 0, shard_rows: int = SHARD_ROWS, verify: bool | None = None,
-                    log_every: int = 1000) -> tuple[FeatureTable, dict]:
+def load_or_compute(
+    encoder: ModalityEncoder,
+    paths: Sequence[str],
+    cache_dir: Path,
+    batch_size: int = 32,
+    autocast: str | None = None,
+    *,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    shard_rows: int = SHARD_ROWS,
+    verify: bool | None = None,
+    log_every: int = 1000,
+) -> tuple[FeatureTable, dict]:
     """The features of ``paths`` from the cache, computing and storing the missing part.
 
     Args:
@@ -277,7 +335,14 @@ def load_or_compute(encoder: ModalityEncoder, paths: Sequence[str], cache_dir: P
     key = cache_key(encoder, unique, autocast)
     entry = Path(cache_dir) / f"{encoder.modality}-{key}"
     t0 = time.perf_counter()
-    stats = {"hit": True, "key": key, "path": str(entry), "rows": len(unique), "resumed": 0, "healed": 0}
+    stats = {
+        "hit": True,
+        "key": key,
+        "path": str(entry),
+        "rows": len(unique),
+        "resumed": 0,
+        "healed": 0,
+    }
     table = _open(entry, verify)
     if table is None:
         entry.parent.mkdir(parents=True, exist_ok=True)
@@ -286,15 +351,25 @@ def load_or_compute(encoder: ModalityEncoder, paths: Sequence[str], cache_dir: P
             if table is None:
                 stats["hit"] = False
                 index = _prepare(entry, encoder, unique, key, autocast, shard_rows, verify, stats)
-                _fill_on(encoder, entry, index, batch_size, num_workers, device, autocast, log_every)
+                _fill_on(
+                    encoder, entry, index, batch_size, num_workers, device, autocast, log_every
+                )
                 table = FeatureTable(shards.ShardReader(entry, index), unique)
     stats["bytes"] = int(table.lengths.sum()) * table.dim * shards.ITEMSIZE
     stats["seconds"] = time.perf_counter() - t0
     return table, stats
 
 
-def _prepare(entry: Path, encoder: ModalityEncoder, unique: list[str], key: str, autocast: str | None,
-             shard_rows: int, verify: bool | None, stats: dict) -> dict:
+def _prepare(
+    entry: Path,
+    encoder: ModalityEncoder,
+    unique: list[str],
+    key: str,
+    autocast: str | None,
+    shard_rows: int,
+    verify: bool | None,
+    stats: dict,
+) -> dict:
     """The entry's index, with what is damaged moved aside and leftovers removed (under the lock)."""
     try:
         index = shards.read_index(entry)
@@ -311,13 +386,25 @@ def _prepare(entry: Path, encoder: ModalityEncoder, unique: list[str], key: str,
             stats["healed"] += len(bad)
         stats["resumed"] = len(index["shards"])
         if index["shards"]:
-            log.info("feature cache %s: %d of %d shards already written, computing the rest", entry.name,
-                     len(index["shards"]), shards.n_shards(index))
+            log.info(
+                "feature cache %s: %d of %d shards already written, computing the rest",
+                entry.name,
+                len(index["shards"]),
+                shards.n_shards(index),
+            )
     else:
         entry.mkdir(parents=True, exist_ok=True)
-        index = shards.new_index(entry, unique, shard_rows, {
-            "key": key, "modality": encoder.modality, "autocast": autocast,
-            "identity": json.loads(json.dumps(encoder.cache_identity(), default=str))})
+        index = shards.new_index(
+            entry,
+            unique,
+            shard_rows,
+            {
+                "key": key,
+                "modality": encoder.modality,
+                "autocast": autocast,
+                "identity": json.loads(json.dumps(encoder.cache_identity(), default=str)),
+            },
+        )
         if not unique:
             index.update(dim=int(encoder.out_dim), complete=True)
         shards.write_index(entry, index)
@@ -325,8 +412,16 @@ def _prepare(entry: Path, encoder: ModalityEncoder, unique: list[str], key: str,
     return index
 
 
-def _fill_on(encoder: ModalityEncoder, entry: Path, index: dict, batch_size: int, num_workers: int,
-             device: str | torch.device | None, autocast: str | None, log_every: int) -> None:
+def _fill_on(
+    encoder: ModalityEncoder,
+    entry: Path,
+    index: dict,
+    batch_size: int,
+    num_workers: int,
+    device: str | torch.device | None,
+    autocast: str | None,
+    log_every: int,
+) -> None:
     """Fill on ``device`` (moving the encoder there and back), in eval mode."""
     home = _device_of(encoder)
     target = torch.device(device) if device is not None else home

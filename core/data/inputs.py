@@ -31,7 +31,9 @@ from mmbridge.errors import ConfigError
 #: The pixel limit's environment variable (the encoders' image reader reads the same one).
 MAX_PIXELS_ENV = "MMBRIDGE_MAX_IMAGE_PIXELS"
 DEFAULT_MAX_PIXELS = 64_000_000
-_DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?),(?P<data>.*)", re.S)
+_DATA_URL = re.compile(
+    r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?),(?P<data>.*)", re.S
+)
 
 
 class MediaError(ConfigError):
@@ -65,15 +67,19 @@ def decode_data_url(url: str) -> tuple[str, bytes]:
         try:
             return mime, base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise MediaError(f"data: URL ({mime}): the base64 payload does not decode: {exc}") from None
+            raise MediaError(
+                f"data: URL ({mime}): the base64 payload does not decode: {exc}"
+            ) from None
     return mime, data.encode()
 
 
 def _check_size(width: int, height: int, what: str) -> None:
     limit = max_pixels()
     if width * height > limit:
-        raise MediaTooLarge(f"{what}: too large: {width}x{height} = {width * height} pixels is over the "
-                            f"limit of {limit} pixels ({MAX_PIXELS_ENV})")
+        raise MediaTooLarge(
+            f"{what}: too large: {width}x{height} = {width * height} pixels is over the "
+            f"limit of {limit} pixels ({MAX_PIXELS_ENV})"
+        )
 
 
 def _image_bytes(raw: bytes, what: str) -> tuple[bytes, str]:
@@ -86,8 +92,10 @@ def _image_bytes(raw: bytes, what: str) -> tuple[bytes, str]:
     except MediaError:
         raise
     except Image.DecompressionBombError as exc:  # PIL's own guard (past twice its limit)
-        raise MediaTooLarge(f"{what}: the image is too large: {exc} (the limit is {max_pixels()} "
-                            f"pixels, {MAX_PIXELS_ENV})") from None
+        raise MediaTooLarge(
+            f"{what}: the image is too large: {exc} (the limit is {max_pixels()} "
+            f"pixels, {MAX_PIXELS_ENV})"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError, EOFError, SyntaxError) as exc:
         raise MediaError(f"{what}: not a readable image ({type(exc).__name__}: {exc})") from None
     return raw, {"jpeg": ".jpg"}.get(fmt, f".{fmt}")
@@ -101,12 +109,15 @@ def _array_image(arr: np.ndarray, what: str) -> Image.Image:
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
-        raise MediaError(f"{what}: an image array must be [H, W], [H, W, 3] or [H, W, 4], "
-                         f"got shape {list(np.asarray(arr).shape)}")
+        raise MediaError(
+            f"{what}: an image array must be [H, W], [H, W, 3] or [H, W, 4], "
+            f"got shape {list(np.asarray(arr).shape)}"
+        )
     if a.dtype != np.uint8:
         if not np.issubdtype(a.dtype, np.floating):
-            raise MediaError(f"{what}: an image array must be uint8 (0..255) or float (0..1), "
-                             f"got {a.dtype}")
+            raise MediaError(
+                f"{what}: an image array must be uint8 (0..255) or float (0..1), got {a.dtype}"
+            )
         a = np.round(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
     return Image.fromarray(a)
 
@@ -144,8 +155,9 @@ class MediaFiles:
     def __enter__(self) -> MediaFiles:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def close(self) -> None:
@@ -162,11 +174,15 @@ class MediaFiles:
     def _local(self, value: str | Path, what: str) -> str:
         text = str(value)
         if text.startswith(("http://", "https://")):
-            raise MediaError(f"{what}: '{text[:60]}': URLs are never fetched; send the media "
-                             f"inline as a data: URL (base64)")
+            raise MediaError(
+                f"{what}: '{text[:60]}': URLs are never fetched; send the media "
+                f"inline as a data: URL (base64)"
+            )
         if not self.allow_local_files:
-            raise MediaError(f"{what}: local file paths are not allowed here; send a data: URL "
-                             f"(the server allows paths with allow_local_files=true)")
+            raise MediaError(
+                f"{what}: local file paths are not allowed here; send a data: URL "
+                f"(the server allows paths with allow_local_files=true)"
+            )
         path = Path(text.removeprefix("file://")).expanduser()
         if not path.is_file():
             raise MediaError(f"{what}: {text}: no such file")
@@ -193,8 +209,10 @@ class MediaFiles:
         elif isinstance(value, np.ndarray) or hasattr(value, "__array__"):
             img = _array_image(np.asarray(value), what)
         else:
-            raise MediaError(f"{what}: {type(value).__name__} is not an image; give a path, a "
-                             f"data: URL, a PIL.Image, a numpy array or encoded bytes")
+            raise MediaError(
+                f"{what}: {type(value).__name__} is not an image; give a path, a "
+                f"data: URL, a PIL.Image, a numpy array or encoded bytes"
+            )
         _check_size(*img.size, what)
         if img.mode not in ("RGB", "RGBA", "L", "LA", "P", "I;16", "1"):
             img = img.convert("RGB")
@@ -221,16 +239,22 @@ class MediaFiles:
         if isinstance(value, tuple) and len(value) == 2:
             arr, sr = value
             if not isinstance(sr, int | np.integer) or sr <= 0:
-                raise MediaError(f"{what}: the sampling rate must be a positive integer, got {sr!r}")
+                raise MediaError(
+                    f"{what}: the sampling rate must be a positive integer, got {sr!r}"
+                )
             a = np.asarray(arr, dtype=np.float32)
             if a.ndim == 2:  # [T, channels] -> mono, as the decoder does
                 a = a.mean(axis=1)
             if a.ndim != 1 or a.size == 0:
-                raise MediaError(f"{what}: audio must be a non-empty [T] or [T, C] array, got "
-                                 f"shape {list(np.asarray(arr).shape)}")
+                raise MediaError(
+                    f"{what}: audio must be a non-empty [T] or [T, C] array, got "
+                    f"shape {list(np.asarray(arr).shape)}"
+                )
             return str(write_float_wav(self._new(".wav"), a, int(sr)))
-        raise MediaError(f"{what}: {type(value).__name__} is not audio; give a path, a data: URL, "
-                         f"encoded bytes, or (array, sampling_rate)")
+        raise MediaError(
+            f"{what}: {type(value).__name__} is not audio; give a path, a data: URL, "
+            f"encoded bytes, or (array, sampling_rate)"
+        )
 
     def media(self, modality: str, value: Any, what: str | None = None) -> str:
         """A file path for one media item of ``modality``."""
@@ -274,10 +298,14 @@ class MediaFiles:
                     if key == "base64":
                         value = f"data:{kind}/*;base64,{value}"
                     return kind, self.media(kind, value, what)
-            raise MediaError(f"{what}: a '{kind}' part carries no {kind} (give '{kind}', 'url' "
-                             f"or 'path'); a bare {{'type': '{kind}'}} is a template marker only")
-        raise MediaError(f"{what}: unknown content part type {kind!r}; known: text, image_url, "
-                         f"input_audio, image, audio")
+            raise MediaError(
+                f"{what}: a '{kind}' part carries no {kind} (give '{kind}', 'url' "
+                f"or 'path'); a bare {{'type': '{kind}'}} is a template marker only"
+            )
+        raise MediaError(
+            f"{what}: unknown content part type {kind!r}; known: text, image_url, "
+            f"input_audio, image, audio"
+        )
 
     def content(self, content: Any, what: str) -> tuple[str, dict[str, list[str]]]:
         """A message's content (a string, or a list of parts) -> text with a placeholder where

@@ -85,7 +85,11 @@ def _json_list(f: IO[str], path: Path, buf: str, pos: int) -> Iterator[tuple[Any
             return
         if not first:
             if c != ",":
-                raise error(f"expected ',' or ']' between records, got {c!r}" if c else "the list is not closed")
+                raise error(
+                    f"expected ',' or ']' between records, got {c!r}"
+                    if c
+                    else "the list is not closed"
+                )
             pos += 1
             skip_ws()
         first = False
@@ -136,12 +140,19 @@ def _records(path: Path) -> Iterator[tuple[Any, int | None]]:
                     record = json.loads(raw)
                 except json.JSONDecodeError as exc:
                     hint = "" if jsonl else " (read as JSONL: the file does not start with '[')"
-                    yield _RecordError(f"{path}: invalid JSON at line {lineno}, column {exc.colno}: "
-                                       f"{exc.msg}{hint}"), lineno
+                    yield (
+                        _RecordError(
+                            f"{path}: invalid JSON at line {lineno}, column {exc.colno}: "
+                            f"{exc.msg}{hint}"
+                        ),
+                        lineno,
+                    )
                     continue
                 yield record, lineno
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: cannot read data file: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise DataError(
+            f"{path}: cannot read data file: not UTF-8 ({exc.reason} at byte {exc.start})"
+        ) from None
 
 
 def _lines(f: IO[str], head: str) -> Iterator[str]:
@@ -161,38 +172,55 @@ def _refuse_object(path: Path, text: str) -> None:
         return
     if isinstance(data, dict):
         keys = ", ".join(map(str, list(data)[:8])) or "none"
-        hint = (" (one record? wrap it in [ ])" if "conversations" in data else
-                "; point data.train/val/test at a file whose top level is the list of records")
-        raise DataError(f"{path}: expected a JSON list of records, got an object with keys {keys}{hint}")
+        hint = (
+            " (one record? wrap it in [ ])"
+            if "conversations" in data
+            else "; point data.train/val/test at a file whose top level is the list of records"
+        )
+        raise DataError(
+            f"{path}: expected a JSON list of records, got an object with keys {keys}{hint}"
+        )
 
 
 def _check_turns(sample: Sample, where: str) -> None:
     for t, turn in enumerate(sample.conversations):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise DataError(f"{where}: turn {t} must be an object with 'from' and 'value', got {turn!r}")
+            raise DataError(
+                f"{where}: turn {t} must be an object with 'from' and 'value', got {turn!r}"
+            )
         role, value = turn["from"], turn["value"]
         if role not in ROLES:
-            raise DataError(f"{where}: turn {t} has unknown role {role!r}; valid: {', '.join(ROLES)}")
+            raise DataError(
+                f"{where}: turn {t} has unknown role {role!r}; valid: {', '.join(ROLES)}"
+            )
         if not isinstance(value, str):
             raise DataError(f"{where}: turn {t} value must be a string, got {type(value).__name__}")
         if ROLES[role] == "assistant" and not value.strip():
-            raise DataError(f"{where}: turn {t} is an empty {role} turn (nothing to learn or score)")
+            raise DataError(
+                f"{where}: turn {t} is an empty {role} turn (nothing to learn or score)"
+            )
 
 
 def validate_conversations(sample: Sample, where: str) -> None:
     """Check roles, empty answers and the placeholder rule
     (:func:`~mmbridge.contracts.types.check_placeholders`); ``where`` prefixes every message."""
     _check_turns(sample, where)
-    check_placeholders(((t["from"], t["value"]) for t in sample.conversations),
-                       sample.media_counts(), MEDIA_KEYS, where)
+    check_placeholders(
+        ((t["from"], t["value"]) for t in sample.conversations),
+        sample.media_counts(),
+        MEDIA_KEYS,
+        where,
+    )
 
 
 def _media_paths(value: Any, key: str, where: str) -> list[str]:
     """A record's ``image`` (``audio``) value: one path, or a non-empty list of paths."""
     values = value if isinstance(value, list) else [value]
     if not values:
-        raise DataError(f"{where}: '{key}' is an empty list; give one file path or a list of paths "
-                        f"(one per <{key}> placeholder), or drop the key for a text-only record")
+        raise DataError(
+            f"{where}: '{key}' is an empty list; give one file path or a list of paths "
+            f"(one per <{key}> placeholder), or drop the key for a text-only record"
+        )
     for k, v in enumerate(values):
         if not isinstance(v, str) or not v:
             at = f" (item {k})" if isinstance(value, list) else ""
@@ -202,7 +230,9 @@ def _media_paths(value: Any, key: str, where: str) -> list[str]:
 
 def _parse(record: Any, index: int, line: int | None, path: Path, root: Path) -> Sample:
     if not isinstance(record, dict):
-        raise DataError(f"{_where(path, index, line=line)}: expected an object, got {type(record).__name__}")
+        raise DataError(
+            f"{_where(path, index, line=line)}: expected an object, got {type(record).__name__}"
+        )
     rid = record.get("id", index)
     where = _where(path, index, rid, line)
     if isinstance(rid, bool) or not isinstance(rid, str | int):
@@ -227,9 +257,12 @@ def _parse(record: Any, index: int, line: int | None, path: Path, root: Path) ->
     if not isinstance(meta, dict):
         raise DataError(f"{where}: 'meta' must be an object, got {type(meta).__name__}")
     extra = {k: v for k, v in record.items() if k not in _RESERVED}
-    sample = Sample(id=str(rid), media=media, conversations=[dict(t) if isinstance(t, dict) else t
-                                                             for t in conversations],
-                    meta={**extra, **meta})
+    sample = Sample(
+        id=str(rid),
+        media=media,
+        conversations=[dict(t) if isinstance(t, dict) else t for t in conversations],
+        meta={**extra, **meta},
+    )
     validate_conversations(sample, where)
     return sample
 
@@ -246,8 +279,13 @@ class DroppedRecord:
     message: str  # the full error message, as ``on_error="raise"`` would raise it
 
     def as_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "index": self.index, "line": self.line, "id": self.id,
-                "reason": self.reason}
+        return {
+            "file": self.file,
+            "index": self.index,
+            "line": self.line,
+            "id": self.id,
+            "reason": self.reason,
+        }
 
 
 @dataclass
@@ -264,22 +302,29 @@ class ReadReport:
         return f"{self.path}: kept {self.kept} records, dropped {len(self.dropped)}{first}"
 
 
-def _dropped(exc: DataError, path: Path, index: int, line: int | None, record: Any) -> DroppedRecord:
+def _dropped(
+    exc: DataError, path: Path, index: int, line: int | None, record: Any
+) -> DroppedRecord:
     message = str(exc)
     rid = record.get("id") if isinstance(record, dict) else None
-    rid = None if rid is None or isinstance(rid, bool) or not isinstance(rid, str | int) else str(rid)
+    rid = (
+        None if rid is None or isinstance(rid, bool) or not isinstance(rid, str | int) else str(rid)
+    )
     # the prefixes that _parse, read_llava and _records put on their messages
     prefixes = [_where(path, index, rid, line), _where(path, index, line=line), str(path)]
     if isinstance(record, dict):  # _parse names a record without id by its index
         prefixes.insert(1, _where(path, index, record.get("id", index), line))
     prefix = next((p for p in prefixes if message.startswith(f"{p}: ")), None)
-    reason = message[len(prefix) + 2:] if prefix is not None else message
+    reason = message[len(prefix) + 2 :] if prefix is not None else message
     return DroppedRecord(str(path), index, line, rid, reason, message)
 
 
-def read_llava(path: str | Path, media_root: str | Path | None = None,
-               on_error: Literal["raise", "skip"] = "raise",
-               report: ReadReport | None = None) -> list[Sample]:
+def read_llava(
+    path: str | Path,
+    media_root: str | Path | None = None,
+    on_error: Literal["raise", "skip"] = "raise",
+    report: ReadReport | None = None,
+) -> list[Sample]:
     """Read and validate a LLaVA JSON (a list) or JSONL file, streaming it once.
 
     Records may mix media and text-only samples; an ``image`` (``audio``) value is one path
@@ -317,7 +362,9 @@ def read_llava(path: str | Path, media_root: str | Path | None = None,
                 sample = _parse(record, index, line, path, root)
             where = _where(path, index, sample.id, line)
             if sample.id in seen:
-                raise DataError(f"{where}: duplicate id {sample.id!r}, also used by {seen[sample.id]}")
+                raise DataError(
+                    f"{where}: duplicate id {sample.id!r}, also used by {seen[sample.id]}"
+                )
         except DataError as exc:
             if on_error == "raise":
                 raise
@@ -348,16 +395,20 @@ def to_record(sample: Sample, media_root: str | Path | None = None) -> dict[str,
     for key in MEDIA_KEYS:
         if key in sample.media:
             value = sample.media[key]
-            record[key] = (_relative(value, root) if isinstance(value, str)
-                           else [_relative(v, root) for v in value])
+            record[key] = (
+                _relative(value, root)
+                if isinstance(value, str)
+                else [_relative(v, root) for v in value]
+            )
     record["conversations"] = [dict(t) for t in sample.conversations]
     if sample.meta:
         record["meta"] = sample.meta
     return record
 
 
-def write_llava(samples: Iterable[Sample], path: str | Path,
-                media_root: str | Path | None = None) -> Path:
+def write_llava(
+    samples: Iterable[Sample], path: str | Path, media_root: str | Path | None = None
+) -> Path:
     """Write samples as a LLaVA JSON list (JSONL if ``path`` ends in ``.jsonl``), atomically.
 
     The file is written next to its destination and moved into place with ``os.replace``, so a

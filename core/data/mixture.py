@@ -30,8 +30,9 @@ from mmbridge.contracts.types import Sample
 WHOLE_SPLITS = ("val", "test")
 
 
-def draw(parts: Sequence[Sequence[Sample]], weights: Sequence[float], size: int,
-         seed: int | str) -> list[Sample]:
+def draw(
+    parts: Sequence[Sequence[Sample]], weights: Sequence[float], size: int, seed: int | str
+) -> list[Sample]:
     """``size`` samples from ``parts`` (one list per source), each draw's source chosen with
     probability ``weights[i] / sum(weights)``, its sample the next of a seeded permutation of
     that source (reshuffled when used up). Empty sources are never chosen."""
@@ -51,8 +52,12 @@ def draw(parts: Sequence[Sequence[Sample]], weights: Sequence[float], size: int,
     return out
 
 
-def mix_splits(sources: Sequence[dict[str, list[Sample]]], weights: Sequence[float],
-               size: int | None, seed: int) -> dict[str, list[Sample]]:
+def mix_splits(
+    sources: Sequence[dict[str, list[Sample]]],
+    weights: Sequence[float],
+    size: int | None,
+    seed: int,
+) -> dict[str, list[Sample]]:
     """The splits of a mixture of ``sources`` (each a split -> samples mapping): training
     splits drawn by :func:`draw` (``size`` draws, default the sum of the sources' sizes),
     ``val`` / ``test`` concatenated."""

@@ -56,9 +56,18 @@ def new_index(entry: Path, paths: Sequence[str], shard_rows: int, meta: dict) ->
     """A new entry's index (no shard yet); writes the paths file it refers to."""
     blob = json.dumps(list(paths)).encode()
     atomic_write_bytes(entry / PATHS, blob)
-    return {"format": STORE_FORMAT, "rows": len(paths), "shard_rows": shard_rows, "dim": None,
-            "dtype": "float16", "complete": False, "paths_sha256": hashlib.sha256(blob).hexdigest(),
-            "shards": {}, **meta, "paths": list(paths)}
+    return {
+        "format": STORE_FORMAT,
+        "rows": len(paths),
+        "shard_rows": shard_rows,
+        "dim": None,
+        "dtype": "float16",
+        "complete": False,
+        "paths_sha256": hashlib.sha256(blob).hexdigest(),
+        "shards": {},
+        **meta,
+        "paths": list(paths),
+    }
 
 
 def n_shards(index: dict) -> int:
@@ -85,7 +94,9 @@ def read_index(entry: Path) -> dict | None:
             k = int(key)
             expected = len(shard_rows_range(k, rows, shard_rows))
             if expected == 0 or len(info["lengths"]) != expected:
-                raise ValueError(f"shard {k} lists {len(info['lengths'])} rows, {expected} expected")
+                raise ValueError(
+                    f"shard {k} lists {len(info['lengths'])} rows, {expected} expected"
+                )
             if int(info["nbytes"]) != sum(info["lengths"]) * int(dim) * ITEMSIZE:
                 raise ValueError(f"shard {k}: byte count does not match its lengths")
             if info["file"] != shard_name(k):
@@ -96,8 +107,10 @@ def read_index(entry: Path) -> dict | None:
 
 
 def write_index(entry: Path, index: dict) -> None:
-    atomic_write_text(entry / INDEX, json.dumps({k: v for k, v in index.items() if k != "paths"},
-                                                separators=(",", ":")))
+    atomic_write_text(
+        entry / INDEX,
+        json.dumps({k: v for k, v in index.items() if k != "paths"}, separators=(",", ":")),
+    )
 
 
 def check_shards(entry: Path, index: dict, checksums: bool) -> dict[int, str]:
@@ -190,9 +203,12 @@ class ShardWriter:
         name = shard_name(k)
         os.replace(self.entry / f"{name}.partial", self.entry / name)
         dim = self.index["dim"]
-        self.index["shards"][str(k)] = {"file": name, "lengths": self._lengths,
-                                        "nbytes": sum(self._lengths) * dim * ITEMSIZE,
-                                        "sha256": h.hexdigest()}
+        self.index["shards"][str(k)] = {
+            "file": name,
+            "lengths": self._lengths,
+            "nbytes": sum(self._lengths) * dim * ITEMSIZE,
+            "sha256": h.hexdigest(),
+        }
         self.index["complete"] = len(self.index["shards"]) == n_shards(self.index)
         write_index(self.entry, self.index)
         self._k, self._file = None, None
@@ -201,7 +217,9 @@ class ShardWriter:
         """Drop the shard being written (complete shards stay)."""
         if self._file is not None:
             assert self._k is not None  # _open sets both
-            with contextlib.suppress(OSError):  # a buffer a full disk cannot take: the file goes anyway
+            with contextlib.suppress(
+                OSError
+            ):  # a buffer a full disk cannot take: the file goes anyway
                 self._file.close()
             (self.entry / f"{shard_name(self._k)}.partial").unlink(missing_ok=True)
             self._k, self._file = None, None
@@ -222,12 +240,12 @@ class ShardReader:
         lengths = np.zeros(rows, dtype=np.int64)
         for key, info in index["shards"].items():
             r = shard_rows_range(int(key), rows, self.shard_rows)
-            lengths[r.start:r.stop] = info["lengths"]
+            lengths[r.start : r.stop] = info["lengths"]
         starts = np.zeros(rows, dtype=np.int64)  # offset of each row in its shard, in vectors
         for k in range(n_shards(index)):
             r = shard_rows_range(k, rows, self.shard_rows)
-            seg = lengths[r.start:r.stop]
-            starts[r.start:r.stop] = np.cumsum(seg) - seg
+            seg = lengths[r.start : r.stop]
+            starts[r.start : r.stop] = np.cumsum(seg) - seg
         self.lengths = torch.from_numpy(lengths)  # [S]
         self._starts = starts
         self._fds: dict[int, int] = {}
@@ -255,13 +273,28 @@ class ShardReader:
         k = r // self.shard_rows
         want = n * self.dim * ITEMSIZE
         # numpy's stubs do not declare ndarray a Buffer, though it has the buffer protocol
-        got = os.preadv(self._fd(k), [out.numpy().view(np.uint8).reshape(-1)],  # type: ignore[list-item]
-                        int(self._starts[r]) * self.dim * ITEMSIZE)
+        got = os.preadv(
+            self._fd(k),
+            [out.numpy().view(np.uint8).reshape(-1)],  # type: ignore[list-item]
+            int(self._starts[r]) * self.dim * ITEMSIZE,
+        )
         if got != want:
-            raise DamagedEntry(f"{self.entry / shard_name(k)}: read {got} of {want} bytes of row {r} "
-                               f"(the file was cut after the cache was opened); the next run rebuilds it")
+            raise DamagedEntry(
+                f"{self.entry / shard_name(k)}: read {got} of {want} bytes of row {r} "
+                f"(the file was cut after the cache was opened); the next run rebuilds it"
+            )
         return out
 
 
-__all__ = ["DamagedEntry", "ShardReader", "ShardWriter", "check_shards", "heal", "move_aside", "new_index",
-           "read_index", "sweep", "write_index"]
+__all__ = [
+    "DamagedEntry",
+    "ShardReader",
+    "ShardWriter",
+    "check_shards",
+    "heal",
+    "move_aside",
+    "new_index",
+    "read_index",
+    "sweep",
+    "write_index",
+]

@@ -35,8 +35,9 @@ def dropped_records_file(run_dir: Path, key: str) -> Path:
     return run_dir / ("dropped_records.jsonl" if key == "data" else f"dropped_records.{key}.jsonl")
 
 
-def read_source(registry: Registry, data_cfg: DictConfig, key: str, data_dir: Path,
-                run_dir: Path | None = None) -> Splits:
+def read_source(
+    registry: Registry, data_cfg: DictConfig, key: str, data_dir: Path, run_dir: Path | None = None
+) -> Splits:
     """Build the data set ``data_cfg`` (config key ``key``), prepare it under ``data_dir``, read
     its splits (each file parsed once).
 
@@ -61,13 +62,21 @@ def read_source(registry: Registry, data_cfg: DictConfig, key: str, data_dir: Pa
             for d in report.dropped:
                 log.info("dropped: %s", d.message)
     if on_error == "skip" and run_dir is not None:
-        atomic_write_text(dropped_records_file(run_dir, key),
-                          "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dropped))
+        atomic_write_text(
+            dropped_records_file(run_dir, key),
+            "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dropped),
+        )
     return splits
 
 
-def read_data(registry: Registry, data_cfg: DictConfig, key: str, data_dir: Path, seed: int,
-              run_dir: Path | None = None) -> Splits:
+def read_data(
+    registry: Registry,
+    data_cfg: DictConfig,
+    key: str,
+    data_dir: Path,
+    seed: int,
+    run_dir: Path | None = None,
+) -> Splits:
     """The splits of a ``data`` node: one data set (:func:`read_source`) or a mixture of
     several (:mod:`mmbridge.data.mixture`; its sources read as ``{key}.sources.<i>``, their
     training splits drawn by weight with ``seed``)."""
@@ -76,14 +85,19 @@ def read_data(registry: Registry, data_cfg: DictConfig, key: str, data_dir: Path
     parts, weights = [], []
     for i, src in enumerate(data_cfg.sources):
         node = {k: v for k, v in src.items() if k != "weight"}
-        parts.append(read_source(registry, DictConfig(node), f"{key}.sources.{i}", data_dir,
-                                 run_dir=run_dir))
+        parts.append(
+            read_source(registry, DictConfig(node), f"{key}.sources.{i}", data_dir, run_dir=run_dir)
+        )
         weights.append(float(src.weight))
     size = data_cfg.get("size")
     splits = mix_splits(parts, weights, int(size) if size is not None else None, seed)
-    log.info("%s: a mixture of %d sources (weights %s): %s", key, len(parts),
-             ", ".join(f"{w:g}" for w in weights),
-             ", ".join(f"{n} {len(v)}" for n, v in splits.items()))
+    log.info(
+        "%s: a mixture of %d sources (weights %s): %s",
+        key,
+        len(parts),
+        ", ".join(f"{w:g}" for w in weights),
+        ", ".join(f"{n} {len(v)}" for n, v in splits.items()),
+    )
     return splits
 
 
@@ -100,6 +114,11 @@ def check_media(splits: Splits, modalities: list[str] | tuple[str, ...]) -> None
                         f"data split '{split}' sample {s.id} has {modality} media, but the model "
                         f"encodes only {', '.join(sorted(have))} (config keys: encoder, "
                         f"branches); add a branch: branches.{modality}.encoder / "
-                        f"branches.{modality}.connector")
-            check_placeholders(((t.get("from", ""), t.get("value", "")) for t in s.conversations),
-                               s.media_counts(), have, f"data split '{split}' sample {s.id}")
+                        f"branches.{modality}.connector"
+                    )
+            check_placeholders(
+                ((t.get("from", ""), t.get("value", "")) for t in s.conversations),
+                s.media_counts(),
+                have,
+                f"data split '{split}' sample {s.id}",
+            )

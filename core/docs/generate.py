@@ -44,22 +44,30 @@ def _connector_of(base: type) -> Callable[[Entry], bool]:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("Multimodal **Converter** (§3.1)",
-           "`mmbridge.Converter` (a `Connector`): features `[B, N, D_enc]` + mask -> tokens "
-           "`[B, M, D_llm]` + mask, `out_tokens(N) -> M` known before running",
-           (("", _connector_of(Converter)),)),
-    Family("Multimodal **Perceiver** (§3.2)",
-           "`mmbridge.Perceiver` (a `Connector`), optionally `attach(llm)` to add layers inside "
-           "the LLM",
-           (("", _connector_of(Perceiver)),)),
-    Family("**Tool Learning** (§3.3)",
-           "`mmbridge.Tool` (name, description, JSON-schema arguments, `__call__ -> str`), "
-           "`mmbridge.ToolCaller` (`pipeline` or `llm` mode)",
-           (("", lambda e: e.kind == "tool"), ("callers ", lambda e: e.kind == "tool_caller"))),
-    Family("**Data-Driven** (§3.4)",
-           "`mmbridge.DataRecipe` (`annotate` a split, then map each sample to the stage's "
-           "conversation)",
-           (("", lambda e: e.kind == "recipe"),)),
+    Family(
+        "Multimodal **Converter** (§3.1)",
+        "`mmbridge.Converter` (a `Connector`): features `[B, N, D_enc]` + mask -> tokens "
+        "`[B, M, D_llm]` + mask, `out_tokens(N) -> M` known before running",
+        (("", _connector_of(Converter)),),
+    ),
+    Family(
+        "Multimodal **Perceiver** (§3.2)",
+        "`mmbridge.Perceiver` (a `Connector`), optionally `attach(llm)` to add layers inside "
+        "the LLM",
+        (("", _connector_of(Perceiver)),),
+    ),
+    Family(
+        "**Tool Learning** (§3.3)",
+        "`mmbridge.Tool` (name, description, JSON-schema arguments, `__call__ -> str`), "
+        "`mmbridge.ToolCaller` (`pipeline` or `llm` mode)",
+        (("", lambda e: e.kind == "tool"), ("callers ", lambda e: e.kind == "tool_caller")),
+    ),
+    Family(
+        "**Data-Driven** (§3.4)",
+        "`mmbridge.DataRecipe` (`annotate` a split, then map each sample to the stage's "
+        "conversation)",
+        (("", lambda e: e.kind == "recipe"),),
+    ),
 )
 
 #: Config group -> what choosing one of its options decides (the README's "chooses" column).
@@ -128,11 +136,15 @@ def config_groups_markdown(conf_dirs: Iterable[Path], strict: bool = True) -> st
     groups = config_groups(conf_dirs)
     missing = sorted(set(groups) - set(GROUP_HELP))
     if missing and strict:
-        raise ConfigError(f"config group(s) {', '.join(missing)} have no description; add them to "
-                          f"GROUP_HELP in {__name__}")
+        raise ConfigError(
+            f"config group(s) {', '.join(missing)} have no description; add them to "
+            f"GROUP_HELP in {__name__}"
+        )
     rows = ["| group | options | chooses |", "|---|---|---|"]
     for group, options in groups.items():
-        rows.append(f"| `{group}` | {_names(options)} | {GROUP_HELP.get(group, '(from a plugin)')} |")
+        rows.append(
+            f"| `{group}` | {_names(options)} | {GROUP_HELP.get(group, '(from a plugin)')} |"
+        )
     return "\n".join(rows)
 
 
@@ -140,15 +152,20 @@ def commands_markdown() -> str:
     """The commands of the ``mmbridge`` CLI with their one-line help (``mmbridge.cli.COMMANDS``)."""
     rows = ["| command | what it does |", "|---|---|"]
     pipe = "\\|"  # a literal | inside a table cell
-    rows += [f"| `mmbridge {name}` | {help_.replace('|', pipe)} |" for name, (_, help_) in COMMANDS.items()]
+    rows += [
+        f"| `mmbridge {name}` | {help_.replace('|', pipe)} |"
+        for name, (_, help_) in COMMANDS.items()
+    ]
     return "\n".join(rows)
 
 
 def builtin_tables() -> dict[str, str]:
     """The README tables for the built-ins only (installed plugins are left out)."""
-    return {"components": components_markdown(load_registry(autoload=False)),
-            "config-groups": config_groups_markdown([builtin_conf_dir()]),
-            "commands": commands_markdown()}
+    return {
+        "components": components_markdown(load_registry(autoload=False)),
+        "config-groups": config_groups_markdown([builtin_conf_dir()]),
+        "commands": commands_markdown(),
+    }
 
 
 def _region(name: str) -> re.Pattern[str]:
@@ -189,7 +206,9 @@ def generated_files(root: Path) -> dict[Path, tuple[str, str]]:
     readme = root / "README.md"
     old = readme.read_text(encoding="utf-8")
     tables = builtin_tables()
-    files = {readme: (old, update_regions(old, {r: tables[r] for r in README_REGIONS}, str(readme)))}
+    files = {
+        readme: (old, update_regions(old, {r: tables[r] for r in README_REGIONS}, str(readme)))
+    }
     for rel, text in builtin_pages().items():
         path = root / rel
         files[path] = (path.read_text(encoding="utf-8") if path.exists() else "", text)
@@ -197,11 +216,20 @@ def generated_files(root: Path) -> dict[Path, tuple[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mmbridge.docs", description=(
-        "Rewrite the generated parts of the documentation from the code: README.md's components "
-        "table and the reference pages under docs/reference/."))
-    p.add_argument("root", type=Path, nargs="?", default=Path("."),
-                   help="the repository root (default: the current directory)")
+    p = argparse.ArgumentParser(
+        prog="python -m mmbridge.docs",
+        description=(
+            "Rewrite the generated parts of the documentation from the code: README.md's components "
+            "table and the reference pages under docs/reference/."
+        ),
+    )
+    p.add_argument(
+        "root",
+        type=Path,
+        nargs="?",
+        default=Path("."),
+        help="the repository root (default: the current directory)",
+    )
     p.add_argument("--check", action="store_true", help="only check; exit 1 if one is out of date")
     args = p.parse_args(argv)
     stale = []
@@ -214,8 +242,10 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(new, encoding="utf-8")
             print(f"{path}: updated")
     if args.check and stale:
-        print(f"out of date: {', '.join(map(str, stale))}; run python -m mmbridge.docs "
-              f"{args.root}", file=sys.stderr)
+        print(
+            f"out of date: {', '.join(map(str, stale))}; run python -m mmbridge.docs {args.root}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -30,41 +30,165 @@ from mmbridge.errors import DataError
 
 # -- VQA answer normalisation (the VQA challenge's vqaEval.py / EvalAI answer processor) ----------
 CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
-    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've",
-    "hasnt": "hasn't", "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've",
-    "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've",
-    "I'dve": "I'd've", "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've",
-    "it'dve": "it'd've", "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
-    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't",
-    "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
-    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
-    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
-    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
-    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
-    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
-    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
-    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
-    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
-    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're",
-    "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
-    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
-    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
-    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
-    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
-    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
-    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
-    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
-    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
-    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "aint": "ain't",
+    "arent": "aren't",
+    "cant": "can't",
+    "couldve": "could've",
+    "couldnt": "couldn't",
+    "couldn'tve": "couldn't've",
+    "couldnt've": "couldn't've",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hadnt've": "hadn't've",
+    "hadn'tve": "hadn't've",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hed": "he'd",
+    "hed've": "he'd've",
+    "he'dve": "he'd've",
+    "hes": "he's",
+    "howd": "how'd",
+    "howll": "how'll",
+    "hows": "how's",
+    "Id've": "I'd've",
+    "I'dve": "I'd've",
+    "Im": "I'm",
+    "Ive": "I've",
+    "isnt": "isn't",
+    "itd": "it'd",
+    "itd've": "it'd've",
+    "it'dve": "it'd've",
+    "itll": "it'll",
+    "let's": "let's",
+    "maam": "ma'am",
+    "mightnt": "mightn't",
+    "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've",
+    "mightve": "might've",
+    "mustnt": "mustn't",
+    "mustve": "must've",
+    "neednt": "needn't",
+    "notve": "not've",
+    "oclock": "o'clock",
+    "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at",
+    "shant": "shan't",
+    "shed've": "she'd've",
+    "she'dve": "she'd've",
+    "she's": "she's",
+    "shouldve": "should've",
+    "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll",
+    "somebodys": "somebody's",
+    "someoned": "someone'd",
+    "someoned've": "someone'd've",
+    "someone'dve": "someone'd've",
+    "someonell": "someone'll",
+    "someones": "someone's",
+    "somethingd": "something'd",
+    "somethingd've": "something'd've",
+    "something'dve": "something'd've",
+    "somethingll": "something'll",
+    "thats": "that's",
+    "thered": "there'd",
+    "thered've": "there'd've",
+    "there'dve": "there'd've",
+    "therere": "there're",
+    "theres": "there's",
+    "theyd": "they'd",
+    "theyd've": "they'd've",
+    "they'dve": "they'd've",
+    "theyll": "they'll",
+    "theyre": "they're",
+    "theyve": "they've",
+    "twas": "'twas",
+    "wasnt": "wasn't",
+    "wed've": "we'd've",
+    "we'dve": "we'd've",
+    "weve": "we've",
+    "werent": "weren't",
+    "whatll": "what'll",
+    "whatre": "what're",
+    "whats": "what's",
+    "whatve": "what've",
+    "whens": "when's",
+    "whered": "where'd",
+    "wheres": "where's",
+    "whereve": "where've",
+    "whod": "who'd",
+    "whod've": "who'd've",
+    "who'dve": "who'd've",
+    "wholl": "who'll",
+    "whos": "who's",
+    "whove": "who've",
+    "whyll": "why'll",
+    "whyre": "why're",
+    "whys": "why's",
+    "wont": "won't",
+    "wouldve": "would've",
+    "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've",
+    "yall": "y'all",
+    "yall'll": "y'all'll",
+    "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've",
+    "youd": "you'd",
+    "youd've": "you'd've",
+    "you'dve": "you'd've",
+    "youll": "you'll",
+    "youre": "you're",
     "youve": "you've",
 }
-NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+NUMBER_WORDS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 ARTICLES = ("a", "an", "the")
-PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@",
-               "`", ",", "?", "!")
+PUNCTUATION = (
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+)
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: the official pattern
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 
@@ -126,7 +250,9 @@ def pope_answer(text: str) -> str:
     return "no" if any(w in words for w in ("No", "not", "no")) else "yes"
 
 
-def binary_metrics(predictions: Sequence[str], labels: Sequence[str], positive: str = "yes") -> dict[str, float]:
+def binary_metrics(
+    predictions: Sequence[str], labels: Sequence[str], positive: str = "yes"
+) -> dict[str, float]:
     """Accuracy, precision, recall and F1 of ``positive`` against ``labels``, and the share of
     ``positive`` predictions (POPE's yes-ratio). A ratio with an empty denominator is 0."""
     pairs = list(zip(predictions, labels, strict=True))
@@ -138,8 +264,13 @@ def binary_metrics(predictions: Sequence[str], labels: Sequence[str], positive: 
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": (tp + tn) / n, "precision": precision, "recall": recall, "f1": f1,
-            "yes_ratio": (tp + fp) / n}
+    return {
+        "accuracy": (tp + tn) / n,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": (tp + fp) / n,
+    }
 
 
 # -- multiple choice: the letter of a free answer ---------------------------------------------------
@@ -164,7 +295,11 @@ def extract_choice(text: str, options: Mapping[str, str]) -> str | None:
     if m and m.group(1) in letters:
         return m.group(1)
     low = normalize_vqa_answer(s)
-    hits = [k for k, v in options.items() if v and re.search(rf"\b{re.escape(normalize_vqa_answer(v))}\b", low)]
+    hits = [
+        k
+        for k, v in options.items()
+        if v and re.search(rf"\b{re.escape(normalize_vqa_answer(v))}\b", low)
+    ]
     if len(hits) == 1:
         return hits[0].upper()
     alone = {t for t in re.findall(r"\b([A-Z])\b(?!\s+[a-z])", s) if t in letters}
@@ -195,29 +330,51 @@ def _by_type(metric: str, values: Sequence[float], qtypes: Sequence[str]) -> dic
     return out
 
 
-def score_vqa(metas: Sequence[dict], references: Sequence[str], predictions: Sequence[str],
-              qtypes: Sequence[str]) -> Scored:
+def score_vqa(
+    metas: Sequence[dict],
+    references: Sequence[str],
+    predictions: Sequence[str],
+    qtypes: Sequence[str],
+) -> Scored:
     """VQA accuracy (:func:`vqa_accuracy`), overall and per answer type."""
-    accs = [vqa_accuracy(p, m.get("answers") or [r]) for m, r, p in zip(metas, references, predictions, strict=True)]
+    accs = [
+        vqa_accuracy(p, m.get("answers") or [r])
+        for m, r, p in zip(metas, references, predictions, strict=True)
+    ]
     return Scored(_by_type("vqa_accuracy", accs, qtypes), accs)
 
 
-def score_gqa(metas: Sequence[dict], references: Sequence[str], predictions: Sequence[str],
-              qtypes: Sequence[str]) -> Scored:
+def score_gqa(
+    metas: Sequence[dict],
+    references: Sequence[str],
+    predictions: Sequence[str],
+    qtypes: Sequence[str],
+) -> Scored:
     """GQA accuracy: exact match after :func:`normalize_vqa_answer`, overall and per structural type."""
-    ok = [float(normalize_vqa_answer(p) == normalize_vqa_answer(r)) for r, p in zip(references, predictions, strict=True)]
+    ok = [
+        float(normalize_vqa_answer(p) == normalize_vqa_answer(r))
+        for r, p in zip(references, predictions, strict=True)
+    ]
     return Scored(_by_type("gqa_accuracy", ok, qtypes), ok)
 
 
-def score_pope(metas: Sequence[dict], references: Sequence[str], predictions: Sequence[str],
-               qtypes: Sequence[str]) -> Scored:
+def score_pope(
+    metas: Sequence[dict],
+    references: Sequence[str],
+    predictions: Sequence[str],
+    qtypes: Sequence[str],
+) -> Scored:
     """POPE: accuracy, precision, recall, F1 and yes-ratio, overall and per category."""
     read = [pope_answer(p) for p in predictions]
-    labels = [str(m.get("label", r)).strip().lower() for m, r in zip(metas, references, strict=True)]
+    labels = [
+        str(m.get("label", r)).strip().lower() for m, r in zip(metas, references, strict=True)
+    ]
     for m, label in zip(metas, labels, strict=True):
         if label not in ("yes", "no"):
-            raise DataError(f"POPE question {m.get('question_id', '?')}: label {label!r} is not yes or no "
-                            f"(meta.label, else the reference answer)")
+            raise DataError(
+                f"POPE question {m.get('question_id', '?')}: label {label!r} is not yes or no "
+                f"(meta.label, else the reference answer)"
+            )
     out = {f"pope/{k}": v for k, v in binary_metrics(read, labels).items()}
     cats: dict[str, list[int]] = defaultdict(list)
     for i, m in enumerate(metas):
@@ -229,8 +386,12 @@ def score_pope(metas: Sequence[dict], references: Sequence[str], predictions: Se
     return Scored(out, [float(r == y) for r, y in zip(read, labels, strict=True)])
 
 
-def score_multiple_choice(metas: Sequence[dict], references: Sequence[str], predictions: Sequence[str],
-                          qtypes: Sequence[str]) -> Scored:
+def score_multiple_choice(
+    metas: Sequence[dict],
+    references: Sequence[str],
+    predictions: Sequence[str],
+    qtypes: Sequence[str],
+) -> Scored:
     """Accuracy of the extracted letter (:func:`extract_choice`), per category, the share of
     answers whose letter could not be told, and with ``meta.circular`` MMBench's CircularEval
     (a question counts only when every rotation of its options is answered right)."""
@@ -251,12 +412,21 @@ def score_multiple_choice(metas: Sequence[dict], references: Sequence[str], pred
 
 Scorer = Callable[[Sequence[dict], Sequence[str], Sequence[str], Sequence[str]], Scored]
 #: ``meta["benchmark"]`` -> its scorer ``(metas, references, predictions, qtypes) -> Scored``.
-SCORERS: dict[str, Scorer] = {"vqa": score_vqa, "gqa": score_gqa, "pope": score_pope,
-                              "multiple_choice": score_multiple_choice}
+SCORERS: dict[str, Scorer] = {
+    "vqa": score_vqa,
+    "gqa": score_gqa,
+    "pope": score_pope,
+    "multiple_choice": score_multiple_choice,
+}
 
 
-def score(metas: Sequence[dict], references: Sequence[str], predictions: Sequence[str],
-          qtypes: Sequence[str], prefix: str = "") -> tuple[dict[str, float], list[float | None]]:
+def score(
+    metas: Sequence[dict],
+    references: Sequence[str],
+    predictions: Sequence[str],
+    qtypes: Sequence[str],
+    prefix: str = "",
+) -> tuple[dict[str, float], list[float | None]]:
     """The benchmark metrics of the questions whose ``meta`` names a benchmark (keys prefixed
     with ``prefix``), and each question's score (None for questions without one).
 
@@ -269,13 +439,19 @@ def score(metas: Sequence[dict], references: Sequence[str], predictions: Sequenc
         if name is None:
             continue
         if name not in SCORERS:
-            raise DataError(f"meta.benchmark={name!r} is not a known scorer; available: {', '.join(SCORERS)}")
+            raise DataError(
+                f"meta.benchmark={name!r} is not a known scorer; available: {', '.join(SCORERS)}"
+            )
         groups[name].append(i)
     out: dict[str, float] = {}
     per_item: list[float | None] = [None] * len(metas)
     for name, idx in groups.items():
-        got = SCORERS[name]([metas[i] for i in idx], [references[i] for i in idx],
-                            [predictions[i] for i in idx], [qtypes[i] for i in idx])
+        got = SCORERS[name](
+            [metas[i] for i in idx],
+            [references[i] for i in idx],
+            [predictions[i] for i in idx],
+            [qtypes[i] for i in idx],
+        )
         out.update({f"{prefix}{k}": v for k, v in got.metrics.items()})
         for i, v in zip(idx, got.per_item, strict=True):
             per_item[i] = v

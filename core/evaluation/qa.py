@@ -42,15 +42,27 @@ def qa_items(samples: Sequence[Sample]) -> list[QAItem]:
         turns = s.conversations
         k = 0
         for i in range(len(turns) - 1):
-            if turns[i]["from"] not in ("human", "user") or turns[i + 1]["from"] not in ("gpt", "assistant"):
+            if turns[i]["from"] not in ("human", "user") or turns[i + 1]["from"] not in (
+                "gpt",
+                "assistant",
+            ):
                 continue
             q = turns[i]["value"]
             for m in s.media:
                 q = q.replace(placeholder(m) + "\n", "").replace(placeholder(m), "")
             prefix = "".join(placeholder(m) + "\n" for m in s.media)
             qtype = qtypes[k] if k < len(qtypes) else s.meta.get("qtype", "all")
-            conv = [{"from": "human", "value": prefix + q.strip()}, {"from": "gpt", "value": turns[i + 1]["value"]}]
-            items.append(QAItem(s.replace(id=f"{s.id}#{k}", conversations=conv), turns[i + 1]["value"], str(qtype)))
+            conv = [
+                {"from": "human", "value": prefix + q.strip()},
+                {"from": "gpt", "value": turns[i + 1]["value"]},
+            ]
+            items.append(
+                QAItem(
+                    s.replace(id=f"{s.id}#{k}", conversations=conv),
+                    turns[i + 1]["value"],
+                    str(qtype),
+                )
+            )
             k += 1
     return items
 
@@ -63,22 +75,32 @@ def summarise(correct: dict[str, list[bool]], prefix: str) -> dict[str, float]:
     return out
 
 
-def wer_by_type(items: Sequence[QAItem], preds: Sequence[str], qtypes: Sequence[str],
-                prefix: str = "") -> dict[str, float]:
+def wer_by_type(
+    items: Sequence[QAItem], preds: Sequence[str], qtypes: Sequence[str], prefix: str = ""
+) -> dict[str, float]:
     """Corpus word error rate (:func:`mmbridge.utils.metrics.word_error_rate`) of the questions of
     each type in ``qtypes`` (those present), as ``{prefix}wer/<qtype>``."""
     out = {}
     for qtype in qtypes:
         pairs = [(p, it.answer) for it, p in zip(items, preds) if it.qtype == qtype]
         if pairs:
-            out[f"{prefix}wer/{qtype}"] = word_error_rate([p for p, _ in pairs], [r for _, r in pairs])
+            out[f"{prefix}wer/{qtype}"] = word_error_rate(
+                [p for p, _ in pairs], [r for _, r in pairs]
+            )
     return out
 
 
 @torch.no_grad()
-def answer(model: MultimodalModel, items: Sequence[QAItem], batcher: Batcher,
-           batch_size: int = 16, max_new_tokens: int = 12, without_media: bool = False,
-           progress: bool = True, infos: list[dict[str, Any] | None] | None = None) -> list[str]:
+def answer(
+    model: MultimodalModel,
+    items: Sequence[QAItem],
+    batcher: Batcher,
+    batch_size: int = 16,
+    max_new_tokens: int = 12,
+    without_media: bool = False,
+    progress: bool = True,
+    infos: list[dict[str, Any] | None] | None = None,
+) -> list[str]:
     """Greedy answers for the questions (optionally with the media removed), each question a
     generation prompt through ``batcher`` (left padded, on the model's device). With ``infos``,
     what the model's sequence prefix decided for each question (``SequencePrefix.last_info``,
@@ -89,7 +111,9 @@ def answer(model: MultimodalModel, items: Sequence[QAItem], batcher: Batcher,
     outs: list[str] = []
     tok = batcher.chat.tokenizer
     with Progress(transient=True, disable=not progress) as bar:
-        task = bar.add_task("evaluating" + (" (no media)" if without_media else ""), total=len(items))
+        task = bar.add_task(
+            "evaluating" + (" (no media)" if without_media else ""), total=len(items)
+        )
         for i in range(0, len(items), batch_size):
             chunk = items[i : i + batch_size]
             prompts = []
@@ -109,9 +133,15 @@ def answer(model: MultimodalModel, items: Sequence[QAItem], batcher: Batcher,
     return outs
 
 
-def exact_match(model: MultimodalModel, items: Sequence[QAItem], batcher: Batcher,
-                prefix: str = "", records: list[dict] | None = None,
-                wer_qtypes: Sequence[str] = (), **kwargs) -> dict[str, float]:
+def exact_match(
+    model: MultimodalModel,
+    items: Sequence[QAItem],
+    batcher: Batcher,
+    prefix: str = "",
+    records: list[dict] | None = None,
+    wer_qtypes: Sequence[str] = (),
+    **kwargs,
+) -> dict[str, float]:
     """Exact match (after :func:`normalize`) overall and per question type, the word error
     rate of the types in ``wer_qtypes`` (transcriptions), and the official metric of the
     questions whose ``meta["benchmark"]`` names one (:func:`mmbridge.evaluation.benchmarks.score`:
@@ -123,24 +153,40 @@ def exact_match(model: MultimodalModel, items: Sequence[QAItem], batcher: Batche
     level) and ``gate/max_weight``."""
     infos: list[dict[str, Any] | None] = []
     preds = answer(model, items, batcher, infos=infos, **kwargs)
-    bench, scores = benchmarks.score([it.sample.meta for it in items], [it.answer for it in items], preds,
-                                     [it.qtype for it in items], prefix)
+    bench, scores = benchmarks.score(
+        [it.sample.meta for it in items],
+        [it.answer for it in items],
+        preds,
+        [it.qtype for it in items],
+        prefix,
+    )
     correct: dict[str, list[bool]] = defaultdict(list)
     for it, p, info, sc in zip(items, preds, infos, scores):
         ok = normalize(p) == normalize(it.answer)
         correct[it.qtype].append(ok)
         if records is not None:
             shown = strip_media(it.sample) if kwargs.get("without_media") else it.sample
-            rec = {"id": it.sample.id, "qtype": it.qtype, "mode": prefix.rstrip("/") or "media",
-                   "question": shown.conversations[0]["value"], "answer": it.answer,
-                   "prediction": p, "correct": ok, "media": dict(shown.media)}
+            rec = {
+                "id": it.sample.id,
+                "qtype": it.qtype,
+                "mode": prefix.rstrip("/") or "media",
+                "question": shown.conversations[0]["value"],
+                "answer": it.answer,
+                "prediction": p,
+                "correct": ok,
+                "media": dict(shown.media),
+            }
             if info is not None:
                 rec["prefix"] = info
             if sc is not None:
                 rec["score"] = sc
             records.append(rec)
-    return {**summarise(correct, prefix), **wer_by_type(items, preds, wer_qtypes, prefix),
-            **gate_summary(infos, prefix), **bench}
+    return {
+        **summarise(correct, prefix),
+        **wer_by_type(items, preds, wer_qtypes, prefix),
+        **gate_summary(infos, prefix),
+        **bench,
+    }
 
 
 def gate_summary(infos: Sequence[dict[str, Any] | None], prefix: str = "") -> dict[str, float]:
@@ -150,11 +196,20 @@ def gate_summary(infos: Sequence[dict[str, Any] | None], prefix: str = "") -> di
         return {}
     w = torch.tensor(weights, dtype=torch.float64).clamp(min=1e-12)
     entropy = -(w * w.log()).sum(-1) / math.log(w.shape[-1])
-    return {f"{prefix}gate/entropy": float(entropy.mean()), f"{prefix}gate/max_weight": float(w.max(-1).values.mean())}
+    return {
+        f"{prefix}gate/entropy": float(entropy.mean()),
+        f"{prefix}gate/max_weight": float(w.max(-1).values.mean()),
+    }
 
 
-def reference_asr(items: Sequence[QAItem], tool, qtypes: Sequence[str], prefix: str = "asr/",
-                  records: list[dict] | None = None, progress: bool = True) -> dict[str, float]:
+def reference_asr(
+    items: Sequence[QAItem],
+    tool,
+    qtypes: Sequence[str],
+    prefix: str = "asr/",
+    records: list[dict] | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
     """The word error rate of a speech recogniser (the ``asr`` tool: Whisper's own decoder) on
     the audio of the transcription questions: the reference beside the trained model."""
     chosen = [it for it in items if it.qtype in qtypes and "audio" in it.sample.media]
@@ -166,13 +221,23 @@ def reference_asr(items: Sequence[QAItem], tool, qtypes: Sequence[str], prefix: 
             bar.advance(task)
     if records is not None:
         for it, p in zip(chosen, preds):
-            records.append({"id": it.sample.id, "qtype": it.qtype, "mode": prefix.rstrip("/"),
-                            "question": it.sample.conversations[0]["value"], "answer": it.answer,
-                            "prediction": p, "correct": normalize(p) == normalize(it.answer)})
+            records.append(
+                {
+                    "id": it.sample.id,
+                    "qtype": it.qtype,
+                    "mode": prefix.rstrip("/"),
+                    "question": it.sample.conversations[0]["value"],
+                    "answer": it.answer,
+                    "prediction": p,
+                    "correct": normalize(p) == normalize(it.answer),
+                }
+            )
     return wer_by_type(chosen, preds, qtypes, prefix)
 
 
-def chance(train: Sequence[QAItem], test: Sequence[QAItem], prefix: str = "chance/") -> dict[str, float]:
+def chance(
+    train: Sequence[QAItem], test: Sequence[QAItem], prefix: str = "chance/"
+) -> dict[str, float]:
     """Majority-answer baseline: per question type, always give the train split's most
     common answer."""
     majority = {}

@@ -36,8 +36,14 @@ class ValQuestions:
         batch_size: Questions per generation batch.
     """
 
-    def __init__(self, samples: Sequence[Sample], batcher: Batcher, n: int, max_new_tokens: int,
-                 batch_size: int) -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        batcher: Batcher,
+        n: int,
+        max_new_tokens: int,
+        batch_size: int,
+    ) -> None:
         self.items = qa.qa_items(samples)[:n]
         self.batcher = batcher
         self.max_new_tokens = max_new_tokens
@@ -46,8 +52,14 @@ class ValQuestions:
     def __call__(self, model: MultimodalModel) -> dict[str, float]:
         if not self.items:
             return {}
-        res = qa.exact_match(model, self.items, self.batcher, max_new_tokens=self.max_new_tokens,
-                             batch_size=self.batch_size, progress=False)
+        res = qa.exact_match(
+            model,
+            self.items,
+            self.batcher,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            progress=False,
+        )
         return {"exact_match": res["exact_match"]}
 
 
@@ -75,27 +87,58 @@ class EvalTools:
         return cls(callers, asr)
 
 
-def evaluate_items(model: MultimodalModel, ev: Evaluation, items: list[qa.QAItem],
-                   batcher: Batcher, tools: EvalTools, prefix: str = "",
-                   records: list[dict] | None = None,
-                   train: Sequence[Sample] | None = None) -> dict[str, Any]:
+def evaluate_items(
+    model: MultimodalModel,
+    ev: Evaluation,
+    items: list[qa.QAItem],
+    batcher: Batcher,
+    tools: EvalTools,
+    prefix: str = "",
+    records: list[dict] | None = None,
+    train: Sequence[Sample] | None = None,
+) -> dict[str, Any]:
     """Every figure of ``items``: exact match (word error rate for ``evaluation.wer_qtypes``),
     the no-media and chance (from ``train``) baselines with ``evaluation.baselines``, the
     answers through each tool caller and the reference recogniser; keys prefixed with
     ``prefix``, each answer appended to ``records``."""
-    kw: dict[str, Any] = {"max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size,
-                          "wer_qtypes": list(ev.wer_qtypes)}
-    out: dict[str, Any] = qa.exact_match(model, items, batcher, prefix=prefix, records=records, **kw)
+    kw: dict[str, Any] = {
+        "max_new_tokens": ev.max_new_tokens,
+        "batch_size": ev.batch_size,
+        "wer_qtypes": list(ev.wer_qtypes),
+    }
+    out: dict[str, Any] = qa.exact_match(
+        model, items, batcher, prefix=prefix, records=records, **kw
+    )
     if ev.baselines:
-        out.update(qa.exact_match(model, items, batcher, prefix=f"{prefix}no_media/",
-                                  without_media=True, records=records, **kw))
+        out.update(
+            qa.exact_match(
+                model,
+                items,
+                batcher,
+                prefix=f"{prefix}no_media/",
+                without_media=True,
+                records=records,
+                **kw,
+            )
+        )
         if train:
             out.update(qa.chance(qa.qa_items(train), items, prefix=f"{prefix}chance/"))
     for cname, caller in tools.callers.items():
-        out.update(caller_exact_match(model, batcher, items, caller,
-                                      prefix=f"{prefix}{cname}/", records=records,
-                                      max_new_tokens=ev.tool_max_new_tokens))
+        out.update(
+            caller_exact_match(
+                model,
+                batcher,
+                items,
+                caller,
+                prefix=f"{prefix}{cname}/",
+                records=records,
+                max_new_tokens=ev.tool_max_new_tokens,
+            )
+        )
     if tools.asr is not None:
-        out.update(qa.reference_asr(items, tools.asr, kw["wer_qtypes"], prefix=f"{prefix}asr/",
-                                    records=records))
+        out.update(
+            qa.reference_asr(
+                items, tools.asr, kw["wer_qtypes"], prefix=f"{prefix}asr/", records=records
+            )
+        )
     return out

@@ -35,8 +35,12 @@ from mmbridge.registry import Registry
 from mmbridge.utils.progress import Progress
 
 
-def model_generate_fn(model: MultimodalModel, batcher: Batcher, media: Mapping[str, str | list[str]],
-                      max_new_tokens: int) -> GenerateFn:
+def model_generate_fn(
+    model: MultimodalModel,
+    batcher: Batcher,
+    media: Mapping[str, str | list[str]],
+    max_new_tokens: int,
+) -> GenerateFn:
     """``generate(messages) -> str`` for a caller: the messages (roles user / assistant /
     system / tool) through the chat template, the sample's media in the slots of the
     placeholders the messages hold, greedy decoding. ``generate.tokenizer`` lets the ``llm``
@@ -62,11 +66,15 @@ def build_caller(registry: Registry, node: Mapping[str, Any] | DictConfig, key: 
     """The caller of ``node`` with its ``tools`` built (names or name -> config)."""
     data = to_container(node)
     if not isinstance(data, dict):
-        raise ConfigError(f"{key}: expected a mapping with `name` (pipeline | llm) and `tools`, got {data!r}")
+        raise ConfigError(
+            f"{key}: expected a mapping with `name` (pipeline | llm) and `tools`, got {data!r}"
+        )
     spec = data.pop("tools", None)
     if not spec:
-        raise ConfigError(f"{key}.tools: give the tools the caller may use, e.g. [ocr] or "
-                          f"{{ocr: {{backend: tesseract}}}}; registered: {', '.join(registry.names('tool'))}")
+        raise ConfigError(
+            f"{key}.tools: give the tools the caller may use, e.g. [ocr] or "
+            f"{{ocr: {{backend: tesseract}}}}; registered: {', '.join(registry.names('tool'))}"
+        )
     if isinstance(spec, str):
         spec = [spec]
     items = spec.items() if isinstance(spec, dict) else ((n, {}) for n in spec)
@@ -81,10 +89,16 @@ def build_caller(registry: Registry, node: Mapping[str, Any] | DictConfig, key: 
 
 
 @torch.no_grad()
-def caller_exact_match(model: MultimodalModel, batcher: Batcher,
-                       items: Sequence[QAItem], caller: ToolCaller, prefix: str,
-                       max_new_tokens: int = 64, records: list[dict] | None = None,
-                       progress: bool = True) -> dict[str, float]:
+def caller_exact_match(
+    model: MultimodalModel,
+    batcher: Batcher,
+    items: Sequence[QAItem],
+    caller: ToolCaller,
+    prefix: str,
+    max_new_tokens: int = 64,
+    records: list[dict] | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
     """Exact match of the answers the model gives through ``caller``, per question type, with
     the calls made per question and the share of calls that failed (``{prefix}...``)."""
     was_training = model.training
@@ -104,11 +118,26 @@ def caller_exact_match(model: MultimodalModel, batcher: Batcher,
                 n_calls += len(run.calls)
                 n_failed += sum(not c.ok for c in run.calls)
                 if records is not None:
-                    records.append({"id": it.sample.id, "qtype": it.qtype, "mode": prefix.rstrip("/"),
-                                    "question": run.prompt or question, "answer": it.answer,
-                                    "prediction": run.answer, "correct": ok,
-                                    "calls": [{"name": c.name, "arguments": c.arguments, "ok": c.ok,
-                                               "result": c.result[:200]} for c in run.calls]})
+                    records.append(
+                        {
+                            "id": it.sample.id,
+                            "qtype": it.qtype,
+                            "mode": prefix.rstrip("/"),
+                            "question": run.prompt or question,
+                            "answer": it.answer,
+                            "prediction": run.answer,
+                            "correct": ok,
+                            "calls": [
+                                {
+                                    "name": c.name,
+                                    "arguments": c.arguments,
+                                    "ok": c.ok,
+                                    "result": c.result[:200],
+                                }
+                                for c in run.calls
+                            ],
+                        }
+                    )
                 bar.advance(task)
     finally:
         model.train(was_training)

@@ -74,13 +74,26 @@ def float32_overrides(checkpoint: str | Path, registry: Registry) -> list[str]:
 
     p = Path(checkpoint).expanduser()
     manifest = read_manifest(p) if p.is_dir() else None
-    cfg = bundle_config(p, manifest, registry)[0] if manifest is not None else read_checkpoint(p, registry)[0]
-    return [f"{n.key}.dtype=float32" for n in weight_nodes(cfg)
-            if OmegaConf.select(cfg, f"{n.key}.dtype") is not None]
+    cfg = (
+        bundle_config(p, manifest, registry)[0]
+        if manifest is not None
+        else read_checkpoint(p, registry)[0]
+    )
+    return [
+        f"{n.key}.dtype=float32"
+        for n in weight_nodes(cfg)
+        if OmegaConf.select(cfg, f"{n.key}.dtype") is not None
+    ]
 
 
-def export(checkpoint: str | Path, out: str | Path, format: str = "bundle", overwrite: bool = False,
-           registry: Registry | None = None, device: str | torch.device | None = "cpu") -> Path:
+def export(
+    checkpoint: str | Path,
+    out: str | Path,
+    format: str = "bundle",
+    overwrite: bool = False,
+    registry: Registry | None = None,
+    device: str | torch.device | None = "cpu",
+) -> Path:
     """Export a checkpoint (or a bundle) as ``format`` into the directory ``out``.
 
     Args:
@@ -107,7 +120,9 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "bundle", over
         raise ConfigError(f"format={format}: unknown export format; valid: {', '.join(FORMATS)}")
     dst = Path(out).expanduser()
     if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
-        raise ConfigError(f"out={out}: exists and is not empty (choose another directory, or overwrite=true)")
+        raise ConfigError(
+            f"out={out}: exists and is not empty (choose another directory, or overwrite=true)"
+        )
     refuse_clobbering(dst, _sources(checkpoint, run_directory(checkpoint)))  # overwrite=true too
     registry = registry or load_registry()
     overrides = float32_overrides(checkpoint, registry) if format == "hf" else None
@@ -126,10 +141,19 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "bundle", over
         from mmbridge.training.checkpoint import component_origins
 
         origins = component_origins(session.cfg, registry)
-        (tmp / "README.md").write_text(model_card(session.cfg, origins, format, dst.resolve(),
-                                                  run_directory(checkpoint), manifest.pop("card", None)))
-        (tmp / MANIFEST).write_text(json.dumps({**manifest, "source": str(Path(checkpoint).resolve())},
-                                               indent=2) + "\n")
+        (tmp / "README.md").write_text(
+            model_card(
+                session.cfg,
+                origins,
+                format,
+                dst.resolve(),
+                run_directory(checkpoint),
+                manifest.pop("card", None),
+            )
+        )
+        (tmp / MANIFEST).write_text(
+            json.dumps({**manifest, "source": str(Path(checkpoint).resolve())}, indent=2) + "\n"
+        )
         _umask_permissions(tmp)
         if dst.exists():
             shutil.rmtree(dst)

@@ -68,8 +68,10 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"'{file}' is unreadable: {exc}") from exc
     if not isinstance(manifest, dict):
-        raise CheckpointError(f"'{file}': expected a JSON object (an export's manifest), "
-                              f"got {type(manifest).__name__}")
+        raise CheckpointError(
+            f"'{file}': expected a JSON object (an export's manifest), "
+            f"got {type(manifest).__name__}"
+        )
     return manifest
 
 
@@ -80,7 +82,9 @@ def _model_leaves(cfg: DictConfig) -> Iterator[tuple[str, str]]:
         if isinstance(node, DictConfig):
             for k, v in node.items():
                 if k != "name":
-                    yield from walk(v, f"{key}.{str(k)}")  # str(): DictConfig keys are typed str | bytes | ...
+                    yield from walk(
+                        v, f"{key}.{str(k)}"
+                    )  # str(): DictConfig keys are typed str | bytes | ...
         elif isinstance(node, ListConfig):
             for i, v in enumerate(node):
                 yield from walk(v, f"{key}.{i}")
@@ -109,7 +113,9 @@ def _local_source(value: str, key: str, registry: Registry) -> Path | None:
 
 def model_files(cfg: DictConfig, registry: Registry) -> dict[str, Path]:
     """Config key -> the local file or directory it names, for every model file of the config."""
-    return {k: src for k, v in _model_leaves(cfg) if (src := _local_source(v, k, registry)) is not None}
+    return {
+        k: src for k, v in _model_leaves(cfg) if (src := _local_source(v, k, registry)) is not None
+    }
 
 
 def write_bundle(session: Any, meta: dict[str, str], out: Path) -> dict[str, Any]:
@@ -139,9 +145,14 @@ def write_bundle(session: Any, meta: dict[str, str], out: Path) -> dict[str, Any
         OmegaConf.update(rel_cfg, key, rel, merge=False)
     origins = component_origins(cfg, registry) or json.loads(meta.get("components", "{}"))
     cfg_yaml = OmegaConf.to_yaml(rel_cfg, resolve=True)
-    weights_meta = {"config": cfg_yaml, "stages": meta.get("stages", "[]"), "lora": meta.get("lora", "false"),
-                    "format": f"{FORMAT_PREFIX}{FORMAT}", "components": json.dumps(origins),
-                    "bundle": "all"}
+    weights_meta = {
+        "config": cfg_yaml,
+        "stages": meta.get("stages", "[]"),
+        "lora": meta.get("lora", "false"),
+        "format": f"{FORMAT_PREFIX}{FORMAT}",
+        "components": json.dumps(origins),
+        "bundle": "all",
+    }
     model = session.model
     device = next(model.parameters()).device
     model.to("cpu")
@@ -150,9 +161,17 @@ def write_bundle(session: Any, meta: dict[str, str], out: Path) -> dict[str, Any
     finally:
         model.to(device)
     (out / "config.yaml").write_text(cfg_yaml)
-    manifest = {"format": "bundle", "bundle_version": BUNDLE_VERSION, "mmbridge": __version__,
-                "stages": json.loads(meta.get("stages", "[]")), "components": origins, "files": files,
-                "weights": WEIGHTS, "tensors": len(model.state_dict()), "checksums": checksums(out)}
+    manifest = {
+        "format": "bundle",
+        "bundle_version": BUNDLE_VERSION,
+        "mmbridge": __version__,
+        "stages": json.loads(meta.get("stages", "[]")),
+        "components": origins,
+        "files": files,
+        "weights": WEIGHTS,
+        "tensors": len(model.state_dict()),
+        "checksums": checksums(out),
+    }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -168,8 +187,11 @@ def _sha256(file: Path) -> str:
 def checksums(root: Path) -> dict[str, str]:
     """``relative path -> sha256`` of every file of a bundle that loading reads (all but the
     manifest and the model card)."""
-    return {p.relative_to(root).as_posix(): _sha256(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and p.relative_to(root).as_posix() not in (MANIFEST, "README.md")}
+    return {
+        p.relative_to(root).as_posix(): _sha256(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).as_posix() not in (MANIFEST, "README.md")
+    }
 
 
 def verify_checksums(path: Path, manifest: dict[str, Any]) -> None:
@@ -183,8 +205,12 @@ def verify_checksums(path: Path, manifest: dict[str, Any]) -> None:
     """
     recorded = manifest.get("checksums")
     if recorded is None:
-        log.warning("bundle '%s': no checksums in %s (written by an older mmbridge); its files are "
-                    "not verified", path, MANIFEST)
+        log.warning(
+            "bundle '%s': no checksums in %s (written by an older mmbridge); its files are "
+            "not verified",
+            path,
+            MANIFEST,
+        )
         return
     if not isinstance(recorded, dict):
         raise IntegrityError(f"bundle '{path}': {MANIFEST} 'checksums' must map file -> sha256")
@@ -196,30 +222,42 @@ def verify_checksums(path: Path, manifest: dict[str, Any]) -> None:
         elif _sha256(file) != digest:
             problems.append(f"{rel} has changed since the bundle was written (sha256 differs)")
     if problems:
-        raise IntegrityError(f"bundle '{path}' is damaged: {'; '.join(problems[:8])}"
-                             f"{' ...' if len(problems) > 8 else ''}; export it again from its checkpoint")
+        raise IntegrityError(
+            f"bundle '{path}' is damaged: {'; '.join(problems[:8])}"
+            f"{' ...' if len(problems) > 8 else ''}; export it again from its checkpoint"
+        )
 
 
-def bundle_config(path: Path, manifest: dict[str, Any], registry: Registry) -> tuple[DictConfig, dict[str, str]]:
+def bundle_config(
+    path: Path, manifest: dict[str, Any], registry: Registry
+) -> tuple[DictConfig, dict[str, str]]:
     """The bundle's config with its model paths made absolute, and the weights' metadata.
 
     Checks the layout version and that every component the bundle records is registered
     (a missing one names the package to install).
     """
     if manifest.get("format") != "bundle":
-        raise CheckpointError(f"'{path}' is a format={manifest.get('format')} export, not a bundle; "
-                              f"mmbridge.load takes a checkpoint or a format=bundle directory")
+        raise CheckpointError(
+            f"'{path}' is a format={manifest.get('format')} export, not a bundle; "
+            f"mmbridge.load takes a checkpoint or a format=bundle directory"
+        )
     version = int(manifest.get("bundle_version", 0))
     if not 1 <= version <= BUNDLE_VERSION:
-        raise CheckpointError(f"bundle '{path}' has layout version {version}; this mmbridge reads "
-                              f"1 to {BUNDLE_VERSION} (upgrade: pip install -U mmbridge)")
+        raise CheckpointError(
+            f"bundle '{path}' has layout version {version}; this mmbridge reads "
+            f"1 to {BUNDLE_VERSION} (upgrade: pip install -U mmbridge)"
+        )
     weights = path / manifest.get("weights", WEIGHTS)
     if not weights.is_file():
         raise CheckpointError(f"bundle '{path}': {weights.name} is missing")
     with safe_open(str(weights), "pt") as f:
         meta: dict[str, str] = dict(f.metadata() or {})
-    check_components({"components": json.dumps(manifest.get("components", {}))}, registry, str(path))
-    cfg = cast(DictConfig, OmegaConf.create(meta["config"]))  # the stored config is a run config: a mapping
+    check_components(
+        {"components": json.dumps(manifest.get("components", {}))}, registry, str(path)
+    )
+    cfg = cast(
+        DictConfig, OmegaConf.create(meta["config"])
+    )  # the stored config is a run config: a mapping
     for key, rel in manifest.get("files", {}).items():
         target = path / rel
         if not target.exists():
@@ -239,19 +277,35 @@ def load_all_weights(model: torch.nn.Module, file: Path) -> None:
     tied = {k for names in ptr.values() if any(n in weights for n in names) for k in names}
     missing = sorted(k for k in own if k not in weights and k not in tied)
     unexpected = sorted(k for k in weights if k not in own)
-    shapes = sorted(f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                    for k, v in weights.items() if k in own and own[k].shape != v.shape)
-    problems = [f"{what}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
-                for what, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
-                if names]
+    shapes = sorted(
+        f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in weights.items()
+        if k in own and own[k].shape != v.shape
+    )
+    problems = [
+        f"{what}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+        for what, names in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", shapes),
+        )
+        if names
+    ]
     if problems:
-        raise CheckpointError(f"bundle weights '{file}' do not fit the model built from its config:\n  "
-                              + "\n  ".join(problems))
+        raise CheckpointError(
+            f"bundle weights '{file}' do not fit the model built from its config:\n  "
+            + "\n  ".join(problems)
+        )
     model.load_state_dict(weights, strict=False)
 
 
-def open_bundle(path: str | Path, overrides: list[str] | None = None, registry: Registry | None = None,
-                device: str | torch.device | None = None, with_data: bool = False) -> tuple[Any, dict[str, str]]:
+def open_bundle(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    registry: Registry | None = None,
+    device: str | torch.device | None = None,
+    with_data: bool = False,
+) -> tuple[Any, dict[str, str]]:
     """Rebuild a bundle's model on ``device`` (as :func:`session_from_checkpoint` does for a
     checkpoint): ``(session, metadata)``. Needs no asset cache and, unless ``with_data`` (read
     the config's data splits, for evaluation), no data."""
@@ -263,14 +317,21 @@ def open_bundle(path: str | Path, overrides: list[str] | None = None, registry: 
     registry = registry or load_registry()
     # one boundary: whatever a damaged file breaks inside (safetensors, tokenizers, transformers,
     # OmegaConf raise their own types) is one CheckpointError naming the bundle
-    with reading(p, expected=f"a bundle written by `mmbridge export format=bundle` ({MANIFEST}, "
-                 f"config.yaml, {WEIGHTS}, files/)", also=(Exception,), error=CheckpointError):
+    with reading(
+        p,
+        expected=f"a bundle written by `mmbridge export format=bundle` ({MANIFEST}, "
+        f"config.yaml, {WEIGHTS}, files/)",
+        also=(Exception,),
+        error=CheckpointError,
+    ):
         cfg, meta = bundle_config(p, manifest, registry)
         if overrides:
             cfg = merge_overrides(cfg, overrides, registry)
         validate_config(cfg, registry)
         try:
-            session = open_session(cfg, registry, with_data=with_data, device=device, stage_data=False)
+            session = open_session(
+                cfg, registry, with_data=with_data, device=device, stage_data=False
+            )
         except AssetError as exc:
             raise CheckpointError(f"bundle '{path}': {exc}") from exc
         for stage in json.loads(meta.get("stages", "[]")):

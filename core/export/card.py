@@ -51,12 +51,15 @@ print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_token
 
 def _component_rows(cfg: DictConfig, origins: dict[str, dict[str, str]]) -> list[str]:
     rows = ["| config key | component | settings | plugin (package version) |", "|---|---|---|---|"]
-    for key in [n.key for n in model_nodes(cfg)]:  # the model config's shape: mmbridge.config.model_spec
+    for key in [
+        n.key for n in model_nodes(cfg)
+    ]:  # the model config's shape: mmbridge.config.model_spec
         node = OmegaConf.select(cfg, key)
         if not isinstance(node, DictConfig) or node.get("name") is None:
             continue
-        settings = ", ".join(f"{k}={v}" for k, v in to_container(node).items()
-                             if k != "name" and v is not None)
+        settings = ", ".join(
+            f"{k}={v}" for k, v in to_container(node).items() if k != "name" and v is not None
+        )
         o = origins.get(key, {})
         source = f"{o.get('plugin', '?')} ({o.get('package', '?')} {o.get('version', '')})".strip()
         rows.append(f"| {key} | {node.name} | {settings.replace('|', '/')} | {source} |")
@@ -88,23 +91,46 @@ def _metric_rows(metrics: dict[str, Any] | None) -> list[str]:
     return rows
 
 
-def model_card(cfg: DictConfig, origins: dict[str, dict[str, str]], fmt: str, out: Path,
-               run_dir: Path | None, extra: list[str] | None = None) -> str:
+def model_card(
+    cfg: DictConfig,
+    origins: dict[str, dict[str, str]],
+    fmt: str,
+    out: Path,
+    run_dir: Path | None,
+    extra: list[str] | None = None,
+) -> str:
     """The card's Markdown: components and their sources, data and schedule, the run's held-out
     metrics beside its baselines, and how to load the export."""
     metrics = None
     if run_dir is not None and (run_dir / "metrics.json").is_file():
         metrics = json.loads((run_dir / "metrics.json").read_text())
     data = to_container(cfg.data) if cfg.get("data") is not None else {}
-    lines = [f"# {cfg.get('run_name', 'mmbridge model')} ({fmt} export)", "",
-             f"Exported by mmbridge {__version__} (`mmbridge export format={fmt}`)"
-             + (f" from the run `{run_dir.name}`." if run_dir else "."), "",
-             "## Components", "", *_component_rows(cfg, origins), "",
-             "## Data and schedule", "",
-             f"Data: `{data.get('name', '?')}` "
-             f"({', '.join(f'{k}={v}' for k, v in data.items() if k != 'name' and not isinstance(v, dict | list))}); "
-             f"seed {cfg.get('seed', '?')}.", "", *_schedule_rows(cfg, metrics), "",
-             "## Held-out results", "", *_metric_rows(metrics), "",
-             *(extra or []),
-             "## How to load", "", HOW_TO_LOAD[fmt].format(out=out), ""]
+    lines = [
+        f"# {cfg.get('run_name', 'mmbridge model')} ({fmt} export)",
+        "",
+        f"Exported by mmbridge {__version__} (`mmbridge export format={fmt}`)"
+        + (f" from the run `{run_dir.name}`." if run_dir else "."),
+        "",
+        "## Components",
+        "",
+        *_component_rows(cfg, origins),
+        "",
+        "## Data and schedule",
+        "",
+        f"Data: `{data.get('name', '?')}` "
+        f"({', '.join(f'{k}={v}' for k, v in data.items() if k != 'name' and not isinstance(v, dict | list))}); "
+        f"seed {cfg.get('seed', '?')}.",
+        "",
+        *_schedule_rows(cfg, metrics),
+        "",
+        "## Held-out results",
+        "",
+        *_metric_rows(metrics),
+        "",
+        *(extra or []),
+        "## How to load",
+        "",
+        HOW_TO_LOAD[fmt].format(out=out),
+        "",
+    ]
     return "\n".join(lines)

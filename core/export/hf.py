@@ -76,8 +76,10 @@ def parts_template(template: str) -> str:
 
 
 def _refuse(part: str, why: str) -> ConfigError:
-    return ConfigError(f"format=hf: {part} {why}; LlavaForConditionalGeneration cannot represent it "
-                       f"exactly. Use format=bundle (any model, loads with mmbridge.load)")
+    return ConfigError(
+        f"format=hf: {part} {why}; LlavaForConditionalGeneration cannot represent it "
+        f"exactly. Use format=bundle (any model, loads with mmbridge.load)"
+    )
 
 
 @dataclass(frozen=True)
@@ -94,16 +96,20 @@ def _part(component: Any, kind: type, where: str, name: str, role: str) -> Any:
     """A component's Llava part, or the error naming the component (and its setting)."""
     describe = getattr(component, "llava_parts", None)
     if describe is None:
-        raise _refuse(f"{where} '{name}' ({type(component).__name__})",
-                      f"has no Llava {role} (its class offers no llava_parts())")
+        raise _refuse(
+            f"{where} '{name}' ({type(component).__name__})",
+            f"has no Llava {role} (its class offers no llava_parts())",
+        )
     try:
         part = describe()
     except LlavaUnrepresentable as exc:
         what = f"{where}.{exc.setting}" if exc.setting else f"{where} '{name}' ({exc.detail})"
         raise _refuse(what, exc.why) from None
     if not isinstance(part, kind):
-        raise _refuse(f"{where} '{name}' ({type(component).__name__})",
-                      f"describes itself as a {type(part).__name__}, not a Llava {role}")
+        raise _refuse(
+            f"{where} '{name}' ({type(component).__name__})",
+            f"describes itself as a {type(part).__name__}, not a Llava {role}",
+        )
     return part
 
 
@@ -112,18 +118,32 @@ def check_representable(session: Any) -> LlavaPlan:
     model, cfg = session.model, session.cfg
     if model.prefix is not None:
         (prefix,) = nodes_of(cfg, "prefix")
-        raise _refuse(f"{prefix.key} '{node_at(cfg, prefix.key).name}' (a learned sequence prefix)",
-                      "adds tokens Llava has no place for")
+        raise _refuse(
+            f"{prefix.key} '{node_at(cfg, prefix.key).name}' (a learned sequence prefix)",
+            "adds tokens Llava has no place for",
+        )
     if set(model.branches) != {"image"}:
         extra = sorted(set(model.branches) - {"image"}) or ["(no image branch)"]
-        raise _refuse(f"the {', '.join(extra)} branch", "is not an image branch (Llava has one image tower)")
+        raise _refuse(
+            f"the {', '.join(extra)} branch", "is not an image branch (Llava has one image tower)"
+        )
     branch = model.branches["image"]
     spec = branch_at(cfg, branch.key)  # its config keys: mmbridge.config.model_spec
     enc_key, con_key = spec.encoder.key, spec.connector.key
-    vision = _part(branch.encoder, LlavaVision, enc_key, str(OmegaConf.select(cfg, f"{enc_key}.name")),
-                   "vision tower")
-    projector = _part(branch.connector, LlavaProjector, con_key,
-                      str(OmegaConf.select(cfg, f"{con_key}.name")), "projector")
+    vision = _part(
+        branch.encoder,
+        LlavaVision,
+        enc_key,
+        str(OmegaConf.select(cfg, f"{enc_key}.name")),
+        "vision tower",
+    )
+    projector = _part(
+        branch.connector,
+        LlavaProjector,
+        con_key,
+        str(OmegaConf.select(cfg, f"{con_key}.name")),
+        "projector",
+    )
     (llm,) = nodes_of(cfg, "llm")
     text = _part(model.llm, LlavaText, llm.key, str(node_at(cfg, llm.key).name), "text model")
     return LlavaPlan(vision, projector, text, lora=model.llm.lora_config is not None)
@@ -174,42 +194,73 @@ def write_hf(session: Any, meta: dict[str, str], out: Path) -> dict[str, Any]:
     # the tower as mmbridge runs it: the blocks after its last feature layer are gone (and a
     # backbone's stage selection, which names them, with them)
     tower_config = cast(Any, vision.tower).config
-    tower = {k: v for k, v in tower_config.to_dict().items() if k not in ("out_features", "out_indices")}
-    vision_config = tower_config.__class__.from_dict({**tower, "num_hidden_layers": vision.num_hidden_layers})
+    tower = {
+        k: v for k, v in tower_config.to_dict().items() if k not in ("out_features", "out_indices")
+    }
+    vision_config = tower_config.__class__.from_dict(
+        {**tower, "num_hidden_layers": vision.num_hidden_layers}
+    )
     # image_token_id: an alias of image_token_index (LlavaConfig.attribute_map), not in the signature
-    config = LlavaConfig(vision_config=vision_config, text_config=text.config, image_token_id=image_id,  # type: ignore[call-arg]
-                         projector_hidden_act=plan.projector.act, vision_feature_layer=vision.feature_layer,
-                         vision_feature_select_strategy=vision.select_strategy, multimodal_projector_bias=True,
-                         image_seq_length=vision.num_tokens,
-                         tie_word_embeddings=bool(getattr(text.config, "tie_word_embeddings", False)))
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text.config,
+        image_token_id=image_id,  # type: ignore[call-arg]
+        projector_hidden_act=plan.projector.act,
+        vision_feature_layer=vision.feature_layer,
+        vision_feature_select_strategy=vision.select_strategy,
+        multimodal_projector_bias=True,
+        image_seq_length=vision.num_tokens,
+        tie_word_embeddings=bool(getattr(text.config, "tie_word_embeddings", False)),
+    )
     dtype = next(text.parameters()).dtype
     with torch.device("cpu"):
         llava = LlavaForConditionalGeneration(config).to(dtype).eval()
     with torch.no_grad():
-        llava.model.vision_tower.load_state_dict({k: v.to("cpu") for k, v in vision.tower.state_dict().items()})
+        llava.model.vision_tower.load_state_dict(
+            {k: v.to("cpu") for k, v in vision.tower.state_dict().items()}
+        )
         llava.model.language_model.load_state_dict(text.get_decoder().state_dict())
         llava.lm_head.load_state_dict(text.get_output_embeddings().state_dict())
         _projector(plan.projector, llava.model.multi_modal_projector)
     llava.generation_config = text.generation_config
-    llava.generation_config.update(pad_token_id=tok.pad_token_id, eos_token_id=llm.tokenizer.eos_token_id,
-                                   suppress_tokens=[image_id])
+    llava.generation_config.update(
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=llm.tokenizer.eos_token_id,
+        suppress_tokens=[image_id],
+    )
     llava.save_pretrained(str(out))
-    processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(**vision.image_processor), tokenizer=tok,
-                               patch_size=vision.patch_size, vision_feature_select_strategy=vision.select_strategy,
-                               image_token=IMAGE_TOKEN, num_additional_image_tokens=vision.prefix_tokens,
-                               chat_template=template)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(**vision.image_processor),
+        tokenizer=tok,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=vision.select_strategy,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=vision.prefix_tokens,
+        chat_template=template,
+    )
     processor.save_pretrained(str(out))
-    return {"format": "hf", "architecture": "LlavaForConditionalGeneration", "image_token_id": image_id,
-            "vision_feature_layer": vision.feature_layer, "vision_feature_select_strategy": vision.select_strategy,
-            "projector_hidden_act": plan.projector.act, "lora_merged": plan.lora,
-            "image_tokens": vision.num_tokens,
-            "card": ["## Notes", "",
-                     f"`{IMAGE_TOKEN}` was added to the tokenizer (id {image_id}); its logit is "
-                     f"suppressed in generation. Prompts are the chat template mmbridge trained with, "
-                     f"`{IMAGE_TOKEN}` + newline first in the user turn; content parts "
-                     f"(`{{\"type\": \"image\"}}`, text) render the same way.", "",
-                     "The processor reproduces mmbridge's preprocessing exactly with "
-                     "`AutoProcessor.from_pretrained(DIR, backend=\"pil\")`. The default backend "
-                     "(torchvision, whenever it is installed: transformers offers no saved setting "
-                     "to choose PIL) resizes with its own bicubic filter, up to one 8-bit level "
-                     "away; images already at the tower's input size get identical pixels.", ""]}
+    return {
+        "format": "hf",
+        "architecture": "LlavaForConditionalGeneration",
+        "image_token_id": image_id,
+        "vision_feature_layer": vision.feature_layer,
+        "vision_feature_select_strategy": vision.select_strategy,
+        "projector_hidden_act": plan.projector.act,
+        "lora_merged": plan.lora,
+        "image_tokens": vision.num_tokens,
+        "card": [
+            "## Notes",
+            "",
+            f"`{IMAGE_TOKEN}` was added to the tokenizer (id {image_id}); its logit is "
+            f"suppressed in generation. Prompts are the chat template mmbridge trained with, "
+            f"`{IMAGE_TOKEN}` + newline first in the user turn; content parts "
+            f'(`{{"type": "image"}}`, text) render the same way.',
+            "",
+            "The processor reproduces mmbridge's preprocessing exactly with "
+            '`AutoProcessor.from_pretrained(DIR, backend="pil")`. The default backend '
+            "(torchvision, whenever it is installed: transformers offers no saved setting "
+            "to choose PIL) resizes with its own bicubic filter, up to one 8-bit level "
+            "away; images already at the tower's input size get identical pixels.",
+            "",
+        ],
+    }

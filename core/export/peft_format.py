@@ -43,8 +43,10 @@ def lora_settings(llm: LanguageModel) -> dict[str, Any]:
     settings = llm.lora_config
     if settings is None or not hasattr(llm, "local_path"):
         kind = type(llm).__name__
-        raise ConfigError(f"format=peft: the LLM ({kind}) carries no LoRA adapters (no stage trained "
-                          f"it with train.llm=lora); export format=bundle, or format=hf for a full model")
+        raise ConfigError(
+            f"format=peft: the LLM ({kind}) carries no LoRA adapters (no stage trained "
+            f"it with train.llm=lora); export format=bundle, or format=hf for a full model"
+        )
     return dict(settings)
 
 
@@ -54,11 +56,13 @@ def peft_llm(llm: Any) -> Any:
     settings = lora_settings(llm)
     kwargs = {"gguf_file": llm.gguf_file} if getattr(llm, "gguf_file", None) else {}
     dtype = next(llm.model.parameters()).dtype
-    base = AutoModelForCausalLM.from_pretrained(llm.local_path, dtype=dtype,
-                                                attn_implementation=llm.attn_implementation, **kwargs)
+    base = AutoModelForCausalLM.from_pretrained(
+        llm.local_path, dtype=dtype, attn_implementation=llm.attn_implementation, **kwargs
+    )
     # the same LoraConfig the training run built (all-linear resolved on the same architecture)
-    config = peft_config(settings, "lora", base, task_type="CAUSAL_LM",
-                         base_model_name_or_path=str(llm.path))
+    config = peft_config(
+        settings, "lora", base, task_type="CAUSAL_LM", base_model_name_or_path=str(llm.path)
+    )
     wrapped = get_peft_model(base, config)
     # adapters, modules_to_save copies and the biases `bias` trains (mmbridge.model.lora)
     mine, peft_own = adapter_parameters(llm.model, settings), adapter_parameters(wrapped, settings)
@@ -66,9 +70,11 @@ def peft_llm(llm: Any) -> Any:
     own = {n: p for n, p in wrapped.named_parameters() if n in peft_own}
     want = {PEFT_PREFIX + n for n in trained}
     if want != set(own):
-        raise ConfigError(f"format=peft: PEFT's adapters do not match the LLM's "
-                          f"(only in mmbridge: {sorted(want - set(own))[:3]}, only in PEFT: "
-                          f"{sorted(set(own) - want)[:3]})")
+        raise ConfigError(
+            f"format=peft: PEFT's adapters do not match the LLM's "
+            f"(only in mmbridge: {sorted(want - set(own))[:3]}, only in PEFT: "
+            f"{sorted(set(own) - want)[:3]})"
+        )
     with torch.no_grad():
         for n, p in trained.items():
             own[PEFT_PREFIX + n].copy_(p.detach().to(own[PEFT_PREFIX + n].device))
@@ -79,8 +85,11 @@ def non_llm_tensors(model: Any) -> dict[str, torch.Tensor]:
     """Connector and prefix tensors, and every other trained tensor outside the LLM."""
     state = {}
     for n, t in model.state_dict().items():
-        if ".connector." in f".{n}" or n.startswith("prefix.") or (
-                n in model.ever_trained and not n.startswith("llm.")):
+        if (
+            ".connector." in f".{n}"
+            or n.startswith("prefix.")
+            or (n in model.ever_trained and not n.startswith("llm."))
+        ):
             state[n] = t.detach().cpu().contiguous()
     return state
 
@@ -94,7 +103,9 @@ def write_peft(session: Any, meta: dict[str, str], out: Path) -> dict[str, Any]:
     # one a user can look up
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     adapter_config["base_model_name_or_path"] = str(model.llm.path)
-    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+    (out / "adapter_config.json").write_text(
+        json.dumps(adapter_config, indent=2, sort_keys=True) + "\n"
+    )
     extra = non_llm_tensors(model)
     # tied tensors (none expected outside the LLM) would refuse save_file: clone them apart
     save_file({k: v.clone() for k, v in extra.items()}, str(out / EXTRA))
@@ -103,12 +114,21 @@ def write_peft(session: Any, meta: dict[str, str], out: Path) -> dict[str, Any]:
     for k in extra:
         owner = ".".join(k.split(".")[:3]) if k.startswith("branches.") else k.split(".")[0]
         groups.setdefault(owner, []).append(k)
-    return {"format": "peft", "base_model": str(model.llm.path), "adapter": settings,
-            "adapter_files": ["adapter_config.json", "adapter_model.safetensors"],
-            "weights": {EXTRA: {owner: len(keys) for owner, keys in sorted(groups.items())}},
-            "stages": json.loads(meta.get("stages", "[]")), "config": "config.yaml",
-            "modules": {m: {"encoder": OmegaConf.to_container(
-                                node_at(session.cfg, branch_at(session.cfg, b.key).encoder.key),
-                                resolve=True),
-                            "connector_prefix": f"branches.{m}.connector."}
-                        for m, b in model.branches.items()}}
+    return {
+        "format": "peft",
+        "base_model": str(model.llm.path),
+        "adapter": settings,
+        "adapter_files": ["adapter_config.json", "adapter_model.safetensors"],
+        "weights": {EXTRA: {owner: len(keys) for owner, keys in sorted(groups.items())}},
+        "stages": json.loads(meta.get("stages", "[]")),
+        "config": "config.yaml",
+        "modules": {
+            m: {
+                "encoder": OmegaConf.to_container(
+                    node_at(session.cfg, branch_at(session.cfg, b.key).encoder.key), resolve=True
+                ),
+                "connector_prefix": f"branches.{m}.connector.",
+            }
+            for m, b in model.branches.items()
+        },
+    }

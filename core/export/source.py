@@ -14,8 +14,13 @@ from mmbridge.registry.plugin_manager import load_registry
 from mmbridge.runtime.session import session_from_checkpoint
 
 
-def open_model(path: str | Path, overrides: list[str] | None = None, registry: Registry | None = None,
-               device: str | torch.device | None = None, with_data: bool = False) -> tuple[Any, dict[str, str]]:
+def open_model(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    registry: Registry | None = None,
+    device: str | torch.device | None = None,
+    with_data: bool = False,
+) -> tuple[Any, dict[str, str]]:
     """``(session, metadata)`` of an mmbridge checkpoint (``checkpoints/final`` or its weights
     file) or of a ``format=bundle`` export, with the model on ``device`` in eval mode.
 
@@ -25,13 +30,17 @@ def open_model(path: str | Path, overrides: list[str] | None = None, registry: R
     """
     p = Path(path).expanduser()
     if not p.exists():
-        raise CheckpointError(f"'{path}' does not exist (pass a run's checkpoints/final directory "
-                              f"or a format=bundle export)")
+        raise CheckpointError(
+            f"'{path}' does not exist (pass a run's checkpoints/final directory "
+            f"or a format=bundle export)"
+        )
     registry = registry or load_registry()
     manifest = read_manifest(p) if p.is_dir() else None
     if manifest is not None:
         return open_bundle(p, overrides, registry=registry, device=device, with_data=with_data)
-    return session_from_checkpoint(str(p), overrides, with_data=with_data, registry=registry, device=device)
+    return session_from_checkpoint(
+        str(p), overrides, with_data=with_data, registry=registry, device=device
+    )
 
 
 def run_directory(path: str | Path) -> Path | None:

@@ -52,6 +52,7 @@ class Branch(nn.Module):
 
 
 if TYPE_CHECKING:
+
     class BranchDict(nn.ModuleDict):
         """What :attr:`MultimodalModel.branches` holds, for the type checker: modality -> Branch."""
 
@@ -71,8 +72,12 @@ class MultimodalModel(nn.Module):
         prefix: Optional learned tokens at the start of each sequence (AlignGPT indicators).
     """
 
-    def __init__(self, llm: LanguageModel, branches: Mapping[str, Branch],
-                 prefix: SequencePrefix | None = None) -> None:
+    def __init__(
+        self,
+        llm: LanguageModel,
+        branches: Mapping[str, Branch],
+        prefix: SequencePrefix | None = None,
+    ) -> None:
         super().__init__()
         self.llm = llm
         self.branches = BranchDict(dict(branches))
@@ -86,7 +91,9 @@ class MultimodalModel(nn.Module):
             branch.connector.attach(llm)
 
     # -- media -> tokens ------------------------------------------------------------------------
-    def media_tokens(self, media: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def media_tokens(
+        self, media: Mapping[str, Mapping[str, Any]]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Encode each modality's batch (or take its cached features) and run its connector.
 
         ``media[modality]`` holds ``features [B', N, D]`` + ``feature_mask [B', N]`` (cached) or
@@ -132,7 +139,8 @@ class MultimodalModel(nn.Module):
                 raise AssemblyError(
                     f"{branch.key or 'connector'}: {type(branch.connector).__name__} produced "
                     f"{values.shape[0]} valid tokens for {int(slots.sum())} placeholder slots; "
-                    f"its out_tokens(N) and output mask disagree")
+                    f"its out_tokens(N) and output mask disagree"
+                )
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), values.to(embeds.dtype))
         if self.prefix is not None:
             embeds = self._fill_prefix(embeds, batch)
@@ -146,7 +154,9 @@ class MultimodalModel(nn.Module):
         if labels is not None:  # answers are never shown to the prefix, as at inference
             prompt &= torch.cumsum((labels != IGNORE).long(), dim=1) == 0
         tokens = self.prefix(embeds, prompt, batch)
-        return embeds.masked_scatter(slots.unsqueeze(-1), tokens.reshape(-1, tokens.shape[-1]).to(embeds.dtype))
+        return embeds.masked_scatter(
+            slots.unsqueeze(-1), tokens.reshape(-1, tokens.shape[-1]).to(embeds.dtype)
+        )
 
     def clear_context(self) -> None:
         for branch in self.branches.values():
@@ -173,15 +183,16 @@ class MultimodalModel(nn.Module):
                 hidden = self.llm.hidden(embeds, batch["attention_mask"])
         finally:
             self.clear_context()
-        labels = batch["labels"][:, n + 1:]  # positions 1..n carry no label (plan_prefix)
+        labels = batch["labels"][:, n + 1 :]  # positions 1..n carry no label (plan_prefix)
         keep = labels != IGNORE
         if not bool(keep.any()):
             return hidden.sum() * 0.0  # a batch without answers: no signal, keep the graph
         logits = self.llm.logits(hidden[:, :-1][keep])
         return F.cross_entropy(logits.float(), labels[keep])
 
-    def _hidden_after_prefix(self, embeds: torch.Tensor, batch: Mapping[str, Any],
-                             plan: PrefixPlan) -> torch.Tensor:
+    def _hidden_after_prefix(
+        self, embeds: torch.Tensor, batch: Mapping[str, Any], plan: PrefixPlan
+    ) -> torch.Tensor:
         """Hidden states ``[B, T - P, D]`` after the shared prefix ``embeds[:, :P]``."""
         n = plan.length
         head = embeds[:1, :n]
@@ -193,7 +204,9 @@ class MultimodalModel(nn.Module):
         return self.llm.hidden_after(embeds[:, n:], batch["attention_mask"], state)
 
     @torch.no_grad()
-    def generate(self, batch: Mapping[str, Any], max_new_tokens: int = 32, **kwargs: Any) -> torch.Tensor:
+    def generate(
+        self, batch: Mapping[str, Any], max_new_tokens: int = 32, **kwargs: Any
+    ) -> torch.Tensor:
         """New token ids ``[B, T_new]`` for a left-padded prompt batch.
 
         ``max_new_tokens`` is capped at what the LLM's context leaves after the prompt (one
@@ -206,7 +219,9 @@ class MultimodalModel(nn.Module):
         try:
             embeds = self.embed(batch)
             max_new_tokens = self._bounded(int(max_new_tokens), embeds.shape[1])
-            return self.llm.generate(embeds, batch["attention_mask"], max_new_tokens=max_new_tokens, **kwargs)
+            return self.llm.generate(
+                embeds, batch["attention_mask"], max_new_tokens=max_new_tokens, **kwargs
+            )
         finally:
             self.clear_context()
 
@@ -219,14 +234,22 @@ class MultimodalModel(nn.Module):
             return requested
         room = limit - prompt
         if room < 1:
-            raise DataError(f"the prompt is {prompt} tokens (media tokens included); the LLM's context "
-                            f"holds {limit}: no room to generate (shorten the prompt or use fewer media)")
+            raise DataError(
+                f"the prompt is {prompt} tokens (media tokens included); the LLM's context "
+                f"holds {limit}: no room to generate (shorten the prompt or use fewer media)"
+            )
         if requested > room:
             warned = self.__dict__.setdefault("_capped", set())
             if requested not in warned:
                 warned.add(requested)
-                log.warning("max_new_tokens=%d capped at %d: the LLM's context holds %d tokens and the "
-                            "prompt takes %d", requested, room, limit, prompt)
+                log.warning(
+                    "max_new_tokens=%d capped at %d: the LLM's context holds %d tokens and the "
+                    "prompt takes %d",
+                    requested,
+                    room,
+                    limit,
+                    prompt,
+                )
             return room
         return requested
 
@@ -242,8 +265,12 @@ class MultimodalModel(nn.Module):
         return {"total": total, "trainable": trainable, "connector": connector}
 
 
-def assemble(cfg: DictConfig, registry: Registry, llm: LanguageModel | None = None,
-             build_weights: WeightBuilder | None = None) -> MultimodalModel:
+def assemble(
+    cfg: DictConfig,
+    registry: Registry,
+    llm: LanguageModel | None = None,
+    build_weights: WeightBuilder | None = None,
+) -> MultimodalModel:
     """Build the model of a composed config, checking that the parts fit together.
 
     Checks (each error names the config keys): every encoder's width vs the connector's
@@ -257,45 +284,75 @@ def assemble(cfg: DictConfig, registry: Registry, llm: LanguageModel | None = No
     make = build_weights or (lambda kind, node, key: build(registry, kind, node, key))
     llm = llm if llm is not None else make("llm", llm_cfg, llm_node.key)
     branches: dict[str, Branch] = {}
-    for spec in model_spec.branch_nodes(cfg):  # the model config's shape: mmbridge.config.model_spec
+    for spec in model_spec.branch_nodes(
+        cfg
+    ):  # the model config's shape: mmbridge.config.model_spec
         enc_key, con_key = spec.encoder.key, spec.connector.key
         enc_node, con_node = node_at(cfg, enc_key), node_at(cfg, con_key)
         encoder = make("encoder", enc_node, enc_key)
-        connector = _build_connector(registry, con_node, con_key, spec.connector.injected,
-                                     encoder, llm, f"{enc_key} ('{enc_node.name}')",
-                                     f"llm ('{llm_cfg.get('path', llm_cfg.name)}')")
+        connector = _build_connector(
+            registry,
+            con_node,
+            con_key,
+            spec.connector.injected,
+            encoder,
+            llm,
+            f"{enc_key} ('{enc_node.name}')",
+            f"llm ('{llm_cfg.get('path', llm_cfg.name)}')",
+        )
         if encoder.modality in branches:
             other = branches[encoder.modality].key
             raise AssemblyError(
                 f"{spec.parent or 'encoder'} and {other or 'encoder'} both encode "
-                f"'{encoder.modality}'; one branch per modality")
+                f"'{encoder.modality}'; one branch per modality"
+            )
         branches[encoder.modality] = Branch(encoder, connector, spec.parent)
     seq_prefix = None
     for node in model_spec.model_nodes(cfg):
         if node.kind == "prefix":
-            seq_prefix = build(registry, "prefix", node_at(cfg, node.key), node.key,
-                               **dict.fromkeys(node.injected, llm.hidden_size))
+            seq_prefix = build(
+                registry,
+                "prefix",
+                node_at(cfg, node.key),
+                node.key,
+                **dict.fromkeys(node.injected, llm.hidden_size),
+            )
     return MultimodalModel(llm, branches, seq_prefix)
 
 
-def _build_connector(registry: Registry, node: Any, key: str, injected: tuple[str, ...],
-                     encoder: ModalityEncoder, llm: LanguageModel, enc_name: str,
-                     llm_name: str) -> Connector:
+def _build_connector(
+    registry: Registry,
+    node: Any,
+    key: str,
+    injected: tuple[str, ...],
+    encoder: ModalityEncoder,
+    llm: LanguageModel,
+    enc_name: str,
+    llm_name: str,
+) -> Connector:
     """The connector at ``key`` with its injected ``in_dim`` / ``out_dim`` (the encoder's width,
     the LLM's hidden size); a value the config sets itself must agree with them."""
     _, con_args = split_node(node, key)
-    widths = {"in_dim": (encoder.out_dim, enc_name, "width", "the encoder"),
-              "out_dim": (llm.hidden_size, llm_name, "hidden size", "the LLM")}
+    widths = {
+        "in_dim": (encoder.out_dim, enc_name, "width", "the encoder"),
+        "out_dim": (llm.hidden_size, llm_name, "hidden size", "the LLM"),
+    }
     for arg in injected:
         given = con_args.pop(arg, None)
         value, owner, what, source = widths[arg]
         if given is not None and int(given) != value:
             raise AssemblyError(
                 f"{key}.{arg}={given} does not match {owner} {what} {value}; drop {key}.{arg} "
-                f"(it is set from {source})" + (" or choose a matching encoder"
-                                                if arg == "in_dim" else ""))
-    return build(registry, "connector", {"name": node.name, **con_args}, key,
-                 **{arg: widths[arg][0] for arg in injected})
+                f"(it is set from {source})"
+                + (" or choose a matching encoder" if arg == "in_dim" else "")
+            )
+    return build(
+        registry,
+        "connector",
+        {"name": node.name, **con_args},
+        key,
+        **{arg: widths[arg][0] for arg in injected},
+    )
 
 
 def context_length(llm: Any) -> int | None:

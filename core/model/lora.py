@@ -48,8 +48,11 @@ def linear_targets(module: nn.Module) -> list[str]:
     ViT whose ``patch_embed.proj`` is a convolution). Suffixes, not full paths: PEFT applies
     ``layers_to_transform`` to suffix matches only."""
     modules = {n: m for n, m in module.named_modules() if n and ".lora_" not in f".{n}"}
-    linear = {n for n, m in modules.items()
-              if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in HEAD_NAMES}
+    linear = {
+        n
+        for n, m in modules.items()
+        if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in HEAD_NAMES
+    }
     targets = set()
     for path in sorted(linear):
         parts = path.split(".")
@@ -61,8 +64,9 @@ def linear_targets(module: nn.Module) -> list[str]:
     return sorted(targets)
 
 
-def peft_config(settings: Mapping[str, Any], key: str, module: nn.Module | None = None,
-                **fixed: Any) -> Any:
+def peft_config(
+    settings: Mapping[str, Any], key: str, module: nn.Module | None = None, **fixed: Any
+) -> Any:
     """The ``peft.LoraConfig`` of ``settings`` (:func:`lora_settings`).
 
     Args:
@@ -81,14 +85,17 @@ def peft_config(settings: Mapping[str, Any], key: str, module: nn.Module | None 
 
     kwargs = {LORA_RENAMED.get(k, k): v for k, v in settings.items()}
     known = {f for f in LoraConfig.__dataclass_fields__ if not f.startswith("_")}
-    unknown = sorted(k for k in settings if LORA_RENAMED.get(k, k) not in known
-                     or k in LORA_MANAGED)
+    unknown = sorted(
+        k for k in settings if LORA_RENAMED.get(k, k) not in known or k in LORA_MANAGED
+    )
     if unknown:
         ours = {v: k for k, v in LORA_RENAMED.items()}
         named = [f"{k} (written {ours[k]} here)" if k in ours else k for k in unknown]
         valid = sorted({*LORA_RENAMED, *(known - set(LORA_MANAGED))})
-        raise ConfigError(f"{key}: {', '.join(named)}: not a key of peft.LoraConfig here; "
-                          f"valid: {', '.join(valid)}")
+        raise ConfigError(
+            f"{key}: {', '.join(named)}: not a key of peft.LoraConfig here; "
+            f"valid: {', '.join(valid)}"
+        )
     targets = kwargs.get("target_modules")
     if module is not None and targets is not None:
         linear = linear_names(module)
@@ -100,8 +107,10 @@ def peft_config(settings: Mapping[str, Any], key: str, module: nn.Module | None 
             kwargs["target_modules"] = list(targets)
             missing = [t for t in targets if t not in linear]
             if missing:
-                raise ConfigError(f"{key}.target_modules: {missing} match no linear layer of "
-                                  f"{type(module).__name__}; linear layer names: {', '.join(linear)}")
+                raise ConfigError(
+                    f"{key}.target_modules: {missing} match no linear layer of "
+                    f"{type(module).__name__}; linear layer names: {', '.join(linear)}"
+                )
     try:
         return LoraConfig(**kwargs, **fixed)
     except (TypeError, ValueError) as exc:
@@ -115,7 +124,12 @@ def adapter_parameters(module: nn.Module, settings: Mapping[str, Any]) -> set[st
     bias = settings.get("bias", "none")
     names = set()
     for n, _ in module.named_parameters():
-        if "lora_" in n or ".modules_to_save." in n or n.endswith("bias") and (bias == "all" or (bias == "lora_only" and ".base_layer." in n)):
+        if (
+            "lora_" in n
+            or ".modules_to_save." in n
+            or n.endswith("bias")
+            and (bias == "all" or (bias == "lora_only" and ".base_layer." in n))
+        ):
             names.add(n)
     return names
 
@@ -144,8 +158,12 @@ def inject_lora(module: nn.Module, settings: Mapping[str, Any], key: str) -> Non
 
 
 #: ``llm.quantization`` keys -> ``transformers.BitsAndBytesConfig`` arguments (4-bit).
-QUANT_KEYS = {"bits": None, "quant_type": "bnb_4bit_quant_type", "double_quant": "bnb_4bit_use_double_quant",
-              "compute_dtype": "bnb_4bit_compute_dtype"}
+QUANT_KEYS = {
+    "bits": None,
+    "quant_type": "bnb_4bit_quant_type",
+    "double_quant": "bnb_4bit_use_double_quant",
+    "compute_dtype": "bnb_4bit_compute_dtype",
+}
 
 
 def quantization_config(spec: Mapping[str, Any], key: str = "llm.quantization") -> Any:
@@ -160,17 +178,23 @@ def quantization_config(spec: Mapping[str, Any], key: str = "llm.quantization") 
     """
     unknown = sorted(set(spec) - set(QUANT_KEYS))
     if unknown:
-        raise ConfigError(f"{key}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(QUANT_KEYS)}")
+        raise ConfigError(
+            f"{key}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(QUANT_KEYS)}"
+        )
     bits = spec.get("bits", 4)
     if bits not in (4, 8):
         raise ConfigError(f"{key}.bits={bits}: 4 (QLoRA's NF4) or 8 (LLM.int8())")
     if not torch.cuda.is_available():
-        raise ConfigError(f"{key}: {bits}-bit base weights (QLoRA, bitsandbytes) need a CUDA GPU and "
-                          f"this machine has none; remove {key} to train LoRA on unquantised weights")
+        raise ConfigError(
+            f"{key}: {bits}-bit base weights (QLoRA, bitsandbytes) need a CUDA GPU and "
+            f"this machine has none; remove {key} to train LoRA on unquantised weights"
+        )
     try:
         import bitsandbytes  # type: ignore[import-not-found]  # noqa: F401  (fail here with the fix)
     except ImportError:
-        raise ConfigError(f"{key}: needs the bitsandbytes package: pip install 'mmbridge[qlora]'") from None
+        raise ConfigError(
+            f"{key}: needs the bitsandbytes package: pip install 'mmbridge[qlora]'"
+        ) from None
     from transformers import BitsAndBytesConfig
 
     if bits == 8:
@@ -178,7 +202,9 @@ def quantization_config(spec: Mapping[str, Any], key: str = "llm.quantization") 
     kwargs: dict[str, Any] = {str(QUANT_KEYS[k]): v for k, v in spec.items() if QUANT_KEYS.get(k)}
     kwargs.setdefault("bnb_4bit_quant_type", "nf4")
     kwargs.setdefault("bnb_4bit_use_double_quant", True)
-    kwargs["bnb_4bit_compute_dtype"] = getattr(torch, str(kwargs.get("bnb_4bit_compute_dtype", "bfloat16")))
+    kwargs["bnb_4bit_compute_dtype"] = getattr(
+        torch, str(kwargs.get("bnb_4bit_compute_dtype", "bfloat16"))
+    )
     return BitsAndBytesConfig(load_in_4bit=True, **kwargs)
 
 

@@ -105,13 +105,19 @@ def detect_hardware() -> Hardware:
         elif key == "model name" and value.strip():
             model = value.strip()
     cuda = torch.cuda.is_available()
-    return Hardware(cuda=cuda, cuda_bf16=bool(cuda and torch.cuda.is_bf16_supported()),
-                    cpu_flags=flags, cpu_model=model)
+    return Hardware(
+        cuda=cuda,
+        cuda_bf16=bool(cuda and torch.cuda.is_bf16_supported()),
+        cpu_flags=flags,
+        cpu_model=model,
+    )
 
 
-def _matmul_gflops(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16),
-                   shape: tuple[int, int, int] = (256, 576, 1536),
-                   min_s: float = 0.4) -> dict[torch.dtype, float]:
+def _matmul_gflops(
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16),
+    shape: tuple[int, int, int] = (256, 576, 1536),
+    min_s: float = 0.4,
+) -> dict[torch.dtype, float]:
     """GFLOP/s of an ``[m, k] @ [k, n]`` matmul in each of ``dtypes`` (the default shape is a
     small LLM's MLP on a short batch, where small-matrix overheads show as they do in training).
 
@@ -139,7 +145,12 @@ def _matmul_gflops(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloa
 PROBE_VERSION = 2
 #: Environment variables that cap the instruction set PyTorch's kernels use (ATen's vectorised
 #: ops, oneDNN -- bf16 matmuls --, MKL -- fp32 matmuls): part of the probe's cache key.
-ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+ISA_ENV = (
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+)
 
 
 def probe_cpu_bf16(cache_dir: Path | None, hw: Hardware) -> dict[str, float]:
@@ -148,26 +159,43 @@ def probe_cpu_bf16(cache_dir: Path | None, hw: Hardware) -> dict[str, float]:
     second, even where bf16 is emulated, and is measured once per machine."""
     # the libraries' instruction-set limits change the speed as much as the CPU does
     isa = {k: os.environ[k] for k in ISA_ENV if k in os.environ}
-    ident = json.dumps([PROBE_VERSION, hw.cpu_model, sorted(hw.cpu_flags), torch.__version__,
-                        torch.get_num_threads()] + ([isa] if isa else []))
+    ident = json.dumps(
+        [
+            PROBE_VERSION,
+            hw.cpu_model,
+            sorted(hw.cpu_flags),
+            torch.__version__,
+            torch.get_num_threads(),
+        ]
+        + ([isa] if isa else [])
+    )
     key = hashlib.sha256(ident.encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"hardware-{key}.json" if cache_dir else None
     if path is not None and path.is_file():
         try:
             got = json.loads(path.read_text())
-            return {"fp32_gflops": float(got["fp32_gflops"]), "bf16_gflops": float(got["bf16_gflops"])}
+            return {
+                "fp32_gflops": float(got["fp32_gflops"]),
+                "bf16_gflops": float(got["bf16_gflops"]),
+            }
         except (ValueError, KeyError, TypeError, OSError):
             pass  # unreadable: measure again
     speeds = _matmul_gflops((torch.float32, torch.bfloat16))
     result = {"fp32_gflops": speeds[torch.float32], "bf16_gflops": speeds[torch.bfloat16]}
     if path is not None:
         with contextlib.suppress(OSError):  # a read-only cache only costs the probe again
-            atomic_write_json(path, {**result, "cpu_model": hw.cpu_model, "torch": torch.__version__})
+            atomic_write_json(
+                path, {**result, "cpu_model": hw.cpu_model, "torch": torch.__version__}
+            )
     return result
 
 
-def decide_precision(requested: str, accelerator: str, hw: Hardware | None = None,
-                     probe: Callable[[Hardware], Mapping[str, float]] | None = None) -> PrecisionDecision:
+def decide_precision(
+    requested: str,
+    accelerator: str,
+    hw: Hardware | None = None,
+    probe: Callable[[Hardware], Mapping[str, float]] | None = None,
+) -> PrecisionDecision:
     """Decide the Trainer precision and the ``dtype: auto`` weight dtype.
 
     ``requested`` other than ``auto`` is kept (its weight dtype follows it: bf16 for ``bf16*``).
@@ -192,25 +220,38 @@ def decide_precision(requested: str, accelerator: str, hw: Hardware | None = Non
         return PrecisionDecision("32-true", "float32", "CUDA device without bf16 support")
     found = [f for f in BF16_CPU_FLAGS if f in hw.cpu_flags]
     if not found:
-        return PrecisionDecision("32-true", "float32",
-                                 f"CPU without {' / '.join(BF16_CPU_FLAGS)} ({hw.cpu_model}): "
-                                 "bf16 would be emulated (about 100x slower)")
+        return PrecisionDecision(
+            "32-true",
+            "float32",
+            f"CPU without {' / '.join(BF16_CPU_FLAGS)} ({hw.cpu_model}): "
+            "bf16 would be emulated (about 100x slower)",
+        )
     speeds = (probe or (lambda h: probe_cpu_bf16(None, h)))(hw)
     ratio = speeds["bf16_gflops"] / max(speeds["fp32_gflops"], 1e-9)
-    measured = (f"bf16 matmul {speeds['bf16_gflops']:.0f} vs fp32 {speeds['fp32_gflops']:.0f} "
-                f"GFLOP/s (x{ratio:.2f})")
+    measured = (
+        f"bf16 matmul {speeds['bf16_gflops']:.0f} vs fp32 {speeds['fp32_gflops']:.0f} "
+        f"GFLOP/s (x{ratio:.2f})"
+    )
     if ratio >= BF16_MIN_SPEEDUP:
-        return PrecisionDecision("bf16-mixed", "bfloat16", f"CPU with {', '.join(found)}: {measured}")
-    return PrecisionDecision("32-true", "float32",
-                             f"CPU with {', '.join(found)} but {measured}: fp32 is faster here")
+        return PrecisionDecision(
+            "bf16-mixed", "bfloat16", f"CPU with {', '.join(found)}: {measured}"
+        )
+    return PrecisionDecision(
+        "32-true", "float32", f"CPU with {', '.join(found)} but {measured}: fp32 is faster here"
+    )
 
 
 def run_precision(cfg: DictConfig) -> PrecisionDecision:
     """The decision for a composed config (the probe cached under ``paths.cache_dir``)."""
     trainer = cfg.get("trainer") or {}
-    cache_dir = Path(str(cfg.paths.cache_dir)) if cfg.get("paths") and cfg.paths.get("cache_dir") else None
-    return decide_precision(str(trainer.get("precision", "auto")), str(trainer.get("accelerator", "auto")),
-                            probe=lambda hw: probe_cpu_bf16(cache_dir, hw))
+    cache_dir = (
+        Path(str(cfg.paths.cache_dir)) if cfg.get("paths") and cfg.paths.get("cache_dir") else None
+    )
+    return decide_precision(
+        str(trainer.get("precision", "auto")),
+        str(trainer.get("accelerator", "auto")),
+        probe=lambda hw: probe_cpu_bf16(cache_dir, hw),
+    )
 
 
 #: ``dtype`` values of component nodes (``auto``: decided per run, see :func:`component_dtypes`).
@@ -233,7 +274,11 @@ def parse_dtype(value: str, key: str) -> torch.dtype:
 
 
 def _strategy_name(trainer: Any) -> str:
-    strategy = (trainer or {}).get("strategy", "auto") if isinstance(trainer, Mapping | DictConfig) else "auto"
+    strategy = (
+        (trainer or {}).get("strategy", "auto")
+        if isinstance(trainer, Mapping | DictConfig)
+        else "auto"
+    )
     return str(getattr(strategy, "strategy_name", strategy))
 
 
@@ -279,7 +324,9 @@ def component_dtypes(cfg: DictConfig, decision: PrecisionDecision) -> dict[str, 
         if not isinstance(node, DictConfig | Mapping) or node.get("dtype") != "auto":
             continue
         whole = _trains_whole(cfg, spec.kind)
-        out[spec.key] = "float32" if everything_fp32 or (masters and whole) else decision.weight_dtype
+        out[spec.key] = (
+            "float32" if everything_fp32 or (masters and whole) else decision.weight_dtype
+        )
     return out
 
 

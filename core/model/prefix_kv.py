@@ -77,12 +77,20 @@ def plan_prefix(model: MultimodalModel, batch: Mapping[str, Any]) -> PrefixPlan:
     if mode is False:
         return PrefixPlan(0, False, "off: llm.reuse_prefix_kv=false")
     if model.prefix is not None:
-        return PrefixPlan(0, False, f"off: the sequence prefix component ({type(model.prefix).__name__}) "
-                                    f"writes per-sample tokens at the start")
+        return PrefixPlan(
+            0,
+            False,
+            f"off: the sequence prefix component ({type(model.prefix).__name__}) "
+            f"writes per-sample tokens at the start",
+        )
     xattn = [b.key or b.modality for b in model.branches.values() if not b.connector.in_sequence]
     if xattn:
-        return PrefixPlan(0, False, f"off: gated cross-attention layers attached to the LLM "
-                                    f"({', '.join(xattn)}) make every position per-sample")
+        return PrefixPlan(
+            0,
+            False,
+            f"off: gated cross-attention layers attached to the LLM "
+            f"({', '.join(xattn)}) make every position per-sample",
+        )
     blocker = llm.prefix_reuse_blocker()
     if blocker is not None:
         return PrefixPlan(0, False, f"off: {blocker}")
@@ -94,7 +102,9 @@ def plan_prefix(model: MultimodalModel, batch: Mapping[str, Any]) -> PrefixPlan:
         return PrefixPlan(0, False, "off: the rows share no leading text token")
     constant = not any(p.requires_grad for p in llm.parameters())
     if not constant and mask.shape[0] == 1:
-        return PrefixPlan(0, False, "off: a batch of one row with a trainable LLM (nothing to share)")
+        return PrefixPlan(
+            0, False, "off: a batch of one row with a trainable LLM (nothing to share)"
+        )
     how = "kept for the stage (nothing before it trains)" if constant else "computed once per step"
     return PrefixPlan(n, constant, f"on: {n} shared tokens, {how}")
 
@@ -113,8 +123,10 @@ class PrefixStore:
         # a replaced tensor (.to(), .data =) has a new storage.
         weights = (sum(p._version for p in params), sum(p.data_ptr() for p in params))
         device = embeds.device.type
-        autocast = (torch.is_autocast_enabled(device),
-                    torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+        autocast = (
+            torch.is_autocast_enabled(device),
+            torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None,
+        )
         return (tuple(prefix_ids.tolist()), str(embeds.device), embeds.dtype, autocast, weights)
 
     def get(self, llm: Any, prefix_ids: torch.Tensor, prefix_embeds: torch.Tensor) -> Any:

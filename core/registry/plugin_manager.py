@@ -35,8 +35,10 @@ def disabled_plugins() -> tuple[bool, set[str]]:
 
 
 def _validation_error(exc: pluggy.PluginValidationError, name: str) -> PluginError:
-    return PluginError(f"plugin '{name}' is invalid: {exc}. The one hook is "
-                       f"`register_components(registry)` marked with @mmbridge.hookimpl")
+    return PluginError(
+        f"plugin '{name}' is invalid: {exc}. The one hook is "
+        f"`register_components(registry)` marked with @mmbridge.hookimpl"
+    )
 
 
 def build_plugin_manager(autoload: bool = True) -> tuple[pluggy.PluginManager, dict[str, Origin]]:
@@ -68,14 +70,16 @@ def build_plugin_manager(autoload: bool = True) -> tuple[pluggy.PluginManager, d
             if ep.name in origins:
                 raise PluginError(
                     f"plugin name '{ep.name}' is declared by two packages: {origins[ep.name].package} "
-                    f"and {package}; uninstall one, or set {DISABLE_ENV}={ep.name}")
+                    f"and {package}; uninstall one, or set {DISABLE_ENV}={ep.name}"
+                )
             try:
                 plugin: Any = ep.load()
             except Exception as exc:
                 raise PluginError(
                     f"plugin '{ep.name}' (package {package} {pversion}, entry point "
                     f"'{ep.value}') failed to import: {type(exc).__name__}: {exc}. "
-                    f"Set {DISABLE_ENV}={ep.name} to run without it") from exc
+                    f"Set {DISABLE_ENV}={ep.name} to run without it"
+                ) from exc
             try:
                 pm.register(plugin, name=ep.name)
             except pluggy.PluginValidationError as exc:
@@ -84,7 +88,8 @@ def build_plugin_manager(autoload: bool = True) -> tuple[pluggy.PluginManager, d
             if not pm.get_hookcallers(plugin):
                 raise PluginError(
                     f"plugin '{ep.name}' (package {package} {pversion}) implements no mmbridge hook; "
-                    f"mark its register_components(registry) with @mmbridge.hookimpl")
+                    f"mark its register_components(registry) with @mmbridge.hookimpl"
+                )
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
@@ -93,8 +98,14 @@ def build_plugin_manager(autoload: bool = True) -> tuple[pluggy.PluginManager, d
     return pm, origins
 
 
-def register_plugin(pm: pluggy.PluginManager, origins: dict[str, Origin], plugin: Any,
-                    name: str, package: str = "(in-process)", version: str = "") -> None:
+def register_plugin(
+    pm: pluggy.PluginManager,
+    origins: dict[str, Origin],
+    plugin: Any,
+    name: str,
+    package: str = "(in-process)",
+    version: str = "",
+) -> None:
     """Register an in-process plugin object (tests, notebooks) on an existing manager."""
     try:
         pm.register(plugin, name=name)
@@ -124,8 +135,10 @@ def fill_registry(pm: pluggy.PluginManager, origins: dict[str, Origin]) -> Regis
         except MMBridgeError:
             raise
         except Exception as exc:
-            raise PluginError(f"plugin '{impl.plugin_name}' failed in register_components: "
-                              f"{type(exc).__name__}: {exc}") from exc
+            raise PluginError(
+                f"plugin '{impl.plugin_name}' failed in register_components: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
     return registry
 
 

@@ -41,11 +41,20 @@ def scatter(rows: list[Row], xs: list[float | None], metric: str, xlabel: str, p
     """One point per configuration: ``metric`` (mean, error bar = std over seeds) against x."""
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.add_subplot()
-    points = [(x, r, n) for x, r, n in zip(xs, rows, _names(rows)) if x is not None and metric in r.mean]
+    points = [
+        (x, r, n) for x, r, n in zip(xs, rows, _names(rows)) if x is not None and metric in r.mean
+    ]
     for i, (x, r, name) in enumerate(points):
         s = r.std.get(metric, math.nan)
-        ax.errorbar([x], [r.mean[metric]], yerr=[0 if math.isnan(s) else s], fmt="o", capsize=3,
-                    color=f"C{i % 10}", label=name)
+        ax.errorbar(
+            [x],
+            [r.mean[metric]],
+            yerr=[0 if math.isnan(s) else s],
+            fmt="o",
+            capsize=3,
+            color=f"C{i % 10}",
+            label=name,
+        )
     xvals = [p[0] for p in points]
     if xvals and min(xvals) > 0 and max(xvals) / min(xvals) > 20:
         ax.set_xscale("log")
@@ -90,14 +99,28 @@ def learning_curves(rows: list[Row], path: Path) -> Path:
             # one legend entry per configuration; stages are separate segments (their val sets differ)
             ax.plot(steps, mean, marker=".", color=f"C{i % 10}", label=name if j == 0 else None)
             if any(len(v) > 1 for v in vals):
-                sd = [math.sqrt(sum((y - m) ** 2 for y in v) / (len(v) - 1)) if len(v) > 1 else 0.0
-                      for v, m in zip(vals, mean)]
-                ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
-                                color=f"C{i % 10}", alpha=0.15)
+                sd = [
+                    math.sqrt(sum((y - m) ** 2 for y in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+                    for v, m in zip(vals, mean)
+                ]
+                ax.fill_between(
+                    steps,
+                    [m - s for m, s in zip(mean, sd)],
+                    [m + s for m, s in zip(mean, sd)],
+                    color=f"C{i % 10}",
+                    alpha=0.15,
+                )
     for x, stage in boundaries.items():
         ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
-        ax.annotate(stage, (x, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
-                    textcoords="offset points", fontsize="small", color="grey")
+        ax.annotate(
+            stage,
+            (x, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -12),
+            textcoords="offset points",
+            fontsize="small",
+            color="grey",
+        )
     ax.set_xlabel("training step (all stages)")
     ax.set_ylabel("validation loss")
     ax.set_title("learning curves")
@@ -111,16 +134,27 @@ def write_plots(rows: list[Row], metric: str, out_dir: Path) -> list[Path]:
     """The three figures of a report, named after ``metric``; returns their paths."""
     stem = metric.removeprefix("test/").replace("/", "_")
     return [
-        scatter(rows, [r.mean.get("parameters/trainable") for r in rows], metric, "trainable parameters",
-                out_dir / f"{stem}_vs_trainable_params.png"),
-        scatter(rows, [_visual_tokens(r) for r in rows], metric, "visual tokens per sample",
-                out_dir / f"{stem}_vs_visual_tokens.png"),
+        scatter(
+            rows,
+            [r.mean.get("parameters/trainable") for r in rows],
+            metric,
+            "trainable parameters",
+            out_dir / f"{stem}_vs_trainable_params.png",
+        ),
+        scatter(
+            rows,
+            [_visual_tokens(r) for r in rows],
+            metric,
+            "visual tokens per sample",
+            out_dir / f"{stem}_vs_visual_tokens.png",
+        ),
         learning_curves(rows, out_dir / "learning_curves.png"),
     ]
 
 
-def comparison_plot(rows: list[Row], baseline: Row, comparisons: dict[tuple[str, ...], list[Comparison]],
-                    path: Path) -> Path:
+def comparison_plot(
+    rows: list[Row], baseline: Row, comparisons: dict[tuple[str, ...], list[Comparison]], path: Path
+) -> Path:
     """Each configuration's exact match minus the baseline's (one line per configuration),
     overall and per question type, with the 95 % bootstrap interval as error bars; filled
     markers where the interval excludes 0."""
@@ -137,9 +171,18 @@ def comparison_plot(rows: list[Row], baseline: Row, comparisons: dict[tuple[str,
             if c is None:
                 continue
             y = i - 0.4 + step * (j + 0.5)  # the overall difference on top, then each type
-            ax.errorbar([c.diff], [y], xerr=[[c.diff - c.low], [c.high - c.diff]], fmt="o", capsize=3,
-                        color=f"C{j % 10}", mfc=f"C{j % 10}" if c.significant else "white",
-                        label=("all questions" if metric == "test/exact_match" else label(metric)) if first else None)
+            ax.errorbar(
+                [c.diff],
+                [y],
+                xerr=[[c.diff - c.low], [c.high - c.diff]],
+                fmt="o",
+                capsize=3,
+                color=f"C{j % 10}",
+                mfc=f"C{j % 10}" if c.significant else "white",
+                label=("all questions" if metric == "test/exact_match" else label(metric))
+                if first
+                else None,
+            )
             first = False
     ax.axvline(0, color="grey", linewidth=0.8)
     ax.set_yticks(range(len(others)), [names[r.config] for r in others])
@@ -152,6 +195,10 @@ def comparison_plot(rows: list[Row], baseline: Row, comparisons: dict[tuple[str,
     return _save(fig, path)
 
 
-def write_comparison_plot(rows: list[Row], baseline: Row, comparisons: dict[tuple[str, ...], list[Comparison]],
-                          out_dir: Path) -> Path:
+def write_comparison_plot(
+    rows: list[Row],
+    baseline: Row,
+    comparisons: dict[tuple[str, ...], list[Comparison]],
+    out_dir: Path,
+) -> Path:
     return comparison_plot(rows, baseline, comparisons, out_dir / "exact_match_vs_baseline.png")

@@ -21,20 +21,37 @@ from mmbridge.reporting.runs import Run, override_key
 DEFAULT_METRIC = "test/exact_match"
 
 # Columns of the main table in results.md (visual_tokens/<modality> are added per modality).
-MAIN_COLUMNS = ["test/exact_match", "test/no_media/exact_match", "val_loss_last",
-                "parameters/trainable", "step_time_s", "samples_per_s", "peak_memory_mb", "wall_s"]
-LABELS = {"test/exact_match": "exact match", "test/no_media/exact_match": "no media",
-          "test/chance/exact_match": "chance", "val_loss_last": "val loss",
-          "val_loss_first": "val loss (start)", "parameters/trainable": "trainable params",
-          "parameters/total": "total params", "step_time_s": "step s", "samples_per_s": "samples/s",
-          "peak_memory_mb": "peak MB", "wall_s": "wall s"}
+MAIN_COLUMNS = [
+    "test/exact_match",
+    "test/no_media/exact_match",
+    "val_loss_last",
+    "parameters/trainable",
+    "step_time_s",
+    "samples_per_s",
+    "peak_memory_mb",
+    "wall_s",
+]
+LABELS = {
+    "test/exact_match": "exact match",
+    "test/no_media/exact_match": "no media",
+    "test/chance/exact_match": "chance",
+    "val_loss_last": "val loss",
+    "val_loss_first": "val loss (start)",
+    "parameters/trainable": "trainable params",
+    "parameters/total": "total params",
+    "step_time_s": "step s",
+    "samples_per_s": "samples/s",
+    "peak_memory_mb": "peak MB",
+    "wall_s": "wall s",
+}
 
 
 def direction(metric: str) -> str | None:
     """``"max"`` or ``"min"`` where a metric has a better direction, ``None`` for descriptive
     ones (sizes, baselines)."""
     if metric == "val_loss_first" or metric.startswith(
-            ("test/no_media/", "test/chance/", "parameters/", "visual_tokens/")):
+        ("test/no_media/", "test/chance/", "parameters/", "visual_tokens/")
+    ):
         return None
     if "exact_match" in metric or metric.endswith("samples_per_s"):
         return "max"
@@ -73,8 +90,14 @@ def flatten(metrics: dict[str, Any] | RunMetrics) -> dict[str, float]:
         put(f"parameters/{k}", n)
     for k, t in m.visual_tokens.items():
         put(f"visual_tokens/{k}", t)
-    for k in ("val_loss_first", "val_loss_last", "step_time_s", "samples_per_s", "peak_memory_mb",
-              "wall_s"):
+    for k in (
+        "val_loss_first",
+        "val_loss_last",
+        "step_time_s",
+        "samples_per_s",
+        "peak_memory_mb",
+        "wall_s",
+    ):
         put(k, getattr(m, k))
     for name, st in m.stages.items():
         for k in ("wall_s", "step_time_s", "samples_per_s", "steps"):

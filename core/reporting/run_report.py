@@ -73,19 +73,27 @@ def train_losses(run_dir: Path, stage: str) -> list[tuple[float, float]]:
 def curves_section(run_dir: Path, metrics: dict[str, Any]) -> str:
     charts = []
     for i, (stage, st) in enumerate(metrics.get("stages", {}).items()):
-        val = [(float(h.get("step", 0)), float(h["val_loss"])) for h in st.get("history", [])
-               if "val_loss" in h]
+        val = [
+            (float(h.get("step", 0)), float(h["val_loss"]))
+            for h in st.get("history", [])
+            if "val_loss" in h
+        ]
         series = [Series("validation loss", val, COLOURS[1])]
         train = train_losses(run_dir, stage)
         if train:
             series.insert(0, Series("training loss", train, COLOURS[0], dashed=True))
-        charts.append(line_chart(series, f"stage {i + 1}: {stage} ({st.get('steps', '?')} steps)",
-                                 "step", "loss"))
+        charts.append(
+            line_chart(
+                series, f"stage {i + 1}: {stage} ({st.get('steps', '?')} steps)", "step", "loss"
+            )
+        )
     if not charts:
         return ""
-    return ('<h2 id="curves">Loss per stage</h2><div class="charts">' + "".join(charts) + "</div>"
-            '<p class="note">Validation loss at each validation; training loss as logged '
-            "(every <code>trainer.log_every_n_steps</code>).</p>")
+    return (
+        '<h2 id="curves">Loss per stage</h2><div class="charts">' + "".join(charts) + "</div>"
+        '<p class="note">Validation loss at each validation; training loss as logged '
+        "(every <code>trainer.log_every_n_steps</code>).</p>"
+    )
 
 
 def scores_section(test: dict[str, Any]) -> str:
@@ -99,15 +107,20 @@ def scores_section(test: dict[str, Any]) -> str:
     groups = {k: v for k, v in groups.items() if any(x is not None for x in v)}
     if not groups.get("with the media"):
         return ""
-    rows = [[c, *("—" if g[i] is None else f"{g[i]:.3f}" for g in groups.values())]
-            for i, c in enumerate(cats)]
-    return ('<h2 id="scores">Exact match per question type</h2>'
-            + bar_chart(cats, groups, f"test exact match (n={test.get('n', '?')})", "exact match",
-                        ymax=1.0)
-            + table(["question type", *groups], rows, [False, *(True for _ in groups)])
-            + '<p class="note">"no media": the same questions with the image removed (what the '
-              'LLM guesses from the text); "chance": the most frequent training answer per '
-              "question type.</p>")
+    rows = [
+        [c, *("—" if g[i] is None else f"{g[i]:.3f}" for g in groups.values())]
+        for i, c in enumerate(cats)
+    ]
+    return (
+        '<h2 id="scores">Exact match per question type</h2>'
+        + bar_chart(
+            cats, groups, f"test exact match (n={test.get('n', '?')})", "exact match", ymax=1.0
+        )
+        + table(["question type", *groups], rows, [False, *(True for _ in groups)])
+        + '<p class="note">"no media": the same questions with the image removed (what the '
+        'LLM guesses from the text); "chance": the most frequent training answer per '
+        "question type.</p>"
+    )
 
 
 def gallery_section(preds: list[dict[str, Any]], attention: AttentionFn | None = None) -> str:
@@ -123,14 +136,18 @@ def gallery_section(preds: list[dict[str, Any]], attention: AttentionFn | None =
         alt = f"held-out image {p.get('id')}"
         pic = img_tag(uri, alt, "") if uri else f"<p>({esc(media_note(p))})</p>"
         question = str(p.get("question", "")).replace("<image>", "").strip()
-        cards.append(f'<div class="card {"ok" if p.get("correct") else "bad"}">{pic}'
-                     f"<div><b>{esc(p.get('qtype', ''))}</b>: {esc(question)}</div>"
-                     f"<div>reference: <b>{esc(p.get('answer', ''))}</b></div>"
-                     f"<div>prediction: <b>{esc(p.get('prediction', '')) or '(empty)'}</b> "
-                     f"{'✓' if p.get('correct') else '✗'}</div></div>")
-    out = (f'<h2 id="gallery">Held-out questions</h2><p class="note">{len(right)} answered right '
-           f"(green), {len(wrong)} wrong (red), of {len(media)}.</p>"
-           f'<div class="gallery">{"".join(cards)}</div>')
+        cards.append(
+            f'<div class="card {"ok" if p.get("correct") else "bad"}">{pic}'
+            f"<div><b>{esc(p.get('qtype', ''))}</b>: {esc(question)}</div>"
+            f"<div>reference: <b>{esc(p.get('answer', ''))}</b></div>"
+            f"<div>prediction: <b>{esc(p.get('prediction', '')) or '(empty)'}</b> "
+            f"{'✓' if p.get('correct') else '✗'}</div></div>"
+        )
+    out = (
+        f'<h2 id="gallery">Held-out questions</h2><p class="note">{len(right)} answered right '
+        f"(green), {len(wrong)} wrong (red), of {len(media)}.</p>"
+        f'<div class="gallery">{"".join(cards)}</div>'
+    )
     shown = [p for p in right[:1] + wrong[:1] if _image_of(p)]
     if attention is not None and shown:
         maps = []
@@ -140,20 +157,27 @@ def gallery_section(preds: list[dict[str, Any]], attention: AttentionFn | None =
             except Exception as exc:  # the page without maps beats no page
                 log.warning("attention map of %s failed: %s", p.get("id"), exc)
                 continue
-            maps.append(f"<p>{esc(p.get('question', '')).replace('&lt;image&gt;', '')}</p>"
-                        + img_tag(png_uri(sheet), f"attention map of {p.get('id')}"))
+            maps.append(
+                f"<p>{esc(p.get('question', '')).replace('&lt;image&gt;', '')}</p>"
+                + img_tag(png_uri(sheet), f"attention map of {p.get('id')}")
+            )
         if maps:
-            out += ('<h2 id="attention">Where the connector looks</h2><p class="note">Each panel: '
-                    "one query's (or text token's) attention over the image patches, averaged "
-                    "over layers and heads; brighter = more weight.</p>" + "".join(maps))
+            out += (
+                '<h2 id="attention">Where the connector looks</h2><p class="note">Each panel: '
+                "one query's (or text token's) attention over the image patches, averaged "
+                "over layers and heads; brighter = more weight.</p>" + "".join(maps)
+            )
     return out
 
 
 def media_note(p: dict[str, Any]) -> str:
     """What a question without a picture to show had: ``audio: clip.wav``, or why none shows."""
     media = p.get("media") or {}
-    names = [f"{k}: {Path(str(v[0] if isinstance(v, list) and v else v)).name}"
-             for k, v in media.items() if k != "image"]
+    names = [
+        f"{k}: {Path(str(v[0] if isinstance(v, list) and v else v)).name}"
+        for k, v in media.items()
+        if k != "image"
+    ]
     return ", ".join(names) or ("image not found" if "image" in media else "no media recorded")
 
 
@@ -174,28 +198,42 @@ def gate_section(preds: list[dict[str, Any]]) -> str:
         return ""
     types = sorted(by_type)
     n_levels = len(next(iter(by_type.values()))[0])
-    groups = {f"level {j + 1}": [sum(w[j] for w in by_type[t]) / len(by_type[t]) for t in types]
-              for j in range(n_levels)}
-    return ('<h2 id="gate">AlignGPT gate weights per question type</h2>'
-            + bar_chart(types, groups, "mean gate weight of each local level", "weight",
-                        w=max(560, 90 * len(types) * max(1, n_levels) // 2))
-            + '<p class="note">a = softmax(G(x)) over the local alignment levels (AlignGPT, '
-              "2405.14129 §3.3), averaged over the held-out questions of each type; the global "
-              "level is always added.</p>")
+    groups = {
+        f"level {j + 1}": [sum(w[j] for w in by_type[t]) / len(by_type[t]) for t in types]
+        for j in range(n_levels)
+    }
+    return (
+        '<h2 id="gate">AlignGPT gate weights per question type</h2>'
+        + bar_chart(
+            types,
+            groups,
+            "mean gate weight of each local level",
+            "weight",
+            w=max(560, 90 * len(types) * max(1, n_levels) // 2),
+        )
+        + '<p class="note">a = softmax(G(x)) over the local alignment levels (AlignGPT, '
+        "2405.14129 §3.3), averaged over the held-out questions of each type; the global "
+        "level is always added.</p>"
+    )
 
 
 def summary_section(run_dir: Path, metrics: dict[str, Any]) -> str:
     test = metrics.get("test", {})
     params = metrics.get("parameters", {})
-    rows = [["run directory", str(run_dir)],
-            ["test exact match", _f(test.get("exact_match")) + f" (n={test.get('n', '?')})"],
-            ["trainable / total parameters",
-             f"{params.get('trainable', '?'):,} / {params.get('total', '?'):,}"
-             if params else "?"],
-            ["visual tokens",
-             ", ".join(f"{k}: {v}" for k, v in metrics.get("visual_tokens", {}).items())],
-            ["wall time", f"{metrics.get('wall_s', math.nan):.0f} s"],
-            ["overrides", " ".join(metrics.get("overrides", []))]]
+    rows = [
+        ["run directory", str(run_dir)],
+        ["test exact match", _f(test.get("exact_match")) + f" (n={test.get('n', '?')})"],
+        [
+            "trainable / total parameters",
+            f"{params.get('trainable', '?'):,} / {params.get('total', '?'):,}" if params else "?",
+        ],
+        [
+            "visual tokens",
+            ", ".join(f"{k}: {v}" for k, v in metrics.get("visual_tokens", {}).items()),
+        ],
+        ["wall time", f"{metrics.get('wall_s', math.nan):.0f} s"],
+        ["overrides", " ".join(metrics.get("overrides", []))],
+    ]
     return table(None, [r for r in rows if r[1]])
 
 
@@ -203,8 +241,9 @@ def _f(x: Any) -> str:
     return "—" if x is None else f"{float(x):.3f}"
 
 
-def write_run_report(run_dir: str | Path, out: str | Path | None = None,
-                     attention: AttentionFn | None = None) -> Path:
+def write_run_report(
+    run_dir: str | Path, out: str | Path | None = None, attention: AttentionFn | None = None
+) -> Path:
     """Write ``report.html`` of the run in ``run_dir`` (or to ``out``); returns its path.
 
     Args:
@@ -219,16 +258,22 @@ def write_run_report(run_dir: str | Path, out: str | Path | None = None,
     run_dir = Path(run_dir)
     f = run_dir / "metrics.json"
     if not f.is_file():
-        raise ConfigError(f"{run_dir}: no metrics.json (not a finished run; a sweep directory "
-                          f"holds runs one level down)")
+        raise ConfigError(
+            f"{run_dir}: no metrics.json (not a finished run; a sweep directory "
+            f"holds runs one level down)"
+        )
     with reading(f, expected="the JSON object a finished run writes"):
         metrics = dict(json.loads(f.read_text()))
     preds = read_json_lines(run_dir / "predictions.jsonl")
     # one boundary for what the sections read: a hand-edited file is named, not a traceback
     with reading([f, run_dir / "predictions.jsonl"], expected="the files of a finished run"):
-        sections = [summary_section(run_dir, metrics), curves_section(run_dir, metrics),
-                    scores_section(metrics.get("test", {})), gate_section(preds),
-                    gallery_section(preds, attention)]
+        sections = [
+            summary_section(run_dir, metrics),
+            curves_section(run_dir, metrics),
+            scores_section(metrics.get("test", {})),
+            gate_section(preds),
+            gallery_section(preds, attention),
+        ]
     path = Path(out) if out is not None else run_dir / REPORT
     atomic_write_text(path, page(f"Run report: {run_dir.name}", [s for s in sections if s]))
     return path
@@ -240,6 +285,7 @@ def report_at_end(run_dir: Path, session: Any) -> Path | None:
     try:
         return write_run_report(run_dir, attention=session_attention(session))
     except Exception as exc:
-        log.warning("report.html of %s not written: %s (run `mmbridge report %s`)", run_dir, exc,
-                    run_dir)
+        log.warning(
+            "report.html of %s not written: %s (run `mmbridge report %s`)", run_dir, exc, run_dir
+        )
         return None

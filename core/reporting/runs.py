@@ -97,7 +97,8 @@ def finished_run(run_dir: Path, overrides: list[str]) -> Run | None:
         raise ConfigError(
             f"{run_dir / METRICS} holds the run of overrides {run.overrides}, not of this job's "
             f"{list(overrides)}; give the sweep another directory (mmbridge sweep --dir DIR, or "
-            f"hydra.sweep.dir=DIR)")
+            f"hydra.sweep.dir=DIR)"
+        )
     return run
 
 
@@ -119,7 +120,11 @@ def unfinished_runs(root: Path) -> list[tuple[Path, str]]:
     for cfg in sorted(root.rglob("config.yaml")):
         d = cfg.parent
         parts = d.relative_to(root).parts
-        if any(p.startswith(".") for p in parts) or "checkpoints" in parts or (d / METRICS).is_file():
+        if (
+            any(p.startswith(".") for p in parts)
+            or "checkpoints" in parts
+            or (d / METRICS).is_file()
+        ):
             continue
         err = d / ERROR
         reason = err.read_text().strip().splitlines()[0] if err.is_file() else "unfinished"

@@ -74,8 +74,10 @@ def read_predictions(run_dir: Path) -> dict[Key, tuple[str, bool]]:
     """
     f = Path(run_dir) / PREDICTIONS
     if not f.is_file():
-        raise ConfigError(f"--baseline needs {f} (each run's answers, written by `mmbridge train`); "
-                          f"it is missing: run the job again, or report without --baseline")
+        raise ConfigError(
+            f"--baseline needs {f} (each run's answers, written by `mmbridge train`); "
+            f"it is missing: run the job again, or report without --baseline"
+        )
     out: dict[Key, tuple[str, bool]] = {}
     for i, line in enumerate(f.read_text().splitlines(), start=1):
         if not line.strip():
@@ -85,14 +87,23 @@ def read_predictions(run_dir: Path) -> dict[Key, tuple[str, bool]]:
             if rec.get("mode", MODE) != MODE:
                 continue
             out[(str(rec["id"]), str(rec.get("question", "")), str(rec.get("answer", "")))] = (
-                str(rec.get("qtype", "all")), bool(rec["correct"]))
+                str(rec.get("qtype", "all")),
+                bool(rec["correct"]),
+            )
         except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
-            raise ConfigError(f"{f}:{i}: not a prediction record with 'id' and 'correct' ({exc})") from exc
+            raise ConfigError(
+                f"{f}:{i}: not a prediction record with 'id' and 'correct' ({exc})"
+            ) from exc
     return out
 
 
-def paired_bootstrap(base: np.ndarray, other: np.ndarray, n_resamples: int = N_RESAMPLES,
-                     confidence: float = CONFIDENCE, seed: int = 0) -> tuple[float, float, float]:
+def paired_bootstrap(
+    base: np.ndarray,
+    other: np.ndarray,
+    n_resamples: int = N_RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int = 0,
+) -> tuple[float, float, float]:
     """The difference ``mean(other) - mean(base)`` and its percentile bootstrap interval.
 
     Args:
@@ -108,8 +119,10 @@ def paired_bootstrap(base: np.ndarray, other: np.ndarray, n_resamples: int = N_R
     """
     base, other = np.asarray(base, dtype=np.float64), np.asarray(other, dtype=np.float64)
     if base.ndim != 2 or other.ndim != 2 or base.shape[1] != other.shape[1] or base.shape[1] == 0:
-        raise ValueError(f"paired_bootstrap: need [S_a, Q] and [S_b, Q] with Q > 0, got "
-                         f"{base.shape} and {other.shape}")
+        raise ValueError(
+            f"paired_bootstrap: need [S_a, Q] and [S_b, Q] with Q > 0, got "
+            f"{base.shape} and {other.shape}"
+        )
     (sa, q), sb = base.shape, other.shape[0]
     diff = float(other.mean() - base.mean())
     rng = np.random.default_rng(seed)
@@ -117,11 +130,11 @@ def paired_bootstrap(base: np.ndarray, other: np.ndarray, n_resamples: int = N_R
     chunk = max(1, 1_000_000 // q)  # [chunk, Q] float arrays stay near 8 MB
     for start in range(0, n_resamples, chunk):
         r = min(chunk, n_resamples - start)
-        questions = rng.integers(0, q, size=(r, q))                 # [r, Q] drawn question indices
+        questions = rng.integers(0, q, size=(r, q))  # [r, Q] drawn question indices
         wa = rng.multinomial(sa, np.full(sa, 1 / sa), size=r) / sa  # [r, S_a] seed weights
         wb = rng.multinomial(sb, np.full(sb, 1 / sb), size=r) / sb  # [r, S_b]
-        per_question = wb @ other - wa @ base                       # [r, Q] difference per question
-        stats[start:start + r] = np.take_along_axis(per_question, questions, axis=1).mean(axis=1)
+        per_question = wb @ other - wa @ base  # [r, Q] difference per question
+        stats[start : start + r] = np.take_along_axis(per_question, questions, axis=1).mean(axis=1)
     alpha = (1 - confidence) / 2
     low, high = np.quantile(stats, [alpha, 1 - alpha])
     return diff, float(low), float(high)
@@ -131,7 +144,9 @@ def _row_table(row: Row) -> tuple[dict[Key, str], np.ndarray, list[Key]]:
     """The questions every run of ``row`` answered: their types, and ``[S, Q]`` correctness."""
     preds = [read_predictions(run.path) for run in row.runs]
     keys = sorted(set.intersection(*(set(p) for p in preds)))
-    correct = np.array([[p[k][1] for k in keys] for p in preds], dtype=np.float64).reshape(len(preds), len(keys))
+    correct = np.array([[p[k][1] for k in keys] for p in preds], dtype=np.float64).reshape(
+        len(preds), len(keys)
+    )
     return {k: preds[0][k][0] for k in keys}, correct, keys
 
 
@@ -142,25 +157,34 @@ def select_baseline(rows: Sequence[Row], selectors: Sequence[str]) -> Row:
         ConfigError: a selector is not ``KEY=VALUE``, or not exactly one row matches.
     """
     keys = varying_keys(list(rows))
-    choices = "; ".join(f"{k}: {', '.join(dict.fromkeys(r.setting(k) for r in rows))}" for k in keys)
+    choices = "; ".join(
+        f"{k}: {', '.join(dict.fromkeys(r.setting(k) for r in rows))}" for k in keys
+    )
     wanted = []
     for s in selectors:
         if "=" not in s:
-            raise ConfigError(f"--baseline {s!r}: expected KEY=VALUE, e.g. connector=mlp; {choices}")
+            raise ConfigError(
+                f"--baseline {s!r}: expected KEY=VALUE, e.g. connector=mlp; {choices}"
+            )
         k, v = s.split("=", 1)
         wanted.append((override_key(k.strip()), v.strip()))
     matches = [r for r in rows if all(r.setting(k) == v for k, v in wanted)]
     given = " ".join(selectors)
     if not matches:
-        raise ConfigError(f"--baseline {given}: no configuration has it; {choices or 'nothing varies'}")
+        raise ConfigError(
+            f"--baseline {given}: no configuration has it; {choices or 'nothing varies'}"
+        )
     if len(matches) > 1:
-        raise ConfigError(f"--baseline {given}: {len(matches)} configurations match; give one more "
-                          f"KEY=VALUE to pick one ({choices})")
+        raise ConfigError(
+            f"--baseline {given}: {len(matches)} configurations match; give one more "
+            f"KEY=VALUE to pick one ({choices})"
+        )
     return matches[0]
 
 
-def compare(rows: Sequence[Row], baseline: Row, n_resamples: int = N_RESAMPLES,
-            seed: int = 0) -> dict[tuple[str, ...], list[Comparison]]:
+def compare(
+    rows: Sequence[Row], baseline: Row, n_resamples: int = N_RESAMPLES, seed: int = 0
+) -> dict[tuple[str, ...], list[Comparison]]:
     """Every row but ``baseline`` against it: exact match overall, then per question type.
 
     Returns:
@@ -183,7 +207,11 @@ def compare(rows: Sequence[Row], baseline: Row, n_resamples: int = N_RESAMPLES,
             if not pairs:
                 continue
             mine, theirs = (np.array(ix) for ix in zip(*pairs))
-            diff, low, high = paired_bootstrap(b_correct[:, theirs], correct[:, mine], n_resamples, seed=seed)
-            found.append(Comparison(metric, diff, low, high, len(pairs), len(row.runs), len(baseline.runs)))
+            diff, low, high = paired_bootstrap(
+                b_correct[:, theirs], correct[:, mine], n_resamples, seed=seed
+            )
+            found.append(
+                Comparison(metric, diff, low, high, len(pairs), len(row.runs), len(baseline.runs))
+            )
         out[row.config] = found
     return out

@@ -38,8 +38,18 @@ from mmbridge.reporting.significance import N_RESAMPLES, Comparison, compare, se
 from mmbridge.reporting.sweep_report import write_sweep_report
 
 # Re-exported: callers and tests read the rows through this module too.
-__all__ = ["DEFAULT_METRIC", "Report", "ReportCallback", "Row", "aggregate", "direction", "flatten",
-           "fmt", "label", "write_report"]
+__all__ = [
+    "DEFAULT_METRIC",
+    "Report",
+    "ReportCallback",
+    "Row",
+    "aggregate",
+    "direction",
+    "flatten",
+    "fmt",
+    "label",
+    "write_report",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +77,10 @@ def markdown_table(rows: list[Row], metrics: list[str], keys: list[str]) -> str:
     arrows = {"max": " ↑", "min": " ↓", None: ""}
     first = keys or ["configuration"]
     head = [*first, "runs", *(label(m) + arrows[direction(m)] for m in metrics)]
-    lines = ["| " + " | ".join(map(_md_escape, head)) + " |",
-             "|" + "---|" * len(first) + "---:|" + "---:|" * len(metrics)]
+    lines = [
+        "| " + " | ".join(map(_md_escape, head)) + " |",
+        "|" + "---|" * len(first) + "---:|" + "---:|" * len(metrics),
+    ]
     bests = {m: best(rows, m) for m in metrics}
     for row in rows:
         settings = [row.setting(k) for k in keys] or [" ".join(row.config) or "(defaults)"]
@@ -85,8 +97,13 @@ def diff_cell(c: Comparison | None, with_n: bool = False) -> str:
     return text + (f" (n={c.n_questions})" if with_n else "")
 
 
-def comparison_markdown(rows: list[Row], baseline: Row, comparisons: dict[tuple[str, ...], list[Comparison]],
-                        keys: list[str], n_resamples: int) -> list[str]:
+def comparison_markdown(
+    rows: list[Row],
+    baseline: Row,
+    comparisons: dict[tuple[str, ...], list[Comparison]],
+    keys: list[str],
+    n_resamples: int,
+) -> list[str]:
     """The section of results.md on the paired differences against ``baseline``."""
     name = " ".join(f"{k}={baseline.setting(k)}" for k in keys) or " ".join(baseline.config)
     by_row = {cfg: {c.metric: c for c in cs} for cfg, cs in comparisons.items()}
@@ -100,44 +117,77 @@ def comparison_markdown(rows: list[Row], baseline: Row, comparisons: dict[tuple[
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(map(_md_escape, cells)) + " |"
 
-    out = [f"## Paired difference against the baseline `{name}`", "",
-           f"Test exact match of each configuration minus the baseline's, on the held-out questions "
-           f"both answered (each run's `predictions.jsonl`, the answers with media): the difference of "
-           f"the means over seeds and questions, and its 95 % bootstrap interval ({n_resamples:,} "
-           f"resamples of the questions, paired, and of each configuration's seeds; numpy seed 0). "
-           f"**\\*** = the interval excludes 0.", "",
-           line([*first, "seeds", "questions", "exact match Δ"]),
-           "|" + "---|" * len(first) + "---:|---:|---:|"]
+    out = [
+        f"## Paired difference against the baseline `{name}`",
+        "",
+        f"Test exact match of each configuration minus the baseline's, on the held-out questions "
+        f"both answered (each run's `predictions.jsonl`, the answers with media): the difference of "
+        f"the means over seeds and questions, and its 95 % bootstrap interval ({n_resamples:,} "
+        f"resamples of the questions, paired, and of each configuration's seeds; numpy seed 0). "
+        f"**\\*** = the interval excludes 0.",
+        "",
+        line([*first, "seeds", "questions", "exact match Δ"]),
+        "|" + "---|" * len(first) + "---:|---:|---:|",
+    ]
     for row in rows:
         if row is baseline:
             out.append(line([*settings(row), str(len(row.runs)), "", "baseline"]))
             continue
         c = by_row.get(row.config, {}).get("test/exact_match")
-        out.append(line([*settings(row), f"{len(row.runs)} vs {len(baseline.runs)}",
-                         str(c.n_questions) if c else "0", diff_cell(c)]))
+        out.append(
+            line(
+                [
+                    *settings(row),
+                    f"{len(row.runs)} vs {len(baseline.runs)}",
+                    str(c.n_questions) if c else "0",
+                    diff_cell(c),
+                ]
+            )
+        )
     if per_type:
         ns = {m: {cs[m].n_questions for cs in by_row.values() if m in cs} for m in per_type}
-        head = [label(m) + (f" (n={next(iter(ns[m]))})" if len(ns[m]) == 1 else "") for m in per_type]
-        out += ["", "Per question type:", "", line([*first, *head]),
-                "|" + "---|" * len(first) + "---:|" * len(per_type)]
+        head = [
+            label(m) + (f" (n={next(iter(ns[m]))})" if len(ns[m]) == 1 else "") for m in per_type
+        ]
+        out += [
+            "",
+            "Per question type:",
+            "",
+            line([*first, *head]),
+            "|" + "---|" * len(first) + "---:|" * len(per_type),
+        ]
         for row in rows:
             if row is not baseline:
                 cs = by_row.get(row.config, {})
-                out.append(line([*settings(row), *(diff_cell(cs.get(m), len(ns[m]) > 1) for m in per_type)]))
+                out.append(
+                    line(
+                        [*settings(row), *(diff_cell(cs.get(m), len(ns[m]) > 1) for m in per_type)]
+                    )
+                )
     return out + [""]
 
 
-def results_markdown(rows: list[Row], title: str, plots: list[str], unfinished: list[tuple[Path, str]],
-                     root: Path, comparison: list[str] | None = None) -> str:
+def results_markdown(
+    rows: list[Row],
+    title: str,
+    plots: list[str],
+    unfinished: list[tuple[Path, str]],
+    root: Path,
+    comparison: list[str] | None = None,
+) -> str:
     keys = varying_keys(rows)
     cols = metric_columns(rows)
     main = [c for c in cols if c in MAIN_COLUMNS or c.startswith("visual_tokens/")]
     per_type = [c for c in cols if c.startswith("test/exact_match/")]
     n_runs = sum(len(r.runs) for r in rows)
-    out = [f"# Results: {title}", "",
-           f"{n_runs} runs, {len(rows)} configurations. Mean ± sample std (n − 1) over the runs of a "
-           "configuration (its seeds); **bold** = best per column: ↑ higher is better, ↓ lower is "
-           "better; columns without an arrow describe the model.", ""]
+    out = [
+        f"# Results: {title}",
+        "",
+        f"{n_runs} runs, {len(rows)} configurations. Mean ± sample std (n − 1) over the runs of a "
+        "configuration (its seeds); **bold** = best per column: ↑ higher is better, ↓ lower is "
+        "better; columns without an arrow describe the model.",
+        "",
+    ]
     command = sweep_command(root)
     if command:
         out += [f"Sweep: `{command}`", ""]
@@ -146,13 +196,20 @@ def results_markdown(rows: list[Row], title: str, plots: list[str], unfinished: 
         out += ["Overrides common to every run: " + " ".join(f"`{o}`" for o in common), ""]
     out += [markdown_table(rows, main, keys), ""]
     if per_type:
-        out += ["## Test exact match per question type", "", markdown_table(rows, per_type, keys), ""]
+        out += [
+            "## Test exact match per question type",
+            "",
+            markdown_table(rows, per_type, keys),
+            "",
+        ]
     out += comparison or []
     if plots:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     if unfinished:
         out += ["## Unfinished runs", ""]
-        out += [f"- `{d.relative_to(root)}`: {_md_escape(reason)}" for d, reason in unfinished] + [""]
+        out += [f"- `{d.relative_to(root)}`: {_md_escape(reason)}" for d, reason in unfinished] + [
+            ""
+        ]
     return "\n".join(out)
 
 
@@ -189,8 +246,11 @@ def _diff_values(c: Comparison | None) -> list[str]:
     return [_num(c.diff), _num(c.low), _num(c.high), str(int(c.significant)), str(c.n_questions)]
 
 
-def results_csv(rows: list[Row], baseline: Row | None = None,
-                comparisons: dict[tuple[str, ...], list[Comparison]] | None = None) -> str:
+def results_csv(
+    rows: list[Row],
+    baseline: Row | None = None,
+    comparisons: dict[tuple[str, ...], list[Comparison]] | None = None,
+) -> str:
     """One row per configuration: its varying settings, the run count, ``<metric>_mean`` and
     ``<metric>_std`` for every metric (std empty below 2 runs); full precision.
 
@@ -201,19 +261,36 @@ def results_csv(rows: list[Row], baseline: Row | None = None,
     """
     keys, cols = varying_keys(rows), metric_columns(rows)
     header = ["configuration", *keys, "runs", *(f"{c}_{s}" for c in cols for s in ("mean", "std"))]
-    records = [[" ".join(r.config), *(r.setting(k) for k in keys), len(r.runs),
-                *(_num(r.mean.get(c, math.nan) if s == "mean" else r.std.get(c, math.nan))
-                  for c in cols for s in ("mean", "std"))] for r in rows]
+    records = [
+        [
+            " ".join(r.config),
+            *(r.setting(k) for k in keys),
+            len(r.runs),
+            *(
+                _num(r.mean.get(c, math.nan) if s == "mean" else r.std.get(c, math.nan))
+                for c in cols
+                for s in ("mean", "std")
+            ),
+        ]
+        for r in rows
+    ]
     if baseline is not None and comparisons is not None:
         by_row = {cfg: {c.metric: c for c in cs} for cfg, cs in comparisons.items()}
         metrics = list(dict.fromkeys(m for cs in by_row.values() for m in cs))
-        header += ["baseline", "diff_seeds", "diff_baseline_seeds",
-                   *(f"{m}_{f}" for m in metrics for f in DIFF_FIELDS)]
+        header += [
+            "baseline",
+            "diff_seeds",
+            "diff_baseline_seeds",
+            *(f"{m}_{f}" for m in metrics for f in DIFF_FIELDS),
+        ]
         for r, rec in zip(rows, records):
             cs = by_row.get(r.config, {})
-            rec += [int(r is baseline), "" if r is baseline else len(r.runs),
-                    "" if r is baseline else len(baseline.runs),
-                    *(v for m in metrics for v in _diff_values(cs.get(m)))]
+            rec += [
+                int(r is baseline),
+                "" if r is baseline else len(r.runs),
+                "" if r is baseline else len(baseline.runs),
+                *(v for m in metrics for v in _diff_values(cs.get(m))),
+            ]
     return _csv(header, records)
 
 
@@ -225,8 +302,14 @@ def runs_csv(rows: list[Row], root: Path) -> str:
     for row in rows:
         for run in row.runs:
             flat = flatten(run.metrics)
-            records.append([str(run.path.relative_to(root)), " ".join(row.config), run.seed,
-                            *(_num(flat.get(c)) for c in cols)])
+            records.append(
+                [
+                    str(run.path.relative_to(root)),
+                    " ".join(row.config),
+                    run.seed,
+                    *(_num(flat.get(c)) for c in cols),
+                ]
+            )
     return _csv(header, records)
 
 
@@ -243,8 +326,13 @@ class Report:
     comparisons: dict[tuple[str, ...], list[Comparison]] = field(default_factory=dict)
 
 
-def write_report(root: Path, metric: str = DEFAULT_METRIC, out_dir: Path | None = None,
-                 baseline: Sequence[str] | None = None, n_resamples: int = N_RESAMPLES) -> Report:
+def write_report(
+    root: Path,
+    metric: str = DEFAULT_METRIC,
+    out_dir: Path | None = None,
+    baseline: Sequence[str] | None = None,
+    n_resamples: int = N_RESAMPLES,
+) -> Report:
     """Gather every ``metrics.json`` under ``root`` and write results.csv, runs.csv, results.md,
     the plots and report.html (:mod:`mmbridge.reporting.sweep_report`) into ``out_dir`` (default
     ``root``), each atomically.
@@ -275,8 +363,10 @@ def write_report(root: Path, metric: str = DEFAULT_METRIC, out_dir: Path | None 
     section: list[str] = []
     if rows:
         if metric not in metric_columns(rows):
-            raise ConfigError(f"--metric {metric}: no run under {root} has it; metrics: "
-                              f"{', '.join(metric_columns(rows))}")
+            raise ConfigError(
+                f"--metric {metric}: no run under {root} has it; metrics: "
+                f"{', '.join(metric_columns(rows))}"
+            )
         if baseline:
             base = select_baseline(rows, baseline)
             comparisons = compare(rows, base, n_resamples)
@@ -291,8 +381,10 @@ def write_report(root: Path, metric: str = DEFAULT_METRIC, out_dir: Path | None 
             if base is not None:
                 paths.append(write_comparison_plot(rows, base, comparisons, out_dir))
             plots = [p.name for p in paths]
-        for name, text in (("results.csv", results_csv(rows, base, comparisons)),
-                           ("runs.csv", runs_csv(rows, root))):
+        for name, text in (
+            ("results.csv", results_csv(rows, base, comparisons)),
+            ("runs.csv", runs_csv(rows, root)),
+        ):
             atomic_write_text(out_dir / name, text)
             files.append(out_dir / name)
     md = results_markdown(rows, root.name, plots, unfinished, root, section)
@@ -326,5 +418,9 @@ class ReportCallback(Callback):
             log.error("report of %s failed: %s (run `mmbridge report %s` again)", root, exc, root)
             return
         LAST_REPORT.append(report)
-        log.info("%d runs in %d configurations -> %s", sum(len(r.runs) for r in report.rows),
-                 len(report.rows), root / "results.md")
+        log.info(
+            "%d runs in %d configurations -> %s",
+            sum(len(r.runs) for r in report.rows),
+            len(report.rows),
+            root / "results.md",
+        )

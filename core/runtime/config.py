@@ -47,6 +47,9 @@ class RunConfig:
     def parse(cls, cfg: DictConfig) -> RunConfig:
         """The sections of a composed (or stored) config."""
         data = to_container(cfg)
-        return cls(loader=section(data.get("loader"), Loader),
-                   evaluation=section(data.get("evaluation"), Evaluation),
-                   debug=section(data.get("debug"), Debug), root=section(data, Root))
+        return cls(
+            loader=section(data.get("loader"), Loader),
+            evaluation=section(data.get("evaluation"), Evaluation),
+            debug=section(data.get("debug"), Debug),
+            root=section(data, Root),
+        )

@@ -18,8 +18,12 @@ from mmbridge.runtime.session import Session
 from mmbridge.utils.io import atomic_write_text
 
 
-def evaluate_session(session: Session, split: str | None = None, max_samples: int | None = None,
-                     predictions: Path | None = None) -> dict[str, Any]:
+def evaluate_session(
+    session: Session,
+    split: str | None = None,
+    max_samples: int | None = None,
+    predictions: Path | None = None,
+) -> dict[str, Any]:
     """Exact match on the split's questions (word error rate for ``evaluation.wer_qtypes``),
     with the no-media and chance baselines, the answers through the Tool Learning callers
     (``evaluation.tool_callers``, :mod:`mmbridge.evaluation.tools`), the reference recogniser
@@ -34,14 +38,30 @@ def evaluate_session(session: Session, split: str | None = None, max_samples: in
     limit = int(max_samples or ev.max_samples)
     items = qa.qa_items(session.splits[split])[:limit]
     tools = EvalTools.build(session.registry, ev)
-    out = evaluate_items(session.model, ev, items, session.batcher(), tools, "", records,
-                         train=session.splits.get("train"))
+    out = evaluate_items(
+        session.model,
+        ev,
+        items,
+        session.batcher(),
+        tools,
+        "",
+        records,
+        train=session.splits.get("train"),
+    )
     out["n"] = len(items)
     for name, data_cfg in (session.cfg.evaluation.get("extra_data") or {}).items():
         samples = _extra_split(session, str(name), data_cfg, split)
         items = qa.qa_items(samples)[:limit]
-        extra = evaluate_items(session.model, ev, items, session.batcher(use_cache=False),
-                               tools, f"{name}/", records, train=None)
+        extra = evaluate_items(
+            session.model,
+            ev,
+            items,
+            session.batcher(use_cache=False),
+            tools,
+            f"{name}/",
+            records,
+            train=None,
+        )
         extra[f"{name}/n"] = len(items)
         out.update(extra)
     if predictions is not None:

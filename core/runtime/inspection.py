@@ -43,11 +43,16 @@ def _front_end_llm(cfg: DictConfig, registry: Registry) -> Any:
     if not hasattr(cls, "from_config") or not path or cfg.llm.get("gguf_file"):
         return None
     local = Path(resolve_model_path(str(path), registry, key="llm.path"))
-    if not (local / "config.json").is_file() or not any((local / f).is_file() for f in _TOKENIZER_FILES):
+    if not (local / "config.json").is_file() or not any(
+        (local / f).is_file() for f in _TOKENIZER_FILES
+    ):
         return None
     accepted = pyinspect.signature(cls.from_config).parameters
-    kwargs = {k: v for k, v in (("chat_template", cfg.llm.get("chat_template")), ("dtype", "float32"))
-              if k in accepted}
+    kwargs = {
+        k: v
+        for k, v in (("chat_template", cfg.llm.get("chat_template")), ("dtype", "float32"))
+        if k in accepted
+    }
     with torch.device("meta"):
         llm = cls.from_config(local, **kwargs)
     return llm if getattr(llm, "tokenizer", None) is not None else None
@@ -56,7 +61,9 @@ def _front_end_llm(cfg: DictConfig, registry: Registry) -> Any:
 def _float32_encoders(cfg: DictConfig) -> DictConfig:
     """``cfg`` with ``dtype: auto`` encoders in float32 (no hardware probe: nothing runs)."""
     cfg = cfg.copy()
-    for node in [node_at(cfg, n.key) for n in nodes_of(cfg, "encoder")]:  # mmbridge.config.model_spec
+    for node in [
+        node_at(cfg, n.key) for n in nodes_of(cfg, "encoder")
+    ]:  # mmbridge.config.model_spec
         if node is not None and node.get("dtype") == "auto":
             node.dtype = "float32"
     return cfg
@@ -85,8 +92,12 @@ def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
     return "".join(out)
 
 
-def describe(encoded: dict[str, Any], files: dict[str, list[str]], slots: dict[str, list[int]],
-             tokenizer: Any) -> dict[str, Any]:
+def describe(
+    encoded: dict[str, Any],
+    files: dict[str, list[str]],
+    slots: dict[str, list[int]],
+    tokenizer: Any,
+) -> dict[str, Any]:
     """One encoded sample (:func:`mmbridge.data.dataset.encode_sample`) -> the inspect record:
     ``id``, ``text``, ``input_ids``, ``labels``, ``media`` (kind, file, first_slot, slots) and
     ``supervised`` (the supervised text, run by run).
@@ -112,8 +123,14 @@ def describe(encoded: dict[str, Any], files: dict[str, list[str]], slots: dict[s
             start = i  # a run may hold several items back to back: split it by their counts
             while start < j and seen[kind] < len(files[kind]):
                 count = slots[kind][seen[kind]]
-                media.append({"kind": kind, "file": files[kind][seen[kind]], "first_slot": start,
-                              "slots": count})
+                media.append(
+                    {
+                        "kind": kind,
+                        "file": files[kind][seen[kind]],
+                        "first_slot": start,
+                        "slots": count,
+                    }
+                )
                 text.append(_marker(kind, count))
                 seen[kind] += 1
                 start += count
@@ -132,8 +149,14 @@ def describe(encoded: dict[str, Any], files: dict[str, list[str]], slots: dict[s
                 supervised.append(_decode(tokenizer, ids[k:e]))
                 k = e
         i = j
-    return {"id": encoded["id"], "text": "".join(text), "input_ids": list(ids), "labels": list(labels),
-            "media": media, "supervised": supervised}
+    return {
+        "id": encoded["id"],
+        "text": "".join(text),
+        "input_ids": list(ids),
+        "labels": list(labels),
+        "media": media,
+        "supervised": supervised,
+    }
 
 
 def _write_images(encoded: dict[str, Any], model: Any, folder: Path) -> list[str]:
@@ -154,8 +177,13 @@ def _write_images(encoded: dict[str, Any], model: Any, folder: Path) -> list[str
     return out
 
 
-def inspect(overrides: Sequence[str] = (), stage: str | None = None, n: int = 2,
-            images: str | Path | None = None, registry: Registry | None = None) -> list[dict[str, Any]]:
+def inspect(
+    overrides: Sequence[str] = (),
+    stage: str | None = None,
+    n: int = 2,
+    images: str | Path | None = None,
+    registry: Registry | None = None,
+) -> list[dict[str, Any]]:
     """The first ``n`` samples of ``stage`` as the model sees them.
 
     Args:
@@ -190,26 +218,40 @@ def inspect(overrides: Sequence[str] = (), stage: str | None = None, n: int = 2,
     validate_config(cfg, registry)
     name = str(stage if stage is not None else cfg.schedule[0])
     if name not in cfg.stages:
-        raise ConfigError(f"stage={name}: not a key of stages; stages: {', '.join(map(str, cfg.stages))}")
+        raise ConfigError(
+            f"stage={name}: not a key of stages; stages: {', '.join(map(str, cfg.stages))}"
+        )
     cfg = _float32_encoders(cfg)
     model = assemble(cfg, registry, llm=_front_end_llm(cfg, registry))
     tokenizer = model.llm.tokenizer
     prefix = model.prefix
-    chat = ChatEncoder(tokenizer, list(model.branches), max_length=int(cfg.loader.max_text_tokens),
-                       prefix_tokens=prefix.n_tokens if prefix is not None else 0,
-                       meta_keys=prefix.meta_keys if prefix is not None else (),
-                       conversation=stage_conversation(cfg)[0])  # the run's, as open_session's
+    chat = ChatEncoder(
+        tokenizer,
+        list(model.branches),
+        max_length=int(cfg.loader.max_text_tokens),
+        prefix_tokens=prefix.n_tokens if prefix is not None else 0,
+        meta_keys=prefix.meta_keys if prefix is not None else (),
+        conversation=stage_conversation(cfg)[0],
+    )  # the run's, as open_session's
     # only the data the stage reads: its own stages.<name>.data, else the run's
     own = cfg.stages[name].get("data") is not None
     just_this = cfg.copy()
     just_this.schedule = [name]
-    session = Session(cfg, registry, model, chat, {} if own else load_splits(cfg, registry),
-                      stage_splits=load_stage_splits(just_this, registry) if own else {})
+    session = Session(
+        cfg,
+        registry,
+        model,
+        chat,
+        {} if own else load_splits(cfg, registry),
+        stage_splits=load_stage_splits(just_this, registry) if own else {},
+    )
     data = session.data_of(name)
     split = str(cfg.stages[name].split)
     if split not in data:
-        raise ConfigError(f"stages.{name}.split: '{split}' is not a split of the stage's data; "
-                          f"splits: {', '.join(data)}")
+        raise ConfigError(
+            f"stages.{name}.split: '{split}' is not a split of the stage's data; "
+            f"splits: {', '.join(data)}"
+        )
     raw = data[split]
     head = raw if len(raw) <= WHOLE_SPLIT else raw[: 4 * n + 8]
     stage_data = prepare_stage(session, name, samples=head, check=False)
@@ -236,13 +278,18 @@ def format_records(records: Sequence[dict[str, Any]]) -> str:
     lines = []
     for r in records:
         sup = sum(label != IGNORE for label in r["labels"])
-        lines += [f"== sample {r['id']} (stage {r['stage']}, conversation {r['conversation']['name']} "
-                  f"from {r['conversation']['key']}): {len(r['input_ids'])} tokens, {sup} supervised",
-                  r["text"], "-- supervised:"]
+        lines += [
+            f"== sample {r['id']} (stage {r['stage']}, conversation {r['conversation']['name']} "
+            f"from {r['conversation']['key']}): {len(r['input_ids'])} tokens, {sup} supervised",
+            r["text"],
+            "-- supervised:",
+        ]
         lines += [f"   {s!r}" for s in r["supervised"]] or ["   (none)"]
         for m in r["media"]:
-            lines.append(f"-- {m['kind']} {m['file']}: slots {m['first_slot']}..{m['first_slot'] + m['slots'] - 1}"
-                         f" ({m['slots']})")
+            lines.append(
+                f"-- {m['kind']} {m['file']}: slots {m['first_slot']}..{m['first_slot'] + m['slots'] - 1}"
+                f" ({m['slots']})"
+            )
         lines += [f"-- image written: {p}" for p in r.get("images", [])]
         lines.append("-- input_ids: " + " ".join(map(str, r["input_ids"])))
         lines.append("")

@@ -70,11 +70,17 @@ GiB = 2**30
 HEADROOM = 0.1
 #: ``trainer.strategy`` -> what it shards over the GPUs (weights, gradients, optimizer state).
 SHARDING: dict[str, tuple[bool, bool, bool]] = {
-    "auto": (False, False, False), "ddp": (False, False, False), "dp": (False, False, False),
-    "ddp_spawn": (False, False, False), "single_device": (False, False, False),
-    "deepspeed_stage_1": (False, False, True), "deepspeed_stage_2": (False, True, True),
-    "deepspeed_stage_2_offload": (False, True, True), "deepspeed_stage_3": (True, True, True),
-    "deepspeed_stage_3_offload": (True, True, True), "fsdp": (True, True, True),
+    "auto": (False, False, False),
+    "ddp": (False, False, False),
+    "dp": (False, False, False),
+    "ddp_spawn": (False, False, False),
+    "single_device": (False, False, False),
+    "deepspeed_stage_1": (False, False, True),
+    "deepspeed_stage_2": (False, True, True),
+    "deepspeed_stage_2_offload": (False, True, True),
+    "deepspeed_stage_3": (True, True, True),
+    "deepspeed_stage_3_offload": (True, True, True),
+    "fsdp": (True, True, True),
 }
 
 
@@ -99,16 +105,20 @@ def config_dir(path: str, key: str, registry: Registry | None = None) -> Path:
     if registry is not None and ("asset", path) in registry:
         asset = registry.get("asset", path).create()
         if not asset.is_converted():
-            raise ConfigError(f"{key}: offline model '{path}' is not converted yet (mmbridge plan "
-                              f"converts nothing): run `mmbridge assets --convert {path}` or any run "
-                              f"that uses it first")
+            raise ConfigError(
+                f"{key}: offline model '{path}' is not converted yet (mmbridge plan "
+                f"converts nothing): run `mmbridge assets --convert {path}` or any run "
+                f"that uses it first"
+            )
         return asset.location()
     local = Path(path).expanduser()
     if (local / "config.json").is_file():
         return local
-    raise ConfigError(f"{key}: no config.json for '{path}': give a local model directory, a "
-                      f"converted offline model, or one of the hub ids whose config ships with "
-                      f"mmbridge: {', '.join(shipped_configs())}")
+    raise ConfigError(
+        f"{key}: no config.json for '{path}': give a local model directory, a "
+        f"converted offline model, or one of the hub ids whose config ships with "
+        f"mmbridge: {', '.join(shipped_configs())}"
+    )
 
 
 def _from_config(registry: Registry, kind: str, node: Any, key: str, dtype: str) -> Any:
@@ -120,9 +130,11 @@ def _from_config(registry: Registry, kind: str, node: Any, key: str, dtype: str)
     except KeyError as exc:
         raise ConfigError(f"{key}.name: {exc}") from None
     if not hasattr(cls, "from_config"):
-        raise ConfigError(f"{key}.name: {kind} '{name}' cannot be built from a config alone "
-                          f"(its class has no from_config); mmbridge plan supports hf_causal LLMs "
-                          f"and hf_vision encoders")
+        raise ConfigError(
+            f"{key}.name: {kind} '{name}' cannot be built from a config alone "
+            f"(its class has no from_config); mmbridge plan supports hf_causal LLMs "
+            f"and hf_vision encoders"
+        )
     accepted = inspect.signature(cls.from_config).parameters
     kwargs = {k: v for k, v in args.items() if k in accepted and k != "config"}
     if kwargs.get("dtype") == "auto":
@@ -130,7 +142,9 @@ def _from_config(registry: Registry, kind: str, node: Any, key: str, dtype: str)
     return cls.from_config(config_dir(str(args.get("path")), f"{key}.path", registry), **kwargs)
 
 
-def build_meta_model(cfg: DictConfig, registry: Registry, dtype: str = "bfloat16") -> MultimodalModel:
+def build_meta_model(
+    cfg: DictConfig, registry: Registry, dtype: str = "bfloat16"
+) -> MultimodalModel:
     """The model of ``cfg`` on the meta device, its LLM and encoder built from their configs.
 
     Args:
@@ -139,11 +153,16 @@ def build_meta_model(cfg: DictConfig, registry: Registry, dtype: str = "bfloat16
         dtype: What ``dtype: auto`` means here (the planned GPU's weight dtype).
     """
     if len(branch_nodes(cfg)) > 1:
-        raise ConfigError("branches: mmbridge plan covers the main encoder branch only; "
-                          "plan a config without `branches`")
+        raise ConfigError(
+            "branches: mmbridge plan covers the main encoder branch only; "
+            "plan a config without `branches`"
+        )
     with torch.device("meta"):
-        return assemble(cfg, registry, build_weights=lambda kind, node, key: _from_config(
-            registry, kind, node, key, dtype))
+        return assemble(
+            cfg,
+            registry,
+            build_weights=lambda kind, node, key: _from_config(registry, kind, node, key, dtype),
+        )
 
 
 @dataclass
@@ -199,8 +218,12 @@ def _dtypes(module: nn.Module) -> str:
 
 def _components(model: MultimodalModel) -> dict[str, nn.Module | None]:
     branch = next(iter(model.branches.values()))
-    return {"encoder": branch.encoder, "connector": branch.connector, "llm": model.llm,
-            "prefix": model.prefix}
+    return {
+        "encoder": branch.encoder,
+        "connector": branch.connector,
+        "llm": model.llm,
+        "prefix": model.prefix,
+    }
 
 
 def _block_values(config: Any) -> tuple[int, int]:
@@ -213,7 +236,9 @@ def _block_values(config: Any) -> tuple[int, int]:
     return 5 * d + 2 * d_kv + 4 * inter, int(config.num_hidden_layers)
 
 
-def activation_bytes(config: Any, batch: int, tokens: int, act_bytes: int, checkpointing: bool) -> float:
+def activation_bytes(
+    config: Any, batch: int, tokens: int, act_bytes: int, checkpointing: bool
+) -> float:
     """Activation memory of a decoder stack (see the module docstring) for ``batch`` x ``tokens``."""
     per_block, blocks = _block_values(config)
     bt = batch * tokens
@@ -231,14 +256,21 @@ def _gpus(trainer: dict[str, Any], gpus: int | None) -> int:
     elif isinstance(devices, int) and devices > 0:
         n = devices
     else:
-        raise ConfigError(f"trainer.devices={devices}: mmbridge plan needs a GPU count; set "
-                          f"trainer.devices=N or pass gpus=N")
+        raise ConfigError(
+            f"trainer.devices={devices}: mmbridge plan needs a GPU count; set "
+            f"trainer.devices=N or pass gpus=N"
+        )
     return n * int(trainer.get("num_nodes", 1) or 1)
 
 
-def make_plan(cfg: DictConfig, registry: Registry, gpu_memory_gb: float = 80.0,
-              gpus: int | None = None, images_per_sample: int = 1,
-              data_samples: int | None = None) -> Plan:
+def make_plan(
+    cfg: DictConfig,
+    registry: Registry,
+    gpu_memory_gb: float = 80.0,
+    gpus: int | None = None,
+    images_per_sample: int = 1,
+    data_samples: int | None = None,
+) -> Plan:
     """Plan every scheduled stage of ``cfg`` (see the module docstring for the estimates).
 
     Args:
@@ -275,14 +307,24 @@ def make_plan(cfg: DictConfig, registry: Registry, gpu_memory_gb: float = 80.0,
     checkpointing = bool(getattr(llm, "gradient_checkpointing", False))
     # the planned llm / encoder are HF-backed (_from_config accepts only from_config classes)
     llm_config = cast("PreTrainedModel", llm.model).config.get_text_config(decoder=True)
-    plan = Plan(params={k: _numel(m) for k, m in parts.items() if m is not None},
-                visual_tokens=visual, encoder_tokens=encoder_tokens, text_tokens=text,
-                seq_len=seq_len, gpus=n_gpu, strategy=strategy, precision=precision,
-                gradient_checkpointing=checkpointing, gpu_memory_gb=float(gpu_memory_gb))
+    plan = Plan(
+        params={k: _numel(m) for k, m in parts.items() if m is not None},
+        visual_tokens=visual,
+        encoder_tokens=encoder_tokens,
+        text_tokens=text,
+        seq_len=seq_len,
+        gpus=n_gpu,
+        strategy=strategy,
+        precision=precision,
+        gradient_checkpointing=checkpointing,
+        gpu_memory_gb=float(gpu_memory_gb),
+    )
     for name in cfg.schedule:
         stage = cfg.stages[name]
         configure_trainable(model, stage)
-        if decision.mixed and not deepspeed:  # fp32 master weights, as BridgeModule.setup makes them
+        if (
+            decision.mixed and not deepspeed
+        ):  # fp32 master weights, as BridgeModule.setup makes them
             keep_trained_fp32(model)
         weights = float(_bytes(model.parameters()) + _bytes(model.buffers()))
         trained = [p for p in model.parameters() if p.requires_grad]
@@ -293,33 +335,56 @@ def make_plan(cfg: DictConfig, registry: Registry, gpu_memory_gb: float = 80.0,
         if deepspeed:
             optim = float(n_trained * (4 + 4 * states))
         elif opt_name == "adafactor":  # row + column statistics per matrix, one per vector
-            optim = float(sum((p.shape[-2] + p.shape[-1]) * p[..., 0, 0].numel() if p.dim() >= 2
-                              else p.numel() for p in trained) * 4)
+            optim = float(
+                sum(
+                    (p.shape[-2] + p.shape[-1]) * p[..., 0, 0].numel()
+                    if p.dim() >= 2
+                    else p.numel()
+                    for p in trained
+                )
+                * 4
+            )
         else:
             optim = float(states * grads)
         batch = int(stage.batch_size)
         epochs = stage.get("epochs")
         if epochs is not None and data_samples is None:
-            raise ConfigError(f"stages.{name}.epochs={epochs}: the step count depends on the data's "
-                              f"length; pass data_samples=N (the stage's training samples)")
+            raise ConfigError(
+                f"stages.{name}.epochs={epochs}: the step count depends on the data's "
+                f"length; pass data_samples=N (the stage's training samples)"
+            )
         steps = stage_steps(stage, data_samples or 0, n_gpu, accumulate)
         acts = activation_bytes(llm_config, batch, seq_len, act_bytes, checkpointing)
         head = float(batch * text * int(llm_config.vocab_size) * (act_bytes + 8))
         if encoder_mode(stage.train) != "frozen":
             enc_cfg = cast("PreTrainedModel", encoder.model).config
-            acts += activation_bytes(enc_cfg, batch * images_per_sample, encoder_tokens, act_bytes, False)
-        memory = {"weights": weights / (n_gpu if shard_w else 1),
-                  "gradients": grads / (n_gpu if shard_g else 1),
-                  "optimizer": optim / (n_gpu if shard_o else 1),
-                  "activations": acts, "lm_head": head}
+            acts += activation_bytes(
+                enc_cfg, batch * images_per_sample, encoder_tokens, act_bytes, False
+            )
+        memory = {
+            "weights": weights / (n_gpu if shard_w else 1),
+            "gradients": grads / (n_gpu if shard_g else 1),
+            "optimizer": optim / (n_gpu if shard_o else 1),
+            "activations": acts,
+            "lm_head": head,
+        }
         total = sum(memory.values())
         global_batch = batch * n_gpu * accumulate
-        plan.stages.append(StagePlan(
-            name=str(name), trainable={k: _numel(m, trainable=True) for k, m in parts.items() if m is not None},
-            batch_size=batch, global_batch=global_batch, steps=steps,
-            samples=steps * global_batch, optimizer=opt_name, memory=memory,
-            total_bytes=total, fits=total <= (1 - HEADROOM) * gpu_memory_gb * GiB,
-            dtypes={k: _dtypes(m) for k, m in parts.items() if m is not None}))
+        plan.stages.append(
+            StagePlan(
+                name=str(name),
+                trainable={k: _numel(m, trainable=True) for k, m in parts.items() if m is not None},
+                batch_size=batch,
+                global_batch=global_batch,
+                steps=steps,
+                samples=steps * global_batch,
+                optimizer=opt_name,
+                memory=memory,
+                total_bytes=total,
+                fits=total <= (1 - HEADROOM) * gpu_memory_gb * GiB,
+                dtypes={k: _dtypes(m) for k, m in parts.items() if m is not None},
+            )
+        )
     return plan
 
 
@@ -340,20 +405,29 @@ def format_plan(plan: Plan) -> str:
     lines = ["parameters (total):"]
     lines += [f"  {k:<10} {_count(v)}" for k, v in plan.params.items()]
     lines.append(f"  {'all':<10} {_count(sum(plan.params.values()))}")
-    lines += [f"tokens per sample: {plan.encoder_tokens} encoder features -> {plan.visual_tokens} "
-              f"visual tokens; sequence length {plan.seq_len} (visual + {plan.text_tokens} text)",
-              f"GPUs: {plan.gpus}, strategy {plan.strategy}, precision {plan.precision}, gradient "
-              f"checkpointing {'on' if plan.gradient_checkpointing else 'off'}, "
-              f"{plan.gpu_memory_gb:g} GiB each"]
+    lines += [
+        f"tokens per sample: {plan.encoder_tokens} encoder features -> {plan.visual_tokens} "
+        f"visual tokens; sequence length {plan.seq_len} (visual + {plan.text_tokens} text)",
+        f"GPUs: {plan.gpus}, strategy {plan.strategy}, precision {plan.precision}, gradient "
+        f"checkpointing {'on' if plan.gradient_checkpointing else 'off'}, "
+        f"{plan.gpu_memory_gb:g} GiB each",
+    ]
     for s in plan.stages:
-        lines.append(f"stage {s.name}: {s.steps:,} steps x global batch {s.global_batch} "
-                     f"({s.batch_size} per GPU) = {s.samples:,} samples; optimizer {s.optimizer}")
-        lines.append("  trainable: " + ", ".join(f"{k} {_count(v)}" for k, v in s.trainable.items()))
+        lines.append(
+            f"stage {s.name}: {s.steps:,} steps x global batch {s.global_batch} "
+            f"({s.batch_size} per GPU) = {s.samples:,} samples; optimizer {s.optimizer}"
+        )
+        lines.append(
+            "  trainable: " + ", ".join(f"{k} {_count(v)}" for k, v in s.trainable.items())
+        )
         lines.append("  weights: " + "; ".join(f"{k} {v}" for k, v in s.dtypes.items()))
-        lines.append("  memory per GPU: " + ", ".join(f"{k} {_gib(v)}" for k, v in s.memory.items()))
+        lines.append(
+            "  memory per GPU: " + ", ".join(f"{k} {_gib(v)}" for k, v in s.memory.items())
+        )
         limit = (1 - HEADROOM) * plan.gpu_memory_gb * GiB
         verdict = "fits" if s.fits else "does NOT fit"
-        lines.append(f"  total {_gib(s.total_bytes)}: {verdict} in {plan.gpu_memory_gb:g} GiB "
-                     f"({_gib(limit)} usable, {HEADROOM:.0%} kept free)")
+        lines.append(
+            f"  total {_gib(s.total_bytes)}: {verdict} in {plan.gpu_memory_gb:g} GiB "
+            f"({_gib(limit)} usable, {HEADROOM:.0%} kept free)"
+        )
     return "\n".join(lines)
-

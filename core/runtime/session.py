@@ -50,7 +50,9 @@ class Session:
     tables: dict[str, FeatureTable] = field(default_factory=dict)
     cache_stats: dict[str, dict] = field(default_factory=dict)
     #: The precision decision of the run and the device its model lives on.
-    precision: PrecisionDecision = field(default_factory=lambda: PrecisionDecision("32-true", "float32", "default"))
+    precision: PrecisionDecision = field(
+        default_factory=lambda: PrecisionDecision("32-true", "float32", "default")
+    )
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     #: The data of each scheduled stage that has its own ``stages.<name>.data``.
     stage_splits: dict[str, Splits] = field(default_factory=dict)
@@ -67,39 +69,67 @@ class Session:
 
     def all_splits(self) -> dict[str, Splits]:
         """Every data set the session read: ``data`` and each ``stages.<name>.data``."""
-        return {"data": self.splits, **{f"stages.{n}.data": v for n, v in self.stage_splits.items()}}
+        return {
+            "data": self.splits,
+            **{f"stages.{n}.data": v for n, v in self.stage_splits.items()},
+        }
 
-    def batcher(self, use_cache: bool = True, left_pad: bool = False, stage: str | None = None) -> Batcher:
+    def batcher(
+        self, use_cache: bool = True, left_pad: bool = False, stage: str | None = None
+    ) -> Batcher:
         """The samples -> batch pipeline of this run's model and chat encoder, on its device;
         with ``use_cache``, media whose features the feature cache holds are read from it; with
         ``stage``, in that stage's conversation format (``stages.<stage>.conversation``)."""
-        chat = self.chat.with_conversation(stage_conversation(self.cfg, stage)[0]) if stage else self.chat
-        return Batcher.from_model(self.model, chat, tables=self.tables if use_cache else None,
-                                  left_pad=left_pad, device=self.device)
+        chat = (
+            self.chat.with_conversation(stage_conversation(self.cfg, stage)[0])
+            if stage
+            else self.chat
+        )
+        return Batcher.from_model(
+            self.model,
+            chat,
+            tables=self.tables if use_cache else None,
+            left_pad=left_pad,
+            device=self.device,
+        )
 
 
 def load_splits(cfg: DictConfig, registry: Registry, run_dir: Path | None = None) -> Splits:
     """The splits of the run's ``data`` (see :func:`mmbridge.data.sources.read_data`)."""
-    return read_data(registry, cfg.data, "data", Path(cfg.paths.data_dir), int(cfg.seed),
-                     run_dir=run_dir)
+    return read_data(
+        registry, cfg.data, "data", Path(cfg.paths.data_dir), int(cfg.seed), run_dir=run_dir
+    )
 
 
-def load_stage_splits(cfg: DictConfig, registry: Registry,
-                      run_dir: Path | None = None) -> dict[str, Splits]:
+def load_stage_splits(
+    cfg: DictConfig, registry: Registry, run_dir: Path | None = None
+) -> dict[str, Splits]:
     """The data of each scheduled stage with its own ``stages.<name>.data`` (the others fall
     back to the run's ``data``)."""
     out = {}
     for name in cfg.schedule:
         node = cfg.stages[name].get("data")
         if node is not None:
-            out[str(name)] = read_data(registry, node, f"stages.{name}.data",
-                                       Path(cfg.paths.data_dir), int(cfg.seed), run_dir=run_dir)
+            out[str(name)] = read_data(
+                registry,
+                node,
+                f"stages.{name}.data",
+                Path(cfg.paths.data_dir),
+                int(cfg.seed),
+                run_dir=run_dir,
+            )
     return out
 
 
-def open_session(cfg: DictConfig, registry: Registry, with_data: bool = True,
-                 cache: bool | None = None, device: str | torch.device | None = None,
-                 run_dir: Path | None = None, stage_data: bool = True) -> Session:
+def open_session(
+    cfg: DictConfig,
+    registry: Registry,
+    with_data: bool = True,
+    cache: bool | None = None,
+    device: str | torch.device | None = None,
+    run_dir: Path | None = None,
+    stage_data: bool = True,
+) -> Session:
     """Assemble the model of ``cfg`` on its device, read the data and fill the feature cache.
 
     The precision and the dtype of ``dtype: auto`` components are decided from the hardware
@@ -111,25 +141,44 @@ def open_session(cfg: DictConfig, registry: Registry, with_data: bool = True,
     the run's ``data`` only).
     """
     decision = run_precision(cfg)
-    log.info("precision %s, weights %s: %s", decision.precision, decision.weight_dtype, decision.reason)
-    dev = resolve_device(device if device is not None else cfg.get("device"),
-                         str((cfg.get("trainer") or {}).get("accelerator", "auto")))
+    log.info(
+        "precision %s, weights %s: %s", decision.precision, decision.weight_dtype, decision.reason
+    )
+    dev = resolve_device(
+        device if device is not None else cfg.get("device"),
+        str((cfg.get("trainer") or {}).get("accelerator", "auto")),
+    )
     model = assemble(resolve_auto_dtypes(cfg, decision), registry)  # trained components: fp32
     model.to(dev)
     tok = model.llm.tokenizer
     prefix = model.prefix
     run = RunConfig.parse(cfg)
-    chat = ChatEncoder(tok, list(model.branches), max_length=run.loader.max_text_tokens,
-                       prefix_tokens=prefix.n_tokens if prefix is not None else 0,
-                       meta_keys=prefix.meta_keys if prefix is not None else (),
-                       conversation=stage_conversation(cfg)[0])
+    chat = ChatEncoder(
+        tok,
+        list(model.branches),
+        max_length=run.loader.max_text_tokens,
+        prefix_tokens=prefix.n_tokens if prefix is not None else 0,
+        meta_keys=prefix.meta_keys if prefix is not None else (),
+        conversation=stage_conversation(cfg)[0],
+    )
     splits = load_splits(cfg, registry, run_dir=run_dir) if with_data else {}
-    stage_splits = load_stage_splits(cfg, registry, run_dir=run_dir) if with_data and stage_data else {}
-    session = Session(cfg, registry, model, chat, splits, precision=decision, device=dev,
-                      stage_splits=stage_splits)
+    stage_splits = (
+        load_stage_splits(cfg, registry, run_dir=run_dir) if with_data and stage_data else {}
+    )
+    session = Session(
+        cfg,
+        registry,
+        model,
+        chat,
+        splits,
+        precision=decision,
+        device=dev,
+        stage_splits=stage_splits,
+    )
     for key, data in session.all_splits().items():
-        check_media({f"{key}:{n}" if key != "data" else n: v for n, v in data.items()},
-                    list(model.branches))
+        check_media(
+            {f"{key}:{n}" if key != "data" else n: v for n, v in data.items()}, list(model.branches)
+        )
     session.run = run  # parsed above: the cached property's value
     use_cache = run.root.cache_features if cache is None else cache
     if use_cache and any(session.all_splits().values()):
@@ -145,35 +194,62 @@ def fill_feature_cache(session: Session) -> None:
         return
     autocast = "bfloat16" if session.precision.precision.startswith("bf16") else None
     for modality, branch in session.model.branches.items():
-        paths = sorted({p for data in session.all_splits().values() for v in data.values()
-                        for s in v for p in s.paths(modality)})
+        paths = sorted(
+            {
+                p
+                for data in session.all_splits().values()
+                for v in data.values()
+                for s in v
+                for p in s.paths(modality)
+            }
+        )
         if not paths:
             continue
         try:
-            table, stats = load_or_compute(branch.encoder, paths, Path(cfg.paths.feature_cache_dir),
-                                           autocast=autocast, device=session.device,
-                                           num_workers=session.run.loader.num_workers)
+            table, stats = load_or_compute(
+                branch.encoder,
+                paths,
+                Path(cfg.paths.feature_cache_dir),
+                autocast=autocast,
+                device=session.device,
+                num_workers=session.run.loader.num_workers,
+            )
         except OSError as exc:
-            raise DataError(f"feature cache at paths.feature_cache_dir={cfg.paths.feature_cache_dir}: {exc}") from exc
+            raise DataError(
+                f"feature cache at paths.feature_cache_dir={cfg.paths.feature_cache_dir}: {exc}"
+            ) from exc
         session.tables[modality] = table
         session.cache_stats[modality] = stats
-        log.info("%s features: %s (%.1f s) %s", modality, "cache hit" if stats["hit"] else "computed",
-                 stats["seconds"], stats["path"])
+        log.info(
+            "%s features: %s (%.1f s) %s",
+            modality,
+            "cache hit" if stats["hit"] else "computed",
+            stats["seconds"],
+            stats["path"],
+        )
 
 
-def session_from_checkpoint(path: str, overrides: list[str] | None = None, with_data: bool = True,
-                            registry: Registry | None = None,
-                            device: str | torch.device | None = None) -> tuple[Session, dict[str, str]]:
+def session_from_checkpoint(
+    path: str,
+    overrides: list[str] | None = None,
+    with_data: bool = True,
+    registry: Registry | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[Session, dict[str, str]]:
     """Rebuild the model a checkpoint was trained with, on ``device`` (see :func:`open_session`),
     and load its weights.
 
     ``overrides`` are ``key=value`` changes to the stored config (e.g. ``evaluation.batch_size=8``).
     """
     registry = registry or load_registry()
-    cfg, weights, meta = read_checkpoint(path, registry=registry)  # names a missing plugin's package
+    cfg, weights, meta = read_checkpoint(
+        path, registry=registry
+    )  # names a missing plugin's package
     if overrides:
         cfg = merge_overrides(cfg, overrides, registry)  # group options too: data=vqa data.path=...
-    validate_config(cfg, registry)  # overrides included: a bad value is an error, not a random model
+    validate_config(
+        cfg, registry
+    )  # overrides included: a bad value is an error, not a random model
     session = open_session(cfg, registry, with_data=with_data, device=device, stage_data=False)
     for stage in json.loads(meta.get("stages", "[]")):
         configure_trainable(session.model, cfg.stages[stage])  # re-creates LoRA layers

@@ -48,13 +48,19 @@ def stage_recipe(session: Session, name: str, batcher: Batcher | None = None) ->
     cfg = session.cfg
     recipe = build(session.registry, "recipe", cfg.stages[name].recipe, f"stages.{name}.recipe")
     tables = (batcher or session.batcher()).tables
-    recipe.setup(RecipeContext(session.registry, session.model, dict(tables),
-                               Path(cfg.paths.cache_dir)))
+    recipe.setup(
+        RecipeContext(session.registry, session.model, dict(tables), Path(cfg.paths.cache_dir))
+    )
     return recipe
 
 
-def prepare_stage(session: Session, name: str, samples: Sequence[Sample] | None = None,
-                  batcher: Batcher | None = None, check: bool = True) -> StageData:
+def prepare_stage(
+    session: Session,
+    name: str,
+    samples: Sequence[Sample] | None = None,
+    batcher: Batcher | None = None,
+    check: bool = True,
+) -> StageData:
     """Stage ``name``'s recipe and data sets.
 
     Args:
@@ -73,8 +79,10 @@ def prepare_stage(session: Session, name: str, samples: Sequence[Sample] | None 
     splits = session.data_of(name)
     if samples is None and stage.split not in splits:
         key = f"stages.{name}.data" if name in session.stage_splits else "data"
-        raise ConfigError(f"stages.{name}.split: '{stage.split}' is not a split of {key}; "
-                          f"splits: {', '.join(splits)}")
+        raise ConfigError(
+            f"stages.{name}.split: '{stage.split}' is not a split of {key}; "
+            f"splits: {', '.join(splits)}"
+        )
     batcher = batcher or session.batcher(stage=name)  # in the stage's conversation format
     recipe = stage_recipe(session, name, batcher)
     seed = int(cfg.seed)

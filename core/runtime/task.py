@@ -24,8 +24,13 @@ from mmbridge.utils.run_lock import RunLock
 log = logging.getLogger("mmbridge.train")
 
 
-def run_task(cfg: DictConfig, output_dir: Path, overrides: list[str] | None = None,
-             resume_interrupted: bool = False, registry: Registry | None = None) -> dict:
+def run_task(
+    cfg: DictConfig,
+    output_dir: Path,
+    overrides: list[str] | None = None,
+    resume_interrupted: bool = False,
+    registry: Registry | None = None,
+) -> dict:
     """The body of a training job (also used by the sweep command's jobs).
 
     ``registry`` is the run's one registry (everything that resolves a name uses it); ``None``
@@ -46,15 +51,22 @@ def run_task(cfg: DictConfig, output_dir: Path, overrides: list[str] | None = No
         run_dir = Path(str(resume)).expanduser()
         saved = run_dir / "config.yaml"
         if not saved.is_file():
-            raise ConfigError(f"resume={resume}: no config.yaml there (pass a run directory "
-                              f"written by `mmbridge train`)")
+            raise ConfigError(
+                f"resume={resume}: no config.yaml there (pass a run directory "
+                f"written by `mmbridge train`)"
+            )
         with _locked(run_dir):
-            with reading(saved, expected="the YAML mapping `mmbridge train` wrote",
-                         also=(Exception,), error=ConfigError):  # YAML's and OmegaConf's own errors
+            with reading(
+                saved,
+                expected="the YAML mapping `mmbridge train` wrote",
+                also=(Exception,),
+                error=ConfigError,
+            ):  # YAML's and OmegaConf's own errors
                 stored = OmegaConf.load(saved)
             if not isinstance(stored, DictConfig):
-                raise ConfigError(f"resume={resume}: {saved} is not a run's config "
-                                  f"(a YAML mapping)")
+                raise ConfigError(
+                    f"resume={resume}: {saved} is not a run's config (a YAML mapping)"
+                )
             _check_state(run_dir / "state.json")
             cfg = resume_config(stored, cfg, overrides or [], run_dir)
             validate_config(cfg, registry, output_dir=run_dir)
@@ -76,8 +88,11 @@ def _check_state(state: Path) -> None:
     """A resumed run's ``state.json`` (stages done) is what `mmbridge train` writes, or absent."""
     if not state.is_file():
         return
-    with reading(state, expected="the JSON object {'stages_done': [stage, ...], ...} a run writes",
-                 error=ConfigError):
+    with reading(
+        state,
+        expected="the JSON object {'stages_done': [stage, ...], ...} a run writes",
+        error=ConfigError,
+    ):
         data = json.loads(state.read_text())
         if not isinstance(data, dict) or not isinstance(data.get("stages_done", []), list):
             raise TypeError(f"got {json.dumps(data)[:80]}")

@@ -79,16 +79,35 @@ WARMUP_STEPS = 3
 MIN_STAGE_SECONDS = 10.0
 
 
-def _loader(ds: ConversationDataset, batch_size: int, collate: Collator, shuffle: bool, loader: Loader,
-            seed: int) -> StatefulDataLoader:
+def _loader(
+    ds: ConversationDataset,
+    batch_size: int,
+    collate: Collator,
+    shuffle: bool,
+    loader: Loader,
+    seed: int,
+) -> StatefulDataLoader:
     """A resumable loader (:mod:`mmbridge.training.loader`): Lightning checkpoints its position."""
     lengths = modality_lengths(ds.samples) if shuffle and loader.group_by_length else None
-    return make_loader(ds, batch_size, collate, shuffle=shuffle, seed=seed,
-                       num_workers=loader.num_workers, lengths=lengths)
+    return make_loader(
+        ds,
+        batch_size,
+        collate,
+        shuffle=shuffle,
+        seed=seed,
+        num_workers=loader.num_workers,
+        lengths=lengths,
+    )
 
 
-def run_stage(session: Session, name: str, out_dir: Path, resume: bool, guard: InterruptGuard | None = None,
-              deadline: float | None = None) -> tuple[StageMetrics, dict[str, torch.Tensor]]:
+def run_stage(
+    session: Session,
+    name: str,
+    out_dir: Path,
+    resume: bool,
+    guard: InterruptGuard | None = None,
+    deadline: float | None = None,
+) -> tuple[StageMetrics, dict[str, torch.Tensor]]:
     """Train stage ``name``: its data (:func:`~mmbridge.runtime.stage.prepare_stage`), a
     Lightning ``fit`` (:func:`build_trainer`, :func:`fit_stage`) from the stage's last
     checkpoint when ``resume``; stops at ``max_steps`` or, with ``deadline`` (a
@@ -102,28 +121,48 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool, guard: I
     configure_trainable(model, stage)
     data = prepare_stage(session, name)
     if stage.get("epochs") is not None:  # epochs -> steps, now that the data's length is known
-        stage.max_steps = stage_steps(stage, len(data.train_ds), data_parallel_size(cfg.trainer),
-                                      int(cfg.trainer.get("accumulate_grad_batches", 1) or 1))
-        log.info("stage %s: %g epoch(s) of %d samples = %d steps", name, float(stage.epochs),
-                 len(data.train_ds), int(stage.max_steps))
+        stage.max_steps = stage_steps(
+            stage,
+            len(data.train_ds),
+            data_parallel_size(cfg.trainer),
+            int(cfg.trainer.get("accumulate_grad_batches", 1) or 1),
+        )
+        log.info(
+            "stage %s: %g epoch(s) of %d samples = %d steps",
+            name,
+            float(stage.epochs),
+            len(data.train_ds),
+            int(stage.max_steps),
+        )
     seed, bs = int(cfg.seed), int(stage.batch_size)
     loader, collate = session.run.loader, data.batcher.collator
     train_dl = _loader(data.train_ds, bs, collate, True, loader, seed)
     val_dl = _loader(data.val_ds, bs, collate, False, loader, seed) if len(data.val_ds) else None
     ev = session.run.evaluation
-    sharded = shards_parameters(cfg.trainer)  # FSDP / ZeRO-3: no generation outside the forward pass
+    sharded = shards_parameters(
+        cfg.trainer
+    )  # FSDP / ZeRO-3: no generation outside the forward pass
     # questions asked in the run's conversation format (a stage's own, e.g. plain, drops them)
-    evaluator = None if sharded else ValQuestions(data.val_samples, session.batcher(), ev.val_samples,
-                                                  ev.max_new_tokens, ev.batch_size)
+    evaluator = (
+        None
+        if sharded
+        else ValQuestions(
+            data.val_samples, session.batcher(), ev.val_samples, ev.max_new_tokens, ev.batch_size
+        )
+    )
     ckpt_dir = out_dir / "checkpoints" / name
-    found = resumable_checkpoint(ckpt_dir) if resume else None  # last.ckpt, else the newest good one
+    found = (
+        resumable_checkpoint(ckpt_dir) if resume else None
+    )  # last.ckpt, else the newest good one
     ckpt_path = str(found) if found is not None else None
     t0 = time.perf_counter()
     module = BridgeModule(model, stage, evaluator=evaluator)
     record = session.run.debug.record_sample_ids
     if record:
         module.seen_ids = []
-    if ckpt_path is None and val_dl is not None and not sharded:  # the starting point of the val curve
+    if (
+        ckpt_path is None and val_dl is not None and not sharded
+    ):  # the starting point of the val curve
         _trainer(session, out_dir, stage, [], False).validate(module, val_dl, verbose=False)
     val_s = time.perf_counter() - t0
     budget_s = None
@@ -131,20 +170,31 @@ def run_stage(session: Session, name: str, out_dir: Path, resume: bool, guard: I
         # keep time for the closing validation, as long as the opening one took
         budget_s = deadline - time.monotonic() - (val_s if val_dl is not None else 0.0)
         if budget_s < MIN_STAGE_SECONDS:
-            log.warning("stage %s: only %.0f s of the budget left; training %.0f s anyway",
-                        name, budget_s, MIN_STAGE_SECONDS)
+            log.warning(
+                "stage %s: only %.0f s of the budget left; training %.0f s anyway",
+                name,
+                budget_s,
+                MIN_STAGE_SECONDS,
+            )
             budget_s = MIN_STAGE_SECONDS
         module.time_budget_s = budget_s
     trainer, stopper = build_trainer(session, name, out_dir, guard, budget_s)
-    figures, weights = fit_stage(session, name, trainer, module, train_dl, val_dl, ckpt_path, stopper)
+    figures, weights = fit_stage(
+        session, name, trainer, module, train_dl, val_dl, ckpt_path, stopper
+    )
     figures.wall_s = time.perf_counter() - t0
     if record:
         _write_debug(out_dir, name, trainer.global_rank, module)
     return figures, weights
 
 
-def build_trainer(session: Session, name: str, out_dir: Path, guard: InterruptGuard | None = None,
-                  budget_s: float | None = None) -> tuple[L.Trainer, StopOnSignal | None]:
+def build_trainer(
+    session: Session,
+    name: str,
+    out_dir: Path,
+    guard: InterruptGuard | None = None,
+    budget_s: float | None = None,
+) -> tuple[L.Trainer, StopOnSignal | None]:
     """The Lightning ``Trainer`` of stage ``name``: its step checkpoints (the two newest and
     ``last.ckpt``), the progress bar on a terminal or log lines without one, the loggers, and
     a stopper on ``guard``'s signals (returned too: it says whether a signal stopped the fit).
@@ -153,8 +203,11 @@ def build_trainer(session: Session, name: str, out_dir: Path, guard: InterruptGu
     stage = cfg.stages[name]
     max_steps = int(stage.max_steps)
     ckpt_dir = out_dir / "checkpoints" / name
-    callbacks: list[Callback] = [checkpoint_callback(
-        ckpt_dir, int(stage.get("checkpoint_every") or stage.val_every), ResumableCheckpoint)]
+    callbacks: list[Callback] = [
+        checkpoint_callback(
+            ckpt_dir, int(stage.get("checkpoint_every") or stage.val_every), ResumableCheckpoint
+        )
+    ]
     tty = interactive()
     if tty and cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar())
@@ -169,10 +222,16 @@ def build_trainer(session: Session, name: str, out_dir: Path, guard: InterruptGu
     return _trainer(session, out_dir, stage, callbacks, loggers, budget_s), stopper
 
 
-def fit_stage(session: Session, name: str, trainer: L.Trainer, module: BridgeModule,
-              train_dl: StatefulDataLoader, val_dl: StatefulDataLoader | None,
-              ckpt_path: str | None, stopper: StopOnSignal | None = None,
-              ) -> tuple[StageMetrics, dict[str, torch.Tensor]]:
+def fit_stage(
+    session: Session,
+    name: str,
+    trainer: L.Trainer,
+    module: BridgeModule,
+    train_dl: StatefulDataLoader,
+    val_dl: StatefulDataLoader | None,
+    ckpt_path: str | None,
+    stopper: StopOnSignal | None = None,
+) -> tuple[StageMetrics, dict[str, torch.Tensor]]:
     """Run ``trainer.fit`` for stage ``name`` (from ``ckpt_path`` when given); close the val
     curve where a time budget stopped it; gather the trained weights. Returns the stage's
     figures (without ``wall_s``) and the weights."""
@@ -180,36 +239,67 @@ def fit_stage(session: Session, name: str, trainer: L.Trainer, module: BridgeMod
     trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt_path)
     if stopper is not None and stopper.saved_step is not None:
         # a step was saved because the stopper's guard caught a signal
-        raise Interrupted(cast(int, stopper.guard.signum), name, stopper.saved_step, stopper.checkpoint)
+        raise Interrupted(
+            cast(int, stopper.guard.signum), name, stopper.saved_step, stopper.checkpoint
+        )
     ended_early = int(trainer.global_step) < max_steps
     last_val = module.history[-1]["step"] if module.history else -1
     if ended_early and val_dl is not None and last_val != trainer.global_step:
         # stopped by the budget between two validations: close the val curve where it ended
         trainer.validate(module, val_dl, verbose=False)
-    weights = gather_weights(session.model, trainer.strategy.model)  # a collective under FSDP / ZeRO-3
+    weights = gather_weights(
+        session.model, trainer.strategy.model
+    )  # a collective under FSDP / ZeRO-3
     session.model.to(session.device)  # Lightning's teardown moves the model back to the CPU
     if ended_early:
-        log.info("stage %s: time budget reached at step %d of %d", name, trainer.global_step, max_steps)
+        log.info(
+            "stage %s: time budget reached at step %d of %d", name, trainer.global_step, max_steps
+        )
     times = module.step_times[WARMUP_STEPS:] or module.step_times
     bs = int(session.cfg.stages[name].batch_size)
     step = statistics.median(times) if times else math.nan
-    return StageMetrics(history=module.history, step_time_s=step, samples_per_s=bs / step,
-                        steps=int(trainer.global_step), max_steps=max_steps,
-                        budget_s=module.time_budget_s, rank=trainer.global_rank), weights
+    return StageMetrics(
+        history=module.history,
+        step_time_s=step,
+        samples_per_s=bs / step,
+        steps=int(trainer.global_step),
+        max_steps=max_steps,
+        budget_s=module.time_budget_s,
+        rank=trainer.global_rank,
+    ), weights
 
 
-def _trainer(session: Session, out_dir: Path, stage: DictConfig, callbacks: list[Callback],
-             loggers: Any, budget_s: float | None = None) -> L.Trainer:
-    kw = trainer_kwargs(session.cfg, session.precision, session.device, interactive=interactive(),
-                        model=session.model)
+def _trainer(
+    session: Session,
+    out_dir: Path,
+    stage: DictConfig,
+    callbacks: list[Callback],
+    loggers: Any,
+    budget_s: float | None = None,
+) -> L.Trainer:
+    kw = trainer_kwargs(
+        session.cfg,
+        session.precision,
+        session.device,
+        interactive=interactive(),
+        model=session.model,
+    )
     if not callbacks:  # a bare validation: no checkpoints, no progress bar
         kw["enable_progress_bar"] = False
-    return L.Trainer(max_steps=int(stage.max_steps), val_check_interval=int(stage.val_every),
-                     check_val_every_n_epoch=None, callbacks=callbacks, logger=loggers,
-                     enable_checkpointing=bool(callbacks), num_sanity_val_steps=0,
-                     enable_model_summary=False, default_root_dir=str(out_dir),
-                     plugins=[SafeCheckpointIO()],  # resume loads weights-only, always
-                     max_time=timedelta(seconds=budget_s) if budget_s else None, **kw)
+    return L.Trainer(
+        max_steps=int(stage.max_steps),
+        val_check_interval=int(stage.val_every),
+        check_val_every_n_epoch=None,
+        callbacks=callbacks,
+        logger=loggers,
+        enable_checkpointing=bool(callbacks),
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+        default_root_dir=str(out_dir),
+        plugins=[SafeCheckpointIO()],  # resume loads weights-only, always
+        max_time=timedelta(seconds=budget_s) if budget_s else None,
+        **kw,
+    )
 
 
 def _write_debug(out_dir: Path, stage: str, rank: int, module: BridgeModule) -> None:
@@ -220,14 +310,25 @@ def _write_debug(out_dir: Path, stage: str, rank: int, module: BridgeModule) -> 
     save_file(state, str(d / f"{stage}_rank{rank}_weights.safetensors"))
 
 
-def unsharded_session(session: Session, stages_done: list[str], weights: dict[str, torch.Tensor],
-                      broadcast: bool = False) -> Session:
+def unsharded_session(
+    session: Session,
+    stages_done: list[str],
+    weights: dict[str, torch.Tensor],
+    broadcast: bool = False,
+) -> Session:
     """``session`` with a plain copy of its model holding ``weights`` (gathered on rank 0;
     with ``broadcast`` every rank calls and gets them): after an FSDP / ZeRO-3 stage, for the
     next stage (every rank) and for the final evaluation (rank 0)
     (:func:`mmbridge.training.distributed.unsharded_model`)."""
-    model = unsharded_model(session.cfg, session.registry, session.precision.weight_dtype, session.device,
-                            stages_done, weights, broadcast=broadcast)
+    model = unsharded_model(
+        session.cfg,
+        session.registry,
+        session.precision.weight_dtype,
+        session.device,
+        stages_done,
+        weights,
+        broadcast=broadcast,
+    )
     return dataclasses.replace(session, model=model)
 
 
@@ -239,13 +340,17 @@ def stage_fractions(cfg: DictConfig, names: list[str]) -> dict[str, float]:
         return {n: 1.0 / len(names) for n in names}
     missing = [n for n, v in raw.items() if v is None]
     if missing:
-        raise ConfigError(f"budget_minutes: stages.{missing[0]}.budget_fraction is not set while "
-                          f"other stages set theirs; set it for every scheduled stage")
+        raise ConfigError(
+            f"budget_minutes: stages.{missing[0]}.budget_fraction is not set while "
+            f"other stages set theirs; set it for every scheduled stage"
+        )
     total = sum(float(v) for v in raw.values())
     return {n: float(v) / total for n, v in raw.items()}
 
 
-def train(cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = False) -> dict[str, Any]:
+def train(
+    cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = False
+) -> dict[str, Any]:
     """Run every scheduled stage, evaluate on the test split, write metrics.json; return it.
 
     Raises:
@@ -262,7 +367,9 @@ def train(cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = Fal
     if is_global_zero():  # rank 0 alone writes the run's files (mmbridge.training.distributed)
         atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     with InterruptGuard() as guard:
-        session = open_session(cfg, registry, run_dir=out_dir if is_global_zero() else None)  # rank 0 lists drops
+        session = open_session(
+            cfg, registry, run_dir=out_dir if is_global_zero() else None
+        )  # rank 0 lists drops
         model = session.model
         loaded = load_init_weights(model, cfg, session.registry)  # init_from=RUN_DIR[:STAGE]
         if loaded:
@@ -281,22 +388,39 @@ def train(cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = Fal
                 _, weights, _ = read_checkpoint(export)
                 load_weights(model, weights, str(export))
                 done.append(name)
-                stage_metrics[name] = StageMetrics.from_dict(state.get("stage_metrics", {}).get(name, {}))
+                stage_metrics[name] = StageMetrics.from_dict(
+                    state.get("stage_metrics", {}).get(name, {})
+                )
                 log.info("stage %s: already done, loaded %s", name, export)
                 continue
             deadline = None
             if budget_s:
                 left = budget_s - (time.monotonic() - m_start)
-                share = fractions[name] / sum(fractions[n] for n in todo[todo.index(name):])
+                share = fractions[name] / sum(fractions[n] for n in todo[todo.index(name) :])
                 deadline = time.monotonic() + max(0.0, left) * share
-                log.info("stage %s: %.1f min of the %.1f min budget", name, max(0.0, left) * share / 60,
-                         budget_s / 60)
-            stage_metrics[name], weights = run_stage(session, name, out_dir, resume, guard, deadline)
+                log.info(
+                    "stage %s: %.1f min of the %.1f min budget",
+                    name,
+                    max(0.0, left) * share / 60,
+                    budget_s / 60,
+                )
+            stage_metrics[name], weights = run_stage(
+                session, name, out_dir, resume, guard, deadline
+            )
             done.append(name)
             if is_global_zero():
-                save_checkpoint(model, cfg, export, done, registry=session.registry, weights=weights)
-                atomic_write_json(state_file, {"stages_done": done, "stage_metrics": {
-                    k: dataclasses.asdict(v) for k, v in stage_metrics.items()}})
+                save_checkpoint(
+                    model, cfg, export, done, registry=session.registry, weights=weights
+                )
+                atomic_write_json(
+                    state_file,
+                    {
+                        "stages_done": done,
+                        "stage_metrics": {
+                            k: dataclasses.asdict(v) for k, v in stage_metrics.items()
+                        },
+                    },
+                )
             barrier()  # every rank sees the stage's checkpoint before the next stage starts
             if (is_fsdp(model) or is_zero3(model)) and name != cfg.schedule[-1]:
                 # sharded in place: the next stage (its own trainable set, LoRA) gets a plain copy
@@ -312,11 +436,17 @@ def train(cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = Fal
         else:  # no barrier: a long evaluation would outlast the process group's timeout
             log.info("rank %d: done; rank 0 evaluates and writes metrics.json", global_rank())
         dec = session.precision
-        metrics = RunMetrics(stages=stage_metrics, checkpoint=str(final), seed=int(cfg.seed),
-                             parameters=session.model.parameter_counts(),
-                             visual_tokens=visual_tokens(session), cache=session.cache_stats,
-                             precision=PrecisionRecord(dec.precision, dec.weight_dtype, dec.reason,
-                                                       str(session.device)))
+        metrics = RunMetrics(
+            stages=stage_metrics,
+            checkpoint=str(final),
+            seed=int(cfg.seed),
+            parameters=session.model.parameter_counts(),
+            visual_tokens=visual_tokens(session),
+            cache=session.cache_stats,
+            precision=PrecisionRecord(
+                dec.precision, dec.weight_dtype, dec.reason, str(session.device)
+            ),
+        )
         if rank0:
             metrics.test = evaluate_session(session, predictions=out_dir / "predictions.jsonl")
     metrics.peak_memory_mb = peak_memory_mb()
@@ -345,7 +475,9 @@ def visual_tokens(session: Session) -> dict[str, float]:
             s = next((x for v in session.splits.values() for x in v if modality in x.media), None)
             if s is None:
                 continue
-            _, n, _, _ = session.batcher(use_cache=False).reader.read(modality, s.paths(modality)[0])
+            _, n, _, _ = session.batcher(use_cache=False).reader.read(
+                modality, s.paths(modality)[0]
+            )
         c = branch.connector
         out[modality] = c.out_tokens(n) if c.in_sequence else c.context_tokens
     return out

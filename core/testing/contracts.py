@@ -46,19 +46,26 @@ def _dtype_atol(module: torch.nn.Module, atol: float) -> float:
 
 
 def _check_output(who: str, out: Any, batch: int, n_tokens: int | None, dim: int) -> None:
-    assert isinstance(out, tuple) and len(out) == 2, f"{who}: forward must return (tokens, mask), got {type(out).__name__}"
+    assert isinstance(out, tuple) and len(out) == 2, (
+        f"{who}: forward must return (tokens, mask), got {type(out).__name__}"
+    )
     tokens, mask = out
-    assert isinstance(tokens, torch.Tensor) and tokens.dim() == 3, \
+    assert isinstance(tokens, torch.Tensor) and tokens.dim() == 3, (
         f"{who}: tokens must be a [B, M, D] tensor, got {getattr(tokens, 'shape', type(tokens))}"
+    )
     b, m, d = tokens.shape
     want = f"[{batch}, {n_tokens if n_tokens is not None else 'M'}, {dim}]"
-    assert b == batch and d == dim and (n_tokens is None or m == n_tokens), \
+    assert b == batch and d == dim and (n_tokens is None or m == n_tokens), (
         f"{who}: tokens have shape {list(tokens.shape)}, expected {want}"
+    )
     assert tokens.is_floating_point(), f"{who}: tokens must be floating point, got {tokens.dtype}"
     assert torch.isfinite(tokens).all(), f"{who}: output contains NaN or inf"
-    assert isinstance(mask, torch.Tensor) and mask.dtype == torch.bool, \
+    assert isinstance(mask, torch.Tensor) and mask.dtype == torch.bool, (
         f"{who}: mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask))}"
-    assert tuple(mask.shape) == (b, m), f"{who}: mask has shape {list(mask.shape)}, expected [{b}, {m}]"
+    )
+    assert tuple(mask.shape) == (b, m), (
+        f"{who}: mask has shape {list(mask.shape)}, expected [{b}, {m}]"
+    )
 
 
 def _missing_grads(module: torch.nn.Module) -> list[str]:
@@ -66,8 +73,17 @@ def _missing_grads(module: torch.nn.Module) -> list[str]:
 
 
 # -- connectors --------------------------------------------------------------------------------
-def check_connector(connector: Connector, *, batch: int = 2, n_in: int = 5, n_alt: int | None = None,
-                    masked: bool = True, llm: Any = None, atol: float = 1e-5, seed: int = 0) -> None:
+def check_connector(
+    connector: Connector,
+    *,
+    batch: int = 2,
+    n_in: int = 5,
+    n_alt: int | None = None,
+    masked: bool = True,
+    llm: Any = None,
+    atol: float = 1e-5,
+    seed: int = 0,
+) -> None:
     """Check a :class:`~mmbridge.Connector` against the contract.
 
     * ``out_tokens(N)`` is an int and the output is ``[B, out_tokens(N), D_out]`` + a bool mask
@@ -96,11 +112,17 @@ def check_connector(connector: Connector, *, batch: int = 2, n_in: int = 5, n_al
                 m = connector.out_tokens(n)
             except (ValueError, MMBridgeError):
                 if n == n_in:
-                    raise AssertionError(f"{who}: out_tokens({n_in}) refused N={n_in}; pass n_in") from None
+                    raise AssertionError(
+                        f"{who}: out_tokens({n_in}) refused N={n_in}; pass n_in"
+                    ) from None
                 continue
-            assert isinstance(m, int) and not isinstance(m, bool), f"{who}: out_tokens({n}) returned {m!r}, not an int"
+            assert isinstance(m, int) and not isinstance(m, bool), (
+                f"{who}: out_tokens({n}) returned {m!r}, not an int"
+            )
             if not connector.in_sequence:
-                assert m == 0, f"{who}: in_sequence=False but out_tokens({n}) = {m} (expected 0 slots)"
+                assert m == 0, (
+                    f"{who}: in_sequence=False but out_tokens({n}) = {m} (expected 0 slots)"
+                )
             else:
                 assert m >= 1, f"{who}: out_tokens({n}) = {m}"
             sizes.append(n)
@@ -108,10 +130,14 @@ def check_connector(connector: Connector, *, batch: int = 2, n_in: int = 5, n_al
             mask = torch.ones(batch, n, dtype=torch.bool)
             with torch.no_grad():
                 out = connector(feats, mask)
-                _check_output(f"{who} (N={n})", out, batch, m if connector.in_sequence else None, d_out)
+                _check_output(
+                    f"{who} (N={n})", out, batch, m if connector.in_sequence else None, d_out
+                )
                 again = connector(feats, mask)
             ok, diff = _close(again[0], out[0], 0.0)
-            assert ok and torch.equal(again[1], out[1]), f"{who}: eval mode is not deterministic (max |diff| {diff:.3g})"
+            assert ok and torch.equal(again[1], out[1]), (
+                f"{who}: eval mode is not deterministic (max |diff| {diff:.3g})"
+            )
             assert out[1].any(dim=1).all(), f"{who} (N={n}): a sample has no real output token"
 
         feats = torch.randn(batch, n_in, d_in, generator=gen)
@@ -127,17 +153,24 @@ def check_connector(connector: Connector, *, batch: int = 2, n_in: int = 5, n_al
             mask[0, n_real:] = False
             feats[0, n_real:] = 100 * torch.randn(n_in - n_real, d_in, generator=gen) + 50
             with torch.no_grad():
-                alone, alone_mask = connector(feats[:1, :n_real], torch.ones(1, n_real, dtype=torch.bool))
+                alone, alone_mask = connector(
+                    feats[:1, :n_real], torch.ones(1, n_real, dtype=torch.bool)
+                )
                 padded, padded_mask = connector(feats, mask)
             assert torch.isfinite(padded).all(), (
                 f"{who}: output contains NaN or inf in a padded batch (padded positions too must "
-                f"stay finite: a NaN survives masking by multiplication)")
+                f"stay finite: a NaN survives masking by multiplication)"
+            )
             k_alone, k_pad = int(alone_mask[0].sum()), int(padded_mask[0].sum())
-            assert k_alone == k_pad, (f"{who}: a sample with {n_real} features gives {k_alone} real "
-                                      f"tokens alone but {k_pad} when padded to {n_in} in a batch")
+            assert k_alone == k_pad, (
+                f"{who}: a sample with {n_real} features gives {k_alone} real "
+                f"tokens alone but {k_pad} when padded to {n_in} in a batch"
+            )
             ok, diff = _close(padded[0][padded_mask[0]], alone[0][alone_mask[0]], atol)
-            assert ok, (f"{who}: padding changes the real output tokens (sample alone vs padded "
-                        f"in a batch: max |diff| {diff:.3g}); padded features must be ignored")
+            assert ok, (
+                f"{who}: padding changes the real output tokens (sample alone vs padded "
+                f"in a batch: max |diff| {diff:.3g}); padded features must be ignored"
+            )
 
         connector.train()
         connector.zero_grad(set_to_none=True)
@@ -146,10 +179,18 @@ def check_connector(connector: Connector, *, batch: int = 2, n_in: int = 5, n_al
         weight = torch.randn(tokens.shape, generator=gen)
         (tokens * weight * out_mask.unsqueeze(-1)).sum().backward()
         missing = _missing_grads(connector)
-        assert not missing, f"{who}: no gradient reaches {len(missing)} trainable parameters: {missing[:5]}"
-        bad = [n for n, p in connector.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        assert not missing, (
+            f"{who}: no gradient reaches {len(missing)} trainable parameters: {missing[:5]}"
+        )
+        bad = [
+            n
+            for n, p in connector.named_parameters()
+            if p.grad is not None and not torch.isfinite(p.grad).all()
+        ]
         assert not bad, f"{who}: non-finite gradients in {bad[:5]}"
-        assert x.grad is not None and x.grad[mask].abs().sum() > 0, f"{who}: no gradient reaches the input features"
+        assert x.grad is not None and x.grad[mask].abs().sum() > 0, (
+            f"{who}: no gradient reaches the input features"
+        )
         if masked and not mask.all():
             assert x.grad[~mask].abs().max() == 0, f"{who}: padded input positions receive gradient"
         connector.zero_grad(set_to_none=True)
@@ -159,8 +200,14 @@ def check_connector(connector: Connector, *, batch: int = 2, n_in: int = 5, n_al
         connector.train(was_training)
 
 
-def _check_attach(who: str, connector: Connector, llm: Any, feats: torch.Tensor,
-                  mask: torch.Tensor, gen: torch.Generator) -> None:
+def _check_attach(
+    who: str,
+    connector: Connector,
+    llm: Any,
+    feats: torch.Tensor,
+    mask: torch.Tensor,
+    gen: torch.Generator,
+) -> None:
     """Layers added inside the LLM by ``attach`` read the context and train."""
     batch, t = feats.shape[0], 6
     embeds = torch.randn(batch, t, llm.hidden_size, generator=gen)
@@ -174,7 +221,9 @@ def _check_attach(who: str, connector: Connector, llm: Any, feats: torch.Tensor,
         hidden = llm.hidden(embeds, attn)
         (hidden * torch.randn(hidden.shape, generator=gen)).sum().backward()
         missing = _missing_grads(connector)
-        assert not missing, f"{who}: after attach, no gradient reaches {missing[:5]} through the LLM"
+        assert not missing, (
+            f"{who}: after attach, no gradient reaches {missing[:5]} through the LLM"
+        )
         connector.clear_context()
         with torch.no_grad():
             after = llm.hidden(embeds, attn)
@@ -210,7 +259,9 @@ def check_encoder(encoder: ModalityEncoder, tmp_dir: str | Path, *, atol: float 
     """
     who = f"encoder {_name(encoder)}"
     tmp_dir = Path(tmp_dir)
-    assert isinstance(encoder, ModalityEncoder), f"{who}: not a subclass of mmbridge.ModalityEncoder"
+    assert isinstance(encoder, ModalityEncoder), (
+        f"{who}: not a subclass of mmbridge.ModalityEncoder"
+    )
     assert isinstance(encoder.modality, str) and encoder.modality, f"{who}: modality is not set"
     dim = encoder.out_dim
     assert isinstance(dim, int) and dim > 0, f"{who}: out_dim is {dim!r}"
@@ -219,7 +270,9 @@ def check_encoder(encoder: ModalityEncoder, tmp_dir: str | Path, *, atol: float 
         assert Path(p).is_file(), f"{who}: example_media returned {p!r}, which is not a file"
     xs = [encoder.preprocess(encoder.load(p)) for p in paths]
     for p, x in zip(paths, xs):
-        assert _same(encoder.preprocess(encoder.load(p)), x), f"{who}: preprocess is not deterministic on {p}"
+        assert _same(encoder.preprocess(encoder.load(p)), x), (
+            f"{who}: preprocess is not deterministic on {p}"
+        )
     ns = [encoder.num_tokens(x) for x in xs]
     assert all(isinstance(n, int) and n > 0 for n in ns), f"{who}: num_tokens gave {ns}"
     batch = encoder.collate(xs)
@@ -231,12 +284,15 @@ def check_encoder(encoder: ModalityEncoder, tmp_dir: str | Path, *, atol: float 
             _check_output(who, out, len(xs), None, dim)
             feats, mask = out
             again = encoder(batch)
-        assert feats.shape[1] >= max(ns), f"{who}: {feats.shape[1]} tokens, but num_tokens says {ns}"
+        assert feats.shape[1] >= max(ns), (
+            f"{who}: {feats.shape[1]} tokens, but num_tokens says {ns}"
+        )
         for i, n in enumerate(ns):
             want = torch.arange(feats.shape[1]) < n
             assert torch.equal(mask[i].cpu(), want), (
                 f"{who}: sample {i}: num_tokens(x) = {n} but the mask marks "
-                f"{int(mask[i].sum())} real tokens (they must be the first {n})")
+                f"{int(mask[i].sum())} real tokens (they must be the first {n})"
+            )
         ok, diff = _close(again[0], feats, 0.0)
         assert ok, f"{who}: eval mode is not deterministic (max |diff| {diff:.3g})"
         batch_atol = _dtype_atol(encoder, atol)
@@ -244,15 +300,23 @@ def check_encoder(encoder: ModalityEncoder, tmp_dir: str | Path, *, atol: float 
             with torch.no_grad():
                 alone, _ = encoder(encoder.collate([x]))
             ok, diff = _close(alone[0, :n], feats[i, :n], batch_atol)
-            assert ok, f"{who}: sample {i} encoded alone differs from its row in the batch (max |diff| {diff:.3g})"
+            assert ok, (
+                f"{who}: sample {i} encoded alone differs from its row in the batch (max |diff| {diff:.3g})"
+            )
 
         ident = encoder.cache_identity()
-        assert isinstance(ident, dict) and "class" in ident, f"{who}: cache_identity() must be a dict with 'class'"
+        assert isinstance(ident, dict) and "class" in ident, (
+            f"{who}: cache_identity() must be a dict with 'class'"
+        )
         try:
             text = json.dumps(ident, sort_keys=True)
         except TypeError as exc:
-            raise AssertionError(f"{who}: cache_identity() is not JSON-serialisable: {exc}") from None
-        assert json.dumps(encoder.cache_identity(), sort_keys=True) == text, f"{who}: cache_identity() changes between calls"
+            raise AssertionError(
+                f"{who}: cache_identity() is not JSON-serialisable: {exc}"
+            ) from None
+        assert json.dumps(encoder.cache_identity(), sort_keys=True) == text, (
+            f"{who}: cache_identity() changes between calls"
+        )
 
         if any(p.requires_grad for p in encoder.parameters()):
             encoder.zero_grad(set_to_none=True)
@@ -261,9 +325,15 @@ def check_encoder(encoder: ModalityEncoder, tmp_dir: str | Path, *, atol: float 
                 weight = torch.randn(feats.shape, generator=torch.Generator().manual_seed(0))
                 (feats * weight.to(feats.device) * mask.unsqueeze(-1)).sum().backward()
             missing = _missing_grads(encoder)
-            assert not missing, (f"{who}: no gradient reaches {len(missing)} trainable parameters "
-                                 f"(remove or freeze what the features do not use): {missing[:5]}")
-            bad = [n for n, p in encoder.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            assert not missing, (
+                f"{who}: no gradient reaches {len(missing)} trainable parameters "
+                f"(remove or freeze what the features do not use): {missing[:5]}"
+            )
+            bad = [
+                n
+                for n, p in encoder.named_parameters()
+                if p.grad is not None and not torch.isfinite(p.grad).all()
+            ]
             assert not bad, f"{who}: non-finite gradients in {bad[:5]}"
             encoder.zero_grad(set_to_none=True)
     finally:

@@ -49,25 +49,36 @@ def check_entry(entry: Entry, tmp_dir: Path, llm: Callable[[], Any] | None = Non
     elif entry.kind == "encoder":
         check_encoder(entry.cls.for_testing(tmp_dir), tmp_dir)
     else:
-        raise ConfigError(f"no contract checks for kind '{entry.kind}'; checked: {', '.join(CHECKED_KINDS)}")
+        raise ConfigError(
+            f"no contract checks for kind '{entry.kind}'; checked: {', '.join(CHECKED_KINDS)}"
+        )
 
 
-def run_contract_checks(registry: Registry, console: Console, kind: str | None = None,
-                        plugin: str | None = None) -> int:
+def run_contract_checks(
+    registry: Registry, console: Console, kind: str | None = None, plugin: str | None = None
+) -> int:
     """Check every registered connector/encoder (optionally of one ``kind`` or ``plugin``).
 
     Prints a table (kind, name, plugin, package, result, seconds, error) and returns 0 when
     all pass, 1 when one fails, 2 when the filters select nothing.
     """
     if kind is not None and kind not in CHECKED_KINDS:
-        console.print(f"[yellow]the contract kit checks {', '.join(CHECKED_KINDS)}; nothing to check for kind '{kind}'")
+        console.print(
+            f"[yellow]the contract kit checks {', '.join(CHECKED_KINDS)}; nothing to check for kind '{kind}'"
+        )
         return 2
-    entries = [e for k in ([kind] if kind else CHECKED_KINDS) for e in registry.entries(k)
-               if plugin is None or plugin in (e.origin.plugin, e.origin.package)]
+    entries = [
+        e
+        for k in ([kind] if kind else CHECKED_KINDS)
+        for e in registry.entries(k)
+        if plugin is None or plugin in (e.origin.plugin, e.origin.package)
+    ]
     if not entries:
         plugins = sorted({e.origin.plugin for k in CHECKED_KINDS for e in registry.entries(k)})
-        console.print(f"[red]no {kind or 'connector/encoder'} registered by plugin '{plugin}'; "
-                      f"plugins with checked components: {', '.join(plugins) or '(none)'}")
+        console.print(
+            f"[red]no {kind or 'connector/encoder'} registered by plugin '{plugin}'; "
+            f"plugins with checked components: {', '.join(plugins) or '(none)'}"
+        )
         return 2
     table = Table(title="mmbridge contract checks")
     for col in ("kind", "name", "plugin", "package", "result", "seconds", "error"):
@@ -91,8 +102,15 @@ def run_contract_checks(registry: Registry, console: Console, kind: str | None =
             seconds = time.perf_counter() - start
             result = "[red]FAIL" if error else "[green]pass"
             o = entry.origin
-            table.add_row(entry.kind, entry.name, o.plugin, f"{o.package} {o.version}", result,
-                          f"{seconds:.2f}", error)
+            table.add_row(
+                entry.kind,
+                entry.name,
+                o.plugin,
+                f"{o.package} {o.version}",
+                result,
+                f"{seconds:.2f}",
+                error,
+            )
     console.print(table)
     console.print(f"{len(entries) - failures}/{len(entries)} passed")
     return 1 if failures else 0

@@ -34,8 +34,13 @@ log = logging.getLogger("mmbridge.train")
 class Interrupted(Exception):  # noqa: N818 - it is not an error: the run was asked to stop
     """The run stopped on a signal; ``exit_status`` is 128 + the signal number."""
 
-    def __init__(self, signum: int, stage: str | None = None, step: int | None = None,
-                 checkpoint: str | None = None) -> None:
+    def __init__(
+        self,
+        signum: int,
+        stage: str | None = None,
+        step: int | None = None,
+        checkpoint: str | None = None,
+    ) -> None:
         self.signum, self.stage, self.step, self.checkpoint = signum, stage, step, checkpoint
         where = f" at step {step} of stage {stage}" if stage is not None else ""
         super().__init__(f"interrupted{where} ({signal.Signals(signum).name})")
@@ -77,14 +82,19 @@ class InterruptGuard:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None and signum == signal.SIGINT:
-            print("mmbridge: second interrupt: aborting now (the last periodic checkpoint is kept)",
-                  file=sys.stderr, flush=True)
+            print(
+                "mmbridge: second interrupt: aborting now (the last periodic checkpoint is kept)",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(128 + signum)
         self.signum = signum
         if not self.deferred:
             raise Interrupted(signum)
-        log.warning("%s received: stopping at the end of the current step (again to abort now)",
-                    signal.Signals(signum).name)
+        log.warning(
+            "%s received: stopping at the end of the current step (again to abort now)",
+            signal.Signals(signum).name,
+        )
 
 
 class StopOnSignal(Callback):
@@ -106,8 +116,14 @@ class StopOnSignal(Callback):
         self.guard.deferred = True
         self.guard.install()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         if self.guard.signum is None or self.saved_step is not None:
             return
         # the stage's checkpointing is a ModelCheckpoint (checkpoint.checkpoint_callback)
@@ -125,7 +141,9 @@ class StopOnSignal(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.guard.deferred = False
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         self.guard.deferred = False
 
 
@@ -134,8 +152,14 @@ class ProgressLog(Callback):
     step / total (and minutes / budget under a time budget), loss, seconds per step, time left.
     Used when no progress bar can be drawn (stderr is not a terminal)."""
 
-    def __init__(self, stage: str, total_steps: int, budget_s: float | None = None,
-                 every_n: int = 50, every_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        stage: str,
+        total_steps: int,
+        budget_s: float | None = None,
+        every_n: int = 50,
+        every_s: float = 30.0,
+    ) -> None:
         self.stage, self.total, self.budget_s = stage, total_steps, budget_s
         self.every_n, self.every_s = every_n, every_s
         self._t_last = 0.0
@@ -148,15 +172,27 @@ class ProgressLog(Callback):
         self._t0 = self._t_last = time.monotonic()
         self._step_last = trainer.global_step
         budget = f", budget {self.budget_s / 60:.1f} min" if self.budget_s else ""
-        log.info("stage %s: training from step %d (at most %d steps%s)", self.stage,
-                 trainer.global_step, self.total, budget)
+        log.info(
+            "stage %s: training from step %d (at most %d steps%s)",
+            self.stage,
+            trainer.global_step,
+            self.total,
+            budget,
+        )
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._t_batch = time.monotonic()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         now = time.monotonic()
         self._times = (self._times + [now - self._t_batch])[-20:]
         step = trainer.global_step

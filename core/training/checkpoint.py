@@ -58,9 +58,14 @@ SAFE_GLOBALS: list[Any] = []
 # --------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(model: MultimodalModel, cfg: DictConfig, out_dir: Path, stages_done: list[str],
-                    registry: Registry | None = None,
-                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    model: MultimodalModel,
+    cfg: DictConfig,
+    out_dir: Path,
+    stages_done: list[str],
+    registry: Registry | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write the trainable weights and the config into ``out_dir``; returns the weights file.
 
     With ``registry``, the plugin, package and version of each built component are recorded,
@@ -71,10 +76,17 @@ def save_checkpoint(model: MultimodalModel, cfg: DictConfig, out_dir: Path, stag
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     lora_params = any("lora_" in n for n, _ in model.named_parameters())
-    state = {k: v.contiguous().cpu() for k, v in (_weights_to_save(model) if weights is None else weights).items()}
+    state = {
+        k: v.contiguous().cpu()
+        for k, v in (_weights_to_save(model) if weights is None else weights).items()
+    }
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    meta = {"config": cfg_yaml, "stages": json.dumps(stages_done), "lora": json.dumps(lora_params),
-            "format": f"{FORMAT_PREFIX}{FORMAT}"}
+    meta = {
+        "config": cfg_yaml,
+        "stages": json.dumps(stages_done),
+        "lora": json.dumps(lora_params),
+        "format": f"{FORMAT_PREFIX}{FORMAT}",
+    }
     if registry is not None:
         meta["components"] = json.dumps(component_origins(cfg, registry))
     data = save(state, metadata=meta)
@@ -109,7 +121,13 @@ def component_origins(cfg: DictConfig, registry: Registry) -> dict[str, dict[str
         if (kind, name) not in registry:
             continue  # the build itself reports it
         o = registry.get(kind, name).origin
-        out[key] = {"kind": kind, "name": name, "plugin": o.plugin, "package": o.package, "version": o.version}
+        out[key] = {
+            "kind": kind,
+            "name": name,
+            "plugin": o.plugin,
+            "package": o.package,
+            "version": o.version,
+        }
     return out
 
 
@@ -123,21 +141,37 @@ def check_components(meta: dict[str, str], registry: Registry, where: str) -> No
         if (c["kind"], c["name"]) in registry:
             now = registry.get(c["kind"], c["name"]).origin
             if now.package != c["package"]:
-                log.warning("checkpoint '%s': %s '%s' was registered by package %s %s, here by %s %s",
-                            where, c["kind"], c["name"], c["package"], c["version"], now.package, now.version)
+                log.warning(
+                    "checkpoint '%s': %s '%s' was registered by package %s %s, here by %s %s",
+                    where,
+                    c["kind"],
+                    c["name"],
+                    c["package"],
+                    c["version"],
+                    now.package,
+                    now.version,
+                )
             continue
         package = c["package"]
         if package.startswith("("):  # registered in-process (a test or notebook), no package
             fix = f"register plugin '{c['plugin']}' before loading"
         elif package == "mmbridge":
-            fix = f"it is built into mmbridge {c['version']}: pip install 'mmbridge>={c['version']}'"
+            fix = (
+                f"it is built into mmbridge {c['version']}: pip install 'mmbridge>={c['version']}'"
+            )
         else:
-            fix = (f"pip install {package} (version {c['version']} wrote it), or unset "
-                   f"MMBRIDGE_DISABLE_PLUGINS if it is installed")
-        missing.append(f"{key}: {c['kind']} '{c['name']}' of plugin '{c['plugin']}' is not registered; {fix}")
+            fix = (
+                f"pip install {package} (version {c['version']} wrote it), or unset "
+                f"MMBRIDGE_DISABLE_PLUGINS if it is installed"
+            )
+        missing.append(
+            f"{key}: {c['kind']} '{c['name']}' of plugin '{c['plugin']}' is not registered; {fix}"
+        )
     if missing:
-        raise CheckpointError(f"checkpoint '{where}' needs components that are not installed:\n  "
-                              + "\n  ".join(missing))
+        raise CheckpointError(
+            f"checkpoint '{where}' needs components that are not installed:\n  "
+            + "\n  ".join(missing)
+        )
 
 
 def _sniff(path: Path) -> str:
@@ -157,34 +191,48 @@ def _sniff(path: Path) -> str:
 
 def _not_an_mmbridge_checkpoint(path: str | Path, p: Path) -> CheckpointError:
     """The error for a path that holds no weights.safetensors, pointing to the run's final one."""
-    lightning = p.suffix == ".ckpt" or (p.is_file() and _sniff(p) == "torch") or (
-        p.is_dir() and any(p.glob("*.ckpt")))
-    run = next((d for d in [p, *p.parents] if (d / "checkpoints" / "final" / WEIGHTS).is_file()), None)
+    lightning = (
+        p.suffix == ".ckpt"
+        or (p.is_file() and _sniff(p) == "torch")
+        or (p.is_dir() and any(p.glob("*.ckpt")))
+    )
+    run = next(
+        (d for d in [p, *p.parents] if (d / "checkpoints" / "final" / WEIGHTS).is_file()), None
+    )
     final = run / "checkpoints" / "final" if run else None
     if lightning:
         hint = f"pass {final}" if final else "pass the run's checkpoints/final directory"
         return CheckpointError(
             f"checkpoint '{path}' is a Lightning training checkpoint (for `resume=RUN_DIR`), not an "
-            f"mmbridge checkpoint; {hint} (or a {WEIGHTS} file)")
+            f"mmbridge checkpoint; {hint} (or a {WEIGHTS} file)"
+        )
     if final is not None:
         return CheckpointError(f"checkpoint '{path}': no {WEIGHTS} there; pass {final}")
-    return CheckpointError(f"checkpoint '{path}': no {WEIGHTS} there (pass a run's "
-                           f"checkpoints/final directory or a {WEIGHTS} file)")
+    return CheckpointError(
+        f"checkpoint '{path}': no {WEIGHTS} there (pass a run's "
+        f"checkpoints/final directory or a {WEIGHTS} file)"
+    )
 
 
 def _check_format(meta: dict[str, str], where: Path) -> None:
     fmt = meta.get("format", f"{FORMAT_PREFIX}1")
     version = fmt.removeprefix(FORMAT_PREFIX)
     if not fmt.startswith(FORMAT_PREFIX) or not version.isdigit():
-        raise CheckpointError(f"checkpoint '{where}': unknown format '{fmt}' (this mmbridge reads "
-                              f"{FORMAT_PREFIX}1 to {FORMAT_PREFIX}{FORMAT})")
+        raise CheckpointError(
+            f"checkpoint '{where}': unknown format '{fmt}' (this mmbridge reads "
+            f"{FORMAT_PREFIX}1 to {FORMAT_PREFIX}{FORMAT})"
+        )
     if int(version) > FORMAT:
-        raise CheckpointError(f"checkpoint '{where}' has format {fmt}, newer than this mmbridge reads "
-                              f"({FORMAT_PREFIX}1 to {FORMAT_PREFIX}{FORMAT}); upgrade: pip install -U mmbridge")
+        raise CheckpointError(
+            f"checkpoint '{where}' has format {fmt}, newer than this mmbridge reads "
+            f"({FORMAT_PREFIX}1 to {FORMAT_PREFIX}{FORMAT}); upgrade: pip install -U mmbridge"
+        )
 
 
-def read_checkpoint(path: str | Path, registry: Registry | None = None,
-                    ) -> tuple[DictConfig, dict[str, torch.Tensor], dict[str, str]]:
+def read_checkpoint(
+    path: str | Path,
+    registry: Registry | None = None,
+) -> tuple[DictConfig, dict[str, torch.Tensor], dict[str, str]]:
     """``(config, weights, metadata)`` of a checkpoint directory or weights file.
 
     Checks, before anything is built: that it is an mmbridge checkpoint (a Lightning ``.ckpt``
@@ -202,10 +250,14 @@ def read_checkpoint(path: str | Path, registry: Registry | None = None,
     except Exception as exc:
         raise CheckpointError(f"checkpoint '{p}' is unreadable: {exc}") from exc
     if "config" not in meta:
-        raise CheckpointError(f"checkpoint '{p}' has no config in its metadata (not an mmbridge checkpoint)")
+        raise CheckpointError(
+            f"checkpoint '{p}' has no config in its metadata (not an mmbridge checkpoint)"
+        )
     if meta.get("bundle"):  # a bundle's weights: its config names files/ relative to mmbridge.json
-        raise CheckpointError(f"'{p}' is the weights file of a format=bundle export whose mmbridge.json "
-                              f"is missing: restore it, or export the bundle again from its checkpoint")
+        raise CheckpointError(
+            f"'{p}' is the weights file of a format=bundle export whose mmbridge.json "
+            f"is missing: restore it, or export the bundle again from its checkpoint"
+        )
     _check_format(meta, p)
     for key, kind in (("stages", list), ("components", dict), ("lora", bool)):
         try:
@@ -213,8 +265,10 @@ def read_checkpoint(path: str | Path, registry: Registry | None = None,
         except ValueError:
             ok = False
         if not ok:
-            raise CheckpointError(f"checkpoint '{p}': its metadata '{key}' is not a JSON {kind.__name__} "
-                                  f"(a damaged or hand-made file?)")
+            raise CheckpointError(
+                f"checkpoint '{p}': its metadata '{key}' is not a JSON {kind.__name__} "
+                f"(a damaged or hand-made file?)"
+            )
     if registry is not None:
         check_components(meta, registry, str(p))
     try:
@@ -224,8 +278,10 @@ def read_checkpoint(path: str | Path, registry: Registry | None = None,
     try:
         cfg = OmegaConf.create(meta["config"])
     except Exception as exc:  # OmegaConf / YAML raise their own types
-        raise CheckpointError(f"checkpoint '{p}': the config in its metadata is unreadable "
-                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from exc
+        raise CheckpointError(
+            f"checkpoint '{p}': the config in its metadata is unreadable "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+        ) from exc
     if not isinstance(cfg, DictConfig):
         raise CheckpointError(f"checkpoint '{p}': the config in its metadata is not a mapping")
     return cfg, weights, meta
@@ -248,19 +304,25 @@ def load_weights(model: MultimodalModel, weights: dict[str, torch.Tensor], where
     expected = set(_weights_to_save(model))
     missing = sorted(expected - set(weights))
     unexpected = sorted(k for k in weights if k not in expected)
-    shapes = sorted(f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                    for k, v in weights.items() if k in expected and own[k].shape != v.shape)
+    shapes = sorted(
+        f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in weights.items()
+        if k in expected and own[k].shape != v.shape
+    )
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} tensor(s) the model trains: {_listed(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s) (not trained by this model): {_listed(unexpected)}")
+        problems.append(
+            f"{len(unexpected)} unexpected tensor(s) (not trained by this model): {_listed(unexpected)}"
+        )
     if shapes:
         problems.append(f"{len(shapes)} shape mismatch(es): {_listed(shapes)}")
     if problems:
         raise CheckpointError(
             f"checkpoint '{where}' does not fit the model built from its config (an architecture "
-            f"override, or a partial file?):\n  " + "\n  ".join(problems))
+            f"override, or a partial file?):\n  " + "\n  ".join(problems)
+        )
     with torch.no_grad():
         for k, v in weights.items():
             own[k].copy_(v)
@@ -271,7 +333,9 @@ def load_weights(model: MultimodalModel, weights: dict[str, torch.Tensor], where
 # --------------------------------------------------------------------------------------------
 
 
-def torch_load_safe(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+def torch_load_safe(
+    path: str | Path, map_location: Any = "cpu", mmap: bool = False
+) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)``; an unreadable or unsafe file is a CheckpointError.
 
     ``weights_only=True`` is passed explicitly: torch lets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``
@@ -284,12 +348,18 @@ def torch_load_safe(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()
-        detail = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
+        detail = next(
+            (line for line in first if "GLOBAL" in line or "Unsupported" in line),
+            first[0] if first else "",
+        )
         raise CheckpointError(
             f"checkpoint '{path}' refused: it holds objects that a weights-only load does not "
-            f"allow ({detail.strip()}); mmbridge never unpickles code from a checkpoint") from None
+            f"allow ({detail.strip()}); mmbridge never unpickles code from a checkpoint"
+        ) from None
     except Exception as exc:
-        raise CheckpointError(f"checkpoint '{path}' is unreadable ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(
+            f"checkpoint '{path}' is unreadable ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -299,7 +369,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
     through :func:`torch_load_safe`, whatever ``weights_only`` Lightning asks for.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         """Serialise in memory, check the free space, then write a temporary file in the
         target directory and rename it: a full disk or a kill mid-write leaves no file under
         the checkpoint's name, and the previous checkpoints resume (:func:`resumable_checkpoint`).
@@ -321,24 +393,34 @@ class SafeCheckpointIO(TorchCheckpointIO):
         except (StorageError, OSError) as exc:
             raise StorageError(f"{exc}; {_last_good(path.parent)}") from exc
 
-    def load_checkpoint(self, path: Any, map_location: Callable | Any = None,
-                        weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Callable | Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         if not Path(path).exists():
             raise CheckpointError(f"checkpoint '{path}' does not exist")
-        return torch_load_safe(path, map_location=map_location if map_location is not None else "cpu")
+        return torch_load_safe(
+            path, map_location=map_location if map_location is not None else "cpu"
+        )
 
 
 def _last_good(ckpt_dir: Path) -> str:
     """Where a run stands after a failed checkpoint write, for the error message."""
-    done = sorted((p for p in ckpt_dir.glob("*.ckpt") if p.is_file()), key=lambda p: p.stat().st_mtime_ns)
+    done = sorted(
+        (p for p in ckpt_dir.glob("*.ckpt") if p.is_file()), key=lambda p: p.stat().st_mtime_ns
+    )
     if not done:
-        return ("no earlier checkpoint of this stage: after freeing space, mmbridge train resume=RUN_DIR "
-                "keeps the finished stages and starts this one again")
-    return f"the last complete checkpoint, {done[-1]}, still resumes (mmbridge train resume=RUN_DIR)"
+        return (
+            "no earlier checkpoint of this stage: after freeing space, mmbridge train resume=RUN_DIR "
+            "keeps the finished stages and starts this one again"
+        )
+    return (
+        f"the last complete checkpoint, {done[-1]}, still resumes (mmbridge train resume=RUN_DIR)"
+    )
 
 
-def checkpoint_callback(ckpt_dir: Path, every_n_train_steps: int,
-                        cls: type[ModelCheckpoint] | None = None) -> ModelCheckpoint:
+def checkpoint_callback(
+    ckpt_dir: Path, every_n_train_steps: int, cls: type[ModelCheckpoint] | None = None
+) -> ModelCheckpoint:
     """Lightning's checkpointing for one stage (``cls``, default ``ModelCheckpoint``): the two
     newest ``step=N.ckpt`` and a copy of the newest as ``last.ckpt``.
 
@@ -351,8 +433,15 @@ def checkpoint_callback(ckpt_dir: Path, every_n_train_steps: int,
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     return (cls or ModelCheckpoint)(
-        dirpath=ckpt_dir, filename="{step}", save_last=True, save_top_k=2, monitor="step", mode="max",
-        every_n_train_steps=every_n_train_steps, enable_version_counter=False)
+        dirpath=ckpt_dir,
+        filename="{step}",
+        save_last=True,
+        save_top_k=2,
+        monitor="step",
+        mode="max",
+        every_n_train_steps=every_n_train_steps,
+        enable_version_counter=False,
+    )
 
 
 def resumable_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -366,11 +455,21 @@ def resumable_checkpoint(ckpt_dir: Path) -> Path | None:
     should stop the run, not be worked around.
     """
     last = ckpt_dir / LAST
-    others = sorted((p for p in ckpt_dir.glob("*.ckpt") if p.name != LAST and p.exists()),
-                    key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    others = sorted(
+        (p for p in ckpt_dir.glob("*.ckpt") if p.name != LAST and p.exists()),
+        key=lambda p: p.stat().st_mtime_ns,
+        reverse=True,
+    )
     target = last.resolve() if last.is_symlink() else None
-    candidates = ([last] if last.is_symlink() or last.exists() else []) + [p for p in others if p.resolve() != target]
-    if last.exists() and not last.is_symlink() and others and others[0].stat().st_mtime_ns > last.stat().st_mtime_ns:
+    candidates = ([last] if last.is_symlink() or last.exists() else []) + [
+        p for p in others if p.resolve() != target
+    ]
+    if (
+        last.exists()
+        and not last.is_symlink()
+        and others
+        and others[0].stat().st_mtime_ns > last.stat().st_mtime_ns
+    ):
         # the write of last.ckpt failed after the newer step=N.ckpt (a full disk): resume from that
         try:
             torch_load_safe(others[0], mmap=True)
@@ -378,8 +477,11 @@ def resumable_checkpoint(ckpt_dir: Path) -> Path | None:
             if "refused" in str(exc):
                 raise
         else:
-            log.warning("%s: %s is newer than last.ckpt (whose write failed); resuming from it", ckpt_dir,
-                        others[0].name)
+            log.warning(
+                "%s: %s is newer than last.ckpt (whose write failed); resuming from it",
+                ckpt_dir,
+                others[0].name,
+            )
             return others[0]
     reasons: list[str] = []
     for path in candidates:
@@ -399,5 +501,7 @@ def resumable_checkpoint(ckpt_dir: Path) -> Path | None:
             log.warning("%s: %s; resuming from %s", ckpt_dir, "; ".join(reasons), path.name)
         return path
     if reasons:
-        log.warning("%s: %s; no usable checkpoint, the stage starts again", ckpt_dir, "; ".join(reasons))
+        log.warning(
+            "%s: %s; no usable checkpoint, the stage starts again", ckpt_dir, "; ".join(reasons)
+        )
     return None

@@ -86,8 +86,11 @@ def clean_name(name: str) -> str:
 def saved_names(model: MultimodalModel) -> set[str]:
     """The (clean) names of the parameters a checkpoint holds: those that train now and those
     that trained in an earlier stage (``model.ever_trained``)."""
-    return {clean_name(n) for n, p in model.named_parameters()
-            if p.requires_grad or clean_name(n) in model.ever_trained or n in model.ever_trained}
+    return {
+        clean_name(n)
+        for n, p in model.named_parameters()
+        if p.requires_grad or clean_name(n) in model.ever_trained or n in model.ever_trained
+    }
 
 
 def is_fsdp(model: nn.Module) -> bool:
@@ -112,7 +115,9 @@ def _prefix(root: nn.Module, model: nn.Module) -> str:
     raise ValueError("the model is not a submodule of the wrapped root module")
 
 
-def gather_weights(model: MultimodalModel, root: nn.Module | None = None) -> dict[str, torch.Tensor]:
+def gather_weights(
+    model: MultimodalModel, root: nn.Module | None = None
+) -> dict[str, torch.Tensor]:
     """The weights a checkpoint holds (:func:`saved_names`), whole, on global rank 0.
 
     Under FSDP this is a collective (every rank must call it): the full state dict is gathered
@@ -137,19 +142,27 @@ def gather_weights(model: MultimodalModel, root: nn.Module | None = None) -> dic
 
         if root is None:
             raise ValueError("gather_weights: an FSDP model needs the wrapped root module")
-        full = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = get_model_state_dict(
+            root, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
         prefix = _prefix(root, model)
         # a model's state dict holds tensors only (the DCP types allow containers in general)
-        return {k[len(prefix):]: cast(torch.Tensor, v) for k, v in full.items()
-                if k.startswith(prefix) and k[len(prefix):] in names}
+        return {
+            k[len(prefix) :]: cast(torch.Tensor, v)
+            for k, v in full.items()
+            if k.startswith(prefix) and k[len(prefix) :] in names
+        }
     if is_zero3(model):
         import deepspeed  # type: ignore[import-not-found]  # only ZeRO-3 runs reach here: installed there
 
         params = {clean_name(n): p for n, p in model.named_parameters() if clean_name(n) in names}
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-            return ({n: p.detach().cpu().clone() for n, p in params.items()}
-                    if is_global_zero() else {})
-    return {clean_name(n): p.detach() for n, p in model.named_parameters() if clean_name(n) in names}
+            return (
+                {n: p.detach().cpu().clone() for n, p in params.items()} if is_global_zero() else {}
+            )
+    return {
+        clean_name(n): p.detach() for n, p in model.named_parameters() if clean_name(n) in names
+    }
 
 
 def broadcast_weights(model: MultimodalModel, weights: dict[str, torch.Tensor]) -> None:
@@ -168,9 +181,15 @@ def broadcast_weights(model: MultimodalModel, weights: dict[str, torch.Tensor]) 
             dist.broadcast(own[name].data, src=0)
 
 
-def unsharded_model(cfg: DictConfig, registry: Registry, weight_dtype: str, device: torch.device,
-                    stages_done: list[str], weights: dict[str, torch.Tensor],
-                    broadcast: bool = False) -> MultimodalModel:
+def unsharded_model(
+    cfg: DictConfig,
+    registry: Registry,
+    weight_dtype: str,
+    device: torch.device,
+    stages_done: list[str],
+    weights: dict[str, torch.Tensor],
+    broadcast: bool = False,
+) -> MultimodalModel:
     """A plain (not sharded) copy of the trained model: assembled from ``cfg`` as ``mmbridge
     eval`` assembles it from a checkpoint, configured for ``stages_done`` (LoRA layers), with
     the gathered ``weights``.

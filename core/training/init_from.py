@@ -52,15 +52,21 @@ def init_checkpoint(value: str) -> Path:
     path = ckpts / (f"{stage}_final" if stage else "final")
     if (path / WEIGHTS).is_file():
         return path
-    done = sorted(p.name[: -len("_final")] for p in ckpts.glob("*_final") if (p / WEIGHTS).is_file())
+    done = sorted(
+        p.name[: -len("_final")] for p in ckpts.glob("*_final") if (p / WEIGHTS).is_file()
+    )
     if not run.is_dir():
         raise ConfigError(f"init_from={value}: run directory '{run}' does not exist")
-    raise ConfigError(f"init_from={value}: no {path.relative_to(run)}/{WEIGHTS} in '{run}'; "
-                      f"finished stages there: {', '.join(done) or '(none)'} "
-                      f"(use init_from=RUN_DIR:STAGE, or RUN_DIR for checkpoints/final)")
+    raise ConfigError(
+        f"init_from={value}: no {path.relative_to(run)}/{WEIGHTS} in '{run}'; "
+        f"finished stages there: {', '.join(done) or '(none)'} "
+        f"(use init_from=RUN_DIR:STAGE, or RUN_DIR for checkpoints/final)"
+    )
 
 
-def _add_lora_like_source(model: MultimodalModel, source_cfg: DictConfig, stages: list[str]) -> None:
+def _add_lora_like_source(
+    model: MultimodalModel, source_cfg: DictConfig, stages: list[str]
+) -> None:
     """Inject the LoRA adapters the source run trained, with its settings, so their tensors
     have somewhere to go (the first of its stages that trained LoRA)."""
     for name in stages:
@@ -68,11 +74,15 @@ def _add_lora_like_source(model: MultimodalModel, source_cfg: DictConfig, stages
         if stage is not None and stage.train.llm == "lora":
             model.llm.apply_lora(lora_settings(stage.lora))
             return
-    raise CheckpointError("init_from: the checkpoint holds LoRA adapters but none of its stages "
-                          f"({', '.join(stages)}) trained LoRA")
+    raise CheckpointError(
+        "init_from: the checkpoint holds LoRA adapters but none of its stages "
+        f"({', '.join(stages)}) trained LoRA"
+    )
 
 
-def _add_encoder_lora_like_source(model: MultimodalModel, source_cfg: DictConfig, stages: list[str]) -> None:
+def _add_encoder_lora_like_source(
+    model: MultimodalModel, source_cfg: DictConfig, stages: list[str]
+) -> None:
     """The same for the encoders' adapters (``train.encoder: lora`` in a source stage)."""
     for name in stages:
         stage = source_cfg.stages.get(name)
@@ -81,12 +91,15 @@ def _add_encoder_lora_like_source(model: MultimodalModel, source_cfg: DictConfig
                 if not has_lora(branch.encoder):
                     inject_lora(branch.encoder, lora_settings(stage.encoder_lora), "encoder_lora")
             return
-    raise CheckpointError("init_from: the checkpoint holds encoder LoRA adapters but none of its "
-                          f"stages ({', '.join(stages)}) trained the encoder with LoRA")
+    raise CheckpointError(
+        "init_from: the checkpoint holds encoder LoRA adapters but none of its "
+        f"stages ({', '.join(stages)}) trained the encoder with LoRA"
+    )
 
 
-def load_init_weights(model: MultimodalModel, cfg: DictConfig,
-                      registry: Registry | None = None) -> list[str]:
+def load_init_weights(
+    model: MultimodalModel, cfg: DictConfig, registry: Registry | None = None
+) -> list[str]:
     """Copy the weights of ``cfg.init_from`` into ``model``; returns the names loaded (empty when
     ``init_from`` is not set).
 
@@ -107,41 +120,67 @@ def load_init_weights(model: MultimodalModel, cfg: DictConfig,
     path = init_checkpoint(str(value))
     source_cfg, weights, meta = read_checkpoint(path, registry)
     stages = json.loads(meta.get("stages", "[]"))
-    if any("lora_" in k and k.startswith("llm.") for k in weights) and model.llm.lora_config is None:
+    if (
+        any("lora_" in k and k.startswith("llm.") for k in weights)
+        and model.llm.lora_config is None
+    ):
         _add_lora_like_source(model, source_cfg, stages)
     if any("lora_" in k and ".encoder." in k for k in weights) and not all(
-            has_lora(b.encoder) for b in model.branches.values()):
+        has_lora(b.encoder) for b in model.branches.values()
+    ):
         _add_encoder_lora_like_source(model, source_cfg, stages)
     own = dict(model.named_parameters())
     unknown = sorted(k for k in weights if k not in own)
-    shapes = sorted(f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                    for k, v in weights.items() if k in own and own[k].shape != v.shape)
+    shapes = sorted(
+        f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in weights.items()
+        if k in own and own[k].shape != v.shape
+    )
     # a connector or prefix is small and whole: some of its tensors without the others means
     # another architecture (connector.depth=3 over a depth-2 checkpoint), not a choice
     partial = []
-    wholes = [f"{n}." for n, m in model.named_modules() if isinstance(m, Connector | SequencePrefix)]
+    wholes = [
+        f"{n}." for n, m in model.named_modules() if isinstance(m, Connector | SequencePrefix)
+    ]
     for root in [w for w in wholes if not any(w != o and w.startswith(o) for o in wholes)]:
         if any(k.startswith(root) for k in weights):
             partial += sorted(k for k in own if k.startswith(root) and k not in weights)
     if unknown or shapes or partial:
-        problems = ([f"{len(unknown)} tensor(s) this model does not have: {', '.join(unknown[:6])}"]
-                    if unknown else [])
+        problems = (
+            [f"{len(unknown)} tensor(s) this model does not have: {', '.join(unknown[:6])}"]
+            if unknown
+            else []
+        )
         problems += [f"{len(shapes)} shape mismatch(es): {', '.join(shapes[:6])}"] if shapes else []
-        problems += [f"{len(partial)} tensor(s) of a loaded connector/prefix missing from the "
-                     f"checkpoint: {', '.join(partial[:6])}"] if partial else []
-        raise CheckpointError(f"init_from={value}: '{path}' does not fit this model (another "
-                              f"encoder, connector or LLM than the source run's?):\n  "
-                              + "\n  ".join(problems))
+        problems += (
+            [
+                f"{len(partial)} tensor(s) of a loaded connector/prefix missing from the "
+                f"checkpoint: {', '.join(partial[:6])}"
+            ]
+            if partial
+            else []
+        )
+        raise CheckpointError(
+            f"init_from={value}: '{path}' does not fit this model (another "
+            f"encoder, connector or LLM than the source run's?):\n  " + "\n  ".join(problems)
+        )
     encoder_keys = [k for k in weights if k.startswith("branches.") and ".encoder." in k]
     caching = bool(cfg.get("cache_features", Root().cache_features))  # default: schema.Root
     if encoder_keys and caching and frozen_encoders(cfg):
-        raise ConfigError(f"init_from={value}: the checkpoint holds trained encoder weights "
-                          f"({encoder_keys[0]}, ...), but cache_features=true would read the "
-                          f"pretrained encoder's features; set cache_features=false")
+        raise ConfigError(
+            f"init_from={value}: the checkpoint holds trained encoder weights "
+            f"({encoder_keys[0]}, ...), but cache_features=true would read the "
+            f"pretrained encoder's features; set cache_features=false"
+        )
     with torch.no_grad():
         for k, v in weights.items():
             own[k].copy_(v.to(own[k].dtype))
     model.ever_trained |= set(weights)
-    log.info("init_from: %d tensors from %s (stages %s of run config %s)", len(weights), path,
-             ", ".join(stages) or "-", OmegaConf.select(source_cfg, "run_name", default="?"))
+    log.info(
+        "init_from: %d tensors from %s (stages %s of run config %s)",
+        len(weights),
+        path,
+        ", ".join(stages) or "-",
+        OmegaConf.select(source_cfg, "run_name", default="?"),
+    )
     return sorted(weights)

@@ -79,8 +79,10 @@ class _EpochPosition:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if int(state["seed"]) != self.seed:
-            raise CheckpointError(f"the checkpoint's data order was drawn with seed={state['seed']}, "
-                                  f"this run has seed={self.seed}; resume with the run's own config")
+            raise CheckpointError(
+                f"the checkpoint's data order was drawn with seed={state['seed']}, "
+                f"this run has seed={self.seed}; resume with the run's own config"
+            )
         self.epoch = int(state["epoch"])
         self.yielded = int(state["yielded"])
         self._resume_at = (self.epoch, self.yielded)
@@ -104,7 +106,9 @@ class EpochShuffle(_EpochPosition, RandomSampler):
         self._start(seed)
 
     def _order(self) -> list[int]:
-        return torch.randperm(len(self.data_source), generator=epoch_generator(self.seed, self.epoch)).tolist()
+        return torch.randperm(
+            len(self.data_source), generator=epoch_generator(self.seed, self.epoch)
+        ).tolist()
 
 
 def modality_lengths(samples: Iterable[Sample]) -> list[int]:
@@ -161,14 +165,20 @@ class ModalityLengthGrouped(_EpochPosition, DistributedSampler):
         ConfigError: for a batch size or multiplier below 1.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, megabatch_mult: int = 50) -> None:
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, seed: int, megabatch_mult: int = 50
+    ) -> None:
         # DistributedSampler.__init__ is not called: it needs the process group, which Lightning
         # creates after the loaders; rank and world size are read when they are needed
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if (self.lengths == 0).any():
-            raise DataError(f"modality lengths must be non-zero (sample {int(np.flatnonzero(self.lengths == 0)[0])})")
+            raise DataError(
+                f"modality lengths must be non-zero (sample {int(np.flatnonzero(self.lengths == 0)[0])})"
+            )
         if batch_size < 1 or megabatch_mult < 1:
-            raise ConfigError(f"batch_size ({batch_size}) and megabatch_mult ({megabatch_mult}) must be >= 1")
+            raise ConfigError(
+                f"batch_size ({batch_size}) and megabatch_mult ({megabatch_mult}) must be >= 1"
+            )
         self.batch_size = int(batch_size)
         self.megabatch_mult = int(megabatch_mult)
         self.shuffle, self.drop_last = True, False
@@ -191,7 +201,9 @@ class ModalityLengthGrouped(_EpochPosition, DistributedSampler):
         rank, world = _rank_world()
         order = self.global_order(world)
         if world > 1:
-            order += order[:-len(order) % world]  # padded to a multiple, as DistributedSampler does
+            order += order[
+                : -len(order) % world
+            ]  # padded to a multiple, as DistributedSampler does
             order = order[rank::world]
         return order
 
@@ -209,8 +221,12 @@ class ModalityLengthGrouped(_EpochPosition, DistributedSampler):
             size = np.abs(self.lengths[idx])
             perm = torch.randperm(len(idx), generator=g).numpy()
             # a stable sort of the shuffled megabatch: equal lengths keep the random order
-            ordered = np.concatenate([c[np.argsort(-size[c], kind="stable")]
-                                      for c in np.array_split(perm, range(mega, len(perm), mega))])
+            ordered = np.concatenate(
+                [
+                    c[np.argsort(-size[c], kind="stable")]
+                    for c in np.array_split(perm, range(mega, len(perm), mega))
+                ]
+            )
             ordered = idx[ordered]
             n_full = len(ordered) // step * step
             full += np.split(ordered[:n_full], n_full // step) if n_full else []
@@ -260,8 +276,16 @@ class ResumableLoader(StatefulDataLoader):
         super().load_state_dict(state)
 
 
-def make_loader(ds: Dataset, batch_size: int, collate: Callable[[list[Any]], Any], *, shuffle: bool,
-                seed: int, num_workers: int = 0, lengths: Sequence[int] | None = None) -> ResumableLoader:
+def make_loader(
+    ds: Dataset,
+    batch_size: int,
+    collate: Callable[[list[Any]], Any],
+    *,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+    lengths: Sequence[int] | None = None,
+) -> ResumableLoader:
     """A :class:`ResumableLoader` over ``ds``; shuffled by :class:`EpochShuffle` when
     ``shuffle``, or grouped by :class:`ModalityLengthGrouped` when ``lengths`` are given too.
 
@@ -281,11 +305,20 @@ def make_loader(ds: Dataset, batch_size: int, collate: Callable[[list[Any]], Any
     """
     sampler: Sampler[int] | None = None
     if shuffle and lengths is not None:
-        if len(lengths) != len(ds):  # type: ignore[arg-type]
-            raise DataError(f"loader.group_by_length: lengths has {len(lengths)} entries for {len(ds)} samples")  # type: ignore[arg-type]
+        n = len(ds)  # type: ignore[arg-type]
+        if len(lengths) != n:
+            raise DataError(
+                f"loader.group_by_length: lengths has {len(lengths)} entries for {n} samples"
+            )
         sampler = ModalityLengthGrouped(lengths, batch_size, seed)
     elif shuffle:
         sampler = EpochShuffle(ds, seed)  # type: ignore[arg-type]
-    return ResumableLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                           num_workers=num_workers, persistent_workers=num_workers > 0,
-                           generator=torch.Generator().manual_seed(seed))
+    return ResumableLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -76,18 +76,31 @@ def make_loggers(run: Root, out_dir: Path, stage: str) -> list[Logger]:
                 continue
             if "tensorboard" not in _warned:
                 _warned.add("tensorboard")
-                log.warning("loggers: tensorboard is not installed (pip install tensorboard); "
-                            "logging to CSV only (%s)", root / stage / "metrics.csv")
+                log.warning(
+                    "loggers: tensorboard is not installed (pip install tensorboard); "
+                    "logging to CSV only (%s)",
+                    root / stage / "metrics.csv",
+                )
             if "csv" not in names:
                 loggers.append(CSVLogger(root, name=stage, version=""))
         elif name == "wandb":
             if not _available("wandb"):
-                raise ConfigError("loggers: 'wandb' needs the wandb package (pip install wandb); "
-                                  f"or drop it from loggers (available: {', '.join(LOGGERS)})")
+                raise ConfigError(
+                    "loggers: 'wandb' needs the wandb package (pip install wandb); "
+                    f"or drop it from loggers (available: {', '.join(LOGGERS)})"
+                )
             from lightning.pytorch.loggers import WandbLogger
 
             root.mkdir(parents=True, exist_ok=True)
             run_name = str(run.run_name or Root().run_name)
-            loggers.append(WandbLogger(name=f"{run_name}-{stage}", save_dir=str(root), offline=True,
-                                       project="mmbridge", group=run_name, job_type=stage))
+            loggers.append(
+                WandbLogger(
+                    name=f"{run_name}-{stage}",
+                    save_dir=str(root),
+                    offline=True,
+                    project="mmbridge",
+                    group=run_name,
+                    job_type=stage,
+                )
+            )
     return loggers

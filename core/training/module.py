@@ -55,7 +55,9 @@ class BridgeModule(L.LightningModule):
         self.step_times: list[float] = []
         self.samples_seen = 0
         self.seen_ids: list[str] | None = None  # a list when recording (debug)
-        self._rng_to_restore: dict[str, Any] | None = None  # from a checkpoint, until training starts
+        self._rng_to_restore: dict[str, Any] | None = (
+            None  # from a checkpoint, until training starts
+        )
         #: Seconds of training under a time budget (the LR schedule follows it); None: steps.
         self.time_budget_s: float | None = None
         #: Steps the LR schedule spans: the Trainer's ``max_steps`` once attached (:meth:`setup`).
@@ -75,15 +77,21 @@ class BridgeModule(L.LightningModule):
         if str(trainer.precision).endswith("-mixed") and "deepspeed" not in strategy:
             keep_trained_fp32(self.model)
 
-    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
-                                    gradient_clip_val: float | None = None,
-                                    gradient_clip_algorithm: str | None = None) -> None:
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
         """Clip by the global norm under FSDP too: Lightning refuses norm clipping there (the
         sharded norm needs the root FSDP module), so the root's own ``clip_grad_norm_`` does
         it, which reduces the shards' norms over the ranks. Every other strategy: Lightning's."""
         root: Any = getattr(self.trainer.strategy, "model", None)
-        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and \
-                type(root).__name__ == "FullyShardedDataParallel":
+        if (
+            gradient_clip_val
+            and gradient_clip_algorithm in (None, "norm")
+            and type(root).__name__ == "FullyShardedDataParallel"
+        ):
             root.clip_grad_norm_(float(gradient_clip_val))
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
@@ -139,16 +147,20 @@ class BridgeModule(L.LightningModule):
         # Lightning sets Trainer.callbacks in __init__ without declaring it on the class
         timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)  # type: ignore[attr-defined]
         elapsed = float(timer.time_elapsed("train")) if timer is not None else 0.0
-        return progress_warmup_cosine(max(step / max(1, total), elapsed / self.time_budget_s),
-                                      warmup_ratio, min_ratio)
+        return progress_warmup_cosine(
+            max(step / max(1, total), elapsed / self.time_budget_s), warmup_ratio, min_ratio
+        )
 
     # Checkpoints: trainable weights only (a frozen 135M LLM need not be saved every time),
     # with what an exact resume needs beyond Lightning's own state (resume.py).
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = {f"model.{k}" for k in self.model.trainable_state_dict()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        extra: dict[str, Any] = {"samples_seen": self.samples_seen, "history": self.history,
-                                 "rng": rng_state()}
+        extra: dict[str, Any] = {
+            "samples_seen": self.samples_seen,
+            "history": self.history,
+            "rng": rng_state(),
+        }
         if self.seen_ids is not None:
             extra["seen_ids"] = list(self.seen_ids)
         checkpoint["mmbridge"] = extra

@@ -65,20 +65,30 @@ def param_groups(model: nn.Module, cfg: Mapping[str, Any]) -> Groups:
             component = owner.get(id(p), "llm")
             own_lr = cfg.get(f"{component}_lr")
             key = component + (".no_decay" if _no_decay(module, name, p) else "")
-            group = groups.setdefault(key, {
-                "name": key, "params": [], "lr": lr if own_lr is None else float(own_lr),
-                "weight_decay": 0.0 if key.endswith(".no_decay") else decay})
+            group = groups.setdefault(
+                key,
+                {
+                    "name": key,
+                    "params": [],
+                    "lr": lr if own_lr is None else float(own_lr),
+                    "weight_decay": 0.0 if key.endswith(".no_decay") else decay,
+                },
+            )
             group["params"].append(p)
     return list(groups.values())
 
 
 def _adamw(groups: Groups, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=float(cfg["lr"]), betas=tuple(cfg.get("betas", Optimizer().betas)))
+    return torch.optim.AdamW(
+        groups, lr=float(cfg["lr"]), betas=tuple(cfg.get("betas", Optimizer().betas))
+    )
 
 
 def _adam(groups: Groups, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
     # Adam's weight_decay is an L2 term in the gradient (AdamW's is decoupled, 1711.05101)
-    return torch.optim.Adam(groups, lr=float(cfg["lr"]), betas=tuple(cfg.get("betas", Optimizer().betas)))
+    return torch.optim.Adam(
+        groups, lr=float(cfg["lr"]), betas=tuple(cfg.get("betas", Optimizer().betas))
+    )
 
 
 def _sgd(groups: Groups, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
@@ -93,7 +103,11 @@ def _adafactor(groups: Groups, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
 
 #: optimizer name -> ``(param groups, optimizer config) -> torch optimizer``.
 BUILDERS: dict[str, Callable[[Groups, Mapping[str, Any]], torch.optim.Optimizer]] = {
-    "adamw": _adamw, "adam": _adam, "sgd": _sgd, "adafactor": _adafactor}
+    "adamw": _adamw,
+    "adam": _adam,
+    "sgd": _sgd,
+    "adafactor": _adafactor,
+}
 assert set(BUILDERS) == set(OPTIMIZERS), "schema.OPTIMIZERS and optimizers.BUILDERS disagree"
 
 #: optimizer state tensors per trained weight (full-size ones; Adafactor's are factored), for
@@ -101,7 +115,9 @@ assert set(BUILDERS) == set(OPTIMIZERS), "schema.OPTIMIZERS and optimizers.BUILD
 STATES_PER_WEIGHT = {"adamw": 2, "adam": 2, "sgd": 1, "adafactor": 0}
 
 
-def make_optimizer(groups: Groups, cfg: Mapping[str, Any], key: str = "optimizer") -> torch.optim.Optimizer:
+def make_optimizer(
+    groups: Groups, cfg: Mapping[str, Any], key: str = "optimizer"
+) -> torch.optim.Optimizer:
     """The optimizer ``cfg["name"]`` (default ``adamw``) over ``groups``.
 
     Raises:

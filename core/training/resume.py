@@ -45,9 +45,12 @@ def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": {"version": version, "state": list(mt), "gauss": gauss},
-        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                  "gauss": float(np_state["gauss"])},
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -63,11 +66,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     if "numpy" in state:
         npy = state["numpy"]
-        np.random.set_state({"bit_generator": "MT19937",
-                             "state": {"key": npy["key"].numpy().astype(np.uint32), "pos": npy["pos"]},
-                             "has_gauss": npy["has_gauss"], "gauss": npy["gauss"]})
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        np.random.set_state(
+            {
+                "bit_generator": "MT19937",
+                "state": {"key": npy["key"].numpy().astype(np.uint32), "pos": npy["pos"]},
+                "has_gauss": npy["has_gauss"],
+                "gauss": npy["gauss"],
+            }
+        )
+    if (
+        "cuda" in state
+        and torch.cuda.is_available()
+        and len(state["cuda"]) == torch.cuda.device_count()
+    ):
         torch.cuda.set_rng_state_all(state["cuda"])
+
 
 #: Environment variable of the crash test aid (``STAGE:STEP``, see the module docstring).
 KILL_ENV = "MMBRIDGE_DEBUG_SIGKILL_AT"
@@ -89,22 +102,34 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._written: tuple[int, list[str]] = (-1, [])  # (global step, files saved at it)
         self._kill_at = os.environ.get(KILL_ENV, "")
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        if self._kill_at and self.dirpath and self._kill_at == f"{Path(self.dirpath).name}:{trainer.global_step}":
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if (
+            self._kill_at
+            and self.dirpath
+            and self._kill_at == f"{Path(self.dirpath).name}:{trainer.global_step}"
+        ):
             os.kill(os.getpid(), signal.SIGKILL)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
         step, paths = self._written
-        self._written = (trainer.global_step, (paths if step == trainer.global_step else []) + [filepath])
+        self._written = (
+            trainer.global_step,
+            (paths if step == trainer.global_step else []) + [filepath],
+        )
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
 
         step, paths = self._written
-        if (trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
-                and step == trainer.global_step and _scheduled_validation(trainer)):
+        if (
+            trainer.state.fn == TrainerFn.FITTING
+            and not trainer.sanity_checking
+            and step == trainer.global_step
+            and _scheduled_validation(trainer)
+        ):
             # every file of this step (``step=N.ckpt`` and ``last.ckpt``), so a fallback from a
             # damaged ``last.ckpt`` to its sibling keeps the point too
             for path in dict.fromkeys(paths):

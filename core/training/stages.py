@@ -18,20 +18,31 @@ from mmbridge.model import MultimodalModel
 from mmbridge.model.lora import has_lora, inject_lora, lora_settings, mark_adapters_trainable
 from mmbridge.model.precision import encoder_mode
 
-__all__ = ["LLM_MODES", "check_schedule", "configure_trainable", "data_parallel_size",
-           "encoder_blocks", "frozen_encoders", "stage_steps"]
+__all__ = [
+    "LLM_MODES",
+    "check_schedule",
+    "configure_trainable",
+    "data_parallel_size",
+    "encoder_blocks",
+    "frozen_encoders",
+    "stage_steps",
+]
 
 
 def _stage_errors(key: str, stage: dict[str, Any]) -> list[str]:
     """What the schema cannot say about one stage: the step count, the encoder's last blocks."""
     errors = []
     if stage.get("epochs") is None and stage.get("max_steps") is None:
-        errors.append(f"{key}: max_steps and epochs are both null; set one (epochs: passes over "
-                      f"the stage's data, e.g. {key}.epochs=1)")
+        errors.append(
+            f"{key}: max_steps and epochs are both null; set one (epochs: passes over "
+            f"the stage's data, e.g. {key}.epochs=1)"
+        )
     train = stage.get("train") or {}
     if encoder_mode(train) == "last_n" and not train.get("encoder_last_n"):
-        errors.append(f"{key}.train.encoder=last_n: set {key}.train.encoder_last_n to the number "
-                      f"of the encoder's last blocks that train")
+        errors.append(
+            f"{key}.train.encoder=last_n: set {key}.train.encoder_last_n to the number "
+            f"of the encoder's last blocks that train"
+        )
     return errors
 
 
@@ -60,11 +71,16 @@ def data_parallel_size(trainer: Any) -> int:
     ``-1`` / ``auto``: every visible GPU, one CPU process) times ``trainer.num_nodes``."""
     trainer = trainer or {}
     devices = trainer.get("devices", 1)
-    if isinstance(devices, list | tuple) or (hasattr(devices, "__len__") and not isinstance(devices, str)):
+    if isinstance(devices, list | tuple) or (
+        hasattr(devices, "__len__") and not isinstance(devices, str)
+    ):
         n = len(devices)
     elif isinstance(devices, int) and devices > 0:
         n = devices
-    elif str(trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+    elif (
+        str(trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
+        and torch.cuda.is_available()
+    ):
         n = torch.cuda.device_count()
     else:
         n = 1
@@ -93,11 +109,17 @@ def encoder_blocks(encoder: nn.Module) -> nn.ModuleList | nn.Sequential:
     """The encoder's stack of transformer blocks: the first ``ModuleList`` / ``Sequential`` of
     composite modules of one class (HF vision towers, timm ViTs, Whisper's encoder)."""
     for m in encoder.modules():
-        if (isinstance(m, nn.ModuleList | nn.Sequential) and len(m) > 0
-                and len({type(b) for b in m}) == 1 and len(list(m[0].children())) >= 2):
+        if (
+            isinstance(m, nn.ModuleList | nn.Sequential)
+            and len(m) > 0
+            and len({type(b) for b in m}) == 1
+            and len(list(m[0].children())) >= 2
+        ):
             return m
-    raise ConfigError(f"train.encoder=last_n: {type(encoder).__name__} has no stack of blocks "
-                      f"(a ModuleList of one block class); use train.encoder=full or lora")
+    raise ConfigError(
+        f"train.encoder=last_n: {type(encoder).__name__} has no stack of blocks "
+        f"(a ModuleList of one block class); use train.encoder=full or lora"
+    )
 
 
 def _configure_encoder(encoder: nn.Module, stage: DictConfig) -> None:
@@ -112,7 +134,7 @@ def _configure_encoder(encoder: nn.Module, stage: DictConfig) -> None:
     encoder.requires_grad_(mode == "full")
     if mode == "last_n":
         blocks = encoder_blocks(encoder)
-        for block in list(blocks)[-int(stage.train.encoder_last_n):]:
+        for block in list(blocks)[-int(stage.train.encoder_last_n) :]:
             block.requires_grad_(True)
 
 

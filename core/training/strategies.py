@@ -22,8 +22,12 @@ from mmbridge.model.precision import fsdp_mixed_precision
 def _is_block_stack(m: nn.Module) -> TypeGuard[nn.ModuleList | nn.Sequential]:
     """A ``ModuleList`` / ``Sequential`` of composite modules of one class (transformer blocks,
     not the layers of an MLP)."""
-    return (isinstance(m, nn.ModuleList | nn.Sequential) and len(m) > 0
-            and len({type(b) for b in m}) == 1 and len(list(m[0].children())) >= 2)
+    return (
+        isinstance(m, nn.ModuleList | nn.Sequential)
+        and len(m) > 0
+        and len({type(b) for b in m}) == 1
+        and len(list(m[0].children())) >= 2
+    )
 
 
 def block_classes(model: MultimodalModel) -> set[type[nn.Module]]:
@@ -78,8 +82,15 @@ def make_strategy(trainer_cfg: Any, model: MultimodalModel, precision: str | Non
     try:
         classes = block_classes(model)
     except AttributeError as exc:
-        raise ConfigError(f"trainer.strategy=fsdp: no decoder blocks to wrap ({exc}); use "
-                          f"trainer.strategy=ddp") from exc
-    return FSDPStrategy(auto_wrap_policy=classes, sharding_strategy="FULL_SHARD",
-                        use_orig_params=True, state_dict_type="full", limit_all_gathers=True,
-                        cpu_offload=False, mixed_precision=fsdp_mixed_precision(str(precision)))
+        raise ConfigError(
+            f"trainer.strategy=fsdp: no decoder blocks to wrap ({exc}); use trainer.strategy=ddp"
+        ) from exc
+    return FSDPStrategy(
+        auto_wrap_policy=classes,
+        sharding_strategy="FULL_SHARD",
+        use_orig_params=True,
+        state_dict_type="full",
+        limit_all_gathers=True,
+        cpu_offload=False,
+        mixed_precision=fsdp_mixed_precision(str(precision)),
+    )

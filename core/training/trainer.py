@@ -30,10 +30,24 @@ from mmbridge.model.precision import (
 )
 from mmbridge.training.strategies import make_strategy
 
-__all__ = ["BF16_CPU_FLAGS", "BF16_MIN_SPEEDUP", "ISA_ENV", "PROBE_VERSION", "Hardware",
-           "PrecisionDecision", "_matmul_gflops", "decide_precision", "detect_hardware",
-           "peak_memory_mb", "probe_cpu_bf16", "resolve_auto_dtypes", "resolve_device",
-           "run_precision", "tidy_lightning_output", "trainer_kwargs"]
+__all__ = [
+    "BF16_CPU_FLAGS",
+    "BF16_MIN_SPEEDUP",
+    "ISA_ENV",
+    "PROBE_VERSION",
+    "Hardware",
+    "PrecisionDecision",
+    "_matmul_gflops",
+    "decide_precision",
+    "detect_hardware",
+    "peak_memory_mb",
+    "probe_cpu_bf16",
+    "resolve_auto_dtypes",
+    "resolve_device",
+    "run_precision",
+    "tidy_lightning_output",
+    "trainer_kwargs",
+]
 
 
 def resolve_device(device: str | torch.device | None, accelerator: str = "auto") -> torch.device:
@@ -45,7 +59,9 @@ def resolve_device(device: str | torch.device | None, accelerator: str = "auto")
         accelerator = str(accelerator)
         if accelerator == "cpu":
             device = "cpu"
-        elif accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        elif accelerator in ("gpu", "cuda") or (
+            accelerator == "auto" and torch.cuda.is_available()
+        ):
             device = "cuda"
         else:
             device = "cpu"
@@ -55,28 +71,41 @@ def resolve_device(device: str | torch.device | None, accelerator: str = "auto")
         raise ConfigError(f"device={device}: not a device; use cpu, cuda, cuda:N or mps") from exc
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"device={device}: CUDA is not available on this machine; use device=cpu")
+            raise ConfigError(
+                f"device={device}: CUDA is not available on this machine; use device=cpu"
+            )
         if dev.index is None:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         if dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device={device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ConfigError(
+                f"device={device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
     elif dev.type == "mps":
         if not torch.backends.mps.is_available():
-            raise ConfigError(f"device={device}: MPS is not available on this machine; use device=cpu")
+            raise ConfigError(
+                f"device={device}: MPS is not available on this machine; use device=cpu"
+            )
     elif dev.type != "cpu":
         raise ConfigError(f"device={device}: only cpu, cuda[:N] and mps are supported")
     return dev
 
 
-def trainer_kwargs(cfg: DictConfig, decision: PrecisionDecision, device: torch.device | None = None,
-                   interactive: bool = True, model: Any = None) -> dict[str, Any]:
+def trainer_kwargs(
+    cfg: DictConfig,
+    decision: PrecisionDecision,
+    device: torch.device | None = None,
+    interactive: bool = True,
+    model: Any = None,
+) -> dict[str, Any]:
     """``cfg.trainer`` as ``L.Trainer`` arguments, with the decided precision; an explicit
     ``device`` (``cuda:1``) selects the accelerator and device index; without a terminal
     Lightning's progress bar is off (the progress log lines replace it); with ``model``, a
     strategy name becomes its strategy object (FSDP wrapped per decoder / encoder block,
     :func:`mmbridge.training.strategies.make_strategy`, with FSDP's mixed-precision policy
     for the decided precision)."""
-    kw = dict(cast(dict[str, Any], OmegaConf.to_container(cfg.trainer, resolve=True)))  # a mapping node
+    kw = dict(
+        cast(dict[str, Any], OmegaConf.to_container(cfg.trainer, resolve=True))
+    )  # a mapping node
     kw["precision"] = decision.precision
     if model is not None:
         kw["strategy"] = make_strategy(cfg.trainer, model, precision=decision.precision)

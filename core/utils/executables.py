@@ -65,4 +65,5 @@ def resolve_executable(value: str, key: str, known: Sequence[str]) -> str | None
         f"program found through PATH ({', '.join(known)}) or one listed in ${ALLOW_ENV} "
         f"(currently: {os.environ.get(ALLOW_ENV) or 'unset'}); settings can come from a "
         f"checkpoint's config, so other programs never run. To allow it, run with "
-        f"{ALLOW_ENV}={found or value}")
+        f"{ALLOW_ENV}={found or value}"
+    )

@@ -55,16 +55,20 @@ def check_free_space(path: str | Path, needed: int, what: str = "the output") ->
     """
     free = free_bytes(path)
     if needed + MARGIN > free:
-        raise StorageError(f"{path}: not enough free space for {what}: needs {_size(needed)} "
-                           f"(plus {MARGIN >> 10} KiB headroom), {_size(free)} free")
+        raise StorageError(
+            f"{path}: not enough free space for {what}: needs {_size(needed)} "
+            f"(plus {MARGIN >> 10} KiB headroom), {_size(free)} free"
+        )
 
 
 def storage_error(path: str | Path, exc: OSError, needed: int | None = None) -> StorageError:
     """``exc`` (a failed write to ``path``) as one :class:`StorageError` line."""
     if exc.errno in _FULL:
         need = f" needed {_size(needed)}," if needed is not None else ""
-        return StorageError(f"{path}: disk full ({exc.strerror}):{need} {_size(free_bytes(path))} free; "
-                            f"the previous file, if any, is unchanged")
+        return StorageError(
+            f"{path}: disk full ({exc.strerror}):{need} {_size(free_bytes(path))} free; "
+            f"the previous file, if any, is unchanged"
+        )
     return StorageError(f"{path}: cannot write ({exc.strerror or exc})")
 
 

@@ -32,8 +32,14 @@ MAX_PIXELS_ENV = "MMBRIDGE_MAX_IMAGE_PIXELS"
 DEFAULT_MAX_PIXELS = 64_000_000
 #: What PIL raises while reading a damaged or non-image file (a truncated PNG raises
 #: ``OSError``, a truncated GIF ``EOFError``, some plugins ``SyntaxError`` or ``struct.error``).
-_DECODE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, struct.error,
-                  Image.DecompressionBombError)
+_DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    EOFError,
+    SyntaxError,
+    struct.error,
+    Image.DecompressionBombError,
+)
 
 
 def max_image_pixels() -> int:
@@ -50,8 +56,10 @@ def max_image_pixels() -> int:
     except ValueError:
         value = 0
     if value < 1:
-        raise ConfigError(f"{MAX_PIXELS_ENV}={os.environ[MAX_PIXELS_ENV]!r} must be a positive "
-                          f"integer (pixels; default {DEFAULT_MAX_PIXELS})")
+        raise ConfigError(
+            f"{MAX_PIXELS_ENV}={os.environ[MAX_PIXELS_ENV]!r} must be a positive "
+            f"integer (pixels; default {DEFAULT_MAX_PIXELS})"
+        )
     return value
 
 
@@ -80,19 +88,25 @@ def open_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
     except FileNotFoundError:
         raise DataError(f"cannot read image '{path}': no such file") from None
     except UnidentifiedImageError:
-        raise DataError(f"cannot read image '{path}': not an image file PIL can identify "
-                        f"(unknown format, or the file is empty or damaged)") from None
+        raise DataError(
+            f"cannot read image '{path}': not an image file PIL can identify "
+            f"(unknown format, or the file is empty or damaged)"
+        ) from None
     except Image.DecompressionBombError as exc:  # PIL's guard, for sizes past twice its limit
-        raise DataError(f"image '{path}' is too large: {exc} (the limit is {limit} pixels; a "
-                        f"decompression bomb, or set {MAX_PIXELS_ENV} to allow it)") from None
+        raise DataError(
+            f"image '{path}' is too large: {exc} (the limit is {limit} pixels; a "
+            f"decompression bomb, or set {MAX_PIXELS_ENV} to allow it)"
+        ) from None
     except _DECODE_ERRORS as exc:
         raise DataError(f"cannot read image '{path}': {type(exc).__name__}: {exc}") from None
     width, height = img.size
     if width * height > limit:
         img.close()
-        raise DataError(f"image '{path}' is too large: its header says {width}x{height} = "
-                        f"{width * height} pixels, over the limit of {limit} pixels (a "
-                        f"decompression bomb, or set {MAX_PIXELS_ENV} to allow it)")
+        raise DataError(
+            f"image '{path}' is too large: its header says {width}x{height} = "
+            f"{width * height} pixels, over the limit of {limit} pixels (a "
+            f"decompression bomb, or set {MAX_PIXELS_ENV} to allow it)"
+        )
     return img
 
 
@@ -111,8 +125,9 @@ def load_rgb(path: str, max_pixels: int | None = None) -> Image.Image:
         with img:
             return img.convert("RGB")
     except _DECODE_ERRORS as exc:
-        raise DataError(f"cannot read image '{path}' (truncated or damaged?): "
-                        f"{type(exc).__name__}: {exc}") from None
+        raise DataError(
+            f"cannot read image '{path}' (truncated or damaged?): {type(exc).__name__}: {exc}"
+        ) from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = tolerant
 
@@ -145,8 +160,10 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
             raise DataError(f"cannot decode audio file {path}: {exc}") from None
         return data.mean(axis=1).astype(np.float32), int(sr)
     if path.suffix.lower() != ".wav":
-        raise DataError(f"cannot decode {path}: only PCM .wav is readable without the "
-                        f"'soundfile' package (pip install soundfile, or 'mmbridge[data]')")
+        raise DataError(
+            f"cannot decode {path}: only PCM .wav is readable without the "
+            f"'soundfile' package (pip install soundfile, or 'mmbridge[data]')"
+        )
     return _read_wav(path)
 
 
@@ -209,8 +226,13 @@ def write_wav(path: str | Path, audio: np.ndarray, sr: int) -> Path:
     return path
 
 
-def chirp(duration_s: float, sr: int = SAMPLE_RATE, f0: float = 200.0, f1: float = 2000.0,
-          amplitude: float = 0.5) -> np.ndarray:
+def chirp(
+    duration_s: float,
+    sr: int = SAMPLE_RATE,
+    f0: float = 200.0,
+    f1: float = 2000.0,
+    amplitude: float = 0.5,
+) -> np.ndarray:
     """A linear frequency sweep ``[round(duration_s * sr)]`` float32, for tests and examples."""
     t = np.arange(int(round(duration_s * sr)), dtype=np.float64) / sr
     k = (f1 - f0) / max(duration_s, 1e-9)

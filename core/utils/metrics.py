@@ -48,8 +48,9 @@ def english_normalizer() -> Callable[[str], str]:
     return EnglishTextNormalizer()
 
 
-def word_error_rate(hyps: Sequence[str] | str, refs: Sequence[str] | str,
-                    normalize: bool = True) -> float:
+def word_error_rate(
+    hyps: Sequence[str] | str, refs: Sequence[str] | str, normalize: bool = True
+) -> float:
     """Corpus-level WER: total word edits / total reference words (``jiwer``).
 
     Args:

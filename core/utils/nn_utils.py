@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 
-def masked_avg_pool(x: torch.Tensor, mask: torch.Tensor,
-                    stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_avg_pool(
+    x: torch.Tensor, mask: torch.Tensor, stride: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Average non-overlapping windows of ``stride`` positions, counting real positions only.
 
     Args:

@@ -54,7 +54,9 @@ class Progress:
         every_s: Seconds between two log lines (no terminal).
     """
 
-    def __init__(self, transient: bool = True, disable: bool = False, every_s: float = 30.0) -> None:
+    def __init__(
+        self, transient: bool = True, disable: bool = False, every_s: float = 30.0
+    ) -> None:
         self.disable = disable
         self.every_s = every_s
         self._rich = None
@@ -96,5 +98,11 @@ class Progress:
         if now - task.t_last >= self.every_s and task.done < task.total:
             task.t_last = now
             rate = task.done / max(now - task.t0, 1e-9)
-            log.info("%s: %d/%d (%.1f/s, %s left)", task.desc, task.done, task.total, rate,
-                     eta((task.total - task.done) / rate if rate > 0 else float("inf")))
+            log.info(
+                "%s: %d/%d (%.1f/s, %s left)",
+                task.desc,
+                task.done,
+                task.total,
+                rate,
+                eta((task.total - task.done) / rate if rate > 0 else float("inf")),
+            )

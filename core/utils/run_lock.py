@@ -84,18 +84,31 @@ class RunLock:
             note = _note(self.run_dir) or {}
             raise RunLockedError(
                 f"{self.run_dir}: this run directory is in use by another run ({describe(note)}); "
-                f"wait for it to finish, stop it, or write into another directory") from None
+                f"wait for it to finish, stop it, or write into another directory"
+            ) from None
         except OSError as exc:
-            raise StorageError(f"{self.run_dir}: cannot lock the run directory "
-                               f"({exc.strerror or exc}): is it writable?") from None
+            raise StorageError(
+                f"{self.run_dir}: cannot lock the run directory "
+                f"({exc.strerror or exc}): is it writable?"
+            ) from None
         self._lock = lock
         before = _note(self.run_dir)
         if before and not _same_process(before):
-            log.warning("%s: taking over the lock of a run that ended without releasing it (%s)",
-                        self.run_dir, describe(before))
-        atomic_write_json(self.run_dir / HOLDER, {
-            "pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-            "purpose": self.purpose, "command": " ".join(["mmbridge", *sys.argv[1:]])[:300]})
+            log.warning(
+                "%s: taking over the lock of a run that ended without releasing it (%s)",
+                self.run_dir,
+                describe(before),
+            )
+        atomic_write_json(
+            self.run_dir / HOLDER,
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.time(),
+                "purpose": self.purpose,
+                "command": " ".join(["mmbridge", *sys.argv[1:]])[:300],
+            },
+        )
         return self
 
     def release(self) -> None:
@@ -108,8 +121,12 @@ class RunLock:
     def __enter__(self) -> RunLock:
         return self.acquire()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.release()
 
 
@@ -139,12 +156,17 @@ def refuse_clobbering(out: str | Path, sources: Sequence[str | Path], key: str =
     for src in sources:
         s = Path(src).expanduser().resolve()
         if dst == s or dst in s.parents:
-            raise ConfigError(f"{key}={out}: holds {s}, which this command reads; writing there would "
-                              f"delete it (overwrite=true included): choose another directory")
+            raise ConfigError(
+                f"{key}={out}: holds {s}, which this command reads; writing there would "
+                f"delete it (overwrite=true included): choose another directory"
+            )
         if s in dst.parents and s.is_dir():
-            raise ConfigError(f"{key}={out}: lies inside {s}, which this command reads: choose a "
-                              f"directory outside it")
+            raise ConfigError(
+                f"{key}={out}: lies inside {s}, which this command reads: choose a "
+                f"directory outside it"
+            )
     note = holder(dst) if dst.is_dir() else None
     if note is not None:
-        raise RunLockedError(f"{key}={out}: a run is writing there ({describe(note)}): choose another "
-                             f"directory")
+        raise RunLockedError(
+            f"{key}={out}: a run is writing there ({describe(note)}): choose another directory"
+        )

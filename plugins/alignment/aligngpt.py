@@ -65,17 +65,24 @@ class AlignGPTPrefix(SequencePrefix):
 
     meta_keys: ClassVar[tuple[str, ...]] = (LEVEL_KEY,)
 
-    def __init__(self, dim: int, levels: int = 8, gate_hidden: int = 256, mode: str = "gate") -> None:
+    def __init__(
+        self, dim: int, levels: int = 8, gate_hidden: int = 256, mode: str = "gate"
+    ) -> None:
         super().__init__(dim)
         if isinstance(levels, bool) or int(levels) < 2:
-            raise ConfigError(f"alignment.levels: {levels!r} must be an integer >= 2 (one global level "
-                              f"and at least one local level)")
+            raise ConfigError(
+                f"alignment.levels: {levels!r} must be an integer >= 2 (one global level "
+                f"and at least one local level)"
+            )
         _check_mode(mode, "alignment.mode")
         self.levels = int(levels)
         # Xavier-uniform, as the reference code initialises its indicators.
         self.indicators = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.levels, self.dim)))
-        self.gate = nn.Sequential(nn.Linear(self.dim, int(gate_hidden)), nn.GELU(),
-                                  nn.Linear(int(gate_hidden), self.levels - 1))
+        self.gate = nn.Sequential(
+            nn.Linear(self.dim, int(gate_hidden)),
+            nn.GELU(),
+            nn.Linear(int(gate_hidden), self.levels - 1),
+        )
         self.default_mode = mode
         self.mode = mode
         self._warned = False
@@ -88,8 +95,10 @@ class AlignGPTPrefix(SequencePrefix):
         settings = stage.get("prefix") or {}
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
-            raise ConfigError(f"stages.<stage>.prefix.{unknown[0]}: not a setting of the aligngpt prefix; "
-                              f"valid: {', '.join(SETTINGS)}")
+            raise ConfigError(
+                f"stages.<stage>.prefix.{unknown[0]}: not a setting of the aligngpt prefix; "
+                f"valid: {', '.join(SETTINGS)}"
+            )
         mode = settings.get("mode", self.default_mode)
         _check_mode(mode, "stages.<stage>.prefix.mode")
         self.mode = mode
@@ -113,16 +122,22 @@ class AlignGPTPrefix(SequencePrefix):
         lv = lv.to(device=device, dtype=torch.long)
         bad = (lv < -1) | (lv >= self.levels)
         if bool(bad.any()):
-            raise DataError(f"meta.{LEVEL_KEY}={int(lv[bad][0])} is outside 0..{self.levels - 1}: the "
-                            f"data's levels do not match alignment.levels={self.levels}")
+            raise DataError(
+                f"meta.{LEVEL_KEY}={int(lv[bad][0])} is outside 0..{self.levels - 1}: the "
+                f"data's levels do not match alignment.levels={self.levels}"
+            )
         if self.training and not self._warned and bool((lv < 0).all()):
             self._warned = True  # a stage-1 recipe that does not annotate: say so once
-            log.warning("aligngpt prefix in 'level' mode but the batch has no meta.%s: every sample "
-                        "gets the global level; use the align_levels recipe for this stage", LEVEL_KEY)
+            log.warning(
+                "aligngpt prefix in 'level' mode but the batch has no meta.%s: every sample "
+                "gets the global level; use the align_levels recipe for this stage",
+                LEVEL_KEY,
+            )
         return torch.where(lv < 0, torch.full_like(lv, self.levels - 1), lv)
 
-    def forward(self, embeds: torch.Tensor, prompt_mask: torch.Tensor,
-                batch: Mapping[str, Any]) -> torch.Tensor:
+    def forward(
+        self, embeds: torch.Tensor, prompt_mask: torch.Tensor, batch: Mapping[str, Any]
+    ) -> torch.Tensor:
         """The indicator token ``[B, 1, D]`` of the current mode (formulas in the module doc)."""
         b = embeds.shape[0]
         h_local, h_global = self.indicators[:-1], self.indicators[-1]  # [N-1, D], [D]
@@ -140,7 +155,9 @@ class AlignGPTPrefix(SequencePrefix):
         self.last_info = None if self.training else self._describe(b, lv, a)
         return out.unsqueeze(1)
 
-    def _describe(self, b: int, lv: torch.Tensor | None, a: torch.Tensor | None) -> list[dict[str, Any]]:
+    def _describe(
+        self, b: int, lv: torch.Tensor | None, a: torch.Tensor | None
+    ) -> list[dict[str, Any]]:
         """Per-sample record of a forward: mode, level or gate weights (evaluation only: it
         copies to the host, which a training step should not wait for)."""
         info: list[dict[str, Any]] = [{"mode": self.mode} for _ in range(b)]

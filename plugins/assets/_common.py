@@ -47,8 +47,10 @@ def require_source(asset: str, package: str, relpath: str) -> Path:
     """Like :func:`source_file`, but an :class:`AssetError` naming the fix when it is absent."""
     path = source_file(package, relpath)
     if path is None:
-        raise AssetError(f"model asset '{asset}': {relpath} of package '{package}' is not "
-                         f"installed; run `{SETUP_HINT}`")
+        raise AssetError(
+            f"model asset '{asset}': {relpath} of package '{package}' is not "
+            f"installed; run `{SETUP_HINT}`"
+        )
     return path
 
 
@@ -56,14 +58,18 @@ def require_modules(asset: str, *modules: str) -> None:
     """Raise an :class:`AssetError` listing the conversion libraries that are not installed."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise AssetError(f"model asset '{asset}' needs {', '.join(missing)} to convert; "
-                         f"run `{SETUP_HINT}` (or pip install 'mmbridge[assets]')")
+        raise AssetError(
+            f"model asset '{asset}' needs {', '.join(missing)} to convert; "
+            f"run `{SETUP_HINT}` (or pip install 'mmbridge[assets]')"
+        )
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """``max |a - b|`` over all elements, as float64 (shapes must be equal)."""
     if a.shape != b.shape:
-        raise AssetError(f"shape mismatch in the conversion check: {tuple(a.shape)} vs {tuple(b.shape)}")
+        raise AssetError(
+            f"shape mismatch in the conversion check: {tuple(a.shape)} vs {tuple(b.shape)}"
+        )
     return float((a.double() - b.double()).abs().max())
 
 
@@ -71,8 +77,10 @@ def check_close(asset: str, what: str, diff: float, tol: float) -> str:
     """The check line ``"<what> max |diff| 1.2e-06 <= 1e-04"``; an AssetError when it fails."""
     line = f"{what} max |diff| {diff:.1e} <= {tol:.0e}"
     if not diff <= tol:  # also catches NaN
-        raise AssetError(f"model asset '{asset}' failed its conversion check: {what} "
-                         f"max |diff| {diff:.3g} > tolerance {tol:g}")
+        raise AssetError(
+            f"model asset '{asset}' failed its conversion check: {what} "
+            f"max |diff| {diff:.3g} > tolerance {tol:g}"
+        )
     return line
 
 

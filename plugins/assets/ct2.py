@@ -23,7 +23,10 @@ import numpy as np
 
 #: CTranslate2's ``DataType`` enum -> numpy dtype (bfloat16 and float8 have no numpy type).
 _DTYPES: dict[int, np.dtype] = {
-    0: np.dtype("<f4"), 1: np.dtype("i1"), 2: np.dtype("<i2"), 3: np.dtype("<i4"),
+    0: np.dtype("<f4"),
+    1: np.dtype("i1"),
+    2: np.dtype("<i2"),
+    3: np.dtype("<i4"),
     4: np.dtype("<f2"),
 }
 SUPPORTED_VERSIONS = range(4, 7)
@@ -55,7 +58,7 @@ class _Cursor:
 
     def string(self) -> str:
         (n,) = self.take("H")
-        raw = self.data[self.pos:self.pos + n]
+        raw = self.data[self.pos : self.pos + n]
         self.pos += n
         return raw.rstrip(b"\0").decode("utf-8")
 
@@ -74,8 +77,10 @@ def read_ct2(path: str | Path) -> CT2Model:
     try:
         (version,) = cur.take("I")
         if version not in SUPPORTED_VERSIONS:
-            raise CT2FormatError(f"binary version {version} (this reader knows "
-                                 f"{SUPPORTED_VERSIONS.start}-{SUPPORTED_VERSIONS.stop - 1})")
+            raise CT2FormatError(
+                f"binary version {version} (this reader knows "
+                f"{SUPPORTED_VERSIONS.start}-{SUPPORTED_VERSIONS.stop - 1})"
+            )
         spec = cur.string()
         (revision,) = cur.take("I")
         (n_vars,) = cur.take("I")

@@ -72,8 +72,10 @@ class Dinov2SmallAsset(Asset):
         patch = tensors["embeddings.patch_embeddings.projection.weight"].shape[-1]
         config = Dinov2Config(
             hidden_size=tensors["embeddings.cls_token"].shape[-1],
-            num_hidden_layers=1 + max(int(m.group(1)) for k in tensors
-                                      if (m := re.match(r"encoder\.layer\.(\d+)\.", k))),
+            num_hidden_layers=1
+            + max(
+                int(m.group(1)) for k in tensors if (m := re.match(r"encoder\.layer\.(\d+)\.", k))
+            ),
             num_attention_heads=6,  # DINOv2-S: head dim 64 (not stored in the weights)
             patch_size=patch,
             # The position embeddings cover a 37x37 grid: DINOv2's native 518-pixel input;
@@ -89,10 +91,18 @@ class Dinov2SmallAsset(Asset):
         # mean/std. Resizing the shortest side and cropping the centre keeps every token on
         # image content instead, and is the same for square images.
         processor = BitImageProcessor(
-            do_resize=True, size={"shortest_edge": IMAGE_SIZE}, resample=3,  # bicubic
-            do_center_crop=True, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-            do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-            image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, do_convert_rgb=True)
+            do_resize=True,
+            size={"shortest_edge": IMAGE_SIZE},
+            resample=3,  # bicubic
+            do_center_crop=True,
+            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            do_rescale=True,
+            rescale_factor=1 / 255,
+            do_normalize=True,
+            image_mean=IMAGENET_MEAN,
+            image_std=IMAGENET_STD,
+            do_convert_rgb=True,
+        )
         processor.save_pretrained(out_dir)
         return self._check(graph_model, out_dir)
 
@@ -107,11 +117,16 @@ class Dinov2SmallAsset(Asset):
         # the export dropped it; zeros are transformers' own initial value.
         missing = sorted(set(state) - set(tensors) - {"embeddings.mask_token"})
         if unexpected or missing:
-            raise fail(self.name, f"ONNX tensors do not match Dinov2Model: missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]}")
+            raise fail(
+                self.name,
+                f"ONNX tensors do not match Dinov2Model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}",
+            )
         for key, value in tensors.items():
             if tuple(value.shape) != tuple(state[key].shape):
-                raise fail(self.name, f"{key}: ONNX shape {value.shape} vs {tuple(state[key].shape)}")
+                raise fail(
+                    self.name, f"{key}: ONNX shape {value.shape} vs {tuple(state[key].shape)}"
+                )
             state[key] = torch.from_numpy(value.copy())
         state["embeddings.mask_token"] = torch.zeros(state["embeddings.mask_token"].shape)
         model.load_state_dict(state, strict=True, assign=True)
@@ -127,10 +142,12 @@ class Dinov2SmallAsset(Asset):
         from PIL import Image
         from transformers import AutoImageProcessor, Dinov2Model
 
-        graph_model.graph.output.append(onnx.helper.make_tensor_value_info(
-            HIDDEN_NODE_OUTPUT, onnx.TensorProto.FLOAT, None))
-        session = ort.InferenceSession(graph_model.SerializeToString(),
-                                       providers=["CPUExecutionProvider"])
+        graph_model.graph.output.append(
+            onnx.helper.make_tensor_value_info(HIDDEN_NODE_OUTPUT, onnx.TensorProto.FLOAT, None)
+        )
+        session = ort.InferenceSession(
+            graph_model.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
         input_name = session.get_inputs()[0].name
 
         # A deterministic non-square test image: smooth colour gradients plus texture.
@@ -144,13 +161,15 @@ class Dinov2SmallAsset(Asset):
         if tuple(pixels.shape) != (1, 3, IMAGE_SIZE, IMAGE_SIZE):
             raise fail(self.name, f"the saved preprocessor gives shape {tuple(pixels.shape)}")
         saliency, hidden = session.run(None, {input_name: pixels.numpy()})
-        model = Dinov2Model.from_pretrained(out_dir, dtype=torch.float32,
-                                            local_files_only=True).eval()
+        model = Dinov2Model.from_pretrained(
+            out_dir, dtype=torch.float32, local_files_only=True
+        ).eval()
         with torch.inference_mode():
             ours = model(pixel_values=pixels).last_hidden_state  # (1, 257, 384)
         diff = max_abs_diff(torch.from_numpy(hidden), ours)
-        return check_close(self.name, f"last hidden state {tuple(ours.shape)} vs onnxruntime",
-                           diff, HIDDEN_TOL)
+        return check_close(
+            self.name, f"last hidden state {tuple(ours.shape)} vs onnxruntime", diff, HIDDEN_TOL
+        )
 
 
 def _grid_side(position_embeddings: np.ndarray) -> int:
@@ -187,12 +206,20 @@ def _backbone_tensors(asset: str, graph_model: onnx.ModelProto) -> dict[str, np.
     # The export split the position embeddings into the CLS row (1, 1, D) and the patch grid
     # (1, N, D), both anonymous; recognise them by shape (the named (1, 1, D) is the CLS token).
     dim = out["embeddings.cls_token"].shape[-1]
-    anon = [v for k, v in inits.items() if not k.startswith(("backbone.", "decoder."))
-            and v.ndim == 3 and v.shape[0] == 1 and v.shape[-1] == dim]
+    anon = [
+        v
+        for k, v in inits.items()
+        if not k.startswith(("backbone.", "decoder."))
+        and v.ndim == 3
+        and v.shape[0] == 1
+        and v.shape[-1] == dim
+    ]
     cls_pos = [v for v in anon if v.shape[1] == 1]
     grid_pos = [v for v in anon if v.shape[1] > 1]
     if len(cls_pos) != 1 or len(grid_pos) != 1:
-        raise fail(asset, f"cannot identify the position embeddings among {[v.shape for v in anon]}")
+        raise fail(
+            asset, f"cannot identify the position embeddings among {[v.shape for v in anon]}"
+        )
     import numpy as np
 
     out["embeddings.position_embeddings"] = np.concatenate([cls_pos[0], grid_pos[0]], axis=1)

@@ -62,8 +62,12 @@ class MiniLML6Asset(Asset):
 
         ours = embed(out_dir, SENTENCES)
         reference, how = _reference_embeddings(src)
-        line = check_close(self.name, f"sentence embeddings {tuple(ours.shape)} vs {how}",
-                           max_abs_diff(reference, ours), EMBED_TOL)
+        line = check_close(
+            self.name,
+            f"sentence embeddings {tuple(ours.shape)} vs {how}",
+            max_abs_diff(reference, ours),
+            EMBED_TOL,
+        )
         similar = float(ours[0] @ ours[1])
         unrelated = max(float(ours[0] @ ours[2]), float(ours[1] @ ours[2]))
         if not similar > unrelated:

@@ -63,7 +63,8 @@ class SmolLM2Asset(Asset):
         with _parse_gguf_once():
             tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=GGUF_FILE)
             source = AutoModelForCausalLM.from_pretrained(
-                pkg_dir, gguf_file=GGUF_FILE, dtype=torch.float32, local_files_only=True).eval()
+                pkg_dir, gguf_file=GGUF_FILE, dtype=torch.float32, local_files_only=True
+            ).eval()
         if not tokenizer.chat_template:
             raise fail(self.name, f"{GGUF_FILE} carries no chat template")
 
@@ -75,34 +76,42 @@ class SmolLM2Asset(Asset):
         del plain
         return self._check(source, tokenizer, out_dir)
 
-    def _check(self, source: PreTrainedModel, src_tok: PreTrainedTokenizerBase,
-               out_dir: Path) -> str:
+    def _check(
+        self, source: PreTrainedModel, src_tok: PreTrainedTokenizerBase, out_dir: Path
+    ) -> str:
         """Reload ``out_dir`` the ordinary way and compare it with the GGUF-loaded model."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32,
-                                                     local_files_only=True).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            out_dir, dtype=torch.float32, local_files_only=True
+        ).eval()
         tok = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
         if not tok.chat_template:
             raise fail(self.name, "the saved tokenizer lost its chat template")
 
         ids = _chat_ids(tok)  # (1, T)
-        if not torch.equal(ids, _chat_ids(src_tok)) or \
-                tok(TOKENIZER_PROBE).input_ids != src_tok(TOKENIZER_PROBE).input_ids:
+        if (
+            not torch.equal(ids, _chat_ids(src_tok))
+            or tok(TOKENIZER_PROBE).input_ids != src_tok(TOKENIZER_PROBE).input_ids
+        ):
             raise fail(self.name, "the saved tokenizer encodes text differently from the GGUF's")
         with torch.inference_mode():
             diff = max_abs_diff(source(ids).logits, model(ids).logits)
-            line = check_close(self.name, f"logits ({ids.shape[1]}-token chat prompt)",
-                               diff, LOGITS_TOL)
-            greedy = {"max_new_tokens": GREEDY_TOKENS, "do_sample": False,
-                      "attention_mask": torch.ones_like(ids)}
+            line = check_close(
+                self.name, f"logits ({ids.shape[1]}-token chat prompt)", diff, LOGITS_TOL
+            )
+            greedy = {
+                "max_new_tokens": GREEDY_TOKENS,
+                "do_sample": False,
+                "attention_mask": torch.ones_like(ids),
+            }
             with torch_threads(1):
                 want = source.generate(ids, **greedy)
                 got = model.generate(ids, **greedy)
         if not torch.equal(want, got):
             raise fail(self.name, "greedy generation differs from the GGUF model")
-        answer = tok.decode(got[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        answer = tok.decode(got[0, ids.shape[1] :], skip_special_tokens=True).strip()
         if not answer:
             raise fail(self.name, "the greedy answer is empty")
         return f"{line}; greedy {GREEDY_TOKENS} tokens identical: {answer!r}"
@@ -165,8 +174,9 @@ def _plain_copy(source: PreTrainedModel) -> PreTrainedModel:
 
 def _chat_ids(tokenizer: PreTrainedTokenizerBase):
     """Token ids ``(1, T)`` of :data:`CHECK_MESSAGES` with the generation prompt appended."""
-    out = tokenizer.apply_chat_template(CHECK_MESSAGES, add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)
+    out = tokenizer.apply_chat_template(
+        CHECK_MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     return out["input_ids"]
 
 

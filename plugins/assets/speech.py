@@ -21,8 +21,10 @@ SAMPLE_RATE = 16_000
 LIBRIVOX_DIR = Path("/usr/share/pocketsphinx/test/data/librivox")
 #: Used when only espeak-ng is available: everyday words that Whisper tiny.en reads correctly
 #: from espeak-ng's formant voice at 130 words per minute (some pangrams it does not).
-SYNTH_SENTENCE = ("I would like a cup of coffee with milk and sugar, please. "
-                  "Today is a sunny day, and the children are playing in the park.")
+SYNTH_SENTENCE = (
+    "I would like a cup of coffee with milk and sugar, please. "
+    "Today is a sunny day, and the children are playing in the park."
+)
 #: Whisper hears one 30-second window at a time; the check decodes a single window.
 MAX_SECONDS = 30.0
 
@@ -55,8 +57,9 @@ def resample(audio: np.ndarray, rate: int) -> np.ndarray:
     return np.interp(t_out, np.arange(len(audio)), audio).astype(np.float32)
 
 
-def librivox_clip(directory: Path = LIBRIVOX_DIR, min_words: int = 30,
-                  gap_s: float = 0.4) -> SpeechClip | None:
+def librivox_clip(
+    directory: Path = LIBRIVOX_DIR, min_words: int = 30, gap_s: float = 0.4
+) -> SpeechClip | None:
     """LibriVox test clips joined by short silences until they hold ``min_words`` words (the
     first two: 30 words, 10 s), never more than one 30-second Whisper window.
 
@@ -86,8 +89,11 @@ def librivox_clip(directory: Path = LIBRIVOX_DIR, min_words: int = 30,
             break
     if not pieces:
         return None
-    return SpeechClip(np.concatenate(pieces), " ".join(words),
-                      f"{len(pieces) // 2} LibriVox clips of pocketsphinx-testdata")
+    return SpeechClip(
+        np.concatenate(pieces),
+        " ".join(words),
+        f"{len(pieces) // 2} LibriVox clips of pocketsphinx-testdata",
+    )
 
 
 def espeak_clip(sentence: str = SYNTH_SENTENCE) -> SpeechClip | None:
@@ -97,8 +103,12 @@ def espeak_clip(sentence: str = SYNTH_SENTENCE) -> SpeechClip | None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         wav = Path(tmp) / "speech.wav"
-        subprocess.run([exe, "-v", "en-us", "-s", "130", "-w", str(wav), sentence],
-                       check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [exe, "-v", "en-us", "-s", "130", "-w", str(wav), sentence],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         audio = read_wav(wav)
     return SpeechClip(audio, sentence, f"{Path(exe).name} synthesis")
 

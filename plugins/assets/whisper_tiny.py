@@ -61,7 +61,8 @@ class WhisperTinyEnAsset(Asset):
             raise AssetError(
                 f"model asset '{self.name}' cannot check its conversion: no speech with a known "
                 f"transcript here. Install one: apt-get install pocketsphinx-testdata (real "
-                f"speech) or apt-get install espeak-ng (synthesis)")
+                f"speech) or apt-get install espeak-ng (synthesis)"
+            )
         bin_path = require_source(self.name, PACKAGE, MODEL_BIN)
         try:
             ct2 = read_ct2(bin_path)
@@ -161,10 +162,14 @@ class WhisperTinyEnAsset(Asset):
         ref, hyp = normalise(clip.text).split(), normalise(text).split()
         wer = word_error_rate(ref, hyp)
         if not wer <= WER_TOL:
-            raise fail(self.name, f"word error rate {wer:.2f} > {WER_TOL} on {clip.origin}: "
-                                  f"heard {text.strip()!r}")
-        return (f"WER {wer:.3f} <= {WER_TOL} on {clip.origin} ({len(ref)} words, "
-                f"{len(clip.audio) / 16000:.1f} s of audio, decoded in {seconds:.1f} s)")
+            raise fail(
+                self.name,
+                f"word error rate {wer:.2f} > {WER_TOL} on {clip.origin}: heard {text.strip()!r}",
+            )
+        return (
+            f"WER {wer:.3f} <= {WER_TOL} on {clip.origin} ({len(ref)} words, "
+            f"{len(clip.audio) / 16000:.1f} s of audio, decoded in {seconds:.1f} s)"
+        )
 
 
 def _n_layers(v: dict[str, np.ndarray], side: str) -> int:

@@ -29,7 +29,9 @@ def _isqrt_exact(n: int) -> int | None:
     return s if s * s == n else None
 
 
-def _bins(pos: torch.Tensor, length: torch.Tensor, bins: torch.Tensor, max_bins: int) -> torch.Tensor:
+def _bins(
+    pos: torch.Tensor, length: torch.Tensor, bins: torch.Tensor, max_bins: int
+) -> torch.Tensor:
     """Adaptive-pool membership ``[B, max_bins, P]`` of positions ``pos [B, P]`` (ranks among the
     ``length [B]`` real ones): bin ``i < bins`` holds ``floor(i*L/bins) <= r < ceil((i+1)*L/bins)``,
     PyTorch's adaptive-pool bins; bins ``>= bins [B]`` are empty."""
@@ -41,8 +43,9 @@ def _bins(pos: torch.Tensor, length: torch.Tensor, bins: torch.Tensor, max_bins:
     return member & (i < bins)[..., None]
 
 
-def masked_adaptive_pool(x: torch.Tensor, mask: torch.Tensor, num_tokens: int, grid: bool
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_adaptive_pool(
+    x: torch.Tensor, mask: torch.Tensor, num_tokens: int, grid: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Average ``x [B, N, D]`` over adaptive-pool bins, ignoring positions where ``mask [B, N]``
     is False. Returns ``pooled [B, M, D]`` and ``mask [B, M]`` (False for an empty bin).
 
@@ -57,7 +60,9 @@ def masked_adaptive_pool(x: torch.Tensor, mask: torch.Tensor, num_tokens: int, g
     if grid:
         s, k = _isqrt_exact(n), _isqrt_exact(num_tokens)
         if s is None or k is None:
-            raise ValueError(f"grid pooling needs square N and num_tokens, got {n} and {num_tokens}")
+            raise ValueError(
+                f"grid pooling needs square N and num_tokens, got {n} and {num_tokens}"
+            )
         m = min(k, s)
         one = torch.full((1,), s, device=x.device)
         side = _bins(torch.arange(s, device=x.device)[None], one, one * 0 + m, m)[0]  # [m, s]
@@ -115,8 +120,15 @@ class Abstractor(Converter):
             frame count may be a square).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, num_tokens: int = 16,
-                 hidden_dim: int | None = None, depth: int = 1, layout: str = "auto") -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_tokens: int = 16,
+        hidden_dim: int | None = None,
+        depth: int = 1,
+        layout: str = "auto",
+    ) -> None:
         super().__init__(in_dim, out_dim)
         if num_tokens < 1:
             raise ConfigError(f"connector.num_tokens: must be >= 1, got {num_tokens}")
@@ -125,8 +137,10 @@ class Abstractor(Converter):
         if layout not in LAYOUTS:
             raise ConfigError(f"connector.layout: '{layout}' is not one of {', '.join(LAYOUTS)}")
         if layout == "grid" and _isqrt_exact(num_tokens) is None:
-            raise ConfigError(f"connector.num_tokens: {num_tokens} is not a square, which "
-                              f"connector.layout=grid needs (e.g. 16 = 4x4)")
+            raise ConfigError(
+                f"connector.num_tokens: {num_tokens} is not a square, which "
+                f"connector.layout=grid needs (e.g. 16 = 4x4)"
+            )
         hidden = hidden_dim or in_dim
         self.num_tokens = int(num_tokens)
         self.layout = layout
@@ -141,10 +155,13 @@ class Abstractor(Converter):
     def _grid(self, n_in: int) -> bool:
         square = _isqrt_exact(n_in) is not None
         if self.layout == "grid" and not square:
-            raise ConfigError(f"connector.layout=grid: {n_in} input features do not form a "
-                              f"square grid; use layout: sequence (or auto)")
+            raise ConfigError(
+                f"connector.layout=grid: {n_in} input features do not form a "
+                f"square grid; use layout: sequence (or auto)"
+            )
         return self.layout == "grid" or (
-            self.layout == "auto" and square and _isqrt_exact(self.num_tokens) is not None)
+            self.layout == "auto" and square and _isqrt_exact(self.num_tokens) is not None
+        )
 
     def out_tokens(self, n_in: int) -> int:
         """``min(num_tokens, N)``: a budget, never more tokens than features (on a grid
@@ -152,7 +169,9 @@ class Abstractor(Converter):
         self._grid(n_in)
         return min(self.num_tokens, n_in)
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``features [B, N, D_in]``, ``mask [B, N]`` -> ``tokens [B, M, D_out]``, ``mask [B, M]``."""
         n = features.shape[1]
         grid = self._grid(n)
@@ -161,8 +180,9 @@ class Abstractor(Converter):
         x = self.proj_in(features.masked_fill(~mask[..., None], 0.0))
         for block in self.blocks:
             x = block(x, mask, shape)
-        pooled, out_mask = masked_adaptive_pool(x.masked_fill(~mask[..., None], 0.0), mask,
-                                                self.num_tokens, grid)
+        pooled, out_mask = masked_adaptive_pool(
+            x.masked_fill(~mask[..., None], 0.0), mask, self.num_tokens, grid
+        )
         return self.mlp(pooled), out_mask
 
 

@@ -30,7 +30,9 @@ class LinearConverter(Converter):
     def out_tokens(self, n_in: int) -> int:
         return n_in
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, N, D_in]`` -> ``[B, N, D_out]``; ``mask [B, N]`` passes through."""
         return self.proj(features), mask
 

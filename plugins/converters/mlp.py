@@ -23,7 +23,9 @@ class MLPConverter(Converter):
         hidden_dim: Width of the hidden layers; ``None`` = ``out_dim`` (as in LLaVA-1.5).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, depth: int = 2, hidden_dim: int | None = None) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, depth: int = 2, hidden_dim: int | None = None
+    ) -> None:
         super().__init__(in_dim, out_dim)
         if depth < 1:
             raise ConfigError(f"connector.depth: must be >= 1, got {depth}")
@@ -46,13 +48,17 @@ class MLPConverter(Converter):
             return LlavaProjector("linear", self.net[0])
         if self.depth == 2 and self.hidden_dim == self.out_dim:
             return LlavaProjector("gelu", self.net[0], self.net[2])
-        raise LlavaUnrepresentable("is not Llava's projector (linear, or a 2-layer GELU MLP as wide "
-                                   "as the LLM)", detail=f"depth={self.depth}, hidden_dim={self.hidden_dim}")
+        raise LlavaUnrepresentable(
+            "is not Llava's projector (linear, or a 2-layer GELU MLP as wide as the LLM)",
+            detail=f"depth={self.depth}, hidden_dim={self.hidden_dim}",
+        )
 
     def out_tokens(self, n_in: int) -> int:
         return n_in
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, N, D_in]`` -> ``[B, N, D_out]``; ``mask [B, N]`` passes through."""
         return self.net(features), mask
 

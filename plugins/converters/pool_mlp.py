@@ -30,8 +30,14 @@ class PoolMLP(Converter):
         hidden_dim: Width of the hidden layers (default: ``out_dim``).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, stride: int = 4, depth: int = 2,
-                 hidden_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        stride: int = 4,
+        depth: int = 2,
+        hidden_dim: int | None = None,
+    ) -> None:
         super().__init__(in_dim, out_dim)
         if int(stride) < 1:
             raise ConfigError(f"connector.stride: must be >= 1, got {stride}")
@@ -55,7 +61,9 @@ class PoolMLP(Converter):
     def out_tokens(self, n_in: int) -> int:
         return math.ceil(n_in / self.stride)
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``features [B, N, D_in]``, ``mask [B, N]`` -> ``tokens [B, ceil(N/stride), D_out]``
         (zero at padded tokens) and their ``mask``."""
         pooled, out_mask = masked_avg_pool(features, mask, self.stride)

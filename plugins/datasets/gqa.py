@@ -33,8 +33,13 @@ class GQADataset(BenchmarkSource):
 
     name = "gqa"
 
-    def __init__(self, path: str, image_dir: str | None = None, prompt: str = SHORT_ANSWER,
-                 split: str = "test") -> None:
+    def __init__(
+        self,
+        path: str,
+        image_dir: str | None = None,
+        prompt: str = SHORT_ANSWER,
+        split: str = "test",
+    ) -> None:
         self.path = required(path, "data.path", "a GQA questions JSON file")
         self.image_dir = abspath(image_dir) or self.path.parent / "images"
         self.prompt = prompt
@@ -45,14 +50,24 @@ class GQADataset(BenchmarkSource):
 
     def read(self, out_dir: Path) -> list[Sample]:
         out = []
-        data = read_json(self.path, "data.path", dict,
-                         "GQA questions: {question_id: {'imageId', 'question', 'answer', ...}}")
+        data = read_json(
+            self.path,
+            "data.path",
+            dict,
+            "GQA questions: {question_id: {'imageId', 'question', 'answer', ...}}",
+        )
         for qid, q in data.items():
-            with reading(self.path, f"question {qid}", "an object with 'imageId', 'question', 'answer'"):
+            with reading(
+                self.path, f"question {qid}", "an object with 'imageId', 'question', 'answer'"
+            ):
                 question = text_field(q, "question")
                 question = f"{question}\n{self.prompt}" if self.prompt else question
                 types = q.get("types") or {}
-                meta = {"benchmark": "gqa", "qtype": str(types.get("structural", "all")), "question_id": qid}
+                meta = {
+                    "benchmark": "gqa",
+                    "qtype": str(types.get("structural", "all")),
+                    "question_id": qid,
+                }
                 image = self.image_dir / f"{text_field(q, 'imageId')}.jpg"
                 out.append(image_question(str(qid), image, question, text_field(q, "answer"), meta))
         return out

@@ -43,8 +43,10 @@ def _datasets():
     try:
         import datasets
     except ImportError:
-        raise ConfigError("data=hf_local needs the Hugging Face `datasets` package: "
-                          "pip install 'mmbridge[data]' (or pip install datasets)") from None
+        raise ConfigError(
+            "data=hf_local needs the Hugging Face `datasets` package: "
+            "pip install 'mmbridge[data]' (or pip install datasets)"
+        ) from None
     return datasets
 
 
@@ -55,13 +57,16 @@ def _load(path: Path, key: str) -> Any:
         try:
             return ds.load_from_disk(str(path))
         except FileNotFoundError as exc:
-            raise ConfigError(f"{key}: {path} is not a folder written by save_to_disk ({exc})") from None
+            raise ConfigError(
+                f"{key}: {path} is not a folder written by save_to_disk ({exc})"
+            ) from None
     if path.suffix == ".parquet":
         return ds.Dataset.from_parquet(str(path))
     if path.suffix == ".arrow":
         return ds.Dataset.from_file(str(path))
-    raise ConfigError(f"{key}: {path} is neither a save_to_disk folder nor a file of kind "
-                      f"{', '.join(FILE_KINDS)}")
+    raise ConfigError(
+        f"{key}: {path} is neither a save_to_disk folder nor a file of kind {', '.join(FILE_KINDS)}"
+    )
 
 
 def _library_errors() -> tuple[type[Exception], ...]:
@@ -78,8 +83,14 @@ def _stamp(path: Path) -> list:
     """Names, sizes and modification times of the source's files (cheap at any size; an
     edit changes them)."""
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return [[str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, int(p.stat().st_mtime)]
-            for p in files]
+    return [
+        [
+            str(p.relative_to(path) if path.is_dir() else p.name),
+            p.stat().st_size,
+            int(p.stat().st_mtime),
+        ]
+        for p in files
+    ]
 
 
 def _suffix(value: dict[str, Any] | bytes, key: str) -> str:
@@ -118,7 +129,10 @@ class _MediaWriter:
         elif hasattr(value, "save"):  # a decoded PIL image
             buf = io.BytesIO()
             value.save(buf, format="PNG")
-            data, rel = buf.getvalue(), Path(self.split) / f"{row // 1000:05d}" / f"{row:08d}_{k}.png"
+            data, rel = (
+                buf.getvalue(),
+                Path(self.split) / f"{row // 1000:05d}" / f"{row:08d}_{k}.png",
+            )
         else:
             return f"<{type(value).__name__} is not a {key} path or file>"  # the reader names the record
         (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +154,11 @@ def _undecoded(feature: Any, datasets: Any) -> Any:
     media = (datasets.Image, datasets.Audio)
     if isinstance(feature, media):
         return type(feature)(decode=False)
-    inner = (feature[0] if feature else None) if isinstance(feature, list) else getattr(feature, "feature", None)
+    inner = (
+        (feature[0] if feature else None)
+        if isinstance(feature, list)
+        else getattr(feature, "feature", None)
+    )
     if isinstance(inner, media):
         return getattr(datasets, "List", datasets.Sequence)(type(inner)(decode=False))
     return None
@@ -196,8 +214,14 @@ class HFLocalDataset(DatasetSource):
             a ``DatasetDict`` with ``val`` / ``test`` set too, or ``datasets`` not installed.
     """
 
-    def __init__(self, train: str, val: str | None = None, test: str | None = None,
-                 media_root: str | None = None, on_error: str = "raise") -> None:
+    def __init__(
+        self,
+        train: str,
+        val: str | None = None,
+        test: str | None = None,
+        media_root: str | None = None,
+        on_error: str = "raise",
+    ) -> None:
         if on_error not in ON_ERROR:
             raise ConfigError(f"data.on_error: {on_error!r} is not one of {', '.join(ON_ERROR)}")
         self.on_error = on_error
@@ -206,8 +230,10 @@ class HFLocalDataset(DatasetSource):
             if value is None and split != "train":
                 continue
             if not isinstance(value, str | os.PathLike) or str(value) in ("", "???"):
-                raise ConfigError(f"data.{split}: set a save_to_disk folder or a .parquet / .arrow "
-                                  f"file, got {value!r}")
+                raise ConfigError(
+                    f"data.{split}: set a save_to_disk folder or a .parquet / .arrow "
+                    f"file, got {value!r}"
+                )
             self.sources[split] = Path(os.path.abspath(os.path.expanduser(str(value))))
         root = media_root if media_root is not None else self.sources["train"].parent
         self.media_root = Path(os.path.abspath(os.path.expanduser(str(root))))
@@ -222,28 +248,44 @@ class HFLocalDataset(DatasetSource):
         for split, path in self.sources.items():
             if not path.exists():
                 raise ConfigError(f"data.{split}: not found: {path}")
-        key = hashlib.sha256(json.dumps({**self.identity(), "root": str(self.media_root)}, sort_keys=True,
-                                        default=str).encode()).hexdigest()[:16]
+        key = hashlib.sha256(
+            json.dumps(
+                {**self.identity(), "root": str(self.media_root)}, sort_keys=True, default=str
+            ).encode()
+        ).hexdigest()[:16]
         out = Path(cache_dir) / f"hf_local-{key}"
         done = out / "splits.json"
         if done.is_file():
-            with reading(done, expected="the split list this reader wrote (delete the folder to rebuild it)"):
+            with reading(
+                done, expected="the split list this reader wrote (delete the folder to rebuild it)"
+            ):
                 splits = dict(json.loads(done.read_text()))
-            return DatasetFiles(splits={s: out / f for s, f in splits.items()}, media_root=self.media_root)
+            return DatasetFiles(
+                splits={s: out / f for s, f in splits.items()}, media_root=self.media_root
+            )
         parts: dict[str, Any] = {}
         for split, path in self.sources.items():
-            with reading(path, expected="a save_to_disk folder, a .parquet or an .arrow file",
-                         also=_library_errors()):
+            with reading(
+                path,
+                expected="a save_to_disk folder, a .parquet or an .arrow file",
+                also=_library_errors(),
+            ):
                 data = _load(path, f"data.{split}")
             if hasattr(data, "keys"):  # a DatasetDict
                 if split != "train" or len(self.sources) > 1:
-                    raise ConfigError(f"data.{split}: {path} holds a DatasetDict (splits "
-                                      f"{', '.join(data.keys())}); set only data.train to it, or point "
-                                      f"each of data.train/val/test at one split")
+                    raise ConfigError(
+                        f"data.{split}: {path} holds a DatasetDict (splits "
+                        f"{', '.join(data.keys())}); set only data.train to it, or point "
+                        f"each of data.train/val/test at one split"
+                    )
                 unknown = [s for s in data if s not in SPLIT_NAMES]
                 if unknown:
-                    log.warning("data.train: splits %s of %s are not used (used: %s)", ", ".join(unknown),
-                                path, ", ".join(s for s in data if s in SPLIT_NAMES))
+                    log.warning(
+                        "data.train: splits %s of %s are not used (used: %s)",
+                        ", ".join(unknown),
+                        path,
+                        ", ".join(s for s in data if s in SPLIT_NAMES),
+                    )
                 parts.update({SPLIT_NAMES[s]: data[s] for s in data if s in SPLIT_NAMES})
             else:
                 parts[split] = data
@@ -251,15 +293,25 @@ class HFLocalDataset(DatasetSource):
             raise ConfigError(f"data.train: {self.sources['train']} has no train split")
         names = {}
         for split, dataset in parts.items():
-            with reading(self.sources.get(split, self.sources["train"]), f"split '{split}'",
-                         "rows with LLaVA's columns (id, conversations, image / audio)",
-                         also=_library_errors()):
+            with reading(
+                self.sources.get(split, self.sources["train"]),
+                f"split '{split}'",
+                "rows with LLaVA's columns (id, conversations, image / audio)",
+                also=_library_errors(),
+            ):
                 rows = write_split(dataset, out / f"{split}.jsonl", out / "media", split)
             names[split] = f"{split}.jsonl"
-            log.info("data (hf_local): %s split '%s': %d rows -> %s", self.sources.get(split, self.sources["train"]),
-                     split, rows, out / f"{split}.jsonl")
+            log.info(
+                "data (hf_local): %s split '%s': %d rows -> %s",
+                self.sources.get(split, self.sources["train"]),
+                split,
+                rows,
+                out / f"{split}.jsonl",
+            )
         atomic_write_text(done, json.dumps(names))
-        return DatasetFiles(splits={s: out / f for s, f in names.items()}, media_root=self.media_root)
+        return DatasetFiles(
+            splits={s: out / f for s, f in names.items()}, media_root=self.media_root
+        )
 
 
 COMPONENTS = {"dataset": {"hf_local": HFLocalDataset}}

@@ -57,8 +57,10 @@ class LibrivoxDataset(DatasetSource):
         subsets = list(subsets or ["librivox"])
         for s in subsets:
             if s not in SUBSETS:
-                raise ConfigError(f"data.subsets: unknown subset '{s}'{did_you_mean(s, SUBSETS)}; "
-                                  f"valid: {', '.join(SUBSETS)}")
+                raise ConfigError(
+                    f"data.subsets: unknown subset '{s}'{did_you_mean(s, SUBSETS)}; "
+                    f"valid: {', '.join(SUBSETS)}"
+                )
         if not subsets or len(set(subsets)) != len(subsets):
             raise ConfigError(f"data.subsets: expected distinct subset names, got {subsets}")
         self.subsets = subsets
@@ -71,22 +73,38 @@ class LibrivoxDataset(DatasetSource):
             folder, transcript = SUBSETS[subset]
             tfile = self.data_dir / folder / transcript
             if not tfile.is_file():
-                raise DataError(f"data (librivox): {tfile} not found; the real speech comes from "
-                                f"Debian's '{PACKAGE}' package: apt-get install -y {PACKAGE}")
+                raise DataError(
+                    f"data (librivox): {tfile} not found; the real speech comes from "
+                    f"Debian's '{PACKAGE}' package: apt-get install -y {PACKAGE}"
+                )
             for clip_id, text in read_transcripts(tfile).items():
                 wav = self.data_dir / folder / f"{clip_id}.wav"
                 if not wav.is_file():
                     raise DataError(f"{tfile}: transcript of '{clip_id}' but {wav} is missing")
-                samples.append(Sample(
-                    id=f"{subset}-{clip_id}", media={"audio": str(wav)},
-                    conversations=[{"from": "human", "value": f"{placeholder('audio')}\n{INSTRUCTION}"},
-                                   {"from": "gpt", "value": text}],
-                    meta={"text": text, "caption": text, "qtypes": ["transcribe"], "subset": subset}))
+                samples.append(
+                    Sample(
+                        id=f"{subset}-{clip_id}",
+                        media={"audio": str(wav)},
+                        conversations=[
+                            {"from": "human", "value": f"{placeholder('audio')}\n{INSTRUCTION}"},
+                            {"from": "gpt", "value": text},
+                        ],
+                        meta={
+                            "text": text,
+                            "caption": text,
+                            "qtypes": ["transcribe"],
+                            "subset": subset,
+                        },
+                    )
+                )
         return samples
 
     def identity(self) -> dict[str, Any]:
-        return {"class": f"{type(self).__module__}.{type(self).__qualname__}",
-                "subsets": self.subsets, "data_dir": str(self.data_dir)}
+        return {
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "subsets": self.subsets,
+            "data_dir": str(self.data_dir),
+        }
 
     def prepare(self, cache_dir: Path) -> DatasetFiles:
         """Write ``test.json`` (pointing at the package's wav files) into

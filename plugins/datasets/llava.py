@@ -24,8 +24,14 @@ class LlavaDataset(DatasetSource):
             records are dropped, counted and listed (see :func:`mmbridge.data.llava.read_llava`).
     """
 
-    def __init__(self, train: str, val: str | None = None, test: str | None = None,
-                 media_root: str | None = None, on_error: str = "raise") -> None:
+    def __init__(
+        self,
+        train: str,
+        val: str | None = None,
+        test: str | None = None,
+        media_root: str | None = None,
+        on_error: str = "raise",
+    ) -> None:
         if on_error not in ON_ERROR:
             raise ConfigError(f"data.on_error: {on_error!r} is not one of {', '.join(ON_ERROR)}")
         self.on_error = on_error
@@ -34,7 +40,9 @@ class LlavaDataset(DatasetSource):
             if value is None and split != "train":
                 continue
             if not isinstance(value, str | os.PathLike) or str(value) in ("", "???"):
-                raise ConfigError(f"data.{split}: set the path of a LLaVA JSON/JSONL file, got {value!r}")
+                raise ConfigError(
+                    f"data.{split}: set the path of a LLaVA JSON/JSONL file, got {value!r}"
+                )
             self.paths[split] = Path(os.path.abspath(os.path.expanduser(value)))
         root = media_root if media_root is not None else self.paths["train"].parent
         self.media_root = Path(os.path.abspath(os.path.expanduser(root)))

@@ -51,10 +51,19 @@ class MultipleChoiceDataset(BenchmarkSource):
 
     name = "multiple_choice"
 
-    def __init__(self, path: str, format: str | None = None, image_dir: str | None = None,
-                 source_split: str = "test", circular: bool = False, instruction: str = INSTRUCTION,
-                 split: str = "test") -> None:
-        self.path = required(path, "data.path", "ScienceQA's folder (problems.json) or an MMBench TSV")
+    def __init__(
+        self,
+        path: str,
+        format: str | None = None,
+        image_dir: str | None = None,
+        source_split: str = "test",
+        circular: bool = False,
+        instruction: str = INSTRUCTION,
+        split: str = "test",
+    ) -> None:
+        self.path = required(
+            path, "data.path", "ScienceQA's folder (problems.json) or an MMBench TSV"
+        )
         fmt = format or ("mmbench" if self.path.suffix.lower() == ".tsv" else "scienceqa")
         if fmt not in FORMATS:
             raise ConfigError(f"data.format: {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -77,10 +86,17 @@ class MultipleChoiceDataset(BenchmarkSource):
             rotations = range(len(row["options"])) if self.circular and not row["rotated"] else [0]
             for k in rotations:
                 opts = row["options"][k:] + row["options"][:k]
-                text, by_letter = choice_prompt(row["question"], opts, row["hint"], self.instruction)
+                text, by_letter = choice_prompt(
+                    row["question"], opts, row["hint"], self.instruction
+                )
                 letter = option_letters(len(opts))[opts.index(row["options"][row["answer"]])]
-                meta = {"benchmark": "multiple_choice", "options": by_letter, "letter": letter,
-                        "qtype": row["category"], "question_id": row["id"]}
+                meta = {
+                    "benchmark": "multiple_choice",
+                    "options": by_letter,
+                    "letter": letter,
+                    "qtype": row["category"],
+                    "question_id": row["id"],
+                }
                 if self.circular:
                     meta["circular"] = row["group"]
                 sid = f"{row['id']}@{k}" if len(rotations) > 1 else row["id"]
@@ -92,39 +108,71 @@ class MultipleChoiceDataset(BenchmarkSource):
             if not (self.path / name).is_file():
                 raise ConfigError(f"data.path: {self.path} has no {name} (ScienceQA's layout)")
         problems_file, splits_file = self.path / "problems.json", self.path / "pid_splits.json"
-        problems = read_json(problems_file, "data.path", dict,
-                             "ScienceQA problems: {pid: {'question', 'choices', 'answer', 'image'}}")
+        problems = read_json(
+            problems_file,
+            "data.path",
+            dict,
+            "ScienceQA problems: {pid: {'question', 'choices', 'answer', 'image'}}",
+        )
         splits = read_json(splits_file, "data.path", dict, "ScienceQA splits: {split: [pid, ...]}")
         if self.source_split not in splits:
-            raise ConfigError(f"data.source_split: {self.source_split!r} is not in pid_splits.json; "
-                              f"splits: {', '.join(splits)}")
+            raise ConfigError(
+                f"data.source_split: {self.source_split!r} is not in pid_splits.json; "
+                f"splits: {', '.join(splits)}"
+            )
         pids = splits[self.source_split]
         if not isinstance(pids, list):
-            raise DataError(f"{splits_file}: '{self.source_split}' must be a list of pids, "
-                            f"got {type(pids).__name__}")
+            raise DataError(
+                f"{splits_file}: '{self.source_split}' must be a list of pids, "
+                f"got {type(pids).__name__}"
+            )
         rows = []
         for pid in pids:
             with reading(splits_file, f"pid {pid!r}", "a pid that problems.json holds"):
                 p = problems[str(pid)]
-            with reading(problems_file, f"pid {pid}", "'question', 'choices' (a list of texts), "
-                         "'answer' (the index of the right choice), 'image'"):
+            with reading(
+                problems_file,
+                f"pid {pid}",
+                "'question', 'choices' (a list of texts), "
+                "'answer' (the index of the right choice), 'image'",
+            ):
                 if not isinstance(p, dict):
                     raise TypeError(f"expected an object, got {type(p).__name__}")
                 if not p.get("image"):
                     continue  # ScienceQA-IMG: the questions with an image
                 choices = p["choices"]
                 if not isinstance(choices, list) or len(choices) < 2:
-                    raise TypeError(f"'choices' must be a list of at least 2 texts, got {choices!r:.80}")
+                    raise TypeError(
+                        f"'choices' must be a list of at least 2 texts, got {choices!r:.80}"
+                    )
                 options = [text_field({"choice": c}, "choice") for c in choices]
                 answer = p["answer"]
-                if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(options):
-                    raise DataError(f"{problems_file}: pid {pid}: 'answer' {answer!r} is not the index of one "
-                                    f"of its {len(options)} choices (0..{len(options) - 1})")
+                if (
+                    isinstance(answer, bool)
+                    or not isinstance(answer, int)
+                    or not 0 <= answer < len(options)
+                ):
+                    raise DataError(
+                        f"{problems_file}: pid {pid}: 'answer' {answer!r} is not the index of one "
+                        f"of its {len(options)} choices (0..{len(options) - 1})"
+                    )
                 hint = p.get("hint")
-                rows.append({"id": str(pid), "question": text_field(p, "question"), "options": options,
-                             "answer": answer, "hint": str(hint) if hint else None,
-                             "category": str(p.get("subject", "all")), "group": str(pid), "rotated": False,
-                             "image": self.image_dir / self.source_split / str(pid) / text_field(p, "image")})
+                rows.append(
+                    {
+                        "id": str(pid),
+                        "question": text_field(p, "question"),
+                        "options": options,
+                        "answer": answer,
+                        "hint": str(hint) if hint else None,
+                        "category": str(p.get("subject", "all")),
+                        "group": str(pid),
+                        "rotated": False,
+                        "image": self.image_dir
+                        / self.source_split
+                        / str(pid)
+                        / text_field(p, "image"),
+                    }
+                )
         return rows
 
     def _mmbench(self, out_dir: Path) -> list[dict]:
@@ -132,8 +180,10 @@ class MultipleChoiceDataset(BenchmarkSource):
         images = out_dir / "images"
         images.mkdir(parents=True, exist_ok=True)
         expected = "index, question, A, B, ..., answer, image (base64) columns"
-        with (reading(self.path, expected=f"a tab-separated file of {expected}"),
-              self.path.open(encoding="utf-8-sig", newline="") as f):
+        with (
+            reading(self.path, expected=f"a tab-separated file of {expected}"),
+            self.path.open(encoding="utf-8-sig", newline="") as f,
+        ):
             records = list(csv.DictReader(f, delimiter="\t"))
         rows = []
         indices = [_index(r, i, self.path) for i, r in enumerate(records)]
@@ -143,8 +193,10 @@ class MultipleChoiceDataset(BenchmarkSource):
                 letters = [c for c in option_letters(9) if _value(r.get(c)) is not None]
                 answer = _value(r.get("answer"))
                 if answer not in letters:
-                    raise DataError(f"{self.path}: index {index}: answer {answer!r} is not one of its options "
-                                    f"{', '.join(letters)} (a test TSV without answers cannot be scored offline)")
+                    raise DataError(
+                        f"{self.path}: index {index}: answer {answer!r} is not one of its options "
+                        f"{', '.join(letters)} (a test TSV without answers cannot be scored offline)"
+                    )
                 if _value(r.get("image")) is None:
                     raise KeyError("image")
                 data = base64.b64decode(r["image"], validate=True)
@@ -154,10 +206,19 @@ class MultipleChoiceDataset(BenchmarkSource):
                 image.write_bytes(data)
                 if _value(r.get("question")) is None:
                     raise KeyError("question")
-                rows.append({"id": str(index), "question": r["question"], "options": [r[c] for c in letters],
-                             "answer": letters.index(answer), "hint": _value(r.get("hint")),
-                             "category": _value(r.get("category")) or "all",
-                             "group": str(index % _CIRCULAR_STRIDE), "rotated": rotated, "image": image})
+                rows.append(
+                    {
+                        "id": str(index),
+                        "question": r["question"],
+                        "options": [r[c] for c in letters],
+                        "answer": letters.index(answer),
+                        "hint": _value(r.get("hint")),
+                        "category": _value(r.get("category")) or "all",
+                        "group": str(index % _CIRCULAR_STRIDE),
+                        "rotated": rotated,
+                        "image": image,
+                    }
+                )
         return rows
 
 
@@ -169,7 +230,9 @@ def _index(row: dict, i: int, path: Path) -> int:
     except ValueError:
         index = None
     if index is None or not index.is_integer() or index < 0:
-        raise DataError(f"{path}: row {i + 2}: 'index' must be a non-negative integer, got {row.get('index')!r}")
+        raise DataError(
+            f"{path}: row {i + 2}: 'index' must be a non-negative integer, got {row.get('index')!r}"
+        )
     return int(index)
 
 

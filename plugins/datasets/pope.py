@@ -36,9 +36,13 @@ class POPEDataset(BenchmarkSource):
 
     name = "pope"
 
-    def __init__(self, path: str, image_dir: str = "???", prompt: str = SHORT_ANSWER, split: str = "test") -> None:
+    def __init__(
+        self, path: str, image_dir: str = "???", prompt: str = SHORT_ANSWER, split: str = "test"
+    ) -> None:
         self.path = required(path, "data.path", "a POPE file or the folder of coco_pope_*.json")
-        self.image_dir = required(image_dir, "data.image_dir", "the folder of the COCO images POPE names")
+        self.image_dir = required(
+            image_dir, "data.image_dir", "the folder of the COCO images POPE names"
+        )
         self.prompt = prompt
         self.split = split
         self.files = sorted(self.path.glob("*_pope_*.json*")) if self.path.is_dir() else [self.path]
@@ -53,21 +57,40 @@ class POPEDataset(BenchmarkSource):
         for f in self.files:
             m = _CATEGORY.search(f.name.split(".")[0])
             category = m.group(1) if m else f.stem
-            data = read_json(f, "data.path", list, "JSON lines of {'question_id', 'image', 'text', 'label'}")
+            data = read_json(
+                f, "data.path", list, "JSON lines of {'question_id', 'image', 'text', 'label'}"
+            )
             for i, q in records(data, f, "line", start=1):
-                with reading(f, f"line {i + 1} (question_id {q.get('question_id')})",
-                             "'question_id', 'image', 'text' and a 'label' yes or no"):
+                with reading(
+                    f,
+                    f"line {i + 1} (question_id {q.get('question_id')})",
+                    "'question_id', 'image', 'text' and a 'label' yes or no",
+                ):
                     label = text_field(q, "label").strip().lower()
                     if label not in LABELS:
-                        raise DataError(f"{f}: line {i + 1} (question_id {q.get('question_id')}): "
-                                        f"label {q['label']!r} is not one of {', '.join(LABELS)}")
+                        raise DataError(
+                            f"{f}: line {i + 1} (question_id {q.get('question_id')}): "
+                            f"label {q['label']!r} is not one of {', '.join(LABELS)}"
+                        )
                     text = text_field(q, "text")
                     question = f"{text}\n{self.prompt}" if self.prompt else text
                     qid = text_field(q, "question_id")
-                    meta = {"benchmark": "pope", "label": label, "category": category,
-                            "qtype": category, "question_id": q["question_id"]}
-                    out.append(image_question(f"{category}-{qid}", self.image_dir / text_field(q, "image"),
-                                              question, label, meta))
+                    meta = {
+                        "benchmark": "pope",
+                        "label": label,
+                        "category": category,
+                        "qtype": category,
+                        "question_id": q["question_id"],
+                    }
+                    out.append(
+                        image_question(
+                            f"{category}-{qid}",
+                            self.image_dir / text_field(q, "image"),
+                            question,
+                            label,
+                            meta,
+                        )
+                    )
         return out
 
 

@@ -33,9 +33,16 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = 1
 #: Colour name -> RGB. Saturated and far apart in hue/brightness, so an encoder can tell them apart.
 PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 80, 235), "yellow": (245, 225, 30),
-    "purple": (150, 50, 200), "orange": (250, 140, 20), "cyan": (30, 210, 220),
-    "pink": (250, 130, 200), "white": (250, 250, 250), "black": (10, 10, 10),
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (40, 80, 235),
+    "yellow": (245, 225, 30),
+    "purple": (150, 50, 200),
+    "orange": (250, 140, 20),
+    "cyan": (30, 210, 220),
+    "pink": (250, 130, 200),
+    "white": (250, 250, 250),
+    "black": (10, 10, 10),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "star")
 DEFAULT_COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
@@ -43,23 +50,44 @@ DEFAULT_SHAPES = ["circle", "square", "triangle", "cross"]
 BACKGROUND = (120, 120, 120)
 #: layout -> rows of cell names (the position answers).
 LAYOUTS: dict[str, list[list[str]]] = {
-    "grid": [["top left", "top", "top right"], ["left", "centre", "right"],
-             ["bottom left", "bottom", "bottom right"]],
+    "grid": [
+        ["top left", "top", "top right"],
+        ["left", "centre", "right"],
+        ["bottom left", "bottom", "bottom right"],
+    ],
     "row": [["left", "centre", "right"]],
 }
 QTYPES: tuple[str, ...] = ("colour", "shape", "position", "count")
 QUESTIONS: dict[str, tuple[str, ...]] = {
-    "colour": ("What colour is the {shape}?", "Which colour is the {shape}?",
-               "What is the colour of the {shape}?", "What colour does the {shape} have?"),
-    "shape": ("What shape is the {colour} object?", "Which shape is {colour}?",
-              "What is the {colour} shape?", "What kind of shape is drawn in {colour}?"),
-    "position": ("Where is the {colour} {shape}?", "Where is the {colour} {shape} located?",
-                 "In which part of the image is the {colour} {shape}?",
-                 "Where can you see the {colour} {shape}?"),
-    "count": ("How many shapes are there?", "How many shapes are in the image?",
-              "How many objects can you see?", "Count the shapes in the image."),
-    "count_colour": ("How many {colour} shapes are there?", "How many shapes are {colour}?",
-                     "Count the {colour} shapes."),
+    "colour": (
+        "What colour is the {shape}?",
+        "Which colour is the {shape}?",
+        "What is the colour of the {shape}?",
+        "What colour does the {shape} have?",
+    ),
+    "shape": (
+        "What shape is the {colour} object?",
+        "Which shape is {colour}?",
+        "What is the {colour} shape?",
+        "What kind of shape is drawn in {colour}?",
+    ),
+    "position": (
+        "Where is the {colour} {shape}?",
+        "Where is the {colour} {shape} located?",
+        "In which part of the image is the {colour} {shape}?",
+        "Where can you see the {colour} {shape}?",
+    ),
+    "count": (
+        "How many shapes are there?",
+        "How many shapes are in the image?",
+        "How many objects can you see?",
+        "Count the shapes in the image.",
+    ),
+    "count_colour": (
+        "How many {colour} shapes are there?",
+        "How many shapes are {colour}?",
+        "Count the {colour} shapes.",
+    ),
 }
 #: Caption corruptions of the ``caption_noise`` knob (ground truth for alignment levels), with
 #: their severity: one attribute of one object wrong, or a caption of another image.
@@ -80,12 +108,29 @@ def _outline(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, flo
         return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     if kind == "cross":
         w = 0.38 * r
-        pts = [(w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r),
-               (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w), (-w, -r)]
+        pts = [
+            (w, -r),
+            (w, -w),
+            (r, -w),
+            (r, w),
+            (w, w),
+            (w, r),
+            (-w, r),
+            (-w, w),
+            (-r, w),
+            (-r, -w),
+            (-w, -w),
+            (-w, -r),
+        ]
         return [(cx + x, cy + y) for x, y in pts]
     if kind == "star":
-        return [(cx + (r if k % 2 == 0 else 0.45 * r) * math.sin(k * math.pi / 5),
-                 cy - (r if k % 2 == 0 else 0.45 * r) * math.cos(k * math.pi / 5)) for k in range(10)]
+        return [
+            (
+                cx + (r if k % 2 == 0 else 0.45 * r) * math.sin(k * math.pi / 5),
+                cy - (r if k % 2 == 0 else 0.45 * r) * math.cos(k * math.pi / 5),
+            )
+            for k in range(10)
+        ]
     return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
 
 
@@ -119,10 +164,22 @@ def _layout_objects(rng: random.Random, cfg: dict[str, Any]) -> list[dict[str, A
         cy = (i + 0.5) * ch + rng.uniform(-slack, slack)
         shape, colour = rng.choice(cfg["shapes"]), rng.choice(cfg["colours"])
         xs, ys = zip(*(_outline(shape, cx, cy, r)))
-        bbox = [max(0, math.floor(min(xs))), max(0, math.floor(min(ys))),
-                min(size, math.ceil(max(xs))), min(size, math.ceil(max(ys)))]
-        objects.append({"shape": shape, "colour": colour, "position": rows[i][j], "bbox": bbox,
-                        "centre": [round(cx, 3), round(cy, 3)], "radius": round(r, 3)})
+        bbox = [
+            max(0, math.floor(min(xs))),
+            max(0, math.floor(min(ys))),
+            min(size, math.ceil(max(xs))),
+            min(size, math.ceil(max(ys))),
+        ]
+        objects.append(
+            {
+                "shape": shape,
+                "colour": colour,
+                "position": rows[i][j],
+                "bbox": bbox,
+                "centre": [round(cx, 3), round(cy, 3)],
+                "radius": round(r, 3),
+            }
+        )
     return objects
 
 
@@ -133,19 +190,29 @@ def _questions(rng: random.Random, objects: list[dict[str, Any]]) -> list[tuple[
     colours = Counter(o["colour"] for o in objects)
     pairs = Counter((o["colour"], o["shape"]) for o in objects)
     candidates: dict[str, list[tuple[str, str]]] = {
-        "colour": [(rng.choice(QUESTIONS["colour"]).format(shape=o["shape"]), o["colour"])
-                   for o in objects if shapes[o["shape"]] == 1],
-        "shape": [(rng.choice(QUESTIONS["shape"]).format(colour=o["colour"]), o["shape"])
-                  for o in objects if colours[o["colour"]] == 1],
-        "position": [(rng.choice(QUESTIONS["position"]).format(**o), o["position"])
-                     for o in objects if pairs[(o["colour"], o["shape"])] == 1],
+        "colour": [
+            (rng.choice(QUESTIONS["colour"]).format(shape=o["shape"]), o["colour"])
+            for o in objects
+            if shapes[o["shape"]] == 1
+        ],
+        "shape": [
+            (rng.choice(QUESTIONS["shape"]).format(colour=o["colour"]), o["shape"])
+            for o in objects
+            if colours[o["colour"]] == 1
+        ],
+        "position": [
+            (rng.choice(QUESTIONS["position"]).format(**o), o["position"])
+            for o in objects
+            if pairs[(o["colour"], o["shape"])] == 1
+        ],
     }
     if rng.random() < 0.25:
         # the most frequent colour: a random present colour would almost always answer "1"
         top = max(colours.values())
         colour = rng.choice(sorted(c for c, k in colours.items() if k == top))
-        candidates["count"] = [(rng.choice(QUESTIONS["count_colour"]).format(colour=colour),
-                                str(colours[colour]))]
+        candidates["count"] = [
+            (rng.choice(QUESTIONS["count_colour"]).format(colour=colour), str(colours[colour]))
+        ]
     else:
         candidates["count"] = [(rng.choice(QUESTIONS["count"]), str(len(objects)))]
     order = list(QTYPES)
@@ -155,14 +222,18 @@ def _questions(rng: random.Random, objects: list[dict[str, Any]]) -> list[tuple[
 
 def caption(objects: Sequence[dict[str, Any]]) -> str:
     """``"A red circle at the top left and a blue square in the centre."``"""
-    parts = [f"{'an' if o['colour'][0] in 'aeiou' else 'a'} {o['colour']} {o['shape']} "
-             f"{_preposition(o['position'])}" for o in objects]
+    parts = [
+        f"{'an' if o['colour'][0] in 'aeiou' else 'a'} {o['colour']} {o['shape']} "
+        f"{_preposition(o['position'])}"
+        for o in objects
+    ]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return text[0].upper() + text[1:] + "."
 
 
-def corrupt_caption(rng: random.Random, objects: list[dict[str, Any]], kind: str,
-                    cfg: dict[str, Any]) -> str:
+def corrupt_caption(
+    rng: random.Random, objects: list[dict[str, Any]], kind: str, cfg: dict[str, Any]
+) -> str:
     """A caption of ``objects`` that is wrong in the way ``kind`` says: one object's colour or
     shape replaced by another one of ``cfg`` (``wrong_colour`` / ``wrong_shape``), or the
     caption of a freshly drawn, different layout (``unrelated``)."""
@@ -204,8 +275,11 @@ def make_sample(cfg: dict[str, Any], split: str, index: int) -> tuple[Image.Imag
     for k, (_, question, answer) in enumerate(qa):
         prefix = f"{placeholder('image')}\n" if k == 0 else ""
         turns += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
-    meta = {"caption": caption(objects), "qtypes": [q for q, _, _ in qa],
-            "objects": [{k: o[k] for k in ("shape", "colour", "position", "bbox")} for o in objects]}
+    meta = {
+        "caption": caption(objects),
+        "qtypes": [q for q, _, _ in qa],
+        "objects": [{k: o[k] for k in ("shape", "colour", "position", "bbox")} for o in objects],
+    }
     rates = cfg.get("caption_noise")
     if rates:
         kind = "none"
@@ -215,7 +289,9 @@ def make_sample(cfg: dict[str, Any], split: str, index: int) -> tuple[Image.Imag
             if kind != "none":
                 meta["caption"] = corrupt_caption(noise_rng, objects, kind, cfg)
         meta["caption_noise"] = kind
-    return render(objects, cfg["image_size"]), Sample(id=f"{split}-{index:06d}", conversations=turns, meta=meta)
+    return render(objects, cfg["image_size"]), Sample(
+        id=f"{split}-{index:06d}", conversations=turns, meta=meta
+    )
 
 
 class ShapesDataset(DatasetSource):
@@ -238,24 +314,39 @@ class ShapesDataset(DatasetSource):
             for clean samples and for every val/test sample).
     """
 
-    def __init__(self, n_train: int = 2000, n_val: int = 64, n_test: int = 256,
-                 image_size: int = 64, seed: int = 0, colours: list[str] | None = None,
-                 shapes: list[str] | None = None, layout: str = "grid", max_objects: int = 3,
-                 caption_noise: dict[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        n_train: int = 2000,
+        n_val: int = 64,
+        n_test: int = 256,
+        image_size: int = 64,
+        seed: int = 0,
+        colours: list[str] | None = None,
+        shapes: list[str] | None = None,
+        layout: str = "grid",
+        max_objects: int = 3,
+        caption_noise: dict[str, float] | None = None,
+    ) -> None:
         colours = list(colours or DEFAULT_COLOURS)
         shapes = list(shapes or DEFAULT_SHAPES)
         for key, values, valid in (("colours", colours, PALETTE), ("shapes", shapes, SHAPES)):
             for v in values:
                 if v not in valid:
-                    raise ConfigError(f"data.{key}: unknown value '{v}'{did_you_mean(v, valid)}; "
-                                      f"valid: {', '.join(valid)}")
+                    raise ConfigError(
+                        f"data.{key}: unknown value '{v}'{did_you_mean(v, valid)}; "
+                        f"valid: {', '.join(valid)}"
+                    )
             if len(set(values)) != len(values):
                 raise ConfigError(f"data.{key}: duplicate values in {values}")
         if layout not in LAYOUTS:
-            raise ConfigError(f"data.layout: unknown layout '{layout}'; valid: {', '.join(LAYOUTS)}")
+            raise ConfigError(
+                f"data.layout: unknown layout '{layout}'; valid: {', '.join(LAYOUTS)}"
+            )
         cells = sum(len(r) for r in LAYOUTS[layout])
         if not 1 <= max_objects <= cells:
-            raise ConfigError(f"data.max_objects: {max_objects} must be in 1..{cells} for layout '{layout}'")
+            raise ConfigError(
+                f"data.max_objects: {max_objects} must be in 1..{cells} for layout '{layout}'"
+            )
         if image_size < 24:
             raise ConfigError(f"data.image_size: {image_size} is too small (minimum 24)")
         for key, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
@@ -263,9 +354,15 @@ class ShapesDataset(DatasetSource):
                 raise ConfigError(f"data.{key}: {n} must be >= 0")
         self.counts = {"train": n_train, "val": n_val, "test": n_test}
         self.args: dict[str, Any] = {
-            **{f"n_{s}": n for s, n in self.counts.items()}, "image_size": image_size,
-            "seed": seed, "colours": colours, "shapes": shapes, "layout": layout,
-            "max_objects": max_objects, "version": GENERATOR_VERSION}
+            **{f"n_{s}": n for s, n in self.counts.items()},
+            "image_size": image_size,
+            "seed": seed,
+            "colours": colours,
+            "shapes": shapes,
+            "layout": layout,
+            "max_objects": max_objects,
+            "version": GENERATOR_VERSION,
+        }
         noise = _check_noise(caption_noise, colours, shapes)
         if noise:  # only then: clean data sets keep their cache key
             self.args["caption_noise"] = noise
@@ -276,7 +373,10 @@ class ShapesDataset(DatasetSource):
         return hashlib.sha256(json.dumps(self.args, sort_keys=True).encode()).hexdigest()[:16]
 
     def identity(self) -> dict[str, Any]:
-        return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "args": dict(self.args)}
+        return {
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "args": dict(self.args),
+        }
 
     def prepare(self, cache_dir: Path) -> DatasetFiles:
         """Generate the data set once into ``cache_dir/shapes/<key>`` and say where it is.
@@ -310,16 +410,22 @@ class ShapesDataset(DatasetSource):
                     samples.append(sample)
                     progress.advance(task)
                 write_llava(samples, out / f"{split}.json", media_root=out)
-        (out / "info.json").write_text(json.dumps({"generator": "shapes", **self.args}, indent=1) + "\n")
+        (out / "info.json").write_text(
+            json.dumps({"generator": "shapes", **self.args}, indent=1) + "\n"
+        )
 
 
-def _check_noise(noise: dict[str, float] | None, colours: list[str], shapes: list[str]) -> dict[str, float]:
+def _check_noise(
+    noise: dict[str, float] | None, colours: list[str], shapes: list[str]
+) -> dict[str, float]:
     """The non-zero rates of ``data.caption_noise``, checked (errors name the key)."""
     rates: dict[str, float] = {}
     for kind, rate in dict(noise or {}).items():
         if kind not in NOISE_KINDS:
-            raise ConfigError(f"data.caption_noise: unknown kind '{kind}'{did_you_mean(kind, NOISE_KINDS)}; "
-                              f"valid: {', '.join(NOISE_KINDS)}")
+            raise ConfigError(
+                f"data.caption_noise: unknown kind '{kind}'{did_you_mean(kind, NOISE_KINDS)}; "
+                f"valid: {', '.join(NOISE_KINDS)}"
+            )
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 1:
             raise ConfigError(f"data.caption_noise.{kind}: {rate!r} must be a rate in [0, 1]")
         if rate > 0:
@@ -328,7 +434,9 @@ def _check_noise(noise: dict[str, float] | None, colours: list[str], shapes: lis
         raise ConfigError(f"data.caption_noise: rates sum to {sum(rates.values()):g} > 1")
     for kind, values in (("wrong_colour", colours), ("wrong_shape", shapes)):
         if kind in rates and len(values) < 2:
-            raise ConfigError(f"data.caption_noise.{kind}: needs at least two data.{kind.split('_')[1]}s")
+            raise ConfigError(
+                f"data.caption_noise.{kind}: needs at least two data.{kind.split('_')[1]}s"
+            )
     return rates
 
 
@@ -351,7 +459,9 @@ def _norm(answer: str) -> str:
     return " ".join(answer.strip().lower().rstrip(".").split())
 
 
-def chance_accuracy(samples_train: Sequence[Sample], samples_test: Sequence[Sample]) -> dict[str, float]:
+def chance_accuracy(
+    samples_train: Sequence[Sample], samples_test: Sequence[Sample]
+) -> dict[str, float]:
     """Accuracy of always giving the train split's most frequent answer, per question type.
 
     Returns ``{qtype: accuracy on the test split}`` plus ``"overall"`` (over all test questions).

@@ -43,40 +43,76 @@ PLACES = ("table", "bed", "sofa", "door", "window", "desk", "chair", "shelf", "t
 NAMES = ("Anna", "Tom", "Maria", "David", "Sarah", "Peter", "Lucy", "James", "Emma", "Paul")
 ITEMS = ("apples", "books", "pencils", "cups", "balloons", "flowers", "candles", "stones")
 COUNTS = ("two", "three", "four", "five", "six", "seven", "eight", "nine")
-TRANSCRIBE = ("Transcribe the audio.", "What is said in the recording?",
-              "Write down what the speaker says.", "Transcribe this speech.")
+TRANSCRIBE = (
+    "Transcribe the audio.",
+    "What is said in the recording?",
+    "Write down what the speaker says.",
+    "Transcribe this speech.",
+)
 QTYPES = ("transcribe", "colour", "object", "place", "relation", "count", "name")
 _PROGRESS_MIN = 20
 
 
 def _placement(rng: random.Random) -> tuple[str, dict[str, str], list[tuple[str, str, str]]]:
-    f = {"colour": rng.choice(COLOURS), "object": rng.choice(OBJECTS),
-         "relation": rng.choice(RELATIONS), "place": rng.choice(PLACES)}
+    f = {
+        "colour": rng.choice(COLOURS),
+        "object": rng.choice(OBJECTS),
+        "relation": rng.choice(RELATIONS),
+        "place": rng.choice(PLACES),
+    }
     text = f"The {f['colour']} {f['object']} is {f['relation']} the {f['place']}."
-    qa = [("colour", rng.choice([f"What colour is the {f['object']}?",
-                                 f"Which colour does the {f['object']} have?"]), f["colour"]),
-          ("object", rng.choice([f"Which object is {f['colour']}?",
-                                 f"What is {f['relation']} the {f['place']}?"]), f["object"]),
-          ("place", f"What is the {f['object']} {f['relation']}?", f["place"]),
-          ("relation", f"Where is the {f['object']} relative to the {f['place']}? Answer with "
-                       f"the preposition.", f["relation"])]
+    qa = [
+        (
+            "colour",
+            rng.choice(
+                [f"What colour is the {f['object']}?", f"Which colour does the {f['object']} have?"]
+            ),
+            f["colour"],
+        ),
+        (
+            "object",
+            rng.choice(
+                [f"Which object is {f['colour']}?", f"What is {f['relation']} the {f['place']}?"]
+            ),
+            f["object"],
+        ),
+        ("place", f"What is the {f['object']} {f['relation']}?", f["place"]),
+        (
+            "relation",
+            f"Where is the {f['object']} relative to the {f['place']}? Answer with "
+            f"the preposition.",
+            f["relation"],
+        ),
+    ]
     return text, f, qa
 
 
 def _possession(rng: random.Random) -> tuple[str, dict[str, str], list[tuple[str, str, str]]]:
-    f = {"name": rng.choice(NAMES), "count": rng.choice(COUNTS), "colour": rng.choice(COLOURS),
-         "object": rng.choice(ITEMS)}
+    f = {
+        "name": rng.choice(NAMES),
+        "count": rng.choice(COUNTS),
+        "colour": rng.choice(COLOURS),
+        "object": rng.choice(ITEMS),
+    }
     text = f"{f['name']} has {f['count']} {f['colour']} {f['object']}."
-    qa = [("count", f"How many {f['object']} does {f['name']} have?", f["count"]),
-          ("name", rng.choice([f"Who has {f['count']} {f['object']}?",
-                               f"Whose {f['object']} are {f['colour']}?"]), f["name"]),
-          ("colour", f"What colour are {f['name']}'s {f['object']}?", f["colour"]),
-          ("object", f"What does {f['name']} have {f['count']} of?", f["object"])]
+    qa = [
+        ("count", f"How many {f['object']} does {f['name']} have?", f["count"]),
+        (
+            "name",
+            rng.choice(
+                [f"Who has {f['count']} {f['object']}?", f"Whose {f['object']} are {f['colour']}?"]
+            ),
+            f["name"],
+        ),
+        ("colour", f"What colour are {f['name']}'s {f['object']}?", f["colour"]),
+        ("object", f"What does {f['name']} have {f['count']} of?", f["object"]),
+    ]
     return text, f, qa
 
 
-def make_sample(args: dict[str, Any], split: str, index: int,
-                synth: Synthesizer) -> tuple[str, dict[str, Any], Sample]:
+def make_sample(
+    args: dict[str, Any], split: str, index: int, synth: Synthesizer
+) -> tuple[str, dict[str, Any], Sample]:
     """Sentence, voice and sample ``index`` of ``split`` (media filled in by the caller).
 
     Each clip has its own RNG seeded by (seed, split, index), so the first k clips do not
@@ -88,16 +124,20 @@ def make_sample(args: dict[str, Any], split: str, index: int,
     voice = synth.draw_voice(random.Random(f"spoken-voice:{args['seed']}:{split}:{index}"))
     audio_tag = f"{placeholder('audio')}\n"
     if rng.random() < args["transcribe_fraction"]:
-        turns = [{"from": "human", "value": audio_tag + rng.choice(TRANSCRIBE)},
-                 {"from": "gpt", "value": text}]
+        turns = [
+            {"from": "human", "value": audio_tag + rng.choice(TRANSCRIBE)},
+            {"from": "gpt", "value": text},
+        ]
         qtypes = ["transcribe"]
     else:
         rng.shuffle(qa)
         chosen = qa[: rng.randint(1, args["max_questions"])]
         turns, qtypes = [], []
         for k, (qtype, question, answer) in enumerate(chosen):
-            turns += [{"from": "human", "value": (audio_tag if k == 0 else "") + question},
-                      {"from": "gpt", "value": answer}]
+            turns += [
+                {"from": "human", "value": (audio_tag if k == 0 else "") + question},
+                {"from": "gpt", "value": answer},
+            ]
             qtypes.append(qtype)
     meta = {"text": text, "caption": text, "qtypes": qtypes, "facts": facts, "voice": voice}
     return text, voice, Sample(id=f"{split}-{index:06d}", conversations=turns, meta=meta)
@@ -120,9 +160,18 @@ class SpokenDataset(DatasetSource):
             that differs between runs).
     """
 
-    def __init__(self, n_train: int = 1000, n_val: int = 64, n_test: int = 200, seed: int = 0,
-                 sample_rate: int = 16000, engine: str = "auto", transcribe_fraction: float = 0.5,
-                 max_questions: int = 2, piper_noise: float = 0.0) -> None:
+    def __init__(
+        self,
+        n_train: int = 1000,
+        n_val: int = 64,
+        n_test: int = 200,
+        seed: int = 0,
+        sample_rate: int = 16000,
+        engine: str = "auto",
+        transcribe_fraction: float = 0.5,
+        max_questions: int = 2,
+        piper_noise: float = 0.0,
+    ) -> None:
         for key, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
             if n < 0:
                 raise ConfigError(f"data.{key}: {n} must be >= 0")
@@ -135,10 +184,15 @@ class SpokenDataset(DatasetSource):
         self.counts = {"train": n_train, "val": n_val, "test": n_test}
         self.engine = engine
         self.args: dict[str, Any] = {
-            **{f"n_{s}": n for s, n in self.counts.items()}, "seed": seed,
-            "sample_rate": int(sample_rate), "engine": engine,
-            "transcribe_fraction": float(transcribe_fraction), "max_questions": int(max_questions),
-            "piper_noise": float(piper_noise), "version": GENERATOR_VERSION}
+            **{f"n_{s}": n for s, n in self.counts.items()},
+            "seed": seed,
+            "sample_rate": int(sample_rate),
+            "engine": engine,
+            "transcribe_fraction": float(transcribe_fraction),
+            "max_questions": int(max_questions),
+            "piper_noise": float(piper_noise),
+            "version": GENERATOR_VERSION,
+        }
         self._synth: Synthesizer | None = None
 
     @property
@@ -159,8 +213,11 @@ class SpokenDataset(DatasetSource):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def identity(self) -> dict[str, Any]:
-        return {"class": f"{type(self).__module__}.{type(self).__qualname__}",
-                "args": dict(self.args), "synth": self.synth.describe()}
+        return {
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "args": dict(self.args),
+            "synth": self.synth.describe(),
+        }
 
     def prepare(self, cache_dir: Path) -> DatasetFiles:
         """Synthesise the data set once into ``cache_dir/spoken/<key>`` and say where it is."""

@@ -42,21 +42,73 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = 1
 KINDS: tuple[str, ...] = ("sign", "receipt", "number")
 SIGN_TEXTS: tuple[str, ...] = (
-    "OPEN", "CLOSED", "EXIT", "STOP", "SALE", "CAFE", "HOTEL", "BAKERY", "PHARMACY", "TAXI",
-    "PARKING", "LIBRARY", "MUSEUM", "POLICE", "BANK", "PIZZA", "FLOWERS", "TICKETS", "GARDEN",
-    "NO ENTRY", "BUS STOP", "FRESH FISH", "BOOK SHOP", "KEEP LEFT", "SLOW DOWN", "ICE CREAM",
-    "CAR WASH", "POST OFFICE", "FOOD MARKET", "TRAIN STATION")
-ITEMS: tuple[str, ...] = ("Milk", "Bread", "Eggs", "Tea", "Coffee", "Rice", "Apples", "Cheese",
-                          "Juice", "Soap", "Butter", "Pasta", "Honey", "Lemons", "Salt")
+    "OPEN",
+    "CLOSED",
+    "EXIT",
+    "STOP",
+    "SALE",
+    "CAFE",
+    "HOTEL",
+    "BAKERY",
+    "PHARMACY",
+    "TAXI",
+    "PARKING",
+    "LIBRARY",
+    "MUSEUM",
+    "POLICE",
+    "BANK",
+    "PIZZA",
+    "FLOWERS",
+    "TICKETS",
+    "GARDEN",
+    "NO ENTRY",
+    "BUS STOP",
+    "FRESH FISH",
+    "BOOK SHOP",
+    "KEEP LEFT",
+    "SLOW DOWN",
+    "ICE CREAM",
+    "CAR WASH",
+    "POST OFFICE",
+    "FOOD MARKET",
+    "TRAIN STATION",
+)
+ITEMS: tuple[str, ...] = (
+    "Milk",
+    "Bread",
+    "Eggs",
+    "Tea",
+    "Coffee",
+    "Rice",
+    "Apples",
+    "Cheese",
+    "Juice",
+    "Soap",
+    "Butter",
+    "Pasta",
+    "Honey",
+    "Lemons",
+    "Salt",
+)
 #: Sign board colours (name -> RGB); the text is black or white, whichever contrasts.
 BOARDS: dict[str, tuple[int, int, int]] = {
-    "red": (200, 30, 30), "green": (30, 140, 60), "blue": (30, 70, 200), "yellow": (245, 215, 40),
-    "white": (250, 250, 250), "black": (20, 20, 20), "orange": (245, 135, 20), "purple": (120, 50, 170)}
+    "red": (200, 30, 30),
+    "green": (30, 140, 60),
+    "blue": (30, 70, 200),
+    "yellow": (245, 215, 40),
+    "white": (250, 250, 250),
+    "black": (20, 20, 20),
+    "orange": (245, 135, 20),
+    "purple": (120, 50, 170),
+}
 QUESTIONS: dict[str, tuple[str, ...]] = {
     "sign_text": ("What does the sign say?", "What is written on the sign?", "Read the sign."),
     "sign_colour": ("What colour is the sign?", "What is the colour of the sign?"),
-    "receipt_total": ("What is the total?", "What is the total on the receipt?",
-                      "How much is the total amount?"),
+    "receipt_total": (
+        "What is the total?",
+        "What is the total on the receipt?",
+        "How much is the total amount?",
+    ),
     "receipt_price": ("How much does the {item} cost?", "What is the price of the {item}?"),
     "receipt_sum": ("What do all the items cost together?", "What is the sum of the prices?"),
     "number": ("What number is shown?", "Which number is written in the image?"),
@@ -85,8 +137,13 @@ def _ink(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
     return (0, 0, 0) if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 140 else (255, 255, 255)
 
 
-def _draw_words(draw: ImageDraw.ImageDraw, xy: tuple[float, float], words: list[str], size: int,
-                fill: tuple[int, int, int]) -> None:
+def _draw_words(
+    draw: ImageDraw.ImageDraw,
+    xy: tuple[float, float],
+    words: list[str],
+    size: int,
+    fill: tuple[int, int, int],
+) -> None:
     # A wide gap between words: OCR detectors then see separate words and keep the space.
     f, x = font(size), xy[0]
     for word in words:
@@ -105,8 +162,13 @@ def _sign(rng: random.Random, s: int) -> tuple[Image.Image, dict[str, Any]]:
     draw = ImageDraw.Draw(img)
     w, h = s * rng.uniform(0.8, 0.92), s * rng.uniform(0.3, 0.42)
     x0, y0 = rng.uniform(0.02 * s, s - w - 0.02 * s), rng.uniform(0.1 * s, s - h - 0.1 * s)
-    draw.rounded_rectangle([x0, y0, x0 + w, y0 + h], radius=0.08 * h, fill=BOARDS[colour],
-                           outline=(60, 60, 60), width=max(1, s // 100))
+    draw.rounded_rectangle(
+        [x0, y0, x0 + w, y0 + h],
+        radius=0.08 * h,
+        fill=BOARDS[colour],
+        outline=(60, 60, 60),
+        width=max(1, s // 100),
+    )
     words = text.split()
     size = int(0.5 * h)
     while size > 8 and _words_width(words, size) > 0.86 * w:
@@ -175,8 +237,13 @@ def make_sample(cfg: dict[str, Any], split: str, index: int) -> tuple[Image.Imag
         facts["item"] = facts["items"][k].lower()
         calls.append(_ocr_call(facts["text"]))
         if qtype == "receipt_sum":
-            calls.append({"name": "calculator", "arguments": {"expression": " + ".join(facts["prices"])},
-                          "truth": facts["total"]})
+            calls.append(
+                {
+                    "name": "calculator",
+                    "arguments": {"expression": " + ".join(facts["prices"])},
+                    "truth": facts["total"],
+                }
+            )
     else:
         img, facts = _number(rng, s)
         qtype, answer = "number", facts["text"]
@@ -186,31 +253,60 @@ def make_sample(cfg: dict[str, Any], split: str, index: int) -> tuple[Image.Imag
         calls.append(_ocr_call(facts["text"]))
     question = rng.choice(QUESTIONS[qtype]).format(item=facts.get("item", ""))
     tool = calls[-1]["name"] if calls else None
-    meta = {"kind": kind, "qtypes": [qtype], "tool": tool, "tool_calls": calls,
-            "text": facts["text"], "answer": answer}
-    turns = [{"from": "human", "value": f"{placeholder('image')}\n{question}"},
-             {"from": "gpt", "value": answer}]
+    meta = {
+        "kind": kind,
+        "qtypes": [qtype],
+        "tool": tool,
+        "tool_calls": calls,
+        "text": facts["text"],
+        "answer": answer,
+    }
+    turns = [
+        {"from": "human", "value": f"{placeholder('image')}\n{question}"},
+        {"from": "gpt", "value": answer},
+    ]
     return img, Sample(id=f"{split}-{index:06d}", conversations=turns, meta=meta)
 
 
 #: The real scans: (skimage.data function, transcription, [(qtype, question, answer, tool)]).
 SCANS: dict[str, tuple[str, list[tuple[str, str, str, str | None]]]] = {
-    "page": ("Region-based segmentation\n"
-             "Let us first determine markers of the coins and the\n"
-             "background. These markers are pixels that we can label\n"
-             "unambiguously as either object or background. Here,\n"
-             "the markers are found at the two extreme parts of the\n"
-             "histogram of grey values:\n"
-             ">>> markers = np.zeros_like(coins)", [
-                 ("scan_heading", "What is the heading of the page?", "Region-based segmentation", "ocr"),
-                 ("scan_read", "Markers of which objects are determined first?", "coins", "ocr"),
-                 ("scan_read", "Which NumPy function is called in the code line?", "np.zeros_like", "ocr"),
-                 ("scan_read", "The markers are found in the histogram of what?", "grey values", "ocr"),
-             ]),
-    "text": ("", [
-        ("scan_style", "Is the writing printed or handwritten?", "handwritten", None),
-        ("scan_style", "What is written: a letter, a shopping list or formulas?", "formulas", None),
-    ]),
+    "page": (
+        "Region-based segmentation\n"
+        "Let us first determine markers of the coins and the\n"
+        "background. These markers are pixels that we can label\n"
+        "unambiguously as either object or background. Here,\n"
+        "the markers are found at the two extreme parts of the\n"
+        "histogram of grey values:\n"
+        ">>> markers = np.zeros_like(coins)",
+        [
+            (
+                "scan_heading",
+                "What is the heading of the page?",
+                "Region-based segmentation",
+                "ocr",
+            ),
+            ("scan_read", "Markers of which objects are determined first?", "coins", "ocr"),
+            (
+                "scan_read",
+                "Which NumPy function is called in the code line?",
+                "np.zeros_like",
+                "ocr",
+            ),
+            ("scan_read", "The markers are found in the histogram of what?", "grey values", "ocr"),
+        ],
+    ),
+    "text": (
+        "",
+        [
+            ("scan_style", "Is the writing printed or handwritten?", "handwritten", None),
+            (
+                "scan_style",
+                "What is written: a letter, a shopping list or formulas?",
+                "formulas",
+                None,
+            ),
+        ],
+    ),
 }
 
 
@@ -225,12 +321,26 @@ def scanned_samples(folder: Path) -> list[Sample]:
         Image.fromarray(getattr(data, name)()).convert("RGB").save(path, format="PNG")
         for k, (qtype, question, answer, tool) in enumerate(questions):
             calls = [_ocr_call(text)] if tool == "ocr" else []
-            meta = {"kind": f"scan-{name}", "qtypes": [qtype], "tool": tool, "tool_calls": calls,
-                    "text": text, "answer": answer}
-            turns = [{"from": "human", "value": f"{placeholder('image')}\n{question}"},
-                     {"from": "gpt", "value": answer}]
-            samples.append(Sample(id=f"scanned-{name}-{k}", media={"image": str(path)},
-                                  conversations=turns, meta=meta))
+            meta = {
+                "kind": f"scan-{name}",
+                "qtypes": [qtype],
+                "tool": tool,
+                "tool_calls": calls,
+                "text": text,
+                "answer": answer,
+            }
+            turns = [
+                {"from": "human", "value": f"{placeholder('image')}\n{question}"},
+                {"from": "gpt", "value": answer},
+            ]
+            samples.append(
+                Sample(
+                    id=f"scanned-{name}-{k}",
+                    media={"image": str(path)},
+                    conversations=turns,
+                    meta=meta,
+                )
+            )
     return samples
 
 
@@ -249,30 +359,50 @@ class TextImagesDataset(DatasetSource):
             warning when it is missing).
     """
 
-    def __init__(self, n_train: int = 2000, n_val: int = 64, n_test: int = 256,
-                 image_size: int = 224, seed: int = 0, kinds: list[str] | None = None,
-                 kind_ratio: float = 0.1, scanned: bool = True) -> None:
+    def __init__(
+        self,
+        n_train: int = 2000,
+        n_val: int = 64,
+        n_test: int = 256,
+        image_size: int = 224,
+        seed: int = 0,
+        kinds: list[str] | None = None,
+        kind_ratio: float = 0.1,
+        scanned: bool = True,
+    ) -> None:
         kinds = list(kinds or KINDS)
         for k in kinds:
             if k not in KINDS:
-                raise ConfigError(f"data.kinds: unknown kind '{k}'{did_you_mean(k, KINDS)}; valid: {', '.join(KINDS)}")
+                raise ConfigError(
+                    f"data.kinds: unknown kind '{k}'{did_you_mean(k, KINDS)}; valid: {', '.join(KINDS)}"
+                )
         if not kinds or len(set(kinds)) != len(kinds):
             raise ConfigError(f"data.kinds: expected distinct kinds, got {kinds}")
         if image_size < 96:
-            raise ConfigError(f"data.image_size: {image_size} is too small for readable text (minimum 96)")
+            raise ConfigError(
+                f"data.image_size: {image_size} is too small for readable text (minimum 96)"
+            )
         if not 0.0 <= kind_ratio <= 1.0:
             raise ConfigError(f"data.kind_ratio: {kind_ratio} must be in [0, 1]")
         for key, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
             if n < 0:
                 raise ConfigError(f"data.{key}: {n} must be >= 0")
         if scanned and importlib.util.find_spec("skimage") is None:
-            log.warning("data.scanned: scikit-image is not installed; the 'scanned' split is left out "
-                        "(pip install scikit-image, or mmbridge[data])")
+            log.warning(
+                "data.scanned: scikit-image is not installed; the 'scanned' split is left out "
+                "(pip install scikit-image, or mmbridge[data])"
+            )
             scanned = False
         self.counts = {"train": n_train, "val": n_val, "test": n_test}
         self.args: dict[str, Any] = {
-            **{f"n_{s}": n for s, n in self.counts.items()}, "image_size": image_size, "seed": seed,
-            "kinds": kinds, "kind_ratio": kind_ratio, "scanned": scanned, "version": GENERATOR_VERSION}
+            **{f"n_{s}": n for s, n in self.counts.items()},
+            "image_size": image_size,
+            "seed": seed,
+            "kinds": kinds,
+            "kind_ratio": kind_ratio,
+            "scanned": scanned,
+            "version": GENERATOR_VERSION,
+        }
 
     @property
     def key(self) -> str:
@@ -280,7 +410,10 @@ class TextImagesDataset(DatasetSource):
         return hashlib.sha256(json.dumps(self.args, sort_keys=True).encode()).hexdigest()[:16]
 
     def identity(self) -> dict[str, Any]:
-        return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "args": dict(self.args)}
+        return {
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "args": dict(self.args),
+        }
 
     def _splits(self, root: Path) -> dict[str, Path]:
         splits = {s: root / f"{s}.json" for s, n in self.counts.items() if n > 0 or s == "train"}
@@ -315,8 +448,12 @@ class TextImagesDataset(DatasetSource):
                     progress.advance(task)
                 write_llava(samples, out / f"{split}.json", media_root=out)
         if self.args["scanned"]:
-            write_llava(scanned_samples(out / "images" / "scanned"), out / "scanned.json", media_root=out)
-        (out / "info.json").write_text(json.dumps({"generator": "textimages", **self.args}, indent=1) + "\n")
+            write_llava(
+                scanned_samples(out / "images" / "scanned"), out / "scanned.json", media_root=out
+            )
+        (out / "info.json").write_text(
+            json.dumps({"generator": "textimages", **self.args}, indent=1) + "\n"
+        )
 
 
 COMPONENTS = {"dataset": {"textimages": TextImagesDataset}}

@@ -46,8 +46,15 @@ class VQADataset(BenchmarkSource):
 
     name = "vqa"
 
-    def __init__(self, path: str, annotations: str | None = None, image_dir: str | None = None,
-                 image_pattern: str | None = None, prompt: str = SHORT_ANSWER, split: str = "test") -> None:
+    def __init__(
+        self,
+        path: str,
+        annotations: str | None = None,
+        image_dir: str | None = None,
+        image_pattern: str | None = None,
+        prompt: str = SHORT_ANSWER,
+        split: str = "test",
+    ) -> None:
         self.path = required(path, "data.path", "a VQAv2 questions or TextVQA JSON file")
         ann = abspath(annotations)
         m = _V2_QUESTIONS.search(self.path.name)
@@ -68,21 +75,31 @@ class VQADataset(BenchmarkSource):
             return self._vqav2(data)
         if "data" in data:
             return self._textvqa(data["data"])
-        raise DataError(f"data.path: {self.path} is neither VQAv2 questions (a 'questions' list) nor "
-                        f"TextVQA (a 'data' list)")
+        raise DataError(
+            f"data.path: {self.path} is neither VQAv2 questions (a 'questions' list) nor "
+            f"TextVQA (a 'data' list)"
+        )
 
     def _question(self, text: str) -> str:
         return f"{text}\n{self.prompt}" if self.prompt else text
 
     def _vqav2(self, data: dict) -> list[Sample]:
         if self.annotations is None or not self.annotations.is_file():
-            raise ConfigError(f"data.annotations: the VQAv2 annotations file is needed to score "
-                              f"{self.path.name} (not found: {self.annotations}); test-dev has none "
-                              f"(it is scored on the EvalAI server)")
-        ann_data = read_json(self.annotations, "data.annotations", dict,
-                             "VQAv2 annotations: {'annotations': [{'question_id', 'answers', ...}]}")
+            raise ConfigError(
+                f"data.annotations: the VQAv2 annotations file is needed to score "
+                f"{self.path.name} (not found: {self.annotations}); test-dev has none "
+                f"(it is scored on the EvalAI server)"
+            )
+        ann_data = read_json(
+            self.annotations,
+            "data.annotations",
+            dict,
+            "VQAv2 annotations: {'annotations': [{'question_id', 'answers', ...}]}",
+        )
         anns = {}
-        for i, a in records(_list(ann_data, "annotations", self.annotations), self.annotations, "annotation"):
+        for i, a in records(
+            _list(ann_data, "annotations", self.annotations), self.annotations, "annotation"
+        ):
             with reading(self.annotations, f"annotation {i}", "'question_id' and 10 'answers'"):
                 anns[a["question_id"]] = a
         subtype = str(data.get("data_subtype", "val2014"))
@@ -90,24 +107,48 @@ class VQADataset(BenchmarkSource):
         pattern = self.image_pattern or "COCO_{subtype}_{image_id:012d}.jpg"
         out = []
         for i, q in records(_list(data, "questions", self.path), self.path, "question"):
-            with reading(self.path, f"question {i} (question_id {q.get('question_id')})",
-                         "'question_id', 'image_id', 'question'"):
+            with reading(
+                self.path,
+                f"question {i} (question_id {q.get('question_id')})",
+                "'question_id', 'image_id', 'question'",
+            ):
                 a = anns.get(q["question_id"])
             if a is None:
-                raise DataError(f"{self.annotations}: no annotation for question_id {q['question_id']}")
-            with reading(self.annotations, f"annotation of question_id {q['question_id']}",
-                         "'answers': a non-empty list of {'answer': text}"):
+                raise DataError(
+                    f"{self.annotations}: no annotation for question_id {q['question_id']}"
+                )
+            with reading(
+                self.annotations,
+                f"annotation of question_id {q['question_id']}",
+                "'answers': a non-empty list of {'answer': text}",
+            ):
                 answers = [text_field(x, "answer") for x in a["answers"]]
                 if not answers:
-                    raise DataError(f"{self.annotations}: question_id {q['question_id']}: 'answers' is empty")
+                    raise DataError(
+                        f"{self.annotations}: question_id {q['question_id']}: 'answers' is empty"
+                    )
                 reference = str(a.get("multiple_choice_answer", answers[0]))
-            with reading(self.path, f"question_id {q['question_id']}",
-                         f"'image_id' and 'question'; image_pattern {pattern!r}"):
+            with reading(
+                self.path,
+                f"question_id {q['question_id']}",
+                f"'image_id' and 'question'; image_pattern {pattern!r}",
+            ):
                 image = image_dir / pattern.format(image_id=q["image_id"], subtype=subtype)
-                meta = {"benchmark": "vqa", "answers": answers, "qtype": str(a.get("answer_type", "all")),
-                        "question_id": q["question_id"]}
-                out.append(image_question(str(q["question_id"]), image,
-                                          self._question(text_field(q, "question")), reference, meta))
+                meta = {
+                    "benchmark": "vqa",
+                    "answers": answers,
+                    "qtype": str(a.get("answer_type", "all")),
+                    "question_id": q["question_id"],
+                }
+                out.append(
+                    image_question(
+                        str(q["question_id"]),
+                        image,
+                        self._question(text_field(q, "question")),
+                        reference,
+                        meta,
+                    )
+                )
         return out
 
     def _textvqa(self, rows: list[dict]) -> list[Sample]:
@@ -115,18 +156,32 @@ class VQADataset(BenchmarkSource):
         pattern = self.image_pattern or "{image_id}.jpg"
         out = []
         if not isinstance(rows, list):
-            raise DataError(f"{self.path}: 'data' must be a list of questions, got {type(rows).__name__}")
+            raise DataError(
+                f"{self.path}: 'data' must be a list of questions, got {type(rows).__name__}"
+            )
         for i, q in records(rows, self.path, "question"):
-            with reading(self.path, f"question {i} (question_id {q.get('question_id')})",
-                         f"'question_id', 'question', 'image_id', 'answers'; image_pattern {pattern!r}"):
+            with reading(
+                self.path,
+                f"question {i} (question_id {q.get('question_id')})",
+                f"'question_id', 'question', 'image_id', 'answers'; image_pattern {pattern!r}",
+            ):
                 answers = [text_field({"answer": a}, "answer") for a in q.get("answers") or []]
                 if not answers:
-                    raise DataError(f"{self.path}: question {q.get('question_id')} has no answers (a test file?)")
+                    raise DataError(
+                        f"{self.path}: question {q.get('question_id')} has no answers (a test file?)"
+                    )
                 top = max(set(answers), key=lambda a: (answers.count(a), a))
                 image = image_dir / pattern.format(image_id=q["image_id"], subtype=self.split)
                 meta = {"benchmark": "vqa", "answers": answers, "question_id": q["question_id"]}
-                out.append(image_question(str(q["question_id"]), image,
-                                          self._question(text_field(q, "question")), top, meta))
+                out.append(
+                    image_question(
+                        str(q["question_id"]),
+                        image,
+                        self._question(text_field(q, "question")),
+                        top,
+                        meta,
+                    )
+                )
         return out
 
 

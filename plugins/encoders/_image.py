@@ -23,8 +23,12 @@ from mmbridge.utils.media_io import (  # noqa: F401 - the encoders' (and their t
 )
 
 #: PIL resampling filters by the integer codes HF image processors store.
-RESAMPLE = {0: Image.Resampling.NEAREST, 1: Image.Resampling.LANCZOS,
-            2: Image.Resampling.BILINEAR, 3: Image.Resampling.BICUBIC}
+RESAMPLE = {
+    0: Image.Resampling.NEAREST,
+    1: Image.Resampling.LANCZOS,
+    2: Image.Resampling.BILINEAR,
+    3: Image.Resampling.BICUBIC,
+}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: ``image_aspect_ratio`` options: ``square`` = the encoder's own resize / crop; ``pad`` = first
@@ -35,8 +39,9 @@ ASPECT_RATIOS = ("square", "pad")
 def pads_to_square(image_aspect_ratio: str, key: str = "encoder.image_aspect_ratio") -> bool:
     """Whether ``image_aspect_ratio`` asks for padding; a :class:`ConfigError` for other values."""
     if image_aspect_ratio not in ASPECT_RATIOS:
-        raise ConfigError(f"{key}: {image_aspect_ratio!r} is not an option; valid: "
-                          f"{', '.join(ASPECT_RATIOS)}")
+        raise ConfigError(
+            f"{key}: {image_aspect_ratio!r} is not an option; valid: {', '.join(ASPECT_RATIOS)}"
+        )
     return image_aspect_ratio == "pad"
 
 
@@ -53,9 +58,14 @@ def expand_to_square(img: Image.Image, mean: tuple[float, ...]) -> Image.Image:
     return canvas
 
 
-def image_to_tensor(img: Image.Image, size: tuple[int, int], mean: tuple[float, ...],
-                    std: tuple[float, ...], resample: int = 3,
-                    resize_shortest: int | None = None) -> torch.Tensor:
+def image_to_tensor(
+    img: Image.Image,
+    size: tuple[int, int],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    resample: int = 3,
+    resize_shortest: int | None = None,
+) -> torch.Tensor:
     """Resize, (centre-crop,) scale to [0, 1] and normalise.
 
     Args:
@@ -90,14 +100,16 @@ def image_to_tensor(img: Image.Image, size: tuple[int, int], mean: tuple[float, 
 
 def check_pool_to(pool_to: int | None, grid: int, key: str) -> None:
     if pool_to is not None and not 1 <= pool_to <= grid:
-        raise ConfigError(f"{key}: {pool_to} must be between 1 and the patch grid size {grid} "
-                          f"(or null for no pooling)")
+        raise ConfigError(
+            f"{key}: {pool_to} must be between 1 and the patch grid size {grid} "
+            f"(or null for no pooling)"
+        )
 
 
 def pool_grid(tokens: torch.Tensor, pool_to: int) -> torch.Tensor:
     """Adaptive average pooling of a square patch grid: ``[B, g*g, D]`` -> ``[B, p*p, D]``."""
     b, n, d = tokens.shape
-    g = int(round(n ** 0.5))
+    g = int(round(n**0.5))
     if g * g != n:
         raise ValueError(f"pooling needs a square patch grid, got {n} tokens")
     grid = tokens.transpose(1, 2).reshape(b, d, g, g)
@@ -127,8 +139,10 @@ def weights_fingerprint(module: nn.Module) -> str:
     with torch.no_grad():
         for name, t in module.state_dict().items():
             t64 = t.detach().double() if t.is_floating_point() else t.detach().to(torch.float64)
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{t64.sum().item():.10e}:"
-                     f"{t64.abs().sum().item():.10e};".encode())
+            h.update(
+                f"{name}:{tuple(t.shape)}:{t.dtype}:{t64.sum().item():.10e}:"
+                f"{t64.abs().sum().item():.10e};".encode()
+            )
     return h.hexdigest()[:16]
 
 

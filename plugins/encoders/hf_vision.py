@@ -35,11 +35,16 @@ from mmbridge.registry import Registry
 from mmbridge.registry.assets import resolve_model_path
 
 #: model_type of a full image-text checkpoint -> the class holding only its vision tower.
-VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel",
-                 "siglip2": "Siglip2VisionModel"}
+VISION_TOWERS = {
+    "clip": "CLIPVisionModel",
+    "siglip": "SiglipVisionModel",
+    "siglip2": "Siglip2VisionModel",
+}
 #: Used when a model directory has no preprocessor_config.json.
-DEFAULT_NORM = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-                "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+DEFAULT_NORM = {
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
 
 
 def _hw(value: Any) -> tuple[int, int] | None:
@@ -84,18 +89,32 @@ class HFVisionEncoder(ModalityEncoder):
 
     modality = "image"
 
-    def __init__(self, path: str, feature_layer: int | list[int] = -1, drop_cls: bool = True,
-                 image_size: int | None = None, pool_to: int | None = None,
-                 dtype: str = "float32", normalize_layers: bool = False,
-                 image_aspect_ratio: str = "square",
-                 registry: Registry | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        feature_layer: int | list[int] = -1,
+        drop_cls: bool = True,
+        image_size: int | None = None,
+        pool_to: int | None = None,
+        dtype: str = "float32",
+        normalize_layers: bool = False,
+        image_aspect_ratio: str = "square",
+        registry: Registry | None = None,
+    ) -> None:
         super().__init__()
         import transformers
 
-        layers = [feature_layer] if isinstance(feature_layer, int) else [int(f) for f in feature_layer]
-        self.args = {"path": path, "feature_layer": layers if len(layers) > 1 else layers[0],
-                     "drop_cls": drop_cls, "image_size": image_size, "pool_to": pool_to,
-                     "dtype": dtype}
+        layers = (
+            [feature_layer] if isinstance(feature_layer, int) else [int(f) for f in feature_layer]
+        )
+        self.args = {
+            "path": path,
+            "feature_layer": layers if len(layers) > 1 else layers[0],
+            "drop_cls": drop_cls,
+            "image_size": image_size,
+            "pool_to": pool_to,
+            "dtype": dtype,
+        }
         self._set_aspect_ratio(image_aspect_ratio)
         local = resolve_model_path(path, registry, key="encoder.path")
         try:
@@ -104,19 +123,29 @@ class HFVisionEncoder(ModalityEncoder):
             model_cls = getattr(transformers, cls_name) if cls_name else transformers.AutoModel
             self.model = model_cls.from_pretrained(local, dtype=parse_dtype(dtype, "encoder.dtype"))
         except OSError as exc:
-            raise ConfigError(f"encoder.path: cannot load '{path}' (resolved to '{local}'): {exc}. "
-                              f"Give an offline asset name (`mmbridge assets`), a local model "
-                              f"directory, or a hub id while online") from exc
+            raise ConfigError(
+                f"encoder.path: cannot load '{path}' (resolved to '{local}'): {exc}. "
+                f"Give an offline asset name (`mmbridge assets`), a local model "
+                f"directory, or a hub id while online"
+            ) from exc
         self.model.eval()
         self.weights_id = weights_fingerprint(self.model)
-        self._configure(layers, Path(local), config.model_type, drop_cls, image_size, pool_to,
-                        normalize_layers)
+        self._configure(
+            layers, Path(local), config.model_type, drop_cls, image_size, pool_to, normalize_layers
+        )
 
     @classmethod
-    def from_config(cls, config: str | Path, feature_layer: int | list[int] = -1,
-                    drop_cls: bool = True, image_size: int | None = None,
-                    pool_to: int | None = None, dtype: str = "float32",
-                    normalize_layers: bool = False, image_aspect_ratio: str = "square") -> HFVisionEncoder:
+    def from_config(
+        cls,
+        config: str | Path,
+        feature_layer: int | list[int] = -1,
+        drop_cls: bool = True,
+        image_size: int | None = None,
+        pool_to: int | None = None,
+        dtype: str = "float32",
+        normalize_layers: bool = False,
+        image_aspect_ratio: str = "square",
+    ) -> HFVisionEncoder:
         """The vision tower of a ``config.json`` with freshly initialised weights; nothing is
         downloaded and no weight file is read.
 
@@ -138,24 +167,45 @@ class HFVisionEncoder(ModalityEncoder):
             raise ConfigError(f"encoder config: no config.json at '{source}'")
         full = transformers.AutoConfig.from_pretrained(directory)
         # a full image-text config (CLIP, SigLIP) holds the tower's own under vision_config
-        tower_config = getattr(full, "vision_config", None) if full.model_type in VISION_TOWERS else None
-        layers = [feature_layer] if isinstance(feature_layer, int) else [int(f) for f in feature_layer]
+        tower_config = (
+            getattr(full, "vision_config", None) if full.model_type in VISION_TOWERS else None
+        )
+        layers = (
+            [feature_layer] if isinstance(feature_layer, int) else [int(f) for f in feature_layer]
+        )
         self = cls.__new__(cls)
         ModalityEncoder.__init__(self)
-        self.args = {"path": str(directory), "feature_layer": layers if len(layers) > 1 else layers[0],
-                     "drop_cls": drop_cls, "image_size": image_size, "pool_to": pool_to,
-                     "dtype": dtype}
+        self.args = {
+            "path": str(directory),
+            "feature_layer": layers if len(layers) > 1 else layers[0],
+            "drop_cls": drop_cls,
+            "image_size": image_size,
+            "pool_to": pool_to,
+            "dtype": dtype,
+        }
         self._set_aspect_ratio(image_aspect_ratio)
-        self.model = transformers.AutoModel.from_config(tower_config or full,
-                                                        dtype=parse_dtype(dtype, "encoder.dtype"))
+        self.model = transformers.AutoModel.from_config(
+            tower_config or full, dtype=parse_dtype(dtype, "encoder.dtype")
+        )
         self.model.eval()
-        self.weights_id = "random-init"  # no weights were read: a cache must never reuse these features
-        self._configure(layers, directory, full.model_type, drop_cls, image_size, pool_to,
-                        normalize_layers)
+        self.weights_id = (
+            "random-init"  # no weights were read: a cache must never reuse these features
+        )
+        self._configure(
+            layers, directory, full.model_type, drop_cls, image_size, pool_to, normalize_layers
+        )
         return self
 
-    def _configure(self, layers: list[int], local: Path, model_type: str, drop_cls: bool,
-                   image_size: int | None, pool_to: int | None, normalize_layers: bool) -> None:
+    def _configure(
+        self,
+        layers: list[int],
+        local: Path,
+        model_type: str,
+        drop_cls: bool,
+        image_size: int | None,
+        pool_to: int | None,
+        normalize_layers: bool,
+    ) -> None:
         """Feature layers, truncation, preprocessing and token counts of the loaded tower."""
         vc = self.model.config
         self.patch = int(vc.patch_size)
@@ -164,20 +214,25 @@ class HFVisionEncoder(ModalityEncoder):
         for f in layers:
             a = f if f >= 0 else self.n_layers + 1 + f
             if not 0 <= a <= self.n_layers:
-                raise ConfigError(f"encoder.feature_layer: {f} is out of range for {local.name} "
-                                  f"({self.n_layers} layers: valid -{self.n_layers + 1}..{self.n_layers})")
+                raise ConfigError(
+                    f"encoder.feature_layer: {f} is out of range for {local.name} "
+                    f"({self.n_layers} layers: valid -{self.n_layers + 1}..{self.n_layers})"
+                )
             self.layers.append(a)
         if max(self.layers) < self.n_layers:
             # One block at least: transformers records hidden_states around the blocks.
             self._truncate(max(max(self.layers), 1))
         self.size, self.resize_shortest, self.mean, self.std, self.resample = self._preprocessing(
-            local, vc, model_type, image_size)
+            local, vc, model_type, image_size
+        )
         native = _hw(getattr(vc, "image_size", None))
         accepts = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
         self._extra = {"interpolate_pos_encoding": True} if accepts and self.size != native else {}
         self.drop_cls, self.pool_to = drop_cls, pool_to
         self.normalize_layers = bool(normalize_layers)
-        if normalize_layers:  # only when set: cache entries written before the option keep their key
+        if (
+            normalize_layers
+        ):  # only when set: cache entries written before the option keep their key
             self.args["normalize_layers"] = True
 
         probe = torch.zeros(1, 3, *self.size)
@@ -219,8 +274,10 @@ class HFVisionEncoder(ModalityEncoder):
             return size, None, mean, std, resample
         native = _hw(getattr(vc, "image_size", None))
         if native is None:
-            raise ConfigError(f"encoder.image_size: {local} has no preprocessor_config.json and its "
-                              f"config no image_size; set encoder.image_size")
+            raise ConfigError(
+                f"encoder.image_size: {local} has no preprocessor_config.json and its "
+                f"config no image_size; set encoder.image_size"
+            )
         return native, None, mean, std, resample
 
     @classmethod
@@ -244,26 +301,35 @@ class HFVisionEncoder(ModalityEncoder):
 
     def _set_aspect_ratio(self, image_aspect_ratio: str) -> None:
         self.pad_to_square = pads_to_square(image_aspect_ratio)
-        if self.pad_to_square:  # only when set: cache entries written before the option keep their key
+        if (
+            self.pad_to_square
+        ):  # only when set: cache entries written before the option keep their key
             self.args["image_aspect_ratio"] = "pad"
 
     def preprocess(self, raw: Image.Image) -> torch.Tensor:
         """RGB image -> ``[3, H, W]`` normalised (padded to a square first with ``image_aspect_ratio: pad``)."""
         if self.pad_to_square:
             raw = expand_to_square(raw, self.mean)
-        return image_to_tensor(raw, self.size, self.mean, self.std, self.resample, self.resize_shortest)
+        return image_to_tensor(
+            raw, self.size, self.mean, self.std, self.resample, self.resize_shortest
+        )
 
     def num_tokens(self, x: torch.Tensor) -> int:
-        patches = self.pool_to ** 2 if self.pool_to else self.grid[0] * self.grid[1]
+        patches = self.pool_to**2 if self.pool_to else self.grid[0] * self.grid[1]
         return patches + (0 if self.drop_cls else self.prefix)
 
     def _tokens(self, batch: torch.Tensor) -> torch.Tensor:
         """``[B, prefix + N, D * len(layers)]``."""
         param = next(self.model.parameters())
-        out = self.model(pixel_values=batch.to(param.device, param.dtype),
-                         output_hidden_states=True, **self._extra)
-        feats = [out.last_hidden_state if a == self.n_layers else out.hidden_states[a]
-                 for a in self.layers]
+        out = self.model(
+            pixel_values=batch.to(param.device, param.dtype),
+            output_hidden_states=True,
+            **self._extra,
+        )
+        feats = [
+            out.last_hidden_state if a == self.n_layers else out.hidden_states[a]
+            for a in self.layers
+        ]
         if self.normalize_layers:
             feats = [F.layer_norm(f, f.shape[-1:]) for f in feats]
         return torch.cat(feats, dim=-1) if len(feats) > 1 else feats[0]
@@ -271,10 +337,10 @@ class HFVisionEncoder(ModalityEncoder):
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, 3, H, W]`` -> features ``[B, N, D]`` (float32) and mask ``[B, N]`` (all True)."""
         tokens = self._tokens(batch)
-        patches = tokens[:, self.prefix:]
+        patches = tokens[:, self.prefix :]
         if self.pool_to:
             patches = pool_grid(patches, self.pool_to)
-        feats = patches if self.drop_cls else torch.cat([tokens[:, :self.prefix], patches], dim=1)
+        feats = patches if self.drop_cls else torch.cat([tokens[:, : self.prefix], patches], dim=1)
         mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
         return feats.float(), mask
 
@@ -283,17 +349,25 @@ class HFVisionEncoder(ModalityEncoder):
         if self.pool_to:
             raise LlavaUnrepresentable("pools the patch grid", f"pool_to={self.pool_to}")
         if self.normalize_layers:
-            raise LlavaUnrepresentable("standardises each layer's features, which Llava's tower does not",
-                                       "normalize_layers=true")
+            raise LlavaUnrepresentable(
+                "standardises each layer's features, which Llava's tower does not",
+                "normalize_layers=true",
+            )
         if self.pad_to_square:
-            raise LlavaUnrepresentable("pads the image to a square, which Llava's image processor "
-                                       "does not", "image_aspect_ratio=pad")
+            raise LlavaUnrepresentable(
+                "pads the image to a square, which Llava's image processor does not",
+                "image_aspect_ratio=pad",
+            )
         if self.drop_cls and self.prefix != 1:
-            raise LlavaUnrepresentable("drops more than the one CLS token Llava's 'default' strategy "
-                                       "drops", f"drop_cls=true with {self.prefix} prefix tokens (registers)")
+            raise LlavaUnrepresentable(
+                "drops more than the one CLS token Llava's 'default' strategy drops",
+                f"drop_cls=true with {self.prefix} prefix tokens (registers)",
+            )
         if self._extra:
-            raise LlavaUnrepresentable("interpolates the position embeddings, which Llava's tower call "
-                                       "does not ask for", f"image_size={self.args.get('image_size')}")
+            raise LlavaUnrepresentable(
+                "interpolates the position embeddings, which Llava's tower call does not ask for",
+                f"image_size={self.args.get('image_size')}",
+            )
         param = next(self.model.parameters())
         if self.n_layers in self.layers:
             probe = torch.zeros(1, 3, *self.size, device=param.device, dtype=param.dtype)
@@ -302,32 +376,54 @@ class HFVisionEncoder(ModalityEncoder):
             if not torch.equal(out.last_hidden_state, out.hidden_states[-1]):
                 raise LlavaUnrepresentable(
                     f"is the final layer norm's output, which no vision_feature_layer selects (a "
-                    f"layer 0..{self.n_layers - 1} is)", f"feature_layer=-1 of {type(self.model).__name__}")
+                    f"layer 0..{self.n_layers - 1} is)",
+                    f"feature_layer=-1 of {type(self.model).__name__}",
+                )
         top = max(self.layers)
         h, w = self.size
         processor: dict[str, Any] = {
-            "do_resize": True, "resample": int(self.resample), "do_rescale": True,
-            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(self.mean),
-            "image_std": list(self.std), "do_convert_rgb": True}
+            "do_resize": True,
+            "resample": int(self.resample),
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+            "do_convert_rgb": True,
+        }
         if self.resize_shortest:
-            processor.update(size={"shortest_edge": int(self.resize_shortest)}, do_center_crop=True,
-                             crop_size={"height": h, "width": w})
+            processor.update(
+                size={"shortest_edge": int(self.resize_shortest)},
+                do_center_crop=True,
+                crop_size={"height": h, "width": w},
+            )
         else:
             processor.update(size={"height": h, "width": w}, do_center_crop=False)
         layers = [int(a) for a in self.layers]
-        return LlavaVision(tower=self.model,
-                           num_hidden_layers=max(top, 1) if top < self.n_layers else self.n_layers,
-                           feature_layer=layers[0] if len(layers) == 1 else layers,
-                           select_strategy="default" if self.drop_cls else "full",
-                           image_processor=processor, patch_size=self.patch,
-                           prefix_tokens=self.prefix, num_tokens=self.num_tokens(None))
+        return LlavaVision(
+            tower=self.model,
+            num_hidden_layers=max(top, 1) if top < self.n_layers else self.n_layers,
+            feature_layer=layers[0] if len(layers) == 1 else layers,
+            select_strategy="default" if self.drop_cls else "full",
+            image_processor=processor,
+            patch_size=self.patch,
+            prefix_tokens=self.prefix,
+            num_tokens=self.num_tokens(None),
+        )
 
     def cache_identity(self) -> dict[str, Any]:
-        return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "args": self.args,
-                "preprocess": {"size": list(self.size), "resize_shortest": self.resize_shortest,
-                               "mean": list(self.mean), "std": list(self.std),
-                               "resample": RESAMPLE.get(self.resample, RESAMPLE[3]).name},
-                "weights": self.weights_id}
+        return {
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "args": self.args,
+            "preprocess": {
+                "size": list(self.size),
+                "resize_shortest": self.resize_shortest,
+                "mean": list(self.mean),
+                "std": list(self.std),
+                "resample": RESAMPLE.get(self.resample, RESAMPLE[3]).name,
+            },
+            "weights": self.weights_id,
+        }
 
 
 COMPONENTS = {"encoder": {"hf_vision": HFVisionEncoder}}

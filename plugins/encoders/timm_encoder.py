@@ -51,24 +51,42 @@ class TimmEncoder(ModalityEncoder):
 
     modality = "image"
 
-    def __init__(self, model_name: str, pretrained_path: str | None = None, image_size: int = 224,
-                 model_args: dict[str, Any] | None = None, feature_layer: int = -1,
-                 drop_cls: bool = True, pool_to: int | None = None, init_seed: int = 0,
-                 image_aspect_ratio: str = "square") -> None:
+    def __init__(
+        self,
+        model_name: str,
+        pretrained_path: str | None = None,
+        image_size: int = 224,
+        model_args: dict[str, Any] | None = None,
+        feature_layer: int = -1,
+        drop_cls: bool = True,
+        pool_to: int | None = None,
+        init_seed: int = 0,
+        image_aspect_ratio: str = "square",
+    ) -> None:
         super().__init__()
         import timm
         import timm.data
 
-        self.args = {"model_name": model_name, "pretrained_path": pretrained_path,
-                     "image_size": image_size, "model_args": dict(model_args or {}),
-                     "feature_layer": feature_layer, "drop_cls": drop_cls, "pool_to": pool_to,
-                     "init_seed": init_seed}
+        self.args = {
+            "model_name": model_name,
+            "pretrained_path": pretrained_path,
+            "image_size": image_size,
+            "model_args": dict(model_args or {}),
+            "feature_layer": feature_layer,
+            "drop_cls": drop_cls,
+            "pool_to": pool_to,
+            "init_seed": init_seed,
+        }
         self.pad_to_square = pads_to_square(image_aspect_ratio)
-        if self.pad_to_square:  # only when set: cache entries written before the option keep their key
+        if (
+            self.pad_to_square
+        ):  # only when set: cache entries written before the option keep their key
             self.args["image_aspect_ratio"] = "pad"
         if not timm.is_model(model_name):
-            raise ConfigError(f"encoder.model_name: unknown timm model '{model_name}'"
-                              f"{did_you_mean(model_name, timm.list_models())}")
+            raise ConfigError(
+                f"encoder.model_name: unknown timm model '{model_name}'"
+                f"{did_you_mean(model_name, timm.list_models())}"
+            )
         if pretrained_path is not None and not Path(pretrained_path).is_file():
             raise ConfigError(f"encoder.pretrained_path: '{pretrained_path}' is not a file")
         self.model = self._create(timm, model_name, image_size, dict(model_args or {}), init_seed)
@@ -77,14 +95,20 @@ class TimmEncoder(ModalityEncoder):
         self.weights_id = weights_fingerprint(self.model)
         if feature_layer != -1:
             if not hasattr(self.model, "prune_intermediate_layers"):
-                raise ConfigError(f"encoder.feature_layer: {model_name} has no intermediate-layer "
-                                  f"support in timm; use feature_layer: -1")
+                raise ConfigError(
+                    f"encoder.feature_layer: {model_name} has no intermediate-layer "
+                    f"support in timm; use feature_layer: -1"
+                )
             # After pruning, forward_features returns that block's output (norm removed).
             try:
-                self.model.prune_intermediate_layers([feature_layer], prune_norm=True, prune_head=True)
+                self.model.prune_intermediate_layers(
+                    [feature_layer], prune_norm=True, prune_head=True
+                )
             except (IndexError, AssertionError) as exc:
-                raise ConfigError(f"encoder.feature_layer: {feature_layer} is out of range for "
-                                  f"{model_name}: {exc}") from None
+                raise ConfigError(
+                    f"encoder.feature_layer: {feature_layer} is out of range for "
+                    f"{model_name}: {exc}"
+                ) from None
         cfg = timm.data.resolve_data_config({}, model=self.model)
         self.mean, self.std = tuple(cfg["mean"]), tuple(cfg["std"])
         self.resample = _INTERPOLATION.get(cfg.get("interpolation", "bicubic"), 3)
@@ -96,20 +120,25 @@ class TimmEncoder(ModalityEncoder):
         with torch.no_grad():
             tokens, prefix = self._tokens(probe)
         self.prefix, n_patches = prefix, tokens.shape[1] - prefix
-        self.grid = int(round(n_patches ** 0.5))
-        if self.grid ** 2 != n_patches:
-            raise ConfigError(f"encoder: {model_name} at image_size {image_size} gives {n_patches} "
-                              f"patch tokens, not a square grid")
+        self.grid = int(round(n_patches**0.5))
+        if self.grid**2 != n_patches:
+            raise ConfigError(
+                f"encoder: {model_name} at image_size {image_size} gives {n_patches} "
+                f"patch tokens, not a square grid"
+            )
         check_pool_to(pool_to, self.grid, "encoder.pool_to")
         self._dim = int(tokens.shape[-1])
 
     @staticmethod
-    def _create(timm: Any, name: str, image_size: int, model_args: dict[str, Any], seed: int) -> Any:
+    def _create(
+        timm: Any, name: str, image_size: int, model_args: dict[str, Any], seed: int
+    ) -> Any:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             try:
-                return timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size,
-                                         **model_args)
+                return timm.create_model(
+                    name, pretrained=False, num_classes=0, img_size=image_size, **model_args
+                )
             except TypeError as exc:
                 if "img_size" not in str(exc):
                     raise ConfigError(f"encoder.model_args: {exc}") from None
@@ -125,14 +154,18 @@ class TimmEncoder(ModalityEncoder):
         try:
             result = load_checkpoint(self.model, path, strict=False, filter_fn=filter_fn)
         except Exception as exc:
-            raise ConfigError(f"encoder.pretrained_path: cannot load '{path}' into "
-                              f"{self.args['model_name']}: {type(exc).__name__}: {exc}") from exc
+            raise ConfigError(
+                f"encoder.pretrained_path: cannot load '{path}' into "
+                f"{self.args['model_name']}: {type(exc).__name__}: {exc}"
+            ) from exc
         classifier = str(getattr(self.model, "pretrained_cfg", {}).get("classifier", "head"))
         unexpected = [k for k in result.unexpected_keys if not k.startswith(classifier)]
         if result.missing_keys or unexpected:
-            raise ConfigError(f"encoder.pretrained_path: '{path}' does not fit "
-                              f"{self.args['model_name']}: missing {result.missing_keys[:5]}, "
-                              f"unexpected {unexpected[:5]}")
+            raise ConfigError(
+                f"encoder.pretrained_path: '{path}' does not fit "
+                f"{self.args['model_name']}: missing {result.missing_keys[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
 
     @classmethod
     def for_testing(cls, tmp_dir: Path, **kwargs: Any) -> TimmEncoder:
@@ -141,10 +174,15 @@ class TimmEncoder(ModalityEncoder):
         import timm
         from safetensors.torch import save_file
 
-        args = {"model_name": "vit_tiny_patch16_224", "image_size": 32,
-                "model_args": {"depth": 2, "patch_size": 8, "embed_dim": 32, "num_heads": 2}}
+        args = {
+            "model_name": "vit_tiny_patch16_224",
+            "image_size": 32,
+            "model_args": {"depth": 2, "patch_size": 8, "embed_dim": 32, "num_heads": 2},
+        }
         args.update(kwargs)
-        source = cls._create(timm, args["model_name"], args["image_size"], args["model_args"], seed=1)
+        source = cls._create(
+            timm, args["model_name"], args["image_size"], args["model_args"], seed=1
+        )
         path = Path(tmp_dir) / "tiny_vit.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
@@ -165,11 +203,12 @@ class TimmEncoder(ModalityEncoder):
         with ``image_aspect_ratio: pad``)."""
         if self.pad_to_square:
             raw = expand_to_square(raw, self.mean)
-        return image_to_tensor(raw, (self.image_size, self.image_size), self.mean, self.std,
-                               self.resample)
+        return image_to_tensor(
+            raw, (self.image_size, self.image_size), self.mean, self.std, self.resample
+        )
 
     def num_tokens(self, x: torch.Tensor) -> int:
-        patches = self.pool_to ** 2 if self.pool_to else self.grid ** 2
+        patches = self.pool_to**2 if self.pool_to else self.grid**2
         return patches + (0 if self.drop_cls else self.prefix)
 
     def _tokens(self, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -191,10 +230,17 @@ class TimmEncoder(ModalityEncoder):
         return feats.float(), mask
 
     def cache_identity(self) -> dict[str, Any]:
-        return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "args": self.args,
-                "preprocess": {"size": self.image_size, "mean": list(self.mean),
-                               "std": list(self.std), "resample": RESAMPLE[self.resample].name},
-                "weights": self.weights_id}
+        return {
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "args": self.args,
+            "preprocess": {
+                "size": self.image_size,
+                "mean": list(self.mean),
+                "std": list(self.std),
+                "resample": RESAMPLE[self.resample].name,
+            },
+            "weights": self.weights_id,
+        }
 
 
 COMPONENTS = {"encoder": {"timm": TimmEncoder}}

@@ -57,13 +57,21 @@ class WhisperEncoder(ModalityEncoder):
 
     modality = "audio"
 
-    def __init__(self, checkpoint: str = "whisper-tiny.en", trim: bool = True,
-                 trim_input: bool = True, pool: int = 1, trim_margin_s: float = 1.0,
-                 registry: Registry | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint: str = "whisper-tiny.en",
+        trim: bool = True,
+        trim_input: bool = True,
+        pool: int = 1,
+        trim_margin_s: float = 1.0,
+        registry: Registry | None = None,
+    ) -> None:
         super().__init__()
         if trim_input and not trim:
-            raise ConfigError("encoder.trim_input=true needs encoder.trim=true (a trimmed input "
-                              "cannot give the full 30 s output); set one of them differently")
+            raise ConfigError(
+                "encoder.trim_input=true needs encoder.trim=true (a trimmed input "
+                "cannot give the full 30 s output); set one of them differently"
+            )
         if int(pool) < 1:
             raise ConfigError(f"encoder.pool: must be >= 1, got {pool}")
         if trim_margin_s < 0:
@@ -83,8 +91,10 @@ class WhisperEncoder(ModalityEncoder):
 
         path = resolve_model_path(checkpoint, registry, key="encoder.checkpoint")
         if not Path(path).is_file():
-            raise CheckpointError(f"encoder.checkpoint: '{checkpoint}' is neither an offline model "
-                                  f"name (see `mmbridge assets`) nor a Whisper checkpoint file")
+            raise CheckpointError(
+                f"encoder.checkpoint: '{checkpoint}' is neither an offline model "
+                f"name (see `mmbridge assets`) nor a Whisper checkpoint file"
+            )
         return path
 
     @staticmethod
@@ -94,8 +104,9 @@ class WhisperEncoder(ModalityEncoder):
         try:
             model = whisper.load_model(path, device="cpu")
         except Exception as exc:  # torch.load / load_state_dict raise many kinds
-            raise CheckpointError(f"encoder.checkpoint: cannot load Whisper checkpoint {path}: "
-                                  f"{exc}") from exc
+            raise CheckpointError(
+                f"encoder.checkpoint: cannot load Whisper checkpoint {path}: {exc}"
+            ) from exc
         dims = model.dims
         return model.encoder, dims.n_mels, dims.n_audio_ctx, dims.n_audio_state
 
@@ -105,9 +116,18 @@ class WhisperEncoder(ModalityEncoder):
         from whisper.model import ModelDimensions, Whisper
 
         torch.manual_seed(0)
-        dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2,
-                               n_audio_layer=1, n_vocab=64, n_text_ctx=8, n_text_state=32,
-                               n_text_head=2, n_text_layer=1)
+        dims = ModelDimensions(
+            n_mels=80,
+            n_audio_ctx=1500,
+            n_audio_state=32,
+            n_audio_head=2,
+            n_audio_layer=1,
+            n_vocab=64,
+            n_text_ctx=8,
+            n_text_state=32,
+            n_text_head=2,
+            n_text_layer=1,
+        )
         path = Path(tmp_dir) / "tiny.pt"
         torch.save({"dims": dims.__dict__, "model_state_dict": Whisper(dims).state_dict()}, path)
         return cls(checkpoint=str(path))
@@ -139,14 +159,18 @@ class WhisperEncoder(ModalityEncoder):
         audio = torch.as_tensor(np.asarray(raw, dtype=np.float32))
         full = 2 * self.n_ctx
         n_frames = max(1, min(math.ceil(audio.shape[-1] / HOP_LENGTH), full))
-        mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio, whisper.audio.N_SAMPLES),
-                                          self.n_mels)
+        mel = whisper.log_mel_spectrogram(
+            whisper.pad_or_trim(audio, whisper.audio.N_SAMPLES), self.n_mels
+        )
         if not self.trim_input:
             return {"mel": mel, "n_frames": n_frames, "n_context": full}
         n_context = min(n_frames + self.margin_frames, full)
         # the silence after the clip is real log-mel (Whisper's floor), as in the 30 s input
-        return {"mel": mel[:, : min(n_context + CONV_LOOKAHEAD, full)].contiguous(),
-                "n_frames": n_frames, "n_context": n_context}
+        return {
+            "mel": mel[:, : min(n_context + CONV_LOOKAHEAD, full)].contiguous(),
+            "n_frames": n_frames,
+            "n_context": n_context,
+        }
 
     def _positions(self, n_frames: int) -> int:
         return math.ceil(n_frames / 2) if self.trim else self.n_ctx
@@ -158,11 +182,15 @@ class WhisperEncoder(ModalityEncoder):
         """Pad mels to the longest -> ``{"mel": [B, n_mels, F], "n_frames": [B],
         "n_context": [B]}`` (the padding is never attended to, whatever its value)."""
         f_max = max(x["mel"].shape[-1] for x in items)
-        mels = [F.pad(x["mel"], (0, f_max - x["mel"].shape[-1]), value=float(x["mel"].min()))
-                for x in items]
-        return {"mel": torch.stack(mels),
-                "n_frames": torch.tensor([int(x["n_frames"]) for x in items], dtype=torch.long),
-                "n_context": torch.tensor([int(x["n_context"]) for x in items], dtype=torch.long)}
+        mels = [
+            F.pad(x["mel"], (0, f_max - x["mel"].shape[-1]), value=float(x["mel"].min()))
+            for x in items
+        ]
+        return {
+            "mel": torch.stack(mels),
+            "n_frames": torch.tensor([int(x["n_frames"]) for x in items], dtype=torch.long),
+            "n_context": torch.tensor([int(x["n_context"]) for x in items], dtype=torch.long),
+        }
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``{"mel": [B, n_mels, F], "n_frames": [B], "n_context": [B]}`` -> ``features [B, N, D]``
@@ -173,7 +201,9 @@ class WhisperEncoder(ModalityEncoder):
         x = F.gelu(enc.conv2(x)).permute(0, 2, 1)  # [B, ceil(F / 2), D]
         n_pos = x.shape[1]
         if not self.trim_input and n_pos != self.n_ctx:
-            raise ValueError(f"whisper encoder expects {2 * self.n_ctx} mel frames, got {mel.shape[-1]}")
+            raise ValueError(
+                f"whisper encoder expects {2 * self.n_ctx} mel frames, got {mel.shape[-1]}"
+            )
         x = x + enc.positional_embedding[:n_pos].to(x.dtype)
         steps = torch.arange(n_pos, device=x.device)
 
@@ -201,10 +231,15 @@ class WhisperEncoder(ModalityEncoder):
     def cache_identity(self) -> dict[str, Any]:
         """Class, arguments and a SHA-256 of the encoder's weights (the decoder's are unused)."""
         ident = super().cache_identity()
-        ident.update(weights_sha256=self._fingerprint, trim=self.trim,
-                     trim_input=self.trim_input, pool=self.pool, n_mels=self.n_mels,
-                     margin_frames=self.margin_frames,
-                     frontend="whisper.log_mel_spectrogram(pad_or_trim(audio_16k))")
+        ident.update(
+            weights_sha256=self._fingerprint,
+            trim=self.trim,
+            trim_input=self.trim_input,
+            pool=self.pool,
+            n_mels=self.n_mels,
+            margin_frames=self.margin_frames,
+            frontend="whisper.log_mel_spectrogram(pad_or_trim(audio_16k))",
+        )
         return ident
 
 

@@ -32,6 +32,7 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
+
 def torch_dtype(value: str, key: str) -> torch.dtype:
     """``"bfloat16"`` -> ``torch.bfloat16`` (:func:`mmbridge.model.precision.parse_dtype`: ``auto`` is
     decided from this machine when a component is built on its own; a run decides it once for
@@ -47,7 +48,9 @@ def _prepare_tokenizer(tok: Any, chat_template: str | None) -> Any:
         tok.pad_token = tok.eos_token
     if chat_template is not None:
         p = Path(chat_template).expanduser()
-        tok.chat_template = p.read_text() if "{" not in chat_template and p.is_file() else chat_template
+        tok.chat_template = (
+            p.read_text() if "{" not in chat_template and p.is_file() else chat_template
+        )
     elif not getattr(tok, "chat_template", None):
         tok.chat_template = FALLBACK_CHAT_TEMPLATE
     return tok
@@ -85,17 +88,25 @@ class HFCausalLM(LanguageModel):
             directory or a hub id only).
     """
 
-    def __init__(self, path: str, gguf_file: str | None = None, dtype: str = "float32",
-                 chat_template: str | None = None, attn_implementation: str = "auto",
-                 reuse_prefix_kv: bool | Literal["auto"] = "auto",
-                 gradient_checkpointing: bool = False,
-                 quantization: dict[str, Any] | None = None,
-                 registry: Registry | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        gguf_file: str | None = None,
+        dtype: str = "float32",
+        chat_template: str | None = None,
+        attn_implementation: str = "auto",
+        reuse_prefix_kv: bool | Literal["auto"] = "auto",
+        gradient_checkpointing: bool = False,
+        quantization: dict[str, Any] | None = None,
+        registry: Registry | None = None,
+    ) -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if reuse_prefix_kv not in ("auto", True, False):
-            raise ConfigError(f"llm.reuse_prefix_kv: {reuse_prefix_kv!r} is not valid; valid: auto, true, false")
+            raise ConfigError(
+                f"llm.reuse_prefix_kv: {reuse_prefix_kv!r} is not valid; valid: auto, true, false"
+            )
         self.reuse_prefix_kv = reuse_prefix_kv
 
         self.path = path
@@ -103,40 +114,61 @@ class HFCausalLM(LanguageModel):
         self.dtype_name = dtype
         self.local_path = resolve_model_path(path, registry, key="llm.path")
         kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-        if gguf_file and not (Path(self.local_path) / gguf_file).is_file() and Path(self.local_path).is_dir():
+        if (
+            gguf_file
+            and not (Path(self.local_path) / gguf_file).is_file()
+            and Path(self.local_path).is_dir()
+        ):
             present = sorted(p.name for p in Path(self.local_path).glob("*.gguf"))
-            raise ConfigError(f"llm.gguf_file: '{gguf_file}' is not in {self.local_path}; "
-                              f"GGUF files there: {', '.join(present) or '(none)'}")
+            raise ConfigError(
+                f"llm.gguf_file: '{gguf_file}' is not in {self.local_path}; "
+                f"GGUF files there: {', '.join(present) or '(none)'}"
+            )
         if attn_implementation == "auto":
             attn_implementation = "sdpa" if torch.cuda.is_available() else "eager"
         self.attn_implementation = attn_implementation
         self.quantization = dict(quantization) if quantization else None
         quant: dict[str, Any] = {}
         if self.quantization is not None:  # refused without CUDA before any weight is read
-            quant = {"quantization_config": quantization_config(self.quantization),
-                     "device_map": {"": torch.cuda.current_device()}}
+            quant = {
+                "quantization_config": quantization_config(self.quantization),
+                "device_map": {"": torch.cuda.current_device()},
+            }
         try:
             self.model = AutoModelForCausalLM.from_pretrained(
-                self.local_path, dtype=torch_dtype(dtype, "llm.dtype"),
-                attn_implementation=attn_implementation, **kwargs, **quant)
+                self.local_path,
+                dtype=torch_dtype(dtype, "llm.dtype"),
+                attn_implementation=attn_implementation,
+                **kwargs,
+                **quant,
+            )
             tok = AutoTokenizer.from_pretrained(self.local_path, **kwargs)
         except OSError as exc:
-            raise ConfigError(f"llm.path: cannot load '{path}' (resolved to '{self.local_path}'): "
-                              f"{exc}. Give an offline asset name (`mmbridge assets`), a local "
-                              f"model directory, or a hub id while online") from exc
+            raise ConfigError(
+                f"llm.path: cannot load '{path}' (resolved to '{self.local_path}'): "
+                f"{exc}. Give an offline asset name (`mmbridge assets`), a local "
+                f"model directory, or a hub id while online"
+            ) from exc
         if self.quantization is not None:
             from peft import prepare_model_for_kbit_training
 
-            self.model = prepare_model_for_kbit_training(self.model, use_gradient_checkpointing=False)
+            self.model = prepare_model_for_kbit_training(
+                self.model, use_gradient_checkpointing=False
+            )
         self.model.eval()
         self._tokenizer = _prepare_tokenizer(tok, chat_template)
         self._lora: dict[str, Any] | None = None
         self.set_gradient_checkpointing(gradient_checkpointing)
 
     @classmethod
-    def from_config(cls, config: str | Path | Any, dtype: str = "float32",
-                    attn_implementation: str = "eager", gradient_checkpointing: bool = False,
-                    chat_template: str | None = None) -> HFCausalLM:
+    def from_config(
+        cls,
+        config: str | Path | Any,
+        dtype: str = "float32",
+        attn_implementation: str = "eager",
+        gradient_checkpointing: bool = False,
+        chat_template: str | None = None,
+    ) -> HFCausalLM:
         """The architecture of a ``config.json`` with freshly initialised weights; nothing is
         downloaded and no weight file is read.
 
@@ -174,11 +206,14 @@ class HFCausalLM(LanguageModel):
         self.local_path = self.path
         self.attn_implementation = attn_implementation
         self.model = AutoModelForCausalLM.from_config(
-            config, dtype=torch_dtype(dtype, "llm.dtype"), attn_implementation=attn_implementation)
+            config, dtype=torch_dtype(dtype, "llm.dtype"), attn_implementation=attn_implementation
+        )
         self.model.eval()
         tok = None
-        if source is not None and any((source / f).is_file() for f in
-                                      ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        if source is not None and any(
+            (source / f).is_file()
+            for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+        ):
             tok = _prepare_tokenizer(AutoTokenizer.from_pretrained(source), chat_template)
         self._tokenizer = tok
         self._lora = None
@@ -190,11 +225,15 @@ class HFCausalLM(LanguageModel):
         """Turn activation recomputation of the decoder blocks on or off (non-reentrant, so
         frozen blocks between trainable inputs and outputs still pass gradients)."""
         if not isinstance(enabled, bool):
-            raise ConfigError(f"llm.gradient_checkpointing: expected true or false, got {enabled!r}")
+            raise ConfigError(
+                f"llm.gradient_checkpointing: expected true or false, got {enabled!r}"
+            )
         if enabled:
             if not getattr(self.model, "supports_gradient_checkpointing", False):
-                raise ConfigError(f"llm.gradient_checkpointing: {type(self.model).__name__} does "
-                                  f"not support gradient checkpointing; set it to false")
+                raise ConfigError(
+                    f"llm.gradient_checkpointing: {type(self.model).__name__} does "
+                    f"not support gradient checkpointing; set it to false"
+                )
             kwargs = {"use_reentrant": False}
             if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.2x
                 self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -235,8 +274,10 @@ class HFCausalLM(LanguageModel):
             layers = getattr(self.decoder, name, None)
             if isinstance(layers, nn.ModuleList):
                 return layers
-        raise AttributeError(f"{type(self.model).__name__}: no ModuleList of decoder blocks found "
-                             f"on {type(self.decoder).__name__} (looked for layers, h, blocks, layer)")
+        raise AttributeError(
+            f"{type(self.model).__name__}: no ModuleList of decoder blocks found "
+            f"on {type(self.decoder).__name__} (looked for layers, h, blocks, layer)"
+        )
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
@@ -245,8 +286,12 @@ class HFCausalLM(LanguageModel):
         """Final hidden states ``[B, T, D]``. Positions count real tokens only (as HF's
         ``generate`` does), so a left-padded row gives the same states as the row alone."""
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                           position_ids=position_ids, use_cache=False)
+        out = self.decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
         return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -263,12 +308,20 @@ class HFCausalLM(LanguageModel):
         config = self.model.config.get_text_config(decoder=True)
         layer_types = getattr(config, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types) or (
-                not layer_types and getattr(config, "sliding_window", None) is not None
-                and getattr(config, "use_sliding_window", True)):
-            return f"{type(self.model).__name__} has sliding-window or other non-full attention layers"
+            not layer_types
+            and getattr(config, "sliding_window", None) is not None
+            and getattr(config, "use_sliding_window", True)
+        ):
+            return (
+                f"{type(self.model).__name__} has sliding-window or other non-full attention layers"
+            )
         if self._cache_argument() is None:
             return f"{type(self.decoder).__name__}.forward takes no key/value cache"
-        if self.training and torch.is_grad_enabled() and getattr(self.model, "is_activation_checkpointing", False):
+        if (
+            self.training
+            and torch.is_grad_enabled()
+            and getattr(self.model, "is_activation_checkpointing", False)
+        ):
             return "gradient checkpointing drops the key/value cache in training"
         if self.training and getattr(self, "gradient_checkpointing", False):
             # a checkpointed block drops its key/value cache in training (transformers)
@@ -277,35 +330,58 @@ class HFCausalLM(LanguageModel):
             # one prefix row for the whole batch would share one dropout mask across the rows
             if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
                 return f"attention dropout {config.attention_dropout} is active in training"
-            p = next((m.p for m in self.model.modules()
-                      if isinstance(m, nn.Dropout) and m.training and m.p > 0), None)
+            p = next(
+                (
+                    m.p
+                    for m in self.model.modules()
+                    if isinstance(m, nn.Dropout) and m.training and m.p > 0
+                ),
+                None,
+            )
             if p is not None:
                 return f"dropout {p} (LoRA's or the model's) is active in training"
         return None
 
-    def prefix_states(self, prefix_embeds: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    def prefix_states(
+        self, prefix_embeds: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         """Per-layer ``(keys, values)``, each ``[1, H_kv, P, d_head]``, of one prefix ``[1, P, D]``."""
         from transformers import DynamicCache
 
         n, device = prefix_embeds.shape[1], prefix_embeds.device
         cache = DynamicCache()
-        self.decoder(inputs_embeds=prefix_embeds, attention_mask=torch.ones(1, n, dtype=torch.long, device=device),
-                     position_ids=torch.arange(n, device=device).unsqueeze(0), use_cache=True,
-                     **{self._cache_argument(): cache})
+        self.decoder(
+            inputs_embeds=prefix_embeds,
+            attention_mask=torch.ones(1, n, dtype=torch.long, device=device),
+            position_ids=torch.arange(n, device=device).unsqueeze(0),
+            use_cache=True,
+            **{self._cache_argument(): cache},
+        )
         self._check_cache(cache, n)
         return tuple((layer.keys, layer.values) for layer in cache.layers)
 
-    def hidden_after(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                     prefix: tuple[tuple[torch.Tensor, torch.Tensor], ...]) -> torch.Tensor:
+    def hidden_after(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix: tuple[tuple[torch.Tensor, torch.Tensor], ...],
+    ) -> torch.Tensor:
         """Hidden states ``[B, S, D]`` after a shared prefix whose keys/values are expanded over
         the batch (a view: their gradients sum over the rows, as the plain forward's do)."""
         from transformers import DynamicCache
 
         b, n = inputs_embeds.shape[0], prefix[0][0].shape[-2]
-        cache = DynamicCache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix])
+        cache = DynamicCache(
+            [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix]
+        )
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, n:]
-        out = self.decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                           position_ids=position_ids, use_cache=True, **{self._cache_argument(): cache})
+        out = self.decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self._cache_argument(): cache},
+        )
         self._check_cache(cache, attention_mask.shape[1])
         return out.last_hidden_state
 
@@ -313,28 +389,46 @@ class HFCausalLM(LanguageModel):
         """A decoder layer that dropped the cache (gradient checkpointing does) would have
         attended without the prefix: an error, never a silently different result."""
         if len(cache.layers) != len(self.decoder_layers) or cache.get_seq_length() != positions:
-            raise RuntimeError(f"{type(self.decoder).__name__} did not use the prefix keys/values "
-                               f"({cache.get_seq_length()} cached positions of {positions}); "
-                               f"set llm.reuse_prefix_kv=false")
+            raise RuntimeError(
+                f"{type(self.decoder).__name__} did not use the prefix keys/values "
+                f"({cache.get_seq_length()} cached positions of {positions}); "
+                f"set llm.reuse_prefix_kv=false"
+            )
 
     @torch.no_grad()
-    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                 max_new_tokens: int = 32, **kwargs: Any) -> torch.Tensor:
+    def generate(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int = 32,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         """Continue a left-padded embedding batch ``[B, T, D]``; greedy unless ``kwargs`` ask for
         sampling (``do_sample=True, temperature=...``). Returns the new ids ``[B, T_new]``;
         rows that stopped early are filled with the pad id."""
         tok = self._tokenizer
         config = copy.deepcopy(self.model.generation_config)
         # The checkpoint's own defaults may sample; mmbridge evaluates greedily unless asked.
-        config.update(do_sample=False, temperature=None, top_p=None, top_k=None,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                      max_length=None, max_new_tokens=max_new_tokens)
+        config.update(
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            max_length=None,
+            max_new_tokens=max_new_tokens,
+        )
         streamer = kwargs.pop("streamer", None)  # HF's streamer protocol (put / end), for serving
         unused = config.update(**kwargs)
         if unused:
             raise ValueError(f"generate: unknown generation options {sorted(unused)}")
-        out = self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  generation_config=config, streamer=streamer)
+        out = self.model.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            generation_config=config,
+            streamer=streamer,
+        )
         return out  # with inputs_embeds and no input_ids, HF returns only the new tokens
 
     # -- LoRA ----------------------------------------------------------------------------------
@@ -351,8 +445,10 @@ class HFCausalLM(LanguageModel):
         if self._lora is not None:
             # A later stage asking for the same adapters keeps training the existing ones.
             if wanted != self._lora:
-                raise ConfigError(f"lora: the LLM already carries LoRA adapters {self._lora}; a "
-                                  f"later stage cannot switch to {wanted}")
+                raise ConfigError(
+                    f"lora: the LLM already carries LoRA adapters {self._lora}; a "
+                    f"later stage cannot switch to {wanted}"
+                )
             mark_adapters_trainable(self.model, wanted)
             return
         inject_lora(self.model, wanted, "lora")
@@ -368,9 +464,14 @@ class HFCausalLM(LanguageModel):
         own = dict(self.named_parameters())
         unknown = [k for k in state if k not in own]
         if unknown:
-            hint = " (was apply_lora called with the same target_modules?)" if any("lora_" in k for k in unknown) else ""
-            raise CheckpointError(f"{len(unknown)} weights do not belong to this LLM{hint}, "
-                                  f"e.g. {unknown[:3]}")
+            hint = (
+                " (was apply_lora called with the same target_modules?)"
+                if any("lora_" in k for k in unknown)
+                else ""
+            )
+            raise CheckpointError(
+                f"{len(unknown)} weights do not belong to this LLM{hint}, e.g. {unknown[:3]}"
+            )
         with torch.no_grad():
             for k, v in state.items():
                 own[k].copy_(v)
@@ -379,17 +480,23 @@ class HFCausalLM(LanguageModel):
         """This model as Llava's text model (:mod:`mmbridge.contracts.llava_parts`); not from a GGUF file
         (dequantised weights are not the file's)."""
         if self.gguf_file:
-            raise LlavaUnrepresentable("is a dequantised GGUF checkpoint", f"gguf_file={self.gguf_file}")
+            raise LlavaUnrepresentable(
+                "is a dequantised GGUF checkpoint", f"gguf_file={self.gguf_file}"
+            )
         return LlavaText(model=self.model, tokenizer_path=str(self.local_path))
 
     def identity(self) -> dict[str, Any]:
         """What determines this LLM (for checkpoints): class, path, GGUF file, dtype, chat
         template hash and the LoRA settings, if any."""
         template = self._tokenizer.chat_template or ""
-        return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "path": self.path,
-                "gguf_file": self.gguf_file, "dtype": self.dtype_name,
-                "chat_template_sha1": hashlib.sha1(str(template).encode()).hexdigest()[:12],
-                "lora": self._lora}
+        return {
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "path": self.path,
+            "gguf_file": self.gguf_file,
+            "dtype": self.dtype_name,
+            "chat_template_sha1": hashlib.sha1(str(template).encode()).hexdigest()[:12],
+            "lora": self._lora,
+        }
 
 
 COMPONENTS = {"llm": {"hf_causal": HFCausalLM}}

@@ -32,18 +32,25 @@ class TinyLlama(Asset):
         model = build_tiny_llama(out_dir, **CONFIG)
         reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(str(out_dir))
-        prompt = tok.apply_chat_template([{"role": "user", "content": "What colour is the circle?"}],
-                                         add_generation_prompt=True, return_tensors="pt",
-                                         return_dict=True)
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": "What colour is the circle?"}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
         ids = prompt["input_ids"]
         with torch.no_grad():
             diff = (model(input_ids=ids).logits - reloaded(input_ids=ids).logits).abs().max().item()
         if diff != 0.0:
-            raise AssetError(f"model asset '{self.name}': the reloaded model's logits differ from "
-                             f"the built model's by {diff:.3g} (expected exactly 0)")
+            raise AssetError(
+                f"model asset '{self.name}': the reloaded model's logits differ from "
+                f"the built model's by {diff:.3g} (expected exactly 0)"
+            )
         n = sum(p.numel() for p in model.parameters())
-        return (f"LlamaForCausalLM {CONFIG['layers']}x{CONFIG['hidden']}, {n / 1e6:.2f}M params, "
-                f"vocab {len(tok)}; reloaded logits identical on a {ids.shape[1]}-token chat prompt")
+        return (
+            f"LlamaForCausalLM {CONFIG['layers']}x{CONFIG['hidden']}, {n / 1e6:.2f}M params, "
+            f"vocab {len(tok)}; reloaded logits identical on a {ids.shape[1]}-token chat prompt"
+        )
 
 
 COMPONENTS = {"asset": {"tiny-llama": TinyLlama}}

@@ -39,8 +39,9 @@ class Attention(nn.Module):
         dropout: attention-probability dropout (training only).
     """
 
-    def __init__(self, dim: int, context_dim: int, num_heads: int, head_dim: int,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, context_dim: int, num_heads: int, head_dim: int, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         inner = num_heads * head_dim
         self.num_heads = num_heads
@@ -55,8 +56,9 @@ class Attention(nn.Module):
         self.record = False
         self.weights: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Queries ``x [B, T, dim]`` attend to ``context [B, S, context_dim]`` where
         ``mask [B, S]`` is True; returns ``[B, T, dim]`` (zeros for a sample without keys)."""
         b, t, _ = x.shape
@@ -66,7 +68,8 @@ class Attention(nn.Module):
         v = v.reshape(b, context.shape[1], self.num_heads, -1).transpose(1, 2)
         attn_mask, has_keys = (None, None) if mask is None else key_padding(mask)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
         if self.record:
             self.weights = attention_weights(q, k, attn_mask)
         out = self.to_out(out.transpose(1, 2).reshape(b, t, -1))
@@ -91,5 +94,9 @@ class FeedForward(nn.Sequential):
     """Pre-norm MLP ``LayerNorm -> Linear -> GELU -> Linear``: ``[..., dim] -> [..., dim]``."""
 
     def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, hidden, bias=False), nn.GELU(),
-                         nn.Linear(hidden, dim, bias=False))
+        super().__init__(
+            nn.LayerNorm(dim),
+            nn.Linear(dim, hidden, bias=False),
+            nn.GELU(),
+            nn.Linear(hidden, dim, bias=False),
+        )

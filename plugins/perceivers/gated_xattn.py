@@ -45,7 +45,9 @@ class GatedXAttnBlock(nn.Module):
         self.ff = FeedForward(dim, ff_dim)
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, media: torch.Tensor, media_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, media: torch.Tensor, media_mask: torch.Tensor
+    ) -> torch.Tensor:
         """``x [B, T, dim]`` reads ``media [B, M, dim]`` (``media_mask [B, M]``) -> ``[B, T, dim]``."""
         x = x + self.attn_gate.tanh() * self.attn(self.norm(x), media, media_mask)
         return x + self.ff_gate.tanh() * self.ff(x)
@@ -78,24 +80,47 @@ class GatedCrossAttention(Perceiver):
 
     in_sequence = False
 
-    def __init__(self, in_dim: int, out_dim: int, num_latents: int = 32, depth: int = 2,
-                 hidden_dim: int = 256, num_heads: int = 4, max_positions: int = 1024,
-                 every: int = 4, xattn_heads: int = 4, xattn_head_dim: int = 32,
-                 ff_mult: float = 0.5) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_latents: int = 32,
+        depth: int = 2,
+        hidden_dim: int = 256,
+        num_heads: int = 4,
+        max_positions: int = 1024,
+        every: int = 4,
+        xattn_heads: int = 4,
+        xattn_head_dim: int = 32,
+        ff_mult: float = 0.5,
+    ) -> None:
         super().__init__(in_dim, out_dim)
-        for key, value in (("every", every), ("xattn_heads", xattn_heads),
-                           ("xattn_head_dim", xattn_head_dim)):
+        for key, value in (
+            ("every", every),
+            ("xattn_heads", xattn_heads),
+            ("xattn_head_dim", xattn_head_dim),
+        ):
             if int(value) < 1:
                 raise ConfigError(f"connector.{key}: must be >= 1, got {value}")
         if ff_mult <= 0:
             raise ConfigError(f"connector.ff_mult: must be > 0, got {ff_mult}")
-        self.resampler = Resampler(in_dim, out_dim, num_latents=num_latents, depth=depth,
-                                   hidden_dim=hidden_dim, num_heads=num_heads,
-                                   max_positions=max_positions)
+        self.resampler = Resampler(
+            in_dim,
+            out_dim,
+            num_latents=num_latents,
+            depth=depth,
+            hidden_dim=hidden_dim,
+            num_heads=num_heads,
+            max_positions=max_positions,
+        )
         self.num_latents = self.resampler.num_latents
         self.every = int(every)
-        self._block_args = (out_dim, int(xattn_heads), int(xattn_head_dim),
-                            max(1, round(ff_mult * out_dim)))
+        self._block_args = (
+            out_dim,
+            int(xattn_heads),
+            int(xattn_head_dim),
+            max(1, round(ff_mult * out_dim)),
+        )
         self.blocks = nn.ModuleDict()
         self._handles: list[Any] = []
         self._media: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -105,8 +130,19 @@ class GatedCrossAttention(Perceiver):
 
     @classmethod
     def for_testing(cls, tmp_dir: Path, in_dim: int, out_dim: int) -> GatedCrossAttention:
-        return cls(in_dim, out_dim, num_latents=4, depth=1, hidden_dim=16, num_heads=2,
-                   max_positions=64, every=1, xattn_heads=2, xattn_head_dim=8, ff_mult=1.0)
+        return cls(
+            in_dim,
+            out_dim,
+            num_latents=4,
+            depth=1,
+            hidden_dim=16,
+            num_heads=2,
+            max_positions=64,
+            every=1,
+            xattn_heads=2,
+            xattn_head_dim=8,
+            ff_mult=1.0,
+        )
 
     @property
     def context_tokens(self) -> int:
@@ -118,7 +154,9 @@ class GatedCrossAttention(Perceiver):
         self.resampler.out_tokens(n_in)  # checks max_positions early
         return 0
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``features [B, N, D_in]`` -> media latents ``[B, num_latents, D_out]`` + mask, to be
         handed to :meth:`set_context`."""
         return self.resampler(features, mask)
@@ -131,15 +169,18 @@ class GatedCrossAttention(Perceiver):
         layers = llm.decoder_layers
         hidden = getattr(llm, "hidden_size", self.out_dim)
         if hidden != self.out_dim:
-            raise AssemblyError(f"gated_xattn was built for out_dim={self.out_dim} but the LLM's "
-                                f"hidden_size is {hidden}")
+            raise AssemblyError(
+                f"gated_xattn was built for out_dim={self.out_dim} but the LLM's "
+                f"hidden_size is {hidden}"
+            )
         ref = self.resampler.latents
         for i in range(0, len(layers), self.every):
             key = str(i)
             if key not in self.blocks:  # re-attaching keeps trained blocks
                 self.blocks[key] = GatedXAttnBlock(*self._block_args).to(ref.device, ref.dtype)
-            self._handles.append(layers[i].register_forward_pre_hook(
-                self._hook(self.blocks[key]), with_kwargs=True))
+            self._handles.append(
+                layers[i].register_forward_pre_hook(self._hook(self.blocks[key]), with_kwargs=True)
+            )
 
     def detach(self) -> None:
         """Remove the hooks from the LLM (the blocks stay, with their weights)."""
@@ -164,10 +205,15 @@ class GatedCrossAttention(Perceiver):
             media, media_mask = self._media
             if media.shape[0] != x.shape[0]:
                 if x.shape[0] % media.shape[0]:
-                    raise AssemblyError(f"gated_xattn: text batch {x.shape[0]} does not align "
-                                        f"with the media batch {media.shape[0]}")
+                    raise AssemblyError(
+                        f"gated_xattn: text batch {x.shape[0]} does not align "
+                        f"with the media batch {media.shape[0]}"
+                    )
                 k = x.shape[0] // media.shape[0]
-                media, media_mask = media.repeat_interleave(k, 0), media_mask.repeat_interleave(k, 0)
+                media, media_mask = (
+                    media.repeat_interleave(k, 0),
+                    media_mask.repeat_interleave(k, 0),
+                )
             dtype = block.attn_gate.dtype
             block.attn.record = self._recording
             y = block(x.to(dtype), media.to(dtype), media_mask).to(x.dtype)
@@ -176,8 +222,8 @@ class GatedCrossAttention(Perceiver):
             if positional:
                 return (y, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": y}
-        return pre_hook
 
+        return pre_hook
 
     # -- attention maps (opt-in; see mmbridge.reporting.attention_maps) ----------------------------------
     @property
@@ -200,11 +246,14 @@ class GatedCrossAttention(Perceiver):
         blocks' weights averaged over blocks; the calls of a generation (the prompt, then one
         token per step) concatenated along ``T``. Rows sum to 1."""
         if not self._text_attention:
-            raise RuntimeError("no attention recorded: set record_attention = True, set_context "
-                               "and run the LLM")
+            raise RuntimeError(
+                "no attention recorded: set record_attention = True, set_context and run the LLM"
+            )
         per_call = len(self.blocks) or 1
-        calls = [torch.stack(self._text_attention[i:i + per_call]).mean(0)
-                 for i in range(0, len(self._text_attention), per_call)]
+        calls = [
+            torch.stack(self._text_attention[i : i + per_call]).mean(0)
+            for i in range(0, len(self._text_attention), per_call)
+        ]
         b = calls[0].shape[0]
         return torch.cat([c for c in calls if c.shape[0] == b], dim=1)
 
@@ -221,16 +270,19 @@ class GatedCrossAttention(Perceiver):
         return text @ latents.to(text.dtype)
 
 
-def _blocks_from_state_dict(module: GatedCrossAttention, state_dict: dict, prefix: str,
-                            *args: Any) -> None:
+def _blocks_from_state_dict(
+    module: GatedCrossAttention, state_dict: dict, prefix: str, *args: Any
+) -> None:
     """Load-state-dict pre-hook: make the ``blocks.<i>`` that a checkpoint saved after
     ``attach`` holds and a fresh connector has not made yet."""
     ref = module.resampler.latents
     for key in state_dict:
         if key.startswith(prefix + "blocks."):
-            index = key[len(prefix) + len("blocks."):].split(".", 1)[0]
+            index = key[len(prefix) + len("blocks.") :].split(".", 1)[0]
             if index not in module.blocks:
-                module.blocks[index] = GatedXAttnBlock(*module._block_args).to(ref.device, ref.dtype)
+                module.blocks[index] = GatedXAttnBlock(*module._block_args).to(
+                    ref.device, ref.dtype
+                )
 
 
 COMPONENTS = {"connector": {"gated_xattn": GatedCrossAttention}}

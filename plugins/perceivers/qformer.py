@@ -45,32 +45,52 @@ class QFormer(Perceiver):
             config. Without the query-token file the queries start random.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, num_queries: int = 32, num_layers: int = 2,
-                 hidden_dim: int = 256, num_heads: int = 4, cross_attention_freq: int = 1,
-                 dropout: float = 0.0, init_from: str | None = None) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_queries: int = 32,
+        num_layers: int = 2,
+        hidden_dim: int = 256,
+        num_heads: int = 4,
+        cross_attention_freq: int = 1,
+        dropout: float = 0.0,
+        init_from: str | None = None,
+    ) -> None:
         super().__init__(in_dim, out_dim)
         from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
-        for key, value in (("num_queries", num_queries), ("num_layers", num_layers),
-                           ("hidden_dim", hidden_dim), ("num_heads", num_heads),
-                           ("cross_attention_freq", cross_attention_freq)):
+        for key, value in (
+            ("num_queries", num_queries),
+            ("num_layers", num_layers),
+            ("hidden_dim", hidden_dim),
+            ("num_heads", num_heads),
+            ("cross_attention_freq", cross_attention_freq),
+        ):
             if int(value) < 1:
                 raise ConfigError(f"connector.{key}: must be >= 1, got {value}")
         if hidden_dim % num_heads:
-            raise ConfigError(f"connector.num_heads: {num_heads} does not divide "
-                              f"connector.hidden_dim={hidden_dim}")
+            raise ConfigError(
+                f"connector.num_heads: {num_heads} does not divide "
+                f"connector.hidden_dim={hidden_dim}"
+            )
         self.num_queries = int(num_queries)
-        wanted = {"hidden_size": ("hidden_dim", hidden_dim),
-                  "num_hidden_layers": ("num_layers", num_layers),
-                  "num_attention_heads": ("num_heads", num_heads),
-                  "cross_attention_frequency": ("cross_attention_freq", cross_attention_freq),
-                  "encoder_hidden_size": ("the encoder's out_dim (in_dim)", in_dim)}
+        wanted = {
+            "hidden_size": ("hidden_dim", hidden_dim),
+            "num_hidden_layers": ("num_layers", num_layers),
+            "num_attention_heads": ("num_heads", num_heads),
+            "cross_attention_frequency": ("cross_attention_freq", cross_attention_freq),
+            "encoder_hidden_size": ("the encoder's out_dim (in_dim)", in_dim),
+        }
         dropouts = {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
         query_tokens = torch.randn(1, num_queries, hidden_dim) * 0.02  # BLIP-2's init (std 0.02)
         if init_from is None:
-            config = Blip2QFormerConfig(intermediate_size=4 * hidden_dim,
-                                        use_qformer_text_input=False, **dropouts,
-                                        **{k: v for k, (_, v) in wanted.items()})
+            config = Blip2QFormerConfig(
+                intermediate_size=4 * hidden_dim,
+                use_qformer_text_input=False,
+                **dropouts,
+                **{k: v for k, (_, v) in wanted.items()},
+            )
             self.qformer = Blip2QFormerModel(config)
         else:
             self.qformer = _load_qformer(Path(init_from).expanduser(), wanted, dropouts)
@@ -86,14 +106,23 @@ class QFormer(Perceiver):
 
     @classmethod
     def for_testing(cls, tmp_dir: Path, in_dim: int, out_dim: int) -> QFormer:
-        return cls(in_dim, out_dim, num_queries=4, num_layers=2, hidden_dim=16, num_heads=2,
-                   cross_attention_freq=2)
+        return cls(
+            in_dim,
+            out_dim,
+            num_queries=4,
+            num_layers=2,
+            hidden_dim=16,
+            num_heads=2,
+            cross_attention_freq=2,
+        )
 
     def out_tokens(self, n_in: int) -> int:
         """Always ``num_queries``, whatever ``N``."""
         return self.num_queries
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``features [B, N, D_in]``, ``mask [B, N]`` -> ``tokens [B, num_queries, D_out]``,
         ``mask [B, num_queries]``."""
         b = features.shape[0]
@@ -104,9 +133,11 @@ class QFormer(Perceiver):
         enc_mask = mask | ~has_any[:, None]
         hooks = self._record_hooks(enc_mask) if self.record_attention else []
         try:
-            out = self.qformer(query_embeds=self.query_tokens.expand(b, -1, -1),
-                               encoder_hidden_states=features.masked_fill(~mask[..., None], 0.0),
-                               encoder_attention_mask=enc_mask.long()).last_hidden_state
+            out = self.qformer(
+                query_embeds=self.query_tokens.expand(b, -1, -1),
+                encoder_hidden_states=features.masked_fill(~mask[..., None], 0.0),
+                encoder_attention_mask=enc_mask.long(),
+            ).last_hidden_state
         finally:
             for hook in hooks:
                 hook.remove()
@@ -128,8 +159,11 @@ class QFormer(Perceiver):
                 scores = scores.masked_fill(~enc_mask[:, None, None, :], float("-inf"))
                 self._attention.append(scores.softmax(-1).mean(1))  # [B, Q, N], heads averaged
 
-        return [layer.crossattention.attention.register_forward_hook(hook, with_kwargs=True)
-                for layer in self.qformer.encoder.layer if layer.has_cross_attention]
+        return [
+            layer.crossattention.attention.register_forward_hook(hook, with_kwargs=True)
+            for layer in self.qformer.encoder.layer
+            if layer.has_cross_attention
+        ]
 
     def layer_attention(self) -> list[torch.Tensor]:
         """The last recorded forward's cross-attention weights per cross-attention layer,
@@ -150,26 +184,38 @@ def _load_qformer(path: Path, wanted: dict[str, tuple[str, int]], dropouts: dict
 
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise ConfigError(f"connector.init_from: '{path}' has no config.json (expected a "
-                          f"directory written by Blip2QFormerModel.save_pretrained)")
+        raise ConfigError(
+            f"connector.init_from: '{path}' has no config.json (expected a "
+            f"directory written by Blip2QFormerModel.save_pretrained)"
+        )
     model_type = json.loads(config_file.read_text()).get("model_type")
     if model_type != Blip2QFormerConfig.model_type:
-        raise ConfigError(f"connector.init_from: '{path}' holds a '{model_type}' model; expected "
-                          f"a Blip2QFormerModel ('{Blip2QFormerConfig.model_type}'); save the "
-                          f"Q-Former alone, e.g. blip2.qformer.save_pretrained(dir)")
+        raise ConfigError(
+            f"connector.init_from: '{path}' holds a '{model_type}' model; expected "
+            f"a Blip2QFormerModel ('{Blip2QFormerConfig.model_type}'); save the "
+            f"Q-Former alone, e.g. blip2.qformer.save_pretrained(dir)"
+        )
     config = Blip2QFormerConfig.from_pretrained(path)
-    problems = [f"connector.{arg}={value} but the saved Q-Former has {key}={getattr(config, key)}"
-                for key, (arg, value) in wanted.items() if getattr(config, key) != value]
+    problems = [
+        f"connector.{arg}={value} but the saved Q-Former has {key}={getattr(config, key)}"
+        for key, (arg, value) in wanted.items()
+        if getattr(config, key) != value
+    ]
     if problems:
-        raise ConfigError(f"connector.init_from: '{path}' does not match the connector "
-                          f"arguments: " + "; ".join(problems))
+        raise ConfigError(
+            f"connector.init_from: '{path}' does not match the connector "
+            f"arguments: " + "; ".join(problems)
+        )
     for key, value in dropouts.items():
         setattr(config, key, value)
-    model, info = Blip2QFormerModel.from_pretrained(path, config=config, dtype=torch.float32,
-                                                    output_loading_info=True)
+    model, info = Blip2QFormerModel.from_pretrained(
+        path, config=config, dtype=torch.float32, output_loading_info=True
+    )
     if info.get("missing_keys"):
-        raise ConfigError(f"connector.init_from: '{path}' lacks weights: "
-                          f"{', '.join(sorted(info['missing_keys'])[:5])}")
+        raise ConfigError(
+            f"connector.init_from: '{path}' lacks weights: "
+            f"{', '.join(sorted(info['missing_keys'])[:5])}"
+        )
     return model
 
 
@@ -182,14 +228,18 @@ def _load_query_tokens(path: Path, num_queries: int, hidden_dim: int) -> torch.T
 
     tensors = load_file(file)
     if "query_tokens" not in tensors:
-        raise ConfigError(f"connector.init_from: {file} has no tensor 'query_tokens' "
-                          f"(found: {', '.join(sorted(tensors))})")
+        raise ConfigError(
+            f"connector.init_from: {file} has no tensor 'query_tokens' "
+            f"(found: {', '.join(sorted(tensors))})"
+        )
     tokens = tensors["query_tokens"].float()
     tokens = tokens[None] if tokens.dim() == 2 else tokens
     if tokens.shape != (1, num_queries, hidden_dim):
-        raise ConfigError(f"connector.num_queries: {file} holds query tokens of shape "
-                          f"{tuple(tokens.shape)}, expected (1, {num_queries}, {hidden_dim}) "
-                          f"from connector.num_queries and connector.hidden_dim")
+        raise ConfigError(
+            f"connector.num_queries: {file} holds query tokens of shape "
+            f"{tuple(tokens.shape)}, expected (1, {num_queries}, {hidden_dim}) "
+            f"from connector.num_queries and connector.hidden_dim"
+        )
     return tokens
 
 

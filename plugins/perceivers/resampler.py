@@ -28,7 +28,9 @@ class ResamplerLayer(nn.Module):
         self.attn = Attention(dim, dim, num_heads, dim // num_heads, dropout)
         self.ff = FeedForward(dim, ff_mult * dim)
 
-    def forward(self, x: torch.Tensor, latents: torch.Tensor, kv_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, latents: torch.Tensor, kv_mask: torch.Tensor
+    ) -> torch.Tensor:
         """``x [B, N, D]``, ``latents [B, L, D]``, ``kv_mask [B, N + L]`` -> latents ``[B, L, D]``."""
         q = self.norm_latents(latents)
         kv = torch.cat([self.norm_media(x), q], dim=1)
@@ -56,44 +58,73 @@ class Resampler(Perceiver):
         dropout: attention dropout.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, num_latents: int = 32, depth: int = 2,
-                 hidden_dim: int = 256, num_heads: int = 4, ff_mult: int = 4,
-                 max_positions: int = 1024, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_latents: int = 32,
+        depth: int = 2,
+        hidden_dim: int = 256,
+        num_heads: int = 4,
+        ff_mult: int = 4,
+        max_positions: int = 1024,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__(in_dim, out_dim)
-        for key, value in (("num_latents", num_latents), ("depth", depth), ("hidden_dim", hidden_dim),
-                           ("num_heads", num_heads), ("ff_mult", ff_mult),
-                           ("max_positions", max_positions)):
+        for key, value in (
+            ("num_latents", num_latents),
+            ("depth", depth),
+            ("hidden_dim", hidden_dim),
+            ("num_heads", num_heads),
+            ("ff_mult", ff_mult),
+            ("max_positions", max_positions),
+        ):
             if int(value) < 1:
                 raise ConfigError(f"connector.{key}: must be >= 1, got {value}")
         if hidden_dim % num_heads:
-            raise ConfigError(f"connector.num_heads: {num_heads} does not divide "
-                              f"connector.hidden_dim={hidden_dim}")
+            raise ConfigError(
+                f"connector.num_heads: {num_heads} does not divide "
+                f"connector.hidden_dim={hidden_dim}"
+            )
         self.num_latents = int(num_latents)
         self.max_positions = int(max_positions)
         self.proj_in = nn.Linear(in_dim, hidden_dim) if in_dim != hidden_dim else nn.Identity()
         self.pos_emb = nn.Parameter(torch.randn(max_positions, hidden_dim) * 0.02)
         self.latents = nn.Parameter(torch.randn(num_latents, hidden_dim) * 0.02)
-        self.layers = nn.ModuleList(ResamplerLayer(hidden_dim, num_heads, ff_mult, dropout)
-                                    for _ in range(depth))
+        self.layers = nn.ModuleList(
+            ResamplerLayer(hidden_dim, num_heads, ff_mult, dropout) for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(hidden_dim)
         self.proj_out = nn.Linear(hidden_dim, out_dim)
 
     @classmethod
     def for_testing(cls, tmp_dir: Path, in_dim: int, out_dim: int) -> Resampler:
-        return cls(in_dim, out_dim, num_latents=4, depth=1, hidden_dim=16, num_heads=2,
-                   ff_mult=2, max_positions=64)
+        return cls(
+            in_dim,
+            out_dim,
+            num_latents=4,
+            depth=1,
+            hidden_dim=16,
+            num_heads=2,
+            ff_mult=2,
+            max_positions=64,
+        )
 
     def _check_length(self, n_in: int) -> None:
         if n_in > self.max_positions:
-            raise ConfigError(f"connector.max_positions: {n_in} input features exceed "
-                              f"max_positions={self.max_positions}; raise connector.max_positions")
+            raise ConfigError(
+                f"connector.max_positions: {n_in} input features exceed "
+                f"max_positions={self.max_positions}; raise connector.max_positions"
+            )
 
     def out_tokens(self, n_in: int) -> int:
         """Always ``num_latents``, whatever ``N`` (up to ``max_positions``)."""
         self._check_length(n_in)
         return self.num_latents
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``features [B, N, D_in]``, ``mask [B, N]`` -> ``tokens [B, num_latents, D_out]`` and
         ``mask [B, num_latents]`` (all True for a sample with at least one real feature)."""
         b, n, _ = features.shape

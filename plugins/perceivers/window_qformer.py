@@ -58,18 +58,29 @@ class WindowQFormer(Perceiver):
         num_heads: Attention heads (must divide ``hidden_dim``).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, num_queries: int = 1, window_s: float = 0.33,
-                 frames_per_second: float = 50.0, hidden_dim: int = 256, depth: int = 2,
-                 num_heads: int = 4) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_queries: int = 1,
+        window_s: float = 0.33,
+        frames_per_second: float = 50.0,
+        hidden_dim: int = 256,
+        depth: int = 2,
+        num_heads: int = 4,
+    ) -> None:
         super().__init__(in_dim, out_dim)
         if int(num_queries) < 1:
             raise ConfigError(f"connector.num_queries: must be >= 1, got {num_queries}")
         if window_s <= 0 or frames_per_second <= 0:
-            raise ConfigError(f"connector.window_s and connector.frames_per_second must be "
-                              f"positive, got {window_s} and {frames_per_second}")
+            raise ConfigError(
+                f"connector.window_s and connector.frames_per_second must be "
+                f"positive, got {window_s} and {frames_per_second}"
+            )
         if int(hidden_dim) % int(num_heads):
-            raise ConfigError(f"connector.num_heads ({num_heads}) must divide "
-                              f"connector.hidden_dim ({hidden_dim})")
+            raise ConfigError(
+                f"connector.num_heads ({num_heads}) must divide connector.hidden_dim ({hidden_dim})"
+            )
         self.num_queries = int(num_queries)
         # 1e-6: 0.33 s * 50 Hz = 16.5 -> 17 positions (SALMONN's L), but 0.2 * 50 stays 10
         self.window_len = max(1, math.ceil(window_s * frames_per_second - 1e-6))
@@ -79,20 +90,25 @@ class WindowQFormer(Perceiver):
         # where a position sits inside its window: the windows are encoded independently
         self.window_pos = nn.Parameter(torch.randn(self.window_len, hidden) * 0.02)
         self.queries = nn.Parameter(torch.randn(self.num_queries, hidden) * 0.02)
-        self.layers = nn.ModuleList(_QFormerLayer(hidden, int(num_heads)) for _ in range(int(depth)))
+        self.layers = nn.ModuleList(
+            _QFormerLayer(hidden, int(num_heads)) for _ in range(int(depth))
+        )
         self.out_norm = nn.LayerNorm(hidden)
         self.out_proj = nn.Linear(hidden, self.out_dim)
 
     @classmethod
     def for_testing(cls, tmp_dir: Path, in_dim: int, out_dim: int) -> WindowQFormer:
         """Two queries per 5-position window, one 16-wide layer."""
-        return cls(in_dim, out_dim, num_queries=2, window_s=0.1, hidden_dim=16, depth=1,
-                   num_heads=2)
+        return cls(
+            in_dim, out_dim, num_queries=2, window_s=0.1, hidden_dim=16, depth=1, num_heads=2
+        )
 
     def out_tokens(self, n_in: int) -> int:
         return math.ceil(n_in / self.window_len) * self.num_queries
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``features [B, N, D_in]``, ``mask [B, N]`` -> ``tokens [B, ceil(N/L)*Q, D_out]``
         and ``mask [B, ceil(N/L)*Q]`` (False, and zero tokens, for windows of only padding)."""
         b, n, _ = features.shape

@@ -38,7 +38,9 @@ LEVEL_KEY = "align_level"
 SCORE_KEY = "align_score"
 
 
-def assign_levels(scores: torch.Tensor, n: int, binning: str = "count") -> tuple[torch.Tensor, torch.Tensor]:
+def assign_levels(
+    scores: torch.Tensor, n: int, binning: str = "count"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Levels of ``scores [S]`` and the ``N-1`` boundaries that reproduce them on new scores.
 
     Returns:
@@ -63,13 +65,17 @@ def assign_levels(scores: torch.Tensor, n: int, binning: str = "count") -> tuple
     levels = torch.empty(s, dtype=torch.long)
     levels[order] = torch.arange(s) * n // s
     ranked = scores[order]
-    edges = torch.tensor([ranked[min(s - 1, math.ceil(k * s / n))] for k in range(1, n)], dtype=torch.double)
+    edges = torch.tensor(
+        [ranked[min(s - 1, math.ceil(k * s / n))] for k in range(1, n)], dtype=torch.double
+    )
     return levels, edges
 
 
 def apply_edges(scores: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     """Levels ``[S]`` of new scores under boundaries from :func:`assign_levels`."""
-    return torch.searchsorted(edges.double(), scores.detach().double().flatten().contiguous(), right=True)
+    return torch.searchsorted(
+        edges.double(), scores.detach().double().flatten().contiguous(), right=True
+    )
 
 
 class AlignLevelsRecipe(CaptionPretrainRecipe):
@@ -88,9 +94,14 @@ class AlignLevelsRecipe(CaptionPretrainRecipe):
     ``meta["align_score"]`` keeps each score.
     """
 
-    def __init__(self, scorer: Mapping[str, Any] | None = None, levels: int | None = None,
-                 binning: str = "count", instructions: list[str] | Mapping[str, list[str]] | None = None,
-                 caption_key: str = "caption") -> None:
+    def __init__(
+        self,
+        scorer: Mapping[str, Any] | None = None,
+        levels: int | None = None,
+        binning: str = "count",
+        instructions: list[str] | Mapping[str, list[str]] | None = None,
+        caption_key: str = "caption",
+    ) -> None:
         super().__init__(instructions=instructions, caption_key=caption_key)
         if binning not in BINNINGS:
             raise ConfigError(f"recipe.binning: '{binning}' is not one of {', '.join(BINNINGS)}")
@@ -109,8 +120,10 @@ class AlignLevelsRecipe(CaptionPretrainRecipe):
         if self.levels is None:
             self.levels = int(prefix_levels or DEFAULT_LEVELS)
         elif prefix_levels is not None and int(prefix_levels) != self.levels:
-            raise ConfigError(f"recipe.levels={self.levels} but alignment.levels={prefix_levels}; "
-                              f"set one of them (recipe.levels: null follows the alignment)")
+            raise ConfigError(
+                f"recipe.levels={self.levels} but alignment.levels={prefix_levels}; "
+                f"set one of them (recipe.levels: null follows the alignment)"
+            )
         self.scorer = build(context.registry, "scorer", self.scorer_node, "recipe.scorer")
         self.scorer.setup(context)
 
@@ -119,8 +132,9 @@ class AlignLevelsRecipe(CaptionPretrainRecipe):
 
     def annotate(self, samples: Sequence[Sample]) -> list[Sample]:
         if self.scorer is None:
-            raise ConfigError("align_levels: setup(context) must run before annotate (the "
-                              "training loop calls it)")
+            raise ConfigError(
+                "align_levels: setup(context) must run before annotate (the training loop calls it)"
+            )
         idx = [i for i, s in enumerate(samples) if self._scorable(s)]
         pairs = [samples[i] for i in idx]
         scores = torch.zeros(0)

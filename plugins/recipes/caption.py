@@ -58,11 +58,15 @@ class CaptionRecipe(DataRecipe):
         if instructions is not None:
             instructions = [str(i).strip() for i in instructions]
             if not instructions or not all(instructions):
-                raise ConfigError("recipe.instructions: expected a non-empty list of non-empty "
-                                  f"strings, got {instructions!r}")
+                raise ConfigError(
+                    "recipe.instructions: expected a non-empty list of non-empty "
+                    f"strings, got {instructions!r}"
+                )
             if any(placeholder(k) in i for i in instructions for k in MEDIA_KEYS):
-                raise ConfigError("recipe.instructions: leave out the media placeholders; the "
-                                  "recipe puts them before the instruction")
+                raise ConfigError(
+                    "recipe.instructions: leave out the media placeholders; the "
+                    "recipe puts them before the instruction"
+                )
         self.instructions = instructions
 
     def __call__(self, sample: Sample, rng: random.Random) -> Sample | None:

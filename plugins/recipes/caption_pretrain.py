@@ -46,8 +46,11 @@ def caption_text(sample: Sample, caption_key: str) -> str | None:
 def media_prefix(sample: Sample) -> str:
     """One placeholder line per media item of the sample (two images: two ``<image>`` lines),
     modalities in a fixed order."""
-    return "".join(f"{placeholder(k)}\n" * len(media_paths(sample.media[k])) for k in MEDIA_KEYS
-                   if k in sample.media)
+    return "".join(
+        f"{placeholder(k)}\n" * len(media_paths(sample.media[k]))
+        for k in MEDIA_KEYS
+        if k in sample.media
+    )
 
 
 class CaptionPretrainRecipe(DataRecipe):
@@ -62,13 +65,18 @@ class CaptionPretrainRecipe(DataRecipe):
         caption_key: The ``Sample.meta`` key holding the caption (else the first answer).
     """
 
-    def __init__(self, instructions: list[str] | Mapping[str, list[str]] | None = None,
-                 caption_key: str = "caption") -> None:
+    def __init__(
+        self,
+        instructions: list[str] | Mapping[str, list[str]] | None = None,
+        caption_key: str = "caption",
+    ) -> None:
         self.instructions: dict[str, list[str]] = {m: list(v) for m, v in INSTRUCTIONS.items()}
         if isinstance(instructions, Mapping):
             for m, v in instructions.items():
                 if m not in MEDIA_KEYS:
-                    raise ConfigError(f"recipe.instructions.{m}: not a modality; valid: {', '.join(MEDIA_KEYS)}")
+                    raise ConfigError(
+                        f"recipe.instructions.{m}: not a modality; valid: {', '.join(MEDIA_KEYS)}"
+                    )
                 self.instructions[m] = check_templates(v, f"recipe.instructions.{m}")
         elif instructions is not None:
             common = check_templates(instructions, "recipe.instructions")
@@ -82,10 +90,13 @@ class CaptionPretrainRecipe(DataRecipe):
         if not modalities or text is None:
             return None
         instruction = rng.choice(self.instructions[modalities[0]])
-        turns = [{"from": "human", "value": media_prefix(sample) + instruction},
-                 {"from": "gpt", "value": text}]
-        return sample.replace(conversations=turns,
-                              meta={**sample.meta, "qtypes": ["caption"], "task": "caption"})
+        turns = [
+            {"from": "human", "value": media_prefix(sample) + instruction},
+            {"from": "gpt", "value": text},
+        ]
+        return sample.replace(
+            conversations=turns, meta={**sample.meta, "qtypes": ["caption"], "task": "caption"}
+        )
 
     def __call__(self, sample: Sample, rng: random.Random) -> Sample | None:
         return self.caption_sample(sample, rng)

@@ -37,8 +37,9 @@ class ConversationsRecipe(DataRecipe):
         if end == len(sample.conversations):
             return sample
         kept = [dict(t) for t in sample.conversations[:end]]
-        dropped = "".join(t["value"] for t in sample.conversations[end:]
-                          if ROLES.get(t["from"]) == "user")
+        dropped = "".join(
+            t["value"] for t in sample.conversations[end:] if ROLES.get(t["from"]) == "user"
+        )
         moved = "".join(f"{placeholder(k)}\n" * dropped.count(placeholder(k)) for k in MEDIA_KEYS)
         if moved:
             first = next((t for t in kept if ROLES.get(t["from"]) == "user"), None)

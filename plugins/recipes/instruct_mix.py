@@ -64,17 +64,29 @@ class InstructMixRecipe(CaptionPretrainRecipe):
         seed: Seeds the source resampling.
     """
 
-    def __init__(self, mix: Mapping[str, float] | None = None,
-                 templates: Mapping[str, list[str]] | None = None,
-                 sources: Mapping[str, float] | None = None, caption_key: str = "caption",
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        mix: Mapping[str, float] | None = None,
+        templates: Mapping[str, list[str]] | None = None,
+        sources: Mapping[str, float] | None = None,
+        caption_key: str = "caption",
+        seed: int = 0,
+    ) -> None:
         templates = dict(templates or {})
         for task in templates:
             if task not in TASKS:
-                raise ConfigError(f"recipe.templates.{task}: unknown task; valid: {', '.join(TASKS)}")
+                raise ConfigError(
+                    f"recipe.templates.{task}: unknown task; valid: {', '.join(TASKS)}"
+                )
         super().__init__(instructions=templates.get("caption"), caption_key=caption_key)
-        self.mix = _weights(mix if mix is not None else {"caption": 0.3, "qa": 0.7}, "recipe.mix", TASKS)
-        qa = check_templates(templates["qa"], "recipe.templates.qa") if "qa" in templates else list(QA_TEMPLATES)
+        self.mix = _weights(
+            mix if mix is not None else {"caption": 0.3, "qa": 0.7}, "recipe.mix", TASKS
+        )
+        qa = (
+            check_templates(templates["qa"], "recipe.templates.qa")
+            if "qa" in templates
+            else list(QA_TEMPLATES)
+        )
         for t in qa:
             if "{question}" not in t:
                 raise ConfigError(f"recipe.templates.qa: template {t!r} has no {{question}} field")
@@ -93,11 +105,15 @@ class InstructMixRecipe(CaptionPretrainRecipe):
             by_source.setdefault(str(s.meta.get("source", "default")), []).append(s)
         unknown = sorted(set(by_source) - set(self.sources))
         if unknown:
-            raise ConfigError(f"recipe.sources: the data has sources {', '.join(sorted(by_source))}; "
-                              f"give each a weight (missing: {', '.join(unknown)})")
+            raise ConfigError(
+                f"recipe.sources: the data has sources {', '.join(sorted(by_source))}; "
+                f"give each a weight (missing: {', '.join(unknown)})"
+            )
         present = {k: w for k, w in self.sources.items() if k in by_source and w > 0}
         if not present:
-            raise ConfigError(f"recipe.sources: no weighted source in the data (sources: {', '.join(sorted(by_source))})")
+            raise ConfigError(
+                f"recipe.sources: no weighted source in the data (sources: {', '.join(sorted(by_source))})"
+            )
         total, n = sum(present.values()), len(samples)
         exact = {k: n * w / total for k, w in present.items()}
         counts = {k: int(v) for k, v in exact.items()}

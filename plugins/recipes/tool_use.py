@@ -79,22 +79,33 @@ class ToolUseRecipe(DataRecipe):
     :class:`ConfigError` there), which must run before :meth:`annotate` and ``__call__``.
     """
 
-    def __init__(self, tools: list[str] | None = None, no_tool_ratio: float = 0.2,
-                 run_tools: bool = True, tool_args: dict[str, dict[str, Any]] | None = None,
-                 system_prompt: bool = True, result_role: str = "tool", cache: bool = True,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        tools: list[str] | None = None,
+        no_tool_ratio: float = 0.2,
+        run_tools: bool = True,
+        tool_args: dict[str, dict[str, Any]] | None = None,
+        system_prompt: bool = True,
+        result_role: str = "tool",
+        cache: bool = True,
+        seed: int = 0,
+    ) -> None:
         if not 0.0 <= no_tool_ratio <= 1.0:
             raise ConfigError(f"recipe.no_tool_ratio: {no_tool_ratio} must be in [0, 1]")
         if result_role not in ("tool", "human"):
-            raise ConfigError(f"recipe.result_role: unknown role '{result_role}'; valid: tool, human")
+            raise ConfigError(
+                f"recipe.result_role: unknown role '{result_role}'; valid: tool, human"
+            )
         self.tool_names = list(tools if tools is not None else ["ocr", "calculator"])
         self.registry: Registry | None = None
         self._classes: dict[str, type[Tool]] | None = None
         self.tool_args = {k: dict(v) for k, v in (tool_args or {}).items()}
         unknown = sorted(set(self.tool_args) - set(self.tool_names))
         if unknown:
-            raise ConfigError(f"recipe.tool_args: {', '.join(unknown)} not in recipe.tools "
-                              f"({', '.join(self.tool_names)})")
+            raise ConfigError(
+                f"recipe.tool_args: {', '.join(unknown)} not in recipe.tools "
+                f"({', '.join(self.tool_names)})"
+            )
         self.no_tool_ratio = no_tool_ratio
         self.run_tools = run_tools
         self.system = system_prompt
@@ -122,8 +133,10 @@ class ToolUseRecipe(DataRecipe):
     def classes(self) -> dict[str, type[Tool]]:
         """Tool name -> its registered class (known after :meth:`setup`)."""
         if self._classes is None:
-            raise ConfigError("tool_use recipe: call setup(context) before using it; it finds "
-                              "recipe.tools in the run's registry")
+            raise ConfigError(
+                "tool_use recipe: call setup(context) before using it; it finds "
+                "recipe.tools in the run's registry"
+            )
         return self._classes
 
     @property
@@ -137,8 +150,11 @@ class ToolUseRecipe(DataRecipe):
         with_tool = [s for s in samples if plans[s.id]]
         without = [s for s in samples if not plans[s.id]]
         r = self.no_tool_ratio
-        n_keep = len(without) if r >= 1.0 or not with_tool else min(
-            len(without), round(r * len(with_tool) / (1.0 - r)))
+        n_keep = (
+            len(without)
+            if r >= 1.0 or not with_tool
+            else min(len(without), round(r * len(with_tool) / (1.0 - r)))
+        )
         keep = {s.id for s in random.Random(f"tool_use:{self.seed}").sample(without, n_keep)}
         out = []
         for s in samples:
@@ -148,8 +164,12 @@ class ToolUseRecipe(DataRecipe):
                     out.append(annotated)
             elif s.id in keep:
                 out.append(s)
-        log.info("tool_use: %d samples with tool calls, %d of %d without", len(with_tool),
-                 n_keep, len(without))
+        log.info(
+            "tool_use: %d samples with tool calls, %d of %d without",
+            len(with_tool),
+            n_keep,
+            len(without),
+        )
         return out
 
     def _checked_plan(self, sample: Sample) -> list[dict[str, Any]]:
@@ -157,8 +177,10 @@ class ToolUseRecipe(DataRecipe):
         for call in plan:
             name = call.get("name")
             if name not in self.classes:
-                raise ConfigError(f"sample {sample.id} plans a call of tool '{name}', which is not in "
-                                  f"recipe.tools ({', '.join(self.tool_names)}); add it there")
+                raise ConfigError(
+                    f"sample {sample.id} plans a call of tool '{name}', which is not in "
+                    f"recipe.tools ({', '.join(self.tool_names)}); add it there"
+                )
             if call.get("arguments") is None:
                 cls = self.classes[name]
                 call["arguments"] = {a: media_ref(m) for a, m in cls.media_args.items()}
@@ -172,11 +194,19 @@ class ToolUseRecipe(DataRecipe):
             if registry is None:  # the caller skipped setup: say so, as `classes` does
                 raise ConfigError("tool_use recipe: call setup(context) before running its tools")
             try:
-                self._tools[name] = build(registry, "tool", {"name": name, **self.tool_args.get(name, {})},
-                                          f"recipe.tool_args.{name}")
+                self._tools[name] = build(
+                    registry,
+                    "tool",
+                    {"name": name, **self.tool_args.get(name, {})},
+                    f"recipe.tool_args.{name}",
+                )
             except (MMBridgeError, ImportError) as exc:
-                log.warning("tool_use: tool '%s' is unavailable (%s); its results are the data "
-                            "set's ground truth", name, exc)
+                log.warning(
+                    "tool_use: tool '%s' is unavailable (%s); its results are the data "
+                    "set's ground truth",
+                    name,
+                    exc,
+                )
                 self._tools[name] = None
         return self._tools[name]
 
@@ -194,10 +224,20 @@ class ToolUseRecipe(DataRecipe):
             if result is None:
                 result = call.get("truth")
             if result is None:  # neither a tool output nor a ground truth: nothing to teach
-                log.warning("tool_use: sample %s dropped: no result for its '%s' call", sample.id, call["name"])
+                log.warning(
+                    "tool_use: sample %s dropped: no result for its '%s' call",
+                    sample.id,
+                    call["name"],
+                )
                 return None
-            results.append({"name": call["name"], "arguments": call["arguments"],
-                            "result": str(result), "source": source})
+            results.append(
+                {
+                    "name": call["name"],
+                    "arguments": call["arguments"],
+                    "result": str(result),
+                    "source": source,
+                }
+            )
         return sample.replace(meta={**sample.meta, "tool_results": results})
 
     def _run(self, tool: Tool, arguments: dict[str, Any], sample: Sample) -> ToolCall:
@@ -226,9 +266,11 @@ class ToolUseRecipe(DataRecipe):
         if results and first_user is not None:
             inserted = []
             for r in results:
-                inserted += [{"from": "gpt", "value": format_call(r["name"], r["arguments"])},
-                             {"from": self.result_role, "value": format_result(r["name"], r["result"])}]
-            turns[first_user + 1: first_user + 1] = inserted
+                inserted += [
+                    {"from": "gpt", "value": format_call(r["name"], r["arguments"])},
+                    {"from": self.result_role, "value": format_result(r["name"], r["result"])},
+                ]
+            turns[first_user + 1 : first_user + 1] = inserted
         if self.system and not any(ROLES.get(t["from"]) == "system" for t in turns):
             turns.insert(0, {"from": "system", "value": self.prompt})
         return sample.replace(conversations=turns)
@@ -270,10 +312,18 @@ def _cache_key(tool: Tool, arguments: dict[str, Any], media: dict[str, str]) -> 
     """Digest of the tool's settings, the arguments and the content of the media they name."""
     h = hashlib.sha256()
     # The instance's plain settings include what "auto" options resolved to (the OCR backend).
-    settings = {k: v for k, v in sorted(vars(tool).items()) if not k.startswith("_")
-                and k != "timeout_s" and isinstance(v, str | int | float | bool | type(None))}
-    h.update(json.dumps({"tool": tool.name, "settings": settings, "arguments": arguments},
-                        sort_keys=True).encode())
+    settings = {
+        k: v
+        for k, v in sorted(vars(tool).items())
+        if not k.startswith("_")
+        and k != "timeout_s"
+        and isinstance(v, str | int | float | bool | type(None))
+    }
+    h.update(
+        json.dumps(
+            {"tool": tool.name, "settings": settings, "arguments": arguments}, sort_keys=True
+        ).encode()
+    )
     for modality in sorted(set(tool.media_args.values())):
         if modality in media and Path(media[modality]).is_file():
             h.update(Path(media[modality]).read_bytes())

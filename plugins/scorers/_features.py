@@ -33,14 +33,17 @@ def media_paths(samples: Sequence[Sample], modality: str) -> list[str]:
     out = []
     for s in samples:
         if modality not in s.media:
-            raise DataError(f"sample {s.id}: no {modality} to score (media: {', '.join(s.media) or 'none'})")
+            raise DataError(
+                f"sample {s.id}: no {modality} to score (media: {', '.join(s.media) or 'none'})"
+            )
         out.append(s.single_media()[modality])
     return out
 
 
 @torch.no_grad()
-def pooled_media_features(context: RecipeContext, samples: Sequence[Sample], modality: str,
-                          batch_size: int = 64) -> torch.Tensor:
+def pooled_media_features(
+    context: RecipeContext, samples: Sequence[Sample], modality: str, batch_size: int = 64
+) -> torch.Tensor:
     """The run's encoder features of each sample's media, mean-pooled over tokens: ``[S, D]``.
 
     Read from the run's feature cache (``context.tables``) when it covers every file, else
@@ -51,8 +54,10 @@ def pooled_media_features(context: RecipeContext, samples: Sequence[Sample], mod
     if table is not None and all(p in table for p in paths):
         return torch.stack([table.lookup(p).float().mean(0) for p in paths])
     if modality not in context.model.branches:
-        raise ConfigError(f"scorer: the model has no {modality} encoder; modalities: "
-                          f"{', '.join(context.model.branches)}")
+        raise ConfigError(
+            f"scorer: the model has no {modality} encoder; modalities: "
+            f"{', '.join(context.model.branches)}"
+        )
     encoder = context.model.branches[modality].encoder
     device = next((p.device for p in encoder.parameters()), torch.device("cpu"))
     was_training = encoder.training
@@ -60,10 +65,15 @@ def pooled_media_features(context: RecipeContext, samples: Sequence[Sample], mod
     out = []
     try:
         for i in range(0, len(paths), batch_size):
-            items = [encoder.preprocess(encoder.load(p)) for p in paths[i: i + batch_size]]
+            items = [encoder.preprocess(encoder.load(p)) for p in paths[i : i + batch_size]]
             batch = encoder.collate(items)
-            batch = batch.to(device) if isinstance(batch, torch.Tensor) else {
-                k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            batch = (
+                batch.to(device)
+                if isinstance(batch, torch.Tensor)
+                else {
+                    k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+                }
+            )
             feats, mask = encoder(batch)  # [B, N, D], [B, N]
             m = mask.unsqueeze(-1).to(feats.dtype)
             out.append(((feats * m).sum(1) / m.sum(1).clamp(min=1)).float().cpu())
@@ -99,25 +109,44 @@ class TextEncoder:
 
     def _key(self, texts: Sequence[str]) -> str:
         root = Path(self.path)
-        files = sorted((str(p.relative_to(root)), p.stat().st_size, int(p.stat().st_mtime))
-                       for p in root.rglob("*") if p.is_file()) if root.is_dir() else [self.path]
-        blob = json.dumps({"model": [str(root.resolve()) if root.exists() else self.path, files],
-                           "texts": list(texts)}).encode()
+        files = (
+            sorted(
+                (str(p.relative_to(root)), p.stat().st_size, int(p.stat().st_mtime))
+                for p in root.rglob("*")
+                if p.is_file()
+            )
+            if root.is_dir()
+            else [self.path]
+        )
+        blob = json.dumps(
+            {
+                "model": [str(root.resolve()) if root.exists() else self.path, files],
+                "texts": list(texts),
+            }
+        ).encode()
         return hashlib.sha256(blob).hexdigest()[:24]
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        entry = self.cache_dir / f"text-{self._key(texts)}.pt" if self.cache_dir is not None else None
+        entry = (
+            self.cache_dir / f"text-{self._key(texts)}.pt" if self.cache_dir is not None else None
+        )
         if entry is not None and entry.is_file():
             return torch.load(entry, weights_only=True)
         self._load()
         out = []
         for i in range(0, len(texts), self.batch_size):
-            batch = self._tokenizer(list(texts[i: i + self.batch_size]), padding=True, truncation=True,
-                                    max_length=128, return_tensors="pt")
+            batch = self._tokenizer(
+                list(texts[i : i + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=128,
+                return_tensors="pt",
+            )
             # ids and mask only: every encoder takes them (token types default to zeros)
-            tokens = self._model(input_ids=batch["input_ids"],
-                                 attention_mask=batch["attention_mask"]).last_hidden_state  # [B, T, E]
+            tokens = self._model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state  # [B, T, E]
             m = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
             out.append((tokens * m).sum(1) / m.sum(1).clamp(min=1))
         emb = torch.cat(out).float()

@@ -45,8 +45,12 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     return float((r[positive].sum().item() - n_pos * (n_pos - 1) / 2) / (n_pos * n_neg))
 
 
-def agreement(samples: Sequence[Sample], score_key: str = "align_score",
-              level_key: str = "align_level", noise_key: str = "caption_noise") -> dict[str, float]:
+def agreement(
+    samples: Sequence[Sample],
+    score_key: str = "align_score",
+    level_key: str = "align_level",
+    noise_key: str = "caption_noise",
+) -> dict[str, float]:
     """Agreement of annotated samples' scores and levels with their known corruption.
 
     Returns ``spearman_score_clean`` (score vs clean = 1 / corrupted = 0),
@@ -61,8 +65,12 @@ def agreement(samples: Sequence[Sample], score_key: str = "align_score",
     level = torch.tensor([float(s.meta[level_key]) for s in rows])
     clean = torch.tensor([k == "none" for k in kinds])
     severity = torch.tensor([float(SEVERITY.get(k, 1)) for k in kinds])
-    out = {"n": float(len(rows)), "spearman_score_clean": spearman(score, clean.double()),
-           "spearman_level_severity": spearman(level, -severity), "auroc_clean": auroc(score, clean)}
+    out = {
+        "n": float(len(rows)),
+        "spearman_score_clean": spearman(score, clean.double()),
+        "spearman_level_severity": spearman(level, -severity),
+        "auroc_clean": auroc(score, clean),
+    }
     for kind, n in sorted(Counter(kinds).items()):
         sel = torch.tensor([k == kind for k in kinds])
         out[f"mean_level/{kind}"] = float(level[sel].mean())

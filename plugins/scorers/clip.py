@@ -25,7 +25,9 @@ class ClipScorer(Scorer):
 
     def __init__(self, path: str, batch_size: int = 64, device: str | None = None) -> None:
         if not path:
-            raise ConfigError("recipe.scorer.path: the clip scorer needs the path of a CLIP model directory")
+            raise ConfigError(
+                "recipe.scorer.path: the clip scorer needs the path of a CLIP model directory"
+            )
         self.path = str(path)
         self.batch_size = int(batch_size)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -44,9 +46,15 @@ class ClipScorer(Scorer):
             path = resolve_model_path(self.path, registry=self._registry, key="recipe.scorer.path")
             model = AutoModel.from_pretrained(path).to(self.device).eval()
             if not hasattr(model, "get_image_features"):
-                raise ConfigError(f"recipe.scorer.path: {path} holds a {type(model).__name__}, "
-                                  f"not a CLIP-style dual encoder")
-            self._parts = (model, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
+                raise ConfigError(
+                    f"recipe.scorer.path: {path} holds a {type(model).__name__}, "
+                    f"not a CLIP-style dual encoder"
+                )
+            self._parts = (
+                model,
+                AutoTokenizer.from_pretrained(path),
+                AutoImageProcessor.from_pretrained(path),
+            )
         return self._parts
 
     @torch.no_grad()
@@ -60,14 +68,22 @@ class ClipScorer(Scorer):
         out = []
         for i in range(0, len(samples), self.batch_size):
             images = []
-            for p in paths[i: i + self.batch_size]:
+            for p in paths[i : i + self.batch_size]:
                 with Image.open(p) as im:
                     images.append(im.convert("RGB"))
             pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
-            tok = tokenizer(texts[i: i + self.batch_size], padding=True, truncation=True,
-                            max_length=max_len, return_tensors="pt")
-            res = model(input_ids=tok["input_ids"].to(self.device),
-                        attention_mask=tok["attention_mask"].to(self.device), pixel_values=pixels)
+            tok = tokenizer(
+                texts[i : i + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_len,
+                return_tensors="pt",
+            )
+            res = model(
+                input_ids=tok["input_ids"].to(self.device),
+                attention_mask=tok["attention_mask"].to(self.device),
+                pixel_values=pixels,
+            )
             img = torch.nn.functional.normalize(res.image_embeds.float(), dim=-1)
             txt = torch.nn.functional.normalize(res.text_embeds.float(), dim=-1)
             out.append((img * txt).sum(-1).cpu())

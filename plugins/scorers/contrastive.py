@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 def _projection(in_dim: int, out_dim: int, hidden: int | None) -> nn.Module:
     if not hidden:
         return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim))
-    return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+    return nn.Sequential(
+        nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim)
+    )
 
 
 class PairProjector(nn.Module):
@@ -80,15 +82,32 @@ class ContrastiveScorer(Scorer):
         cache: Keep text embeddings in ``<cache_dir>/scorer`` (keyed by the model and texts).
     """
 
-    def __init__(self, modality: str = "image", text_model: str = "minilm-l6", dim: int = 128,
-                 hidden: int | None = None, epochs: int = 30, batch_size: int = 256,
-                 lr: float = 2.0e-3, weight_decay: float = 1.0e-4, folds: int = 1, seed: int = 0,
-                 cache: bool = True) -> None:
-        for key, value in (("dim", dim), ("epochs", epochs), ("batch_size", batch_size), ("folds", folds)):
+    def __init__(
+        self,
+        modality: str = "image",
+        text_model: str = "minilm-l6",
+        dim: int = 128,
+        hidden: int | None = None,
+        epochs: int = 30,
+        batch_size: int = 256,
+        lr: float = 2.0e-3,
+        weight_decay: float = 1.0e-4,
+        folds: int = 1,
+        seed: int = 0,
+        cache: bool = True,
+    ) -> None:
+        for key, value in (
+            ("dim", dim),
+            ("epochs", epochs),
+            ("batch_size", batch_size),
+            ("folds", folds),
+        ):
             if isinstance(value, bool) or int(value) < 1:
                 raise ConfigError(f"recipe.scorer.{key}: {value!r} must be a positive integer")
         if int(batch_size) < 2:
-            raise ConfigError(f"recipe.scorer.batch_size: {batch_size} gives InfoNCE no negatives; use >= 2")
+            raise ConfigError(
+                f"recipe.scorer.batch_size: {batch_size} gives InfoNCE no negatives; use >= 2"
+            )
         self.modality = modality
         self.text_model = text_model
         self.dim, self.hidden = int(dim), (int(hidden) if hidden else None)
@@ -106,15 +125,19 @@ class ContrastiveScorer(Scorer):
         from mmbridge.registry.assets import resolve_model_path
 
         self.context = context
-        path = resolve_model_path(self.text_model, registry=context.registry, key="recipe.scorer.text_model")
+        path = resolve_model_path(
+            self.text_model, registry=context.registry, key="recipe.scorer.text_model"
+        )
         cache = Path(context.cache_dir) / "scorer" if self.cache else None
         self._text = TextEncoder(path, cache)
 
     def features(self, samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(media [S, D_img], text [S, D_txt])`` frozen features of the pairs."""
         if self.context is None or self._text is None:
-            raise ConfigError("the contrastive scorer needs the run's context: call setup(context) "
-                              "before fit/score (the align_levels recipe does)")
+            raise ConfigError(
+                "the contrastive scorer needs the run's context: call setup(context) "
+                "before fit/score (the align_levels recipe does)"
+            )
         media = pooled_media_features(self.context, samples, self.modality)
         text = self._text([pair_text(s) for s in samples])
         return media, text
@@ -126,9 +149,13 @@ class ContrastiveScorer(Scorer):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             folds = folds[torch.randperm(len(samples))]
-            self.models = [self.fit_pairs(media[folds != k] if self.folds > 1 else media,
-                                          text[folds != k] if self.folds > 1 else text)
-                           for k in range(self.folds)]
+            self.models = [
+                self.fit_pairs(
+                    media[folds != k] if self.folds > 1 else media,
+                    text[folds != k] if self.folds > 1 else text,
+                )
+                for k in range(self.folds)
+            ]
         self._fold_of = {s.id: int(f) for s, f in zip(samples, folds)} if self.folds > 1 else {}
 
     def fit_pairs(self, media: torch.Tensor, text: torch.Tensor) -> PairProjector:
@@ -149,13 +176,20 @@ class ContrastiveScorer(Scorer):
             torch.set_num_threads(threads)
         return model.eval()
 
-    def _train(self, model: PairProjector, opt: torch.optim.Optimizer, media: torch.Tensor,
-               text: torch.Tensor, n: int, bs: int) -> None:
+    def _train(
+        self,
+        model: PairProjector,
+        opt: torch.optim.Optimizer,
+        media: torch.Tensor,
+        text: torch.Tensor,
+        n: int,
+        bs: int,
+    ) -> None:
         with torch.enable_grad():
             for _ in range(self.epochs):
                 order, losses = torch.randperm(n), []
                 for i in range(0, n - bs + 1, bs):  # full batches: equal negatives per step
-                    idx = order[i: i + bs]
+                    idx = order[i : i + bs]
                     loss = model.loss(media[idx], text[idx])
                     opt.zero_grad()
                     loss.backward()
@@ -164,7 +198,9 @@ class ContrastiveScorer(Scorer):
                 self.history.append(sum(losses) / max(1, len(losses)))
 
     @torch.no_grad()
-    def score_pairs(self, media: torch.Tensor, text: torch.Tensor, model: PairProjector) -> torch.Tensor:
+    def score_pairs(
+        self, media: torch.Tensor, text: torch.Tensor, model: PairProjector
+    ) -> torch.Tensor:
         z, t = model(media, text)
         return (z * t).sum(-1)
 

@@ -32,19 +32,28 @@ class ASRTool(Tool):
     """
 
     name: ClassVar[str] = "asr"  # the registry sets it to the registered name
-    description: ClassVar[str] = (
-        "Transcribe the speech in an audio clip to text.")
+    description: ClassVar[str] = "Transcribe the speech in an audio clip to text."
     parameters: ClassVar[dict[str, Any]] = {
         "type": "object",
-        "properties": {"audio": {"type": "string",
-                                 "description": 'the audio clip: "audio" for the user\'s audio'}},
+        "properties": {
+            "audio": {
+                "type": "string",
+                "description": 'the audio clip: "audio" for the user\'s audio',
+            }
+        },
         "required": ["audio"],
     }
     media_args: ClassVar[dict[str, str]] = {"audio": "audio"}
 
-    def __init__(self, checkpoint: str = "whisper-tiny.en", language: str | None = None,
-                 temperature: float = 0.0, device: str = "cpu", timeout_s: float = 120.0,
-                 registry: Registry | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint: str = "whisper-tiny.en",
+        language: str | None = None,
+        temperature: float = 0.0,
+        device: str = "cpu",
+        timeout_s: float = 120.0,
+        registry: Registry | None = None,
+    ) -> None:
         self.checkpoint = checkpoint
         self.language = language
         self.temperature = temperature
@@ -78,9 +87,14 @@ class ASRTool(Tool):
         if samples.size == 0:
             return "(empty audio)"
         with self._lock:
-            out = self.model.transcribe(samples, fp16=False, language=self.language,
-                                        temperature=self.temperature,
-                                        condition_on_previous_text=False, verbose=None)
+            out = self.model.transcribe(
+                samples,
+                fp16=False,
+                language=self.language,
+                temperature=self.temperature,
+                condition_on_previous_text=False,
+                verbose=None,
+            )
         text = str(out.get("text", "")).strip()
         return text or "(no speech found)"
 

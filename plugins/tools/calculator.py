@@ -36,12 +36,28 @@ _SIGNIFICANT = 15  # digits shown of a result that is not a finite decimal (1/3)
 _MAX_ROOT = 64  # largest q of an exponent p/q whose exact rational root is looked for
 ROUNDED_NOTE = f" (rounded to {_SIGNIFICANT} significant digits)"
 
-_SYMBOL = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//",
-           ast.Mod: "%", ast.Pow: "**"}
-_REFUSED = {ast.Name: "names", ast.Call: "function calls", ast.Attribute: "attributes",
-            ast.Subscript: "subscripts", ast.Compare: "comparisons", ast.BoolOp: "and/or",
-            ast.Lambda: "lambdas", ast.Tuple: "commas",
-            ast.List: "lists", ast.Dict: "dicts", ast.Set: "sets"}
+_SYMBOL = {
+    ast.Add: "+",
+    ast.Sub: "-",
+    ast.Mult: "*",
+    ast.Div: "/",
+    ast.FloorDiv: "//",
+    ast.Mod: "%",
+    ast.Pow: "**",
+}
+_REFUSED = {
+    ast.Name: "names",
+    ast.Call: "function calls",
+    ast.Attribute: "attributes",
+    ast.Subscript: "subscripts",
+    ast.Compare: "comparisons",
+    ast.BoolOp: "and/or",
+    ast.Lambda: "lambdas",
+    ast.Tuple: "commas",
+    ast.List: "lists",
+    ast.Dict: "dicts",
+    ast.Set: "sets",
+}
 
 
 class _NotDecimal(Exception):
@@ -53,13 +69,19 @@ def _floor_div(a: Decimal, b: Decimal) -> Decimal:
 
 
 _DECIMAL_OPS: dict[type, Callable[[Decimal, Decimal], Decimal]] = {
-    ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-    ast.Div: lambda a, b: a / b, ast.FloorDiv: _floor_div,
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+    ast.FloorDiv: _floor_div,
     ast.Mod: lambda a, b: a - b * _floor_div(a, b),
 }
 _FRACTION_OPS: dict[type, Callable[[Fraction, Fraction], Fraction]] = {
-    ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-    ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: Fraction(a // b),
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+    ast.FloorDiv: lambda a, b: Fraction(a // b),
     ast.Mod: lambda a, b: a % b,
 }
 
@@ -124,18 +146,29 @@ class CalculatorTool(Tool):
 
     name: ClassVar[str] = "calculator"  # the registry sets it to the registered name
     description: ClassVar[str] = (
-        "Evaluate an arithmetic expression exactly, e.g. \"2.40 + 3.10 * 2\". Supports "
-        "+ - * / // % ** and parentheses over decimal numbers; no variables or functions.")
+        'Evaluate an arithmetic expression exactly, e.g. "2.40 + 3.10 * 2". Supports '
+        "+ - * / // % ** and parentheses over decimal numbers; no variables or functions."
+    )
     parameters: ClassVar[dict[str, Any]] = {
         "type": "object",
-        "properties": {"expression": {"type": "string", "description": "the arithmetic expression"}},
+        "properties": {
+            "expression": {"type": "string", "description": "the arithmetic expression"}
+        },
         "required": ["expression"],
     }
 
-    def __init__(self, max_length: int = 200, max_exponent: int = 100, max_digits: int = 100,
-                 timeout_s: float = 5.0) -> None:
-        for key, value in (("max_length", max_length), ("max_exponent", max_exponent),
-                           ("max_digits", max_digits)):
+    def __init__(
+        self,
+        max_length: int = 200,
+        max_exponent: int = 100,
+        max_digits: int = 100,
+        timeout_s: float = 5.0,
+    ) -> None:
+        for key, value in (
+            ("max_length", max_length),
+            ("max_exponent", max_exponent),
+            ("max_digits", max_digits),
+        ):
             if value < 1:
                 raise ConfigError(f"tools.calculator.{key}: {value} must be >= 1")
         self.max_length = max_length
@@ -164,7 +197,9 @@ class CalculatorTool(Tool):
             raise ToolError(f"the expression must be text, got {type(expression).__name__}")
         text = expression.strip().rstrip("=").strip()
         if len(text) > self.max_length:
-            raise ToolError(f"the expression is {len(text)} characters long; the limit is {self.max_length}")
+            raise ToolError(
+                f"the expression is {len(text)} characters long; the limit is {self.max_length}"
+            )
         if not text:
             raise ToolError("the expression is empty")
         for spelling, op in _SPELLINGS.items():
@@ -172,7 +207,9 @@ class CalculatorTool(Tool):
         try:
             tree = ast.parse(text, mode="eval")
         except SyntaxError as exc:
-            raise ToolError(f"cannot parse {expression!r}: {exc.msg} at column {exc.offset}") from None
+            raise ToolError(
+                f"cannot parse {expression!r}: {exc.msg} at column {exc.offset}"
+            ) from None
         try:
             return self._check(self._decimal_walk(tree.body, text)), True
         except _NotDecimal:
@@ -188,10 +225,17 @@ class CalculatorTool(Tool):
     # -- the exact decimal walk ---------------------------------------------------------------
     def _decimal_walk(self, node: ast.AST, source: str) -> Decimal:
         # Wide enough for every value within the bounds: anything that still rounds is Inexact.
-        ctx = decimal.Context(prec=2 * self.max_digits + 60, Emax=self.max_digits,
-                              Emin=-self.max_digits - 50,
-                              traps=[decimal.Overflow, decimal.DivisionByZero,
-                                     decimal.InvalidOperation, decimal.Inexact])
+        ctx = decimal.Context(
+            prec=2 * self.max_digits + 60,
+            Emax=self.max_digits,
+            Emin=-self.max_digits - 50,
+            traps=[
+                decimal.Overflow,
+                decimal.DivisionByZero,
+                decimal.InvalidOperation,
+                decimal.Inexact,
+            ],
+        )
         try:
             with decimal.localcontext(ctx):
                 return +self._eval_decimal(node, source)
@@ -202,8 +246,10 @@ class CalculatorTool(Tool):
         except decimal.Overflow:
             raise ToolError(f"the result exceeds 10**{self.max_digits}") from None
         except decimal.InvalidOperation:
-            raise ToolError(f"invalid operation in {source!r} (e.g. 0/0, or a fractional power "
-                            f"of a negative number)") from None
+            raise ToolError(
+                f"invalid operation in {source!r} (e.g. 0/0, or a fractional power "
+                f"of a negative number)"
+            ) from None
 
     def _eval_decimal(self, node: ast.AST, source: str) -> Decimal:
         if isinstance(node, ast.Constant):
@@ -212,7 +258,10 @@ class CalculatorTool(Tool):
             value = self._eval_decimal(node.operand, source)
             return -value if isinstance(node.op, ast.USub) else +value
         if isinstance(node, ast.BinOp) and type(node.op) in _SYMBOL:
-            left, right = self._eval_decimal(node.left, source), self._eval_decimal(node.right, source)
+            left, right = (
+                self._eval_decimal(node.left, source),
+                self._eval_decimal(node.right, source),
+            )
             if isinstance(node.op, ast.Pow):
                 if left.is_zero() and right <= 0:
                     if right.is_zero():
@@ -234,7 +283,10 @@ class CalculatorTool(Tool):
             value, exact = self._fraction(node.operand, source)
             return (-value if isinstance(node.op, ast.USub) else value), exact
         if isinstance(node, ast.BinOp) and type(node.op) in _SYMBOL:
-            (a, exact_a), (b, exact_b) = self._fraction(node.left, source), self._fraction(node.right, source)
+            (a, exact_a), (b, exact_b) = (
+                self._fraction(node.left, source),
+                self._fraction(node.right, source),
+            )
             if isinstance(node.op, ast.Pow):
                 value, exact = self._fraction_power(a, b)
             else:
@@ -249,8 +301,10 @@ class CalculatorTool(Tool):
         if exponent.denominator == 1:
             return base ** int(exponent), True
         if base < 0:
-            raise ToolError(f"invalid operation: a fractional power ({_show(exponent)}) of a "
-                            f"negative number ({_show(base)})")
+            raise ToolError(
+                f"invalid operation: a fractional power ({_show(exponent)}) of a "
+                f"negative number ({_show(base)})"
+            )
         if base == 0:
             return Fraction(0), True
         p, q = exponent.numerator, exponent.denominator
@@ -259,8 +313,10 @@ class CalculatorTool(Tool):
             if num is not None and den is not None:
                 return Fraction(num, den) ** p, True
         ctx = _wide(50)
-        approx = ctx.power(ctx.divide(Decimal(base.numerator), Decimal(base.denominator)),
-                           ctx.divide(Decimal(p), Decimal(q)))
+        approx = ctx.power(
+            ctx.divide(Decimal(base.numerator), Decimal(base.denominator)),
+            ctx.divide(Decimal(p), Decimal(q)),
+        )
         return Fraction(approx), False
 
     def _bound(self, value: Fraction, exact: bool) -> tuple[Fraction, bool]:
@@ -283,8 +339,10 @@ class CalculatorTool(Tool):
             value = Decimal(node.value)
         # Checked before any conversion to an integer or fraction: 1e999999999 is short text.
         if not value.is_zero() and not -self.max_digits - 50 <= value.adjusted() <= self.max_digits:
-            raise ToolError(f"the number {literal} is out of range (between 10**-"
-                            f"{self.max_digits + 50} and 10**{self.max_digits})")
+            raise ToolError(
+                f"the number {literal} is out of range (between 10**-"
+                f"{self.max_digits + 50} and 10**{self.max_digits})"
+            )
         return value
 
     def _check_power(self, base: Fraction, exponent: Fraction) -> None:
@@ -303,14 +361,25 @@ class CalculatorTool(Tool):
         if log10 > self.max_digits:
             raise ToolError(f"the result exceeds 10**{self.max_digits}")
         if log10 < -self.max_digits - 50:
-            raise ToolError(f"the result is smaller than 10**-{self.max_digits + 50} (out of range)")
+            raise ToolError(
+                f"the result is smaller than 10**-{self.max_digits + 50} (out of range)"
+            )
 
     def _refuse(self, node: ast.AST) -> ToolError:
-        what = next((v for k, v in _REFUSED.items() if isinstance(node, k)),
-                    f"'{type(node).__name__}' expressions")
-        detail = (f" ({node.id!r})" if isinstance(node, ast.Name)
-                  else " (write 1200, not 1,200)" if isinstance(node, ast.Tuple) else "")
-        return ToolError(f"{what} are not allowed{detail}; use numbers, + - * / // % ** and parentheses")
+        what = next(
+            (v for k, v in _REFUSED.items() if isinstance(node, k)),
+            f"'{type(node).__name__}' expressions",
+        )
+        detail = (
+            f" ({node.id!r})"
+            if isinstance(node, ast.Name)
+            else " (write 1200, not 1,200)"
+            if isinstance(node, ast.Tuple)
+            else ""
+        )
+        return ToolError(
+            f"{what} are not allowed{detail}; use numbers, + - * / // % ** and parentheses"
+        )
 
 
 def _show(value: Fraction) -> str:

@@ -43,16 +43,20 @@ def _named(tools: Mapping[str, Tool] | Sequence[Tool]) -> Mapping[str, Tool] | S
         return tools
     names = [t.name for t in tools]
     if not all(names) or len(set(names)) != len(names):
-        raise ConfigError(f"tool_caller.tools: every tool needs its own name, got {names} "
-                          f"(a tool class gets its name when registered)")
+        raise ConfigError(
+            f"tool_caller.tools: every tool needs its own name, got {names} "
+            f"(a tool class gets its name when registered)"
+        )
     return tools
 
 
 def _check_template(template: str, key: str) -> str:
     fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     if "result" not in fields or fields - {"result", "tool"}:
-        raise ConfigError(f"{key}: {template!r} must contain {{result}} and may contain {{tool}}; "
-                          f"found fields: {', '.join(sorted(fields)) or 'none'}")
+        raise ConfigError(
+            f"{key}: {template!r} must contain {{result}} and may contain {{tool}}; "
+            f"found fields: {', '.join(sorted(fields)) or 'none'}"
+        )
     return template
 
 
@@ -73,22 +77,30 @@ class PipelineToolCaller(ToolCaller):
 
     mode: ClassVar[str] = "pipeline"
 
-    def __init__(self, tools: Mapping[str, Tool] | Sequence[Tool],
-                 template: str | Mapping[str, str] = "Output of {tool}: {result}\n",
-                 timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        tools: Mapping[str, Tool] | Sequence[Tool],
+        template: str | Mapping[str, str] = "Output of {tool}: {result}\n",
+        timeout_s: float | None = None,
+    ) -> None:
         super().__init__(_named(tools))
         if isinstance(template, str):
             template = {"default": template}
-        self.templates = {k: _check_template(str(v), f"tool_caller.template.{k}")
-                          for k, v in dict(template).items()}
+        self.templates = {
+            k: _check_template(str(v), f"tool_caller.template.{k}")
+            for k, v in dict(template).items()
+        }
         self.templates.setdefault("default", "Output of {tool}: {result}\n")
         self.timeout_s = timeout_s
 
     def applies(self, tool: Tool, media: Mapping[str, str]) -> bool:
         """Whether ``tool`` can run on ``media`` alone."""
         required = set(tool.parameters.get("required", []))
-        return (bool(tool.media_args) and required <= set(tool.media_args)
-                and all(m in media for m in tool.media_args.values()))
+        return (
+            bool(tool.media_args)
+            and required <= set(tool.media_args)
+            and all(m in media for m in tool.media_args.values())
+        )
 
     def run(self, question: str, media: Mapping[str, str], generate: GenerateFn) -> ToolRun:
         calls: list[ToolCall] = []
@@ -122,8 +134,11 @@ def template_supports_tools(tokenizer: Any) -> bool:
 def template_has_tool_role(tokenizer: Any) -> bool:
     """Whether the chat template renders a ``tool`` message (some refuse unknown roles)."""
     marker = "mmbridge-tool-role-probe"
-    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
-                {"role": "tool", "content": marker}]
+    messages = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+        {"role": "tool", "content": marker},
+    ]
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False)
     except Exception:  # jinja raises whatever the template's raise_exception says
@@ -167,16 +182,26 @@ class LLMToolCaller(ToolCaller):
     FORMATS: ClassVar[tuple[str, ...]] = ("auto", "tagged", "template")
     ROLES: ClassVar[tuple[str, ...]] = ("auto", "tool", "user")
 
-    def __init__(self, tools: Mapping[str, Tool] | Sequence[Tool], max_calls: int = 3,
-                 call_format: str = "auto", result_role: str = "auto",
-                 timeout_s: float | None = None, max_result_chars: int = MAX_RESULT_CHARS) -> None:
+    def __init__(
+        self,
+        tools: Mapping[str, Tool] | Sequence[Tool],
+        max_calls: int = 3,
+        call_format: str = "auto",
+        result_role: str = "auto",
+        timeout_s: float | None = None,
+        max_result_chars: int = MAX_RESULT_CHARS,
+    ) -> None:
         super().__init__(_named(tools))
         if max_calls < 0:
             raise ConfigError(f"tool_caller.max_calls: {max_calls} must be >= 0")
-        for key, value, valid in (("call_format", call_format, self.FORMATS),
-                                  ("result_role", result_role, self.ROLES)):
+        for key, value, valid in (
+            ("call_format", call_format, self.FORMATS),
+            ("result_role", result_role, self.ROLES),
+        ):
             if value not in valid:
-                raise ConfigError(f"tool_caller.{key}: unknown value '{value}'; valid: {', '.join(valid)}")
+                raise ConfigError(
+                    f"tool_caller.{key}: unknown value '{value}'; valid: {', '.join(valid)}"
+                )
         self.max_calls = max_calls
         self.call_format = call_format
         self.result_role = result_role
@@ -188,11 +213,20 @@ class LLMToolCaller(ToolCaller):
         tokenizer = getattr(generate, "tokenizer", None)
         fmt = self.call_format
         if fmt == "auto":
-            fmt = ("template" if tokenizer is not None and template_supports_tools(tokenizer)
-                   and _accepts_tools(generate) else "tagged")
+            fmt = (
+                "template"
+                if tokenizer is not None
+                and template_supports_tools(tokenizer)
+                and _accepts_tools(generate)
+                else "tagged"
+            )
         role = self.result_role
         if role == "auto":
-            role = "user" if tokenizer is not None and not template_has_tool_role(tokenizer) else "tool"
+            role = (
+                "user"
+                if tokenizer is not None and not template_has_tool_role(tokenizer)
+                else "tool"
+            )
         return fmt, "tool" if fmt == "template" else role
 
     def run(self, question: str, media: Mapping[str, str], generate: GenerateFn) -> ToolRun:
@@ -213,30 +247,46 @@ class LLMToolCaller(ToolCaller):
             for p in parsed:
                 call = self._call(p, len(calls), media)
                 calls.append(call)
-                messages.append({"role": "tool", "name": call.name, "content": call.result}
-                                if fmt == "template" else
-                                {"role": role, "content": format_result(call.name, call.result)})
+                messages.append(
+                    {"role": "tool", "name": call.name, "content": call.result}
+                    if fmt == "template"
+                    else {"role": role, "content": format_result(call.name, call.result)}
+                )
         raise AssertionError("unreachable: the loop returns on its last step")
 
     def _call(self, parsed: ParsedCall, made: int, media: Mapping[str, str]) -> ToolCall:
         if made >= self.max_calls:
-            return ToolCall(parsed.name, parsed.arguments, ok=False, result=(
-                f"error: the limit of {self.max_calls} tool calls is reached; answer the "
-                f"question now, without calling a tool"))
+            return ToolCall(
+                parsed.name,
+                parsed.arguments,
+                ok=False,
+                result=(
+                    f"error: the limit of {self.max_calls} tool calls is reached; answer the "
+                    f"question now, without calling a tool"
+                ),
+            )
         if parsed.error is not None:
             return ToolCall(parsed.name, parsed.arguments, f"error: {parsed.error}", ok=False)
-        return execute(self.tools, parsed.name, parsed.arguments, media, self.timeout_s,
-                       self.max_result_chars)
+        return execute(
+            self.tools, parsed.name, parsed.arguments, media, self.timeout_s, self.max_result_chars
+        )
 
     @staticmethod
-    def _assistant_message(reply: str, text: str, parsed: list[ParsedCall], fmt: str) -> dict[str, Any]:
+    def _assistant_message(
+        reply: str, text: str, parsed: list[ParsedCall], fmt: str
+    ) -> dict[str, Any]:
         if fmt != "template":
             # Whatever follows the last call (a made-up result, say) is not what was run.
             end = reply.rfind(CALL_CLOSE)
-            return {"role": "assistant",
-                    "content": (reply[: end + len(CALL_CLOSE)] if end >= 0 else reply).strip()}
-        tool_calls = [{"type": "function", "function": {"name": p.name, "arguments": p.arguments}}
-                      for p in parsed if p.error is None]
+            return {
+                "role": "assistant",
+                "content": (reply[: end + len(CALL_CLOSE)] if end >= 0 else reply).strip(),
+            }
+        tool_calls = [
+            {"type": "function", "function": {"name": p.name, "arguments": p.arguments}}
+            for p in parsed
+            if p.error is None
+        ]
         if not tool_calls:
             return {"role": "assistant", "content": reply.strip()}
         return {"role": "assistant", "content": text, "tool_calls": tool_calls}

@@ -15,11 +15,21 @@ from mmbridge.utils.media_io import load_rgb, open_image
 
 #: Colour name -> a typical RGB; far enough apart that the nearest name is the one people use.
 NAMED_COLOURS: dict[str, tuple[int, int, int]] = {
-    "black": (0, 0, 0), "white": (255, 255, 255), "grey": (128, 128, 128),
-    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 80, 235),
-    "yellow": (245, 225, 30), "orange": (250, 140, 20), "purple": (150, 50, 200),
-    "pink": (250, 130, 200), "cyan": (30, 210, 220), "brown": (140, 85, 40),
-    "dark blue": (20, 30, 110), "dark green": (20, 80, 30), "light grey": (200, 200, 200),
+    "black": (0, 0, 0),
+    "white": (255, 255, 255),
+    "grey": (128, 128, 128),
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (40, 80, 235),
+    "yellow": (245, 225, 30),
+    "orange": (250, 140, 20),
+    "purple": (150, 50, 200),
+    "pink": (250, 130, 200),
+    "cyan": (30, 210, 220),
+    "brown": (140, 85, 40),
+    "dark blue": (20, 30, 110),
+    "dark green": (20, 80, 30),
+    "light grey": (200, 200, 200),
     "dark grey": (64, 64, 64),
 }
 
@@ -53,7 +63,7 @@ def dominant_colours(image: Any, k: int = 4, min_share: float = 0.05) -> list[tu
     total = thumb.width * thumb.height
     shares: dict[str, float] = {}
     for count, index in quantised.getcolors(maxcolors=256) or []:
-        rgb = tuple(palette[3 * index: 3 * index + 3])
+        rgb = tuple(palette[3 * index : 3 * index + 3])
         name = colour_name(rgb)  # type: ignore[arg-type]
         shares[name] = shares.get(name, 0.0) + count / total
     ranked = sorted(shares.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -72,16 +82,20 @@ class ImageInfoTool(Tool):
     name: ClassVar[str] = "image_info"  # the registry sets it to the registered name
     description: ClassVar[str] = (
         "Describe basic facts of an image: width and height in pixels, colour mode and the "
-        "dominant colours with their share of the image.")
+        "dominant colours with their share of the image."
+    )
     parameters: ClassVar[dict[str, Any]] = {
         "type": "object",
-        "properties": {"image": {"type": "string",
-                                 "description": 'the image: "image" for the user\'s image'}},
+        "properties": {
+            "image": {"type": "string", "description": 'the image: "image" for the user\'s image'}
+        },
         "required": ["image"],
     }
     media_args: ClassVar[dict[str, str]] = {"image": "image"}
 
-    def __init__(self, n_colours: int = 4, min_share: float = 0.05, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, n_colours: int = 4, min_share: float = 0.05, timeout_s: float = 10.0
+    ) -> None:
         if not 1 <= n_colours <= 64:
             raise ConfigError(f"tools.image_info.n_colours: {n_colours} must be in 1..64")
         self.n_colours = n_colours

@@ -23,8 +23,10 @@ from mmbridge.utils.executables import ALLOW_ENV, resolve_executable
 from mmbridge.utils.media_io import load_rgb
 
 BACKENDS: tuple[str, ...] = ("rapidocr", "tesseract")
-INSTALL_HINT = ("pip install rapidocr-onnxruntime (the 'tools' extra of mmbridge) or "
-                "apt-get install tesseract-ocr tesseract-ocr-eng")
+INSTALL_HINT = (
+    "pip install rapidocr-onnxruntime (the 'tools' extra of mmbridge) or "
+    "apt-get install tesseract-ocr tesseract-ocr-eng"
+)
 #: Program names ``tesseract_cmd`` may name without ``$MMBRIDGE_ALLOW_EXECUTABLES``.
 KNOWN_PROGRAMS: tuple[str, ...] = ("tesseract",)
 _LANG = re.compile(r"[A-Za-z0-9_]+(?:\+[A-Za-z0-9_]+)*")
@@ -64,8 +66,14 @@ def reading_order(boxes: Sequence[tuple[Sequence[Sequence[float]], str]]) -> str
     items = []
     for corners, text in boxes:
         ys = [p[1] for p in corners]
-        items.append({"x": min(p[0] for p in corners), "y": (min(ys) + max(ys)) / 2,
-                      "h": max(ys) - min(ys), "text": text.strip()})
+        items.append(
+            {
+                "x": min(p[0] for p in corners),
+                "y": (min(ys) + max(ys)) / 2,
+                "h": max(ys) - min(ys),
+                "text": text.strip(),
+            }
+        )
     items = [i for i in items if i["text"]]
     if not items:
         return ""
@@ -77,7 +85,9 @@ def reading_order(boxes: Sequence[tuple[Sequence[Sequence[float]], str]]) -> str
             lines[-1].append(item)
         else:
             lines.append([item])
-    return "\n".join(" ".join(i["text"] for i in sorted(line, key=lambda i: i["x"])) for line in lines)
+    return "\n".join(
+        " ".join(i["text"] for i in sorted(line, key=lambda i: i["x"])) for line in lines
+    )
 
 
 class OCRTool(Tool):
@@ -99,34 +109,52 @@ class OCRTool(Tool):
     name: ClassVar[str] = "ocr"  # the registry sets it to the registered name
     description: ClassVar[str] = (
         "Read the printed text in an image (signs, receipts, numbers, pages). Returns the text "
-        "line by line, top to bottom.")
+        "line by line, top to bottom."
+    )
     parameters: ClassVar[dict[str, Any]] = {
         "type": "object",
-        "properties": {"image": {"type": "string",
-                                 "description": 'the image to read: "image" for the user\'s image'}},
+        "properties": {
+            "image": {
+                "type": "string",
+                "description": 'the image to read: "image" for the user\'s image',
+            }
+        },
         "required": ["image"],
     }
     media_args: ClassVar[dict[str, str]] = {"image": "image"}
 
-    def __init__(self, backend: str = "auto", min_score: float = 0.5, det_side_len: int = 480,
-                 tesseract_cmd: str = "tesseract", lang: str = "eng", timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        backend: str = "auto",
+        min_score: float = 0.5,
+        det_side_len: int = 480,
+        tesseract_cmd: str = "tesseract",
+        lang: str = "eng",
+        timeout_s: float = 30.0,
+    ) -> None:
         if backend not in ("auto", *BACKENDS):
-            raise ConfigError(f"tools.ocr.backend: unknown backend '{backend}'; valid: auto, "
-                              f"{', '.join(BACKENDS)}")
+            raise ConfigError(
+                f"tools.ocr.backend: unknown backend '{backend}'; valid: auto, "
+                f"{', '.join(BACKENDS)}"
+            )
         key = f"tools.{type(self).name or 'ocr'}"
         # Checked whatever the backend: a config naming a program is refused before it can run.
         exe = resolve_executable(tesseract_cmd, f"{key}.tesseract_cmd", KNOWN_PROGRAMS)
         if not isinstance(lang, str) or not _LANG.fullmatch(lang):
-            raise ConfigError(f"{key}.lang: {lang!r} must be Tesseract language codes joined by "
-                              f"'+', e.g. eng or eng+deu")
+            raise ConfigError(
+                f"{key}.lang: {lang!r} must be Tesseract language codes joined by "
+                f"'+', e.g. eng or eng+deu"
+            )
         installed = available_backends(exe or tesseract_cmd)
         if backend == "auto":
             if not installed:
                 raise ConfigError(f"tools.ocr.backend: no OCR backend is installed; {INSTALL_HINT}")
             backend = installed[0]
         elif backend not in installed:
-            raise ConfigError(f"tools.ocr.backend: '{backend}' is not installed (installed: "
-                              f"{', '.join(installed) or 'none'}); {INSTALL_HINT}")
+            raise ConfigError(
+                f"tools.ocr.backend: '{backend}' is not installed (installed: "
+                f"{', '.join(installed) or 'none'}); {INSTALL_HINT}"
+            )
         self.backend = backend
         self.min_score = min_score
         self.det_side_len = det_side_len
@@ -154,7 +182,9 @@ class OCRTool(Tool):
 
     def _rapidocr(self, path: str) -> str:
         result, _ = _rapidocr_engine(self.det_side_len)(self._load(path))
-        boxes = [(corners, text) for corners, text, score in (result or []) if score >= self.min_score]
+        boxes = [
+            (corners, text) for corners, text, score in (result or []) if score >= self.min_score
+        ]
         return reading_order(boxes)
 
     def _tesseract(self, path: str) -> str:
@@ -176,23 +206,34 @@ class OCRTool(Tool):
         from PIL import Image
 
         if scale > 1:
-            image = image.resize((image.width * scale, image.height * scale), Image.Resampling.LANCZOS)
+            image = image.resize(
+                (image.width * scale, image.height * scale), Image.Resampling.LANCZOS
+            )
         png = io.BytesIO()
         image.save(png, format="PNG")
         # --psm 6 (one uniform block) keeps the item and price of a receipt row on one line
         if self._tesseract_exe is None:
-            raise ToolError(f"tesseract ({self.tesseract_cmd}) is not installed; {INSTALL_HINT} "
-                            f"(or list its path in {ALLOW_ENV})")
+            raise ToolError(
+                f"tesseract ({self.tesseract_cmd}) is not installed; {INSTALL_HINT} "
+                f"(or list its path in {ALLOW_ENV})"
+            )
         cmd = [self._tesseract_exe, "stdin", "stdout", "-l", self.lang, "--psm", "6", "tsv"]
         try:
-            done = subprocess.run(cmd, input=png.getvalue(), capture_output=True, timeout=self.timeout_s, check=False)
+            done = subprocess.run(
+                cmd, input=png.getvalue(), capture_output=True, timeout=self.timeout_s, check=False
+            )
         except subprocess.TimeoutExpired:
             raise ToolError(f"tesseract timed out after {self.timeout_s:g} s") from None
         if done.returncode != 0:
-            raise ToolError(f"tesseract failed on {path}: {done.stderr.decode(errors='replace').strip()[-300:]}")
+            raise ToolError(
+                f"tesseract failed on {path}: {done.stderr.decode(errors='replace').strip()[-300:]}"
+            )
         boxes, weighted, chars = [], 0.0, 0
-        rows = csv.DictReader(io.StringIO(done.stdout.decode(errors="replace")), delimiter="\t",
-                              quoting=csv.QUOTE_NONE)
+        rows = csv.DictReader(
+            io.StringIO(done.stdout.decode(errors="replace")),
+            delimiter="\t",
+            quoting=csv.QUOTE_NONE,
+        )
         for row in rows:
             text = (row.get("text") or "").strip()
             if row.get("level") != "5" or not text:

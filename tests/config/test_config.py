@@ -13,16 +13,43 @@ from mmbridge.errors import ConfigError
 from mmbridge.registry.plugin_manager import load_registry
 
 # Groups whose options are placed at a different package than the group name.
-PLACED = {"stage": "stages.align", "recipe": "stages.align.recipe", "scorer": "stages.align.recipe.scorer"}
+PLACED = {
+    "stage": "stages.align",
+    "recipe": "stages.align.recipe",
+    "scorer": "stages.align.recipe.scorer",
+}
 # Groups chosen inside another option's defaults list: the overrides that bring them in.
 NEEDS = {"scorer": ["recipe@stages.align.recipe=align_levels"]}
-GROUP_KIND = {"encoder": "encoder", "connector": "connector", "llm": "llm", "data": "dataset",
-              "recipe": "recipe", "scorer": "scorer", "tool_caller": "tool_caller", "tools": "tool",
-              "alignment": "prefix"}
+GROUP_KIND = {
+    "encoder": "encoder",
+    "connector": "connector",
+    "llm": "llm",
+    "data": "dataset",
+    "recipe": "recipe",
+    "scorer": "scorer",
+    "tool_caller": "tool_caller",
+    "tools": "tool",
+    "alignment": "prefix",
+}
 # Groups the primary config selects by default; others are added with `+group=option`.
-IN_DEFAULTS = {"paths", "encoder", "connector", "llm", "data", "stage", "recipe", "trainer", "conversation",
-               "experiment", "alignment"}
-INJECTED = {"connector": {"in_dim": 1, "out_dim": 1}, "tool_caller": {"tools": {}}, "prefix": {"dim": 1}}
+IN_DEFAULTS = {
+    "paths",
+    "encoder",
+    "connector",
+    "llm",
+    "data",
+    "stage",
+    "recipe",
+    "trainer",
+    "conversation",
+    "experiment",
+    "alignment",
+}
+INJECTED = {
+    "connector": {"in_dim": 1, "out_dim": 1},
+    "tool_caller": {"tools": {}},
+    "prefix": {"dim": 1},
+}
 
 
 def _all_options():
@@ -91,12 +118,16 @@ def test_plugin_config_dir_joins_the_groups(fake_dist, tmp_path):
     conf = tmp_path / "pconf" / "connector"
     conf.mkdir(parents=True)
     (conf / "from_plugin.yaml").write_text("name: linear\n")
-    fake_dist("mmb-conf", "mmb_conf", f"""
+    fake_dist(
+        "mmb-conf",
+        "mmb_conf",
+        f"""
 import mmbridge
 @mmbridge.hookimpl
 def register_components(registry):
-    registry.add_config_dir({str(tmp_path / 'pconf')!r})
-""")
+    registry.add_config_dir({str(tmp_path / "pconf")!r})
+""",
+    )
     reg = load_registry()
     assert "from_plugin" in group_options(reg)["connector"]
     cfg = compose(["connector=from_plugin"], reg)
@@ -105,6 +136,13 @@ def register_components(registry):
 
 def test_bad_argument_is_reported_with_key_and_valid_names():
     with pytest.raises(ConfigError) as err:
-        build(shared_registry(), "connector", {"name": "mlp", "depht": 2, "bogus": 1}, "connector", in_dim=4, out_dim=8)
+        build(
+            shared_registry(),
+            "connector",
+            {"name": "mlp", "depht": 2, "bogus": 1},
+            "connector",
+            in_dim=4,
+            out_dim=8,
+        )
     msg = str(err.value)
     assert "connector.depht" in msg and "did you mean 'depth'" in msg and "connector.bogus" in msg

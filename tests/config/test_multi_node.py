@@ -18,10 +18,18 @@ from mmbridge.training.distributed import global_rank
 from mmbridge.training.trainer import PrecisionDecision, trainer_kwargs
 
 #: Task 13 of a 2 nodes x 8 GPUs job: the 6th GPU (local id 5) of the second node.
-SLURM_TASK = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "mmbridge", "SLURM_NTASKS": "16",
-              "SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2",
-              "SLURM_PROCID": "13", "SLURM_LOCALID": "5", "SLURM_NODEID": "1",
-              "SLURM_NODELIST": "gpu[017-018]"}
+SLURM_TASK = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_JOB_NAME": "mmbridge",
+    "SLURM_NTASKS": "16",
+    "SLURM_NTASKS_PER_NODE": "8",
+    "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_NNODES": "2",
+    "SLURM_PROCID": "13",
+    "SLURM_LOCALID": "5",
+    "SLURM_NODEID": "1",
+    "SLURM_NODELIST": "gpu[017-018]",
+}
 LAUNCHER_KEYS = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 #: The launcher variables as the session started (none outside a launcher).
 BEFORE = {k: os.environ.get(k) for k in (*LAUNCHER_KEYS, *SLURM_TASK)}
@@ -62,8 +70,13 @@ def test_under_srun_lightning_takes_the_allocation_and_the_task_ranks(no_launche
     env = trainer.strategy.cluster_environment
     assert isinstance(env, SLURMEnvironment) and env.creates_processes_externally
     assert env.main_address == "gpu017"  # the first node of the allocation hosts rank 0
-    assert (trainer.world_size, trainer.num_nodes, trainer.global_rank, trainer.local_rank,
-            trainer.node_rank) == (16, 2, 13, 5, 1)
+    assert (
+        trainer.world_size,
+        trainer.num_nodes,
+        trainer.global_rank,
+        trainer.local_rank,
+        trainer.node_rank,
+    ) == (16, 2, 13, 5, 1)
     assert global_rank() == 13 and not trainer.is_global_zero  # this task writes nothing
 
 

@@ -52,8 +52,18 @@ BAD = [
     ("+loader.max_txt_tokens=3", "loader.max_txt_tokens", "3", "did you mean 'max_text_tokens'"),
     ("+evaluation.max_sample=4", "evaluation.max_sample", "4", "did you mean 'max_samples'"),
     ("+seeds=3", "seeds", "3", "did you mean 'seed'"),
-    ("stages.align.optimizer.warmup_ratio=1.5", "stages.align.optimizer.warmup_ratio", "1.5", "[0, 1]"),
-    ("stages.align.optimizer.min_lr_ratio=-0.1", "stages.align.optimizer.min_lr_ratio", "-0.1", "[0, 1]"),
+    (
+        "stages.align.optimizer.warmup_ratio=1.5",
+        "stages.align.optimizer.warmup_ratio",
+        "1.5",
+        "[0, 1]",
+    ),
+    (
+        "stages.align.optimizer.min_lr_ratio=-0.1",
+        "stages.align.optimizer.min_lr_ratio",
+        "-0.1",
+        "[0, 1]",
+    ),
     ("stages.instruct.lora.dropout=1.0", "stages.instruct.lora.dropout", "1.0", "[0, 1)"),
     ("stages.align.optimizer.betas=[0.9]", "stages.align.optimizer.betas", "[0.9]", "two numbers"),
     ("stages.align.train.llm=lorra", "stages.align.train.llm", "'lorra'", "frozen, lora, full"),
@@ -75,7 +85,9 @@ BAD = [
 
 
 @pytest.mark.parametrize(("override", "key", "value", "valid"), BAD, ids=[b[0] for b in BAD])
-def test_bad_value_is_reported_with_key_value_and_what_is_valid(registry, override, key, value, valid):
+def test_bad_value_is_reported_with_key_value_and_what_is_valid(
+    registry, override, key, value, valid
+):
     cfg = tiny(override, registry=registry)
     with pytest.raises(ConfigError) as err:
         validate_config(cfg, registry)
@@ -85,8 +97,14 @@ def test_bad_value_is_reported_with_key_value_and_what_is_valid(registry, overri
 
 
 def test_all_problems_are_reported_together(registry):
-    overrides = ["stages.align.optimizer.lr=abc", "stages.align.max_steps=abc", "connector.depth=abc",
-                 "seed=abc", "stages.align.val_every=0", "+stages.align.max_step=5"]
+    overrides = [
+        "stages.align.optimizer.lr=abc",
+        "stages.align.max_steps=abc",
+        "connector.depth=abc",
+        "seed=abc",
+        "stages.align.val_every=0",
+        "+stages.align.max_step=5",
+    ]
     with pytest.raises(ConfigError) as err:
         validate_config(tiny(*overrides, registry=registry), registry)
     msg = str(err.value)
@@ -105,9 +123,18 @@ def test_every_experiment_validates(registry, experiment):
     assert config_errors(compose([f"experiment={experiment}"], registry), registry) == []
 
 
-@pytest.mark.parametrize("override", ["++budget_minutes=30", "++stages.align.budget_fraction=0.5",
-                                      "++device=cuda:0", "++device=cpu", "++progress_every=10",
-                                      "llm.dtype=auto", "++stages.align.checkpoint_every=10"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "++budget_minutes=30",
+        "++stages.align.budget_fraction=0.5",
+        "++device=cuda:0",
+        "++device=cpu",
+        "++progress_every=10",
+        "llm.dtype=auto",
+        "++stages.align.checkpoint_every=10",
+    ],
+)
 def test_new_keys_are_accepted(registry, override):
     assert config_errors(tiny(override, registry=registry), registry) == []
 
@@ -115,14 +142,12 @@ def test_new_keys_are_accepted(registry, override):
 def test_schema_defaults_are_the_yaml_defaults(registry):
     """The dataclasses and conf/ hold the same defaults (the YAML is what users read)."""
     cfg = OmegaConf.to_container(compose(["experiment=quickstart"], registry), resolve=True)
-    base = OmegaConf.to_container(OmegaConf.load(
-        builtin_conf_dir() / "train.yaml"))
+    base = OmegaConf.to_container(OmegaConf.load(builtin_conf_dir() / "train.yaml"))
     for key, schema in (("loader", Loader), ("evaluation", Evaluation), ("debug", Debug)):
         assert base[key] == dataclasses.asdict(schema()), key
     root = dataclasses.asdict(Root())
     assert {k: base[k] for k in root if k in base} == {k: root[k] for k in root if k in base}
-    align = OmegaConf.to_container(OmegaConf.load(
-        builtin_conf_dir() / "stage" / "align.yaml"))
+    align = OmegaConf.to_container(OmegaConf.load(builtin_conf_dir() / "stage" / "align.yaml"))
     want = {k: v for k, v in dataclasses.asdict(Stage()).items() if v is not None or k in align}
     assert align == want
     assert cfg["stages"]["align"]["train"]["llm"] == Stage().train.llm
@@ -150,11 +175,17 @@ def no_training(monkeypatch):
 def test_run_task_validates_before_building(registry, tmp_path, no_training):
     from mmbridge.runtime.task import run_task
 
-    cfg = tiny("stages.align.optimizer.lr=abc", "connector.depth=abc", f"paths.cache_dir={tmp_path}/c",
-               registry=registry)
+    cfg = tiny(
+        "stages.align.optimizer.lr=abc",
+        "connector.depth=abc",
+        f"paths.cache_dir={tmp_path}/c",
+        registry=registry,
+    )
     with pytest.raises(ConfigError) as err:
         run_task(cfg, tmp_path / "run")
-    assert "stages.align.optimizer.lr='abc'" in str(err.value) and "connector.depth='abc'" in str(err.value)
+    assert "stages.align.optimizer.lr='abc'" in str(err.value) and "connector.depth='abc'" in str(
+        err.value
+    )
     assert no_training == [] and not (tmp_path / "run" / "config.yaml").exists()
 
 
@@ -176,15 +207,24 @@ def test_unwritable_outputs_are_refused_at_start(registry, tmp_path, no_training
     assert no_training == []
 
 
-@pytest.mark.parametrize("argv", [["paths.output_root={bad}"], ["hydra.run.dir={bad}"],
-                                  ["-m", "seed=0,1", "hydra.sweep.dir={bad}"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["paths.output_root={bad}"],
+        ["hydra.run.dir={bad}"],
+        ["-m", "seed=0,1", "hydra.sweep.dir={bad}"],
+    ],
+)
 def test_run_root_checked_before_hydra_makes_it(tmp_path, argv):
     blocker = tmp_path / "f"
     blocker.write_text("x")
     bad = blocker / "out"
     msg = run_root_error([a.format(bad=bad) for a in argv])
     key = next(a for a in argv if "{bad}" in a).split("=")[0]
-    assert msg == f"{key}={bad}: cannot write there ({blocker} is a file, not a directory); give a writable directory"
+    assert (
+        msg
+        == f"{key}={bad}: cannot write there ({blocker} is a file, not a directory); give a writable directory"
+    )
     assert run_root_error([f"paths.output_root={tmp_path / 'ok'}"]) is None
 
 
@@ -200,8 +240,12 @@ def run_dir(tmp_path, registry):
 
 
 def test_resume_applies_safe_overrides(run_dir, registry):
-    overrides = [f"resume={run_dir}", "stages.instruct.max_steps=80", "evaluation.max_samples=7",
-                 "++budget_minutes=5"]
+    overrides = [
+        f"resume={run_dir}",
+        "stages.instruct.max_steps=80",
+        "evaluation.max_samples=7",
+        "++budget_minutes=5",
+    ]
     composed = compose(overrides, registry)
     cfg = resume_config(OmegaConf.load(run_dir / "config.yaml"), composed, overrides, run_dir)
     assert cfg.stages.instruct.max_steps == 80 and cfg.evaluation.max_samples == 7
@@ -213,8 +257,13 @@ def test_resume_applies_safe_overrides(run_dir, registry):
 def test_resume_refuses_unsafe_overrides_with_the_list(run_dir, registry, no_training):
     from mmbridge.runtime.task import run_task
 
-    overrides = [f"resume={run_dir}", "stages.align.max_steps=5", "connector=linear",
-                 "stages.instruct.optimizer.lr=0.1", "evaluation.max_samples=7"]
+    overrides = [
+        f"resume={run_dir}",
+        "stages.align.max_steps=5",
+        "connector=linear",
+        "stages.instruct.optimizer.lr=0.1",
+        "evaluation.max_samples=7",
+    ]
     with pytest.raises(ConfigError) as err:
         run_task(compose(overrides, registry), run_dir, overrides)
     msg = str(err.value)
@@ -226,15 +275,38 @@ def test_resume_refuses_unsafe_overrides_with_the_list(run_dir, registry, no_tra
 
 
 # -- command options ------------------------------------------------------------------------------
-@pytest.mark.parametrize(("argv", "counts", "want"), [
-    (["checkpoint=x", "max_sample=4"], ("max_samples",), ["max_sample=4", "did you mean 'max_samples'"]),
-    (["checkpoint=x", "max_samples=abc"], ("max_samples",), ["max_samples='abc'", "integer >= 1"]),
-    (["checkpoint=x", "max_samples=0"], ("max_samples",), ["max_samples='0'", "integer >= 1"]),
-    (["checkpoint=x", "prdictions=p.jsonl"], ("max_samples",), ["prdictions=p.jsonl", "did you mean 'predictions'"]),
-    (["checkpoint=x", "evaluation.batch_size=abc"], ("max_samples",), ["evaluation.batch_size='abc'", ">= 1"]),
-    (["checkpoint=x", "evaluation.max_sample=3"], ("max_samples",), ["evaluation.max_sample=3", "did you mean"]),
-    (["checkpoint=x", "device=gpu0"], ("max_samples",), ["device='gpu0'", "cuda:N"]),
-])
+@pytest.mark.parametrize(
+    ("argv", "counts", "want"),
+    [
+        (
+            ["checkpoint=x", "max_sample=4"],
+            ("max_samples",),
+            ["max_sample=4", "did you mean 'max_samples'"],
+        ),
+        (
+            ["checkpoint=x", "max_samples=abc"],
+            ("max_samples",),
+            ["max_samples='abc'", "integer >= 1"],
+        ),
+        (["checkpoint=x", "max_samples=0"], ("max_samples",), ["max_samples='0'", "integer >= 1"]),
+        (
+            ["checkpoint=x", "prdictions=p.jsonl"],
+            ("max_samples",),
+            ["prdictions=p.jsonl", "did you mean 'predictions'"],
+        ),
+        (
+            ["checkpoint=x", "evaluation.batch_size=abc"],
+            ("max_samples",),
+            ["evaluation.batch_size='abc'", ">= 1"],
+        ),
+        (
+            ["checkpoint=x", "evaluation.max_sample=3"],
+            ("max_samples",),
+            ["evaluation.max_sample=3", "did you mean"],
+        ),
+        (["checkpoint=x", "device=gpu0"], ("max_samples",), ["device='gpu0'", "cuda:N"]),
+    ],
+)
 def test_eval_options_are_checked(argv, counts, want):
     from mmbridge.commands.evaluate import OWN_KEYS, USAGE
 
@@ -244,10 +316,16 @@ def test_eval_options_are_checked(argv, counts, want):
         assert w in str(err.value)
 
 
-@pytest.mark.parametrize(("argv", "want"), [
-    (["checkpoint=x", "prompt=hi", "max_new_tokens=0"], ["max_new_tokens='0'", "integer >= 1"]),
-    (["checkpoint=x", "prompt=hi", "max_new_token=5"], ["max_new_token=5", "did you mean 'max_new_tokens'"]),
-])
+@pytest.mark.parametrize(
+    ("argv", "want"),
+    [
+        (["checkpoint=x", "prompt=hi", "max_new_tokens=0"], ["max_new_tokens='0'", "integer >= 1"]),
+        (
+            ["checkpoint=x", "prompt=hi", "max_new_token=5"],
+            ["max_new_token=5", "did you mean 'max_new_tokens'"],
+        ),
+    ],
+)
 def test_generate_options_are_checked(argv, want):
     own_keys = ("checkpoint", "prompt", "image", "audio", "video", "max_new_tokens", "device")
     with pytest.raises(ConfigError) as err:
@@ -257,8 +335,13 @@ def test_generate_options_are_checked(argv, want):
 
 
 def test_good_eval_options_pass():
-    own, rest = parse_kv(["checkpoint=x", "max_samples=4", "evaluation.batch_size=8", "seed=1"], "usage")
-    assert own == {"checkpoint": "x", "max_samples": "4"} and rest == ["evaluation.batch_size=8", "seed=1"]
+    own, rest = parse_kv(
+        ["checkpoint=x", "max_samples=4", "evaluation.batch_size=8", "seed=1"], "usage"
+    )
+    assert own == {"checkpoint": "x", "max_samples": "4"} and rest == [
+        "evaluation.batch_size=8",
+        "seed=1",
+    ]
 
 
 def test_eval_outputs_checked_before_work(tmp_path):
@@ -302,7 +385,9 @@ def test_sweep_options_are_checked(tmp_path):
     blocker = tmp_path / "f"
     blocker.write_text("x")
     with pytest.raises(ConfigError) as err:
-        check_options(["--metirc", "seed=0,abc", "stages.align.max_steps=10,0"], str(blocker / "d"), "m")
+        check_options(
+            ["--metirc", "seed=0,abc", "stages.align.max_steps=10,0"], str(blocker / "d"), "m"
+        )
     msg = str(err.value)
     assert "--metirc: not an option of mmbridge sweep (did you mean '--metric'?)" in msg
     assert "seed='abc'" in msg and "stages.align.max_steps=0" in msg and "--dir=" in msg
@@ -310,8 +395,18 @@ def test_sweep_options_are_checked(tmp_path):
 
 
 def test_override_errors_pass_components_and_groups():
-    assert override_errors(["connector=linear", "encoder.image_size=32", "stages.align.recipe.x=1",
-                            "data@evaluation.extra_data.x=shapes", "~evaluation.extra_data"]) == []
+    assert (
+        override_errors(
+            [
+                "connector=linear",
+                "encoder.image_size=32",
+                "stages.align.recipe.x=1",
+                "data@evaluation.extra_data.x=shapes",
+                "~evaluation.extra_data",
+            ]
+        )
+        == []
+    )
 
 
 @pytest.mark.slow
@@ -319,9 +414,22 @@ def test_cli_reports_bad_values_without_traceback(tmp_path):
     from helpers import mmbridge_exe
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMBRIDGE_DISABLE_PLUGINS": "1"}
-    out = subprocess.run([mmbridge_exe(), "train", "experiment=tiny", "stages.align.optimizer.lr=abc",
-                          "seed=abc", f"paths.cache_dir={tmp_path}/c", f"hydra.run.dir={tmp_path}/run"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    out = subprocess.run(
+        [
+            mmbridge_exe(),
+            "train",
+            "experiment=tiny",
+            "stages.align.optimizer.lr=abc",
+            "seed=abc",
+            f"paths.cache_dir={tmp_path}/c",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     assert "stages.align.optimizer.lr='abc'" in out.stderr and "seed='abc'" in out.stderr

@@ -33,7 +33,11 @@ from mmbridge.registry.plugin_manager import load_registry
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 #: Config group -> the kind its options name, from the registry's own table.
-GROUP_KIND = {group: kind for kind, (_, group) in KINDS.items() if group in config_groups([builtin_conf_dir()])}
+GROUP_KIND = {
+    group: kind
+    for kind, (_, group) in KINDS.items()
+    if group in config_groups([builtin_conf_dir()])
+}
 
 
 @cache
@@ -69,21 +73,33 @@ def named_components() -> dict[str, dict[str, str | None]]:
 
 # -- the YAML <-> registry agreement, both ways ---------------------------------------------------
 def test_every_kind_with_a_group_has_its_group_in_the_tree():
-    expected = {"encoder", "connector", "llm", "tools", "tool_caller", "recipe", "data", "scorer",
-                "alignment"}
+    expected = {
+        "encoder",
+        "connector",
+        "llm",
+        "tools",
+        "tool_caller",
+        "recipe",
+        "data",
+        "scorer",
+        "alignment",
+    }
     assert set(GROUP_KIND) == expected
     assert GROUP_KIND["data"] == "dataset" and GROUP_KIND["tools"] == "tool"
 
 
 def test_every_yaml_that_names_a_component_names_a_registered_one_of_its_kind():
     registry = builtin_registry()
-    problems = [f"conf/{group}/{option}.yaml: name '{name}' is no registered {GROUP_KIND[group]}; "
-                f"registered: {', '.join(registry.names(GROUP_KIND[group]))}"
-                for group, options in named_components().items()
-                for option, name in options.items()
-                if name is not None and (GROUP_KIND[group], name) not in registry
-                # data=mixture: several data nodes read as one by core (mmbridge.data.mixture)
-                and not (group == "data" and name == MIXTURE)]
+    problems = [
+        f"conf/{group}/{option}.yaml: name '{name}' is no registered {GROUP_KIND[group]}; "
+        f"registered: {', '.join(registry.names(GROUP_KIND[group]))}"
+        for group, options in named_components().items()
+        for option, name in options.items()
+        if name is not None
+        and (GROUP_KIND[group], name) not in registry
+        # data=mixture: several data nodes read as one by core (mmbridge.data.mixture)
+        and not (group == "data" and name == MIXTURE)
+    ]
     assert problems == []
     # Spot checks on values: the file name is the option, `name` the registry entry.
     assert named_components()["encoder"]["tiny_vit"] == "timm"
@@ -95,9 +111,11 @@ def test_every_yaml_that_names_a_component_names_a_registered_one_of_its_kind():
 def test_every_registered_builtin_component_has_a_yaml():
     registry = builtin_registry()
     named = {GROUP_KIND[g]: set(o.values()) for g, o in named_components().items()}
-    missing = [f"{e.kind} '{e.name}' ({e.cls.__module__}): no conf/{KINDS[e.kind][1]}/*.yaml names it"
-               for e in registry.entries()
-               if e.origin.package == "mmbridge" and e.kind in named and e.name not in named[e.kind]]
+    missing = [
+        f"{e.kind} '{e.name}' ({e.cls.__module__}): no conf/{KINDS[e.kind][1]}/*.yaml names it"
+        for e in registry.entries()
+        if e.origin.package == "mmbridge" and e.kind in named and e.name not in named[e.kind]
+    ]
     assert missing == []
 
 
@@ -118,10 +136,12 @@ def test_every_builtin_entry_is_declared_in_the_module_of_its_class():
 
 def test_declarations_of_a_package_in_module_order():
     rows = [(d.module, d.kind, d.name) for d in declarations("mmbridge.plugins.converters")]
-    assert rows == [("mmbridge.plugins.converters.abstractor", "connector", "abstractor"),
-                    ("mmbridge.plugins.converters.linear", "connector", "linear"),
-                    ("mmbridge.plugins.converters.mlp", "connector", "mlp"),
-                    ("mmbridge.plugins.converters.pool_mlp", "connector", "pool_mlp")]
+    assert rows == [
+        ("mmbridge.plugins.converters.abstractor", "connector", "abstractor"),
+        ("mmbridge.plugins.converters.linear", "connector", "linear"),
+        ("mmbridge.plugins.converters.mlp", "connector", "mlp"),
+        ("mmbridge.plugins.converters.pool_mlp", "connector", "pool_mlp"),
+    ]
 
 
 def _package(root: Path, name: str, files: dict[str, str]) -> str:
@@ -132,14 +152,27 @@ def _package(root: Path, name: str, files: dict[str, str]) -> str:
     return name
 
 
-@pytest.mark.parametrize(("table", "message"), [
-    ("COMPONENTS = [Foo]", r"layout_bad\.foo\.COMPONENTS must be \{kind: \{name: class\}\}"),
-    ('COMPONENTS = {"connecter": {"foo": Foo}}', r"layout_bad\.foo\.COMPONENTS: unknown kind 'connecter'"),
-    ('COMPONENTS = {"tool": {"foo": Foo}}', r"registered tool 'foo' as class .*Foo, which is not a subclass of mmbridge\.Tool"),
-])
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("COMPONENTS = [Foo]", r"layout_bad\.foo\.COMPONENTS must be \{kind: \{name: class\}\}"),
+        (
+            'COMPONENTS = {"connecter": {"foo": Foo}}',
+            r"layout_bad\.foo\.COMPONENTS: unknown kind 'connecter'",
+        ),
+        (
+            'COMPONENTS = {"tool": {"foo": Foo}}',
+            r"registered tool 'foo' as class .*Foo, which is not a subclass of mmbridge\.Tool",
+        ),
+    ],
+)
 def test_a_bad_declaration_names_its_module(table, message, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
-    _package(tmp_path, "layout_bad", {"foo.py": f"""
+    _package(
+        tmp_path,
+        "layout_bad",
+        {
+            "foo.py": f"""
         import torch
         from mmbridge import Converter
 
@@ -148,7 +181,9 @@ def test_a_bad_declaration_names_its_module(table, message, tmp_path, monkeypatc
             def forward(self, features, mask): return features, mask
 
         {table}
-        """})
+        """
+        },
+    )
     monkeypatch.delitem(sys.modules, "layout_bad", raising=False)
     monkeypatch.delitem(sys.modules, "layout_bad.foo", raising=False)
     with pytest.raises(RegistrationError, match=message):
@@ -157,10 +192,14 @@ def test_a_bad_declaration_names_its_module(table, message, tmp_path, monkeypatc
 
 def test_private_and_helper_modules_are_skipped(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
-    _package(tmp_path, "layout_skip", {
-        "_private.py": "raise RuntimeError('a private module must not be imported')\n",
-        "helper.py": "VALUE = 1\n",
-    })
+    _package(
+        tmp_path,
+        "layout_skip",
+        {
+            "_private.py": "raise RuntimeError('a private module must not be imported')\n",
+            "helper.py": "VALUE = 1\n",
+        },
+    )
     assert declarations("layout_skip") == []
     assert "layout_skip._private" not in sys.modules
 
@@ -169,8 +208,11 @@ def test_adding_a_connector_in_tree_is_a_class_file_and_a_yaml(tmp_path, monkeyp
     """What docs/writing-a-plugin.md shows: the package's hook is the one the built-ins have;
     the new module (with its COMPONENTS row) and the YAML are all that is written."""
     monkeypatch.syspath_prepend(str(tmp_path))
-    _package(tmp_path, "layout_conv", {
-        "__init__.py": """
+    _package(
+        tmp_path,
+        "layout_conv",
+        {
+            "__init__.py": """
             import mmbridge
             from mmbridge.registry import register_package
 
@@ -179,7 +221,7 @@ def test_adding_a_connector_in_tree_is_a_class_file_and_a_yaml(tmp_path, monkeyp
                 register_package(registry, __name__)
                 registry.add_config_dir(__path__[0] + "/conf")
             """,
-        "gated_linear.py": """
+            "gated_linear.py": """
             import torch
             from torch import nn
             from mmbridge import Converter
@@ -195,9 +237,12 @@ def test_adding_a_connector_in_tree_is_a_class_file_and_a_yaml(tmp_path, monkeyp
 
             COMPONENTS = {"connector": {"gated_linear": GatedLinear}}
             """,
-    })
+        },
+    )
     (tmp_path / "layout_conv" / "conf" / "connector").mkdir(parents=True)
-    (tmp_path / "layout_conv" / "conf" / "connector" / "gated_linear.yaml").write_text("name: gated_linear\n")
+    (tmp_path / "layout_conv" / "conf" / "connector" / "gated_linear.yaml").write_text(
+        "name: gated_linear\n"
+    )
     import layout_conv
 
     registry = load_registry(autoload=False, extra_plugins={"layout_conv": layout_conv})
@@ -226,7 +271,10 @@ def test_registration_does_not_name_the_class_and_create_names_the_instance():
     registrar.add_tool("echo", _Echo)
     registrar.add_tool("echo_again", _Echo)
     assert _Echo.name == "" and "name" not in vars(_Echo)
-    first, second = registry.get("tool", "echo").create(), registry.get("tool", "echo_again").create()
+    first, second = (
+        registry.get("tool", "echo").create(),
+        registry.get("tool", "echo_again").create(),
+    )
     assert (first.name, second.name) == ("echo", "echo_again")
     assert first.spec()["function"]["name"] == "echo"
 
@@ -242,35 +290,49 @@ def test_an_asset_made_from_the_bare_class_refuses_a_cache_location(tmp_path):
     cls = builtin_registry().get("asset", "tiny-llama").cls
     with pytest.raises(AssetError, match=r"TinyLlama has no name.*\.create\(\)"):
         cls().location(tmp_path)
-    assert builtin_registry().get("asset", "tiny-llama").create().location(tmp_path) == \
-        tmp_path / "assets" / "tiny-llama"
+    assert (
+        builtin_registry().get("asset", "tiny-llama").create().location(tmp_path)
+        == tmp_path / "assets" / "tiny-llama"
+    )
 
 
 # -- the README tables come from the generator -------------------------------------------------------
 def test_generated_docs_match_the_generator():
     """README.md's components table and the reference pages under docs/reference/."""
-    stale = [str(path.relative_to(README.parent)) for path, (old, new) in generated_files(README.parent).items()
-             if old != new]
-    assert not stale, (f"{', '.join(stale)} drifted from the registry / config schema / CLI; "
-                       "run: python -m mmbridge.docs")
+    stale = [
+        str(path.relative_to(README.parent))
+        for path, (old, new) in generated_files(README.parent).items()
+        if old != new
+    ]
+    assert not stale, (
+        f"{', '.join(stale)} drifted from the registry / config schema / CLI; "
+        "run: python -m mmbridge.docs"
+    )
 
 
 def test_generated_tables_list_the_registry_and_the_tree():
     tables = builtin_tables()
     rows = {line.split(" | ")[0]: line for line in tables["components"].splitlines()}
     assert rows["| Multimodal **Converter** (§3.1)"].endswith(
-        "| `abstractor`, `linear`, `mlp`, `pool_mlp` |")
+        "| `abstractor`, `linear`, `mlp`, `pool_mlp` |"
+    )
     assert rows["| **Tool Learning** (§3.3)"].endswith(
-        "| `asr`, `calculator`, `image_info`, `ocr`; callers `llm`, `pipeline` |")
+        "| `asr`, `calculator`, `image_info`, `ocr`; callers `llm`, `pipeline` |"
+    )
     groups = {line.split(" | ")[0]: line for line in tables["config-groups"].splitlines()}
-    assert groups["| `hydra/sweeper`"] == "| `hydra/sweeper` | `optuna_search` | how sweep jobs are chosen |"
+    assert (
+        groups["| `hydra/sweeper`"]
+        == "| `hydra/sweeper` | `optuna_search` | how sweep jobs are chosen |"
+    )
     assert set(config_groups([builtin_conf_dir()])) == set(GROUP_HELP)
 
 
 def test_update_regions_replaces_only_the_region_and_needs_its_markers():
     text = "a\n<!-- generated:components -->\nold\n<!-- /generated -->\nb\n"
-    assert update_regions(text, {"components": "new"}) == \
-        "a\n<!-- generated:components -->\nnew\n<!-- /generated -->\nb\n"
+    assert (
+        update_regions(text, {"components": "new"})
+        == "a\n<!-- generated:components -->\nnew\n<!-- /generated -->\nb\n"
+    )
     with pytest.raises(ConfigError, match="README.md: no region <!-- generated:config-groups -->"):
         update_regions(text, {"config-groups": "x"})
 

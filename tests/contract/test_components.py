@@ -31,7 +31,10 @@ def _conf(group: str, option: str):
 def test_linear_is_one_affine_map_per_token():
     torch.manual_seed(0)
     conv = LinearConverter(in_dim=6, out_dim=4)
-    x, mask = torch.randn(2, 5, 6), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    x, mask = (
+        torch.randn(2, 5, 6),
+        torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool),
+    )
     out, out_mask = conv(x, mask)
     torch.testing.assert_close(out, x @ conv.proj.weight.T + conv.proj.bias)
     assert torch.equal(out_mask, mask) and conv.out_tokens(7) == 7
@@ -82,9 +85,16 @@ def test_timm_loads_the_checkpoint(vit_dir):
     assert TimmEncoder(**enc.args).cache_identity() == enc.cache_identity()
 
 
-@pytest.mark.parametrize(("kwargs", "n"), [({}, 16), ({"drop_cls": False}, 17), ({"pool_to": 2}, 4),
-                                           ({"pool_to": 1, "drop_cls": False}, 2),
-                                           ({"feature_layer": 0}, 16)])
+@pytest.mark.parametrize(
+    ("kwargs", "n"),
+    [
+        ({}, 16),
+        ({"drop_cls": False}, 17),
+        ({"pool_to": 2}, 4),
+        ({"pool_to": 1, "drop_cls": False}, 2),
+        ({"feature_layer": 0}, 16),
+    ],
+)
 def test_timm_token_count(vit_dir, kwargs, n):
     enc = _vit(vit_dir, **kwargs)
     x = enc.preprocess(enc.load(enc.example_media(vit_dir, 0)))
@@ -96,7 +106,9 @@ def test_timm_feature_layer_and_pooling_values(vit_dir):
     full = _vit(vit_dir, drop_cls=False)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        block0 = full.model.blocks[0](full.model.norm_pre(full.model._pos_embed(full.model.patch_embed(x))))
+        block0 = full.model.blocks[0](
+            full.model.norm_pre(full.model._pos_embed(full.model.patch_embed(x)))
+        )
         last = full(x)[0]
         first = _vit(vit_dir, feature_layer=0, drop_cls=False)
         torch.testing.assert_close(first(x)[0], block0)
@@ -135,8 +147,10 @@ def test_timm_preprocess_and_errors(vit_dir, tmp_path):
 @pytest.fixture(scope="module")
 def vision_dirs(tmp_path_factory):
     d = tmp_path_factory.mktemp("hf_vision")
-    return {"dino": (d / "dino", tiny.build_tiny_dinov2(d / "dino")),
-            "clip": (d / "clip", tiny.build_tiny_clip_vision(d / "clip"))}
+    return {
+        "dino": (d / "dino", tiny.build_tiny_dinov2(d / "dino")),
+        "clip": (d / "clip", tiny.build_tiny_clip_vision(d / "clip")),
+    }
 
 
 @pytest.mark.parametrize("kind", ["dino", "clip"])
@@ -162,7 +176,9 @@ def test_hf_vision_preprocessing_matches_the_image_processor(vision_dirs, tmp_pa
         proc = AutoImageProcessor.from_pretrained(str(path), backend="pil")
         for i in range(3):
             img = enc.load(enc.example_media(tmp_path, i))
-            torch.testing.assert_close(enc.preprocess(img), proc(img, return_tensors="pt")["pixel_values"][0])
+            torch.testing.assert_close(
+                enc.preprocess(img), proc(img, return_tensors="pt")["pixel_values"][0]
+            )
 
 
 def test_hf_vision_size_pool_and_unused_parameters(vision_dirs, tmp_path):
@@ -175,7 +191,9 @@ def test_hf_vision_size_pool_and_unused_parameters(vision_dirs, tmp_path):
     assert "embeddings.mask_token" not in names  # never used by the features: a buffer now
     assert "embeddings.mask_token" in enc.model.state_dict()
     cut = HFVisionEncoder(path=str(path), feature_layer=1)
-    assert len(cut.model.encoder.layer) == 1 and "layernorm.weight" not in dict(cut.model.named_parameters())
+    assert len(cut.model.encoder.layer) == 1 and "layernorm.weight" not in dict(
+        cut.model.named_parameters()
+    )
     assert cut.cache_identity() != HFVisionEncoder(path=str(path)).cache_identity()
     with pytest.raises(ConfigError, match="feature_layer"):
         HFVisionEncoder(path=str(path), feature_layer=5)
@@ -212,8 +230,14 @@ def test_hf_causal_generate_from_embeddings_equals_from_ids(llm_dir):
     ids = torch.tensor([[tok.pad_token_id] * (t - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (t - len(r)) + [1] * len(r) for r in rows])
     new = llm.generate(llm.embed(ids), mask, max_new_tokens=6)
-    ref = llm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    ref = llm.model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     assert new.shape[0] == 2 and 1 <= new.shape[1] <= 6
     assert torch.equal(new, ref[:, t:])
 
@@ -234,9 +258,13 @@ def test_hf_causal_lora_trains_only_adapters_and_round_trips(llm_dir):
     other.load_trainable_state_dict(state)
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
-        torch.testing.assert_close(other.model(input_ids=ids).logits, llm.model(input_ids=ids).logits)
-        assert not torch.allclose(HFCausalLM(path=str(llm_dir)).model(input_ids=ids).logits,
-                                  llm.model(input_ids=ids).logits)
+        torch.testing.assert_close(
+            other.model(input_ids=ids).logits, llm.model(input_ids=ids).logits
+        )
+        assert not torch.allclose(
+            HFCausalLM(path=str(llm_dir)).model(input_ids=ids).logits,
+            llm.model(input_ids=ids).logits,
+        )
     assert llm.identity()["lora"]["r"] == 4
     llm.apply_lora(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])  # next stage
     assert [n for n, p in llm.named_parameters() if p.requires_grad] == trainable
@@ -256,13 +284,17 @@ def test_hf_causal_tokenizer_fallbacks(llm_dir, tmp_path):
     (llm_dir / "chat_template.jinja").unlink(missing_ok=True)
     llm = HFCausalLM(path=str(llm_dir))
     assert llm.tokenizer.pad_token_id == llm.tokenizer.eos_token_id
-    text = llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                             add_generation_prompt=True)
+    text = llm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<|user|>\nhi<|end|>\n<|assistant|>\n"
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
     llm = HFCausalLM(path=str(llm_dir), chat_template=str(template))
-    assert llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[hi]"
+    assert (
+        llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+        == "[hi]"
+    )
     with pytest.raises(ConfigError, match="llm.dtype"):
         HFCausalLM(path=str(llm_dir), dtype="float8")
 
@@ -271,14 +303,33 @@ def test_hf_causal_tokenizer_fallbacks(llm_dir, tmp_path):
 def test_tiny_tokenizer_is_compact_and_deterministic():
     tok = tiny.build_tiny_tokenizer()
     assert 500 <= len(tok) <= 1500 and tok.get_vocab() == tiny.build_tiny_tokenizer().get_vocab()
-    for word in ["red", "circle", "top", "left", "What", "colour", "How", "many", "triangle", "Where"]:
+    for word in [
+        "red",
+        "circle",
+        "top",
+        "left",
+        "What",
+        "colour",
+        "How",
+        "many",
+        "triangle",
+        "Where",
+    ]:
         for text in (word, " " + word):
             assert len(tok(text, add_special_tokens=False)["input_ids"]) == 1, text
     assert tok.decode(tok("Count the 3 shapes: café!")["input_ids"]) == "Count the 3 shapes: café!"
-    chat = tok.apply_chat_template([{"role": "system", "content": "Be brief."},
-                                    {"role": "user", "content": "What colour is it?"}],
-                                   tokenize=False, add_generation_prompt=True)
-    assert chat == "<s><|system|>\nBe brief.<|end|>\n<|user|>\nWhat colour is it?<|end|>\n<|assistant|>\n"
+    chat = tok.apply_chat_template(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What colour is it?"},
+        ],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert (
+        chat
+        == "<s><|system|>\nBe brief.<|end|>\n<|user|>\nWhat colour is it?<|end|>\n<|assistant|>\n"
+    )
     assert tok.eos_token == "<|end|>" and tok.pad_token == "<pad>"
 
 
@@ -290,15 +341,32 @@ def test_tiny_llama_asset_converts_and_loads(tmp_path, monkeypatch):
     assert path == str(tmp_path / "assets" / "tiny-llama")
     check = (tmp_path / "assets" / "tiny-llama" / "CHECK.txt").read_text()
     assert "reloaded logits identical" in check and "2x128" in check
-    llm = build(shared_registry(), "llm", _conf("llm", "tiny_llama"), "llm")  # the smoke run's LLM config
+    llm = build(
+        shared_registry(), "llm", _conf("llm", "tiny_llama"), "llm"
+    )  # the smoke run's LLM config
     assert isinstance(llm, HFCausalLM) and llm.local_path == path
     assert llm.hidden_size == 128 and len(llm.decoder_layers) == 2
-    ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Where is the red circle?"}],
-                                            add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)["input_ids"]
+    ids = llm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Where is the red circle?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     assert llm.tokenizer.convert_ids_to_tokens(ids[0]) == [
-        "<s>", "<|user|>", "Ċ", "Where", "Ġis", "Ġthe", "Ġred", "Ġcircle", "?", "<|end|>", "Ċ",
-        "<|assistant|>", "Ċ"]
+        "<s>",
+        "<|user|>",
+        "Ċ",
+        "Where",
+        "Ġis",
+        "Ġthe",
+        "Ġred",
+        "Ġcircle",
+        "?",
+        "<|end|>",
+        "Ċ",
+        "<|assistant|>",
+        "Ċ",
+    ]
 
 
 # -- real offline models (slower) ---------------------------------------------------------------
@@ -325,11 +393,19 @@ def test_smollm2_answers_and_splits_like_the_model():
     _asset_or_skip("smollm2-135m-instruct")
     llm = build(shared_registry(), "llm", _conf("llm", "smollm2"), "llm")
     tok = llm.tokenizer
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     ids, mask = prompt["input_ids"], prompt["attention_mask"]
     with torch.no_grad():
-        torch.testing.assert_close(llm.logits(llm.hidden(llm.embed(ids), mask)),
-                                   llm.model(input_ids=ids, attention_mask=mask).logits)
-    answer = tok.decode(llm.generate(llm.embed(ids), mask, max_new_tokens=12)[0], skip_special_tokens=True)
+        torch.testing.assert_close(
+            llm.logits(llm.hidden(llm.embed(ids), mask)),
+            llm.model(input_ids=ids, attention_mask=mask).logits,
+        )
+    answer = tok.decode(
+        llm.generate(llm.embed(ids), mask, max_new_tokens=12)[0], skip_special_tokens=True
+    )
     assert "Paris" in answer

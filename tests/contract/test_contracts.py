@@ -33,7 +33,11 @@ def tiny_llm(tmp_path_factory):
 
 
 def test_connector_contract(name, tmp_path, request):
-    connector = shared_registry(autoload=True).get("connector", name).cls.for_testing(tmp_path, in_dim=IN_DIM, out_dim=OUT_DIM)
+    connector = (
+        shared_registry(autoload=True)
+        .get("connector", name)
+        .cls.for_testing(tmp_path, in_dim=IN_DIM, out_dim=OUT_DIM)
+    )
     llm = None if connector.in_sequence else request.getfixturevalue("tiny_llm")
     check_connector(connector, llm=llm)
 
@@ -85,13 +89,16 @@ class _Random(_Linear):
         return self.proj(features) + torch.rand(1), mask
 
 
-@pytest.mark.parametrize(("cls", "message"), [
-    (_LeaksPadding, "padding changes the real output tokens"),
-    (_UnusedParameter, "no gradient reaches 2 trainable parameters"),
-    (_WrongCount, "expected [2, 6, 32]"),
-    (_NaN, "NaN"),
-    (_Random, "not deterministic"),
-])
+@pytest.mark.parametrize(
+    ("cls", "message"),
+    [
+        (_LeaksPadding, "padding changes the real output tokens"),
+        (_UnusedParameter, "no gradient reaches 2 trainable parameters"),
+        (_WrongCount, "expected [2, 6, 32]"),
+        (_NaN, "NaN"),
+        (_Random, "not deterministic"),
+    ],
+)
 def test_check_connector_catches(cls, message):
     check_connector(_Linear(IN_DIM, OUT_DIM))
     with pytest.raises(AssertionError, match=message.replace("[", r"\[")):
@@ -126,7 +133,12 @@ def test_report_lists_each_component_and_fails_on_a_broken_one():
     assert "leaky" in text and "fine" in text and "FAIL" in text and "pass" in text
     assert "padding changes the real output tokens" in text and "1/2 passed" in text
 
-    assert run_contract_checks(registry, Console(record=True), kind="connector", plugin="nobody") == 2
+    assert (
+        run_contract_checks(registry, Console(record=True), kind="connector", plugin="nobody") == 2
+    )
     ok = Console(record=True, width=200)
-    assert run_contract_checks(registry, ok, kind="connector", plugin="mmbridge.plugins.converters") == 0
+    assert (
+        run_contract_checks(registry, ok, kind="connector", plugin="mmbridge.plugins.converters")
+        == 0
+    )
     assert "linear" in ok.export_text() and "leaky" not in ok.export_text()

@@ -31,11 +31,32 @@ def pip_install(src: Path, target: Path) -> None:
     """``pip install --target`` from a copy of ``src`` (setuptools writes build/ and *.egg-info
     next to the sources it builds, which must not land in the repository)."""
     copy = target.parent / f"src-{target.name}"
-    shutil.copytree(src, copy, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info", ".pytest_cache", ".ruff_cache"))
+    shutil.copytree(
+        src,
+        copy,
+        ignore=shutil.ignore_patterns(
+            "__pycache__", "build", "*.egg-info", ".pytest_cache", ".ruff_cache"
+        ),
+    )
     res = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-         "--disable-pip-version-check", "-q", "--target", str(target), str(copy)],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--disable-pip-version-check",
+            "-q",
+            "--target",
+            str(target),
+            str(copy),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -50,15 +71,25 @@ def write_dist(site: Path, dist: str, module: str, source: str) -> None:
     (info / "entry_points.txt").write_text(f"[mmbridge]\n{dist} = {module}\n")
 
 
-def cli(*args: str, sites: list[Path], cwd: Path, disable: str | None = None,
-        timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("MMBRIDGE_DISABLE_PLUGINS", "PYTHONPATH")}
-    env.update({"PYTHONPATH": os.pathsep.join(map(str, sites)), "HF_HUB_OFFLINE": "1", "COLUMNS": "250",
-                "TOKENIZERS_PARALLELISM": "false"})
+def cli(
+    *args: str, sites: list[Path], cwd: Path, disable: str | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MMBRIDGE_DISABLE_PLUGINS", "PYTHONPATH")
+    }
+    env.update(
+        {
+            "PYTHONPATH": os.pathsep.join(map(str, sites)),
+            "HF_HUB_OFFLINE": "1",
+            "COLUMNS": "250",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
     if disable is not None:
         env["MMBRIDGE_DISABLE_PLUGINS"] = disable
-    return subprocess.run([mmbridge_exe(), *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=timeout)
+    return subprocess.run(
+        [mmbridge_exe(), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
 
 
 def row(stdout: str, name: str) -> str:
@@ -104,7 +135,9 @@ def test_config_groups_list_the_example_options(site, cwd):
     out = cli("config", "--groups", sites=[site], cwd=cwd)
     assert out.returncode == 0, out.stderr
     groups = dict(line.split(": ", 1) for line in out.stdout.splitlines() if ": " in line)
-    assert "tome_mlp" in groups["connector"].split(", ") and "mlp" in groups["connector"].split(", ")
+    assert "tome_mlp" in groups["connector"].split(", ") and "mlp" in groups["connector"].split(
+        ", "
+    )
     assert "unit_convert" in groups["tools"].split(", ")
 
 
@@ -124,8 +157,14 @@ def test_the_example_own_tests_pass_against_the_installed_package(site, tmp_path
     shutil.copy(EXAMPLE / "pyproject.toml", copy)
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
     env.pop("MMBRIDGE_DISABLE_PLUGINS", None)
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
-                         capture_output=True, text=True, cwd=copy, env=env, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
+        capture_output=True,
+        text=True,
+        cwd=copy,
+        env=env,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "failed" not in out.stdout
 
@@ -133,12 +172,25 @@ def test_the_example_own_tests_pass_against_the_installed_package(site, tmp_path
 @pytest.mark.slow
 def test_train_with_the_example_connector_selected_by_name(site, tmp_path, cwd):
     run_dir = tmp_path / "run"
-    out = cli("train", "experiment=tiny", "connector=tome_mlp",
-              "stages.align.max_steps=3", "stages.instruct.max_steps=3",
-              "data.n_train=32", "data.n_val=8", "data.n_test=8", "evaluation.max_samples=8",
-              "evaluation.val_samples=4", "evaluation.baselines=false",
-              "trainer.enable_progress_bar=false", f"paths.cache_dir={tmp_path / 'cache'}",
-              f"hydra.run.dir={run_dir}", sites=[site], cwd=cwd, timeout=600)
+    out = cli(
+        "train",
+        "experiment=tiny",
+        "connector=tome_mlp",
+        "stages.align.max_steps=3",
+        "stages.instruct.max_steps=3",
+        "data.n_train=32",
+        "data.n_val=8",
+        "data.n_test=8",
+        "evaluation.max_samples=8",
+        "evaluation.val_samples=4",
+        "evaluation.baselines=false",
+        "trainer.enable_progress_bar=false",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={run_dir}",
+        sites=[site],
+        cwd=cwd,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     cfg = OmegaConf.load(run_dir / "config.yaml")
@@ -153,35 +205,61 @@ def test_train_with_the_example_connector_selected_by_name(site, tmp_path, cwd):
 @pytest.mark.slow
 def test_sweep_over_an_argument_of_the_example_connector(site, tmp_path, cwd):
     sweep_dir = tmp_path / "sweep"
-    out = cli("sweep", "experiment=tiny", "connector=tome_mlp", "connector.keep=0.125,0.5",
-              "schedule=[align]", "stages.align.max_steps=2", "data.n_train=32", "data.n_val=8",
-              "data.n_test=8", "evaluation.max_samples=8", "evaluation.val_samples=4",
-              "evaluation.baselines=false", "trainer.enable_progress_bar=false",
-              f"paths.cache_dir={tmp_path / 'cache'}", "--dir", str(sweep_dir), sites=[site], cwd=cwd,
-              timeout=600)
+    out = cli(
+        "sweep",
+        "experiment=tiny",
+        "connector=tome_mlp",
+        "connector.keep=0.125,0.5",
+        "schedule=[align]",
+        "stages.align.max_steps=2",
+        "data.n_train=32",
+        "data.n_val=8",
+        "data.n_test=8",
+        "evaluation.max_samples=8",
+        "evaluation.val_samples=4",
+        "evaluation.baselines=false",
+        "trainer.enable_progress_bar=false",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "--dir",
+        str(sweep_dir),
+        sites=[site],
+        cwd=cwd,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     with open(sweep_dir / "runs.csv", newline="") as f:
         runs = {Path(r["run_dir"]).name: r for r in csv.DictReader(f)}
     # 64 patch features of tiny_vit: keep 1/8 -> 8 tokens, keep 1/2 -> 32 tokens
     assert {k: float(r["visual_tokens/image"]) for k, r in runs.items()} == {
-        "connector.keep=0.125": 8.0, "connector.keep=0.5": 32.0}
+        "connector.keep=0.125": 8.0,
+        "connector.keep=0.5": 32.0,
+    }
     for name in runs:
         assert OmegaConf.load(sweep_dir / name / "config.yaml").connector.name == "tome_mlp"
 
 
 # -- broken plugins: one line naming the plugin; switched off, the others keep working ----------
 BROKEN = {
-    "import-error": ("mmb-import-error", "import a_dependency_that_is_not_installed\n",
-                     ["failed to import", "ModuleNotFoundError", "MMBRIDGE_DISABLE_PLUGINS=mmb-import-error"]),
-    "wrong-kind": ("mmb-wrong-kind", """
+    "import-error": (
+        "mmb-import-error",
+        "import a_dependency_that_is_not_installed\n",
+        ["failed to import", "ModuleNotFoundError", "MMBRIDGE_DISABLE_PLUGINS=mmb-import-error"],
+    ),
+    "wrong-kind": (
+        "mmb-wrong-kind",
+        """
         import mmbridge
         from mmbridge_example.unit_convert import UnitConvertTool
 
         @mmbridge.hookimpl
         def register_components(registry):
             registry.add_connector("unit_convert_connector", UnitConvertTool)
-        """, ["connector 'unit_convert_connector'", "not a subclass of mmbridge.Connector"]),
-    "duplicate-name": ("mmb-duplicate", """
+        """,
+        ["connector 'unit_convert_connector'", "not a subclass of mmbridge.Connector"],
+    ),
+    "duplicate-name": (
+        "mmb-duplicate",
+        """
         import mmbridge
         from mmbridge_example.token_merge import TokenMergeMLP
 
@@ -191,35 +269,55 @@ BROKEN = {
         @mmbridge.hookimpl
         def register_components(registry):
             registry.add_connector("tome_mlp", MyTome)
-        """, ["'tome_mlp' is registered twice", f"'{PLUGIN}'", DIST, "override=True"]),
-    "misspelled-hook": ("mmb-misspelled", """
+        """,
+        ["'tome_mlp' is registered twice", f"'{PLUGIN}'", DIST, "override=True"],
+    ),
+    "misspelled-hook": (
+        "mmb-misspelled",
+        """
         import mmbridge
 
         @mmbridge.hookimpl
         def register_component(registry):
             pass
-        """, ["register_component", "register_components(registry)"]),
-    "raises-in-hook": ("mmb-raises", """
+        """,
+        ["register_component", "register_components(registry)"],
+    ),
+    "raises-in-hook": (
+        "mmb-raises",
+        """
         import mmbridge
 
         @mmbridge.hookimpl
         def register_components(registry):
             raise RuntimeError("no licence key found")
-        """, ["failed in register_components", "RuntimeError: no licence key found"]),
-    "missing-marker": ("mmb-no-marker", """
+        """,
+        ["failed in register_components", "RuntimeError: no licence key found"],
+    ),
+    "missing-marker": (
+        "mmb-no-marker",
+        """
         from mmbridge_example.token_merge import TokenMergeMLP
 
         def register_components(registry):  # no @mmbridge.hookimpl: pluggy never calls it
             registry.add_connector("never_registered", TokenMergeMLP)
-        """, ["hookimpl"]),
+        """,
+        ["hookimpl"],
+    ),
 }
 #: Cases mmbridge does not report yet (see the reason).
 KNOWN_GAPS: dict[str, str] = {}
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(c, marks=pytest.mark.xfail(reason=KNOWN_GAPS[c], strict=True)) if c in KNOWN_GAPS else c
-    for c in sorted(BROKEN)])
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, marks=pytest.mark.xfail(reason=KNOWN_GAPS[c], strict=True))
+        if c in KNOWN_GAPS
+        else c
+        for c in sorted(BROKEN)
+    ],
+)
 def test_broken_plugin_gives_one_line_naming_it_and_can_be_switched_off(case, site, tmp_path, cwd):
     name, source, expected = BROKEN[case]
     broken = tmp_path / "broken"

@@ -22,21 +22,28 @@ IN, OUT = 12, 20
 
 
 def make(name: str, tmp_path, **kwargs):
-    cls = {"qformer": QFormer, "resampler": Resampler, "gated_xattn": GatedCrossAttention,
-           "abstractor": Abstractor}[name]
+    cls = {
+        "qformer": QFormer,
+        "resampler": Resampler,
+        "gated_xattn": GatedCrossAttention,
+        "abstractor": Abstractor,
+    }[name]
     torch.manual_seed(0)
     if kwargs:
         return cls(IN, OUT, **kwargs).eval()
     return cls.for_testing(tmp_path, IN, OUT).eval()
 
 
-@pytest.mark.parametrize(("name", "kwargs", "expected"), [
-    ("qformer", {"num_queries": 5, "hidden_dim": 16, "num_heads": 2}, {3: 5, 16: 5, 40: 5}),
-    ("resampler", {"num_latents": 6, "hidden_dim": 16, "num_heads": 2}, {3: 6, 16: 6, 40: 6}),
-    # 16 = 4x4 grid -> 2x2; 9 = 3x3 -> 2x2; 1 -> 1; sequences of 3 and 10 -> min(4, N)
-    ("abstractor", {"num_tokens": 4, "hidden_dim": 8}, {1: 1, 3: 3, 9: 4, 10: 4, 16: 4}),
-    ("abstractor", {"num_tokens": 16, "hidden_dim": 8}, {4: 4, 9: 9, 10: 10, 36: 16, 50: 16}),
-])
+@pytest.mark.parametrize(
+    ("name", "kwargs", "expected"),
+    [
+        ("qformer", {"num_queries": 5, "hidden_dim": 16, "num_heads": 2}, {3: 5, 16: 5, 40: 5}),
+        ("resampler", {"num_latents": 6, "hidden_dim": 16, "num_heads": 2}, {3: 6, 16: 6, 40: 6}),
+        # 16 = 4x4 grid -> 2x2; 9 = 3x3 -> 2x2; 1 -> 1; sequences of 3 and 10 -> min(4, N)
+        ("abstractor", {"num_tokens": 4, "hidden_dim": 8}, {1: 1, 3: 3, 9: 4, 10: 4, 16: 4}),
+        ("abstractor", {"num_tokens": 16, "hidden_dim": 8}, {4: 4, 9: 9, 10: 10, 36: 16, 50: 16}),
+    ],
+)
 def test_out_tokens_match_forward(name, kwargs, expected, tmp_path):
     conn = make(name, tmp_path, **kwargs)
     for n, m in expected.items():
@@ -53,11 +60,16 @@ def test_gated_xattn_takes_no_slots_but_yields_latents(tmp_path):
     assert tokens.shape == (2, 4, OUT) and mask.all()
 
 
-@pytest.mark.parametrize(("name", "kwargs"), [
-    ("qformer", {}), ("resampler", {}), ("gated_xattn", {}),
-    ("abstractor", {"num_tokens": 4, "hidden_dim": 8, "depth": 2, "layout": "sequence"}),
-    ("abstractor", {"num_tokens": 16, "hidden_dim": 8, "layout": "sequence"}),  # fewer than 16
-])
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("qformer", {}),
+        ("resampler", {}),
+        ("gated_xattn", {}),
+        ("abstractor", {"num_tokens": 4, "hidden_dim": 8, "depth": 2, "layout": "sequence"}),
+        ("abstractor", {"num_tokens": 16, "hidden_dim": 8, "layout": "sequence"}),  # fewer than 16
+    ],
+)
 def test_padding_never_leaks(name, kwargs, tmp_path):
     """A sample alone == the same sample right-padded in a batch, even with NaN padding."""
     conn = make(name, tmp_path, **kwargs)
@@ -89,14 +101,18 @@ def test_sample_without_features_is_masked_not_nan(tmp_path):
 
 # -- abstractor's pooling ------------------------------------------------------------------
 
+
 def test_grid_pool_recovers_quadrant_constants():
     grid = torch.zeros(4, 4, 3)
     consts = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     for i in range(2):
         for j in range(2):
-            grid[2 * i:2 * i + 2, 2 * j:2 * j + 2] = consts[i, j] * torch.tensor([1.0, -1.0, 10.0])
-    pooled, mask = masked_adaptive_pool(grid.reshape(1, 16, 3), torch.ones(1, 16, dtype=torch.bool),
-                                        num_tokens=4, grid=True)
+            grid[2 * i : 2 * i + 2, 2 * j : 2 * j + 2] = consts[i, j] * torch.tensor(
+                [1.0, -1.0, 10.0]
+            )
+    pooled, mask = masked_adaptive_pool(
+        grid.reshape(1, 16, 3), torch.ones(1, 16, dtype=torch.bool), num_tokens=4, grid=True
+    )
     assert mask.all()
     expected = consts.reshape(4, 1) * torch.tensor([1.0, -1.0, 10.0])
     assert torch.equal(pooled[0], expected)
@@ -106,7 +122,9 @@ def test_pool_matches_torch_adaptive_pooling_on_full_masks():
     torch.manual_seed(0)
     x = torch.randn(2, 49, 5)
     full = torch.ones(2, 49, dtype=torch.bool)
-    pooled, _ = masked_adaptive_pool(x, full, num_tokens=9, grid=True)  # 7x7 -> 3x3, overlapping bins
+    pooled, _ = masked_adaptive_pool(
+        x, full, num_tokens=9, grid=True
+    )  # 7x7 -> 3x3, overlapping bins
     ref = F.adaptive_avg_pool2d(x.transpose(1, 2).reshape(2, 5, 7, 7), 3).flatten(2).transpose(1, 2)
     torch.testing.assert_close(pooled, ref)
     pooled, _ = masked_adaptive_pool(x[:, :10], full[:, :10], num_tokens=4, grid=False)
@@ -119,8 +137,12 @@ def test_masked_grid_pool_averages_real_positions_only():
     mask = torch.ones(1, 16, dtype=torch.bool)
     mask[0, [0, 1, 4]] = False  # top-left quadrant keeps only position 5
     pooled, out_mask = masked_adaptive_pool(x, mask, num_tokens=4, grid=True)
-    assert pooled[0, :, 0].tolist() == [5.0, (2 + 3 + 6 + 7) / 4, (8 + 9 + 12 + 13) / 4,
-                                        (10 + 11 + 14 + 15) / 4]
+    assert pooled[0, :, 0].tolist() == [
+        5.0,
+        (2 + 3 + 6 + 7) / 4,
+        (8 + 9 + 12 + 13) / 4,
+        (10 + 11 + 14 + 15) / 4,
+    ]
     assert out_mask.all()
 
 
@@ -150,15 +172,22 @@ def test_default_configs_fit_the_cpu_budget():
 
 # -- Q-Former init_from ----------------------------------------------------------------------
 
+
 def _tiny_blip2_qformer(tmp_path, freq=2):
     from safetensors.torch import save_file
     from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
     torch.manual_seed(3)
-    config = Blip2QFormerConfig(hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
-                                intermediate_size=40, cross_attention_frequency=freq,
-                                encoder_hidden_size=IN, hidden_dropout_prob=0.0,
-                                attention_probs_dropout_prob=0.0)
+    config = Blip2QFormerConfig(
+        hidden_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=40,
+        cross_attention_frequency=freq,
+        encoder_hidden_size=IN,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     hf = Blip2QFormerModel(config).eval()
     hf.save_pretrained(tmp_path)
     query_tokens = torch.randn(1, 5, 16)
@@ -168,8 +197,16 @@ def _tiny_blip2_qformer(tmp_path, freq=2):
 
 def test_qformer_init_from_matches_the_hf_module(tmp_path):
     hf, query_tokens = _tiny_blip2_qformer(tmp_path)
-    conn = QFormer(IN, OUT, num_queries=5, num_layers=3, hidden_dim=16, num_heads=2,
-                   cross_attention_freq=2, init_from=str(tmp_path)).eval()
+    conn = QFormer(
+        IN,
+        OUT,
+        num_queries=5,
+        num_layers=3,
+        hidden_dim=16,
+        num_heads=2,
+        cross_attention_freq=2,
+        init_from=str(tmp_path),
+    ).eval()
     ours = conn.qformer.state_dict()
     theirs = hf.state_dict()
     assert ours.keys() == theirs.keys()
@@ -182,24 +219,47 @@ def test_qformer_init_from_matches_the_hf_module(tmp_path):
     mask[1, 6:] = False
     with torch.no_grad():
         tokens, _ = conn(features, mask)
-        ref = hf(query_embeds=query_tokens.expand(2, -1, -1), encoder_hidden_states=features,
-                 encoder_attention_mask=mask.long()).last_hidden_state
+        ref = hf(
+            query_embeds=query_tokens.expand(2, -1, -1),
+            encoder_hidden_states=features,
+            encoder_attention_mask=mask.long(),
+        ).last_hidden_state
     torch.testing.assert_close(tokens, conn.proj(ref), atol=1e-6, rtol=0)
 
 
 def test_qformer_init_from_mismatch_is_a_config_error(tmp_path):
     _tiny_blip2_qformer(tmp_path)
-    with pytest.raises(ConfigError, match=r"connector.init_from.*cross_attention_freq=1.*cross_attention_frequency=2"):
-        QFormer(IN, OUT, num_queries=5, num_layers=3, hidden_dim=16, num_heads=2,
-                cross_attention_freq=1, init_from=str(tmp_path))
+    with pytest.raises(
+        ConfigError,
+        match=r"connector.init_from.*cross_attention_freq=1.*cross_attention_frequency=2",
+    ):
+        QFormer(
+            IN,
+            OUT,
+            num_queries=5,
+            num_layers=3,
+            hidden_dim=16,
+            num_heads=2,
+            cross_attention_freq=1,
+            init_from=str(tmp_path),
+        )
     with pytest.raises(ConfigError, match="connector.num_queries"):
-        QFormer(IN, OUT, num_queries=8, num_layers=3, hidden_dim=16, num_heads=2,
-                cross_attention_freq=2, init_from=str(tmp_path))
+        QFormer(
+            IN,
+            OUT,
+            num_queries=8,
+            num_layers=3,
+            hidden_dim=16,
+            num_heads=2,
+            cross_attention_freq=2,
+            init_from=str(tmp_path),
+        )
     with pytest.raises(ConfigError, match="connector.init_from.*no config.json"):
         QFormer(IN, OUT, init_from=str(tmp_path / "missing"))
 
 
 # -- gated cross-attention inside a real (tiny) Llama ----------------------------------------
+
 
 class TinyLlama(nn.Module):
     """Minimal LanguageModel stand-in: a saved-and-reloaded HF Llama exposing decoder_layers."""
@@ -219,8 +279,15 @@ def llama_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("llama")
-    config = LlamaConfig(vocab_size=64, hidden_size=OUT, intermediate_size=40, num_hidden_layers=3,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=OUT,
+        intermediate_size=40,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     return path
 
@@ -236,8 +303,18 @@ def test_gated_xattn_is_identity_at_init_and_reads_media_after(llama_dir, tmp_pa
     ids = torch.randint(0, 64, (2, 11))
     before = _logits(llm, ids)
 
-    conn = GatedCrossAttention(IN, OUT, num_latents=3, depth=1, hidden_dim=16, num_heads=2,
-                               max_positions=32, every=2, xattn_heads=2, xattn_head_dim=8)
+    conn = GatedCrossAttention(
+        IN,
+        OUT,
+        num_latents=3,
+        depth=1,
+        hidden_dim=16,
+        num_heads=2,
+        max_positions=32,
+        every=2,
+        xattn_heads=2,
+        xattn_head_dim=8,
+    )
     conn.attach(llm)
     assert sorted(conn.blocks) == ["0", "2"]  # before layers 0 and 2 of 3
     assert list(llm.state_dict()) == llm_keys  # the LLM's tree is untouched
@@ -266,8 +343,18 @@ def test_gated_xattn_is_identity_at_init_and_reads_media_after(llama_dir, tmp_pa
 
 def test_gated_xattn_gates_get_gradients_with_a_frozen_llm(llama_dir):
     llm = TinyLlama(llama_dir).requires_grad_(False)
-    conn = GatedCrossAttention(IN, OUT, num_latents=3, depth=1, hidden_dim=16, num_heads=2,
-                               max_positions=32, every=1, xattn_heads=2, xattn_head_dim=8)
+    conn = GatedCrossAttention(
+        IN,
+        OUT,
+        num_latents=3,
+        depth=1,
+        hidden_dim=16,
+        num_heads=2,
+        max_positions=32,
+        every=1,
+        xattn_heads=2,
+        xattn_head_dim=8,
+    )
     conn.attach(llm)
     assert len(conn.blocks) == 3
     ids = torch.randint(0, 64, (2, 11))
@@ -283,8 +370,16 @@ def test_gated_xattn_gates_get_gradients_with_a_frozen_llm(llama_dir):
 
 def test_gated_xattn_state_dict_round_trip_and_expanded_batch(llama_dir):
     llm = TinyLlama(llama_dir)
-    kwargs = {"num_latents": 3, "depth": 1, "hidden_dim": 16, "num_heads": 2, "max_positions": 32,
-              "every": 2, "xattn_heads": 2, "xattn_head_dim": 8}
+    kwargs = {
+        "num_latents": 3,
+        "depth": 1,
+        "hidden_dim": 16,
+        "num_heads": 2,
+        "max_positions": 32,
+        "every": 2,
+        "xattn_heads": 2,
+        "xattn_head_dim": 8,
+    }
     torch.manual_seed(0)
     conn = GatedCrossAttention(IN, OUT, **kwargs)
     conn.attach(llm)

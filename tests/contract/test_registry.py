@@ -70,7 +70,9 @@ def test_duplicate_name_names_both_plugins():
     _registrar(reg, "first").add_connector("same", _Lin)
     with pytest.raises(RegistrationError) as err:
         _registrar(reg, "second").add_connector("same", _Lin)
-    assert "'first'" in str(err.value) and "'second'" in str(err.value) and "'same'" in str(err.value)
+    assert (
+        "'first'" in str(err.value) and "'second'" in str(err.value) and "'same'" in str(err.value)
+    )
 
 
 def test_explicit_override_replaces_and_logs(caplog):
@@ -132,38 +134,52 @@ def test_import_error_names_the_plugin(fake_dist):
 
 
 def test_misspelled_hook_names_the_plugin(fake_dist):
-    fake_dist("mmb-typo", "mmb_typo", """
+    fake_dist(
+        "mmb-typo",
+        "mmb_typo",
+        """
 import mmbridge
 @mmbridge.hookimpl
 def register_component(registry):
     pass
-""")
+""",
+    )
     with pytest.raises(PluginError) as err:
         load_registry()
     assert "plugin 'mmb-typo'" in str(err.value) and "register_component" in str(err.value)
 
 
 def test_wrong_kind_from_an_entry_point_names_the_plugin(fake_dist):
-    fake_dist("mmb-wrong", "mmb_wrong", """
+    fake_dist(
+        "mmb-wrong",
+        "mmb_wrong",
+        """
 import mmbridge
 class NotAnEncoder:
     pass
 @mmbridge.hookimpl
 def register_components(registry):
     registry.add_encoder("bad", NotAnEncoder)
-""")
+""",
+    )
     with pytest.raises(RegistrationError, match="plugin 'mmb-wrong'.*encoder 'bad'"):
         load_registry()
 
 
 def test_failure_inside_the_hook_names_the_plugin(fake_dist):
-    fake_dist("mmb-raises", "mmb_raises", """
+    fake_dist(
+        "mmb-raises",
+        "mmb_raises",
+        """
 import mmbridge
 @mmbridge.hookimpl
 def register_components(registry):
     raise RuntimeError("boom")
-""")
-    with pytest.raises(PluginError, match="plugin 'mmb-raises' failed in register_components.*boom"):
+""",
+    )
+    with pytest.raises(
+        PluginError, match="plugin 'mmb-raises' failed in register_components.*boom"
+    ):
         load_registry()
 
 
@@ -187,9 +203,20 @@ def test_switch_off_all_and_one(fake_dist, monkeypatch):
 
 def test_plugins_command_shows_entry_point_plugin(fake_dist, tmp_path):
     root = fake_dist("mmb-doubler", "mmb_doubler", CONNECTOR_PLUGIN)
-    env = {"PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200"}
-    out = subprocess.run([sys.executable, "-m", "mmbridge.cli", "plugins", "--kind", "connector"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    env = {
+        "PYTHONPATH": str(root),
+        "HF_HUB_OFFLINE": "1",
+        "PATH": "/usr/bin:/bin",
+        "COLUMNS": "200",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "mmbridge.cli", "plugins", "--kind", "connector"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     row = next(line for line in out.stdout.splitlines() if "doubler" in line)
     assert "mmb-doubler" in row and "0.1" in row and "converter" in row

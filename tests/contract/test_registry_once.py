@@ -49,13 +49,28 @@ def test_one_train_run_builds_the_plugin_manager_once(builds, tmp_path, monkeypa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run = tmp_path / "run"
     # experiment=tiny: its llm.path is the `tiny-llama` asset, resolved through the registry
-    code = main(["train", "experiment=tiny", "data.n_train=8", "data.n_val=4", "data.n_test=4",
-                 "evaluation.max_samples=4", "evaluation.val_samples=2", "evaluation.batch_size=4",
-                 "evaluation.baselines=false", "trainer.enable_progress_bar=false",
-                 "stages.align.batch_size=4", "stages.align.max_steps=1", "stages.align.val_every=1",
-                 "stages.instruct.batch_size=4", "stages.instruct.max_steps=1",
-                 "stages.instruct.val_every=1", f"paths.cache_dir={tmp_path / 'cache'}",
-                 f"hydra.run.dir={run}"])
+    code = main(
+        [
+            "train",
+            "experiment=tiny",
+            "data.n_train=8",
+            "data.n_val=4",
+            "data.n_test=4",
+            "evaluation.max_samples=4",
+            "evaluation.val_samples=2",
+            "evaluation.batch_size=4",
+            "evaluation.baselines=false",
+            "trainer.enable_progress_bar=false",
+            "stages.align.batch_size=4",
+            "stages.align.max_steps=1",
+            "stages.align.val_every=1",
+            "stages.instruct.batch_size=4",
+            "stages.instruct.max_steps=1",
+            "stages.instruct.val_every=1",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={run}",
+        ]
+    )
     assert code == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["stages"]["align"]["steps"] == 1 and metrics["test"]["n"] == 4
@@ -84,7 +99,10 @@ class _EchoTool(Tool):
 
     description = "Repeat the text."
     parameters: ClassVar[dict[str, Any]] = {
-        "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+        "type": "object",
+        "properties": {"text": {"type": "string"}},
+        "required": ["text"],
+    }
 
     def __call__(self, text: str, **_: Any) -> str:
         return text
@@ -107,9 +125,14 @@ def test_an_in_process_asset_is_resolved_during_assembly(tmp_path, monkeypatch, 
     where = tmp_path / "cache" / "assets" / "inproc-llama"
     assert model.llm.local_path == str(where) and _TinyLlamaAsset.conversions == 1
     assert model.llm.hidden_size == 32 and len(model.llm.decoder_layers) == 1
-    assert model.llm.init_args == {"name": "hf_causal", "path": "inproc-llama", "gguf_file": None,
-                                   "dtype": cfg.llm.dtype, "chat_template": None,
-                                   "reuse_prefix_kv": "auto"}
+    assert model.llm.init_args == {
+        "name": "hf_causal",
+        "path": "inproc-llama",
+        "gguf_file": None,
+        "dtype": cfg.llm.dtype,
+        "chat_template": None,
+        "reuse_prefix_kv": "auto",
+    }
     assert len(builds) == 1  # assembly built no registry of its own
 
 
@@ -117,12 +140,19 @@ def test_the_registry_is_injected_by_build_and_never_a_config_key(tmp_path, monk
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     registry = load_registry(autoload=False, extra_plugins={"inproc": _InProcess()})
     node = {"name": "hf_causal", "path": "inproc-llama"}
-    assert build(registry, "llm", node, "llm").local_path == str(tmp_path / "cache" / "assets" / "inproc-llama")
-    with pytest.raises(ConfigError, match=r"llm\.registry: set by the run \(its registry\), not by the config"):
+    assert build(registry, "llm", node, "llm").local_path == str(
+        tmp_path / "cache" / "assets" / "inproc-llama"
+    )
+    with pytest.raises(
+        ConfigError, match=r"llm\.registry: set by the run \(its registry\), not by the config"
+    ):
         build(registry, "llm", {**node, "registry": "x"}, "llm")
     # outside a run (no registry), a bare name cannot be told from a model name: a clear error
-    with pytest.raises(AssetError, match="llm.path: 'inproc-llama' is not a local path, and an offline "
-                                         "model name needs the run's registry"):
+    with pytest.raises(
+        AssetError,
+        match="llm.path: 'inproc-llama' is not a local path, and an offline "
+        "model name needs the run's registry",
+    ):
         resolve_model_path("inproc-llama", None, key="llm.path")
     assert resolve_model_path(str(tmp_path), None) == str(tmp_path)
     assert resolve_model_path("org/model", None) == "org/model"  # a hub id passes through
@@ -132,18 +162,23 @@ def test_tool_use_finds_in_process_tools_in_the_run_registry(tmp_path, builds):
     from mmbridge.plugins.recipes.tool_use import ToolUseRecipe
 
     registry = load_registry(autoload=False, extra_plugins={"inproc": _InProcess()})
-    recipe = build(registry, "recipe", {"name": "tool_use", "tools": ["echo"], "no_tool_ratio": 0.0},
-                   "recipe")
+    recipe = build(
+        registry, "recipe", {"name": "tool_use", "tools": ["echo"], "no_tool_ratio": 0.0}, "recipe"
+    )
     assert isinstance(recipe, ToolUseRecipe)
     recipe.setup(RecipeContext(registry=registry, model=None, tables={}, cache_dir=tmp_path))
     assert len(builds) == 1  # the recipe built no registry of its own
     # the prompt lists the registered name, though the class sets none
     assert '{"name": "echo", "description": "Repeat the text."' in recipe.prompt
-    sample = Sample(id="s", conversations=[{"from": "human", "value": "say hi"}, {"from": "gpt", "value": "hi"}],
-                    meta={"tool_calls": [{"name": "echo", "arguments": {"text": "hi"}}]})
+    sample = Sample(
+        id="s",
+        conversations=[{"from": "human", "value": "say hi"}, {"from": "gpt", "value": "hi"}],
+        meta={"tool_calls": [{"name": "echo", "arguments": {"text": "hi"}}]},
+    )
     (out,) = recipe.annotate([sample])
-    assert out.meta["tool_results"] == [{"name": "echo", "arguments": {"text": "hi"}, "result": "hi",
-                                         "source": "tool"}]
+    assert out.meta["tool_results"] == [
+        {"name": "echo", "arguments": {"text": "hi"}, "result": "hi", "source": "tool"}
+    ]
     turns = recipe(out, random.Random(0)).conversations
     assert [t["from"] for t in turns] == ["system", "human", "gpt", "tool", "gpt"]
     _, calls = parse_calls(turns[2]["value"])

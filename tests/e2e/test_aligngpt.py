@@ -40,6 +40,7 @@ def stage(mode: str, **extra) -> OmegaConf:
 
 # -- levels ------------------------------------------------------------------------------------
 
+
 def test_equal_count_levels_on_known_scores():
     scores = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4])
     levels, edges = assign_levels(scores, 4, "count")
@@ -66,6 +67,7 @@ def test_equal_width_levels_on_known_scores():
 
 # -- the prefix alone ----------------------------------------------------------------------------
 
+
 def test_level_mode_uses_exactly_each_samples_indicator():
     torch.manual_seed(0)
     prefix = AlignGPTPrefix(dim=16, levels=LEVELS)
@@ -89,8 +91,12 @@ def test_gate_weights_sum_to_one_and_the_global_level_is_always_added():
     assert w.shape == (3, LEVELS - 1) and bool((w > 0).all())
     torch.testing.assert_close(w.sum(-1), torch.ones(3))
     h = prefix.indicators.detach()
-    expect = {"gate": h[-1] + w @ h[:-1], "local_only": w @ h[:-1],
-              "uniform": (h[-1] + h[:-1].mean(0)).expand(3, -1), "global_only": h[-1].expand(3, -1)}
+    expect = {
+        "gate": h[-1] + w @ h[:-1],
+        "local_only": w @ h[:-1],
+        "uniform": (h[-1] + h[:-1].mean(0)).expand(3, -1),
+        "global_only": h[-1].expand(3, -1),
+    }
     for mode, value in expect.items():
         prefix.configure(stage(mode))
         torch.testing.assert_close(prefix(embeds, mask, meta)[:, 0], value)
@@ -103,9 +109,13 @@ def test_gate_weights_sum_to_one_and_the_global_level_is_always_added():
 def test_configure_sets_mode_and_trainable_parts():
     prefix = AlignGPTPrefix(dim=8, levels=LEVELS)
     prefix.configure(stage("level"))
-    assert prefix.indicators.requires_grad and not any(p.requires_grad for p in prefix.gate.parameters())
+    assert prefix.indicators.requires_grad and not any(
+        p.requires_grad for p in prefix.gate.parameters()
+    )
     prefix.configure(stage("gate"))
-    assert not prefix.indicators.requires_grad and all(p.requires_grad for p in prefix.gate.parameters())
+    assert not prefix.indicators.requires_grad and all(
+        p.requires_grad for p in prefix.gate.parameters()
+    )
     prefix.configure(stage("uniform"))
     assert not any(p.requires_grad for p in prefix.parameters())
     prefix.configure(stage("gate", train_indicators=True))
@@ -114,13 +124,16 @@ def test_configure_sets_mode_and_trainable_parts():
     assert prefix.mode == "gate"
     with pytest.raises(ConfigError, match="prefix.mode: 'lvl' is not one of level, gate"):
         prefix.configure(stage("lvl"))
-    with pytest.raises(ConfigError, match="prefix.mdoe: not a setting .* valid: mode, train_indicators"):
+    with pytest.raises(
+        ConfigError, match="prefix.mdoe: not a setting .* valid: mode, train_indicators"
+    ):
         prefix.configure(OmegaConf.create({"prefix": {"mdoe": "gate"}}))
     with pytest.raises(ConfigError, match="alignment.levels"):
         AlignGPTPrefix(dim=8, levels=1)
 
 
 # -- in the tiny model -----------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def llm():
@@ -130,12 +143,15 @@ def llm():
 
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
-    files = ShapesDataset(n_train=6, n_val=0, n_test=0, image_size=32,
-                          caption_noise={"unrelated": 0.5}).prepare(tmp_path_factory.mktemp("data"))
+    files = ShapesDataset(
+        n_train=6, n_val=0, n_test=0, image_size=32, caption_noise={"unrelated": 0.5}
+    ).prepare(tmp_path_factory.mktemp("data"))
     raw = read_llava(files.splits["train"], files.media_root)
     recipe = CaptionPretrainRecipe()
-    return [recipe(s, random.Random(i)).replace(meta={**s.meta, "align_level": i % LEVELS})
-            for i, s in enumerate(raw)]
+    return [
+        recipe(s, random.Random(i)).replace(meta={**s.meta, "align_level": i % LEVELS})
+        for i, s in enumerate(raw)
+    ]
 
 
 def make_model(llm, connector: str):
@@ -145,8 +161,13 @@ def make_model(llm, connector: str):
 
 
 def collate(model, samples: list[Sample], generation: bool = False) -> dict:
-    chat = ChatEncoder(model.llm.tokenizer, list(model.branches), max_length=256,
-                       prefix_tokens=model.prefix.n_tokens, meta_keys=model.prefix.meta_keys)
+    chat = ChatEncoder(
+        model.llm.tokenizer,
+        list(model.branches),
+        max_length=256,
+        prefix_tokens=model.prefix.n_tokens,
+        meta_keys=model.prefix.meta_keys,
+    )
     if generation:
         samples = [s.replace(conversations=s.conversations[:1]) for s in samples]
     return Batcher.from_model(model, chat).batch(samples, generation=generation)
@@ -164,8 +185,10 @@ def test_indicator_slot_after_bos_ignored_and_gate_blind_to_answers(llm, samples
     assert (a["labels"][slot] == IGNORE).all()
     assert a["meta"]["align_level"].tolist() == [0, 1]
     # the same prompts with other (longer) answers: the gated indicator is unchanged
-    other = [s.replace(conversations=[s.conversations[0], {"from": "gpt", "value": "A black star " * 5}])
-             for s in samples[:2]]
+    other = [
+        s.replace(conversations=[s.conversations[0], {"from": "gpt", "value": "A black star " * 5}])
+        for s in samples[:2]
+    ]
     b = collate(model, other)
     assert a["input_ids"].shape[1] != b["input_ids"].shape[1]
     with torch.no_grad():
@@ -198,7 +221,10 @@ def test_two_stages_train_the_right_parts_with_any_connector(llm, samples, conne
     batch = collate(model, samples[:3])  # levels 0, 1, 2
     prefix = model.prefix
     conn = model.branches["image"].connector
-    ind0, gate0 = prefix.indicators.detach().clone(), [p.detach().clone() for p in prefix.gate.parameters()]
+    ind0, gate0 = (
+        prefix.indicators.detach().clone(),
+        [p.detach().clone() for p in prefix.gate.parameters()],
+    )
     conn0 = [p.detach().clone() for p in conn.parameters()]
 
     configure_trainable(model, cfg.stages.align)  # stage 1: level indicators + connector
@@ -231,15 +257,33 @@ def test_two_stages_train_the_right_parts_with_any_connector(llm, samples, conne
 
 # -- recipes -------------------------------------------------------------------------------------
 
+
 def _shape_sample(i: int, source: str = "a") -> Sample:
-    conv = [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "red"},
-            {"from": "human", "value": "How many shapes are there?"}, {"from": "gpt", "value": "2"}]
-    return Sample(f"s{i}", media={"image": f"/x/{i}.png"}, conversations=conv,
-                  meta={"caption": "A red circle and a blue square.", "qtypes": ["colour", "count"], "source": source})
+    conv = [
+        {"from": "human", "value": "<image>\nWhat colour is the circle?"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "How many shapes are there?"},
+        {"from": "gpt", "value": "2"},
+    ]
+    return Sample(
+        f"s{i}",
+        media={"image": f"/x/{i}.png"},
+        conversations=conv,
+        meta={
+            "caption": "A red circle and a blue square.",
+            "qtypes": ["colour", "count"],
+            "source": source,
+        },
+    )
 
 
 def test_instruct_mix_draws_tasks_by_the_mixing_ratios():
-    recipe = build(shared_registry(), "recipe", {"name": "instruct_mix", "mix": {"caption": 0.3, "qa": 0.7}}, "recipe")
+    recipe = build(
+        shared_registry(),
+        "recipe",
+        {"name": "instruct_mix", "mix": {"caption": 0.3, "qa": 0.7}},
+        "recipe",
+    )
     outs = [recipe(_shape_sample(i), random.Random(f"0:{i}")) for i in range(3000)]
     tasks = Counter(o.meta["task"] for o in outs)
     assert abs(tasks["caption"] / 3000 - 0.3) < 0.03
@@ -250,21 +294,33 @@ def test_instruct_mix_draws_tasks_by_the_mixing_ratios():
     firsts = Counter(o.conversations[0]["value"] for o in qa)
     assert len(firsts) == len(QA_TEMPLATES)  # every template used
     for o in qa:  # questions rewritten, answers and placeholders kept
-        assert o.conversations[0]["value"].startswith("<image>\n") and "<image>" not in o.conversations[2]["value"]
+        assert (
+            o.conversations[0]["value"].startswith("<image>\n")
+            and "<image>" not in o.conversations[2]["value"]
+        )
         assert "What colour is the circle?" in o.conversations[0]["value"]
         assert [t["value"] for t in o.conversations[1::2]] == ["red", "2"]
     # the same sample and rng draw the same way
-    assert recipe(_shape_sample(5), random.Random("x")) == recipe(_shape_sample(5), random.Random("x"))
+    assert recipe(_shape_sample(5), random.Random("x")) == recipe(
+        _shape_sample(5), random.Random("x")
+    )
     # a sample without a caption can only be QA; mix weights renormalise
     no_caption = _shape_sample(1).replace(meta={})
     assert all(recipe(no_caption, random.Random(i)).meta["task"] == "qa" for i in range(50))
-    only_caption = build(shared_registry(), "recipe", {"name": "instruct_mix", "mix": {"caption": 1.0, "qa": 0}}, "recipe")
+    only_caption = build(
+        shared_registry(),
+        "recipe",
+        {"name": "instruct_mix", "mix": {"caption": 1.0, "qa": 0}},
+        "recipe",
+    )
     assert only_caption(_shape_sample(1), random.Random(0)).meta["task"] == "caption"
 
 
 def test_instruct_mix_resamples_sources_and_checks_config():
     recipe = InstructMixRecipe(sources={"a": 0.25, "b": 0.75}, seed=1)
-    data = [_shape_sample(i, "a") for i in range(80)] + [_shape_sample(100 + i, "b") for i in range(20)]
+    data = [_shape_sample(i, "a") for i in range(80)] + [
+        _shape_sample(100 + i, "b") for i in range(20)
+    ]
     out = recipe.annotate(data)
     assert len(out) == 100 and Counter(s.meta["source"] for s in out) == {"a": 25, "b": 75}
     assert out == recipe.annotate(data)  # seeded
@@ -277,20 +333,28 @@ def test_instruct_mix_resamples_sources_and_checks_config():
 
 
 def test_caption_pretrain_templates_per_modality():
-    recipe = CaptionPretrainRecipe(instructions={"image": ["Caption it.", "Describe it."]}, caption_key="alt")
+    recipe = CaptionPretrainRecipe(
+        instructions={"image": ["Caption it.", "Describe it."]}, caption_key="alt"
+    )
     s = _shape_sample(0).replace(meta={"alt": "Two shapes."})
     drawn = Counter(recipe(s, random.Random(i)).conversations[0]["value"] for i in range(40))
     assert set(drawn) == {"<image>\nCaption it.", "<image>\nDescribe it."}
     out = recipe(s, random.Random(0))
-    assert out.conversations[1] == {"from": "gpt", "value": "Two shapes."} and out.meta["task"] == "caption"
-    with pytest.raises(ConfigError, match="recipe.instructions.image: leave out the media placeholders"):
+    assert (
+        out.conversations[1] == {"from": "gpt", "value": "Two shapes."}
+        and out.meta["task"] == "caption"
+    )
+    with pytest.raises(
+        ConfigError, match="recipe.instructions.image: leave out the media placeholders"
+    ):
         CaptionPretrainRecipe(instructions={"image": ["<image> Describe."]})
     with pytest.raises(ConfigError, match="recipe.instructions.smell: not a modality"):
         CaptionPretrainRecipe(instructions={"smell": ["Sniff."]})
 
 
-@pytest.mark.parametrize(("experiment", "n_train"), [("aligngpt_ablation", None),
-                                                     ("aligngpt_quickstart_ablation", 2000)])
+@pytest.mark.parametrize(
+    ("experiment", "n_train"), [("aligngpt_ablation", None), ("aligngpt_quickstart_ablation", 2000)]
+)
 def test_configs_compose_for_the_ablation(experiment, n_train):
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -304,14 +368,22 @@ def test_configs_compose_for_the_ablation(experiment, n_train):
         c = compose([f"experiment={experiment}", *job], shared_registry())
         a = c.get("alignment")
         seen[job[0]] = (a.levels if a else None, c.stages.instruct.get("prefix", {}).get("mode"))
-        assert c.data.caption_noise.unrelated == 0.2 and c.stages.align.recipe.name == "align_levels"
+        assert (
+            c.data.caption_noise.unrelated == 0.2 and c.stages.align.recipe.name == "align_levels"
+        )
         assert n_train is None or (c.data.n_train == n_train and c.llm.name == "hf_causal")
-    assert seen == {"alignment=none": (None, None), "alignment=aligngpt_n4": (4, "gate"),
-                    "alignment=aligngpt": (8, "gate"), "alignment=aligngpt_local_only": (8, "local_only"),
-                    "alignment=aligngpt_uniform": (8, "uniform"), "alignment=aligngpt_global_only": (8, "global_only")}
+    assert seen == {
+        "alignment=none": (None, None),
+        "alignment=aligngpt_n4": (4, "gate"),
+        "alignment=aligngpt": (8, "gate"),
+        "alignment=aligngpt_local_only": (8, "local_only"),
+        "alignment=aligngpt_uniform": (8, "uniform"),
+        "alignment=aligngpt_global_only": (8, "global_only"),
+    }
 
 
 # -- a real run ----------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_train_run_aligngpt_end_to_end(tmp_path):
@@ -326,26 +398,58 @@ def test_train_run_aligngpt_end_to_end(tmp_path):
 
     tok = build_tiny_tokenizer(tmp_path / "bert")
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "bert")
-    overrides = [*BASE, "stages.align.max_steps=2", "stages.instruct.max_steps=2", "stages.align.val_every=2",
-                 "stages.instruct.val_every=2", "stages.align.batch_size=8", "stages.instruct.batch_size=8",
-                 "data.n_train=32", "data.n_val=8", "data.n_test=8", "data.image_size=32", "encoder.image_size=32",
-                 "evaluation.max_samples=8", "evaluation.val_samples=4", "evaluation.batch_size=8",
-                 "evaluation.baselines=false", "trainer.enable_progress_bar=false", f"paths.cache_dir={tmp_path / 'cache'}",
-                 f"stages.align.recipe.scorer.text_model={tmp_path / 'bert'}", "stages.align.recipe.scorer.batch_size=16"]
+    BertModel(
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            pad_token_id=tok.pad_token_id,
+        )
+    ).save_pretrained(tmp_path / "bert")
+    overrides = [
+        *BASE,
+        "stages.align.max_steps=2",
+        "stages.instruct.max_steps=2",
+        "stages.align.val_every=2",
+        "stages.instruct.val_every=2",
+        "stages.align.batch_size=8",
+        "stages.instruct.batch_size=8",
+        "data.n_train=32",
+        "data.n_val=8",
+        "data.n_test=8",
+        "data.image_size=32",
+        "encoder.image_size=32",
+        "evaluation.max_samples=8",
+        "evaluation.val_samples=4",
+        "evaluation.batch_size=8",
+        "evaluation.baselines=false",
+        "trainer.enable_progress_bar=false",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"stages.align.recipe.scorer.text_model={tmp_path / 'bert'}",
+        "stages.align.recipe.scorer.batch_size=16",
+    ]
     cfg = compose(overrides, shared_registry())
     metrics = train(cfg, shared_registry(), tmp_path / "run")
     assert 0 <= metrics["test"]["exact_match"] <= 1 and metrics["stages"]["instruct"]["steps"] == 2
-    assert list((tmp_path / "cache" / "scorer").glob("text-*.pt"))  # the align stage scored its pairs
+    assert list(
+        (tmp_path / "cache" / "scorer").glob("text-*.pt")
+    )  # the align stage scored its pairs
     ckpts = tmp_path / "run" / "checkpoints"
     after_align = load_file(next((ckpts / "align_final").glob("*.safetensors")))
     final = load_file(next((ckpts / "final").glob("*.safetensors")))
     assert "prefix.gate.0.weight" not in after_align  # the gate first trains in stage 2
-    torch.testing.assert_close(final["prefix.indicators"], after_align["prefix.indicators"], rtol=0, atol=0)
-    session, _ = session_from_checkpoint(str(ckpts / "final"), with_data=False, registry=shared_registry())
+    torch.testing.assert_close(
+        final["prefix.indicators"], after_align["prefix.indicators"], rtol=0, atol=0
+    )
+    session, _ = session_from_checkpoint(
+        str(ckpts / "final"), with_data=False, registry=shared_registry()
+    )
     assert session.model.prefix.mode == "gate"
-    torch.testing.assert_close(session.model.prefix.gate[0].weight.detach(), final["prefix.gate.0.weight"])
+    torch.testing.assert_close(
+        session.model.prefix.gate[0].weight.detach(), final["prefix.gate.0.weight"]
+    )
 
 
 def test_evaluation_records_what_the_gate_decided(llm, samples):
@@ -355,20 +459,40 @@ def test_evaluation_records_what_the_gate_decided(llm, samples):
 
     model, cfg = make_model(llm, "mlp")
     configure_trainable(model, cfg.stages.instruct)
-    chat = ChatEncoder(model.llm.tokenizer, list(model.branches), max_length=256,
-                       prefix_tokens=model.prefix.n_tokens, meta_keys=model.prefix.meta_keys)
-    qa = [s.replace(conversations=[{"from": "human", "value": "<image>\nWhat colour is it?"},
-                                   {"from": "gpt", "value": "red"}], meta={**s.meta, "qtypes": ["colour"]})
-          for s in samples[:3]]
+    chat = ChatEncoder(
+        model.llm.tokenizer,
+        list(model.branches),
+        max_length=256,
+        prefix_tokens=model.prefix.n_tokens,
+        meta_keys=model.prefix.meta_keys,
+    )
+    qa = [
+        s.replace(
+            conversations=[
+                {"from": "human", "value": "<image>\nWhat colour is it?"},
+                {"from": "gpt", "value": "red"},
+            ],
+            meta={**s.meta, "qtypes": ["colour"]},
+        )
+        for s in samples[:3]
+    ]
     items = qa_items(qa)
     records: list[dict] = []
-    out = exact_match(model, items, Batcher.from_model(model, chat), records=records, max_new_tokens=2,
-                      batch_size=2, progress=False)
+    out = exact_match(
+        model,
+        items,
+        Batcher.from_model(model, chat),
+        records=records,
+        max_new_tokens=2,
+        batch_size=2,
+        progress=False,
+    )
     gates = [r["prefix"]["gate"] for r in records]
     assert len(gates) == 3 and all(len(g) == LEVELS - 1 for g in gates)
     assert all(abs(sum(g) - 1) < 1e-3 for g in gates)
     # the run report's gate plot: each level's mean weight over the question type
     from mmbridge.reporting.run_report import gate_section
+
     assert f"level 1 colour: {sum(g[0] for g in gates) / 3:.3f}" in gate_section(records)
     # the weights recorded are the gate's on each question's own prompt (batch of 2, then 1)
     model.eval()
@@ -382,11 +506,19 @@ def test_evaluation_records_what_the_gate_decided(llm, samples):
     assert out == {**out, **gate_summary([r["prefix"] for r in records])}
     # known weights: uniform -> entropy 1; one-hot -> entropy 0, max weight 1
     assert gate_summary([{"gate": [1 / 3] * 3}])["gate/entropy"] == pytest.approx(1.0)
-    assert gate_summary([{"gate": [1.0, 0.0, 0.0]}]) == pytest.approx({"gate/entropy": 0.0, "gate/max_weight": 1.0}, abs=1e-9)
+    assert gate_summary([{"gate": [1.0, 0.0, 0.0]}]) == pytest.approx(
+        {"gate/entropy": 0.0, "gate/max_weight": 1.0}, abs=1e-9
+    )
 
     model.prefix.configure(stage("uniform"))
     records = []
-    out = exact_match(model, items, Batcher.from_model(model, chat), records=records, max_new_tokens=2,
-                      progress=False)
+    out = exact_match(
+        model,
+        items,
+        Batcher.from_model(model, chat),
+        records=records,
+        max_new_tokens=2,
+        progress=False,
+    )
     assert [r["prefix"] for r in records] == [{"mode": "uniform"}] * 3
     assert "gate/entropy" not in out

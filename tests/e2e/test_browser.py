@@ -23,27 +23,41 @@ from picture_runs import qformer_run, shared_dir, two_by_two_sweep
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 # the tiny run is trained once per session (tests/picture_runs.py); xdist keeps these together
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("pictures"),
-              pytest.mark.slow,  # a browser, and the shared tiny training
-              pytest.mark.skipif(not (CHROMIUM and DRIVER),
-                                 reason="no chromium / chromedriver (apt-get install chromium "
-                                        "chromium-driver, as scripts/setup.sh does)")]
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.xdist_group("pictures"),
+    pytest.mark.slow,  # a browser, and the shared tiny training
+    pytest.mark.skipif(
+        not (CHROMIUM and DRIVER),
+        reason="no chromium / chromedriver (apt-get install chromium "
+        "chromium-driver, as scripts/setup.sh does)",
+    ),
+]
 # the page's images that did not load (naturalWidth 0) or have not finished loading
-BROKEN_IMAGES = ("return Array.from(document.images)"
-                 ".filter(i => !i.complete || i.naturalWidth === 0)"
-                 ".map(i => i.alt || i.src.slice(0, 60))")
+BROKEN_IMAGES = (
+    "return Array.from(document.images)"
+    ".filter(i => !i.complete || i.naturalWidth === 0)"
+    ".map(i => i.alt || i.src.slice(0, 60))"
+)
 
 
 @pytest.fixture(scope="module")
 def browser():
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed "
-                                    "(pip install 'mmbridge[browser]')")
+    webdriver = pytest.importorskip(
+        "selenium.webdriver", reason="selenium is not installed (pip install 'mmbridge[browser]')"
+    )
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1200,900", "--disable-extensions"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1200,900",
+        "--disable-extensions",
+    ):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
@@ -134,8 +148,18 @@ def test_demo_answers_as_generate(browser, picture_run, capsys):
     ckpt = run / "checkpoints" / "final"
     image = json.loads((run / "predictions.jsonl").read_text().splitlines()[0])["media"]["image"]
     question = "What colour is the shape?"
-    assert generate([f"checkpoint={ckpt}", f"image={image}", f"prompt={question}",
-                     "max_new_tokens=6", "device=cpu"]) == 0
+    assert (
+        generate(
+            [
+                f"checkpoint={ckpt}",
+                f"image={image}",
+                f"prompt={question}",
+                "max_new_tokens=6",
+                "device=cpu",
+            ]
+        )
+        == 0
+    )
     expected = capsys.readouterr().out.strip()
     model = mmbridge.load(ckpt, device="cpu")
     page = demo.build({"run A": model, "run B": model}, max_new_tokens=6)
@@ -151,11 +175,13 @@ def test_demo_answers_as_generate(browser, picture_run, capsys):
         browser.find_element("css selector", "#ask").click()
 
         def replies(d):
-            got = [[e.text for e in d.find_elements("css selector", f"#chat{i} .bot")]
-                   for i in (0, 1)]
+            got = [
+                [e.text for e in d.find_elements("css selector", f"#chat{i} .bot")] for i in (0, 1)
+            ]
             return got if all(any(t.strip() for t in g) for g in got) else False
 
         answers = wait.until(replies)
+
         # the page shows the text; the browser collapses runs of white space and drops control
         # characters, so both sides are compared that way
         def shown(text: str) -> str:

@@ -19,19 +19,38 @@ from mmbridge.training.module import progress_warmup_cosine, warmup_cosine
 
 
 def test_stage_fractions_normalise_and_default_to_equal_shares():
-    cfg = OmegaConf.create({"stages": {"align": {"budget_fraction": 0.3}, "instruct": {"budget_fraction": 0.9},
-                                       "a": {}, "b": {}}})
-    assert stage_fractions(cfg, ["align", "instruct"]) == pytest.approx({"align": 0.25, "instruct": 0.75})
-    assert stage_fractions(cfg, ["instruct"]) == {"instruct": 1.0}  # align already done: all of what is left
+    cfg = OmegaConf.create(
+        {
+            "stages": {
+                "align": {"budget_fraction": 0.3},
+                "instruct": {"budget_fraction": 0.9},
+                "a": {},
+                "b": {},
+            }
+        }
+    )
+    assert stage_fractions(cfg, ["align", "instruct"]) == pytest.approx(
+        {"align": 0.25, "instruct": 0.75}
+    )
+    assert stage_fractions(cfg, ["instruct"]) == {
+        "instruct": 1.0
+    }  # align already done: all of what is left
     assert stage_fractions(cfg, ["a", "b"]) == {"a": 0.5, "b": 0.5}
     with pytest.raises(ConfigError, match="stages.a.budget_fraction is not set"):
         stage_fractions(cfg, ["align", "a"])
 
 
-@pytest.mark.parametrize(("progress", "want"), [
-    (0.0, 0.01), (0.025, 0.5), (0.05, 1.0), (1.0, 0.1), (2.0, 0.1),
-    (0.525, 0.1 + 0.9 * 0.5),  # half-way through the decay: the cosine's midpoint
-])
+@pytest.mark.parametrize(
+    ("progress", "want"),
+    [
+        (0.0, 0.01),
+        (0.025, 0.5),
+        (0.05, 1.0),
+        (1.0, 0.1),
+        (2.0, 0.1),
+        (0.525, 0.1 + 0.9 * 0.5),  # half-way through the decay: the cosine's midpoint
+    ],
+)
 def test_the_budget_schedule_follows_progress(progress, want):
     assert progress_warmup_cosine(progress, warmup_ratio=0.05, min_ratio=0.1) == pytest.approx(want)
 
@@ -40,22 +59,44 @@ def test_the_budget_schedule_matches_the_step_schedule_at_the_same_progress():
     total, warmup = 200, 10
     for step in (10, 50, 105, 150, 199):
         assert progress_warmup_cosine(step / total, 0.05, 0.1) == pytest.approx(
-            warmup_cosine(step, total, warmup, 0.1), abs=1e-9)
+            warmup_cosine(step, total, warmup, 0.1), abs=1e-9
+        )
     assert math.isclose(progress_warmup_cosine(1.0, 0.0, 0.0), 0.0, abs_tol=1e-12)
 
 
 @pytest.mark.slow
 def test_a_time_budget_ends_each_stage_with_its_checkpoint_then_evaluates(tmp_path):
     run = tmp_path / "run"
-    args = ["experiment=tiny", "data.n_train=48", "data.n_val=8", "data.n_test=8", "evaluation.max_samples=8",
-            "evaluation.val_samples=4", "evaluation.batch_size=8", "stages.align.batch_size=8",
-            "stages.instruct.batch_size=8", "budget_minutes=0.6", "stages.align.budget_fraction=0.25",
-            "stages.instruct.budget_fraction=0.75", "stages.align.max_steps=100000",
-            "stages.align.val_every=100000", "stages.instruct.max_steps=100000",
-            "stages.instruct.val_every=100000", "stages.align.checkpoint_every=5",
-            "stages.instruct.checkpoint_every=5", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}"]
-    out = subprocess.run([mmbridge_exe(), "train", *args], capture_output=True, text=True, cwd=tmp_path,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1", "MMBRIDGE_DISABLE_PLUGINS": "1"}, timeout=600)
+    args = [
+        "experiment=tiny",
+        "data.n_train=48",
+        "data.n_val=8",
+        "data.n_test=8",
+        "evaluation.max_samples=8",
+        "evaluation.val_samples=4",
+        "evaluation.batch_size=8",
+        "stages.align.batch_size=8",
+        "stages.instruct.batch_size=8",
+        "budget_minutes=0.6",
+        "stages.align.budget_fraction=0.25",
+        "stages.instruct.budget_fraction=0.75",
+        "stages.align.max_steps=100000",
+        "stages.align.val_every=100000",
+        "stages.instruct.max_steps=100000",
+        "stages.instruct.val_every=100000",
+        "stages.align.checkpoint_every=5",
+        "stages.instruct.checkpoint_every=5",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={run}",
+    ]
+    out = subprocess.run(
+        [mmbridge_exe(), "train", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "MMBRIDGE_DISABLE_PLUGINS": "1"},
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     m = json.loads((run / "metrics.json").read_text())
     for name in ("align", "instruct"):

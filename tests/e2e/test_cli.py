@@ -10,7 +10,9 @@ from helpers import mmbridge_exe
 
 def run(*args: str, cwd) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "MMBRIDGE_DISABLE_PLUGINS": "1"}
-    return subprocess.run([mmbridge_exe(), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    return subprocess.run(
+        [mmbridge_exe(), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
 
 
 def test_help_lists_every_subcommand(tmp_path):

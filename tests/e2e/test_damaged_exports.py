@@ -36,8 +36,11 @@ def run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def bundle(run, tmp_path_factory) -> Path:
-    return export(run / "checkpoints" / "final", tmp_path_factory.mktemp("exp") / "bundle",
-                  registry=shared_registry())
+    return export(
+        run / "checkpoints" / "final",
+        tmp_path_factory.mktemp("exp") / "bundle",
+        registry=shared_registry(),
+    )
 
 
 def _load(path: Path):
@@ -58,8 +61,11 @@ def test_a_flipped_byte_in_the_weights_is_refused(bundle, tmp_path):
     data = bytearray((copy / "weights.safetensors").read_bytes())
     data[-7] ^= 0x10  # a bit of the last tensor: safetensors itself would load it silently
     (copy / "weights.safetensors").write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match=rf"bundle '{copy}' is damaged: weights.safetensors has changed "
-                                              r"since the bundle was written \(sha256 differs\)"):
+    with pytest.raises(
+        IntegrityError,
+        match=rf"bundle '{copy}' is damaged: weights.safetensors has changed "
+        r"since the bundle was written \(sha256 differs\)",
+    ):
         _load(copy)
 
 
@@ -108,7 +114,10 @@ def test_a_damaged_checkpoint_directory_is_one_error_naming_it(run, tmp_path, da
 def test_a_bundle_without_its_manifest_says_so(bundle, tmp_path):
     copy = Path(shutil.copytree(bundle, tmp_path / "b"))
     (copy / "mmbridge.json").unlink()
-    with pytest.raises(CheckpointError, match="weights file of a format=bundle export whose mmbridge.json is missing"):
+    with pytest.raises(
+        CheckpointError,
+        match="weights file of a format=bundle export whose mmbridge.json is missing",
+    ):
         _load(copy)
 
 
@@ -120,7 +129,9 @@ def test_export_over_its_own_run_is_refused_even_with_overwrite(run, tmp_path):
             export(ckpt, out, overwrite=True, registry=shared_registry())
     assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == before
     bundle = export(ckpt, tmp_path / "b", registry=shared_registry())
-    with pytest.raises(ConfigError, match=rf"out={bundle}: holds {bundle}"):  # re-export a bundle over itself
+    with pytest.raises(
+        ConfigError, match=rf"out={bundle}: holds {bundle}"
+    ):  # re-export a bundle over itself
         export(bundle, bundle, overwrite=True, registry=shared_registry())
     assert _load(bundle) is not None
 
@@ -129,8 +140,13 @@ def test_export_checks_free_space_before_writing(run, tmp_path, monkeypatch):
     from mmbridge.errors import StorageError
     from mmbridge.utils import io as mio
 
-    monkeypatch.setattr(mio.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 4096, 4096))
-    with pytest.raises(StorageError, match=rf"{tmp_path}: not enough free space for the bundle export: "
-                                           r"needs [\d,]+ bytes \([\d.]+ MiB\) \(plus 64 KiB headroom\), 4,096 bytes free"):
+    monkeypatch.setattr(
+        mio.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 4096, 4096)
+    )
+    with pytest.raises(
+        StorageError,
+        match=rf"{tmp_path}: not enough free space for the bundle export: "
+        r"needs [\d,]+ bytes \([\d.]+ MiB\) \(plus 64 KiB headroom\), 4,096 bytes free",
+    ):
         export(run / "checkpoints" / "final", tmp_path / "b", registry=shared_registry())
     assert list(tmp_path.iterdir()) == []

@@ -27,10 +27,12 @@ def picture_run(tmp_path_factory) -> Path:
 def test_arguments():
     got = demo.parse(["checkpoint=a", "checkpoint=b", "port=7000"])
     assert got == (["a", "b"], {"port": "7000"})
-    for bad, match in ((["port=1"], "one or two checkpoint"),
-                       (["checkpoint=a", "checkpoint=b", "checkpoint=c"], "got 3"),
-                       (["checkpoint=a", "colour=red"], "'colour=red'"),
-                       (["checkpoint=a", "port=80x"], "port=80x: expected a whole number")):
+    for bad, match in (
+        (["port=1"], "one or two checkpoint"),
+        (["checkpoint=a", "checkpoint=b", "checkpoint=c"], "got 3"),
+        (["checkpoint=a", "colour=red"], "'colour=red'"),
+        (["checkpoint=a", "port=80x"], "port=80x: expected a whole number"),
+    ):
         with pytest.raises(ConfigError, match=match):
             demo.parse(bad)
     two = ["/r/run1/checkpoints/final", "/r/run2/checkpoints/final"]
@@ -70,8 +72,9 @@ def test_page_has_a_column_per_checkpoint(picture_run):
     page = demo.build({"A": model, "B": model}, max_new_tokens=4)
     chats = [b for b in page.blocks.values() if isinstance(b, gr.Chatbot)]
     assert [c.label for c in chats] == ["A", "B"]
-    visible = {b.elem_id: b.visible for b in page.blocks.values()
-               if isinstance(b, (gr.Image, gr.Audio))}
+    visible = {
+        b.elem_id: b.visible for b in page.blocks.values() if isinstance(b, (gr.Image, gr.Audio))
+    }
     assert visible == {"image": True, "audio": False}  # this model has no audio encoder
 
 
@@ -81,8 +84,9 @@ def test_main_serves_on_this_machine_by_default(picture_run, monkeypatch):
     import gradio as gr
 
     served = {}
-    monkeypatch.setattr(demo, "launch", lambda page, host, port: served.update(
-        page=page, host=host, port=port))
+    monkeypatch.setattr(
+        demo, "launch", lambda page, host, port: served.update(page=page, host=host, port=port)
+    )
     ckpt = str(picture_run / "checkpoints" / "final")
     assert demo.main([f"checkpoint={ckpt}", "port=7999", "max_new_tokens=3"]) == 0
     assert (served["host"], served["port"]) == ("127.0.0.1", 7999)

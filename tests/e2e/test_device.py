@@ -19,8 +19,15 @@ from mmbridge.runtime.session import open_session, session_from_checkpoint
 from mmbridge.training.checkpoint import save_checkpoint
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-SMALL = ["experiment=tiny", "data.n_train=8", "data.n_val=4", "data.n_test=4",
-         "evaluation.max_samples=4", "evaluation.batch_size=4", "evaluation.baselines=false"]
+SMALL = [
+    "experiment=tiny",
+    "data.n_train=8",
+    "data.n_val=4",
+    "data.n_test=4",
+    "evaluation.max_samples=4",
+    "evaluation.batch_size=4",
+    "evaluation.baselines=false",
+]
 
 
 @pytest.fixture
@@ -66,7 +73,17 @@ def test_cache_fill_evaluation_eval_and_generate_run_on_the_device(device, seen,
     seen["generate"].clear()
     image = tmp_path / "red.png"
     Image.fromarray(np.full((64, 64, 3), (220, 20, 20), np.uint8)).save(image)
-    assert generate_cmd.main([f"checkpoint={ckpt}", f"image={image}", "prompt=What colour?",
-                              "max_new_tokens=3", f"device={device}"]) == 0
+    assert (
+        generate_cmd.main(
+            [
+                f"checkpoint={ckpt}",
+                f"image={image}",
+                "prompt=What colour?",
+                "max_new_tokens=3",
+                f"device={device}",
+            ]
+        )
+        == 0
+    )
     assert seen["generate"] == {device} and seen["encoder"] == {device}  # live image: encoded there
     capsys.readouterr()

@@ -50,10 +50,18 @@ DOCS = ROOT / "docs"
 PAGES = [*sorted(p.relative_to(ROOT).as_posix() for p in DOCS.rglob("*.md")), "README.md"]
 
 #: Added to every documented training (a key the line sets itself is kept as written).
-SMALL = ["evaluation.max_samples=4", "evaluation.val_samples=2", "evaluation.batch_size=4",
-         "trainer.enable_progress_bar=false", "stages.align.batch_size=4", "stages.align.max_steps=1",
-         "stages.align.val_every=1", "stages.instruct.batch_size=4", "stages.instruct.max_steps=1",
-         "stages.instruct.val_every=1"]
+SMALL = [
+    "evaluation.max_samples=4",
+    "evaluation.val_samples=2",
+    "evaluation.batch_size=4",
+    "trainer.enable_progress_bar=false",
+    "stages.align.batch_size=4",
+    "stages.align.max_steps=1",
+    "stages.align.val_every=1",
+    "stages.instruct.batch_size=4",
+    "stages.instruct.max_steps=1",
+    "stages.instruct.val_every=1",
+]
 #: Added too when the line keeps the experiment's generated data set.
 SMALL_DATA = ["data.n_train=8", "data.n_val=4", "data.n_test=4"]
 LANGS = {"python", "bash", "yaml", "toml", "json", "text", ""}
@@ -91,16 +99,26 @@ def blocks(page: str) -> list[Block]:
             continue
         indent, ticks, info = m.groups()
         end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == ticks)
-        code = textwrap.dedent("\n".join(lines[i + 1:end])) + "\n"
+        code = textwrap.dedent("\n".join(lines[i + 1 : end])) + "\n"
         before = next((line.strip() for line in reversed(lines[:i]) if line.strip()), "")
         comment = _NORUN_COMMENT.fullmatch(before)
         if info.startswith("{"):
             classes = re.findall(r"(?<![\w-])\.([\w-]+)", info)
             attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', info))
-            found.append(Block(page, i + 1, classes[0] if classes else "", code, set(classes[1:]), attrs))
+            found.append(
+                Block(page, i + 1, classes[0] if classes else "", code, set(classes[1:]), attrs)
+            )
         elif comment:  # GitHub shows the README: there the flag is a comment above the block
-            found.append(Block(page, i + 1, info.split()[0] if info else "", code, {"norun"},
-                               {"data-reason": comment.group(1)}))
+            found.append(
+                Block(
+                    page,
+                    i + 1,
+                    info.split()[0] if info else "",
+                    code,
+                    {"norun"},
+                    {"data-reason": comment.group(1)},
+                )
+            )
         else:
             found.append(Block(page, i + 1, info.split()[0] if info else "", code))
         i = end + 1
@@ -126,17 +144,22 @@ def run_shell(block: Block, cwd: Path, setenv: Callable[[str, str], None]) -> No
         if not words:
             continue
         unset = re.findall(r"\$\{?(\w+)", " ".join(words))
-        assert not unset, f"{block.where()}: ${unset[0]} is not set here (a page sets $RUN by training first)"
+        assert not unset, (
+            f"{block.where()}: ${unset[0]} is not set here (a page sets $RUN by training first)"
+        )
         if len(words) == 1 and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
             name, value = words[0].split("=", 1)
             setenv(name, value)
             continue
         assert words[0] == "mmbridge", (
             f"{block.where()}: `{line.strip()}` is not a mmbridge command; mark the block "
-            '{ .bash .norun data-reason="..." } if it cannot run in the test suite')
+            '{ .bash .norun data-reason="..." } if it cannot run in the test suite'
+        )
         args = words[1:]
         if args and args[0] in ("train", "sweep", "inspect"):
-            assert TINY & set(args), f"{block.where()}: a documented training must choose one of {sorted(TINY)}"
+            assert TINY & set(args), (
+                f"{block.where()}: a documented training must choose one of {sorted(TINY)}"
+            )
             args = [args[0], *_with_small(args[1:])]
         code = cli.main(args)
         assert code == 0, f"{block.where()}: `{line.strip()}` exited {code}"
@@ -158,15 +181,27 @@ def excerpt_missing(excerpt: str, source: str) -> str | None:
     return None
 
 
-def check_block(block: Block, namespace: dict, cwd: Path,
-                setenv: Callable[[str, str], None] = os.environ.__setitem__) -> None:
-    assert block.lang in LANGS, f"{block.where()}: unknown language {block.lang!r} (one of {sorted(LANGS)})"
+def check_block(
+    block: Block,
+    namespace: dict,
+    cwd: Path,
+    setenv: Callable[[str, str], None] = os.environ.__setitem__,
+) -> None:
+    assert block.lang in LANGS, (
+        f"{block.where()}: unknown language {block.lang!r} (one of {sorted(LANGS)})"
+    )
     if "norun" in block.flags:
-        assert block.attrs.get("data-reason", "").strip(), f"{block.where()}: a norun block needs data-reason"
+        assert block.attrs.get("data-reason", "").strip(), (
+            f"{block.where()}: a norun block needs data-reason"
+        )
         return
     if "excerpt" in block.flags:
-        missing = excerpt_missing(block.code, (ROOT / block.attrs["data-file"]).read_text(encoding="utf-8"))
-        assert missing is None, f"{block.where()}: line {missing!r} is not in {block.attrs['data-file']} (in order)"
+        missing = excerpt_missing(
+            block.code, (ROOT / block.attrs["data-file"]).read_text(encoding="utf-8")
+        )
+        assert missing is None, (
+            f"{block.where()}: line {missing!r} is not in {block.attrs['data-file']} (in order)"
+        )
         return
     if block.lang == "python":
         exec(compile(block.code, block.where(), "exec"), namespace)
@@ -190,8 +225,9 @@ def docs_cache(tmp_path_factory) -> Path:
 SLOW_PAGES = {"docs/how-to/ablation.md", "docs/getting-started.md", "README.md"}
 
 
-@pytest.mark.parametrize("page", [pytest.param(p, marks=pytest.mark.slow) if p in SLOW_PAGES else p
-                                  for p in PAGES])
+@pytest.mark.parametrize(
+    "page", [pytest.param(p, marks=pytest.mark.slow) if p in SLOW_PAGES else p for p in PAGES]
+)
 def test_every_code_block_of_the_page_runs(page, docs_cache, tmp_path, monkeypatch):
     """A page runs like a reader runs it: in an empty directory, top to bottom; ``$RUN`` is set
     by the page's own ``mmbridge train``."""
@@ -199,7 +235,9 @@ def test_every_code_block_of_the_page_runs(page, docs_cache, tmp_path, monkeypat
     monkeypatch.delenv("RUN", raising=False)
     monkeypatch.setattr(sys.modules[__name__], "SMALL", [*SMALL, f"paths.cache_dir={docs_cache}"])
     real_train = mmbridge.train
-    monkeypatch.setattr(mmbridge, "train", lambda overrides, **kw: real_train(_with_small(list(overrides)), **kw))
+    monkeypatch.setattr(
+        mmbridge, "train", lambda overrides, **kw: real_train(_with_small(list(overrides)), **kw)
+    )
     namespace: dict = {"__name__": "__docs__"}
     for block in blocks(page):
         check_block(block, namespace, tmp_path, monkeypatch.setenv)  # variables end with the test
@@ -207,38 +245,68 @@ def test_every_code_block_of_the_page_runs(page, docs_cache, tmp_path, monkeypat
 
 def test_the_collector_reads_flags_and_refuses_what_it_cannot_run(tmp_path):
     page = tmp_path / "p.md"
-    page.write_text('```{ .bash .norun data-reason="8 GPUs" }\nsrun x\n```\n\n  ```python\n  a = 1\n  ```\n'
-                    "```bash\npip install mmbridge\n```\n")
+    page.write_text(
+        '```{ .bash .norun data-reason="8 GPUs" }\nsrun x\n```\n\n  ```python\n  a = 1\n  ```\n'
+        "```bash\npip install mmbridge\n```\n"
+    )
     rel = os.path.relpath(page, ROOT)
     norun, py, shell = blocks(rel)
-    assert (norun.lang, norun.flags, norun.attrs, norun.line) == ("bash", {"norun"}, {"data-reason": "8 GPUs"}, 1)
+    assert (norun.lang, norun.flags, norun.attrs, norun.line) == (
+        "bash",
+        {"norun"},
+        {"data-reason": "8 GPUs"},
+        1,
+    )
     assert (py.lang, py.code, py.line) == ("python", "a = 1\n", 5)
     check_block(norun, {}, tmp_path)
     with pytest.raises(AssertionError, match="is not a mmbridge command"):
         check_block(shell, {}, tmp_path)
     with pytest.raises(AssertionError, match=r"\$DOCS_TEST_UNSET is not set here"):
-        check_block(Block("p.md", 1, "bash", "mmbridge eval checkpoint=$DOCS_TEST_UNSET/final\n"), {}, tmp_path)
+        check_block(
+            Block("p.md", 1, "bash", "mmbridge eval checkpoint=$DOCS_TEST_UNSET/final\n"),
+            {},
+            tmp_path,
+        )
     with pytest.raises(AssertionError, match="needs data-reason"):
         check_block(Block("p.md", 1, "bash", "x\n", {"norun"}), {}, tmp_path)
     assert _with_small(["experiment=tiny", "stages.align.max_steps=5", "data=llava"]) == [
-        "experiment=tiny", "stages.align.max_steps=5", "data=llava",
-        *(a for a in SMALL if not a.startswith("stages.align.max_steps="))]
+        "experiment=tiny",
+        "stages.align.max_steps=5",
+        "data=llava",
+        *(a for a in SMALL if not a.startswith("stages.align.max_steps=")),
+    ]
 
 
-@pytest.mark.skipif(shutil.which("mkdocs", path=str(Path(sys.executable).parent)) is None,
-                    reason="the `docs` extra (mkdocs-material, mkdocstrings) is not installed")
+@pytest.mark.skipif(
+    shutil.which("mkdocs", path=str(Path(sys.executable).parent)) is None,
+    reason="the `docs` extra (mkdocs-material, mkdocstrings) is not installed",
+)
 def test_the_site_builds_with_warnings_as_errors(tmp_path):
     mkdocs = str(Path(sys.executable).parent / "mkdocs")
-    proc = subprocess.run([mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
-                          timeout=300)
+    proc = subprocess.run(
+        [mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     api = (tmp_path / "site" / "reference" / "api" / "index.html").read_text(encoding="utf-8")
-    assert 'id="mmbridge.load"' in api and 'id="mmbridge.Converter"' in api  # mkdocstrings rendered it
+    assert (
+        'id="mmbridge.load"' in api and 'id="mmbridge.Converter"' in api
+    )  # mkdocstrings rendered it
     for page in PAGES[:-1]:  # README.md is GitHub's page, not the site's
         rel = Path(page).relative_to("docs").with_suffix("")
-        html = tmp_path / "site" / ("index.html" if rel.name == "index" and rel.parent == Path(".")
-                                    else rel.parent / ("" if rel.name == "index" else rel.name) / "index.html")
+        html = (
+            tmp_path
+            / "site"
+            / (
+                "index.html"
+                if rel.name == "index" and rel.parent == Path(".")
+                else rel.parent / ("" if rel.name == "index" else rel.name) / "index.html"
+            )
+        )
         assert html.is_file(), f"{page} was not built ({html})"
 
 
@@ -257,23 +325,36 @@ def test_each_family_page_names_its_survey_section_and_every_component():
 
 
 def test_every_config_key_of_the_reference_has_a_type_default_and_doc():
-    rows = [line for line in (DOCS / "reference" / "config.md").read_text(encoding="utf-8").splitlines()
-            if line.startswith("| `") and line.count(" | ") >= 4]
+    rows = [
+        line
+        for line in (DOCS / "reference" / "config.md").read_text(encoding="utf-8").splitlines()
+        if line.startswith("| `") and line.count(" | ") >= 4
+    ]
     undocumented = [r.split(" | ")[0] for r in rows if not r.rstrip(" |").split(" | ")[-1].strip()]
-    assert len(rows) > 40 and not undocumented, f"keys without a doc (add one to KEY_DOCS): {undocumented}"
+    assert len(rows) > 40 and not undocumented, (
+        f"keys without a doc (add one to KEY_DOCS): {undocumented}"
+    )
 
 
 #: Words of the project's own history, which a reader of the README has no use for.
-HISTORY = ("last round", "this round", "the issue's target", "no gpu was lent", "this session",
-           "what changed the figures")
+HISTORY = (
+    "last round",
+    "this round",
+    "the issue's target",
+    "no gpu was lent",
+    "this session",
+    "what changed the figures",
+)
 
 
 def test_the_readme_is_short_its_links_resolve_and_it_tells_no_history():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     assert len(text.splitlines()) <= 250
     assert not [h for h in HISTORY if h in text.lower()]
-    for setup in ("bash scripts/setup.sh && .venv/bin/mmbridge train",
-                  "bash scripts/setup.sh && .venv/bin/python -m pytest"):
+    for setup in (
+        "bash scripts/setup.sh && .venv/bin/mmbridge train",
+        "bash scripts/setup.sh && .venv/bin/python -m pytest",
+    ):
         assert f"```bash\n{setup}\n```" in text, setup
     links = re.findall(r"\]\((?!https?://)([^)#]+)", text)
     assert links and not [link for link in links if not (ROOT / link).exists()]

@@ -18,11 +18,21 @@ from mmbridge.config.validation import validate_config
 def test_two_epochs_of_ten_samples_in_batches_of_four_are_six_steps(tmp_path):
     from mmbridge.runtime.train import train
 
-    overrides = ["experiment=tiny", "schedule=[align]", "data.n_train=10", "data.n_val=4",
-                 "data.n_test=4", "stages.align.max_steps=null", "stages.align.epochs=2",
-                 "stages.align.batch_size=4", "stages.align.val_every=100",
-                 "evaluation.max_samples=4", "evaluation.val_samples=2",
-                 "debug.record_sample_ids=true", f"paths.cache_dir={tmp_path / 'cache'}"]
+    overrides = [
+        "experiment=tiny",
+        "schedule=[align]",
+        "data.n_train=10",
+        "data.n_val=4",
+        "data.n_test=4",
+        "stages.align.max_steps=null",
+        "stages.align.epochs=2",
+        "stages.align.batch_size=4",
+        "stages.align.val_every=100",
+        "evaluation.max_samples=4",
+        "evaluation.val_samples=2",
+        "debug.record_sample_ids=true",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
     cfg = compose(overrides, shared_registry())
     validate_config(cfg, shared_registry())
     metrics = train(cfg, shared_registry(), tmp_path / "run")

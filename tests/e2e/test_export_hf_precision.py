@@ -25,11 +25,22 @@ from mmbridge.training.stages import configure_trainable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "What colour is the shape?"
-TINY = ["experiment=tiny", "encoder.image_size=32", "stages.instruct.train.llm=lora",
-        "stages.instruct.lora.dropout=0.0"]
+TINY = [
+    "experiment=tiny",
+    "encoder.image_size=32",
+    "stages.instruct.train.llm=lora",
+    "stages.instruct.lora.dropout=0.0",
+]
 #: experiment=tiny with a tiny DINOv2 Llava can represent, its weights in bf16
-BF16_HF = ["encoder=dinov2_small", "encoder.pool_to=null", "encoder.image_size=null",
-           "encoder.feature_layer=[1,0]", "connector=mlp", "encoder.dtype=bfloat16", "llm.dtype=bfloat16"]
+BF16_HF = [
+    "encoder=dinov2_small",
+    "encoder.pool_to=null",
+    "encoder.image_size=null",
+    "encoder.feature_layer=[1,0]",
+    "connector=mlp",
+    "encoder.dtype=bfloat16",
+    "llm.dtype=bfloat16",
+]
 
 
 def make_checkpoint(out: Path, overrides: list[str]) -> Path:
@@ -56,31 +67,49 @@ def test_a_bf16_model_exports_as_float32_llava_with_mmbridges_float32_logits(tmp
 
     build_tiny_dinov2(tmp_path / "dinov2")
     image = example_png(tmp_path, 1)
-    ckpt = make_checkpoint(tmp_path / "final", [*TINY, *BF16_HF, f"encoder.path={tmp_path / 'dinov2'}"])
-    assert float32_overrides(ckpt, shared_registry()) == ["llm.dtype=float32", "encoder.dtype=float32"]
+    ckpt = make_checkpoint(
+        tmp_path / "final", [*TINY, *BF16_HF, f"encoder.path={tmp_path / 'dinov2'}"]
+    )
+    assert float32_overrides(ckpt, shared_registry()) == [
+        "llm.dtype=float32",
+        "encoder.dtype=float32",
+    ]
     out = export(ckpt, tmp_path / "hf", format="hf", registry=shared_registry())
     with safe_open(str(next(out.glob("*.safetensors"))), "pt") as f:
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     assert dtypes == {"F32"}
 
-    m = mmbridge.load(ckpt, device="cpu", overrides=["llm.dtype=float32", "encoder.dtype=float32"],
-                      registry=shared_registry())
+    m = mmbridge.load(
+        ckpt,
+        device="cpu",
+        overrides=["llm.dtype=float32", "encoder.dtype=float32"],
+        registry=shared_registry(),
+    )
     bf16 = mmbridge.load(ckpt, device="cpu", registry=shared_registry())
     assert next(bf16.session.model.llm.parameters()).dtype == torch.bfloat16  # the model as trained
     llava = AutoModelForImageTextToText.from_pretrained(str(out), dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(str(out), backend="pil")
-    prompt = processor.apply_chat_template([{"role": "user", "content": f"<image>\n{PROMPT}"}],
-                                           add_generation_prompt=True, tokenize=False)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": f"<image>\n{PROMPT}"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     inputs = processor(images=Image.open(image), text=prompt, return_tensors="pt")
     want, _ = m.logits(PROMPT, image=image)
     with torch.no_grad():
-        got = llava(**inputs).logits[..., :want.shape[-1]]
+        got = llava(**inputs).logits[..., : want.shape[-1]]
     assert (got - want).abs().max().item() <= 1e-4
-    new = llava.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-    assert processor.decode(new, skip_special_tokens=True).strip() == m.generate(PROMPT, image=image, max_new_tokens=8)
+    new = llava.generate(**inputs, max_new_tokens=8, do_sample=False)[
+        0, inputs["input_ids"].shape[1] :
+    ]
+    assert processor.decode(new, skip_special_tokens=True).strip() == m.generate(
+        PROMPT, image=image, max_new_tokens=8
+    )
 
 
-def test_float32_overrides_name_the_nodes_that_have_a_dtype_and_exports_are_readable(tmp_path: Path):
+def test_float32_overrides_name_the_nodes_that_have_a_dtype_and_exports_are_readable(
+    tmp_path: Path,
+):
     # experiment=tiny: its timm encoder has no dtype option, its hf_causal LLM has one
     ckpt = make_checkpoint(tmp_path / "final", TINY)
     registry = shared_registry()

@@ -21,16 +21,27 @@ if not torch.cuda.is_available():  # one line in the summary for the whole modul
 
 def cli(*args: str, cwd) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMBRIDGE_DISABLE_PLUGINS": "1", "COLUMNS": "200"}
-    return subprocess.run([mmbridge_exe(), *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=900)
+    return subprocess.run(
+        [mmbridge_exe(), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=900
+    )
 
 
 def test_tiny_run_trains_evaluates_and_generates_in_bf16_on_cuda(tmp_path):
     run = tmp_path / "run"
-    out = cli("train", "experiment=tiny", "trainer=gpu", "device=cuda", "encoder.image_size=32",
-              "stages.align.max_steps=20", "stages.align.val_every=20",
-              "stages.instruct.max_steps=20", "stages.instruct.val_every=20",
-              f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}", cwd=tmp_path)
+    out = cli(
+        "train",
+        "experiment=tiny",
+        "trainer=gpu",
+        "device=cuda",
+        "encoder.image_size=32",
+        "stages.align.max_steps=20",
+        "stages.align.val_every=20",
+        "stages.instruct.max_steps=20",
+        "stages.instruct.val_every=20",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["precision"]["trainer"] == "bf16-mixed"
@@ -38,14 +49,27 @@ def test_tiny_run_trains_evaluates_and_generates_in_bf16_on_cuda(tmp_path):
     assert all(s["step_time_s"] > 0 for s in metrics["stages"].values())
     assert metrics["peak_memory_mb"] > 0
     ckpt = run / "checkpoints" / "final"
-    out = cli("eval", f"checkpoint={ckpt}", "device=cuda", "max_samples=16",
-              f"out={tmp_path / 'eval.json'}", cwd=tmp_path)
+    out = cli(
+        "eval",
+        f"checkpoint={ckpt}",
+        "device=cuda",
+        "max_samples=16",
+        f"out={tmp_path / 'eval.json'}",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((tmp_path / "eval.json").read_text())
     image = tmp_path / "red.png"
     Image.fromarray(np.full((64, 64, 3), (220, 20, 20), np.uint8)).save(image)
-    out = cli("generate", f"checkpoint={ckpt}", f"image={image}", "prompt=What colour?",
-              "max_new_tokens=3", "device=cuda", cwd=tmp_path)
+    out = cli(
+        "generate",
+        f"checkpoint={ckpt}",
+        f"image={image}",
+        "prompt=What colour?",
+        "max_new_tokens=3",
+        "device=cuda",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0 and out.stdout.strip(), out.stderr[-3000:]
 
 
@@ -83,12 +107,27 @@ def test_tiny_two_stage_run_under_lightning_fsdp_gathers_its_checkpoints_on_rank
 
     gpus = min(torch.cuda.device_count(), 2)
     run = tmp_path / "run"
-    overrides = ["experiment=tiny", "encoder.image_size=32", "stages.instruct.train.llm=lora",
-                 "data.n_test=16", "evaluation.max_samples=16"]
-    out = cli("train", *overrides, "trainer=fsdp", f"trainer.devices={gpus}", "trainer.enable_progress_bar=false",
-              "stages.align.max_steps=8", "stages.align.val_every=8",
-              "stages.instruct.max_steps=8", "stages.instruct.val_every=8",
-              f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}", cwd=tmp_path)
+    overrides = [
+        "experiment=tiny",
+        "encoder.image_size=32",
+        "stages.instruct.train.llm=lora",
+        "data.n_test=16",
+        "evaluation.max_samples=16",
+    ]
+    out = cli(
+        "train",
+        *overrides,
+        "trainer=fsdp",
+        f"trainer.devices={gpus}",
+        "trainer.enable_progress_bar=false",
+        "stages.align.max_steps=8",
+        "stages.align.val_every=8",
+        "stages.instruct.max_steps=8",
+        "stages.instruct.val_every=8",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     registry = load_registry(autoload=False)
     cfg = compose(overrides, registry)
@@ -101,9 +140,17 @@ def test_tiny_two_stage_run_under_lightning_fsdp_gathers_its_checkpoints_on_rank
         assert {k: v.shape for k, v in saved.items()} == expected, export  # whole, clean names
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test"]["n"] == 16
-    out = cli("eval", f"checkpoint={run / 'checkpoints' / 'final'}", "device=cuda", "max_samples=16",
-              f"out={tmp_path / 'eval.json'}", cwd=tmp_path)
+    out = cli(
+        "eval",
+        f"checkpoint={run / 'checkpoints' / 'final'}",
+        "device=cuda",
+        "max_samples=16",
+        f"out={tmp_path / 'eval.json'}",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert ev["n"] == 16
-    assert abs(ev["exact_match"] - metrics["test"]["exact_match"]) <= 1 / 16  # CUDA kernels may flip one
+    assert (
+        abs(ev["exact_match"] - metrics["test"]["exact_match"]) <= 1 / 16
+    )  # CUDA kernels may flip one

@@ -15,19 +15,42 @@ from pathlib import Path
 import pytest
 from helpers import mmbridge_exe
 
-FAST = ["experiment=tiny", "data.n_train=48", "data.n_val=8", "data.n_test=8",
-        "evaluation.max_samples=8", "evaluation.val_samples=4", "evaluation.batch_size=8",
-        "stages.align.batch_size=8", "stages.instruct.batch_size=8", "progress_every=1",
-        "stages.align.max_steps=40", "stages.align.val_every=40", "stages.align.checkpoint_every=1000",
-        "stages.instruct.max_steps=6", "stages.instruct.val_every=6"]
+FAST = [
+    "experiment=tiny",
+    "data.n_train=48",
+    "data.n_val=8",
+    "data.n_test=8",
+    "evaluation.max_samples=8",
+    "evaluation.val_samples=4",
+    "evaluation.batch_size=8",
+    "stages.align.batch_size=8",
+    "stages.instruct.batch_size=8",
+    "progress_every=1",
+    "stages.align.max_steps=40",
+    "stages.align.val_every=40",
+    "stages.align.checkpoint_every=1000",
+    "stages.instruct.max_steps=6",
+    "stages.instruct.val_every=6",
+]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "MMBRIDGE_DISABLE_PLUGINS": "1"}
 
 
 def start(tmp_path: Path, run: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
     log = tmp_path / f"{run.name}.log"
-    proc = subprocess.Popen([mmbridge_exe(), "train", *FAST, *extra, f"paths.cache_dir={tmp_path / 'cache'}",
-                             f"hydra.run.dir={run}"], stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env=ENV, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [
+            mmbridge_exe(),
+            "train",
+            *FAST,
+            *extra,
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={run}",
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=ENV,
+        cwd=tmp_path,
+    )
     return proc, log
 
 
@@ -52,7 +75,9 @@ def test_a_signal_checkpoints_says_how_to_resume_and_exits_nonzero(tmp_path, sig
     proc.send_signal(sig)
     assert proc.wait(timeout=300) == status, log.read_text()[-3000:]
     text = log.read_text()
-    m = re.search(r"interrupted at step (\d+) of stage align; resume with: mmbridge train resume=(\S+)", text)
+    m = re.search(
+        r"interrupted at step (\d+) of stage align; resume with: mmbridge train resume=(\S+)", text
+    )
     assert m, text[-3000:]
     step = int(m.group(1))
     assert 3 <= step < 40 and Path(m.group(2)) == run
@@ -62,8 +87,14 @@ def test_a_signal_checkpoints_says_how_to_resume_and_exits_nonzero(tmp_path, sig
 
     if sig != signal.SIGTERM:
         return
-    done = subprocess.run([mmbridge_exe(), "train", f"resume={run}"], capture_output=True, text=True,
-                          env=ENV, cwd=tmp_path, timeout=600)
+    done = subprocess.run(
+        [mmbridge_exe(), "train", f"resume={run}"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["stages"]["align"]["steps"] == 40 and metrics["stages"]["instruct"]["steps"] == 6

@@ -16,20 +16,34 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 N_TEST = 8
-FAST = ["experiment=tiny", "trainer=ddp_cpu", "encoder.image_size=32", "data.n_train=32",
-        "data.n_val=8", f"data.n_test={N_TEST}", f"evaluation.max_samples={N_TEST}",
-        "evaluation.val_samples=4", "evaluation.batch_size=8", "trainer.enable_progress_bar=false",
-        "stages.align.batch_size=4", "stages.instruct.batch_size=4",
-        "stages.align.max_steps=2", "stages.align.val_every=2",
-        "stages.instruct.max_steps=2", "stages.instruct.val_every=2", "debug.record_sample_ids=true"]
+FAST = [
+    "experiment=tiny",
+    "trainer=ddp_cpu",
+    "encoder.image_size=32",
+    "data.n_train=32",
+    "data.n_val=8",
+    f"data.n_test={N_TEST}",
+    f"evaluation.max_samples={N_TEST}",
+    "evaluation.val_samples=4",
+    "evaluation.batch_size=8",
+    "trainer.enable_progress_bar=false",
+    "stages.align.batch_size=4",
+    "stages.instruct.batch_size=4",
+    "stages.align.max_steps=2",
+    "stages.align.val_every=2",
+    "stages.instruct.max_steps=2",
+    "stages.instruct.val_every=2",
+    "debug.record_sample_ids=true",
+]
 RANK_KEYS = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")
 
 
 def cli(*args: str, cwd) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in RANK_KEYS}
     env.update(HF_HUB_OFFLINE="1", MMBRIDGE_DISABLE_PLUGINS="1", COLUMNS="200")
-    return subprocess.run([mmbridge_exe(), *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=900)
+    return subprocess.run(
+        [mmbridge_exe(), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=900
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +72,9 @@ def test_rank_0_alone_evaluates_the_whole_test_split(ddp_run):
 def test_checkpoints_hold_the_weights_both_ranks_trained(ddp_run):
     _, run, _ = ddp_run
     for stage, export in (("align", "align_final"), ("instruct", "final")):
-        ranks = [load_file(str(run / "debug" / f"{stage}_rank{r}_weights.safetensors")) for r in (0, 1)]
+        ranks = [
+            load_file(str(run / "debug" / f"{stage}_rank{r}_weights.safetensors")) for r in (0, 1)
+        ]
         saved = load_file(str(run / "checkpoints" / export / "weights.safetensors"))
         assert ranks[0].keys() == ranks[1].keys() and ranks[0].keys() <= saved.keys()
         for k in ranks[0]:
@@ -73,8 +89,15 @@ def test_checkpoints_hold_the_weights_both_ranks_trained(ddp_run):
 
 def test_one_process_eval_of_the_checkpoint_gives_the_runs_figures(ddp_run):
     root, run, _ = ddp_run
-    out = cli("eval", f"checkpoint={run / 'checkpoints' / 'final'}", "device=cpu", "trainer=cpu",
-              f"max_samples={N_TEST}", f"out={root / 'eval.json'}", cwd=root)
+    out = cli(
+        "eval",
+        f"checkpoint={run / 'checkpoints' / 'final'}",
+        "device=cpu",
+        "trainer=cpu",
+        f"max_samples={N_TEST}",
+        f"out={root / 'eval.json'}",
+        cwd=root,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     ev = json.loads((root / "eval.json").read_text())
     test = json.loads((run / "metrics.json").read_text())["test"]

@@ -32,13 +32,23 @@ def _old_checkpoint(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     with torch.no_grad():  # weights unlike a fresh build's, so that loading them is visible
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    weights = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
-               if k.startswith(("branches.image.connector.", "llm.model."))}
+    weights = {
+        k: v.detach().contiguous().clone()
+        for k, v in model.state_dict().items()
+        if k.startswith(("branches.image.connector.", "llm.model."))
+    }
     out = tmp_path / "final"
     out.mkdir()
-    save_file(weights, str(out / WEIGHTS), metadata={
-        "config": text, "stages": json.dumps(["align", "instruct"]), "lora": json.dumps(False),
-        "format": "mmbridge-1"})
+    save_file(
+        weights,
+        str(out / WEIGHTS),
+        metadata={
+            "config": text,
+            "stages": json.dumps(["align", "instruct"]),
+            "lora": json.dumps(False),
+            "format": "mmbridge-1",
+        },
+    )
     (out / "config.yaml").write_text(text)
     return out, weights
 
@@ -49,8 +59,9 @@ def test_a_2faaf33_checkpoint_loads_into_the_same_model(tmp_path):
     assert "components" not in meta and meta["format"] == "mmbridge-1"
     assert "reuse_prefix_kv" not in cfg.llm  # added after 2faaf33: its default applies
 
-    session, _ = session_from_checkpoint(str(ckpt), with_data=False, registry=shared_registry(),
-                                         device="cpu")
+    session, _ = session_from_checkpoint(
+        str(ckpt), with_data=False, registry=shared_registry(), device="cpu"
+    )
     state = session.model.state_dict()
     assert len(weights) == 25
     for name, tensor in weights.items():

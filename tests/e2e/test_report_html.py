@@ -160,9 +160,19 @@ def test_generate_writes_the_attention_map_of_a_photograph(tmp_path, capsys, pic
     Image.fromarray(skimage_data.astronaut()).save(image)
     keep = os.environ.get("MMBRIDGE_SCREENSHOTS")
     out = Path(keep) / "attention_qformer.png" if keep else tmp_path / "attention.png"
-    assert main([f"checkpoint={run / 'checkpoints' / 'final'}", f"image={image}",
-                 "prompt=What is in the image?", "max_new_tokens=2", "device=cpu",
-                 f"attention={out}"]) == 0
+    assert (
+        main(
+            [
+                f"checkpoint={run / 'checkpoints' / 'final'}",
+                f"image={image}",
+                "prompt=What is in the image?",
+                "max_new_tokens=2",
+                "device=cpu",
+                f"attention={out}",
+            ]
+        )
+        == 0
+    )
     assert f"wrote {out}" in capsys.readouterr().err
     with Image.open(out) as sheet:
         # image, the mean, 8 queries: 10 panels of 128 px in rows of 6, 16 px captions
@@ -193,8 +203,10 @@ def test_sweep_report_table_forest_curves_and_disagreements(picture_sweep):
         mean, low, high = exact_match_interval(row)
         assert low <= mean <= high and mean == pytest.approx(row.mean["test/exact_match"])
         assert f"[{low:.3f}, {high:.3f}]" in html
-    n = sum(json.loads(x)["mode"] == "media"
-            for x in (root / "variant=a,seed=0" / "predictions.jsonl").read_text().splitlines())
+    n = sum(
+        json.loads(x)["mode"] == "media"
+        for x in (root / "variant=a,seed=0" / "predictions.jsonl").read_text().splitlines()
+    )
     assert f"2 of {n} held-out questions are answered right by some configurations" in html
     assert html.count('class="card"') == 2
     assert all(i.size[0] == 64 for i in data_images(html))
@@ -206,8 +218,12 @@ def test_gate_section_means_per_question_type():
     def pred(mode: str, qtype: str, gate: list[float]) -> dict:
         return {"mode": mode, "qtype": qtype, "prefix": {"mode": "gate", "gate": gate}}
 
-    preds = [pred("media", "colour", [0.5, 0.3, 0.2]), pred("media", "colour", [0.1, 0.1, 0.8]),
-             pred("media", "count", [0.2, 0.2, 0.6]), pred("no_media", "count", [1.0, 0.0, 0.0])]
+    preds = [
+        pred("media", "colour", [0.5, 0.3, 0.2]),
+        pred("media", "colour", [0.1, 0.1, 0.8]),
+        pred("media", "count", [0.2, 0.2, 0.6]),
+        pred("no_media", "count", [1.0, 0.0, 0.0]),
+    ]
     html = gate_section(preds)
     # colour: level 1 mean 0.30, level 3 mean 0.50; count: 0.20 / 0.60 (no-media rows left out)
     assert "level 1 colour: 0.300" in html and "level 3 colour: 0.500" in html
@@ -218,13 +234,30 @@ def test_gate_section_means_per_question_type():
 def test_gallery_cards_without_a_picture_say_what_the_question_had():
     from mmbridge.reporting.run_report import gallery_section
 
-    html = gallery_section([
-        {"mode": "media", "id": "a", "qtype": "asr", "question": "<audio>\nWhat is said?",
-         "answer": "hello", "prediction": "hello", "correct": True,
-         "media": {"audio": "/data/clips/0001.wav"}},
-        {"mode": "media", "id": "b", "qtype": "colour", "question": "<image>\nColour?",
-         "answer": "red", "prediction": "", "correct": False,
-         "media": {"image": "/nowhere/gone.png"}}])
+    html = gallery_section(
+        [
+            {
+                "mode": "media",
+                "id": "a",
+                "qtype": "asr",
+                "question": "<audio>\nWhat is said?",
+                "answer": "hello",
+                "prediction": "hello",
+                "correct": True,
+                "media": {"audio": "/data/clips/0001.wav"},
+            },
+            {
+                "mode": "media",
+                "id": "b",
+                "qtype": "colour",
+                "question": "<image>\nColour?",
+                "answer": "red",
+                "prediction": "",
+                "correct": False,
+                "media": {"image": "/nowhere/gone.png"},
+            },
+        ]
+    )
     assert "(audio: 0001.wav)" in html and "(image not found)" in html
     assert "prediction: <b>(empty)</b>" in html and html.count("<img") == 0
 
@@ -242,9 +275,17 @@ def test_recording_through_generation_leaves_the_answer_unchanged(connector, tmp
 
     build_tiny_llama(tmp_path / "llm", seed=0)
     registry = shared_registry()
-    cfg = compose(["experiment=tiny", f"connector={connector}", f"llm.path={tmp_path / 'llm'}",
-                   "connector.num_latents=4", "connector.hidden_dim=32", "connector.depth=1"],
-                  registry)
+    cfg = compose(
+        [
+            "experiment=tiny",
+            f"connector={connector}",
+            f"llm.path={tmp_path / 'llm'}",
+            "connector.num_latents=4",
+            "connector.hidden_dim=32",
+            "connector.depth=1",
+        ],
+        registry,
+    )
     torch.manual_seed(0)
     model = assemble(cfg, registry).eval()
     image = tmp_path / "red.png"

@@ -22,12 +22,24 @@ from mmbridge.cli import main
 from mmbridge.errors import RunLockedError
 from mmbridge.utils.run_lock import HOLDER, RunLock, holder
 
-FAST = ["experiment=tiny", "data.n_train=48", "data.n_val=8", "data.n_test=8", "evaluation.max_samples=8",
-        "evaluation.val_samples=4", "evaluation.batch_size=8", "trainer.enable_progress_bar=false",
-        "stages.align.batch_size=8", "schedule=[align]", "stages.align.max_steps=2",
-        "stages.align.val_every=2"]
-HOLD = ("import sys; from mmbridge.utils.run_lock import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
-        "print('held', flush=True); sys.stdin.read()")
+FAST = [
+    "experiment=tiny",
+    "data.n_train=48",
+    "data.n_val=8",
+    "data.n_test=8",
+    "evaluation.max_samples=8",
+    "evaluation.val_samples=4",
+    "evaluation.batch_size=8",
+    "trainer.enable_progress_bar=false",
+    "stages.align.batch_size=8",
+    "schedule=[align]",
+    "stages.align.max_steps=2",
+    "stages.align.val_every=2",
+]
+HOLD = (
+    "import sys; from mmbridge.utils.run_lock import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
+    "print('held', flush=True); sys.stdin.read()"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -47,14 +59,20 @@ def _wait_for_holder(run: Path, proc: subprocess.Popen, timeout: float = 600) ->
 
 def test_a_second_process_is_refused_naming_the_holder(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "held"
         with pytest.raises(RunLockedError) as err:
             RunLock(run).acquire()
-        assert str(err.value).startswith(f"{run}: this run directory is in use by another run "
-                                         f"(pid {proc.pid} on host {socket.gethostname()} since ")
+        assert str(err.value).startswith(
+            f"{run}: this run directory is in use by another run "
+            f"(pid {proc.pid} on host {socket.gethostname()} since "
+        )
     finally:
         proc.communicate("")  # the holder exits and the kernel frees its lock
     with RunLock(run) as lock:  # free again
@@ -64,8 +82,12 @@ def test_a_second_process_is_refused_naming_the_holder(tmp_path):
 
 def test_the_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, caplog):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "held"
     proc.kill()  # kill -9: no release, its note stays
     proc.wait()
@@ -74,8 +96,10 @@ def test_the_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="mmbridge.utils.run_lock"), RunLock(run):
         pass
     (msg,) = [r.getMessage() for r in caplog.records]
-    assert msg.startswith(f"{run}: taking over the lock of a run that ended without releasing it "
-                          f"(pid {proc.pid} on host {socket.gethostname()}")
+    assert msg.startswith(
+        f"{run}: taking over the lock of a run that ended without releasing it "
+        f"(pid {proc.pid} on host {socket.gethostname()}"
+    )
 
 
 @pytest.mark.slow
@@ -84,8 +108,12 @@ def test_two_trainings_into_one_run_directory(tmp_path, capsys):
     is refused while it runs, and the first finishes with its own files intact."""
     run = tmp_path / "run"
     cache = f"paths.cache_dir={tmp_path}/cache"
-    first = subprocess.Popen([mmbridge_exe(), "train", *FAST, cache, f"hydra.run.dir={run}"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [mmbridge_exe(), "train", *FAST, cache, f"hydra.run.dir={run}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         note = _wait_for_holder(run, first)
         assert note["pid"] == first.pid

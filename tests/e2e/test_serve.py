@@ -44,14 +44,22 @@ def free_port() -> int:
 
 
 def user(url: str, text: str = PROMPT) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": text}]}]
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": text},
+            ],
+        }
+    ]
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("serve") / "final",
-                           ["experiment=tiny", "encoder.image_size=32"])
+    return make_checkpoint(
+        tmp_path_factory.mktemp("serve") / "final", ["experiment=tiny", "encoder.image_size=32"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +75,26 @@ def server(ckpt, images, tmp_path_factory):
     Yields ``(process, base_url, log path, expected answers, the in-process model)``."""
     port = free_port()
     log = tmp_path_factory.mktemp("log") / "serve.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMBRIDGE_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "MMBRIDGE_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
+        "OMP_NUM_THREADS": "1",
+    }
     with open(log, "w") as out:
-        proc = subprocess.Popen([mmbridge_exe(), "serve", f"checkpoint={ckpt}", f"port={port}",
-                                 f"api_key={KEY}", "device=cpu"], stdout=out,
-                                stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [
+                mmbridge_exe(),
+                "serve",
+                f"checkpoint={ckpt}",
+                f"port={port}",
+                f"api_key={KEY}",
+                "device=cpu",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     model = mmbridge.load(ckpt, device="cpu", registry=shared_registry())
     expected = list(model.generate([PROMPT] * len(images), image=list(images), max_new_tokens=8))
     base = f"http://127.0.0.1:{port}"
@@ -107,16 +129,27 @@ def expected(server) -> list[str]:
 def test_generate_command_gives_the_expected_answer(ckpt, images, expected, capsys):
     from mmbridge.commands.generate import main
 
-    assert main([f"checkpoint={ckpt}", f"image={images[0]}", f"prompt={PROMPT}",
-                 "max_new_tokens=8", "device=cpu"]) == 0
+    assert (
+        main(
+            [
+                f"checkpoint={ckpt}",
+                f"image={images[0]}",
+                f"prompt={PROMPT}",
+                "max_new_tokens=8",
+                "device=cpu",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == expected[0]
     assert len(set(expected)) > 1  # the answer depends on the image: the checks below can fail
 
 
 def test_models_and_a_completion_equal_generate(client, images, expected):
     assert [m.id for m in client.models.list().data] == ["tiny"]
-    r = client.chat.completions.create(model="tiny", messages=user(data_url(images[0])),
-                                       max_tokens=8, temperature=0)
+    r = client.chat.completions.create(
+        model="tiny", messages=user(data_url(images[0])), max_tokens=8, temperature=0
+    )
     assert r.choices[0].message.content == expected[0]
     assert r.object == "chat.completion" and r.choices[0].finish_reason in ("stop", "length")
     # prompt: chat template + 16 image slots + the question; completion: at most max_tokens
@@ -125,9 +158,13 @@ def test_models_and_a_completion_equal_generate(client, images, expected):
 
 
 def test_a_streamed_answer_equals_generate(client, images, expected):
-    stream = client.chat.completions.create(model="tiny", messages=user(data_url(images[1])),
-                                            max_tokens=8, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=user(data_url(images[1])),
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert "".join(deltas) == expected[1]
@@ -139,8 +176,9 @@ def test_a_streamed_answer_equals_generate(client, images, expected):
 
 def test_eight_concurrent_requests_get_their_own_answers(client, images, expected):
     def ask(k: int) -> str:
-        r = client.chat.completions.create(model="tiny", messages=user(data_url(images[k])),
-                                           max_tokens=8)
+        r = client.chat.completions.create(
+            model="tiny", messages=user(data_url(images[k])), max_tokens=8
+        )
         return r.choices[0].message.content or ""
 
     with ThreadPoolExecutor(8) as pool:
@@ -172,8 +210,14 @@ def test_batched_requests_answer_as_single_ones(server, images, expected):
 
 def test_a_seed_repeats_a_sampled_answer(client, images):
     def sample(seed: int) -> str:
-        r = client.chat.completions.create(model="tiny", messages=user(data_url(images[2])),
-                                           max_tokens=8, temperature=1.5, top_p=0.95, seed=seed)
+        r = client.chat.completions.create(
+            model="tiny",
+            messages=user(data_url(images[2])),
+            max_tokens=8,
+            temperature=1.5,
+            top_p=0.95,
+            seed=seed,
+        )
         return r.choices[0].message.content or ""
 
     first = sample(1)
@@ -183,12 +227,16 @@ def test_a_seed_repeats_a_sampled_answer(client, images):
 
 def test_stop_cuts_the_answer(client, images, expected):
     word = expected[0].split()[-1] if " " in expected[0] else expected[0][-2:]
-    r = client.chat.completions.create(model="tiny", messages=user(data_url(images[0])),
-                                       max_tokens=8, stop=[word])
-    cut = expected[0][:expected[0].find(word)]
+    r = client.chat.completions.create(
+        model="tiny", messages=user(data_url(images[0])), max_tokens=8, stop=[word]
+    )
+    cut = expected[0][: expected[0].find(word)]
     assert r.choices[0].message.content == cut and r.choices[0].finish_reason == "stop"
-    chunks = list(client.chat.completions.create(model="tiny", messages=user(data_url(images[0])),
-                                                 max_tokens=8, stop=[word], stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=user(data_url(images[0])), max_tokens=8, stop=[word], stream=True
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == cut  # nothing past it
     assert chunks[-1].choices[0].finish_reason == "stop"
 
@@ -203,32 +251,62 @@ def error_of(call) -> tuple[int, dict]:
 
 
 def test_bad_requests_get_openai_errors(client, server, images, tmp_path):
-    status, err = error_of(lambda: client.chat.completions.create(
-        model="tiny", messages=user("data:image/png;base64," + base64.b64encode(b"not a png").decode())))
+    status, err = error_of(
+        lambda: client.chat.completions.create(
+            model="tiny",
+            messages=user("data:image/png;base64," + base64.b64encode(b"not a png").decode()),
+        )
+    )
     assert status == 400 and "not a readable image" in err["message"]
-    status, err = error_of(lambda: client.chat.completions.create(
-        model="gpt-4o", messages=user(data_url(images[0]))))
+    status, err = error_of(
+        lambda: client.chat.completions.create(model="gpt-4o", messages=user(data_url(images[0])))
+    )
     assert status == 400 and err["code"] == "model_not_found" and "'tiny'" in err["message"]
     big = io.BytesIO()
     Image.new("RGB", (120, 100), (200, 30, 30)).save(big, format="PNG")
-    status, err = error_of(lambda: client.chat.completions.create(
-        model="tiny", messages=user("data:image/png;base64," + base64.b64encode(big.getvalue()).decode())))
+    status, err = error_of(
+        lambda: client.chat.completions.create(
+            model="tiny",
+            messages=user("data:image/png;base64," + base64.b64encode(big.getvalue()).decode()),
+        )
+    )
     assert status == 413 and "12000 pixels" in err["message"] and str(MAX_PIXELS) in err["message"]
-    audio = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
-        "data": base64.b64encode(b"RIFF0000WAVE").decode(), "format": "wav"}}]}]
+    audio = [
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "input_audio",
+                    "input_audio": {
+                        "data": base64.b64encode(b"RIFF0000WAVE").decode(),
+                        "format": "wav",
+                    },
+                }
+            ],
+        }
+    ]
     status, err = error_of(lambda: client.chat.completions.create(model="tiny", messages=audio))
     assert status == 400 and "no audio encoder" in err["message"]
-    status, err = error_of(lambda: client.chat.completions.create(  # never read from disk
-        model="tiny", messages=user(images[0])))
+    status, err = error_of(
+        lambda: client.chat.completions.create(  # never read from disk
+            model="tiny", messages=user(images[0])
+        )
+    )
     assert status == 400 and "local file paths are not allowed" in err["message"]
-    status, err = error_of(lambda: client.chat.completions.create(
-        model="tiny", messages=user("https://example.com/cat.png")))
+    status, err = error_of(
+        lambda: client.chat.completions.create(
+            model="tiny", messages=user("https://example.com/cat.png")
+        )
+    )
     assert status == 400 and "never fetched" in err["message"]
     wrong = openai.OpenAI(base_url=f"{server[1]}/v1", api_key="sk-wrong", max_retries=0)
     status, err = error_of(lambda: wrong.models.list())
     assert status == 401 and err["type"] == "authentication_error"
-    raw = httpx.post(f"{server[1]}/v1/chat/completions", content=b"{oops",
-                     headers={"Authorization": f"Bearer {KEY}"})
+    raw = httpx.post(
+        f"{server[1]}/v1/chat/completions",
+        content=b"{oops",
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
     assert raw.status_code == 400 and "not JSON" in raw.json()["error"]["message"]
 
 

@@ -31,9 +31,16 @@ def _llava(root: Path, name: str, n: int, colour: tuple[int, int, int]) -> Path:
     rows = []
     for i in range(n):
         Image.new("RGB", (16, 16), colour).save(images / f"{i}.png")
-        rows.append({"id": f"{name}-{i}", "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is shown?"},
-            {"from": "gpt", "value": f"a {name} square"}]})
+        rows.append(
+            {
+                "id": f"{name}-{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat is shown?"},
+                    {"from": "gpt", "value": f"a {name} square"},
+                ],
+            }
+        )
     path = images / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -64,9 +71,17 @@ def test_mixture_splits_draw_training_splits_and_keep_evaluation_splits_whole():
 
 def test_a_mixture_node_reads_its_sources_through_the_registry(tmp_path):
     red, blue = _llava(tmp_path, "red", 6, (255, 0, 0)), _llava(tmp_path, "blue", 30, (0, 0, 255))
-    cfg = compose(["experiment=tiny", "data=mixture", f"paths.cache_dir={tmp_path / 'cache'}",
-                   f"data.sources=[{{name: llava, train: {red}, weight: 3}},"
-                   f"{{name: llava, train: {blue}, weight: 1}}]", "data.size=400"], shared_registry())
+    cfg = compose(
+        [
+            "experiment=tiny",
+            "data=mixture",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"data.sources=[{{name: llava, train: {red}, weight: 3}},"
+            f"{{name: llava, train: {blue}, weight: 1}}]",
+            "data.size=400",
+        ],
+        shared_registry(),
+    )
     validate_config(cfg, shared_registry())
     splits = read_data(shared_registry(), cfg.data, "data", tmp_path / "data", seed=0)
     share = Counter(s.id.split("-")[0] for s in splits["train"])
@@ -75,14 +90,21 @@ def test_a_mixture_node_reads_its_sources_through_the_registry(tmp_path):
     assert Path(splits["train"][0].media["image"]).is_file()  # media resolved per source
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("stages.align.data.sources=[{name: llava, train: x.json, weight: 0}]",
-     "stages.align.data.sources.0.weight=0: expected a number > 0"),
-    ("stages.align.data.sources=[{name: nope, weight: 1}]", "stages.align.data.sources.0.name"),
-    ("stages.align.data.sources=[]", "stages.align.data.sources=[]: expected a non-empty list"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "stages.align.data.sources=[{name: llava, train: x.json, weight: 0}]",
+            "stages.align.data.sources.0.weight=0: expected a number > 0",
+        ),
+        ("stages.align.data.sources=[{name: nope, weight: 1}]", "stages.align.data.sources.0.name"),
+        ("stages.align.data.sources=[]", "stages.align.data.sources=[]: expected a non-empty list"),
+    ],
+)
 def test_a_bad_stage_mixture_is_refused_naming_the_stage_key(override, message, tmp_path):
-    cfg = compose(["experiment=tiny", "+data@stages.align.data=mixture", override], shared_registry())
+    cfg = compose(
+        ["experiment=tiny", "+data@stages.align.data=mixture", override], shared_registry()
+    )
     with pytest.raises(ConfigError) as err:
         validate_config(cfg, shared_registry())
     assert message in str(err.value)
@@ -96,12 +118,24 @@ def test_two_stages_train_on_their_own_sources_and_the_run_data_is_the_fallback(
     from mmbridge.runtime.train import train
 
     captions = _llava(tmp_path, "cap", 12, (200, 30, 30))
-    overrides = ["experiment=tiny", "data.n_train=24", "data.n_val=4", "data.n_test=4",
-                 "+data@stages.align.data=llava", f"stages.align.data.train={captions}",
-                 "stages.align.max_steps=2", "stages.align.val_every=2", "stages.align.batch_size=4",
-                 "stages.instruct.max_steps=2", "stages.instruct.val_every=2",
-                 "stages.instruct.batch_size=4", "evaluation.max_samples=4", "evaluation.val_samples=2",
-                 "debug.record_sample_ids=true", f"paths.cache_dir={tmp_path / 'cache'}"]
+    overrides = [
+        "experiment=tiny",
+        "data.n_train=24",
+        "data.n_val=4",
+        "data.n_test=4",
+        "+data@stages.align.data=llava",
+        f"stages.align.data.train={captions}",
+        "stages.align.max_steps=2",
+        "stages.align.val_every=2",
+        "stages.align.batch_size=4",
+        "stages.instruct.max_steps=2",
+        "stages.instruct.val_every=2",
+        "stages.instruct.batch_size=4",
+        "evaluation.max_samples=4",
+        "evaluation.val_samples=2",
+        "debug.record_sample_ids=true",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
     registry = shared_registry()
     cfg = compose(overrides, registry)
     validate_config(cfg, registry)
@@ -109,11 +143,14 @@ def test_two_stages_train_on_their_own_sources_and_the_run_data_is_the_fallback(
     assert session.data_of("instruct") is session.splits  # no stages.instruct.data: the run's
     assert {s.id for s in session.data_of("align")["train"]} == {f"cap-{i}" for i in range(12)}
     assert {s.id for s in prepare_stage(session, "instruct").train_ds.samples} <= {
-        s.id for s in session.splits["train"]}
+        s.id for s in session.splits["train"]
+    }
 
     metrics = train(cfg, registry, tmp_path / "run")
-    seen = {n: json.loads((tmp_path / "run" / "debug" / f"{n}_rank0_ids.json").read_text())["ids"]
-            for n in ("align", "instruct")}
+    seen = {
+        n: json.loads((tmp_path / "run" / "debug" / f"{n}_rank0_ids.json").read_text())["ids"]
+        for n in ("align", "instruct")
+    }
     shapes = {s.id for s in session.splits["train"]}
     assert len(seen["align"]) == 8 and all(i.startswith("cap-") for i in seen["align"])
     assert len(seen["instruct"]) == 8 and set(seen["instruct"]) <= shapes

@@ -52,7 +52,14 @@ def image_samples(tmp_path_factory) -> list[Sample]:
     for i, answer in enumerate(answers):
         path = root / f"{i}.png"
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
-        out.append(Sample(f"s{i}", {"image": str(path)},
-                          [{"from": "human", "value": "<image>\nWhat is in the image?" + " Answer." * i},
-                           {"from": "gpt", "value": answer}]))
+        out.append(
+            Sample(
+                f"s{i}",
+                {"image": str(path)},
+                [
+                    {"from": "human", "value": "<image>\nWhat is in the image?" + " Answer." * i},
+                    {"from": "gpt", "value": answer},
+                ],
+            )
+        )
     return out

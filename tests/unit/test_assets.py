@@ -45,8 +45,16 @@ def test_asset_modules_import_heavy_libraries_only_inside_functions():
     """Registering must stay cheap: no module-level import of a conversion library."""
     import ast
 
-    heavy = {"transformers", "onnx", "onnxruntime", "whisper", "gguf", "sentence_transformers",
-             "accelerate", "PIL"}
+    heavy = {
+        "transformers",
+        "onnx",
+        "onnxruntime",
+        "whisper",
+        "gguf",
+        "sentence_transformers",
+        "accelerate",
+        "PIL",
+    }
     for path in Path(ct2.__file__).parent.glob("*.py"):
         for node in ast.parse(path.read_text()).body:  # module level only
             if isinstance(node, ast.Import):
@@ -124,7 +132,10 @@ def test_resolve_asset_name_converts_once_into_the_cache(tmp_path, monkeypatch):
     _Counting.calls = 0
     first = resolve_model_path("fake-asset", registry)
     assert first == str(tmp_path / "assets" / "fake-asset")
-    assert (Path(first) / "CHECK.txt").read_text().splitlines() == ["version=1", "fake check 0 <= 1"]
+    assert (Path(first) / "CHECK.txt").read_text().splitlines() == [
+        "version=1",
+        "fake check 0 <= 1",
+    ]
     assert resolve_model_path("fake-asset", registry) == first
     assert _Counting.calls == 1
     assert not list((tmp_path / "assets").glob(".fake-asset-*"))  # no temp dir left behind
@@ -142,14 +153,18 @@ def test_resolve_converted_single_file_asset_gives_the_file(tmp_path, monkeypatc
 
 def test_resolve_local_paths_and_hub_ids(tmp_path):
     assert resolve_model_path(str(tmp_path), shared_registry()) == str(tmp_path)
-    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct", shared_registry()) == \
-        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (
+        resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct", shared_registry())
+        == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
     with pytest.raises(AssetError, match=r"llm\.path: './nope' does not exist.*minilm-l6"):
         resolve_model_path("./nope", shared_registry(), key="llm.path")
 
 
 # -- the CTranslate2 reader and the Whisper mapping ----------------------------------------------
-def _ct2_bytes(variables: dict[str, np.ndarray], aliases: dict[str, str], version: int = 6) -> bytes:
+def _ct2_bytes(
+    variables: dict[str, np.ndarray], aliases: dict[str, str], version: int = 6
+) -> bytes:
     def string(s: str) -> bytes:
         raw = s.encode() + b"\0"
         return struct.pack("<H", len(raw)) + raw
@@ -165,19 +180,27 @@ def _ct2_bytes(variables: dict[str, np.ndarray], aliases: dict[str, str], versio
     return out
 
 
-def _tiny_whisper_variables(d: int = 8, vocab: int = 51864, layers: int = 1) -> dict[str, np.ndarray]:
+def _tiny_whisper_variables(
+    d: int = 8, vocab: int = 51864, layers: int = 1
+) -> dict[str, np.ndarray]:
     """CTranslate2 Whisper variables of a tiny model (random fp16; fused key biases zero)."""
     rng = np.random.default_rng(0)
 
     def t(*shape: int) -> np.ndarray:
         return rng.standard_normal(shape).astype(np.float16)
 
-    v = {"encoder/conv1/weight": t(d, 80, 3), "encoder/conv1/bias": t(d),
-         "encoder/conv2/weight": t(d, d, 3), "encoder/conv2/bias": t(d),
-         "encoder/position_encodings/encodings": t(1500, d),
-         "encoder/num_heads": np.array(2, np.int16), "decoder/num_heads": np.array(2, np.int16),
-         "decoder/embeddings/weight": t(vocab, d), "decoder/position_encodings/encodings": t(448, d),
-         "decoder/activation": np.array(3, np.int8)}
+    v = {
+        "encoder/conv1/weight": t(d, 80, 3),
+        "encoder/conv1/bias": t(d),
+        "encoder/conv2/weight": t(d, d, 3),
+        "encoder/conv2/bias": t(d),
+        "encoder/position_encodings/encodings": t(1500, d),
+        "encoder/num_heads": np.array(2, np.int16),
+        "decoder/num_heads": np.array(2, np.int16),
+        "decoder/embeddings/weight": t(vocab, d),
+        "decoder/position_encodings/encodings": t(448, d),
+        "decoder/activation": np.array(3, np.int8),
+    }
     for side in ("encoder", "decoder"):
         v[f"{side}/layer_norm/gamma"], v[f"{side}/layer_norm/beta"] = t(d), t(d)
         for i in range(layers):
@@ -188,18 +211,23 @@ def _tiny_whisper_variables(d: int = 8, vocab: int = 51864, layers: int = 1) -> 
             for block, linears in blocks.items():
                 v[f"{p}/{block}/layer_norm/gamma"], v[f"{p}/{block}/layer_norm/beta"] = t(d), t(d)
                 for lin, n in linears:
-                    v[f"{p}/{block}/{lin}/weight"], v[f"{p}/{block}/{lin}/bias"] = t(n * d, d), t(n * d)
+                    v[f"{p}/{block}/{lin}/weight"], v[f"{p}/{block}/{lin}/bias"] = (
+                        t(n * d, d),
+                        t(n * d),
+                    )
             v[f"{p}/ffn/linear_0/weight"], v[f"{p}/ffn/linear_0/bias"] = t(4 * d, d), t(4 * d)
             v[f"{p}/ffn/linear_1/weight"], v[f"{p}/ffn/linear_1/bias"] = t(d, 4 * d), t(d)
-            v[f"{p}/self_attention/linear_0/bias"][d:2 * d] = 0  # Whisper keys have no bias
+            v[f"{p}/self_attention/linear_0/bias"][d : 2 * d] = 0  # Whisper keys have no bias
             if side == "decoder":
                 v[f"{p}/attention/linear_1/bias"][:d] = 0
     return v
 
 
 def test_ct2_reader_roundtrip_and_errors(tmp_path):
-    variables = {"a/weight": np.arange(6, dtype=np.float16).reshape(2, 3),
-                 "a/num_heads": np.array(6, np.int16)}
+    variables = {
+        "a/weight": np.arange(6, dtype=np.float16).reshape(2, 3),
+        "a/num_heads": np.array(6, np.int16),
+    }
     path = tmp_path / "model.bin"
     path.write_bytes(_ct2_bytes(variables, {"b/weight": "a/weight"}))
     model = ct2.read_ct2(path)
@@ -225,7 +253,10 @@ def test_whisper_mapping_loads_strictly_into_openai_whisper():
     state = asset._state(v)
     model = whisper.model.Whisper(whisper.model.ModelDimensions(**dims))
     model.load_state_dict(state, strict=True)
-    q, k = v["decoder/layer_0/self_attention/linear_0/weight"][:8], state["decoder.blocks.0.attn.key.weight"]
+    q, k = (
+        v["decoder/layer_0/self_attention/linear_0/weight"][:8],
+        state["decoder.blocks.0.attn.key.weight"],
+    )
     torch.testing.assert_close(state["decoder.blocks.0.attn.query.weight"], torch.from_numpy(q))
     assert k.shape == (8, 8) and "decoder.blocks.0.attn.key.bias" not in state
 
@@ -243,10 +274,14 @@ def test_word_error_rate():
 
 
 def test_dinov2_names_map_onto_transformers_5():
-    assert dinov2._rename("backbone.encoder.layer.3.attention.attention.query.weight") == \
-        "encoder.layer.3.attention.q_proj.weight"
-    assert dinov2._rename("backbone.encoder.layer.0.attention.output.dense.bias") == \
-        "encoder.layer.0.attention.o_proj.bias"
+    assert (
+        dinov2._rename("backbone.encoder.layer.3.attention.attention.query.weight")
+        == "encoder.layer.3.attention.q_proj.weight"
+    )
+    assert (
+        dinov2._rename("backbone.encoder.layer.0.attention.output.dense.bias")
+        == "encoder.layer.0.attention.o_proj.bias"
+    )
     assert dinov2._rename("backbone.layernorm.weight") == "layernorm.weight"
 
 
@@ -290,13 +325,17 @@ def test_smollm2_converts_and_answers(tmp_path, monkeypatch):
     tok = AutoTokenizer.from_pretrained(path)
     assert model.config.model_type == "llama" and model.dtype == torch.float32
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
-    ids = tok.apply_chat_template([{"role": "user", "content": "Name a colour."}],
-                                  add_generation_prompt=True, return_tensors="pt",
-                                  return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Name a colour."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
-                             do_sample=False)
-    assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False
+        )
+    assert tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 @pytest.mark.integration
@@ -308,8 +347,9 @@ def test_dinov2_converts_and_encodes(tmp_path, monkeypatch):
     assert _figure(r"max \|diff\| (\S+) <=", check) <= 1e-4
     processor = AutoImageProcessor.from_pretrained(path)
     model = Dinov2Model.from_pretrained(path).eval()
-    pixels = processor(images=Image.new("RGB", (300, 200), (200, 30, 30)),
-                       return_tensors="pt")["pixel_values"]
+    pixels = processor(images=Image.new("RGB", (300, 200), (200, 30, 30)), return_tensors="pt")[
+        "pixel_values"
+    ]
     with torch.inference_mode():
         hidden = model(pixel_values=pixels).last_hidden_state
     assert pixels.shape == (1, 3, 224, 224)
@@ -326,7 +366,11 @@ def test_whisper_converts_and_transcribes(tmp_path, monkeypatch):
     assert path.endswith("tiny.en.pt")
     assert _figure(r"WER (\S+) <=", check) <= whisper_tiny.WER_TOL
     model = whisper.load_model(path, device="cpu")
-    assert (model.dims.n_audio_layer, model.dims.n_vocab, model.is_multilingual) == (4, 51864, False)
+    assert (model.dims.n_audio_layer, model.dims.n_vocab, model.is_multilingual) == (
+        4,
+        51864,
+        False,
+    )
 
 
 @pytest.mark.integration

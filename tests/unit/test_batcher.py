@@ -45,7 +45,9 @@ def prompts(samples: list[Sample]) -> list[Sample]:
     return [s.replace(conversations=s.conversations[:1]) for s in samples]
 
 
-def test_training_batch_equals_the_hand_path_and_its_loss_is_pinned(tiny_model, chat, image_samples):
+def test_training_batch_equals_the_hand_path_and_its_loss_is_pinned(
+    tiny_model, chat, image_samples
+):
     batcher = Batcher.from_model(tiny_model, chat)
     batch = batcher.batch(image_samples)
     assert_same_batch(batch, hand_batch(tiny_model, chat, image_samples))
@@ -74,7 +76,9 @@ def test_generation_batch_is_the_prompt_left_padded(tiny_model, chat, image_samp
     # greedy generation is the same through both paths
     with torch.no_grad():
         new = tiny_model.generate(batch, max_new_tokens=3)
-        ref = tiny_model.generate(hand_batch(tiny_model, chat, asked, generation=True), max_new_tokens=3)
+        ref = tiny_model.generate(
+            hand_batch(tiny_model, chat, asked, generation=True), max_new_tokens=3
+        )
     assert torch.equal(new, ref)
 
 
@@ -82,7 +86,10 @@ def test_collate_side_and_encode_are_the_parts_of_batch(tiny_model, chat, image_
     right = Batcher.from_model(tiny_model, chat)
     left = Batcher.from_model(tiny_model, chat, left_pad=True)
     items = [right.encode(s) for s in image_samples]
-    assert items[2]["input_ids"] == encode_sample(image_samples[2], MediaReader(tiny_model), chat)["input_ids"]
+    assert (
+        items[2]["input_ids"]
+        == encode_sample(image_samples[2], MediaReader(tiny_model), chat)["input_ids"]
+    )
     assert_same_batch(left.collate(items), Collator(chat.pad_id, tiny_model, left_pad=True)(items))
     assert_same_batch(right.collate(items, left_pad=True), left.collate(items))
     assert_same_batch(left.batch(image_samples), left.collate(items))
@@ -107,10 +114,18 @@ def test_cached_features_go_into_the_batch_as_features(tiny_model, chat, image_s
 def test_dataset_rows_are_encode_rows(tiny_model, chat, image_samples):
     batcher = Batcher.from_model(tiny_model, chat)
     ds = batcher.dataset(image_samples, DataRecipe(), seed=3, split="train")
-    old = ConversationDataset(image_samples, DataRecipe(), MediaReader(tiny_model), chat, seed=3, split="train")
+    old = ConversationDataset(
+        image_samples, DataRecipe(), MediaReader(tiny_model), chat, seed=3, split="train"
+    )
     assert isinstance(ds, ConversationDataset) and len(ds) == len(old) == 4 and ds.split == "train"
-    assert_same_batch(batcher.collator([ds[i] for i in range(4)]), Collator(chat.pad_id, tiny_model)([old[i] for i in range(4)]))
-    assert ds[1]["input_ids"] == batcher.encode(DataRecipe()(image_samples[1], random.Random(0)))["input_ids"]
+    assert_same_batch(
+        batcher.collator([ds[i] for i in range(4)]),
+        Collator(chat.pad_id, tiny_model)([old[i] for i in range(4)]),
+    )
+    assert (
+        ds[1]["input_ids"]
+        == batcher.encode(DataRecipe()(image_samples[1], random.Random(0)))["input_ids"]
+    )
 
 
 def test_device_defaults_and_to_device(tiny_model, chat, image_samples):
@@ -131,24 +146,47 @@ def test_a_media_modality_without_a_branch_names_the_sample(tiny_model, chat, im
     from mmbridge.errors import DataError
 
     odd = image_samples[0].replace(id="odd", media={"audio": "x.wav"})
-    with pytest.raises(DataError, match=r"media 'audio' \(x.wav\) but the model has no audio encoder; modalities: image"):
+    with pytest.raises(
+        DataError,
+        match=r"media 'audio' \(x.wav\) but the model has no audio encoder; modalities: image",
+    ):
         Batcher.from_model(tiny_model, chat).encode(odd)
 
 
-def test_evaluation_through_the_batcher_gives_the_hand_paths_answers(tiny_model, chat, image_samples):
+def test_evaluation_through_the_batcher_gives_the_hand_paths_answers(
+    tiny_model, chat, image_samples
+):
     """qa.exact_match (now through a Batcher) answers as the hand-assembled loop it replaced:
     the same predictions, so the same figures."""
     from mmbridge.evaluation.qa import exact_match, qa_items
 
     items = qa_items(image_samples)
     records: list[dict] = []
-    out = exact_match(tiny_model, items, Batcher.from_model(tiny_model, chat), records=records,
-                      batch_size=3, max_new_tokens=4, progress=False)
-    reader, collate, hand = MediaReader(tiny_model), Collator(chat.pad_id, tiny_model, left_pad=True), []
+    out = exact_match(
+        tiny_model,
+        items,
+        Batcher.from_model(tiny_model, chat),
+        records=records,
+        batch_size=3,
+        max_new_tokens=4,
+        progress=False,
+    )
+    reader, collate, hand = (
+        MediaReader(tiny_model),
+        Collator(chat.pad_id, tiny_model, left_pad=True),
+        [],
+    )
     with torch.no_grad():
         for i in range(0, len(items), 3):  # the loop of evaluation/qa.py before the Batcher
-            encoded = [encode_sample(it.sample.replace(conversations=it.sample.conversations[:-1]), reader, chat,
-                                     add_generation_prompt=True) for it in items[i:i + 3]]
+            encoded = [
+                encode_sample(
+                    it.sample.replace(conversations=it.sample.conversations[:-1]),
+                    reader,
+                    chat,
+                    add_generation_prompt=True,
+                )
+                for it in items[i : i + 3]
+            ]
             new = tiny_model.generate(collate(encoded), max_new_tokens=4)
             hand += [chat.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
     assert [r["prediction"] for r in records] == hand and len(hand) == 4

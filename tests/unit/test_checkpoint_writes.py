@@ -40,8 +40,12 @@ class _FullDisk:
 
 
 @pytest.mark.parametrize("victim", ["step=4", "last"])
-def test_disk_full_during_a_checkpoint_write_keeps_the_last_good_one(loader, tmp_path, monkeypatch,  # noqa: F811
-                                                                     victim):
+def test_disk_full_during_a_checkpoint_write_keeps_the_last_good_one(
+    loader,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    victim,
+):
     """The disk fills while ``step=4.ckpt`` is written, or after it, while ``last.ckpt`` is."""
     run = tmp_path / "checkpoints" / "align"
     fit(run, loader, 3)
@@ -81,10 +85,15 @@ def test_disk_full_during_a_checkpoint_write_keeps_the_last_good_one(loader, tmp
 
 def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
     model, cfg = make_model()
-    monkeypatch.setattr(mio.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 5000, 5000))
-    with pytest.raises(StorageError, match=r"final: not enough free space for the checkpoint final: "
-                                           r"needs [\d,]+ bytes( \([\d.]+ MiB\))? \(plus 64 KiB headroom\), "
-                                           r"5,000 bytes free"):
+    monkeypatch.setattr(
+        mio.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 5000, 5000)
+    )
+    with pytest.raises(
+        StorageError,
+        match=r"final: not enough free space for the checkpoint final: "
+        r"needs [\d,]+ bytes( \([\d.]+ MiB\))? \(plus 64 KiB headroom\), "
+        r"5,000 bytes free",
+    ):
         save_checkpoint(model, cfg, tmp_path / "final", ["align"])
     assert not any((tmp_path / "final").iterdir())
 
@@ -97,7 +106,9 @@ def test_atomic_writer_names_a_full_disk_and_keeps_the_old_file(tmp_path, monkey
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(mio.os, "replace", replace)
-    with pytest.raises(StorageError, match=rf"{target}: disk full \(No space left on device\): needed 3 bytes, "):
+    with pytest.raises(
+        StorageError, match=rf"{target}: disk full \(No space left on device\): needed 3 bytes, "
+    ):
         mio.atomic_write_text(target, "new")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
@@ -127,7 +138,11 @@ def test_feature_cache_shard_on_a_full_disk_names_it_and_keeps_complete_shards(t
     with pytest.raises(StorageError, match=rf"{entry / 'shard-00001.bin.partial'}: disk full"):
         writer.add(3, feats)
     writer.abort()
-    assert sorted(p.name for p in entry.iterdir()) == ["index.json", "paths.json", "shard-00000.bin"]
+    assert sorted(p.name for p in entry.iterdir()) == [
+        "index.json",
+        "paths.json",
+        "shard-00000.bin",
+    ]
     assert list(shards.read_index(entry)["shards"]) == ["0"]
 
 
@@ -137,14 +152,22 @@ def test_a_checkpoint_whose_stored_config_is_not_yaml_is_named(tmp_path):
     from mmbridge.errors import CheckpointError
     from mmbridge.training.checkpoint import read_checkpoint
 
-    save_file({"w": torch.zeros(2)}, str(tmp_path / "weights.safetensors"),
-              metadata={"config": "a: [1\n b: : 2", "format": "mmbridge-1"})
-    with pytest.raises(CheckpointError, match=rf"checkpoint '{tmp_path}/weights.safetensors': the config in "
-                                              r"its metadata is unreadable \("):
+    save_file(
+        {"w": torch.zeros(2)},
+        str(tmp_path / "weights.safetensors"),
+        metadata={"config": "a: [1\n b: : 2", "format": "mmbridge-1"},
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=rf"checkpoint '{tmp_path}/weights.safetensors': the config in "
+        r"its metadata is unreadable \(",
+    ):
         read_checkpoint(tmp_path)
 
 
-@pytest.mark.parametrize(("key", "value"), [("stages", "[align"), ("components", "[]"), ("lora", "maybe")])
+@pytest.mark.parametrize(
+    ("key", "value"), [("stages", "[align"), ("components", "[]"), ("lora", "maybe")]
+)
 def test_a_checkpoint_with_damaged_metadata_is_named(tmp_path, key, value):
     from safetensors.torch import save_file
 
@@ -153,5 +176,7 @@ def test_a_checkpoint_with_damaged_metadata_is_named(tmp_path, key, value):
 
     meta = {"config": "seed: 0", "format": "mmbridge-1", "stages": "[]", key: value}
     save_file({"w": torch.zeros(2)}, str(tmp_path / "weights.safetensors"), metadata=meta)
-    with pytest.raises(CheckpointError, match=rf"weights.safetensors': its metadata '{key}' is not a JSON"):
+    with pytest.raises(
+        CheckpointError, match=rf"weights.safetensors': its metadata '{key}' is not a JSON"
+    ):
         read_checkpoint(tmp_path)

@@ -66,22 +66,37 @@ def make_model(overrides: tuple[str, ...] = (), registry=None, seed: int = 0):
 def loader(tmp_path_factory):
     """Eight captioned shapes, batches of four, for the model of :func:`make_model`."""
     model, _ = make_model()
-    files = ShapesDataset(n_train=8, n_val=0, n_test=0, image_size=32).prepare(tmp_path_factory.mktemp("data"))
+    files = ShapesDataset(n_train=8, n_val=0, n_test=0, image_size=32).prepare(
+        tmp_path_factory.mktemp("data")
+    )
     recipe = CaptionPretrainRecipe()
-    samples = [recipe(s, random.Random(i)) for i, s in enumerate(read_llava(files.splits["train"], files.media_root))]
+    samples = [
+        recipe(s, random.Random(i))
+        for i, s in enumerate(read_llava(files.splits["train"], files.media_root))
+    ]
     chat = ChatEncoder(model.llm.tokenizer, list(model.branches), max_length=256)
     batcher = Batcher.from_model(model, chat)
-    return DataLoader([batcher.encode(s) for s in samples], batch_size=4, collate_fn=batcher.collator)
+    return DataLoader(
+        [batcher.encode(s) for s in samples], batch_size=4, collate_fn=batcher.collator
+    )
 
 
 def fit(ckpt_dir: Path, loader, max_steps: int, ckpt_path: str | Path | None = None):
     """A real Lightning fit of the tiny model with the project's checkpointing; (trainer, module)."""
     model, cfg = make_model()
     module = BridgeModule(model, cfg.stages.align)
-    trainer = L.Trainer(max_steps=max_steps, callbacks=[checkpoint_callback(ckpt_dir, 1)],
-                        plugins=[SafeCheckpointIO()], logger=False, accelerator="cpu",
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        val_check_interval=2, check_val_every_n_epoch=None)
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        callbacks=[checkpoint_callback(ckpt_dir, 1)],
+        plugins=[SafeCheckpointIO()],
+        logger=False,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+    )
     trainer.fit(module, loader, loader, ckpt_path=ckpt_path)
     return trainer, module
 
@@ -107,16 +122,26 @@ def truncate(path: Path) -> None:
 
 # -- Lightning checkpoints: weights-only, the last two kept, fallback ----------------------------
 
+
 def test_a_real_fit_keeps_two_checkpoints_that_load_weights_only(fitted):
     ckpt_dir, module = fitted
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.ckpt", "step=2.ckpt", "step=3.ckpt"]
     assert not (ckpt_dir / "last.ckpt").is_symlink()  # a copy: see checkpoint_callback
     ck = torch_load_safe(ckpt_dir / "last.ckpt")  # weights_only=True, no extra safe globals
     assert ck["global_step"] == 3
-    assert {"state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks", "mmbridge"} <= set(ck)
+    assert {
+        "state_dict",
+        "optimizer_states",
+        "lr_schedulers",
+        "loops",
+        "callbacks",
+        "mmbridge",
+    } <= set(ck)
     assert set(ck["state_dict"]) == {f"model.{k}" for k in module.model.trainable_state_dict()}
     assert all(k.startswith(f"model.{CONNECTOR}") for k in ck["state_dict"])
-    assert ck["mmbridge"]["history"] == module.history and ck["mmbridge"]["history"][0]["step"] == 2.0
+    assert (
+        ck["mmbridge"]["history"] == module.history and ck["mmbridge"]["history"][0]["step"] == 2.0
+    )
     assert torch_load_safe(ckpt_dir / "step=2.ckpt")["global_step"] == 2
 
 
@@ -143,13 +168,20 @@ def test_truncated_last_checkpoint_falls_back_to_the_previous(loader, tmp_path, 
         assert resumable_checkpoint(run) == run / "step=2.ckpt"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     unreadable = "is unreadable (PytorchStreamReader failed reading zip archive: failed finding central directory)"
-    assert warnings == [f"{run}: last.ckpt {unreadable}; resuming from step=3.ckpt",
-                        f"{run}: last.ckpt {unreadable}; step=3.ckpt {unreadable}; resuming from step=2.ckpt"]
+    assert warnings == [
+        f"{run}: last.ckpt {unreadable}; resuming from step=3.ckpt",
+        f"{run}: last.ckpt {unreadable}; step=3.ckpt {unreadable}; resuming from step=2.ckpt",
+    ]
     trainer, module = fit(run, loader, 4, ckpt_path=resumable_checkpoint(run))
     assert trainer.global_step == 4 and [h["step"] for h in module.history] == [2.0, 4.0]
     assert torch_load_safe(run / "last.ckpt")["global_step"] == 4  # the run heals
     # step 3 rewritten in place (no -v1 copy); Lightning never deletes the file it resumed from
-    assert sorted(p.name for p in run.iterdir()) == ["last.ckpt", "step=2.ckpt", "step=3.ckpt", "step=4.ckpt"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "last.ckpt",
+        "step=2.ckpt",
+        "step=3.ckpt",
+        "step=4.ckpt",
+    ]
     assert torch_load_safe(run / "step=3.ckpt")["global_step"] == 3
 
 
@@ -179,14 +211,18 @@ class _RunsACommand:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_crafted_pickle_in_last_ckpt_is_refused_and_never_runs(fitted, loader, tmp_path, monkeypatch):
+def test_crafted_pickle_in_last_ckpt_is_refused_and_never_runs(
+    fitted, loader, tmp_path, monkeypatch
+):
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     run = copy_dir(fitted[0], tmp_path / "align")
     marker = tmp_path / "pwned"
     good = torch_load_safe(run / "step=3.ckpt")
     torch.save({**good, "payload": _RunsACommand(marker)}, run / "last.ckpt")
 
-    with pytest.raises(CheckpointError, match=r"last\.ckpt. refused: .*unsupported GLOBAL posix\.system"):
+    with pytest.raises(
+        CheckpointError, match=r"last\.ckpt. refused: .*unsupported GLOBAL posix\.system"
+    ):
         SafeCheckpointIO().load_checkpoint(run / "last.ckpt")
     # not quietly skipped for an older one: a tampered file stops the resume
     with pytest.raises(CheckpointError, match="refused"):
@@ -204,6 +240,7 @@ def test_crafted_pickle_in_last_ckpt_is_refused_and_never_runs(fitted, loader, t
 
 # -- mmbridge checkpoints -------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A trained-connector mmbridge checkpoint in ``run/checkpoints/final``; (dir, model)."""
@@ -217,10 +254,19 @@ def test_round_trip_records_components_and_loads_exactly(saved):
     out, trained = saved
     _, weights, meta = read_checkpoint(out, registry=shared_registry())
     comps = json.loads(meta["components"])
-    assert comps["connector"] == {"kind": "connector", "name": "mlp", "plugin": "mmbridge.plugins.converters",
-                                  "package": "mmbridge", "version": comps["llm"]["version"]}
-    assert {k: c["kind"] for k, c in comps.items()} == {"llm": "llm", "encoder": "encoder",
-                                                         "connector": "connector", "data": "dataset"}
+    assert comps["connector"] == {
+        "kind": "connector",
+        "name": "mlp",
+        "plugin": "mmbridge.plugins.converters",
+        "package": "mmbridge",
+        "version": comps["llm"]["version"],
+    }
+    assert {k: c["kind"] for k, c in comps.items()} == {
+        "llm": "llm",
+        "encoder": "encoder",
+        "connector": "connector",
+        "data": "dataset",
+    }
     model, _ = make_model(seed=2)
     load_weights(model, weights, str(out))
     for k, v in trained.trainable_state_dict().items():
@@ -251,17 +297,25 @@ def test_partial_file_is_an_error(saved, tmp_path):
     out, _ = saved
     with safe_open(str(out / "weights.safetensors"), "pt") as f:
         meta = f.metadata()
-    weights = {k: v for k, v in load_file(str(out / "weights.safetensors")).items() if ".0." not in k}
+    weights = {
+        k: v for k, v in load_file(str(out / "weights.safetensors")).items() if ".0." not in k
+    }
     save_file(weights, str(tmp_path / "weights.safetensors"), metadata=meta)
-    with pytest.raises(CheckpointError, match=rf"missing 2 tensor\(s\) .*{CONNECTOR}net\.0\.bias") as err:
+    with pytest.raises(
+        CheckpointError, match=rf"missing 2 tensor\(s\) .*{CONNECTOR}net\.0\.bias"
+    ) as err:
         session_from_checkpoint(str(tmp_path), with_data=False, registry=shared_registry())
     assert f"{CONNECTOR}net.0.weight" in str(err.value)
 
 
 def test_architecture_override_on_eval_is_an_error(saved):
     out, _ = saved
-    with pytest.raises(CheckpointError, match=r"does not fit the model.*\n  missing 2 tensor\(s\)") as err:
-        session_from_checkpoint(str(out), overrides=["connector.depth=3"], with_data=False, registry=shared_registry())
+    with pytest.raises(
+        CheckpointError, match=r"does not fit the model.*\n  missing 2 tensor\(s\)"
+    ) as err:
+        session_from_checkpoint(
+            str(out), overrides=["connector.depth=3"], with_data=False, registry=shared_registry()
+        )
     assert f"{CONNECTOR}net.4.weight" in str(err.value)
 
 
@@ -272,9 +326,11 @@ def test_lightning_checkpoint_is_pointed_to_final(saved, fitted):
     for where in (align / "last.ckpt", align / "step=2.ckpt", align):
         with pytest.raises(CheckpointError) as err:
             read_checkpoint(where)
-        assert str(err.value) == (f"checkpoint '{where}' is a Lightning training checkpoint (for "
-                                  f"`resume=RUN_DIR`), not an mmbridge checkpoint; pass {final} "
-                                  f"(or a weights.safetensors file)")
+        assert str(err.value) == (
+            f"checkpoint '{where}' is a Lightning training checkpoint (for "
+            f"`resume=RUN_DIR`), not an mmbridge checkpoint; pass {final} "
+            f"(or a weights.safetensors file)"
+        )
     with pytest.raises(CheckpointError, match=rf"no weights.safetensors there; pass {final}$"):
         read_checkpoint(run)
 
@@ -283,9 +339,16 @@ def test_newer_format_is_a_version_error(saved, tmp_path):
     out, _ = saved
     with safe_open(str(out / "weights.safetensors"), "pt") as f:
         meta = {**f.metadata(), "format": "mmbridge-2"}
-    save_file(load_file(str(out / "weights.safetensors")), str(tmp_path / "weights.safetensors"), metadata=meta)
-    with pytest.raises(CheckpointError, match=r"has format mmbridge-2, newer than this mmbridge reads "
-                                              r"\(mmbridge-1 to mmbridge-1\); upgrade"):
+    save_file(
+        load_file(str(out / "weights.safetensors")),
+        str(tmp_path / "weights.safetensors"),
+        metadata=meta,
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"has format mmbridge-2, newer than this mmbridge reads "
+        r"\(mmbridge-1 to mmbridge-1\); upgrade",
+    ):
         read_checkpoint(tmp_path)
 
 
@@ -311,11 +374,14 @@ def test_unknown_component_names_its_package(fake_dist, tmp_path, monkeypatch):
     _, _, meta = read_checkpoint(tmp_path / "final", registry=with_plugin)
     assert json.loads(meta["components"])["connector"]["package"] == "mmbridge-fancy"
     with pytest.raises(CheckpointError) as err:
-        session_from_checkpoint(str(tmp_path / "final"), with_data=False, registry=shared_registry())
+        session_from_checkpoint(
+            str(tmp_path / "final"), with_data=False, registry=shared_registry()
+        )
     assert str(err.value) == (
         f"checkpoint '{tmp_path / 'final' / 'weights.safetensors'}' needs components that are not "
         f"installed:\n  connector: connector 'fancy_mlp' of plugin 'fancy' is not registered; pip "
-        f"install mmbridge-fancy (version 0.1 wrote it), or unset MMBRIDGE_DISABLE_PLUGINS if it is installed")
+        f"install mmbridge-fancy (version 0.1 wrote it), or unset MMBRIDGE_DISABLE_PLUGINS if it is installed"
+    )
 
 
 def test_safetensors_header_length_starting_like_a_pickle_is_still_read(tmp_path):

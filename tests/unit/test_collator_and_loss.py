@@ -22,14 +22,21 @@ def test_right_and_left_padding_hold_the_same_rows(tiny_model, chat, items):
     right = Collator(chat.pad_id, tiny_model)(items)
     left = Collator(chat.pad_id, tiny_model, left_pad=True)(items)
     lengths = [len(x["input_ids"]) for x in items]
-    assert lengths == [81, 85, 85, 93] and right["input_ids"].shape == left["input_ids"].shape == (4, 93)
-    assert right["attention_mask"].sum(1).tolist() == left["attention_mask"].sum(1).tolist() == lengths
+    assert lengths == [81, 85, 85, 93] and right["input_ids"].shape == left["input_ids"].shape == (
+        4,
+        93,
+    )
+    assert (
+        right["attention_mask"].sum(1).tolist() == left["attention_mask"].sum(1).tolist() == lengths
+    )
     for r, n in enumerate(lengths):
         for key in ("input_ids", "labels", "attention_mask"):
             assert torch.equal(right[key][r, :n], left[key][r, -n:])
         assert torch.equal(right["slots"]["image"][r, :n], left["slots"]["image"][r, -n:])
         # the padding: pad id, no attention, no label, no slot
-        assert (right["input_ids"][r, n:] == chat.pad_id).all() and (left["input_ids"][r, : 93 - n] == chat.pad_id).all()
+        assert (right["input_ids"][r, n:] == chat.pad_id).all() and (
+            left["input_ids"][r, : 93 - n] == chat.pad_id
+        ).all()
         assert (right["labels"][r, n:] == IGNORE).all() and not right["slots"]["image"][r, n:].any()
     # every row has its connector's 64 slots (64 patches through the MLP), one image row each
     assert right["slots"]["image"].sum(1).tolist() == [64] * 4

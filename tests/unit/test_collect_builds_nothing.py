@@ -47,10 +47,17 @@ print(json.dumps(out))
 
 def test_importing_the_test_modules_builds_no_registry():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMBRIDGE_DISABLE_PLUGINS": "1"}
-    out = subprocess.run([sys.executable, "-c", PROBE, str(REPO / "tests")], capture_output=True,
-                         text=True, env=env, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(REPO / "tests")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     per_module = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(per_module) > 40  # every test module was imported
     building = {m for m, n in per_module.items() if n}
-    assert building <= PENDING, f"test modules that build a registry at import: {sorted(building - PENDING)}"
+    assert building <= PENDING, (
+        f"test modules that build a registry at import: {sorted(building - PENDING)}"
+    )

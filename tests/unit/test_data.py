@@ -59,12 +59,21 @@ def _media(root: Path) -> dict[str, Path]:
 def _samples(root: Path) -> list[Sample]:
     m = _media(root)
     return [
-        Sample("a", {"image": str(m["image"])},
-               [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a cat"}],
-               {"caption": "A cat.", "qtypes": ["shape"]}),
-        Sample("b", {"image": str(m["image"]), "audio": str(m["audio"])},
-               [{"from": "system", "value": "Be brief."},
-                {"from": "human", "value": "<image>\n<audio>\nDescribe."}, {"from": "gpt", "value": "x"}]),
+        Sample(
+            "a",
+            {"image": str(m["image"])},
+            [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a cat"}],
+            {"caption": "A cat.", "qtypes": ["shape"]},
+        ),
+        Sample(
+            "b",
+            {"image": str(m["image"]), "audio": str(m["audio"])},
+            [
+                {"from": "system", "value": "Be brief."},
+                {"from": "human", "value": "<image>\n<audio>\nDescribe."},
+                {"from": "gpt", "value": "x"},
+            ],
+        ),
         Sample("c", {}, [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]),
     ]
 
@@ -81,8 +90,12 @@ def test_round_trip(tmp_path, suffix):
 
 def test_absolute_paths_extra_keys_and_int_ids(tmp_path):
     m = _media(tmp_path)
-    rec = {"id": 7, "image": str(m["image"]), "source": "web",
-           "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "ok"}]}
+    rec = {
+        "id": 7,
+        "image": str(m["image"]),
+        "source": "web",
+        "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "ok"}],
+    }
     (tmp_path / "d.json").write_text(json.dumps([rec]))
     (s,) = read_llava(tmp_path / "d.json", media_root="/nonexistent")
     assert (s.id, s.media["image"], s.meta) == ("7", str(m["image"]), {"source": "web"})
@@ -95,22 +108,40 @@ def _turns(*values: str) -> list[dict[str, str]]:
 GOOD = {"id": "ok", "image": "img/a.png", "conversations": _turns("<image>\nQ", "A")}
 BAD = {
     "missing_conversations": ({"id": "r1", "image": "img/a.png"}, "missing 'conversations'"),
-    "unknown_role": ({"id": "r1", "conversations": [{"from": "robot", "value": "hi"}]},
-                     "unknown role 'robot'; valid: human"),
-    "missing_media": ({"id": "r1", "image": "img/nope.png", "conversations": _turns("<image>\nQ", "A")},
-                      "image file not found: .*img/nope.png"),
-    "no_placeholder": ({"id": "r1", "image": "img/a.png", "conversations": _turns("Q", "A")},
-                       r"0 <image> placeholder\(s\) in user turns for 1 image item\(s\); each image item "
-                       r"needs exactly one <image>, in a user turn"),
-    "two_placeholders": ({"id": "r1", "image": "img/a.png", "conversations": _turns("<image>Q", "A", "<image>", "B")},
-                         r"2 <image> placeholder\(s\) in user turns for 1 image"),
-    "placeholder_without_media": ({"id": "r1", "conversations": _turns("<audio>Q", "A")},
-                                  r"1 <audio> placeholder\(s\) in user turns for 0 audio"),
-    "placeholder_in_answer": ({"id": "r1", "image": "img/a.png", "conversations": _turns("<image>Q", "<image>")},
-                              r"1 <image> placeholder\(s\) in user turns and 1 in other turns for 1 image"),
+    "unknown_role": (
+        {"id": "r1", "conversations": [{"from": "robot", "value": "hi"}]},
+        "unknown role 'robot'; valid: human",
+    ),
+    "missing_media": (
+        {"id": "r1", "image": "img/nope.png", "conversations": _turns("<image>\nQ", "A")},
+        "image file not found: .*img/nope.png",
+    ),
+    "no_placeholder": (
+        {"id": "r1", "image": "img/a.png", "conversations": _turns("Q", "A")},
+        r"0 <image> placeholder\(s\) in user turns for 1 image item\(s\); each image item "
+        r"needs exactly one <image>, in a user turn",
+    ),
+    "two_placeholders": (
+        {
+            "id": "r1",
+            "image": "img/a.png",
+            "conversations": _turns("<image>Q", "A", "<image>", "B"),
+        },
+        r"2 <image> placeholder\(s\) in user turns for 1 image",
+    ),
+    "placeholder_without_media": (
+        {"id": "r1", "conversations": _turns("<audio>Q", "A")},
+        r"1 <audio> placeholder\(s\) in user turns for 0 audio",
+    ),
+    "placeholder_in_answer": (
+        {"id": "r1", "image": "img/a.png", "conversations": _turns("<image>Q", "<image>")},
+        r"1 <image> placeholder\(s\) in user turns and 1 in other turns for 1 image",
+    ),
     "empty_answer": ({"id": "r1", "conversations": _turns("Q", "  ")}, "empty gpt turn"),
-    "duplicate_id": ({"id": "ok", "conversations": _turns("Q", "A")},
-                     r"duplicate id 'ok', also used by .*data\.jsonl?: record 0 \(id 'ok'"),
+    "duplicate_id": (
+        {"id": "ok", "conversations": _turns("Q", "A")},
+        r"duplicate id 'ok', also used by .*data\.jsonl?: record 0 \(id 'ok'",
+    ),
 }
 
 
@@ -121,8 +152,11 @@ def test_validation_errors_name_file_and_record(tmp_path, case, suffix):
     record, message = BAD[case]
     path = tmp_path / f"data{suffix}"
     records = [GOOD, record]
-    path.write_text(json.dumps(records, indent=1) if suffix == ".json"
-                    else "\n".join(json.dumps(r) for r in records))
+    path.write_text(
+        json.dumps(records, indent=1)
+        if suffix == ".json"
+        else "\n".join(json.dumps(r) for r in records)
+    )
     with pytest.raises(DataError) as err:
         read_llava(path)
     text = str(err.value)
@@ -141,7 +175,9 @@ def test_bad_json_names_the_line(tmp_path):
     with pytest.raises(DataError, match=r"b\.jsonl: invalid JSON at line 3"):
         read_llava(tmp_path / "b.jsonl")
     (tmp_path / "c.jsonl").write_text('{"id": 1}\n')
-    with pytest.raises(DataError, match=r"c\.jsonl: record 0 \(id 1, line 1\): missing 'conversations'"):
+    with pytest.raises(
+        DataError, match=r"c\.jsonl: record 0 \(id 1, line 1\): missing 'conversations'"
+    ):
         read_llava(tmp_path / "c.jsonl")
 
 
@@ -152,11 +188,16 @@ def test_bom_and_json_object(tmp_path):
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n")
     assert [s.id for s in read_llava(tmp_path / "bom.jsonl")] == ["ok"]
     (tmp_path / "obj.json").write_text(json.dumps({"data": [GOOD]}, indent=1))
-    with pytest.raises(DataError, match=r"obj\.json: expected a JSON list of records, got an object with "
-                                        r"keys data; point data.train/val/test at a file"):
+    with pytest.raises(
+        DataError,
+        match=r"obj\.json: expected a JSON list of records, got an object with "
+        r"keys data; point data.train/val/test at a file",
+    ):
         read_llava(tmp_path / "obj.json")
     (tmp_path / "one.json").write_text(json.dumps(GOOD))
-    with pytest.raises(DataError, match=r"got an object with keys id, image, conversations \(one record\? wrap"):
+    with pytest.raises(
+        DataError, match=r"got an object with keys id, image, conversations \(one record\? wrap"
+    ):
         read_llava(tmp_path / "one.json")
     (tmp_path / "latin1.json").write_bytes(b"[\xe9]")
     with pytest.raises(DataError, match=r"latin1\.json: cannot read data file: not UTF-8"):
@@ -174,18 +215,32 @@ def test_streamed_in_small_chunks_with_lines(tmp_path, monkeypatch, suffix):
     records = [{**GOOD, "id": f"r{i}", "score": 12345.678 + i} for i in range(30)]
     records[4] = {"id": 123456789, "conversations": _turns("Q", "A")}  # text-only, an int id
     path = tmp_path / f"d{suffix}"
-    path.write_text(json.dumps(records, indent=1) if suffix == ".json" else
-                    "\n".join(json.dumps(r) for r in records) + "\n")
+    path.write_text(
+        json.dumps(records, indent=1)
+        if suffix == ".json"
+        else "\n".join(json.dumps(r) for r in records) + "\n"
+    )
     got = read_llava(path)
     assert [s.id for s in got] == [str(r["id"]) for r in records]
-    assert [s.meta["score"] for s in got if "score" in s.meta] == [r["score"] for r in records if "score" in r]
+    assert [s.meta["score"] for s in got if "score" in s.meta] == [
+        r["score"] for r in records if "score" in r
+    ]
     assert got[4].media == {} and got[5].media["image"].endswith("a.png")  # text-only mixed in
     records[17] = {**GOOD, "id": "bad", "conversations": []}
-    path.write_text(json.dumps(records, indent=1) if suffix == ".json" else
-                    "\n".join(json.dumps(r) for r in records) + "\n")
-    line = path.read_text().splitlines().index(
-        next(x for x in path.read_text().splitlines() if '"bad"' in x)) + 1
-    with pytest.raises(DataError, match=rf"record 17 \(id 'bad', line {line if suffix == '.jsonl' else line - 1}\)"):
+    path.write_text(
+        json.dumps(records, indent=1)
+        if suffix == ".json"
+        else "\n".join(json.dumps(r) for r in records) + "\n"
+    )
+    line = (
+        path.read_text()
+        .splitlines()
+        .index(next(x for x in path.read_text().splitlines() if '"bad"' in x))
+        + 1
+    )
+    with pytest.raises(
+        DataError, match=rf"record 17 \(id 'bad', line {line if suffix == '.jsonl' else line - 1}\)"
+    ):
         read_llava(path)
 
 
@@ -195,23 +250,44 @@ def test_image_lists_and_duplicate_ids(tmp_path):
     (tmp_path / "one.json").write_text(json.dumps([one]))
     assert read_llava(tmp_path / "one.json")[0].media["image"] == str(tmp_path / "img" / "a.png")
     (tmp_path / "img" / "b.png").write_bytes(b"y")
-    two = {**GOOD, "id": "two", "image": ["img/b.png", "img/a.png"],
-           "conversations": _turns("<image><image>\nSame?", "yes")}
+    two = {
+        **GOOD,
+        "id": "two",
+        "image": ["img/b.png", "img/a.png"],
+        "conversations": _turns("<image><image>\nSame?", "yes"),
+    }
     (tmp_path / "two.json").write_text(json.dumps([GOOD, two]))
     got = read_llava(tmp_path / "two.json")  # a list of images, in placeholder order
-    assert got[1].media == {"image": [str(tmp_path / "img" / "b.png"), str(tmp_path / "img" / "a.png")]}
-    assert got[1].paths("image") == got[1].media["image"] and got[0].paths("image") == [got[0].media["image"]]
+    assert got[1].media == {
+        "image": [str(tmp_path / "img" / "b.png"), str(tmp_path / "img" / "a.png")]
+    }
+    assert got[1].paths("image") == got[1].media["image"] and got[0].paths("image") == [
+        got[0].media["image"]
+    ]
     assert got[1].media_counts() == {"image": 2} and got[0].paths("audio") == []
     # one placeholder for two images: one error naming the record and both counts
-    (tmp_path / "short.json").write_text(json.dumps([{**two, "conversations": _turns("<image>\nSame?", "yes")}]))
-    with pytest.raises(DataError, match=r"short\.json: record 0 \(id 'two', line 1\): 1 <image> placeholder\(s\) "
-                                        r"in user turns for 2 image item\(s\); each image item needs exactly one"):
+    (tmp_path / "short.json").write_text(
+        json.dumps([{**two, "conversations": _turns("<image>\nSame?", "yes")}])
+    )
+    with pytest.raises(
+        DataError,
+        match=r"short\.json: record 0 \(id 'two', line 1\): 1 <image> placeholder\(s\) "
+        r"in user turns for 2 image item\(s\); each image item needs exactly one",
+    ):
         read_llava(tmp_path / "short.json")
-    (tmp_path / "many.json").write_text(json.dumps([{**two, "conversations": _turns("<image><image><image>", "x")}]))
-    with pytest.raises(DataError, match=r"record 0 \(id 'two', line 1\): 3 <image> placeholder\(s\) in user turns for 2"):
+    (tmp_path / "many.json").write_text(
+        json.dumps([{**two, "conversations": _turns("<image><image><image>", "x")}])
+    )
+    with pytest.raises(
+        DataError,
+        match=r"record 0 \(id 'two', line 1\): 3 <image> placeholder\(s\) in user turns for 2",
+    ):
         read_llava(tmp_path / "many.json")
-    for bad, needle in [([], r"'image' is an empty list"), (["img/a.png", 3], r"'image' \(item 1\) must be a non-empty file path, got 3"),
-                        (["img/a.png", "img/none.png"], r"image file not found: .*none\.png")]:
+    for bad, needle in [
+        ([], r"'image' is an empty list"),
+        (["img/a.png", 3], r"'image' \(item 1\) must be a non-empty file path, got 3"),
+        (["img/a.png", "img/none.png"], r"image file not found: .*none\.png"),
+    ]:
         (tmp_path / "bad.json").write_text(json.dumps([{**two, "image": bad}]))
         with pytest.raises(DataError, match=r"bad\.json: record 0 \(id 'two', line 1\): " + needle):
             read_llava(tmp_path / "bad.json")
@@ -219,9 +295,14 @@ def test_image_lists_and_duplicate_ids(tmp_path):
     out = write_llava(got, tmp_path / "out.jsonl", media_root=tmp_path)
     assert json.loads(out.read_text().splitlines()[1])["image"] == ["img/b.png", "img/a.png"]
     assert read_llava(out, tmp_path) == got
-    (tmp_path / "dup.jsonl").write_text("\n".join(json.dumps(r) for r in [GOOD, {**GOOD, "id": "x"}, GOOD]))
-    with pytest.raises(DataError, match=r"dup\.jsonl: record 2 \(id 'ok', line 3\): duplicate id 'ok', "
-                                        r"also used by .*dup\.jsonl: record 0 \(id 'ok', line 1\)$"):
+    (tmp_path / "dup.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in [GOOD, {**GOOD, "id": "x"}, GOOD])
+    )
+    with pytest.raises(
+        DataError,
+        match=r"dup\.jsonl: record 2 \(id 'ok', line 3\): duplicate id 'ok', "
+        r"also used by .*dup\.jsonl: record 0 \(id 'ok', line 1\)$",
+    ):
         read_llava(tmp_path / "dup.jsonl")
 
 
@@ -229,9 +310,14 @@ def test_on_error_skip_lists_every_dropped_record(tmp_path):
     from mmbridge.data.llava import ReadReport
 
     _media(tmp_path)
-    lines = [json.dumps(GOOD), "{oops", json.dumps({"id": "r2", "image": "img/no.png",
-                                                    "conversations": _turns("<image>Q", "A")}),
-             json.dumps({**GOOD, "id": "r3"}), json.dumps(GOOD), json.dumps({"id": "r5"})]
+    lines = [
+        json.dumps(GOOD),
+        "{oops",
+        json.dumps({"id": "r2", "image": "img/no.png", "conversations": _turns("<image>Q", "A")}),
+        json.dumps({**GOOD, "id": "r3"}),
+        json.dumps(GOOD),
+        json.dumps({"id": "r5"}),
+    ]
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match="line 2"):
@@ -240,18 +326,34 @@ def test_on_error_skip_lists_every_dropped_record(tmp_path):
     got = read_llava(path, on_error="skip", report=report)
     assert [s.id for s in got] == ["ok", "r3"] and report.kept == 2
     assert len(report.dropped) == 4
-    for d, needle in zip(report.dropped, ["invalid JSON at line 2", "record 2 (id 'r2', line 3): image file not found",
-                                          "record 4 (id 'ok', line 5): duplicate id 'ok'",
-                                          "record 5 (id 'r5', line 6): missing 'conversations'"], strict=True):
+    for d, needle in zip(
+        report.dropped,
+        [
+            "invalid JSON at line 2",
+            "record 2 (id 'r2', line 3): image file not found",
+            "record 4 (id 'ok', line 5): duplicate id 'ok'",
+            "record 5 (id 'r5', line 6): missing 'conversations'",
+        ],
+        strict=True,
+    ):
         assert needle in d.message, d.message
     # each one: where (file, index, line, id) and why (the message without its prefix)
     assert [(d.file, d.index, d.line, d.id) for d in report.dropped] == [
-        (str(path), 1, 2, None), (str(path), 2, 3, "r2"), (str(path), 4, 5, "ok"), (str(path), 5, 6, "r5")]
+        (str(path), 1, 2, None),
+        (str(path), 2, 3, "r2"),
+        (str(path), 4, 5, "ok"),
+        (str(path), 5, 6, "r5"),
+    ]
     assert report.dropped[0].reason.startswith("invalid JSON at line 2, column")
-    assert report.dropped[1].reason == f"image file not found: {tmp_path / 'img' / 'no.png'} (media_root: {tmp_path})"
+    assert (
+        report.dropped[1].reason
+        == f"image file not found: {tmp_path / 'img' / 'no.png'} (media_root: {tmp_path})"
+    )
     assert report.dropped[2].reason.startswith("duplicate id 'ok', also used by ")
     assert report.dropped[3].reason == "missing 'conversations'"
-    assert report.summary().startswith(f"{path}: kept 2 records, dropped 4 (first: {path}: invalid JSON at line 2")
+    assert report.summary().startswith(
+        f"{path}: kept 2 records, dropped 4 (first: {path}: invalid JSON at line 2"
+    )
     with pytest.raises(ConfigError, match="data.on_error: 'ignore' is not one of raise, skip"):
         read_llava(path, on_error="ignore")
 
@@ -259,8 +361,12 @@ def test_on_error_skip_lists_every_dropped_record(tmp_path):
 # -- llava data set ---------------------------------------------------------------------------
 def test_llava_dataset(tmp_path):
     write_llava(_samples(tmp_path / "m2")[:1], tmp_path / "train.jsonl", media_root=tmp_path / "m2")
-    files = LlavaDataset(train=str(tmp_path / "train.jsonl"), media_root=str(tmp_path / "m2")).prepare(tmp_path)
-    assert files.splits == {"train": tmp_path / "train.jsonl"} and files.media_root == tmp_path / "m2"
+    files = LlavaDataset(
+        train=str(tmp_path / "train.jsonl"), media_root=str(tmp_path / "m2")
+    ).prepare(tmp_path)
+    assert (
+        files.splits == {"train": tmp_path / "train.jsonl"} and files.media_root == tmp_path / "m2"
+    )
     # default media root: the train file's folder, where img/a.png does not exist -> named error
     # when the records are read (prepare only checks the files: each file is parsed once)
     files = LlavaDataset(train=str(tmp_path / "train.jsonl")).prepare(tmp_path)
@@ -269,8 +375,11 @@ def test_llava_dataset(tmp_path):
     with pytest.raises(ConfigError, match="data.on_error: 'ignore' is not one of raise, skip"):
         LlavaDataset(train=str(tmp_path / "train.jsonl"), on_error="ignore")
     with pytest.raises(ConfigError, match="data.test: file not found"):
-        LlavaDataset(train=str(tmp_path / "train.jsonl"), test=str(tmp_path / "no.json"),
-                     media_root=str(tmp_path / "m2")).prepare(tmp_path)
+        LlavaDataset(
+            train=str(tmp_path / "train.jsonl"),
+            test=str(tmp_path / "no.json"),
+            media_root=str(tmp_path / "m2"),
+        ).prepare(tmp_path)
     with pytest.raises(ConfigError, match="data.train: set the path"):
         LlavaDataset(train="???")
 
@@ -285,12 +394,18 @@ def test_registered_and_configs_build(tmp_path):
     cfg = compose([], reg)
     assert isinstance(build(reg, "dataset", cfg.data, "data"), ShapesDataset)
     assert isinstance(build(reg, "recipe", cfg.stages.align.recipe, "recipe"), CaptionRecipe)
-    assert isinstance(build(reg, "recipe", cfg.stages.instruct.recipe, "recipe"), ConversationsRecipe)
+    assert isinstance(
+        build(reg, "recipe", cfg.stages.instruct.recipe, "recipe"), ConversationsRecipe
+    )
 
 
 # -- shapes -----------------------------------------------------------------------------------
 def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_shapes_deterministic_and_splits_differ(tmp_path, shapes_files):
@@ -320,7 +435,7 @@ def test_shapes_ground_truth_matches_pixels(shapes_train):
             assert nearest == o["colour"], (s.id, o)
             assert np.abs(img[cy, cx] - PALETTE[o["colour"]]).max() <= 8
             assert rows[cy * 3 // size][cx * 3 // size] == o["position"]
-            covered[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1] = True
+            covered[max(0, y0 - 1) : y1 + 1, max(0, x0 - 1) : x1 + 1] = True
         assert (img[~covered] == BACKGROUND).all(), s.id  # nothing drawn outside the objects
         objs = s.meta["objects"]
         for qtype, question, answer in qa_turns(s):
@@ -349,7 +464,10 @@ def test_shapes_conversations_format(shapes_train):
         assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
         assert len(s.meta["qtypes"]) == len(conv) // 2
         assert len(s.meta["objects"]) in (1, 2, 3)
-        assert s.meta["caption"].count(",") + s.meta["caption"].count(" and ") == len(s.meta["objects"]) - 1
+        assert (
+            s.meta["caption"].count(",") + s.meta["caption"].count(" and ")
+            == len(s.meta["objects"]) - 1
+        )
         for q, question, answer in qa_turns(s):
             assert answer in vocab and len(answer.split()) <= 2
             qtypes[q] += 1
@@ -399,7 +517,9 @@ def test_shapes_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_shapes_bad_args():
-    with pytest.raises(ConfigError, match="data.colours: unknown value 'magneta'.*valid: red, green"):
+    with pytest.raises(
+        ConfigError, match="data.colours: unknown value 'magneta'.*valid: red, green"
+    ):
         ShapesDataset(colours=["red", "magneta"])
     with pytest.raises(ConfigError, match="data.max_objects"):
         ShapesDataset(layout="row", max_objects=4)
@@ -413,13 +533,26 @@ def _qa(*pairs: tuple[str, str]) -> Sample:
 
 
 def test_chance_accuracy_majority_rule():
-    train = [_qa(("colour", "red"), ("count", "2")), _qa(("colour", "Red"), ("count", "1")),
-             _qa(("colour", "blue"), ("count", "2")), _qa(("shape", "circle"), ("shape", "square"))]
-    test = [_qa(("colour", "red"), ("count", "2")), _qa(("colour", "blue"), ("count", "2")),
-            _qa(("count", "3"), ("shape", "circle")), _qa(("position", "left"))]
+    train = [
+        _qa(("colour", "red"), ("count", "2")),
+        _qa(("colour", "Red"), ("count", "1")),
+        _qa(("colour", "blue"), ("count", "2")),
+        _qa(("shape", "circle"), ("shape", "square")),
+    ]
+    test = [
+        _qa(("colour", "red"), ("count", "2")),
+        _qa(("colour", "blue"), ("count", "2")),
+        _qa(("count", "3"), ("shape", "circle")),
+        _qa(("position", "left")),
+    ]
     # shape: a tie broken alphabetically ("circle"); position: never seen in training -> 0
     assert chance_accuracy(train, test) == {
-        "colour": 0.5, "count": 2 / 3, "shape": 1.0, "position": 0.0, "overall": 4 / 7}
+        "colour": 0.5,
+        "count": 2 / 3,
+        "shape": 1.0,
+        "position": 0.0,
+        "overall": 4 / 7,
+    }
 
 
 # -- recipes ----------------------------------------------------------------------------------
@@ -430,7 +563,7 @@ def test_caption_recipe(shapes_train):
     assert out == recipe(s, random.Random(3))  # deterministic for a seeded rng
     human, gpt = out.conversations
     assert human["value"].count("<image>") == 1 and human["value"].startswith("<image>\n")
-    assert human["value"][len("<image>\n"):] in INSTRUCTIONS["image"]
+    assert human["value"][len("<image>\n") :] in INSTRUCTIONS["image"]
     assert gpt == {"from": "gpt", "value": s.meta["caption"]} and out.meta["qtypes"] == ["caption"]
     assert s.conversations != out.conversations and len(s.conversations) > 2  # input untouched
     drawn = {recipe(s, random.Random(i)).conversations[0]["value"] for i in range(60)}
@@ -442,8 +575,12 @@ def test_caption_recipe(shapes_train):
 
 
 def test_conversations_recipe():
-    s = Sample("s", {"image": "/x.png", "audio": "/y.wav"},
-               _turns("<image>\nQ1", "A1", "Q2 <audio>", "A2", "Q3", "A3"), {"qtypes": ["a", "b", "c"]})
+    s = Sample(
+        "s",
+        {"image": "/x.png", "audio": "/y.wav"},
+        _turns("<image>\nQ1", "A1", "Q2 <audio>", "A2", "Q3", "A3"),
+        {"qtypes": ["a", "b", "c"]},
+    )
     assert ConversationsRecipe()(s, random.Random(0)) is s
     assert ConversationsRecipe(max_turns=3)(s, random.Random(0)) is s
     out = ConversationsRecipe(max_turns=1)(s, random.Random(0))

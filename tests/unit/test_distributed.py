@@ -40,13 +40,16 @@ BASE = ["experiment=tiny", "encoder.image_size=32", "stages.instruct.train.llm=l
 RANK_KEYS = ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK")
 
 
-@pytest.mark.parametrize(("env", "rank"), [
-    ({}, 0),                                    # one process
-    ({"LOCAL_RANK": "1"}, 1),                   # a process Lightning started on node 0
-    ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, -1),  # node 1 without a global rank: not rank 0
-    ({"SLURM_PROCID": "5", "LOCAL_RANK": "1"}, 5),  # srun's task id is the global rank
-    ({"RANK": "3", "SLURM_PROCID": "5"}, 3),    # torchrun's RANK first
-])
+@pytest.mark.parametrize(
+    ("env", "rank"),
+    [
+        ({}, 0),  # one process
+        ({"LOCAL_RANK": "1"}, 1),  # a process Lightning started on node 0
+        ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, -1),  # node 1 without a global rank: not rank 0
+        ({"SLURM_PROCID": "5", "LOCAL_RANK": "1"}, 5),  # srun's task id is the global rank
+        ({"RANK": "3", "SLURM_PROCID": "5"}, 3),  # torchrun's RANK first
+    ],
+)
 def test_global_rank_before_the_process_group_comes_from_the_launcher(monkeypatch, env, rank):
     for key in RANK_KEYS:
         monkeypatch.delenv(key, raising=False)
@@ -58,7 +61,10 @@ def test_global_rank_before_the_process_group_comes_from_the_launcher(monkeypatc
 
 
 def test_clean_name_drops_the_wrappers_parts():
-    assert clean_name("llm.layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.mlp.w") == "llm.layers.0.mlp.w"
+    assert (
+        clean_name("llm.layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.mlp.w")
+        == "llm.layers.0.mlp.w"
+    )
     assert clean_name("branches.image.connector.0.weight") == "branches.image.connector.0.weight"
 
 
@@ -76,10 +82,14 @@ def test_one_process_gathers_exactly_what_a_checkpoint_saves_and_rebuilds_an_equ
     got = gather_weights(model)
     assert not is_fsdp(model)
     assert got.keys() == saved.keys() == saved_names(model)
-    assert any("lora_B" in k for k in got) and any(k.startswith("branches.image.connector.") for k in got)
+    assert any("lora_B" in k for k in got) and any(
+        k.startswith("branches.image.connector.") for k in got
+    )
     for k in saved:
         assert torch.equal(got[k], saved[k]), k
-    plain = unsharded_model(cfg, shared_registry(), "float32", torch.device("cpu"), ["align", "instruct"], got)
+    plain = unsharded_model(
+        cfg, shared_registry(), "float32", torch.device("cpu"), ["align", "instruct"], got
+    )
     assert not plain.training
     own = dict(plain.named_parameters())
     for k, v in saved.items():
@@ -101,7 +111,11 @@ def test_unsharded_session_keeps_the_session_and_swaps_in_a_model_with_the_weigh
     weights = gather_weights(session.model)
     for broadcast in (False, True):  # one process: the broadcast is rank 0's own load
         copy = unsharded_session(session, ["align"], weights, broadcast=broadcast)
-        assert copy.model is not session.model and copy.chat is session.chat and copy.cfg is session.cfg
+        assert (
+            copy.model is not session.model
+            and copy.chat is session.chat
+            and copy.cfg is session.cfg
+        )
         own = dict(copy.model.named_parameters())
         assert set(weights) == saved_names(copy.model)
         for k, v in weights.items():
@@ -184,8 +198,13 @@ def test_fsdp_shards_on_two_cpu_processes_are_gathered_whole_on_rank_0(tmp_path)
     script.write_text(WORKER)
     env = {k: v for k, v in os.environ.items() if k not in RANK_KEYS}
     env.update(HF_HUB_OFFLINE="1", MMBRIDGE_DISABLE_PLUGINS="1")
-    out = subprocess.run([sys.executable, str(script), _free_port(), str(tmp_path)], capture_output=True,
-                         text=True, timeout=300, env=env)
+    out = subprocess.run(
+        [sys.executable, str(script), _free_port(), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     fsdp, n_sharded = (tmp_path / "rank0.txt").read_text().split()
     assert fsdp == "True" and int(n_sharded) > 0  # the shards really were partial on each rank
@@ -193,7 +212,9 @@ def test_fsdp_shards_on_two_cpu_processes_are_gathered_whole_on_rank_0(tmp_path)
     got = load_file(str(tmp_path / "gathered.safetensors"))
     before = load_file(str(tmp_path / "before.safetensors"))
     assert got.keys() == before.keys()
-    assert any("lora_B" in k for k in got) and any(k.startswith("branches.image.connector.") for k in got)
+    assert any("lora_B" in k for k in got) and any(
+        k.startswith("branches.image.connector.") for k in got
+    )
     for r in (0, 1):  # both ranks go on with a plain copy holding rank 0's gathered weights
         fresh = load_file(str(tmp_path / f"fresh{r}.safetensors"))
         assert fresh.keys() == got.keys()
@@ -208,10 +229,22 @@ def test_fsdp_shards_on_two_cpu_processes_are_gathered_whole_on_rank_0(tmp_path)
         torch.testing.assert_close(delta[half:], torch.full_like(delta[half:], 2.0), msg=k)
 
 
-@pytest.mark.parametrize(("preset", "sharded"), [("fsdp", True), ("deepspeed_zero3", True),
-                                                 ("deepspeed_zero2", False), ("gpu_ddp", False),
-                                                 ("slurm_ddp", False), ("ddp_cpu", False), ("cpu", False)])
+@pytest.mark.parametrize(
+    ("preset", "sharded"),
+    [
+        ("fsdp", True),
+        ("deepspeed_zero3", True),
+        ("deepspeed_zero2", False),
+        ("gpu_ddp", False),
+        ("slurm_ddp", False),
+        ("ddp_cpu", False),
+        ("cpu", False),
+    ],
+)
 def test_the_presets_that_shard_parameters_in_place(preset, sharded):
     from mmbridge.training.strategies import shards_parameters
 
-    assert shards_parameters(compose([*BASE, f"trainer={preset}"], shared_registry()).trainer) is sharded
+    assert (
+        shards_parameters(compose([*BASE, f"trainer={preset}"], shared_registry()).trainer)
+        is sharded
+    )

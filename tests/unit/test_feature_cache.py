@@ -112,12 +112,23 @@ def test_rows_round_trip_exactly_across_shards(media, tmp_path):
     _assert_exact(table, media)
     entry = Path(stats["path"])
     index = json.loads((entry / "index.json").read_text())
-    assert index["complete"] and sorted(index["shards"]) == ["0", "1", "2", "3", "4"]  # 5+5+5+5+3 rows
+    assert index["complete"] and sorted(index["shards"]) == [
+        "0",
+        "1",
+        "2",
+        "3",
+        "4",
+    ]  # 5+5+5+5+3 rows
     # unpadded: the bytes on disk are the sum of the rows, not rows x max length
     lengths = table.lengths
     assert len(set(lengths.tolist())) > 1
     on_disk = sum(f.stat().st_size for f in entry.glob("shard-*.bin"))
-    assert on_disk == stats["bytes"] == int(lengths.sum()) * DIM * 2 < len(media) * MAX_TOKENS * DIM * 2
+    assert (
+        on_disk
+        == stats["bytes"]
+        == int(lengths.sum()) * DIM * 2
+        < len(media) * MAX_TOKENS * DIM * 2
+    )
     again, stats2 = _fill(media, tmp_path / "fc", encoder=(enc := CountingEncoder()))
     assert stats2["hit"] and enc.items == 0 and stats2["key"] == stats["key"]
     _assert_exact(again, media)
@@ -169,7 +180,10 @@ def test_corrupt_index_moves_the_entry_aside(media, tmp_path, caplog, name):
     (entry / name).write_text(text[: len(text) // 3])
     with caplog.at_level(logging.WARNING, logger="mmbridge.cache"):
         table, stats = _fill(media, tmp_path / "fc")
-    assert len(_warnings(caplog)) == 1 and "index.json is unreadable" in _warnings(caplog)[0].getMessage()
+    assert (
+        len(_warnings(caplog)) == 1
+        and "index.json is unreadable" in _warnings(caplog)[0].getMessage()
+    )
     assert len(list(entry.parent.glob(f"{entry.name}.corrupt-*"))) == 1
     _assert_exact(table, media)
 
@@ -192,8 +206,12 @@ def test_interrupted_fill_resumes_after_the_last_complete_shard(media, tmp_path,
 
 def test_refuses_when_the_disk_cannot_hold_it(media, tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(feature_cache.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 4096, 4096))
-    with pytest.raises(DataError, match=r"need about .* only 0\.0 MB is free.*paths\.feature_cache_dir"):
+    monkeypatch.setattr(
+        feature_cache.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 4096, 4096)
+    )
+    with pytest.raises(
+        DataError, match=r"need about .* only 0\.0 MB is free.*paths\.feature_cache_dir"
+    ):
         _fill(media, tmp_path / "fc")
     entry = next((tmp_path / "fc").glob("image-*[!k]"))
     assert not list(entry.glob("shard-*"))  # nothing was written
@@ -237,7 +255,10 @@ def test_generated_data_set_heals(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mmbridge.cache"):
         again = publish_once(tmp_path, "k1", generate)
     assert again == final and len(calls) == 2 and (final / "img" / "0.png").stat().st_size == 104
-    assert len(_warnings(caplog)) == 1 and "img/0.png has 4 bytes, 104 were written" in _warnings(caplog)[0].getMessage()
+    assert (
+        len(_warnings(caplog)) == 1
+        and "img/0.png has 4 bytes, 104 were written" in _warnings(caplog)[0].getMessage()
+    )
     aside = list(tmp_path.glob("k1.corrupt-*"))
     assert len(aside) == 1 and (aside[0] / "a.json").read_text() == "[1, 2, 3]"  # nothing deleted
 
@@ -265,7 +286,10 @@ def test_converted_asset_heals(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mmbridge.cache"):
         asset.ensure(tmp_path)
     assert Toy.conversions == 2 and (path / "model.safetensors").stat().st_size == 64
-    assert len(_warnings(caplog)) == 1 and "model.safetensors has 10 bytes" in _warnings(caplog)[0].getMessage()
+    assert (
+        len(_warnings(caplog)) == 1
+        and "model.safetensors has 10 bytes" in _warnings(caplog)[0].getMessage()
+    )
     assert len(list((tmp_path / "assets").glob("toy.corrupt-*"))) == 1
 
 

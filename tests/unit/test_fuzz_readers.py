@@ -38,13 +38,25 @@ def _image(path: Path) -> None:
 
 # -- valid files in each official layout: (file to mutate, its JSON, reader) ------------------------
 
+
 def _vqav2(root: Path) -> tuple[Path, Any, Callable[[], Any]]:
     for i in (1, 2):
         _image(root / "val2014" / f"COCO_val2014_{i:012d}.jpg")
-    qs = {"data_subtype": "val2014", "questions": [
-        {"image_id": i, "question": f"q{i}?", "question_id": 10 * i} for i in (1, 2)]}
-    anns = {"annotations": [{"question_id": 10 * i, "answer_type": "other", "multiple_choice_answer": "a",
-                             "answers": [{"answer": "a", "answer_id": k} for k in range(10)]} for i in (1, 2)]}
+    qs = {
+        "data_subtype": "val2014",
+        "questions": [{"image_id": i, "question": f"q{i}?", "question_id": 10 * i} for i in (1, 2)],
+    }
+    anns = {
+        "annotations": [
+            {
+                "question_id": 10 * i,
+                "answer_type": "other",
+                "multiple_choice_answer": "a",
+                "answers": [{"answer": "a", "answer_id": k} for k in range(10)],
+            }
+            for i in (1, 2)
+        ]
+    }
     (root / "v2_mscoco_val2014_annotations.json").write_text(json.dumps(anns))
     path = root / "v2_OpenEnded_mscoco_val2014_questions.json"
     return path, qs, lambda: VQADataset(path=str(path))
@@ -59,60 +71,116 @@ def _vqav2_annotations(root: Path) -> tuple[Path, Any, Callable[[], Any]]:
 
 def _textvqa(root: Path) -> tuple[Path, Any, Callable[[], Any]]:
     _image(root / "train_images" / "abc.jpg")
-    data = {"data": [{"question_id": 7, "question": "what?", "image_id": "abc", "answers": ["x"] * 10}]}
+    data = {
+        "data": [{"question_id": 7, "question": "what?", "image_id": "abc", "answers": ["x"] * 10}]
+    }
     path = root / "TextVQA_0.5.1_val.json"
     return path, data, lambda: VQADataset(path=str(path))
 
 
 def _gqa(root: Path) -> tuple[Path, Any, Callable[[], Any]]:
     _image(root / "images" / "n1.jpg")
-    data = {"q1": {"imageId": "n1", "question": "is it?", "answer": "yes", "types": {"structural": "verify"}}}
+    data = {
+        "q1": {
+            "imageId": "n1",
+            "question": "is it?",
+            "answer": "yes",
+            "types": {"structural": "verify"},
+        }
+    }
     path = root / "testdev_balanced_questions.json"
     return path, data, lambda: GQADataset(path=str(path))
 
 
 def _pope(root: Path) -> tuple[Path, Any, Callable[[], Any]]:
     _image(root / "img" / "a.jpg")
-    rows = [{"question_id": i, "image": "a.jpg", "text": "Is there a dog?", "label": lab}
-            for i, lab in ((1, "yes"), (2, "no"))]
+    rows = [
+        {"question_id": i, "image": "a.jpg", "text": "Is there a dog?", "label": lab}
+        for i, lab in ((1, "yes"), (2, "no"))
+    ]
     path = root / "coco_pope_random.json"
     return path, rows, lambda: POPEDataset(path=str(path), image_dir=str(root / "img"))
 
 
 def _scienceqa(root: Path) -> tuple[Path, Any, Callable[[], Any]]:
     _image(root / "images" / "test" / "5" / "image.png")
-    problems = {"5": {"question": "Which?", "choices": ["a", "b", "c"], "answer": 1, "hint": "",
-                      "image": "image.png", "subject": "science"},
-                "6": {"question": "No image", "choices": ["a", "b"], "answer": 0, "image": None}}
+    problems = {
+        "5": {
+            "question": "Which?",
+            "choices": ["a", "b", "c"],
+            "answer": 1,
+            "hint": "",
+            "image": "image.png",
+            "subject": "science",
+        },
+        "6": {"question": "No image", "choices": ["a", "b"], "answer": 0, "image": None},
+    }
     (root / "pid_splits.json").write_text(json.dumps({"test": ["5", "6"]}))
     return root / "problems.json", problems, lambda: MultipleChoiceDataset(path=str(root))
 
 
 def _llava(root: Path) -> tuple[Path, Any, Callable[[], Any]]:
     _image(root / "a.png")
-    rows = [{"id": "s1", "image": "a.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A square."}]},
-        {"id": 2, "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]
+    rows = [
+        {
+            "id": "s1",
+            "image": "a.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat?"},
+                {"from": "gpt", "value": "A square."},
+            ],
+        },
+        {
+            "id": 2,
+            "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}],
+        },
+    ]
     path = root / "train.json"
     return path, rows, lambda: read_llava(path)
 
 
-FORMATS = {"vqav2": _vqav2, "vqav2_annotations": _vqav2_annotations, "textvqa": _textvqa, "gqa": _gqa,
-           "pope": _pope, "scienceqa": _scienceqa, "llava": _llava}
+FORMATS = {
+    "vqav2": _vqav2,
+    "vqav2_annotations": _vqav2_annotations,
+    "textvqa": _textvqa,
+    "gqa": _gqa,
+    "pope": _pope,
+    "scienceqa": _scienceqa,
+    "llava": _llava,
+}
 
 
 # -- mutations --------------------------------------------------------------------------------------
 
-_ODD_VALUES = [None, 0, -1, 1.5, True, "", "x" * 5000, 10 ** 40, 1e308, [], {}, [1, [2]], {"a": None},
-               "\u0000", "../../etc/passwd", "{image_id}"]
+_ODD_VALUES = [
+    None,
+    0,
+    -1,
+    1.5,
+    True,
+    "",
+    "x" * 5000,
+    10**40,
+    1e308,
+    [],
+    {},
+    [1, [2]],
+    {"a": None},
+    "\u0000",
+    "../../etc/passwd",
+    "{image_id}",
+]
 
 
 _DEEP = "<deep>"
 
 
 def _dumps(data: Any, jsonl: bool) -> bytes:
-    text = ("\n".join(json.dumps(r) for r in data) if jsonl and isinstance(data, list)
-            else json.dumps(data))
+    text = (
+        "\n".join(json.dumps(r) for r in data)
+        if jsonl and isinstance(data, list)
+        else json.dumps(data)
+    )
     return text.replace(json.dumps(_DEEP), "[" * 5000 + "1" + "]" * 5000).encode()
 
 
@@ -129,7 +197,9 @@ def _mutate_data(data: Any, rng: random.Random) -> Any:
     data = copy.deepcopy(data)
     kind = rng.choice(["drop", "retype", "retype", "shape", "deep", "empty"])
     if kind == "shape":
-        return rng.choice([[data], list(data.values())[:1] if isinstance(data, dict) else {"x": data}, 5, "s"])
+        return rng.choice(
+            [[data], list(data.values())[:1] if isinstance(data, dict) else {"x": data}, 5, "s"]
+        )
     if kind == "deep":  # nested past the recursion limit: written out as text (see _DEEP)
         return [_DEEP] if isinstance(data, list) else {**data, "deep": _DEEP}
     nodes = [n for n in _containers(data, []) if n]
@@ -155,7 +225,7 @@ def _mutate_bytes(raw: bytes, rng: random.Random) -> bytes:
         at = rng.randrange(len(raw))
         return raw[:at] + b"\xff\xfe\xc3" + raw[at:]
     at = rng.randrange(len(raw))
-    return raw[:at] + bytes([raw[at] ^ (1 << rng.randrange(8))]) + raw[at + 1:]
+    return raw[:at] + bytes([raw[at] ^ (1 << rng.randrange(8))]) + raw[at + 1 :]
 
 
 def _check(read: Callable[[], Any], cache: Path, named: Path) -> str:
@@ -170,7 +240,9 @@ def _check(read: Callable[[], Any], cache: Path, named: Path) -> str:
             assert read_llava(split, files.media_root)
         return "read"
     except MMBridgeError as exc:
-        assert str(named) in str(exc) or str(named.parent) in str(exc), f"{type(exc).__name__}: {exc}"
+        assert str(named) in str(exc) or str(named.parent) in str(exc), (
+            f"{type(exc).__name__}: {exc}"
+        )
         assert "\n" not in str(exc).strip() or "Traceback" not in str(exc)
         return "error"
 
@@ -183,8 +255,11 @@ def test_mutated_files_read_or_fail_with_the_file_named(fmt, tmp_path):
         root = tmp_path / f"r{i}"
         path, data, read = FORMATS[fmt](root)
         jsonl = fmt == "pope"
-        raw = (_mutate_bytes(_dumps(data, jsonl), rng) if i % 3 == 2
-               else _dumps(_mutate_data(data, rng), jsonl))
+        raw = (
+            _mutate_bytes(_dumps(data, jsonl), rng)
+            if i % 3 == 2
+            else _dumps(_mutate_data(data, rng), jsonl)
+        )
         path.write_bytes(raw)
         outcomes[_check(read, root / "cache", path)] += 1
     # the loop exercised both outcomes: a fuzz test that never errs (or never reads) tests nothing
@@ -201,8 +276,16 @@ def _mmbench(path: Path, rows: list[dict]) -> None:
 
 def test_mutated_mmbench_tsv(tmp_path):
     rng = random.Random("fuzz-mmbench")
-    good = {"index": "3", "question": "Colour?", "hint": "nan", "A": "red", "B": "blue", "answer": "A",
-            "category": "c", "image": base64.b64encode(_PNG.getvalue()).decode()}
+    good = {
+        "index": "3",
+        "question": "Colour?",
+        "hint": "nan",
+        "A": "red",
+        "B": "blue",
+        "answer": "A",
+        "category": "c",
+        "image": base64.b64encode(_PNG.getvalue()).decode(),
+    }
     outcomes = {"read": 0, "error": 0}
     for i in range(ROUNDS):
         path = tmp_path / f"r{i}" / "mmbench.tsv"
@@ -218,7 +301,9 @@ def test_mutated_mmbench_tsv(tmp_path):
             path.write_bytes(_mutate_bytes(path.read_bytes(), rng))
         if kind == 3:
             path.write_text(rng.choice(["", "index\n", "a\tb\n1\t2\n", json.dumps(good)]))
-        outcomes[_check(lambda p=path: MultipleChoiceDataset(path=str(p)), path.parent / "cache", path)] += 1
+        outcomes[
+            _check(lambda p=path: MultipleChoiceDataset(path=str(p)), path.parent / "cache", path)
+        ] += 1
     assert outcomes["error"] >= ROUNDS // 4 and outcomes["read"] >= 1, outcomes
 
 
@@ -226,8 +311,11 @@ def test_pope_label_other_than_yes_or_no_is_refused(tmp_path):
     path, rows, read = _pope(tmp_path)
     rows[1]["label"] = "maybe"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    with pytest.raises(MMBridgeError, match=r"coco_pope_random.json: line 2 \(question_id 2\): "
-                                            r"label 'maybe' is not one of yes, no"):
+    with pytest.raises(
+        MMBridgeError,
+        match=r"coco_pope_random.json: line 2 \(question_id 2\): "
+        r"label 'maybe' is not one of yes, no",
+    ):
         read().prepare(tmp_path / "cache")
 
 

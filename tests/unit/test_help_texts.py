@@ -18,8 +18,10 @@ def test_plain_first_sentence():
 
     Args:
         x: ignored."""
-    assert plain_first_sentence(doc) == ("A per-token MLP Linear -> GELU; depth=2 is LLaVA-1.5's "
-                                         "projector (2310.03744 §3.2), e.g. for CLIP.")
+    assert plain_first_sentence(doc) == (
+        "A per-token MLP Linear -> GELU; depth=2 is LLaVA-1.5's "
+        "projector (2310.03744 §3.2), e.g. for CLIP."
+    )
     roles = "Reads :class:`~mmbridge.model.Branch` and :func:`mmbridge.utils.io.x`."
     assert plain_first_sentence(roles) == "Reads Branch and mmbridge.utils.io.x."
     assert plain_first_sentence("No full stop at all") == "No full stop at all"
@@ -50,7 +52,14 @@ def test_eval_help_names_the_benchmarks_and_lmms_eval(capsys):
 
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for word in ("data=vqa", "data=gqa", "data=pope", "data=multiple_choice", "MMBench",
-                 "ScienceQA", "lmms-eval --model mmbridge"):
+    for word in (
+        "data=vqa",
+        "data=gqa",
+        "data=pope",
+        "data=multiple_choice",
+        "MMBench",
+        "ScienceQA",
+        "lmms-eval --model mmbridge",
+    ):
         assert word in out, word
     assert "demo" in usage() and "report.html" in usage()

@@ -79,14 +79,24 @@ def test_hf_vision_pads_before_its_resize(dinov2_dir):
     assert "image_aspect_ratio" not in plain.cache_identity()["args"]  # old cache keys kept
     # with the processor's resize + centre crop: pad first, then the same resize / crop
     cropping = HFVisionEncoder(str(dinov2_dir), image_aspect_ratio="pad")
-    want = image_to_tensor(Image.fromarray(canvas), cropping.size, cropping.mean, cropping.std,
-                           cropping.resample, cropping.resize_shortest)
+    want = image_to_tensor(
+        Image.fromarray(canvas),
+        cropping.size,
+        cropping.mean,
+        cropping.std,
+        cropping.resample,
+        cropping.resize_shortest,
+    )
     assert torch.equal(cropping.preprocess(ramp(16, 10)), want)
 
 
 def test_timm_pads_and_bad_value_is_refused():
-    enc = TimmEncoder("vit_tiny_patch16_224", image_size=16, model_args={"depth": 1, "patch_size": 8},
-                      image_aspect_ratio="pad")
+    enc = TimmEncoder(
+        "vit_tiny_patch16_224",
+        image_size=16,
+        model_args={"depth": 1, "patch_size": 8},
+        image_aspect_ratio="pad",
+    )
     x = enc.preprocess(ramp(10, 16))
     canvas = np.empty((16, 16, 3), dtype=np.uint8)
     assert enc.mean == (0.5, 0.5, 0.5) and enc.std == (0.5, 0.5, 0.5)  # this timm ViT's data config
@@ -94,6 +104,12 @@ def test_timm_pads_and_bad_value_is_refused():
     canvas[:, 3:13] = np.asarray(ramp(10, 16))  # (16 - 10) // 2 = 3
     want = (torch.from_numpy(canvas.astype(np.float32)).permute(2, 0, 1) / 255.0 - 0.5) / 0.5
     assert torch.allclose(x, want, atol=1e-6)
-    with pytest.raises(ConfigError, match="encoder.image_aspect_ratio: 'letterbox'.*valid: square, pad"):
-        TimmEncoder("vit_tiny_patch16_224", image_size=16, model_args={"depth": 1, "patch_size": 8},
-                    image_aspect_ratio="letterbox")
+    with pytest.raises(
+        ConfigError, match="encoder.image_aspect_ratio: 'letterbox'.*valid: square, pad"
+    ):
+        TimmEncoder(
+            "vit_tiny_patch16_224",
+            image_size=16,
+            model_args={"depth": 1, "patch_size": 8},
+            image_aspect_ratio="letterbox",
+        )

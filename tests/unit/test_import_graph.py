@@ -28,9 +28,18 @@ from pathlib import Path
 CORE = Path(__file__).resolve().parents[2] / "core"
 PLUGINS = CORE.parent / "plugins"
 #: Core layers a plugin never imports (rule 3): they run, evaluate, export or serve a model.
-ABOVE_PLUGINS = ("mmbridge.training", "mmbridge.evaluation", "mmbridge.runtime", "mmbridge.commands",
-                 "mmbridge.export", "mmbridge.api", "mmbridge.cli", "mmbridge.lmms", "mmbridge.serving",
-                 "mmbridge.runtime.plan")
+ABOVE_PLUGINS = (
+    "mmbridge.training",
+    "mmbridge.evaluation",
+    "mmbridge.runtime",
+    "mmbridge.commands",
+    "mmbridge.export",
+    "mmbridge.api",
+    "mmbridge.cli",
+    "mmbridge.lmms",
+    "mmbridge.serving",
+    "mmbridge.runtime.plan",
+)
 
 
 #: Package-level edges known to close a cycle, each with what removes it (rule 2 holds for
@@ -88,7 +97,8 @@ def import_graph(root: Path = CORE, plugins: Path | None = None) -> dict[str, di
                 continue
             for target in targets:
                 if not target.startswith("mmbridge") or (
-                        plugins is None and target.startswith("mmbridge.plugins")):
+                    plugins is None and target.startswith("mmbridge.plugins")
+                ):
                     continue
                 dep = owner(target)
                 if dep and dep not in (mod, "mmbridge"):
@@ -107,7 +117,9 @@ def find_cycle(graph: dict[str, dict[str, int]]) -> list[str] | None:
 
 def describe(cycle: list[str], graph: dict[str, dict[str, int]], mods: dict[str, Path]) -> str:
     """``a (core/a.py:12) -> b (core/b.py:40) -> a``: where each import of the cycle is."""
-    steps = [f"{a} ({mods[a].relative_to(CORE.parent)}:{graph[a][b]})" for a, b in zip(cycle, cycle[1:])]
+    steps = [
+        f"{a} ({mods[a].relative_to(CORE.parent)}:{graph[a][b]})" for a, b in zip(cycle, cycle[1:])
+    ]
     return " -> ".join([*steps, cycle[-1]])
 
 
@@ -127,8 +139,9 @@ def unit(module: str, packages: set[str]) -> str:
     return head if head in packages else module
 
 
-def package_graph(graph: dict[str, dict[str, int]],
-                  mods: dict[str, Path]) -> dict[str, dict[str, tuple[str, str, int]]]:
+def package_graph(
+    graph: dict[str, dict[str, int]], mods: dict[str, Path]
+) -> dict[str, dict[str, tuple[str, str, int]]]:
     """Unit -> {imported unit: one ``(module, imported module, line)`` behind the edge}."""
     packages = {m for m, p in mods.items() if p.name == "__init__.py" and m.count(".") == 1}
     out: dict[str, dict[str, tuple[str, str, int]]] = {}
@@ -152,12 +165,20 @@ def plugin_violations(graph: dict[str, dict[str, int]], mods: dict[str, Path]) -
         where = f"{mod} ({_where(mods[mod])}:{{}})"
         for dep, line in deps.items():
             dparts = dep.split(".")
-            if dep.startswith(ABOVE_PLUGINS) and dep.split(".")[1] in {a.split(".")[1] for a in ABOVE_PLUGINS}:
-                bad.append(f"{where.format(line)} -> {dep}: a plugin imports only contracts, data "
-                           f"and core helpers, not the layers that run or evaluate a model")
-            elif dparts[:2] == ["mmbridge", "plugins"] and len(dparts) >= 3 and dparts[2] != parts[2]:
-                bad.append(f"{where.format(line)} -> {dep}: another plugin package; move what the "
-                           f"two share into core")
+            if dep.startswith(ABOVE_PLUGINS) and dep.split(".")[1] in {
+                a.split(".")[1] for a in ABOVE_PLUGINS
+            }:
+                bad.append(
+                    f"{where.format(line)} -> {dep}: a plugin imports only contracts, data "
+                    f"and core helpers, not the layers that run or evaluate a model"
+                )
+            elif (
+                dparts[:2] == ["mmbridge", "plugins"] and len(dparts) >= 3 and dparts[2] != parts[2]
+            ):
+                bad.append(
+                    f"{where.format(line)} -> {dep}: another plugin package; move what the "
+                    f"two share into core"
+                )
     return bad
 
 
@@ -170,17 +191,24 @@ def test_core_import_graph_has_no_cycles() -> None:
 def test_no_package_level_cycle_in_core_and_plugins() -> None:
     mods = core_modules() | core_modules(PLUGINS, "mmbridge.plugins")
     pgraph = package_graph(import_graph(plugins=PLUGINS), mods)
-    for (a, b) in PENDING_EDGES:
+    for a, b in PENDING_EDGES:
         assert b in pgraph[a], f"{a} -> {b} no longer imported: remove it from PENDING_EDGES"
-    cycle = find_cycle({u: {d: 0 for d in deps if (u, d) not in PENDING_EDGES} for u, deps in pgraph.items()})
+    cycle = find_cycle(
+        {u: {d: 0 for d in deps if (u, d) not in PENDING_EDGES} for u, deps in pgraph.items()}
+    )
     if cycle is not None:
-        steps = [f"{a} ({_where(mods[pgraph[a][b][0]])}:{pgraph[a][b][2]})" for a, b in zip(cycle, cycle[1:])]
+        steps = [
+            f"{a} ({_where(mods[pgraph[a][b][0]])}:{pgraph[a][b][2]})"
+            for a, b in zip(cycle, cycle[1:])
+        ]
         raise AssertionError("package-level import cycle: " + " -> ".join([*steps, cycle[-1]]))
     # the layering the rules promise, spelled out
     assert "mmbridge.training" not in pgraph["mmbridge.evaluation"]
     assert "mmbridge.evaluation" not in pgraph["mmbridge.training"]
     assert "mmbridge.runtime" not in pgraph["mmbridge.training"]
-    assert {"mmbridge.training", "mmbridge.evaluation", "mmbridge.data"} <= set(pgraph["mmbridge.runtime"])
+    assert {"mmbridge.training", "mmbridge.evaluation", "mmbridge.data"} <= set(
+        pgraph["mmbridge.runtime"]
+    )
 
 
 def test_plugins_import_only_contracts_data_and_core_helpers() -> None:
@@ -191,23 +219,38 @@ def test_plugins_import_only_contracts_data_and_core_helpers() -> None:
 def test_the_package_rules_see_a_violation(tmp_path: Path) -> None:
     """The checks themselves: a plugin importing the training layer or another plugin
     package's private module is named with its line; a two-package cycle is found."""
-    graph = {"mmbridge.plugins.a.x": {"mmbridge.training.run": 3, "mmbridge.plugins.b._p": 4,
-                                      "mmbridge.errors": 5, "mmbridge.plugins.a._own": 6},
-             "mmbridge.plugins.a._own": {}, "mmbridge.plugins.b._p": {}, "mmbridge.training.run": {},
-             "mmbridge.errors": {}}
+    graph = {
+        "mmbridge.plugins.a.x": {
+            "mmbridge.training.run": 3,
+            "mmbridge.plugins.b._p": 4,
+            "mmbridge.errors": 5,
+            "mmbridge.plugins.a._own": 6,
+        },
+        "mmbridge.plugins.a._own": {},
+        "mmbridge.plugins.b._p": {},
+        "mmbridge.training.run": {},
+        "mmbridge.errors": {},
+    }
     mods = {m: tmp_path / "core" / f"{m.replace('.', '_')}.py" for m in graph}
     problems = plugin_violations(graph, mods)
-    assert [p.split(" -> ")[1].split(":")[0] for p in problems] == ["mmbridge.training.run",
-                                                                   "mmbridge.plugins.b._p"]
+    assert [p.split(" -> ")[1].split(":")[0] for p in problems] == [
+        "mmbridge.training.run",
+        "mmbridge.plugins.b._p",
+    ]
     assert all(p.startswith("mmbridge.plugins.a.x (") for p in problems)
-    mods |= {"mmbridge.training": tmp_path / "training" / "__init__.py",
-             "mmbridge.evaluation": tmp_path / "evaluation" / "__init__.py"}
-    cyclic = {"mmbridge.training.run": {"mmbridge.evaluation.runner": 1},
-              "mmbridge.evaluation.runner": {"mmbridge.training.session": 2},
-              "mmbridge.training.session": {}}
+    mods |= {
+        "mmbridge.training": tmp_path / "training" / "__init__.py",
+        "mmbridge.evaluation": tmp_path / "evaluation" / "__init__.py",
+    }
+    cyclic = {
+        "mmbridge.training.run": {"mmbridge.evaluation.runner": 1},
+        "mmbridge.evaluation.runner": {"mmbridge.training.session": 2},
+        "mmbridge.training.session": {},
+    }
     pg = package_graph(cyclic, mods)
-    assert pg["mmbridge.training"] == {"mmbridge.evaluation": ("mmbridge.training.run",
-                                                               "mmbridge.evaluation.runner", 1)}
+    assert pg["mmbridge.training"] == {
+        "mmbridge.evaluation": ("mmbridge.training.run", "mmbridge.evaluation.runner", 1)
+    }
     assert find_cycle({u: dict.fromkeys(d, 0) for u, d in pg.items()}) is not None
 
 
@@ -220,21 +263,30 @@ def test_the_checker_sees_function_local_and_relative_imports(tmp_path: Path) ->
     (root / "__init__.py").write_text("")
     (root / "sub" / "__init__.py").write_text("")
     (root / "a.py").write_text("from mmbridge.b import x\n")
-    (root / "b.py").write_text("x = 1\n\n\ndef f():\n    from mmbridge.sub.c import y\n    return y\n")
-    (root / "sub" / "c.py").write_text("from typing import TYPE_CHECKING\n"
-                                       "if TYPE_CHECKING:\n    from mmbridge.b import x\n"
-                                       "from .. import a\nfrom mmbridge.plugins import z\ny = 2\n")
+    (root / "b.py").write_text(
+        "x = 1\n\n\ndef f():\n    from mmbridge.sub.c import y\n    return y\n"
+    )
+    (root / "sub" / "c.py").write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from mmbridge.b import x\n"
+        "from .. import a\nfrom mmbridge.plugins import z\ny = 2\n"
+    )
     graph = import_graph(root)
-    assert graph == {"mmbridge": {}, "mmbridge.a": {"mmbridge.b": 1},
-                     "mmbridge.b": {"mmbridge.sub.c": 5}, "mmbridge.sub": {},
-                     "mmbridge.sub.c": {"mmbridge.a": 4}}
+    assert graph == {
+        "mmbridge": {},
+        "mmbridge.a": {"mmbridge.b": 1},
+        "mmbridge.b": {"mmbridge.sub.c": 5},
+        "mmbridge.sub": {},
+        "mmbridge.sub.c": {"mmbridge.a": 4},
+    }
     cycle = find_cycle(graph)
     assert cycle is not None and len(cycle) == 4 and cycle[0] == cycle[-1]
     assert set(cycle) == {"mmbridge.a", "mmbridge.b", "mmbridge.sub.c"}
     for a, b in zip(cycle, cycle[1:]):
         assert b in graph[a]  # the cycle follows the import direction
-    (root / "sub" / "c.py").write_text("from typing import TYPE_CHECKING\n"
-                                       "if TYPE_CHECKING:\n    from mmbridge.a import q\ny = 2\n")
+    (root / "sub" / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from mmbridge.a import q\ny = 2\n"
+    )
     assert find_cycle(import_graph(root)) is None
 
 
@@ -246,6 +298,8 @@ if __name__ == "__main__":
     for module in sorted(g):
         print(f"{module} -> {', '.join(sorted(g[module])) or '(none)'}")
     found = find_cycle(g)
-    print(f"{len(g)} core modules, {sum(map(len, g.values()))} import edges, "
-          f"{'cycle: ' + describe(found, g, m) if found else 'no cycle'}")
+    print(
+        f"{len(g)} core modules, {sum(map(len, g.values()))} import edges, "
+        f"{'cycle: ' + describe(found, g, m) if found else 'no cycle'}"
+    )
     sys.exit(1 if found else 0)

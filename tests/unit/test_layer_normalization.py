@@ -34,14 +34,18 @@ def test_each_layer_is_standardised_per_token(tmp_path):
     for k, block in enumerate((f_norm[..., :d], f_norm[..., d:])):
         assert torch.allclose(block.mean(-1), torch.zeros(block.shape[:-1]), atol=1e-5)
         # (LayerNorm's eps keeps the variance a little under 1 on the tiny tower's small features)
-        assert torch.allclose(block.var(-1, unbiased=False), torch.ones(block.shape[:-1]), atol=0.03)
+        assert torch.allclose(
+            block.var(-1, unbiased=False), torch.ones(block.shape[:-1]), atol=0.03
+        )
         # exactly a LayerNorm without affine of that layer's raw features, and nothing else
         assert torch.allclose(block, F.layer_norm(blocks_raw[k], (d,)), atol=1e-5)
 
 
 def test_pooling_averages_the_normalised_tokens(tmp_path):
     norm = HFVisionEncoder.for_testing(tmp_path / "b", feature_layer=[2, 1], normalize_layers=True)
-    pooled = HFVisionEncoder.for_testing(tmp_path / "c", feature_layer=[2, 1], normalize_layers=True, pool_to=2)
+    pooled = HFVisionEncoder.for_testing(
+        tmp_path / "c", feature_layer=[2, 1], normalize_layers=True, pool_to=2
+    )
     x = _batch(norm, tmp_path)
     with torch.inference_mode():
         full, _ = norm(x)

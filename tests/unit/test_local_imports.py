@@ -27,52 +27,113 @@ PENDING = "file under the orchestration refactor (issue 19): review when it land
 
 #: file (relative to core/) -> {imported module: why it is imported inside a function}
 ALLOWED: dict[str, dict[str, str]] = {
-    "api.py": {"mmbridge.export.source": IMPORT, "mmbridge.runtime.task": IMPORT,
-               "mmbridge.config": IMPORT, "mmbridge.registry.plugin_manager": IMPORT},
-    "commands/evaluate.py": {"mmbridge.evaluation.benchmarks": CLI, "mmbridge.runtime.evaluate": CLI,
-                             "mmbridge.export.source": CLI, "mmbridge.registry.plugin_manager": CLI},
+    "api.py": {
+        "mmbridge.export.source": IMPORT,
+        "mmbridge.runtime.task": IMPORT,
+        "mmbridge.config": IMPORT,
+        "mmbridge.registry.plugin_manager": IMPORT,
+    },
+    "commands/evaluate.py": {
+        "mmbridge.evaluation.benchmarks": CLI,
+        "mmbridge.runtime.evaluate": CLI,
+        "mmbridge.export.source": CLI,
+        "mmbridge.registry.plugin_manager": CLI,
+    },
     "commands/export.py": {"mmbridge.export": CLI},
     "commands/serve.py": {"uvicorn": OPTIONAL, "mmbridge.serving": OPTIONAL, "mmbridge": CLI},
     "data/inputs.py": {"soundfile": OPTIONAL},
     # PEFT imports transformers (seconds); only runs that use LoRA or QLoRA need them
     "model/lora.py": {"peft": HEAVY, "transformers": HEAVY, "bitsandbytes": OPTIONAL},
-    "config/schema.py": {"peft": HEAVY},  # only when a LoRA section has a key beyond the common ones
+    "config/schema.py": {
+        "peft": HEAVY
+    },  # only when a LoRA section has a key beyond the common ones
     "model/precision.py": {"torch.distributed.fsdp": HEAVY},  # FSDP runs only
     "commands/generate.py": {"mmbridge.api": CLI, "mmbridge.reporting.attention_maps": CLI},
     "commands/plan.py": {"mmbridge.runtime.plan": CLI},
     "commands/inspect_samples.py": {"mmbridge.runtime.inspection": CLI},
-    "runtime/inspection.py": {"mmbridge.config": IMPORT, "mmbridge.model": IMPORT, "mmbridge.registry.plugin_manager": IMPORT,
-                      "mmbridge.runtime.session": IMPORT, "mmbridge.runtime.stage": IMPORT,
-                      "mmbridge.config.validation": IMPORT},
+    "runtime/inspection.py": {
+        "mmbridge.config": IMPORT,
+        "mmbridge.model": IMPORT,
+        "mmbridge.registry.plugin_manager": IMPORT,
+        "mmbridge.runtime.session": IMPORT,
+        "mmbridge.runtime.stage": IMPORT,
+        "mmbridge.config.validation": IMPORT,
+    },
     "commands/plugins.py": {"mmbridge.testing.report": CLI},
-    "commands/report.py": {"mmbridge.reporting.tables": CLI, "mmbridge.reporting.results": CLI, "mmbridge.reporting.run_report": CLI},
+    "commands/report.py": {
+        "mmbridge.reporting.tables": CLI,
+        "mmbridge.reporting.results": CLI,
+        "mmbridge.reporting.run_report": CLI,
+    },
     "commands/demo.py": {"gradio": OPTIONAL, "mmbridge.api": CLI},
-    "commands/sweep.py": {"hydra.core.override_parser.overrides_parser": CLI, "hydra.errors": CLI,
-                          "mmbridge.commands": CLI, "mmbridge.reporting.tables": CLI},
-    "commands/train.py": {"mmbridge.reporting.runs": CLI, "mmbridge.runtime.task": CLI, "hydra.core.hydra_config": CLI,
-                          "hydra.types": CLI, "hydra": CLI},
-    "config/__init__.py": {"hydra": STARTUP, "hydra.core.global_hydra": STARTUP, "hydra.errors": STARTUP},
-    "config/preflight.py": {"hydra.core.override_parser.overrides_parser": STARTUP, "hydra.errors": STARTUP},
-    "config/validation.py": {"lightning": STARTUP, "lightning.pytorch.accelerators": STARTUP,
-                      "hydra.core.override_parser.overrides_parser": STARTUP, "hydra.errors": STARTUP},
-    "lmms.py": {"lmms_eval.models.registry_v2": OPTIONAL, "soundfile": OPTIONAL,
-                "mmbridge.registry.plugin_manager": PENDING, "mmbridge.runtime.session": PENDING},
+    "commands/sweep.py": {
+        "hydra.core.override_parser.overrides_parser": CLI,
+        "hydra.errors": CLI,
+        "mmbridge.commands": CLI,
+        "mmbridge.reporting.tables": CLI,
+    },
+    "commands/train.py": {
+        "mmbridge.reporting.runs": CLI,
+        "mmbridge.runtime.task": CLI,
+        "hydra.core.hydra_config": CLI,
+        "hydra.types": CLI,
+        "hydra": CLI,
+    },
+    "config/__init__.py": {
+        "hydra": STARTUP,
+        "hydra.core.global_hydra": STARTUP,
+        "hydra.errors": STARTUP,
+    },
+    "config/preflight.py": {
+        "hydra.core.override_parser.overrides_parser": STARTUP,
+        "hydra.errors": STARTUP,
+    },
+    "config/validation.py": {
+        "lightning": STARTUP,
+        "lightning.pytorch.accelerators": STARTUP,
+        "hydra.core.override_parser.overrides_parser": STARTUP,
+        "hydra.errors": STARTUP,
+    },
+    "lmms.py": {
+        "lmms_eval.models.registry_v2": OPTIONAL,
+        "soundfile": OPTIONAL,
+        "mmbridge.registry.plugin_manager": PENDING,
+        "mmbridge.runtime.session": PENDING,
+    },
     "training/loggers.py": {"lightning.pytorch.loggers": OPTIONAL},  # WandbLogger needs wandb
-    "training/distributed.py": {"deepspeed": OPTIONAL, "torch.distributed.fsdp": PENDING,
-                                "torch.distributed.checkpoint.state_dict": PENDING},
+    "training/distributed.py": {
+        "deepspeed": OPTIONAL,
+        "torch.distributed.fsdp": PENDING,
+        "torch.distributed.checkpoint.state_dict": PENDING,
+    },
     "reporting/tables.py": {"mmbridge.reporting.plots": OPTIONAL},  # matplotlib: the sweep extra
-    "utils/metrics.py": {"whisper.normalizers": HEAVY},  # whisper loads numba; WER's English normaliser only
-    "utils/media_io.py": {"soundfile": OPTIONAL, "scipy.signal": HEAVY},  # the data extra; resampling only
+    "utils/metrics.py": {
+        "whisper.normalizers": HEAVY
+    },  # whisper loads numba; WER's English normaliser only
+    "utils/media_io.py": {
+        "soundfile": OPTIONAL,
+        "scipy.signal": HEAVY,
+    },  # the data extra; resampling only
     # transformers' model classes cost seconds, and plugins import this module at registry build
     "testing/tiny.py": {"tokenizers": HEAVY, "transformers": HEAVY},
     "registry/plugin_manager.py": {"mmbridge.plugins": PLUGINS},
     "data/feature_cache.py": {"rich.progress": PENDING},
     "training/checkpoint.py": {"lightning.pytorch.callbacks": PENDING},
     "training/strategies.py": {"lightning.pytorch.strategies": PENDING},
-    "export/__init__.py": {m: PENDING for m in (
-        "mmbridge.export.bundle", "mmbridge.export.peft_format", "mmbridge.export.hf", "omegaconf",
-        "mmbridge.training.checkpoint", "mmbridge.export.card", "mmbridge.export.source",
-        "mmbridge.registry.plugin_manager", "json")},
+    "export/__init__.py": {
+        m: PENDING
+        for m in (
+            "mmbridge.export.bundle",
+            "mmbridge.export.peft_format",
+            "mmbridge.export.hf",
+            "omegaconf",
+            "mmbridge.training.checkpoint",
+            "mmbridge.export.card",
+            "mmbridge.export.source",
+            "mmbridge.registry.plugin_manager",
+            "json",
+        )
+    },
 }
 
 
@@ -96,21 +157,31 @@ def local_imports(path: Path) -> list[tuple[int, str, str]]:
 
 
 def all_local_imports(root: Path = CORE) -> dict[str, list[tuple[int, str, str]]]:
-    return {p.relative_to(root).as_posix(): found for p in sorted(root.rglob("*.py"))
-            if (found := local_imports(p))}
+    return {
+        p.relative_to(root).as_posix(): found
+        for p in sorted(root.rglob("*.py"))
+        if (found := local_imports(p))
+    }
 
 
 def test_function_local_imports_are_deliberate():
-    unlisted = [f"core/{file}:{line} {function}(): import {module}"
-                for file, found in all_local_imports().items()
-                for line, function, module in found if module not in ALLOWED.get(file, {})]
-    assert not unlisted, ("function-local imports without a reason: move each to the top of its "
-                          "module, or list it in ALLOWED with why:\n  " + "\n  ".join(unlisted))
+    unlisted = [
+        f"core/{file}:{line} {function}(): import {module}"
+        for file, found in all_local_imports().items()
+        for line, function, module in found
+        if module not in ALLOWED.get(file, {})
+    ]
+    assert not unlisted, (
+        "function-local imports without a reason: move each to the top of its "
+        "module, or list it in ALLOWED with why:\n  " + "\n  ".join(unlisted)
+    )
 
 
 def test_the_checker_sees_nested_and_relative_imports(tmp_path):
-    (tmp_path / "m.py").write_text("import os\n\ndef f():\n    import json\n    def g():\n"
-                                   "        from . import x\n    return json\n")
+    (tmp_path / "m.py").write_text(
+        "import os\n\ndef f():\n    import json\n    def g():\n"
+        "        from . import x\n    return json\n"
+    )
     assert local_imports(tmp_path / "m.py") == [(4, "f", "json"), (6, "f.g", ".")]
 
 
@@ -120,6 +191,8 @@ if __name__ == "__main__":
         total += len(found)
         print(f"core/{file}: {len(found)}")
         for line, function, module in found:
-            print(f"    {line:5} {function}: {module}  [{ALLOWED.get(file, {}).get(module, 'NOT LISTED')}]")
+            print(
+                f"    {line:5} {function}: {module}  [{ALLOWED.get(file, {}).get(module, 'NOT LISTED')}]"
+            )
     print(f"{total} function-local imports")
     sys.exit(0)

@@ -28,10 +28,18 @@ LLAMA_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj
 @pytest.fixture(scope="module")
 def dora_model():
     """The tiny model after an instruct stage with DoRA on every linear layer of block 1."""
-    cfg = compose([*BASE, "stages.instruct.train.llm=lora", "stages.instruct.lora.target_modules=all-linear",
-                   "stages.instruct.lora.use_dora=true", "stages.instruct.lora.r=4",
-                   "stages.instruct.lora.alpha=8", "++stages.instruct.lora.layers_to_transform=[1]"],
-                  shared_registry())
+    cfg = compose(
+        [
+            *BASE,
+            "stages.instruct.train.llm=lora",
+            "stages.instruct.lora.target_modules=all-linear",
+            "stages.instruct.lora.use_dora=true",
+            "stages.instruct.lora.r=4",
+            "stages.instruct.lora.alpha=8",
+            "++stages.instruct.lora.layers_to_transform=[1]",
+        ],
+        shared_registry(),
+    )
     assert config_errors(cfg, shared_registry()) == []  # a LoraConfig key passes validation
     torch.manual_seed(0)
     model = assemble(cfg, shared_registry())
@@ -78,16 +86,31 @@ def test_unknown_lora_keys_are_named_with_what_is_valid():
     cfg = compose([*BASE, "++stages.instruct.lora.use_dorra=true"], shared_registry())
     errors = config_errors(cfg, shared_registry())
     assert len(errors) == 1 and errors[0].startswith(
-        "stages.instruct.lora.use_dorra=True: not a key of stages.instruct.lora (did you mean 'use_dora'?)")
+        "stages.instruct.lora.use_dorra=True: not a key of stages.instruct.lora (did you mean 'use_dora'?)"
+    )
     assert "or a key of peft.LoraConfig" in errors[0]
-    with pytest.raises(ConfigError, match=r"lora: lora_alpha \(written alpha here\): not a key of peft.LoraConfig here; valid: .*alpha"):
+    with pytest.raises(
+        ConfigError,
+        match=r"lora: lora_alpha \(written alpha here\): not a key of peft.LoraConfig here; valid: .*alpha",
+    ):
         peft_config({"r": 4, "lora_alpha": 8}, "lora")
-    with pytest.raises(ConfigError, match=r"lora.target_modules: \['query'\] match no linear layer"):
-        peft_config({"target_modules": ["query"]}, "lora", torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(
+        ConfigError, match=r"lora.target_modules: \['query'\] match no linear layer"
+    ):
+        peft_config(
+            {"target_modules": ["query"]}, "lora", torch.nn.Sequential(torch.nn.Linear(2, 2))
+        )
 
 
-@pytest.mark.parametrize(("mode", "extra"), [("lora", []), ("last_n", ["stages.align.train.encoder_last_n=1"]),
-                                             ("full", []), ("frozen", [])])
+@pytest.mark.parametrize(
+    ("mode", "extra"),
+    [
+        ("lora", []),
+        ("last_n", ["stages.align.train.encoder_last_n=1"]),
+        ("full", []),
+        ("frozen", []),
+    ],
+)
 def test_encoder_trains_as_frozen_lora_last_n_or_full(mode, extra):
     cfg = compose([*BASE, f"stages.align.train.encoder={mode}", *extra], shared_registry())
     assert config_errors(cfg, shared_registry()) == []
@@ -147,8 +170,10 @@ def test_init_from_carries_the_encoders_adapters(tmp_path):
     from mmbridge.training.checkpoint import save_checkpoint
     from mmbridge.training.init_from import load_init_weights
 
-    cfg = compose([*BASE, "stages.align.train.encoder=lora", "stages.align.encoder_lora.r=2"],
-                  shared_registry())
+    cfg = compose(
+        [*BASE, "stages.align.train.encoder=lora", "stages.align.encoder_lora.r=2"],
+        shared_registry(),
+    )
     source = assemble(cfg, shared_registry())
     configure_trainable(source, cfg.stages.align)
     with torch.no_grad():
@@ -156,13 +181,18 @@ def test_init_from_carries_the_encoders_adapters(tmp_path):
             if "lora_B" in n:
                 p.normal_()
     run = tmp_path / "run"
-    save_checkpoint(source, cfg, run / "checkpoints" / "align_final", ["align"], registry=shared_registry())
-    target_cfg = compose([*BASE, f"init_from={run}:align", "cache_features=false"], shared_registry())
+    save_checkpoint(
+        source, cfg, run / "checkpoints" / "align_final", ["align"], registry=shared_registry()
+    )
+    target_cfg = compose(
+        [*BASE, f"init_from={run}:align", "cache_features=false"], shared_registry()
+    )
     target = assemble(target_cfg, shared_registry())
     names = load_init_weights(target, target_cfg, shared_registry())
     lora = [n for n in names if "lora_B" in n and ".encoder." in n]
     # r = 2, the source's; the linear layers only (not patch_embed.proj, a convolution)
-    assert len(lora) == 8 and all(target.state_dict()[n].shape == (target.state_dict()[n].shape[0], 2)
-                                  for n in lora)
+    assert len(lora) == 8 and all(
+        target.state_dict()[n].shape == (target.state_dict()[n].shape[0], 2) for n in lora
+    )
     for n in lora:
         torch.testing.assert_close(target.state_dict()[n], source.state_dict()[n])

@@ -10,13 +10,16 @@ import pytest
 from mmbridge.utils.metrics import english_normalizer, exact_match, normalize_text, word_error_rate
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("  The RED ball, please! ", "the red ball please"),
-    ("Don't stop.", "dont stop"),
-    ("ice-cream\tand\n cake", "ice cream and cake"),
-    ("“Quoted” — text…", "quoted text"),
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("  The RED ball, please! ", "the red ball please"),
+        ("Don't stop.", "dont stop"),
+        ("ice-cream\tand\n cake", "ice cream and cake"),
+        ("“Quoted” — text…", "quoted text"),
+        ("", ""),
+    ],
+)
 def test_normalize_text(text, expected):
     assert normalize_text(text) == expected
 
@@ -28,13 +31,16 @@ def test_exact_match_ignores_case_punctuation_and_spacing():
     assert not exact_match("3", "three")
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("Mr. Smith has twenty five apples.", "mister smith has 25 apples"),
-    ("I don't know", "i do not know"),
-    ("The colour is grey.", "the color is gray"),
-    ("Uh, the ball [noise] is red", "the ball is red"),
-    ("  The RED ball, please! ", "the red ball please"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Mr. Smith has twenty five apples.", "mister smith has 25 apples"),
+        ("I don't know", "i do not know"),
+        ("The colour is grey.", "the color is gray"),
+        ("Uh, the ball [noise] is red", "the ball is red"),
+        ("  The RED ball, please! ", "the red ball please"),
+    ],
+)
 def test_whisper_english_normalizer(text, expected):
     assert english_normalizer()(text) == expected
 

@@ -21,22 +21,35 @@ from mmbridge.training.checkpoint import component_origins
 
 
 def test_the_nodes_of_a_model_with_a_branch_and_a_prefix():
-    cfg = {"llm": {}, "encoder": {}, "connector": {}, "alignment": {"name": "aligngpt"},
-           "branches": {"audio": {"encoder": {}, "connector": {}}, "video": None}}
+    cfg = {
+        "llm": {},
+        "encoder": {},
+        "connector": {},
+        "alignment": {"name": "aligngpt"},
+        "branches": {"audio": {"encoder": {}, "connector": {}}, "video": None},
+    }
     assert model_nodes(cfg) == [
-        ComponentNode("llm", "llm"), ComponentNode("encoder", "encoder"),
+        ComponentNode("llm", "llm"),
+        ComponentNode("encoder", "encoder"),
         ComponentNode("connector", "connector", ("in_dim", "out_dim")),
         ComponentNode("branches.audio.encoder", "encoder"),
         ComponentNode("branches.audio.connector", "connector", ("in_dim", "out_dim")),
-        ComponentNode("alignment", "prefix", ("dim",))]
+        ComponentNode("alignment", "prefix", ("dim",)),
+    ]
     assert [n.key for n in model_nodes({"branches": {}})] == ["llm", "encoder", "connector"]
     assert node_at(cfg, "alignment.name") == "aligngpt" and node_at(cfg, "branches.video.x") is None
 
 
 def test_validation_checks_every_listed_node_under_its_key():
     registry = shared_registry()
-    cfg = compose(["experiment=tiny", "+branches.audio.encoder.name=whisper",
-                   "+branches.audio.connector.name=nope"], registry)
+    cfg = compose(
+        [
+            "experiment=tiny",
+            "+branches.audio.encoder.name=whisper",
+            "+branches.audio.connector.name=nope",
+        ],
+        registry,
+    )
     with pytest.raises(ConfigError) as err:
         validate_config(cfg, registry)
     assert "branches.audio.connector.name" in str(err.value) and "nope" in str(err.value)
@@ -55,9 +68,15 @@ def test_the_checkpoint_records_each_listed_component_and_the_data():
 def extra_node_spec(monkeypatch):
     """mmbridge.config.model_spec with one more node pair (an encoder and its connector at ``extra``):
     the only place changed."""
-    monkeypatch.setattr(model_spec, "OPTIONAL_NODES", model_spec.OPTIONAL_NODES + (
-        ComponentNode("extra.encoder", "encoder"),
-        ComponentNode("extra.connector", "connector", model_spec.CONNECTOR_ARGS)))
+    monkeypatch.setattr(
+        model_spec,
+        "OPTIONAL_NODES",
+        model_spec.OPTIONAL_NODES
+        + (
+            ComponentNode("extra.encoder", "encoder"),
+            ComponentNode("extra.connector", "connector", model_spec.CONNECTOR_ARGS),
+        ),
+    )
 
 
 def _with_extra(registry, connector: str = "mlp"):
@@ -83,7 +102,10 @@ def test_a_node_added_to_the_spec_is_read_by_every_reader(extra_node_spec):
         build_meta_model(cfg, registry)
     # the checkpoint's record, the model card, dtype resolution, the bundle's file scan
     origins = component_origins(cfg, registry)
-    assert origins["extra.encoder"]["kind"] == "encoder" and origins["extra.connector"]["name"] == "mlp"
+    assert (
+        origins["extra.encoder"]["kind"] == "encoder"
+        and origins["extra.connector"]["name"] == "mlp"
+    )
     rows = "\n".join(_component_rows(cfg, origins))
     assert "| extra.encoder | timm |" in rows and "| extra.connector | mlp |" in rows
     cfg.encoder.dtype = cfg.extra.encoder.dtype = "auto"
@@ -102,6 +124,7 @@ def test_a_branch_without_its_connector_is_named():
     assert [b.prefix for b in model_spec.branch_nodes(cfg)] == ["", "branches.audio."]
     assert model_spec.branch_problems({"branches": {"a": {"encoder": {}}, "b": 3, "c": None}}) == [
         "branches.a: needs both 'encoder' and 'connector'",
-        "branches.b: needs both 'encoder' and 'connector'"]
+        "branches.b: needs both 'encoder' and 'connector'",
+    ]
     with pytest.raises(ConfigError, match="the model config: needs both"):
         model_spec.branch_nodes({"encoder": {}})

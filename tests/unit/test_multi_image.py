@@ -61,12 +61,24 @@ def mixed(images) -> list[Sample]:
     """Row 0: two images (b before a: the placeholder order, not the name order, decides);
     row 1: text only; row 2: one image."""
     return [
-        Sample("two", {"image": [images["b"], images["a"]]},
-               [{"from": "human", "value": "<image>\nFirst. <image>\nSecond. Same?"},
-                {"from": "gpt", "value": "no"}]),
-        Sample("text", {}, [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi there"}]),
-        Sample("one", {"image": images["c"]},
-               [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "noise"}]),
+        Sample(
+            "two",
+            {"image": [images["b"], images["a"]]},
+            [
+                {"from": "human", "value": "<image>\nFirst. <image>\nSecond. Same?"},
+                {"from": "gpt", "value": "no"},
+            ],
+        ),
+        Sample(
+            "text",
+            {},
+            [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi there"}],
+        ),
+        Sample(
+            "one",
+            {"image": images["c"]},
+            [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "noise"}],
+        ),
     ]
 
 
@@ -109,7 +121,9 @@ def test_mixed_batch_slots_labels_and_feature_rows(tiny_model, chat, mixed, imag
     assert slots.sum(1).tolist() == [2 * SLOTS, 0, SLOTS]
     assert [_runs(slots[r]) for r in range(3)] == SLOT_RUNS
     # slots hold the pad id, carry no label, and sit inside the row
-    assert (batch["input_ids"][slots] == chat.pad_id).all() and (batch["labels"][slots] == IGNORE).all()
+    assert (batch["input_ids"][slots] == chat.pad_id).all() and (
+        batch["labels"][slots] == IGNORE
+    ).all()
     # labels: the answers only (with the end-of-turn tokens), nothing of the prompt
     tok = tiny_model.llm.tokenizer
     answers = [tok.decode(batch["labels"][r][batch["labels"][r] != IGNORE]) for r in range(3)]
@@ -124,7 +138,9 @@ def test_mixed_batch_slots_labels_and_feature_rows(tiny_model, chat, mixed, imag
         embeds = tiny_model.embed(batch)
     for (row, k), name in zip([(0, 0), (0, 1), (2, 0)], ["b", "a", "c"], strict=True):
         a, b = SLOT_RUNS[row][k]
-        torch.testing.assert_close(embeds[row, a:b], _alone(tiny_model, images[name]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            embeds[row, a:b], _alone(tiny_model, images[name]), atol=1e-5, rtol=1e-5
+        )
     # the text-only row is its text embeddings, untouched
     torch.testing.assert_close(embeds[1], tiny_model.llm.embed(batch["input_ids"][1:2])[0])
 
@@ -138,7 +154,9 @@ def test_mixed_batch_loss_is_its_rows_loss(tiny_model, chat, mixed):
         alone = [tiny_model(_batch(tiny_model, chat, [s])[1]).item() for s in mixed]
     counts = (batch["labels"][:, 1:] != IGNORE).sum(1).tolist()
     assert loss == pytest.approx(PINNED_LOSS, abs=1e-4)
-    assert loss == pytest.approx(sum(a * n for a, n in zip(alone, counts, strict=True)) / sum(counts), abs=1e-5)
+    assert loss == pytest.approx(
+        sum(a * n for a, n in zip(alone, counts, strict=True)) / sum(counts), abs=1e-5
+    )
     # the two images in the other order: another input, another loss
     swapped = mixed[0].replace(media={"image": list(reversed(mixed[0].media["image"]))})
     with torch.no_grad():
@@ -170,7 +188,11 @@ def test_cached_features_fill_the_same_slots(tiny_model, chat, mixed, images, tm
     enc = tiny_model.branches["image"].encoder
     table, _ = load_or_compute(enc, [images[k] for k in ("a", "b", "c")], tmp_path / "fc")
     items, batch = _batch(tiny_model, chat, mixed, tables={"image": table})
-    assert [[c for _, _, c in x["media"].get("image", [])] for x in items] == [[True, True], [], [True]]
+    assert [[c for _, _, c in x["media"].get("image", [])] for x in items] == [
+        [True, True],
+        [],
+        [True],
+    ]
     feats, fmask = batch["media"]["image"]["features"], batch["media"]["image"]["feature_mask"]
     assert feats.shape[:2] == (3, 64) and fmask.all()
     for k, name in enumerate(["b", "a", "c"]):
@@ -199,23 +221,31 @@ def test_generation_batch_left_padded(tiny_model, chat, mixed, images):
     for (row, k), name in zip([(0, 0), (0, 1), (2, 0)], ["b", "a", "c"], strict=True):
         a, b = runs[row][k]
         assert b - a == SLOTS and b <= t
-        torch.testing.assert_close(embeds[row, a:b], _alone(tiny_model, images[name]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            embeds[row, a:b], _alone(tiny_model, images[name]), atol=1e-5, rtol=1e-5
+        )
     new = tiny_model.generate(batch, max_new_tokens=3, do_sample=False)
     assert new.shape[0] == 3
 
 
 def test_placeholder_count_and_stripping(tiny_model, chat, mixed):
     reader = MediaReader(tiny_model.branches)
-    short = mixed[0].replace(conversations=[{"from": "human", "value": "<image>\nSame?"},
-                                            {"from": "gpt", "value": "no"}])
-    with pytest.raises(DataError, match=r"sample two: 1 <image> placeholder\(s\) in user turns for 2 image item\(s\)"):
+    short = mixed[0].replace(
+        conversations=[{"from": "human", "value": "<image>\nSame?"}, {"from": "gpt", "value": "no"}]
+    )
+    with pytest.raises(
+        DataError,
+        match=r"sample two: 1 <image> placeholder\(s\) in user turns for 2 image item\(s\)",
+    ):
         encode_sample(short, reader, chat)
     bare = strip_media(mixed[0])
     assert bare.media == {} and bare.conversations[0]["value"] == "First. Second. Same?"
     assert "<image>" not in chat.tokenizer.decode(encode_sample(bare, reader, chat)["input_ids"])
 
 
-def test_truncation_report_reads_no_feature_row(tiny_model, chat, mixed, images, tmp_path, monkeypatch):
+def test_truncation_report_reads_no_feature_row(
+    tiny_model, chat, mixed, images, tmp_path, monkeypatch
+):
     """Slot counts of cached files come from the table's stored lengths, not from its rows."""
     enc = tiny_model.branches["image"].encoder
     table, _ = load_or_compute(enc, [images[k] for k in ("a", "b", "c")], tmp_path / "fc")
@@ -233,7 +263,9 @@ def test_truncation_report_reads_no_feature_row(tiny_model, chat, mixed, images,
     assert rep.supervised == int((batch["labels"] != IGNORE).sum())
 
 
-def test_feature_cache_fill_covers_every_file_of_a_list(registry, tiny_model, chat, mixed, images, tmp_path):
+def test_feature_cache_fill_covers_every_file_of_a_list(
+    registry, tiny_model, chat, mixed, images, tmp_path
+):
     cfg = compose(["experiment=tiny", f"paths.cache_dir={tmp_path / 'cache'}"], registry)
     session = Session(cfg, registry, tiny_model, chat, {"train": mixed})
     fill_feature_cache(session)
@@ -244,18 +276,41 @@ def test_feature_cache_fill_covers_every_file_of_a_list(registry, tiny_model, ch
 def test_reader_to_batch_from_a_llava_file(tiny_model, chat, images, tmp_path):
     """The same mix read from a LLaVA JSONL file (relative paths, a list for two images)."""
     root = Path(images["a"]).parent
-    records = [{"id": "two", "image": ["b.png", "a.png"], "conversations": [
-                   {"from": "human", "value": "<image>\nFirst. <image>\nSecond. Same?"}, {"from": "gpt", "value": "no"}]},
-               {"id": "text", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi there"}]},
-               {"id": "one", "image": "c.png", "conversations": [
-                   {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "noise"}]}]
+    records = [
+        {
+            "id": "two",
+            "image": ["b.png", "a.png"],
+            "conversations": [
+                {"from": "human", "value": "<image>\nFirst. <image>\nSecond. Same?"},
+                {"from": "gpt", "value": "no"},
+            ],
+        },
+        {
+            "id": "text",
+            "conversations": [
+                {"from": "human", "value": "Say hi."},
+                {"from": "gpt", "value": "hi there"},
+            ],
+        },
+        {
+            "id": "one",
+            "image": "c.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is it?"},
+                {"from": "gpt", "value": "noise"},
+            ],
+        },
+    ]
     path = tmp_path / "mix.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     samples = read_llava(path, root)
-    assert [s.media for s in samples] == [{"image": [images["b"], images["a"]]}, {}, {"image": images["c"]}]
+    assert [s.media for s in samples] == [
+        {"image": [images["b"], images["a"]]},
+        {},
+        {"image": images["c"]},
+    ]
     _, batch = _batch(tiny_model, chat, samples)
     assert [_runs(batch["slots"]["image"][r]) for r in range(3)] == SLOT_RUNS
-
 
 
 def test_several_files_need_an_in_sequence_connector(tiny_model, chat, mixed):
@@ -269,7 +324,10 @@ def test_several_files_need_an_in_sequence_connector(tiny_model, chat, mixed):
     xattn = GatedCrossAttention(encoder.out_dim, tiny_model.llm.hidden_size, num_latents=4, depth=1)
     reader = MediaReader({"image": SimpleNamespace(encoder=encoder, connector=xattn)})
     assert not reader.in_sequence("image")
-    with pytest.raises(DataError, match=r"sample two: 2 image files, but the image connector is not in the sequence"):
+    with pytest.raises(
+        DataError,
+        match=r"sample two: 2 image files, but the image connector is not in the sequence",
+    ):
         encode_sample(mixed[0], reader, chat)
     one = encode_sample(mixed[2], reader, chat)  # one image: its latents are context, no slots
     assert len(one["media"]["image"]) == 1 and "image" not in one["slot_modality"]

@@ -39,21 +39,37 @@ BASE = ["experiment=tiny", "encoder.image_size=32", "llm.dtype=auto", "schedule=
 
 
 def _cfg(**stages_llm: str) -> DictConfig:
-    return OmegaConf.create({
-        "schedule": list(stages_llm), "trainer": {"strategy": "auto"},
-        "llm": {"name": "hf_causal", "dtype": "auto"}, "encoder": {"name": "hf_vision", "dtype": "auto"},
-        "branches": {"audio": {"encoder": {"name": "whisper", "dtype": "auto"}}},
-        "stages": {s: {"train": {"llm": mode, "encoder": False}} for s, mode in stages_llm.items()}})
+    return OmegaConf.create(
+        {
+            "schedule": list(stages_llm),
+            "trainer": {"strategy": "auto"},
+            "llm": {"name": "hf_causal", "dtype": "auto"},
+            "encoder": {"name": "hf_vision", "dtype": "auto"},
+            "branches": {"audio": {"encoder": {"name": "whisper", "dtype": "auto"}}},
+            "stages": {
+                s: {"train": {"llm": mode, "encoder": False}} for s, mode in stages_llm.items()
+            },
+        }
+    )
 
 
-@pytest.mark.parametrize(("strategy", "precision", "llm_mode", "want_llm", "want_enc"), [
-    ("auto", "bf16-mixed", "full", "float32", "bfloat16"),  # the LLM trains: fp32 masters
-    ("auto", "bf16-mixed", "lora", "bfloat16", "bfloat16"),  # frozen base under adapters
-    ("auto", "bf16-mixed", "frozen", "bfloat16", "bfloat16"),
-    ("fsdp", "bf16-mixed", "frozen", "float32", "float32"),  # one dtype per flat parameter
-    ("deepspeed_stage_3", "bf16-mixed", "full", "bfloat16", "bfloat16"),  # DeepSpeed's own masters
-    ("auto", "bf16-true", "full", "bfloat16", "bfloat16"),  # pure bf16 was asked for
-])
+@pytest.mark.parametrize(
+    ("strategy", "precision", "llm_mode", "want_llm", "want_enc"),
+    [
+        ("auto", "bf16-mixed", "full", "float32", "bfloat16"),  # the LLM trains: fp32 masters
+        ("auto", "bf16-mixed", "lora", "bfloat16", "bfloat16"),  # frozen base under adapters
+        ("auto", "bf16-mixed", "frozen", "bfloat16", "bfloat16"),
+        ("fsdp", "bf16-mixed", "frozen", "float32", "float32"),  # one dtype per flat parameter
+        (
+            "deepspeed_stage_3",
+            "bf16-mixed",
+            "full",
+            "bfloat16",
+            "bfloat16",
+        ),  # DeepSpeed's own masters
+        ("auto", "bf16-true", "full", "bfloat16", "bfloat16"),  # pure bf16 was asked for
+    ],
+)
 def test_component_dtypes_follow_what_trains(strategy, precision, llm_mode, want_llm, want_enc):
     cfg = _cfg(align="frozen", instruct=llm_mode)
     cfg.trainer.strategy = strategy
@@ -98,34 +114,56 @@ def test_lora_base_stays_bf16_and_its_adapters_are_fp32():
 @pytest.fixture(scope="module")
 def loader(tmp_path_factory):
     model = assemble(compose(BASE, shared_registry()), shared_registry())
-    files = ShapesDataset(n_train=4, n_val=0, n_test=0, image_size=32).prepare(tmp_path_factory.mktemp("data"))
+    files = ShapesDataset(n_train=4, n_val=0, n_test=0, image_size=32).prepare(
+        tmp_path_factory.mktemp("data")
+    )
     recipe = CaptionPretrainRecipe()
-    samples = [recipe(s, random.Random(i)) for i, s in
-               enumerate(read_llava(files.splits["train"], files.media_root))]
-    batcher = Batcher.from_model(model, ChatEncoder(model.llm.tokenizer, list(model.branches), max_length=128))
-    return DataLoader([batcher.encode(s) for s in samples], batch_size=4, collate_fn=batcher.collator)
+    samples = [
+        recipe(s, random.Random(i))
+        for i, s in enumerate(read_llava(files.splits["train"], files.media_root))
+    ]
+    batcher = Batcher.from_model(
+        model, ChatEncoder(model.llm.tokenizer, list(model.branches), max_length=128)
+    )
+    return DataLoader(
+        [batcher.encode(s) for s in samples], batch_size=4, collate_fn=batcher.collator
+    )
 
 
 def test_bf16_mixed_fit_keeps_fp32_masters_and_updates_below_bf16_resolution(loader):
     """A real Lightning fit under bf16-mixed: the fully trained LLM holds fp32 weights, and one
     AdamW step moves its final norm weights (all 1.0) by about lr = 1e-4, which is below
     bf16's spacing at 1.0 (2^-7): pure bf16 weights would not have moved at all."""
-    cfg = compose([*BASE, "stages.instruct.train.llm=full", "stages.instruct.optimizer.lr=1e-4",
-                   "stages.instruct.optimizer.warmup_ratio=0"], shared_registry())
+    cfg = compose(
+        [
+            *BASE,
+            "stages.instruct.train.llm=full",
+            "stages.instruct.optimizer.lr=1e-4",
+            "stages.instruct.optimizer.warmup_ratio=0",
+        ],
+        shared_registry(),
+    )
     model = assemble(resolve_auto_dtypes(cfg, BF16), shared_registry())
     assert {p.dtype for p in model.llm.parameters()} == {torch.float32}  # loaded as fp32 masters
     configure_trainable(model, cfg.stages.instruct)
     norm = model.llm.decoder.norm.weight
     before = norm.detach().clone()
     module = BridgeModule(model, cfg.stages.instruct)
-    trainer = L.Trainer(max_steps=1, precision="bf16-mixed", accelerator="cpu", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_steps=1,
+        precision="bf16-mixed",
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, loader)
     assert module.total_steps == 1
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     delta = (norm.detach() - before).abs()
-    spacing = 2.0 ** -7  # bf16 keeps 8 significant bits: the next value above 1.0 is 1 + 2^-7
+    spacing = 2.0**-7  # bf16 keeps 8 significant bits: the next value above 1.0 is 1 + 2^-7
     assert before.eq(1.0).all() and delta.max() < spacing / 2
     assert (delta > 0).float().mean() > 0.9  # the fp32 master moved ...
     assert norm.detach().bfloat16().eq(1.0).all()  # ... by less than bf16 could have kept
@@ -138,15 +176,26 @@ def test_fsdp_clips_by_norm_and_keeps_fp32_shards_on_cuda(loader):
     module, with the MixedPrecision policy of bf16-mixed (one GPU: a process group of one)."""
     from mmbridge.training.strategies import make_strategy
 
-    cfg = compose([*BASE, "trainer=fsdp", "trainer.devices=1", "stages.instruct.train.llm=full"],
-                  shared_registry())
+    cfg = compose(
+        [*BASE, "trainer=fsdp", "trainer.devices=1", "stages.instruct.train.llm=full"],
+        shared_registry(),
+    )
     model = assemble(resolve_auto_dtypes(cfg, BF16), shared_registry())
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # FSDP: every weight fp32
     configure_trainable(model, cfg.stages.instruct)
     module = BridgeModule(model, cfg.stages.instruct)
-    trainer = L.Trainer(max_steps=2, precision="bf16-mixed", accelerator="gpu", devices=1,
-                        strategy=make_strategy(cfg.trainer, model, precision="bf16-mixed"),
-                        gradient_clip_val=1e-3, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_steps=2,
+        precision="bf16-mixed",
+        accelerator="gpu",
+        devices=1,
+        strategy=make_strategy(cfg.trainer, model, precision="bf16-mixed"),
+        gradient_clip_val=1e-3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, loader)
     assert trainer.global_step == 2

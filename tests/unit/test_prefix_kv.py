@@ -38,8 +38,10 @@ def make_model(registry, llm_dir, *overrides: str):
 def batch_of(model, samples, system: bool = False, left_pad: bool = False):
     chat = ChatEncoder(model.llm.tokenizer, list(model.branches), max_length=256)
     if system:
-        samples = [s.replace(conversations=[{"from": "system", "value": SYSTEM}, *s.conversations])
-                   for s in samples]
+        samples = [
+            s.replace(conversations=[{"from": "system", "value": SYSTEM}, *s.conversations])
+            for s in samples
+        ]
     return Batcher.from_model(model, chat, left_pad=left_pad).batch(samples)
 
 
@@ -65,8 +67,9 @@ def assert_same(model, batch, constant, length, atol=1e-5):
 
 
 @pytest.mark.parametrize("system", [False, True], ids=["no-system", "system-prompt"])
-def test_frozen_llm_keeps_a_constant_prefix_and_matches_the_plain_forward(registry, llm_dir,
-                                                                           image_samples, system):
+def test_frozen_llm_keeps_a_constant_prefix_and_matches_the_plain_forward(
+    registry, llm_dir, image_samples, system
+):
     model = make_model(registry, llm_dir)
     model.llm.requires_grad_(False)  # the align stage: only the connector trains
     batch = batch_of(model, image_samples, system=system)
@@ -87,12 +90,16 @@ def test_frozen_llm_keeps_a_constant_prefix_and_matches_the_plain_forward(regist
 
 
 @pytest.mark.parametrize("system", [False, True], ids=["no-system", "system-prompt"])
-def test_lora_and_a_fully_trained_llm_get_the_plain_gradients(registry, llm_dir, image_samples, system):
+def test_lora_and_a_fully_trained_llm_get_the_plain_gradients(
+    registry, llm_dir, image_samples, system
+):
     model = make_model(registry, llm_dir)
     batch = batch_of(model, image_samples, system=system)
     length = 33 if system else 3
     assert_same(model, batch, constant=False, length=length)  # everything trains, embeddings too
-    model.llm.apply_lora(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    model.llm.apply_lora(
+        r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
     model.train()
     _, grads, plan = loss_and_grads(model, batch, "auto")
     assert plan.length == length and any("lora_" in n for n in grads)
@@ -130,7 +137,10 @@ def test_it_switches_itself_off_with_a_reason(registry, llm_dir, image_samples):
     assert plan_prefix(model, other).reason == "off: the rows share no leading text token"
 
     left = batch_of(model, image_samples, left_pad=True)
-    assert plan_prefix(model, left).reason == "off: left padding (a real token after a padded position)"
+    assert (
+        plan_prefix(model, left).reason
+        == "off: left padding (a real token after a padded position)"
+    )
     model.llm.reuse_prefix_kv = "auto"
     with torch.no_grad():  # off, it gives the plain (padding-side-free) loss
         assert model(left).item() == pytest.approx(PINNED_LOSS, abs=1e-4)
@@ -138,13 +148,21 @@ def test_it_switches_itself_off_with_a_reason(registry, llm_dir, image_samples):
     model.llm.requires_grad_(True)
     model.llm.apply_lora(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"])
     model.train()
-    assert plan_prefix(model, batch).reason == "off: dropout 0.1 (LoRA's or the model's) is active in training"
+    assert (
+        plan_prefix(model, batch).reason
+        == "off: dropout 0.1 (LoRA's or the model's) is active in training"
+    )
     model.eval()
     assert plan_prefix(model, batch).length == 3  # evaluation: no dropout
 
-    model.llm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.llm.model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
     model.train()
-    assert plan_prefix(model, batch).reason == "off: gradient checkpointing drops the key/value cache in training"
+    assert (
+        plan_prefix(model, batch).reason
+        == "off: gradient checkpointing drops the key/value cache in training"
+    )
     # called anyway, the LLM refuses rather than attend to the suffix alone
     with pytest.raises(RuntimeError, match="did not use the prefix keys/values"):
         model.llm.prefix_states(model.embed(batch)[:1, :3])
@@ -154,7 +172,9 @@ def test_it_switches_itself_off_with_a_reason(registry, llm_dir, image_samples):
     assert plan_prefix(aligngpt, batch).reason.startswith("off: the sequence prefix component (")
 
     xattn = make_model(registry, llm_dir, "connector=gated_xattn")
-    assert plan_prefix(xattn, batch).reason.startswith("off: gated cross-attention layers attached to the LLM")
+    assert plan_prefix(xattn, batch).reason.startswith(
+        "off: gated cross-attention layers attached to the LLM"
+    )
 
 
 def test_the_switch_is_a_checked_constructor_argument(registry, llm_dir):

@@ -16,13 +16,20 @@ from mmbridge.plugins.recipes.caption_pretrain import CaptionPretrainRecipe
 
 
 def test_caption_recipe_keeps_one_placeholder_per_image():
-    sample = Sample(id="two", media={"image": ["/a.png", "/b.png"]},
-                    conversations=[{"from": "human", "value": "<image>\n<image>\nCompare."},
-                                   {"from": "gpt", "value": "Both are red squares."}])
+    sample = Sample(
+        id="two",
+        media={"image": ["/a.png", "/b.png"]},
+        conversations=[
+            {"from": "human", "value": "<image>\n<image>\nCompare."},
+            {"from": "gpt", "value": "Both are red squares."},
+        ],
+    )
     out = CaptionPretrainRecipe()(sample, random.Random(0))
     prompt = out.conversations[0]["value"]
     assert prompt.startswith("<image>\n<image>\n") and prompt.count("<image>") == 2
-    check_placeholders([(t["from"], t["value"]) for t in out.conversations], {"image": 2}, ["image"], "two")
+    check_placeholders(
+        [(t["from"], t["value"]) for t in out.conversations], {"image": 2}, ["image"], "two"
+    )
     assert out.conversations[1]["value"] == "Both are red squares."
 
 
@@ -41,8 +48,10 @@ def test_resume_with_a_data_override_gets_the_resume_refusal(started_run, capsys
     rc = main(["train", f"resume={started_run}", "data.train=/elsewhere/train.json"])
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err and "+data.train" not in err
-    assert (f"resume={started_run}: 1 override(s) cannot change a run that has started: "
-            f"data.train=/elsewhere/train.json.") in err
+    assert (
+        f"resume={started_run}: 1 override(s) cannot change a run that has started: "
+        f"data.train=/elsewhere/train.json."
+    ) in err
     assert "(done: align)" in err
 
 

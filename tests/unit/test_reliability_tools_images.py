@@ -61,8 +61,10 @@ class Misbehaves(Tool):
         if self.how == "exit":
             raise SystemExit(3)  # a library that calls sys.exit()
         if self.how == "recursion":
+
             def down(n: int) -> int:
                 return down(n + 1)
+
             return down(0)
         if self.how == "huge":
             return "x" * 1_000_000
@@ -110,9 +112,15 @@ BAD_REPLIES = {
     "5000 nested [ after [TOOL_CALLS]": ("[TOOL_CALLS] " + "[" * 5000, "nested too deeply"),
     "arguments nested 40 deep": (
         '<tool_call>{"name": "calculator", "arguments": {"expression": '
-        + "[" * 40 + "]" * 40 + "}}</tool_call>", "nested deeper than 32 levels"),
+        + "[" * 40
+        + "]" * 40
+        + "}}</tool_call>",
+        "nested deeper than 32 levels",
+    ),
     "a 10000-character tool name": (
-        format_call("c" * 10_000, {"expression": "1"}), "the tool name is 10000 characters long"),
+        format_call("c" * 10_000, {"expression": "1"}),
+        "the tool name is 10000 characters long",
+    ),
 }
 
 
@@ -157,7 +165,10 @@ def test_huge_outputs_are_cut_with_a_note(how: str, total: int | None) -> None:
     text = call.result
     assert len(text) <= MAX_RESULT_CHARS + 40
     if total is not None:  # the result itself: kept up to the limit, the rest counted
-        assert call.ok and text == "x" * MAX_RESULT_CHARS + f" [truncated {total - MAX_RESULT_CHARS} chars]"
+        assert (
+            call.ok
+            and text == "x" * MAX_RESULT_CHARS + f" [truncated {total - MAX_RESULT_CHARS} chars]"
+        )
     else:
         assert not call.ok and "ValueError" in text and "[truncated " in text
 
@@ -165,14 +176,17 @@ def test_huge_outputs_are_cut_with_a_note(how: str, total: int | None) -> None:
 def test_the_llm_caller_cuts_to_its_own_limit() -> None:
     generate = Script(format_call("misbehaves", {}), "ok")
     run = LLMToolCaller([Misbehaves("huge")], call_format="tagged", max_result_chars=100).run(
-        "go", {}, generate)
+        "go", {}, generate
+    )
     assert run.calls[0].result == "x" * 100 + f" [truncated {1_000_000 - 100} chars]"
 
 
 def test_the_pipeline_caller_records_a_failing_image_tool_and_goes_on(tmp_path: Path) -> None:
     bomb = png_claiming(tmp_path / "bomb.png", 40_000, 40_000)
     generate = Script("a red square")
-    run = PipelineToolCaller([ImageInfoTool()]).run("<image>\nWhat is it?", {"image": str(bomb)}, generate)
+    run = PipelineToolCaller([ImageInfoTool()]).run(
+        "<image>\nWhat is it?", {"image": str(bomb)}, generate
+    )
     assert run.answer == "a red square"
     assert [c.ok for c in run.calls] == [False]
     assert str(bomb) in run.calls[0].result and "too large" in run.calls[0].result
@@ -180,36 +194,47 @@ def test_the_pipeline_caller_records_a_failing_image_tool_and_goes_on(tmp_path: 
 
 
 # -- calculator: exact, or says it rounded; absurd work refused -----------------------------------
-@pytest.mark.parametrize(("expression", "value"), [
-    ("2**64", "18446744073709551616"),
-    ("0.1 + 0.2", "0.3"),
-    ("12345678901234567890.123456789 * 3", "37037036703703703670.370370367"),
-    ("99999999999999999999 * 99999999999999999999", "9999999999999999999800000000000000000001"),
-    ("1/3 * 3", "1"),
-    ("8 ** (1/3)", "2"),
-    ("0.5 ** 20", "0.00000095367431640625"),
-    ("2 ** 100", "1267650600228229401496703205376"),
-])
+@pytest.mark.parametrize(
+    ("expression", "value"),
+    [
+        ("2**64", "18446744073709551616"),
+        ("0.1 + 0.2", "0.3"),
+        ("12345678901234567890.123456789 * 3", "37037036703703703670.370370367"),
+        ("99999999999999999999 * 99999999999999999999", "9999999999999999999800000000000000000001"),
+        ("1/3 * 3", "1"),
+        ("8 ** (1/3)", "2"),
+        ("0.5 ** 20", "0.00000095367431640625"),
+        ("2 ** 100", "1267650600228229401496703205376"),
+    ],
+)
 def test_calculator_is_exact(expression: str, value: str) -> None:
     assert CalculatorTool()(expression=expression) == value
 
 
-@pytest.mark.parametrize(("expression", "value"), [
-    ("1 / 3", "0.333333333333333"), ("2 ** 0.5", "1.4142135623731"), ("2 / 3", "0.666666666666667"),
-])
+@pytest.mark.parametrize(
+    ("expression", "value"),
+    [
+        ("1 / 3", "0.333333333333333"),
+        ("2 ** 0.5", "1.4142135623731"),
+        ("2 / 3", "0.666666666666667"),
+    ],
+)
 def test_calculator_says_when_it_rounded(expression: str, value: str) -> None:
     assert CalculatorTool()(expression=expression) == value + ROUNDED_NOTE
 
 
-@pytest.mark.parametrize(("expression", "message"), [
-    ("1e999999999", "the number 1e999999999 is out of range"),
-    ("1e-999999999 + 1", "the number 1e-999999999 is out of range"),
-    ("2 ** 1000", "exponent 1000 is too large (limit: 100)"),
-    ("(10 ** 60) ** 2", "the result exceeds 10**100"),
-    ("((1/3) ** 100) ** 100", "the result is smaller than 10**-150"),
-    ("(-8) ** 0.5", "a fractional power (0.5) of a negative number (-8)"),
-    ("0 ** -1", "division by zero"),
-])
+@pytest.mark.parametrize(
+    ("expression", "message"),
+    [
+        ("1e999999999", "the number 1e999999999 is out of range"),
+        ("1e-999999999 + 1", "the number 1e-999999999 is out of range"),
+        ("2 ** 1000", "exponent 1000 is too large (limit: 100)"),
+        ("(10 ** 60) ** 2", "the result exceeds 10**100"),
+        ("((1/3) ** 100) ** 100", "the result is smaller than 10**-150"),
+        ("(-8) ** 0.5", "a fractional power (0.5) of a negative number (-8)"),
+        ("0 ** -1", "division by zero"),
+    ],
+)
 def test_calculator_refuses_absurd_work_as_an_error_result(expression: str, message: str) -> None:
     call = execute({"calculator": CalculatorTool()}, "calculator", {"expression": expression}, {})
     assert call.ok is False and message in call.result
@@ -219,20 +244,27 @@ def test_calculator_refuses_absurd_work_as_an_error_result(expression: str, mess
 def fake_tesseract(path: Path, marker: Path) -> Path:
     """A stand-in for the ``tesseract`` binary: records that it ran, prints one TSV word."""
     header = "level\tpage_num\tblock_num\tpar_num\tline_num\tword_num\tleft\ttop\twidth\theight\tconf\ttext"
-    path.write_text(f"#!/bin/sh\ncat > /dev/null\ntouch '{marker}'\n"
-                    f"printf '{header}\\n5\\t1\\t1\\t1\\t1\\t1\\t2\\t2\\t10\\t8\\t96\\tHELLO\\n'\n")
+    path.write_text(
+        f"#!/bin/sh\ncat > /dev/null\ntouch '{marker}'\n"
+        f"printf '{header}\\n5\\t1\\t1\\t1\\t1\\t1\\t2\\t2\\t10\\t8\\t96\\tHELLO\\n'\n"
+    )
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return path
 
 
 @pytest.mark.parametrize("which", ["script path", "relative path", "unknown name", "shell"])
-def test_a_config_cannot_name_an_executable(which: str, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_config_cannot_name_an_executable(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     marker = tmp_path / "ran"
     script = fake_tesseract(tmp_path / "evil.sh", marker)
     monkeypatch.chdir(tmp_path)
-    value = {"script path": str(script), "relative path": "./evil.sh",
-             "unknown name": "definitely-not-a-tool", "shell": "/bin/sh"}[which]
+    value = {
+        "script path": str(script),
+        "relative path": "./evil.sh",
+        "unknown name": "definitely-not-a-tool",
+        "shell": "/bin/sh",
+    }[which]
     with pytest.raises(ConfigError) as err:
         OCRTool(backend="tesseract", tesseract_cmd=value)
     message = str(err.value)
@@ -241,7 +273,9 @@ def test_a_config_cannot_name_an_executable(which: str, tmp_path: Path,
     assert not marker.exists()  # refused before anything ran
 
 
-def test_an_executable_listed_by_the_user_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_executable_listed_by_the_user_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     marker = tmp_path / "ran"
     script = fake_tesseract(tmp_path / "my-tesseract", marker)
     monkeypatch.setenv(ALLOW_ENV, os.pathsep.join(["/nonexistent/x", str(script)]))
@@ -257,16 +291,25 @@ def test_the_tesseract_language_is_checked() -> None:
 
 # -- images: bombs, limits, truncated and non-image files ----------------------------------------
 IMAGE_CASES = {
-    "header claims 40000x40000": (lambda d: png_claiming(d / "bomb.png", 40_000, 40_000),
-                                  "is too large"),
-    "header claims 9000x9000 (81 MP)": (lambda d: png_claiming(d / "big.png", 9000, 9000),
-                                        f"9000x9000 = 81000000 pixels, over the limit of {DEFAULT_MAX_PIXELS}"),
+    "header claims 40000x40000": (
+        lambda d: png_claiming(d / "bomb.png", 40_000, 40_000),
+        "is too large",
+    ),
+    "header claims 9000x9000 (81 MP)": (
+        lambda d: png_claiming(d / "big.png", 9000, 9000),
+        f"9000x9000 = 81000000 pixels, over the limit of {DEFAULT_MAX_PIXELS}",
+    ),
     "truncated PNG": (lambda d: truncated(d / "cut.png", "PNG"), "truncated"),
     "truncated JPEG": (lambda d: truncated(d / "cut.jpg", "JPEG"), "truncated"),
     "truncated GIF": (lambda d: truncated(d / "cut.gif", "GIF"), "truncated"),
-    "text file named .png": (lambda d: (d / "notes.png").write_text("hello") and d / "notes.png",
-                             "not an image file"),
-    "empty file": (lambda d: (d / "empty.jpg").write_bytes(b"") or d / "empty.jpg", "not an image file"),
+    "text file named .png": (
+        lambda d: (d / "notes.png").write_text("hello") and d / "notes.png",
+        "not an image file",
+    ),
+    "empty file": (
+        lambda d: (d / "empty.jpg").write_bytes(b"") or d / "empty.jpg",
+        "not an image file",
+    ),
     "missing file": (lambda d: d / "missing.png", "no such file"),
 }
 
@@ -298,10 +341,13 @@ def test_the_pixel_limit_is_configurable(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 @pytest.mark.parametrize("value", ["lots", "0", "-5", "1.5"])
-def test_a_bad_pixel_limit_names_the_variable(value: str, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bad_pixel_limit_names_the_variable(
+    value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(MAX_PIXELS_ENV, value)
-    with pytest.raises(ConfigError, match=rf"{MAX_PIXELS_ENV}='{value}' must be a positive integer"):
+    with pytest.raises(
+        ConfigError, match=rf"{MAX_PIXELS_ENV}='{value}' must be a positive integer"
+    ):
         load_rgb(str(real_png(tmp_path / "ok.png")))
 
 
@@ -316,19 +362,24 @@ def test_an_encoder_refuses_a_bomb_by_name(tmp_path: Path) -> None:
     assert ok.shape[0] == 3 and ok.isfinite().all()
 
 
-@pytest.mark.parametrize("case", ["header claims 40000x40000", "truncated PNG", "text file named .png"])
+@pytest.mark.parametrize(
+    "case", ["header claims 40000x40000", "truncated PNG", "text file named .png"]
+)
 def test_image_tools_turn_bad_images_into_error_results(case: str, tmp_path: Path) -> None:
     make, message = IMAGE_CASES[case]
     path = make(tmp_path)
     generate = Script(format_call("image_info", {"image": "image"}), "no idea")
     run = LLMToolCaller([ImageInfoTool()], call_format="tagged").run(
-        "<image>\nWhat colour?", {"image": str(path)}, generate)
+        "<image>\nWhat colour?", {"image": str(path)}, generate
+    )
     assert run.answer == "no idea"
     assert [c.ok for c in run.calls] == [False]
     assert str(path) in run.calls[0].result and message in run.calls[0].result
 
 
-def test_ocr_refuses_a_bomb_before_running_tesseract(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ocr_refuses_a_bomb_before_running_tesseract(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     marker = tmp_path / "ran"
     script = fake_tesseract(tmp_path / "my-tesseract", marker)
     monkeypatch.setenv(ALLOW_ENV, str(script))

@@ -59,6 +59,7 @@ def test_loader_position_resumes_mid_epoch_and_at_the_epoch_end():
     """State after every batch of three epochs (10 samples, batches of 3: 4 per epoch), loaded
     into a fresh loader, continues with exactly the uninterrupted batches; the epoch is set as
     Lightning does (``set_epoch`` before each pass)."""
+
     def loader():
         return make_loader(list(range(10)), 3, torch.tensor, shuffle=True, seed=7)
 
@@ -76,7 +77,7 @@ def test_loader_position_resumes_mid_epoch_and_at_the_epoch_end():
         for e in range(epoch, 3):
             fresh.sampler.set_epoch(e)
             rest += _ids(fresh)
-        assert rest == seq[k + 1:], f"resumed after batch {k}"
+        assert rest == seq[k + 1 :], f"resumed after batch {k}"
 
 
 def test_loader_refuses_a_state_drawn_with_another_seed():
@@ -93,14 +94,22 @@ LENGTHS = [(i + 2) if i % 2 == 0 else -(i + 2) for i in range(23)]
 
 
 def _batches(order: list[int], size: int) -> list[list[int]]:
-    return [order[i:i + size] for i in range(0, len(order), size)]
+    return [order[i : i + size] for i in range(0, len(order), size)]
 
 
 def test_modality_lengths_are_signed_word_counts():
-    samples = [Sample("a", {"image": "/x.png"}, [{"from": "human", "value": "<image>\nWhat is it?"},
-                                                 {"from": "gpt", "value": "a red circle"}]),
-               Sample("b", {}, [{"from": "human", "value": "Say hi"}, {"from": "gpt", "value": "hi"}]),
-               Sample("c", {}, [{"from": "human", "value": " "}, {"from": "gpt", "value": ""}])]
+    samples = [
+        Sample(
+            "a",
+            {"image": "/x.png"},
+            [
+                {"from": "human", "value": "<image>\nWhat is it?"},
+                {"from": "gpt", "value": "a red circle"},
+            ],
+        ),
+        Sample("b", {}, [{"from": "human", "value": "Say hi"}, {"from": "gpt", "value": "hi"}]),
+        Sample("c", {}, [{"from": "human", "value": " "}, {"from": "gpt", "value": ""}]),
+    ]
     assert modality_lengths(samples) == [7, -3, -1]
 
 
@@ -111,13 +120,22 @@ def test_grouped_batches_keep_one_modality_and_similar_lengths():
     s = ModalityLengthGrouped(LENGTHS, batch_size=4, seed=0, megabatch_mult=10)
     e0 = list(s)
     assert sorted(e0) == list(range(23)) and list(s) == e0
-    by_len = {sign: sorted((i for i, v in enumerate(LENGTHS) if v * sign > 0), key=lambda i: -abs(LENGTHS[i]))
-              for sign in (1, -1)}
+    by_len = {
+        sign: sorted(
+            (i for i, v in enumerate(LENGTHS) if v * sign > 0), key=lambda i: -abs(LENGTHS[i])
+        )
+        for sign in (1, -1)
+    }
     # 14 media samples: 3 full batches + 2 left; 9 text-only: 2 full batches + 1 left
-    runs = {sign: [set(ids[k:k + 4]) for k in range(0, len(ids) // 4 * 4, 4)] for sign, ids in by_len.items()}
+    runs = {
+        sign: [set(ids[k : k + 4]) for k in range(0, len(ids) // 4 * 4, 4)]
+        for sign, ids in by_len.items()
+    }
     batches = _batches(e0, 4)
     assert sorted(map(sorted, batches[:5])) == sorted(sorted(r) for rr in runs.values() for r in rr)
-    assert len(batches) == 6 and set(batches[5]) == set(by_len[1][12:]) | set(by_len[-1][8:])  # 2 + 1
+    assert len(batches) == 6 and set(batches[5]) == set(by_len[1][12:]) | set(
+        by_len[-1][8:]
+    )  # 2 + 1
     s.set_epoch(1)
     e1 = list(s)
     assert sorted(e1) == list(range(23)) and e1 != e0
@@ -133,7 +151,9 @@ def test_grouped_megabatches_sort_only_within_themselves():
     for batch in _batches(order, 3)[:-2]:  # the last two hold the incomplete batches
         signs = {LENGTHS[i] > 0 for i in batch}
         assert len(signs) == 1
-        assert [abs(LENGTHS[i]) for i in batch] == sorted((abs(LENGTHS[i]) for i in batch), reverse=True)
+        assert [abs(LENGTHS[i]) for i in batch] == sorted(
+            (abs(LENGTHS[i]) for i in batch), reverse=True
+        )
     assert sorted(order) == list(range(23))
 
 
@@ -149,15 +169,20 @@ def test_grouped_sampler_shards_global_batches_of_one_modality_over_the_ranks(mo
         padded = s.global_order(2) + s.global_order(2)[:1]
         assert shards[-1] == padded[rank::2]
     assert set(shards[0]) | set(shards[1]) == set(range(23))
-    for k in range(0, 8, 2):  # the first 4 steps: full global batches (14 = 3 x 4 + 2, 9 = 2 x 4 + 1)
-        step = shards[0][k:k + 2] + shards[1][k:k + 2]
+    for k in range(
+        0, 8, 2
+    ):  # the first 4 steps: full global batches (14 = 3 x 4 + 2, 9 = 2 x 4 + 1)
+        step = shards[0][k : k + 2] + shards[1][k : k + 2]
         assert len({LENGTHS[i] > 0 for i in step}) == 1
-        assert abs(LENGTHS[shards[0][k]]) > abs(LENGTHS[shards[1][k]]) > abs(LENGTHS[shards[0][k + 1]])
+        assert (
+            abs(LENGTHS[shards[0][k]]) > abs(LENGTHS[shards[1][k]]) > abs(LENGTHS[shards[0][k + 1]])
+        )
 
 
 def test_grouped_loader_position_resumes_mid_epoch_and_at_the_epoch_end():
     """Like the shuffled loader: the state after every batch of three epochs, loaded into a
     fresh grouped loader, continues with exactly the uninterrupted batches."""
+
     def loader():
         return make_loader(list(range(23)), 4, torch.tensor, shuffle=True, seed=7, lengths=LENGTHS)
 
@@ -176,7 +201,7 @@ def test_grouped_loader_position_resumes_mid_epoch_and_at_the_epoch_end():
         for e in range(epoch, 3):
             fresh.sampler.set_epoch(e)
             rest += _ids(fresh)
-        assert rest == seq[k + 1:], f"resumed after batch {k}"
+        assert rest == seq[k + 1 :], f"resumed after batch {k}"
 
 
 def test_grouped_loader_refuses_lengths_of_another_data_set():
@@ -223,10 +248,17 @@ class _Toy(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=0.05)
 
     def on_save_checkpoint(self, checkpoint) -> None:
-        checkpoint["toy"] = {"seen": list(self.seen), "history": list(self.history), "rng": rng_state()}
+        checkpoint["toy"] = {
+            "seen": list(self.seen),
+            "history": list(self.history),
+            "rng": rng_state(),
+        }
 
     def on_load_checkpoint(self, checkpoint) -> None:
-        self.seen, self.history = list(checkpoint["toy"]["seen"]), list(checkpoint["toy"]["history"])
+        self.seen, self.history = (
+            list(checkpoint["toy"]["seen"]),
+            list(checkpoint["toy"]["history"]),
+        )
         self._rng = checkpoint["toy"]["rng"]
 
     def on_train_start(self) -> None:
@@ -248,20 +280,44 @@ class _KeepLast(L.Callback):
 # the project's stage checkpoints (the two newest + last.ckpt, as training.checkpoint makes them;
 # Lightning postpones a step-monitored save at an epoch's last batch to the next validation)
 # and a plain last.ckpt at every step (so a checkpoint at an epoch's last batch exists)
-CHECKPOINTS = {"two-newest": {"save_top_k": 2, "monitor": "step", "mode": "max"}, "last-only": {"save_top_k": 0}}
+CHECKPOINTS = {
+    "two-newest": {"save_top_k": 2, "monitor": "step", "mode": "max"},
+    "last-only": {"save_top_k": 0},
+}
 
 
 def _fit(d: Path, kind: str, ckpt_path: Path | None = None) -> _Toy:
     torch.manual_seed(0)
     data = [torch.tensor([float(i)]) for i in range(10)]
     module = _Toy()
-    callbacks = [ResumableCheckpoint(dirpath=d, filename="{step}", save_last=True, every_n_train_steps=1,
-                                     enable_version_counter=False, **CHECKPOINTS[kind]), _KeepLast(d)]
-    trainer = L.Trainer(max_steps=12, val_check_interval=3, check_val_every_n_epoch=None,
-                        callbacks=callbacks, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
-    trainer.fit(module, make_loader(data, 3, torch.stack, shuffle=True, seed=0),
-                make_loader(data, 5, torch.stack, shuffle=False, seed=0), ckpt_path=ckpt_path)
+    callbacks = [
+        ResumableCheckpoint(
+            dirpath=d,
+            filename="{step}",
+            save_last=True,
+            every_n_train_steps=1,
+            enable_version_counter=False,
+            **CHECKPOINTS[kind],
+        ),
+        _KeepLast(d),
+    ]
+    trainer = L.Trainer(
+        max_steps=12,
+        val_check_interval=3,
+        check_val_every_n_epoch=None,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+    )
+    trainer.fit(
+        module,
+        make_loader(data, 3, torch.stack, shuffle=True, seed=0),
+        make_loader(data, 5, torch.stack, shuffle=False, seed=0),
+        ckpt_path=ckpt_path,
+    )
     return module
 
 
@@ -282,7 +338,9 @@ def test_lightning_fit_resumes_exactly_from_the_checkpoint_of_every_step(tmp_pat
         resumed = _fit(tmp_path / f"r{k}", kind, ckpt_path=snapshot)
         assert resumed.seen == full.seen, f"sample order after a kill at step {k}"
         assert resumed.history == full.history, f"validation history after a kill at step {k}"
-        assert torch.equal(resumed.lin.weight, full.lin.weight) and torch.equal(resumed.lin.bias, full.lin.bias)
+        assert torch.equal(resumed.lin.weight, full.lin.weight) and torch.equal(
+            resumed.lin.bias, full.lin.bias
+        )
 
 
 DDP_SCRIPT = """
@@ -327,13 +385,20 @@ def test_ddp_two_cpu_processes_resume_exactly(tmp_path, sampler):
     def fit(d: Path, ckpt: Path | None = None) -> list[dict]:
         d.mkdir()
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-        out = subprocess.run([sys.executable, str(script), str(d), str(ckpt) if ckpt else "-", sampler],
-                             capture_output=True, text=True, env=env, timeout=600)
+        out = subprocess.run(
+            [sys.executable, str(script), str(d), str(ckpt) if ckpt else "-", sampler],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         return [json.loads((d / f"rank{r}.json").read_text()) for r in (0, 1)]
 
     full = fit(tmp_path / "full")
-    assert not {i for b in full[0]["seen"][:4] for i in b} & {i for b in full[1]["seen"][:4] for i in b}
+    assert not {i for b in full[0]["seen"][:4] for i in b} & {
+        i for b in full[1]["seen"][:4] for i in b
+    }
     if sampler == "grouped":
         for step in (0, 1, 4, 5, 8, 9):
             assert len({i % 2 for r in (0, 1) for i in full[r]["seen"][step]}) == 1, step
@@ -341,18 +406,30 @@ def test_ddp_two_cpu_processes_resume_exactly(tmp_path, sampler):
         resumed = fit(tmp_path / f"r{k}", tmp_path / "full" / f"at{k}.ckpt")
         for rank in (0, 1):
             assert resumed[rank]["w"] == full[rank]["w"], (k, rank)
-            assert resumed[rank]["seen"][-(10 - k):] == full[rank]["seen"][k:], (k, rank)
+            assert resumed[rank]["seen"][-(10 - k) :] == full[rank]["seen"][k:], (k, rank)
 
 
 # --- the real CLI --------------------------------------------------------------------------
 
-ARGS = ["experiment=tiny", "data.n_train=48", "data.n_val=8", "data.n_test=8",
-        "evaluation.max_samples=8", "evaluation.val_samples=4", "evaluation.batch_size=8",
-        "trainer.enable_progress_bar=false", "debug.record_sample_ids=true"]
+ARGS = [
+    "experiment=tiny",
+    "data.n_train=48",
+    "data.n_val=8",
+    "data.n_test=8",
+    "evaluation.max_samples=8",
+    "evaluation.val_samples=4",
+    "evaluation.batch_size=8",
+    "trainer.enable_progress_bar=false",
+    "debug.record_sample_ids=true",
+]
 # 48 samples in batches of 8: an epoch is 6 steps; checkpoints every 3, validation every 6
 for _stage in ("align", "instruct"):
-    ARGS += [f"stages.{_stage}.batch_size=8", f"stages.{_stage}.max_steps=12",
-             f"stages.{_stage}.val_every=6", f"+stages.{_stage}.checkpoint_every=3"]
+    ARGS += [
+        f"stages.{_stage}.batch_size=8",
+        f"stages.{_stage}.max_steps=12",
+        f"stages.{_stage}.val_every=6",
+        f"+stages.{_stage}.checkpoint_every=3",
+    ]
 
 
 def _train(root: Path, *args: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
@@ -360,14 +437,23 @@ def _train(root: Path, *args: str, kill_at: str | None = None) -> subprocess.Com
     env.pop(KILL_ENV, None)
     if kill_at:
         env[KILL_ENV] = kill_at
-    return subprocess.run([mmbridge_exe(), "train", *args], capture_output=True, text=True, cwd=root,
-                          env=env, timeout=900)
+    return subprocess.run(
+        [mmbridge_exe(), "train", *args],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=env,
+        timeout=900,
+    )
 
 
 def _outcome(run: Path) -> tuple[dict, dict, dict]:
     metrics = json.loads((run / "metrics.json").read_text())
     weights = load_file(str(run / "checkpoints" / "final" / "weights.safetensors"))
-    ids = {s: json.loads((run / "debug" / f"{s}_rank0_ids.json").read_text())["ids"] for s in ("align", "instruct")}
+    ids = {
+        s: json.loads((run / "debug" / f"{s}_rank0_ids.json").read_text())["ids"]
+        for s in ("align", "instruct")
+    }
     return metrics, weights, ids
 
 
@@ -381,16 +467,25 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at", ["align:3", "align:6", "instruct:9"],
-                         ids=["in-align", "align-epoch-boundary-and-validation", "in-instruct"])
+@pytest.mark.parametrize(
+    "kill_at",
+    ["align:3", "align:6", "instruct:9"],
+    ids=["in-align", "align-epoch-boundary-and-validation", "in-instruct"],
+)
 def test_sigkill_and_resume_is_bit_identical(uninterrupted, kill_at):
     root, (m0, w0, ids0) = uninterrupted
     stage, step = kill_at.split(":")
     run = root / f"kill_{stage}_{step}"
-    out = _train(root, *ARGS, f"paths.cache_dir={root / 'cache'}", f"hydra.run.dir={run}", kill_at=kill_at)
-    assert out.returncode == -9, out.stderr[-3000:]  # the process crashed (SIGKILL), not a clean stop
+    out = _train(
+        root, *ARGS, f"paths.cache_dir={root / 'cache'}", f"hydra.run.dir={run}", kill_at=kill_at
+    )
+    assert out.returncode == -9, out.stderr[
+        -3000:
+    ]  # the process crashed (SIGKILL), not a clean stop
     assert not (run / "metrics.json").exists()
-    last = torch.load(run / "checkpoints" / stage / "last.ckpt", map_location="cpu", weights_only=True)
+    last = torch.load(
+        run / "checkpoints" / stage / "last.ckpt", map_location="cpu", weights_only=True
+    )
     assert last["global_step"] == int(step)
     out = _train(root, f"resume={run}")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -404,7 +499,9 @@ def test_sigkill_and_resume_is_bit_identical(uninterrupted, kill_at):
     assert not diff, f"tensors differ (max |diff|): {diff}"
     assert m1["test"] == m0["test"]
     for s in ("align", "instruct"):
-        assert m1["stages"][s]["history"] == m0["stages"][s]["history"]  # every val point, same values
+        assert (
+            m1["stages"][s]["history"] == m0["stages"][s]["history"]
+        )  # every val point, same values
         assert [h["step"] for h in m1["stages"][s]["history"]] == [0.0, 6.0, 12.0]
         assert m1["stages"][s]["steps"] == 12
     assert m1["val_loss_last"] == m0["val_loss_last"]

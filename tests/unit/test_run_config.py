@@ -19,8 +19,14 @@ def _cfg(*overrides: str):
 
 
 def test_sections_carry_the_configs_values_typed():
-    run = RunConfig.parse(_cfg("evaluation.max_new_tokens=7", "loader.num_workers=2", "seed=5",
-                               "evaluation.wer_qtypes=[transcribe]"))
+    run = RunConfig.parse(
+        _cfg(
+            "evaluation.max_new_tokens=7",
+            "loader.num_workers=2",
+            "seed=5",
+            "evaluation.wer_qtypes=[transcribe]",
+        )
+    )
     assert isinstance(run.evaluation, Evaluation) and isinstance(run.loader, Loader)
     assert run.evaluation.max_new_tokens == 7 and run.loader.num_workers == 2
     assert run.root.seed == 5 and run.root.schedule == ["align", "instruct"]
@@ -49,10 +55,16 @@ def test_a_default_changed_in_the_schema_reaches_the_parsed_run(monkeypatch):
     with open_dict(cfg):
         del cfg.evaluation["tool_max_new_tokens"]
     assert RunConfig.parse(cfg).evaluation.tool_max_new_tokens == 7
-    assert RunConfig.parse(_cfg("evaluation.tool_max_new_tokens=3")).evaluation.tool_max_new_tokens == 3
+    assert (
+        RunConfig.parse(_cfg("evaluation.tool_max_new_tokens=3")).evaluation.tool_max_new_tokens
+        == 3
+    )
 
 
 def test_section_leaves_unknown_keys_to_validation_and_accepts_plain_mappings():
     loader = section(OmegaConf.create({"num_workers": 1, "nope": 3}), Loader)
     assert loader == Loader(num_workers=1)
-    assert section(None, Loader) == Loader() and section({"max_text_tokens": 9}, Loader).max_text_tokens == 9
+    assert (
+        section(None, Loader) == Loader()
+        and section({"max_text_tokens": 9}, Loader).max_text_tokens == 9
+    )

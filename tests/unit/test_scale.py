@@ -82,22 +82,42 @@ def test_gradient_checkpointing_from_config_reaches_the_frozen_llm_input():
 
 # -- optimizer from config ----------------------------------------------------------------------
 def _optimizer(llm: HFCausalLM, **opt: object) -> torch.optim.Optimizer:
-    stage = OmegaConf.create({"max_steps": 10, "optimizer": {
-        "lr": 0.1, "weight_decay": 0.01, "betas": [0.9, 0.98], "momentum": 0.9,
-        "warmup_ratio": 0.0, "min_lr_ratio": 0.1, **opt}})
+    stage = OmegaConf.create(
+        {
+            "max_steps": 10,
+            "optimizer": {
+                "lr": 0.1,
+                "weight_decay": 0.01,
+                "betas": [0.9, 0.98],
+                "momentum": 0.9,
+                "warmup_ratio": 0.0,
+                "min_lr_ratio": 0.1,
+                **opt,
+            },
+        }
+    )
     return BridgeModule(llm, stage).configure_optimizers()["optimizer"]
 
 
-@pytest.mark.parametrize(("name", "cls"), [(None, torch.optim.AdamW), ("adamw", torch.optim.AdamW),
-                                           ("adam", torch.optim.Adam), ("sgd", torch.optim.SGD),
-                                           ("adafactor", torch.optim.Adafactor)])
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        (None, torch.optim.AdamW),
+        ("adamw", torch.optim.AdamW),
+        ("adam", torch.optim.Adam),
+        ("sgd", torch.optim.SGD),
+        ("adafactor", torch.optim.Adafactor),
+    ],
+)
 def test_optimizer_is_chosen_by_name(tmp_path, name, cls):
     llm = HFCausalLM.for_testing(tmp_path)
     opt = _optimizer(llm, **({"name": name} if name else {}))
     assert type(opt) is cls
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(
+        p.dim() < 2 for p in no_decay["params"]
+    )
     if cls is torch.optim.SGD:
         assert decay["momentum"] == 0.9 and decay["nesterov"]
     if cls in (torch.optim.AdamW, torch.optim.Adam):
@@ -118,7 +138,9 @@ def test_sgd_step_is_plain_sgd(tmp_path):
 def test_unknown_optimizer_is_refused_by_validation():
     cfg = compose([*BASE, "stages.align.optimizer.name=lion"], shared_registry())
     errors = config_errors(cfg, shared_registry())
-    assert errors == ["stages.align.optimizer.name='lion': expected one of adamw, adam, sgd, adafactor"]
+    assert errors == [
+        "stages.align.optimizer.name='lion': expected one of adamw, adam, sgd, adafactor"
+    ]
 
 
 # -- init_from ------------------------------------------------------------------------------------
@@ -129,14 +151,24 @@ def source_run(tmp_path_factory):
     model, cfg = make("stages.instruct.train.llm=lora", seed=1)
     run = tmp_path_factory.mktemp("src") / "run"
     configure_trainable(model, cfg.stages.align)
-    save_checkpoint(model, cfg, run / "checkpoints" / "align_final", ["align"], registry=shared_registry())
+    save_checkpoint(
+        model, cfg, run / "checkpoints" / "align_final", ["align"], registry=shared_registry()
+    )
     configure_trainable(model, cfg.stages.instruct)
     with torch.no_grad():  # make the adapters differ from a fresh injection
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_()
-    save_checkpoint(model, cfg, run / "checkpoints" / "instruct_final", ["align", "instruct"], registry=shared_registry())
-    save_checkpoint(model, cfg, run / "checkpoints" / "final", ["align", "instruct"], registry=shared_registry())
+    save_checkpoint(
+        model,
+        cfg,
+        run / "checkpoints" / "instruct_final",
+        ["align", "instruct"],
+        registry=shared_registry(),
+    )
+    save_checkpoint(
+        model, cfg, run / "checkpoints" / "final", ["align", "instruct"], registry=shared_registry()
+    )
     return run, model
 
 
@@ -168,12 +200,18 @@ def test_init_from_run_loads_final_with_its_lora(source_run):
 
 def test_init_from_errors_name_what_exists(source_run, tmp_path):
     run, _ = source_run
-    with pytest.raises(ConfigError, match=r"init_from=.*:pretrain: no checkpoints/pretrain_final.*finished stages there: align, instruct"):
+    with pytest.raises(
+        ConfigError,
+        match=r"init_from=.*:pretrain: no checkpoints/pretrain_final.*finished stages there: align, instruct",
+    ):
         init_checkpoint(f"{run}:pretrain")
     with pytest.raises(ConfigError, match="does not exist"):
         init_checkpoint(str(tmp_path / "nowhere"))
     model, cfg = make(f"init_from={run}:align", "connector.depth=3")
-    with pytest.raises(CheckpointError, match=r"does not fit this model(.|\n)*2 tensor\(s\) of a loaded connector/prefix missing(.|\n)*connector.net.4.bias"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not fit this model(.|\n)*2 tensor\(s\) of a loaded connector/prefix missing(.|\n)*connector.net.4.bias",
+    ):
         load_init_weights(model, cfg, shared_registry())
     model, cfg = make()
     assert load_init_weights(model, cfg, shared_registry()) == []
@@ -191,4 +229,7 @@ def test_fsdp_wraps_each_decoder_and_encoder_block():
     policy = strategy.kwargs["auto_wrap_policy"]
     assert policy._module_classes == {LlamaDecoderLayer, Block}  # the tiny Llama's and ViT's blocks
     assert strategy.kwargs["use_orig_params"] and strategy.sharding_strategy.name == "FULL_SHARD"
-    assert make_strategy(compose([*BASE, "trainer=gpu_ddp"], shared_registry()).trainer, model) == "ddp"
+    assert (
+        make_strategy(compose([*BASE, "trainer=gpu_ddp"], shared_registry()).trainer, model)
+        == "ddp"
+    )

@@ -50,16 +50,30 @@ def _write_run(root: Path, connector: str, seed: int) -> None:
     right = [PATTERNS[(connector, seed)](q) for q in range(Q)]
     records = []
     for q in range(Q):
-        base = {"id": f"test-{q // 2:04d}#{q % 2}", "qtype": qtype(q), "question": f"<image>\nquestion {q}?",
-                "answer": f"answer {q}", "prediction": "x"}
+        base = {
+            "id": f"test-{q // 2:04d}#{q % 2}",
+            "qtype": qtype(q),
+            "question": f"<image>\nquestion {q}?",
+            "answer": f"answer {q}",
+            "prediction": "x",
+        }
         records.append({**base, "mode": "media", "correct": right[q]})
         records.append({**base, "mode": "no_media", "correct": True})  # must not count
     (d / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     by_type = {t: [r for q, r in enumerate(right) if qtype(q) == t] for t in ("colour", "count")}
-    test = {"exact_match": sum(right) / Q, "n": Q, "no_media/exact_match": 1.0,
-            **{f"exact_match/{t}": sum(v) / len(v) for t, v in by_type.items()}}
-    metrics = {"overrides": [f"connector={connector}", f"seed={seed}", "experiment=tiny"], "seed": seed,
-               "test": test, "parameters": {"trainable": 1000, "total": 5000}, "visual_tokens": {"image": 16}}
+    test = {
+        "exact_match": sum(right) / Q,
+        "n": Q,
+        "no_media/exact_match": 1.0,
+        **{f"exact_match/{t}": sum(v) / len(v) for t, v in by_type.items()},
+    }
+    metrics = {
+        "overrides": [f"connector={connector}", f"seed={seed}", "experiment=tiny"],
+        "seed": seed,
+        "test": test,
+        "parameters": {"trainable": 1000, "total": 5000},
+        "visual_tokens": {"image": 16},
+    }
     (d / "config.yaml").write_text("seed: 0\n")
     (d / "metrics.json").write_text(json.dumps(metrics))
 
@@ -78,7 +92,9 @@ def _matrix(connector: str, questions: list[int]) -> np.ndarray:
     return np.array([[PATTERNS[(connector, s)](q) for q in questions] for s in seeds], dtype=float)
 
 
-def _direct(base: np.ndarray, other: np.ndarray, n: int = 10_000, seed: int = 123) -> tuple[float, float]:
+def _direct(
+    base: np.ndarray, other: np.ndarray, n: int = 10_000, seed: int = 123
+) -> tuple[float, float]:
     """The interval by a plain loop: draw questions (shared) and each side's seeds, n times."""
     rng = np.random.default_rng(seed)
     (sa, q), sb = base.shape, other.shape[0]
@@ -91,8 +107,11 @@ def _direct(base: np.ndarray, other: np.ndarray, n: int = 10_000, seed: int = 12
     return float(low), float(high)
 
 
-GROUPS = {"test/exact_match": list(range(Q)), "test/exact_match/colour": list(range(Q // 2)),
-          "test/exact_match/count": list(range(Q // 2, Q))}
+GROUPS = {
+    "test/exact_match": list(range(Q)),
+    "test/exact_match/colour": list(range(Q // 2)),
+    "test/exact_match/count": list(range(Q // 2, Q)),
+}
 
 
 def test_report_baseline_csv_matches_direct_computation(sweep):
@@ -110,13 +129,20 @@ def test_report_baseline_csv_matches_direct_computation(sweep):
             low, high = _direct(base, other)
             assert float(row[f"{metric}_diff"]) == pytest.approx(diff, abs=1e-12)
             # the same statistic, other random draws: equal within bootstrap noise (steps of 1/80)
-            assert float(row[f"{metric}_diff_low"]) == pytest.approx(low, abs=0.025), (connector, metric)
-            assert float(row[f"{metric}_diff_high"]) == pytest.approx(high, abs=0.025), (connector, metric)
+            assert float(row[f"{metric}_diff_low"]) == pytest.approx(low, abs=0.025), (
+                connector,
+                metric,
+            )
+            assert float(row[f"{metric}_diff_high"]) == pytest.approx(high, abs=0.025), (
+                connector,
+                metric,
+            )
             assert row[f"{metric}_diff_significant"] == str(int(low > 0 or high < 0))
             assert row[f"{metric}_diff_questions"] == str(len(questions))
         # for runs on the same questions, the difference is that of the exact match columns
         assert float(row["test/exact_match_diff"]) == pytest.approx(
-            float(row["test/exact_match_mean"]) - float(table["mlp"]["test/exact_match_mean"]))
+            float(row["test/exact_match_mean"]) - float(table["mlp"]["test/exact_match_mean"])
+        )
 
 
 def test_better_equal_and_per_type_verdicts(sweep):
@@ -131,15 +157,24 @@ def test_better_equal_and_per_type_verdicts(sweep):
         c = got[("connector=linear", metric)]
         assert c.diff == 0 and c.low < 0 < c.high and not c.significant
     # resampler (one seed): +0.5 on colour (significant), 0 on count (not)
-    colour, count = got[("connector=resampler", "test/exact_match/colour")], got[("connector=resampler", "test/exact_match/count")]
-    assert colour.diff == pytest.approx(0.5) and colour.significant and (colour.n_seeds, colour.n_baseline_seeds) == (1, 2)
+    colour, count = (
+        got[("connector=resampler", "test/exact_match/colour")],
+        got[("connector=resampler", "test/exact_match/count")],
+    )
+    assert (
+        colour.diff == pytest.approx(0.5)
+        and colour.significant
+        and (colour.n_seeds, colour.n_baseline_seeds) == (1, 2)
+    )
     assert count.diff == 0 and not count.significant and count.n_questions == 20
     assert ("connector=mlp", "test/exact_match") not in got
 
     md = (sweep / "results.md").read_text()
-    section = md[md.index("## Paired difference against the baseline `connector=mlp`"):]
+    section = md[md.index("## Paired difference against the baseline `connector=mlp`") :]
     main, per_type = section.split("Per question type:")
-    lines = {line.split("|")[1].strip(): line for line in main.splitlines() if line.startswith("| ")}
+    lines = {
+        line.split("|")[1].strip(): line for line in main.splitlines() if line.startswith("| ")
+    }
     assert "| +0.400 [" in lines["qformer"] and lines["qformer"].rstrip(" |").endswith("*")
     assert "| 2 vs 2 | 40 |" in lines["qformer"] and "| 1 vs 2 | 40 |" in lines["resampler"]
     assert "| +0.000 [-" in lines["linear"] and not lines["linear"].rstrip(" |").endswith("*")
@@ -162,15 +197,24 @@ def test_one_seed_each_equals_scipy_paired_bootstrap():
     a = (rng.random(300) < 0.55).astype(float)
     b = np.where(rng.random(300) < 0.8, a, 1 - a)  # B agrees with A on most questions
     diff, low, high = paired_bootstrap(a[None], b[None], seed=0)
-    res = bootstrap((a, b), lambda x, y, axis=-1: y.mean(axis) - x.mean(axis), paired=True, vectorized=True,
-                    n_resamples=10_000, method="percentile", rng=np.random.default_rng(1))
+    res = bootstrap(
+        (a, b),
+        lambda x, y, axis=-1: y.mean(axis) - x.mean(axis),
+        paired=True,
+        vectorized=True,
+        n_resamples=10_000,
+        method="percentile",
+        rng=np.random.default_rng(1),
+    )
     assert diff == pytest.approx(b.mean() - a.mean())
     assert low == pytest.approx(res.confidence_interval.low, abs=0.006)
     assert high == pytest.approx(res.confidence_interval.high, abs=0.006)
 
 
 def test_baseline_selection_and_missing_predictions(sweep):
-    with pytest.raises(ConfigError, match="connector=gru: no configuration has it; connector: linear, mlp"):
+    with pytest.raises(
+        ConfigError, match="connector=gru: no configuration has it; connector: linear, mlp"
+    ):
         write_report(sweep, baseline=["connector=gru"])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         write_report(sweep, baseline=["mlp"])
@@ -181,12 +225,29 @@ def test_baseline_selection_and_missing_predictions(sweep):
 
 def test_report_cli_prints_the_comparisons(sweep, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMBRIDGE_DISABLE_PLUGINS": "1"}
-    out = subprocess.run([mmbridge_exe(), "report", str(sweep), "--baseline", "connector=mlp", "--resamples", "2000",
-                          "--out", str(tmp_path / "rep")], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [
+            mmbridge_exe(),
+            "report",
+            str(sweep),
+            "--baseline",
+            "connector=mlp",
+            "--resamples",
+            "2000",
+            "--out",
+            str(tmp_path / "rep"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     qformer = next(line for line in lines if "connector=qformer" in line and "exact_match:" in line)
     assert "+0.400 [" in qformer and "] *" in qformer and "(40 questions, 2 vs 2 seeds)" in qformer
-    linear = next(line for line in lines if "connector=linear" in line and "exact_match/count:" in line)
+    linear = next(
+        line for line in lines if "connector=linear" in line and "exact_match/count:" in line
+    )
     assert "+0.000 [" in linear and "*" not in linear and "(20 questions, 2 vs 2 seeds)" in linear
     assert (tmp_path / "rep" / "exact_match_vs_baseline.png").read_bytes()[:8] == PNG

@@ -78,7 +78,10 @@ class Where(Tool):
     name = "where"
     description = "name of the image file"
     parameters: ClassVar[dict[str, Any]] = {
-        "type": "object", "properties": {"image": {"type": "string"}}, "required": ["image"]}
+        "type": "object",
+        "properties": {"image": {"type": "string"}},
+        "required": ["image"],
+    }
     media_args: ClassVar[dict[str, str]] = {"image": "image"}
 
     def __call__(self, image: str) -> str:
@@ -103,39 +106,61 @@ def render_text(path: Path, lines: list[str], size: int = 32) -> Path:
 @pytest.fixture(scope="module")
 def ocr() -> OCRTool:
     if not available_backends():
-        pytest.skip("no OCR backend installed: pip install rapidocr-onnxruntime, or "
-                    "apt-get install tesseract-ocr tesseract-ocr-eng")
+        pytest.skip(
+            "no OCR backend installed: pip install rapidocr-onnxruntime, or "
+            "apt-get install tesseract-ocr tesseract-ocr-eng"
+        )
     return OCRTool()
 
 
 # -- calculator ---------------------------------------------------------------------------------
-@pytest.mark.parametrize(("expression", "value"), [
-    ("2.40 + 3.10", "5.50"), ("(1 + 2) * 3", "9"), ("-7 // 2", "-4"), ("-7 % 3", "2"),
-    ("2 ** 10", "1024"), ("1 / 4", "0.25"), ("1 / 3", "0.333333333333333 (rounded to 15 significant digits)"), ("0.1 + 0.2", "0.3"),
-    ("-(3 - 5)", "2"), ("2^3", "8"), ("1_000 + 1", "1001"), ("7.5 =", "7.5"), ("10 ** 50", "1E+50"),
-    # past the default 28 decimal digits: every digit, as Python's integers have them
-    ("2**100 // 3", str(2**100 // 3)), ("-(2**100) // 3", str(-(2**100) // 3)),
-    ("10**40 // 7", str(10**40 // 7)), ("(2**100 + 1) / 4", "316912650057057350374175801344.25"),
-])
+@pytest.mark.parametrize(
+    ("expression", "value"),
+    [
+        ("2.40 + 3.10", "5.50"),
+        ("(1 + 2) * 3", "9"),
+        ("-7 // 2", "-4"),
+        ("-7 % 3", "2"),
+        ("2 ** 10", "1024"),
+        ("1 / 4", "0.25"),
+        ("1 / 3", "0.333333333333333 (rounded to 15 significant digits)"),
+        ("0.1 + 0.2", "0.3"),
+        ("-(3 - 5)", "2"),
+        ("2^3", "8"),
+        ("1_000 + 1", "1001"),
+        ("7.5 =", "7.5"),
+        ("10 ** 50", "1E+50"),
+        # past the default 28 decimal digits: every digit, as Python's integers have them
+        ("2**100 // 3", str(2**100 // 3)),
+        ("-(2**100) // 3", str(-(2**100) // 3)),
+        ("10**40 // 7", str(10**40 // 7)),
+        ("(2**100 + 1) / 4", "316912650057057350374175801344.25"),
+    ],
+)
 def test_calculator_values(expression: str, value: str) -> None:
     assert CalculatorTool()(expression=expression) == value
 
 
-@pytest.mark.parametrize(("expression", "message"), [
-    ("x + 1", "names are not allowed ('x')"),
-    ("__import__('os').system('true')", "function calls are not allowed"),
-    ("(1).real", "attributes are not allowed"),
-    ("9 ** 9 ** 9", "exponent 387420489 is too large"),
-    ("10 ** 99 * 10 ** 99", "the result exceeds 10**100"),
-    ("1 / 0", "division by zero"),
-    ("1,200", "commas are not allowed"),
-    ("'a' * 3", "only numbers are allowed"),
-    ("1 < 2", "comparisons are not allowed"),
-    ("1 +", "cannot parse"),
-    ("1" * 300, "the limit is 200"),
-])
+@pytest.mark.parametrize(
+    ("expression", "message"),
+    [
+        ("x + 1", "names are not allowed ('x')"),
+        ("__import__('os').system('true')", "function calls are not allowed"),
+        ("(1).real", "attributes are not allowed"),
+        ("9 ** 9 ** 9", "exponent 387420489 is too large"),
+        ("10 ** 99 * 10 ** 99", "the result exceeds 10**100"),
+        ("1 / 0", "division by zero"),
+        ("1,200", "commas are not allowed"),
+        ("'a' * 3", "only numbers are allowed"),
+        ("1 < 2", "comparisons are not allowed"),
+        ("1 +", "cannot parse"),
+        ("1" * 300, "the limit is 200"),
+    ],
+)
 def test_calculator_refuses(expression: str, message: str) -> None:
-    with pytest.raises(ToolError, match=message.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")):
+    with pytest.raises(
+        ToolError, match=message.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")
+    ):
         CalculatorTool()(expression=expression)
 
 
@@ -145,37 +170,60 @@ def test_calculator_config_is_checked() -> None:
 
 
 # -- runtime: validation and parsing ------------------------------------------------------------
-SCHEMA = {"type": "object", "required": ["image", "k"], "properties": {
-    "image": {"type": "string"}, "k": {"type": "integer", "minimum": 1},
-    "mode": {"type": "string", "enum": ["fast", "exact"]}, "flag": {"type": "boolean"}}}
+SCHEMA = {
+    "type": "object",
+    "required": ["image", "k"],
+    "properties": {
+        "image": {"type": "string"},
+        "k": {"type": "integer", "minimum": 1},
+        "mode": {"type": "string", "enum": ["fast", "exact"]},
+        "flag": {"type": "boolean"},
+    },
+}
 
 
-@pytest.mark.parametrize(("arguments", "problem"), [
-    ({"image": "a", "k": 2}, None),
-    ({"image": "a", "k": 2, "mode": "exact", "flag": False}, None),
-    ({"image": "a"}, "missing required argument 'k'"),
-    ({"image": 3, "k": 2}, "argument 'image' must be string, got integer 3"),
-    ({"image": "a", "k": True}, "argument 'k' must be integer, got boolean true"),
-    ({"image": "a", "k": 2.5}, "argument 'k' must be integer, got number 2.5"),
-    ({"image": "a", "k": 0}, "argument 'k' must be >= 1"),
-    ({"image": "a", "k": 1, "mode": "slow"}, 'must be one of ["fast", "exact"]'),
-    ({"image": "a", "k": 1, "colour": "red"}, "unexpected argument(s) 'colour'; valid: image, k, mode, flag"),
-    ([1, 2], "the arguments must be an object"),
-])
+@pytest.mark.parametrize(
+    ("arguments", "problem"),
+    [
+        ({"image": "a", "k": 2}, None),
+        ({"image": "a", "k": 2, "mode": "exact", "flag": False}, None),
+        ({"image": "a"}, "missing required argument 'k'"),
+        ({"image": 3, "k": 2}, "argument 'image' must be string, got integer 3"),
+        ({"image": "a", "k": True}, "argument 'k' must be integer, got boolean true"),
+        ({"image": "a", "k": 2.5}, "argument 'k' must be integer, got number 2.5"),
+        ({"image": "a", "k": 0}, "argument 'k' must be >= 1"),
+        ({"image": "a", "k": 1, "mode": "slow"}, 'must be one of ["fast", "exact"]'),
+        (
+            {"image": "a", "k": 1, "colour": "red"},
+            "unexpected argument(s) 'colour'; valid: image, k, mode, flag",
+        ),
+        ([1, 2], "the arguments must be an object"),
+    ],
+)
 def test_validate_arguments(arguments: Any, problem: str | None) -> None:
     errors = validate_arguments(SCHEMA, arguments)
     assert (errors == []) if problem is None else any(problem in e for e in errors), errors
 
 
 def test_parse_calls_formats() -> None:
-    text, calls = parse_calls('Let me read it. <tool_call>{"name": "ocr", "arguments": {"image": "image"}}</tool_call>')
-    assert text == "Let me read it." and [(c.name, c.arguments) for c in calls] == [("ocr", {"image": "image"})]
+    text, calls = parse_calls(
+        'Let me read it. <tool_call>{"name": "ocr", "arguments": {"image": "image"}}</tool_call>'
+    )
+    assert text == "Let me read it." and [(c.name, c.arguments) for c in calls] == [
+        ("ocr", {"image": "image"})
+    ]
     # generation may stop before the closing tag; two calls in one reply
-    _, calls = parse_calls('<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "b", "arguments": {"x": 1}}')
+    _, calls = parse_calls(
+        '<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "b", "arguments": {"x": 1}}'
+    )
     assert [(c.name, c.arguments) for c in calls] == [("a", {}), ("b", {"x": 1})]
-    _, calls = parse_calls('{"name": "calculator", "parameters": {"expression": "1+1"}}')  # Llama 3.1 style
+    _, calls = parse_calls(
+        '{"name": "calculator", "parameters": {"expression": "1+1"}}'
+    )  # Llama 3.1 style
     assert calls[0].arguments == {"expression": "1+1"}
-    _, calls = parse_calls('[TOOL_CALLS] [{"name": "ocr", "arguments": "{\\"image\\": \\"image\\"}"}]')
+    _, calls = parse_calls(
+        '[TOOL_CALLS] [{"name": "ocr", "arguments": "{\\"image\\": \\"image\\"}"}]'
+    )
     assert (calls[0].name, calls[0].arguments) == ("ocr", {"image": "image"})
     _, calls = parse_calls("<tool_call>{name: ocr}</tool_call>")
     assert calls[0].error is not None and "not valid JSON" in calls[0].error
@@ -187,8 +235,13 @@ def test_reading_order_groups_lines() -> None:
     def box(x: float, y: float, w: float = 40, h: float = 20) -> list[list[float]]:
         return [[x, y], [x + w, y], [x + w, y + h], [x, y + h]]
 
-    boxes = [(box(120, 52), "2.40"), (box(10, 50), "Milk"), (box(10, 10), "RECEIPT"),
-             (box(10, 90), "TOTAL"), (box(118, 93), "2.40")]
+    boxes = [
+        (box(120, 52), "2.40"),
+        (box(10, 50), "Milk"),
+        (box(10, 10), "RECEIPT"),
+        (box(10, 90), "TOTAL"),
+        (box(118, 93), "2.40"),
+    ]
     assert reading_order(boxes) == "RECEIPT\nMilk 2.40\nTOTAL 2.40"
     assert reading_order([]) == ""
 
@@ -203,17 +256,23 @@ def test_ocr_reads_lines_in_order(ocr: OCRTool, tmp_path: Path) -> None:
 
 
 def test_ocr_backend_checked() -> None:
-    with pytest.raises(ConfigError, match="tools.ocr.backend: unknown backend 'easyocr'; valid: auto"):
+    with pytest.raises(
+        ConfigError, match="tools.ocr.backend: unknown backend 'easyocr'; valid: auto"
+    ):
         OCRTool(backend="easyocr")
 
 
 def test_image_info_names_dominant_colours(tmp_path: Path) -> None:
     Image.new("RGB", (40, 30), (230, 20, 25)).save(tmp_path / "red.png")
-    assert ImageInfoTool()(image=str(tmp_path / "red.png")) == \
-        "size: 40x30 pixels; mode: RGB; dominant colours: red (100%)"
+    assert (
+        ImageInfoTool()(image=str(tmp_path / "red.png"))
+        == "size: 40x30 pixels; mode: RGB; dominant colours: red (100%)"
+    )
     img = Image.new("RGB", (40, 40), "white")
     ImageDraw.Draw(img).rectangle([0, 0, 39, 29], fill=(35, 75, 230))  # 75 % blue
-    assert ImageInfoTool()(image=_save(img, tmp_path / "bw.png")).endswith("blue (75%), white (25%)")
+    assert ImageInfoTool()(image=_save(img, tmp_path / "bw.png")).endswith(
+        "blue (75%), white (25%)"
+    )
 
 
 def _save(img: Image.Image, path: Path) -> str:
@@ -224,12 +283,14 @@ def _save(img: Image.Image, path: Path) -> str:
 # -- pipeline caller ----------------------------------------------------------------------------
 def test_pipeline_inserts_ocr_text(ocr: OCRTool, tmp_path: Path) -> None:
     image = render_text(tmp_path / "sign.png", ["EXIT"], size=40)
-    caller = PipelineToolCaller([ocr, CalculatorTool(), Boom()],
-                                template={"ocr": "Text found by OCR: {result}\n"})
+    caller = PipelineToolCaller(
+        [ocr, CalculatorTool(), Boom()], template={"ocr": "Text found by OCR: {result}\n"}
+    )
     generate = Script("The sign says EXIT.")
     run = caller.run("<image>\nWhat does the sign say?", {"image": str(image)}, generate)
-    assert generate.seen == [[{"role": "user",
-                               "content": "<image>\nText found by OCR: EXIT\nWhat does the sign say?"}]]
+    assert generate.seen == [
+        [{"role": "user", "content": "<image>\nText found by OCR: EXIT\nWhat does the sign say?"}]
+    ]
     assert run.answer == "The sign says EXIT." and run.prompt == generate.seen[0][0]["content"]
     # OCR ran; the calculator needs more than media and was skipped; Boom takes no media either
     assert [(c.name, c.ok, c.result) for c in run.calls] == [("ocr", True, "EXIT")]
@@ -241,7 +302,9 @@ def test_pipeline_skips_failed_tools_and_checks_template(tmp_path: Path) -> None
     run = caller.run("Which file?", {"image": str(tmp_path / "x.png")}, generate)
     assert generate.seen[0][0]["content"] == "[where] x.png\nWhich file?"
     assert run.calls[0].arguments == {"image": "image"}
-    with pytest.raises(ConfigError, match=r"tool_caller.template.default: .* must contain \{result\}"):
+    with pytest.raises(
+        ConfigError, match=r"tool_caller.template.default: .* must contain \{result\}"
+    ):
         PipelineToolCaller([Where()], template="no result here")
 
 
@@ -255,22 +318,37 @@ def test_llm_caller_calls_a_tool_and_answers() -> None:
     run = llm_caller().run("What is 2.40 + 3.10?", {}, generate)
     assert run.answer == "The total is 5.50."
     assert [(c.name, c.arguments, c.result, c.ok) for c in run.calls] == [
-        ("calculator", {"expression": "2.40 + 3.10"}, "5.50", True)]
+        ("calculator", {"expression": "2.40 + 3.10"}, "5.50", True)
+    ]
     first, second = generate.seen
     assert first[0] == {"role": "system", "content": system_prompt([CalculatorTool().spec()])}
-    assert second[-2] == {"role": "assistant", "content": call("calculator", expression="2.40 + 3.10")}
-    assert second[-1] == {"role": "tool", "content": '<tool_result name="calculator">5.50</tool_result>'}
+    assert second[-2] == {
+        "role": "assistant",
+        "content": call("calculator", expression="2.40 + 3.10"),
+    }
+    assert second[-1] == {
+        "role": "tool",
+        "content": '<tool_result name="calculator">5.50</tool_result>',
+    }
 
 
-@pytest.mark.parametrize(("reply", "error"), [
-    (call("calculater", expression="1+1"),
-     "error: unknown tool 'calculater' (did you mean 'calculator'?); available tools: calculator"),
-    (call("calculator", expression=5), "argument 'expression' must be string, got integer 5"),
-    (call("calculator"), "missing required argument 'expression'"),
-    (call("calculator", expression="1+1", precision=3), "unexpected argument(s) 'precision'; valid: expression"),
-    (call("calculator", expression="import os"), "error: cannot parse 'import os'"),
-    ("<tool_call>{'name': 'calculator'}</tool_call>", "error: the tool call is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        (
+            call("calculater", expression="1+1"),
+            "error: unknown tool 'calculater' (did you mean 'calculator'?); available tools: calculator",
+        ),
+        (call("calculator", expression=5), "argument 'expression' must be string, got integer 5"),
+        (call("calculator"), "missing required argument 'expression'"),
+        (
+            call("calculator", expression="1+1", precision=3),
+            "unexpected argument(s) 'precision'; valid: expression",
+        ),
+        (call("calculator", expression="import os"), "error: cannot parse 'import os'"),
+        ("<tool_call>{'name': 'calculator'}</tool_call>", "error: the tool call is not valid JSON"),
+    ],
+)
 def test_llm_caller_reports_bad_calls_to_the_model(reply: str, error: str) -> None:
     generate = Script(reply, "I could not compute it.")
     run = llm_caller().run("What is 1+1?", {}, generate)
@@ -333,10 +411,14 @@ def _tokenizer(chat_template: str) -> Any:
     return tok
 
 
-TOOLS_TEMPLATE = ("{% if tools %}TOOLS {{ tools | tojson }}\n{% endif %}"
-                  "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
-STRICT_TEMPLATE = ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant', 'system'] %}"
-                   "{{ raise_exception('unknown role') }}{% endif %}{{ m['content'] }}{% endfor %}")
+TOOLS_TEMPLATE = (
+    "{% if tools %}TOOLS {{ tools | tojson }}\n{% endif %}"
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+)
+STRICT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] not in ['user', 'assistant', 'system'] %}"
+    "{{ raise_exception('unknown role') }}{% endif %}{{ m['content'] }}{% endfor %}"
+)
 
 
 def test_llm_caller_uses_the_chat_template_format() -> None:
@@ -353,9 +435,13 @@ def test_llm_caller_uses_the_chat_template_format() -> None:
     run = caller.run("What is 6*7?", {}, generate)
     assert run.answer == "42"
     messages, tools = got[1]
-    assert tools == [CalculatorTool().spec()] and messages[0] == {"role": "user", "content": "What is 6*7?"}
-    assert messages[1]["tool_calls"] == [{"type": "function", "function": {
-        "name": "calculator", "arguments": {"expression": "6*7"}}}]
+    assert tools == [CalculatorTool().spec()] and messages[0] == {
+        "role": "user",
+        "content": "What is 6*7?",
+    }
+    assert messages[1]["tool_calls"] == [
+        {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "6*7"}}}
+    ]
     assert messages[2] == {"role": "tool", "name": "calculator", "content": "42"}
 
 
@@ -364,7 +450,10 @@ def test_llm_caller_result_role_follows_the_template() -> None:
     generate.tokenizer = _tokenizer(STRICT_TEMPLATE)  # type: ignore[attr-defined]
     assert llm_caller().resolve(generate) == ("tagged", "user")
     llm_caller().run("1+1?", {}, generate)
-    assert generate.seen[1][-1] == {"role": "user", "content": '<tool_result name="calculator">2</tool_result>'}
+    assert generate.seen[1][-1] == {
+        "role": "user",
+        "content": '<tool_result name="calculator">2</tool_result>',
+    }
 
 
 # -- data set and recipe ------------------------------------------------------------------------
@@ -376,19 +465,26 @@ def textimages(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
     return ds, ds.prepare(tmp_path_factory.mktemp("cache"))
 
 
-def test_textimages_is_deterministic_and_cached(textimages: tuple[Any, Any], tmp_path: Path) -> None:
+def test_textimages_is_deterministic_and_cached(
+    textimages: tuple[Any, Any], tmp_path: Path
+) -> None:
     from mmbridge.plugins.datasets.textimages import TextImagesDataset
 
     ds, files = textimages
-    again = TextImagesDataset(n_train=24, n_val=0, n_test=4, image_size=160, seed=3).prepare(tmp_path)
-    assert (files.splits["train"].read_text().replace(str(files.media_root), "")
-            == again.splits["train"].read_text().replace(str(again.media_root), ""))
+    again = TextImagesDataset(n_train=24, n_val=0, n_test=4, image_size=160, seed=3).prepare(
+        tmp_path
+    )
+    assert files.splits["train"].read_text().replace(str(files.media_root), "") == again.splits[
+        "train"
+    ].read_text().replace(str(again.media_root), "")
     a, b = (sorted((f.media_root / "images" / "train").glob("*.png")) for f in (files, again))
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
     stamp = files.splits["train"].stat().st_mtime_ns
     assert ds.prepare(files.media_root.parent.parent).splits["train"].stat().st_mtime_ns == stamp
     other = TextImagesDataset(n_train=24, n_val=0, n_test=4, image_size=160, seed=4)
-    assert other.key != ds.key and set(files.splits) >= {"train", "test"} and "val" not in files.splits
+    assert (
+        other.key != ds.key and set(files.splits) >= {"train", "test"} and "val" not in files.splits
+    )
 
 
 def test_textimages_samples_carry_ground_truth(textimages: tuple[Any, Any]) -> None:
@@ -432,8 +528,9 @@ def _recipe_context(cache_dir: Path) -> Any:
     return RecipeContext(registry=load_registry(), model=None, tables={}, cache_dir=cache_dir)
 
 
-def test_tool_use_recipe_writes_parseable_tool_conversations(textimages: tuple[Any, Any],
-                                                             tmp_path: Path) -> None:
+def test_tool_use_recipe_writes_parseable_tool_conversations(
+    textimages: tuple[Any, Any], tmp_path: Path
+) -> None:
     import random
 
     from mmbridge.plugins.recipes.tool_use import ToolUseRecipe
@@ -445,8 +542,9 @@ def test_tool_use_recipe_writes_parseable_tool_conversations(textimages: tuple[A
     with_tool = [s for s in annotated if s.meta.get("tool_calls")]
     without = [s for s in annotated if not s.meta.get("tool_calls")]
     assert len(with_tool) == sum(bool(s.meta["tool_calls"]) for s in samples)
-    assert len(without) == min(round(0.1 * len(with_tool) / 0.9),
-                               sum(not s.meta["tool_calls"] for s in samples))
+    assert len(without) == min(
+        round(0.1 * len(with_tool) / 0.9), sum(not s.meta["tool_calls"] for s in samples)
+    )
     for s in annotated:
         out = recipe(s, random.Random(0))
         validate_conversations(out, s.id)  # no placeholder outside the human turn
@@ -459,14 +557,20 @@ def test_tool_use_recipe_writes_parseable_tool_conversations(textimages: tuple[A
         assert roles == ["system", "human"] + ["gpt", "tool"] * len(plan) + ["gpt"]
         for k, step in enumerate(plan):
             text, calls = parse_calls(out.conversations[2 + 2 * k]["value"])
-            assert text == "" and (calls[0].name, calls[0].arguments) == (step["name"], step["arguments"])
-            assert parse_results(out.conversations[3 + 2 * k]["value"]) == [(step["name"], step["truth"])]
+            assert text == "" and (calls[0].name, calls[0].arguments) == (
+                step["name"],
+                step["arguments"],
+            )
+            assert parse_results(out.conversations[3 + 2 * k]["value"]) == [
+                (step["name"], step["truth"])
+            ]
         assert out.conversations[-1]["value"] == s.meta["answer"]
         assert {r["source"] for r in out.meta["tool_results"]} == {"ground_truth"}
 
 
-def test_tool_use_recipe_runs_the_tools_once(ocr: OCRTool, textimages: tuple[Any, Any],
-                                             tmp_path: Path) -> None:
+def test_tool_use_recipe_runs_the_tools_once(
+    ocr: OCRTool, textimages: tuple[Any, Any], tmp_path: Path
+) -> None:
     from mmbridge.contracts.recipe import RecipeContext
     from mmbridge.plugins.recipes.tool_use import ToolUseRecipe
     from mmbridge.registry.plugin_manager import load_registry
@@ -479,8 +583,12 @@ def test_tool_use_recipe_runs_the_tools_once(ocr: OCRTool, textimages: tuple[Any
         recipe.setup(context)
         annotated = recipe.annotate(picked)
         for s in annotated:
-            assert [r["source"] for r in s.meta["tool_results"]] == ["tool"] * len(s.meta["tool_calls"])
-            assert [r["result"] for r in s.meta["tool_results"]] == [c["truth"] for c in s.meta["tool_calls"]]
+            assert [r["source"] for r in s.meta["tool_results"]] == ["tool"] * len(
+                s.meta["tool_calls"]
+            )
+            assert [r["result"] for r in s.meta["tool_results"]] == [
+                c["truth"] for c in s.meta["tool_calls"]
+            ]
     cached = (tmp_path / "tool_results" / "ocr.jsonl").read_text().splitlines()
     assert len(cached) == len(picked)
 
@@ -488,14 +596,19 @@ def test_tool_use_recipe_runs_the_tools_once(ocr: OCRTool, textimages: tuple[Any
 def test_tool_use_recipe_refuses_unlisted_tools(tmp_path: Path) -> None:
     from mmbridge.plugins.recipes.tool_use import ToolUseRecipe
 
-    sample = Sample(id="a", conversations=[{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}],
-                    meta={"tool": "asr"})
+    sample = Sample(
+        id="a",
+        conversations=[{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}],
+        meta={"tool": "asr"},
+    )
     context = _recipe_context(tmp_path)
     recipe = ToolUseRecipe(run_tools=False)
     with pytest.raises(ConfigError, match=r"call setup\(context\) before using it"):
         recipe.annotate([sample])
     recipe.setup(context)
-    with pytest.raises(ConfigError, match="sample a plans a call of tool 'asr', which is not in recipe.tools"):
+    with pytest.raises(
+        ConfigError, match="sample a plans a call of tool 'asr', which is not in recipe.tools"
+    ):
         recipe.annotate([sample])
     with pytest.raises(ConfigError, match="recipe.tools: unknown tool 'ocrr'"):
         ToolUseRecipe(tools=["ocrr"]).setup(context)

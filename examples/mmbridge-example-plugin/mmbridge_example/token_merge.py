@@ -42,8 +42,9 @@ def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.gather(1, idx)
 
 
-def bipartite_merge(x: torch.Tensor, size: torch.Tensor, pos: torch.Tensor,
-                    target: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def bipartite_merge(
+    x: torch.Tensor, size: torch.Tensor, pos: torch.Tensor, target: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merge the tokens of each sample down to ``target`` by repeated bipartite soft matching.
 
     All samples have ``n`` real tokens (the connector groups a padded batch by length).
@@ -75,7 +76,10 @@ def bipartite_merge(x: torch.Tensor, size: torch.Tensor, pos: torch.Tensor,
         into = best_b.gather(1, merged)  # [B, r]
         size_m = _take(size_a, merged)
         weighted_b = (b * size_b.unsqueeze(-1)).scatter_add(
-            1, into.unsqueeze(-1).expand(-1, -1, b.shape[-1]), _take(a, merged) * size_m.unsqueeze(-1))
+            1,
+            into.unsqueeze(-1).expand(-1, -1, b.shape[-1]),
+            _take(a, merged) * size_m.unsqueeze(-1),
+        )
         size_b = size_b.scatter_add(1, into, size_m)
         b = weighted_b / size_b.unsqueeze(-1)
         x = torch.cat([_take(a, kept), b], dim=1)
@@ -102,8 +106,15 @@ class TokenMergeMLP(Converter):
         hidden_dim: Width of the hidden layers (default: ``out_dim``).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, keep: float = 0.25, min_tokens: int = 1,
-                 depth: int = 2, hidden_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        keep: float = 0.25,
+        min_tokens: int = 1,
+        depth: int = 2,
+        hidden_dim: int | None = None,
+    ) -> None:
         super().__init__(in_dim, out_dim)
         if not 0.0 < float(keep) <= 1.0:
             raise ConfigError(f"connector.keep: must be in (0, 1], got {keep}")
@@ -135,7 +146,9 @@ class TokenMergeMLP(Converter):
         # round() first: 0.7 * 90 is 62.99999999999999 in floats, and 0.7 of 90 tokens is 63
         return max(min(self.min_tokens, n_in), math.ceil(round(self.keep * n_in, 6)))
 
-    def merge(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def merge(
+        self, features: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Merge each sample's real features (no projection).
 
         Args:
@@ -159,15 +172,21 @@ class TokenMergeMLP(Converter):
             rows = (counts == count).nonzero(as_tuple=True)[0]
             # positions of the real features, in order (a stable sort puts True = 0 first)
             idx = torch.argsort((~mask[rows]).to(torch.int8), dim=1, stable=True)[:, :count]
-            x, size, _ = bipartite_merge(_take(features[rows], idx), torch.ones(idx.shape, dtype=features.dtype,
-                                         device=features.device), idx, self.out_tokens(count))
+            x, size, _ = bipartite_merge(
+                _take(features[rows], idx),
+                torch.ones(idx.shape, dtype=features.dtype, device=features.device),
+                idx,
+                self.out_tokens(count),
+            )
             k = x.shape[1]
             merged[rows, :k] = x
             sizes[rows, :k] = size
             out_mask[rows, :k] = True
         return merged, out_mask, sizes
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, N, D_in]`` + mask ``[B, N]`` -> ``[B, M, D_out]`` + mask ``[B, M]``."""
         merged, out_mask, _ = self.merge(features, mask.bool())
         return self.mlp(merged), out_mask

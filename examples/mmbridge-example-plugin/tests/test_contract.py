@@ -46,7 +46,9 @@ def test_similar_tokens_merge_first_into_a_size_weighted_mean():
 def test_token_budget_and_padding():
     conn = TokenMergeMLP(in_dim=4, out_dim=6, keep=0.25)
     assert [conn.out_tokens(n) for n in (1, 4, 5, 64, 576)] == [1, 1, 2, 16, 144]
-    assert TokenMergeMLP(4, 6, keep=0.7).out_tokens(90) == 63  # not 64: 0.7 * 90 is 62.999... in floats
+    assert (
+        TokenMergeMLP(4, 6, keep=0.7).out_tokens(90) == 63
+    )  # not 64: 0.7 * 90 is 62.999... in floats
     feats = torch.randn(2, 8, 4)
     mask = torch.ones(2, 8, dtype=torch.bool)
     mask[1, 5:] = False  # 5 real features -> ceil(1.25) = 2 real tokens

@@ -11,16 +11,19 @@ from mmbridge.tool_runtime import execute, parse_calls
 from mmbridge_example.unit_convert import UnitConvertTool
 
 
-@pytest.mark.parametrize(("value", "src", "dst", "text"), [
-    (12, "in", "cm", "12 in = 30.48 cm"),
-    (26.2, "miles", "km", "26.2 mi = 42.1648 km"),
-    (98.6, "°F", "celsius", "98.6 F = 37 C"),
-    (0, "K", "F", "0 K = -459.67 F"),
-    (1, "GiB", "MB", "1 GiB = 1073.74 MB"),
-    ("1,200", "g", "lb", "1200 g = 2.64555 lb"),
-    (100, "km/h", "mph", "100 km/h = 62.1371 mph"),
-    (1, "kWh", "kcal", "1 kWh = 860.421 kcal"),
-])
+@pytest.mark.parametrize(
+    ("value", "src", "dst", "text"),
+    [
+        (12, "in", "cm", "12 in = 30.48 cm"),
+        (26.2, "miles", "km", "26.2 mi = 42.1648 km"),
+        (98.6, "°F", "celsius", "98.6 F = 37 C"),
+        (0, "K", "F", "0 K = -459.67 F"),
+        (1, "GiB", "MB", "1 GiB = 1073.74 MB"),
+        ("1,200", "g", "lb", "1200 g = 2.64555 lb"),
+        (100, "km/h", "mph", "100 km/h = 62.1371 mph"),
+        (1, "kWh", "kcal", "1 kWh = 860.421 kcal"),
+    ],
+)
 def test_conversions(value, src, dst, text):
     assert UnitConvertTool()(value=value, from_unit=src, to_unit=dst) == text
 
@@ -32,12 +35,15 @@ def test_round_trip_is_exact():
     assert there == 443520 and back == 7
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    ((1, "km", "kg"), "cannot convert km (length) to kg (mass)"),
-    ((1, "kilometr", "m"), "did you mean 'kilometre'"),
-    (("lots", "m", "km"), "value must be a number"),
-    ((-300, "C", "K"), "below absolute zero"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((1, "km", "kg"), "cannot convert km (length) to kg (mass)"),
+        ((1, "kilometr", "m"), "did you mean 'kilometre'"),
+        (("lots", "m", "km"), "value must be a number"),
+        ((-300, "C", "K"), "below absolute zero"),
+    ],
+)
 def test_errors_say_what_to_fix(args, message):
     with pytest.raises(ToolError, match=re.escape(message)):
         UnitConvertTool()(*args)
