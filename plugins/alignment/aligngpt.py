@@ -6,8 +6,8 @@ ignored (the collator's prefix slot). Per stage (``stages.<name>.prefix.mode``):
 
 * ``level`` -- §3.2, alignment level-aware pre-training: each pair conditions on its own
   level's indicator, ``h = H_{l+1}`` with ``l = meta["align_level"]`` in ``0..N-1`` (from the
-  ``align_levels`` recipe, ``N-1`` = best; a sample without a level gets ``H_N``). The indicators train (with
-  the connector, as the stage says); the gate does not.
+  ``align_levels`` recipe, ``N-1`` = best; a sample without a level gets ``H_N``). The indicators
+  train (with the connector, as the stage says); the gate does not.
 * ``gate`` -- §3.3, adaptive alignment-based instruction tuning: the indicators are frozen
   and a gate weighs the local levels per instruction, the global one always added::
 

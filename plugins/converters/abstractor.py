@@ -1,4 +1,5 @@
-"""Locality-preserving token reduction: Honeybee's C-Abstractor (Cha et al., arXiv 2312.06742, §3.2).
+"""Locality-preserving token reduction: Honeybee's C-Abstractor (Cha et al., arXiv 2312.06742,
+§3.2).
 
 Residual convolution blocks mix each feature with its neighbours, an adaptive average pool
 reduces the ``N`` features to at most ``num_tokens`` (keeping the spatial / temporal layout),
@@ -95,7 +96,8 @@ class ResBlock(nn.Module):
         self.up = nn.Linear(inner, dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-        """``x [B, N, C]``, ``mask [B, N]``, ``shape = (H, W)`` with ``H * W = N`` -> ``[B, N, C]``."""
+        """``x [B, N, C]``, ``mask [B, N]``, ``shape = (H, W)`` with ``H * W = N`` ->
+        ``[B, N, C]``."""
         b, n, _ = x.shape
         h = F.gelu(self.down(self.norm(x))).masked_fill(~mask[..., None], 0.0)
         h = self.conv(h.transpose(1, 2).reshape(b, -1, *shape)).reshape(b, -1, n).transpose(1, 2)
@@ -172,7 +174,8 @@ class Abstractor(Converter):
     def forward(
         self, features: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``features [B, N, D_in]``, ``mask [B, N]`` -> ``tokens [B, M, D_out]``, ``mask [B, M]``."""
+        """``features [B, N, D_in]``, ``mask [B, N]`` -> ``tokens [B, M, D_out]``,
+        ``mask [B, M]``."""
         n = features.shape[1]
         grid = self._grid(n)
         mask = mask.bool()

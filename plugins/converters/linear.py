@@ -24,7 +24,8 @@ class LinearConverter(Converter):
         self.proj = nn.Linear(self.in_dim, self.out_dim)
 
     def llava_parts(self) -> LlavaProjector:
-        """Llava's ``multi_modal_projector`` with one linear layer (:mod:`mmbridge.contracts.llava_parts`)."""
+        """Llava's ``multi_modal_projector`` with one linear layer
+        (:mod:`mmbridge.contracts.llava_parts`)."""
         return LlavaProjector("linear", self.proj)
 
     def out_tokens(self, n_in: int) -> int:

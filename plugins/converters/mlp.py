@@ -42,8 +42,8 @@ class MLPConverter(Converter):
         self.net = nn.Sequential(*layers)
 
     def llava_parts(self) -> LlavaProjector:
-        """Llava's ``multi_modal_projector`` (:mod:`mmbridge.contracts.llava_parts`): one linear layer, or
-        LLaVA-1.5's two-layer GELU MLP as wide as the LLM."""
+        """Llava's ``multi_modal_projector`` (:mod:`mmbridge.contracts.llava_parts`): one linear
+        layer, or LLaVA-1.5's two-layer GELU MLP as wide as the LLM."""
         if self.depth == 1:
             return LlavaProjector("linear", self.net[0])
         if self.depth == 2 and self.hidden_dim == self.out_dim:

@@ -20,7 +20,8 @@ from mmbridge.utils.nn_utils import masked_avg_pool
 
 
 class PoolMLP(Converter):
-    """Strided masked average pooling then a GELU MLP: ``[B, N, D_in] -> [B, ceil(N/stride), D_out]``.
+    """Strided masked average pooling then a GELU MLP:
+    ``[B, N, D_in] -> [B, ceil(N/stride), D_out]``.
 
     Args:
         in_dim: ``D_in`` (injected: the encoder's ``out_dim``).

@@ -145,7 +145,8 @@ class BenchmarkSource(DatasetSource):
                 raise DataError(f"{', '.join(files)}: {exc}") from exc
             if not samples:
                 raise DataError(
-                    f"data ({self.name}): no questions read from {', '.join(map(str, self.inputs()))}"
+                    f"data ({self.name}): no questions read from "
+                    f"{', '.join(map(str, self.inputs()))}"
                 )
             write_llava(samples, target)
         return DatasetFiles(splits={self.split: target}, media_root=out)

@@ -8,9 +8,10 @@ columns that JSON can hold go to :attr:`Sample.meta`, as in a LLaVA file.
 :meth:`HFLocalDataset.prepare` streams the rows once into one LLaVA JSONL file per split (under
 ``paths.data_dir/hf_local-<key>/``, written once per source; embedded media are written out as
 files beside it, never decoded), and the run reads those files with the LLaVA reader: every rule
-of a LLaVA file (roles, placeholders through :func:`mmbridge.contracts.types.check_placeholders`, media
-present, unique ids, ``on_error``) applies unchanged. Errors name the JSONL file and the record,
-whose index is the row's index in the source split.
+of a LLaVA file (roles, placeholders through
+:func:`mmbridge.contracts.types.check_placeholders`, media present, unique ids, ``on_error``)
+applies unchanged. Errors name the JSONL file and the record, whose index is the row's index in
+the source split.
 
 ``datasets`` is optional (the ``data`` extra).
 """
@@ -51,7 +52,8 @@ def _datasets():
 
 
 def _load(path: Path, key: str) -> Any:
-    """A ``Dataset`` or ``DatasetDict`` from a ``save_to_disk`` folder, a parquet or an arrow file."""
+    """A ``Dataset`` or ``DatasetDict`` from a ``save_to_disk`` folder, a parquet or an arrow
+    file."""
     ds = _datasets()
     if path.is_dir():
         try:
@@ -134,7 +136,8 @@ class _MediaWriter:
                 Path(self.split) / f"{row // 1000:05d}" / f"{row:08d}_{k}.png",
             )
         else:
-            return f"<{type(value).__name__} is not a {key} path or file>"  # the reader names the record
+            # the reader names the record
+            return f"<{type(value).__name__} is not a {key} path or file>"
         (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
         (self.root / rel).write_bytes(data)
         return str(self.root / rel)

@@ -49,7 +49,8 @@ class LlavaDataset(DatasetSource):
 
     def prepare(self, cache_dir: Path) -> DatasetFiles:
         """Check that every split's file exists; nothing is copied, so ``cache_dir`` is unused.
-        The records are validated where they are read, once (:func:`mmbridge.data.llava.read_llava`)."""
+        The records are validated where they are read, once
+        (:func:`mmbridge.data.llava.read_llava`)."""
         for split, path in self.paths.items():
             if not path.is_file():
                 raise ConfigError(f"data.{split}: file not found: {path}")

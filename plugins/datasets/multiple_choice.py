@@ -39,7 +39,8 @@ class MultipleChoiceDataset(BenchmarkSource):
 
     Args:
         path: ScienceQA's folder or MMBench's TSV.
-        format: ``scienceqa`` or ``mmbench`` (default: ``mmbench`` for a ``.tsv``, else ``scienceqa``).
+        format: ``scienceqa`` or ``mmbench`` (default: ``mmbench`` for a ``.tsv``, else
+            ``scienceqa``).
         image_dir: ScienceQA's image folder.
         source_split: ScienceQA's split to read (``pid_splits.json`` key).
         circular: MMBench's CircularEval: every question also asked with its options rotated
@@ -195,7 +196,8 @@ class MultipleChoiceDataset(BenchmarkSource):
                 if answer not in letters:
                     raise DataError(
                         f"{self.path}: index {index}: answer {answer!r} is not one of its options "
-                        f"{', '.join(letters)} (a test TSV without answers cannot be scored offline)"
+                        f"{', '.join(letters)} "
+                        "(a test TSV without answers cannot be scored offline)"
                     )
                 if _value(r.get("image")) is None:
                     raise KeyError("image")

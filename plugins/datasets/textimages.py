@@ -374,7 +374,8 @@ class TextImagesDataset(DatasetSource):
         for k in kinds:
             if k not in KINDS:
                 raise ConfigError(
-                    f"data.kinds: unknown kind '{k}'{did_you_mean(k, KINDS)}; valid: {', '.join(KINDS)}"
+                    f"data.kinds: unknown kind '{k}'{did_you_mean(k, KINDS)}; "
+                    f"valid: {', '.join(KINDS)}"
                 )
         if not kinds or len(set(kinds)) != len(kinds):
             raise ConfigError(f"data.kinds: expected distinct kinds, got {kinds}")

@@ -25,12 +25,13 @@ _V2_QUESTIONS = re.compile(r"v2_OpenEnded_mscoco_(\w+?)_questions\.json$")
 class VQADataset(BenchmarkSource):
     """VQAv2 or TextVQA files in their official layout.
 
-    * VQAv2: ``path`` = ``v2_OpenEnded_mscoco_val2014_questions.json`` (``{"questions": [{"image_id",
-      "question", "question_id"}], "data_subtype": "val2014", ...}``) and ``annotations`` =
-      ``v2_mscoco_val2014_annotations.json`` (``{"annotations": [{"question_id", "answer_type",
-      "multiple_choice_answer", "answers": [{"answer", ...} x 10]}]}``; found next to the
-      questions by its official name when unset); images ``COCO_val2014_000000000042.jpg`` in
-      ``image_dir`` (default: the ``data_subtype`` folder beside the questions).
+    * VQAv2: ``path`` = ``v2_OpenEnded_mscoco_val2014_questions.json`` (``{"questions":
+      [{"image_id", "question", "question_id"}], "data_subtype": "val2014", ...}``) and
+      ``annotations`` = ``v2_mscoco_val2014_annotations.json`` (``{"annotations":
+      [{"question_id", "answer_type", "multiple_choice_answer", "answers": [{"answer", ...} x
+      10]}]}``; found next to the questions by its official name when unset); images
+      ``COCO_val2014_000000000042.jpg`` in ``image_dir`` (default: the ``data_subtype`` folder
+      beside the questions).
     * TextVQA: ``path`` = ``TextVQA_0.5.1_val.json`` (``{"data": [{"question_id", "question",
       "image_id", "answers": [10 strings]}]}``); images ``<image_id>.jpg`` in ``image_dir``
       (default: ``train_images`` beside it, where TextVQA keeps its val images).
@@ -168,7 +169,8 @@ class VQADataset(BenchmarkSource):
                 answers = [text_field({"answer": a}, "answer") for a in q.get("answers") or []]
                 if not answers:
                     raise DataError(
-                        f"{self.path}: question {q.get('question_id')} has no answers (a test file?)"
+                        f"{self.path}: question {q.get('question_id')} has no answers "
+                        "(a test file?)"
                     )
                 top = max(set(answers), key=lambda a: (answers.count(a), a))
                 image = image_dir / pattern.format(image_id=q["image_id"], subtype=self.split)

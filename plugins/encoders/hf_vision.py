@@ -83,8 +83,8 @@ class HFVisionEncoder(ModalityEncoder):
             connector alike (DINOv2-S: the last layer after its final norm has RMS 2.4, layer 6
             RMS 0.09). Applied before ``pool_to``; part of the feature-cache key only when set.
         registry: The run's registry, which resolves an offline model name in ``path`` (given by
-            :func:`mmbridge.config.build.build`, never by the config; ``None`` outside a run: a local
-            directory or a hub id only).
+            :func:`mmbridge.config.build.build`, never by the config; ``None`` outside a run: a
+            local directory or a hub id only).
     """
 
     modality = "image"
@@ -307,7 +307,8 @@ class HFVisionEncoder(ModalityEncoder):
             self.args["image_aspect_ratio"] = "pad"
 
     def preprocess(self, raw: Image.Image) -> torch.Tensor:
-        """RGB image -> ``[3, H, W]`` normalised (padded to a square first with ``image_aspect_ratio: pad``)."""
+        """RGB image -> ``[3, H, W]`` normalised (padded to a square first with
+        ``image_aspect_ratio: pad``)."""
         if self.pad_to_square:
             raw = expand_to_square(raw, self.mean)
         return image_to_tensor(
@@ -345,7 +346,8 @@ class HFVisionEncoder(ModalityEncoder):
         return feats.float(), mask
 
     def llava_parts(self) -> LlavaVision:
-        """This tower as Llava's ``vision_tower`` (:mod:`mmbridge.contracts.llava_parts`), or why not."""
+        """This tower as Llava's ``vision_tower`` (:mod:`mmbridge.contracts.llava_parts`), or why
+        not."""
         if self.pool_to:
             raise LlavaUnrepresentable("pools the patch grid", f"pool_to={self.pool_to}")
         if self.normalize_layers:

@@ -51,8 +51,8 @@ class WhisperEncoder(ModalityEncoder):
         trim_margin_s: With ``trim_input``, seconds of the silence after the clip that its
             positions still attend to (features stay closer to the full 30 s run).
         registry: The run's registry, which resolves an offline model name in ``checkpoint``
-            (given by :func:`mmbridge.config.build.build`, never by the config; ``None`` outside a run:
-            a file path only).
+            (given by :func:`mmbridge.config.build.build`, never by the config; ``None`` outside a
+            run: a file path only).
     """
 
     modality = "audio"
@@ -253,7 +253,8 @@ def _weights_sha256(module: torch.nn.Module) -> str:
 
 def _block(block: torch.nn.Module, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
     """Whisper's ``ResidualAttentionBlock`` (self-attention only) with a key padding mask,
-    which its own forward does not take. ``x [B, P, D]``, ``key_mask [B, 1, 1, P]`` (True = attend)."""
+    which its own forward does not take. ``x [B, P, D]``, ``key_mask [B, 1, 1, P]``
+    (True = attend)."""
     attn = block.attn
     h = block.attn_ln(x)
     b, p, d = h.shape

@@ -34,9 +34,9 @@ FALLBACK_CHAT_TEMPLATE = (
 
 
 def torch_dtype(value: str, key: str) -> torch.dtype:
-    """``"bfloat16"`` -> ``torch.bfloat16`` (:func:`mmbridge.model.precision.parse_dtype`: ``auto`` is
-    decided from this machine when a component is built on its own; a run decides it once for
-    all its components); a :class:`ConfigError` naming ``key`` otherwise."""
+    """``"bfloat16"`` -> ``torch.bfloat16`` (:func:`mmbridge.model.precision.parse_dtype`:
+    ``auto`` is decided from this machine when a component is built on its own; a run decides it
+    once for all its components); a :class:`ConfigError` naming ``key`` otherwise."""
     return parse_dtype(value, key)
 
 
@@ -84,8 +84,8 @@ class HFCausalLM(LanguageModel):
             elsewhere with one line. The base is prepared with PEFT's
             ``prepare_model_for_kbit_training``; train it with ``train.llm: lora``.
         registry: The run's registry, which resolves an offline model name in ``path`` (given by
-            :func:`mmbridge.config.build.build`, never by the config; ``None`` outside a run: a local
-            directory or a hub id only).
+            :func:`mmbridge.config.build.build`, never by the config; ``None`` outside a run: a
+            local directory or a hub id only).
     """
 
     def __init__(
@@ -248,7 +248,8 @@ class HFCausalLM(LanguageModel):
 
     @classmethod
     def for_testing(cls, tmp_dir: Path, **kwargs: Any) -> HFCausalLM:
-        """A 2-layer, 32-wide Llama with the tiny tokenizer, saved to and loaded from ``tmp_dir``."""
+        """A 2-layer, 32-wide Llama with the tiny tokenizer, saved to and loaded from
+        ``tmp_dir``."""
         from mmbridge.testing.tiny import build_tiny_llama
 
         build_tiny_llama(tmp_dir, hidden=32, layers=2, heads=2, intermediate=64)
@@ -297,7 +298,7 @@ class HFCausalLM(LanguageModel):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(hidden)
 
-    # -- reuse of a shared prefix's keys/values (see mmbridge.model.prefix_kv) -------------------------
+    # -- reuse of a shared prefix's keys/values (see mmbridge.model.prefix_kv) ---------------------
     def _cache_argument(self) -> str | None:
         """The decoder's name for its key/value cache argument (``cache`` from transformers
         5.24, ``past_key_values`` before), or ``None`` when it takes none."""
@@ -345,7 +346,8 @@ class HFCausalLM(LanguageModel):
     def prefix_states(
         self, prefix_embeds: torch.Tensor
     ) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-        """Per-layer ``(keys, values)``, each ``[1, H_kv, P, d_head]``, of one prefix ``[1, P, D]``."""
+        """Per-layer ``(keys, values)``, each ``[1, H_kv, P, d_head]``, of one prefix
+        ``[1, P, D]``."""
         from transformers import DynamicCache
 
         n, device = prefix_embeds.shape[1], prefix_embeds.device
@@ -438,9 +440,9 @@ class HFCausalLM(LanguageModel):
 
     def apply_lora(self, settings: Mapping[str, Any] | None = None, **keys: Any) -> None:
         """Inject LoRA adapters (2106.09685) as ``peft.LoraConfig`` describes them
-        (:mod:`mmbridge.model.lora`: ``alpha`` / ``dropout`` for ``lora_alpha`` / ``lora_dropout``) in
-        place; afterwards the adapters (and ``modules_to_save``) are the LLM's only trainable
-        parameters (see :meth:`trainable_state_dict`)."""
+        (:mod:`mmbridge.model.lora`: ``alpha`` / ``dropout`` for ``lora_alpha`` /
+        ``lora_dropout``) in place; afterwards the adapters (and ``modules_to_save``) are the LLM's
+        only trainable parameters (see :meth:`trainable_state_dict`)."""
         wanted = {**(settings or {}), **keys}
         if self._lora is not None:
             # A later stage asking for the same adapters keeps training the existing ones.
@@ -477,8 +479,8 @@ class HFCausalLM(LanguageModel):
                 own[k].copy_(v)
 
     def llava_parts(self) -> LlavaText:
-        """This model as Llava's text model (:mod:`mmbridge.contracts.llava_parts`); not from a GGUF file
-        (dequantised weights are not the file's)."""
+        """This model as Llava's text model (:mod:`mmbridge.contracts.llava_parts`); not from a
+        GGUF file (dequantised weights are not the file's)."""
         if self.gguf_file:
             raise LlavaUnrepresentable(
                 "is a dequantised GGUF checkpoint", f"gguf_file={self.gguf_file}"

@@ -1,4 +1,5 @@
-"""Multimodal Perceiver family (2311.07594 §3.2): learned-query modules and layers inside the LLM."""
+"""Multimodal Perceiver family (2311.07594 §3.2): learned-query modules and layers inside the
+LLM."""
 
 from __future__ import annotations
 

@@ -48,7 +48,8 @@ class GatedXAttnBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, media: torch.Tensor, media_mask: torch.Tensor
     ) -> torch.Tensor:
-        """``x [B, T, dim]`` reads ``media [B, M, dim]`` (``media_mask [B, M]``) -> ``[B, T, dim]``."""
+        """``x [B, T, dim]`` reads ``media [B, M, dim]`` (``media_mask [B, M]``) ->
+        ``[B, T, dim]``."""
         x = x + self.attn_gate.tanh() * self.attn(self.norm(x), media, media_mask)
         return x + self.ff_gate.tanh() * self.ff(x)
 
@@ -225,7 +226,7 @@ class GatedCrossAttention(Perceiver):
 
         return pre_hook
 
-    # -- attention maps (opt-in; see mmbridge.reporting.attention_maps) ----------------------------------
+    # -- attention maps (opt-in; see mmbridge.reporting.attention_maps) ----------------------------
     @property
     def record_attention(self) -> bool:
         """When True, the resampler and every gated block keep their attention weights (what

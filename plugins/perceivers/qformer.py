@@ -144,7 +144,7 @@ class QFormer(Perceiver):
         tokens = self.proj(out.to(self.proj.weight.dtype)) * has_any[:, None, None]
         return tokens, has_any[:, None].expand(b, self.num_queries).contiguous()
 
-    # -- attention maps (opt-in; see mmbridge.reporting.attention_maps) ----------------------------------
+    # -- attention maps (opt-in; see mmbridge.reporting.attention_maps) ----------------------------
     def _record_hooks(self, enc_mask: torch.Tensor) -> list:
         """Forward hooks on the cross-attention layers that recompute their softmax weights
         from the layer's own query/key projections (SDPA does not return them)."""

@@ -31,7 +31,8 @@ class ResamplerLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, latents: torch.Tensor, kv_mask: torch.Tensor
     ) -> torch.Tensor:
-        """``x [B, N, D]``, ``latents [B, L, D]``, ``kv_mask [B, N + L]`` -> latents ``[B, L, D]``."""
+        """``x [B, N, D]``, ``latents [B, L, D]``, ``kv_mask [B, N + L]`` -> latents
+        ``[B, L, D]``."""
         q = self.norm_latents(latents)
         kv = torch.cat([self.norm_media(x), q], dim=1)
         latents = latents + self.attn(q, kv, kv_mask)
@@ -139,7 +140,7 @@ class Resampler(Perceiver):
         tokens = self.proj_out(self.norm(latents))
         return tokens, mask.any(dim=1, keepdim=True).expand(b, self.num_latents).contiguous()
 
-    # -- attention maps (opt-in; see mmbridge.reporting.attention_maps) ----------------------------------
+    # -- attention maps (opt-in; see mmbridge.reporting.attention_maps) ----------------------------
     @property
     def record_attention(self) -> bool:
         """When True, every layer keeps its last attention weights (off: no extra work; what

@@ -35,7 +35,8 @@ class _QFormerLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, kv_pad: torch.Tensor) -> torch.Tensor:
-        """``q [W, Q, H]``, ``kv [W, L, H]``, ``kv_pad [W, L]`` (True = padding) -> ``[W, Q, H]``."""
+        """``q [W, Q, H]``, ``kv [W, L, H]``, ``kv_pad [W, L]`` (True = padding) ->
+        ``[W, Q, H]``."""
         h = self.self_ln(q)
         q = q + self.self_attn(h, h, h, need_weights=False)[0]
         h = self.cross_ln(q)

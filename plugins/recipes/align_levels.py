@@ -2,9 +2,9 @@
 alignment level-aware pre-training).
 
 Every pre-training pair is scored by an image-text similarity scorer (CLIP in the paper; any
-registered :class:`~mmbridge.contracts.scorer.Scorer` here), the pairs are ranked by score and split into
-``N`` levels, ``meta["align_level"]`` in ``0..N-1`` (``N-1`` = best aligned). Stage 1 then
-conditions each caption on its level's indicator (the ``aligngpt`` prefix). The samples are
+registered :class:`~mmbridge.contracts.scorer.Scorer` here), the pairs are ranked by score and
+split into ``N`` levels, ``meta["align_level"]`` in ``0..N-1`` (``N-1`` = best aligned). Stage 1
+then conditions each caption on its level's indicator (the ``aligngpt`` prefix). The samples are
 turned into caption conversations as by ``caption_pretrain``.
 
 Binning of the scores ``s`` (sorted ascending, ``S`` of them):

@@ -112,7 +112,8 @@ class InstructMixRecipe(CaptionPretrainRecipe):
         present = {k: w for k, w in self.sources.items() if k in by_source and w > 0}
         if not present:
             raise ConfigError(
-                f"recipe.sources: no weighted source in the data (sources: {', '.join(sorted(by_source))})"
+                "recipe.sources: no weighted source in the data "
+                f"(sources: {', '.join(sorted(by_source))})"
             )
         total, n = sum(present.values()), len(samples)
         exact = {k: n * w / total for k, w in present.items()}

@@ -8,5 +8,6 @@ from mmbridge.registry import Registrar, register_package
 
 @mmbridge.hookimpl
 def register_components(registry: Registrar) -> None:
-    """Register the built-in tools and tool callers: the ``COMPONENTS`` table of each module of this package."""
+    """Register the built-in tools and tool callers: the ``COMPONENTS`` table of each module of
+    this package."""
     register_package(registry, __name__)

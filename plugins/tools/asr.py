@@ -1,9 +1,9 @@
 """``asr``: speech -> text with Whisper (Radford et al., 2212.04356).
 
-The checkpoint is resolved by :func:`mmbridge.registry.assets.resolve_model_path` with the run's registry
-(an offline asset name such as ``whisper-tiny.en``, or a path to an openai-whisper ``.pt`` file)
-and loaded on the first call. Audio is decoded without ffmpeg (:mod:`mmbridge.utils.media_io`) and handed to
-``model.transcribe`` as a 16 kHz array.
+The checkpoint is resolved by :func:`mmbridge.registry.assets.resolve_model_path` with the run's
+registry (an offline asset name such as ``whisper-tiny.en``, or a path to an openai-whisper ``.pt``
+file) and loaded on the first call. Audio is decoded without ffmpeg
+(:mod:`mmbridge.utils.media_io`) and handed to ``model.transcribe`` as a 16 kHz array.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ class ASRTool(Tool):
         device: Torch device of the model.
         timeout_s: Seconds a call may take (the first call also loads the model).
         registry: The run's registry, which resolves an offline model name in ``checkpoint``
-            (given by :func:`mmbridge.config.build.build`, never by the config; ``None`` outside a run:
-            a file path only).
+            (given by :func:`mmbridge.config.build.build`, never by the config; ``None`` outside a
+            run: a file path only).
     """
 
     name: ClassVar[str] = "asr"  # the registry sets it to the registered name
