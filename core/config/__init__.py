@@ -1,4 +1,6 @@
-"""Hydra composition of mmbridge configs, with the plugins' config dirs on the search path."""
+"""The config: Hydra composition with the plugins' config dirs on the search path (here), the
+typed schema of the sections (``schema``), the model's component nodes (``model_spec``), building a
+component from its node (``build``) and whole-config validation (``validation``, ``preflight``)."""
 
 from __future__ import annotations
 

@@ -1,1 +1,2 @@
-"""Data: the LLaVA reader, datasets over samples, the collator, the feature cache."""
+"""Data: the readers (LLaVA format, data-set sources, mixtures), conversation formats and chat
+encoding, datasets over samples, the collator and batcher, the feature cache, media inputs."""

@@ -5,7 +5,8 @@ One region of ``README.md`` is generated: the components of the four families
 documentation site are generated whole: ``docs/reference/components.md`` (every registered
 component with its constructor arguments), ``docs/reference/config.md`` (every config group with
 its options, every schema key with its type, default, valid range and doc) and
-``docs/reference/cli.md`` (every command's ``--help``).
+``docs/reference/cli.md`` (every command's ``--help``); one region of
+``docs/concepts/architecture.md`` is the map of the packages (:mod:`mmbridge.docs.packages`).
 ``mmbridge plugins --markdown components|config-groups`` prints one table;
 ``python -m mmbridge.docs [--check]`` rewrites (or only checks) the README region and the pages,
 and ``tests/contract/test_builtin_layout.py`` fails when they differ from what this module writes.
@@ -23,6 +24,7 @@ from pathlib import Path
 from mmbridge.cli import COMMANDS
 from mmbridge.config import builtin_conf_dir
 from mmbridge.contracts.connector import Converter, Perceiver
+from mmbridge.docs.packages import packages_markdown
 from mmbridge.docs.pages import cli_page, components_page, config_page
 from mmbridge.errors import ConfigError
 from mmbridge.registry import Entry, Registry
@@ -190,6 +192,8 @@ def update_regions(text: str, tables: dict[str, str], source: str = "README.md")
 
 #: The generated pages of the documentation site, relative to the repository root.
 PAGES = ("docs/reference/components.md", "docs/reference/config.md", "docs/reference/cli.md")
+#: The page whose ``packages`` region is the map of mmbridge's packages.
+ARCHITECTURE = "docs/concepts/architecture.md"
 #: The regions of README.md that are generated (the other tables live in the reference pages).
 README_REGIONS = ("components",)
 
@@ -212,6 +216,13 @@ def generated_files(root: Path) -> dict[Path, tuple[str, str]]:
     for rel, text in builtin_pages().items():
         path = root / rel
         files[path] = (path.read_text(encoding="utf-8") if path.exists() else "", text)
+    arch = root / ARCHITECTURE
+    old_arch = arch.read_text(encoding="utf-8")
+    core = Path(__file__).resolve().parents[1]  # the installed mmbridge package: core/
+    files[arch] = (
+        old_arch,
+        update_regions(old_arch, {"packages": packages_markdown(core)}, str(arch)),
+    )
     return files
 
 

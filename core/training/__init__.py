@@ -1,1 +1,2 @@
-"""Training: the Lightning module, stages, checkpoints, evaluation."""
+"""Training: the Lightning module, stages, the Trainer, optimisers, checkpoints and exact resume,
+loggers, distributed strategies."""
