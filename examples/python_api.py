@@ -1,8 +1,8 @@
 """The Python API end to end: train the tiny smoke experiment, answer with it, export a bundle,
 and answer again from the bundle (the same text).
 
-    python examples/python_api.py                       # a short tiny run (10 + 20 steps), then answers
-    python examples/python_api.py --steps 60 150        # the full tiny schedule: it names colours
+    python examples/python_api.py                   # a short tiny run (10 + 20 steps), then answers
+    python examples/python_api.py --steps 60 150    # the full tiny schedule: it names colours
     python examples/python_api.py --checkpoint outputs/tiny/<time>/checkpoints/final   # no training
 
 A run this short has barely started learning: its answers may be empty or wrong; the point is
@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         test = run.metrics.get("test", {})
         print("run:", run.run_dir)
         print(
-            f"test exact match: {test.get('exact_match')} (no media {test.get('no_media/exact_match')}, "
+            f"test exact match: {test.get('exact_match')} "
+            f"(no media {test.get('no_media/exact_match')}, "
             f"chance {test.get('chance/exact_match')})"
         )
         checkpoint = run.checkpoint

@@ -196,8 +196,10 @@ def main() -> None:
     )
     for rows, fill, read, padded, old_peak in results:
         print(
-            f"{rows:>7} {fill['bytes'] / 2**20:>7.0f}MB {padded / 2**20:>15.0f}MB {old_peak / 2**20:>12.0f}MB "
-            f"{fill['peak_mb']:>12.0f}MB {read['peak_mb']:>12.0f}MB {fill['seconds']:>7.1f} {read['seconds']:>7.1f}"
+            f"{rows:>7} {fill['bytes'] / 2**20:>7.0f}MB {padded / 2**20:>15.0f}MB "
+            f"{old_peak / 2**20:>12.0f}MB "
+            f"{fill['peak_mb']:>12.0f}MB {read['peak_mb']:>12.0f}MB "
+            f"{fill['seconds']:>7.1f} {read['seconds']:>7.1f}"
         )
     if len(results) > 1:
         (r0, f0, d0, *_), (r1, f1, d1, *_) = results[0], results[-1]

@@ -95,7 +95,8 @@ def warn_if_loaded(threads: int) -> None:
     if threads > 1 and load + threads > cores + 0.5:
         log(
             f"note: load average {load:.1f} on {cores} cores: with {threads} torch threads, each "
-            f"parallel op waits for its slowest (descheduled) thread; --threads 1 gives steadier figures"
+            "parallel op waits for its slowest (descheduled) thread; "
+            "--threads 1 gives steadier figures"
         )
 
 
@@ -550,14 +551,16 @@ def report(
         f"load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end.\n"
     )
     print(
-        "| implementation | median step (ms) | min (ms) | / hand-written, supervised head | / hand-written, labels= |"
+        "| implementation | median step (ms) | min (ms) | / hand-written, supervised head "
+        "| / hand-written, labels= |"
     )
     print("|---|---|---|---|---|")
     for name, times in series.items():
         r1 = statistics.median(a / b for a, b in zip(times, base))
         r2 = statistics.median(a / b for a, b in zip(times, labels_ref))
         print(
-            f"| {name} | {1e3 * statistics.median(times):.1f} | {1e3 * min(times):.1f} | {r1:.3f} | {r2:.3f} |"
+            f"| {name} | {1e3 * statistics.median(times):.1f} | {1e3 * min(times):.1f} "
+            f"| {r1:.3f} | {r2:.3f} |"
         )
     ratio = statistics.median(a / b for a, b in zip(series[runners[0].name], base))
     verdict = "meets" if ratio <= 1.05 else "MISSES"

@@ -1,4 +1,4 @@
-"""Where does a training step's time go, with and without the frozen-encoder feature cache?
+r"""Where does a training step's time go, with and without the frozen-encoder feature cache?
 
 For one stage of a config (default: the first stage of ``experiment=quickstart``), runs
 ``--warmup`` + ``--steps`` training steps the way a run does (the stage's recipe and trainable
@@ -25,7 +25,8 @@ Perceiver adds inside the LLM count as LLM. Results (a markdown table) go to std
 off and on (alternating which goes first), and prints the paired off/on ratios of the step and
 of the LLM part (:mod:`mmbridge.model.prefix_kv`)::
 
-    python scripts/bench_pipeline.py --modes cache --prefix-kv both --precision 32-true llm.dtype=float32
+    python scripts/bench_pipeline.py --modes cache --prefix-kv both --precision 32-true \
+        llm.dtype=float32
     python scripts/bench_pipeline.py --modes cache --prefix-kv both --stage instruct llm=smollm2
 """
 
@@ -75,7 +76,8 @@ def warn_if_loaded(threads: int) -> None:
     if threads > 1 and load + threads > cores + 0.5:
         log(
             f"note: load average {load:.1f} on {cores} cores: with {threads} torch threads, each "
-            f"parallel op waits for its slowest (descheduled) thread; --threads 1 gives steadier figures"
+            "parallel op waits for its slowest (descheduled) thread; "
+            "--threads 1 gives steadier figures"
         )
 
 
@@ -272,7 +274,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             if i >= args.warmup:
                 rows[variant].append(row)
             log(
-                f"[{args.mode}] step {i + 1} (prefix kv {variant}): {row['step']:.3f} s, loss {row['loss']:.3f}"
+                f"[{args.mode}] step {i + 1} (prefix kv {variant}): {row['step']:.3f} s, "
+                f"loss {row['loss']:.3f}"
             )
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated() / 2**20, "peak CUDA memory allocated"
@@ -315,7 +318,8 @@ def table(
         f"stage `{r0['stage']}`)\n"
     )
     print(
-        f"batch {r0['batch_size']}, {r0['precision']}, {args.device}, torch threads {args.threads}; "
+        f"batch {r0['batch_size']}, {r0['precision']}, {args.device}, "
+        f"torch threads {args.threads}; "
         f"median of {args.steps} steps after {args.warmup} warm-up, each mode in its own process; "
         f"shares are of the mean step; load average {load[0]:.1f} at start, {load[1]:.1f} at end.\n"
     )
@@ -354,8 +358,9 @@ def table(
             - cached["parts_s"]["data"]
         )
         print(
-            f"\nLive / cached median step time: {live['step_s'] / cached['step_s']:.2f}. The parts the "
-            f"cache removes (encoder, image loading) cost {1e3 * saved:.0f} ms per live step "
+            f"\nLive / cached median step time: {live['step_s'] / cached['step_s']:.2f}. "
+            f"The parts the cache removes (encoder, image loading) cost {1e3 * saved:.0f} ms "
+            "per live step "
             f"({100 * saved / live['mean_step_s']:.0f}% of it): the expected speed-up is "
             f"{live['mean_step_s'] / (live['mean_step_s'] - saved):.2f}x"
             + (

@@ -288,7 +288,8 @@ def main() -> None:
 
     small, large = args.sizes
     print(
-        f"\npeak RSS (MiB), a fresh process per size; ratio and growth: {large:,} vs {small:,} records"
+        "\npeak RSS (MiB), a fresh process per size; ratio and growth: "
+        f"{large:,} vs {small:,} records"
     )
     print(f"{'':52s}{small:>9,}{large:>9,}{'ratio':>7}{'+MiB':>7}{'time (s)':>17}")
     for kind, label in (

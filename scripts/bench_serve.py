@@ -243,7 +243,8 @@ def main() -> int:
         f"({torch.get_num_threads()} threads)"
     )
     print(
-        "| path | in flight / batch | requests/s | p50 latency s | p95 latency s | p50 TTFT s | p95 TTFT s |"
+        "| path | in flight / batch | requests/s | p50 latency s | p95 latency s "
+        "| p50 TTFT s | p95 TTFT s |"
     )
     print("|---|---|---|---|---|---|---|")
     for conc, (rps, p50, p95, t50, t95) in rows.items():
@@ -254,7 +255,8 @@ def main() -> int:
         )
     for batch, (rps, p50, p95) in local.items():
         print(
-            f"| Model.generate in one process | {batch} | {rps:.2f} | {p50:.3f} | {p95:.3f} | - | - |"
+            f"| Model.generate in one process | {batch} | {rps:.2f} | {p50:.3f} | {p95:.3f} "
+            "| - | - |"
         )
     print(
         f"serving overhead (p50 latency, 1 in flight vs generate batch 1): "

@@ -227,7 +227,8 @@ def table(
     ]
     for k, (q, a, b) in enumerate(zip(questions, left, right)):
         rows.append(
-            f"| {k} | {q['question']} | {q['reference']} | {a} | {b} | {'yes' if a == b else '**no**'} |"
+            f"| {k} | {q['question']} | {q['reference']} | {a} | {b} "
+            f"| {'yes' if a == b else '**no**'} |"
         )
     return "\n".join(rows)
 
@@ -293,7 +294,8 @@ def main(argv: list[str]) -> int:
     other = result["answers"]
     if "llm_dtype" in result:
         print(
-            f"mmbridge.load(bundle) with empty caches ran its LLM in {result['llm_dtype']} (dtype: auto)"
+            f"mmbridge.load(bundle) with empty caches ran its LLM in {result['llm_dtype']} "
+            "(dtype: auto)"
         )
     right_name = (
         "transformers (Llava, float32)" if args.hf else "`mmbridge.load(bundle)` (empty cache)"
@@ -316,7 +318,8 @@ def main(argv: list[str]) -> int:
         logits = in_worker("logits", job, None, root)
         summary["logits"] = logits
         print(
-            f"logits over prompt 0 ({logits['tokens']} tokens, same token ids: {logits['same_ids']}): "
+            f"logits over prompt 0 ({logits['tokens']} tokens, "
+            f"same token ids: {logits['same_ids']}): "
             f"max |diff| {logits['max_abs_diff']:.3g} (largest |logit| {logits['logit_scale']:.3g})"
         )
         ok = ok and logits["same_ids"] and logits["max_abs_diff"] <= LOGITS_TOLERANCE

@@ -298,7 +298,10 @@ class UnitConvertTool(Tool):
     def __call__(self, value: Any = None, from_unit: str = "", to_unit: str = "", **_: Any) -> str:
         result, src, dst = self.convert(value, from_unit, to_unit)
         digits = self.significant_digits
-        return f"{format_number(self._number(value), 30)} {src} = {format_number(result, digits)} {dst}"
+        return (
+            f"{format_number(self._number(value), 30)} {src} = "
+            f"{format_number(result, digits)} {dst}"
+        )
 
     def convert(self, value: Any, from_unit: str, to_unit: str) -> tuple[Decimal, str, str]:
         """``(converted value, canonical from_unit, canonical to_unit)``, exact to 40 digits.

@@ -52,7 +52,10 @@ def test_errors_say_what_to_fix(args, message):
 def test_a_model_written_call_runs_through_mmbridge_tool_runtime():
     tool = UnitConvertTool(significant_digits=4)
     tool.name = "unit_convert"  # the registry sets this when the plugin registers the class
-    text = '<tool_call>{"name": "unit_convert", "arguments": {"value": 5, "from_unit": "km", "to_unit": "mi"}}</tool_call>'
+    text = (
+        '<tool_call>{"name": "unit_convert", "arguments": {"value": 5, "from_unit": "km", '
+        '"to_unit": "mi"}}</tool_call>'
+    )
     _, (call,) = parse_calls(text)
     result = execute({"unit_convert": tool}, call.name, call.arguments, media={})
     assert result.ok and result.result == "5 km = 3.107 mi"
