@@ -227,8 +227,8 @@ def test_learning_curve_offsets_stages():
 
 
 def test_plots_do_not_import_the_report_module():
-    """No import cycle: the plots read the rows from mmbridge.reporting.results, and the report imports
-    the plots (lazily, matplotlib being optional), not the other way round."""
+    """No import cycle: the plots read the rows from mmbridge.reporting.results, and the report
+    imports the plots (lazily, matplotlib being optional), not the other way round."""
     code = "import sys, mmbridge.reporting.plots; print('mmbridge.reporting.tables' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

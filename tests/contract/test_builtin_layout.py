@@ -257,7 +257,7 @@ def test_adding_a_connector_in_tree_is_a_class_file_and_a_yaml(tmp_path, monkeyp
     assert tokens.shape == (2, 7, 4) and torch.equal(tokens, expected) and out_mask is mask
 
 
-# -- registration leaves the classes alone ----------------------------------------------------------
+# -- registration leaves the classes alone ---------------------------------------------------------
 class _Echo(mmbridge.Tool):
     description = "echo"
 
@@ -296,7 +296,7 @@ def test_an_asset_made_from_the_bare_class_refuses_a_cache_location(tmp_path):
     )
 
 
-# -- the README tables come from the generator -------------------------------------------------------
+# -- the README tables come from the generator -----------------------------------------------------
 def test_generated_docs_match_the_generator():
     """README.md's components table and the reference pages under docs/reference/."""
     stale = [

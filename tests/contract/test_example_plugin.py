@@ -1,4 +1,5 @@
-"""The third-party plugin of examples/mmbridge-example-plugin, from its author's and its user's side.
+"""The third-party plugin of examples/mmbridge-example-plugin, from its author's and its user's
+side.
 
 It is pip-installed (a real wheel build, a real ``*.dist-info`` with the entry point) into a
 temporary ``--target`` directory that goes on ``PYTHONPATH`` beside the test venv, then used

@@ -78,7 +78,7 @@ def test_caption_noise_config_errors():
         ShapesDataset(shapes=["circle"], caption_noise={"wrong_shape": 0.1})
 
 
-# -- agreement statistics ----------------------------------------------------------------------------
+# -- agreement statistics --------------------------------------------------------------------------
 
 
 def test_ranks_spearman_auroc_on_known_values():
@@ -93,7 +93,7 @@ def test_ranks_spearman_auroc_on_known_values():
     assert auroc(torch.ones(4), torch.tensor([0, 1, 0, 1])) == 0.5
 
 
-# -- scorers on tiny real encoders ------------------------------------------------------------------
+# -- scorers on tiny real encoders -----------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

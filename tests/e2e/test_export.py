@@ -202,7 +202,8 @@ def test_every_family_bundle_reloads_with_identical_logits(families, name):
 
 LOAD_ALL = """\
 import json, sys, traceback, torch, mmbridge
-torch.set_num_threads(1)  # as the test process: a reduction split over more threads rounds differently
+# as the test process: a reduction split over more threads rounds differently
+torch.set_num_threads(1)
 out = {}
 for name, bundle, media, prompt, dst in json.loads(sys.argv[1]):
     try:
@@ -263,7 +264,8 @@ def test_every_family_bundle_loads_in_a_fresh_process_with_an_empty_cache(
     want = mmbridge.load(f.ckpt, device="cpu", registry=shared_registry())
     got = torch.load(logits[name])
     print(
-        f"bundle {name} in a fresh process: max |diff| {(got - want.logits(PROMPT, **f.media)[0]).abs().max():.3g}"
+        f"bundle {name} in a fresh process: max |diff| "
+        f"{(got - want.logits(PROMPT, **f.media)[0]).abs().max():.3g}"
     )
     assert torch.equal(got, want.logits(PROMPT, **f.media)[0])
     assert answers[name] == want.generate(PROMPT, max_new_tokens=6, **f.media)

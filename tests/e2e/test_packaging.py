@@ -82,7 +82,8 @@ def test_wheel_installed_in_a_fresh_venv_runs_from_elsewhere(wheel, tmp_path):
         z.extractall(site)
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
-    # a user has a HOME (the default cache dir lives under it); `config` refuses a config it cannot resolve
+    # a user has a HOME (the default cache dir lives under it); `config` refuses a config it
+    # cannot resolve
     env = {
         "PATH": "/usr/bin:/bin",
         "HF_HUB_OFFLINE": "1",

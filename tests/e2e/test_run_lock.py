@@ -37,7 +37,8 @@ FAST = [
     "stages.align.val_every=2",
 ]
 HOLD = (
-    "import sys; from mmbridge.utils.run_lock import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
+    "import sys; from mmbridge.utils.run_lock import RunLock; "
+    "lock = RunLock(sys.argv[1]).acquire(); "
     "print('held', flush=True); sys.stdin.read()"
 )
 

@@ -148,7 +148,7 @@ def test_score_hook_leaves_other_questions_alone():
         bm.score([{"benchmark": "vqav2"}], ["a"], ["a"], ["t"])
 
 
-# -- VQAv2 / TextVQA ---------------------------------------------------------------------------------
+# -- VQAv2 / TextVQA -------------------------------------------------------------------------------
 
 
 def _vqav2(root: Path) -> Path:
@@ -254,7 +254,7 @@ def test_textvqa_official_layout(tmp_path):
     assert items[0].answer == "samsung"
 
 
-# -- GQA ----------------------------------------------------------------------------------------------
+# -- GQA -------------------------------------------------------------------------------------------
 
 
 def test_gqa_official_layout(tmp_path):
@@ -291,7 +291,7 @@ def test_gqa_official_layout(tmp_path):
     )
 
 
-# -- POPE ---------------------------------------------------------------------------------------------
+# -- POPE ------------------------------------------------------------------------------------------
 
 
 def test_pope_official_layout(tmp_path):
@@ -343,7 +343,7 @@ def test_pope_official_layout(tmp_path):
     assert sum(per_item) == 3
 
 
-# -- multiple choice: ScienceQA-IMG, MMBench -------------------------------------------------------------
+# -- multiple choice: ScienceQA-IMG, MMBench -------------------------------------------------------
 
 
 def test_scienceqa_img_official_layout(tmp_path):
@@ -413,7 +413,8 @@ def test_scienceqa_img_official_layout(tmp_path):
         "7#0",
     ]  # IMG: the text-only question is left out
     assert items[0].sample.conversations[0]["value"] == (
-        "<image>\nContext: Look at the picture.\nWhich animal is a mammal?\nA. frog\nB. whale\nC. shark\n"
+        "<image>\nContext: Look at the picture.\nWhich animal is a mammal?\n"
+        "A. frog\nB. whale\nC. shark\n"
         "Answer with the option's letter from the given choices directly."
     )
     assert items[0].answer == "B"
@@ -513,7 +514,8 @@ def test_mmbench_circular_evaluation(tmp_path):
 
 
 def test_mmbench_tsv_with_its_own_rotations(tmp_path):
-    """MMBench's circular TSVs carry the rotations as rows ``i + k * 1e6``: grouped, not re-rotated."""
+    """MMBench's circular TSVs carry the rotations as rows ``i + k * 1e6``: grouped, not
+    re-rotated."""
     img = _png_b64((0, 255, 0))
     tsv = _mmbench_tsv(
         tmp_path / "mmbench_circular.tsv",
@@ -565,7 +567,7 @@ def test_mmbench_unknown_format_and_missing_answers(tmp_path):
         MultipleChoiceDataset(path=str(tsv), format="seed")
 
 
-# -- mmbridge eval data=<format> ----------------------------------------------------------------------
+# -- mmbridge eval data=<format> -------------------------------------------------------------------
 
 
 def test_eval_cli_scores_pope_on_a_checkpoint(tmp_path):

@@ -82,7 +82,8 @@ def loader(tmp_path_factory):
 
 
 def fit(ckpt_dir: Path, loader, max_steps: int, ckpt_path: str | Path | None = None):
-    """A real Lightning fit of the tiny model with the project's checkpointing; (trainer, module)."""
+    """A real Lightning fit of the tiny model with the project's checkpointing;
+    (trainer, module)."""
     model, cfg = make_model()
     module = BridgeModule(model, cfg.stages.align)
     trainer = L.Trainer(
@@ -167,7 +168,10 @@ def test_truncated_last_checkpoint_falls_back_to_the_previous(loader, tmp_path, 
         truncate(run / "step=3.ckpt")
         assert resumable_checkpoint(run) == run / "step=2.ckpt"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    unreadable = "is unreadable (PytorchStreamReader failed reading zip archive: failed finding central directory)"
+    unreadable = (
+        "is unreadable (PytorchStreamReader failed reading zip archive: "
+        "failed finding central directory)"
+    )
     assert warnings == [
         f"{run}: last.ckpt {unreadable}; resuming from step=3.ckpt",
         f"{run}: last.ckpt {unreadable}; step=3.ckpt {unreadable}; resuming from step=2.ckpt",
@@ -380,7 +384,8 @@ def test_unknown_component_names_its_package(fake_dist, tmp_path, monkeypatch):
     assert str(err.value) == (
         f"checkpoint '{tmp_path / 'final' / 'weights.safetensors'}' needs components that are not "
         f"installed:\n  connector: connector 'fancy_mlp' of plugin 'fancy' is not registered; pip "
-        f"install mmbridge-fancy (version 0.1 wrote it), or unset MMBRIDGE_DISABLE_PLUGINS if it is installed"
+        "install mmbridge-fancy (version 0.1 wrote it), "
+        "or unset MMBRIDGE_DISABLE_PLUGINS if it is installed"
     )
 
 

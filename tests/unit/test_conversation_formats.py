@@ -229,7 +229,8 @@ def test_vicuna_v1_text_only_tokens(llama_tok):
 
 def test_plain_tokens_and_masks(llama_tok):
     enc = encoder(llama_tok, "plain").encode(to_messages(IMAGE_FIRST), {"image": 4})
-    # BOS and the image slots ignored (LLaVA's tokenized_len of "<image>"), caption + "\n" supervised
+    # BOS and the image slots ignored (LLaVA's tokenized_len of "<image>"), caption + "\n"
+    # supervised
     assert enc.input_ids[0] == llama_tok.bos_token_id
     assert enc.slot_modality[1:5] == ["image"] * 4
     assert enc.labels[:5] == [IGNORE] * 5

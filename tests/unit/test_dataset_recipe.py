@@ -117,7 +117,8 @@ def test_a_stage_left_without_supervised_tokens_is_an_error(tiny_model, chat, im
         check_truncation([rep], max_share=1.0, stage="instruct")
     with pytest.raises(
         DataError,
-        match=r"split 'train' has no sample to train on \(the recipe dropped all 3; see the stage's recipe\)",
+        match=r"split 'train' has no sample to train on \(the recipe dropped all 3; "
+        r"see the stage's recipe\)",
     ):
         check_truncation([TruncationReport("train", 0, 0, 0, 0, dropped=3)])
     check_truncation([TruncationReport("val", 0, 0, 0, 0)])  # an empty val split is allowed

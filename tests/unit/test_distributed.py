@@ -164,17 +164,22 @@ WORKER = textwrap.dedent("""
                 p.to_local().add_(1.0 + rank)
         got = gather_weights(model, root)
         if rank == 0:
-            save_file({{k: v.contiguous() for k, v in got.items()}}, f"{{out}}/gathered.safetensors")
+            save_file(
+                {{k: v.contiguous() for k, v in got.items()}}, f"{{out}}/gathered.safetensors"
+            )
             save_file(before, f"{{out}}/before.safetensors")
             sharded = [n for n in names if local[n] != before[n].shape]
             open(f"{{out}}/rank0.txt", "w").write(f"{{is_fsdp(model)}} {{len(sharded)}}")
         else:
             open(f"{{out}}/rank1.txt", "w").write(str(len(got)))
         # the next stage's plain copy on every rank: rank 0's gathered weights broadcast
-        fresh = unsharded_model(cfg, reg, "float32", torch.device("cpu"), ["align", "instruct"], got,
-                                broadcast=True)
+        fresh = unsharded_model(
+            cfg, reg, "float32", torch.device("cpu"), ["align", "instruct"], got, broadcast=True
+        )
         own = dict(fresh.named_parameters())
-        save_file({{n: own[n].detach().contiguous() for n in names}}, f"{{out}}/fresh{{rank}}.safetensors")
+        save_file(
+            {{n: own[n].detach().contiguous() for n in names}}, f"{{out}}/fresh{{rank}}.safetensors"
+        )
         dist.destroy_process_group()
 
     if __name__ == "__main__":

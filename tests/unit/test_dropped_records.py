@@ -70,7 +70,8 @@ def planted(tmp_path):
             "index": 1,
             "line": 2,
             "id": None,
-            "reason": "invalid JSON at line 2, column 2: Expecting property name enclosed in double quotes",
+            "reason": "invalid JSON at line 2, column 2: "
+            "Expecting property name enclosed in double quotes",
         },
         {
             "split": "train",
@@ -78,7 +79,8 @@ def planted(tmp_path):
             "index": 2,
             "line": 3,
             "id": "missing",
-            "reason": f"image file not found: {tmp_path / 'img' / 'none.png'} (media_root: {tmp_path})",
+            "reason": f"image file not found: {tmp_path / 'img' / 'none.png'} "
+            f"(media_root: {tmp_path})",
         },
         {
             "split": "train",
@@ -86,8 +88,8 @@ def planted(tmp_path):
             "index": 3,
             "line": 4,
             "id": "two",
-            "reason": "1 <image> placeholder(s) in user turns for 2 image item(s); each image item needs "
-            "exactly one <image>, in a user turn",
+            "reason": "1 <image> placeholder(s) in user turns for 2 image item(s); "
+            "each image item needs exactly one <image>, in a user turn",
         },
         {
             "split": "train",
@@ -103,7 +105,8 @@ def planted(tmp_path):
             "index": 6,
             "line": 7,
             "id": "7",
-            "reason": "turn 0 has unknown role 'robot'; valid: human, user, gpt, assistant, system, tool",
+            "reason": "turn 0 has unknown role 'robot'; "
+            "valid: human, user, gpt, assistant, system, tool",
         },
         {
             "split": "val",
@@ -111,8 +114,8 @@ def planted(tmp_path):
             "index": 1,
             "line": v1_line,
             "id": "v1",
-            "reason": "'image' is an empty list; give one file path or a list of paths (one per <image> "
-            "placeholder), or drop the key for a text-only record",
+            "reason": "'image' is an empty list; give one file path or a list of paths "
+            "(one per <image> placeholder), or drop the key for a text-only record",
         },
     ]
     return tmp_path, train, val, expected

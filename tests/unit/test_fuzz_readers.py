@@ -36,7 +36,7 @@ def _image(path: Path) -> None:
     path.write_bytes(_PNG.getvalue())
 
 
-# -- valid files in each official layout: (file to mutate, its JSON, reader) ------------------------
+# -- valid files in each official layout: (file to mutate, its JSON, reader) -----------------------
 
 
 def _vqav2(root: Path) -> tuple[Path, Any, Callable[[], Any]]:
@@ -150,7 +150,7 @@ FORMATS = {
 }
 
 
-# -- mutations --------------------------------------------------------------------------------------
+# -- mutations -------------------------------------------------------------------------------------
 
 _ODD_VALUES = [
     None,

@@ -86,12 +86,14 @@ def test_unknown_lora_keys_are_named_with_what_is_valid():
     cfg = compose([*BASE, "++stages.instruct.lora.use_dorra=true"], shared_registry())
     errors = config_errors(cfg, shared_registry())
     assert len(errors) == 1 and errors[0].startswith(
-        "stages.instruct.lora.use_dorra=True: not a key of stages.instruct.lora (did you mean 'use_dora'?)"
+        "stages.instruct.lora.use_dorra=True: not a key of stages.instruct.lora "
+        "(did you mean 'use_dora'?)"
     )
     assert "or a key of peft.LoraConfig" in errors[0]
     with pytest.raises(
         ConfigError,
-        match=r"lora: lora_alpha \(written alpha here\): not a key of peft.LoraConfig here; valid: .*alpha",
+        match=r"lora: lora_alpha \(written alpha here\): not a key of peft.LoraConfig here; "
+        r"valid: .*alpha",
     ):
         peft_config({"r": 4, "lora_alpha": 8}, "lora")
     with pytest.raises(

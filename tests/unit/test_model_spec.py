@@ -66,8 +66,8 @@ def test_the_checkpoint_records_each_listed_component_and_the_data():
 
 @pytest.fixture
 def extra_node_spec(monkeypatch):
-    """mmbridge.config.model_spec with one more node pair (an encoder and its connector at ``extra``):
-    the only place changed."""
+    """mmbridge.config.model_spec with one more node pair (an encoder and its connector at
+    ``extra``): the only place changed."""
     monkeypatch.setattr(
         model_spec,
         "OPTIONAL_NODES",

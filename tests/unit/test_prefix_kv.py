@@ -1,7 +1,7 @@
-"""Reuse of the shared prefix's keys/values (``llm.reuse_prefix_kv``, :mod:`mmbridge.model.prefix_kv`):
-the loss and the gradients equal the plain forward's on a seeded tiny model (frozen LLM,
-LoRA, fully trained LLM; right-padded batches, with and without a system prompt), and it
-switches itself off, with its reason, where it cannot apply."""
+"""Reuse of the shared prefix's keys/values (``llm.reuse_prefix_kv``,
+:mod:`mmbridge.model.prefix_kv`): the loss and the gradients equal the plain forward's on a seeded
+tiny model (frozen LLM, LoRA, fully trained LLM; right-padded batches, with and without a system
+prompt), and it switches itself off, with its reason, where it cannot apply."""
 
 from __future__ import annotations
 

@@ -243,7 +243,10 @@ def test_calculator_refuses_absurd_work_as_an_error_result(expression: str, mess
 # -- executables named in tool settings ------------------------------------------------------------
 def fake_tesseract(path: Path, marker: Path) -> Path:
     """A stand-in for the ``tesseract`` binary: records that it ran, prints one TSV word."""
-    header = "level\tpage_num\tblock_num\tpar_num\tline_num\tword_num\tleft\ttop\twidth\theight\tconf\ttext"
+    header = (
+        "level\tpage_num\tblock_num\tpar_num\tline_num\tword_num\t"
+        "left\ttop\twidth\theight\tconf\ttext"
+    )
     path.write_text(
         f"#!/bin/sh\ncat > /dev/null\ntouch '{marker}'\n"
         f"printf '{header}\\n5\\t1\\t1\\t1\\t1\\t1\\t2\\t2\\t10\\t8\\t96\\tHELLO\\n'\n"

@@ -202,7 +202,8 @@ def test_init_from_errors_name_what_exists(source_run, tmp_path):
     run, _ = source_run
     with pytest.raises(
         ConfigError,
-        match=r"init_from=.*:pretrain: no checkpoints/pretrain_final.*finished stages there: align, instruct",
+        match=r"init_from=.*:pretrain: no checkpoints/pretrain_final.*"
+        r"finished stages there: align, instruct",
     ):
         init_checkpoint(f"{run}:pretrain")
     with pytest.raises(ConfigError, match="does not exist"):
@@ -210,7 +211,8 @@ def test_init_from_errors_name_what_exists(source_run, tmp_path):
     model, cfg = make(f"init_from={run}:align", "connector.depth=3")
     with pytest.raises(
         CheckpointError,
-        match=r"does not fit this model(.|\n)*2 tensor\(s\) of a loaded connector/prefix missing(.|\n)*connector.net.4.bias",
+        match=r"does not fit this model(.|\n)*2 tensor\(s\) of a loaded connector/prefix missing"
+        r"(.|\n)*connector.net.4.bias",
     ):
         load_init_weights(model, cfg, shared_registry())
     model, cfg = make()

@@ -214,7 +214,8 @@ def test_parse_calls_formats() -> None:
     ]
     # generation may stop before the closing tag; two calls in one reply
     _, calls = parse_calls(
-        '<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "b", "arguments": {"x": 1}}'
+        '<tool_call>{"name": "a", "arguments": {}}</tool_call>'
+        '<tool_call>{"name": "b", "arguments": {"x": 1}}'
     )
     assert [(c.name, c.arguments) for c in calls] == [("a", {}), ("b", {"x": 1})]
     _, calls = parse_calls(
@@ -337,7 +338,8 @@ def test_llm_caller_calls_a_tool_and_answers() -> None:
     [
         (
             call("calculater", expression="1+1"),
-            "error: unknown tool 'calculater' (did you mean 'calculator'?); available tools: calculator",
+            "error: unknown tool 'calculater' (did you mean 'calculator'?); "
+            "available tools: calculator",
         ),
         (call("calculator", expression=5), "argument 'expression' must be string, got integer 5"),
         (call("calculator"), "missing required argument 'expression'"),
