@@ -17,7 +17,8 @@ from mmbridge.config.validation import TOP_LEVEL_KEYS, override_errors
 from mmbridge.errors import ConfigError, did_you_mean
 from mmbridge.reporting.runs import atomic_write_text
 
-USAGE = """usage: mmbridge eval checkpoint=PATH [split=test] [max_samples=N] [out=FILE] [predictions=FILE] [device=DEV] [key=value ...]
+USAGE = """usage: mmbridge eval checkpoint=PATH [split=test] [max_samples=N] [out=FILE] \
+[predictions=FILE] [device=DEV] [key=value ...]
 
 Rebuild the model of a checkpoint (a run's checkpoints/final directory, or its
 weights.safetensors) or of a format=bundle export, and report exact match on the split's
@@ -37,10 +38,12 @@ Benchmarks from local files, each with its official scoring (data=NAME data.path
   data=pope             POPE: accuracy, precision, recall, F1, yes-ratio, per category
   data=multiple_choice  ScienceQA-IMG or an MMBench TSV (data.circular=true: CircularEval)
   data=llava / data=hf_local  your own LLaVA-format questions (JSON/JSONL, or a saved HF data set)
-  e.g. mmbridge eval checkpoint=RUN/checkpoints/final data=gqa data.path=/data/gqa/testdev_balanced_questions.json
+  e.g. mmbridge eval checkpoint=RUN/checkpoints/final data=gqa \
+data.path=/data/gqa/testdev_balanced_questions.json
 
 lmms-eval (the `eval` extra) runs its own tasks on a checkpoint without a launcher:
-  lmms-eval --model mmbridge --model_args checkpoint=PATH,device=cuda,batch_size=8 --tasks mmbench_en_dev
+  lmms-eval --model mmbridge --model_args checkpoint=PATH,device=cuda,batch_size=8 \
+--tasks mmbench_en_dev
 """
 
 OWN_KEYS = ("checkpoint", "split", "max_samples", "out", "predictions", "device")

@@ -18,7 +18,8 @@ Write a trained model out of mmbridge (every export holds a model card, README.m
           hf_vision encoder + linear/mlp connector + causal LM that Llava represents exactly
 
 examples:
-  mmbridge export checkpoint=outputs/quickstart/<time>/checkpoints/final out=exports/qs format=bundle
+  mmbridge export checkpoint=outputs/quickstart/<time>/checkpoints/final out=exports/qs \
+format=bundle
   mmbridge export checkpoint=outputs/tiny/<time>/checkpoints/final out=exports/tiny-hf format=hf
 """
 OWN_KEYS = ("checkpoint", "out", "format", "overwrite")

@@ -8,7 +8,8 @@ from pathlib import Path
 from mmbridge.commands.evaluate import parse_kv
 from mmbridge.errors import ConfigError
 
-USAGE = """usage: mmbridge generate checkpoint=PATH prompt="..." [image=PATH] [audio=PATH] [max_new_tokens=N] [device=DEV]
+USAGE = """usage: mmbridge generate checkpoint=PATH prompt="..." [image=PATH] [audio=PATH] \
+[max_new_tokens=N] [device=DEV]
                          [attention=OUT.png]
 
 Answer a prompt about the given media with a trained checkpoint (a run's checkpoints/final, or a

@@ -40,11 +40,12 @@ def main(argv: list[str]) -> int:
         prog="mmbridge plan",
         description=(
             "Build the model of the composed config from its components' config.json files on the "
-            "meta device (no weights, no downloads, no data) and print total / trainable parameters "
-            "per component, visual tokens and sequence length per sample, the steps of each "
-            "scheduled stage, and memory per GPU (weights, gradients, optimizer state, "
+            "meta device (no weights, no downloads, no data) and print total / trainable "
+            "parameters per component, visual tokens and sequence length per sample, the steps of "
+            "each scheduled stage, and memory per GPU (weights, gradients, optimizer state, "
             "activations) for the trainer's strategy and the stage's batch size, with whether it "
-            "fits. Example: mmbridge plan experiment=llava15_7b schedule=[align,instruct] gpu_memory_gb=40"
+            "fits. Example: mmbridge plan experiment=llava15_7b schedule=[align,instruct] "
+            "gpu_memory_gb=40"
         ),
     )
     p.add_argument(

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from mmbridge.errors import ConfigError
 
-USAGE = """usage: mmbridge report DIR [--metric KEY] [--out DIR] [--baseline KEY=VALUE ...] [--resamples N]
+USAGE = """usage: mmbridge report DIR [--metric KEY] [--out DIR] [--baseline KEY=VALUE ...] \
+[--resamples N]
 
 Gather every metrics.json under DIR (a sweep directory, or any folder of runs) and write, into
 DIR (or --out):
@@ -89,7 +90,8 @@ def main(argv: list[str]) -> int:
             return " ".join(f"{k}={row.setting(k)}" for k in keys) or " ".join(row.config)
 
         print(
-            f"exact match minus the baseline's ({name(report.baseline)}), 95 % interval, * = excludes 0:"
+            f"exact match minus the baseline's ({name(report.baseline)}), 95 % interval, "
+            f"* = excludes 0:"
         )
         for row in report.rows:
             for c in report.comparisons.get(row.config, []):

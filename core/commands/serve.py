@@ -1,4 +1,5 @@
-"""``mmbridge serve checkpoint=PATH [host=127.0.0.1 port=8000 api_key=... allow_local_files=false]``."""
+"""``mmbridge serve checkpoint=PATH [host=127.0.0.1 port=8000 api_key=...
+allow_local_files=false]``."""
 
 from __future__ import annotations
 

@@ -33,7 +33,8 @@ examples:
   mmbridge sweep connector=linear,mlp seed=0,1
   mmbridge sweep experiment=ablation_connector              # the grid is in the preset
   mmbridge sweep connector=linear,mlp hydra/launcher=local_parallel       # 2 jobs at a time
-  mmbridge sweep experiment=ablation_connector hydra/launcher=slurm hydra.launcher.partition=gpu trainer=gpu
+  mmbridge sweep experiment=ablation_connector hydra/launcher=slurm \
+hydra.launcher.partition=gpu trainer=gpu
   mmbridge sweep hydra/sweeper=optuna_search hydra.sweeper.n_trials=30    # hyper-parameter search
 
 options:

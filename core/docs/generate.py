@@ -88,7 +88,9 @@ GROUP_HELP: dict[str, str] = {
     "scorer": "image-text similarity for `align_levels`",
     "stage": "what trains in a stage (used as `stages.align`, `stages.instruct`)",
     "tool_caller": "a Tool Learning caller and its settings (`pipeline` or `llm`)",
-    "tools": "each tool's settings; a caller takes its tools in `evaluation.tool_callers.<entry>.tools`",
+    "tools": (
+        "each tool's settings; a caller takes its tools in `evaluation.tool_callers.<entry>.tools`"
+    ),
     "trainer": "Lightning Trainer arguments",
 }
 
@@ -230,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m mmbridge.docs",
         description=(
-            "Rewrite the generated parts of the documentation from the code: README.md's components "
-            "table and the reference pages under docs/reference/."
+            "Rewrite the generated parts of the documentation from the code: README.md's "
+            "components table and the reference pages under docs/reference/."
         ),
     )
     p.add_argument(

@@ -126,8 +126,8 @@ def components_page(registry: Registry) -> str:
 
 
 # -- config schema ---------------------------------------------------------------------------------
-#: The doc of each schema key that carries no comment in :mod:`mmbridge.config.schema` (a comment there
-#: wins). ``tests/e2e/test_docs.py`` fails when a key has neither.
+#: The doc of each schema key that carries no comment in :mod:`mmbridge.config.schema` (a comment
+#: there wins). ``tests/e2e/test_docs.py`` fails when a key has neither.
 KEY_DOCS: dict[str, str] = {
     "schedule": "the stages to run, in order (each a `stages.<name>` entry)",
     "seed": "seeds data order, initialisation and sampling",
@@ -137,7 +137,9 @@ KEY_DOCS: dict[str, str] = {
     "device": "where the model runs (`null`: the trainer's accelerator)",
     "conversation.name": "the conversation format (a `conversation` group option)",
     "loader.num_workers": "DataLoader worker processes",
-    "loader.max_text_tokens": "text tokens per sample (media slots not counted); longer samples are cut",
+    "loader.max_text_tokens": (
+        "text tokens per sample (media slots not counted); longer samples are cut"
+    ),
     "evaluation.split": "the split of the held-out evaluation",
     "evaluation.max_samples": "held-out questions answered after training",
     "evaluation.max_new_tokens": "tokens generated per answer (greedy)",
@@ -146,7 +148,9 @@ KEY_DOCS: dict[str, str] = {
     "evaluation.baselines": "also answer without the media, and report the majority answer",
     "evaluation.wer_qtypes": "question types also scored by word error rate, e.g. `[transcribe]`",
     "evaluation.reference_asr": "a Whisper checkpoint whose own decoder transcribes the same clips",
-    "evaluation.tool_callers": "Tool Learning callers that answer the same questions, one per entry",
+    "evaluation.tool_callers": (
+        "Tool Learning callers that answer the same questions, one per entry"
+    ),
     "evaluation.tool_max_new_tokens": "tokens per reply of a tool caller",
     "evaluation.extra_data": "more data sets evaluated after training, metrics prefixed by name",
     "paths.output_root": "where run directories are created",
