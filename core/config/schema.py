@@ -220,7 +220,8 @@ CONVERSATIONS = ("native", "plain", "vicuna_v1", "llama_2", "chatml")
 
 @dataclass
 class Conversation:
-    """The conversation format (``conversation=NAME``; a stage's own: ``stages.<name>.conversation``)."""
+    """The conversation format (``conversation=NAME``; a stage's own:
+    ``stages.<name>.conversation``)."""
 
     name: str = spec("native", one_of(*CONVERSATIONS))
     system: str | None = None  # null: the format's own system line

@@ -93,7 +93,8 @@ def _show(value: Any) -> str:
 
 
 def expected(hint: Any, rule: Rule | None = None) -> str:
-    """What is valid: "an integer >= 1", "one of frozen, lora, full", "a list of strings, not empty"."""
+    """What is valid: "an integer >= 1", "one of frozen, lora, full",
+    "a list of strings, not empty"."""
     if rule is None:
         return describe(hint)
     if rule.valid.startswith((">", "<", "in ")):
@@ -118,7 +119,8 @@ def check_section(key: str, data: Any, schema: type) -> list[str]:
     """Problems of the mapping ``data`` at ``key`` against the dataclass ``schema`` (recursive)."""
     if not isinstance(data, dict):
         return [
-            f"{key}={_show(data)}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(schema))}"
+            f"{key}={_show(data)}: expected a mapping of "
+            f"{', '.join(f.name for f in dataclasses.fields(schema))}"
         ]
     hints = typing.get_type_hints(schema)
     fields = {f.name: f for f in dataclasses.fields(schema)}
@@ -192,7 +194,8 @@ def check_types(
 def check_node(
     registry: Registry, kind: str, node: Any, key: str, injected: Container[str] = ()
 ) -> list[str]:
-    """Problems of one component node ``{name: ..., **args}``: its name, arguments and their types."""
+    """Problems of one component node ``{name: ..., **args}``: its name, arguments and their
+    types."""
     if not isinstance(node, dict) or "name" not in node:
         return [f"{key}={_show(node)}: expected a mapping with a 'name' key (a registered {kind})"]
     args = {k: v for k, v in node.items() if k != "name"}
@@ -247,7 +250,10 @@ def _trainer_value_error(name: str, value: Any, hints: Mapping[str, Any]) -> str
         return None
     if not type_ok(value, hint):
         extra = "".join(f"{v!r} or " for v in PROJECT_TRAINER_VALUES.get(name, ()))
-        return f"trainer.{name}={_show(value)}: expected {extra}{describe(hint)} (argument of lightning.Trainer)"
+        return (
+            f"trainer.{name}={_show(value)}: expected {extra}{describe(hint)} "
+            f"(argument of lightning.Trainer)"
+        )
     if name == "accelerator" and isinstance(value, str):
         from lightning.pytorch.accelerators import AcceleratorRegistry
 
@@ -330,7 +336,8 @@ def key_errors(key: str, value: Any) -> list[str]:
         fields = {f.name: f for f in dataclasses.fields(schema)}
         if name not in fields:
             return [
-                f"{key}={_show(value)}: not a key of {where or 'the config'}{did_you_mean(name, fields)}; "
+                f"{key}={_show(value)}: not a key of "
+                f"{where or 'the config'}{did_you_mean(name, fields)}; "
                 f"valid: {', '.join(fields)}"
             ]
         hint = typing.get_type_hints(schema)[name]

@@ -71,7 +71,8 @@ class Connector(nn.Module, ABC):
         return 0
 
     def attach(self, llm: LanguageModel) -> None:  # noqa: B027 - optional hook
-        """Add layers inside the LLM (Perceiver family, e.g. gated cross-attention). Default: none."""
+        """Add layers inside the LLM (Perceiver family, e.g. gated cross-attention). Default:
+        none."""
 
     def set_context(self, tokens: torch.Tensor, mask: torch.Tensor) -> None:
         """Hand this batch's tokens to the layers added by :meth:`attach` (only when

@@ -84,7 +84,8 @@ class LlavaText:
 
     Attributes:
         model: The ``*ForCausalLM`` as the LLM runs it (any LoRA adapters still injected: the
-            export merges them through PEFT from :attr:`mmbridge.contracts.llm.LanguageModel.lora_config`).
+            export merges them through PEFT from
+            :attr:`mmbridge.contracts.llm.LanguageModel.lora_config`).
         tokenizer_path: The directory ``AutoTokenizer.from_pretrained`` reads its tokenizer from.
     """
 

@@ -64,4 +64,5 @@ class ToolCaller(ABC):
 
     @abstractmethod
     def run(self, question: str, media: Mapping[str, str], generate: GenerateFn) -> ToolRun:
-        """Answer ``question`` about ``media`` (modality -> path) using the tools and ``generate``."""
+        """Answer ``question`` about ``media`` (modality -> path) using the tools and
+        ``generate``."""

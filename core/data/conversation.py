@@ -156,7 +156,8 @@ class ConversationFormat:
 
 
 class VicunaV1(ConversationFormat):
-    """LLaVA-1.5's ``vicuna_v1``: ``SYSTEM USER: q ASSISTANT: a</s>``, answers + ``</s>`` supervised."""
+    """LLaVA-1.5's ``vicuna_v1``: ``SYSTEM USER: q ASSISTANT: a</s>``, answers + ``</s>``
+    supervised."""
 
     name = "vicuna_v1"
     default_system = VICUNA_SYSTEM
@@ -231,7 +232,8 @@ class Llama2(ConversationFormat):
             self._system_jinja() + "{%- for m in messages[fmt.start:] -%}"
             "{%- if m['role'] == 'user' -%}"
             "{%- if loop.first -%}"
-            "{%- set head = '<<SYS>>\\n' + fmt.system + '\\n<</SYS>>\\n\\n' if fmt.system else '' -%}"
+            "{%- set head = '<<SYS>>\\n' + fmt.system + '\\n<</SYS>>\\n\\n' "
+            "if fmt.system else '' -%}"
             "{{- '[INST] ' + head + m['content'] + ' [/INST]' -}}"
             "{%- else -%}{{- "
             + json.dumps(self.bos)
@@ -284,7 +286,8 @@ class ChatML(ConversationFormat):
             "{%- set fmt = namespace(system=" + json.dumps(self.system or "") + ", start=0) -%}"
             "{%- if messages and messages[0]['role'] == 'system' -%}"
             "{%- set fmt.system = messages[0]['content'] -%}{%- set fmt.start = 1 -%}{%- endif -%}"
-            "{%- if fmt.system -%}{{- '<|im_start|>system\\n' + fmt.system + '<|im_end|>\\n' -}}{%- endif -%}"
+            "{%- if fmt.system -%}"
+            "{{- '<|im_start|>system\\n' + fmt.system + '<|im_end|>\\n' -}}{%- endif -%}"
             "{%- for m in messages[fmt.start:] -%}"
             "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}"
             "{%- endfor -%}"

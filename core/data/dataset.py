@@ -112,8 +112,8 @@ class ConversationDataset(Dataset):
 
     The recipe runs once per sample here, when the data set is built, with the same per-sample
     seeded rng as ever (``seed:index:id``): a sample it maps to ``None`` is dropped
-    (:class:`~mmbridge.contracts.recipe.DataRecipe`'s contract), so that the indices a sampler draws stay
-    dense. The dropped ids are kept in :attr:`dropped` and counted in one log line.
+    (:class:`~mmbridge.contracts.recipe.DataRecipe`'s contract), so that the indices a sampler
+    draws stay dense. The dropped ids are kept in :attr:`dropped` and counted in one log line.
 
     Args:
         samples: The split's samples (already annotated by the recipe).
@@ -249,7 +249,8 @@ def check_truncation(
                 + (
                     f" (the recipe dropped all {r.dropped}; see {key})"
                     if r.dropped
-                    else f": the data set's '{r.split}' split is empty (see data.{r.split}=FILE for "
+                    else f": the data set's '{r.split}' split is empty "
+                    f"(see data.{r.split}=FILE for "
                     f"a file data set, data.n_{r.split} for a generated one"
                     + (f", stages.{stage}.split" if stage else "")
                     + ")"

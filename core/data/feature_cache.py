@@ -212,9 +212,9 @@ def _check_disk(entry: Path, lengths: torch.Tensor, dim: int, rows: int, modalit
     if need + DISK_RESERVE > free:
         raise DataError(
             f"feature cache: {rows} {modality} features need about {_gb(need)} in {entry.parent} "
-            f"(paths.feature_cache_dir), but only {_gb(free)} is free there; free some space, point "
-            f"paths.feature_cache_dir to a larger disk, or set cache_features=false (the encoder then "
-            f"runs every step)"
+            f"(paths.feature_cache_dir), but only {_gb(free)} is free there; free some space, "
+            f"point paths.feature_cache_dir to a larger disk, or set cache_features=false (the "
+            f"encoder then runs every step)"
         )
 
 
@@ -370,7 +370,8 @@ def _prepare(
     verify: bool | None,
     stats: dict,
 ) -> dict:
-    """The entry's index, with what is damaged moved aside and leftovers removed (under the lock)."""
+    """The entry's index, with what is damaged moved aside and leftovers removed (under the
+    lock)."""
     try:
         index = shards.read_index(entry)
         if index is not None and index["paths"] != unique:

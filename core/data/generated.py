@@ -20,8 +20,8 @@ def publish_once(root: Path, key: str, generate: Callable[[Path], None]) -> Path
     Generation writes into a temporary folder that is renamed into place when complete, so an
     interrupted run never leaves a half data set (its temporary folder is removed next time).
     The published folder carries a manifest of its files and their sizes
-    (:mod:`mmbridge.utils.cache_integrity`); a folder that does not match it (a truncated, missing or
-    damaged file, no manifest) is moved aside to ``<key>.corrupt-<time>`` with one warning line
+    (:mod:`mmbridge.utils.cache_integrity`); a folder that does not match it (a truncated, missing
+    or damaged file, no manifest) is moved aside to ``<key>.corrupt-<time>`` with one warning line
     and generated again.
     """
     final = Path(root) / key

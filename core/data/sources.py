@@ -41,9 +41,9 @@ def read_source(
     """Build the data set ``data_cfg`` (config key ``key``), prepare it under ``data_dir``, read
     its splits (each file parsed once).
 
-    With ``{key}.on_error=skip`` (:attr:`~mmbridge.contracts.dataset.DatasetSource.on_error`) bad records
-    are dropped: one summary line per split that lost any, and, when ``run_dir`` is given, every
-    dropped record (``split``, ``file``, ``index``, ``line``, ``id``, ``reason``; one JSON
+    With ``{key}.on_error=skip`` (:attr:`~mmbridge.contracts.dataset.DatasetSource.on_error`) bad
+    records are dropped: one summary line per split that lost any, and, when ``run_dir`` is given,
+    every dropped record (``split``, ``file``, ``index``, ``line``, ``id``, ``reason``; one JSON
     object a line) in :func:`dropped_records_file`, written atomically, empty when nothing was
     dropped.
     """

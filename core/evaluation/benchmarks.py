@@ -240,7 +240,7 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     return sum(accs) / len(accs)
 
 
-# -- POPE: the yes/no reading of a free answer ------------------------------------------------------
+# -- POPE: the yes/no reading of a free answer -----------------------------------------------------
 def pope_answer(text: str) -> str:
     """``yes`` or ``no`` as POPE's evaluate.py reads a free answer: the first sentence, commas
     removed; ``no`` when it contains the word ``No``, ``no`` or ``not``, else ``yes``."""
@@ -273,7 +273,7 @@ def binary_metrics(
     }
 
 
-# -- multiple choice: the letter of a free answer ---------------------------------------------------
+# -- multiple choice: the letter of a free answer --------------------------------------------------
 def extract_choice(text: str, options: Mapping[str, str]) -> str | None:
     """The option letter a free answer chooses, or None when it cannot be told (MMBench's
     rule-based matching before its LLM fallback).
@@ -306,7 +306,7 @@ def extract_choice(text: str, options: Mapping[str, str]) -> str | None:
     return alone.pop() if len(alone) == 1 else None
 
 
-# -- scorers per benchmark --------------------------------------------------------------------------
+# -- scorers per benchmark -------------------------------------------------------------------------
 @dataclass
 class Scored:
     """What a scorer returns: the metrics (keys without prefix) and one score per question
@@ -350,7 +350,8 @@ def score_gqa(
     predictions: Sequence[str],
     qtypes: Sequence[str],
 ) -> Scored:
-    """GQA accuracy: exact match after :func:`normalize_vqa_answer`, overall and per structural type."""
+    """GQA accuracy: exact match after :func:`normalize_vqa_answer`, overall and per structural
+    type."""
     ok = [
         float(normalize_vqa_answer(p) == normalize_vqa_answer(r))
         for r, p in zip(references, predictions, strict=True)

@@ -1,9 +1,9 @@
 """Held-out evaluation through the Tool Learning callers (2311.07594 §3.3).
 
-The trained model answers each question via a :class:`~mmbridge.contracts.tools.ToolCaller`: ``pipeline``
-(the tools' results are written into the prompt first) or ``llm`` (the model calls tools while
-it answers and reads their results). Configured under ``evaluation.tool_callers``, one entry per
-caller, its metrics prefixed by the entry's name::
+The trained model answers each question via a :class:`~mmbridge.contracts.tools.ToolCaller`:
+``pipeline`` (the tools' results are written into the prompt first) or ``llm`` (the model calls
+tools while it answers and reads their results). Configured under ``evaluation.tool_callers``,
+one entry per caller, its metrics prefixed by the entry's name::
 
     evaluation:
       tool_callers:

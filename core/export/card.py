@@ -105,6 +105,9 @@ def model_card(
     if run_dir is not None and (run_dir / "metrics.json").is_file():
         metrics = json.loads((run_dir / "metrics.json").read_text())
     data = to_container(cfg.data) if cfg.get("data") is not None else {}
+    settings = ", ".join(
+        f"{k}={v}" for k, v in data.items() if k != "name" and not isinstance(v, dict | list)
+    )
     lines = [
         f"# {cfg.get('run_name', 'mmbridge model')} ({fmt} export)",
         "",
@@ -117,9 +120,7 @@ def model_card(
         "",
         "## Data and schedule",
         "",
-        f"Data: `{data.get('name', '?')}` "
-        f"({', '.join(f'{k}={v}' for k, v in data.items() if k != 'name' and not isinstance(v, dict | list))}); "
-        f"seed {cfg.get('seed', '?')}.",
+        f"Data: `{data.get('name', '?')}` ({settings}); seed {cfg.get('seed', '?')}.",
         "",
         *_schedule_rows(cfg, metrics),
         "",

@@ -1,8 +1,8 @@
 """``format=hf``: a ``transformers`` ``LlavaForConditionalGeneration`` and its processor.
 
 Only for models Llava computes exactly. Each component describes its own part through the
-optional ``llava_parts()`` capability (:mod:`mmbridge.contracts.llava_parts`): among the built-ins, an
-``hf_vision`` tower (CLIP, SigLIP, DINOv2) read from layers Llava can select
+optional ``llava_parts()`` capability (:mod:`mmbridge.contracts.llava_parts`): among the built-ins,
+an ``hf_vision`` tower (CLIP, SigLIP, DINOv2) read from layers Llava can select
 (``vision_feature_layer``, a list concatenates as mmbridge does), without pooling, the CLS token
 dropped (``default``) or kept (``full``); a ``linear`` or two-layer ``mlp`` connector (Llava's
 projector; a one-layer one gets an identity ``linear_2``); an ``hf_causal`` LM, its LoRA merged
@@ -200,7 +200,8 @@ def write_hf(session: Any, meta: dict[str, str], out: Path) -> dict[str, Any]:
     vision_config = tower_config.__class__.from_dict(
         {**tower, "num_hidden_layers": vision.num_hidden_layers}
     )
-    # image_token_id: an alias of image_token_index (LlavaConfig.attribute_map), not in the signature
+    # image_token_id: an alias of image_token_index (LlavaConfig.attribute_map), not in the
+    # signature
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=text.config,
