@@ -83,7 +83,8 @@ class Model:
 
     # -- encoding ------------------------------------------------------------------------------
     def check_modality(self, modality: str) -> None:
-        """Raise :class:`~mmbridge.data.inputs.MediaError` when the model has no ``modality`` encoder."""
+        """Raise :class:`~mmbridge.data.inputs.MediaError` when the model has no ``modality``
+        encoder."""
         if modality not in self.session.model.branches:
             raise MediaError(
                 f"{modality}=...: this model has no {modality} encoder; it takes: "

@@ -6,8 +6,8 @@ lmms-eval (the optional extra ``eval``) finds the backend through the entry-poin
 imports ``lmms_eval``.
 
 A request's visuals (PIL images, audio dicts ``{"array", "sampling_rate"}`` or media file paths)
-become the media of an mmbridge :class:`~mmbridge.contracts.types.Sample`, one item per modality, placed
-before the prompt as their placeholders unless the prompt already holds them (as
+become the media of an mmbridge :class:`~mmbridge.contracts.types.Sample`, one item per modality,
+placed before the prompt as their placeholders unless the prompt already holds them (as
 ``mmbridge generate`` does); in-memory visuals are written once per document to a temporary
 directory, which the :class:`~mmbridge.data.batcher.Batcher` reads like any media file.
 """

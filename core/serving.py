@@ -354,7 +354,8 @@ class Server:
                     yield chunk({"content": visible[len(sent) :]})
                     sent = visible
             if failed:
-                yield f"data: {json.dumps(error_body('generation failed: ' + failed[0], 'server_error'))}\n\n"
+                err = error_body("generation failed: " + failed[0], "server_error")
+                yield f"data: {json.dumps(err)}\n\n"
                 return
             final, stopped = _cut(self._text(result).strip(), opts["stop"])
             if final.startswith(sent) and len(final) > len(sent):
@@ -376,7 +377,8 @@ class Server:
 
 
 def build_app(server: Server, api_key: str | None = None) -> FastAPI:
-    """The FastAPI application of ``server`` (``api_key``: required as ``Authorization: Bearer``)."""
+    """The FastAPI application of ``server`` (``api_key``: required as
+    ``Authorization: Bearer``)."""
     app = FastAPI(title="mmbridge", docs_url=None, redoc_url=None, openapi_url=None)
 
     def check_key(request: Request) -> None:

@@ -394,8 +394,8 @@ def execute(
             ``[truncated N chars]`` note.
 
     Returns:
-        The :class:`~mmbridge.contracts.types.ToolCall` with the arguments as requested. Never raises
-        (only ``KeyboardInterrupt`` passes through).
+        The :class:`~mmbridge.contracts.types.ToolCall` with the arguments as requested. Never
+        raises (only ``KeyboardInterrupt`` passes through).
     """
     args = dict(arguments) if isinstance(arguments, dict) else {}
 

@@ -3,7 +3,8 @@
 Data flow of one batch (see ARCHITECTURE.md)::
 
     media inputs / cached features --encoder--> features [B', N, D_enc]
-        --connector--> tokens [B', M, D_llm] --scatter into the placeholder slots--> embeds [B, T, D_llm]
+        --connector--> tokens [B', M, D_llm]
+        --scatter into the placeholder slots--> embeds [B, T, D_llm]
         --LLM decoder--> hidden [B, T, D_llm] --LM head at supervised positions only--> loss
 """
 
@@ -84,7 +85,8 @@ class MultimodalModel(nn.Module):
         self.prefix = prefix
         #: Names of the parameters that trained in any stage so far (what checkpoints keep).
         self.ever_trained: set[str] = set()
-        #: The last training forward's use of the shared prefix (see :mod:`mmbridge.model.prefix_kv`).
+        #: The last training forward's use of the shared prefix (see
+        #: :mod:`mmbridge.model.prefix_kv`).
         self.prefix_plan = PrefixPlan(0, False, "off: no forward yet")
         self._prefix_store = PrefixStore()
         for branch in self.branches.values():

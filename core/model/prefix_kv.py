@@ -14,8 +14,8 @@ values serve the whole batch:
 
 It is exact (the loss and gradients equal the plain forward's within float tolerance) and
 switches itself off, with a reason (:attr:`PrefixPlan.reason`), where it cannot be: rows that
-differ from the first token, a :class:`~mmbridge.contracts.prefix.SequencePrefix` (learned tokens at the
-start), gated cross-attention layers attached to the LLM, left padding, dropout in training,
+differ from the first token, a :class:`~mmbridge.contracts.prefix.SequencePrefix` (learned tokens at
+the start), gated cross-attention layers attached to the LLM, left padding, dropout in training,
 ``llm.reuse_prefix_kv=false``, or an LLM that does not implement it.
 """
 

@@ -109,8 +109,9 @@ class Entry:
 
 
 class Registry:
-    """All components known to one run. Built by :func:`mmbridge.registry.plugin_manager.load_registry`;
-    plugins see it only through a :class:`Registrar` that records their name."""
+    """All components known to one run. Built by
+    :func:`mmbridge.registry.plugin_manager.load_registry`; plugins see it only through a
+    :class:`Registrar` that records their name."""
 
     def __init__(self) -> None:
         self._entries: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
@@ -249,7 +250,8 @@ class Registrar:
             p = Path(text)
             if not p.is_dir():
                 raise RegistrationError(
-                    f"plugin '{self.origin.plugin}' added config dir '{p}', which is not a directory"
+                    f"plugin '{self.origin.plugin}' added config dir '{p}', "
+                    f"which is not a directory"
                 )
             text = str(p.resolve())
         self._registry.config_dirs.append((text, self.origin))

@@ -69,8 +69,9 @@ def build_plugin_manager(autoload: bool = True) -> tuple[pluggy.PluginManager, d
             pversion = ep.dist.version if ep.dist else "?"
             if ep.name in origins:
                 raise PluginError(
-                    f"plugin name '{ep.name}' is declared by two packages: {origins[ep.name].package} "
-                    f"and {package}; uninstall one, or set {DISABLE_ENV}={ep.name}"
+                    f"plugin name '{ep.name}' is declared by two packages: "
+                    f"{origins[ep.name].package} and {package}; uninstall one, or set "
+                    f"{DISABLE_ENV}={ep.name}"
                 )
             try:
                 plugin: Any = ep.load()
@@ -87,8 +88,8 @@ def build_plugin_manager(autoload: bool = True) -> tuple[pluggy.PluginManager, d
             origins[ep.name] = Origin(ep.name, package, pversion)
             if not pm.get_hookcallers(plugin):
                 raise PluginError(
-                    f"plugin '{ep.name}' (package {package} {pversion}) implements no mmbridge hook; "
-                    f"mark its register_components(registry) with @mmbridge.hookimpl"
+                    f"plugin '{ep.name}' (package {package} {pversion}) implements no mmbridge "
+                    f"hook; mark its register_components(registry) with @mmbridge.hookimpl"
                 )
     try:
         pm.check_pending()

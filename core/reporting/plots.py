@@ -96,7 +96,8 @@ def learning_curves(rows: list[Row], path: Path) -> Path:
             boundaries.setdefault(steps[0], stage)
             vals = [points[(stage, x)] for x in steps]
             mean = [sum(v) / len(v) for v in vals]
-            # one legend entry per configuration; stages are separate segments (their val sets differ)
+            # one legend entry per configuration; stages are separate segments (their val sets
+            # differ)
             ax.plot(steps, mean, marker=".", color=f"C{i % 10}", label=name if j == 0 else None)
             if any(len(v) > 1 for v in vals):
                 sd = [

@@ -2,8 +2,8 @@
 grouped together, each scalar metric of their ``metrics.json`` as mean ± sample standard
 deviation (n - 1) over them; metric labels and better directions.
 
-The tables (:mod:`mmbridge.reporting.tables`), the plots (:mod:`mmbridge.reporting.plots`) and the paired
-comparisons (:mod:`mmbridge.reporting.significance`) all read these rows.
+The tables (:mod:`mmbridge.reporting.tables`), the plots (:mod:`mmbridge.reporting.plots`) and the
+paired comparisons (:mod:`mmbridge.reporting.significance`) all read these rows.
 """
 
 from __future__ import annotations

@@ -121,8 +121,8 @@ def comparison_markdown(
         f"## Paired difference against the baseline `{name}`",
         "",
         f"Test exact match of each configuration minus the baseline's, on the held-out questions "
-        f"both answered (each run's `predictions.jsonl`, the answers with media): the difference of "
-        f"the means over seeds and questions, and its 95 % bootstrap interval ({n_resamples:,} "
+        f"both answered (each run's `predictions.jsonl`, the answers with media): the difference "
+        f"of the means over seeds and questions, and its 95 % bootstrap interval ({n_resamples:,} "
         f"resamples of the questions, paired, and of each configuration's seeds; numpy seed 0). "
         f"**\\*** = the interval excludes 0.",
         "",

@@ -1,12 +1,12 @@
 """A run's config parsed once into typed sections: the schema's dataclasses
-(:mod:`mmbridge.config.schema`: ``Loader``, ``Evaluation``, ``Debug``, the top-level ``Root``), which
-hold each key's type and default in one place.
+(:mod:`mmbridge.config.schema`: ``Loader``, ``Evaluation``, ``Debug``, the top-level ``Root``),
+which hold each key's type and default in one place.
 
 The run layer reads :class:`RunConfig` (``session.run``) instead of the raw ``DictConfig``:
 ``run.evaluation.tool_max_new_tokens``, not ``cfg.evaluation.get("tool_max_new_tokens", 64)``.
 A key missing from the config (one stored by an older version, or written by hand) takes the
-schema's default; :func:`mmbridge.config.validation.validate_config` has already checked the types and
-ranges of the keys that are there.
+schema's default; :func:`mmbridge.config.validation.validate_config` has already checked the types
+and ranges of the keys that are there.
 """
 
 from __future__ import annotations

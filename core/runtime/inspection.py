@@ -287,7 +287,8 @@ def format_records(records: Sequence[dict[str, Any]]) -> str:
         lines += [f"   {s!r}" for s in r["supervised"]] or ["   (none)"]
         for m in r["media"]:
             lines.append(
-                f"-- {m['kind']} {m['file']}: slots {m['first_slot']}..{m['first_slot'] + m['slots'] - 1}"
+                f"-- {m['kind']} {m['file']}: slots "
+                f"{m['first_slot']}..{m['first_slot'] + m['slots'] - 1}"
                 f" ({m['slots']})"
             )
         lines += [f"-- image written: {p}" for p in r.get("images", [])]

@@ -239,7 +239,8 @@ def _block_values(config: Any) -> tuple[int, int]:
 def activation_bytes(
     config: Any, batch: int, tokens: int, act_bytes: int, checkpointing: bool
 ) -> float:
-    """Activation memory of a decoder stack (see the module docstring) for ``batch`` x ``tokens``."""
+    """Activation memory of a decoder stack (see the module docstring) for ``batch`` x
+    ``tokens``."""
     per_block, blocks = _block_values(config)
     bt = batch * tokens
     if checkpointing:

@@ -99,5 +99,6 @@ def _check_state(state: Path) -> None:
 
 
 def _locked(run_dir: Path) -> AbstractContextManager[object]:
-    """The run directory's lock (:mod:`mmbridge.utils.run_lock`), held by the global rank 0 alone."""
+    """The run directory's lock (:mod:`mmbridge.utils.run_lock`), held by the global rank 0
+    alone."""
     return RunLock(run_dir) if is_global_zero() else nullcontext()

@@ -301,7 +301,8 @@ def check_encoder(encoder: ModalityEncoder, tmp_dir: str | Path, *, atol: float 
                 alone, _ = encoder(encoder.collate([x]))
             ok, diff = _close(alone[0, :n], feats[i, :n], batch_atol)
             assert ok, (
-                f"{who}: sample {i} encoded alone differs from its row in the batch (max |diff| {diff:.3g})"
+                f"{who}: sample {i} encoded alone differs from its row in the batch "
+                f"(max |diff| {diff:.3g})"
             )
 
         ident = encoder.cache_identity()

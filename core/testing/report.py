@@ -64,7 +64,8 @@ def run_contract_checks(
     """
     if kind is not None and kind not in CHECKED_KINDS:
         console.print(
-            f"[yellow]the contract kit checks {', '.join(CHECKED_KINDS)}; nothing to check for kind '{kind}'"
+            f"[yellow]the contract kit checks {', '.join(CHECKED_KINDS)}; "
+            f"nothing to check for kind '{kind}'"
         )
         return 2
     entries = [

@@ -1,4 +1,5 @@
-"""Checkpoints: the user-facing mmbridge checkpoint, and the Lightning checkpoints a run resumes from.
+"""Checkpoints: the user-facing mmbridge checkpoint, and the Lightning checkpoints a run resumes
+from.
 
 An mmbridge checkpoint directory holds ``weights.safetensors`` (only the parameters that trained,
 with the config, the stages run and the components' plugins in its metadata) and
@@ -106,7 +107,8 @@ def _weights_to_save(model: MultimodalModel) -> dict[str, torch.Tensor]:
 
 
 def _component_nodes(cfg: DictConfig) -> Iterator[tuple[str, str, str]]:
-    """``(config key, registry kind, name)`` of each component a checkpoint's model and data need."""
+    """``(config key, registry kind, name)`` of each component a checkpoint's model and data
+    need."""
     nodes = [(n.key, n.kind) for n in model_nodes(cfg)] + [("data", "dataset")]
     for key, kind in nodes:
         node = OmegaConf.select(cfg, key)
@@ -203,8 +205,8 @@ def _not_an_mmbridge_checkpoint(path: str | Path, p: Path) -> CheckpointError:
     if lightning:
         hint = f"pass {final}" if final else "pass the run's checkpoints/final directory"
         return CheckpointError(
-            f"checkpoint '{path}' is a Lightning training checkpoint (for `resume=RUN_DIR`), not an "
-            f"mmbridge checkpoint; {hint} (or a {WEIGHTS} file)"
+            f"checkpoint '{path}' is a Lightning training checkpoint (for `resume=RUN_DIR`), "
+            f"not an mmbridge checkpoint; {hint} (or a {WEIGHTS} file)"
         )
     if final is not None:
         return CheckpointError(f"checkpoint '{path}': no {WEIGHTS} there; pass {final}")
@@ -314,7 +316,8 @@ def load_weights(model: MultimodalModel, weights: dict[str, torch.Tensor], where
         problems.append(f"missing {len(missing)} tensor(s) the model trains: {_listed(missing)}")
     if unexpected:
         problems.append(
-            f"{len(unexpected)} unexpected tensor(s) (not trained by this model): {_listed(unexpected)}"
+            f"{len(unexpected)} unexpected tensor(s) (not trained by this model): "
+            f"{_listed(unexpected)}"
         )
     if shapes:
         problems.append(f"{len(shapes)} shape mismatch(es): {_listed(shapes)}")
@@ -410,8 +413,8 @@ def _last_good(ckpt_dir: Path) -> str:
     )
     if not done:
         return (
-            "no earlier checkpoint of this stage: after freeing space, mmbridge train resume=RUN_DIR "
-            "keeps the finished stages and starts this one again"
+            "no earlier checkpoint of this stage: after freeing space, mmbridge train "
+            "resume=RUN_DIR keeps the finished stages and starts this one again"
         )
     return (
         f"the last complete checkpoint, {done[-1]}, still resumes (mmbridge train resume=RUN_DIR)"

@@ -173,7 +173,8 @@ class ModalityLengthGrouped(_EpochPosition, DistributedSampler):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if (self.lengths == 0).any():
             raise DataError(
-                f"modality lengths must be non-zero (sample {int(np.flatnonzero(self.lengths == 0)[0])})"
+                f"modality lengths must be non-zero "
+                f"(sample {int(np.flatnonzero(self.lengths == 0)[0])})"
             )
         if batch_size < 1 or megabatch_mult < 1:
             raise ConfigError(
