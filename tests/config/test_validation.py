@@ -17,7 +17,7 @@ from mmbridge.commands.evaluate import check_outputs, parse_kv, write_outputs
 from mmbridge.commands.sweep import check_options
 from mmbridge.config import builtin_conf_dir, compose, group_options
 from mmbridge.config.preflight import resume_config, run_root_error
-from mmbridge.config.schema import SECTIONS, Root, Stage
+from mmbridge.config.schema import Debug, Evaluation, Loader, Root, Stage
 from mmbridge.config.validation import config_errors, override_errors, validate_config
 from mmbridge.errors import ConfigError
 from mmbridge.registry.plugin_manager import load_registry
@@ -139,42 +139,18 @@ def test_new_keys_are_accepted(registry, override):
     assert config_errors(tiny(override, registry=registry), registry) == []
 
 
-def _leaves(node: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in node.items():
-        if isinstance(v, dict) and v:
-            out.update(_leaves(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def test_the_schema_defaults_are_written_once(registry):
-    """conf/ repeats no default of the schema (mmbridge.config.store registers it as the nodes
-    conf/ starts from): train.yaml sets none of its keys and a stage option only what its stage
-    changes; composed without an experiment, every section is the schema's defaults."""
+def test_schema_defaults_are_the_yaml_defaults(registry):
+    """The dataclasses and conf/ hold the same defaults (the YAML is what users read)."""
+    cfg = OmegaConf.to_container(compose(["experiment=quickstart"], registry), resolve=True)
     base = OmegaConf.to_container(OmegaConf.load(builtin_conf_dir() / "train.yaml"))
-    assert not ({f.name for f in dataclasses.fields(Root)} | set(SECTIONS)) & set(base)
-    assert not OmegaConf.to_container(OmegaConf.load(builtin_conf_dir() / "paths/default.yaml"))
-    defaults = _leaves(dataclasses.asdict(Stage()))
-    for option in group_options(registry)["stage"]:
-        node = OmegaConf.to_container(OmegaConf.load(builtin_conf_dir() / f"stage/{option}.yaml"))
-        assert node.pop("defaults")[0] == "/_schema/stage@_here_", option
-        assert {k: v for k, v in _leaves(node).items() if defaults.get(k) == v} == {}, option
-
-    cfg = OmegaConf.to_container(compose(["~experiment"], registry), resolve=False)
-    for key, section in SECTIONS.items():
-        assert cfg[key] == dataclasses.asdict(section()), key
+    for key, schema in (("loader", Loader), ("evaluation", Evaluation), ("debug", Debug)):
+        assert base[key] == dataclasses.asdict(schema()), key
     root = dataclasses.asdict(Root())
-    assert {k: cfg[k] for k in root} == root
-    align = cfg["stages"]["align"]
-    assert align == {**dataclasses.asdict(Stage()), "recipe": align["recipe"]}
-    instruct = _leaves(cfg["stages"]["instruct"])
-    assert {k for k, v in instruct.items() if defaults.get(k) != v} == {
-        "train.llm",
-        "optimizer.lr",
-        "recipe.name",  # a component node (recipe@stages.instruct.recipe), no schema default
-    }
+    assert {k: base[k] for k in root if k in base} == {k: root[k] for k in root if k in base}
+    align = OmegaConf.to_container(OmegaConf.load(builtin_conf_dir() / "stage" / "align.yaml"))
+    want = {k: v for k, v in dataclasses.asdict(Stage()).items() if v is not None or k in align}
+    assert align == want
+    assert cfg["stages"]["align"]["train"]["llm"] == Stage().train.llm
 
 
 def test_check_schedule_is_part_of_validation(registry):

@@ -49,13 +49,12 @@ ALLOWED: dict[str, dict[str, str]] = {
     },  # only when a LoRA section has a key beyond the common ones
     "model/precision.py": {"torch.distributed.fsdp": HEAVY},  # FSDP runs only
     "commands/generate.py": {"mmbridge.api": CLI, "mmbridge.reporting.attention_maps": CLI},
-    "commands/plan.py": {"mmbridge.runtime.plan": CLI, "mmbridge.runtime.config": CLI},
+    "commands/plan.py": {"mmbridge.runtime.plan": CLI},
     "commands/inspect_samples.py": {"mmbridge.runtime.inspection": CLI},
     "runtime/inspection.py": {
         "mmbridge.config": IMPORT,
         "mmbridge.model": IMPORT,
         "mmbridge.registry.plugin_manager": IMPORT,
-        "mmbridge.runtime.config": IMPORT,
         "mmbridge.runtime.session": IMPORT,
         "mmbridge.runtime.stage": IMPORT,
         "mmbridge.config.validation": IMPORT,
@@ -79,13 +78,11 @@ ALLOWED: dict[str, dict[str, str]] = {
         "hydra.core.hydra_config": CLI,
         "hydra.types": CLI,
         "hydra": CLI,
-        "mmbridge.config.store": CLI,
     },
     "config/__init__.py": {
         "hydra": STARTUP,
         "hydra.core.global_hydra": STARTUP,
         "hydra.errors": STARTUP,
-        "mmbridge.config.store": STARTUP,  # imports hydra's ConfigStore
     },
     "config/preflight.py": {
         "hydra.core.override_parser.overrides_parser": STARTUP,

@@ -35,13 +35,7 @@ from mmbridge.training.loader import (
     make_loader,
     modality_lengths,
 )
-from mmbridge.training.resume import (
-    KILL_ENV,
-    ResumableCheckpoint,
-    rng_state,
-    set_rng_state,
-    validation_owed,
-)
+from mmbridge.training.resume import KILL_ENV, ResumableCheckpoint, rng_state, set_rng_state
 
 
 def _ids(batches) -> list[list[int]]:
@@ -274,8 +268,7 @@ class _Toy(L.LightningModule):
 
 
 class _KeepLast(L.Callback):
-    """Copies ``last.ckpt`` as it stands when each step starts (``atN.ckpt``) and when the
-    validation of step N starts (``valN.ckpt``): what a kill there leaves."""
+    """Copies ``last.ckpt`` as it stands when each step starts: what a kill there leaves."""
 
     def __init__(self, d: Path) -> None:
         self.d = d
@@ -283,10 +276,6 @@ class _KeepLast(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if (self.d / "last.ckpt").exists():
             shutil.copy(self.d / "last.ckpt", self.d / f"at{trainer.global_step}.ckpt")
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        if trainer.state.fn == "fit" and (self.d / "last.ckpt").exists():
-            shutil.copy(self.d / "last.ckpt", self.d / f"val{trainer.global_step}.ckpt")
 
 
 # the project's stage checkpoints (the two newest + last.ckpt, as training.checkpoint makes them;
@@ -324,13 +313,12 @@ def _fit(d: Path, kind: str, ckpt_path: Path | None = None) -> _Toy:
         num_sanity_val_steps=0,
         accelerator="cpu",
     )
-    val = make_loader(data, 5, torch.stack, shuffle=False, seed=0)
     trainer.fit(
-        module, make_loader(data, 3, torch.stack, shuffle=True, seed=0), val, ckpt_path=ckpt_path
+        module,
+        make_loader(data, 3, torch.stack, shuffle=True, seed=0),
+        make_loader(data, 5, torch.stack, shuffle=False, seed=0),
+        ckpt_path=ckpt_path,
     )
-    module.stepped = trainer.fit_loop.epoch_loop._batches_that_stepped  # the loggers' step
-    if validation_owed(trainer):  # as runtime.train.fit_stage does
-        trainer.validate(module, val, verbose=False)
     return module
 
 
@@ -354,38 +342,6 @@ def test_lightning_fit_resumes_exactly_from_the_checkpoint_of_every_step(tmp_pat
         assert torch.equal(resumed.lin.weight, full.lin.weight) and torch.equal(
             resumed.lin.bias, full.lin.bias
         )
-
-
-@pytest.mark.filterwarnings("ignore:The dirpath has changed")
-@pytest.mark.parametrize("kind", sorted(CHECKPOINTS))
-def test_lightning_fit_resumed_from_a_kill_during_validation_keeps_its_point(tmp_path, kind):
-    """What a kill during the validation of each validation step leaves (``last.ckpt`` as it
-    starts) is, mid-epoch, the checkpoint saved before that validation, without its point
-    (two-newest: Lightning postpones the save at an epoch's last batch, steps 4, 8 and 12, to
-    after the validation). Resumed from it, the fit runs that validation again (at the last
-    step after the fit, :func:`validation_owed`): the history, the sample order, the weights
-    and the loggers' step count equal the uninterrupted run's, and the step's checkpoint then
-    holds its point."""
-    full = _fit(tmp_path / "full", kind)
-    assert full.history == [3, 6, 9, 12]
-    for k in (3, 6, 9, 12):
-        snapshot = tmp_path / "full" / f"val{k}.ckpt"
-        saved = torch.load(snapshot, weights_only=True)
-        if kind == "last-only" or k % 4:
-            assert saved["global_step"] == k and k not in saved["toy"]["history"], k
-        d = tmp_path / f"v{k}"  # resumed in place, as resume=RUN does
-        d.mkdir()
-        shutil.copy(snapshot, d / "last.ckpt")
-        resumed = _fit(d, kind, ckpt_path=d / "last.ckpt")
-        assert resumed.history == full.history, f"validation history after a kill at {k}"
-        assert resumed.seen == full.seen, f"sample order after a kill at {k}"
-        assert torch.equal(resumed.lin.weight, full.lin.weight) and torch.equal(
-            resumed.lin.bias, full.lin.bias
-        )
-        if k < 12:
-            assert resumed.stepped == full.stepped
-            again = torch.load(d / f"at{k}.ckpt", weights_only=True)
-            assert again["global_step"] == k and again["toy"]["history"][-1] == k
 
 
 DDP_SCRIPT = """
