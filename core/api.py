@@ -315,6 +315,10 @@ def train(
 
     Returns:
         The run directory and its metrics (``metrics.json``).
+
+    Raises:
+        RunExistsError: ``run_dir`` holds a run, finished or started (continue it with
+            ``resume=DIR`` among the overrides, or give another directory).
     """
     from mmbridge.config import compose
     from mmbridge.registry.plugin_manager import load_registry
@@ -336,5 +340,5 @@ def train(
     out = (
         out.expanduser().resolve()
     )  # run_task checks it can be written (ConfigError) and creates it
-    metrics = run_task(cfg, out, overrides, registry=registry)
+    metrics = run_task(cfg, out, overrides, registry=registry, run_dir_key="run_dir")
     return TrainResult(out, metrics)

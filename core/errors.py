@@ -57,6 +57,11 @@ class RunLockedError(MMBridgeError):
     """A run directory is held by another live process (the message names its pid and host)."""
 
 
+class RunExistsError(ConfigError):
+    """A new training was pointed at a directory that holds a run (finished or started); the
+    message names it and says to resume it (``resume=DIR``) or to train elsewhere."""
+
+
 class StorageError(MMBridgeError, OSError):
     """An output location is not writable or has too little free space; the message names the
     path, the bytes needed and the bytes free."""

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from mmbridge.config import searchpath_override
 from mmbridge.config.preflight import override_syntax_errors, resume_override_error, run_root_error
-from mmbridge.errors import MMBridgeError, RunLockedError
+from mmbridge.errors import MMBridgeError, RunExistsError, RunLockedError
 from mmbridge.registry import Registry
 from mmbridge.registry.plugin_manager import load_registry
 from mmbridge.training.callbacks import Interrupted
@@ -75,7 +75,7 @@ def _job(cfg: DictConfig) -> float | None:
         return None
     except MMBridgeError as exc:
         print(f"mmbridge train: error: {exc}", file=sys.stderr)
-        if not isinstance(exc, RunLockedError):  # the directory is another run's
+        if not isinstance(exc, RunLockedError | RunExistsError):  # the directory is another run's
             atomic_write_text(out / ERROR, f"{type(exc).__name__}: {exc}\n")
         _STATUS["code"] = 1
         return None
@@ -159,7 +159,9 @@ def main(argv: list[str], registry: Registry | None = None) -> int:
             "hydra.output_subdir=null",
         ]
     problems = override_syntax_errors(argv) or [
-        p for p in [resume_override_error(argv), run_root_error(argv), _busy(argv)] if p
+        p
+        for p in [resume_override_error(argv), run_root_error(argv), _busy(argv) or _held(argv)]
+        if p
     ]
     if problems:
         print("mmbridge train: error: " + "\n  ".join(problems), file=sys.stderr)
@@ -189,6 +191,20 @@ def _busy(argv: list[str]) -> str | None:
         f"hydra.run.dir={run_dir}: this run directory is in use by another run ({describe(note)}); "
         f"wait for it to finish, stop it, or write into another directory"
     )
+
+
+def _held(argv: list[str]) -> str | None:
+    """A new training (no ``resume=``) into a run directory named on the command line that
+    holds a run (:func:`mmbridge.reporting.runs.held_run`): refused before Hydra writes its
+    ``.hydra/`` record and ``train.log`` there."""
+    from mmbridge.reporting.runs import held_run_error
+
+    if {"-m", "--multirun"} & set(argv) or not is_global_zero():
+        return None  # a sweep skips or resumes its jobs; rank > 0 shares rank 0's directory
+    if any(a.startswith("resume=") for a in argv):
+        return None
+    run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None)
+    return held_run_error(Path(run_dir).expanduser(), "hydra.run.dir") if run_dir else None
 
 
 if __name__ == "__main__":  # the DDP launcher's entry for ranks > 0

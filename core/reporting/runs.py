@@ -3,20 +3,25 @@ whether a sweep job already finished (skip it) or was interrupted (resume it), a
 
 A run directory holds ``config.yaml`` (the resolved config), ``metrics.json`` once the run
 finished, Hydra's ``.hydra/overrides.yaml`` and, when the job failed with a domain error,
-``error.txt``.
+``error.txt`` (moved aside as ``error-<time>.txt`` once the run is resumed and finishes).
+A directory *holds a run* (:func:`held_run`) once it has something to continue from: a
+finished run's ``metrics.json``, or a started run's ``state.json`` or a stage's
+``last.ckpt``; a new training refuses it (:func:`refuse_held_run`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from mmbridge.errors import ConfigError
+from mmbridge.errors import ConfigError, RunExistsError
 from mmbridge.utils.io import atomic_write_bytes as atomic_write_bytes  # re-exported for reports
 from mmbridge.utils.io import atomic_write_json
 from mmbridge.utils.io import atomic_write_text as atomic_write_text
@@ -110,7 +115,62 @@ def interrupted(run_dir: Path, config_yaml: str) -> bool:
         return False
     if saved.read_text() != config_yaml:
         return False
+    return _resumable(run_dir)
+
+
+def _resumable(run_dir: Path) -> bool:
+    """A finished stage (``state.json``) or a stage's Lightning checkpoint to resume from."""
     return (run_dir / "state.json").is_file() or any((run_dir / "checkpoints").glob("*/last.ckpt"))
+
+
+def held_run(run_dir: Path) -> str | None:
+    """What run ``run_dir`` holds: ``"a finished run"`` (its ``metrics.json``), ``"a started
+    run"`` (something :func:`interrupted` resumes from: ``state.json`` or a stage's
+    ``last.ckpt``), or ``None`` (missing, empty, or what a run that failed before training
+    left: ``config.yaml``, ``train.log``, ``error.txt``)."""
+    if not run_dir.is_dir():
+        return None
+    if (run_dir / METRICS).is_file():
+        return "a finished run"
+    return "a started run" if _resumable(run_dir) else None
+
+
+def held_run_error(run_dir: Path, key: str) -> str | None:
+    """The refusal of a new training into ``run_dir`` (given as ``key=run_dir``) when it holds
+    a run (:func:`held_run`), else ``None``."""
+    what = held_run(run_dir)
+    if what is None:
+        return None
+    return (
+        f"{key}={run_dir}: this directory holds {what}, which a new training would overwrite; "
+        f"continue it with resume={run_dir}, or train into another directory"
+    )
+
+
+def refuse_held_run(run_dir: Path, key: str) -> None:
+    """Refuse a new training into a directory that holds a run (:func:`held_run_error`).
+
+    Raises:
+        RunExistsError: naming the directory and what to do instead.
+    """
+    problem = held_run_error(run_dir, key)
+    if problem is not None:
+        raise RunExistsError(problem)
+
+
+def retire_error(run_dir: Path) -> Path | None:
+    """Move a failed attempt's ``error.txt`` aside once the run has finished (resumed and
+    ended): to ``error-<the time it was written>.txt``, so the run no longer reads as failed
+    and the old error stays readable. Returns the new path (``None``: there was none)."""
+    err = run_dir / ERROR
+    try:
+        stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(err.stat().st_mtime))
+    except FileNotFoundError:
+        return None
+    dst = run_dir / f"{err.stem}-{stamp}{err.suffix}"
+    os.replace(err, dst)
+    log.info("%s: the run finished; the error of an earlier attempt moved to %s", err, dst.name)
+    return dst
 
 
 def unfinished_runs(root: Path) -> list[tuple[Path, str]]:

@@ -16,10 +16,10 @@ from mmbridge.config.validation import validate_config
 from mmbridge.errors import ConfigError, reading
 from mmbridge.registry import Registry
 from mmbridge.registry.plugin_manager import load_registry
-from mmbridge.reporting.runs import METRICS, interrupted, write_json
+from mmbridge.reporting.runs import METRICS, interrupted, refuse_held_run, write_json
 from mmbridge.runtime import train as run_train
 from mmbridge.training.distributed import is_global_zero
-from mmbridge.utils.run_lock import RunLock
+from mmbridge.utils.run_lock import RunLock, holder
 
 log = logging.getLogger("mmbridge.train")
 
@@ -30,6 +30,7 @@ def run_task(
     overrides: list[str] | None = None,
     resume_interrupted: bool = False,
     registry: Registry | None = None,
+    run_dir_key: str = "hydra.run.dir",
 ) -> dict:
     """The body of a training job (also used by the sweep command's jobs).
 
@@ -44,6 +45,10 @@ def run_task(
     anything is built: every problem is reported in one :class:`ConfigError`. With
     ``resume=RUN_DIR``, the overrides that are safe on a started run (evaluation, steps of
     unfinished stages, budget) are applied to its saved config; any other is refused.
+
+    A new run (no ``resume``) refuses an ``output_dir`` that holds a run, finished or started
+    (:class:`~mmbridge.errors.RunExistsError`, naming it as ``run_dir_key=output_dir``),
+    except in a sweep job (``resume_interrupted``), which resumes or starts over its own.
     """
     registry = registry if registry is not None else load_registry()
     resume = cfg.get("resume")
@@ -72,8 +77,13 @@ def run_task(
             validate_config(cfg, registry, output_dir=run_dir)
             log.info("resuming %s", run_dir)
             return run_train.train(cfg, registry, run_dir, resume=True)
+    fresh = not resume_interrupted and is_global_zero()
+    if fresh and holder(output_dir) is None:  # held by a live run: the lock refuses it below
+        refuse_held_run(output_dir, run_dir_key)
     validate_config(cfg, registry, output_dir=output_dir)
     with _locked(output_dir):
+        if fresh:  # a run that ended between the check above and the lock
+            refuse_held_run(output_dir, run_dir_key)
         again = resume_interrupted and interrupted(output_dir, OmegaConf.to_yaml(cfg, resolve=True))
         if again:
             log.info("resuming the interrupted run in %s", output_dir)

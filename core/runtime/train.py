@@ -33,6 +33,7 @@ from mmbridge.evaluation.runner import ValQuestions
 from mmbridge.registry import Registry
 from mmbridge.reporting.run_metrics import PrecisionRecord, RunMetrics, StageMetrics
 from mmbridge.reporting.run_report import report_at_end
+from mmbridge.reporting.runs import retire_error
 from mmbridge.runtime.config import RunConfig
 from mmbridge.runtime.evaluate import evaluate_session
 from mmbridge.runtime.session import Session, open_session
@@ -59,7 +60,7 @@ from mmbridge.training.init_from import load_init_weights
 from mmbridge.training.loader import make_loader, modality_lengths
 from mmbridge.training.loggers import make_loggers
 from mmbridge.training.module import BridgeModule
-from mmbridge.training.resume import ResumableCheckpoint
+from mmbridge.training.resume import ResumableCheckpoint, validation_owed
 from mmbridge.training.stages import (
     check_schedule,
     configure_trainable,
@@ -244,8 +245,11 @@ def fit_stage(
         )
     ended_early = int(trainer.global_step) < max_steps
     last_val = module.history[-1]["step"] if module.history else -1
-    if ended_early and val_dl is not None and last_val != trainer.global_step:
-        # stopped by the budget between two validations: close the val curve where it ended
+    owed = validation_owed(trainer)  # resumed at the last step, saved before its validation
+    if (ended_early or owed) and val_dl is not None and last_val != trainer.global_step:
+        # stopped by the budget between two validations: close the val curve where it ended;
+        # or killed during the last step's validation: run it (Lightning's fit ended at once)
+        module.restore_rng()  # as the fit would have before it (a no-op once it has)
         trainer.validate(module, val_dl, verbose=False)
     weights = gather_weights(
         session.model, trainer.strategy.model
@@ -460,6 +464,7 @@ def train(
     out = metrics.as_dict()
     if rank0:
         atomic_write_json(out_dir / "metrics.json", out)
+        retire_error(out_dir)  # an earlier attempt's error.txt no longer describes the run
         report_at_end(out_dir, session)  # report.html (never raises)
     return out
 

@@ -175,6 +175,12 @@ class BridgeModule(L.LightningModule):
         self._rng_to_restore = extra.get("rng")
 
     def on_train_start(self) -> None:
+        self.restore_rng()
+
+    def restore_rng(self) -> None:
+        """Set the global random generators to the loaded checkpoint's (once; no-op without
+        one). Lightning calls it as training starts; a fit resumed at its last step ends before
+        that, and :func:`mmbridge.runtime.train.fit_stage` calls it itself."""
         state, self._rng_to_restore = self._rng_to_restore, None
         if state is not None:
             set_rng_state(state)

@@ -35,7 +35,13 @@ from mmbridge.training.loader import (
     make_loader,
     modality_lengths,
 )
-from mmbridge.training.resume import KILL_ENV, ResumableCheckpoint, rng_state, set_rng_state
+from mmbridge.training.resume import (
+    KILL_ENV,
+    ResumableCheckpoint,
+    rng_state,
+    set_rng_state,
+    validation_owed,
+)
 
 
 def _ids(batches) -> list[list[int]]:
@@ -268,7 +274,8 @@ class _Toy(L.LightningModule):
 
 
 class _KeepLast(L.Callback):
-    """Copies ``last.ckpt`` as it stands when each step starts: what a kill there leaves."""
+    """Copies ``last.ckpt`` as it stands when each step starts (``atN.ckpt``) and when the
+    validation of step N starts (``valN.ckpt``): what a kill there leaves."""
 
     def __init__(self, d: Path) -> None:
         self.d = d
@@ -276,6 +283,10 @@ class _KeepLast(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if (self.d / "last.ckpt").exists():
             shutil.copy(self.d / "last.ckpt", self.d / f"at{trainer.global_step}.ckpt")
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit" and (self.d / "last.ckpt").exists():
+            shutil.copy(self.d / "last.ckpt", self.d / f"val{trainer.global_step}.ckpt")
 
 
 # the project's stage checkpoints (the two newest + last.ckpt, as training.checkpoint makes them;
@@ -313,12 +324,13 @@ def _fit(d: Path, kind: str, ckpt_path: Path | None = None) -> _Toy:
         num_sanity_val_steps=0,
         accelerator="cpu",
     )
+    val = make_loader(data, 5, torch.stack, shuffle=False, seed=0)
     trainer.fit(
-        module,
-        make_loader(data, 3, torch.stack, shuffle=True, seed=0),
-        make_loader(data, 5, torch.stack, shuffle=False, seed=0),
-        ckpt_path=ckpt_path,
+        module, make_loader(data, 3, torch.stack, shuffle=True, seed=0), val, ckpt_path=ckpt_path
     )
+    module.stepped = trainer.fit_loop.epoch_loop._batches_that_stepped  # the loggers' step
+    if validation_owed(trainer):  # as runtime.train.fit_stage does
+        trainer.validate(module, val, verbose=False)
     return module
 
 
@@ -342,6 +354,38 @@ def test_lightning_fit_resumes_exactly_from_the_checkpoint_of_every_step(tmp_pat
         assert torch.equal(resumed.lin.weight, full.lin.weight) and torch.equal(
             resumed.lin.bias, full.lin.bias
         )
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+@pytest.mark.parametrize("kind", sorted(CHECKPOINTS))
+def test_lightning_fit_resumed_from_a_kill_during_validation_keeps_its_point(tmp_path, kind):
+    """What a kill during the validation of each validation step leaves (``last.ckpt`` as it
+    starts) is, mid-epoch, the checkpoint saved before that validation, without its point
+    (two-newest: Lightning postpones the save at an epoch's last batch, steps 4, 8 and 12, to
+    after the validation). Resumed from it, the fit runs that validation again (at the last
+    step after the fit, :func:`validation_owed`): the history, the sample order, the weights
+    and the loggers' step count equal the uninterrupted run's, and the step's checkpoint then
+    holds its point."""
+    full = _fit(tmp_path / "full", kind)
+    assert full.history == [3, 6, 9, 12]
+    for k in (3, 6, 9, 12):
+        snapshot = tmp_path / "full" / f"val{k}.ckpt"
+        saved = torch.load(snapshot, weights_only=True)
+        if kind == "last-only" or k % 4:
+            assert saved["global_step"] == k and k not in saved["toy"]["history"], k
+        d = tmp_path / f"v{k}"  # resumed in place, as resume=RUN does
+        d.mkdir()
+        shutil.copy(snapshot, d / "last.ckpt")
+        resumed = _fit(d, kind, ckpt_path=d / "last.ckpt")
+        assert resumed.history == full.history, f"validation history after a kill at {k}"
+        assert resumed.seen == full.seen, f"sample order after a kill at {k}"
+        assert torch.equal(resumed.lin.weight, full.lin.weight) and torch.equal(
+            resumed.lin.bias, full.lin.bias
+        )
+        if k < 12:
+            assert resumed.stepped == full.stepped
+            again = torch.load(d / f"at{k}.ckpt", weights_only=True)
+            assert again["global_step"] == k and again["toy"]["history"][-1] == k
 
 
 DDP_SCRIPT = """
@@ -508,4 +552,57 @@ def test_sigkill_and_resume_is_bit_identical(uninterrupted, kill_at):
         )  # every val point, same values
         assert [h["step"] for h in m1["stages"][s]["history"]] == [0.0, 6.0, 12.0]
         assert m1["stages"][s]["steps"] == 12
+    assert m1["val_loss_last"] == m0["val_loss_last"]
+
+
+# validation and a checkpoint every 2 steps of 4: steps 2 and 4 are mid-epoch (an epoch is 6
+# steps), so Lightning saves them before their validation (at an epoch's last batch it waits)
+VAL_KILL_ARGS = [a for a in ARGS if not a.lstrip("+").startswith("stages.")]
+for _stage in ("align", "instruct"):
+    VAL_KILL_ARGS += [
+        f"stages.{_stage}.batch_size=8",
+        f"stages.{_stage}.max_steps=4",
+        f"stages.{_stage}.val_every=2",
+        f"+stages.{_stage}.checkpoint_every=2",
+    ]
+
+
+@pytest.mark.slow
+def test_sigkill_during_validation_and_resume_keeps_the_validation_point(tmp_path):
+    """A kill during the validation of a checkpoint step, in the middle of align and at
+    instruct's last step, each resumed with ``resume=RUN``: metrics.json's history (every
+    point, same values), the test metrics, the sample order and the final weights equal the
+    uninterrupted run's, and so does align's CSV log (the steps the loggers count)."""
+    common = [*VAL_KILL_ARGS, f"paths.cache_dir={tmp_path / 'cache'}"]
+    ref, run = tmp_path / "ref", tmp_path / "killed"
+    out = _train(tmp_path, *common, f"hydra.run.dir={ref}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    m0, w0, ids0 = _outcome(ref)
+
+    def killed_before_the_point(stage: str, step: int) -> None:
+        assert out.returncode == -9, out.stderr[-3000:]
+        last = torch.load(
+            run / "checkpoints" / stage / "last.ckpt", map_location="cpu", weights_only=True
+        )
+        assert last["global_step"] == step  # saved before the validation the kill came in
+        assert step not in [h["step"] for h in last["mmbridge"]["history"]]
+
+    out = _train(tmp_path, *common, f"hydra.run.dir={run}", kill_at="align:2:validation")
+    killed_before_the_point("align", 2)
+    out = _train(tmp_path, f"resume={run}", kill_at="instruct:4:validation")
+    killed_before_the_point("instruct", 4)
+    out = _train(tmp_path, f"resume={run}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    m1, w1, ids1 = _outcome(run)
+    assert ids1 == ids0
+    assert w1.keys() == w0.keys() and w0
+    diff = {k: float((w0[k] - w1[k]).abs().max()) for k in w0 if not torch.equal(w0[k], w1[k])}
+    assert not diff, f"tensors differ (max |diff|): {diff}"
+    assert m1["test"] == m0["test"]
+    for s in ("align", "instruct"):
+        assert [h["step"] for h in m0["stages"][s]["history"]] == [0.0, 2.0, 4.0]
+        assert m1["stages"][s]["history"] == m0["stages"][s]["history"]
+    # (instruct's CSV lacks its step-2 row: Lightning's CSVLogger had not flushed it at the kill)
+    csv = Path("logs", "align", "metrics.csv")
+    assert (run / csv).read_text() == (ref / csv).read_text()
     assert m1["val_loss_last"] == m0["val_loss_last"]
