@@ -119,6 +119,9 @@ def main(argv: list[str], registry: Registry | None = None) -> int:
         return 0
     import hydra
 
+    from mmbridge.config.store import register
+
+    register()  # the schema's nodes that conf/train.yaml and conf/stage/ start from
     registry = registry if registry is not None else load_registry()
     _REGISTRY["run"] = registry
     _STATUS["code"] = 0

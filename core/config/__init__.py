@@ -1,9 +1,12 @@
 """The config: Hydra composition with the plugins' config dirs on the search path (here), the
-typed schema of the sections (``schema``), the model's component nodes (``model_spec``), building a
-component from its node (``build``) and whole-config validation (``validation``, ``preflight``)."""
+typed schema of the sections (``schema``) with their defaults, registered with Hydra as the
+structured configs that ``conf/`` starts from (``store``), the model's component nodes
+(``model_spec``), building a component from its node (``build``) and whole-config validation
+(``validation``, ``preflight``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from importlib.resources import files
@@ -12,6 +15,7 @@ from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
+from mmbridge.config import schema
 from mmbridge.errors import ConfigError, did_you_mean
 from mmbridge.registry import Registry
 
@@ -71,6 +75,9 @@ def compose(
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
+    from mmbridge.config.store import register
+
+    register()  # the schema's nodes (`_schema/root`, `_schema/stage`) that conf/ starts from
     extra = searchpath_override(registry) if registry else []
     GlobalHydra.instance().clear()
     try:
@@ -79,11 +86,17 @@ def compose(
                 config_name, overrides=[*overrides, *extra], return_hydra_config=return_hydra_config
             )
     except HydraException as exc:
-        raise ConfigError(explain_hydra_error(str(exc), registry)) from exc
+        # Hydra's own words, then OmegaConf's (which name the key)
+        causes: list[BaseException] = [exc]
+        while causes[-1].__cause__ is not None and len(causes) < 4:
+            causes.append(causes[-1].__cause__)
+        message = "\n".join(dict.fromkeys(str(e) for e in causes))
+        raise ConfigError(explain_hydra_error(message, registry)) from exc
 
 
 def explain_hydra_error(message: str, registry: Registry | None) -> str:
-    """Add the valid options (and a close match) to Hydra's "could not find" errors."""
+    """Add the valid options (and a close match) to Hydra's "could not find" errors; word a key
+    that a schema section lacks (set in a config file) as validation does, with the valid keys."""
     m = re.search(r"Could not find '([\w/]+)/([\w.\-/]+)'", message)
     if m:
         group, option = m.group(1).split("/")[-1], m.group(2)
@@ -92,6 +105,25 @@ def explain_hydra_error(message: str, registry: Registry | None) -> str:
             f"unknown option '{option}' of config group '{group}'{did_you_mean(option, options)}; "
             f"available: {', '.join(options) or '(none)'}"
         )
+    source = re.match(r"In '([^']+)'", message)
+    where_set = f" (set in {source.group(1)}.yaml)" if source else ""
+    m = re.search(r"Key '([^']+)' not in '(\w+)'\s+full_key: (\S+)", message)
+    section = getattr(schema, m.group(2), None) if m else None
+    if m and isinstance(section, type) and dataclasses.is_dataclass(section):
+        name, key = m.group(1), m.group(3)
+        where = key.rsplit(".", 1)[0] if "." in key else "the top level"
+        valid = [f.name for f in dataclasses.fields(section)]
+        return (
+            f"{key}: not a key of {where}{did_you_mean(name, valid)}; valid: {', '.join(valid)}"
+            + where_set
+        )
+    m = re.search(r"is not a subclass of (\w+)\. value: (.*)\s+full_key: (\S*)", message)
+    section = getattr(schema, m.group(1), None) if m else None
+    if m and isinstance(section, type) and dataclasses.is_dataclass(section):
+        name, value, key = m.groups()
+        head = f"{key}={value}" if key else f"a {name} section set to {value}"
+        keys = ", ".join(f.name for f in dataclasses.fields(section))
+        return f"{head}: expected a mapping of {keys}{where_set}"
     return message
 
 

@@ -7,8 +7,11 @@ here by dataclasses whose fields carry their type, default and valid range.
 :func:`mmbridge.config.validation.validate_config` checks a composed config against them and reports
 every problem at once.
 
-``conf/train.yaml`` and ``conf/stage/*.yaml`` hold the same defaults for users to read
-(``mmbridge config`` prints them); ``tests/test_validation.py`` fails when the two drift.
+The defaults are written here only: :mod:`mmbridge.config.store` registers these dataclasses
+with Hydra as the nodes ``conf/train.yaml`` and ``conf/stage/*.yaml`` start from (those files set
+only what differs), and :class:`mmbridge.runtime.config.RunConfig` fills a key that a stored
+config lacks from them. ``mmbridge config`` prints the composed config; the reference page
+(``docs/reference/config.md``) lists each field with its comment here.
 """
 
 from __future__ import annotations
@@ -77,9 +80,12 @@ def spec(
 class Loader:
     num_workers: int = spec(0, ge(0))
     max_text_tokens: int = spec(256, ge(1))
-    # share of a split's samples whose answer max_text_tokens may cut before that is an error
+    # samples whose answer max_text_tokens cuts are counted per split when a stage starts; above
+    # this share of a split (or with no answer token left) the stage refuses to train
     max_truncated_share: float = spec(0.05, unit())
-    # LLaVA's group_by_modality_length (mmbridge.training.loader.ModalityLengthGrouped)
+    # training batches of samples of one kind (with media / text-only) and similar length, in a
+    # shuffled order that is still a function of (seed, epoch): LLaVA's group_by_modality_length
+    # (mmbridge.training.loader.ModalityLengthGrouped)
     group_by_length: bool = False
 
 
@@ -92,15 +98,25 @@ class Evaluation:
     val_samples: int = spec(32, ge(0))
     baselines: bool = True
     wer_qtypes: list[str] = spec(factory=list)
+    # a speech recogniser run on the same clips as the reference: the tool reference_asr_tool
+    # (`asr`: Whisper's own decoder) on this checkpoint, e.g. whisper-tiny.en; its figures are
+    # asr/wer/<qtype> (null: none)
     reference_asr: str | None = None
     reference_asr_tool: str = spec("asr", NONEMPTY)  # the tool that runs reference_asr
-    tool_callers: dict[str, Any] = spec(factory=dict)  # component nodes, checked by build.py
+    # the same questions answered through Tool Learning callers, one component node per caller
+    # (its metrics prefixed by the entry's name), e.g. {pipeline_ocr: {name: pipeline, tools:
+    # [ocr]}, llm_caller: {name: llm, tools: [ocr, calculator]}}
+    tool_callers: dict[str, Any] = spec(factory=dict)
     tool_max_new_tokens: int = spec(64, ge(1))
-    extra_data: dict[str, Any] = spec(factory=dict)  # data nodes, checked by build.py
+    # more data sets evaluated after training (their test split), data nodes keyed by a name
+    # that prefixes their metrics; compose one with `data@evaluation.extra_data.NAME: OPTION`
+    extra_data: dict[str, Any] = spec(factory=dict)
 
 
 @dataclass
 class Paths:
+    """Where runs write and where caches live (a ``paths`` option sets what differs)."""
+
     output_root: str = "outputs"
     cache_dir: str = "${oc.env:MMBRIDGE_CACHE,${oc.env:HOME}/.cache/mmbridge}"
     data_dir: str = "${.cache_dir}/data"
@@ -109,6 +125,8 @@ class Paths:
 
 @dataclass
 class Debug:
+    # write each rank's trained sample ids and final trainable weights to RUN_DIR/debug/ (a
+    # test aid for exact resume)
     record_sample_ids: bool = False
 
 
@@ -243,8 +261,10 @@ class Stage:
     epochs: float | None = spec(None, gt(0))
     batch_size: int = spec(16, ge(1))
     val_every: int = spec(50, ge(1))
-    checkpoint_every: int | None = spec(None, ge(1))  # null: every val_every steps
-    budget_fraction: float | None = spec(None, unit(lo_open=True))  # share of budget_minutes
+    # steps between resumable checkpoints (null: every val_every steps)
+    checkpoint_every: int | None = spec(None, ge(1))
+    # this stage's share of budget_minutes (null: equal shares)
+    budget_fraction: float | None = spec(None, unit(lo_open=True))
     recipe: dict[str, Any] | None = None  # a component node, checked by build.py
     prefix: dict[str, Any] | None = None  # the sequence prefix's own settings (it checks them)
     # the stage's own data (a data-set node or a mixture); null: the run's `data`
@@ -263,15 +283,27 @@ class Root:
 
     schedule: list[str] = spec(factory=lambda: ["align"], rule=NONEMPTY)
     seed: int = spec(0, SEED)
+    # RUN_DIR: continue that run (its config.yaml; finished stages are skipped and the
+    # interrupted one resumes from its last checkpoint)
     resume: str | None = None
-    # RUN_DIR or RUN_DIR:STAGE: start from that run's checkpoints/<stage>_final weights
+    # start from another run's trained weights: RUN_DIR (its checkpoints/final) or RUN_DIR:STAGE
+    # (its checkpoints/STAGE_final), e.g. LLaVA's stage 2 from the stage-1 projector
     init_from: str | None = None
     cache_features: bool = True
     run_name: str = spec("run", NONEMPTY)
-    budget_minutes: float | None = spec(None, gt(0))  # wall-clock budget of the whole run
+    # wall-clock budget of the training stages in minutes (data, model and feature cache
+    # included, not the evaluation after them): the stages share what is left when each starts
+    # by stages.<name>.budget_fraction and each stops at max_steps or when its share is used
+    # (null: step-based)
+    budget_minutes: float | None = spec(None, gt(0))
+    # where the model runs outside the trainer's fit (feature-cache fill, evaluation): cpu,
+    # cuda, cuda:N (null: the trainer's accelerator; auto: CUDA when available)
     device: str | None = spec(None, DEVICE)
-    progress_every: int = spec(50, ge(1))  # log lines without a terminal
-    # Lightning loggers of each stage (tensorboard falls back to CSV when not installed)
+    # without a terminal, a progress log line every this many steps (or 30 s)
+    progress_every: int = spec(50, ge(1))
+    # where each stage logs (under RUN_DIR/logs): csv (logs/<stage>/metrics.csv), tensorboard
+    # (logs/tb_<stage>; without the tensorboard package: CSV only, one warning), wandb
+    # (offline, logs/wandb; `wandb sync` uploads it later; needs the wandb package)
     loggers: list[str] = spec(factory=lambda: ["csv", "tensorboard"], rule=LOGGER_LIST)
 
 

@@ -213,7 +213,9 @@ def config_page(groups_table: str) -> str:
     out = [
         _HEADER + "# Configuration\n",
         "A run's config is composed by Hydra from `conf/train.yaml` and one option of each "
-        "group below; `mmbridge config [overrides]` prints the result and `mmbridge config "
+        "group below, starting from the defaults of the keys listed here (the dataclasses of "
+        "`mmbridge.config.schema`, registered with Hydra as structured configs: no YAML file "
+        "repeats them); `mmbridge config [overrides]` prints the result and `mmbridge config "
         "--groups` lists the options of installed plugins too.\n",
         "## Config groups\n",
         groups_table + "\n",

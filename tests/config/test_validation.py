@@ -17,9 +17,10 @@ from mmbridge.commands.evaluate import check_outputs, parse_kv, write_outputs
 from mmbridge.commands.sweep import check_options
 from mmbridge.config import builtin_conf_dir, compose, group_options
 from mmbridge.config.preflight import resume_config, run_root_error
-from mmbridge.config.schema import Debug, Evaluation, Loader, Root, Stage
+from mmbridge.config.schema import SECTIONS, Root, Stage
 from mmbridge.config.validation import config_errors, override_errors, validate_config
 from mmbridge.errors import ConfigError
+from mmbridge.registry import Origin, Registry
 from mmbridge.registry.plugin_manager import load_registry
 from mmbridge.training.stages import check_schedule
 
@@ -139,18 +140,94 @@ def test_new_keys_are_accepted(registry, override):
     assert config_errors(tiny(override, registry=registry), registry) == []
 
 
-def test_schema_defaults_are_the_yaml_defaults(registry):
-    """The dataclasses and conf/ hold the same defaults (the YAML is what users read)."""
-    cfg = OmegaConf.to_container(compose(["experiment=quickstart"], registry), resolve=True)
+def _leaves(node: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in node.items():
+        if isinstance(v, dict) and v:
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_the_schema_defaults_are_written_once(registry):
+    """conf/ repeats no default of the schema (mmbridge.config.store registers it as the nodes
+    conf/ starts from): train.yaml sets none of its keys and a stage option only what its stage
+    changes; composed without an experiment, every section is the schema's defaults."""
     base = OmegaConf.to_container(OmegaConf.load(builtin_conf_dir() / "train.yaml"))
-    for key, schema in (("loader", Loader), ("evaluation", Evaluation), ("debug", Debug)):
-        assert base[key] == dataclasses.asdict(schema()), key
+    assert not ({f.name for f in dataclasses.fields(Root)} | set(SECTIONS)) & set(base)
+    assert not OmegaConf.to_container(OmegaConf.load(builtin_conf_dir() / "paths/default.yaml"))
+    defaults = _leaves(dataclasses.asdict(Stage()))
+    for option in group_options(registry)["stage"]:
+        node = OmegaConf.to_container(OmegaConf.load(builtin_conf_dir() / f"stage/{option}.yaml"))
+        assert node.pop("defaults")[0] == "/_schema/stage@_here_", option
+        assert {k: v for k, v in _leaves(node).items() if defaults.get(k) == v} == {}, option
+
+    cfg = OmegaConf.to_container(compose(["~experiment"], registry), resolve=False)
+    for key, section in SECTIONS.items():
+        assert cfg[key] == dataclasses.asdict(section()), key
     root = dataclasses.asdict(Root())
-    assert {k: base[k] for k in root if k in base} == {k: root[k] for k in root if k in base}
-    align = OmegaConf.to_container(OmegaConf.load(builtin_conf_dir() / "stage" / "align.yaml"))
-    want = {k: v for k, v in dataclasses.asdict(Stage()).items() if v is not None or k in align}
-    assert align == want
-    assert cfg["stages"]["align"]["train"]["llm"] == Stage().train.llm
+    assert {k: cfg[k] for k in root} == root
+    align = cfg["stages"]["align"]
+    assert align == {**dataclasses.asdict(Stage()), "recipe": align["recipe"]}
+    instruct = _leaves(cfg["stages"]["instruct"])
+    assert {k for k, v in instruct.items() if defaults.get(k) != v} == {
+        "train.llm",
+        "optimizer.lr",
+        "recipe.name",  # a component node (recipe@stages.instruct.recipe), no schema default
+    }
+    assert "_schema" not in group_options(registry)  # internal: no user option
+
+
+@pytest.mark.parametrize(
+    ("yaml", "message"),
+    [
+        (
+            "stages: {align: {max_stepz: 3}}",
+            "stages.align.max_stepz: not a key of stages.align (did you mean 'max_steps'?); "
+            "valid: train, lora, encoder_lora, optimizer, split, max_steps, epochs, batch_size, "
+            "val_every, checkpoint_every, budget_fraction, recipe, prefix, data, conversation "
+            "(set in experiment/typo.yaml)",
+        ),
+        (
+            "loader: {max_txt_tokens: 3}",
+            "loader.max_txt_tokens: not a key of loader (did you mean 'max_text_tokens'?); "
+            "valid: num_workers, max_text_tokens, max_truncated_share, group_by_length "
+            "(set in experiment/typo.yaml)",
+        ),
+        (
+            "stages: {instruct: {train: full}}",
+            "a Train section set to full: expected a mapping of encoder, encoder_last_n, "
+            "connector, llm (set in experiment/typo.yaml)",
+        ),
+    ],
+)
+def test_a_preset_with_a_key_a_section_lacks_is_one_line_naming_it(tmp_path, yaml, message):
+    """A section is a schema node: a config file that sets a key it lacks does not compose,
+    and the error is one line with the key, a close match and the valid keys."""
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "typo.yaml").write_text(
+        f"# @package _global_\ndefaults:\n  - tiny\n  - _self_\n{yaml}\n"
+    )
+    registry = Registry()
+    registry.config_dirs.append((str(tmp_path), Origin("test", "test", "0")))
+    with pytest.raises(ConfigError) as err:
+        compose(["experiment=typo"], registry)
+    assert str(err.value) == message
+
+
+def test_a_preset_may_add_keys_where_sections_are_open(registry):
+    """Open places still take new keys: a LoRA section (peft.LoraConfig's other keys), a
+    stage's own component nodes, and, with ``+``, any key (validation then judges it)."""
+    cfg = tiny(
+        "+stages.instruct.lora.init_lora_weights=gaussian",
+        "+conversation@stages.align.conversation=plain",
+        "+stages.align.prefix.mode=level",
+        registry=registry,
+    )
+    assert cfg.stages.instruct.lora.init_lora_weights == "gaussian"
+    assert cfg.stages.align.conversation.name == "plain" and cfg.stages.align.prefix.mode == "level"
+    assert config_errors(tiny("+stages.instruct.lora.use_dorra=true", registry=registry))
 
 
 def test_check_schedule_is_part_of_validation(registry):

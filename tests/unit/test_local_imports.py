@@ -78,11 +78,13 @@ ALLOWED: dict[str, dict[str, str]] = {
         "hydra.core.hydra_config": CLI,
         "hydra.types": CLI,
         "hydra": CLI,
+        "mmbridge.config.store": CLI,
     },
     "config/__init__.py": {
         "hydra": STARTUP,
         "hydra.core.global_hydra": STARTUP,
         "hydra.errors": STARTUP,
+        "mmbridge.config.store": STARTUP,  # imports hydra's ConfigStore
     },
     "config/preflight.py": {
         "hydra.core.override_parser.overrides_parser": STARTUP,

@@ -1,7 +1,8 @@
-"""A default changed in one place (the schema's section dataclass, read through
-mmbridge.runtime.config.RunConfig) takes effect in the training path (the session ``train``
-opens) and in the evaluation path (a checkpoint's session), for a config that does not set the
-key (one stored before the key existed)."""
+"""A default changed in one place (the schema's section dataclass) takes effect everywhere:
+composed configs (mmbridge.config.store registers the schema as the nodes conf/ starts from, so
+no YAML repeats it), the typed mmbridge.runtime.config.RunConfig, and what the run reads -- the
+stage's data set, the evaluation settings -- in training and in evaluation, also for a config
+that does not set the key (one stored before the key existed)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import dataclasses
 import pytest
 import torch
 from helpers import shared_registry
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 import mmbridge.runtime.config as run_config
 from mmbridge.config import compose
-from mmbridge.config.schema import Evaluation, Loader
+from mmbridge.config.schema import Evaluation, Loader, Stage
 from mmbridge.model import assemble
+from mmbridge.runtime.config import RunConfig
 from mmbridge.runtime.session import open_session, session_from_checkpoint
+from mmbridge.runtime.stage import prepare_stage
 from mmbridge.training.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,7 +42,8 @@ def changed_defaults(monkeypatch):
 
 
 def _without_the_keys():
-    cfg = compose(["experiment=tiny", "encoder.image_size=32"], shared_registry())
+    composed = compose(["experiment=tiny", "encoder.image_size=32"], shared_registry())
+    cfg = OmegaConf.create(OmegaConf.to_container(composed))  # stored: plain YAML
     assert cfg.loader.max_text_tokens != 40 and cfg.evaluation.max_new_tokens != 5
     with open_dict(cfg):
         del cfg.loader["max_text_tokens"], cfg.evaluation["max_new_tokens"]
@@ -57,3 +61,35 @@ def test_a_schema_default_reaches_training_and_evaluation(changed_defaults, tmp_
     evaluated, _ = session_from_checkpoint(str(out), with_data=False, registry=registry)
     assert evaluated.chat.max_length == 40 and evaluated.run.evaluation.max_new_tokens == 5
     assert evaluated.run.loader == trained.run.loader  # one parse, one set of defaults
+
+
+def change_default(monkeypatch, cls: type, name: str, value) -> None:
+    """What editing the default of ``cls.name`` in mmbridge/config/schema.py does, for this test
+    only: the field's default, the class attribute and the constructor's default."""
+    field = cls.__dataclass_fields__[name]
+    assert field.default_factory is dataclasses.MISSING  # a plain default
+    monkeypatch.setattr(field, "default", value)
+    monkeypatch.setattr(cls, name, value)
+    init, names = cls.__init__, [f.name for f in dataclasses.fields(cls)]
+    assert len(init.__defaults__) == len(names)  # every field has a default
+    monkeypatch.setattr(
+        init,
+        "__defaults__",
+        tuple(value if n == name else d for n, d in zip(names, init.__defaults__, strict=True)),
+    )
+
+
+def test_a_default_changed_in_the_schema_alone_takes_effect_everywhere(monkeypatch, tmp_path):
+    change_default(monkeypatch, Evaluation, "max_new_tokens", 5)
+    change_default(monkeypatch, Stage, "split", "val")
+    registry = shared_registry()
+    overrides = ["data.n_train=8", "data.n_val=6", "data.n_test=4", f"paths.data_dir={tmp_path}"]
+    cfg = compose(["experiment=tiny", "encoder.image_size=32", *overrides], registry)
+    # the composed config: neither key is set by conf/ (train.yaml, stage/, experiment/tiny.yaml)
+    assert cfg.evaluation.max_new_tokens == 5
+    assert cfg.stages.align.split == cfg.stages.instruct.split == "val"
+    assert RunConfig.parse(cfg).evaluation.max_new_tokens == 5  # the typed sections
+    session = open_session(cfg, registry, cache=False)
+    assert session.run.evaluation.max_new_tokens == 5  # what the evaluation runner is given
+    stage = prepare_stage(session, "align", check=False)  # the stage trains on its split
+    assert stage.train_ds.split == "val" and len(stage.train_ds) == len(session.splits["val"]) == 6

@@ -18,6 +18,12 @@ def _cfg(*overrides: str):
     return compose(["experiment=tiny", *overrides], shared_registry())
 
 
+def _stored(cfg):
+    """``cfg`` as a checkpoint stores it: plain YAML (a composed config's sections are schema
+    nodes, which have every key and delete none)."""
+    return OmegaConf.create(OmegaConf.to_container(cfg))
+
+
 def test_sections_carry_the_configs_values_typed():
     run = RunConfig.parse(
         _cfg(
@@ -34,7 +40,7 @@ def test_sections_carry_the_configs_values_typed():
 
 
 def test_a_key_a_stored_config_lacks_takes_the_schema_default():
-    cfg = _cfg("evaluation.tool_max_new_tokens=9")
+    cfg = _stored(_cfg("evaluation.tool_max_new_tokens=9"))
     with open_dict(cfg):  # a checkpoint's config written before these keys existed
         del cfg.evaluation["tool_max_new_tokens"], cfg.evaluation["reference_asr_tool"]
         del cfg.loader["group_by_length"], cfg["progress_every"]
@@ -51,7 +57,7 @@ def test_a_default_changed_in_the_schema_reaches_the_parsed_run(monkeypatch):
         tool_max_new_tokens: int = 7
 
     monkeypatch.setattr(run_config, "Evaluation", Changed)
-    cfg = _cfg()
+    cfg = _stored(_cfg())
     with open_dict(cfg):
         del cfg.evaluation["tool_max_new_tokens"]
     assert RunConfig.parse(cfg).evaluation.tool_max_new_tokens == 7
