@@ -27,10 +27,12 @@ from typing import Any, cast
 
 import torch
 
+from mmbridge.config import compose
 from mmbridge.contracts.types import Sample, placeholder
 from mmbridge.data.inputs import MediaError, MediaFiles
 from mmbridge.errors import ConfigError
 from mmbridge.registry import Registry
+from mmbridge.registry.plugin_manager import load_registry
 
 #: Media keyword arguments, in the order their placeholders precede a prompt.
 MEDIA = ("image", "audio", "video")
@@ -320,9 +322,7 @@ def train(
         RunExistsError: ``run_dir`` holds a run, finished or started (continue it with
             ``resume=DIR`` among the overrides, or give another directory).
     """
-    from mmbridge.config import compose
-    from mmbridge.registry.plugin_manager import load_registry
-    from mmbridge.runtime.task import run_task
+    from mmbridge.runtime.task import run_task  # the run layer: `import mmbridge` stays light
 
     registry = registry or load_registry()
     overrides = list(overrides)

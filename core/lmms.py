@@ -33,6 +33,7 @@ from PIL import Image
 from mmbridge.contracts.types import Sample, placeholder
 from mmbridge.data.chat import IGNORE
 from mmbridge.errors import ConfigError, DataError
+from mmbridge.registry.plugin_manager import load_registry
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,8 @@ class MMBridgeLMM(lmms):
             raise ConfigError(f"lmms-eval batch_size={batch_size}: must be at least 1")
         self.max_new_tokens = int(max_new_tokens)
 
-        from mmbridge.registry.plugin_manager import load_registry
+        # lmms-eval imports this module for every model it lists (the entry point): the session
+        # layer (Lightning, seconds) loads only when an mmbridge model is built
         from mmbridge.runtime.session import session_from_checkpoint
 
         session, _ = session_from_checkpoint(

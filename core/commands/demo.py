@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mmbridge.api import load
 from mmbridge.errors import ConfigError
 
 USAGE = """usage: mmbridge demo checkpoint=PATH [checkpoint=PATH2] [host=127.0.0.1] [port=7860]
@@ -162,8 +163,6 @@ def main(argv: list[str]) -> int:
         raise ConfigError(
             f"mmbridge demo needs Gradio ({exc}): pip install 'mmbridge[demo]'"
         ) from exc
-    from mmbridge.api import load
-
     models = {
         name: load(c, device=own.get("device")) for name, c in zip(names(checkpoints), checkpoints)
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from mmbridge.api import load
 from mmbridge.commands.evaluate import parse_kv
 from mmbridge.errors import ConfigError
 
@@ -49,8 +50,6 @@ def main(argv: list[str]) -> int:
             if not p.is_file():
                 raise ConfigError(f"{m}={own[m]}: no such file")
             media[m] = str(p.resolve())
-    from mmbridge.api import load
-
     # a run's checkpoint or a format=bundle export; the prompt is built as the Python API builds it
     model = load(own["checkpoint"], device=own.get("device"), overrides=overrides)
     for m in media:

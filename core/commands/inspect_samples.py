@@ -7,6 +7,7 @@ import argparse
 import json
 
 from mmbridge.errors import ConfigError
+from mmbridge.runtime.inspection import format_records, inspect
 
 #: ``key=value`` arguments of the command itself (not config overrides).
 OPTIONS = ("stage", "n")
@@ -53,11 +54,6 @@ def main(argv: list[str]) -> int:
         n = int(options.get("n", "2"))
     except ValueError:
         raise ConfigError(f"n={options['n']}: expected a number of samples >= 1") from None
-    from mmbridge.runtime.inspection import (  # the run layer, when the command runs
-        format_records,
-        inspect,
-    )
-
     records = inspect(overrides, stage=options.get("stage"), n=n, images=args.images)
     if args.json:
         print(json.dumps(records, ensure_ascii=False))

@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+import mmbridge
 from mmbridge.commands.evaluate import parse_kv
 from mmbridge.errors import ConfigError
 
@@ -74,8 +75,6 @@ def main(argv: list[str]) -> int:
             f"mmbridge serve needs FastAPI and uvicorn ({exc.name} is missing): "
             f"pip install 'mmbridge[serve]'"
         ) from None
-    import mmbridge
-
     local = _flag(own.get("allow_local_files", "false"), "allow_local_files")
     model = mmbridge.load(own["checkpoint"], device=own.get("device"), overrides=overrides)
     name = own.get("name") or str(model.session.cfg.get("run_name") or Path(own["checkpoint"]).name)

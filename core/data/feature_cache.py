@@ -27,19 +27,17 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from filelock import FileLock
+from rich.progress import Progress, TaskID
 from torch.utils.data import DataLoader, Dataset
 
 from mmbridge.contracts.encoder import ModalityEncoder
 from mmbridge.data import shards
 from mmbridge.errors import DataError
 from mmbridge.utils.cache_integrity import move_aside
-
-if TYPE_CHECKING:
-    from rich.progress import Progress, TaskID
 
 log = logging.getLogger("mmbridge.cache")
 
@@ -156,8 +154,6 @@ class _Progress:
         self._bar: Progress | None = None
         self._task: TaskID | None = None
         if sys.stderr is not None and sys.stderr.isatty():
-            from rich.progress import Progress
-
             self._bar = Progress(transient=True)
 
     def __enter__(self) -> _Progress:

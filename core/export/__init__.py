@@ -13,6 +13,7 @@ into a temporary directory beside ``out`` and renamed into place when complete.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -21,10 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from mmbridge.config.model_spec import weight_nodes
 from mmbridge.errors import ConfigError
+from mmbridge.export.bundle import MANIFEST, bundle_config, model_files, read_manifest, write_bundle
+from mmbridge.export.card import model_card
+from mmbridge.export.source import open_model, run_directory
 from mmbridge.registry import Registry
+from mmbridge.registry.plugin_manager import load_registry
+from mmbridge.training.checkpoint import component_origins, read_checkpoint
 from mmbridge.utils.io import check_free_space
 from mmbridge.utils.run_lock import refuse_clobbering
 
@@ -32,9 +39,9 @@ FORMATS = ("hf", "peft", "bundle")
 
 
 def _writer(fmt: str) -> Callable[[Any, dict[str, str], Path], dict[str, Any]]:
+    # peft_format and hf import PEFT and transformers' Llava (a second): `mmbridge.load` and
+    # `mmbridge eval` import this package (for .source) and need neither
     if fmt == "bundle":
-        from mmbridge.export.bundle import write_bundle
-
         return write_bundle
     if fmt == "peft":
         from mmbridge.export.peft_format import write_peft
@@ -67,11 +74,6 @@ def float32_overrides(checkpoint: str | Path, registry: Registry) -> list[str]:
     connector and LoRA; merging the LoRA into bf16 weights would round it. The float32 export
     is the model exactly; load it with ``dtype=torch.bfloat16`` for speed.
     """
-    from omegaconf import OmegaConf
-
-    from mmbridge.export.bundle import bundle_config, read_manifest
-    from mmbridge.training.checkpoint import read_checkpoint
-
     p = Path(checkpoint).expanduser()
     manifest = read_manifest(p) if p.is_dir() else None
     cfg = (
@@ -111,11 +113,6 @@ def export(
         ConfigError: an unknown format, an existing ``out``, or (``hf``) a part Llava cannot
             represent exactly, named, with ``format=bundle`` as the way out.
     """
-    from mmbridge.export.bundle import MANIFEST
-    from mmbridge.export.card import model_card
-    from mmbridge.export.source import open_model, run_directory
-    from mmbridge.registry.plugin_manager import load_registry
-
     if format not in FORMATS:
         raise ConfigError(f"format={format}: unknown export format; valid: {', '.join(FORMATS)}")
     dst = Path(out).expanduser()
@@ -136,10 +133,6 @@ def export(
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
     try:
         manifest = _writer(format)(session, meta, tmp)
-        import json
-
-        from mmbridge.training.checkpoint import component_origins
-
         origins = component_origins(session.cfg, registry)
         (tmp / "README.md").write_text(
             model_card(
@@ -167,8 +160,6 @@ def export(
 def _size_estimate(session: Any, fmt: str) -> int:
     """Bytes an export writes, about: the tensors (float32 for ``hf``, the trained ones alone
     for ``peft``) plus, for a bundle, the model files it copies."""
-    from mmbridge.export.bundle import model_files
-
     model = session.model
     tensors = model.trainable_state_dict() if fmt == "peft" else model.state_dict()
     unique = {t.data_ptr(): t for t in tensors.values()}.values()  # tied weights once

@@ -23,11 +23,14 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
+from mmbridge.config import compose
 from mmbridge.config.model_spec import node_at, nodes_of
+from mmbridge.config.validation import validate_config
 from mmbridge.data.chat import IGNORE, ChatEncoder
 from mmbridge.data.conversation import stage_conversation
 from mmbridge.errors import ConfigError
-from mmbridge.registry import Registry
+from mmbridge.model import assemble
+from mmbridge.registry import Registry, plugin_manager
 from mmbridge.registry.assets import resolve_model_path
 
 #: Above this many samples in a stage's split, only the first ``4 n + 8`` go through the recipe.
@@ -204,16 +207,12 @@ def inspect(
         ConfigError: an unknown stage, ``n < 1``, or an invalid config.
     """
     # the run layer (torch, lightning, transformers) on demand: `import mmbridge` stays light
-    from mmbridge.config import compose
-    from mmbridge.config.validation import validate_config
-    from mmbridge.model import assemble
-    from mmbridge.registry.plugin_manager import load_registry
     from mmbridge.runtime.session import Session, load_splits, load_stage_splits
     from mmbridge.runtime.stage import prepare_stage
 
     if n < 1:
         raise ConfigError(f"n={n}: expected a number of samples >= 1")
-    registry = registry or load_registry()
+    registry = registry or plugin_manager.load_registry()
     cfg = compose(list(overrides), registry)
     validate_config(cfg, registry)
     name = str(stage if stage is not None else cfg.schedule[0])

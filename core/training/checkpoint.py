@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
@@ -37,8 +38,6 @@ from mmbridge.model import MultimodalModel
 from mmbridge.utils.io import atomic_write_bytes, atomic_write_text, check_free_space
 
 if TYPE_CHECKING:
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     from mmbridge.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -433,8 +432,6 @@ def checkpoint_callback(
     point back at the last periodic one. A step saved again after a resume overwrites its file
     instead of adding ``-v1`` copies.
     """
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     return (cls or ModelCheckpoint)(
         dirpath=ckpt_dir,
         filename="{step}",

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
 from mmbridge.model import MultimodalModel, assemble
 from mmbridge.training.checkpoint import load_weights
@@ -96,8 +98,6 @@ def saved_names(model: MultimodalModel) -> set[str]:
 def is_fsdp(model: nn.Module) -> bool:
     """Whether FSDP (``FullyShardedDataParallel``, which wraps modules in place, or FSDP2's
     ``fully_shard``, which shards them in place) sharded some of ``model``'s modules."""
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
     return any(isinstance(m, FullyShardedDataParallel | FSDPModule) for m in model.modules())
 
 
@@ -138,8 +138,6 @@ def gather_weights(
     """
     names = saved_names(model)
     if is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         if root is None:
             raise ValueError("gather_weights: an FSDP model needs the wrapped root module")
         full = get_model_state_dict(

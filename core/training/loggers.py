@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 
 from mmbridge.config.schema import LOGGERS, Root
 from mmbridge.errors import ConfigError
@@ -89,8 +89,6 @@ def make_loggers(run: Root, out_dir: Path, stage: str) -> list[Logger]:
                     "loggers: 'wandb' needs the wandb package (pip install wandb); "
                     f"or drop it from loggers (available: {', '.join(LOGGERS)})"
                 )
-            from lightning.pytorch.loggers import WandbLogger
-
             root.mkdir(parents=True, exist_ok=True)
             run_name = str(run.run_name or Root().run_name)
             loggers.append(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, TypeGuard
 
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from mmbridge.errors import ConfigError
@@ -77,8 +78,6 @@ def make_strategy(trainer_cfg: Any, model: MultimodalModel, precision: str | Non
     strategy = trainer_cfg.get("strategy", "auto")
     if strategy != "fsdp":
         return strategy
-    from lightning.pytorch.strategies import FSDPStrategy
-
     try:
         classes = block_classes(model)
     except AttributeError as exc:
