@@ -34,8 +34,6 @@ from mmbridge.data.inputs import MediaFiles, MediaTooLarge
 from mmbridge.errors import MMBridgeError
 
 log = logging.getLogger(__name__)
-#: The request keys read; others (``frequency_penalty``, ``user``, ...) are accepted and ignored.
-SAMPLING = ("temperature", "top_p", "seed", "stop", "max_tokens", "max_completion_tokens", "n")
 
 
 class RequestError(MMBridgeError):

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmbridge.contracts.tools import Tool
+from mmbridge.contracts.tools import spec_of as spec_of  # the callers' and recipes' import
 from mmbridge.contracts.types import ToolCall, placeholder
 from mmbridge.errors import ToolError, did_you_mean
 
@@ -82,22 +83,6 @@ def format_result(name: str, result: str) -> str:
 def parse_results(text: str) -> list[tuple[str, str]]:
     """``(name, result)`` of each ``<tool_result>`` block in ``text``."""
     return [(html.unescape(n), r) for n, r in _RESULT_RE.findall(text)]
-
-
-def spec_of(tool: Tool | type[Tool], name: str | None = None) -> dict[str, Any]:
-    """The function-calling spec of a tool instance or class (class attributes only).
-
-    ``name``: the name the tool is registered as (a class knows it only if it sets ``name``
-    itself; an instance made by the registry carries it). Default: ``tool.name``.
-    """
-    return {
-        "type": "function",
-        "function": {
-            "name": name if name is not None else tool.name,
-            "description": tool.description,
-            "parameters": tool.parameters,
-        },
-    }
 
 
 def system_prompt(specs: Sequence[Mapping[str, Any]]) -> str:

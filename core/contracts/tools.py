@@ -30,15 +30,25 @@ class Tool(ABC):
         """Run the tool; return its result as text. Raise to signal a failure."""
 
     def spec(self) -> dict[str, Any]:
-        """The function-calling description of this tool (OpenAI / HF chat-template style)."""
-        return {
-            "type": "function",
-            "function": {
-                "name": self.name,
-                "description": self.description,
-                "parameters": self.parameters,
-            },
-        }
+        """The function-calling description of this tool (OpenAI / HF chat-template style):
+        :func:`spec_of` this instance."""
+        return spec_of(self)
+
+
+def spec_of(tool: Tool | type[Tool], name: str | None = None) -> dict[str, Any]:
+    """The function-calling spec of a tool instance or class (class attributes only).
+
+    ``name``: the name the tool is registered as (a class knows it only if it sets ``name``
+    itself; an instance made by the registry carries it). Default: ``tool.name``.
+    """
+    return {
+        "type": "function",
+        "function": {
+            "name": name if name is not None else tool.name,
+            "description": tool.description,
+            "parameters": tool.parameters,
+        },
+    }
 
 
 #: ``generate(messages) -> assistant text``: how a caller asks the LLM for a reply.

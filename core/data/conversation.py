@@ -53,12 +53,6 @@ LLAMA_2_SYSTEM = (
     "coherent, explain why instead of answering something not correct. If you don't know the "
     "answer to a question, please don't share false information."
 )
-#: LLaVA's ``conv_llava_llama_2`` system line (a vision assistant).
-LLAVA_LLAMA_2_SYSTEM = (
-    "You are a helpful language and vision assistant. You are able to understand the visual "
-    "content that the user provides, and assist the user with a variety of tasks using natural "
-    "language."
-)
 
 #: The ``conversation.name`` options.
 FORMATS = ("native", "plain", "vicuna_v1", "llama_2", "chatml")

@@ -23,13 +23,6 @@ from mmbridge.errors import DataError
 log = logging.getLogger(__name__)
 
 
-class BranchLike(Protocol):
-    """What the data layer needs of a modality's branch (:class:`mmbridge.model.Branch`)."""
-
-    encoder: ModalityEncoder
-    connector: Connector
-
-
 class _ByModality(Protocol):
     def items(self) -> Iterable[tuple[str, Any]]: ...
 

@@ -161,7 +161,6 @@ class ShardWriter:
         self._file: BinaryIO | None = None
         self._hash: hashlib._Hash | None = None
         self._lengths: list[int] = []
-        self.bytes_written = 0
 
     def add(self, row: int, feats: np.ndarray) -> None:
         """Append ``row``'s features ``[N, D]`` (float16)."""
@@ -183,7 +182,6 @@ class ShardWriter:
             raise storage_error(self.entry / f"{shard_name(k)}.partial", exc, len(data)) from exc
         self._hash.update(data)
         self._lengths.append(int(feats.shape[0]))
-        self.bytes_written += len(data)
         if len(self._lengths) == len(expected):
             self._publish()
 

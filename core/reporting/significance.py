@@ -191,7 +191,7 @@ def compare(
         ``{row.config: [Comparison(test/exact_match), Comparison(test/exact_match/<qtype>), ...]}``;
         a row sharing no question with the baseline gets an empty list.
     """
-    b_types, b_correct, b_keys = _row_table(baseline)
+    _, b_correct, b_keys = _row_table(baseline)
     b_index = {k: i for i, k in enumerate(b_keys)}
     out: dict[tuple[str, ...], list[Comparison]] = {}
     for row in rows:

@@ -23,9 +23,6 @@ from mmbridge.errors import ConfigError
 
 Groups = list[dict[str, Any]]
 
-#: The components a learning rate can be set for (``optimizer.<component>_lr``).
-LR_COMPONENTS = ("connector", "encoder", "llm")
-
 
 def _no_decay(module: nn.Module, name: str, p: torch.Tensor) -> bool:
     """Biases, normalisation weights (LayerNorm, RMSNorm, GroupNorm, ... by class name) and any
