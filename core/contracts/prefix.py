@@ -1,6 +1,11 @@
 """Contract of a sequence prefix: learned tokens placed at the start of the LLM's input,
 computed per sample (AlignGPT's alignment-level indicator is one, arXiv 2405.14129).
 
+One concept, named per layer: this contract (registry kind ``prefix``); the config node that
+chooses one, ``alignment`` (group ``conf/alignment/``; ``null`` = no prefix), with a stage's
+settings for it under ``stages.<name>.prefix``; the built-in ``aligngpt`` in
+:mod:`mmbridge.plugins.alignment`. ``docs/concepts/index.md`` says the same.
+
 The collator reserves ``n_tokens`` slots at the start of every sequence (after a BOS token
 when the template starts with one); the model fills them with ``forward``'s output.
 """

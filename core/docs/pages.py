@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import mmbridge
 from mmbridge.cli import COMMANDS
 from mmbridge.config import schema
 from mmbridge.registry import KINDS, Entry, Registry
@@ -96,6 +97,12 @@ def _arguments(entry: Entry) -> list[str]:
     return rows
 
 
+def _import_name(cls: type) -> str:
+    """``mmbridge.X`` where the package exports ``cls``, else its module path."""
+    exported = getattr(mmbridge, cls.__name__, None) is cls
+    return f"mmbridge.{cls.__name__}" if exported else f"{cls.__module__}.{cls.__qualname__}"
+
+
 def components_page(registry: Registry) -> str:
     """Every registered component by kind: its class, first sentence and arguments."""
     out = [
@@ -109,7 +116,7 @@ def components_page(registry: Registry) -> str:
         entries = sorted(registry.entries(kind), key=lambda e: e.name)
         if not entries:
             continue
-        out.append(f"## {kind}\n\nSubclasses of `mmbridge.{base.__name__}`; chosen in `{group}`.\n")
+        out.append(f"## {kind}\n\nSubclasses of `{_import_name(base)}`; chosen in `{group}`.\n")
         for e in entries:
             out.append(
                 f"### `{e.name}`\n\n`{e.cls.__module__}.{e.cls.__qualname__}`: "

@@ -1,4 +1,7 @@
-"""AlignGPT's adaptive alignment (arXiv 2405.14129): alignment-level indicators and the gate."""
+"""AlignGPT's adaptive alignment (arXiv 2405.14129): alignment-level indicators and the gate.
+
+The built-in sequence prefixes (:class:`~mmbridge.contracts.prefix.SequencePrefix`, registry
+kind ``prefix``), chosen in the config node ``alignment`` (``alignment=aligngpt``)."""
 
 from __future__ import annotations
 
