@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import os
 import re
 import tempfile
 import wave
@@ -27,10 +26,8 @@ from PIL import Image, UnidentifiedImageError
 
 from mmbridge.contracts.types import placeholder
 from mmbridge.errors import ConfigError
+from mmbridge.utils.media_io import check_image_size, image_limit, pil_guard_error
 
-#: The pixel limit's environment variable (the encoders' image reader reads the same one).
-MAX_PIXELS_ENV = "MMBRIDGE_MAX_IMAGE_PIXELS"
-DEFAULT_MAX_PIXELS = 64_000_000
 _DATA_URL = re.compile(
     r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?),(?P<data>.*)", re.S
 )
@@ -41,19 +38,8 @@ class MediaError(ConfigError):
 
 
 class MediaTooLarge(MediaError):
-    """An image over ``MMBRIDGE_MAX_IMAGE_PIXELS`` (the server answers 413)."""
-
-
-def max_pixels() -> int:
-    """``$MMBRIDGE_MAX_IMAGE_PIXELS`` (default 64 M pixels)."""
-    raw = os.environ.get(MAX_PIXELS_ENV, "").strip().replace("_", "")
-    try:
-        value = int(raw) if raw else DEFAULT_MAX_PIXELS
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ConfigError(f"{MAX_PIXELS_ENV}={raw!r} must be a positive integer (pixels)")
-    return value
+    """An image over ``MMBRIDGE_MAX_IMAGE_PIXELS`` (the server answers 413); the check and its
+    message are :func:`mmbridge.utils.media_io.check_image_size`, as for a run's files."""
 
 
 def decode_data_url(url: str) -> tuple[str, bytes]:
@@ -73,29 +59,19 @@ def decode_data_url(url: str) -> tuple[str, bytes]:
     return mime, data.encode()
 
 
-def _check_size(width: int, height: int, what: str) -> None:
-    limit = max_pixels()
-    if width * height > limit:
-        raise MediaTooLarge(
-            f"{what}: too large: {width}x{height} = {width * height} pixels is over the "
-            f"limit of {limit} pixels ({MAX_PIXELS_ENV})"
-        )
-
-
 def _image_bytes(raw: bytes, what: str) -> tuple[bytes, str]:
     """Check encoded image bytes (header size first, then a full decode); -> (bytes, suffix)."""
+    limit = image_limit()
     try:
         with Image.open(io.BytesIO(raw)) as img:
-            _check_size(*img.size, what)  # from the header, before any pixel is decoded
+            # from the header, before any pixel is decoded
+            check_image_size(*img.size, what, limit, error=MediaTooLarge)
             fmt = (img.format or "png").lower()
             img.load()
     except MediaError:
         raise
     except Image.DecompressionBombError as exc:  # PIL's own guard (past twice its limit)
-        raise MediaTooLarge(
-            f"{what}: the image is too large: {exc} (the limit is {max_pixels()} "
-            f"pixels, {MAX_PIXELS_ENV})"
-        ) from None
+        raise pil_guard_error(exc, what, limit, error=MediaTooLarge) from None
     except (UnidentifiedImageError, OSError, ValueError, EOFError, SyntaxError) as exc:
         raise MediaError(f"{what}: not a readable image ({type(exc).__name__}: {exc})") from None
     return raw, {"jpeg": ".jpg"}.get(fmt, f".{fmt}")
@@ -213,7 +189,7 @@ class MediaFiles:
                 f"{what}: {type(value).__name__} is not an image; give a path, a "
                 f"data: URL, a PIL.Image, a numpy array or encoded bytes"
             )
-        _check_size(*img.size, what)
+        check_image_size(*img.size, what, error=MediaTooLarge)
         if img.mode not in ("RGB", "RGBA", "L", "LA", "P", "I;16", "1"):
             img = img.convert("RGB")
         path = self._new(".png")

@@ -3,7 +3,8 @@ one size limit for all of them).
 
 Images: :func:`open_image` refuses a file from its header alone when it claims more pixels than
 ``$MMBRIDGE_MAX_IMAGE_PIXELS`` (default 64 megapixels), before any pixel is decoded;
-:func:`load_rgb` decodes it as RGB.
+:func:`load_rgb` decodes it as RGB. :func:`check_image_size` is that limit's one check, also
+applied to the media a caller hands over (:mod:`mmbridge.data.inputs`).
 
 Audio, without ffmpeg or torchaudio: decode wav/flac, mix down to mono, resample.
 ``soundfile`` (libsndfile: wav, flac, ogg) is used when installed; otherwise the standard
@@ -15,6 +16,7 @@ down-sampling), which is what Whisper's 16 kHz front end needs from 22.05/44.1/4
 from __future__ import annotations
 
 import os
+import re
 import struct
 import wave
 from fractions import Fraction
@@ -63,6 +65,62 @@ def max_image_pixels() -> int:
     return value
 
 
+def image_limit(max_pixels: int | None = None) -> int:
+    """The pixel limit to apply (``max_pixels``, default :func:`max_image_pixels`), with PIL's
+    own guard (``PIL.Image.MAX_IMAGE_PIXELS``) raised to match where the limit is above it, so
+    that the limit asked for is the one applied."""
+    limit = max_image_pixels() if max_pixels is None else int(max_pixels)
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit
+    return limit
+
+
+def _too_large(what: str, size: str, limit: int) -> str:
+    return (
+        f"{what} is too large: {size}, over the limit of {limit} pixels (a decompression "
+        f"bomb, or set {MAX_PIXELS_ENV} to allow larger images)"
+    )
+
+
+def check_image_size(
+    width: int,
+    height: int,
+    what: str,
+    max_pixels: int | None = None,
+    error: type[Exception] = DataError,
+) -> None:
+    """The one pixel-limit check of every image mmbridge reads: the files of a run and its tools
+    (:func:`open_image`, from the header) and the media a caller hands over
+    (:class:`mmbridge.data.inputs.MediaFiles`: encoded bytes from their header, PIL images and
+    arrays from their size), all with one message.
+
+    Args:
+        width: The image's width in pixels.
+        height: Its height.
+        what: The image as the message names it (``image 'PATH'``, ``messages[0].content[1]``).
+        max_pixels: Largest ``width * height`` accepted (default: :func:`max_image_pixels`).
+        error: The exception to raise: :class:`~mmbridge.errors.DataError` for a run's files;
+            the caller's media raise ``MediaTooLarge`` (the server answers 413).
+    """
+    limit = max_image_pixels() if max_pixels is None else int(max_pixels)
+    if width * height > limit:
+        raise error(_too_large(what, f"{width}x{height} = {width * height} pixels", limit))
+
+
+def pil_guard_error(
+    exc: Image.DecompressionBombError,
+    what: str,
+    max_pixels: int | None = None,
+    error: type[Exception] = DataError,
+) -> Exception:
+    """:func:`check_image_size`'s error for an image PIL's own guard refused in ``Image.open``
+    (a header claiming more than twice ``PIL.Image.MAX_IMAGE_PIXELS``), with the pixel count
+    PIL reports."""
+    limit = max_image_pixels() if max_pixels is None else int(max_pixels)
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    return error(_too_large(what, f"{found[1]} pixels" if found else str(exc), limit))
+
+
 def open_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
     """Open an image lazily and refuse it, from its header alone, when it is too large.
 
@@ -80,9 +138,7 @@ def open_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
         DataError: the file is missing, not an image, or larger than the limit; the message
             names the file, its size and the limit.
     """
-    limit = max_image_pixels() if max_pixels is None else int(max_pixels)
-    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = limit
+    limit = image_limit(max_pixels)
     try:
         img = Image.open(path)
     except FileNotFoundError:
@@ -93,20 +149,14 @@ def open_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
             f"(unknown format, or the file is empty or damaged)"
         ) from None
     except Image.DecompressionBombError as exc:  # PIL's guard, for sizes past twice its limit
-        raise DataError(
-            f"image '{path}' is too large: {exc} (the limit is {limit} pixels; a "
-            f"decompression bomb, or set {MAX_PIXELS_ENV} to allow it)"
-        ) from None
+        raise pil_guard_error(exc, f"image '{path}'", limit) from None
     except _DECODE_ERRORS as exc:
         raise DataError(f"cannot read image '{path}': {type(exc).__name__}: {exc}") from None
-    width, height = img.size
-    if width * height > limit:
+    try:
+        check_image_size(*img.size, f"image '{path}'", limit)  # the header's size
+    except DataError:
         img.close()
-        raise DataError(
-            f"image '{path}' is too large: its header says {width}x{height} = "
-            f"{width * height} pixels, over the limit of {limit} pixels (a "
-            f"decompression bomb, or set {MAX_PIXELS_ENV} to allow it)"
-        )
+        raise
     return img
 
 

@@ -343,6 +343,38 @@ def test_the_pixel_limit_is_configurable(tmp_path: Path, monkeypatch: pytest.Mon
         load_rgb(str(big))
 
 
+def test_files_and_handed_over_media_meet_one_pixel_limit_with_one_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's image file (DataError) and the same image handed to the API or the server as a
+    path, bytes, a PIL image or an array (MediaTooLarge: 413) are refused by one check, in one
+    message but for how the image is named; PIL's own guard (a header past twice its limit) is
+    worded the same way."""
+    import numpy as np
+
+    from mmbridge.data.inputs import MediaFiles, MediaTooLarge
+
+    path = real_png(tmp_path / "small.png", (16, 16))
+    bomb = png_claiming(tmp_path / "bomb.png", 40_000, 40_000)
+    monkeypatch.setenv(MAX_PIXELS_ENV, "255")
+    pil = Image.new("RGB", (16, 16), (200, 30, 30))
+    for file, handed, size in [
+        (path, [str(path), path.read_bytes(), pil, np.asarray(pil)], "16x16 = 256 pixels"),
+        (bomb, [str(bomb), bomb.read_bytes()], "1600000000 pixels"),
+    ]:
+        with pytest.raises(DataError) as err:
+            load_rgb(str(file))
+        message = str(err.value)
+        assert message.startswith(f"image '{file}' is too large: {size}, over the limit of 255 ")
+        assert MAX_PIXELS_ENV in message
+        tail = message.removeprefix(f"image '{file}'")
+        with MediaFiles() as files:
+            for value in handed:
+                with pytest.raises(MediaTooLarge) as too_large:
+                    files.image(value, "image")
+                assert str(too_large.value).endswith(tail), type(value)
+
+
 @pytest.mark.parametrize("value", ["lots", "0", "-5", "1.5"])
 def test_a_bad_pixel_limit_names_the_variable(
     value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
