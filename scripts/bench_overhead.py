@@ -114,7 +114,7 @@ def setup(overrides: list[str], stage_name: str, batch_size: int) -> tuple[Any, 
         overrides = ["experiment=tiny", *overrides]
     cfg = compose(overrides, registry)
     session = open_session(cfg, registry, cache=False)
-    stage = cfg.stages[stage_name]
+    stage = session.run.stages[stage_name]
     data = prepare_stage(
         session,
         stage_name,
@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log("composing the config, assembling, building one batch ...")
     cfg, registry, session, batch = setup(args.overrides, args.stage, args.batch_size)
-    stage = cfg.stages[args.stage]
+    stage = session.run.stages[args.stage]
     check_model(session, stage.train)
     batch = to_device(batch, device)
     clip = float(cfg.trainer.gradient_clip_val or 0)

@@ -143,7 +143,7 @@ def open_run(args: argparse.Namespace) -> tuple[Any, Any, Any, str, list]:
     cfg = compose(args.overrides, registry)
     session = open_session(cfg, registry, cache=False)
     name = args.stage or cfg.schedule[0]
-    stage = cfg.stages[name]
+    stage = session.run.stages[name]
     n = (args.warmup + args.steps) * int(stage.batch_size)
     pool = session.splits[stage.split]
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(int(cfg.seed)))
@@ -182,7 +182,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg, registry, session, name, samples = open_run(args)
     model = session.model
-    stage = cfg.stages[name]
+    stage = session.run.stages[name]
     configure_trainable(model, stage)
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
     model.to(device).train()

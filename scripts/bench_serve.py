@@ -37,6 +37,7 @@ def untrained_checkpoint(out: Path, overrides: list[str]) -> Path:
     from mmbridge.config import compose
     from mmbridge.model import assemble
     from mmbridge.registry.plugin_manager import load_registry
+    from mmbridge.runtime.config import RunConfig
     from mmbridge.training.checkpoint import save_checkpoint
     from mmbridge.training.stages import configure_trainable
 
@@ -44,7 +45,7 @@ def untrained_checkpoint(out: Path, overrides: list[str]) -> Path:
     cfg = compose(overrides, registry)
     model = assemble(cfg, registry)
     for stage in ("align", "instruct"):
-        configure_trainable(model, cfg.stages[stage])
+        configure_trainable(model, RunConfig.parse(cfg).stages[stage])
     save_checkpoint(model, cfg, out, ["align", "instruct"], registry)
     return out
 

@@ -53,12 +53,13 @@ def held_out(checkpoint: Path, n: int) -> list[dict[str, str]]:
     """``n`` questions of the run's test split: ``{id, image, question, reference}``; sample
     ``k`` gives its question ``k mod (its question count)``, so the question types vary."""
     from mmbridge.registry.plugin_manager import load_registry
+    from mmbridge.runtime.config import RunConfig
     from mmbridge.runtime.session import load_splits
     from mmbridge.training.checkpoint import read_checkpoint
 
     registry = load_registry()
     cfg = read_checkpoint(checkpoint, registry)[0]
-    splits = load_splits(cfg, registry)
+    splits = load_splits(RunConfig.parse(cfg), registry)
     split = "test" if "test" in splits else next(iter(splits))
     out = []
     for k, s in enumerate(splits[split][:n]):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from mmbridge.config.schema import Stage
     from mmbridge.registry import Registry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +33,14 @@ def shared_registry(autoload: bool = False) -> Registry:
     return load_registry(autoload=autoload)
 
 
+def stage_of(cfg, name: str) -> Stage:
+    """Stage ``name`` of a composed config, typed as the run reads it
+    (``RunConfig.parse(cfg).stages[name]``)."""
+    from mmbridge.runtime.config import RunConfig
+
+    return RunConfig.parse(cfg).stages[name]
+
+
 def make_checkpoint(
     out: Path,
     overrides: list[str],
@@ -53,7 +62,7 @@ def make_checkpoint(
     torch.manual_seed(seed)
     model = assemble(cfg, registry)
     for stage in schedule:
-        configure_trainable(model, cfg.stages[stage])
+        configure_trainable(model, stage_of(cfg, stage))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for n, p in model.named_parameters():

@@ -12,6 +12,7 @@ from mmbridge.config import compose
 from mmbridge.config.validation import validate_config
 from mmbridge.errors import ConfigError
 from mmbridge.registry.plugin_manager import load_registry
+from mmbridge.runtime.config import RunConfig
 
 #: ``key=value`` arguments of the command itself (not config overrides) -> their type.
 OPTIONS = {"gpu_memory_gb": float, "gpus": int, "images_per_sample": int, "data_samples": int}
@@ -63,6 +64,6 @@ def main(argv: list[str]) -> int:
     validate_config(cfg, registry)
     from mmbridge.runtime.plan import format_plan, make_plan  # torch and transformers, on demand
 
-    plan = make_plan(cfg, registry, **options)
+    plan = make_plan(RunConfig.parse(cfg), registry, **options)
     print(json.dumps(dataclasses.asdict(plan), indent=2) if args.json else format_plan(plan))
     return 0

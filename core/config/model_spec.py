@@ -12,7 +12,8 @@ resolution (:func:`weight_nodes`), and the export (bundle files, model card, flo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,3 +173,52 @@ def branch_problems(cfg: Mapping[str, Any]) -> list[str]:
         for name, node in (cfg.get(BRANCHES_KEY) or {}).items()
         if node is not None and (not isinstance(node, Mapping) or any(k not in node for k in keys))
     ]
+
+
+class ModelConfig(Mapping[str, Any]):
+    """The model part of a run's config, read-only: its top-level nodes
+    (:func:`top_level_nodes`: ``llm``, ``encoder``, ``connector``, ``branches``, ``alignment``)
+    as resolved plain mappings, what :attr:`mmbridge.runtime.config.RunConfig.model` holds.
+
+    :func:`model_nodes`, :func:`node_at`, :func:`branch_nodes` and the assembly read it as they
+    read a composed config; a node reaches its component's constructor through
+    :func:`mmbridge.config.build.build`. Reading a key gives a copy (nothing changes it in
+    place); :meth:`with_dtypes` is a copy with some nodes' ``dtype`` decided.
+    """
+
+    def __init__(self, nodes: Mapping[str, Any]) -> None:
+        self._nodes = copy.deepcopy(dict(nodes))
+
+    @classmethod
+    def of(cls, data: Mapping[str, Any]) -> ModelConfig:
+        """The model nodes of a config's resolved plain-dict form
+        (:func:`mmbridge.config.to_container`); the keys it does not set are left out."""
+        roots = dict.fromkeys(k.partition(".")[0] for k in top_level_nodes())  # in order
+        return cls({k: data[k] for k in roots if k in data})
+
+    def __getitem__(self, key: str) -> Any:
+        return copy.deepcopy(self._nodes[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._nodes)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __repr__(self) -> str:
+        return f"ModelConfig({self._nodes!r})"
+
+    def as_dict(self) -> dict[str, Any]:
+        """A plain-dict copy."""
+        return copy.deepcopy(self._nodes)
+
+    def with_dtypes(self, dtypes: Mapping[str, str]) -> ModelConfig:
+        """A copy with ``dtype`` set on the node at each key of ``dtypes`` (``encoder``,
+        ``branches.audio.encoder``)."""
+        out = ModelConfig(self._nodes)
+        for key, dtype in dtypes.items():
+            node = node_at(out._nodes, key)
+            if not isinstance(node, dict):
+                raise KeyError(f"no component node at '{key}'")
+            node["dtype"] = dtype
+        return out

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
+
+if TYPE_CHECKING:
+    from mmbridge.config.schema import Stage
 
 #: Slot name of the prefix in ``batch["slots"]``.
 PREFIX_SLOT = "_prefix"
@@ -63,6 +65,7 @@ class SequencePrefix(nn.Module, ABC):
             batch: The batch (``batch["meta"]`` holds the ``meta_keys`` values).
         """
 
-    def configure(self, stage: DictConfig) -> None:  # noqa: B027 - optional hook
-        """Adapt to a stage (e.g. which parts train, which mode runs); ``stage.prefix`` holds
-        the stage's settings for it, if any. Called before the stage's optimiser is built."""
+    def configure(self, stage: Stage) -> None:  # noqa: B027 - optional hook
+        """Adapt to a stage (e.g. which parts train, which mode runs); ``stage.prefix`` (a
+        mapping, or ``None``) holds the stage's settings for it, if any. Called before the
+        stage's optimiser is built."""

@@ -27,15 +27,16 @@ class RecipeContext:
     cache dir for results it wants to keep between runs.
 
     ``cfg`` (the whole composed config) is deprecated: no recipe reads it, and a recipe's
-    settings come from its own config node. Until it is removed, a run still passes it, and
-    reading ``context.cfg`` returns it with a :class:`DeprecationWarning`. The old positional
-    order ``RecipeContext(cfg, registry, model, tables, cache_dir)`` is still accepted.
+    settings come from its own config node. The run passes none; until it is removed, a caller
+    may, and reading ``context.cfg`` returns it with a :class:`DeprecationWarning`. The old
+    positional order ``RecipeContext(cfg, registry, model, tables, cache_dir)`` is still accepted.
     """
 
     registry: Registry
     model: MultimodalModel
     tables: dict[str, FeatureTable]
     cache_dir: Path
+    # the deprecated whole config (a DictConfig), kept for old callers until it is removed
     _cfg: DictConfig | None = field(default=None, repr=False, compare=False)
 
     def __init__(

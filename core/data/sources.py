@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig
-
+from mmbridge.config import to_container
 from mmbridge.config.build import build
 from mmbridge.config.mixture import is_mixture
 from mmbridge.contracts.dataset import DatasetSource
@@ -36,7 +37,11 @@ def dropped_records_file(run_dir: Path, key: str) -> Path:
 
 
 def read_source(
-    registry: Registry, data_cfg: DictConfig, key: str, data_dir: Path, run_dir: Path | None = None
+    registry: Registry,
+    data_cfg: Mapping[str, Any],
+    key: str,
+    data_dir: Path,
+    run_dir: Path | None = None,
 ) -> Splits:
     """Build the data set ``data_cfg`` (config key ``key``), prepare it under ``data_dir``, read
     its splits (each file parsed once).
@@ -71,7 +76,7 @@ def read_source(
 
 def read_data(
     registry: Registry,
-    data_cfg: DictConfig,
+    data_cfg: Mapping[str, Any],
     key: str,
     data_dir: Path,
     seed: int,
@@ -83,12 +88,10 @@ def read_data(
     if not is_mixture(data_cfg):
         return read_source(registry, data_cfg, key, data_dir, run_dir=run_dir)
     parts, weights = [], []
-    for i, src in enumerate(data_cfg.sources):
+    for i, src in enumerate(to_container(data_cfg)["sources"]):
         node = {k: v for k, v in src.items() if k != "weight"}
-        parts.append(
-            read_source(registry, DictConfig(node), f"{key}.sources.{i}", data_dir, run_dir=run_dir)
-        )
-        weights.append(float(src.weight))
+        parts.append(read_source(registry, node, f"{key}.sources.{i}", data_dir, run_dir=run_dir))
+        weights.append(float(src["weight"]))
     size = data_cfg.get("size")
     splits = mix_splits(parts, weights, int(size) if size is not None else None, seed)
     log.info(

@@ -11,8 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from mmbridge.config.build import build
 from mmbridge.config.schema import Evaluation
 from mmbridge.contracts.tools import Tool, ToolCaller
@@ -82,7 +80,7 @@ class EvalTools:
             callers[str(cname)] = build_caller(registry, node, key)
         asr = None
         if ev.reference_asr and ev.wer_qtypes:
-            node = OmegaConf.create({"name": ev.reference_asr_tool, "checkpoint": ev.reference_asr})
+            node = {"name": ev.reference_asr_tool, "checkpoint": ev.reference_asr}
             asr = build(registry, "tool", node, "evaluation.reference_asr")
         return cls(callers, asr)
 

@@ -21,7 +21,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from mmbridge.config import to_container
 from mmbridge.config.build import build
@@ -62,7 +61,7 @@ def model_generate_fn(
     return generate
 
 
-def build_caller(registry: Registry, node: Mapping[str, Any] | DictConfig, key: str) -> ToolCaller:
+def build_caller(registry: Registry, node: Mapping[str, Any], key: str) -> ToolCaller:
     """The caller of ``node`` with its ``tools`` built (names or name -> config)."""
     data = to_container(node)
     if not isinstance(data, dict):

@@ -136,7 +136,7 @@ def export(
         origins = component_origins(session.cfg, registry)
         (tmp / "README.md").write_text(
             model_card(
-                session.cfg,
+                session.run,
                 origins,
                 format,
                 dst.resolve(),
@@ -165,7 +165,7 @@ def _size_estimate(session: Any, fmt: str) -> int:
     unique = {t.data_ptr(): t for t in tensors.values()}.values()  # tied weights once
     size = sum(t.numel() * (4 if fmt == "hf" else t.element_size()) for t in unique)
     if fmt == "bundle":
-        for src in model_files(session.cfg, session.registry).values():
+        for src in model_files(session.run.model, session.registry).values():
             files = [src] if src.is_file() else [p for p in src.rglob("*") if p.is_file()]
             size += sum(p.stat().st_size for p in files)
     return size

@@ -22,19 +22,19 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from huggingface_hub import snapshot_download
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_model
 
 from mmbridge import __version__
 from mmbridge.config import merge_overrides
-from mmbridge.config.model_spec import model_nodes
+from mmbridge.config.model_spec import model_nodes, node_at
 from mmbridge.config.validation import validate_config
 from mmbridge.errors import AssetError, CheckpointError, IntegrityError, reading
 from mmbridge.registry import Registry
@@ -75,24 +75,23 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def _model_leaves(cfg: DictConfig) -> Iterator[tuple[str, str]]:
+def _model_leaves(model: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     """``(config key, value)`` of every string leaf of the model's component nodes."""
 
     def walk(node: Any, key: str) -> Iterator[tuple[str, str]]:
-        if isinstance(node, DictConfig):
+        if isinstance(node, Mapping):
             for k, v in node.items():
                 if k != "name":
-                    yield from walk(
-                        v, f"{key}.{str(k)}"
-                    )  # str(): DictConfig keys are typed str | bytes | ...
-        elif isinstance(node, ListConfig):
+                    yield from walk(v, f"{key}.{k}")
+        elif isinstance(node, list | tuple):
             for i, v in enumerate(node):
                 yield from walk(v, f"{key}.{i}")
         elif isinstance(node, str):
             yield key, node
 
-    for root in [n.key for n in model_nodes(cfg)]:  # the model's nodes: mmbridge.config.model_spec
-        yield from walk(OmegaConf.select(cfg, root), root)
+    # the model's nodes: mmbridge.config.model_spec
+    for root in [n.key for n in model_nodes(model)]:
+        yield from walk(node_at(model, root), root)
 
 
 def _local_source(value: str, key: str, registry: Registry) -> Path | None:
@@ -111,10 +110,13 @@ def _local_source(value: str, key: str, registry: Registry) -> Path | None:
     return None
 
 
-def model_files(cfg: DictConfig, registry: Registry) -> dict[str, Path]:
-    """Config key -> the local file or directory it names, for every model file of the config."""
+def model_files(model: Mapping[str, Any], registry: Registry) -> dict[str, Path]:
+    """Config key -> the local file or directory it names, for every model file of the model's
+    component nodes (``RunConfig.model``)."""
     return {
-        k: src for k, v in _model_leaves(cfg) if (src := _local_source(v, k, registry)) is not None
+        k: src
+        for k, v in _model_leaves(model)
+        if (src := _local_source(v, k, registry)) is not None
     }
 
 
@@ -129,10 +131,12 @@ def write_bundle(session: Any, meta: dict[str, str], out: Path) -> dict[str, Any
     Returns:
         The manifest written to ``mmbridge.json``.
     """
+    # the config as composed: the bundle stores it (config.yaml) with its model paths made
+    # relative to the bundle
     cfg, registry = session.cfg, session.registry
     files: dict[str, str] = {}
     rel_cfg = cfg.copy()
-    for key, src in model_files(cfg, registry).items():
+    for key, src in model_files(session.run.model, registry).items():
         rel = f"{FILES}/{key}"
         dst = out / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -335,7 +339,8 @@ def open_bundle(
         except AssetError as exc:
             raise CheckpointError(f"bundle '{path}': {exc}") from exc
         for stage in json.loads(meta.get("stages", "[]")):
-            configure_trainable(session.model, cfg.stages[stage])  # re-creates LoRA layers
+            # re-creates LoRA layers
+            configure_trainable(session.model, session.run.stages[stage])
         load_all_weights(session.model, p / manifest.get("weights", WEIGHTS))
     session.model.eval()
     return session, meta

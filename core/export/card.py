@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from mmbridge import __version__
-from mmbridge.config import to_container
-from mmbridge.config.model_spec import model_nodes
+from mmbridge.config.model_spec import ModelConfig, model_nodes, node_at
+from mmbridge.runtime.config import RunConfig
 
 #: How each format is loaded, as shown in the card (``{out}`` = the export directory).
 HOW_TO_LOAD = {
@@ -49,28 +49,25 @@ print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_token
 }
 
 
-def _component_rows(cfg: DictConfig, origins: dict[str, dict[str, str]]) -> list[str]:
+def _component_rows(model: ModelConfig, origins: dict[str, dict[str, str]]) -> list[str]:
     rows = ["| config key | component | settings | plugin (package version) |", "|---|---|---|---|"]
-    for key in [
-        n.key for n in model_nodes(cfg)
-    ]:  # the model config's shape: mmbridge.config.model_spec
-        node = OmegaConf.select(cfg, key)
-        if not isinstance(node, DictConfig) or node.get("name") is None:
+    # the model config's shape: mmbridge.config.model_spec
+    for key in [n.key for n in model_nodes(model)]:
+        node = node_at(model, key)
+        if not isinstance(node, Mapping) or node.get("name") is None:
             continue
-        settings = ", ".join(
-            f"{k}={v}" for k, v in to_container(node).items() if k != "name" and v is not None
-        )
+        settings = ", ".join(f"{k}={v}" for k, v in node.items() if k != "name" and v is not None)
         o = origins.get(key, {})
         source = f"{o.get('plugin', '?')} ({o.get('package', '?')} {o.get('version', '')})".strip()
-        rows.append(f"| {key} | {node.name} | {settings.replace('|', '/')} | {source} |")
+        rows.append(f"| {key} | {node['name']} | {settings.replace('|', '/')} | {source} |")
     return rows
 
 
-def _schedule_rows(cfg: DictConfig, metrics: dict[str, Any] | None) -> list[str]:
+def _schedule_rows(run: RunConfig, metrics: dict[str, Any] | None) -> list[str]:
     rows = ["| stage | trains | steps | batch | lr |", "|---|---|---|---|---|"]
-    for name in cfg.get("schedule") or []:
-        st = cfg.stages[name]
-        trains = ", ".join(f"{k}: {v}" for k, v in to_container(st.train).items())
+    for name in run.schedule:
+        st = run.stages[name]
+        trains = ", ".join(f"{k}: {v}" for k, v in dataclasses.asdict(st.train).items())
         steps = (metrics or {}).get("stages", {}).get(name, {}).get("steps", f"<= {st.max_steps}")
         rows.append(f"| {name} | {trains} | {steps} | {st.batch_size} | {st.optimizer.lr} |")
     return rows
@@ -92,7 +89,7 @@ def _metric_rows(metrics: dict[str, Any] | None) -> list[str]:
 
 
 def model_card(
-    cfg: DictConfig,
+    run: RunConfig,
     origins: dict[str, dict[str, str]],
     fmt: str,
     out: Path,
@@ -104,25 +101,25 @@ def model_card(
     metrics = None
     if run_dir is not None and (run_dir / "metrics.json").is_file():
         metrics = json.loads((run_dir / "metrics.json").read_text())
-    data = to_container(cfg.data) if cfg.get("data") is not None else {}
+    data = run.data or {}
     settings = ", ".join(
         f"{k}={v}" for k, v in data.items() if k != "name" and not isinstance(v, dict | list)
     )
     lines = [
-        f"# {cfg.get('run_name', 'mmbridge model')} ({fmt} export)",
+        f"# {run.root.run_name} ({fmt} export)",
         "",
         f"Exported by mmbridge {__version__} (`mmbridge export format={fmt}`)"
         + (f" from the run `{run_dir.name}`." if run_dir else "."),
         "",
         "## Components",
         "",
-        *_component_rows(cfg, origins),
+        *_component_rows(run.model, origins),
         "",
         "## Data and schedule",
         "",
-        f"Data: `{data.get('name', '?')}` ({settings}); seed {cfg.get('seed', '?')}.",
+        f"Data: `{data.get('name', '?')}` ({settings}); seed {run.seed}.",
         "",
-        *_schedule_rows(cfg, metrics),
+        *_schedule_rows(run, metrics),
         "",
         "## Held-out results",
         "",

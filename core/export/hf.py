@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from omegaconf import OmegaConf
 from transformers import (
     AutoTokenizer,
     CLIPImageProcessorPil,
@@ -115,11 +114,11 @@ def _part(component: Any, kind: type, where: str, name: str, role: str) -> Any:
 
 def check_representable(session: Any) -> LlavaPlan:
     """The model's Llava parts, or the error naming what Llava cannot represent."""
-    model, cfg = session.model, session.cfg
+    model, cfg = session.model, session.run.model  # the model's nodes: model_spec.ModelConfig
     if model.prefix is not None:
         (prefix,) = nodes_of(cfg, "prefix")
         raise _refuse(
-            f"{prefix.key} '{node_at(cfg, prefix.key).name}' (a learned sequence prefix)",
+            f"{prefix.key} '{node_at(cfg, prefix.key)['name']}' (a learned sequence prefix)",
             "adds tokens Llava has no place for",
         )
     if set(model.branches) != {"image"}:
@@ -134,18 +133,18 @@ def check_representable(session: Any) -> LlavaPlan:
         branch.encoder,
         LlavaVision,
         enc_key,
-        str(OmegaConf.select(cfg, f"{enc_key}.name")),
+        str(node_at(cfg, f"{enc_key}.name")),
         "vision tower",
     )
     projector = _part(
         branch.connector,
         LlavaProjector,
         con_key,
-        str(OmegaConf.select(cfg, f"{con_key}.name")),
+        str(node_at(cfg, f"{con_key}.name")),
         "projector",
     )
     (llm,) = nodes_of(cfg, "llm")
-    text = _part(model.llm, LlavaText, llm.key, str(node_at(cfg, llm.key).name), "text model")
+    text = _part(model.llm, LlavaText, llm.key, str(node_at(cfg, f"{llm.key}.name")), "text model")
     return LlavaPlan(vision, projector, text, lora=model.llm.lora_config is not None)
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from peft import get_peft_model
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
@@ -109,7 +108,8 @@ def write_peft(session: Any, meta: dict[str, str], out: Path) -> dict[str, Any]:
     extra = non_llm_tensors(model)
     # tied tensors (none expected outside the LLM) would refuse save_file: clone them apart
     save_file({k: v.clone() for k, v in extra.items()}, str(out / EXTRA))
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(session.cfg, resolve=True))
+    (out / "config.yaml").write_text(session.run.to_yaml())
+    model_cfg = session.run.model  # the model's nodes: mmbridge.config.model_spec
     groups: dict[str, list[str]] = {}
     for k in extra:
         owner = ".".join(k.split(".")[:3]) if k.startswith("branches.") else k.split(".")[0]
@@ -124,9 +124,7 @@ def write_peft(session: Any, meta: dict[str, str], out: Path) -> dict[str, Any]:
         "config": "config.yaml",
         "modules": {
             m: {
-                "encoder": OmegaConf.to_container(
-                    node_at(session.cfg, branch_at(session.cfg, b.key).encoder.key), resolve=True
-                ),
+                "encoder": node_at(model_cfg, branch_at(model_cfg, b.key).encoder.key),
                 "connector_prefix": f"branches.{m}.connector.",
             }
             for m, b in model.branches.items()

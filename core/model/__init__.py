@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 
 from mmbridge.config import model_spec
@@ -268,12 +267,14 @@ class MultimodalModel(nn.Module):
 
 
 def assemble(
-    cfg: DictConfig,
+    cfg: Mapping[str, Any],
     registry: Registry,
     llm: LanguageModel | None = None,
     build_weights: WeightBuilder | None = None,
 ) -> MultimodalModel:
-    """Build the model of a composed config, checking that the parts fit together.
+    """Build the model of a config's component nodes (a run's
+    :class:`~mmbridge.config.model_spec.ModelConfig`, or a composed config), checking that the
+    parts fit together.
 
     Checks (each error names the config keys): every encoder's width vs the connector's
     ``in_dim`` when one is set, the connector's ``out_dim`` (when set) vs the LLM's hidden size,
@@ -299,8 +300,8 @@ def assemble(
             spec.connector.injected,
             encoder,
             llm,
-            f"{enc_key} ('{enc_node.name}')",
-            f"llm ('{llm_cfg.get('path', llm_cfg.name)}')",
+            f"{enc_key} ('{enc_node['name']}')",
+            f"llm ('{llm_cfg.get('path', llm_cfg['name'])}')",
         )
         if encoder.modality in branches:
             other = branches[encoder.modality].key
@@ -351,7 +352,7 @@ def _build_connector(
     return build(
         registry,
         "connector",
-        {"name": node.name, **con_args},
+        {"name": node["name"], **con_args},
         key,
         **{arg: widths[arg][0] for arg in injected},
     )

@@ -9,25 +9,25 @@ all-linear`` is every linear layer but the output head, as PEFT defines it for a
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from mmbridge.config import to_container
-from mmbridge.config.schema import LORA_MANAGED, LORA_RENAMED
+from mmbridge.config.schema import LORA_MANAGED, LORA_RENAMED, Lora
 from mmbridge.errors import ConfigError
 
 #: Names of output heads that ``all-linear`` leaves out (PEFT leaves the LM head out).
 HEAD_NAMES = ("lm_head", "head", "output", "classifier", "score")
 
 
-def lora_settings(node: Any) -> dict[str, Any]:
-    """A stage's ``lora`` node as a plain dict (mmbridge's key names; keys left at ``None``
-    dropped, so PEFT's own defaults apply)."""
-    data = to_container(node) if not isinstance(node, dict) else dict(node)
-    return {k: v for k, v in data.items() if v is not None}
+def lora_settings(section: Lora) -> dict[str, Any]:
+    """A stage's ``lora`` / ``encoder_lora`` section as a plain dict (mmbridge's key names, the
+    other ``peft.LoraConfig`` keys it passes through included; keys left at ``None`` dropped, so
+    PEFT's own defaults apply)."""
+    return {k: copy.deepcopy(v) for k, v in vars(section).items() if v is not None}
 
 
 def linear_names(module: nn.Module) -> list[str]:

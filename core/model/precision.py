@@ -29,16 +29,17 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
-from mmbridge.config.model_spec import node_at, weight_nodes
+from mmbridge.config.model_spec import ModelConfig, node_at, weight_nodes
+from mmbridge.config.schema import Paths, Stage
+from mmbridge.config.sections import trainer_arg
 from mmbridge.errors import ConfigError
 from mmbridge.utils.io import atomic_write_json
 
@@ -241,15 +242,13 @@ def decide_precision(
     )
 
 
-def run_precision(cfg: DictConfig) -> PrecisionDecision:
-    """The decision for a composed config (the probe cached under ``paths.cache_dir``)."""
-    trainer = cfg.get("trainer") or {}
-    cache_dir = (
-        Path(str(cfg.paths.cache_dir)) if cfg.get("paths") and cfg.paths.get("cache_dir") else None
-    )
+def run_precision(trainer: Mapping[str, Any], paths: Paths) -> PrecisionDecision:
+    """The decision for a run's ``trainer`` arguments (``precision``, ``accelerator``), the
+    probe cached under its ``paths.cache_dir``."""
+    cache_dir = Path(paths.cache_dir) if paths.cache_dir else None
     return decide_precision(
-        str(trainer.get("precision", "auto")),
-        str(trainer.get("accelerator", "auto")),
+        str(trainer_arg(trainer, "precision")),
+        str(trainer_arg(trainer, "accelerator")),
         probe=lambda hw: probe_cpu_bf16(cache_dir, hw),
     )
 
@@ -273,78 +272,84 @@ def parse_dtype(value: str, key: str) -> torch.dtype:
     return getattr(torch, value)
 
 
-def _strategy_name(trainer: Any) -> str:
-    strategy = (
-        (trainer or {}).get("strategy", "auto")
-        if isinstance(trainer, Mapping | DictConfig)
-        else "auto"
-    )
+def _strategy_name(trainer: Mapping[str, Any]) -> str:
+    strategy = trainer_arg(trainer, "strategy")
     return str(getattr(strategy, "strategy_name", strategy))
 
 
-def encoder_mode(train: Any) -> str:
+def encoder_mode(value: bool | str) -> str:
     """``stages.<s>.train.encoder`` as one of ``frozen | lora | last_n | full`` (``false`` and
     ``true`` are ``frozen`` and ``full``)."""
-    value = train.get("encoder", False) if train is not None else False
     if isinstance(value, bool):
         return "full" if value else "frozen"
     return str(value)
 
 
-def _trains_whole(cfg: DictConfig, component: str) -> bool:
-    """Whether a scheduled stage trains ``component``'s own weights (not only LoRA adapters)."""
-    stages = cfg.get("stages") or {}
-    for name in cfg.get("schedule") or []:
-        train = (stages.get(name) or {}).get("train")
-        if train is None:
-            continue
-        if component == "llm" and train.get("llm") == "full":
+def _trains_whole(stages: Sequence[Stage], component: str) -> bool:
+    """Whether one of ``stages`` (the scheduled ones) trains ``component``'s own weights (not
+    only LoRA adapters)."""
+    for stage in stages:
+        if component == "llm" and stage.train.llm == "full":
             return True
-        if component == "encoder" and encoder_mode(train) in ("full", "last_n"):
+        if component == "encoder" and encoder_mode(stage.train.encoder) in ("full", "last_n"):
             return True
     return False
 
 
-def component_dtypes(cfg: DictConfig, decision: PrecisionDecision) -> dict[str, str]:
+def component_dtypes(
+    model: Mapping[str, Any],
+    stages: Sequence[Stage],
+    trainer: Mapping[str, Any],
+    decision: PrecisionDecision,
+) -> dict[str, str]:
     """The weight dtype of each component node with weights (``llm``, ``encoder``,
     ``branches.<m>.encoder``: :func:`mmbridge.config.model_spec.weight_nodes`) that says
     ``dtype: auto``, keyed by its config key.
 
     ``decision.weight_dtype``, except under a ``*-mixed`` precision: a component whose own
-    weights train in a scheduled stage gets ``float32`` (its fp32 master weights), and under
-    FSDP every component does (FSDP's ``MixedPrecision`` casts for compute). DeepSpeed keeps
-    its own fp32 master copy: its components stay at ``weight_dtype``.
+    weights train in one of ``stages`` (the scheduled ones) gets ``float32`` (its fp32 master
+    weights), and under FSDP (``trainer.strategy``) every component does (FSDP's
+    ``MixedPrecision`` casts for compute). DeepSpeed keeps its own fp32 master copy: its
+    components stay at ``weight_dtype``.
+
+    Args:
+        model: The model's nodes (:attr:`mmbridge.runtime.config.RunConfig.model`).
+        stages: The scheduled stages, in order.
+        trainer: The ``trainer`` arguments.
+        decision: The run's precision decision.
     """
-    strategy = _strategy_name(cfg.get("trainer"))
+    strategy = _strategy_name(trainer)
     everything_fp32 = decision.mixed and strategy.startswith("fsdp")
     masters = decision.mixed and not strategy.startswith("deepspeed")
     out = {}
-    for spec in weight_nodes(cfg):  # the nodes with weights: mmbridge.config.model_spec
-        node = node_at(cfg, spec.key)
-        if not isinstance(node, DictConfig | Mapping) or node.get("dtype") != "auto":
-            continue
-        whole = _trains_whole(cfg, spec.kind)
+    for spec in weight_nodes(model):  # the nodes with weights: mmbridge.config.model_spec
+        node = node_at(model, spec.key)
+        if not isinstance(node, Mapping) or node.get("dtype") != "auto":
+            continue  # a node without `dtype: auto` keeps its own (or its class's default)
+        whole = _trains_whole(stages, spec.kind)
         out[spec.key] = (
             "float32" if everything_fp32 or (masters and whole) else decision.weight_dtype
         )
     return out
 
 
-def resolve_auto_dtypes(cfg: DictConfig, decision: PrecisionDecision | str) -> DictConfig:
-    """A copy of ``cfg`` where every component node's ``dtype: auto`` is decided
-    (:func:`component_dtypes`).
+def resolve_auto_dtypes(
+    model: ModelConfig,
+    stages: Sequence[Stage],
+    trainer: Mapping[str, Any],
+    decision: PrecisionDecision | str,
+) -> ModelConfig:
+    """``model`` (the run's component nodes) with every node's ``dtype: auto`` decided
+    (:func:`component_dtypes`): what the run assembles.
 
     ``decision`` may be a bare weight dtype (``"bfloat16"``): it then means the mixed precision
     of that dtype (``bf16-mixed``; ``float32``: ``32-true``), unless ``trainer.precision`` names
     one."""
     if isinstance(decision, str):
-        asked = str((cfg.get("trainer") or {}).get("precision", "auto"))
+        asked = str(trainer_arg(trainer, "precision"))
         mixed = {"bfloat16": "bf16-mixed", "float16": "16-mixed"}.get(decision, "32-true")
         decision = PrecisionDecision(mixed if asked == "auto" else asked, decision, "given")
-    cfg = cfg.copy()
-    for key, dtype in component_dtypes(cfg, decision).items():
-        node_at(cfg, key).dtype = dtype
-    return cfg
+    return model.with_dtypes(component_dtypes(model, stages, trainer, decision))
 
 
 def keep_trained_fp32(model: nn.Module) -> int:
@@ -378,11 +383,10 @@ PLANNED_GPU = Hardware(cuda=True, cuda_bf16=True, cpu_flags=frozenset(), cpu_mod
 PLANNED_CPU = Hardware(cuda=False, cuda_bf16=False, cpu_flags=frozenset(), cpu_model="planned CPU")
 
 
-def plan_precision(trainer: Mapping[str, Any] | DictConfig | None) -> PrecisionDecision:
+def plan_precision(trainer: Mapping[str, Any]) -> PrecisionDecision:
     """The decision :func:`decide_precision` makes on the machine ``mmbridge plan`` plans for:
     a bf16-capable GPU when the accelerator is ``auto`` / ``gpu`` / ``cuda``, else a CPU (whose
     bf16 speed is not probed: fp32)."""
-    trainer = trainer or {}
-    accelerator = str(trainer.get("accelerator", "auto"))
+    accelerator = str(trainer_arg(trainer, "accelerator"))
     hw = PLANNED_GPU if accelerator in ("auto", "gpu", "cuda") else PLANNED_CPU
-    return decide_precision(str(trainer.get("precision", "auto")), accelerator, hw=hw)
+    return decide_precision(str(trainer_arg(trainer, "precision")), accelerator, hw=hw)

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-from omegaconf import DictConfig
 
 from mmbridge.contracts.types import Sample
 from mmbridge.data.sources import check_media, read_data
@@ -49,7 +48,7 @@ def evaluate_session(
         train=session.splits.get("train"),
     )
     out["n"] = len(items)
-    for name, data_cfg in (session.cfg.evaluation.get("extra_data") or {}).items():
+    for name, data_cfg in ev.extra_data.items():
         samples = _extra_split(session, str(name), data_cfg, split)
         items = qa.qa_items(samples)[:limit]
         extra = evaluate_items(
@@ -69,11 +68,13 @@ def evaluate_session(
     return out
 
 
-def _extra_split(session: Session, name: str, data_cfg: DictConfig, split: str) -> list[Sample]:
+def _extra_split(
+    session: Session, name: str, data_cfg: Mapping[str, Any], split: str
+) -> list[Sample]:
     """The ``split`` (else ``test``, else the only split) of the extra evaluation set ``name``."""
-    cfg = session.cfg
+    run = session.run
     key = f"evaluation.extra_data.{name}"
-    splits = read_data(session.registry, data_cfg, key, Path(cfg.paths.data_dir), int(cfg.seed))
+    splits = read_data(session.registry, data_cfg, key, Path(run.paths.data_dir), run.seed)
     chosen = split if split in splits else ("test" if "test" in splits else None)
     if chosen is None:
         if len(splits) != 1:

@@ -14,36 +14,35 @@ from __future__ import annotations
 
 import inspect as pyinspect
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from PIL import Image
 
 from mmbridge.config import compose
-from mmbridge.config.model_spec import node_at, nodes_of
+from mmbridge.config.model_spec import ModelConfig, node_at, nodes_of
 from mmbridge.config.validation import validate_config
 from mmbridge.data.chat import IGNORE, ChatEncoder
-from mmbridge.data.conversation import stage_conversation
 from mmbridge.errors import ConfigError
 from mmbridge.model import assemble
 from mmbridge.registry import Registry, plugin_manager
 from mmbridge.registry.assets import resolve_model_path
+from mmbridge.runtime.config import RunConfig
 
 #: Above this many samples in a stage's split, only the first ``4 n + 8`` go through the recipe.
 WHOLE_SPLIT = 5000
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
-def _front_end_llm(cfg: DictConfig, registry: Registry) -> Any:
-    """The LLM without its weights where it can be (meta device, tokenizer from its directory),
-    else ``None`` (the caller builds it whole)."""
-    cls = registry.get("llm", cfg.llm.name).cls
-    path = cfg.llm.get("path")
-    if not hasattr(cls, "from_config") or not path or cfg.llm.get("gguf_file"):
+def _front_end_llm(node: Mapping[str, Any], registry: Registry) -> Any:
+    """The LLM of the ``llm`` node without its weights where it can be (meta device, tokenizer
+    from its directory), else ``None`` (the caller builds it whole)."""
+    cls = registry.get("llm", node["name"]).cls
+    path = node.get("path")  # a node's own arguments: absent means the class's default
+    if not hasattr(cls, "from_config") or not path or node.get("gguf_file"):
         return None
     local = Path(resolve_model_path(str(path), registry, key="llm.path"))
     if not (local / "config.json").is_file() or not any(
@@ -53,7 +52,7 @@ def _front_end_llm(cfg: DictConfig, registry: Registry) -> Any:
     accepted = pyinspect.signature(cls.from_config).parameters
     kwargs = {
         k: v
-        for k, v in (("chat_template", cfg.llm.get("chat_template")), ("dtype", "float32"))
+        for k, v in (("chat_template", node.get("chat_template")), ("dtype", "float32"))
         if k in accepted
     }
     with torch.device("meta"):
@@ -61,15 +60,14 @@ def _front_end_llm(cfg: DictConfig, registry: Registry) -> Any:
     return llm if getattr(llm, "tokenizer", None) is not None else None
 
 
-def _float32_encoders(cfg: DictConfig) -> DictConfig:
-    """``cfg`` with ``dtype: auto`` encoders in float32 (no hardware probe: nothing runs)."""
-    cfg = cfg.copy()
-    for node in [
-        node_at(cfg, n.key) for n in nodes_of(cfg, "encoder")
-    ]:  # mmbridge.config.model_spec
-        if node is not None and node.get("dtype") == "auto":
-            node.dtype = "float32"
-    return cfg
+def _float32_encoders(model: ModelConfig) -> ModelConfig:
+    """``model`` with ``dtype: auto`` encoders in float32 (no hardware probe: nothing runs)."""
+    auto = [
+        n.key
+        for n in nodes_of(model, "encoder")  # mmbridge.config.model_spec
+        if (node := node_at(model, n.key)) is not None and node.get("dtype") == "auto"
+    ]
+    return model.with_dtypes(dict.fromkeys(auto, "float32"))
 
 
 def _marker(kind: str, n: int) -> str:
@@ -215,37 +213,35 @@ def inspect(
     registry = registry or plugin_manager.load_registry()
     cfg = compose(list(overrides), registry)
     validate_config(cfg, registry)
-    name = str(stage if stage is not None else cfg.schedule[0])
-    if name not in cfg.stages:
-        raise ConfigError(
-            f"stage={name}: not a key of stages; stages: {', '.join(map(str, cfg.stages))}"
-        )
-    cfg = _float32_encoders(cfg)
-    model = assemble(cfg, registry, llm=_front_end_llm(cfg, registry))
+    run = RunConfig.parse(cfg)
+    name = str(stage if stage is not None else run.schedule[0])
+    if name not in run.stages:
+        raise ConfigError(f"stage={name}: not a key of stages; stages: {', '.join(run.stages)}")
+    model_cfg = _float32_encoders(run.model)
+    model = assemble(model_cfg, registry, llm=_front_end_llm(model_cfg["llm"], registry))
     tokenizer = model.llm.tokenizer
     prefix = model.prefix
     chat = ChatEncoder(
         tokenizer,
         list(model.branches),
-        max_length=int(cfg.loader.max_text_tokens),
+        max_length=run.loader.max_text_tokens,
         prefix_tokens=prefix.n_tokens if prefix is not None else 0,
         meta_keys=prefix.meta_keys if prefix is not None else (),
-        conversation=stage_conversation(cfg)[0],
+        conversation=run.conversation_of()[0],
     )  # the run's, as open_session's
     # only the data the stage reads: its own stages.<name>.data, else the run's
-    own = cfg.stages[name].get("data") is not None
-    just_this = cfg.copy()
-    just_this.schedule = [name]
+    own = run.stages[name].data is not None
     session = Session(
         cfg,
         registry,
         model,
         chat,
-        {} if own else load_splits(cfg, registry),
-        stage_splits=load_stage_splits(just_this, registry) if own else {},
+        {} if own else load_splits(run, registry),
+        stage_splits=load_stage_splits(run, registry, stages=[name]) if own else {},
     )
+    session.run = run
     data = session.data_of(name)
-    split = str(cfg.stages[name].split)
+    split = run.stages[name].split
     if split not in data:
         raise ConfigError(
             f"stages.{name}.split: '{split}' is not a split of the stage's data; "
@@ -254,7 +250,7 @@ def inspect(
     raw = data[split]
     head = raw if len(raw) <= WHOLE_SPLIT else raw[: 4 * n + 8]
     stage_data = prepare_stage(session, name, samples=head, check=False)
-    spec, key = stage_conversation(cfg, name)
+    spec, key = run.conversation_of(name)
     folder = Path(images) if images is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)

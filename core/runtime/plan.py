@@ -36,18 +36,18 @@ CUDA's own context, the allocator's fragmentation and communication buffers are 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
-from mmbridge.config import to_container
 from mmbridge.config.build import split_node
 from mmbridge.config.model_spec import branch_nodes
+from mmbridge.config.sections import trainer_arg
 from mmbridge.errors import ConfigError
 from mmbridge.model import MultimodalModel, assemble
 from mmbridge.model.precision import (
@@ -57,6 +57,7 @@ from mmbridge.model.precision import (
     resolve_auto_dtypes,
 )
 from mmbridge.registry import Registry
+from mmbridge.runtime.config import RunConfig
 from mmbridge.training.optimizers import STATES_PER_WEIGHT
 from mmbridge.training.stages import configure_trainable, stage_steps
 
@@ -143,12 +144,13 @@ def _from_config(registry: Registry, kind: str, node: Any, key: str, dtype: str)
 
 
 def build_meta_model(
-    cfg: DictConfig, registry: Registry, dtype: str = "bfloat16"
+    cfg: Mapping[str, Any], registry: Registry, dtype: str = "bfloat16"
 ) -> MultimodalModel:
     """The model of ``cfg`` on the meta device, its LLM and encoder built from their configs.
 
     Args:
-        cfg: A composed config (one encoder branch; ``branches`` are not planned).
+        cfg: The model's component nodes (``RunConfig.model``) or a composed config (one
+            encoder branch; ``branches`` are not planned).
         registry: The run's registry.
         dtype: What ``dtype: auto`` means here (the planned GPU's weight dtype).
     """
@@ -248,10 +250,10 @@ def activation_bytes(
     return float(bt * act_bytes * blocks * per_block)
 
 
-def _gpus(trainer: dict[str, Any], gpus: int | None) -> int:
+def _gpus(trainer: Mapping[str, Any], gpus: int | None) -> int:
     if gpus is not None:
         return int(gpus)
-    devices = trainer.get("devices", 1)
+    devices = trainer_arg(trainer, "devices")
     if isinstance(devices, list):
         n = len(devices)
     elif isinstance(devices, int) and devices > 0:
@@ -261,21 +263,21 @@ def _gpus(trainer: dict[str, Any], gpus: int | None) -> int:
             f"trainer.devices={devices}: mmbridge plan needs a GPU count; set "
             f"trainer.devices=N or pass gpus=N"
         )
-    return n * int(trainer.get("num_nodes", 1) or 1)
+    return n * int(trainer_arg(trainer, "num_nodes") or 1)
 
 
 def make_plan(
-    cfg: DictConfig,
+    run: RunConfig,
     registry: Registry,
     gpu_memory_gb: float = 80.0,
     gpus: int | None = None,
     images_per_sample: int = 1,
     data_samples: int | None = None,
 ) -> Plan:
-    """Plan every scheduled stage of ``cfg`` (see the module docstring for the estimates).
+    """Plan every scheduled stage of ``run`` (see the module docstring for the estimates).
 
     Args:
-        cfg: A composed config.
+        run: A composed config, parsed.
         registry: The run's registry.
         gpu_memory_gb: Memory of one GPU in GiB (an "80 GB" A100 / H100 holds 80 GiB).
         gpus: GPUs in all; default ``trainer.devices x trainer.num_nodes``.
@@ -284,8 +286,8 @@ def make_plan(
             (:func:`mmbridge.training.stages.stage_steps`: ``ceil(epochs x ceil(n / global
             batch))`` steps, accumulation included).
     """
-    trainer = to_container(cfg.trainer) if cfg.get("trainer") is not None else {}
-    strategy = str(trainer.get("strategy", "auto"))
+    trainer = run.trainer
+    strategy = str(trainer_arg(trainer, "strategy"))
     if strategy not in SHARDING:
         raise ConfigError(f"trainer.strategy={strategy}: mmbridge plan knows {', '.join(SHARDING)}")
     decision = plan_precision(trainer)  # the rule a run on that machine applies
@@ -294,16 +296,17 @@ def make_plan(
     n_gpu = _gpus(trainer, gpus)
     shard_w, shard_g, shard_o = SHARDING[strategy]
     deepspeed = strategy.startswith("deepspeed")
-    accumulate = int(trainer.get("accumulate_grad_batches", 1) or 1)
+    accumulate = int(trainer_arg(trainer, "accumulate_grad_batches") or 1)
 
-    model = build_meta_model(resolve_auto_dtypes(cfg, decision), registry, decision.weight_dtype)
+    model_cfg = resolve_auto_dtypes(run.model, run.scheduled, trainer, decision)
+    model = build_meta_model(model_cfg, registry, decision.weight_dtype)
     parts = _components(model)
     branch = next(iter(model.branches.values()))
     encoder, connector, llm = branch.encoder, branch.connector, model.llm
     encoder_tokens = int(encoder.num_tokens(None))
     visual = int(connector.out_tokens(encoder_tokens)) if connector.in_sequence else 0
     prefix_tokens = int(model.prefix.n_tokens) if model.prefix is not None else 0
-    text = int(cfg.loader.max_text_tokens)
+    text = run.loader.max_text_tokens
     seq_len = visual * images_per_sample + text + prefix_tokens
     checkpointing = bool(getattr(llm, "gradient_checkpointing", False))
     # the planned llm / encoder are HF-backed (_from_config accepts only from_config classes)
@@ -320,8 +323,8 @@ def make_plan(
         gradient_checkpointing=checkpointing,
         gpu_memory_gb=float(gpu_memory_gb),
     )
-    for name in cfg.schedule:
-        stage = cfg.stages[name]
+    for name in run.schedule:
+        stage = run.stages[name]
         configure_trainable(model, stage)
         if (
             decision.mixed and not deepspeed
@@ -329,7 +332,7 @@ def make_plan(
             keep_trained_fp32(model)
         weights = float(_bytes(model.parameters()) + _bytes(model.buffers()))
         trained = [p for p in model.parameters() if p.requires_grad]
-        opt_name = str(stage.optimizer.get("name") or "adamw")
+        opt_name = str(stage.optimizer.name)
         states = STATES_PER_WEIGHT.get(opt_name, 2)
         grads = float(_bytes(trained))
         n_trained = sum(p.numel() for p in trained)
@@ -348,7 +351,7 @@ def make_plan(
         else:
             optim = float(states * grads)
         batch = int(stage.batch_size)
-        epochs = stage.get("epochs")
+        epochs = stage.epochs
         if epochs is not None and data_samples is None:
             raise ConfigError(
                 f"stages.{name}.epochs={epochs}: the step count depends on the data's "
@@ -357,7 +360,7 @@ def make_plan(
         steps = stage_steps(stage, data_samples or 0, n_gpu, accumulate)
         acts = activation_bytes(llm_config, batch, seq_len, act_bytes, checkpointing)
         head = float(batch * text * int(llm_config.vocab_size) * (act_bytes + 8))
-        if encoder_mode(stage.train) != "frozen":
+        if encoder_mode(stage.train.encoder) != "frozen":
             enc_cfg = cast("PreTrainedModel", encoder.model).config
             acts += activation_bytes(
                 enc_cfg, batch * images_per_sample, encoder_tokens, act_bytes, False

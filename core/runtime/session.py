@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -15,13 +16,13 @@ import torch
 from omegaconf import DictConfig
 
 from mmbridge.config import merge_overrides
+from mmbridge.config.sections import trainer_arg
 from mmbridge.config.validation import validate_config
 from mmbridge.data.batcher import Batcher
 from mmbridge.data.chat import ChatEncoder
-from mmbridge.data.conversation import stage_conversation
 from mmbridge.data.feature_cache import FeatureTable, load_or_compute
 from mmbridge.data.sources import Splits, check_media, read_data
-from mmbridge.errors import DataError
+from mmbridge.errors import ConfigError, DataError
 from mmbridge.model import MultimodalModel, assemble
 from mmbridge.registry import Registry
 from mmbridge.registry.plugin_manager import load_registry
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 class Session:
     """The assembled pieces of a run."""
 
+    #: The config as composed (or stored): what checkpoints and exports store. Its consumers
+    #: read the typed sections, :attr:`run`.
     cfg: DictConfig
     registry: Registry
     model: MultimodalModel
@@ -59,7 +62,7 @@ class Session:
 
     @cached_property
     def run(self) -> RunConfig:
-        """The typed sections of :attr:`cfg` (loader, evaluation, debug, top-level keys), parsed
+        """The typed sections of :attr:`cfg` (:class:`~mmbridge.runtime.config.RunConfig`), parsed
         once."""
         return RunConfig.parse(self.cfg)
 
@@ -81,9 +84,7 @@ class Session:
         with ``use_cache``, media whose features the feature cache holds are read from it; with
         ``stage``, in that stage's conversation format (``stages.<stage>.conversation``)."""
         chat = (
-            self.chat.with_conversation(stage_conversation(self.cfg, stage)[0])
-            if stage
-            else self.chat
+            self.chat.with_conversation(self.run.conversation_of(stage)[0]) if stage else self.chat
         )
         return Batcher.from_model(
             self.model,
@@ -94,35 +95,40 @@ class Session:
         )
 
 
-def load_splits(cfg: DictConfig, registry: Registry, run_dir: Path | None = None) -> Splits:
+def load_splits(run: RunConfig, registry: Registry, run_dir: Path | None = None) -> Splits:
     """The splits of the run's ``data`` (see :func:`mmbridge.data.sources.read_data`)."""
+    if run.data is None:
+        raise ConfigError("data: missing (expected a mapping with 'name' and arguments)")
     return read_data(
-        registry, cfg.data, "data", Path(cfg.paths.data_dir), int(cfg.seed), run_dir=run_dir
+        registry, run.data, "data", Path(run.paths.data_dir), run.seed, run_dir=run_dir
     )
 
 
 def load_stage_splits(
-    cfg: DictConfig, registry: Registry, run_dir: Path | None = None
+    run: RunConfig,
+    registry: Registry,
+    run_dir: Path | None = None,
+    stages: Sequence[str] | None = None,
 ) -> dict[str, Splits]:
-    """The data of each scheduled stage with its own ``stages.<name>.data`` (the others fall
-    back to the run's ``data``)."""
+    """The data of each stage of ``stages`` (default: the scheduled ones) with its own
+    ``stages.<name>.data`` (the others fall back to the run's ``data``)."""
     out = {}
-    for name in cfg.schedule:
-        node = cfg.stages[name].get("data")
+    for name in run.schedule if stages is None else stages:
+        node = run.stages[name].data
         if node is not None:
-            out[str(name)] = read_data(
+            out[name] = read_data(
                 registry,
                 node,
                 f"stages.{name}.data",
-                Path(cfg.paths.data_dir),
-                int(cfg.seed),
+                Path(run.paths.data_dir),
+                run.seed,
                 run_dir=run_dir,
             )
     return out
 
 
 def open_session(
-    cfg: DictConfig,
+    cfg: DictConfig | RunConfig,
     registry: Registry,
     with_data: bool = True,
     cache: bool | None = None,
@@ -130,43 +136,45 @@ def open_session(
     run_dir: Path | None = None,
     stage_data: bool = True,
 ) -> Session:
-    """Assemble the model of ``cfg`` on its device, read the data and fill the feature cache.
+    """Assemble the model of ``cfg`` (a composed or stored config, or its parsed
+    :class:`~mmbridge.runtime.config.RunConfig`) on its device, read the data and fill the
+    feature cache.
 
     The precision and the dtype of ``dtype: auto`` components are decided from the hardware
     (:func:`mmbridge.training.trainer.run_precision`, one log line says what and why);
-    ``device`` (else ``cfg.device``, else the trainer's accelerator) is where the model is
+    ``device`` (else the config's ``device``, else the trainer's accelerator) is where the model is
     evaluated and the features are computed. ``run_dir``: where a ``data.on_error=skip`` read
     lists the records it dropped (see :func:`mmbridge.data.sources.read_source`).
     ``stage_data``: also read each ``stages.<name>.data`` (a training run; an evaluation needs
     the run's ``data`` only).
     """
-    decision = run_precision(cfg)
+    run = cfg if isinstance(cfg, RunConfig) else RunConfig.parse(cfg)
+    decision = run_precision(run.trainer, run.paths)
     log.info(
         "precision %s, weights %s: %s", decision.precision, decision.weight_dtype, decision.reason
     )
     dev = resolve_device(
-        device if device is not None else cfg.get("device"),
-        str((cfg.get("trainer") or {}).get("accelerator", "auto")),
+        device if device is not None else run.device, str(trainer_arg(run.trainer, "accelerator"))
     )
-    model = assemble(resolve_auto_dtypes(cfg, decision), registry)  # trained components: fp32
+    # trained components: fp32 (mmbridge.model.precision)
+    model = assemble(resolve_auto_dtypes(run.model, run.scheduled, run.trainer, decision), registry)
     model.to(dev)
     tok = model.llm.tokenizer
     prefix = model.prefix
-    run = RunConfig.parse(cfg)
     chat = ChatEncoder(
         tok,
         list(model.branches),
         max_length=run.loader.max_text_tokens,
         prefix_tokens=prefix.n_tokens if prefix is not None else 0,
         meta_keys=prefix.meta_keys if prefix is not None else (),
-        conversation=stage_conversation(cfg)[0],
+        conversation=run.conversation_of()[0],
     )
-    splits = load_splits(cfg, registry, run_dir=run_dir) if with_data else {}
+    splits = load_splits(run, registry, run_dir=run_dir) if with_data else {}
     stage_splits = (
-        load_stage_splits(cfg, registry, run_dir=run_dir) if with_data and stage_data else {}
+        load_stage_splits(run, registry, run_dir=run_dir) if with_data and stage_data else {}
     )
     session = Session(
-        cfg,
+        run.composed,
         registry,
         model,
         chat,
@@ -188,8 +196,8 @@ def open_session(
 
 def fill_feature_cache(session: Session) -> None:
     """Cache the features of every media file of every split, per frozen encoder."""
-    cfg = session.cfg
-    if not frozen_encoders(cfg):
+    run = session.run
+    if not frozen_encoders(run.scheduled):
         log.info("an encoder trains in this schedule: the feature cache is not used")
         return
     autocast = "bfloat16" if session.precision.precision.startswith("bf16") else None
@@ -209,14 +217,14 @@ def fill_feature_cache(session: Session) -> None:
             table, stats = load_or_compute(
                 branch.encoder,
                 paths,
-                Path(cfg.paths.feature_cache_dir),
+                Path(run.paths.feature_cache_dir),
                 autocast=autocast,
                 device=session.device,
                 num_workers=session.run.loader.num_workers,
             )
         except OSError as exc:
             raise DataError(
-                f"feature cache at paths.feature_cache_dir={cfg.paths.feature_cache_dir}: {exc}"
+                f"feature cache at paths.feature_cache_dir={run.paths.feature_cache_dir}: {exc}"
             ) from exc
         session.tables[modality] = table
         session.cache_stats[modality] = stats
@@ -252,7 +260,7 @@ def session_from_checkpoint(
     )  # overrides included: a bad value is an error, not a random model
     session = open_session(cfg, registry, with_data=with_data, device=device, stage_data=False)
     for stage in json.loads(meta.get("stages", "[]")):
-        configure_trainable(session.model, cfg.stages[stage])  # re-creates LoRA layers
+        configure_trainable(session.model, session.run.stages[stage])  # re-creates LoRA layers
     load_weights(session.model, weights, str(path))
     session.model.eval()
     return session, meta

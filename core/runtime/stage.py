@@ -45,11 +45,16 @@ class StageData:
 def stage_recipe(session: Session, name: str, batcher: Batcher | None = None) -> DataRecipe:
     """Build ``stages.<name>.recipe`` and set it up against the session's model, the feature
     tables of ``batcher`` (default: the session's) and ``paths.cache_dir``."""
-    cfg = session.cfg
-    recipe = build(session.registry, "recipe", cfg.stages[name].recipe, f"stages.{name}.recipe")
+    run = session.run
+    node = run.stages[name].recipe
+    if node is None:
+        raise ConfigError(
+            f"stages.{name}.recipe: missing (expected a mapping with 'name' and arguments)"
+        )
+    recipe = build(session.registry, "recipe", node, f"stages.{name}.recipe")
     tables = (batcher or session.batcher()).tables
     recipe.setup(
-        RecipeContext(session.registry, session.model, dict(tables), Path(cfg.paths.cache_dir))
+        RecipeContext(session.registry, session.model, dict(tables), Path(run.paths.cache_dir))
     )
     return recipe
 
@@ -74,8 +79,7 @@ def prepare_stage(
     Raises:
         ConfigError: ``stages.<name>.split`` is not a split of the stage's data.
     """
-    cfg = session.cfg
-    stage = cfg.stages[name]
+    stage = session.run.stages[name]
     splits = session.data_of(name)
     if samples is None and stage.split not in splits:
         key = f"stages.{name}.data" if name in session.stage_splits else "data"
@@ -85,7 +89,7 @@ def prepare_stage(
         )
     batcher = batcher or session.batcher(stage=name)  # in the stage's conversation format
     recipe = stage_recipe(session, name, batcher)
-    seed = int(cfg.seed)
+    seed = session.run.seed
     train = recipe.annotate(list(samples) if samples is not None else splits[stage.split])
     val = recipe.annotate(splits["val"]) if "val" in splits and samples is None else []
     train_ds = batcher.dataset(train, recipe, seed=seed, split=stage.split)

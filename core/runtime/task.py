@@ -18,7 +18,9 @@ from mmbridge.registry import Registry
 from mmbridge.registry.plugin_manager import load_registry
 from mmbridge.reporting.runs import METRICS, interrupted, refuse_held_run, write_json
 from mmbridge.runtime import train as run_train
+from mmbridge.runtime.config import RunConfig
 from mmbridge.training.distributed import is_global_zero
+from mmbridge.training.stages import check_schedule
 from mmbridge.utils.run_lock import RunLock, holder
 
 log = logging.getLogger("mmbridge.train")
@@ -75,19 +77,21 @@ def run_task(
             _check_state(run_dir / "state.json")
             cfg = resume_config(stored, cfg, overrides or [], run_dir)
             validate_config(cfg, registry, output_dir=run_dir)
+            check_schedule(cfg)
             log.info("resuming %s", run_dir)
-            return run_train.train(cfg, registry, run_dir, resume=True)
+            return run_train.train(RunConfig.parse(cfg), registry, run_dir, resume=True)
     fresh = not resume_interrupted and is_global_zero()
     if fresh and holder(output_dir) is None:  # held by a live run: the lock refuses it below
         refuse_held_run(output_dir, run_dir_key)
     validate_config(cfg, registry, output_dir=output_dir)
+    check_schedule(cfg)
     with _locked(output_dir):
         if fresh:  # a run that ended between the check above and the lock
             refuse_held_run(output_dir, run_dir_key)
         again = resume_interrupted and interrupted(output_dir, OmegaConf.to_yaml(cfg, resolve=True))
         if again:
             log.info("resuming the interrupted run in %s", output_dir)
-        metrics = run_train.train(cfg, registry, output_dir, resume=again)
+        metrics = run_train.train(RunConfig.parse(cfg), registry, output_dir, resume=again)
         if overrides is not None and (output_dir / METRICS).is_file():
             metrics["overrides"] = list(overrides)
             write_json(output_dir / METRICS, metrics)

@@ -15,6 +15,7 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -22,11 +23,11 @@ from typing import Any, cast
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
-from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from mmbridge.config.schema import Loader
+from mmbridge.config.schema import Loader, Stage
+from mmbridge.config.sections import trainer_arg
 from mmbridge.data.dataset import Collator, ConversationDataset
 from mmbridge.errors import ConfigError
 from mmbridge.evaluation.runner import ValQuestions
@@ -62,13 +63,17 @@ from mmbridge.training.loggers import make_loggers
 from mmbridge.training.module import BridgeModule
 from mmbridge.training.resume import ResumableCheckpoint, validation_owed
 from mmbridge.training.stages import (
-    check_schedule,
     configure_trainable,
     data_parallel_size,
     stage_steps,
 )
 from mmbridge.training.strategies import shards_parameters
-from mmbridge.training.trainer import peak_memory_mb, tidy_lightning_output, trainer_kwargs
+from mmbridge.training.trainer import (
+    peak_memory_mb,
+    resolve_auto_dtypes,
+    tidy_lightning_output,
+    trainer_kwargs,
+)
 from mmbridge.utils.io import atomic_write_json, atomic_write_text
 from mmbridge.utils.progress import interactive
 
@@ -117,32 +122,33 @@ def run_stage(
 
     Returns the stage's figures and its trained weights, gathered whole on global rank 0 under
     FSDP / ZeRO-3 (:func:`mmbridge.training.distributed.gather_weights`; every rank calls it)."""
-    cfg, model = session.cfg, session.model
-    stage = cfg.stages[name]
+    run, model = session.run, session.model
+    stage = run.stages[name]
     configure_trainable(model, stage)
     data = prepare_stage(session, name)
-    if stage.get("epochs") is not None:  # epochs -> steps, now that the data's length is known
-        stage.max_steps = stage_steps(
+    epochs = stage.epochs
+    if epochs is not None:  # epochs -> steps, now that the data's length is known
+        steps = stage_steps(
             stage,
             len(data.train_ds),
-            data_parallel_size(cfg.trainer),
-            int(cfg.trainer.get("accumulate_grad_batches", 1) or 1),
+            data_parallel_size(run.trainer),
+            int(trainer_arg(run.trainer, "accumulate_grad_batches") or 1),
         )
+        # the steps the stage's module and Trainer run (build_trainer, fit_stage read them)
+        stage = run.stages[name] = dataclasses.replace(stage, max_steps=steps)
         log.info(
             "stage %s: %g epoch(s) of %d samples = %d steps",
             name,
-            float(stage.epochs),
+            float(epochs),
             len(data.train_ds),
-            int(stage.max_steps),
+            steps,
         )
-    seed, bs = int(cfg.seed), int(stage.batch_size)
+    seed, bs = run.seed, int(stage.batch_size)
     loader, collate = session.run.loader, data.batcher.collator
     train_dl = _loader(data.train_ds, bs, collate, True, loader, seed)
     val_dl = _loader(data.val_ds, bs, collate, False, loader, seed) if len(data.val_ds) else None
     ev = session.run.evaluation
-    sharded = shards_parameters(
-        cfg.trainer
-    )  # FSDP / ZeRO-3: no generation outside the forward pass
+    sharded = shards_parameters(run.trainer)  # FSDP / ZeRO-3: no generation outside the forward
     # questions asked in the run's conversation format (a stage's own, e.g. plain, drops them)
     evaluator = (
         None
@@ -200,17 +206,16 @@ def build_trainer(
     ``last.ckpt``), the progress bar on a terminal or log lines without one, the loggers, and
     a stopper on ``guard``'s signals (returned too: it says whether a signal stopped the fit).
     """
-    cfg = session.cfg
-    stage = cfg.stages[name]
-    max_steps = int(stage.max_steps)
+    stage = session.run.stages[name]
+    max_steps = _max_steps(stage)
     ckpt_dir = out_dir / "checkpoints" / name
     callbacks: list[Callback] = [
         checkpoint_callback(
-            ckpt_dir, int(stage.get("checkpoint_every") or stage.val_every), ResumableCheckpoint
+            ckpt_dir, int(stage.checkpoint_every or stage.val_every), ResumableCheckpoint
         )
     ]
     tty = interactive()
-    if tty and cfg.trainer.get("enable_progress_bar", True):
+    if tty and trainer_arg(session.run.trainer, "enable_progress_bar"):
         callbacks.append(RichProgressBar())
     stopper = StopOnSignal(guard) if guard is not None else None
     if stopper is not None:
@@ -236,7 +241,7 @@ def fit_stage(
     """Run ``trainer.fit`` for stage ``name`` (from ``ckpt_path`` when given); close the val
     curve where a time budget stopped it; gather the trained weights. Returns the stage's
     figures (without ``wall_s``) and the weights."""
-    max_steps = int(session.cfg.stages[name].max_steps)
+    max_steps = _max_steps(session.run.stages[name])
     trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt_path)
     if stopper is not None and stopper.saved_step is not None:
         # a step was saved because the stopper's guard caught a signal
@@ -260,7 +265,7 @@ def fit_stage(
             "stage %s: time budget reached at step %d of %d", name, trainer.global_step, max_steps
         )
     times = module.step_times[WARMUP_STEPS:] or module.step_times
-    bs = int(session.cfg.stages[name].batch_size)
+    bs = int(session.run.stages[name].batch_size)
     step = statistics.median(times) if times else math.nan
     return StageMetrics(
         history=module.history,
@@ -276,13 +281,14 @@ def fit_stage(
 def _trainer(
     session: Session,
     out_dir: Path,
-    stage: DictConfig,
+    stage: Stage,
     callbacks: list[Callback],
     loggers: Any,
     budget_s: float | None = None,
 ) -> L.Trainer:
     kw = trainer_kwargs(
-        session.cfg,
+        session.run.trainer,
+        session.run.device,
         session.precision,
         session.device,
         interactive=interactive(),
@@ -291,7 +297,7 @@ def _trainer(
     if not callbacks:  # a bare validation: no checkpoints, no progress bar
         kw["enable_progress_bar"] = False
     return L.Trainer(
-        max_steps=int(stage.max_steps),
+        max_steps=_max_steps(stage),
         val_check_interval=int(stage.val_every),
         check_val_every_n_epoch=None,
         callbacks=callbacks,
@@ -304,6 +310,14 @@ def _trainer(
         max_time=timedelta(seconds=budget_s) if budget_s else None,
         **kw,
     )
+
+
+def _max_steps(stage: Stage) -> int:
+    """The stage's optimiser steps (``epochs`` are resolved into ``max_steps`` by
+    :func:`run_stage`)."""
+    if stage.max_steps is None:
+        raise ConfigError("max_steps and epochs are both null; set one")
+    return int(stage.max_steps)
 
 
 def _write_debug(out_dir: Path, stage: str, rank: int, module: BridgeModule) -> None:
@@ -324,22 +338,24 @@ def unsharded_session(
     with ``broadcast`` every rank calls and gets them): after an FSDP / ZeRO-3 stage, for the
     next stage (every rank) and for the final evaluation (rank 0)
     (:func:`mmbridge.training.distributed.unsharded_model`)."""
+    run = session.run
     model = unsharded_model(
-        session.cfg,
+        resolve_auto_dtypes(run.model, run.scheduled, run.trainer, session.precision.weight_dtype),
         session.registry,
-        session.precision.weight_dtype,
         session.device,
-        stages_done,
+        [run.stages[n] for n in stages_done],
         weights,
         broadcast=broadcast,
     )
-    return dataclasses.replace(session, model=model)
+    out = dataclasses.replace(session, model=model)
+    out.run = run  # the same parsed sections (a stage's epochs resolved into steps included)
+    return out
 
 
-def stage_fractions(cfg: DictConfig, names: list[str]) -> dict[str, float]:
+def stage_fractions(stages: Mapping[str, Stage], names: list[str]) -> dict[str, float]:
     """Each stage's share of the time budget: ``stages.<name>.budget_fraction`` normalised over
     ``names`` (equal shares where none is set)."""
-    raw = {n: cfg.stages[n].get("budget_fraction") for n in names}
+    raw = {n: stages[n].budget_fraction for n in names}
     if all(v is None for v in raw.values()):
         return {n: 1.0 / len(names) for n in names}
     missing = [n for n, v in raw.items() if v is None]
@@ -348,14 +364,17 @@ def stage_fractions(cfg: DictConfig, names: list[str]) -> dict[str, float]:
             f"budget_minutes: stages.{missing[0]}.budget_fraction is not set while "
             f"other stages set theirs; set it for every scheduled stage"
         )
-    total = sum(float(v) for v in raw.values())
-    return {n: float(v) / total for n, v in raw.items()}
+    given = {n: float(v) for n, v in raw.items() if v is not None}  # every one, checked above
+    total = sum(given.values())
+    return {n: v / total for n, v in given.items()}
 
 
 def train(
-    cfg: DictConfig, registry: Registry, out_dir: Path, resume: bool = False
+    run: RunConfig, registry: Registry, out_dir: Path, resume: bool = False
 ) -> dict[str, Any]:
-    """Run every scheduled stage, evaluate on the test split, write metrics.json; return it.
+    """Run every scheduled stage of ``run`` (a validated config, parsed: the run's entry,
+    :func:`mmbridge.runtime.task.run_task`, checks it), evaluate on the test split, write
+    metrics.json; return it.
 
     Raises:
         Interrupted: on SIGTERM / SIGINT (after a resumable checkpoint was written when it came
@@ -363,32 +382,32 @@ def train(
     """
     t_start = time.perf_counter()
     m_start = time.monotonic()
-    check_schedule(cfg)
-    run = RunConfig.parse(cfg)
     budget_s = run.root.budget_minutes * 60 if run.root.budget_minutes else None
     L.seed_everything(run.root.seed, workers=True, verbose=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     if is_global_zero():  # rank 0 alone writes the run's files (mmbridge.training.distributed)
-        atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(out_dir / "config.yaml", run.to_yaml())
     with InterruptGuard() as guard:
         session = open_session(
-            cfg, registry, run_dir=out_dir if is_global_zero() else None
+            run, registry, run_dir=out_dir if is_global_zero() else None
         )  # rank 0 lists drops
         model = session.model
-        loaded = load_init_weights(model, cfg, session.registry)  # init_from=RUN_DIR[:STAGE]
+        # init_from=RUN_DIR[:STAGE]
+        loaded = load_init_weights(model, run.root, run.scheduled, session.registry)
         if loaded:
-            log.info("init_from=%s: %d tensors loaded", cfg.get("init_from"), len(loaded))
+            log.info("init_from=%s: %d tensors loaded", run.init_from, len(loaded))
         done: list[str] = []
         stage_metrics: dict[str, StageMetrics] = {}
         weights: dict[str, torch.Tensor] | None = None  # the last stage's, whole on rank 0
         state_file = out_dir / "state.json"
         state = json.loads(state_file.read_text()) if resume and state_file.is_file() else {}
-        todo = [n for n in cfg.schedule if n not in state.get("stages_done", [])]
-        fractions = stage_fractions(cfg, todo) if budget_s and todo else {}
-        for name in cfg.schedule:
+        todo = [n for n in run.schedule if n not in state.get("stages_done", [])]
+        fractions = stage_fractions(run.stages, todo) if budget_s and todo else {}
+        for name in run.schedule:
             export = out_dir / "checkpoints" / f"{name}_final"
             if name in state.get("stages_done", []) and (export / "weights.safetensors").is_file():
-                configure_trainable(model, cfg.stages[name])  # same structure (LoRA) as when it ran
+                # same structure (LoRA) as when it ran
+                configure_trainable(model, run.stages[name])
                 _, weights, _ = read_checkpoint(export)
                 load_weights(model, weights, str(export))
                 done.append(name)
@@ -413,8 +432,8 @@ def train(
             )
             done.append(name)
             if is_global_zero():
-                save_checkpoint(
-                    model, cfg, export, done, registry=session.registry, weights=weights
+                save_checkpoint(  # the config as composed: the checkpoint stores it
+                    model, run.composed, export, done, registry=session.registry, weights=weights
                 )
                 atomic_write_json(
                     state_file,
@@ -426,7 +445,7 @@ def train(
                     },
                 )
             barrier()  # every rank sees the stage's checkpoint before the next stage starts
-            if (is_fsdp(model) or is_zero3(model)) and name != cfg.schedule[-1]:
+            if (is_fsdp(model) or is_zero3(model)) and name != run.schedule[-1]:
                 # sharded in place: the next stage (its own trainable set, LoRA) gets a plain copy
                 session = unsharded_session(session, done, weights, broadcast=True)
                 model = session.model
@@ -434,7 +453,9 @@ def train(
         rank0 = is_global_zero()
         sharded = is_fsdp(model) or is_zero3(model)
         if rank0:
-            save_checkpoint(model, cfg, final, done, registry=session.registry, weights=weights)
+            save_checkpoint(
+                model, run.composed, final, done, registry=session.registry, weights=weights
+            )
             if sharded and weights is not None:  # evaluate (and count) an unsharded copy
                 session = unsharded_session(session, done, weights)
         else:  # no barrier: a long evaluation would outlast the process group's timeout
@@ -443,7 +464,7 @@ def train(
         metrics = RunMetrics(
             stages=stage_metrics,
             checkpoint=str(final),
-            seed=int(cfg.seed),
+            seed=run.seed,
             parameters=session.model.parameter_counts(),
             visual_tokens=visual_tokens(session),
             cache=session.cache_stats,

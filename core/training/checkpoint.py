@@ -60,7 +60,7 @@ SAFE_GLOBALS: list[Any] = []
 
 def save_checkpoint(
     model: MultimodalModel,
-    cfg: DictConfig,
+    cfg: DictConfig,  # the config as composed: stored as config.yaml and in the metadata
     out_dir: Path,
     stages_done: list[str],
     registry: Registry | None = None,

@@ -22,19 +22,20 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
+from mmbridge.config.model_spec import ModelConfig
+from mmbridge.config.schema import Stage
 from mmbridge.model import MultimodalModel, assemble
 from mmbridge.training.checkpoint import load_weights
 from mmbridge.training.stages import configure_trainable
-from mmbridge.training.trainer import resolve_auto_dtypes
 
 if TYPE_CHECKING:
     from mmbridge.registry import Registry
@@ -180,17 +181,16 @@ def broadcast_weights(model: MultimodalModel, weights: dict[str, torch.Tensor]) 
 
 
 def unsharded_model(
-    cfg: DictConfig,
+    model_cfg: ModelConfig,
     registry: Registry,
-    weight_dtype: str,
     device: torch.device,
-    stages_done: list[str],
+    stages_done: Sequence[Stage],
     weights: dict[str, torch.Tensor],
     broadcast: bool = False,
 ) -> MultimodalModel:
-    """A plain (not sharded) copy of the trained model: assembled from ``cfg`` as ``mmbridge
-    eval`` assembles it from a checkpoint, configured for ``stages_done`` (LoRA layers), with
-    the gathered ``weights``.
+    """A plain (not sharded) copy of the trained model: assembled from ``model_cfg`` as
+    ``mmbridge eval`` assembles it from a checkpoint, configured for ``stages_done`` (LoRA
+    layers), with the gathered ``weights``.
 
     FSDP and ZeRO-3 shard the model's modules in place, and a later stage changes which
     parameters train (LoRA layers injected into wrapped blocks would escape the sharding), so
@@ -198,17 +198,17 @@ def unsharded_model(
     evaluation, on every rank (``broadcast``) before the next stage.
 
     Args:
-        cfg: The run config.
+        model_cfg: The run's component nodes with their ``dtype: auto`` decided
+            (:func:`mmbridge.model.precision.resolve_auto_dtypes`).
         registry: The run's registry.
-        weight_dtype: The dtype of ``dtype: auto`` components (the run's precision decision).
         device: Where the model lives (this rank's device).
         stages_done: The stages that trained, in order.
         weights: :func:`gather_weights` on rank 0 (empty on the other ranks).
         broadcast: Every rank calls and gets rank 0's weights (:func:`broadcast_weights`).
     """
-    model = assemble(resolve_auto_dtypes(cfg, weight_dtype), registry).to(device)
+    model = assemble(model_cfg, registry).to(device)
     for stage in stages_done:
-        configure_trainable(model, cfg.stages[stage])
+        configure_trainable(model, stage)
     if broadcast:
         broadcast_weights(model, weights)
     else:

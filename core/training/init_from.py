@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from mmbridge.config.schema import Root
+from mmbridge.config.schema import Root, Stage
+from mmbridge.config.sections import section, stages_of
 from mmbridge.contracts.connector import Connector
 from mmbridge.contracts.prefix import SequencePrefix
 from mmbridge.errors import CheckpointError, ConfigError
@@ -65,12 +66,12 @@ def init_checkpoint(value: str) -> Path:
 
 
 def _add_lora_like_source(
-    model: MultimodalModel, source_cfg: DictConfig, stages: list[str]
+    model: MultimodalModel, source: Mapping[str, Stage], stages: list[str]
 ) -> None:
     """Inject the LoRA adapters the source run trained, with its settings, so their tensors
     have somewhere to go (the first of its stages that trained LoRA)."""
     for name in stages:
-        stage = source_cfg.stages.get(name)
+        stage = source.get(name)
         if stage is not None and stage.train.llm == "lora":
             model.llm.apply_lora(lora_settings(stage.lora))
             return
@@ -81,12 +82,12 @@ def _add_lora_like_source(
 
 
 def _add_encoder_lora_like_source(
-    model: MultimodalModel, source_cfg: DictConfig, stages: list[str]
+    model: MultimodalModel, source: Mapping[str, Stage], stages: list[str]
 ) -> None:
     """The same for the encoders' adapters (``train.encoder: lora`` in a source stage)."""
     for name in stages:
-        stage = source_cfg.stages.get(name)
-        if stage is not None and encoder_mode(stage.train) == "lora":
+        stage = source.get(name)
+        if stage is not None and encoder_mode(stage.train.encoder) == "lora":
             for branch in model.branches.values():
                 if not has_lora(branch.encoder):
                     inject_lora(branch.encoder, lora_settings(stage.encoder_lora), "encoder_lora")
@@ -98,10 +99,17 @@ def _add_encoder_lora_like_source(
 
 
 def load_init_weights(
-    model: MultimodalModel, cfg: DictConfig, registry: Registry | None = None
+    model: MultimodalModel,
+    root: Root,
+    scheduled: Sequence[Stage],
+    registry: Registry | None = None,
 ) -> list[str]:
-    """Copy the weights of ``cfg.init_from`` into ``model``; returns the names loaded (empty when
-    ``init_from`` is not set).
+    """Copy the weights of ``root.init_from`` into ``model``; returns the names loaded (empty
+    when ``init_from`` is not set).
+
+    ``root`` is the run's top-level section (``init_from``, ``cache_features``), ``scheduled``
+    its scheduled stages (:attr:`mmbridge.runtime.config.RunConfig.scheduled`); the source
+    run's stages are read from its checkpoint's config.
 
     Every tensor of the checkpoint must be a parameter of ``model`` with the same shape, and a
     connector (or sequence prefix) it holds must be whole; the rest of the model may differ (a
@@ -114,21 +122,22 @@ def load_init_weights(
         CheckpointError: tensors the model does not have, of another shape, or part of a
             connector only (nothing is loaded then).
     """
-    value = cfg.get("init_from")
+    value = root.init_from
     if not value:
         return []
     path = init_checkpoint(str(value))
     source_cfg, weights, meta = read_checkpoint(path, registry)
+    source = stages_of(source_cfg)  # the source run's stages, typed
     stages = json.loads(meta.get("stages", "[]"))
     if (
         any("lora_" in k and k.startswith("llm.") for k in weights)
         and model.llm.lora_config is None
     ):
-        _add_lora_like_source(model, source_cfg, stages)
+        _add_lora_like_source(model, source, stages)
     if any("lora_" in k and ".encoder." in k for k in weights) and not all(
         has_lora(b.encoder) for b in model.branches.values()
     ):
-        _add_encoder_lora_like_source(model, source_cfg, stages)
+        _add_encoder_lora_like_source(model, source, stages)
     own = dict(model.named_parameters())
     unknown = sorted(k for k in weights if k not in own)
     shapes = sorted(
@@ -142,9 +151,9 @@ def load_init_weights(
     wholes = [
         f"{n}." for n, m in model.named_modules() if isinstance(m, Connector | SequencePrefix)
     ]
-    for root in [w for w in wholes if not any(w != o and w.startswith(o) for o in wholes)]:
-        if any(k.startswith(root) for k in weights):
-            partial += sorted(k for k in own if k.startswith(root) and k not in weights)
+    for whole in [w for w in wholes if not any(w != o and w.startswith(o) for o in wholes)]:
+        if any(k.startswith(whole) for k in weights):
+            partial += sorted(k for k in own if k.startswith(whole) and k not in weights)
     if unknown or shapes or partial:
         problems = (
             [f"{len(unknown)} tensor(s) this model does not have: {', '.join(unknown[:6])}"]
@@ -165,8 +174,7 @@ def load_init_weights(
             f"encoder, connector or LLM than the source run's?):\n  " + "\n  ".join(problems)
         )
     encoder_keys = [k for k in weights if k.startswith("branches.") and ".encoder." in k]
-    caching = bool(cfg.get("cache_features", Root().cache_features))  # default: schema.Root
-    if encoder_keys and caching and frozen_encoders(cfg):
+    if encoder_keys and root.cache_features and frozen_encoders(scheduled):
         raise ConfigError(
             f"init_from={value}: the checkpoint holds trained encoder weights "
             f"({encoder_keys[0]}, ...), but cache_features=true would read the "
@@ -181,6 +189,6 @@ def load_init_weights(
         len(weights),
         path,
         ", ".join(stages) or "-",
-        OmegaConf.select(source_cfg, "run_name", default="?"),
+        section(source_cfg, Root).run_name,
     )
     return sorted(weights)

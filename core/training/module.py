@@ -9,8 +9,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Timer
-from omegaconf import DictConfig
 
+from mmbridge.config.schema import Stage
 from mmbridge.model import MultimodalModel
 from mmbridge.model.precision import keep_trained_fp32
 from mmbridge.training.optimizers import make_optimizer, param_groups
@@ -40,12 +40,12 @@ class BridgeModule(L.LightningModule):
 
     Args:
         model: The assembled model, already frozen/unfrozen for the stage.
-        stage: The stage config (``optimizer``, ``max_steps``).
+        stage: The stage (``optimizer``, ``max_steps``).
         evaluator: Optional callable ``(model) -> dict[str, float]`` run after each validation
             (the generation-based exact match on question answering).
     """
 
-    def __init__(self, model: MultimodalModel, stage: DictConfig, evaluator: Any = None) -> None:
+    def __init__(self, model: MultimodalModel, stage: Stage, evaluator: Any = None) -> None:
         super().__init__()
         self.model = model
         self.stage = stage

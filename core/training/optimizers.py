@@ -12,7 +12,7 @@ it understands (``betas`` for Adam/AdamW, ``momentum`` for SGD).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ def _no_decay(module: nn.Module, name: str, p: torch.Tensor) -> bool:
     return p.dim() < 2 or name == "bias" or "norm" in type(module).__name__.lower()
 
 
-def param_groups(model: nn.Module, cfg: Mapping[str, Any]) -> Groups:
+def param_groups(model: nn.Module, cfg: Optimizer) -> Groups:
     """The trainable parameters of ``model`` (a :class:`~mmbridge.model.MultimodalModel`) in
     groups by component and weight decay, each named ``<component>`` or
     ``<component>.no_decay`` and carrying its ``lr`` and ``weight_decay``; empty groups are left
@@ -41,7 +41,7 @@ def param_groups(model: nn.Module, cfg: Mapping[str, Any]) -> Groups:
 
     Args:
         model: The model, frozen / unfrozen for the stage.
-        cfg: The stage's ``optimizer`` node (``lr``, ``weight_decay``, ``<component>_lr``).
+        cfg: The stage's ``optimizer`` section (``lr``, ``weight_decay``, ``<component>_lr``).
     """
     owner: dict[int, str] = {}
     for branch in getattr(model, "branches", {}).values():
@@ -50,8 +50,8 @@ def param_groups(model: nn.Module, cfg: Mapping[str, Any]) -> Groups:
     prefix = getattr(model, "prefix", None)
     if prefix is not None:
         owner |= {id(p): "connector" for p in prefix.parameters()}
-    lr = float(cfg["lr"])
-    decay = float(cfg.get("weight_decay", 0.0) or 0.0)
+    lr = float(cfg.lr)
+    decay = float(cfg.weight_decay or 0.0)
     groups: dict[str, dict[str, Any]] = {}
     seen: set[int] = set()
     for module in model.modules():
@@ -60,7 +60,7 @@ def param_groups(model: nn.Module, cfg: Mapping[str, Any]) -> Groups:
                 continue
             seen.add(id(p))
             component = owner.get(id(p), "llm")
-            own_lr = cfg.get(f"{component}_lr")
+            own_lr = getattr(cfg, f"{component}_lr")
             key = component + (".no_decay" if _no_decay(module, name, p) else "")
             group = groups.setdefault(
                 key,
@@ -75,31 +75,32 @@ def param_groups(model: nn.Module, cfg: Mapping[str, Any]) -> Groups:
     return list(groups.values())
 
 
-def _adamw(groups: Groups, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        groups, lr=float(cfg["lr"]), betas=tuple(cfg.get("betas", Optimizer().betas))
-    )
+def _betas(cfg: Optimizer) -> tuple[float, float]:
+    beta1, beta2 = cfg.betas
+    return float(beta1), float(beta2)
 
 
-def _adam(groups: Groups, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+def _adamw(groups: Groups, cfg: Optimizer) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=float(cfg.lr), betas=_betas(cfg))
+
+
+def _adam(groups: Groups, cfg: Optimizer) -> torch.optim.Optimizer:
     # Adam's weight_decay is an L2 term in the gradient (AdamW's is decoupled, 1711.05101)
-    return torch.optim.Adam(
-        groups, lr=float(cfg["lr"]), betas=tuple(cfg.get("betas", Optimizer().betas))
-    )
+    return torch.optim.Adam(groups, lr=float(cfg.lr), betas=_betas(cfg))
 
 
-def _sgd(groups: Groups, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-    momentum = float(cfg.get("momentum", Optimizer().momentum))
-    return torch.optim.SGD(groups, lr=float(cfg["lr"]), momentum=momentum, nesterov=momentum > 0)
+def _sgd(groups: Groups, cfg: Optimizer) -> torch.optim.Optimizer:
+    momentum = float(cfg.momentum)
+    return torch.optim.SGD(groups, lr=float(cfg.lr), momentum=momentum, nesterov=momentum > 0)
 
 
-def _adafactor(groups: Groups, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+def _adafactor(groups: Groups, cfg: Optimizer) -> torch.optim.Optimizer:
     # factored second moments (1804.04235): row and column statistics instead of one per weight
-    return torch.optim.Adafactor(groups, lr=float(cfg["lr"]))
+    return torch.optim.Adafactor(groups, lr=float(cfg.lr))
 
 
-#: optimizer name -> ``(param groups, optimizer config) -> torch optimizer``.
-BUILDERS: dict[str, Callable[[Groups, Mapping[str, Any]], torch.optim.Optimizer]] = {
+#: optimizer name -> ``(param groups, the stage's optimizer section) -> torch optimizer``.
+BUILDERS: dict[str, Callable[[Groups, Optimizer], torch.optim.Optimizer]] = {
     "adamw": _adamw,
     "adam": _adam,
     "sgd": _sgd,
@@ -112,15 +113,13 @@ assert set(BUILDERS) == set(OPTIMIZERS), "schema.OPTIMIZERS and optimizers.BUILD
 STATES_PER_WEIGHT = {"adamw": 2, "adam": 2, "sgd": 1, "adafactor": 0}
 
 
-def make_optimizer(
-    groups: Groups, cfg: Mapping[str, Any], key: str = "optimizer"
-) -> torch.optim.Optimizer:
-    """The optimizer ``cfg["name"]`` (default ``adamw``) over ``groups``.
+def make_optimizer(groups: Groups, cfg: Optimizer, key: str = "optimizer") -> torch.optim.Optimizer:
+    """The optimizer ``cfg.name`` over ``groups``.
 
     Raises:
         ConfigError: an unknown name, naming ``key`` and the valid names.
     """
-    name = str(cfg.get("name") or Optimizer().name)
+    name = str(cfg.name)
     if name not in BUILDERS:
         raise ConfigError(f"{key}.name: unknown optimizer '{name}'; valid: {', '.join(BUILDERS)}")
     return BUILDERS[name](groups, cfg)

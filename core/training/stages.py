@@ -4,14 +4,15 @@ stage's step count from ``epochs``, and the checks on stage configs."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 from mmbridge.config import to_container
-from mmbridge.config.schema import LLM_MODES, Stage
+from mmbridge.config.schema import LLM_MODES, Stage, Train
+from mmbridge.config.sections import trainer_arg
 from mmbridge.config.validation import check_section, schedule_errors
 from mmbridge.errors import ConfigError
 from mmbridge.model import MultimodalModel
@@ -38,7 +39,9 @@ def _stage_errors(key: str, stage: dict[str, Any]) -> list[str]:
             f"the stage's data, e.g. {key}.epochs=1)"
         )
     train = stage.get("train") or {}
-    if encoder_mode(train) == "last_n" and not train.get("encoder_last_n"):
+    if encoder_mode(train.get("encoder", Train().encoder)) == "last_n" and not train.get(
+        "encoder_last_n"
+    ):
         errors.append(
             f"{key}.train.encoder=last_n: set {key}.train.encoder_last_n to the number "
             f"of the encoder's last blocks that train"
@@ -46,10 +49,11 @@ def _stage_errors(key: str, stage: dict[str, Any]) -> list[str]:
     return errors
 
 
-def check_schedule(cfg: DictConfig) -> None:
-    """Every scheduled stage exists and its settings fit the schema (modes, steps, batch size,
-    optimizer); errors name the keys. Part of :func:`mmbridge.config.validation.validate_config`,
-    which checks the rest of the config as well."""
+def check_schedule(cfg: Mapping[str, Any]) -> None:
+    """Every scheduled stage of a composed config (or its plain form) exists and its settings
+    fit the schema (modes, steps, batch size, optimizer); errors name the keys. A check of the
+    raw config beside :func:`mmbridge.config.validation.validate_config`, which checks the rest;
+    the run's entry (:func:`mmbridge.runtime.task.run_task`) calls both."""
     data = to_container(cfg)
     errors = schedule_errors(data)
     stages = s if isinstance(s := data.get("stages"), dict) else {}
@@ -61,16 +65,16 @@ def check_schedule(cfg: DictConfig) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
-def frozen_encoders(cfg: DictConfig) -> bool:
-    """Whether no scheduled stage trains the encoders (then their features can be cached)."""
-    return all(encoder_mode(cfg.stages[s].train) == "frozen" for s in cfg.schedule)
+def frozen_encoders(stages: Iterable[Stage]) -> bool:
+    """Whether none of ``stages`` (the scheduled ones: ``RunConfig.scheduled``) trains the
+    encoders (then their features can be cached)."""
+    return all(encoder_mode(s.train.encoder) == "frozen" for s in stages)
 
 
-def data_parallel_size(trainer: Any) -> int:
+def data_parallel_size(trainer: Mapping[str, Any]) -> int:
     """Processes that each read their own batches: ``trainer.devices`` (a count, a list, or
     ``-1`` / ``auto``: every visible GPU, one CPU process) times ``trainer.num_nodes``."""
-    trainer = trainer or {}
-    devices = trainer.get("devices", 1)
+    devices = trainer_arg(trainer, "devices")
     if isinstance(devices, list | tuple) or (
         hasattr(devices, "__len__") and not isinstance(devices, str)
     ):
@@ -78,31 +82,32 @@ def data_parallel_size(trainer: Any) -> int:
     elif isinstance(devices, int) and devices > 0:
         n = devices
     elif (
-        str(trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
+        str(trainer_arg(trainer, "accelerator")) in ("auto", "gpu", "cuda")
         and torch.cuda.is_available()
     ):
         n = torch.cuda.device_count()
     else:
         n = 1
-    return n * int(trainer.get("num_nodes", 1) or 1)
+    return n * int(trainer_arg(trainer, "num_nodes") or 1)
 
 
-def stage_steps(stage: Any, n_samples: int, world_size: int = 1, accumulate: int = 1) -> int:
+def stage_steps(stage: Stage, n_samples: int, world_size: int = 1, accumulate: int = 1) -> int:
     """The optimizer steps of a stage: ``max_steps``, or with ``epochs`` set, ``epochs`` passes
     over ``n_samples``: ``ceil(epochs x ceil(n / (batch_size x world_size)) / accumulate)``
     (each process reads ``ceil(n / world)`` samples per epoch, the last batch may be short).
 
     Args:
-        stage: The stage config (``epochs``, ``max_steps``, ``batch_size``).
+        stage: The stage (``epochs``, ``max_steps``, ``batch_size``).
         n_samples: Training samples of the stage's data.
         world_size: Data-parallel processes (:func:`data_parallel_size`).
         accumulate: ``trainer.accumulate_grad_batches``.
     """
-    epochs = stage.get("epochs")
-    if epochs is None:
+    if stage.epochs is None:
+        if stage.max_steps is None:
+            raise ConfigError("max_steps and epochs are both null; set one")
         return int(stage.max_steps)
     batches = math.ceil(n_samples / (int(stage.batch_size) * max(1, world_size)))
-    return max(1, math.ceil(float(epochs) * batches / max(1, accumulate)))
+    return max(1, math.ceil(float(stage.epochs) * batches / max(1, accumulate)))
 
 
 def encoder_blocks(encoder: nn.Module) -> nn.ModuleList | nn.Sequential:
@@ -122,8 +127,8 @@ def encoder_blocks(encoder: nn.Module) -> nn.ModuleList | nn.Sequential:
     )
 
 
-def _configure_encoder(encoder: nn.Module, stage: DictConfig) -> None:
-    mode = encoder_mode(stage.train)
+def _configure_encoder(encoder: nn.Module, stage: Stage) -> None:
+    mode = encoder_mode(stage.train.encoder)
     if mode == "lora":
         settings = lora_settings(stage.encoder_lora)
         if has_lora(encoder):  # added by an earlier stage (or a restored checkpoint)
@@ -134,11 +139,12 @@ def _configure_encoder(encoder: nn.Module, stage: DictConfig) -> None:
     encoder.requires_grad_(mode == "full")
     if mode == "last_n":
         blocks = encoder_blocks(encoder)
-        for block in list(blocks)[-int(stage.train.encoder_last_n) :]:
+        last_n = cast(int, stage.train.encoder_last_n)  # set with last_n: check_schedule
+        for block in list(blocks)[-int(last_n) :]:
             block.requires_grad_(True)
 
 
-def configure_trainable(model: MultimodalModel, stage: DictConfig) -> None:
+def configure_trainable(model: MultimodalModel, stage: Stage) -> None:
     """Freeze / unfreeze the parts of ``model`` as the stage says; add LoRA once if asked.
 
     Encoders: ``frozen | lora | last_n | full`` (``train.encoder``, see

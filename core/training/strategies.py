@@ -10,11 +10,13 @@ tower's block class when it has one) its own FSDP unit, so one block at a time i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, TypeGuard
 
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
+from mmbridge.config.sections import trainer_arg
 from mmbridge.errors import ConfigError
 from mmbridge.model import MultimodalModel
 from mmbridge.model.precision import fsdp_mixed_precision
@@ -47,7 +49,7 @@ def block_classes(model: MultimodalModel) -> set[type[nn.Module]]:
 SHARDING_PREFIXES = ("fsdp", "deepspeed_stage_3")
 
 
-def shards_parameters(trainer_cfg: Any) -> bool:
+def shards_parameters(trainer_cfg: Mapping[str, Any]) -> bool:
     """Whether ``trainer.strategy`` shards the parameters (FSDP, DeepSpeed ZeRO-3).
 
     Under such a strategy a run skips what would call into the model outside Lightning's
@@ -55,12 +57,14 @@ def shards_parameters(trainer_cfg: Any) -> bool:
     (the validation loss stays) and the separate opening validation, whose own Trainer would
     wrap the blocks before ``fit`` does. The final evaluation runs on rank 0 with an unsharded
     copy (:mod:`mmbridge.training.distributed`)."""
-    strategy = trainer_cfg.get("strategy", "auto")
+    strategy = trainer_arg(trainer_cfg, "strategy")
     name = getattr(strategy, "strategy_name", strategy)
     return isinstance(name, str) and name.startswith(SHARDING_PREFIXES)
 
 
-def make_strategy(trainer_cfg: Any, model: MultimodalModel, precision: str | None = None) -> Any:
+def make_strategy(
+    trainer_cfg: Mapping[str, Any], model: MultimodalModel, precision: str | None = None
+) -> Any:
     """``trainer.strategy`` as ``L.Trainer(strategy=...)`` takes it.
 
     ``fsdp``: full sharding (parameters, gradients and optimizer state: ZeRO-3), one FSDP unit
@@ -75,7 +79,7 @@ def make_strategy(trainer_cfg: Any, model: MultimodalModel, precision: str | Non
         model: The assembled model (the block classes are read from it).
         precision: The run's decided Lightning precision (FSDP's mixed-precision policy).
     """
-    strategy = trainer_cfg.get("strategy", "auto")
+    strategy = trainer_arg(trainer_cfg, "strategy")
     if strategy != "fsdp":
         return strategy
     try:

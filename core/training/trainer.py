@@ -4,14 +4,15 @@ Lightning's console output made quiet."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import resource
 import warnings
-from typing import Any, cast
+from collections.abc import Mapping
+from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from mmbridge.errors import ConfigError
 from mmbridge.model.precision import (
@@ -91,25 +92,25 @@ def resolve_device(device: str | torch.device | None, accelerator: str = "auto")
 
 
 def trainer_kwargs(
-    cfg: DictConfig,
+    trainer: Mapping[str, Any],
+    run_device: str | None,
     decision: PrecisionDecision,
     device: torch.device | None = None,
     interactive: bool = True,
     model: Any = None,
 ) -> dict[str, Any]:
-    """``cfg.trainer`` as ``L.Trainer`` arguments, with the decided precision; an explicit
-    ``device`` (``cuda:1``) selects the accelerator and device index; without a terminal
-    Lightning's progress bar is off (the progress log lines replace it); with ``model``, a
-    strategy name becomes its strategy object (FSDP wrapped per decoder / encoder block,
+    """The run's ``trainer`` arguments as ``L.Trainer`` takes them, with the decided precision;
+    a ``device`` the run sets (``run_device``: ``device=cuda:1``; ``device`` is it resolved)
+    selects the accelerator and device index; without a terminal Lightning's progress bar is
+    off (the progress log lines replace it); with ``model``, a strategy name becomes its
+    strategy object (FSDP wrapped per decoder / encoder block,
     :func:`mmbridge.training.strategies.make_strategy`, with FSDP's mixed-precision policy
     for the decided precision)."""
-    kw = dict(
-        cast(dict[str, Any], OmegaConf.to_container(cfg.trainer, resolve=True))
-    )  # a mapping node
+    kw = copy.deepcopy(dict(trainer))  # a fresh copy for Lightning
     kw["precision"] = decision.precision
     if model is not None:
-        kw["strategy"] = make_strategy(cfg.trainer, model, precision=decision.precision)
-    if cfg.get("device") not in (None, "", "auto") and device is not None:
+        kw["strategy"] = make_strategy(trainer, model, precision=decision.precision)
+    if run_device not in (None, "", "auto") and device is not None:
         kw["accelerator"] = {"cuda": "gpu", "mps": "mps"}.get(device.type, "cpu")
         if device.type == "cuda":
             kw["devices"] = [device.index]

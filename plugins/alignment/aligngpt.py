@@ -31,14 +31,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 from mmbridge.contracts.prefix import SequencePrefix
 from mmbridge.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from mmbridge.config.schema import Stage
 
 MODES: tuple[str, ...] = ("level", "gate", "local_only", "uniform", "global_only")
 #: Modes whose gate learns (by default, the stages running them train it).
@@ -91,8 +93,8 @@ class AlignGPTPrefix(SequencePrefix):
     def n_tokens(self) -> int:
         return 1
 
-    def configure(self, stage: DictConfig) -> None:
-        settings = stage.get("prefix") or {}
+    def configure(self, stage: Stage) -> None:
+        settings = stage.prefix or {}
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             raise ConfigError(

@@ -14,6 +14,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from mmbridge.config import compose
 from mmbridge.config.validation import config_errors
+from mmbridge.runtime.config import RunConfig
 from mmbridge.training.distributed import global_rank
 from mmbridge.training.trainer import PrecisionDecision, trainer_kwargs
 
@@ -63,7 +64,8 @@ def test_under_srun_lightning_takes_the_allocation_and_the_task_ranks(no_launche
     cfg = compose(["experiment=tiny", "trainer=slurm_ddp"], shared_registry())
     assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (8, 2)  # ints, from the allocation
     assert config_errors(cfg, shared_registry()) == []
-    kw = trainer_kwargs(cfg, PrecisionDecision("32-true", "float32", "test"))
+    run = RunConfig.parse(cfg)
+    kw = trainer_kwargs(run.trainer, run.device, PrecisionDecision("32-true", "float32", "test"))
     assert kw["precision"] == "32-true" and kw["strategy"] == "ddp"
     kw["accelerator"] = "cpu"  # no GPU here: the same process layout on CPU processes
     trainer = L.Trainer(**kw, logger=False, enable_checkpointing=False)

@@ -8,11 +8,11 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers import shared_registry
-from omegaconf import OmegaConf
+from helpers import shared_registry, stage_of
 
 from mmbridge.config import compose
 from mmbridge.config.build import build
+from mmbridge.config.schema import Stage
 from mmbridge.contracts.prefix import PREFIX_SLOT
 from mmbridge.contracts.types import Sample
 from mmbridge.data.batcher import Batcher
@@ -34,8 +34,8 @@ BASE = ["experiment=aligngpt", f"alignment.levels={LEVELS}", "stages.instruct.tr
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def stage(mode: str, **extra) -> OmegaConf:
-    return OmegaConf.create({"prefix": {"mode": mode, **extra}})
+def stage(mode: str, **extra) -> Stage:
+    return Stage(prefix={"mode": mode, **extra})
 
 
 # -- levels ------------------------------------------------------------------------------------
@@ -120,14 +120,14 @@ def test_configure_sets_mode_and_trainable_parts():
     assert not any(p.requires_grad for p in prefix.parameters())
     prefix.configure(stage("gate", train_indicators=True))
     assert prefix.indicators.requires_grad
-    prefix.configure(OmegaConf.create({}))  # a stage without settings: the default mode
+    prefix.configure(Stage())  # a stage without settings: the default mode
     assert prefix.mode == "gate"
     with pytest.raises(ConfigError, match="prefix.mode: 'lvl' is not one of level, gate"):
         prefix.configure(stage("lvl"))
     with pytest.raises(
         ConfigError, match="prefix.mdoe: not a setting .* valid: mode, train_indicators"
     ):
-        prefix.configure(OmegaConf.create({"prefix": {"mdoe": "gate"}}))
+        prefix.configure(Stage(prefix={"mdoe": "gate"}))
     with pytest.raises(ConfigError, match="alignment.levels"):
         AlignGPTPrefix(dim=8, levels=1)
 
@@ -175,7 +175,7 @@ def collate(model, samples: list[Sample], generation: bool = False) -> dict:
 
 def test_indicator_slot_after_bos_ignored_and_gate_blind_to_answers(llm, samples):
     model, cfg = make_model(llm, "mlp")
-    configure_trainable(model, cfg.stages.instruct)
+    configure_trainable(model, stage_of(cfg, "instruct"))
     model.eval()
     a = collate(model, samples[:2])
     bos = model.llm.tokenizer.bos_token_id
@@ -227,7 +227,7 @@ def test_two_stages_train_the_right_parts_with_any_connector(llm, samples, conne
     )
     conn0 = [p.detach().clone() for p in conn.parameters()]
 
-    configure_trainable(model, cfg.stages.align)  # stage 1: level indicators + connector
+    configure_trainable(model, stage_of(cfg, "align"))  # stage 1: level indicators + connector
     assert prefix.mode == "level"
     losses = _steps(model, batch)
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -238,7 +238,8 @@ def test_two_stages_train_the_right_parts_with_any_connector(llm, samples, conne
     assert all(torch.equal(g, p) for g, p in zip(gate0, prefix.gate.parameters()))
     assert any(not torch.equal(c, p) for c, p in zip(conn0, conn.parameters()))
 
-    configure_trainable(model, cfg.stages.instruct)  # stage 2: frozen indicators, the gate learns
+    # stage 2: frozen indicators, the gate learns
+    configure_trainable(model, stage_of(cfg, "instruct"))
     assert prefix.mode == "gate" and not prefix.indicators.requires_grad
     ind1 = prefix.indicators.detach().clone()
     model.zero_grad(set_to_none=True)
@@ -367,7 +368,10 @@ def test_configs_compose_for_the_ablation(experiment, n_train):
     for job in (j for j in jobs if "seed=0" in j):
         c = compose([f"experiment={experiment}", *job], shared_registry())
         a = c.get("alignment")
-        seen[job[0]] = (a.levels if a else None, c.stages.instruct.get("prefix", {}).get("mode"))
+        seen[job[0]] = (
+            a.levels if a else None,
+            (c.stages.instruct.get("prefix") or {}).get("mode"),
+        )
         assert (
             c.data.caption_noise.unrelated == 0.2 and c.stages.align.recipe.name == "align_levels"
         )
@@ -392,6 +396,7 @@ def test_train_run_aligngpt_end_to_end(tmp_path):
     from safetensors.torch import load_file
     from transformers import BertConfig, BertModel
 
+    from mmbridge.runtime.config import RunConfig
     from mmbridge.runtime.session import session_from_checkpoint
     from mmbridge.runtime.train import train
     from mmbridge.testing.tiny import build_tiny_tokenizer
@@ -431,7 +436,7 @@ def test_train_run_aligngpt_end_to_end(tmp_path):
         "stages.align.recipe.scorer.batch_size=16",
     ]
     cfg = compose(overrides, shared_registry())
-    metrics = train(cfg, shared_registry(), tmp_path / "run")
+    metrics = train(RunConfig.parse(cfg), shared_registry(), tmp_path / "run")
     assert 0 <= metrics["test"]["exact_match"] <= 1 and metrics["stages"]["instruct"]["steps"] == 2
     assert list(
         (tmp_path / "cache" / "scorer").glob("text-*.pt")
@@ -458,7 +463,7 @@ def test_evaluation_records_what_the_gate_decided(llm, samples):
     from mmbridge.evaluation.qa import exact_match, gate_summary, qa_items
 
     model, cfg = make_model(llm, "mlp")
-    configure_trainable(model, cfg.stages.instruct)
+    configure_trainable(model, stage_of(cfg, "instruct"))
     chat = ChatEncoder(
         model.llm.tokenizer,
         list(model.branches),

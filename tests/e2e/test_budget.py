@@ -11,24 +11,20 @@ import subprocess
 
 import pytest
 from helpers import mmbridge_exe
-from omegaconf import OmegaConf
 
+from mmbridge.config.schema import Stage
 from mmbridge.errors import ConfigError
 from mmbridge.runtime.train import stage_fractions
 from mmbridge.training.module import progress_warmup_cosine, warmup_cosine
 
 
 def test_stage_fractions_normalise_and_default_to_equal_shares():
-    cfg = OmegaConf.create(
-        {
-            "stages": {
-                "align": {"budget_fraction": 0.3},
-                "instruct": {"budget_fraction": 0.9},
-                "a": {},
-                "b": {},
-            }
-        }
-    )
+    cfg = {
+        "align": Stage(budget_fraction=0.3),
+        "instruct": Stage(budget_fraction=0.9),
+        "a": Stage(),
+        "b": Stage(),
+    }
     assert stage_fractions(cfg, ["align", "instruct"]) == pytest.approx(
         {"align": 0.25, "instruct": 0.75}
     )

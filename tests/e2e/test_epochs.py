@@ -16,6 +16,7 @@ from mmbridge.config.validation import validate_config
 
 @pytest.mark.slow
 def test_two_epochs_of_ten_samples_in_batches_of_four_are_six_steps(tmp_path):
+    from mmbridge.runtime.config import RunConfig
     from mmbridge.runtime.train import train
 
     overrides = [
@@ -35,7 +36,7 @@ def test_two_epochs_of_ten_samples_in_batches_of_four_are_six_steps(tmp_path):
     ]
     cfg = compose(overrides, shared_registry())
     validate_config(cfg, shared_registry())
-    metrics = train(cfg, shared_registry(), tmp_path / "run")
+    metrics = train(RunConfig.parse(cfg), shared_registry(), tmp_path / "run")
     align = metrics["stages"]["align"]
     assert align["steps"] == align["max_steps"] == 6  # 3 batches (4 + 4 + 2) per epoch
     ids = json.loads((tmp_path / "run" / "debug" / "align_rank0_ids.json").read_text())["ids"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import shared_registry
+from helpers import shared_registry, stage_of
 from safetensors import safe_open
 
 import mmbridge
@@ -51,7 +51,7 @@ def make_checkpoint(out: Path, overrides: list[str]) -> Path:
     torch.manual_seed(0)
     model = assemble(cfg, registry)
     for stage in ("align", "instruct"):
-        configure_trainable(model, cfg.stages[stage])
+        configure_trainable(model, stage_of(cfg, stage))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():

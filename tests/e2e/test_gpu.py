@@ -11,7 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from helpers import mmbridge_exe
+from helpers import mmbridge_exe, stage_of
 from PIL import Image
 
 pytestmark = pytest.mark.gpu
@@ -134,7 +134,7 @@ def test_tiny_two_stage_run_under_lightning_fsdp_gathers_its_checkpoints_on_rank
     plain = assemble(cfg, registry)
     for export, stages in (("align_final", ["align"]), ("final", ["align", "instruct"])):
         for stage in stages:
-            configure_trainable(plain, cfg.stages[stage])
+            configure_trainable(plain, stage_of(cfg, stage))
         expected = {k: v.shape for k, v in _weights_to_save(plain).items()}
         saved = load_file(str(run / "checkpoints" / export / "weights.safetensors"))
         assert {k: v.shape for k, v in saved.items()} == expected, export  # whole, clean names

@@ -113,6 +113,7 @@ def test_a_bad_stage_mixture_is_refused_naming_the_stage_key(override, message, 
 # -- a run of two stages reading two sources ------------------------------------------------------
 @pytest.mark.slow
 def test_two_stages_train_on_their_own_sources_and_the_run_data_is_the_fallback(tmp_path):
+    from mmbridge.runtime.config import RunConfig
     from mmbridge.runtime.session import open_session
     from mmbridge.runtime.stage import prepare_stage
     from mmbridge.runtime.train import train
@@ -146,7 +147,7 @@ def test_two_stages_train_on_their_own_sources_and_the_run_data_is_the_fallback(
         s.id for s in session.splits["train"]
     }
 
-    metrics = train(cfg, registry, tmp_path / "run")
+    metrics = train(RunConfig.parse(cfg), registry, tmp_path / "run")
     seen = {
         n: json.loads((tmp_path / "run" / "debug" / f"{n}_rank0_ids.json").read_text())["ids"]
         for n in ("align", "instruct")

@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import shared_registry
+from helpers import shared_registry, stage_of
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
@@ -58,7 +58,7 @@ def make_model(overrides: tuple[str, ...] = (), registry=None, seed: int = 0):
     cfg = compose([*BASE, *overrides], registry)
     torch.manual_seed(seed)
     model = assemble(cfg, registry)
-    configure_trainable(model, cfg.stages.align)  # the connector trains
+    configure_trainable(model, stage_of(cfg, "align"))  # the connector trains
     return model, cfg
 
 
@@ -85,7 +85,7 @@ def fit(ckpt_dir: Path, loader, max_steps: int, ckpt_path: str | Path | None = N
     """A real Lightning fit of the tiny model with the project's checkpointing;
     (trainer, module)."""
     model, cfg = make_model()
-    module = BridgeModule(model, cfg.stages.align)
+    module = BridgeModule(model, stage_of(cfg, "align"))
     trainer = L.Trainer(
         max_steps=max_steps,
         callbacks=[checkpoint_callback(ckpt_dir, 1)],

@@ -18,11 +18,13 @@ import textwrap
 
 import pytest
 import torch
-from helpers import shared_registry
+from helpers import shared_registry, stage_of
 from safetensors.torch import load_file
 
 from mmbridge.config import compose
 from mmbridge.model import assemble
+from mmbridge.model.precision import resolve_auto_dtypes
+from mmbridge.runtime.config import RunConfig
 from mmbridge.training.checkpoint import _weights_to_save, load_weights
 from mmbridge.training.distributed import (
     barrier,
@@ -72,8 +74,8 @@ def test_one_process_gathers_exactly_what_a_checkpoint_saves_and_rebuilds_an_equ
     cfg = compose(BASE, shared_registry())
     torch.manual_seed(0)
     model = assemble(cfg, shared_registry())
-    configure_trainable(model, cfg.stages.align)
-    configure_trainable(model, cfg.stages.instruct)  # connector (align) + LoRA (instruct)
+    configure_trainable(model, stage_of(cfg, "align"))
+    configure_trainable(model, stage_of(cfg, "instruct"))  # connector (align) + LoRA (instruct)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -87,8 +89,13 @@ def test_one_process_gathers_exactly_what_a_checkpoint_saves_and_rebuilds_an_equ
     )
     for k in saved:
         assert torch.equal(got[k], saved[k]), k
+    run = RunConfig.parse(cfg)
     plain = unsharded_model(
-        cfg, shared_registry(), "float32", torch.device("cpu"), ["align", "instruct"], got
+        resolve_auto_dtypes(run.model, run.scheduled, run.trainer, "float32"),
+        shared_registry(),
+        torch.device("cpu"),
+        [run.stages["align"], run.stages["instruct"]],
+        got,
     )
     assert not plain.training
     own = dict(plain.named_parameters())
@@ -103,7 +110,7 @@ def test_unsharded_session_keeps_the_session_and_swaps_in_a_model_with_the_weigh
 
     cfg = compose([*BASE, "trainer=fp32", f"paths.cache_dir={tmp_path}"], shared_registry())
     session = open_session(cfg, shared_registry(), with_data=False)
-    configure_trainable(session.model, cfg.stages.align)
+    configure_trainable(session.model, stage_of(cfg, "align"))
     with torch.no_grad():
         for p in session.model.parameters():
             if p.requires_grad:
@@ -130,7 +137,9 @@ WORKER = textwrap.dedent("""
     from torch.distributed.fsdp import fully_shard
     from mmbridge.config import compose
     from mmbridge.model import assemble
+    from mmbridge.model.precision import resolve_auto_dtypes
     from mmbridge.registry.plugin_manager import load_registry
+    from mmbridge.runtime.config import RunConfig
     from mmbridge.training.stages import configure_trainable
     from mmbridge.training.strategies import block_classes
     from mmbridge.training.distributed import gather_weights, is_fsdp, saved_names, unsharded_model
@@ -148,8 +157,10 @@ WORKER = textwrap.dedent("""
         cfg = compose({base!r}, reg)
         torch.manual_seed(0)  # the same model on both ranks
         model = assemble(cfg, reg)
-        configure_trainable(model, cfg.stages.align)
-        configure_trainable(model, cfg.stages.instruct)
+        run = RunConfig.parse(cfg)
+        stages = [run.stages["align"], run.stages["instruct"]]
+        for stage in stages:
+            configure_trainable(model, stage)
         names = sorted(saved_names(model))
         before = {{n: p.detach().clone() for n, p in model.named_parameters() if n in names}}
         mesh = init_device_mesh("cpu", (2,))
@@ -173,8 +184,9 @@ WORKER = textwrap.dedent("""
         else:
             open(f"{{out}}/rank1.txt", "w").write(str(len(got)))
         # the next stage's plain copy on every rank: rank 0's gathered weights broadcast
+        model_cfg = resolve_auto_dtypes(run.model, run.scheduled, run.trainer, "float32")
         fresh = unsharded_model(
-            cfg, reg, "float32", torch.device("cpu"), ["align", "instruct"], got, broadcast=True
+            model_cfg, reg, torch.device("cpu"), stages, got, broadcast=True
         )
         own = dict(fresh.named_parameters())
         save_file(

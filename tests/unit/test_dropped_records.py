@@ -12,6 +12,7 @@ import pytest
 from mmbridge.config import compose
 from mmbridge.data.sources import dropped_records_file, read_source
 from mmbridge.errors import DataError
+from mmbridge.runtime.config import RunConfig
 from mmbridge.runtime.session import load_splits
 
 
@@ -139,7 +140,8 @@ def test_skip_lists_every_dropped_record_in_the_run_dir(registry, planted, caplo
     root, train, val, expected = planted
     run_dir = root / "run"
     with caplog.at_level(logging.WARNING, logger="mmbridge.data.sources"):
-        splits = load_splits(_cfg(registry, root, train, val), registry, run_dir=run_dir)
+        run = RunConfig.parse(_cfg(registry, root, train, val))
+        splits = load_splits(run, registry, run_dir=run_dir)
     assert [s.id for s in splits["train"]] == ["g0", "pair", "text"] and [
         s.id for s in splits["val"]
     ] == ["v0"]

@@ -10,9 +10,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from mmbridge.config.model_spec import ModelConfig
 from mmbridge.errors import ConfigError
 from mmbridge.model import precision as hwmod
 from mmbridge.model.precision import Hardware, decide_precision, probe_cpu_bf16, resolve_auto_dtypes
+from mmbridge.runtime.config import RunConfig
 from mmbridge.training.trainer import resolve_device, trainer_kwargs
 
 AVX2 = Hardware(
@@ -158,11 +160,14 @@ def test_dtype_auto_is_resolved_in_every_component_node():
             },
         }
     )
-    out = resolve_auto_dtypes(cfg, "bfloat16")
-    assert out.llm.dtype == out.encoder.dtype == out.branches.audio.encoder.dtype == "bfloat16"
-    assert cfg.llm.dtype == "auto"  # the run's config (and so its checkpoint) keeps `auto`
-    fixed = resolve_auto_dtypes(OmegaConf.create({"llm": {"dtype": "float32"}}), "bfloat16")
-    assert fixed.llm.dtype == "float32"
+    run = RunConfig.parse(cfg)
+    out = resolve_auto_dtypes(run.model, run.scheduled, run.trainer, "bfloat16")
+    dtypes = (out["llm"]["dtype"], out["encoder"]["dtype"], out["branches"]["audio"]["encoder"])
+    assert dtypes[:2] == ("bfloat16", "bfloat16") and dtypes[2]["dtype"] == "bfloat16"
+    # the run's config (and so its checkpoint) keeps `auto`
+    assert cfg.llm.dtype == run.model["llm"]["dtype"] == "auto"
+    fixed = ModelConfig({"llm": {"name": "hf_causal", "dtype": "float32"}})
+    assert resolve_auto_dtypes(fixed, [], {}, "bfloat16")["llm"]["dtype"] == "float32"
 
 
 def test_no_shipped_preset_pins_bf16_weights():
@@ -220,9 +225,9 @@ def test_trainer_kwargs_follow_the_decision_and_the_device():
         }
     )
     d = decide_precision("auto", "cpu", hw=AVX2, probe=never)
-    kw = trainer_kwargs(cfg, d, torch.device("cpu"), interactive=False)
+    run = RunConfig.parse(cfg)
+    kw = trainer_kwargs(run.trainer, run.device, d, torch.device("cpu"), interactive=False)
     assert kw["precision"] == "32-true" and kw["accelerator"] == "cpu"
     assert kw["enable_progress_bar"] is False  # no terminal: log lines instead
-    assert (
-        trainer_kwargs(cfg, d, torch.device("cpu"), interactive=True)["enable_progress_bar"] is True
-    )
+    again = trainer_kwargs(run.trainer, run.device, d, torch.device("cpu"), interactive=True)
+    assert again["enable_progress_bar"] is True

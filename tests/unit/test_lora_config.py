@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import shared_registry
+from helpers import shared_registry, stage_of
 
 from mmbridge.config import compose
 from mmbridge.config.validation import config_errors
@@ -43,7 +43,7 @@ def dora_model():
     assert config_errors(cfg, shared_registry()) == []  # a LoraConfig key passes validation
     torch.manual_seed(0)
     model = assemble(cfg, shared_registry())
-    configure_trainable(model, cfg.stages.instruct)
+    configure_trainable(model, stage_of(cfg, "instruct"))
     return model, cfg
 
 
@@ -117,7 +117,7 @@ def test_encoder_trains_as_frozen_lora_last_n_or_full(mode, extra):
     cfg = compose([*BASE, f"stages.align.train.encoder={mode}", *extra], shared_registry())
     assert config_errors(cfg, shared_registry()) == []
     model = assemble(cfg, shared_registry())
-    configure_trainable(model, cfg.stages.align)
+    configure_trainable(model, stage_of(cfg, "align"))
     encoder = model.branches["image"].encoder
     trained = {n for n, p in encoder.named_parameters() if p.requires_grad}
     total = {n for n, _ in encoder.named_parameters()}
@@ -169,6 +169,7 @@ def test_qlora_trains_adapters_over_4bit_weights_on_cuda(tmp_path):
 def test_init_from_carries_the_encoders_adapters(tmp_path):
     """A run starting from a stage that trained the encoder with LoRA gets its adapters, with
     the source's settings, holding the source's tensors."""
+    from mmbridge.runtime.config import RunConfig
     from mmbridge.training.checkpoint import save_checkpoint
     from mmbridge.training.init_from import load_init_weights
 
@@ -177,7 +178,7 @@ def test_init_from_carries_the_encoders_adapters(tmp_path):
         shared_registry(),
     )
     source = assemble(cfg, shared_registry())
-    configure_trainable(source, cfg.stages.align)
+    configure_trainable(source, stage_of(cfg, "align"))
     with torch.no_grad():
         for n, p in source.named_parameters():
             if "lora_B" in n:
@@ -190,7 +191,8 @@ def test_init_from_carries_the_encoders_adapters(tmp_path):
         [*BASE, f"init_from={run}:align", "cache_features=false"], shared_registry()
     )
     target = assemble(target_cfg, shared_registry())
-    names = load_init_weights(target, target_cfg, shared_registry())
+    run_cfg = RunConfig.parse(target_cfg)
+    names = load_init_weights(target, run_cfg.root, run_cfg.scheduled, shared_registry())
     lora = [n for n in names if "lora_B" in n and ".encoder." in n]
     # r = 2, the source's; the linear layers only (not patch_embed.proj, a convolution)
     assert len(lora) == 8 and all(

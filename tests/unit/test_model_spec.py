@@ -16,6 +16,7 @@ from mmbridge.export.bundle import _model_leaves
 from mmbridge.export.card import _component_rows
 from mmbridge.model import assemble
 from mmbridge.model.precision import PrecisionDecision, component_dtypes, resolve_auto_dtypes
+from mmbridge.runtime.config import RunConfig
 from mmbridge.runtime.plan import build_meta_model
 from mmbridge.training.checkpoint import component_origins
 
@@ -106,13 +107,16 @@ def test_a_node_added_to_the_spec_is_read_by_every_reader(extra_node_spec):
         origins["extra.encoder"]["kind"] == "encoder"
         and origins["extra.connector"]["name"] == "mlp"
     )
-    rows = "\n".join(_component_rows(cfg, origins))
+    rows = "\n".join(_component_rows(RunConfig.parse(cfg).model, origins))
     assert "| extra.encoder | timm |" in rows and "| extra.connector | mlp |" in rows
     cfg.encoder.dtype = cfg.extra.encoder.dtype = "auto"
     decision = PrecisionDecision("bf16-true", "bfloat16", "test")
-    assert component_dtypes(cfg, decision) == {"encoder": "bfloat16", "extra.encoder": "bfloat16"}
-    assert resolve_auto_dtypes(cfg, decision).extra.encoder.dtype == "bfloat16"
-    leaves = dict(_model_leaves(cfg))
+    run = RunConfig.parse(cfg)  # the run's model nodes: the spec's, "extra" included
+    dtypes = component_dtypes(run.model, run.scheduled, run.trainer, decision)
+    assert dtypes == {"encoder": "bfloat16", "extra.encoder": "bfloat16"}
+    resolved = resolve_auto_dtypes(run.model, run.scheduled, run.trainer, decision)
+    assert resolved["extra"]["encoder"]["dtype"] == "bfloat16"
+    leaves = dict(_model_leaves(run.model))
     assert leaves["extra.encoder.dtype"] == "auto" and "extra.connector.name" not in leaves
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import shared_registry
-from omegaconf import OmegaConf
+from helpers import shared_registry, stage_of
 
 from mmbridge.config import compose
+from mmbridge.config.schema import Stage
 from mmbridge.errors import ConfigError
 from mmbridge.model import assemble
 from mmbridge.training.module import BridgeModule
@@ -42,13 +42,13 @@ def model_and_cfg():
     )
     torch.manual_seed(0)
     model = assemble(cfg, shared_registry())
-    configure_trainable(model, cfg.stages.instruct)
+    configure_trainable(model, stage_of(cfg, "instruct"))
     return model, cfg
 
 
 def test_groups_per_component_with_their_learning_rates_and_decay(model_and_cfg):
     model, cfg = model_and_cfg
-    opt = BridgeModule(model, cfg.stages.instruct).configure_optimizers()["optimizer"]
+    opt = BridgeModule(model, stage_of(cfg, "instruct")).configure_optimizers()["optimizer"]
     groups = {g["name"]: g for g in opt.param_groups}
     assert set(groups) == {
         "connector",
@@ -92,7 +92,7 @@ def test_no_decay_on_biases_and_norm_weights(model_and_cfg):
     names = {id(p): n for n, p in model.named_parameters()}
     groups = {
         g["name"]: {names[id(p)] for p in g["params"]}
-        for g in param_groups(model, cfg.stages.instruct.optimizer)
+        for g in param_groups(model, stage_of(cfg, "instruct").optimizer)
     }
     no_decay = set().union(*(v for k, v in groups.items() if k.endswith("no_decay")))
     decay = set().union(*(v for k, v in groups.items() if not k.endswith("no_decay")))
@@ -110,7 +110,7 @@ def test_no_decay_on_biases_and_norm_weights(model_and_cfg):
 
 def test_the_learning_rate_schedule_multiplies_every_group(model_and_cfg):
     model, cfg = model_and_cfg
-    out = BridgeModule(model, cfg.stages.instruct).configure_optimizers()
+    out = BridgeModule(model, stage_of(cfg, "instruct")).configure_optimizers()
     opt, sched = out["optimizer"], out["lr_scheduler"]["scheduler"]
     for _ in range(3):
         opt.step()
@@ -130,11 +130,9 @@ def test_the_learning_rate_schedule_multiplies_every_group(model_and_cfg):
     ],
 )
 def test_epochs_become_steps(epochs, n, batch, world, accumulate, want):
-    stage = OmegaConf.create({"epochs": epochs, "max_steps": None, "batch_size": batch})
+    stage = Stage(epochs=epochs, max_steps=None, batch_size=batch)
     assert stage_steps(stage, n, world, accumulate) == want
-    assert (
-        stage_steps(OmegaConf.create({"epochs": None, "max_steps": 7, "batch_size": batch}), n) == 7
-    )
+    assert stage_steps(Stage(epochs=None, max_steps=7, batch_size=batch), n) == 7
 
 
 def test_world_size_from_the_trainer_config():

@@ -10,11 +10,12 @@ import random
 import lightning as L
 import pytest
 import torch
-from helpers import shared_registry
+from helpers import shared_registry, stage_of
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from mmbridge.config import compose
+from mmbridge.config.model_spec import ModelConfig
 from mmbridge.data.batcher import Batcher
 from mmbridge.data.chat import ChatEncoder
 from mmbridge.data.llava import read_llava
@@ -29,6 +30,7 @@ from mmbridge.model.precision import (
 )
 from mmbridge.plugins.datasets.shapes import ShapesDataset
 from mmbridge.plugins.recipes.caption_pretrain import CaptionPretrainRecipe
+from mmbridge.runtime.config import RunConfig
 from mmbridge.training.module import BridgeModule
 from mmbridge.training.stages import configure_trainable
 
@@ -36,6 +38,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 BF16 = PrecisionDecision("bf16-mixed", "bfloat16", "test")
 BASE = ["experiment=tiny", "encoder.image_size=32", "llm.dtype=auto", "schedule=[align,instruct]"]
+
+
+def _dtypes(cfg: DictConfig, decision: PrecisionDecision) -> dict[str, str]:
+    run = RunConfig.parse(cfg)
+    return component_dtypes(run.model, run.scheduled, run.trainer, decision)
+
+
+def _resolved(cfg: DictConfig, decision: PrecisionDecision | str) -> ModelConfig:
+    """The model nodes a run assembles (``dtype: auto`` decided)."""
+    run = RunConfig.parse(cfg)
+    return resolve_auto_dtypes(run.model, run.scheduled, run.trainer, decision)
 
 
 def _cfg(**stages_llm: str) -> DictConfig:
@@ -73,23 +86,27 @@ def _cfg(**stages_llm: str) -> DictConfig:
 def test_component_dtypes_follow_what_trains(strategy, precision, llm_mode, want_llm, want_enc):
     cfg = _cfg(align="frozen", instruct=llm_mode)
     cfg.trainer.strategy = strategy
-    got = component_dtypes(cfg, PrecisionDecision(precision, "bfloat16", "test"))
+    got = _dtypes(cfg, PrecisionDecision(precision, "bfloat16", "test"))
     assert got == {"llm": want_llm, "encoder": want_enc, "branches.audio.encoder": want_enc}
-    resolved = resolve_auto_dtypes(cfg, PrecisionDecision(precision, "bfloat16", "test"))
-    assert (resolved.llm.dtype, resolved.encoder.dtype) == (want_llm, want_enc)
-    assert cfg.llm.dtype == "auto"  # the run's config keeps `auto`
+    run = RunConfig.parse(cfg)
+    resolved = resolve_auto_dtypes(
+        run.model, run.scheduled, run.trainer, PrecisionDecision(precision, "bfloat16", "test")
+    )
+    assert (resolved["llm"]["dtype"], resolved["encoder"]["dtype"]) == (want_llm, want_enc)
+    assert resolved["branches"]["audio"]["encoder"]["dtype"] == want_enc
+    assert run.model["llm"]["dtype"] == cfg.llm.dtype == "auto"  # the run's config keeps `auto`
 
 
 def test_a_trained_encoder_is_fp32_and_a_bare_dtype_means_its_mixed_precision():
     cfg = _cfg(align="frozen")
     cfg.stages.align.train.encoder = "last_n"
-    assert component_dtypes(cfg, BF16)["encoder"] == "float32"
+    assert _dtypes(cfg, BF16)["encoder"] == "float32"
     cfg.stages.align.train.encoder = "lora"
-    assert component_dtypes(cfg, BF16)["encoder"] == "bfloat16"
-    # resolve_auto_dtypes(cfg, "bfloat16") (the unsharded copy after FSDP): bf16-mixed's rule
+    assert _dtypes(cfg, BF16)["encoder"] == "bfloat16"
+    # resolve_auto_dtypes(..., "bfloat16") (the unsharded copy after FSDP): bf16-mixed's rule
     cfg.stages.align.train.llm = "full"
-    assert resolve_auto_dtypes(cfg, "bfloat16").llm.dtype == "float32"
-    assert resolve_auto_dtypes(cfg, "float32").encoder.dtype == "float32"
+    assert _resolved(cfg, "bfloat16")["llm"]["dtype"] == "float32"
+    assert _resolved(cfg, "float32")["encoder"]["dtype"] == "float32"
 
 
 def test_plan_and_fsdp_use_the_same_decision():
@@ -102,8 +119,8 @@ def test_plan_and_fsdp_use_the_same_decision():
 
 def test_lora_base_stays_bf16_and_its_adapters_are_fp32():
     cfg = compose([*BASE, "stages.instruct.train.llm=lora"], shared_registry())
-    model = assemble(resolve_auto_dtypes(cfg, BF16), shared_registry())
-    configure_trainable(model, cfg.stages.instruct)
+    model = assemble(_resolved(cfg, BF16), shared_registry())
+    configure_trainable(model, stage_of(cfg, "instruct"))
     trained = {n: p.dtype for n, p in model.llm.named_parameters() if p.requires_grad}
     frozen = {p.dtype for p in model.llm.parameters() if not p.requires_grad}
     assert trained and all("lora_" in n for n in trained)
@@ -143,12 +160,12 @@ def test_bf16_mixed_fit_keeps_fp32_masters_and_updates_below_bf16_resolution(loa
         ],
         shared_registry(),
     )
-    model = assemble(resolve_auto_dtypes(cfg, BF16), shared_registry())
+    model = assemble(_resolved(cfg, BF16), shared_registry())
     assert {p.dtype for p in model.llm.parameters()} == {torch.float32}  # loaded as fp32 masters
-    configure_trainable(model, cfg.stages.instruct)
+    configure_trainable(model, stage_of(cfg, "instruct"))
     norm = model.llm.decoder.norm.weight
     before = norm.detach().clone()
-    module = BridgeModule(model, cfg.stages.instruct)
+    module = BridgeModule(model, stage_of(cfg, "instruct"))
     trainer = L.Trainer(
         max_steps=1,
         precision="bf16-mixed",
@@ -180,10 +197,10 @@ def test_fsdp_clips_by_norm_and_keeps_fp32_shards_on_cuda(loader):
         [*BASE, "trainer=fsdp", "trainer.devices=1", "stages.instruct.train.llm=full"],
         shared_registry(),
     )
-    model = assemble(resolve_auto_dtypes(cfg, BF16), shared_registry())
+    model = assemble(_resolved(cfg, BF16), shared_registry())
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # FSDP: every weight fp32
-    configure_trainable(model, cfg.stages.instruct)
-    module = BridgeModule(model, cfg.stages.instruct)
+    configure_trainable(model, stage_of(cfg, "instruct"))
+    module = BridgeModule(model, stage_of(cfg, "instruct"))
     trainer = L.Trainer(
         max_steps=2,
         precision="bf16-mixed",

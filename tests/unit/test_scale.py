@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import shared_registry
-from omegaconf import OmegaConf
+from helpers import shared_registry, stage_of
 
 from mmbridge.config import compose
+from mmbridge.config.schema import Optimizer, Stage
 from mmbridge.config.validation import config_errors
 from mmbridge.errors import CheckpointError, ConfigError
 from mmbridge.model import assemble
 from mmbridge.plugins.llms.hf_causal import HFCausalLM
+from mmbridge.runtime.config import RunConfig
 from mmbridge.training.checkpoint import save_checkpoint
 from mmbridge.training.init_from import init_checkpoint, load_init_weights
 from mmbridge.training.module import BridgeModule
@@ -27,6 +28,12 @@ def make(*overrides: str, seed: int = 0):
     cfg = compose([*BASE, *overrides], shared_registry())
     torch.manual_seed(seed)
     return assemble(cfg, shared_registry()), cfg
+
+
+def init_weights(model, cfg) -> list[str]:
+    """``init_from`` as a run applies it: from the run's top-level and scheduled stages."""
+    run = RunConfig.parse(cfg)
+    return load_init_weights(model, run.root, run.scheduled, shared_registry())
 
 
 # -- gradient checkpointing ----------------------------------------------------------------------
@@ -71,7 +78,7 @@ def test_gradient_checkpointing_from_config_reaches_the_frozen_llm_input():
     """Through the config; with a frozen LLM the connector still gets its gradient."""
     model, cfg = make("++llm.gradient_checkpointing=true")
     assert model.llm.gradient_checkpointing
-    configure_trainable(model, cfg.stages.align)  # only the connector trains
+    configure_trainable(model, stage_of(cfg, "align"))  # only the connector trains
     model.train()
     embeds = torch.randn(1, 5, model.llm.hidden_size, requires_grad=True)
     model.llm.hidden(embeds, torch.ones(1, 5, dtype=torch.long)).sum().backward()
@@ -82,20 +89,16 @@ def test_gradient_checkpointing_from_config_reaches_the_frozen_llm_input():
 
 # -- optimizer from config ----------------------------------------------------------------------
 def _optimizer(llm: HFCausalLM, **opt: object) -> torch.optim.Optimizer:
-    stage = OmegaConf.create(
-        {
-            "max_steps": 10,
-            "optimizer": {
-                "lr": 0.1,
-                "weight_decay": 0.01,
-                "betas": [0.9, 0.98],
-                "momentum": 0.9,
-                "warmup_ratio": 0.0,
-                "min_lr_ratio": 0.1,
-                **opt,
-            },
-        }
-    )
+    settings: dict = {
+        "lr": 0.1,
+        "weight_decay": 0.01,
+        "betas": [0.9, 0.98],
+        "momentum": 0.9,
+        "warmup_ratio": 0.0,
+        "min_lr_ratio": 0.1,
+        **opt,
+    }
+    stage = Stage(max_steps=10, optimizer=Optimizer(**settings))
     return BridgeModule(llm, stage).configure_optimizers()["optimizer"]
 
 
@@ -150,11 +153,11 @@ def source_run(tmp_path_factory):
     trained LoRA adapters too."""
     model, cfg = make("stages.instruct.train.llm=lora", seed=1)
     run = tmp_path_factory.mktemp("src") / "run"
-    configure_trainable(model, cfg.stages.align)
+    configure_trainable(model, stage_of(cfg, "align"))
     save_checkpoint(
         model, cfg, run / "checkpoints" / "align_final", ["align"], registry=shared_registry()
     )
-    configure_trainable(model, cfg.stages.instruct)
+    configure_trainable(model, stage_of(cfg, "instruct"))
     with torch.no_grad():  # make the adapters differ from a fresh injection
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -176,7 +179,7 @@ def test_init_from_stage_loads_its_weights(source_run):
     run, source = source_run
     model, cfg = make(f"init_from={run}:align", seed=2)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
-    names = load_init_weights(model, cfg, shared_registry())
+    names = init_weights(model, cfg)
     assert names and all(n.startswith(CONNECTOR) for n in names)
     assert set(names) == {n for n, _ in source.named_parameters() if n.startswith(CONNECTOR)}
     state = model.state_dict()
@@ -190,7 +193,7 @@ def test_init_from_stage_loads_its_weights(source_run):
 def test_init_from_run_loads_final_with_its_lora(source_run):
     run, source = source_run
     model, cfg = make(f"init_from={run}", seed=2)
-    names = load_init_weights(model, cfg, shared_registry())
+    names = init_weights(model, cfg)
     lora = [n for n in names if "lora_B" in n]
     assert lora and model.llm.lora_config is not None
     for n in lora:
@@ -214,9 +217,9 @@ def test_init_from_errors_name_what_exists(source_run, tmp_path):
         match=r"does not fit this model(.|\n)*2 tensor\(s\) of a loaded connector/prefix missing"
         r"(.|\n)*connector.net.4.bias",
     ):
-        load_init_weights(model, cfg, shared_registry())
+        init_weights(model, cfg)
     model, cfg = make()
-    assert load_init_weights(model, cfg, shared_registry()) == []
+    assert init_weights(model, cfg) == []
 
 
 # -- FSDP wrap policy -----------------------------------------------------------------------------
