@@ -36,7 +36,7 @@ import os
 import random
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
@@ -260,7 +260,8 @@ def _saved_before_validation(trainer: L.Trainer) -> bool:
     it processed, not yet completed) whose scheduled validation is still to run."""
     if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or trainer.validating:
         return False
-    progress = trainer.fit_loop.epoch_loop.batch_progress.total
+    # a _ProcessedTracker at run time (the annotation says its base, _ReadyCompletedTracker)
+    progress = cast(Any, trainer.fit_loop.epoch_loop.batch_progress.total)
     at_batch_end = (
         progress.processed == progress.ready and progress.completed == progress.processed - 1
     )
