@@ -100,10 +100,19 @@ def screenshot(driver, name: str, full_page: bool = True) -> Path:
     return path
 
 
-def open_page(driver, url: str) -> None:
+def open_page(driver, url: str, wait_s: float = 30) -> None:
+    """Load ``url`` and wait until the document is complete (a loaded machine can take seconds
+    for a served page's scripts); fail naming the URL and the state it stayed in."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
     driver.get_log("browser")  # drop what earlier pages logged
     driver.get(url)
-    driver.execute_script("return document.readyState") == "complete" or pytest.fail(url)
+    state = lambda d: d.execute_script("return document.readyState")  # noqa: E731
+    try:
+        WebDriverWait(driver, wait_s).until(lambda d: state(d) == "complete")
+    except TimeoutException:
+        pytest.fail(f"{url}: document.readyState {state(driver)!r} after {wait_s} s")
 
 
 def test_run_report(browser, picture_run):
