@@ -15,6 +15,21 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
+#: The overrides of a fast tiny run through the CLI (tiny models, a few samples, small batches);
+#: e2e tests add their schedule, steps and checks.
+TINY_FAST = [
+    "experiment=tiny",
+    "data.n_train=48",
+    "data.n_val=8",
+    "data.n_test=8",
+    "evaluation.max_samples=8",
+    "evaluation.val_samples=4",
+    "evaluation.batch_size=8",
+    "trainer.enable_progress_bar=false",
+    "stages.align.batch_size=8",
+    "stages.instruct.batch_size=8",
+]
+
 
 def mmbridge_exe() -> str:
     """The ``mmbridge`` console script of the interpreter running the tests."""

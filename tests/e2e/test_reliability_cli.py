@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import TINY_FAST
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -30,16 +31,7 @@ from safetensors.torch import load_file, save_file
 from mmbridge.cli import main
 
 FAST = [
-    "experiment=tiny",
-    "data.n_train=48",
-    "data.n_val=8",
-    "data.n_test=8",
-    "evaluation.max_samples=8",
-    "evaluation.val_samples=4",
-    "evaluation.batch_size=8",
-    "trainer.enable_progress_bar=false",
-    "stages.align.batch_size=8",
-    "stages.instruct.batch_size=8",
+    *TINY_FAST,
     "schedule=[align]",
     "stages.align.max_steps=1",
     "stages.align.val_every=1",

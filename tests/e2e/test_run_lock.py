@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import mmbridge_exe
+from helpers import TINY_FAST, mmbridge_exe
 
 import mmbridge
 from mmbridge.cli import main
@@ -27,15 +27,7 @@ from mmbridge.training.resume import KILL_ENV
 from mmbridge.utils.run_lock import HOLDER, RunLock, holder
 
 FAST = [
-    "experiment=tiny",
-    "data.n_train=48",
-    "data.n_val=8",
-    "data.n_test=8",
-    "evaluation.max_samples=8",
-    "evaluation.val_samples=4",
-    "evaluation.batch_size=8",
-    "trainer.enable_progress_bar=false",
-    "stages.align.batch_size=8",
+    *TINY_FAST,
     "schedule=[align]",
     "stages.align.max_steps=2",
     "stages.align.val_every=2",

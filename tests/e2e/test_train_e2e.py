@@ -11,20 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import mmbridge_exe
+from helpers import TINY_FAST, mmbridge_exe
 from safetensors.torch import load_file
 
 FAST = [
-    "experiment=tiny",
-    "data.n_train=48",
-    "data.n_val=8",
-    "data.n_test=8",
-    "evaluation.max_samples=8",
-    "evaluation.val_samples=4",
-    "evaluation.batch_size=8",
-    "trainer.enable_progress_bar=false",
-    "stages.align.batch_size=8",
-    "stages.instruct.batch_size=8",
+    *TINY_FAST,
 ]
 
 
